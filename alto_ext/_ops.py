@@ -1,0 +1,137 @@
+"""Typed wrappers, fake (meta) kernels and autograd formulas of the torch.ops.alto ops.
+
+Contracts (G adapter slots; rows ``seg_indptr[g]:seg_indptr[g+1]`` of token-major tensors belong to
+slot g; rows ``rank_indptr[g]:rank_indptr[g+1]`` of rank-major weights are adapter g's, r_g rows;
+``scaling[g]`` defaults to 1):
+
+- ``lora_shrink(x[T,d], W[R,d]) -> h[T,h_width]``: ``h[t, :r_g] = s_g x[t] W_gᵀ``, other columns 0.
+- ``lora_expand_(y[T,d], h[T,H], W[R,d])``: ``y[t] += s_g h[t, :r_g] W_g`` in place.
+- ``lora_expand``: the same, returning a new tensor (differentiable).
+- ``lora_weight_grad(h[T,H], x[T,d]) -> [R,d]``: ``out[W_g rows] = s_g h_g[:, :r_g]ᵀ x_g``.
+
+On CUDA the index tensors are validated on the device without a host sync: a bad index is never
+read past, the failing launch computes nothing for that adapter, and the error is raised at the next
+ALTO op call or :func:`check_errors` (immediately with :func:`set_sync_checks`).
+"""
+from __future__ import annotations
+
+import torch
+
+from alto_ext import _C
+
+ops = torch.ops.alto
+
+
+def check_errors() -> None:
+    """Raise ValueError for a bad index found on the GPU by an earlier op (synchronizes)."""
+    _C.check_errors()
+
+
+def set_sync_checks(enabled: bool) -> None:
+    """Synchronize after every CUDA op so index errors are raised by the op that hit them."""
+    _C.set_sync_checks(bool(enabled))
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    rank_indptr: torch.Tensor,
+    h_width: int,
+    scaling: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return ops.lora_shrink(x, W, seg_indptr, rank_indptr, h_width, scaling)
+
+
+def lora_expand_(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    W: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    rank_indptr: torch.Tensor,
+    scaling: torch.Tensor | None = None,
+) -> torch.Tensor:
+    ops.lora_expand_(y, h, W, seg_indptr, rank_indptr, scaling)
+    return y
+
+
+def lora_expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    W: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    rank_indptr: torch.Tensor,
+    scaling: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return ops.lora_expand(y, h, W, seg_indptr, rank_indptr, scaling)
+
+
+def lora_weight_grad(
+    h: torch.Tensor,
+    x: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    rank_indptr: torch.Tensor,
+    total_rank: int,
+    scaling: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return ops.lora_weight_grad(h, x, seg_indptr, rank_indptr, total_rank, scaling)
+
+
+# ---- fake kernels: shapes only, so torch.compile / FakeTensor can trace the ops -----------------
+
+
+@torch.library.register_fake("alto::lora_shrink")
+def _(x, W, seg_indptr, rank_indptr, h_width, scaling=None):
+    return x.new_empty((x.shape[0], h_width))
+
+
+@torch.library.register_fake("alto::lora_expand_")
+def _(y, h, W, seg_indptr, rank_indptr, scaling=None):
+    return None
+
+
+@torch.library.register_fake("alto::lora_expand")
+def _(y, h, W, seg_indptr, rank_indptr, scaling=None):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("alto::lora_weight_grad")
+def _(h, x, seg_indptr, rank_indptr, total_rank, scaling=None):
+    return x.new_empty((total_rank, x.shape[1]))
+
+
+# ---- autograd: every gradient is another segmented op ------------------------------------------
+
+
+def _shrink_setup(ctx, inputs, output):
+    x, W, seg_indptr, rank_indptr, _h_width, scaling = inputs
+    ctx.save_for_backward(x, W, seg_indptr, rank_indptr, scaling)
+
+
+def _shrink_backward(ctx, grad_h):
+    x, W, seg_indptr, rank_indptr, scaling = ctx.saved_tensors
+    grad_x = grad_W = None
+    if ctx.needs_input_grad[0]:
+        grad_x = ops.lora_expand(torch.zeros_like(x), grad_h, W, seg_indptr, rank_indptr, scaling)
+    if ctx.needs_input_grad[1]:
+        grad_W = ops.lora_weight_grad(grad_h, x, seg_indptr, rank_indptr, W.shape[0], scaling)
+    return grad_x, grad_W, None, None, None, None
+
+
+def _expand_setup(ctx, inputs, output):
+    _y, h, W, seg_indptr, rank_indptr, scaling = inputs
+    ctx.save_for_backward(h, W, seg_indptr, rank_indptr, scaling)
+
+
+def _expand_backward(ctx, grad_out):
+    h, W, seg_indptr, rank_indptr, scaling = ctx.saved_tensors
+    grad_h = grad_W = None
+    if ctx.needs_input_grad[1]:
+        grad_h = ops.lora_shrink(grad_out, W, seg_indptr, rank_indptr, h.shape[1], scaling)
+    if ctx.needs_input_grad[2]:
+        grad_W = ops.lora_weight_grad(h, grad_out, seg_indptr, rank_indptr, W.shape[0], scaling)
+    return grad_out, grad_h, grad_W, None, None, None
+
+
+torch.library.register_autograd("alto::lora_shrink", _shrink_backward, setup_context=_shrink_setup)
+torch.library.register_autograd("alto::lora_expand", _expand_backward, setup_context=_expand_setup)

@@ -1,0 +1,88 @@
+"""multi_lora_linear: base linear + every adapter's LoRA in one autograd node.
+
+Forward ``y = x Wᵀ + b``, then ``y[t] += s_g (x[t] A_gᵀ) B_g`` for each token's adapter g. Backward
+computes dX once for the base and all adapters (``dY W + Σ dh_g A_g`` accumulated in place), and
+dA, dB with one weight-grad launch each; no per-adapter copy of X is ever made.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from alto_ext._ops import ops
+from alto_ext.segments import Segments
+
+
+class _MultiLoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_x, A, B, seg_indptr, rank_indptr, scaling, h_width):
+        # lora_x=None: the adapters read x itself (no dropout); never pass x twice (torch.compile).
+        ctx.lora_x_is_x = lora_x is None
+        lx = x if lora_x is None else lora_x
+        y = F.linear(x, weight, bias)
+        h = ops.lora_shrink(lx, A, seg_indptr, rank_indptr, h_width, None)
+        ops.lora_expand_(y, h, B, seg_indptr, rank_indptr, scaling)
+        ctx.save_for_backward(x, weight, lx, A, B, h, seg_indptr, rank_indptr, scaling)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_x, A, B, h, seg_indptr, rank_indptr, scaling = ctx.saved_tensors
+        need_x, need_w, need_b, need_lx, need_a, need_b_lora = ctx.needs_input_grad[:6]
+        grad_y = grad_y.contiguous()
+        # dh_g = s_g dY_g B_gᵀ, shared by dA and by the LoRA part of dX.
+        grad_h = ops.lora_shrink(grad_y, B, seg_indptr, rank_indptr, h.shape[1], scaling)
+        grad_x = grad_w = grad_bias = grad_lx = grad_a = grad_b = None
+        lora_dx_into_x = ctx.lora_x_is_x and need_x
+        if need_x:
+            grad_x = grad_y @ weight
+        if need_lx or lora_dx_into_x:
+            target = grad_x if lora_dx_into_x else torch.zeros_like(lora_x)
+            ops.lora_expand_(target, grad_h, A, seg_indptr, rank_indptr, None)
+            if not lora_dx_into_x:
+                grad_lx = target
+        if need_w:
+            grad_w = grad_y.flatten(0, -2).t() @ x.flatten(0, -2)
+        if need_b:
+            grad_bias = grad_y.flatten(0, -2).sum(0)
+        if need_a:
+            grad_a = ops.lora_weight_grad(grad_h, lora_x, seg_indptr, rank_indptr, A.shape[0], None)
+        if need_b_lora:
+            grad_b = ops.lora_weight_grad(h, grad_y, seg_indptr, rank_indptr, B.shape[0], scaling)
+        return grad_x, grad_w, grad_bias, grad_lx, grad_a, grad_b, None, None, None, None
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    segments: Segments,
+    lora_x: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x[T, d_in] -> y[T, d_out]`` with base ``weight[d_out, d_in]`` and packed adapters.
+
+    ``A[R, d_in]`` and ``B[R, d_out]`` hold every adapter's rows (``segments.rank_indptr``);
+    ``lora_x`` is the adapters' input when it differs from ``x`` (LoRA dropout). Adapter weights
+    are cast to x's dtype (autocast-style); their gradients flow back to the original dtype.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"multi_lora_linear: x must be [T, d_in], got shape {tuple(x.shape)}")
+    if x.shape[0] != segments.num_tokens:
+        raise ValueError(
+            f"multi_lora_linear: x has {x.shape[0]} tokens but the segments cover "
+            f"{segments.num_tokens}"
+        )
+    return _MultiLoraLinear.apply(
+        x,
+        weight,
+        bias,
+        lora_x,
+        A.to(x.dtype),
+        B.to(x.dtype),
+        segments.seg_indptr,
+        segments.rank_indptr,
+        segments.scaling,
+        segments.h_width,
+    )

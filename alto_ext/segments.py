@@ -1,0 +1,90 @@
+"""Segments: the host-validated description of one step's adapter segments, uploaded once.
+
+Every op takes ``seg_indptr``/``rank_indptr`` device tensors. Building them through
+:class:`Segments` checks the values on the host (where the trainer already knows them), so a bad
+batch fails here with a clear message instead of inside a kernel.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# h's row stride must be a multiple of 8 elements (16 bytes) for the Hopper TMA kernels.
+H_WIDTH_ALIGN = 8
+
+
+def _check_counts(name: str, values: Sequence[int]) -> list[int]:
+    out = []
+    for g, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name}[{g}] must be a non-negative int, got {v!r}")
+        out.append(v)
+    return out
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Token segments and rank ranges of G adapter slots, as device index tensors."""
+
+    seg_indptr: torch.Tensor  # int32 [G+1]
+    rank_indptr: torch.Tensor  # int32 [G+1]
+    scaling: torch.Tensor | None  # float32 [G], or None for 1
+    token_counts: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    @classmethod
+    def build(
+        cls,
+        token_counts: Sequence[int],
+        ranks: Sequence[int],
+        scaling: Sequence[float] | None = None,
+        device: torch.device | str | None = None,
+    ) -> Segments:
+        tokens = _check_counts("token_counts", token_counts)
+        rank_list = _check_counts("ranks", ranks)
+        if len(tokens) != len(rank_list):
+            raise ValueError(
+                f"token_counts has {len(tokens)} entries but ranks has {len(rank_list)}: "
+                "one of each per adapter slot"
+            )
+        scale_t = None
+        if scaling is not None:
+            scale_list = [float(s) for s in scaling]
+            if len(scale_list) != len(tokens):
+                raise ValueError(
+                    f"scaling has {len(scale_list)} entries but there are {len(tokens)} adapter slots"
+                )
+            for g, s in enumerate(scale_list):
+                if s != s or s in (float("inf"), float("-inf")):
+                    raise ValueError(f"scaling[{g}] must be finite, got {s}")
+            scale_t = torch.tensor(scale_list, dtype=torch.float32, device=device)
+
+        def indptr(counts: list[int]) -> torch.Tensor:
+            ptr = [0]
+            for c in counts:
+                ptr.append(ptr[-1] + c)
+            if ptr[-1] >= 2**31:
+                raise ValueError(f"total {ptr[-1]} does not fit the int32 index tensors")
+            return torch.tensor(ptr, dtype=torch.int32, device=device)
+
+        return cls(indptr(tokens), indptr(rank_list), scale_t, tuple(tokens), tuple(rank_list))
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.token_counts)
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks)
+
+    @property
+    def h_width(self) -> int:
+        """Width of the shrink output h: the largest rank rounded up to 8 columns."""
+        r = max(self.ranks, default=0)
+        return -(-r // H_WIDTH_ALIGN) * H_WIDTH_ALIGN

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One call on the GPU machine = build + test + bench (see DESIGN.md "GPU work").
+#   bash bench/device_run.sh [build] [test] [bench] [sanitize]     (default: build test bench)
+# Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
+# under $OUT (or ./device_out when run elsewhere).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/device_out}
+mkdir -p "$OUT"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build test bench)
+export PYTHONUNBUFFERED=1 ALTO_SYNC_CHECKS=0
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# The image points CC/CXX at /opt/gcc, whose C++ library differs from the libstdc++ the process
+# loads (a c10::str in our library segfaulted): build with the system compiler instead.
+if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
+
+rc=0
+for stage in "${stages[@]}"; do
+  case $stage in
+    build)
+      start=$(date +%s)
+      rm -rf build
+      CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) ALTO_CUDA=ON python3 -m pip install --no-build-isolation \
+        --no-deps --no-index -v . > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+      echo "build: $(( $(date +%s) - start )) s"
+      python3 -P -c "import alto_ext; assert alto_ext.WITH_CUDA, 'built without CUDA'; print('alto_ext with CUDA')" || exit 1
+      ;;
+    test)
+      python3 -P -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      ;;
+    sanitize)
+      # Out-of-bounds reads/writes in the kernels, bad-index inputs included.
+      compute-sanitizer --tool memcheck --error-exitcode 9 python3 -P -m pytest -q -x -p no:cacheprovider \
+        tests/test_validation.py tests/test_ops.py -m cuda -k "bad or g256 or shrink" 2>&1 \
+        | tee "$OUT/sanitize.log" | tail -15
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      ;;
+    bench)
+      python3 -P bench/bench_ops.py --tokens 2048 256 2>&1 | tee "$OUT/bench_ops.txt" || rc=1
+      ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+exit $rc

@@ -1,0 +1,325 @@
+// One CUTLASS sm_90a grouped GEMM over all adapters of a step (TMA + wgmma, warp-specialized
+// cooperative, persistent), with its problems built on the device from the segment indices.
+// Included by the per-configuration .cu files; each instantiates one Form (shrink, expand or
+// weight_grad) for one dtype.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/group_array_problem_shape.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+
+#include "lora_kernels.h"
+
+namespace alto::cuda::detail {
+
+using namespace cute;
+
+template <DType D> struct CutlassElement;
+template <> struct CutlassElement<DType::kBF16> { using type = cutlass::bfloat16_t; };
+template <> struct CutlassElement<DType::kF16> { using type = cutlass::half_t; };
+
+constexpr size_t kArrayAlign = 128;
+inline size_t align_up(size_t n) { return (n + kArrayAlign - 1) / kArrayAlign * kArrayAlign; }
+
+// D = alpha_g * A_g . B_g (+ beta * C_g), fp32 accumulation, C aliasing D when accumulating.
+template <class Element, class LayoutA, class LayoutB, class LayoutD, class TileShape>
+struct GroupedGemm {
+  using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
+  using Shape3 = typename ProblemShape::UnderlyingProblemShape;
+  static constexpr int kAlign = 8;  // elements: 16 bytes, what TMA needs
+  using ClusterShape = Shape<_1, _1, _1>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutD*, kAlign,
+      Element, LayoutD*, kAlign, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+      cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element,
+      LayoutB*, kAlign, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+
+  using Kernel =
+      cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideC = typename Kernel::InternalStrideC;
+  using StrideD = typename Kernel::InternalStrideD;
+
+  // Per-adapter argument arrays, carved from the front of the workspace.
+  struct Arrays {
+    Shape3* shapes;
+    const Element** a;
+    const Element** b;
+    const Element** c;
+    Element** d;
+    StrideA* sa;
+    StrideB* sb;
+    StrideC* sc;
+    StrideD* sd;
+  };
+
+  static size_t arrays_bytes(int G) {
+    return align_up(G * sizeof(Shape3)) + 4 * align_up(G * sizeof(void*)) +
+           align_up(G * sizeof(StrideA)) + align_up(G * sizeof(StrideB)) +
+           align_up(G * sizeof(StrideC)) + align_up(G * sizeof(StrideD));
+  }
+
+  static Arrays carve(void* workspace, int G) {
+    char* p = static_cast<char*>(workspace);
+    auto take = [&](size_t bytes) { void* q = p; p += align_up(bytes); return q; };
+    Arrays arr;
+    arr.shapes = static_cast<Shape3*>(take(G * sizeof(Shape3)));
+    arr.a = static_cast<const Element**>(take(G * sizeof(void*)));
+    arr.b = static_cast<const Element**>(take(G * sizeof(void*)));
+    arr.c = static_cast<const Element**>(take(G * sizeof(void*)));
+    arr.d = static_cast<Element**>(take(G * sizeof(void*)));
+    arr.sa = static_cast<StrideA*>(take(G * sizeof(StrideA)));
+    arr.sb = static_cast<StrideB*>(take(G * sizeof(StrideB)));
+    arr.sc = static_cast<StrideC*>(take(G * sizeof(StrideC)));
+    arr.sd = static_cast<StrideD*>(take(G * sizeof(StrideD)));
+    return arr;
+  }
+
+  static typename Gemm::Arguments arguments(const Arrays& arr, int G, const float* alpha, float beta,
+                                            int device, int sm_count) {
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = device;
+    hw.sm_count = sm_count;
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGrouped,
+        // No host copy of the shapes: the persistent grid reads them on the device.
+        {G, arr.shapes, nullptr},
+        {arr.a, arr.sa, arr.b, arr.sb},
+        {{}, arr.c, arr.sc, arr.d, arr.sd},
+        hw};
+    auto& fusion = args.epilogue.thread;
+    fusion.alpha = 1.0f;
+    fusion.beta = beta;
+    if (alpha != nullptr) {  // alpha of group g = alpha[g]
+      fusion.alpha_ptr = alpha;
+      fusion.dAlpha = {_0{}, _0{}, 1};
+    }
+    return args;
+  }
+
+  static size_t workspace_bytes(int G, int sm_count) {
+    Arrays none{};
+    return arrays_bytes(G) + Gemm::get_workspace_size(arguments(none, G, nullptr, 0.f, 0, sm_count));
+  }
+
+  static Status run(const Arrays& arr, int G, const float* alpha, float beta, const Launch& launch) {
+    auto args = arguments(arr, G, alpha, beta, launch.device, launch.sm_count);
+    Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return "CUTLASS cannot run this problem";
+    char* cutlass_ws = static_cast<char*>(launch.workspace) + arrays_bytes(G);
+    if (gemm.initialize(args, cutlass_ws, launch.stream) != cutlass::Status::kSuccess)
+      return "CUTLASS grouped GEMM initialization failed";
+    if (gemm.run(launch.stream) != cutlass::Status::kSuccess) return "CUTLASS grouped GEMM launch failed";
+    return nullptr;
+  }
+};
+
+// Records the first error of a launch in a record the host reads without synchronizing.
+__device__ inline void report_error(int32_t* err, int32_t code, int32_t g, int32_t a, int32_t b) {
+  if (atomicCAS(err, 0, -1) == 0) {
+    err[1] = g;
+    err[2] = a;
+    err[3] = b;
+    __threadfence_system();
+    atomicExch(err, code);
+  }
+}
+
+// One adapter's validated ranges: token rows [t0, t0+n), weight rows [r0, r0+r).
+struct GroupRange {
+  int64_t t0, n, r0, r;
+};
+
+// Validates adapter g's indices; an invalid adapter gets an empty range (nothing read or written).
+__device__ inline GroupRange group_range(const Segments& seg, int g, int64_t max_rank) {
+  const int32_t s0 = seg.seg_indptr[g], s1 = seg.seg_indptr[g + 1];
+  const int32_t r0 = seg.rank_indptr[g], r1 = seg.rank_indptr[g + 1];
+  const int last = seg.num_groups - 1;
+  bool ok = true;
+  if (g == 0 && s0 != 0) { report_error(seg.error, kErrSegStart, g, s0, 0); ok = false; }
+  if (g == 0 && r0 != 0) { report_error(seg.error, kErrRankStart, g, r0, 0); ok = false; }
+  if (s1 < s0) { report_error(seg.error, kErrSegOrder, g, s0, s1); ok = false; }
+  if (r1 < r0) { report_error(seg.error, kErrRankOrder, g, r0, r1); ok = false; }
+  if (g == last && s1 != seg.num_tokens) { report_error(seg.error, kErrSegEnd, g, s1, 0); ok = false; }
+  if (g == last && r1 != seg.total_rank) { report_error(seg.error, kErrRankEnd, g, r1, 0); ok = false; }
+  if (s0 < 0 || s1 > seg.num_tokens) { report_error(seg.error, kErrSegEnd, g, s0 < 0 ? s0 : s1, 0); ok = false; }
+  if (r0 < 0 || r1 > seg.total_rank) { report_error(seg.error, kErrRankEnd, g, r0 < 0 ? r0 : r1, 0); ok = false; }
+  if (ok && r1 - r0 > max_rank) { report_error(seg.error, kErrRankWidth, g, r1 - r0, static_cast<int32_t>(max_rank)); ok = false; }
+  if (!ok) return {0, 0, 0, 0};
+  return {s0, s1 - s0, r0, r1 - r0};
+}
+
+// One adapter's GEMM D[m, n] = A[m, k] . B[k, n]: base pointers and leading dimensions (the
+// layouts, row- or column-major, are fixed by the GroupedGemm type).
+template <class E>
+struct GroupProblem {
+  int64_t m, n, k;
+  const E* a;
+  int64_t lda;
+  const E* b;
+  int64_t ldb;
+  E* d;
+  int64_t ldd;
+};
+
+// The stride of a ptr-array operand has one dynamic mode (the leading dimension) beside a unit
+// mode and the group mode: set the dynamic one.
+template <class Stride>
+__device__ inline Stride leading_stride(int64_t ld) {
+  Stride s{};
+  if constexpr (cute::is_static<decltype(get<0>(s))>::value) {
+    get<1>(s) = ld;
+  } else {
+    get<0>(s) = ld;
+  }
+  return s;
+}
+
+// Builds every adapter's problem from Form::problem(range). C aliases D (in-place accumulation
+// when beta = 1). An empty problem gets no tiles from the group scheduler.
+template <class GG, class Form>
+__global__ void setup_problems(Segments seg, Form form, typename GG::Arrays arr) {
+  for (int g = threadIdx.x; g < seg.num_groups; g += blockDim.x) {
+    const auto p = form.problem(group_range(seg, g, form.max_rank));
+    const bool empty = p.m == 0 || p.n == 0 || p.k == 0;
+    arr.shapes[g] = empty ? typename GG::Shape3{0, 0, 0}
+                          : typename GG::Shape3{int(p.m), int(p.n), int(p.k)};
+    arr.a[g] = p.a;
+    arr.b[g] = p.b;
+    arr.c[g] = p.d;
+    arr.d[g] = p.d;
+    arr.sa[g] = leading_stride<typename GG::StrideA>(p.lda);
+    arr.sb[g] = leading_stride<typename GG::StrideB>(p.ldb);
+    arr.sc[g] = leading_stride<typename GG::StrideC>(p.ldd);
+    arr.sd[g] = leading_stride<typename GG::StrideD>(p.ldd);
+  }
+}
+
+template <class GG, class Form>
+Status launch_form(const Segments& seg, const Form& form, const Launch& launch) {
+  if (seg.num_groups == 0) return nullptr;
+  auto arr = GG::carve(launch.workspace, seg.num_groups);
+  setup_problems<GG, Form><<<1, 256, 0, launch.stream>>>(seg, form, arr);
+  if (cudaGetLastError() != cudaSuccess) return "ALTO setup kernel launch failed";
+  return GG::run(arr, seg.num_groups, seg.scaling, form.beta, launch);
+}
+
+// ---- the three forms ---------------------------------------------------------------------------
+
+// shrink: h_g[n, 0:r] = x_g[n, d] . W_g[r, d]^T   (M=n, N=r, K=d; h row-major with ld out_ld)
+template <class Element>
+using ShrinkGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
+                               cutlass::layout::RowMajor, Shape<_128, _64, _64>>;
+
+template <class E>
+struct ShrinkForm {
+  const E* x;
+  const E* w;
+  E* out;
+  int64_t d, out_ld, max_rank;
+  float beta = 0.f;
+  __device__ GroupProblem<E> problem(GroupRange rg) const {
+    return {rg.n, rg.r, d, x + rg.t0 * d, d, w + rg.r0 * d, d, out + rg.t0 * out_ld, out_ld};
+  }
+};
+
+// expand: y_g[n, d] += h_g[n, 0:r] . W_g[r, d]   (M=n, N=d, K=r; C = D = y)
+template <class Element>
+using ExpandGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::RowMajor,
+                               cutlass::layout::RowMajor, Shape<_128, _128, _64>>;
+
+template <class E>
+struct ExpandForm {
+  const E* h;
+  const E* w;
+  E* y;
+  int64_t h_ld, d, max_rank;
+  float beta = 1.f;
+  __device__ GroupProblem<E> problem(GroupRange rg) const {
+    return {rg.n, d, rg.r, h + rg.t0 * h_ld, h_ld, w + rg.r0 * d, d, y + rg.t0 * d, d};
+  }
+};
+
+// weight_grad, computed transposed so the long feature dim is M:
+// out_g^T[d, r] = x_g^T[d, n] . h_g[n, 0:r]   (M=d, N=r, K=n; x_g^T and out_g^T column-major, ld d)
+template <class Element>
+using WeightGradGemm = GroupedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
+                                   cutlass::layout::ColumnMajor, Shape<_128, _64, _64>>;
+
+template <class E>
+struct WeightGradForm {
+  const E* h;
+  const E* x;
+  E* out;
+  int64_t h_ld, d, max_rank;
+  float beta = 0.f;
+  __device__ GroupProblem<E> problem(GroupRange rg) const {
+    return {d, rg.r, rg.n, x + rg.t0 * d, d, h + rg.t0 * h_ld, h_ld, out + rg.r0 * d, d};
+  }
+};
+
+}  // namespace alto::cuda::detail
+
+// ---- entry points (lora_kernels.h), instantiated per dtype in the .cu files --------------------
+
+namespace alto::cuda {
+
+template <DType D> size_t shrink_workspace_bytes(int num_groups, int sm_count) {
+  return detail::ShrinkGemm<typename detail::CutlassElement<D>::type>::workspace_bytes(num_groups, sm_count);
+}
+template <DType D>
+Status shrink(const Segments& seg, const void* x, const void* W, void* out, int64_t d,
+              int64_t out_ld, const Launch& launch) {
+  using GG = detail::ShrinkGemm<typename detail::CutlassElement<D>::type>;
+  using E = typename GG::Gemm::ElementA;
+  detail::ShrinkForm<E> form{static_cast<const E*>(x), static_cast<const E*>(W),
+                              static_cast<E*>(out), d, out_ld, /*max_rank=*/out_ld};
+  return detail::launch_form<GG>(seg, form, launch);
+}
+
+template <DType D> size_t expand_workspace_bytes(int num_groups, int sm_count) {
+  return detail::ExpandGemm<typename detail::CutlassElement<D>::type>::workspace_bytes(num_groups, sm_count);
+}
+template <DType D>
+Status expand(const Segments& seg, const void* h, int64_t h_ld, const void* W, void* y, int64_t d,
+              const Launch& launch) {
+  using GG = detail::ExpandGemm<typename detail::CutlassElement<D>::type>;
+  using E = typename GG::Gemm::ElementA;
+  detail::ExpandForm<E> form{static_cast<const E*>(h), static_cast<const E*>(W),
+                              static_cast<E*>(y), h_ld, d, /*max_rank=*/h_ld};
+  return detail::launch_form<GG>(seg, form, launch);
+}
+
+template <DType D> size_t weight_grad_workspace_bytes(int num_groups, int sm_count) {
+  return detail::WeightGradGemm<typename detail::CutlassElement<D>::type>::workspace_bytes(num_groups, sm_count);
+}
+template <DType D>
+Status weight_grad(const Segments& seg, const void* h, int64_t h_ld, const void* x, void* out,
+                   int64_t d, const Launch& launch) {
+  using GG = detail::WeightGradGemm<typename detail::CutlassElement<D>::type>;
+  using E = typename GG::Gemm::ElementA;
+  detail::WeightGradForm<E> form{static_cast<const E*>(h), static_cast<const E*>(x),
+                                  static_cast<E*>(out), h_ld, d, /*max_rank=*/h_ld};
+  return detail::launch_form<GG>(seg, form, launch);
+}
+
+}  // namespace alto::cuda
+
+// Instantiates one op's two entry points for one dtype (one line per .cu file).
+#define ALTO_INSTANTIATE(OP, DTYPE, ...)                                                         \
+  template size_t alto::cuda::OP##_workspace_bytes<DTYPE>(int, int);                             \
+  template alto::cuda::Status alto::cuda::OP<DTYPE>(__VA_ARGS__);

@@ -1,0 +1,74 @@
+// Torch-free entry points of the CUTLASS kernels (sm_90a). The torch glue (lora_ops_torch.cpp)
+// checks shapes, allocates outputs and workspaces and calls these with raw pointers.
+//
+// Each launch = one small setup kernel that turns the segment index tensors into per-adapter GEMM
+// problems (validating them on the device; a bad adapter gets an empty problem and an error
+// record, so nothing is ever read out of bounds) + one CUTLASS grouped GEMM over all adapters.
+// Requirements (checked by the glue): every leading dimension a multiple of 8 elements and every
+// base pointer 16-byte aligned (TMA).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace alto::cuda {
+
+enum class DType : int { kBF16 = 0, kF16 = 1 };
+
+// Error record written by the setup kernels: {code, group, value_a, value_b}; code 0 = none.
+enum ErrorCode : int32_t {
+  kErrNone = 0,
+  kErrSegStart = 1,       // seg_indptr[0] != 0
+  kErrSegOrder = 2,       // seg_indptr decreases at group
+  kErrSegEnd = 3,         // seg_indptr[G] != T
+  kErrRankStart = 4,      // rank_indptr[0] != 0
+  kErrRankOrder = 5,      // rank_indptr decreases at group
+  kErrRankEnd = 6,        // rank_indptr[G] != R
+  kErrRankWidth = 7,      // r_g > h width
+};
+
+struct Segments {
+  const int32_t* seg_indptr;   // [G+1] device
+  const int32_t* rank_indptr;  // [G+1] device
+  const float* scaling;        // [G] device, or nullptr for 1
+  int num_groups;              // G
+  int64_t num_tokens;          // T
+  int64_t total_rank;          // R
+  int32_t* error;              // device-visible error record (4 ints)
+};
+
+struct Launch {
+  void* workspace;         // from *_workspace_bytes
+  size_t workspace_bytes;
+  int device;
+  int sm_count;
+  cudaStream_t stream;
+};
+
+// Returns nullptr on success, else a static message.
+using Status = const char*;
+
+// Each entry point is a template over the dtype, explicitly instantiated once per .cu file
+// (shrink_bf16.cu, ...): one kernel configuration per file keeps builds parallel.
+
+// out[t, 0:r_g] = s_g * x[t, :] . W_g^T  (x [T, d], W [R, d], out [T, out_ld]); other columns untouched.
+template <DType D> size_t shrink_workspace_bytes(int num_groups, int sm_count);
+template <DType D>
+Status shrink(const Segments& seg, const void* x, const void* W, void* out, int64_t d,
+              int64_t out_ld, const Launch& launch);
+
+// y[t, :] += s_g * h[t, 0:r_g] . W_g  (h [T, h_ld], W [R, d], y [T, d]).
+template <DType D> size_t expand_workspace_bytes(int num_groups, int sm_count);
+template <DType D>
+Status expand(const Segments& seg, const void* h, int64_t h_ld, const void* W, void* y, int64_t d,
+              const Launch& launch);
+
+// out[W_g rows, :] = s_g * h_g[:, 0:r_g]^T . x_g  (h [T, h_ld], x [T, d], out [R, d]); rows of
+// adapters without tokens are untouched (the glue zero-fills out).
+template <DType D> size_t weight_grad_workspace_bytes(int num_groups, int sm_count);
+template <DType D>
+Status weight_grad(const Segments& seg, const void* h, int64_t h_ld, const void* x, void* out,
+                   int64_t d, const Launch& launch);
+
+}  // namespace alto::cuda

@@ -1,0 +1,236 @@
+// CUDA kernels of the alto ops: argument checks, outputs and workspaces, then the torch-free
+// CUTLASS entry points (lora_kernels.h). Cases CUTLASS cannot take (non-Hopper GPU, float32,
+// sizes that are not multiples of 8, unaligned views) run the ATen reference (csrc/cpu).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <sstream>
+
+#include "../cpu/lora_ref.h"
+#include "../lora_args.h"
+#include "device_errors.h"
+#include "lora_kernels.h"
+
+namespace alto {
+namespace {
+
+struct ErrorRecord {
+  int32_t* host = nullptr;
+  int32_t* device = nullptr;
+};
+
+ErrorRecord& error_record() {
+  static ErrorRecord rec;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&rec.host), 4 * sizeof(int32_t),
+                                 cudaHostAllocMapped | cudaHostAllocPortable));
+    for (int i = 0; i < 4; ++i) rec.host[i] = 0;
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&rec.device), rec.host, 0));
+  });
+  return rec;
+}
+
+std::atomic<bool>& sync_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* env = std::getenv("ALTO_SYNC_CHECKS");
+    return env != nullptr && env[0] != '\0' && env[0] != '0';
+  }()};
+  return flag;
+}
+
+std::string describe_error(int32_t code, int32_t g, int32_t a, int32_t b) {
+  std::ostringstream m;
+  m << "ALTO CUDA op: ";
+  switch (code) {
+    case cuda::kErrSegStart: m << "seg_indptr[0] must be 0, got " << a; break;
+    case cuda::kErrRankStart: m << "rank_indptr[0] must be 0, got " << a; break;
+    case cuda::kErrSegOrder:
+      m << "seg_indptr must be non-decreasing, but seg_indptr[" << g << "]=" << a << " > seg_indptr["
+        << g + 1 << "]=" << b;
+      break;
+    case cuda::kErrRankOrder:
+      m << "rank_indptr must be non-decreasing, but rank_indptr[" << g << "]=" << a
+        << " > rank_indptr[" << g + 1 << "]=" << b;
+      break;
+    case cuda::kErrSegEnd:
+      m << "seg_indptr is out of range at adapter " << g << " (value " << a
+        << "): it must end at the number of tokens";
+      break;
+    case cuda::kErrRankEnd:
+      m << "rank_indptr is out of range at adapter " << g << " (value " << a
+        << "): it must end at the total rank R";
+      break;
+    case cuda::kErrRankWidth:
+      m << "adapter " << g << " has rank " << a << " (from rank_indptr) but h_width is only " << b;
+      break;
+    default: m << "unknown index error code " << code;
+  }
+  m << ". Found on the GPU; adapters with bad indices were skipped by that launch.";
+  return m.str();
+}
+
+}  // namespace
+
+int32_t* device_error_record() { return error_record().device; }
+
+void raise_recorded_device_error() {
+  ErrorRecord& rec = error_record();
+  volatile int32_t* h = rec.host;
+  const int32_t code = h[0];
+  if (code <= 0) return;  // 0: none; -1: a kernel is writing one (seen after its sync)
+  const std::string msg = describe_error(code, h[1], h[2], h[3]);
+  for (int i = 3; i >= 0; --i) h[i] = 0;
+  TORCH_CHECK_VALUE(false, msg);
+}
+
+void check_device_errors() {
+  if (at::cuda::is_available()) C10_CUDA_CHECK(cudaDeviceSynchronize());
+  raise_recorded_device_error();
+}
+
+void set_sync_checks(bool enabled) { sync_flag().store(enabled); }
+bool sync_checks() { return sync_flag().load(); }
+
+namespace {
+
+bool is_aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// CUTLASS path: Hopper, bf16/fp16, row-contiguous operands with 16-byte aligned rows.
+bool cutlass_ok(std::initializer_list<const at::Tensor*> mats) {
+  const at::Tensor& first = **mats.begin();
+  const auto dt = first.scalar_type();
+  if (dt != at::kBFloat16 && dt != at::kHalf) return false;
+  if (at::cuda::getDeviceProperties(first.get_device())->major != 9) return false;
+  for (const at::Tensor* t : mats) {
+    if (!t->is_contiguous() || t->size(1) % 8 != 0 || !is_aligned(*t)) return false;
+  }
+  return true;
+}
+
+// Calls fn(std::integral_constant<DType, D>) for the tensor's dtype (bf16 or fp16).
+template <class Fn>
+void with_dtype(const at::Tensor& t, Fn&& fn) {
+  using cuda::DType;
+  if (t.scalar_type() == at::kBFloat16) {
+    fn(std::integral_constant<DType, DType::kBF16>{});
+  } else {
+    fn(std::integral_constant<DType, DType::kF16>{});
+  }
+}
+
+// One CUTLASS launch: workspace of `workspace_fn(G, sm_count)` bytes, then
+// `launch_fn(segments, launch)`; checks the status and, in sync mode, the index record.
+template <class WorkspaceFn, class LaunchFn>
+void run_kernel(const at::Tensor& ref, const SegmentDims& dims, const at::Tensor& seg_indptr,
+                const at::Tensor& rank_indptr, const std::optional<at::Tensor>& scaling,
+                WorkspaceFn&& workspace_fn, LaunchFn&& launch_fn) {
+  const int device = ref.get_device();
+  const int sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  const int G = static_cast<int>(dims.num_groups);
+  const size_t bytes = workspace_fn(G, sms);
+  const at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, ref.options().dtype(at::kByte));
+  const at::Tensor seg = seg_indptr.contiguous(), rank = rank_indptr.contiguous();
+  const std::optional<at::Tensor> scale =
+      scaling.has_value() ? std::optional(scaling->contiguous()) : std::nullopt;
+  const cuda::Segments segments{seg.data_ptr<int32_t>(),
+                                rank.data_ptr<int32_t>(),
+                                scale.has_value() ? scale->data_ptr<float>() : nullptr,
+                                G,
+                                dims.num_tokens,
+                                dims.total_rank,
+                                device_error_record()};
+  const cuda::Launch launch{ws.data_ptr(), bytes, device, sms,
+                            at::cuda::getCurrentCUDAStream(device).stream()};
+  const cuda::Status status = launch_fn(segments, launch);
+  TORCH_CHECK(status == nullptr, "ALTO CUDA kernel: ", status);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (sync_checks()) {
+    C10_CUDA_CHECK(cudaStreamSynchronize(launch.stream));
+    raise_recorded_device_error();
+  }
+}
+
+at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& W_in,
+                            const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
+                            int64_t h_width, const std::optional<at::Tensor>& scaling) {
+  const SegmentDims dims = check_shrink_args(x_in, W_in, seg_indptr, rank_indptr, h_width, scaling);
+  raise_recorded_device_error();
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), W = W_in.contiguous();
+  if (!cutlass_ok({&x, &W}) || h_width % 8 != 0)
+    return ref::lora_shrink(x, W, seg_indptr, rank_indptr, h_width, scaling);
+  // Columns >= r_g are not written by the kernel: they must read as zero.
+  at::Tensor h = at::zeros({dims.num_tokens, h_width}, x.options());
+  if (dims.num_groups == 0 || h.numel() == 0) return h;
+  with_dtype(x, [&](auto D) {
+    constexpr cuda::DType dt = decltype(D)::value;
+    run_kernel(x, dims, seg_indptr, rank_indptr, scaling, cuda::shrink_workspace_bytes<dt>,
+               [&](const cuda::Segments& s, const cuda::Launch& l) {
+                 return cuda::shrink<dt>(s, x.data_ptr(), W.data_ptr(), h.data_ptr(), x.size(1),
+                                         h_width, l);
+               });
+  });
+  return h;
+}
+
+void lora_expand_cuda_(at::Tensor& y, const at::Tensor& h_in, const at::Tensor& W_in,
+                       const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
+                       const std::optional<at::Tensor>& scaling) {
+  const SegmentDims dims = check_expand_args(y, h_in, W_in, seg_indptr, rank_indptr, scaling);
+  raise_recorded_device_error();
+  const c10::cuda::CUDAGuard guard(y.device());
+  const at::Tensor h = h_in.contiguous(), W = W_in.contiguous();
+  if (!cutlass_ok({&y, &h, &W}))
+    return ref::lora_expand_(y, h, W, seg_indptr, rank_indptr, scaling);
+  if (dims.num_groups == 0 || y.numel() == 0) return;
+  with_dtype(y, [&](auto D) {
+    constexpr cuda::DType dt = decltype(D)::value;
+    run_kernel(y, dims, seg_indptr, rank_indptr, scaling, cuda::expand_workspace_bytes<dt>,
+               [&](const cuda::Segments& s, const cuda::Launch& l) {
+                 return cuda::expand<dt>(s, h.data_ptr(), h.size(1), W.data_ptr(), y.data_ptr(),
+                                         y.size(1), l);
+               });
+  });
+}
+
+at::Tensor lora_weight_grad_cuda(const at::Tensor& h_in, const at::Tensor& x_in,
+                                 const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
+                                 int64_t total_rank, const std::optional<at::Tensor>& scaling) {
+  const SegmentDims dims =
+      check_weight_grad_args(h_in, x_in, seg_indptr, rank_indptr, total_rank, scaling);
+  raise_recorded_device_error();
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor h = h_in.contiguous(), x = x_in.contiguous();
+  if (!cutlass_ok({&x, &h}))
+    return ref::lora_weight_grad(h, x, seg_indptr, rank_indptr, total_rank, scaling);
+  // Adapters without tokens get no tiles: their rows must read as zero.
+  at::Tensor out = at::zeros({total_rank, x.size(1)}, x.options());
+  if (dims.num_groups == 0 || out.numel() == 0) return out;
+  with_dtype(x, [&](auto D) {
+    constexpr cuda::DType dt = decltype(D)::value;
+    run_kernel(x, dims, seg_indptr, rank_indptr, scaling, cuda::weight_grad_workspace_bytes<dt>,
+               [&](const cuda::Segments& s, const cuda::Launch& l) {
+                 return cuda::weight_grad<dt>(s, h.data_ptr(), h.size(1), x.data_ptr(),
+                                              out.data_ptr(), x.size(1), l);
+               });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace alto
+
+TORCH_LIBRARY_IMPL(alto, CUDA, m) {
+  m.impl("lora_shrink", &alto::lora_shrink_cuda);
+  m.impl("lora_expand_", &alto::lora_expand_cuda_);
+  m.impl("lora_weight_grad", &alto::lora_weight_grad_cuda);
+}

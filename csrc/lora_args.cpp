@@ -1,0 +1,113 @@
+#include "lora_args.h"
+
+#include <c10/util/Exception.h>
+
+namespace alto {
+
+void check_matrix(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+                    t.scalar_type(), " but the other operands are ", ref.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
+                    " but the other operands are on ", ref.device());
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                    " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+static void check_index(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
+                    " but must be on the operands' device ", ref.device());
+  TORCH_CHECK_VALUE(t.numel() >= 1, op, ": ", name, " must have G+1 >= 1 entries");
+}
+
+SegmentDims check_segments(const char* op, const at::Tensor& ref, const at::Tensor& seg_indptr,
+                           const at::Tensor& rank_indptr, const std::optional<at::Tensor>& scaling,
+                           int64_t num_tokens, int64_t total_rank) {
+  check_index(op, "seg_indptr", seg_indptr, ref);
+  check_index(op, "rank_indptr", rank_indptr, ref);
+  const int64_t G = seg_indptr.numel() - 1;
+  TORCH_CHECK_VALUE(rank_indptr.numel() == G + 1, op, ": rank_indptr has ", rank_indptr.numel(),
+                    " entries but seg_indptr has ", G + 1, " (both must be G+1)");
+  if (scaling.has_value()) {
+    const at::Tensor& s = *scaling;
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.numel() == G, op, ": scaling must have shape [G] = [", G,
+                      "], got ", s.sizes());
+    TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat, op, ": scaling must be float32, got ",
+                      s.scalar_type());
+    TORCH_CHECK_VALUE(s.device() == ref.device(), op, ": scaling is on ", s.device(),
+                      " but must be on ", ref.device());
+  }
+  return {G, num_tokens, total_rank};
+}
+
+static void check_one_indptr(const char* op, const char* name, const at::Tensor& host,
+                             int64_t total, const char* total_name) {
+  const int32_t* p = host.contiguous().data_ptr<int32_t>();
+  const int64_t G = host.numel() - 1;
+  TORCH_CHECK_VALUE(p[0] == 0, op, ": ", name, "[0] must be 0, got ", p[0]);
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK_VALUE(p[g] <= p[g + 1], op, ": ", name, " must be non-decreasing, but ", name, "[",
+                      g, "]=", p[g], " > ", name, "[", g + 1, "]=", p[g + 1]);
+  }
+  TORCH_CHECK_VALUE(p[G] == total, op, ": ", name, "[G]=", p[G], " must equal ", total_name, "=",
+                    total);
+}
+
+void check_indptr_values(const char* op, const at::Tensor& seg_host, const at::Tensor& rank_host,
+                         int64_t num_tokens, int64_t total_rank, int64_t max_rank) {
+  check_one_indptr(op, "seg_indptr", seg_host, num_tokens, "the number of tokens");
+  check_one_indptr(op, "rank_indptr", rank_host, total_rank, "the total rank R");
+  if (max_rank < 0) return;
+  const int32_t* r = rank_host.contiguous().data_ptr<int32_t>();
+  for (int64_t g = 0; g + 1 < rank_host.numel(); ++g) {
+    TORCH_CHECK_VALUE(r[g + 1] - r[g] <= max_rank, op, ": adapter ", g, " has rank ",
+                      r[g + 1] - r[g], " (from rank_indptr) but h_width is only ", max_rank);
+  }
+}
+
+}  // namespace alto
+
+namespace alto {
+
+SegmentDims check_shrink_args(const at::Tensor& x, const at::Tensor& W, const at::Tensor& seg_indptr,
+                              const at::Tensor& rank_indptr, int64_t h_width,
+                              const std::optional<at::Tensor>& scaling) {
+  const char* op = "alto::lora_shrink";
+  check_matrix(op, "x", x, x);
+  check_matrix(op, "W", W, x);
+  TORCH_CHECK_VALUE(W.size(1) == x.size(1), op, ": W has ", W.size(1),
+                    " columns but x has ", x.size(1), " features (W must be [R, d_in])");
+  TORCH_CHECK_VALUE(h_width >= 0, op, ": h_width must be >= 0, got ", h_width);
+  return check_segments(op, x, seg_indptr, rank_indptr, scaling, x.size(0), W.size(0));
+}
+
+SegmentDims check_expand_args(const at::Tensor& y, const at::Tensor& h, const at::Tensor& W,
+                              const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
+                              const std::optional<at::Tensor>& scaling) {
+  const char* op = "alto::lora_expand";
+  check_matrix(op, "y", y, y);
+  check_matrix(op, "h", h, y);
+  check_matrix(op, "W", W, y);
+  TORCH_CHECK_VALUE(h.size(0) == y.size(0), op, ": h has ", h.size(0), " rows but y has ",
+                    y.size(0), " (one row per token)");
+  TORCH_CHECK_VALUE(W.size(1) == y.size(1), op, ": W has ", W.size(1), " columns but y has ",
+                    y.size(1), " (W must be [R, d_out])");
+  return check_segments(op, y, seg_indptr, rank_indptr, scaling, y.size(0), W.size(0));
+}
+
+SegmentDims check_weight_grad_args(const at::Tensor& h, const at::Tensor& x,
+                                   const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
+                                   int64_t total_rank, const std::optional<at::Tensor>& scaling) {
+  const char* op = "alto::lora_weight_grad";
+  check_matrix(op, "x", x, x);
+  check_matrix(op, "h", h, x);
+  TORCH_CHECK_VALUE(h.size(0) == x.size(0), op, ": h has ", h.size(0), " rows but x has ",
+                    x.size(0), " (one row per token)");
+  TORCH_CHECK_VALUE(total_rank >= 0, op, ": total_rank must be >= 0, got ", total_rank);
+  return check_segments(op, x, seg_indptr, rank_indptr, scaling, x.size(0), total_rank);
+}
+
+}  // namespace alto

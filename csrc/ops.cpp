@@ -1,0 +1,26 @@
+// The one schema file of the op library: every alto:: op is declared here and nowhere else.
+// Kernels: csrc/cpu/ (reference, any device), csrc/cuda/ (CUTLASS, sm_90a). Fake kernels and
+// autograd formulas: alto_ext/_ops.py.
+//
+// Layout contract (segmented multi-adapter LoRA, see DESIGN.md):
+//   rows seg_indptr[g]:seg_indptr[g+1] of a token-major tensor belong to adapter slot g;
+//   rows rank_indptr[g]:rank_indptr[g+1] of a rank-major weight ([R, d]) are adapter g's;
+//   scaling[g] (float32, optional = 1) multiplies adapter g's product.
+// Both A (lora_A, [R, d_in]) and B (lora_B transposed, [R, d_out]) are stored rank-major, so one
+// shrink / expand / weight-grad kernel each serves forward and backward.
+#include <torch/library.h>
+
+TORCH_LIBRARY(alto, m) {
+  // h[t, 0:r_g] = scaling[g] * x[t] . W_g^T for t in segment g; columns >= r_g are zero.
+  m.def("lora_shrink(Tensor x, Tensor W, Tensor seg_indptr, Tensor rank_indptr, int h_width, "
+        "Tensor? scaling=None) -> Tensor");
+  // y[t] += scaling[g] * h[t, 0:r_g] . W_g for t in segment g (in place).
+  m.def("lora_expand_(Tensor(a!) y, Tensor h, Tensor W, Tensor seg_indptr, Tensor rank_indptr, "
+        "Tensor? scaling=None) -> ()");
+  // Functional form of lora_expand_ (returns a new tensor; differentiable).
+  m.def("lora_expand(Tensor y, Tensor h, Tensor W, Tensor seg_indptr, Tensor rank_indptr, "
+        "Tensor? scaling=None) -> Tensor");
+  // out[rank rows of g] = scaling[g] * h_g[:, 0:r_g]^T . x_g; rows of adapters with no tokens are zero.
+  m.def("lora_weight_grad(Tensor h, Tensor x, Tensor seg_indptr, Tensor rank_indptr, int total_rank, "
+        "Tensor? scaling=None) -> Tensor");
+}

@@ -1,0 +1,143 @@
+"""Every op against the float64 oracle, forward and backward, on fresh random inputs and odd
+shapes; gradcheck; torch.library.opcheck; G up to 256."""
+import pytest
+import torch
+
+import alto_ext
+from alto_ext import reference as ref
+from alto_ext import Segments
+
+# (tokens per adapter, rank per adapter, d_in, d_out): empty segments, one token, rank 1,
+# rank 0, sizes that are not multiples of 16 (and of 8: those take the reference path on CUDA).
+CASES = [
+    ([5], [1], 16, 24),
+    ([3, 0, 7], [2, 4, 1], 24, 40),
+    ([1, 1, 1], [8, 16, 3], 72, 8),
+    ([0, 0], [4, 2], 16, 16),
+    ([6, 4], [0, 5], 32, 16),
+    ([33, 17, 64, 2], [64, 8, 32, 16], 136, 200),
+    ([9, 11], [3, 7], 100, 52),
+    ([], [], 16, 16),
+]
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
+
+
+def dtypes_for(device):
+    return [torch.float32, torch.bfloat16] if device.type == "cpu" else [torch.bfloat16, torch.float16]
+
+
+def make_case(tokens, ranks, d_in, d_out, device, dtype, scaled=True):
+    scaling = [0.5 + g for g in range(len(ranks))] if scaled else None
+    seg = Segments.build(tokens, ranks, scaling, device=device)
+    T, R = seg.num_tokens, seg.total_rank
+    x = torch.randn(T, d_in, device=device, dtype=dtype)
+    A = torch.randn(R, d_in, device=device, dtype=dtype) / d_in**0.5
+    B = torch.randn(R, d_out, device=device, dtype=dtype)
+    return seg, x, A, B
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("scaled", [True, False])
+def test_shrink_matches_reference(device, case, scaled):
+    for dtype in dtypes_for(device):
+        seg, x, A, _ = make_case(*case, device, dtype, scaled)
+        h = alto_ext.lora_shrink(x, A, seg.seg_indptr, seg.rank_indptr, seg.h_width, seg.scaling)
+        assert h.shape == (seg.num_tokens, seg.h_width) and h.dtype == dtype
+        assert ref.rel_err(h, ref.shrink(x.cpu(), A.cpu(), seg, seg.h_width)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_expand_matches_reference(device, case):
+    for dtype in dtypes_for(device):
+        seg, x, A, B = make_case(*case, device, dtype)
+        h = torch.randn(seg.num_tokens, seg.h_width, device=device, dtype=dtype)
+        y = torch.randn(seg.num_tokens, B.shape[1], device=device, dtype=dtype)
+        expected = ref.expand(y.cpu(), h.cpu(), B.cpu(), seg)
+        out = alto_ext.lora_expand(y, h, B, seg.seg_indptr, seg.rank_indptr, seg.scaling)
+        assert ref.rel_err(out, expected) < TOL[dtype]
+        y_in_place = y.clone()
+        alto_ext.lora_expand_(y_in_place, h, B, seg.seg_indptr, seg.rank_indptr, seg.scaling)
+        assert torch.equal(y_in_place, out)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_weight_grad_matches_reference(device, case):
+    for dtype in dtypes_for(device):
+        seg, x, _, _ = make_case(*case, device, dtype)
+        h = torch.randn(seg.num_tokens, seg.h_width, device=device, dtype=dtype)
+        out = alto_ext.lora_weight_grad(h, x, seg.seg_indptr, seg.rank_indptr, seg.total_rank, seg.scaling)
+        assert out.shape == (seg.total_rank, x.shape[1])
+        expected = ref.weight_grad(h.cpu(), x.cpu(), seg, seg.total_rank)
+        assert ref.rel_err(out, expected) < TOL[dtype]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_op_autograd_matches_reference(device, case):
+    """Backward of lora_shrink -> lora_expand through the registered autograd formulas."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    seg, x, A, B = make_case(*case, device, dtype)
+    y0 = torch.randn(seg.num_tokens, B.shape[1], device=device, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, y0)]
+    xl, Al, Bl, yl = leaves
+    h = alto_ext.lora_shrink(xl, Al, seg.seg_indptr, seg.rank_indptr, seg.h_width)
+    out = alto_ext.lora_expand(yl, h, Bl, seg.seg_indptr, seg.rank_indptr, seg.scaling)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in (x, A, B, y0)]
+    rx, rA, rB, ry = ref_leaves
+    expected = ref.lora_linear(rx, torch.zeros(B.shape[1], x.shape[1], dtype=torch.float64), None, rA, rB, seg) + ry
+    expected.backward(grad_out.cpu().double())
+    assert ref.rel_err(out, expected) < TOL[dtype]
+    for got, want in zip(leaves, ref_leaves):
+        want_grad = torch.zeros_like(want) if want.grad is None else want.grad  # no adapters
+        assert ref.rel_err(got.grad, want_grad) < TOL[dtype] * 2
+
+
+def test_gradcheck_float64():
+    seg = Segments.build([3, 0, 4], [2, 3, 1], [0.5, 1.5, 2.0])
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    s = (seg.seg_indptr, seg.rank_indptr)
+
+    def chain(x, A, B, y):
+        h = alto_ext.lora_shrink(x, A, *s, seg.h_width, seg.scaling)
+        return alto_ext.lora_expand(y, h, B, *s, seg.scaling)
+
+    assert torch.autograd.gradcheck(chain, (x, A, B, y))
+    h = torch.randn(7, seg.h_width, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, B, y: alto_ext.lora_expand(y, h, B, *s, seg.scaling), (h, B, y))
+
+
+def _opcheck_samples(device):
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    seg, x, A, B = make_case([4, 0, 3], [2, 5, 8], 16, 24, device, dtype)
+    s = (seg.seg_indptr, seg.rank_indptr)
+    h = torch.randn(seg.num_tokens, seg.h_width, device=device, dtype=dtype)
+    y = torch.randn(seg.num_tokens, 24, device=device, dtype=dtype)
+    return [
+        (torch.ops.alto.lora_shrink, (x.requires_grad_(), A.requires_grad_(), *s, seg.h_width, seg.scaling)),
+        (torch.ops.alto.lora_expand, (y.requires_grad_(), h.requires_grad_(), B.requires_grad_(), *s, seg.scaling)),
+        (torch.ops.alto.lora_expand_, (y.detach().clone(), h.detach(), B.detach(), *s, seg.scaling)),
+        (torch.ops.alto.lora_weight_grad, (h.detach(), x.detach(), *s, seg.total_rank, seg.scaling)),
+    ]
+
+
+def test_opcheck(device):
+    for op, args in _opcheck_samples(device):
+        torch.library.opcheck(op, args)
+
+
+def test_many_adapters_g256(device):
+    g = 256
+    gen = torch.Generator().manual_seed(torch.initial_seed() % 2**31)
+    tokens = torch.randint(0, 5, (g,), generator=gen).tolist()
+    ranks = torch.randint(1, 257, (g,), generator=gen).tolist()
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    seg, x, A, B = make_case(tokens, ranks, 16, 8, device, dtype)
+    h = alto_ext.lora_shrink(x, A, seg.seg_indptr, seg.rank_indptr, seg.h_width, seg.scaling)
+    assert ref.rel_err(h, ref.shrink(x.cpu(), A.cpu(), seg, seg.h_width)) < TOL[dtype]
+    gw = alto_ext.lora_weight_grad(h, x, seg.seg_indptr, seg.rank_indptr, seg.total_rank)
+    assert ref.rel_err(gw, ref.weight_grad(h.cpu(), x.cpu(), Segments.build(tokens, ranks), seg.total_rank)) < TOL[dtype]
