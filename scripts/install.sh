@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install "torch==2.14.1"
 fi
-"$PY" -m pip install "scikit-build-core>=0.10" "cmake>=3.24" ninja numpy "pytest>=8" expecttest
+"$PY" -m pip install "scikit-build-core>=0.10" "cmake>=3.24" ninja numpy "pytest>=8" expecttest \
+  "transformers>=4.46" "peft>=0.13" safetensors
 # CUTLASS headers only (its Python dependencies are not needed).
 "$PY" -m pip install --no-deps "nvidia-cutlass==4.2.0.0"
 if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then

@@ -1,0 +1,169 @@
+"""Multi-adapter LoRA injected into a Hugging Face causal LM with a frozen base.
+
+Every Linear named like a decoder projection (q_proj, ..., down_proj) is wrapped in a
+:class:`MultiLoraLinear`. Each adapter keeps its own float32 A/B parameters per targeted layer;
+a step packs the running adapters' weights (a small copy) and runs base + all adapters through
+``alto_ext.multi_lora_linear``. Adapters with different target modules coexist: in a layer an
+adapter does not target, its tokens get rank 0 there.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import alto_ext
+from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig
+
+
+@dataclass
+class StepPlan:
+    """The running adapters of one step in batch order: each owns a contiguous block of rows."""
+
+    adapter_ids: list[str]
+    token_counts: list[int]  # tokens per adapter (samples x sequence length)
+    scaling: list[float]
+    dropout: list[float]
+    device: torch.device
+    _segments: dict[tuple[int, ...], alto_ext.Segments] = field(default_factory=dict)
+
+    def segments(self, ranks: tuple[int, ...]) -> alto_ext.Segments:
+        """Segments for one layer's rank tuple (built once per step per distinct tuple)."""
+        seg = self._segments.get(ranks)
+        if seg is None:
+            seg = alto_ext.Segments.build(self.token_counts, ranks, self.scaling, device=self.device)
+            self._segments[ranks] = seg
+        return seg
+
+    def apply_dropout(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each adapter's LoRA dropout on its own rows (one copy of x), or None if all are 0."""
+        if not any(p > 0 for p in self.dropout):
+            return None
+        parts = torch.split(x, self.token_counts)
+        return torch.cat([F.dropout(part, p, training=True) if p > 0 else part
+                          for part, p in zip(parts, self.dropout)])
+
+
+class _Context:
+    """Shared by all wrapped layers of one model: the plan of the step being run."""
+
+    def __init__(self) -> None:
+        self.plan: StepPlan | None = None
+
+
+class MultiLoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, context: _Context):
+        super().__init__()
+        self.base = base
+        self.context = context
+        self.lora_A = nn.ParameterDict()  # adapter id -> [r, in_features]
+        self.lora_B = nn.ParameterDict()  # adapter id -> [r, out_features] (PEFT's lora_B.weight transposed)
+
+    def add_adapter(self, adapter_id: str, rank: int, generator: torch.Generator) -> None:
+        """PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0."""
+        A = torch.empty(rank, self.base.in_features, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(self.base.in_features)  # kaiming_uniform with a=sqrt(5)
+        A.uniform_(-bound, bound, generator=generator)
+        device = self.base.weight.device
+        self.lora_A[adapter_id] = nn.Parameter(A.to(device))
+        self.lora_B[adapter_id] = nn.Parameter(torch.zeros(rank, self.base.out_features, device=device))
+
+    def remove_adapter(self, adapter_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A.pop(adapter_id).detach(), self.lora_B.pop(adapter_id).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.context.plan
+        if plan is None or len(self.lora_A) == 0:
+            return self.base(x)
+        ranks = tuple(self.lora_A[a].shape[0] if a in self.lora_A else 0 for a in plan.adapter_ids)
+        if not any(ranks):
+            return self.base(x)
+        present = [a for a in plan.adapter_ids if a in self.lora_A]
+        A = torch.cat([self.lora_A[a] for a in present])
+        B = torch.cat([self.lora_B[a] for a in present])
+        x2 = x.reshape(-1, x.shape[-1])
+        lora_x = plan.apply_dropout(x2) if self.training else None
+        y = alto_ext.multi_lora_linear(x2, self.base.weight, self.base.bias, A, B,
+                                       plan.segments(ranks), lora_x=lora_x)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class MultiLoraModel(nn.Module):
+    """A frozen causal LM whose projections carry any number of co-located adapters."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.context = _Context()
+        self.layers: dict[str, MultiLoraLinear] = {}
+        for path, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and child_name in KNOWN_TARGET_MODULES:
+                    wrapped = MultiLoraLinear(child, self.context)
+                    setattr(module, child_name, wrapped)
+                    self.layers[f"{path}.{child_name}" if path else child_name] = wrapped
+        if not self.layers:
+            raise ValueError(f"no Linear layer named one of {KNOWN_TARGET_MODULES} in the model")
+        self.configs: dict[str, AdapterConfig] = {}
+
+    def target_layers(self, config: AdapterConfig) -> list[str]:
+        return [p for p in self.layers if p.rsplit(".", 1)[-1] in config.target_modules]
+
+    def add_adapter(self, adapter_id: str, config: AdapterConfig) -> list[nn.Parameter]:
+        if adapter_id in self.configs:
+            raise ValueError(f"adapter {adapter_id!r} is already in the model")
+        paths = self.target_layers(config)
+        if not paths:
+            raise ValueError(f"adapter {adapter_id!r}: none of {config.target_modules} exist in the model")
+        gen = torch.Generator().manual_seed(config.seed)
+        for p in paths:
+            self.layers[p].add_adapter(adapter_id, config.rank, gen)
+        self.configs[adapter_id] = config
+        return self.adapter_parameters(adapter_id)
+
+    def adapter_parameters(self, adapter_id: str) -> list[nn.Parameter]:
+        """The adapter's parameters in a fixed order (layer path, then A before B)."""
+        out = []
+        for p in self.target_layers(self.configs[adapter_id]):
+            out += [self.layers[p].lora_A[adapter_id], self.layers[p].lora_B[adapter_id]]
+        return out
+
+    def adapter_weights(self, adapter_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """layer path -> (A [r, in], B [r, out]) detached copies."""
+        return {p: (self.layers[p].lora_A[adapter_id].detach().clone(),
+                    self.layers[p].lora_B[adapter_id].detach().clone())
+                for p in self.target_layers(self.configs[adapter_id])}
+
+    def load_adapter_weights(self, adapter_id: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for p, (A, B) in weights.items():
+            self.layers[p].lora_A[adapter_id].data.copy_(A)
+            self.layers[p].lora_B[adapter_id].data.copy_(B)
+
+    def remove_adapter(self, adapter_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Takes the adapter out of every layer and returns its weights (nothing is lost)."""
+        config = self.configs.pop(adapter_id)
+        return {p: self.layers[p].remove_adapter(adapter_id) for p in self.target_layers(config)}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """Logits [batch, seq, vocab]; rows of the batch follow plan.adapter_ids' blocks."""
+        unknown = [a for a in plan.adapter_ids if a not in self.configs]
+        if unknown:
+            raise ValueError(f"step plan names adapters not in the model: {unknown}")
+        self.context.plan = plan
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        finally:
+            self.context.plan = None
+
+
+def plan_for(model: MultiLoraModel, adapter_ids: Sequence[str], samples: Sequence[int], seq_len: int,
+             device: torch.device) -> StepPlan:
+    configs = [model.configs[a] for a in adapter_ids]
+    return StepPlan(list(adapter_ids), [n * seq_len for n in samples], [c.scaling for c in configs],
+                    [c.dropout for c in configs], device)

@@ -1,0 +1,139 @@
+"""Adapter registry: every LoRA configuration of a sweep, its trained state and its status.
+
+Adapters are added and removed between steps; the model layers hold each adapter's weights by id,
+so adding or removing one never touches the others.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Linear layers of Llama/Qwen/Mistral-style decoders that a LoRA may target.
+KNOWN_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Status(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    STOPPED_EARLY = "stopped-early"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+def _require(ok: bool, field_name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"adapter config: {field_name}={value!r} is invalid: {rule}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Hyperparameters of one LoRA adapter (validated on construction)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | linear | cosine (after warmup_steps)
+    warmup_steps: int = 0
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    use_rslora: bool = False
+    seed: int = 0
+    max_steps: int = 100  # optimizer steps
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _require(isinstance(self.rank, int) and 1 <= self.rank <= 4096, "rank", self.rank, "an int in 1..4096")
+        _require(self.alpha > 0 and math.isfinite(self.alpha), "alpha", self.alpha, "a positive number")
+        _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
+        _require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive number")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "non-negative")
+        _require(self.schedule in ("constant", "linear", "cosine"), "schedule", self.schedule,
+                 "one of constant, linear, cosine")
+        _require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps",
+                 self.warmup_steps, "a non-negative int")
+        _require(isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1,
+                 "micro_batch_size", self.micro_batch_size, "an int >= 1")
+        _require(isinstance(self.grad_accum, int) and self.grad_accum >= 1, "grad_accum",
+                 self.grad_accum, "an int >= 1")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
+                 self.max_grad_norm, "positive or None")
+        _require(len(self.target_modules) > 0, "target_modules", self.target_modules, "not empty")
+        for m in self.target_modules:
+            _require(m in KNOWN_TARGET_MODULES, "target_modules", m,
+                     f"unknown module; known: {', '.join(KNOWN_TARGET_MODULES)}")
+        _require(isinstance(self.max_steps, int) and self.max_steps >= 1, "max_steps", self.max_steps,
+                 "an int >= 1")
+
+    @property
+    def scaling(self) -> float:
+        """LoRA's output scale: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        span = max(1, self.max_steps - self.warmup_steps)
+        frac = min(1.0, (step - self.warmup_steps) / span)
+        if self.schedule == "linear":
+            return self.lr * (1.0 - frac)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+@dataclass
+class Adapter:
+    """One configuration of a sweep and what training it produced so far."""
+
+    id: str
+    config: AdapterConfig
+    task: str = "default"
+    status: Status = Status.QUEUED
+    step: int = 0  # optimizer steps taken
+    micro_step: int = 0  # micro-batches consumed
+    losses: list[float] = field(default_factory=list)  # mean loss of every micro-batch
+    failure: str | None = None
+
+
+class Registry:
+    """The adapters of a run, in admission order."""
+
+    def __init__(self) -> None:
+        self._adapters: dict[str, Adapter] = {}
+
+    def add(self, adapter_id: str, config: AdapterConfig, task: str = "default") -> Adapter:
+        # Ids name parameters and output folders: no dots or slashes.
+        if not adapter_id or not all(c.isalnum() or c in "-_" for c in adapter_id):
+            raise ValueError(f"adapter id {adapter_id!r} must be non-empty letters, digits, '-' or '_'")
+        if adapter_id in self._adapters:
+            raise ValueError(f"adapter id {adapter_id!r} is already registered")
+        adapter = Adapter(adapter_id, config, task)
+        self._adapters[adapter_id] = adapter
+        return adapter
+
+    def __getitem__(self, adapter_id: str) -> Adapter:
+        try:
+            return self._adapters[adapter_id]
+        except KeyError:
+            raise KeyError(f"no adapter {adapter_id!r}; registered: {list(self._adapters)}") from None
+
+    def __iter__(self):
+        return iter(self._adapters.values())
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def with_status(self, *statuses: Status) -> list[Adapter]:
+        return [a for a in self._adapters.values() if a.status in statuses]

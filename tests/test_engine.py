@@ -1,0 +1,157 @@
+"""Co-located training is exact: each adapter trained with others gives the same losses and weights
+as that adapter trained alone with HF PEFT (same init, data order, hyperparameters), also when
+other adapters join or leave mid-run; one adapter's NaN fails only that adapter."""
+import copy
+import random
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from alto.model import MultiLoraModel  # noqa: E402
+from alto.registry import AdapterConfig, Registry, Status  # noqa: E402
+from alto.train import DataStream, Trainer, pad_batch  # noqa: E402
+
+VOCAB, PAD = 96, 0
+
+CONFIGS = {
+    "a": AdapterConfig(rank=4, alpha=8, lr=1e-3, micro_batch_size=2, target_modules=("q_proj", "v_proj"), seed=1, max_steps=50),
+    "b": AdapterConfig(rank=8, alpha=16, lr=5e-4, micro_batch_size=3, grad_accum=2, use_rslora=True, seed=2,
+                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), max_steps=50),
+    "c": AdapterConfig(rank=1, alpha=4, lr=2e-3, micro_batch_size=1, target_modules=("down_proj", "up_proj"),
+                       schedule="linear", warmup_steps=1, weight_decay=0.01, max_grad_norm=0.05, seed=3, max_steps=6),
+}
+MICRO_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   pad_token_id=PAD)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def sequences():
+    rng = random.Random(7)
+    return {aid: [[rng.randrange(1, VOCAB) for _ in range(rng.randrange(4, 17))] for _ in range(12)]
+            for aid in CONFIGS}
+
+
+def colocated(base_model, sequences, ids, events=None, steps=MICRO_STEPS):
+    """Trains `ids` together; events = {micro_step: [("add"|"remove", id)]}. Returns (trainer, init weights)."""
+    model = MultiLoraModel(copy.deepcopy(base_model))
+    reg = Registry()
+    trainer = Trainer(model, reg, {a: DataStream(sequences[a]) for a in CONFIGS}, PAD)
+    init = {}
+
+    def add(aid):
+        trainer.admit(reg.add(aid, CONFIGS[aid]))
+        init[aid] = model.adapter_weights(aid)
+
+    for aid in ids:
+        add(aid)
+    for step in range(steps):
+        for kind, aid in (events or {}).get(step, []):
+            add(aid) if kind == "add" else trainer.retire(reg[aid], Status.STOPPED_EARLY)
+        trainer.step()
+    return trainer, init
+
+
+def alone_with_peft(base_model, sequences, aid, init, steps):
+    """The same adapter trained alone with HF PEFT, our init copied in."""
+    cfg = CONFIGS[aid]
+    lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, use_rslora=cfg.use_rslora,
+                           target_modules=list(cfg.target_modules), bias="none")
+    pm = peft.get_peft_model(copy.deepcopy(base_model), lora)
+    inner = pm.base_model.model
+    for path, (A, B) in init.items():
+        layer = inner.get_submodule(path)
+        layer.lora_A["default"].weight.data.copy_(A)
+        layer.lora_B["default"].weight.data.copy_(B.T)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stream, losses, step = DataStream(sequences[aid]), [], 0
+    for micro in range(steps):
+        ids, mask, labels = pad_batch(stream.next_batch(cfg.micro_batch_size), PAD)
+        loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        losses.append(loss.item())
+        (loss / cfg.grad_accum).backward()
+        if (micro + 1) % cfg.grad_accum == 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr_at(step)
+            opt.step()
+            opt.zero_grad()
+            step += 1
+            if step >= cfg.max_steps:
+                break
+    weights = {path: (inner.get_submodule(path).lora_A["default"].weight.detach(),
+                      inner.get_submodule(path).lora_B["default"].weight.detach().T) for path in init}
+    return losses, weights
+
+
+def final_weights(trainer, aid):
+    if aid in trainer.retired:
+        return trainer.retired[aid]["weights"]
+    return trainer.model.adapter_weights(aid)
+
+
+def assert_same_as_alone(base_model, sequences, trainer, init, aid, steps):
+    losses, weights = alone_with_peft(base_model, sequences, aid, init[aid], steps)
+    ours = trainer.registry[aid].losses
+    assert len(ours) == len(losses), (aid, ours, losses)
+    assert torch.allclose(torch.tensor(ours), torch.tensor(losses), rtol=1e-5, atol=1e-6), (aid, ours, losses)
+    got = final_weights(trainer, aid)
+    assert set(got) == set(weights)
+    for path in weights:
+        for ours_w, ref_w in zip(got[path], weights[path]):
+            assert torch.allclose(ours_w, ref_w, rtol=1e-4, atol=1e-6), (aid, path, (ours_w - ref_w).abs().max())
+
+
+def test_colocated_equals_alone_with_peft(base_model, sequences):
+    trainer, init = colocated(base_model, sequences, ["a", "b", "c"])
+    # c reaches max_steps=6 with micro_batch 1 and no accumulation: finished, weights kept.
+    assert trainer.registry["c"].status == Status.FINISHED
+    for aid in "abc":
+        assert_same_as_alone(base_model, sequences, trainer, init, aid, MICRO_STEPS)
+        assert trainer.registry[aid].losses[-1] < trainer.registry[aid].losses[0] * 1.5
+
+
+def test_adding_and_removing_adapters_mid_run_leaves_others_unchanged(base_model, sequences):
+    # b leaves after 3 micro-steps; c joins at micro-step 2 (and so trains 4 micro-steps).
+    trainer, init = colocated(base_model, sequences, ["a", "b"], {2: [("add", "c")], 3: [("remove", "b")]})
+    assert trainer.registry["b"].status == Status.STOPPED_EARLY
+    assert_same_as_alone(base_model, sequences, trainer, init, "a", MICRO_STEPS)
+    assert_same_as_alone(base_model, sequences, trainer, init, "b", 3)
+    assert_same_as_alone(base_model, sequences, trainer, init, "c", MICRO_STEPS - 2)
+
+
+def test_nan_loss_fails_only_that_adapter(base_model, sequences):
+    trainer, _ = colocated(base_model, sequences, ["a", "b"], steps=2)
+    # Poison b's weights: its loss becomes NaN; a must go on exactly as before.
+    for p in trainer.model.adapter_parameters("b"):
+        p.data.fill_(float("nan"))
+    before = trainer.model.adapter_weights("a")
+    losses = trainer.step()
+    assert trainer.registry["b"].status == Status.FAILED
+    assert "nan" in trainer.registry["b"].failure
+    assert "b" in trainer.retired  # its weights are kept, not dropped
+    assert trainer.registry["a"].status == Status.RUNNING and torch.isfinite(torch.tensor(losses["a"]))
+    after = trainer.model.adapter_weights("a")
+    assert any(not torch.equal(before[p][0], after[p][0]) or not torch.equal(before[p][1], after[p][1]) for p in before)
+    trainer.step()
+    assert trainer.registry["a"].micro_step == 4
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match="rank=0"):
+        AdapterConfig(rank=0)
+    with pytest.raises(ValueError, match="lr=-0.1"):
+        AdapterConfig(lr=-0.1)
+    with pytest.raises(ValueError, match="target_modules='qkv'"):
+        AdapterConfig(target_modules=("qkv",))
