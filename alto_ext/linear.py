@@ -64,8 +64,9 @@ def multi_lora_linear(
     """``x[T, d_in] -> y[T, d_out]`` with base ``weight[d_out, d_in]`` and packed adapters.
 
     ``A[R, d_in]`` and ``B[R, d_out]`` hold every adapter's rows (``segments.rank_indptr``);
-    ``lora_x`` is the adapters' input when it differs from ``x`` (LoRA dropout). Adapter weights
-    are cast to x's dtype (autocast-style); their gradients flow back to the original dtype.
+    ``lora_x`` is the adapters' input when it differs from ``x`` (LoRA dropout). Everything runs in
+    x's dtype, or in the autocast dtype when autocast is on (as nn.Linear would); the casts are
+    differentiable, so float32 adapter weights get float32 gradients.
     """
     if x.dim() != 2:
         raise ValueError(f"multi_lora_linear: x must be [T, d_in], got shape {tuple(x.shape)}")
@@ -74,15 +75,23 @@ def multi_lora_linear(
             f"multi_lora_linear: x has {x.shape[0]} tokens but the segments cover "
             f"{segments.num_tokens}"
         )
-    return _MultiLoraLinear.apply(
-        x,
-        weight,
-        bias,
-        lora_x,
-        A.to(x.dtype),
-        B.to(x.dtype),
-        segments.seg_indptr,
-        segments.rank_indptr,
-        segments.scaling,
-        segments.h_width,
-    )
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(dtype)
+
+    with torch.autocast(device_type, enabled=False):
+        return _MultiLoraLinear.apply(
+            cast(x),
+            cast(weight),
+            cast(bias),
+            cast(lora_x),
+            cast(A),
+            cast(B),
+            segments.seg_indptr,
+            segments.rank_indptr,
+            segments.scaling,
+            segments.h_width,
+        )

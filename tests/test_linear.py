@@ -133,3 +133,19 @@ def test_cuda_outputs_do_not_depend_on_stale_memory():
         gw = alto_ext.lora_weight_grad(h, x, seg.seg_indptr, seg.rank_indptr, seg.total_rank, seg.scaling)
         assert torch.isfinite(h).all() and torch.isfinite(gw).all()
         assert ref.rel_err(h, ref.shrink(x.cpu(), A.cpu(), Segments.build(seg.token_counts, seg.ranks, [1.0, 2.0, 0.5, 1.5]), seg.h_width)) < 1.2e-2
+
+
+def test_autocast_runs_in_the_autocast_dtype_with_float32_adapter_grads():
+    seg = Segments.build([5, 3], [4, 8], [1.0, 2.0])
+    x = torch.randn(8, 32, requires_grad=True)
+    weight, bias = torch.randn(24, 32), torch.randn(24)
+    A = torch.randn(12, 32, requires_grad=True)
+    B = torch.randn(12, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = alto_ext.multi_lora_linear(x, weight, bias, A, B, seg)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    seg_ref = Segments.build([5, 3], [4, 8], [1.0, 2.0])
+    y_ref = ref.lora_linear(x.double(), weight.double(), bias.double(), A.double(), B.double(), seg_ref)
+    assert ref.rel_err(y, y_ref) < 2e-2

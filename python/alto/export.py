@@ -1,0 +1,62 @@
+"""Saving finished adapters in Hugging Face PEFT's format.
+
+``adapter_config.json`` + ``adapter_model.safetensors`` load with
+``peft.PeftModel.from_pretrained(base, dir)``; ``alto_adapter.json`` beside them records the full
+ALTO config, status, steps and loss history. The folder is written under a temporary name and
+renamed, so a crash never leaves a half-written adapter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from alto.registry import Adapter
+
+
+def save_peft_adapter(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], adapter: Adapter,
+                      out_dir: str | os.PathLike, base_model_name: str | None = None) -> Path:
+    """weights: layer path (relative to the causal LM) -> (A [r, in], B [r, out])."""
+    cfg = adapter.config
+    out = Path(out_dir)
+    tensors = {}
+    for path, (A, B) in weights.items():
+        prefix = f"base_model.model.{path}"
+        tensors[f"{prefix}.lora_A.weight"] = A.detach().float().cpu().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = B.detach().float().cpu().T.contiguous()  # PEFT: [out, r]
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.use_rslora,
+        "target_modules": sorted(cfg.target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    record = {"id": adapter.id, "task": adapter.task, "status": adapter.status.value, "step": adapter.step,
+              "micro_step": adapter.micro_step, "losses": adapter.losses, "failure": adapter.failure,
+              "config": cfg.to_dict()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+        (tmp / "alto_adapter.json").write_text(json.dumps(record, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
