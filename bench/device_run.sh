@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine = build + test + bench (see DESIGN.md "GPU work").
-#   bash bench/device_run.sh [build] [test] [bench] [sanitize]     (default: build test bench)
+#   bash bench/device_run.sh [build] [test] [bench] [bench_step] [sanitize]
+#   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
 set -uo pipefail
@@ -8,7 +9,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}
 mkdir -p "$OUT"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test bench)
+[ ${#stages[@]} -eq 0 ] && stages=(build test bench bench_step)
 export PYTHONUNBUFFERED=1 ALTO_SYNC_CHECKS=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 
@@ -46,6 +47,9 @@ for stage in "${stages[@]}"; do
       ;;
     bench)
       python3 -P bench/bench_ops.py --tokens 2048 256 2>&1 | tee "$OUT/bench_ops.txt" || rc=1
+      ;;
+    bench_step)
+      python3 -P bench/bench_step.py 2>&1 | tee "$OUT/bench_step.txt" || rc=1
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
