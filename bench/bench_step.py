@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="decoder layers (real Llama-3-8B widths)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler's top ops of one ALTO step at the largest N")
     args = ap.parse_args()
 
     base = build_model(args.layers)
@@ -88,6 +90,8 @@ def main() -> None:
         for i, c in enumerate(cfgs):
             trainer.admit(reg.add(f"a{i}", c))
         t_ours = wall_ms(trainer.step, args.iters)
+        if args.profile and n == max(args.adapters):
+            profile(trainer.step)
         for a in list(reg):
             trainer.retire(a, a.status)
 
@@ -110,6 +114,15 @@ def main() -> None:
     for n, tb, to, tl in rows:
         print(f"{n} | {tb:.1f} | {to:.1f} | {to / tb - 1:+.1%} | {tl:.1f} | {tl / to:.2f}x")
     print(f"\nPEFT, one adapter (rank {RANKS[0]}, all 7 projections), same sequence: {t_peft:.1f} ms/step")
+
+
+def profile(step) -> None:
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
 def peft_step_ms(base, seq, iters: int) -> float:
