@@ -67,7 +67,9 @@ class Trainer:
             raise ValueError(f"adapter {adapter.id!r} has no data stream")
         params = self.model.add_adapter(adapter.id, adapter.config)
         cfg = adapter.config
-        self.optimizers[adapter.id] = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel per step on the GPU (the foreach version dominated a 32-adapter step)
+        self.optimizers[adapter.id] = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                        fused=self.device.type == "cuda")
         adapter.status = Status.RUNNING
 
     def retire(self, adapter: Adapter, status: Status, reason: str | None = None) -> None:
@@ -107,29 +109,34 @@ class Trainer:
         total = sum(l / a.config.grad_accum for l, a, ok in zip(per_adapter, running, finite) if ok)
         if any(finite):
             total.backward()
+        stepping = []
         for adapter, value, ok in zip(running, values, finite):
             adapter.losses.append(value)
             adapter.micro_step += 1
             if not ok:
                 self.retire(adapter, Status.FAILED, f"loss is {value} at micro-step {adapter.micro_step}")
             elif adapter.micro_step % adapter.config.grad_accum == 0:
-                self._optimizer_step(adapter)
+                stepping.append(adapter)
+        self._optimizer_steps(stepping)
         return {a.id: v for a, v in zip(running, values)}
 
-    def _optimizer_step(self, adapter: Adapter) -> None:
-        cfg = adapter.config
-        params = self.model.adapter_parameters(adapter.id)
-        opt = self.optimizers[adapter.id]
-        # Clips to max_grad_norm (no-op with None) and returns the norm, checked for every adapter.
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-        if not torch.isfinite(norm):
-            opt.zero_grad(set_to_none=True)
-            self.retire(adapter, Status.FAILED, f"gradient norm is {norm.item()} at step {adapter.step}")
+    def _optimizer_steps(self, adapters: list[Adapter]) -> None:
+        """Clips each adapter's gradients to its max_grad_norm and steps its optimizer; an adapter
+        whose gradient norm is not finite fails instead. One host sync for all adapters."""
+        if not adapters:
             return
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr_at(adapter.step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        adapter.step += 1
-        if adapter.step >= cfg.max_steps:
-            self.retire(adapter, Status.FINISHED)
+        norms = [torch.nn.utils.clip_grad_norm_(self.model.adapter_parameters(a.id),
+                                                a.config.max_grad_norm or math.inf) for a in adapters]
+        for adapter, norm in zip(adapters, torch.stack(norms).tolist()):
+            opt = self.optimizers[adapter.id]
+            if not math.isfinite(norm):
+                opt.zero_grad(set_to_none=True)
+                self.retire(adapter, Status.FAILED, f"gradient norm is {norm} at step {adapter.step}")
+                continue
+            for group in opt.param_groups:
+                group["lr"] = adapter.config.lr_at(adapter.step)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            adapter.step += 1
+            if adapter.step >= adapter.config.max_steps:
+                self.retire(adapter, Status.FINISHED)
