@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from alto.model import MultiLoraModel, plan_for
+from alto.optim import MultiAdamW
 from alto.registry import Adapter, Registry, Status
 
 
@@ -58,7 +59,7 @@ class Trainer:
         self.data = data
         self.pad_id = pad_id
         self.device = torch.device(device)
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.optimizer = MultiAdamW()
         self.retired: dict[str, dict] = {}  # weights of adapters taken out of the model
 
     def admit(self, adapter: Adapter) -> None:
@@ -66,17 +67,14 @@ class Trainer:
         if adapter.id not in self.data:
             raise ValueError(f"adapter {adapter.id!r} has no data stream")
         params = self.model.add_adapter(adapter.id, adapter.config)
-        cfg = adapter.config
-        # fused: one kernel per step on the GPU (the foreach version dominated a 32-adapter step)
-        self.optimizers[adapter.id] = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                        fused=self.device.type == "cuda")
+        self.optimizer.add(adapter.id, params, adapter.config.weight_decay)
         adapter.status = Status.RUNNING
 
     def retire(self, adapter: Adapter, status: Status, reason: str | None = None) -> None:
         """Takes an adapter out of the model, keeping its weights and optimizer state."""
         self.retired[adapter.id] = {
             "weights": self.model.remove_adapter(adapter.id),
-            "optimizer": self.optimizers.pop(adapter.id).state_dict(),
+            "optimizer": self.optimizer.remove(adapter.id),
         }
         adapter.status = status
         adapter.failure = reason
@@ -121,22 +119,22 @@ class Trainer:
         return {a.id: v for a, v in zip(running, values)}
 
     def _optimizer_steps(self, adapters: list[Adapter]) -> None:
-        """Clips each adapter's gradients to its max_grad_norm and steps its optimizer; an adapter
-        whose gradient norm is not finite fails instead. One host sync for all adapters."""
+        """Clips each adapter's gradients to its max_grad_norm and steps all of them at once; an
+        adapter whose gradient norm is not finite fails instead. One host sync for all."""
         if not adapters:
             return
-        norms = [torch.nn.utils.clip_grad_norm_(self.model.adapter_parameters(a.id),
-                                                a.config.max_grad_norm or math.inf) for a in adapters]
-        for adapter, norm in zip(adapters, torch.stack(norms).tolist()):
-            opt = self.optimizers[adapter.id]
-            if not math.isfinite(norm):
-                opt.zero_grad(set_to_none=True)
+        ids = [a.id for a in adapters]
+        norms = self.optimizer.clip_grad_norms(ids, [a.config.max_grad_norm for a in adapters])
+        ok = []
+        for adapter, norm in zip(adapters, norms):
+            if math.isfinite(norm):
+                ok.append(adapter)
+            else:
+                self.optimizer.zero_grad(adapter.id)
                 self.retire(adapter, Status.FAILED, f"gradient norm is {norm} at step {adapter.step}")
-                continue
-            for group in opt.param_groups:
-                group["lr"] = adapter.config.lr_at(adapter.step)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        self.optimizer.step([a.id for a in ok], [a.config.lr_at(a.step) for a in ok])
+        for adapter in ok:
+            self.optimizer.zero_grad(adapter.id)
             adapter.step += 1
             if adapter.step >= adapter.config.max_steps:
                 self.retire(adapter, Status.FINISHED)

@@ -1,0 +1,64 @@
+"""MultiAdamW = torch.optim.AdamW + clip_grad_norm_ run separately for every adapter."""
+import math
+
+import torch
+
+from alto.optim import MultiAdamW
+
+HP = {"a": (1e-3, 0.0, 1.0), "b": (3e-2, 0.1, None), "c": (5e-4, 0.01, 1e-3)}  # lr, wd, max norm
+
+
+def make_params(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(3, 5), (7,), (2, 4)]]
+
+
+def test_matches_torch_adamw_and_clipping_per_adapter():
+    ours = {k: make_params(i) for i, k in enumerate(HP)}
+    theirs = {k: make_params(i) for i, k in enumerate(HP)}
+    opt = MultiAdamW()
+    torch_opts = {}
+    for k, (lr, wd, _) in HP.items():
+        opt.add(k, ours[k], wd)
+        torch_opts[k] = torch.optim.AdamW(theirs[k], lr=lr, weight_decay=wd)
+    for step in range(5):
+        for k in HP:
+            g = torch.Generator().manual_seed(100 * step + len(k) + ord(k))
+            grads = [torch.randn(p.shape, generator=g) * (step + 1) for p in ours[k]]
+            for p, q, gr in zip(ours[k], theirs[k], grads):
+                p.grad, q.grad = gr.clone(), gr.clone()
+        ids = list(HP)
+        norms = opt.clip_grad_norms(ids, [HP[k][2] for k in ids])
+        opt.step(ids, [HP[k][0] for k in ids])
+        for k, norm in zip(ids, norms):
+            ref_norm = torch.nn.utils.clip_grad_norm_(theirs[k], HP[k][2] or math.inf)
+            assert math.isclose(norm, ref_norm.item(), rel_tol=1e-5)
+            torch_opts[k].step()
+            for p, q in zip(ours[k], theirs[k]):
+                assert torch.allclose(p, q, rtol=1e-6, atol=1e-7), (k, step)
+
+
+def test_params_without_grad_are_skipped_and_state_is_returned():
+    params = make_params(0)
+    before = [p.detach().clone() for p in params]
+    opt = MultiAdamW()
+    opt.add("a", params, 0.1)
+    params[0].grad = torch.ones_like(params[0])
+    opt.clip_grad_norms(["a"], [None])
+    opt.step(["a"], [1e-2])
+    assert not torch.equal(params[0], before[0])
+    assert torch.equal(params[1], before[1]) and torch.equal(params[2], before[2])
+    state = opt.remove("a")
+    assert state["step"] == 1 and torch.count_nonzero(state["exp_avg"][0]) == params[0].numel()
+
+
+def test_non_finite_norm_is_reported():
+    params = make_params(1)
+    opt = MultiAdamW()
+    opt.add("a", params, 0.0)
+    opt.add("b", make_params(2), 0.0)
+    params[0].grad = torch.full_like(params[0], float("inf"))
+    for p in opt.adapters["b"].params:
+        p.grad = torch.ones_like(p)
+    norms = opt.clip_grad_norms(["a", "b"], [1.0, 1.0])
+    assert not math.isfinite(norms[0]) and math.isfinite(norms[1])
