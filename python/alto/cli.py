@@ -54,6 +54,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from alto.tune import tune
+
+    return tune(args.sweep, args.resume, args.stop_after)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alto", description="Co-located multi-LoRA training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=cmd_check)
+    tune = sub.add_parser("tune", help="train a sweep of LoRA configurations together")
+    tune.add_argument("sweep", nargs="?", help="sweep YAML (default: SmolLM2-135M on chatterbot-corpus)")
+    tune.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    tune.add_argument("--stop-after", type=int, metavar="N", help="stop after N micro-steps (resumable)")
+    tune.set_defaults(func=cmd_tune)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -37,8 +37,21 @@ class MultiAdamW:
 
     def remove(self, adapter_id: str) -> dict:
         """Drops an adapter and returns its state (step and moments), so nothing is lost."""
-        s = self.adapters.pop(adapter_id)
-        return {"step": s.step, "weight_decay": s.weight_decay, "exp_avg": s.exp_avg, "exp_avg_sq": s.exp_avg_sq}
+        state = self.state(adapter_id)
+        del self.adapters[adapter_id]
+        return state
+
+    def load(self, adapter_id: str, state: dict) -> None:
+        """Restores what remove() returned (for an adapter already add()-ed with the same params)."""
+        s = self.adapters[adapter_id]
+        s.step = int(state["step"])
+        for dst, src in zip(s.exp_avg + s.exp_avg_sq, list(state["exp_avg"]) + list(state["exp_avg_sq"])):
+            dst.copy_(src)
+
+    def state(self, adapter_id: str) -> dict:
+        s = self.adapters[adapter_id]
+        return {"step": s.step, "weight_decay": s.weight_decay, "exp_avg": [t.detach().cpu().clone() for t in s.exp_avg],
+                "exp_avg_sq": [t.detach().cpu().clone() for t in s.exp_avg_sq]}
 
     def zero_grad(self, adapter_id: str) -> None:
         for p in self.adapters[adapter_id].params:

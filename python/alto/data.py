@@ -1,0 +1,102 @@
+"""Training text for a sweep: the chatterbot-corpus Q/A dialogues (offline, from PyPI), JSONL or
+plain-text files; tokenized once and split into train and held-out sequences."""
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 1..256 (0 = padding): for random-init test models."""
+
+    vocab_size = 257
+    pad_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 1 for b in text.encode("utf-8")]
+
+
+def chatterbot_texts(language: str = "english") -> list[str]:
+    """Every dialogue of chatterbot-corpus as 'User: ...\\nAssistant: ...' turns."""
+    import chatterbot_corpus
+    import yaml
+
+    root = Path(chatterbot_corpus.__file__).parent / "data" / language
+    if not root.is_dir():
+        raise ValueError(f"data: chatterbot-corpus has no language {language!r}")
+    texts = []
+    for path in sorted(root.glob("*.yml")):
+        for conv in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
+            turns = [f"{'User' if i % 2 == 0 else 'Assistant'}: {str(t).strip()}" for i, t in enumerate(conv)]
+            if len(turns) >= 2:
+                texts.append("\n".join(turns))
+    return texts
+
+
+def jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"data: {path}:{n} is not valid JSON ({e.msg})") from None
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            texts.append(row["text"])
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+            texts.append(row["prompt"] + row["completion"])
+        else:
+            raise ValueError(f"data: {path}:{n} needs a 'text' field or 'prompt' and 'completion'")
+    return texts
+
+
+def load_texts(source: str, path: str | None = None) -> list[str]:
+    if source == "chatterbot":
+        texts = chatterbot_texts()
+    elif source in ("jsonl", "text"):
+        if not path:
+            raise ValueError(f"data.path is required for source {source!r}")
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"data.path: no such file {path!r}")
+        if source == "jsonl":
+            texts = jsonl_texts(p)
+        else:
+            texts = [b.strip() for b in p.read_text(encoding="utf-8").split("\n\n") if b.strip()]
+    else:
+        raise ValueError(f"data.source={source!r} is invalid: one of chatterbot, jsonl, text")
+    if not texts:
+        raise ValueError(f"data: no texts found in {source} {path or ''}".rstrip())
+    return texts
+
+
+def tokenize(texts: Sequence[str], tokenizer: Tokenizer, max_length: int, eos_id: int | None) -> list[list[int]]:
+    """Token ids per text (with EOS when the tokenizer has one), cut to max_length; texts of
+    fewer than 2 tokens are dropped (nothing to predict)."""
+    out = []
+    for t in texts:
+        ids = list(tokenizer.encode(t))
+        if eos_id is not None:
+            ids.append(eos_id)
+        ids = ids[:max_length]
+        if len(ids) >= 2:
+            out.append(ids)
+    return out
+
+
+def split(seqs: Sequence[list[int]], eval_fraction: float, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Deterministic shuffle, then the first eval_fraction (at least 1) is held out."""
+    order = list(seqs)
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(order) * eval_fraction)) if eval_fraction > 0 else 0
+    if n_eval >= len(order):
+        raise ValueError(f"data: {len(order)} sequences are too few to hold out {eval_fraction:.0%} for eval")
+    return order[n_eval:], order[:n_eval]

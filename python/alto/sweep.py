@@ -1,0 +1,133 @@
+"""Sweep files for ``alto tune``: parsing and validation, with errors that name the field.
+
+```yaml
+name: demo
+model: smollm2                  # or {hf_dir: DIR, gguf_file: F} or {random_llama: {hidden_size: 64, ...}}
+data: {source: chatterbot, max_length: 96, eval_fraction: 0.1, limit: 600}   # or jsonl/text + path
+device: auto                   # auto | cpu | cuda
+checkpoint_every: 10           # micro-steps
+defaults: {rank: 8, alpha: 16, lr: 1e-4, micro_batch_size: 4, max_steps: 30}
+grid: {rank: [4, 16], lr: [1e-4, 1e-3]}    # cartesian product over these fields
+adapters: [{id: wide, rank: 64}]           # explicit extra configurations
+```
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alto.registry import AdapterConfig
+
+DEFAULT_SWEEP = """
+name: smollm2-chatterbot
+model: smollm2
+data: {source: chatterbot, max_length: 64, eval_fraction: 0.1, limit: 400}
+device: auto
+checkpoint_every: 10
+defaults: {alpha: 16, micro_batch_size: 4, max_steps: 12, target_modules: [q_proj, v_proj], max_grad_norm: 1.0}
+grid: {rank: [4, 16], lr: [3.0e-4, 1.0e-3]}
+"""
+
+TOP_KEYS = {"name", "model", "data", "device", "checkpoint_every", "defaults", "grid", "adapters", "output"}
+DATA_KEYS = {"source", "path", "max_length", "eval_fraction", "limit"}
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
+
+
+@dataclass
+class Sweep:
+    name: str
+    model: Any
+    data: dict[str, Any]
+    device: str
+    checkpoint_every: int
+    adapters: dict[str, AdapterConfig]
+    raw: dict[str, Any] = field(repr=False)
+    output: str | None = None
+
+
+def _fail(where: str, msg: str) -> None:
+    raise ValueError(f"{where}: {msg}")
+
+
+def _adapter_config(where: str, values: dict[str, Any]) -> AdapterConfig:
+    unknown = set(values) - CONFIG_FIELDS
+    if unknown:
+        _fail(where, f"unknown field {sorted(unknown)[0]!r}; fields: {', '.join(sorted(CONFIG_FIELDS))}")
+    try:
+        return AdapterConfig(**values)
+    except (ValueError, TypeError) as e:
+        _fail(where, str(e))
+
+
+def _adapter_id(values: dict[str, Any], keys: list[str]) -> str:
+    return "-".join(f"{k}{values[k]}" for k in keys).replace(".", "p").replace("/", "_") or "adapter"
+
+
+def parse_sweep(text: str, source: str = "sweep") -> Sweep:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        _fail(source, "must be a mapping of sweep settings")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        _fail(source, f"unknown key {sorted(unknown)[0]!r}; keys: {', '.join(sorted(TOP_KEYS))}")
+
+    data = raw.get("data", {"source": "chatterbot"})
+    if not isinstance(data, dict) or set(data) - DATA_KEYS:
+        _fail("data", f"must be a mapping with keys {', '.join(sorted(DATA_KEYS))}")
+    data = {"source": "chatterbot", "max_length": 128, "eval_fraction": 0.1, "limit": None, **data}
+    if not isinstance(data["max_length"], int) or data["max_length"] < 2:
+        _fail("data.max_length", f"{data['max_length']!r} must be an int >= 2")
+    if not isinstance(data["eval_fraction"], (int, float)) or not 0 <= data["eval_fraction"] < 1:
+        _fail("data.eval_fraction", f"{data['eval_fraction']!r} must be in [0, 1)")
+    if data["limit"] is not None and (not isinstance(data["limit"], int) or data["limit"] < 2):
+        _fail("data.limit", f"{data['limit']!r} must be an int >= 2")
+    if data["source"] in ("jsonl", "text") and not Path(str(data.get("path", ""))).is_file():
+        _fail("data.path", f"no such file {data.get('path')!r}")
+
+    device = raw.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        _fail("device", f"{device!r} must be auto, cpu or cuda")
+    every = raw.get("checkpoint_every", 10)
+    if not isinstance(every, int) or every < 1:
+        _fail("checkpoint_every", f"{every!r} must be an int >= 1")
+    model = raw.get("model", "smollm2")
+    if not (model == "smollm2" or (isinstance(model, dict) and len(model) >= 1
+                                   and set(model) <= {"hf_dir", "gguf_file", "random_llama"})):
+        _fail("model", f"{model!r} must be smollm2, {{hf_dir: DIR[, gguf_file: F]}} or {{random_llama: {{...}}}}")
+
+    defaults = raw.get("defaults", {}) or {}
+    grid = raw.get("grid", {}) or {}
+    extra = raw.get("adapters", []) or []
+    if not isinstance(defaults, dict):
+        _fail("defaults", "must be a mapping of adapter fields")
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+        _fail("grid", "must map adapter fields to non-empty lists of values")
+    if not isinstance(extra, list) or any(not isinstance(a, dict) for a in extra):
+        _fail("adapters", "must be a list of mappings of adapter fields")
+
+    adapters: dict[str, AdapterConfig] = {}
+    keys = list(grid)
+    for n, combo in enumerate(itertools.product(*grid.values()) if grid else []):
+        values = dict(zip(keys, combo))
+        aid = _adapter_id(values, keys)
+        adapters[aid] = _adapter_config(f"grid[{aid}]", {"seed": n, **defaults, **values})
+    for i, entry in enumerate(extra):
+        entry = dict(entry)
+        aid = str(entry.pop("id", f"adapter{i}"))
+        if aid in adapters:
+            _fail(f"adapters[{i}]", f"duplicate id {aid!r}")
+        adapters[aid] = _adapter_config(f"adapters[{aid}]", {"seed": len(adapters), **defaults, **entry})
+    if not adapters:
+        _fail(source, "no adapters: give a grid and/or an adapters list")
+    name = str(raw.get("name", "sweep"))
+    return Sweep(name, model, data, device, every, adapters, raw, raw.get("output"))

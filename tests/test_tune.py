@@ -1,0 +1,111 @@
+"""`alto tune` end to end on a tiny random Llama: outputs, bad sweeps, kill and resume."""
+import json
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from alto.cli import main  # noqa: E402
+from alto.sweep import parse_sweep  # noqa: E402
+from alto.tune import SweepRun, tune  # noqa: E402
+
+TINY = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+def write_data(tmp_path):
+    rng = random.Random(3)
+    words = ["alpha", "beta", "gamma", "delta", "lora", "rank", "adapter", "token"]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randrange(2, 6)))})
+                              for _ in range(40)))
+    return path
+
+
+def sweep_yaml(tmp_path, out="run", **extra):
+    data = write_data(tmp_path)
+    doc = {"name": "t", "model": {"random_llama": TINY}, "device": "cpu", "checkpoint_every": 2,
+           "output": str(tmp_path / out),
+           "data": {"source": "jsonl", "path": str(data), "max_length": 24, "eval_fraction": 0.2},
+           "defaults": {"micro_batch_size": 2, "max_steps": 3, "target_modules": ["q_proj", "v_proj"]},
+           "grid": {"rank": [2, 4], "lr": [1e-3, 3e-3]}, **extra}
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    return path
+
+
+def test_tune_end_to_end_writes_every_output(tmp_path, capsys):
+    assert main(["tune", str(sweep_yaml(tmp_path))]) == 0
+    run = tmp_path / "run"
+    out = capsys.readouterr().out
+    assert "step    1 | running 4" in out and "eval loss" in out
+    board = (run / "leaderboard.csv").read_text().splitlines()
+    assert len(board) == 5 and board[0].startswith("rank,adapter")
+    rows = (run / "losses.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 * 3  # 4 adapters x 3 micro-steps (max_steps 3, no accumulation)
+    assert (run / "losses.png").stat().st_size > 10_000
+    for aid in ["rank2-lr0p001", "rank4-lr0p003"]:
+        cfg = json.loads((run / "adapters" / aid / "adapter_config.json").read_text())
+        assert cfg["r"] == int(aid[4]) and cfg["peft_type"] == "LORA"
+        assert json.loads((run / "adapters" / aid / "alto_adapter.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"grid": {"rank": [0, 4]}}, ["rank=0", "grid[rank0]"]),
+    ({"grid": {"lr": [-0.1]}}, ["lr=-0.1"]),
+    ({"defaults": {"target_modules": ["qkv"]}}, ["target_modules='qkv'", "unknown module"]),
+    ({"data": {"source": "jsonl", "path": "/nonexistent.jsonl"}}, ["data.path", "/nonexistent.jsonl"]),
+    ({"colour": "red"}, ["unknown key 'colour'"]),
+    ({"defaults": {"rnak": 4}}, ["unknown field 'rnak'"]),
+])
+def test_bad_sweep_is_one_clear_line_exit_2_nothing_written(tmp_path, capsys, change, words):
+    path = sweep_yaml(tmp_path, **change)
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("alto tune: error:")
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_yaml_names_the_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ngrid: {rank: [1, 2\n")
+    assert main(["tune", str(path)]) == 2
+    assert "bad.yaml:" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
+    whole = sweep_yaml(tmp_path, out="whole", defaults={"micro_batch_size": 2, "max_steps": 4, "grad_accum": 1,
+                                                          "target_modules": ["q_proj", "v_proj"], "dropout": 0.1})
+    assert tune(str(whole), None, log=lambda *_: None) == 0
+    cut = sweep_yaml(tmp_path, out="cut", defaults={"micro_batch_size": 2, "max_steps": 4, "grad_accum": 1,
+                                                      "target_modules": ["q_proj", "v_proj"], "dropout": 0.1})
+    # "Killed" after micro-step 3: the last checkpoint is at 2, step 3 is logged but lost.
+    assert tune(str(cut), None, stop_after=3, log=lambda *_: None) == 0
+    assert not (tmp_path / "cut" / "leaderboard.csv").exists()
+    assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
+    a, b = tmp_path / "whole", tmp_path / "cut"
+    assert (a / "losses.csv").read_text() == (b / "losses.csv").read_text()
+    from safetensors.torch import load_file
+    for aid in ["rank2-lr0p001", "rank4-lr0p003", "rank2-lr0p003", "rank4-lr0p001"]:
+        wa = load_file(str(a / "adapters" / aid / "adapter_model.safetensors"))
+        wb = load_file(str(b / "adapters" / aid / "adapter_model.safetensors"))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (aid, k)
+
+
+def test_resume_refuses_a_folder_without_a_run(tmp_path, capsys):
+    assert tune(None, str(tmp_path)) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_default_sweep_is_valid():
+    from alto.sweep import DEFAULT_SWEEP
+
+    sweep = parse_sweep(DEFAULT_SWEEP)
+    assert sweep.model == "smollm2" and len(sweep.adapters) == 4
