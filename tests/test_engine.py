@@ -148,6 +148,31 @@ def test_nan_loss_fails_only_that_adapter(base_model, sequences):
     assert trainer.registry["a"].micro_step == 4
 
 
+def test_exploding_gradient_fails_only_that_adapter(base_model, sequences):
+    trainer, _ = colocated(base_model, sequences, ["a", "b"], steps=1)
+    b_param = trainer.model.adapter_parameters("b")[0]
+    handle = b_param.register_hook(lambda g: torch.full_like(g, float("inf")))
+    trainer.step()  # b accumulates (grad_accum=2): its optimizer step comes now
+    handle.remove()
+    assert trainer.registry["b"].status == Status.FAILED and "gradient norm is inf" in trainer.registry["b"].failure
+    assert trainer.registry["a"].status == Status.RUNNING and trainer.registry["a"].step == 2
+    weights = trainer.retired["b"]["weights"]
+    assert all(torch.isfinite(A).all() and torch.isfinite(B).all() for A, B in weights.values())
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_other_decoder_families_match_peft(family, sequences):
+    """Qwen2 (biased q/k/v projections) and Mistral: the same isolation as Llama."""
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD)
+    base = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    trainer, init = colocated(base, sequences, ["a", "b"], steps=3)
+    for aid in "ab":
+        assert_same_as_alone(base, sequences, trainer, init, aid, 3)
+
+
 def test_bad_config_names_the_field():
     with pytest.raises(ValueError, match="rank=0"):
         AdapterConfig(rank=0)

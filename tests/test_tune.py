@@ -109,3 +109,36 @@ def test_default_sweep_is_valid():
 
     sweep = parse_sweep(DEFAULT_SWEEP)
     assert sweep.model == "smollm2" and len(sweep.adapters) == 4
+
+
+def test_sigkilled_run_resumes_to_the_same_final_weights(tmp_path):
+    """A real kill (SIGKILL at an arbitrary point after the first checkpoint), then --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    defaults = {"micro_batch_size": 2, "max_steps": 30, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1}
+    whole = sweep_yaml(tmp_path, out="whole", defaults=defaults)
+    assert tune(str(whole), None, log=lambda *_: None) == 0
+    killed = sweep_yaml(tmp_path, out="killed", defaults=defaults)
+    cmd = [sys.executable, "-P", "-c", "import sys; from alto.cli import main; sys.exit(main(sys.argv[1:]))",
+           "tune", str(killed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "leaderboard.csv").exists()
+    assert tune(None, str(tmp_path / "killed"), log=lambda *_: None) == 0
+    from safetensors.torch import load_file
+    for aid in ["rank2-lr0p001", "rank4-lr0p003"]:
+        wa = load_file(str(tmp_path / "whole" / "adapters" / aid / "adapter_model.safetensors"))
+        wb = load_file(str(tmp_path / "killed" / "adapters" / aid / "adapter_model.safetensors"))
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (aid, k)
+    assert (tmp_path / "whole" / "losses.csv").read_text() == (tmp_path / "killed" / "losses.csv").read_text()
