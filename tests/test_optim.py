@@ -28,8 +28,9 @@ def test_matches_torch_adamw_and_clipping_per_adapter():
             for p, q, gr in zip(ours[k], theirs[k], grads):
                 p.grad, q.grad = gr.clone(), gr.clone()
         ids = list(HP)
-        norms = opt.clip_grad_norms(ids, [HP[k][2] for k in ids])
-        opt.step(ids, [HP[k][0] for k in ids])
+        tensors = {k: ([p.data for p in ours[k]], [p.grad for p in ours[k]]) for k in ids}
+        norms = opt.clip_grad_norms(tensors, [HP[k][2] for k in ids])
+        opt.step(tensors, [HP[k][0] for k in ids])
         for k, norm in zip(ids, norms):
             ref_norm = torch.nn.utils.clip_grad_norm_(theirs[k], HP[k][2] or math.inf)
             assert math.isclose(norm, ref_norm.item(), rel_tol=1e-5)
@@ -44,8 +45,9 @@ def test_params_without_grad_are_skipped_and_state_is_returned():
     opt = MultiAdamW()
     opt.add("a", params, 0.1)
     params[0].grad = torch.ones_like(params[0])
-    opt.clip_grad_norms(["a"], [None])
-    opt.step(["a"], [1e-2])
+    tensors = {"a": ([p.data for p in params], [p.grad for p in params])}
+    opt.clip_grad_norms(tensors, [None])
+    opt.step(tensors, [1e-2])
     assert not torch.equal(params[0], before[0])
     assert torch.equal(params[1], before[1]) and torch.equal(params[2], before[2])
     state = opt.remove("a")
@@ -55,10 +57,12 @@ def test_params_without_grad_are_skipped_and_state_is_returned():
 def test_non_finite_norm_is_reported():
     params = make_params(1)
     opt = MultiAdamW()
+    other = make_params(2)
     opt.add("a", params, 0.0)
-    opt.add("b", make_params(2), 0.0)
+    opt.add("b", other, 0.0)
     params[0].grad = torch.full_like(params[0], float("inf"))
-    for p in opt.adapters["b"].params:
+    for p in other:
         p.grad = torch.ones_like(p)
-    norms = opt.clip_grad_norms(["a", "b"], [1.0, 1.0])
+    tensors = {k: ([p.data for p in ps], [p.grad for p in ps]) for k, ps in (("a", params), ("b", other))}
+    norms = opt.clip_grad_norms(tensors, [1.0, 1.0])
     assert not math.isfinite(norms[0]) and math.isfinite(norms[1])

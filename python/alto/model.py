@@ -1,9 +1,8 @@
 """Multi-adapter LoRA injected into a Hugging Face causal LM with a frozen base.
 
 Every Linear named like a decoder projection (q_proj, ..., down_proj) is wrapped in a
-:class:`MultiLoraLinear`. Each adapter keeps its own float32 A/B parameters per targeted layer;
-a step packs the running adapters' weights (a small copy) and runs base + all adapters through
-``alto_ext.multi_lora_linear``. Adapters with different target modules coexist: in a layer an
+:class:`MultiLoraLinear`, which keeps the float32 A/B weights of all its adapters packed in one
+parameter each; a step runs base + all adapters through ``alto_ext.multi_lora_linear``. Adapters with different target modules coexist: in a layer an
 adapter does not target, its tokens get rank 0 there.
 """
 from __future__ import annotations
@@ -56,35 +55,88 @@ class _Context:
 
 
 class MultiLoraLinear(nn.Module):
+    """A frozen nn.Linear plus the packed float32 weights of every adapter that targets it:
+    ``lora_A`` [R, in] and ``lora_B`` [R, out] (PEFT's lora_B.weight transposed), adapter rows in
+    admission order. Adding or removing an adapter re-packs both (and any pending gradients) without
+    touching the other adapters' values."""
+
     def __init__(self, base: nn.Linear, context: _Context):
         super().__init__()
         self.base = base
         self.context = context
-        self.lora_A = nn.ParameterDict()  # adapter id -> [r, in_features]
-        self.lora_B = nn.ParameterDict()  # adapter id -> [r, out_features] (PEFT's lora_B.weight transposed)
+        self.order: list[str] = []  # adapters in pack order
+        self.rows: dict[str, tuple[int, int]] = {}  # adapter -> (first row, rank)
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.zeros(0, base.in_features, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(0, base.out_features, device=w.device))
+
+    def _repack(self, keep: list[str], new_A: torch.Tensor | None = None, new_B: torch.Tensor | None = None) -> None:
+        """Rebuilds the packs from the kept adapters' rows (+ one new adapter's), gradients included."""
+        def gather(t: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            parts = [t[self.rows[a][0] : self.rows[a][0] + self.rows[a][1]] for a in keep]
+            if new is not None:
+                parts.append(new)
+            return torch.cat(parts) if parts else t[:0]
+
+        A, B = self.lora_A, self.lora_B
+        grad_A = gather(A.grad, None if new_A is None else torch.zeros_like(new_A))
+        grad_B = gather(B.grad, None if new_B is None else torch.zeros_like(new_B))
+        self.lora_A = nn.Parameter(gather(A.detach(), new_A))
+        self.lora_B = nn.Parameter(gather(B.detach(), new_B))
+        self.lora_A.grad, self.lora_B.grad = grad_A, grad_B
+        ranks = {a: self.rows[a][1] for a in keep}
+        if new_A is not None:
+            ranks[self.order[-1]] = new_A.shape[0]
+        self.rows, row = {}, 0
+        for a in self.order:
+            self.rows[a] = (row, ranks[a])
+            row += ranks[a]
 
     def add_adapter(self, adapter_id: str, rank: int, generator: torch.Generator) -> None:
         """PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0."""
         A = torch.empty(rank, self.base.in_features, dtype=torch.float32)
         bound = 1.0 / math.sqrt(self.base.in_features)  # kaiming_uniform with a=sqrt(5)
         A.uniform_(-bound, bound, generator=generator)
-        device = self.base.weight.device
-        self.lora_A[adapter_id] = nn.Parameter(A.to(device))
-        self.lora_B[adapter_id] = nn.Parameter(torch.zeros(rank, self.base.out_features, device=device))
+        device = self.lora_A.device
+        keep = list(self.order)
+        self.order.append(adapter_id)
+        self._repack(keep, A.to(device), torch.zeros(rank, self.base.out_features, device=device))
 
     def remove_adapter(self, adapter_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_A.pop(adapter_id).detach(), self.lora_B.pop(adapter_id).detach()
+        A, B = self.weights(adapter_id)
+        self.order.remove(adapter_id)
+        self._repack(list(self.order))
+        return A, B
+
+    def _slice(self, t: torch.Tensor | None, adapter_id: str) -> torch.Tensor | None:
+        r0, r = self.rows[adapter_id]
+        return None if t is None else t[r0 : r0 + r]
+
+    def weights(self, adapter_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detached copies of the adapter's (A [r, in], B [r, out])."""
+        return (self._slice(self.lora_A.detach(), adapter_id).clone(),
+                self._slice(self.lora_B.detach(), adapter_id).clone())
+
+    def tensors(self, adapter_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Views of the adapter's rows: ([A, B] values, [A, B] gradients or None)."""
+        return ([self._slice(self.lora_A.detach(), adapter_id), self._slice(self.lora_B.detach(), adapter_id)],
+                [self._slice(self.lora_A.grad, adapter_id), self._slice(self.lora_B.grad, adapter_id)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.context.plan
-        if plan is None or len(self.lora_A) == 0:
+        if plan is None or not self.order:
             return self.base(x)
-        ranks = tuple(self.lora_A[a].shape[0] if a in self.lora_A else 0 for a in plan.adapter_ids)
+        ranks = tuple(self.rows[a][1] if a in self.rows else 0 for a in plan.adapter_ids)
         if not any(ranks):
             return self.base(x)
-        present = [a for a in plan.adapter_ids if a in self.lora_A]
-        A = torch.cat([self.lora_A[a] for a in present])
-        B = torch.cat([self.lora_B[a] for a in present])
+        present = [a for a in plan.adapter_ids if a in self.rows]
+        if present == self.order:  # the usual case: the packs are used as they are
+            A, B = self.lora_A, self.lora_B
+        else:  # a subset or another order (e.g. evaluating one adapter)
+            A = torch.cat([self._slice(self.lora_A, a) for a in present])
+            B = torch.cat([self._slice(self.lora_B, a) for a in present])
         x2 = x.reshape(-1, x.shape[-1])
         lora_x = plan.apply_dropout(x2) if self.training else None
         y = alto_ext.multi_lora_linear(x2, self.base.weight, self.base.bias, A, B,
@@ -115,7 +167,7 @@ class MultiLoraModel(nn.Module):
     def target_layers(self, config: AdapterConfig) -> list[str]:
         return [p for p in self.layers if p.rsplit(".", 1)[-1] in config.target_modules]
 
-    def add_adapter(self, adapter_id: str, config: AdapterConfig) -> list[nn.Parameter]:
+    def add_adapter(self, adapter_id: str, config: AdapterConfig) -> None:
         if adapter_id in self.configs:
             raise ValueError(f"adapter {adapter_id!r} is already in the model")
         paths = self.target_layers(config)
@@ -125,25 +177,31 @@ class MultiLoraModel(nn.Module):
         for p in paths:
             self.layers[p].add_adapter(adapter_id, config.rank, gen)
         self.configs[adapter_id] = config
-        return self.adapter_parameters(adapter_id)
 
-    def adapter_parameters(self, adapter_id: str) -> list[nn.Parameter]:
-        """The adapter's parameters in a fixed order (layer path, then A before B)."""
-        out = []
+    def adapter_tensors(self, adapter_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Views of the adapter's weights and gradients in a fixed order (layer path, A then B):
+        what the optimizer updates in place."""
+        values, grads = [], []
         for p in self.target_layers(self.configs[adapter_id]):
-            out += [self.layers[p].lora_A[adapter_id], self.layers[p].lora_B[adapter_id]]
-        return out
+            v, g = self.layers[p].tensors(adapter_id)
+            values += v
+            grads += g
+        return values, grads
+
+    def zero_adapter_grads(self, adapter_id: str) -> None:
+        for g in self.adapter_tensors(adapter_id)[1]:
+            if g is not None:
+                g.zero_()
 
     def adapter_weights(self, adapter_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """layer path -> (A [r, in], B [r, out]) detached copies."""
-        return {p: (self.layers[p].lora_A[adapter_id].detach().clone(),
-                    self.layers[p].lora_B[adapter_id].detach().clone())
-                for p in self.target_layers(self.configs[adapter_id])}
+        return {p: self.layers[p].weights(adapter_id) for p in self.target_layers(self.configs[adapter_id])}
 
     def load_adapter_weights(self, adapter_id: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         for p, (A, B) in weights.items():
-            self.layers[p].lora_A[adapter_id].data.copy_(A)
-            self.layers[p].lora_B[adapter_id].data.copy_(B)
+            a_view, b_view = self.layers[p].tensors(adapter_id)[0]
+            a_view.copy_(A)
+            b_view.copy_(B)
 
     def remove_adapter(self, adapter_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Takes the adapter out of every layer and returns its weights (nothing is lost)."""

@@ -1,30 +1,30 @@
 """AdamW for many adapters at once.
 
 Every adapter keeps its own learning rate, weight decay, step count, moments and gradient-norm
-limit. The update is torch's own AdamW math (``torch.optim.adamw.adamw``: the fused kernel on the
-GPU, one launch per adapter; the single-tensor loop on the CPU, as torch.optim.AdamW does there),
-and clipping is clip_grad_norm_'s, per adapter, with one host sync for all adapters' norms.
+limit. Its weights and gradients are passed in at each call as tensors (the model's views into
+its packed per-layer buffers, which move when adapters come and go). The update is torch's own
+AdamW math (``torch.optim.adamw.adamw``: the fused kernel on the GPU, one launch per adapter; the
+single-tensor loop on the CPU, as torch.optim.AdamW does there); clipping is clip_grad_norm_'s,
+per adapter, with one host sync for all adapters' norms.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.optim.adamw import adamw
 
+# adapter id -> (weights, gradients), aligned lists
+Tensors = dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]]
+
 
 @dataclass
 class _AdapterState:
-    params: list[torch.nn.Parameter]
     weight_decay: float
-    steps: list[torch.Tensor] = field(default_factory=list)  # per parameter, as torch keeps them
-    exp_avg: list[torch.Tensor] = field(default_factory=list)
-    exp_avg_sq: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def step(self) -> int:
-        return int(self.steps[0].item()) if self.steps else 0
+    steps: list[torch.Tensor]  # per tensor, as torch keeps them
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
 
 
 class MultiAdamW:
@@ -32,23 +32,23 @@ class MultiAdamW:
         self.betas, self.eps = betas, eps
         self.adapters: dict[str, _AdapterState] = {}
 
-    def add(self, adapter_id: str, params: list[torch.nn.Parameter], weight_decay: float) -> None:
+    def add(self, adapter_id: str, weights: list[torch.Tensor], weight_decay: float) -> None:
         if adapter_id in self.adapters:
             raise ValueError(f"adapter {adapter_id!r} already has optimizer state")
         self.adapters[adapter_id] = _AdapterState(
-            list(params), weight_decay,
-            [torch.zeros((), dtype=torch.float32, device=p.device) for p in params],
-            [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params],
-            [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params])
+            weight_decay,
+            [torch.zeros((), dtype=torch.float32, device=w.device) for w in weights],
+            [torch.zeros_like(w, memory_format=torch.contiguous_format) for w in weights],
+            [torch.zeros_like(w, memory_format=torch.contiguous_format) for w in weights])
 
     def state(self, adapter_id: str) -> dict:
         s = self.adapters[adapter_id]
-        return {"step": s.step, "weight_decay": s.weight_decay,
+        return {"step": int(s.steps[0].item()) if s.steps else 0, "weight_decay": s.weight_decay,
                 "exp_avg": [t.detach().cpu().clone() for t in s.exp_avg],
                 "exp_avg_sq": [t.detach().cpu().clone() for t in s.exp_avg_sq]}
 
     def load(self, adapter_id: str, state: dict) -> None:
-        """Restores what state() returned (for an adapter add()-ed with the same params)."""
+        """Restores what state() returned (for an adapter add()-ed with the same shapes)."""
         s = self.adapters[adapter_id]
         for t in s.steps:
             t.fill_(float(state["step"]))
@@ -61,32 +61,34 @@ class MultiAdamW:
         del self.adapters[adapter_id]
         return state
 
-    def zero_grad(self, adapter_id: str) -> None:
-        for p in self.adapters[adapter_id].params:
-            p.grad = None
-
-    def clip_grad_norms(self, adapter_ids: list[str], max_norms: list[float | None]) -> list[float]:
-        """Scales each adapter's gradients to at most its max norm (None: no limit) and returns
-        each adapter's gradient norm before clipping. One host sync for all adapters."""
+    @torch.no_grad()
+    def clip_grad_norms(self, tensors: Tensors, max_norms: list[float | None]) -> list[float]:
+        """Scales each adapter's gradients to at most its max norm (None: no limit), as
+        clip_grad_norm_ does, and returns each adapter's norm before clipping. One host sync."""
         norms = []
-        for aid, limit in zip(adapter_ids, max_norms):
-            params = self.adapters[aid].params
-            norm = torch.nn.utils.clip_grad_norm_(params, math.inf if limit is None else limit)
-            norms.append(norm.to(params[0].device))
-        return torch.stack(norms).tolist() if norms else []
+        for (_, grads), limit in zip(tensors.values(), max_norms):
+            grads = [g for g in grads if g is not None]
+            if not grads:
+                norms.append(None)
+                continue
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            coef = ((math.inf if limit is None else limit) / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef)
+            norms.append(norm)
+        present = [n for n in norms if n is not None]
+        values = iter(torch.stack(present).tolist() if present else [])
+        return [0.0 if n is None else next(values) for n in norms]
 
     @torch.no_grad()
-    def step(self, adapter_ids: list[str], lrs: list[float]) -> None:
-        """One AdamW step of every listed adapter, each at its own learning rate."""
+    def step(self, tensors: Tensors, lrs: list[float]) -> None:
+        """One AdamW step of every adapter in `tensors`, each at its own learning rate."""
         beta1, beta2 = self.betas
-        for aid, lr in zip(adapter_ids, lrs):
+        for (aid, (weights, grads)), lr in zip(tensors.items(), lrs):
             s = self.adapters[aid]
-            live = [i for i, p in enumerate(s.params) if p.grad is not None]
+            live = [i for i, g in enumerate(grads) if g is not None]
             if not live:
                 continue
-            params = [s.params[i] for i in live]
-            on_gpu = params[0].is_cuda
-            adamw(params, [p.grad for p in params], [s.exp_avg[i] for i in live],
+            adamw([weights[i] for i in live], [grads[i] for i in live], [s.exp_avg[i] for i in live],
                   [s.exp_avg_sq[i] for i in live], [], [s.steps[i] for i in live],
-                  foreach=False, fused=on_gpu, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
-                  weight_decay=s.weight_decay, eps=self.eps, maximize=False)
+                  foreach=False, fused=weights[0].is_cuda, amsgrad=False, beta1=beta1, beta2=beta2,
+                  lr=lr, weight_decay=s.weight_decay, eps=self.eps, maximize=False)

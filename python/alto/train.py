@@ -66,8 +66,8 @@ class Trainer:
         """Puts a queued adapter into the model with fresh weights and its own optimizer."""
         if adapter.id not in self.data:
             raise ValueError(f"adapter {adapter.id!r} has no data stream")
-        params = self.model.add_adapter(adapter.id, adapter.config)
-        self.optimizer.add(adapter.id, params, adapter.config.weight_decay)
+        self.model.add_adapter(adapter.id, adapter.config)
+        self.optimizer.add(adapter.id, self.model.adapter_tensors(adapter.id)[0], adapter.config.weight_decay)
         adapter.status = Status.RUNNING
 
     def retire(self, adapter: Adapter, status: Status, reason: str | None = None) -> None:
@@ -123,18 +123,16 @@ class Trainer:
         adapter whose gradient norm is not finite fails instead. One host sync for all."""
         if not adapters:
             return
-        ids = [a.id for a in adapters]
-        norms = self.optimizer.clip_grad_norms(ids, [a.config.max_grad_norm for a in adapters])
-        ok = []
+        tensors = {a.id: self.model.adapter_tensors(a.id) for a in adapters}
+        norms = self.optimizer.clip_grad_norms(tensors, [a.config.max_grad_norm for a in adapters])
+        ok = [a for a, n in zip(adapters, norms) if math.isfinite(n)]
+        # Step before retiring anyone: a retirement re-packs the layers and moves the views.
+        self.optimizer.step({a.id: tensors[a.id] for a in ok}, [a.config.lr_at(a.step) for a in ok])
         for adapter, norm in zip(adapters, norms):
-            if math.isfinite(norm):
-                ok.append(adapter)
-            else:
-                self.optimizer.zero_grad(adapter.id)
+            if not math.isfinite(norm):
                 self.retire(adapter, Status.FAILED, f"gradient norm is {norm} at step {adapter.step}")
-        self.optimizer.step([a.id for a in ok], [a.config.lr_at(a.step) for a in ok])
-        for adapter in ok:
-            self.optimizer.zero_grad(adapter.id)
+                continue
+            self.model.zero_adapter_grads(adapter.id)
             adapter.step += 1
             if adapter.step >= adapter.config.max_steps:
                 self.retire(adapter, Status.FINISHED)
