@@ -188,10 +188,18 @@ class MultiLoraModel(nn.Module):
             grads += g
         return values, grads
 
-    def zero_adapter_grads(self, adapter_id: str) -> None:
-        for g in self.adapter_tensors(adapter_id)[1]:
-            if g is not None:
-                g.zero_()
+    def clear_grads(self, adapter_ids: list[str]) -> None:
+        """Zeroes these adapters' gradients. A layer whose adapters are all listed drops its
+        gradient buffers (no kernel); others zero just those rows (the rest are accumulating)."""
+        done = set(adapter_ids)
+        for layer in self.layers.values():
+            if done.issuperset(layer.order):
+                layer.lora_A.grad = layer.lora_B.grad = None
+                continue
+            for a in done.intersection(layer.order):
+                for g in layer.tensors(a)[1]:
+                    if g is not None:
+                        g.zero_()
 
     def adapter_weights(self, adapter_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """layer path -> (A [r, in], B [r, out]) detached copies."""

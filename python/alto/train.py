@@ -128,11 +128,11 @@ class Trainer:
         ok = [a for a, n in zip(adapters, norms) if math.isfinite(n)]
         # Step before retiring anyone: a retirement re-packs the layers and moves the views.
         self.optimizer.step({a.id: tensors[a.id] for a in ok}, [a.config.lr_at(a.step) for a in ok])
+        self.model.clear_grads([a.id for a in adapters])
         for adapter, norm in zip(adapters, norms):
             if not math.isfinite(norm):
                 self.retire(adapter, Status.FAILED, f"gradient norm is {norm} at step {adapter.step}")
                 continue
-            self.model.zero_adapter_grads(adapter.id)
             adapter.step += 1
             if adapter.step >= adapter.config.max_steps:
                 self.retire(adapter, Status.FINISHED)
