@@ -41,7 +41,7 @@ def test_tune_end_to_end_writes_every_output(tmp_path, capsys):
     assert main(["tune", str(sweep_yaml(tmp_path))]) == 0
     run = tmp_path / "run"
     out = capsys.readouterr().out
-    assert "step    1 | running 4" in out and "eval loss" in out
+    assert "step    1 | running 4 | queued 0" in out and "eval loss" in out
     board = (run / "leaderboard.csv").read_text().splitlines()
     assert len(board) == 5 and board[0].startswith("rank,adapter")
     rows = (run / "losses.csv").read_text().splitlines()
@@ -142,3 +142,43 @@ def test_sigkilled_run_resumes_to_the_same_final_weights(tmp_path):
         for k in wa:
             assert torch.equal(wa[k], wb[k]), (aid, k)
     assert (tmp_path / "whole" / "losses.csv").read_text() == (tmp_path / "killed" / "losses.csv").read_text()
+
+
+def test_early_stopping_frees_slots_for_queued_configs(tmp_path):
+    path = sweep_yaml(tmp_path, out="es", grid={"lr": [1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2]},
+                      defaults={"micro_batch_size": 2, "max_steps": 6, "target_modules": ["q_proj", "v_proj"]},
+                      monitor={"rule": "asha", "grace": 2, "eta": 2}, max_running=3)
+    assert tune(str(path), None, log=lambda *_: None) == 0
+    run = tmp_path / "es"
+    decisions = (run / "decisions.csv").read_text().splitlines()[1:]
+    assert len(decisions) >= 2 and all("asha rung" in d for d in decisions)
+    rows = [r.split(",") for r in (run / "losses.csv").read_text().splitlines()[1:]]
+    first_step = {}
+    for micro_step, aid, *_ in rows:
+        first_step.setdefault(aid, int(micro_step))
+    assert len(first_step) == 6  # every queued configuration got a slot
+    assert sorted(first_step.values())[3:] != [1, 1, 1]  # ... and the later ones only after stops
+    assert max(sum(1 for r in rows if int(r[0]) == t) for t in range(1, 20)) <= 3  # never more than 3 slots
+    statuses = [json.loads((run / "adapters" / a / "alto_adapter.json").read_text())["status"] for a in first_step]
+    assert set(statuses) <= {"finished", "stopped-early"} and "stopped-early" in statuses
+
+
+def test_grow_policy_gives_freed_samples_to_survivors(tmp_path):
+    path = sweep_yaml(tmp_path, out="grow", grid={"lr": [1e-3, 2e-3, 3e-3, 5e-3]},
+                      defaults={"micro_batch_size": 2, "max_steps": 5, "target_modules": ["q_proj"]},
+                      monitor={"rule": "asha", "grace": 2, "eta": 2}, reclaim="grow")
+    from pathlib import Path
+    sweep = parse_sweep(path.read_text())
+    run = SweepRun(sweep, Path(sweep.output))
+    Path(sweep.output).mkdir()
+    assert run.run(log=lambda *_: None)
+    stopped = [a for a in run.registry if a.status.value == "stopped-early"]
+    survivors = [a for a in run.registry if a.status.value == "finished"]
+    assert stopped and survivors
+    assert sum(a.extra_batch for a in survivors) == 2 * len(stopped)  # the samples per step are kept
+
+
+def test_bad_monitor_settings_exit_2(tmp_path, capsys):
+    path = sweep_yaml(tmp_path, monitor={"rule": "best"})
+    assert main(["tune", str(path)]) == 2
+    assert "monitor.rule='best'" in capsys.readouterr().err

@@ -105,6 +105,11 @@ class Adapter:
     micro_step: int = 0  # micro-batches consumed
     losses: list[float] = field(default_factory=list)  # mean loss of every micro-batch
     failure: str | None = None
+    extra_batch: int = 0  # samples added to config.micro_batch_size by capacity reclaim ("grow")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.config.micro_batch_size + self.extra_batch
 
 
 class Registry:

@@ -9,6 +9,9 @@ checkpoint_every: 10           # micro-steps
 defaults: {rank: 8, alpha: 16, lr: 1e-4, micro_batch_size: 4, max_steps: 30}
 grid: {rank: [4, 16], lr: [1e-4, 1e-3]}    # cartesian product over these fields
 adapters: [{id: wide, rank: 64}]           # explicit extra configurations
+monitor: {rule: asha, grace: 8, eta: 2}    # early termination (alto.monitor); absent = none
+max_running: 8                             # adapter slots; the rest queue and take freed slots
+reclaim: admit                             # or grow: survivors' micro-batches fill freed samples
 ```
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from alto.monitor import MonitorConfig
 from alto.registry import AdapterConfig
 
 DEFAULT_SWEEP = """
@@ -33,7 +37,8 @@ defaults: {alpha: 16, micro_batch_size: 4, max_steps: 12, target_modules: [q_pro
 grid: {rank: [4, 16], lr: [3.0e-4, 1.0e-3]}
 """
 
-TOP_KEYS = {"name", "model", "data", "device", "checkpoint_every", "defaults", "grid", "adapters", "output"}
+TOP_KEYS = {"name", "model", "data", "device", "checkpoint_every", "defaults", "grid", "adapters", "output",
+            "monitor", "max_running", "reclaim"}
 DATA_KEYS = {"source", "path", "max_length", "eval_fraction", "limit"}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
 
@@ -48,6 +53,9 @@ class Sweep:
     adapters: dict[str, AdapterConfig]
     raw: dict[str, Any] = field(repr=False)
     output: str | None = None
+    monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig(rule="none"))
+    max_running: int | None = None  # adapter slots on the GPU; the rest wait in the queue
+    reclaim: str = "admit"  # when adapters stop: admit queued ones; "grow": also grow survivors' batches
 
 
 def _fail(where: str, msg: str) -> None:
@@ -129,5 +137,18 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
         adapters[aid] = _adapter_config(f"adapters[{aid}]", {"seed": len(adapters), **defaults, **entry})
     if not adapters:
         _fail(source, "no adapters: give a grid and/or an adapters list")
+    monitor = raw.get("monitor")
+    if monitor is None:
+        monitor_cfg = MonitorConfig(rule="none")
+    elif not isinstance(monitor, dict) or set(monitor) - {f.name for f in dataclasses.fields(MonitorConfig)}:
+        _fail("monitor", f"must be a mapping with keys {', '.join(f.name for f in dataclasses.fields(MonitorConfig))}")
+    else:
+        monitor_cfg = MonitorConfig(**monitor)  # its errors name the field (monitor.rule=...)
+    max_running = raw.get("max_running")
+    if max_running is not None and (not isinstance(max_running, int) or max_running < 1):
+        _fail("max_running", f"{max_running!r} must be an int >= 1")
+    reclaim = raw.get("reclaim", "admit")
+    if reclaim not in ("admit", "grow"):
+        _fail("reclaim", f"{reclaim!r} must be admit or grow")
     name = str(raw.get("name", "sweep"))
-    return Sweep(name, model, data, device, every, adapters, raw, raw.get("output"))
+    return Sweep(name, model, data, device, every, adapters, raw, raw.get("output"), monitor_cfg, max_running, reclaim)

@@ -60,6 +60,7 @@ class Trainer:
         self.pad_id = pad_id
         self.device = torch.device(device)
         self.optimizer = MultiAdamW()
+        self.samples_budget = 0  # most samples per step seen: what "grow" refills to
         self.retired: dict[str, dict] = {}  # weights of adapters taken out of the model
 
     def admit(self, adapter: Adapter) -> None:
@@ -79,12 +80,30 @@ class Trainer:
         adapter.status = status
         adapter.failure = reason
 
+    def fill_slots(self, max_running: int | None, policy: str = "admit") -> list[Adapter]:
+        """Capacity reclaim, between steps: admit queued adapters into free slots; with policy
+        "grow" and nobody queued, give the samples per step that stopped adapters freed to the
+        survivors (round-robin, best-kept total). Returns the adapters admitted."""
+        running = self.registry.with_status(Status.RUNNING)
+        slots = (max_running or len(self.registry)) - len(running)
+        admitted = []
+        for adapter in self.registry.with_status(Status.QUEUED)[: max(0, slots)]:
+            self.admit(adapter)
+            admitted.append(adapter)
+        running = self.registry.with_status(Status.RUNNING)
+        if policy == "grow" and running and not self.registry.with_status(Status.QUEUED):
+            budget = self.samples_budget - sum(a.micro_batch_size for a in running)
+            for i in range(max(0, budget)):
+                running[i % len(running)].extra_batch += 1
+        return admitted
+
     def step(self) -> dict[str, float]:
         """One micro-step of every running adapter; returns each one's loss."""
         running = self.registry.with_status(Status.RUNNING)
         if not running:
             return {}
-        batches = [self.data[a.id].next_batch(a.config.micro_batch_size) for a in running]
+        self.samples_budget = max(self.samples_budget, sum(a.micro_batch_size for a in running))
+        batches = [self.data[a.id].next_batch(a.micro_batch_size) for a in running]
         flat = [s for b in batches for s in b]
         ids, mask, labels = (t.to(self.device) for t in pad_batch(flat, self.pad_id))
         plan = plan_for(self.model, [a.id for a in running], [len(b) for b in batches], ids.shape[1],

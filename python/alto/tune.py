@@ -7,6 +7,7 @@ leaderboard.csv, losses.png, adapters/<id>/ (PEFT format).
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import sys
@@ -18,6 +19,7 @@ import torch
 from alto import data as data_mod
 from alto.export import save_peft_adapter
 from alto.model import MultiLoraModel, plan_for
+from alto.monitor import Monitor
 from alto.registry import Registry, Status
 from alto.sweep import Sweep, parse_sweep
 from alto.train import DataStream, Trainer, pad_batch
@@ -80,6 +82,7 @@ class SweepRun:
             random.Random(cfg.seed).shuffle(order)  # each adapter its own data order
             streams[aid] = DataStream(order)
         self.trainer = Trainer(self.model, self.registry, streams, self.pad_id, self.device)
+        self.monitor = Monitor(sweep.monitor)
         self.micro_steps = 0
 
     # ---- checkpoints -----------------------------------------------------------------------------
@@ -88,7 +91,7 @@ class SweepRun:
         adapters = {}
         for a in self.registry:
             entry = {"status": a.status.value, "step": a.step, "micro_step": a.micro_step, "losses": a.losses,
-                     "failure": a.failure, "position": t.data[a.id].position}
+                     "failure": a.failure, "position": t.data[a.id].position, "extra_batch": a.extra_batch}
             if a.status == Status.RUNNING:
                 entry["weights"] = self.model.adapter_weights(a.id)
                 entry["optimizer"] = t.optimizer.state(a.id)
@@ -96,6 +99,7 @@ class SweepRun:
                 entry.update(t.retired[a.id])
             adapters[a.id] = entry
         state = {"micro_steps": self.micro_steps, "adapters": adapters, "rng": torch.get_rng_state(),
+                 "rungs": self.monitor.rungs, "decisions": self.monitor.log, "samples_budget": t.samples_budget,
                  "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
         tmp = self.run_dir / "checkpoint.pt.tmp"
         torch.save(state, tmp)
@@ -104,10 +108,13 @@ class SweepRun:
     def restore(self) -> None:
         state = torch.load(self.run_dir / "checkpoint.pt", weights_only=False)
         self.micro_steps = state["micro_steps"]
+        self.monitor.rungs, self.monitor.log = state["rungs"], state["decisions"]
         t = self.trainer
+        t.samples_budget = state["samples_budget"]
         for aid, entry in state["adapters"].items():
             a = self.registry[aid]
             a.step, a.micro_step, a.losses, a.failure = entry["step"], entry["micro_step"], entry["losses"], entry["failure"]
+            a.extra_batch = entry["extra_batch"]
             t.data[aid].position = entry["position"]
             status = Status(entry["status"])
             if status == Status.RUNNING:
@@ -118,12 +125,13 @@ class SweepRun:
                 t.retired[aid] = {"weights": entry["weights"], "optimizer": entry["optimizer"]}
             a.status = status
         # A killed run may have logged micro-steps after its last checkpoint: they are redone.
-        log_path = self.run_dir / "losses.csv"
-        if log_path.exists():
-            with open(log_path, newline="") as f:
-                rows = list(csv.reader(f))
-            with open(log_path, "w", newline="") as f:
-                csv.writer(f).writerows(rows[:1] + [r for r in rows[1:] if int(r[0]) <= self.micro_steps])
+        for name in ("losses.csv", "decisions.csv"):
+            log_path = self.run_dir / name
+            if log_path.exists():
+                with open(log_path, newline="") as f:
+                    rows = list(csv.reader(f))
+                with open(log_path, "w", newline="") as f:
+                    csv.writer(f).writerows(rows[:1] + [r for r in rows[1:] if int(r[0]) <= self.micro_steps])
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -131,13 +139,15 @@ class SweepRun:
     # ---- the loop --------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None, log=print) -> bool:
         """Trains until every adapter is done (True) or stop_after micro-steps ran (False)."""
-        for a in self.registry.with_status(Status.QUEUED):
-            self.trainer.admit(a)
+        sweep = self.sweep
+        self.trainer.fill_slots(sweep.max_running, sweep.reclaim)
         new_log = not (self.run_dir / "losses.csv").exists()
-        with open(self.run_dir / "losses.csv", "a", newline="") as f:
-            writer = csv.writer(f)
+        with open(self.run_dir / "losses.csv", "a", newline="") as f, \
+                open(self.run_dir / "decisions.csv", "a", newline="") as g:
+            writer, decisions = csv.writer(f), csv.writer(g)
             if new_log:
                 writer.writerow(["micro_step", "adapter", "step", "loss"])
+                decisions.writerow(["micro_step", "adapter", "adapter_micro_step", "rule", "reason"])
             start = time.time()
             while self.registry.with_status(Status.RUNNING):
                 if stop_after is not None and self.micro_steps >= stop_after:
@@ -146,14 +156,21 @@ class SweepRun:
                 self.micro_steps += 1
                 for aid, loss in losses.items():
                     writer.writerow([self.micro_steps, aid, self.registry[aid].step, f"{loss:.6f}"])
+                for d in self.monitor.decide(self.registry.with_status(Status.RUNNING)):
+                    self.trainer.retire(self.registry[d.adapter], Status.STOPPED_EARLY, d.reason)
+                    decisions.writerow([self.micro_steps, d.adapter, d.micro_step, d.rule, d.reason])
+                    log(f"  stop {d.adapter}: {d.reason}")
+                for a in self.trainer.fill_slots(sweep.max_running, sweep.reclaim):
+                    log(f"  admit {a.id} into a freed slot")
                 counts = {s: len(self.registry.with_status(s)) for s in Status}
-                finite = [v for v in losses.values() if v == v and abs(v) != float("inf")]
-                log(f"step {self.micro_steps:4d} | running {counts[Status.RUNNING]} | finished "
-                    f"{counts[Status.FINISHED]} | stopped {counts[Status.STOPPED_EARLY]} | failed "
-                    f"{counts[Status.FAILED]} | mean loss {sum(finite) / max(1, len(finite)):.4f} | "
-                    f"{time.time() - start:.0f}s")
-                if self.micro_steps % self.sweep.checkpoint_every == 0:
+                finite = [v for v in losses.values() if math.isfinite(v)]
+                log(f"step {self.micro_steps:4d} | running {counts[Status.RUNNING]} | queued "
+                    f"{counts[Status.QUEUED]} | finished {counts[Status.FINISHED]} | stopped "
+                    f"{counts[Status.STOPPED_EARLY]} | failed {counts[Status.FAILED]} | mean loss "
+                    f"{sum(finite) / max(1, len(finite)):.4f} | {time.time() - start:.0f}s")
+                if self.micro_steps % sweep.checkpoint_every == 0:
                     f.flush()
+                    g.flush()
                     self.checkpoint()
         self.checkpoint()
         return True
@@ -218,8 +235,10 @@ def plot_losses(registry: Registry, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for a in registry:
-        ax.plot(range(1, len(a.losses) + 1), a.losses, label=f"{a.id} ({a.status.value})", linewidth=1.2)
-    ax.set_xlabel("micro-step")
+        line, = ax.plot(range(1, len(a.losses) + 1), a.losses, label=f"{a.id} ({a.status.value})", linewidth=1.2)
+        if a.status == Status.STOPPED_EARLY and a.losses:  # where the monitor stopped it
+            ax.plot(len(a.losses), a.losses[-1], "x", color=line.get_color(), markersize=9, markeredgewidth=2)
+    ax.set_xlabel("micro-step of the adapter (x: stopped early)")
     ax.set_ylabel("training loss (mean over the adapter's tokens)")
     ax.set_title("ALTO: co-located LoRA training")
     ax.legend(fontsize=7)

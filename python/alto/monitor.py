@@ -1,0 +1,178 @@
+"""Early termination: decide, from the loss trajectories, which running adapters stop.
+
+Rules behind one interface (:meth:`Monitor.decide`), so they can be compared on the same runs:
+
+- ``asha`` (the default): ASHA-style rungs at ``grace * eta**k`` micro-steps on the exponentially
+  smoothed loss; at its k-th rung an adapter continues only if it is in the best ``1/eta`` of every
+  adapter that reached that rung (late arrivals are compared with what earlier ones recorded
+  there). With ``extrapolate`` (on by default) adapters are ranked by the loss their own curve
+  predicts at their last step (a least-squares fit of loss against log(step) over the recent
+  smoothed curve), so a late bloomer whose loss still falls fast is kept.
+- ``median``: the median stopping rule: every ``check_every`` micro-steps after the grace period,
+  stop an adapter whose best smoothed loss is worse than the median of the other adapters'
+  running-average losses at the same micro-step.
+- ``halving``: plain successive halving on the raw last loss at the same rungs as asha.
+- ``none``: never stop early.
+
+Hard guards for every rule: nothing stops before ``grace`` micro-steps (except divergence); a
+diverging adapter (smoothed loss above ``divergence_factor`` times its first loss) stops at once;
+the current best adapter is never stopped; at least ``min_survivors`` keep running. Every decision
+carries its reason.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from alto.registry import Adapter
+
+RULES = ("asha", "median", "halving", "none")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    rule: str = "asha"
+    grace: int = 8  # micro-steps before any rule may stop an adapter
+    eta: float = 2.0  # keep the best 1/eta at each rung
+    check_every: int = 4  # median rule: how often (micro-steps) after the grace period
+    min_survivors: int = 1
+    smoothing: float = 0.3  # weight of the newest loss in the exponential moving average
+    divergence_factor: float = 1.5
+    extrapolate: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.rule in RULES, "rule", f"one of {', '.join(RULES)}"),
+            (isinstance(self.grace, int) and self.grace >= 1, "grace", "an int >= 1"),
+            (self.eta > 1, "eta", "> 1"),
+            (isinstance(self.check_every, int) and self.check_every >= 1, "check_every", "an int >= 1"),
+            (isinstance(self.min_survivors, int) and self.min_survivors >= 1, "min_survivors", "an int >= 1"),
+            (0 < self.smoothing <= 1, "smoothing", "in (0, 1]"),
+            (self.divergence_factor > 1, "divergence_factor", "> 1"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ValueError(f"monitor.{name}={getattr(self, name)!r} is invalid: {rule}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    adapter: str
+    micro_step: int
+    rule: str
+    reason: str
+
+
+def smoothed(losses: list[float], alpha: float) -> list[float]:
+    out: list[float] = []
+    for v in losses:
+        out.append(v if not out else alpha * v + (1 - alpha) * out[-1])
+    return out
+
+
+def extrapolate_final(curve: list[float], final_step: int) -> float:
+    """Loss at final_step from a least-squares fit of loss = a + b*log(step) over the second half
+    of the (smoothed) curve; never below 0."""
+    start = len(curve) // 2
+    xs = [math.log(i + 1) for i in range(start, len(curve))]
+    ys = curve[start:]
+    if len(xs) < 2:
+        return curve[-1]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
+    return max(0.0, my + b * (math.log(final_step) - mx))
+
+
+@dataclass
+class Monitor:
+    config: MonitorConfig = field(default_factory=MonitorConfig)
+    rungs: dict[int, dict[str, float]] = field(default_factory=dict)  # rung -> adapter -> score
+    log: list[Decision] = field(default_factory=list)
+
+    def rung_of(self, micro_step: int) -> int | None:
+        """k if micro_step is the k-th rung (grace * eta**k), else None."""
+        k, at = 0, self.config.grace
+        while at < micro_step:
+            k += 1
+            at = math.ceil(self.config.grace * self.config.eta**k)
+        return k if at == micro_step else None
+
+    def _score(self, a: Adapter, curve: list[float]) -> float:
+        c = self.config
+        if c.rule == "halving":
+            return a.losses[-1]
+        if c.extrapolate:
+            return extrapolate_final(curve, a.config.max_steps * a.config.grad_accum)
+        return curve[-1]
+
+    def decide(self, running: list[Adapter]) -> list[Decision]:
+        """Which of the running adapters stop now (call once after every step)."""
+        c = self.config
+        curves = {a.id: smoothed(a.losses, c.smoothing) for a in running if a.losses}
+        stops: dict[str, str] = {}
+        for a in running:
+            curve = curves.get(a.id)
+            if curve and len(curve) >= 2 and curve[-1] > c.divergence_factor * a.losses[0]:
+                stops[a.id] = (f"diverging: smoothed loss {curve[-1]:.4f} > {c.divergence_factor} x "
+                               f"first loss {a.losses[0]:.4f}")
+        if c.rule in ("asha", "halving"):  # record every arrival first: simultaneous ones compete
+            for a in running:
+                k = self.rung_of(a.micro_step) if a.id in curves and a.micro_step >= c.grace else None
+                if k is not None:
+                    self.rungs.setdefault(k, {})[a.id] = self._score(a, curves[a.id])
+        if c.rule != "none":
+            for a in running:
+                if a.id in stops or a.id not in curves or a.micro_step < c.grace:
+                    continue
+                reason = self._rule_reason(a, curves, running)
+                if reason:
+                    stops[a.id] = reason
+        return self._guard(stops, running, curves)
+
+    def _rule_reason(self, a: Adapter, curves: dict[str, list[float]], running: list[Adapter]) -> str | None:
+        c = self.config
+        if c.rule in ("asha", "halving"):
+            k = self.rung_of(a.micro_step)
+            if k is None:
+                return None
+            rung = self.rungs[k]
+            ranked = sorted(rung, key=lambda aid: (rung[aid], aid))  # ties: by id, deterministic
+            keep = max(1, int(len(ranked) / c.eta))
+            if ranked.index(a.id) >= keep:
+                what = "predicted final loss" if c.rule == "asha" and c.extrapolate else (
+                    "smoothed loss" if c.rule == "asha" else "loss")
+                return (f"{c.rule} rung {k} (micro-step {a.micro_step}): {what} {rung[a.id]:.4f} is not in the "
+                        f"best {keep} of {len(ranked)} (cut {rung[ranked[keep - 1]]:.4f})")
+            return None
+        # median rule
+        if (a.micro_step - c.grace) % c.check_every:
+            return None
+        t = a.micro_step
+        others = [statistics.fmean(o.losses[:t]) for o in running if o.id != a.id and len(o.losses) >= t]
+        if not others:
+            return None
+        med = statistics.median(others)
+        best = min(curves[a.id])
+        if best > med:
+            return f"median rule (micro-step {t}): best smoothed loss {best:.4f} > median running average {med:.4f}"
+        return None
+
+    def _guard(self, stops: dict[str, str], running: list[Adapter], curves: dict[str, list[float]]) -> list[Decision]:
+        """Diverging adapters always stop. Of the others, the current best never stops, and the
+        best of those marked are spared until min_survivors keep running."""
+        if not stops:
+            return []
+        loss = {a.id: curves[a.id][-1] if a.id in curves else math.inf for a in running}
+        best = min(loss, key=loss.get)
+        diverging = {aid for aid, why in stops.items() if why.startswith("diverging")}
+        if best not in diverging:
+            stops.pop(best, None)
+        spare = self.config.min_survivors - (len(running) - len(stops))
+        for aid in sorted(set(stops) - diverging, key=loss.get)[: max(0, spare)]:
+            del stops[aid]
+        step = {a.id: a.micro_step for a in running}
+        decisions = [Decision(aid, step[aid], self.config.rule, why) for aid, why in stops.items()]
+        self.log.extend(decisions)
+        return decisions
