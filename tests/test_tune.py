@@ -59,6 +59,7 @@ def test_tune_end_to_end_writes_every_output(tmp_path, capsys):
     ({"defaults": {"target_modules": ["qkv"]}}, ["target_modules='qkv'", "unknown module"]),
     ({"data": {"source": "jsonl", "path": "/nonexistent.jsonl"}}, ["data.path", "/nonexistent.jsonl"]),
     ({"colour": "red"}, ["unknown key 'colour'"]),
+    ({"grid": {"lr": ["fast"]}}, ["lr='fast'", "a number"]),
     ({"defaults": {"rnak": 4}}, ["unknown field 'rnak'"]),
 ])
 def test_bad_sweep_is_one_clear_line_exit_2_nothing_written(tmp_path, capsys, change, words):
@@ -102,6 +103,13 @@ def test_killed_run_resumes_to_the_same_final_weights(tmp_path):
 def test_resume_refuses_a_folder_without_a_run(tmp_path, capsys):
     assert tune(None, str(tmp_path)) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_scientific_floats_without_a_dot_are_floats():
+    # YAML 1.1 reads 1e-4 as a string; a sweep file means the number.
+    sweep = parse_sweep("grid: {lr: [1e-4, 3E-3]}\ndefaults: {alpha: 1e1}")
+    assert sorted(c.lr for c in sweep.adapters.values()) == [1e-4, 3e-3]
+    assert all(c.alpha == 10.0 for c in sweep.adapters.values())
 
 
 def test_default_sweep_is_valid():

@@ -47,7 +47,14 @@ class AdapterConfig:
     max_steps: int = 100  # optimizer steps
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", (self.target_modules,))
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("alpha", "dropout", "lr", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            _require(value is None and name == "max_grad_norm" or
+                     isinstance(value, (int, float)) and not isinstance(value, bool),
+                     name, value, "a number")
         _require(isinstance(self.rank, int) and 1 <= self.rank <= 4096, "rank", self.rank, "an int in 1..4096")
         _require(self.alpha > 0 and math.isfinite(self.alpha), "alpha", self.alpha, "a positive number")
         _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")

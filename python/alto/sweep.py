@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,17 @@ TOP_KEYS = {"name", "model", "data", "device", "checkpoint_every", "defaults", "
             "monitor", "max_running", "reclaim"}
 DATA_KEYS = {"source", "path", "max_length", "eval_fraction", "limit"}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-4 (no dot) as a string; sweep files mean a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
 
 
 @dataclass
@@ -78,7 +90,7 @@ def _adapter_id(values: dict[str, Any], keys: list[str]) -> str:
 
 def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source

@@ -1,0 +1,132 @@
+"""Does early termination keep quality? A grid of LoRA configs on SmolLM2-135M-Instruct + the
+chatterbot-corpus dialogues, (a) all trained to the end, (b) under each monitor rule.
+
+Co-located adapters are isolated (tests/test_engine.py), so stopping one does not change another's
+trajectory (up to float rounding of a different batch): each rule is replayed on the full run's
+per-adapter loss curves, and one live run with the default rule checks the replay (which stops
+agree) and measures its wall time. Reported per
+rule: adapter-steps spent, best config chosen among the survivors, its held-out eval loss, and the
+regret against the full run's best. Run: python bench/quality_study.py [--steps 40] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+from alto.monitor import RULES, Monitor, MonitorConfig
+from alto.registry import Adapter, Status
+from alto.sweep import parse_sweep
+from alto.tune import SweepRun
+
+
+def sweep_text(args, rule: str) -> str:
+    grid = {"rank": [4, 16, 64], "lr": [1e-5, 1e-4, 1e-3], "micro_batch_size": [2, 4]}
+    doc = {"name": f"quality-{rule}", "model": "smollm2", "device": args.device, "checkpoint_every": 10**6,
+           "data": {"source": "chatterbot", "max_length": args.seq, "eval_fraction": 0.1, "limit": args.texts},
+           "defaults": {"alpha": 32, "max_steps": args.steps, "target_modules": ["q_proj", "v_proj"],
+                        "max_grad_norm": 1.0},
+           "grid": grid, "output": str(Path(args.out) / rule),
+           "monitor": {"rule": rule, "grace": args.grace, "eta": 2}}
+    return json.dumps(doc)
+
+
+def replay(losses: dict[str, list[float]], steps: int, config: MonitorConfig) -> dict[str, int]:
+    """The micro-step at which each adapter would have stopped (steps = ran to the end)."""
+    from alto.registry import AdapterConfig
+
+    adapters = {k: Adapter(k, AdapterConfig(max_steps=steps), status=Status.RUNNING) for k in losses}
+    monitor, ran = Monitor(config), {k: steps for k in losses}
+    for t in range(1, steps + 1):
+        running = [a for a in adapters.values() if a.status == Status.RUNNING]
+        for a in running:
+            a.losses.append(losses[a.id][t - 1])
+            a.micro_step = t
+        for d in monitor.decide(running):
+            adapters[d.adapter].status = Status.STOPPED_EARLY
+            ran[d.adapter] = t
+    return ran
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per config (no accumulation)")
+    ap.add_argument("--grace", type=int, default=5)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--texts", type=int, default=800)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="runs/quality_study")
+    args = ap.parse_args()
+
+    quiet = lambda *_: None  # noqa: E731
+    start = time.time()
+    full = SweepRun(parse_sweep(sweep_text(args, "none")), Path(args.out) / "none")
+    full.run_dir.mkdir(parents=True, exist_ok=True)
+    full.run(log=quiet)
+    full_wall = time.time() - start
+    board = dict(full.finish(log=quiet))  # eval loss of every config after all its steps
+    losses = {a.id: a.losses for a in full.registry}
+    best_id = min(board, key=board.get)
+    total = sum(len(v) for v in losses.values())
+
+    rows = [("none (full run)", total, full_wall, best_id, board[best_id], 0.0)]
+    stops = {}
+    for rule in [r for r in RULES if r != "none"]:
+        ran = replay(losses, args.steps, MonitorConfig(rule=rule, grace=args.grace, eta=2))
+        stops[rule] = ran
+        survivors = [k for k, n in ran.items() if n == args.steps]
+        chosen = min(survivors, key=board.get)
+        rows.append((rule, sum(ran.values()), None, chosen, board[chosen], board[chosen] / board[best_id] - 1))
+
+    # One live run with the default rule: its stops must be the replay's, and its wall time is real.
+    start = time.time()
+    live = SweepRun(parse_sweep(sweep_text(args, "asha")), Path(args.out) / "asha")
+    live.run_dir.mkdir(parents=True, exist_ok=True)
+    live.run(log=quiet)
+    live_wall = time.time() - start
+    live_ran = {a.id: len(a.losses) for a in live.registry}
+    differ = sorted(k for k in live_ran if live_ran[k] != stops["asha"][k])
+    live_used = sum(live_ran.values())
+    rows[1] = rows[1][:2] + (live_wall,) + rows[1][3:]
+
+    print(f"{len(losses)} configs x {args.steps} steps (grid rank 4/16/64 x lr 1e-5/1e-4/1e-3 x micro-batch "
+          f"2/4, alpha 32, q_proj+v_proj), SmolLM2-135M-Instruct, chatterbot, device {full.device}, "
+          f"grace {args.grace}, eta 2\n")
+    print("rule | adapter-steps | saved | wall s | chosen config | its eval loss | regret vs full best")
+    print("--- | --- | --- | --- | --- | --- | ---")
+    for rule, used, wall, chosen, loss, regret in rows:
+        wall_s = f"{wall:.0f}" if wall is not None else "(replay)"
+        print(f"{rule} | {used} | {1 - used / total:.0%} | {wall_s} | {chosen} | {loss:.4f} | {regret:+.2%}")
+    print(f"\nfull run's best: {best_id} ({board[best_id]:.4f}). Live asha run: {live_used} adapter-steps, "
+          f"{live_wall:.0f} s; its stops match the replay for {len(live_ran) - len(differ)} of {len(live_ran)} "
+          f"configs{' (differ: ' + ', '.join(differ) + ')' if differ else ''}.")
+    plot(losses, stops, board, args, Path(args.out) / "quality_study.png")
+
+
+def plot(losses, stops, board, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rules = list(stops)
+    fig, axes = plt.subplots(1, len(rules), figsize=(6 * len(rules), 4.5), sharey=True)
+    for ax, rule in zip(axes, rules):
+        for aid, curve in losses.items():
+            n = stops[rule][aid]
+            line, = ax.plot(range(1, n + 1), curve[:n], linewidth=1)
+            ax.plot(range(n, len(curve) + 1), curve[n - 1:], linewidth=0.6, alpha=0.25, color=line.get_color())
+            if n < len(curve):
+                ax.plot(n, curve[n - 1], "x", color=line.get_color(), markersize=7)
+        ax.set_title(f"{rule}: stops marked x (faded: the steps saved)")
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
