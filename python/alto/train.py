@@ -82,8 +82,8 @@ class Trainer:
 
     def fill_slots(self, max_running: int | None, policy: str = "admit") -> list[Adapter]:
         """Capacity reclaim, between steps: admit queued adapters into free slots; with policy
-        "grow" and nobody queued, give the samples per step that stopped adapters freed to the
-        survivors (round-robin, best-kept total). Returns the adapters admitted."""
+        "grow" and nobody queued, hand the samples per step that departed adapters freed to the
+        survivors, round-robin, back up to the most samples per step seen. Returns the admitted."""
         running = self.registry.with_status(Status.RUNNING)
         slots = (max_running or len(self.registry)) - len(running)
         admitted = []
@@ -121,7 +121,7 @@ class Trainer:
             per_adapter.append(token_loss[rows].sum() / valid[rows].sum().clamp_min(1))
             row += len(b)
         losses = torch.stack(per_adapter)
-        values = losses.tolist()  # the step's one host sync
+        values = losses.tolist()  # host sync: failures are decided before backward
         finite = [math.isfinite(v) for v in values]
         total = sum(l / a.config.grad_accum for l, a, ok in zip(per_adapter, running, finite) if ok)
         if any(finite):
