@@ -72,6 +72,14 @@ def test_bad_sweep_is_one_clear_line_exit_2_nothing_written(tmp_path, capsys, ch
     assert not (tmp_path / "run").exists()
 
 
+def test_unloadable_model_is_one_line_exit_2(tmp_path, capsys):
+    path = sweep_yaml(tmp_path, model={"hf_dir": str(tmp_path / "no-such-model")})
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("alto tune: error:") and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_yaml_names_the_line(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\ngrid: {rank: [1, 2\n")

@@ -50,6 +50,8 @@ def load_model(spec, device: torch.device):
             where, gguf = smollm2_dir(), SMOLLM2_GGUF
         else:
             where, gguf = spec["hf_dir"], spec.get("gguf_file")
+            if not Path(where).is_dir():
+                raise ValueError(f"model.hf_dir: no such folder {where!r} (models load offline from a local folder)")
         kw = {"gguf_file": gguf} if gguf else {}
         tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
         model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
@@ -278,7 +280,11 @@ def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = No
     except ValueError as e:
         print(f"alto tune: error: {e}", file=sys.stderr)
         return 2
-    run = SweepRun(sweep, run_dir)
+    try:
+        run = SweepRun(sweep, run_dir)  # loads model and data: still nothing written
+    except (OSError, ValueError) as e:
+        print(f"alto tune: error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         run.restore()
