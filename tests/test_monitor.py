@@ -97,3 +97,9 @@ def test_bad_monitor_config_names_the_field():
         MonitorConfig(rule="best")
     with pytest.raises(ValueError, match="monitor.eta=1"):
         MonitorConfig(eta=1)
+
+
+def test_one_noisy_micro_batch_is_not_divergence():
+    spiky = {"spiky": lambda t: 5.0 if t in (2, 9) else 2.0, "other": lambda t: 2.1}
+    stopped, _ = simulate(spiky, MonitorConfig(rule="none"), steps=12)
+    assert stopped == {"spiky": None, "other": None}

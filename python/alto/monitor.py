@@ -15,7 +15,8 @@ Rules behind one interface (:meth:`Monitor.decide`), so they can be compared on 
 - ``none``: never stop early.
 
 Hard guards for every rule: nothing stops before ``grace`` micro-steps (except divergence); a
-diverging adapter (smoothed loss above ``divergence_factor`` times its first loss) stops at once;
+diverging adapter (smoothed loss above ``divergence_factor`` times the mean of its first
+``DIVERGENCE_BASELINE`` losses: one noisy micro-batch is not a trend) stops at once;
 the current best adapter is never stopped; at least ``min_survivors`` keep running. Every decision
 carries its reason.
 """
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from alto.registry import Adapter
 
 RULES = ("asha", "median", "halving", "none")
+DIVERGENCE_BASELINE = 3  # losses averaged as the starting level
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class MonitorConfig:
     check_every: int = 4  # median rule: how often (micro-steps) after the grace period
     min_survivors: int = 1
     smoothing: float = 0.3  # weight of the newest loss in the exponential moving average
-    divergence_factor: float = 1.5
+    divergence_factor: float = 2.0
     extrapolate: bool = True
 
     def __post_init__(self) -> None:
@@ -114,9 +116,11 @@ class Monitor:
         stops: dict[str, str] = {}
         for a in running:
             curve = curves.get(a.id)
-            if curve and len(curve) >= 2 and curve[-1] > c.divergence_factor * a.losses[0]:
-                stops[a.id] = (f"diverging: smoothed loss {curve[-1]:.4f} > {c.divergence_factor} x "
-                               f"first loss {a.losses[0]:.4f}")
+            if curve and len(curve) > DIVERGENCE_BASELINE:
+                start = statistics.fmean(a.losses[:DIVERGENCE_BASELINE])
+                if curve[-1] > c.divergence_factor * start:
+                    stops[a.id] = (f"diverging: smoothed loss {curve[-1]:.4f} > {c.divergence_factor} x "
+                                   f"starting loss {start:.4f}")
         if c.rule in ("asha", "halving"):  # record every arrival first: simultaneous ones compete
             for a in running:
                 k = self.rung_of(a.micro_step) if a.id in curves and a.micro_step >= c.grace else None

@@ -9,7 +9,7 @@ checkpoint_every: 10           # micro-steps
 defaults: {rank: 8, alpha: 16, lr: 1e-4, micro_batch_size: 4, max_steps: 30}
 grid: {rank: [4, 16], lr: [1e-4, 1e-3]}    # cartesian product over these fields
 adapters: [{id: wide, rank: 64}]           # explicit extra configurations
-monitor: {rule: asha, grace: 8, eta: 2}    # early termination (alto.monitor); absent = none
+monitor: {rule: asha, grace: 8, eta: 2}    # early termination (alto.monitor); absent = never stop early
 max_running: 8                             # adapter slots; the rest queue and take freed slots
 reclaim: admit                             # or grow: survivors' micro-batches fill freed samples
 ```
@@ -65,7 +65,7 @@ class Sweep:
     adapters: dict[str, AdapterConfig]
     raw: dict[str, Any] = field(repr=False)
     output: str | None = None
-    monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig(rule="none"))
+    monitor: MonitorConfig | None = None  # None: no early termination at all
     max_running: int | None = None  # adapter slots on the GPU; the rest wait in the queue
     reclaim: str = "admit"  # when adapters stop: admit queued ones; "grow": also grow survivors' batches
 
@@ -151,7 +151,7 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
         _fail(source, "no adapters: give a grid and/or an adapters list")
     monitor = raw.get("monitor")
     if monitor is None:
-        monitor_cfg = MonitorConfig(rule="none")
+        monitor_cfg = None
     elif not isinstance(monitor, dict) or set(monitor) - {f.name for f in dataclasses.fields(MonitorConfig)}:
         _fail("monitor", f"must be a mapping with keys {', '.join(f.name for f in dataclasses.fields(MonitorConfig))}")
     else:

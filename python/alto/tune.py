@@ -84,7 +84,7 @@ class SweepRun:
             random.Random(cfg.seed).shuffle(order)  # each adapter its own data order
             streams[aid] = DataStream(order)
         self.trainer = Trainer(self.model, self.registry, streams, self.pad_id, self.device)
-        self.monitor = Monitor(sweep.monitor)
+        self.monitor = Monitor(sweep.monitor) if sweep.monitor else None
         self.micro_steps = 0
 
     # ---- checkpoints -----------------------------------------------------------------------------
@@ -101,7 +101,8 @@ class SweepRun:
                 entry.update(t.retired[a.id])
             adapters[a.id] = entry
         state = {"micro_steps": self.micro_steps, "adapters": adapters, "rng": torch.get_rng_state(),
-                 "rungs": self.monitor.rungs, "decisions": self.monitor.log, "samples_budget": t.samples_budget,
+                 "monitor": (self.monitor.rungs, self.monitor.log) if self.monitor else None,
+                 "samples_budget": t.samples_budget,
                  "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
         tmp = self.run_dir / "checkpoint.pt.tmp"
         torch.save(state, tmp)
@@ -110,7 +111,8 @@ class SweepRun:
     def restore(self) -> None:
         state = torch.load(self.run_dir / "checkpoint.pt", weights_only=False)
         self.micro_steps = state["micro_steps"]
-        self.monitor.rungs, self.monitor.log = state["rungs"], state["decisions"]
+        if self.monitor:
+            self.monitor.rungs, self.monitor.log = state["monitor"]
         t = self.trainer
         t.samples_budget = state["samples_budget"]
         for aid, entry in state["adapters"].items():
@@ -158,7 +160,7 @@ class SweepRun:
                 self.micro_steps += 1
                 for aid, loss in losses.items():
                     writer.writerow([self.micro_steps, aid, self.registry[aid].step, f"{loss:.6f}"])
-                for d in self.monitor.decide(self.registry.with_status(Status.RUNNING)):
+                for d in self.monitor.decide(self.registry.with_status(Status.RUNNING)) if self.monitor else []:
                     self.trainer.retire(self.registry[d.adapter], Status.STOPPED_EARLY, d.reason)
                     decisions.writerow([self.micro_steps, d.adapter, d.micro_step, d.rule, d.reason])
                     log(f"  stop {d.adapter}: {d.reason}")
