@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=800)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/quality_study")
+    ap.add_argument("--live", nargs="+", default=["asha"], choices=[r for r in RULES if r != "none"],
+                    help="rules also run live (wall time, and a check of the replay)")
     args = ap.parse_args()
 
     quiet = lambda *_: None  # noqa: E731
@@ -81,16 +83,21 @@ def main() -> None:
         chosen = min(survivors, key=board.get)
         rows.append((rule, sum(ran.values()), None, chosen, board[chosen], board[chosen] / board[best_id] - 1))
 
-    # One live run with the default rule: its stops must be the replay's, and its wall time is real.
-    start = time.time()
-    live = SweepRun(parse_sweep(sweep_text(args, "asha")), Path(args.out) / "asha")
-    live.run_dir.mkdir(parents=True, exist_ok=True)
-    live.run(log=quiet)
-    live_wall = time.time() - start
-    live_ran = {a.id: len(a.losses) for a in live.registry}
-    differ = sorted(k for k in live_ran if live_ran[k] != stops["asha"][k])
-    live_used = sum(live_ran.values())
-    rows[1] = rows[1][:2] + (live_wall,) + rows[1][3:]
+    # Live runs: their wall time is real, and their stops should be the replay's.
+    live_notes = []
+    for rule in args.live:
+        start = time.time()
+        live = SweepRun(parse_sweep(sweep_text(args, rule)), Path(args.out) / rule)
+        live.run_dir.mkdir(parents=True, exist_ok=True)
+        live.run(log=quiet)
+        wall = time.time() - start
+        live_ran = {a.id: len(a.losses) for a in live.registry}
+        differ = sorted(k for k in live_ran if live_ran[k] != stops[rule][k])
+        i = next(i for i, r in enumerate(rows) if r[0] == rule)
+        rows[i] = rows[i][:2] + (wall,) + rows[i][3:]
+        live_notes.append(f"live {rule}: {sum(live_ran.values())} adapter-steps in {wall:.0f} s; stops match the "
+                          f"replay for {len(live_ran) - len(differ)} of {len(live_ran)} configs"
+                          + (f" (differ: {', '.join(differ)})" if differ else ""))
 
     print(f"{len(losses)} configs x {args.steps} steps (grid rank 4/16/64 x lr 1e-5/1e-4/1e-3 x micro-batch "
           f"2/4, alpha 32, q_proj+v_proj), SmolLM2-135M-Instruct, chatterbot, device {full.device}, "
@@ -100,9 +107,9 @@ def main() -> None:
     for rule, used, wall, chosen, loss, regret in rows:
         wall_s = f"{wall:.0f}" if wall is not None else "(replay)"
         print(f"{rule} | {used} | {1 - used / total:.0%} | {wall_s} | {chosen} | {loss:.4f} | {regret:+.2%}")
-    print(f"\nfull run's best: {best_id} ({board[best_id]:.4f}). Live asha run: {live_used} adapter-steps, "
-          f"{live_wall:.0f} s; its stops match the replay for {len(live_ran) - len(differ)} of {len(live_ran)} "
-          f"configs{' (differ: ' + ', '.join(differ) + ')' if differ else ''}.")
+    print(f"\nfull run's best: {best_id} ({board[best_id]:.4f}).")
+    for note in live_notes:
+        print(note)
     plot(losses, stops, board, args, Path(args.out) / "quality_study.png")
 
 
