@@ -103,3 +103,21 @@ def test_one_noisy_micro_batch_is_not_divergence():
     spiky = {"spiky": lambda t: 5.0 if t in (2, 9) else 2.0, "other": lambda t: 2.1}
     stopped, _ = simulate(spiky, MonitorConfig(rule="none"), steps=12)
     assert stopped == {"spiky": None, "other": None}
+
+
+def test_eval_signal_counts_evaluation_points():
+    """With signal eval the rules read eval_losses; grace and rungs count evaluations."""
+    adapters = {k: Adapter(k, AdapterConfig(max_steps=100), status=Status.RUNNING) for k in ("good", "bad")}
+    monitor = Monitor(MonitorConfig(rule="asha", grace=3, eta=2, signal="eval", eval_every=5))
+    for t in range(1, 31):
+        for a in adapters.values():
+            a.losses.append(9.0 if a.id == "good" else 1.0)  # the training loss points the other way
+            a.micro_step = t
+        if t % 5 == 0:
+            adapters["good"].eval_losses.append(2.0)
+            adapters["bad"].eval_losses.append(3.0)
+            running = [a for a in adapters.values() if a.status == Status.RUNNING]
+            for d in monitor.decide(running):
+                adapters[d.adapter].status = Status.STOPPED_EARLY
+                assert d.adapter == "bad" and t == 15 and "held-out" in d.reason and "eval 3" in d.reason
+    assert adapters["bad"].status == Status.STOPPED_EARLY and adapters["good"].status == Status.RUNNING

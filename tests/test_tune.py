@@ -198,3 +198,21 @@ def test_bad_monitor_settings_exit_2(tmp_path, capsys):
     path = sweep_yaml(tmp_path, monitor={"rule": "best"})
     assert main(["tune", str(path)]) == 2
     assert "monitor.rule='best'" in capsys.readouterr().err
+
+
+def test_monitor_on_held_out_loss_end_to_end(tmp_path):
+    path = sweep_yaml(tmp_path, out="ev", grid={"lr": [1e-3, 3e-2, 1e-5, 3e-3]},
+                      defaults={"micro_batch_size": 2, "max_steps": 8, "target_modules": ["q_proj", "v_proj"]},
+                      monitor={"rule": "asha", "grace": 2, "eta": 2, "signal": "eval", "eval_every": 2})
+    from pathlib import Path
+    sweep = parse_sweep(path.read_text())
+    run = SweepRun(sweep, Path(sweep.output))
+    Path(sweep.output).mkdir()
+    assert run.run(log=lambda *_: None)
+    evals = {a.id: a.eval_losses for a in run.registry}
+    assert all(len(v) >= 2 for v in evals.values())  # evaluated every 2 micro-steps while running
+    decisions = (Path(sweep.output) / "decisions.csv").read_text().splitlines()[1:]
+    assert decisions and all("held-out" in d and ",4," in d for d in decisions)  # decided at eval 2
+    stopped = [a for a in run.registry if a.status.value == "stopped-early"]
+    kept = [a for a in run.registry if a.status.value == "finished"]
+    assert stopped and min(evals[a.id][1] for a in kept) <= min(evals[a.id][1] for a in stopped)

@@ -14,7 +14,10 @@ Rules behind one interface (:meth:`Monitor.decide`), so they can be compared on 
 - ``halving``: plain successive halving on the raw last loss at the same rungs as asha.
 - ``none``: never stop early.
 
-Hard guards for every rule: nothing stops before ``grace`` micro-steps (except divergence); a
+The trajectory is the training loss of every micro-step, or (``signal: eval``) a held-out loss
+measured every ``eval_every`` micro-steps; grace, rungs and checks then count those points.
+
+Hard guards for every rule: nothing stops before ``grace`` points (except divergence); a
 diverging adapter (smoothed loss above ``divergence_factor`` times the mean of its first
 ``DIVERGENCE_BASELINE`` losses: one noisy micro-batch is not a trend) stops at once;
 the current best adapter is never stopped; at least ``min_survivors`` keep running. Every decision
@@ -42,6 +45,8 @@ class MonitorConfig:
     smoothing: float = 0.3  # weight of the newest loss in the exponential moving average
     divergence_factor: float = 2.0
     extrapolate: bool = True
+    signal: str = "train"  # the trajectory read: "train" losses, or "eval" (held-out) losses
+    eval_every: int = 5  # micro-steps between held-out evaluations (signal "eval")
 
     def __post_init__(self) -> None:
         checks = [
@@ -52,6 +57,8 @@ class MonitorConfig:
             (isinstance(self.min_survivors, int) and self.min_survivors >= 1, "min_survivors", "an int >= 1"),
             (0 < self.smoothing <= 1, "smoothing", "in (0, 1]"),
             (self.divergence_factor > 1, "divergence_factor", "> 1"),
+            (self.signal in ("train", "eval"), "signal", "train or eval"),
+            (isinstance(self.eval_every, int) and self.eval_every >= 1, "eval_every", "an int >= 1"),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -93,52 +100,61 @@ class Monitor:
     rungs: dict[int, dict[str, float]] = field(default_factory=dict)  # rung -> adapter -> score
     log: list[Decision] = field(default_factory=list)
 
-    def rung_of(self, micro_step: int) -> int | None:
-        """k if micro_step is the k-th rung (grace * eta**k), else None."""
+    def rung_of(self, point: int) -> int | None:
+        """k if the trajectory's point-th value is the k-th rung (grace * eta**k), else None."""
         k, at = 0, self.config.grace
-        while at < micro_step:
+        while at < point:
             k += 1
             at = math.ceil(self.config.grace * self.config.eta**k)
-        return k if at == micro_step else None
+        return k if at == point else None
+
+    def points(self, a: Adapter) -> list[float]:
+        """The trajectory the rules read; grace, rungs and checks count its points."""
+        return a.eval_losses if self.config.signal == "eval" else a.losses
 
     def _score(self, a: Adapter, curve: list[float]) -> float:
         c = self.config
         if c.rule == "halving":
-            return a.losses[-1]
+            return self.points(a)[-1]
         if c.extrapolate:
-            return extrapolate_final(curve, a.config.max_steps * a.config.grad_accum)
+            total = a.config.max_steps * a.config.grad_accum
+            final = total // c.eval_every if c.signal == "eval" else total
+            return extrapolate_final(curve, max(final, len(curve)))
         return curve[-1]
 
     def decide(self, running: list[Adapter]) -> list[Decision]:
         """Which of the running adapters stop now (call once after every step)."""
         c = self.config
-        curves = {a.id: smoothed(a.losses, c.smoothing) for a in running if a.losses}
+        curves = {a.id: smoothed(self.points(a), c.smoothing) for a in running if self.points(a)}
+        progress = {a.id: len(self.points(a)) for a in running}
         stops: dict[str, str] = {}
         for a in running:
             curve = curves.get(a.id)
             if curve and len(curve) > DIVERGENCE_BASELINE:
-                start = statistics.fmean(a.losses[:DIVERGENCE_BASELINE])
+                start = statistics.fmean(self.points(a)[:DIVERGENCE_BASELINE])
                 if curve[-1] > c.divergence_factor * start:
                     stops[a.id] = (f"diverging: smoothed loss {curve[-1]:.4f} > {c.divergence_factor} x "
                                    f"starting loss {start:.4f}")
         if c.rule in ("asha", "halving"):  # record every arrival first: simultaneous ones compete
             for a in running:
-                k = self.rung_of(a.micro_step) if a.id in curves and a.micro_step >= c.grace else None
+                k = self.rung_of(progress[a.id]) if a.id in curves and progress[a.id] >= c.grace else None
                 if k is not None:
                     self.rungs.setdefault(k, {})[a.id] = self._score(a, curves[a.id])
         if c.rule != "none":
             for a in running:
-                if a.id in stops or a.id not in curves or a.micro_step < c.grace:
+                if a.id in stops or a.id not in curves or progress[a.id] < c.grace:
                     continue
-                reason = self._rule_reason(a, curves, running)
+                reason = self._rule_reason(a, curves, running, progress[a.id])
                 if reason:
                     stops[a.id] = reason
         return self._guard(stops, running, curves)
 
-    def _rule_reason(self, a: Adapter, curves: dict[str, list[float]], running: list[Adapter]) -> str | None:
+    def _rule_reason(self, a: Adapter, curves: dict[str, list[float]], running: list[Adapter],
+                     t: int) -> str | None:
         c = self.config
+        unit = "eval" if c.signal == "eval" else "micro-step"
         if c.rule in ("asha", "halving"):
-            k = self.rung_of(a.micro_step)
+            k = self.rung_of(t)
             if k is None:
                 return None
             rung = self.rungs[k]
@@ -147,20 +163,21 @@ class Monitor:
             if ranked.index(a.id) >= keep:
                 what = "predicted final loss" if c.rule == "asha" and c.extrapolate else (
                     "smoothed loss" if c.rule == "asha" else "loss")
-                return (f"{c.rule} rung {k} (micro-step {a.micro_step}): {what} {rung[a.id]:.4f} is not in the "
+                what = f"held-out {what}" if c.signal == "eval" else what
+                return (f"{c.rule} rung {k} ({unit} {t}): {what} {rung[a.id]:.4f} is not in the "
                         f"best {keep} of {len(ranked)} (cut {rung[ranked[keep - 1]]:.4f})")
             return None
         # median rule
-        if (a.micro_step - c.grace) % c.check_every:
+        if (t - c.grace) % c.check_every:
             return None
-        t = a.micro_step
-        others = [statistics.fmean(o.losses[:t]) for o in running if o.id != a.id and len(o.losses) >= t]
+        others = [statistics.fmean(self.points(o)[:t]) for o in running
+                  if o.id != a.id and len(self.points(o)) >= t]
         if not others:
             return None
         med = statistics.median(others)
         best = min(curves[a.id])
         if best > med:
-            return f"median rule (micro-step {t}): best smoothed loss {best:.4f} > median running average {med:.4f}"
+            return f"median rule ({unit} {t}): best smoothed loss {best:.4f} > median running average {med:.4f}"
         return None
 
     def _guard(self, stops: dict[str, str], running: list[Adapter], curves: dict[str, list[float]]) -> list[Decision]:

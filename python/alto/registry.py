@@ -111,6 +111,7 @@ class Adapter:
     step: int = 0  # optimizer steps taken
     micro_step: int = 0  # micro-batches consumed
     losses: list[float] = field(default_factory=list)  # mean loss of every micro-batch
+    eval_losses: list[float] = field(default_factory=list)  # held-out loss at each evaluation
     failure: str | None = None
     extra_batch: int = 0  # samples added to config.micro_batch_size by capacity reclaim ("grow")
 

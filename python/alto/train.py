@@ -51,6 +51,18 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, length: int | Non
     return ids, mask, labels
 
 
+def per_adapter_losses(logits: torch.Tensor, labels: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
+    """Mean next-token loss over each adapter's own target tokens; samples = rows per adapter."""
+    token_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                 ignore_index=-100, reduction="none").view(labels.shape[0], -1)
+    valid = (labels[:, 1:] != -100).float()
+    out, row = [], 0
+    for n in samples:
+        out.append(token_loss[row : row + n].sum() / valid[row : row + n].sum().clamp_min(1))
+        row += n
+    return torch.stack(out)
+
+
 class Trainer:
     def __init__(self, model: MultiLoraModel, registry: Registry, data: dict[str, DataStream],
                  pad_id: int, device: torch.device | str = "cpu"):
@@ -111,17 +123,8 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
             logits = self.model(ids, mask, plan)
-        token_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                     ignore_index=-100, reduction="none").view(len(flat), -1)
-        valid = (labels[:, 1:] != -100).float()
-        per_adapter = []
-        row = 0
-        for b in batches:
-            rows = slice(row, row + len(b))
-            per_adapter.append(token_loss[rows].sum() / valid[rows].sum().clamp_min(1))
-            row += len(b)
-        losses = torch.stack(per_adapter)
-        values = losses.tolist()  # host sync: failures are decided before backward
+        per_adapter = per_adapter_losses(logits, labels, [len(b) for b in batches])
+        values = per_adapter.tolist()  # host sync: failures are decided before backward
         finite = [math.isfinite(v) for v in values]
         total = sum(l / a.config.grad_accum for l, a, ok in zip(per_adapter, running, finite) if ok)
         if any(finite):

@@ -22,7 +22,7 @@ from alto.model import MultiLoraModel, plan_for
 from alto.monitor import Monitor
 from alto.registry import Registry, Status
 from alto.sweep import Sweep, parse_sweep
-from alto.train import DataStream, Trainer, pad_batch
+from alto.train import DataStream, Trainer, pad_batch, per_adapter_losses
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -93,7 +93,8 @@ class SweepRun:
         adapters = {}
         for a in self.registry:
             entry = {"status": a.status.value, "step": a.step, "micro_step": a.micro_step, "losses": a.losses,
-                     "failure": a.failure, "position": t.data[a.id].position, "extra_batch": a.extra_batch}
+                     "eval_losses": a.eval_losses, "failure": a.failure, "position": t.data[a.id].position,
+                     "extra_batch": a.extra_batch}
             if a.status == Status.RUNNING:
                 entry["weights"] = self.model.adapter_weights(a.id)
                 entry["optimizer"] = t.optimizer.state(a.id)
@@ -118,7 +119,7 @@ class SweepRun:
         for aid, entry in state["adapters"].items():
             a = self.registry[aid]
             a.step, a.micro_step, a.losses, a.failure = entry["step"], entry["micro_step"], entry["losses"], entry["failure"]
-            a.extra_batch = entry["extra_batch"]
+            a.extra_batch, a.eval_losses = entry["extra_batch"], entry["eval_losses"]
             t.data[aid].position = entry["position"]
             status = Status(entry["status"])
             if status == Status.RUNNING:
@@ -160,7 +161,7 @@ class SweepRun:
                 self.micro_steps += 1
                 for aid, loss in losses.items():
                     writer.writerow([self.micro_steps, aid, self.registry[aid].step, f"{loss:.6f}"])
-                for d in self.monitor.decide(self.registry.with_status(Status.RUNNING)) if self.monitor else []:
+                for d in self.monitor_decisions():
                     self.trainer.retire(self.registry[d.adapter], Status.STOPPED_EARLY, d.reason)
                     decisions.writerow([self.micro_steps, d.adapter, d.micro_step, d.rule, d.reason])
                     log(f"  stop {d.adapter}: {d.reason}")
@@ -178,6 +179,34 @@ class SweepRun:
                     self.checkpoint()
         self.checkpoint()
         return True
+
+    def monitor_decisions(self) -> list:
+        """The monitor's stops after this step (with signal eval: only at evaluation points,
+        after a co-located held-out evaluation of every running adapter)."""
+        mon = self.monitor
+        if mon is None:
+            return []
+        running = self.registry.with_status(Status.RUNNING)
+        if not running:
+            return []
+        if mon.config.signal == "eval":
+            if self.micro_steps % mon.config.eval_every:
+                return []
+            for a, loss in zip(running, self.held_out_losses(running)):
+                a.eval_losses.append(loss)
+        return mon.decide(running)
+
+    @torch.no_grad()
+    def held_out_losses(self, adapters, batch: int = 16) -> list[float]:
+        """Every adapter's loss on the same first held-out sequences, in one co-located forward."""
+        chunk = self.eval_seqs[:batch]
+        ids, mask, labels = (t.to(self.device) for t in pad_batch(chunk * len(adapters), self.pad_id))
+        plan = plan_for(self.model, [a.id for a in adapters], [len(chunk)] * len(adapters), ids.shape[1], self.device)
+        self.model.eval()
+        try:
+            return per_adapter_losses(self.model(ids, mask, plan), labels, [len(chunk)] * len(adapters)).tolist()
+        finally:
+            self.model.train()
 
     # ---- results ---------------------------------------------------------------------------------
     def final_weights(self, aid: str):
