@@ -29,13 +29,17 @@ def sweep_text(args, rule: str) -> str:
            "defaults": {"alpha": 32, "max_steps": args.steps, "target_modules": ["q_proj", "v_proj"],
                         "max_grad_norm": 1.0},
            "grid": grid, "output": str(Path(args.out) / rule)}
-    if rule != "none":  # the full run has no monitor at all: nothing stops early
+    if args.signal == "eval":  # the full run evaluates too (rule none), for the replays
+        doc["monitor"] = {"rule": rule, "grace": args.grace, "eta": 2, "signal": "eval", "eval_every": args.eval_every}
+    elif rule != "none":  # the full run has no monitor at all: nothing stops early
         doc["monitor"] = {"rule": rule, "grace": args.grace, "eta": 2}
     return json.dumps(doc)
 
 
-def replay(losses: dict[str, list[float]], steps: int, config: MonitorConfig) -> dict[str, int]:
-    """The micro-step at which each adapter would have stopped (steps = ran to the end)."""
+def replay(losses: dict[str, list[float]], evals: dict[str, list[float]], steps: int,
+           config: MonitorConfig) -> dict[str, int]:
+    """The micro-step at which each adapter would have stopped (steps = ran to the end), deciding
+    when the live run does: every step, or (signal eval) after every evaluation."""
     from alto.registry import AdapterConfig
 
     adapters = {k: Adapter(k, AdapterConfig(max_steps=steps), status=Status.RUNNING) for k in losses}
@@ -45,6 +49,11 @@ def replay(losses: dict[str, list[float]], steps: int, config: MonitorConfig) ->
         for a in running:
             a.losses.append(losses[a.id][t - 1])
             a.micro_step = t
+        if config.signal == "eval":
+            if t % config.eval_every:
+                continue
+            for a in running:
+                a.eval_losses.append(evals[a.id][t // config.eval_every - 1])
         for d in monitor.decide(running):
             adapters[d.adapter].status = Status.STOPPED_EARLY
             ran[d.adapter] = t
@@ -59,6 +68,9 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=800)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/quality_study")
+    ap.add_argument("--signal", choices=["train", "eval"], default="train",
+                    help="what the rules read: training loss, or held-out loss every --eval-every steps")
+    ap.add_argument("--eval-every", type=int, default=4)
     ap.add_argument("--live", nargs="+", default=["asha"], choices=[r for r in RULES if r != "none"],
                     help="rules also run live (wall time, and a check of the replay)")
     args = ap.parse_args()
@@ -71,13 +83,15 @@ def main() -> None:
     full_wall = time.time() - start
     board = dict(full.finish(log=quiet))  # eval loss of every config after all its steps
     losses = {a.id: a.losses for a in full.registry}
+    evals = {a.id: a.eval_losses for a in full.registry}
     best_id = min(board, key=board.get)
     total = sum(len(v) for v in losses.values())
 
     rows = [("none (full run)", total, full_wall, best_id, board[best_id], 0.0)]
     stops = {}
     for rule in [r for r in RULES if r != "none"]:
-        ran = replay(losses, args.steps, MonitorConfig(rule=rule, grace=args.grace, eta=2))
+        ran = replay(losses, evals, args.steps, MonitorConfig(rule=rule, grace=args.grace, eta=2, signal=args.signal,
+                                                              eval_every=args.eval_every))
         stops[rule] = ran
         survivors = [k for k, n in ran.items() if n == args.steps]
         chosen = min(survivors, key=board.get)
@@ -101,7 +115,8 @@ def main() -> None:
 
     print(f"{len(losses)} configs x {args.steps} steps (grid rank 4/16/64 x lr 1e-5/1e-4/1e-3 x micro-batch "
           f"2/4, alpha 32, q_proj+v_proj), SmolLM2-135M-Instruct, chatterbot, device {full.device}, "
-          f"grace {args.grace}, eta 2\n")
+          f"signal {args.signal}" + (f" every {args.eval_every} steps" if args.signal == "eval" else "")
+          + f", grace {args.grace} points, eta 2\n")
     print("rule | adapter-steps | saved | wall s | chosen config | its eval loss | regret vs full best")
     print("--- | --- | --- | --- | --- | --- | ---")
     for rule, used, wall, chosen, loss, regret in rows:
