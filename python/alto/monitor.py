@@ -123,7 +123,7 @@ class Monitor:
         return curve[-1]
 
     def decide(self, running: list[Adapter]) -> list[Decision]:
-        """Which of the running adapters stop now (call once after every step)."""
+        """Which of the running adapters stop now (call after every new trajectory point)."""
         c = self.config
         curves = {a.id: smoothed(self.points(a), c.smoothing) for a in running if self.points(a)}
         progress = {a.id: len(self.points(a)) for a in running}
