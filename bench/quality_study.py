@@ -44,7 +44,7 @@ def replay(losses: dict[str, list[float]], evals: dict[str, list[float]], steps:
 
     adapters = {k: Adapter(k, AdapterConfig(max_steps=steps), status=Status.RUNNING) for k in losses}
     monitor, ran = Monitor(config), {k: steps for k in losses}
-    for t in range(1, steps + 1):
+    for t in range(1, steps):  # at the last step every adapter finishes: nothing to decide
         running = [a for a in adapters.values() if a.status == Status.RUNNING]
         for a in running:
             a.losses.append(losses[a.id][t - 1])
