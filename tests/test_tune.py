@@ -60,6 +60,8 @@ def test_tune_end_to_end_writes_every_output(tmp_path, capsys):
     ({"data": {"source": "jsonl", "path": "/nonexistent.jsonl"}}, ["data.path", "/nonexistent.jsonl"]),
     ({"colour": "red"}, ["unknown key 'colour'"]),
     ({"grid": {"lr": ["fast"]}}, ["lr='fast'", "a number"]),
+    ({"monitor": {"signal": "eval"}, "data": {"source": "chatterbot", "eval_fraction": 0}},
+     ["monitor.signal", "eval_fraction"]),
     ({"defaults": {"rnak": 4}}, ["unknown field 'rnak'"]),
 ])
 def test_bad_sweep_is_one_clear_line_exit_2_nothing_written(tmp_path, capsys, change, words):

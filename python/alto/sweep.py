@@ -156,6 +156,8 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
         _fail("monitor", f"must be a mapping with keys {', '.join(f.name for f in dataclasses.fields(MonitorConfig))}")
     else:
         monitor_cfg = MonitorConfig(**monitor)  # its errors name the field (monitor.rule=...)
+        if monitor_cfg.signal == "eval" and not data["eval_fraction"]:
+            _fail("monitor.signal", "eval needs held-out data: set data.eval_fraction > 0")
     max_running = raw.get("max_running")
     if max_running is not None and (not isinstance(max_running, int) or max_running < 1):
         _fail("max_running", f"{max_running!r} must be an int >= 1")
