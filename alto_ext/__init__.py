@@ -17,6 +17,7 @@ from alto_ext._ops import (
 )
 from alto_ext.linear import multi_lora_linear
 from alto_ext.segments import Segments
+from alto_ext.transfer import pack_tensors, recv_tensors, send_tensors, unpack_tensors
 
 WITH_CUDA: bool = bool(_C.with_cuda)
 
@@ -29,5 +30,9 @@ __all__ = [
     "lora_shrink",
     "lora_weight_grad",
     "multi_lora_linear",
+    "pack_tensors",
+    "recv_tensors",
+    "send_tensors",
+    "unpack_tensors",
     "set_sync_checks",
 ]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine = build + test + bench (see DESIGN.md "GPU work").
-#   bash bench/device_run.sh [build] [test] [bench] [bench_step] [sanitize]
+#   bash bench/device_run.sh [build] [test] [bench] [bench_step] [sanitize] [parallel]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
@@ -50,6 +50,12 @@ for stage in "${stages[@]}"; do
       ;;
     bench_step)
       python3 -P bench/bench_step.py 2>&1 | tee "$OUT/bench_step.txt" || rc=1
+      ;;
+    parallel)
+      # Needs 2+ GPUs (nvidia-h200-x2): NCCL tests, then 1 vs N GPUs vs DDP.
+      python3 -P -m pytest tests/test_parallel.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest_parallel.log" | tail -8
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      python3 -P bench/bench_parallel.py --gpus "$(nvidia-smi -L | wc -l)" 2>&1 | tee "$OUT/bench_parallel.txt" || rc=1
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

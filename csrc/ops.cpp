@@ -23,4 +23,11 @@ TORCH_LIBRARY(alto, m) {
   // out[rank rows of g] = scaling[g] * h_g[:, 0:r_g]^T . x_g; rows of adapters with no tokens are zero.
   m.def("lora_weight_grad(Tensor h, Tensor x, Tensor seg_indptr, Tensor rank_indptr, int total_rank, "
         "Tensor? scaling=None) -> Tensor");
+
+  // Adapter migration between ranks (csrc/dist/transfer.cpp): tensors of one device <-> one flat
+  // uint8 buffer; send/recv move that buffer through the torch process group named group_name.
+  m.def("pack_tensors(Tensor[] tensors) -> Tensor");
+  m.def("unpack_tensors(Tensor flat, Tensor(a!)[] outs) -> ()");
+  m.def("send_tensors(Tensor[] tensors, str group_name, int dst, int tag=0) -> ()");
+  m.def("recv_tensors(Tensor(a!)[] outs, str group_name, int src, int tag=0) -> ()");
 }

@@ -57,7 +57,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from alto.tune import tune
 
-    return tune(args.sweep, args.resume, args.stop_after)
+    return tune(args.sweep, args.resume, args.stop_after, nproc=args.nproc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("sweep", nargs="?", help="sweep YAML (default: SmolLM2-135M on chatterbot-corpus)")
     tune.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     tune.add_argument("--stop-after", type=int, metavar="N", help="stop after N micro-steps (resumable)")
+    tune.add_argument("--nproc", type=int, default=1, metavar="N",
+                      help="ranks on this host (one GPU each, or CPU processes): adapters are spread "
+                           "over them, each trained whole on one rank (default 1; torchrun works too)")
     tune.set_defaults(func=cmd_tune)
     args = parser.parse_args(argv)
     return args.func(args)

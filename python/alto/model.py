@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import alto_ext
@@ -25,8 +24,11 @@ class StepPlan:
 
     adapter_ids: list[str]
     token_counts: list[int]  # tokens per adapter (samples x sequence length)
+    seq_len: int  # the padded length of the step's sequences
+    own_lengths: list[int]  # each adapter's longest sequence of this step (the rest is padding)
     scaling: list[float]
     dropout: list[float]
+    generators: list[torch.Generator]  # each adapter's own dropout RNG (migrates with it)
     device: torch.device
     _segments: dict[tuple[int, ...], alto_ext.Segments] = field(default_factory=dict)
 
@@ -38,13 +40,23 @@ class StepPlan:
             self._segments[ranks] = seg
         return seg
 
-    def apply_dropout(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Each adapter's LoRA dropout on its own rows (one copy of x), or None if all are 0."""
-        if not any(p > 0 for p in self.dropout):
+    def apply_dropout(self, x: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor | None:
+        """Each adapter's LoRA dropout on its own rows (one copy of x), or None if all are 0. The
+        masks come from each adapter's own generator, drawn only in the layers it targets (ranks
+        of this layer) and only over its own sequence length, so they do not depend on which
+        adapters share the step (and pad it) or on the rank."""
+        if not any(p > 0 and r > 0 for p, r in zip(self.dropout, ranks)):
             return None
         parts = torch.split(x, self.token_counts)
-        return torch.cat([F.dropout(part, p, training=True) if p > 0 else part
-                          for part, p in zip(parts, self.dropout)])
+        return torch.cat([self._dropout(part, p, g, own) if p > 0 and r > 0 else part for part, p, g, own, r
+                          in zip(parts, self.dropout, self.generators, self.own_lengths, ranks)])
+
+    def _dropout(self, x: torch.Tensor, p: float, generator: torch.Generator, own: int) -> torch.Tensor:
+        rows = x.view(-1, self.seq_len, x.shape[-1])
+        keep = torch.ones_like(rows)  # padding positions: never seen by a real token
+        keep[:, :own] = torch.empty_like(rows[:, :own], memory_format=torch.contiguous_format).bernoulli_(
+            1.0 - p, generator=generator)  # drawn for [samples, own, d] whatever the padding
+        return (rows * keep / (1.0 - p)).view_as(x)
 
 
 class _Context:
@@ -138,7 +150,7 @@ class MultiLoraLinear(nn.Module):
             A = torch.cat([self._slice(self.lora_A, a) for a in present])
             B = torch.cat([self._slice(self.lora_B, a) for a in present])
         x2 = x.reshape(-1, x.shape[-1])
-        lora_x = plan.apply_dropout(x2) if self.training else None
+        lora_x = plan.apply_dropout(x2, ranks) if self.training else None
         y = alto_ext.multi_lora_linear(x2, self.base.weight, self.base.bias, A, B,
                                        plan.segments(ranks), lora_x=lora_x)
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -163,6 +175,7 @@ class MultiLoraModel(nn.Module):
         if not self.layers:
             raise ValueError(f"no Linear layer named one of {KNOWN_TARGET_MODULES} in the model")
         self.configs: dict[str, AdapterConfig] = {}
+        self.generators: dict[str, torch.Generator] = {}  # adapter -> its dropout RNG
 
     def target_layers(self, config: AdapterConfig) -> list[str]:
         return [p for p in self.layers if p.rsplit(".", 1)[-1] in config.target_modules]
@@ -177,6 +190,8 @@ class MultiLoraModel(nn.Module):
         for p in paths:
             self.layers[p].add_adapter(adapter_id, config.rank, gen)
         self.configs[adapter_id] = config
+        device = next(iter(self.layers.values())).lora_A.device
+        self.generators[adapter_id] = torch.Generator(device).manual_seed(config.seed)
 
     def adapter_tensors(self, adapter_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Views of the adapter's weights and gradients in a fixed order (layer path, A then B):
@@ -211,9 +226,24 @@ class MultiLoraModel(nn.Module):
             a_view.copy_(A)
             b_view.copy_(B)
 
+    def load_adapter_grads(self, adapter_id: str, grads: Sequence[torch.Tensor]) -> None:
+        """Sets the adapter's pending (accumulated) gradients, in adapter_tensors' order; layers
+        without gradient buffers get zero ones for their other adapters."""
+        paths = self.target_layers(self.configs[adapter_id])
+        if len(grads) != 2 * len(paths):
+            raise ValueError(f"adapter {adapter_id!r}: {len(grads)} gradients given, {2 * len(paths)} expected")
+        for i, p in enumerate(paths):
+            layer = self.layers[p]
+            for param in (layer.lora_A, layer.lora_B):
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            for view, g in zip(layer.tensors(adapter_id)[1], grads[2 * i : 2 * i + 2]):
+                view.copy_(g)
+
     def remove_adapter(self, adapter_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Takes the adapter out of every layer and returns its weights (nothing is lost)."""
         config = self.configs.pop(adapter_id)
+        del self.generators[adapter_id]
         return {p: self.layers[p].remove_adapter(adapter_id) for p in self.target_layers(config)}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: StepPlan) -> torch.Tensor:
@@ -229,7 +259,10 @@ class MultiLoraModel(nn.Module):
 
 
 def plan_for(model: MultiLoraModel, adapter_ids: Sequence[str], samples: Sequence[int], seq_len: int,
-             device: torch.device) -> StepPlan:
+             device: torch.device, own_lengths: Sequence[int] | None = None) -> StepPlan:
+    """The plan of a step whose rows are samples[i] sequences of adapter i, padded to seq_len
+    (own_lengths: each adapter's longest unpadded sequence; default seq_len)."""
     configs = [model.configs[a] for a in adapter_ids]
-    return StepPlan(list(adapter_ids), [n * seq_len for n in samples], [c.scaling for c in configs],
-                    [c.dropout for c in configs], device)
+    own = list(own_lengths) if own_lengths is not None else [seq_len] * len(adapter_ids)
+    return StepPlan(list(adapter_ids), [n * seq_len for n in samples], seq_len, own, [c.scaling for c in configs],
+                    [c.dropout for c in configs], [model.generators[a] for a in adapter_ids], device)

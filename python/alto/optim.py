@@ -42,10 +42,11 @@ class MultiAdamW:
             [torch.zeros_like(w, memory_format=torch.contiguous_format) for w in weights])
 
     def state(self, adapter_id: str) -> dict:
+        """Copies of the adapter's step count and moments (on their device)."""
         s = self.adapters[adapter_id]
-        return {"step": int(s.steps[0].item()) if s.steps else 0, "weight_decay": s.weight_decay,
-                "exp_avg": [t.detach().cpu().clone() for t in s.exp_avg],
-                "exp_avg_sq": [t.detach().cpu().clone() for t in s.exp_avg_sq]}
+        return {"step": int(s.steps[0].item()) if s.steps else 0,
+                "exp_avg": [t.detach().clone() for t in s.exp_avg],
+                "exp_avg_sq": [t.detach().clone() for t in s.exp_avg_sq]}
 
     def load(self, adapter_id: str, state: dict) -> None:
         """Restores what state() returned (for an adapter add()-ed with the same shapes)."""

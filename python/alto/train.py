@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,44 @@ def per_adapter_losses(logits: torch.Tensor, labels: torch.Tensor, samples: Sequ
     return torch.stack(out)
 
 
+@dataclass
+class AdapterState:
+    """Everything an adapter's future trajectory depends on: what a checkpoint stores and what
+    moves when the adapter migrates to another rank (as one flat buffer of :meth:`tensors`)."""
+
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer path -> (A [r, in], B [r, out])
+    grads: list[torch.Tensor]  # pending accumulated gradients, in adapter_tensors' order
+    optimizer: dict  # MultiAdamW.state(): step, exp_avg, exp_avg_sq
+    data_position: int
+    rng: torch.Tensor  # the adapter's dropout generator state (uint8)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """All of it as tensors, in a fixed order (the scalars as 1-element int64 tensors)."""
+        ab = [t for pair in self.weights.values() for t in pair]
+        scalars = torch.tensor([self.optimizer["step"], self.data_position], dtype=torch.int64)
+        return ab + self.grads + self.optimizer["exp_avg"] + self.optimizer["exp_avg_sq"] + [scalars, self.rng]
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "AdapterState":
+        """The same structure holding `tensors` (laid out as :meth:`tensors` returns them)."""
+        it = iter(tensors)
+        weights = {p: (next(it), next(it)) for p in self.weights}
+        grads = [next(it) for _ in self.grads]
+        exp_avg = [next(it) for _ in self.optimizer["exp_avg"]]
+        exp_avg_sq = [next(it) for _ in self.optimizer["exp_avg_sq"]]
+        step, position = next(it).tolist()
+        return AdapterState(weights, grads, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
+                            position, next(it))
+
+    def to(self, device: torch.device | str) -> "AdapterState":
+        moved = [t.to(device) for t in self.tensors()]
+        moved[-1] = moved[-1].cpu()  # generator states live on the CPU
+        return self.with_tensors(moved)
+
+
 class Trainer:
+    """Steps the running adapters held in its model (with rank-local adapter parallelism: the
+    adapters placed on this rank; the registry lists every adapter of the run)."""
+
     def __init__(self, model: MultiLoraModel, registry: Registry, data: dict[str, DataStream],
                  pad_id: int, device: torch.device | str = "cpu"):
         self.model = model
@@ -72,54 +110,57 @@ class Trainer:
         self.pad_id = pad_id
         self.device = torch.device(device)
         self.optimizer = MultiAdamW()
-        self.samples_budget = 0  # most samples per step seen: what "grow" refills to
-        self.retired: dict[str, dict] = {}  # weights of adapters taken out of the model
+        self.retired: dict[str, AdapterState] = {}  # adapters taken out of the model (on the CPU)
 
-    def admit(self, adapter: Adapter) -> None:
-        """Puts a queued adapter into the model with fresh weights and its own optimizer."""
+    def running(self) -> list[Adapter]:
+        """The running adapters this trainer holds, in registry order."""
+        return [a for a in self.registry.with_status(Status.RUNNING) if a.id in self.model.configs]
+
+    def admit(self, adapter: Adapter, state: AdapterState | None = None) -> None:
+        """Puts an adapter into the model: fresh weights and optimizer, or a saved/migrated state."""
         if adapter.id not in self.data:
             raise ValueError(f"adapter {adapter.id!r} has no data stream")
         self.model.add_adapter(adapter.id, adapter.config)
         self.optimizer.add(adapter.id, self.model.adapter_tensors(adapter.id)[0], adapter.config.weight_decay)
+        if state is not None:
+            self.model.load_adapter_weights(adapter.id, state.weights)
+            self.model.load_adapter_grads(adapter.id, state.grads)
+            self.optimizer.load(adapter.id, state.optimizer)
+            self.data[adapter.id].position = state.data_position
+            self.model.generators[adapter.id].set_state(state.rng)
         adapter.status = Status.RUNNING
 
+    def export_state(self, adapter_id: str) -> AdapterState:
+        """Copies of the adapter's state, on the model's device."""
+        values, grads = self.model.adapter_tensors(adapter_id)
+        return AdapterState(self.model.adapter_weights(adapter_id),
+                            [torch.zeros_like(v) if g is None else g.clone() for v, g in zip(values, grads)],
+                            self.optimizer.state(adapter_id), self.data[adapter_id].position,
+                            self.model.generators[adapter_id].get_state())
+
+    def release(self, adapter_id: str) -> AdapterState:
+        """Takes an adapter out of the model and optimizer, returning its whole state."""
+        state = self.export_state(adapter_id)
+        self.model.remove_adapter(adapter_id)
+        self.optimizer.remove(adapter_id)
+        return state
+
     def retire(self, adapter: Adapter, status: Status, reason: str | None = None) -> None:
-        """Takes an adapter out of the model, keeping its weights and optimizer state."""
-        self.retired[adapter.id] = {
-            "weights": self.model.remove_adapter(adapter.id),
-            "optimizer": self.optimizer.remove(adapter.id),
-        }
+        """Takes an adapter out of the model for good, keeping its state (nothing is lost)."""
+        self.retired[adapter.id] = self.release(adapter.id).to("cpu")
         adapter.status = status
         adapter.failure = reason
 
-    def fill_slots(self, max_running: int | None, policy: str = "admit") -> list[Adapter]:
-        """Capacity reclaim, between steps: admit queued adapters into free slots; with policy
-        "grow" and nobody queued, hand the samples per step that departed adapters freed to the
-        survivors, round-robin, back up to the most samples per step seen. Returns the admitted."""
-        running = self.registry.with_status(Status.RUNNING)
-        slots = (max_running or len(self.registry)) - len(running)
-        admitted = []
-        for adapter in self.registry.with_status(Status.QUEUED)[: max(0, slots)]:
-            self.admit(adapter)
-            admitted.append(adapter)
-        running = self.registry.with_status(Status.RUNNING)
-        if policy == "grow" and running and not self.registry.with_status(Status.QUEUED):
-            budget = self.samples_budget - sum(a.micro_batch_size for a in running)
-            for i in range(max(0, budget)):
-                running[i % len(running)].extra_batch += 1
-        return admitted
-
     def step(self) -> dict[str, float]:
         """One micro-step of every running adapter; returns each one's loss."""
-        running = self.registry.with_status(Status.RUNNING)
+        running = self.running()
         if not running:
             return {}
-        self.samples_budget = max(self.samples_budget, sum(a.micro_batch_size for a in running))
         batches = [self.data[a.id].next_batch(a.micro_batch_size) for a in running]
         flat = [s for b in batches for s in b]
         ids, mask, labels = (t.to(self.device) for t in pad_batch(flat, self.pad_id))
         plan = plan_for(self.model, [a.id for a in running], [len(b) for b in batches], ids.shape[1],
-                        self.device)
+                        self.device, [max(len(s) for s in b) for b in batches])
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
             logits = self.model(ids, mask, plan)

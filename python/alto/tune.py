@@ -6,6 +6,7 @@ leaderboard.csv, losses.png, adapters/<id>/ (PEFT format).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -20,11 +21,22 @@ from alto import data as data_mod
 from alto.export import save_peft_adapter
 from alto.model import MultiLoraModel, plan_for
 from alto.monitor import Monitor
+from alto.parallel import Group, adapter_cost, launch, place, rank_loads, rebalance
 from alto.registry import Registry, Status
+from alto.sched.estimate import ModelShape
 from alto.sweep import Sweep, parse_sweep
 from alto.train import DataStream, Trainer, pad_batch, per_adapter_losses
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _quiet(*_) -> None:
+    """The log of ranks other than 0."""
+
+
+def device_type(sweep: Sweep) -> str:
+    d = sweep.device
+    return "cuda" if d == "cuda" or (d == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def smollm2_dir() -> str:
@@ -65,11 +77,20 @@ def load_model(spec, device: torch.device):
 
 
 class SweepRun:
-    def __init__(self, sweep: Sweep, run_dir: Path):
+    """One sweep on one rank. With several ranks (rank-local adapter parallelism, alto.parallel)
+    every rank loads the same base model and data and keeps the same registry (statuses, losses:
+    merged from a gather after every step); each adapter is trained on the one rank that holds it;
+    rank 0 takes the decisions (stops, admissions, migrations) and broadcasts them, and writes every
+    file of the run folder."""
+
+    def __init__(self, sweep: Sweep, run_dir: Path, group: Group | None = None):
         self.sweep, self.run_dir = sweep, run_dir
-        d = sweep.device
-        self.device = torch.device("cuda" if d == "cuda" or (d == "auto" and torch.cuda.is_available()) else "cpu")
+        self.group = group or Group()
+        self.device = torch.device("cpu")
+        if device_type(sweep) == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
         base, self.tokenizer, self.pad_id, eos = load_model(sweep.model, self.device)
+        self.shape = ModelShape.from_hf_config(base.config)
         texts = data_mod.load_texts(sweep.data["source"], sweep.data.get("path"))
         if sweep.data["limit"]:
             texts = texts[: sweep.data["limit"]]
@@ -84,116 +105,220 @@ class SweepRun:
             random.Random(cfg.seed).shuffle(order)  # each adapter its own data order
             streams[aid] = DataStream(order)
         self.trainer = Trainer(self.model, self.registry, streams, self.pad_id, self.device)
-        self.monitor = Monitor(sweep.monitor) if sweep.monitor else None
+        self.monitor = Monitor(sweep.monitor) if sweep.monitor else None  # used on rank 0 only
+        self.owner: dict[str, int] = {}  # running adapter -> the rank training it (same on every rank)
         self.micro_steps = 0
+        self.samples_budget = 0  # most samples per step seen: what reclaim "grow" refills to
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def checkpoint(self) -> None:
+    def _collect_retired(self) -> None:
+        """Moves the states of adapters retired on other ranks to rank 0 (collective)."""
         t = self.trainer
+        got = self.group.gather({} if self.group.is_leader else t.retired)
+        if self.group.is_leader:
+            for part in got[1:]:
+                t.retired.update(part)
+        else:
+            t.retired.clear()
+
+    def checkpoint(self) -> None:
+        """Writes checkpoint.pt atomically (collective: every rank sends its adapters to rank 0)."""
+        t = self.trainer
+        self._collect_retired()
+        running = self.group.gather({a.id: t.export_state(a.id).to("cpu") for a in t.running()})
+        if not self.group.is_leader:
+            return
+        states = {**t.retired, **{k: v for part in running for k, v in part.items()}}
         adapters = {}
         for a in self.registry:
-            entry = {"status": a.status.value, "step": a.step, "micro_step": a.micro_step, "losses": a.losses,
-                     "eval_losses": a.eval_losses, "failure": a.failure, "position": t.data[a.id].position,
-                     "extra_batch": a.extra_batch}
-            if a.status == Status.RUNNING:
-                entry["weights"] = self.model.adapter_weights(a.id)
-                entry["optimizer"] = t.optimizer.state(a.id)
-            elif a.id in t.retired:
-                entry.update(t.retired[a.id])
-            adapters[a.id] = entry
-        state = {"micro_steps": self.micro_steps, "adapters": adapters, "rng": torch.get_rng_state(),
-                 "monitor": (self.monitor.rungs, self.monitor.log) if self.monitor else None,
-                 "samples_budget": t.samples_budget,
-                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
+            adapters[a.id] = {"status": a.status.value, "step": a.step, "micro_step": a.micro_step,
+                              "losses": a.losses, "eval_losses": a.eval_losses, "failure": a.failure,
+                              "extra_batch": a.extra_batch, "state": states.get(a.id)}
+        state = {"micro_steps": self.micro_steps, "adapters": adapters, "samples_budget": self.samples_budget,
+                 "monitor": (self.monitor.rungs, self.monitor.log) if self.monitor else None}
         tmp = self.run_dir / "checkpoint.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.run_dir / "checkpoint.pt")
 
     def restore(self) -> None:
-        state = torch.load(self.run_dir / "checkpoint.pt", weights_only=False)
+        """Continues from checkpoint.pt, on any number of ranks (running adapters are placed anew)."""
+        state = torch.load(self.run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
         self.micro_steps = state["micro_steps"]
+        self.samples_budget = state["samples_budget"]
         if self.monitor:
             self.monitor.rungs, self.monitor.log = state["monitor"]
-        t = self.trainer
-        t.samples_budget = state["samples_budget"]
+        running = []
         for aid, entry in state["adapters"].items():
             a = self.registry[aid]
             a.step, a.micro_step, a.losses, a.failure = entry["step"], entry["micro_step"], entry["losses"], entry["failure"]
             a.extra_batch, a.eval_losses = entry["extra_batch"], entry["eval_losses"]
-            t.data[aid].position = entry["position"]
-            status = Status(entry["status"])
-            if status == Status.RUNNING:
-                t.admit(a)
-                self.model.load_adapter_weights(aid, entry["weights"])
-                t.optimizer.load(aid, entry["optimizer"])
-            elif "weights" in entry:
-                t.retired[aid] = {"weights": entry["weights"], "optimizer": entry["optimizer"]}
-            a.status = status
+            a.status = Status(entry["status"])
+            if a.status == Status.RUNNING:
+                running.append(a)
+            elif entry["state"] is not None and self.group.is_leader:
+                self.trainer.retired[aid] = entry["state"]
+        costs = self.costs(running)
+        self.owner = place([a.id for a in running], costs, [0.0] * self.group.world)
+        for a in running:
+            if self.owner[a.id] == self.group.rank:
+                self.trainer.admit(a, state["adapters"][a.id]["state"].to(self.device))
         # A killed run may have logged micro-steps after its last checkpoint: they are redone.
         for name in ("losses.csv", "decisions.csv"):
             log_path = self.run_dir / name
-            if log_path.exists():
+            if log_path.exists() and self.group.is_leader:
                 with open(log_path, newline="") as f:
                     rows = list(csv.reader(f))
                 with open(log_path, "w", newline="") as f:
                     csv.writer(f).writerows(rows[:1] + [r for r in rows[1:] if int(r[0]) <= self.micro_steps])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    # ---- decisions (rank 0) and their application (every rank) -----------------------------------
+    def costs(self, adapters) -> dict[str, float]:
+        return {a.id: adapter_cost(a, self.sweep.data["max_length"], self.shape) for a in adapters}
+
+    def plan(self, decide: bool) -> dict:
+        """Rank 0's decisions after a step: the monitor's stops, then capacity reclaim (queued
+        adapters into free slots, placed on the least-loaded ranks; with reclaim "grow" and nobody
+        queued, the survivors' micro-batches grow back to the most samples per step seen), then
+        migrations that even out the ranks' work."""
+        sweep, world = self.sweep, self.group.world
+        stops = self.monitor_decisions() if decide else []
+        stopped = {d.adapter for d in stops}
+        running = [a for a in self.registry.with_status(Status.RUNNING) if a.id not in stopped]
+        queued = self.registry.with_status(Status.QUEUED)
+        slots = (sweep.max_running * world if sweep.max_running else len(self.registry)) - len(running)
+        admit = queued[: max(0, slots)]
+        grow: dict[str, int] = {}
+        if sweep.reclaim == "grow" and running + admit and len(admit) == len(queued):
+            members = running + admit
+            for i in range(max(0, self.samples_budget - sum(a.micro_batch_size for a in members))):
+                aid = members[i % len(members)].id
+                grow[aid] = grow.get(aid, 0) + 1
+        owner = {aid: r for aid, r in self.owner.items() if aid not in stopped}
+        costs = self.costs(running + admit)
+        for aid, n in grow.items():  # grown micro-batches cost more
+            a = self.registry[aid]
+            costs[aid] *= (a.micro_batch_size + n) / a.micro_batch_size
+        placed = place([a.id for a in admit], costs, rank_loads(owner, costs, world))
+        moves = rebalance({**owner, **placed}, costs, world) if world > 1 else []
+        return {"stops": stops, "admit": placed, "grow": grow, "moves": moves}
+
+    def apply(self, plan: dict, log, decisions) -> None:
+        rank, t = self.group.rank, self.trainer
+        for d in plan["stops"]:
+            a = self.registry[d.adapter]
+            if self.owner.pop(a.id) == rank:
+                t.retire(a, Status.STOPPED_EARLY, d.reason)
+            else:
+                a.status, a.failure = Status.STOPPED_EARLY, d.reason
+            if decisions is not None:
+                decisions.writerow([self.micro_steps, d.adapter, d.micro_step, d.rule, d.reason])
+            log(f"  stop {d.adapter}: {d.reason}")
+        for aid, n in plan["grow"].items():
+            self.registry[aid].extra_batch += n
+        for aid, r in plan["admit"].items():
+            a = self.registry[aid]
+            self.owner[aid] = r
+            if r == rank:
+                t.admit(a)
+            else:
+                a.status = Status.RUNNING
+            log(f"  admit {aid} on rank {r}" if self.group.world > 1 else f"  admit {aid} into a freed slot")
+        for aid, src, dst in plan["moves"]:
+            a = self.registry[aid]
+            if rank == src:
+                self.group.send_state(t.release(aid), dst, self.device)
+            elif rank == dst:
+                t.admit(a)  # a fresh copy gives the shapes to receive into
+                t.admit(a, self.group.recv_state(t.release(aid), src, self.device))
+            self.owner[aid] = dst
+            log(f"  move {aid}: rank {src} -> rank {dst}")
+
+    def merge(self, reports: list[dict]) -> dict[str, float]:
+        """Applies every rank's step report to this rank's registry; returns all losses."""
+        losses = {}
+        for part in reports:
+            for aid, r in part.items():
+                a = self.registry[aid]
+                losses[aid] = r["loss"]
+                if self.owner.get(aid) != self.group.rank:  # the owner updated its copy itself
+                    a.losses.append(r["loss"])
+                    a.step, a.micro_step, a.failure = r["step"], r["micro_step"], r["failure"]
+                    a.status = Status(r["status"])
+                    if r["eval"] is not None:
+                        a.eval_losses.append(r["eval"])
+                if a.status != Status.RUNNING:
+                    self.owner.pop(aid)
+        return {a.id: losses[a.id] for a in self.registry if a.id in losses}  # registry order
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None, log=print) -> bool:
         """Trains until every adapter is done (True) or stop_after micro-steps ran (False)."""
-        sweep = self.sweep
-        self.trainer.fill_slots(sweep.max_running, sweep.reclaim)
+        leader = self.group.is_leader
+        if not leader:
+            log = _quiet
         new_log = not (self.run_dir / "losses.csv").exists()
-        with open(self.run_dir / "losses.csv", "a", newline="") as f, \
-                open(self.run_dir / "decisions.csv", "a", newline="") as g:
-            writer, decisions = csv.writer(f), csv.writer(g)
-            if new_log:
-                writer.writerow(["micro_step", "adapter", "step", "loss"])
-                decisions.writerow(["micro_step", "adapter", "adapter_micro_step", "rule", "reason"])
+        with contextlib.ExitStack() as files:
+            writer = decisions = None
+            if leader:
+                f = files.enter_context(open(self.run_dir / "losses.csv", "a", newline=""))
+                g = files.enter_context(open(self.run_dir / "decisions.csv", "a", newline=""))
+                writer, decisions = csv.writer(f), csv.writer(g)
+                if new_log:
+                    writer.writerow(["micro_step", "adapter", "step", "loss"])
+                    decisions.writerow(["micro_step", "adapter", "adapter_micro_step", "rule", "reason"])
+            self.apply(self.group.broadcast(self.plan(decide=False) if leader else None), log, decisions)
             start = time.time()
             while self.registry.with_status(Status.RUNNING):
                 if stop_after is not None and self.micro_steps >= stop_after:
                     return False
-                losses = self.trainer.step()
+                running = self.registry.with_status(Status.RUNNING)
+                self.samples_budget = max(self.samples_budget, sum(a.micro_batch_size for a in running))
+                local = self.trainer.step()
                 self.micro_steps += 1
-                for aid, loss in losses.items():
-                    writer.writerow([self.micro_steps, aid, self.registry[aid].step, f"{loss:.6f}"])
-                for d in self.monitor_decisions():
-                    self.trainer.retire(self.registry[d.adapter], Status.STOPPED_EARLY, d.reason)
-                    decisions.writerow([self.micro_steps, d.adapter, d.micro_step, d.rule, d.reason])
-                    log(f"  stop {d.adapter}: {d.reason}")
-                for a in self.trainer.fill_slots(sweep.max_running, sweep.reclaim):
-                    log(f"  admit {a.id} into a freed slot")
+                losses = self.merge(self.group.all_gather(self.report(local)))
+                if writer is not None:
+                    for aid, loss in losses.items():
+                        writer.writerow([self.micro_steps, aid, self.registry[aid].step, f"{loss:.6f}"])
+                self.apply(self.group.broadcast(self.plan(decide=True) if leader else None), log, decisions)
                 counts = {s: len(self.registry.with_status(s)) for s in Status}
                 finite = [v for v in losses.values() if math.isfinite(v)]
                 log(f"step {self.micro_steps:4d} | running {counts[Status.RUNNING]} | queued "
                     f"{counts[Status.QUEUED]} | finished {counts[Status.FINISHED]} | stopped "
                     f"{counts[Status.STOPPED_EARLY]} | failed {counts[Status.FAILED]} | mean loss "
                     f"{sum(finite) / max(1, len(finite)):.4f} | {time.time() - start:.0f}s")
-                if self.micro_steps % sweep.checkpoint_every == 0:
-                    f.flush()
-                    g.flush()
+                if self.micro_steps % self.sweep.checkpoint_every == 0:
+                    for h in (f, g) if leader else ():
+                        h.flush()
                     self.checkpoint()
         self.checkpoint()
         return True
 
+    def report(self, losses: dict[str, float]) -> dict[str, dict]:
+        """This rank's adapters after a step (and their held-out loss at evaluation points)."""
+        mon = self.sweep.monitor
+        evals = {}
+        if mon is not None and mon.signal == "eval" and self.micro_steps % mon.eval_every == 0:
+            running = self.trainer.running()
+            for a, loss in zip(running, self.held_out_losses(running) if running else []):
+                a.eval_losses.append(loss)
+                evals[a.id] = loss
+        out = {}
+        for aid, loss in losses.items():
+            a = self.registry[aid]
+            out[aid] = {"loss": loss, "step": a.step, "micro_step": a.micro_step, "status": a.status.value,
+                        "failure": a.failure, "eval": evals.get(aid)}
+        return out
+
     def monitor_decisions(self) -> list:
-        """The monitor's stops after this step (with signal eval: only at evaluation points,
-        after a co-located held-out evaluation of every running adapter)."""
+        """The monitor's stops after this step (with signal eval: only at evaluation points)."""
         mon = self.monitor
         if mon is None:
             return []
         running = self.registry.with_status(Status.RUNNING)
         if not running:
             return []
-        if mon.config.signal == "eval":
-            if self.micro_steps % mon.config.eval_every:
-                return []
-            for a, loss in zip(running, self.held_out_losses(running)):
-                a.eval_losses.append(loss)
+        if mon.config.signal == "eval" and self.micro_steps % mon.config.eval_every:
+            return []
         return mon.decide(running)
 
     @torch.no_grad()
@@ -211,7 +336,7 @@ class SweepRun:
     # ---- results ---------------------------------------------------------------------------------
     def final_weights(self, aid: str):
         if aid in self.trainer.retired:
-            return self.trainer.retired[aid]["weights"]
+            return self.trainer.retired[aid].weights
         return self.model.adapter_weights(aid)
 
     @torch.no_grad()
@@ -280,15 +405,18 @@ def plot_losses(registry: Registry, path: Path) -> None:
     plt.close(fig)
 
 
-def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = None, log=print) -> int:
-    """The `alto tune` command. Returns the exit code (2 = bad sweep, nothing written)."""
+def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = None, log=print,
+         nproc: int = 1) -> int:
+    """The `alto tune` command. Returns the exit code (2 = bad sweep, nothing written). nproc > 1
+    runs the sweep on that many local ranks (one GPU each, or CPU processes); under torchrun the
+    ranks come from the environment."""
     try:
         if resume:
             run_dir = Path(resume)
             if not (run_dir / "sweep.yaml").is_file() or not (run_dir / "checkpoint.pt").is_file():
                 raise ValueError(f"--resume: {resume!r} is not a run folder with sweep.yaml and checkpoint.pt")
-            text = (run_dir / "sweep.yaml").read_text()
-            sweep = parse_sweep(text, str(run_dir / "sweep.yaml"))
+            text, source = (run_dir / "sweep.yaml").read_text(), str(run_dir / "sweep.yaml")
+            sweep = parse_sweep(text, source)
         else:
             if sweep_path is None:
                 from alto.sweep import DEFAULT_SWEEP
@@ -308,22 +436,42 @@ def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = No
             data_mod.load_texts("chatterbot")
         if sweep.model == "smollm2":
             smollm2_dir()
+        if not isinstance(nproc, int) or nproc < 1:
+            raise ValueError(f"--nproc={nproc!r} must be an int >= 1")
+        if nproc > 1 and device_type(sweep) == "cuda" and torch.cuda.device_count() < nproc:
+            raise ValueError(f"--nproc={nproc} but only {torch.cuda.device_count()} GPUs are visible")
     except ValueError as e:
         print(f"alto tune: error: {e}", file=sys.stderr)
         return 2
+    args = (text, source, str(run_dir), bool(resume), stop_after)
+    return launch(run_rank, nproc, args)[0] if nproc > 1 else run_rank(*args, log=log)
+
+
+def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int | None, log=print) -> int:
+    """One rank of `alto tune` (the only one without parallelism)."""
+    sweep, run_dir = parse_sweep(text, source), Path(run_dir)
+    group = Group.from_env(device_type(sweep))
     try:
-        run = SweepRun(sweep, run_dir)  # loads model and data: still nothing written
-    except (OSError, ValueError) as e:
-        print(f"alto tune: error: {e}".splitlines()[0], file=sys.stderr)
-        return 2
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        run.restore()
-        log(f"resumed {run_dir} at micro-step {run.micro_steps}")
-    else:
-        (run_dir / "sweep.yaml").write_text(text)
-    log(f"{len(sweep.adapters)} adapters on {run.device} | {len(run.train_seqs)} train / {len(run.eval_seqs)} "
-        f"held-out sequences")
-    if run.run(stop_after, log):
-        run.finish(log)
-    return 0
+        try:
+            run = SweepRun(sweep, run_dir, group)  # loads model and data: still nothing written
+        except (OSError, ValueError) as e:
+            if group.is_leader:
+                print(f"alto tune: error: {e}".splitlines()[0], file=sys.stderr)
+            return 2
+        if group.is_leader:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                (run_dir / "sweep.yaml").write_text(text)
+        else:
+            log = _quiet
+        if resume:
+            run.restore()
+            log(f"resumed {run_dir} at micro-step {run.micro_steps}")
+        ranks = f" x {group.world} ranks" if group.world > 1 else ""
+        log(f"{len(sweep.adapters)} adapters on {run.device}{ranks} | {len(run.train_seqs)} train / "
+            f"{len(run.eval_seqs)} held-out sequences")
+        if run.run(stop_after, log) and group.is_leader:
+            run.finish(log)
+        return 0
+    finally:
+        group.close()

@@ -1,0 +1,159 @@
+"""Rank-local adapter parallelism on the GPUs of one host: the same sweep on 1 GPU and on N GPUs,
+and the baseline users run today (DDP over the whole sweep: every rank holds every adapter,
+trains half of each adapter's samples, and all-reduces every adapter's gradients each step).
+
+Model: random-init Llama with Llama-3.2-1B widths (real shapes; speed does not depend on the
+values), bf16 weights. Sweep: --adapters configs, ranks cycling 8/16/32/64 over all 7
+projections, --batch sequences of --seq tokens per adapter per step. Rank-local placement is
+alto.parallel.place (LPT on alto.sched.estimate FLOPs); a step = Trainer.step() on every rank plus
+the loss gather the monitor needs (what alto tune does). Timed: wall clock of --iters steps after
+--warmup, between barriers. Also reported: the largest relative difference between each
+adapter's losses on N GPUs and on 1 GPU over the timed steps (bf16).
+Run: python bench/bench_parallel.py --gpus 2
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+
+RANKS = [8, 16, 32, 64]
+
+
+def build(args, rank: int, world: int, mode: str):
+    import transformers
+
+    from alto.model import MultiLoraModel
+    from alto.parallel import adapter_cost, place
+    from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig, Registry
+    from alto.sched.estimate import ModelShape
+    from alto.train import DataStream, Trainer
+
+    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                                   num_key_value_heads=8, num_hidden_layers=args.layers, vocab_size=128256,
+                                   max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=True)
+    torch.manual_seed(0)  # every rank: the same frozen base
+    with torch.device("cuda"):
+        base = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+    model = MultiLoraModel(base)
+    # DDP: each rank trains 1/world of every adapter's samples.
+    batch = args.batch // world if mode == "ddp" else args.batch
+    configs = {f"a{i:02d}": AdapterConfig(rank=r, alpha=2 * r, lr=1e-4, micro_batch_size=batch, seed=i,
+                                          target_modules=KNOWN_TARGET_MODULES, max_steps=10**6)
+               for i, r in zip(range(args.adapters), itertools.cycle(RANKS))}
+    gen = torch.Generator().manual_seed(1)
+    streams = {}
+    for aid in configs:
+        seqs = [torch.randint(1, cfg.vocab_size, (args.seq,), generator=gen).tolist() for _ in range(args.batch * 64)]
+        if mode == "ddp":  # rank r takes every world-th sample of the adapter's stream
+            seqs = seqs[rank::world]
+        streams[aid] = DataStream(seqs)
+    reg = Registry()
+    for aid, c in configs.items():
+        reg.add(aid, c)
+    if mode == "ddp":
+        mine = list(configs)
+    else:
+        costs = {a.id: adapter_cost(a, args.seq, ModelShape.from_hf_config(cfg)) for a in reg}
+        mine = [aid for aid, r in place(costs, costs, [0.0] * world).items() if r == rank]
+    trainer = Trainer(model, reg, streams, 0, device="cuda")
+    for aid in sorted(mine):
+        trainer.admit(reg[aid])
+    return trainer, len(mine) * batch * args.seq
+
+
+def all_reduce_adapter_grads(trainer, world: int) -> None:
+    """What DDP does to the adapters: every LoRA gradient summed over ranks (one flat buffer, as
+    DDP's buckets coalesce them), then averaged."""
+    import torch.distributed as dist
+
+    grads = [p.grad for layer in trainer.model.layers.values() for p in (layer.lora_A, layer.lora_B)
+             if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def run_rank(args, mode: str) -> dict:
+    import torch.distributed as dist
+
+    from alto.parallel import Group
+
+    group = Group.from_env("cuda")
+    try:
+        trainer, tokens = build(args, group.rank, group.world, mode)
+        if mode == "ddp":
+            optimizer_steps = trainer._optimizer_steps
+
+            def synced(adapters):  # between backward and the optimizer step, as DDP hooks do
+                all_reduce_adapter_grads(trainer, group.world)
+                optimizer_steps(adapters)
+
+            trainer._optimizer_steps = synced
+        losses: dict[str, list[float]] = {}
+
+        def step():
+            parts = group.all_gather(trainer.step())  # the per-step metric gather of alto tune
+            for aid in sorted({aid for part in parts for aid in part}):
+                # DDP: the mean of the ranks' equal-sized halves is the adapter's loss
+                vals = [part[aid] for part in parts if aid in part]
+                losses.setdefault(aid, []).append(sum(vals) / len(vals))
+
+        for _ in range(args.warmup):
+            step()
+        losses.clear()
+        torch.cuda.synchronize()
+        if group.world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        torch.cuda.synchronize()
+        if group.world > 1:
+            dist.barrier()
+        ms = (time.perf_counter() - t0) / args.iters * 1e3
+        all_tokens = sum(group.all_gather(tokens))
+        peak = max(group.all_gather(torch.cuda.max_memory_allocated() / 2**30))
+        return {"ms": ms, "tokens": all_tokens, "losses": losses, "peak_gib": peak}
+    finally:
+        group.close()
+
+
+def main() -> None:
+    from alto.parallel import launch
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2, help="sequences per adapter per step")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args()
+    if args.batch % args.gpus:
+        raise SystemExit(f"--batch={args.batch} must split evenly over --gpus={args.gpus} for the DDP baseline")
+    print(f"{torch.cuda.get_device_name()} x {torch.cuda.device_count()}, torch {torch.__version__}; Llama-3.2-1B "
+          f"widths, {args.layers} layers, bf16; {args.adapters} adapters (ranks {RANKS}, all 7 projections), "
+          f"{args.batch} x {args.seq} tokens per adapter per step\n")
+    one = launch(run_rank, 1, (args, "rank-local"))[0]
+    rows = [("rank-local", 1, one)]
+    for mode in ("rank-local", "ddp"):
+        rows.append((mode, args.gpus, launch(run_rank, args.gpus, (args, mode))[0]))
+    print("method | GPUs | step ms | tokens/s | speed-up vs 1 GPU | peak GiB/GPU | max loss rel. diff vs 1 GPU")
+    print("--- | --- | --- | --- | --- | --- | ---")
+    base_tps = one["tokens"] / one["ms"]
+    for mode, gpus, r in rows:
+        diff = max(abs(a - b) / abs(b) for aid in one["losses"] for a, b in zip(r["losses"][aid], one["losses"][aid]))
+        print(f"{mode} | {gpus} | {r['ms']:.1f} | {r['tokens'] / r['ms'] * 1e3:,.0f} | "
+              f"{r['tokens'] / r['ms'] / base_tps:.2f}x | {r['peak_gib']:.1f} | {diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()
