@@ -112,7 +112,6 @@ class Job:
     phase: int = 0
     done: float = 0.0  # micro-steps done in the current phase
     alloc: dict[int, int] = field(default_factory=dict)  # GPU -> configs of this job there (0 = held, idle)
-    started: float | None = None
     finished: float | None = None
     attained: float = 0.0  # GPU-seconds held
     queued: float = 0.0  # seconds arrived, unfinished and holding no GPU (preempted time included)

@@ -102,24 +102,21 @@ class Simulator:
         if t < self.now - EPS:
             raise SimulationError(f"time went backwards: {t} < {self.now}")
         predicted = self.step_times()
-        training = 0
+        training: set[int] = set()  # GPUs training in [now, t): stalls end only at events
         for j in self.jobs:
             if not j.alloc:
                 if j.finished is None and j.spec.arrival_s <= self.now:
                     j.queued += t - self.now
                 continue
             j.attained += len(j.alloc) * (t - self.now)
-            run = t - max(self.now, j.stall_until)
-            if run > 0:
+            if self.now >= j.stall_until:
                 actual = predicted[j.name] * j.true_ratio
-                j.done += run / actual
+                j.done += (t - self.now) / actual
                 j.estimate.set_prediction(predicted[j.name])
                 j.estimate.observe(actual)
-                busy = sum(1 for k in j.alloc.values() if k)
-                self.result.busy_gpu_s += busy * run
-            if self.now >= j.stall_until:
-                training += sum(1 for k in j.alloc.values() if k)
-        self.result.timeline.append((self.now, training))
+                training.update(g for g, k in j.alloc.items() if k)
+        self.result.busy_gpu_s += len(training) * (t - self.now)
+        self.result.timeline.append((self.now, len(training)))
         self.now = t
 
     def apply(self, plan: Allocation) -> None:
@@ -130,8 +127,6 @@ class Simulator:
             new = plan.get(j.name, {})
             if new == j.alloc:
                 continue
-            if new and not j.alloc:
-                j.started = self.now if j.started is None else j.started
             if new and set(new) <= set(j.alloc):  # only gives GPUs back: its survivors move
                 j.stall_until = max(j.stall_until, self.now + self.migrate_s)
             elif new:  # a GPU it did not hold loads the base model
