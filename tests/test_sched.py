@@ -149,7 +149,7 @@ def test_simulator_invariants_on_the_sample_trace(policy):
     assert all(j.finished is not None and j.finished >= j.spec.arrival_s for j in r.jobs)
     assert len(r.jobs) == len(tasks)
     times = [t for t, _ in r.timeline]
-    assert times == sorted(times)
+    assert times == sorted(times) and times[-1] == max(j.finished for j in r.jobs)  # ends with the last job
     assert all(0 <= busy <= 8 for _, busy in r.timeline)
     assert 0 < r.utilization <= 1
     # No job finishes faster than alone on its GPUs (minus the noise factor it drew).

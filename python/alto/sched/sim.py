@@ -188,8 +188,8 @@ class Simulator:
                     j.finished, j.alloc = self.now, {}
             present = [x for x in self.jobs if x.finished is None and x.spec.arrival_s <= self.now]
             self.apply(self.policy.plan(self.now, present, self.gpus, self.workload))
-            for x in self.jobs:  # every rate may have changed: invalidate and re-push
-                x.version += 1 if x.alloc else 0
+            for x in self.jobs:  # every rate may have changed (or the job ended): invalidate, re-push
+                x.version += 1
             self.schedule_events()
             if not self.heap and any(x.finished is None for x in self.jobs):
                 waiting = [x.name for x in self.jobs if x.finished is None]
