@@ -35,3 +35,195 @@ def test_adapter_step_flops_positive_deterministic_monotone():
     assert 0.9 < f / (4 * 512 * LLAMA3_8B.matmul_params()) < 1.1
     with pytest.raises(ValueError, match="seq_len"):
         adapter_step_flops(base, 0, LLAMA3_8B)
+
+
+def test_estimate_error_on_measured_h100_steps():
+    rows = {(r.kind, r.adapters): r for r in estimate.error_report()}
+    assert len(rows) == 9
+    fitted = [abs(r.fitted_ms - r.measured_ms) / r.measured_ms for r in rows.values() if r.kind != "loop"]
+    assert max(fitted) < 0.25  # in-sample, every base/alto configuration
+    # Held out, the interpolated configuration (8 adapters) and the large ones stay within 30%.
+    for key in [("base", 8), ("base", 32), ("alto", 8), ("alto", 32)]:
+        assert abs(rows[key].held_out_error) < 0.3, rows[key]
+    m = estimate.default_model()
+    assert 300e12 < 1 / m.seconds_per_flop < 989e12  # below the H100's peak, above a third of it
+
+
+def test_job_estimate_learns_the_ratio_online():
+    est = estimate.JobEstimate(predicted_step_s=1.0, smoothing=0.5)
+    for _ in range(20):
+        est.observe(1.5)
+    assert est.step_seconds == pytest.approx(1.5, rel=1e-3)
+    est.set_prediction(2.0)  # fewer configs now: the job's own bias carries over
+    assert est.remaining_seconds(10) == pytest.approx(30.0, rel=1e-3)
+    with pytest.raises(ValueError, match="measured_step_seconds"):
+        est.observe(0.0)
+
+
+def test_intra_plan_never_exceeds_memory_random_configs():
+    import random
+
+    from alto.sched.intra import plan_task
+
+    rng = random.Random(0)
+    for trial in range(25):
+        configs = [AdapterConfig(rank=rng.choice([4, 8, 16, 64, 256]), micro_batch_size=rng.choice([1, 2, 4, 8]),
+                                 grad_accum=rng.choice([1, 2]), max_steps=rng.randint(5, 50),
+                                 target_modules=tuple(rng.sample(KNOWN_TARGET_MODULES, rng.randint(1, 7))))
+                   for _ in range(rng.randint(1, 12))]
+        plan = plan_task(configs, rng.choice([256, 512, 1024]), LLAMA3_8B, rng.choice(["H100", "A100", "H200"]))
+        assert sorted(plan.admission_order) == list(range(len(configs)))
+        assert plan.peak_bytes <= plan.capacity_bytes
+        for e in plan.entries:  # memory at every admission instant, from the timeline itself
+            live = plan.running_at(e.start_s)
+            assert plan.base_bytes + sum(x.bytes for x in live) <= plan.capacity_bytes
+            c = configs[e.index]  # the effective batch is preserved
+            assert e.micro_batch_size * e.grad_accum == c.micro_batch_size * c.grad_accum
+
+
+def test_intra_plan_shrinks_micro_batch_and_orders_longest_first():
+    from alto.sched.intra import plan_task
+
+    big = AdapterConfig(rank=16, micro_batch_size=8, max_steps=10, target_modules=KNOWN_TARGET_MODULES)
+    short = AdapterConfig(rank=16, micro_batch_size=2, max_steps=5, target_modules=KNOWN_TARGET_MODULES)
+    # At micro-batch 8 the two big configs and the short one need 94 GB of the H100's 68 usable.
+    plan = plan_task([short, big, big], 512, LLAMA3_8B, "H100")
+    assert plan.admission_order[-1] == 0  # the longer configs first
+    shrunk = [e for e in plan.entries if e.micro_batch_size < 8 and e.index > 0]
+    assert shrunk and all(e.micro_batch_size * e.grad_accum == 8 for e in shrunk)
+    assert all(e.start_s == 0 for e in plan.entries)  # after shrinking, all three fit together
+    tiny = ModelShape(64, 2, 128, 4, 2, 100)
+    with pytest.raises(ValueError, match="empty"):
+        plan_task([], 512, tiny)
+
+
+# --- cluster simulator -----------------------------------------------------------------------------
+
+def _tasks(rows):
+    from alto.sched.trace import TraceTask
+
+    return [TraceTask(*r) for r in rows]
+
+
+def test_sjf_beats_fifo_when_a_short_task_queues_behind_a_long_one():
+    from alto.sched.sim import simulate
+
+    # One GPU: task a runs; b (long) and c (short) arrive while it does. SJF runs c before b.
+    tasks = _tasks([(0, "a", "qwen2-0.5b", 1, 4_000_000, 1), (10, "b", "qwen2-0.5b", 1, 8_000_000, 1),
+                    (20, "c", "qwen2-0.5b", 1, 400_000, 1)])
+    fifo, sjf = (simulate(tasks, p, gpus=1, noise=0.0) for p in ("fifo", "sjf"))
+    order = lambda r: [j.name for j in sorted(r.jobs, key=lambda j: j.finished)]
+    assert order(fifo) == ["a", "b", "c"] and order(sjf) == ["a", "c", "b"]
+    assert sjf.jct.mean() < fifo.jct.mean()
+    assert sjf.makespan == pytest.approx(fifo.makespan)
+
+
+def test_alto_packs_two_same_base_tasks_on_one_gpu():
+    from alto.sched.sim import simulate
+
+    # One GPU busy with a long task; a short task of the same base model joins it instead of waiting.
+    tasks = _tasks([(0, "long", "qwen2-0.5b", 2, 20_000_000, 1), (60, "short", "qwen2-0.5b", 2, 1_000_000, 1)])
+    alto, fifo = (simulate(tasks, p, gpus=1, noise=0.0) for p in ("alto", "fifo"))
+    short = {r.policy: next(j for j in r.jobs if j.name == "short") for r in (alto, fifo)}
+    assert short["alto"].queued == 0.0 and short["fifo"].queued > 0
+    assert alto.jct.mean() < fifo.jct.mean()
+
+
+def test_alto_reclaims_gpus_freed_by_early_termination():
+    from alto.sched.sim import simulate
+
+    # 4 configs on 4 GPUs; after the rungs 1 survives, so 3 GPUs go to the waiting task.
+    tasks = _tasks([(0, "sweep", "llama-3.2-1b", 4, 40_000_000, 4), (5, "next", "qwen2-7b", 2, 2_000_000, 2)])
+    alto, fifo = (simulate(tasks, p, gpus=4, noise=0.0) for p in ("alto", "fifo"))
+    nxt = {r.policy: next(j for j in r.jobs if j.name == "next") for r in (alto, fifo)}
+    assert nxt["alto"].finished < nxt["fifo"].finished
+    assert alto.utilization > fifo.utilization
+
+
+@pytest.mark.parametrize("policy", ["alto", "fifo", "sjf", "tiresias"])
+def test_simulator_invariants_on_the_sample_trace(policy):
+    from alto.sched import sim, trace
+
+    tasks = trace.load_alto(trace.sample_path())
+    r = sim.simulate(tasks, policy, gpus=8)  # placement and time checks raise inside on a violation
+    assert all(j.finished is not None and j.finished >= j.spec.arrival_s for j in r.jobs)
+    assert len(r.jobs) == len(tasks)
+    times = [t for t, _ in r.timeline]
+    assert times == sorted(times) and times[-1] == max(j.finished for j in r.jobs)  # ends with the last job
+    assert all(0 <= busy <= 8 for _, busy in r.timeline)
+    assert 0 < r.utilization <= 1
+    # No job finishes faster than alone on its GPUs (minus the noise factor it drew).
+    w = sim.Workload()
+    for j in r.jobs:
+        alone = w.duration(j.shape, j.spec.configs, j.spec.tokens, j.spec.gpus) * j.true_ratio
+        assert j.finished - j.spec.arrival_s >= alone * 0.99
+
+
+def test_simulator_rejects_a_double_booking_policy():
+    from alto.sched.inter import ExclusivePolicy
+    from alto.sched.sim import SimulationError, Simulator
+
+    class Greedy(ExclusivePolicy):  # places every task on GPU 0
+        def plan(self, now, jobs, gpus, workload):
+            return {j.name: {0: j.active} for j in jobs}
+
+    tasks = _tasks([(0, "a", "qwen2-0.5b", 1, 1_000_000, 1), (1, "b", "qwen2-0.5b", 1, 1_000_000, 1)])
+    with pytest.raises(SimulationError, match="double-booked"):
+        Simulator(tasks, Greedy("greedy", None, False, False), gpus=2).run()
+
+
+# --- trace loaders and the CLI ---------------------------------------------------------------------
+
+def test_trace_loaders_alto_philly_pai(tmp_path):
+    from alto.sched import trace
+
+    (tmp_path / "t.csv").write_text("arrival_s,task,base_model,configs,tokens,gpus\n5,b,qwen2-7b,4,1000,2\n"
+                                    "0,a,llama-3-8b,8,2000,1\n")
+    assert [t.task for t in trace.load(tmp_path / "t.csv")] == ["a", "b"]
+    philly = [{"status": "Pass", "vc": "vc1", "jobid": "app_1", "user": "u1", "submitted_time": "2017-10-03 02:00:00",
+               "attempts": [{"start_time": "2017-10-03 02:10:00", "end_time": "2017-10-03 03:10:00",
+                             "detail": [{"ip": "m1", "gpus": ["gpu0", "gpu1"]}]}]},
+              {"status": "Killed", "vc": "vc1", "jobid": "app_2", "user": "u1", "submitted_time": "2017-10-03 02:05:00",
+               "attempts": []}]
+    (tmp_path / "cluster_job_log.json").write_text(__import__("json").dumps(philly))
+    (task,) = trace.load(tmp_path / "cluster_job_log.json", "philly")
+    assert (task.task, task.gpus, task.arrival_s) == ("app_1", 2, 0.0)
+    w = trace.Workload()
+    alone = w.duration(trace.base_shape(task.base_model), task.configs, task.tokens, task.gpus)
+    assert alone == pytest.approx(3600, rel=0.02)  # the recorded hour of run time is kept
+    (tmp_path / "philly.csv").write_text("jobid,submitted_time,num_gpus,duration\nj1,100,4,600\nj2,40,1,60\n")
+    assert [(t.task, t.arrival_s, t.gpus) for t in trace.load(tmp_path / "philly.csv", "philly")] == \
+        [("j2", 0.0, 1), ("j1", 60.0, 4)]
+    (tmp_path / "pai_job_table.csv").write_text("j1,i1,u1,Terminated,1000,4600\nj2,i2,u2,Failed,1100,1200\n"
+                                                "j3,i3,u2,Terminated,1200,1800\n")
+    (tmp_path / "pai_task_table.csv").write_text("j1,worker,2,Terminated,1000,4600,600,29,100,V100\n"
+                                                 "j2,worker,1,Failed,1100,1200,600,29,100,V100\n"
+                                                 "j3,tensorflow,1,Terminated,1200,1800,600,29,50,T4\n")
+    pai = trace.load(tmp_path / "pai_job_table.csv", "pai")
+    assert [(t.task, t.arrival_s, t.gpus) for t in pai] == [("j1", 0.0, 2), ("j3", 200.0, 1)]
+
+
+@pytest.mark.parametrize("content,match", [
+    ("arrival_s,task,base_model,configs,tokens\n0,a,llama-3-8b,1,1\n", "missing column"),
+    ("arrival_s,task,base_model,configs,tokens,gpus\n-1,a,llama-3-8b,1,1,1\n", "arrival_s"),
+    ("arrival_s,task,base_model,configs,tokens,gpus\n0,a,gpt-5,1,1,1\n", "base_model"),
+    ("arrival_s,task,base_model,configs,tokens,gpus\n0,a,llama-3-8b,1,1,99\n", "more than the cluster"),
+])
+def test_cli_simulate_bad_input_exits_2(tmp_path, capsys, content, match):
+    from alto.cli import main
+
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    assert main(["simulate", str(path), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+    assert main(["simulate", str(tmp_path / "missing.csv")]) == 2
+
+
+def test_cli_simulate_sample_writes_table_and_png(tmp_path, capsys):
+    from alto.cli import main
+
+    assert main(["simulate", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert all(p in out for p in ("alto |", "fifo |", "sjf |", "tiresias |"))
+    assert (tmp_path / "simulate.png").stat().st_size > 10_000

@@ -60,6 +60,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return tune(args.sweep, args.resume, args.stop_after, nproc=args.nproc)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Replays a trace under our policy and the baselines; prints one table, writes a PNG."""
+    from importlib import resources
+    from pathlib import Path
+
+    from alto.sched import sim, trace
+
+    try:
+        if args.trace is None:
+            with resources.as_file(trace.sample_path()) as path:
+                tasks = trace.load(path, "alto")
+        else:
+            tasks = trace.load(args.trace, args.format)
+        if args.gpus < 1:
+            raise ValueError(f"--gpus={args.gpus} must be >= 1")
+        results = sim.compare(tasks, args.gpus)
+    except ValueError as e:  # TraceError included
+        print(f"alto simulate: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(tasks)} tasks on {args.gpus} H100 GPUs")
+    print(sim.format_table(results))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sim.plot(results, out / "simulate.png")
+    print(f"wrote {out / 'simulate.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alto", description="Co-located multi-LoRA training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
                       help="ranks on this host (one GPU each, or CPU processes): adapters are spread "
                            "over them, each trained whole on one rank (default 1; torchrun works too)")
     tune.set_defaults(func=cmd_tune)
+    simulate = sub.add_parser("simulate", help="replay a job trace under ALTO's scheduler and FIFO/SJF/Tiresias")
+    simulate.add_argument("trace", nargs="?", help="trace file (default: the shipped sample trace)")
+    simulate.add_argument("--gpus", type=int, default=8, help="GPUs in the cluster (default 8)")
+    simulate.add_argument("--out", default=".", help="folder for simulate.png (default: .)")
+    simulate.add_argument("--format", choices=("alto", "philly", "pai"), default="alto",
+                          help="alto CSV, Philly job log (JSON or CSV) or PAI pai_job_table.csv")
+    simulate.set_defaults(func=cmd_simulate)
     args = parser.parse_args(argv)
     return args.func(args)
 

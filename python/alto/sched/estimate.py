@@ -340,3 +340,7 @@ class JobEstimate:
 
     def remaining_seconds(self, steps_left: float) -> float:
         return max(0.0, steps_left) * self.step_seconds
+
+
+if __name__ == "__main__":  # the error report recorded in bench/RESULTS.md: python -m alto.sched.estimate
+    print(format_error_report(error_report(), default_model()))

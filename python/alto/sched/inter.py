@@ -1,0 +1,234 @@
+"""Inter-task scheduling: which tuning tasks run on which GPUs of a cluster.
+
+A tuning task = N configs of one base model, each trained on the same number of tokens; early
+termination (ASHA-like) keeps ``keep`` of the field at each rung, so a task's work is a list of
+phases (active configs, micro-steps). A task on g GPUs spreads its active configs evenly; a GPU
+steps its configs together (the calibrated :class:`StepTimeModel`), in waves if they exceed its
+memory. Every policy sees the same cluster and the same task work (:class:`Workload`).
+
+Policies (``plan`` returns every running task's allocation, GPU -> configs there):
+
+- ``fifo``: arrival order, each task holds its asked GPUs until it ends, no skipping.
+- ``sjf``: shortest predicted duration first, non-preemptive, skips tasks that do not fit.
+- ``tiresias``: 2D least-attained-service (GPU-seconds) in discretised queues, FIFO inside a queue,
+  preemptive (Tiresias, NSDI'19, without its placement-profile part).
+- ``alto``: shortest predicted remaining time first with backfilling; a running task gives back GPUs
+  its surviving configs no longer need (capacity reclaim, re-planned at every rung); a task may
+  join GPUs that already hold its base model (one backbone for several tasks' adapters) when memory
+  allows and it is predicted to finish before the tasks there. Non-preemptive.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig
+from alto.sched.estimate import (REFERENCE_GPU, GPUType, JobEstimate, ModelShape, StepTimeModel, default_model,
+                                 gpu_type)
+from alto.sched.memory import DEFAULT_MARGIN, adapter_bytes, base_bytes, capacity_bytes
+
+if TYPE_CHECKING:
+    from alto.sched.trace import TraceTask
+
+# Base models a trace may name (sizes from their HF configs).
+BASE_MODELS: dict[str, ModelShape] = {
+    "llama-3-8b": ModelShape(4096, 32, 14336, 32, 8, 128256),
+    "mistral-7b": ModelShape(4096, 32, 14336, 32, 8, 32768),
+    "qwen2-7b": ModelShape(3584, 28, 18944, 28, 4, 152064),
+    "llama-3.2-1b": ModelShape(2048, 16, 8192, 32, 8, 128256, tied_embeddings=True),
+    "qwen2-0.5b": ModelShape(896, 24, 4864, 14, 2, 151936, tied_embeddings=True),
+}
+
+
+def base_shape(name: str) -> ModelShape:
+    try:
+        return BASE_MODELS[name]
+    except KeyError:
+        raise ValueError(f"base model {name!r} is unknown; known: {', '.join(BASE_MODELS)}") from None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How trace tasks turn into LoRA work on one GPU type (the same for every policy)."""
+
+    gpu: GPUType = field(default_factory=lambda: gpu_type(REFERENCE_GPU))
+    seq_len: int = 512
+    config: AdapterConfig = AdapterConfig(rank=16, micro_batch_size=2, target_modules=KNOWN_TARGET_MODULES)
+    rungs: tuple[float, ...] = (0.25, 0.5)  # fractions of a config's micro-steps where the field shrinks
+    keep: float = 0.5  # fraction of the active configs that survive a rung
+    margin: float = DEFAULT_MARGIN
+    share_slowdown: float = 0.05  # each extra task on a GPU slows its step by this (batch mixing, bookkeeping)
+    model: StepTimeModel = field(default_factory=default_model)
+
+    def micro_steps(self, tokens: int) -> int:
+        return max(1, math.ceil(tokens / (self.config.micro_batch_size * self.seq_len)))
+
+    def phases(self, configs: int, tokens: int) -> list[tuple[int, int]]:
+        """(active configs, micro-steps) from start to end, early termination at the rungs."""
+        total, out, done, n = self.micro_steps(tokens), [], 0, configs
+        for frac in self.rungs:
+            at = round(total * frac)
+            if at > done:
+                out.append((n, at - done))
+                done = at
+            n = max(1, math.ceil(n * self.keep))
+        out.append((n, total - done))
+        return [p for p in out if p[1] > 0]
+
+    def config_bytes(self, shape: ModelShape) -> int:
+        return adapter_bytes(self.config, self.seq_len, shape)
+
+    def max_configs(self, shape: ModelShape) -> int:
+        """Configs of one base model that fit on one GPU at once."""
+        room = capacity_bytes(self.gpu, self.margin) - base_bytes(shape)
+        k = room // self.config_bytes(shape)
+        if k < 1:
+            raise ValueError(f"one config of a {shape} task does not fit on {self.gpu.name}")
+        return int(k)
+
+    def gpu_step_seconds(self, shape: ModelShape, configs: int, tasks: int = 1) -> float:
+        """Predicted seconds for every config on one GPU to take one micro-step (waves if they do not fit)."""
+        k = min(configs, self.max_configs(shape))
+        waves = math.ceil(configs / k)
+        step = self.model.step_seconds([self.config] * k, self.seq_len, shape, self.gpu)
+        return waves * step * (1 + self.share_slowdown * (tasks - 1))
+
+    def duration(self, shape: ModelShape, configs: int, tokens: int, gpus: int) -> float:
+        """Predicted seconds of a task alone on `gpus` GPUs."""
+        return sum(steps * self.gpu_step_seconds(shape, math.ceil(n / min(gpus, n)))
+                   for n, steps in self.phases(configs, tokens))
+
+
+@dataclass
+class Job:
+    """A task's state in the simulator (what policies read)."""
+
+    spec: "TraceTask"
+    shape: ModelShape
+    phases: list[tuple[int, int]]
+    estimate: JobEstimate
+    true_ratio: float  # actual / predicted step time (unknown to policies; learned via estimate.observe)
+    phase: int = 0
+    done: float = 0.0  # micro-steps done in the current phase
+    alloc: dict[int, int] = field(default_factory=dict)  # GPU -> configs of this job there (0 = held, idle)
+    finished: float | None = None
+    attained: float = 0.0  # GPU-seconds held
+    queued: float = 0.0  # seconds arrived, unfinished and holding no GPU (preempted time included)
+    stall_until: float = 0.0  # loading / migrating until then
+    version: int = 0  # bumps invalidate stale simulator events
+
+    @property
+    def name(self) -> str:
+        return self.spec.task
+
+    @property
+    def active(self) -> int:
+        return self.phases[self.phase][0]
+
+    def predicted_remaining(self, workload: Workload) -> float:
+        """Seconds left alone on min(asked, active) GPUs, corrected by what this job measured so far."""
+        left = [(n, steps - (self.done if i == self.phase else 0))
+                for i, (n, steps) in enumerate(self.phases) if i >= self.phase]
+        return self.estimate.ratio * sum(
+            s * workload.gpu_step_seconds(self.shape, math.ceil(n / min(self.spec.gpus, n))) for n, s in left)
+
+
+def spread(configs: int, gpus: list[int]) -> dict[int, int]:
+    """Configs over GPUs as evenly as possible (GPUs left over hold 0)."""
+    q, r = divmod(configs, len(gpus))
+    return {g: q + (i < r) for i, g in enumerate(gpus)}
+
+
+Allocation = dict[str, dict[int, int]]
+
+
+class Policy:
+    name: str
+    exclusive: bool  # at most one task per GPU
+
+    def plan(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
+        raise NotImplementedError
+
+    def wake_after(self, job: Job) -> float | None:
+        """Seconds until a running job's priority changes on its own (None: never)."""
+        return None
+
+
+class ExclusivePolicy(Policy):
+    """Today's tools: a task holds its asked GPUs alone until it ends (or is preempted)."""
+
+    exclusive = True
+
+    def __init__(self, name: str, key: Callable[[Job, Workload], tuple], preemptive: bool, backfill: bool) -> None:
+        self.name, self.key, self.preemptive, self.backfill = name, key, preemptive, backfill
+
+    def plan(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
+        running = [j for j in jobs if j.alloc]
+        selected = [] if self.preemptive else list(running)
+        budget = gpus - sum(len(j.alloc) for j in selected)
+        for j in sorted((j for j in jobs if self.preemptive or not j.alloc), key=lambda j: self.key(j, workload)):
+            if j.spec.gpus <= budget:
+                selected.append(j)
+                budget -= j.spec.gpus
+            elif not self.backfill:
+                break
+        held = {g for j in selected if j.alloc for g in j.alloc}
+        free = iter(g for g in range(gpus) if g not in held)
+        return {j.name: spread(j.active, sorted(j.alloc) if j.alloc else [next(free) for _ in range(j.spec.gpus)])
+                for j in selected}
+
+
+class Tiresias(ExclusivePolicy):
+    def __init__(self, thresholds: tuple[float, ...] = (3600.0, 8 * 3600.0)) -> None:
+        self.thresholds = thresholds
+        super().__init__("tiresias", lambda j, w: (self.queue(j), j.spec.arrival_s, j.name),
+                         preemptive=True, backfill=True)
+
+    def queue(self, job: Job) -> int:
+        return sum(job.attained >= t for t in self.thresholds)
+
+    def wake_after(self, job: Job) -> float | None:
+        nxt = [t for t in self.thresholds if t > job.attained]
+        return (nxt[0] - job.attained) / len(job.alloc) if nxt and job.alloc else None
+
+
+class AltoPolicy(Policy):
+    name = "alto"
+    exclusive = False
+
+    def plan(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
+        plan: Allocation = {}
+        load: dict[int, list[Job]] = {}  # GPU -> jobs with configs there
+        for j in (j for j in jobs if j.alloc):
+            # Capacity reclaim: keep only the GPUs the surviving configs need (the fullest ones).
+            keep = sorted(j.alloc, key=lambda g: (-j.alloc[g], g))[:min(len(j.alloc), j.active)]
+            plan[j.name] = spread(j.active, sorted(keep))
+            for g in keep:
+                load.setdefault(g, []).append(j)
+        remaining = {j.name: j.predicted_remaining(workload) for j in jobs}
+        for j in sorted((j for j in jobs if not j.alloc), key=lambda j: (remaining[j.name], j.spec.arrival_s)):
+            want = min(j.spec.gpus, j.active)
+            per = math.ceil(j.active / want)
+            free = [g for g in range(gpus) if g not in load]
+            shared = sorted((g for g, hosts in load.items()
+                             if all(h.spec.base_model == j.spec.base_model and remaining[h.name] > remaining[j.name]
+                                    for h in hosts)
+                             and sum(plan[h.name][g] for h in hosts) + per <= workload.max_configs(j.shape)),
+                            key=lambda g: (sum(plan[h.name][g] for h in load[g]), g))
+            chosen = (free + shared)[:want]
+            if len(chosen) < want:
+                continue  # backfilling: later (longer) tasks may still fit
+            plan[j.name] = spread(j.active, sorted(chosen))
+            for g in chosen:
+                load.setdefault(g, []).append(j)
+        return plan
+
+
+POLICIES: dict[str, Callable[[], Policy]] = {
+    "alto": AltoPolicy,
+    "fifo": lambda: ExclusivePolicy("fifo", lambda j, w: (j.spec.arrival_s, j.name), preemptive=False, backfill=False),
+    "sjf": lambda: ExclusivePolicy("sjf", lambda j, w: (j.predicted_remaining(w), j.spec.arrival_s, j.name),
+                                   preemptive=False, backfill=True),
+    "tiresias": Tiresias,
+}
