@@ -125,10 +125,15 @@ def main() -> None:
     print(f"\nfull run's best: {best_id} ({board[best_id]:.4f}).")
     for note in live_notes:
         print(note)
-    plot(losses, stops, board, args, Path(args.out) / "quality_study.png")
+    if args.signal == "eval":
+        plot(evals, args.eval_every, stops, "held-out loss (what the rules read)", Path(args.out) / "quality_study.png")
+    else:
+        plot(losses, 1, stops, "training loss (what the rules read)", Path(args.out) / "quality_study.png")
 
 
-def plot(losses, stops, board, args, path: Path) -> None:
+def plot(curves: dict[str, list[float]], every: int, stops: dict[str, dict[str, int]], ylabel: str,
+         path: Path) -> None:
+    """Each rule's view: the curves it read (one point every `every` steps), cut where it stopped."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,15 +142,16 @@ def plot(losses, stops, board, args, path: Path) -> None:
     rules = list(stops)
     fig, axes = plt.subplots(1, len(rules), figsize=(6 * len(rules), 4.5), sharey=True)
     for ax, rule in zip(axes, rules):
-        for aid, curve in losses.items():
-            n = stops[rule][aid]
-            line, = ax.plot(range(1, n + 1), curve[:n], linewidth=1)
-            ax.plot(range(n, len(curve) + 1), curve[n - 1:], linewidth=0.6, alpha=0.25, color=line.get_color())
+        for aid, curve in curves.items():
+            xs = [every * (i + 1) for i in range(len(curve))]
+            n = min(len(curve), stops[rule][aid] // every)  # points seen before the stop
+            line, = ax.plot(xs[:n], curve[:n], linewidth=1, marker="." if every > 1 else None)
+            ax.plot(xs[n - 1:], curve[n - 1:], linewidth=0.6, alpha=0.25, color=line.get_color())
             if n < len(curve):
-                ax.plot(n, curve[n - 1], "x", color=line.get_color(), markersize=7)
+                ax.plot(xs[n - 1], curve[n - 1], "x", color=line.get_color(), markersize=7)
         ax.set_title(f"{rule}: stops marked x (faded: the steps saved)")
         ax.set_xlabel("step")
-    axes[0].set_ylabel("training loss")
+    axes[0].set_ylabel(ylabel)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"plot: {path}")
