@@ -95,7 +95,7 @@ def test_send_and_recv_move_tensors_between_two_processes():
 
 # ---- whole sweeps on 2 processes ---------------------------------------------------------------------
 
-def write_sweep(tmp_path, out: str, **extra) -> str:
+def write_sweep(tmp_path, out: str, more_adapters=(), **extra) -> str:
     rng = random.Random(3)
     words = ["alpha", "beta", "gamma", "delta", "lora", "rank", "adapter", "token"]
     data = tmp_path / "data.jsonl"
@@ -110,7 +110,8 @@ def write_sweep(tmp_path, out: str, **extra) -> str:
            "defaults": {"target_modules": ["q_proj", "v_proj"], "lr": 3e-3},
            "adapters": [{"id": "a", "rank": 4, "micro_batch_size": 4, "max_steps": 2, "seed": 0},
                         {"id": "b", "rank": 2, "seed": 1, **slow}, {"id": "c", "rank": 4, "seed": 2, **slow},
-                        {"id": "d", "rank": 8, "seed": 3, **slow, "target_modules": ["q_proj", "k_proj", "o_proj"]}],
+                        {"id": "d", "rank": 8, "seed": 3, **slow, "target_modules": ["q_proj", "k_proj", "o_proj"]},
+                        *more_adapters],
            **extra}
     path = tmp_path / f"{out}.yaml"
     path.write_text(json.dumps(doc))
@@ -170,6 +171,24 @@ def test_two_rank_checkpoint_resumes_on_one_process(tmp_path, single_run):
     assert tune(path, None, stop_after=3, nproc=2, log=lambda *_: None) == 0
     assert tune(None, str(tmp_path / "cut1"), log=lambda *_: None) == 0
     assert_same_adapters(single_run, tmp_path / "cut1")
+
+
+def test_monitor_decisions_and_admissions_on_two_ranks_match_one(tmp_path):
+    """Rank 0 decides (held-out loss gathered from both ranks) and broadcasts: the same stops, and
+    the queued config e admitted into the freed slot at the same step, as on one process with the
+    same total slots (max_running is per rank)."""
+    e = [{"id": "e", "rank": 2, "seed": 4, "micro_batch_size": 2, "max_steps": 4}]
+    monitor = {"rule": "halving", "grace": 2, "eta": 2, "signal": "eval", "eval_every": 2}
+    one = write_sweep(tmp_path, "m1", e, monitor=monitor, max_running=4)
+    two = write_sweep(tmp_path, "m2", e, monitor=monitor, max_running=2)
+    assert tune(one, None, log=lambda *_: None) == 0
+    assert tune(two, None, nproc=2, log=lambda *_: None) == 0
+    d1 = (tmp_path / "m1" / "decisions.csv").read_text()
+    assert d1 == (tmp_path / "m2" / "decisions.csv").read_text() and len(d1.splitlines()) > 1
+    first = {aid: min(int(r.split(",")[0]) for r in (tmp_path / "m1" / "losses.csv").read_text().splitlines()[1:]
+                      if r.split(",")[1] == aid) for aid in "abcde"}
+    assert first["e"] > 1  # e waited in the queue for a freed slot
+    assert_same_adapters(tmp_path / "m1", tmp_path / "m2", ids="abcde")
 
 
 @pytest.mark.cuda
