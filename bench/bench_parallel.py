@@ -31,12 +31,15 @@ def build(args, rank: int, world: int, mode: str):
     from alto.sched.estimate import ModelShape
     from alto.train import DataStream, Trainer
 
-    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
-                                   num_key_value_heads=8, num_hidden_layers=args.layers, vocab_size=128256,
-                                   max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=True)
+    h = args.hidden
+    cfg = transformers.LlamaConfig(hidden_size=h, intermediate_size=4 * h, num_attention_heads=h // 64,
+                                   num_key_value_heads=max(1, h // 256), num_hidden_layers=args.layers,
+                                   vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0,
+                                   tie_word_embeddings=True)
     torch.manual_seed(0)  # every rank: the same frozen base
-    with torch.device("cuda"):
-        base = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+    with torch.device(args.device):
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        base = transformers.LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
     model = MultiLoraModel(base)
     # DDP: each rank trains 1/world of every adapter's samples.
     batch = args.batch // world if mode == "ddp" else args.batch
@@ -58,7 +61,7 @@ def build(args, rank: int, world: int, mode: str):
     else:
         costs = {a.id: adapter_cost(a, args.seq, ModelShape.from_hf_config(cfg)) for a in reg}
         mine = [aid for aid, r in place(costs, costs, [0.0] * world).items() if r == rank]
-    trainer = Trainer(model, reg, streams, 0, device="cuda")
+    trainer = Trainer(model, reg, streams, 0, device=args.device)
     for aid in sorted(mine):
         trainer.admit(reg[aid])
     return trainer, len(mine) * batch * args.seq
@@ -85,7 +88,8 @@ def run_rank(args, mode: str) -> dict:
 
     from alto.parallel import Group
 
-    group = Group.from_env("cuda")
+    group = Group.from_env(args.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     try:
         trainer, tokens = build(args, group.rank, group.world, mode)
         if mode == "ddp":
@@ -108,18 +112,18 @@ def run_rank(args, mode: str) -> dict:
         for _ in range(args.warmup):
             step()
         losses.clear()
-        torch.cuda.synchronize()
+        sync()
         if group.world > 1:
             dist.barrier()
         t0 = time.perf_counter()
         for _ in range(args.iters):
             step()
-        torch.cuda.synchronize()
+        sync()
         if group.world > 1:
             dist.barrier()
         ms = (time.perf_counter() - t0) / args.iters * 1e3
         all_tokens = sum(group.all_gather(tokens))
-        peak = max(group.all_gather(torch.cuda.max_memory_allocated() / 2**30))
+        peak = max(group.all_gather(torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0))
         return {"ms": ms, "tokens": all_tokens, "losses": losses, "peak_gib": peak}
     finally:
         group.close()
@@ -132,6 +136,8 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=2048, help="hidden size (MLP 4x, 64-wide heads); 2048 = Llama-3.2-1B")
+    ap.add_argument("--device", default="cuda", help="cuda (NCCL, one GPU per rank) or cpu (gloo: a smoke test)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2, help="sequences per adapter per step")
     ap.add_argument("--warmup", type=int, default=3)
@@ -139,8 +145,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.batch % args.gpus:
         raise SystemExit(f"--batch={args.batch} must split evenly over --gpus={args.gpus} for the DDP baseline")
-    print(f"{torch.cuda.get_device_name()} x {torch.cuda.device_count()}, torch {torch.__version__}; Llama-3.2-1B "
-          f"widths, {args.layers} layers, bf16; {args.adapters} adapters (ranks {RANKS}, all 7 projections), "
+    where = f"{torch.cuda.get_device_name()} x {torch.cuda.device_count()}" if args.device == "cuda" else "CPU"
+    print(f"{where}, torch {torch.__version__}; hidden {args.hidden} (2048: Llama-3.2-1B widths), "
+          f"{args.layers} layers, {'bf16' if args.device == 'cuda' else 'fp32'}; {args.adapters} adapters (ranks {RANKS}, all 7 projections), "
           f"{args.batch} x {args.seq} tokens per adapter per step\n")
     one = launch(run_rank, 1, (args, "rank-local"))[0]
     rows = [("rank-local", 1, one)]
