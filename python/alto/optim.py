@@ -82,14 +82,20 @@ class MultiAdamW:
 
     @torch.no_grad()
     def step(self, tensors: Tensors, lrs: list[float]) -> None:
-        """One AdamW step of every adapter in `tensors`, each at its own learning rate."""
+        """One AdamW step of every adapter in `tensors`, each at its own learning rate. Adapters
+        with the same learning rate and weight decay share one call (one fused launch on the GPU;
+        every tensor keeps its own step count, so the math is the same as one call each)."""
         beta1, beta2 = self.betas
+        groups: dict[tuple[float, float], list[list[torch.Tensor]]] = {}
         for (aid, (weights, grads)), lr in zip(tensors.items(), lrs):
             s = self.adapters[aid]
-            live = [i for i, g in enumerate(grads) if g is not None]
-            if not live:
-                continue
-            adamw([weights[i] for i in live], [grads[i] for i in live], [s.exp_avg[i] for i in live],
-                  [s.exp_avg_sq[i] for i in live], [], [s.steps[i] for i in live],
-                  foreach=False, fused=weights[0].is_cuda, amsgrad=False, beta1=beta1, beta2=beta2,
-                  lr=lr, weight_decay=s.weight_decay, eps=self.eps, maximize=False)
+            group = groups.setdefault((lr, s.weight_decay), [[], [], [], [], []])
+            for i, g in enumerate(grads):
+                if g is not None:
+                    for dst, t in zip(group, (weights[i], g, s.exp_avg[i], s.exp_avg_sq[i], s.steps[i])):
+                        dst.append(t)
+        for (lr, weight_decay), (weights, grads, exp_avg, exp_avg_sq, steps) in groups.items():
+            if weights:
+                adamw(weights, grads, exp_avg, exp_avg_sq, [], steps, foreach=False, fused=weights[0].is_cuda,
+                      amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=self.eps,
+                      maximize=False)

@@ -186,7 +186,7 @@ class Trainer:
         adapter whose gradient norm is not finite fails instead. One host sync for all."""
         if not adapters:
             return
-        tensors = {a.id: self.model.adapter_tensors(a.id) for a in adapters}
+        tensors = self.model.adapters_tensors([a.id for a in adapters])
         norms = self.optimizer.clip_grad_norms(tensors, [a.config.max_grad_norm for a in adapters])
         ok = [a for a, n in zip(adapters, norms) if math.isfinite(n)]
         # Step before retiring anyone: a retirement re-packs the layers and moves the views.
