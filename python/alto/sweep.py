@@ -3,14 +3,15 @@
 ```yaml
 name: demo
 model: smollm2                  # or {hf_dir: DIR, gguf_file: F} or {random_llama: {hidden_size: 64, ...}}
-data: {source: chatterbot, max_length: 96, eval_fraction: 0.1, limit: 600}   # or jsonl/text + path
+data: {source: chatterbot, max_length: 96, eval_fraction: 0.1, limit: 600}   # or jsonl/text + path,
+                               # or hf + path (dataset name or save_to_disk folder) [+ split: train]
 device: auto                   # auto | cpu | cuda
 checkpoint_every: 10           # micro-steps
 defaults: {rank: 8, alpha: 16, lr: 1e-4, micro_batch_size: 4, max_steps: 30}
 grid: {rank: [4, 16], lr: [1e-4, 1e-3]}    # cartesian product over these fields
 adapters: [{id: wide, rank: 64}]           # explicit extra configurations
 monitor: {rule: asha, grace: 8, eta: 2}    # early termination (alto.monitor); absent = never stop early
-max_running: 8                             # adapter slots; the rest queue and take freed slots
+max_running: 8                             # adapter slots per rank; the rest queue and take freed slots
 reclaim: admit                             # or grow: survivors' micro-batches fill freed samples
 ```
 """
@@ -40,7 +41,7 @@ grid: {rank: [4, 16], lr: [3.0e-4, 1.0e-3]}
 
 TOP_KEYS = {"name", "model", "data", "device", "checkpoint_every", "defaults", "grid", "adapters", "output",
             "monitor", "max_running", "reclaim"}
-DATA_KEYS = {"source", "path", "max_length", "eval_fraction", "limit"}
+DATA_KEYS = {"source", "path", "split", "max_length", "eval_fraction", "limit"}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
 
 
@@ -104,7 +105,7 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     data = raw.get("data", {"source": "chatterbot"})
     if not isinstance(data, dict) or set(data) - DATA_KEYS:
         _fail("data", f"must be a mapping with keys {', '.join(sorted(DATA_KEYS))}")
-    data = {"source": "chatterbot", "max_length": 128, "eval_fraction": 0.1, "limit": None, **data}
+    data = {"source": "chatterbot", "max_length": 128, "eval_fraction": 0.1, "limit": None, "split": "train", **data}
     if not isinstance(data["max_length"], int) or data["max_length"] < 2:
         _fail("data.max_length", f"{data['max_length']!r} must be an int >= 2")
     if not isinstance(data["eval_fraction"], (int, float)) or not 0 <= data["eval_fraction"] < 1:

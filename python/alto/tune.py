@@ -91,7 +91,7 @@ class SweepRun:
             self.device = torch.device("cuda", torch.cuda.current_device())
         base, self.tokenizer, self.pad_id, eos = load_model(sweep.model, self.device)
         self.shape = ModelShape.from_hf_config(base.config)
-        texts = data_mod.load_texts(sweep.data["source"], sweep.data.get("path"))
+        texts = data_mod.load_texts(sweep.data["source"], sweep.data.get("path"), sweep.data["split"])
         if sweep.data["limit"]:
             texts = texts[: sweep.data["limit"]]
         seqs = data_mod.tokenize(texts, self.tokenizer, sweep.data["max_length"], eos)
