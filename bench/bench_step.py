@@ -58,8 +58,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="decoder layers (real Llama-3-8B widths)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--profile", action="store_true",
-                    help="also print torch.profiler's top ops of one ALTO step at the largest N")
+    ap.add_argument("--profile", metavar="DIR", nargs="?", const="", default=None,
+                    help="also print torch.profiler's top ops of one ALTO step at the largest N "
+                         "(and write Chrome traces of it and of the base step to DIR if given)")
     args = ap.parse_args()
 
     base = build_model(args.layers)
@@ -84,14 +85,16 @@ def main() -> None:
             torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()).backward()
 
         t_base = wall_ms(base_step, args.iters)
+        if args.profile and n == max(args.adapters):
+            profile(base_step, f"{args.profile}/base.json")
 
         reg = Registry()
         trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device="cuda")
         for i, c in enumerate(cfgs):
             trainer.admit(reg.add(f"a{i}", c))
         t_ours = wall_ms(trainer.step, args.iters)
-        if args.profile and n == max(args.adapters):
-            profile(trainer.step)
+        if args.profile is not None and n == max(args.adapters):
+            profile(trainer.step, args.profile and f"{args.profile}/alto.json")
         for a in list(reg):
             trainer.retire(a, a.status)
 
@@ -116,11 +119,15 @@ def main() -> None:
     print(f"\nPEFT, one adapter (rank {RANKS[0]}, all 7 projections), same sequence: {t_peft:.1f} ms/step")
 
 
-def profile(step) -> None:
+def profile(step, trace: str) -> None:
+    """Top ops of one step (and its Chrome trace with Python frames, if a path is given)."""
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, with_stack=bool(trace)) as prof:
         step()
         torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+        return
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
 

@@ -3,9 +3,9 @@
 Every adapter keeps its own learning rate, weight decay, step count, moments and gradient-norm
 limit. Its weights and gradients are passed in at each call as tensors (the model's views into
 its packed per-layer buffers, which move when adapters come and go). The update is torch's own
-AdamW math (``torch.optim.adamw.adamw``: the fused kernel on the GPU, one launch per adapter; the
-single-tensor loop on the CPU, as torch.optim.AdamW does there); clipping is clip_grad_norm_'s,
-per adapter, with one host sync for all adapters' norms.
+AdamW math: on the GPU its fused kernel, one call per group of adapters sharing lr and weight
+decay; on the CPU ``torch.optim.adamw.adamw``'s single-tensor loop, as torch.optim.AdamW does
+there. Clipping is clip_grad_norm_'s, per adapter, with one host sync for all adapters' norms.
 """
 from __future__ import annotations
 
@@ -83,19 +83,31 @@ class MultiAdamW:
     @torch.no_grad()
     def step(self, tensors: Tensors, lrs: list[float]) -> None:
         """One AdamW step of every adapter in `tensors`, each at its own learning rate. Adapters
-        with the same learning rate and weight decay share one call (one fused launch on the GPU;
-        every tensor keeps its own step count, so the math is the same as one call each)."""
-        beta1, beta2 = self.betas
+        with the same learning rate and weight decay share one call: on the GPU one fused
+        multi-tensor kernel, called directly (torch's functional wrapper regroups every tensor in
+        Python: ~9 ms of host time per step at 32 adapters x 56 tensors). Every tensor keeps its
+        own step count, so the math is that of one torch AdamW per adapter."""
         groups: dict[tuple[float, float], list[list[torch.Tensor]]] = {}
         for (aid, (weights, grads)), lr in zip(tensors.items(), lrs):
             s = self.adapters[aid]
             group = groups.setdefault((lr, s.weight_decay), [[], [], [], [], []])
-            for i, g in enumerate(grads):
-                if g is not None:
-                    for dst, t in zip(group, (weights[i], g, s.exp_avg[i], s.exp_avg_sq[i], s.steps[i])):
-                        dst.append(t)
+            if any(g is None for g in grads):  # layers that saw none of its tokens
+                live = [i for i, g in enumerate(grads) if g is not None]
+                parts = ([weights[i] for i in live], [grads[i] for i in live], [s.exp_avg[i] for i in live],
+                         [s.exp_avg_sq[i] for i in live], [s.steps[i] for i in live])
+            else:
+                parts = (weights, grads, s.exp_avg, s.exp_avg_sq, s.steps)
+            for dst, src in zip(group, parts):
+                dst.extend(src)
+        beta1, beta2 = self.betas
         for (lr, weight_decay), (weights, grads, exp_avg, exp_avg_sq, steps) in groups.items():
-            if weights:
-                adamw(weights, grads, exp_avg, exp_avg_sq, [], steps, foreach=False, fused=weights[0].is_cuda,
-                      amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=self.eps,
-                      maximize=False)
+            if not weights:
+                continue
+            if weights[0].is_cuda:
+                torch._foreach_add_(steps, 1)
+                torch._fused_adamw_(weights, grads, exp_avg, exp_avg_sq, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                                    weight_decay=weight_decay, eps=self.eps, amsgrad=False, maximize=False,
+                                    grad_scale=None, found_inf=None)
+            else:  # torch.optim.AdamW's CPU default: the single-tensor loop
+                adamw(weights, grads, exp_avg, exp_avg_sq, [], steps, foreach=False, fused=False, amsgrad=False,
+                      beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=self.eps, maximize=False)

@@ -1,0 +1,55 @@
+"""Where does the GPU wait for the host? Reads a Chrome trace written by torch.profiler with
+with_stack=True (e.g. `bench_step.py --profile DIR`, gzipped or not) and prints the GPU's busy time,
+and its idle gaps longer than --min-ms with the innermost Python frames running at each gap's
+middle. Python-heavy stretches run slower under with_stack, so gaps there are upper bounds.
+Run: python bench/trace_gaps.py DIR/alto.json.gz DIR/base.json.gz
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+
+
+def load(path: str) -> list[dict]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def report(path: str, min_ms: float, top: int) -> None:
+    events = load(path)
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    python = [e for e in events if e.get("cat") == "python_function" and "dur" in e]
+    if not gpu:
+        raise SystemExit(f"{path}: no GPU events (was the trace taken with ProfilerActivity.CUDA?)")
+    busy = sum(e["dur"] for e in gpu)
+    span = gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"]
+    gaps, end = [], gpu[0]["ts"] + gpu[0]["dur"]
+    for e in gpu[1:]:
+        if e["ts"] - end > min_ms * 1e3:
+            gaps.append((e["ts"] - end, end, e["ts"], e["name"]))
+        end = max(end, e["ts"] + e["dur"])
+    gaps.sort(reverse=True)
+    print(f"{path}: {len(gpu)} GPU events, busy {busy / 1e3:.1f} ms of {span / 1e3:.1f} ms (first to last); "
+          f"{len(gaps)} gaps > {min_ms} ms, {sum(g[0] for g in gaps) / 1e3:.1f} ms in all")
+    for length, start, stop, next_kernel in gaps[:top]:
+        mid = (start + stop) / 2
+        frames = sorted((p for p in python if p["ts"] <= mid <= p["ts"] + p["dur"]), key=lambda p: p["dur"])
+        print(f"  {length / 1e3:7.2f} ms before {next_kernel[:50]!r}")
+        for p in frames[:4]:
+            print(f"      in {p['name'][:100]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("traces", nargs="+")
+    ap.add_argument("--min-ms", type=float, default=0.2)
+    ap.add_argument("--top", type=int, default=8)
+    args = ap.parse_args()
+    for path in args.traces:
+        report(path, args.min_ms, args.top)
+
+
+if __name__ == "__main__":
+    main()
