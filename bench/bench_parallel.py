@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048, help="hidden size (MLP 4x, 64-wide heads); 2048 = Llama-3.2-1B")
     ap.add_argument("--device", default="cuda", help="cuda (NCCL, one GPU per rank) or cpu (gloo: a smoke test)")
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=2, help="sequences per adapter per step")
+    ap.add_argument("--batch", type=int, default=4, help="sequences per adapter per step")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
