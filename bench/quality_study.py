@@ -11,7 +11,6 @@ regret against the full run's best. Run: python bench/quality_study.py [--steps 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 from pathlib import Path
