@@ -93,13 +93,13 @@ def run_rank(args, mode: str) -> dict:
     try:
         trainer, tokens = build(args, group.rank, group.world, mode)
         if mode == "ddp":
-            optimizer_steps = trainer._optimizer_steps
+            optimizer_step = trainer.optimizer.step
 
-            def synced(adapters):  # between backward and the optimizer step, as DDP hooks do
+            def synced(*args):  # between backward and the optimizer step, as DDP's hooks do
                 all_reduce_adapter_grads(trainer, group.world)
-                optimizer_steps(adapters)
+                return optimizer_step(*args)
 
-            trainer._optimizer_steps = synced
+            trainer.optimizer.step = synced
         losses: dict[str, list[float]] = {}
 
         def step():

@@ -29,8 +29,7 @@ def test_matches_torch_adamw_and_clipping_per_adapter():
                 p.grad, q.grad = gr.clone(), gr.clone()
         ids = list(HP)
         tensors = {k: ([p.data for p in ours[k]], [p.grad for p in ours[k]]) for k in ids}
-        norms = opt.clip_grad_norms(tensors, [HP[k][2] for k in ids])
-        opt.step(tensors, [HP[k][0] for k in ids])
+        norms = opt.step(tensors, [HP[k][0] for k in ids], [HP[k][2] for k in ids]).tolist()
         for k, norm in zip(ids, norms):
             ref_norm = torch.nn.utils.clip_grad_norm_(theirs[k], HP[k][2] or math.inf)
             assert math.isclose(norm, ref_norm.item(), rel_tol=1e-5)
@@ -46,15 +45,14 @@ def test_params_without_grad_are_skipped_and_state_is_returned():
     opt.add("a", params, 0.1)
     params[0].grad = torch.ones_like(params[0])
     tensors = {"a": ([p.data for p in params], [p.grad for p in params])}
-    opt.clip_grad_norms(tensors, [None])
-    opt.step(tensors, [1e-2])
+    opt.step(tensors, [1e-2], [None])
     assert not torch.equal(params[0], before[0])
     assert torch.equal(params[1], before[1]) and torch.equal(params[2], before[2])
     state = opt.remove("a")
     assert state["step"] == 1 and torch.count_nonzero(state["exp_avg"][0]) == params[0].numel()
 
 
-def test_non_finite_norm_is_reported():
+def test_non_finite_norm_is_reported_and_that_adapter_skipped():
     params = make_params(1)
     opt = MultiAdamW()
     other = make_params(2)
@@ -64,5 +62,10 @@ def test_non_finite_norm_is_reported():
     for p in other:
         p.grad = torch.ones_like(p)
     tensors = {k: ([p.data for p in ps], [p.grad for p in ps]) for k, ps in (("a", params), ("b", other))}
-    norms = opt.clip_grad_norms(tensors, [1.0, 1.0])
+    before = [p.detach().clone() for p in params + other]
+    norms = opt.step(tensors, [1e-2, 1e-2], [1.0, 1.0]).tolist()
     assert not math.isfinite(norms[0]) and math.isfinite(norms[1])
+    # a is skipped on the device (no host sync needed): weights, moments and step count unchanged
+    assert all(torch.equal(p, q) for p, q in zip(params, before[:3]))
+    assert opt.state("a")["step"] == 0 and all(torch.count_nonzero(m) == 0 for m in opt.state("a")["exp_avg"])
+    assert not any(torch.equal(p, q) for p, q in zip(other, before[3:])) and opt.state("b")["step"] == 1

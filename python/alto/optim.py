@@ -3,17 +3,14 @@
 Every adapter keeps its own learning rate, weight decay, step count, moments and gradient-norm
 limit. Its weights and gradients are passed in at each call as tensors (the model's views into
 its packed per-layer buffers, which move when adapters come and go). The update is torch's own
-AdamW math: on the GPU its fused kernel, one call per group of adapters sharing lr and weight
-decay; on the CPU ``torch.optim.adamw.adamw``'s single-tensor loop, as torch.optim.AdamW does
-there. Clipping is clip_grad_norm_'s, per adapter, with one host sync for all adapters' norms.
+fused AdamW kernel, one call per adapter; clipping is clip_grad_norm_'s, per adapter. Nothing
+waits for the GPU: an adapter whose gradients are not finite is skipped on the device.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-from torch.optim.adamw import adamw
 
 # adapter id -> (weights, gradients), aligned lists
 Tensors = dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]]
@@ -63,51 +60,33 @@ class MultiAdamW:
         return state
 
     @torch.no_grad()
-    def clip_grad_norms(self, tensors: Tensors, max_norms: list[float | None]) -> list[float]:
-        """Scales each adapter's gradients to at most its max norm (None: no limit), as
-        clip_grad_norm_ does, and returns each adapter's norm before clipping. One host sync."""
-        norms = []
-        for (_, grads), limit in zip(tensors.values(), max_norms):
-            grads = [g for g in grads if g is not None]
-            if not grads:
-                norms.append(None)
-                continue
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            coef = ((math.inf if limit is None else limit) / (norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, coef)
-            norms.append(norm)
-        present = [n for n in norms if n is not None]
-        values = iter(torch.stack(present).tolist() if present else [])
-        return [0.0 if n is None else next(values) for n in norms]
-
-    @torch.no_grad()
-    def step(self, tensors: Tensors, lrs: list[float]) -> None:
-        """One AdamW step of every adapter in `tensors`, each at its own learning rate. Adapters
-        with the same learning rate and weight decay share one call: on the GPU one fused
-        multi-tensor kernel, called directly (torch's functional wrapper regroups every tensor in
-        Python: ~9 ms of host time per step at 32 adapters x 56 tensors). Every tensor keeps its
-        own step count, so the math is that of one torch AdamW per adapter."""
-        groups: dict[tuple[float, float], list[list[torch.Tensor]]] = {}
-        for (aid, (weights, grads)), lr in zip(tensors.items(), lrs):
-            s = self.adapters[aid]
-            group = groups.setdefault((lr, s.weight_decay), [[], [], [], [], []])
-            if any(g is None for g in grads):  # layers that saw none of its tokens
-                live = [i for i, g in enumerate(grads) if g is not None]
-                parts = ([weights[i] for i in live], [grads[i] for i in live], [s.exp_avg[i] for i in live],
-                         [s.exp_avg_sq[i] for i in live], [s.steps[i] for i in live])
-            else:
-                parts = (weights, grads, s.exp_avg, s.exp_avg_sq, s.steps)
-            for dst, src in zip(group, parts):
-                dst.extend(src)
+    def step(self, tensors: Tensors, lrs: list[float], max_norms: list[float | None]) -> torch.Tensor:
+        """Clips every adapter's gradients to its max norm (clip_grad_norm_'s math; None: no
+        limit) and takes its AdamW step at its learning rate. An adapter whose gradient norm is
+        not finite is skipped on the device (weights, moments and step count stay as they were),
+        so nothing here waits for the GPU: returns the norms before clipping, one per adapter
+        (0 for an adapter without gradients), as one tensor for the caller to read once."""
         beta1, beta2 = self.betas
-        for (lr, weight_decay), (weights, grads, exp_avg, exp_avg_sq, steps) in groups.items():
-            if not weights:
+        norms = []
+        for (aid, (weights, grads)), lr, limit in zip(tensors.items(), lrs, max_norms):
+            s = self.adapters[aid]
+            live = [i for i, g in enumerate(grads) if g is not None]
+            if not live:  # no tokens reached its layers
+                norms.append(torch.zeros((), device=weights[0].device))
                 continue
-            if weights[0].is_cuda:
-                torch._foreach_add_(steps, 1)
-                torch._fused_adamw_(weights, grads, exp_avg, exp_avg_sq, [], steps, lr=lr, beta1=beta1, beta2=beta2,
-                                    weight_decay=weight_decay, eps=self.eps, amsgrad=False, maximize=False,
-                                    grad_scale=None, found_inf=None)
-            else:  # torch.optim.AdamW's CPU default: the single-tensor loop
-                adamw(weights, grads, exp_avg, exp_avg_sq, [], steps, foreach=False, fused=False, amsgrad=False,
-                      beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=self.eps, maximize=False)
+            g = [grads[i] for i in live]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
+            if limit is not None:
+                torch._foreach_mul_(g, (limit / (norm + 1e-6)).clamp(max=1.0))
+            skip = (~torch.isfinite(norm)).float()
+            steps = [s.steps[i] for i in live]
+            # torch's fused AdamW (its CPU kernel matches the single-tensor loop bit for bit),
+            # with found_inf as torch.optim uses it for GradScaler: a skipped step undoes the count.
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_([weights[i] for i in live], g, [s.exp_avg[i] for i in live],
+                                [s.exp_avg_sq[i] for i in live], [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                                weight_decay=s.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
+                                grad_scale=None, found_inf=skip)
+            torch._foreach_sub_(steps, [skip] * len(steps))
+            norms.append(norm)
+        return torch.stack(norms) if norms else torch.zeros(0)

@@ -154,7 +154,10 @@ class Trainer:
         adapter.failure = reason
 
     def step(self) -> dict[str, float]:
-        """One micro-step of every running adapter; returns each one's loss."""
+        """One micro-step of every running adapter; returns each one's loss. The host waits for
+        the GPU once, at the end: an adapter whose loss is not finite is masked out of the
+        backward (its NaN stays in its own rows), one whose gradient norm is not finite is
+        skipped by the optimizer on the device, and both then fail (weights as before the step)."""
         running = self.running()
         if not running:
             return {}
@@ -167,37 +170,27 @@ class Trainer:
         with autocast:
             logits = self.model(ids, mask, plan)
         per_adapter = per_adapter_losses(logits, labels, [len(b) for b in batches])
-        values = per_adapter.tolist()  # host sync: failures are decided before backward
-        finite = [math.isfinite(v) for v in values]
-        total = sum(l / a.config.grad_accum for l, a, ok in zip(per_adapter, running, finite) if ok)
-        if any(finite):
-            total.backward()
-        stepping = []
-        for adapter, value, ok in zip(running, values, finite):
-            adapter.losses.append(value)
+        inv_accum = torch.tensor([1.0 / a.config.grad_accum for a in running], device=per_adapter.device)
+        (torch.where(torch.isfinite(per_adapter), per_adapter, 0.0) * inv_accum).sum().backward()
+        for adapter in running:
             adapter.micro_step += 1
-            if not ok:
-                self.retire(adapter, Status.FAILED, f"loss is {value} at micro-step {adapter.micro_step}")
-            elif adapter.micro_step % adapter.config.grad_accum == 0:
-                stepping.append(adapter)
-        self._optimizer_steps(stepping)
-        return {a.id: v for a, v in zip(running, values)}
-
-    def _optimizer_steps(self, adapters: list[Adapter]) -> None:
-        """Clips each adapter's gradients to its max_grad_norm and steps all of them at once; an
-        adapter whose gradient norm is not finite fails instead. One host sync for all."""
-        if not adapters:
-            return
-        tensors = self.model.adapters_tensors([a.id for a in adapters])
-        norms = self.optimizer.clip_grad_norms(tensors, [a.config.max_grad_norm for a in adapters])
-        ok = [a for a, n in zip(adapters, norms) if math.isfinite(n)]
-        # Step before retiring anyone: a retirement re-packs the layers and moves the views.
-        self.optimizer.step({a.id: tensors[a.id] for a in ok}, [a.config.lr_at(a.step) for a in ok])
-        self.model.clear_grads([a.id for a in adapters])
-        for adapter, norm in zip(adapters, norms):
-            if not math.isfinite(norm):
+        stepping = [a for a in running if a.micro_step % a.config.grad_accum == 0]
+        norms = self.optimizer.step(self.model.adapters_tensors([a.id for a in stepping]),
+                                    [a.config.lr_at(a.step) for a in stepping],
+                                    [a.config.max_grad_norm for a in stepping])
+        self.model.clear_grads([a.id for a in stepping])
+        values = torch.cat([per_adapter.detach(), norms.to(per_adapter.device)]).tolist()  # the one sync
+        losses, norm_of = values[: len(running)], dict(zip((a.id for a in stepping), values[len(running):]))
+        # Retire only now: a retirement re-packs the layers and moves the views stepped above.
+        for adapter, loss in zip(running, losses):
+            adapter.losses.append(loss)
+            norm = norm_of.get(adapter.id)
+            if not math.isfinite(loss):
+                self.retire(adapter, Status.FAILED, f"loss is {loss} at micro-step {adapter.micro_step}")
+            elif norm is not None and not math.isfinite(norm):
                 self.retire(adapter, Status.FAILED, f"gradient norm is {norm} at step {adapter.step}")
-                continue
-            adapter.step += 1
-            if adapter.step >= adapter.config.max_steps:
-                self.retire(adapter, Status.FINISHED)
+            elif norm is not None:
+                adapter.step += 1
+                if adapter.step >= adapter.config.max_steps:
+                    self.retire(adapter, Status.FINISHED)
+        return {a.id: v for a, v in zip(running, losses)}
