@@ -14,6 +14,7 @@ Run: python bench/bench_parallel.py --gpus 2
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import time
 
@@ -149,7 +150,10 @@ def main() -> None:
     print(f"{where}, torch {torch.__version__}; hidden {args.hidden} (2048: Llama-3.2-1B widths), "
           f"{args.layers} layers, {'bf16' if args.device == 'cuda' else 'fp32'}; {args.adapters} adapters (ranks {RANKS}, all 7 projections), "
           f"{args.batch} x {args.seq} tokens per adapter per step\n")
-    one = launch(run_rank, 1, (args, "rank-local"))[0]
+    one = launch(run_rank, 1, (args, "rank-local"))[0]  # in this process: free its GPU memory for rank 0
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     rows = [("rank-local", 1, one)]
     for mode in ("rank-local", "ddp"):
         rows.append((mode, args.gpus, launch(run_rank, args.gpus, (args, mode))[0]))
