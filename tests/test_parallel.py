@@ -157,6 +157,14 @@ def test_two_ranks_give_every_adapter_its_single_process_trajectory(tmp_path, si
     assert len(board) == 5 and all(",finished," in row for row in board[1:])
 
 
+def test_three_ranks_and_a_resume_on_four(tmp_path, single_run):
+    """Uneven splits: 4 adapters on 3 ranks, stopped, then resumed on 4 ranks (one gets nothing)."""
+    path = write_sweep(tmp_path, "three")
+    assert tune(path, None, stop_after=4, nproc=3, log=lambda *_: None) == 0
+    assert tune(None, str(tmp_path / "three"), nproc=4, log=lambda *_: None) == 0
+    assert_same_adapters(single_run, tmp_path / "three")
+
+
 def test_two_rank_run_killed_and_resumed_matches(tmp_path, single_run):
     path = write_sweep(tmp_path, "cut")
     # Stopped after micro-step 5 (checkpoint at 4: d had migrated at 2, mid-accumulation).
