@@ -90,6 +90,8 @@ def run_rank(args, mode: str) -> dict:
     from alto.parallel import Group
 
     group = Group.from_env(args.device)
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # one core per rank, as one GPU per rank
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     try:
         trainer, tokens = build(args, group.rank, group.world, mode)
@@ -134,7 +136,7 @@ def main() -> None:
     from alto.parallel import launch
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--gpus", type=int, default=2, help="ranks (one GPU each; with --device cpu, one core each)")
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=2048, help="hidden size (MLP 4x, 64-wide heads); 2048 = Llama-3.2-1B")
@@ -157,7 +159,7 @@ def main() -> None:
     rows = [("rank-local", 1, one)]
     for mode in ("rank-local", "ddp"):
         rows.append((mode, args.gpus, launch(run_rank, args.gpus, (args, mode))[0]))
-    print("method | GPUs | step ms | tokens/s | speed-up vs 1 GPU | peak GiB/GPU | max loss rel. diff vs 1 GPU")
+    print("method | ranks | step ms | tokens/s | speed-up vs 1 rank | peak GPU GiB/rank | max loss rel. diff vs 1 rank")
     print("--- | --- | --- | --- | --- | --- | ---")
     base_tps = one["tokens"] / one["ms"]
     for mode, gpus, r in rows:
