@@ -93,6 +93,21 @@ def test_send_and_recv_move_tensors_between_two_processes():
     assert launch(_send_recv, 2, ([(3, 4), (5,), (2, 2)],)) == [0, 1]
 
 
+def _rank_1_fails():
+    from alto.parallel import Group
+
+    group = Group.from_env("cpu")
+    if group.rank == 1:
+        raise RuntimeError("rank 1 breaks")
+    group.all_gather(0)  # rank 0 would wait here forever
+    return 0
+
+
+def test_a_failing_rank_stops_the_others_instead_of_hanging():
+    with pytest.raises(RuntimeError, match=r"rank [01] exited with code 1"):  # rank 0 may see it first
+        launch(_rank_1_fails, 2)
+
+
 # ---- whole sweeps on 2 processes ---------------------------------------------------------------------
 
 def write_sweep(tmp_path, out: str, more_adapters=(), **extra) -> str:
