@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from multiprocessing import connection
 from collections.abc import Callable, Iterable, Sequence
+from multiprocessing import connection
 from typing import Any
 
 import torch
