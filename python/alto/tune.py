@@ -193,14 +193,15 @@ class SweepRun:
             for i in range(max(0, self.samples_budget - sum(a.micro_batch_size for a in members))):
                 aid = members[i % len(members)].id
                 grow[aid] = grow.get(aid, 0) + 1
+        if world == 1:  # nothing to place: no cost estimates on the single-rank step path
+            return {"stops": stops, "admit": {a.id: 0 for a in admit}, "grow": grow, "moves": []}
         owner = {aid: r for aid, r in self.owner.items() if aid not in stopped}
         costs = self.costs(running + admit)
         for aid, n in grow.items():  # grown micro-batches cost more
             a = self.registry[aid]
             costs[aid] *= (a.micro_batch_size + n) / a.micro_batch_size
         placed = place([a.id for a in admit], costs, rank_loads(owner, costs, world))
-        moves = rebalance({**owner, **placed}, costs, world) if world > 1 else []
-        return {"stops": stops, "admit": placed, "grow": grow, "moves": moves}
+        return {"stops": stops, "admit": placed, "grow": grow, "moves": rebalance({**owner, **placed}, costs, world)}
 
     def apply(self, plan: dict, log, decisions) -> None:
         rank, t = self.group.rank, self.trainer
