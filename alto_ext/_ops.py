@@ -5,7 +5,8 @@ slot g; rows ``rank_indptr[g]:rank_indptr[g+1]`` of rank-major weights are adapt
 ``scaling[g]`` defaults to 1):
 
 - ``lora_shrink(x[T,d], W[R,d]) -> h[T,h_width]``: ``h[t, :r_g] = s_g x[t] W_gᵀ``, other columns 0.
-- ``lora_expand_(y[T,d], h[T,H], W[R,d])``: ``y[t] += s_g h[t, :r_g] W_g`` in place.
+- ``lora_expand_(y[T,d], h[T,H], W[R,d])``: ``y[t] += s_g h[t, :r_g] W_g`` in place;
+  ``accumulate=False``: ``y[t] = ...`` without reading y, rows of rank-0 adapters untouched.
 - ``lora_expand``: the same, returning a new tensor (differentiable).
 - ``lora_weight_grad(h[T,H], x[T,d]) -> [R,d]``: ``out[W_g rows] = s_g h_g[:, :r_g]ᵀ x_g``.
 
@@ -50,8 +51,9 @@ def lora_expand_(
     seg_indptr: torch.Tensor,
     rank_indptr: torch.Tensor,
     scaling: torch.Tensor | None = None,
+    accumulate: bool = True,
 ) -> torch.Tensor:
-    ops.lora_expand_(y, h, W, seg_indptr, rank_indptr, scaling)
+    ops.lora_expand_(y, h, W, seg_indptr, rank_indptr, scaling, accumulate)
     return y
 
 
@@ -86,7 +88,7 @@ def _(x, W, seg_indptr, rank_indptr, h_width, scaling=None):
 
 
 @torch.library.register_fake("alto::lora_expand_")
-def _(y, h, W, seg_indptr, rank_indptr, scaling=None):
+def _(y, h, W, seg_indptr, rank_indptr, scaling=None, accumulate=True):
     return None
 
 

@@ -1,27 +1,39 @@
 """multi_lora_linear: base linear + every adapter's LoRA in one autograd node.
 
-Forward ``y = x Wᵀ + b``, then ``y[t] += s_g (x[t] A_gᵀ) B_g`` for each token's adapter g. Backward
-computes dX once for the base and all adapters (``dY W + Σ dh_g A_g`` accumulated in place), and
-dA, dB with one weight-grad launch each; no per-adapter copy of X is ever made.
+Forward ``y = x Wᵀ + b + s_g (x[t] A_gᵀ) B_g`` for each token's adapter g. Backward computes dX once
+for the base and all adapters (``dY W + Σ dh_g A_g`` into one output), and dA, dB with one
+weight-grad launch each; no per-adapter copy of X is ever made.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from alto_ext._ops import ops
 from alto_ext.segments import Segments
 
 
+def _dense_plus_lora(a, b, bias, h, lora_w, seg_indptr, rank_indptr, scaling, covers_all_tokens):
+    """``a @ b (+ bias)`` plus every adapter's ``s_g h_g W_g`` on its rows. When every row belongs to
+    an adapter with a rank, the adapters write the output first and the base GEMM adds its product
+    in its epilogue (beta = 1): the output is not read and written again by a separate LoRA pass."""
+    if covers_all_tokens and bias is None:
+        out = a.new_empty(a.shape[0], b.shape[1])
+        ops.lora_expand_(out, h, lora_w, seg_indptr, rank_indptr, scaling, False)
+        return out.addmm_(a, b)
+    out = a @ b if bias is None else torch.addmm(bias, a, b)
+    ops.lora_expand_(out, h, lora_w, seg_indptr, rank_indptr, scaling)
+    return out
+
+
 class _MultiLoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_x, A, B, seg_indptr, rank_indptr, scaling, h_width):
+    def forward(ctx, x, weight, bias, lora_x, A, B, seg_indptr, rank_indptr, scaling, h_width, covers_all_tokens):
         # lora_x=None: the adapters read x itself (no dropout); never pass x twice (torch.compile).
         ctx.lora_x_is_x = lora_x is None
+        ctx.covers_all_tokens = covers_all_tokens
         lx = x if lora_x is None else lora_x
-        y = F.linear(x, weight, bias)
         h = ops.lora_shrink(lx, A, seg_indptr, rank_indptr, h_width, None)
-        ops.lora_expand_(y, h, B, seg_indptr, rank_indptr, scaling)
+        y = _dense_plus_lora(x, weight.t(), bias, h, B, seg_indptr, rank_indptr, scaling, covers_all_tokens)
         ctx.save_for_backward(x, weight, lx, A, B, h, seg_indptr, rank_indptr, scaling)
         return y
 
@@ -33,14 +45,14 @@ class _MultiLoraLinear(torch.autograd.Function):
         # dh_g = s_g dY_g B_gᵀ, shared by dA and by the LoRA part of dX.
         grad_h = ops.lora_shrink(grad_y, B, seg_indptr, rank_indptr, h.shape[1], scaling)
         grad_x = grad_w = grad_bias = grad_lx = grad_a = grad_b = None
-        lora_dx_into_x = ctx.lora_x_is_x and need_x
-        if need_x:
+        if need_x and ctx.lora_x_is_x:  # dX = dY W + Σ dh_g A_g in one output pass
+            grad_x = _dense_plus_lora(grad_y, weight, None, grad_h, A, seg_indptr, rank_indptr, None,
+                                      ctx.covers_all_tokens)
+        elif need_x:
             grad_x = grad_y @ weight
-        if need_lx or lora_dx_into_x:
-            target = grad_x if lora_dx_into_x else torch.zeros_like(lora_x)
-            ops.lora_expand_(target, grad_h, A, seg_indptr, rank_indptr, None)
-            if not lora_dx_into_x:
-                grad_lx = target
+        if need_lx:
+            grad_lx = torch.zeros_like(lora_x)
+            ops.lora_expand_(grad_lx, grad_h, A, seg_indptr, rank_indptr, None)
         if need_w:
             grad_w = grad_y.flatten(0, -2).t() @ x.flatten(0, -2)
         if need_b:
@@ -49,7 +61,7 @@ class _MultiLoraLinear(torch.autograd.Function):
             grad_a = ops.lora_weight_grad(grad_h, lora_x, seg_indptr, rank_indptr, A.shape[0], None)
         if need_b_lora:
             grad_b = ops.lora_weight_grad(h, grad_y, seg_indptr, rank_indptr, B.shape[0], scaling)
-        return grad_x, grad_w, grad_bias, grad_lx, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_bias, grad_lx, grad_a, grad_b, None, None, None, None, None
 
 
 def multi_lora_linear(
@@ -94,4 +106,5 @@ def multi_lora_linear(
             segments.rank_indptr,
             segments.scaling,
             segments.h_width,
+            segments.covers_all_tokens,
         )

@@ -84,6 +84,11 @@ class Segments:
         return sum(self.ranks)
 
     @property
+    def covers_all_tokens(self) -> bool:
+        """Every token belongs to an adapter with a rank: a non-accumulating expand writes every row."""
+        return all(r > 0 for n, r in zip(self.token_counts, self.ranks) if n > 0)
+
+    @property
     def h_width(self) -> int:
         """Width of the shrink output h: the largest rank rounded up to 8 columns."""
         r = max(self.ranks, default=0)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine = build + test + bench (see DESIGN.md "GPU work").
-#   bash bench/device_run.sh [build] [test] [bench] [bench_step] [sanitize] [parallel]
+#   bash bench/device_run.sh [build] [test] [bench] [bench_step] [profile_step] [sanitize] [parallel]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
@@ -50,6 +50,13 @@ for stage in "${stages[@]}"; do
       ;;
     bench_step)
       python3 -P bench/bench_step.py 2>&1 | tee "$OUT/bench_step.txt" || rc=1
+      ;;
+    profile_step)
+      # Chrome traces of one base and one 32-adapter step: GPU idle gaps and top kernels of each.
+      mkdir -p /tmp/alto_prof
+      python3 -P bench/bench_step.py --adapters 32 --iters 3 --profile /tmp/alto_prof > "$OUT/profile_step.txt" 2>&1 || rc=1
+      python3 -P bench/trace_gaps.py /tmp/alto_prof/alto.json /tmp/alto_prof/base.json --kernels 25 2>&1 \
+        | tee -a "$OUT/profile_step.txt" || rc=1
       ;;
     parallel)
       # Needs 2+ GPUs (nvidia-h200-x2): NCCL tests, then 1 vs N GPUs vs DDP.

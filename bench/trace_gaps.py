@@ -1,7 +1,8 @@
-"""Where does the GPU wait for the host? Reads a Chrome trace written by torch.profiler with
-with_stack=True (e.g. `bench_step.py --profile DIR`, gzipped or not) and prints the GPU's busy time,
-and its idle gaps longer than --min-ms with the innermost Python frames running at each gap's
-middle. Python-heavy stretches run slower under with_stack, so gaps there are upper bounds.
+"""Where does the GPU wait for the host, and what does it run? Reads a Chrome trace written by
+torch.profiler with with_stack=True (e.g. `bench_step.py --profile DIR`, gzipped or not) and prints
+the GPU's busy time, its idle gaps longer than --min-ms with the innermost Python frames running at
+each gap's middle, and the --kernels GPU kernels with the most total time. Python-heavy stretches
+run slower under with_stack, so gaps there are upper bounds.
 Run: python bench/trace_gaps.py DIR/alto.json.gz DIR/base.json.gz
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ def load(path: str) -> list[dict]:
         return json.load(f)["traceEvents"]
 
 
-def report(path: str, min_ms: float, top: int) -> None:
+def report(path: str, min_ms: float, top: int, kernels: int) -> None:
     events = load(path)
     gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     python = [e for e in events if e.get("cat") == "python_function" and "dur" in e]
@@ -39,6 +40,12 @@ def report(path: str, min_ms: float, top: int) -> None:
         print(f"  {length / 1e3:7.2f} ms before {next_kernel[:50]!r}")
         for p in frames[:4]:
             print(f"      in {p['name'][:100]}")
+    by_name: dict[str, list[float]] = {}
+    for e in gpu:
+        by_name.setdefault(e["name"], []).append(e["dur"])
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    for name, durs in ranked[:kernels]:
+        print(f"  {sum(durs) / 1e3:8.2f} ms {len(durs):5d}x  {name[:110]}")
 
 
 def main() -> None:
@@ -46,9 +53,10 @@ def main() -> None:
     ap.add_argument("traces", nargs="+")
     ap.add_argument("--min-ms", type=float, default=0.2)
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--kernels", type=int, default=0, help="also list the N kernels with the most GPU time")
     args = ap.parse_args()
     for path in args.traces:
-        report(path, args.min_ms, args.top)
+        report(path, args.min_ms, args.top, args.kernels)
 
 
 if __name__ == "__main__":

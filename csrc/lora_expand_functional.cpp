@@ -14,9 +14,9 @@ static at::Tensor lora_expand(const at::Tensor& y, const at::Tensor& h, const at
                        .findSchemaOrThrow("alto::lora_expand_", "")
                        .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, const at::Tensor&,
-                                   const std::optional<at::Tensor>&)>();
+                                   const std::optional<at::Tensor>&, bool)>();
   at::Tensor out = y.clone(at::MemoryFormat::Contiguous);
-  op.call(out, h, W, seg_indptr, rank_indptr, scaling);
+  op.call(out, h, W, seg_indptr, rank_indptr, scaling, /*accumulate=*/true);
   return out;
 }
 

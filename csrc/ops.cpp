@@ -14,9 +14,10 @@ TORCH_LIBRARY(alto, m) {
   // h[t, 0:r_g] = scaling[g] * x[t] . W_g^T for t in segment g; columns >= r_g are zero.
   m.def("lora_shrink(Tensor x, Tensor W, Tensor seg_indptr, Tensor rank_indptr, int h_width, "
         "Tensor? scaling=None) -> Tensor");
-  // y[t] += scaling[g] * h[t, 0:r_g] . W_g for t in segment g (in place).
+  // y[t] += scaling[g] * h[t, 0:r_g] . W_g for t in segment g (in place). accumulate=False:
+  // y[t] = ... instead (y is not read), for t in segments with r_g > 0; other rows untouched.
   m.def("lora_expand_(Tensor(a!) y, Tensor h, Tensor W, Tensor seg_indptr, Tensor rank_indptr, "
-        "Tensor? scaling=None) -> ()");
+        "Tensor? scaling=None, bool accumulate=True) -> ()");
   // Functional form of lora_expand_ (returns a new tensor; differentiable).
   m.def("lora_expand(Tensor y, Tensor h, Tensor W, Tensor seg_indptr, Tensor rank_indptr, "
         "Tensor? scaling=None) -> Tensor");

@@ -11,6 +11,7 @@ CASES = [
     ([4, 0, 9], [2, 8, 1], 24, 40),
     ([1], [16], 16, 16),
     ([17, 5, 30, 2], [64, 4, 16, 8], 64, 136),
+    ([6, 3], [0, 4], 32, 24),  # an adapter without rank here: its rows are the base's alone
 ]
 
 

@@ -61,6 +61,28 @@ def test_expand_matches_reference(device, case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_expand_without_accumulate_writes_rows_it_does_not_read(device, case):
+    """accumulate=False: rows of adapters with a rank get s_g h W_g whatever y held (NaN here);
+    rows of rank-0 adapters stay exactly as they were."""
+    for dtype in dtypes_for(device):
+        seg, _, _, B = make_case(*case, device, dtype)
+        T = seg.num_tokens
+        h = torch.randn(T, seg.h_width, device=device, dtype=dtype)
+        covered = torch.zeros(T, dtype=torch.bool)
+        t0 = 0
+        for n, r in zip(seg.token_counts, seg.ranks):
+            covered[t0 : t0 + n] = r > 0
+            t0 += n
+        y = torch.randn(T, B.shape[1], device=device, dtype=dtype)
+        y[covered.to(device)] = float("nan")
+        out = y.clone()
+        alto_ext.lora_expand_(out, h, B, seg.seg_indptr, seg.rank_indptr, seg.scaling, accumulate=False)
+        expected = ref.expand(torch.zeros(T, B.shape[1]), h.cpu(), B.cpu(), seg)
+        assert ref.rel_err(out.cpu()[covered], expected[covered]) < TOL[dtype]
+        assert torch.equal(out.cpu()[~covered], y.cpu()[~covered])
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_weight_grad_matches_reference(device, case):
     for dtype in dtypes_for(device):
         seg, x, _, _ = make_case(*case, device, dtype)
@@ -121,6 +143,7 @@ def _opcheck_samples(device):
         (torch.ops.alto.lora_shrink, (x.requires_grad_(), A.requires_grad_(), *s, seg.h_width, seg.scaling)),
         (torch.ops.alto.lora_expand, (y.requires_grad_(), h.requires_grad_(), B.requires_grad_(), *s, seg.scaling)),
         (torch.ops.alto.lora_expand_, (y.detach().clone(), h.detach(), B.detach(), *s, seg.scaling)),
+        (torch.ops.alto.lora_expand_, (y.detach().clone(), h.detach(), B.detach(), *s, seg.scaling, False)),
         (torch.ops.alto.lora_weight_grad, (h.detach(), x.detach(), *s, seg.total_rank, seg.scaling)),
     ]
 

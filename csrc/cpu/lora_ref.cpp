@@ -61,7 +61,7 @@ at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& W, const at::Tenso
 
 void lora_expand_(at::Tensor& y, const at::Tensor& h, const at::Tensor& W,
                   const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
-                  const std::optional<at::Tensor>& scaling) {
+                  const std::optional<at::Tensor>& scaling, bool accumulate) {
   const SegmentDims dims = check_expand_args(y, h, W, seg_indptr, rank_indptr, scaling);
   const HostSegments s =
       read_segments("alto::lora_expand", seg_indptr, rank_indptr, scaling, dims, h.size(1));
@@ -71,7 +71,8 @@ void lora_expand_(at::Tensor& y, const at::Tensor& h, const at::Tensor& W,
     if (n == 0 || r == 0) continue;
     at::Tensor prod = at::mm(h.narrow(0, t0, n).narrow(1, 0, r).to(acc), W.narrow(0, r0, r).to(acc));
     at::Tensor y_g = y.narrow(0, t0, n);
-    y_g.copy_(prod.mul_(s.scale[g]).add_(y_g.to(acc)));
+    prod.mul_(s.scale[g]);
+    y_g.copy_(accumulate ? prod.add_(y_g.to(acc)) : prod);
   }
 }
 

@@ -13,7 +13,7 @@ at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& W, const at::Tenso
                        const std::optional<at::Tensor>& scaling);
 void lora_expand_(at::Tensor& y, const at::Tensor& h, const at::Tensor& W,
                   const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
-                  const std::optional<at::Tensor>& scaling);
+                  const std::optional<at::Tensor>& scaling, bool accumulate);
 at::Tensor lora_weight_grad(const at::Tensor& h, const at::Tensor& x, const at::Tensor& seg_indptr,
                             const at::Tensor& rank_indptr, int64_t total_rank,
                             const std::optional<at::Tensor>& scaling);

@@ -237,7 +237,7 @@ struct ShrinkForm {
   }
 };
 
-// expand: y_g[n, d] += h_g[n, 0:r] . W_g[r, d]   (M=n, N=d, K=r; C = D = y)
+// expand: y_g[n, d] (+)= h_g[n, 0:r] . W_g[r, d]   (M=n, N=d, K=r; C = D = y; beta 0 = y not read)
 template <class Element>
 using ExpandGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::RowMajor,
                                cutlass::layout::RowMajor, Shape<_128, _128, _64>>;
@@ -296,11 +296,12 @@ template <DType D> size_t expand_workspace_bytes(int num_groups, int sm_count) {
 }
 template <DType D>
 Status expand(const Segments& seg, const void* h, int64_t h_ld, const void* W, void* y, int64_t d,
-              const Launch& launch) {
+              bool accumulate, const Launch& launch) {
   using GG = detail::ExpandGemm<typename detail::CutlassElement<D>::type>;
   using E = typename GG::Gemm::ElementA;
   detail::ExpandForm<E> form{static_cast<const E*>(h), static_cast<const E*>(W),
-                              static_cast<E*>(y), h_ld, d, /*max_rank=*/h_ld};
+                              static_cast<E*>(y), h_ld, d, /*max_rank=*/h_ld,
+                              /*beta=*/accumulate ? 1.f : 0.f};
   return detail::launch_form<GG>(seg, form, launch);
 }
 

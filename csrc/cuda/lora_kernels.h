@@ -58,11 +58,12 @@ template <DType D>
 Status shrink(const Segments& seg, const void* x, const void* W, void* out, int64_t d,
               int64_t out_ld, const Launch& launch);
 
-// y[t, :] += s_g * h[t, 0:r_g] . W_g  (h [T, h_ld], W [R, d], y [T, d]).
+// y[t, :] += s_g * h[t, 0:r_g] . W_g  (h [T, h_ld], W [R, d], y [T, d]); accumulate=false:
+// y[t, :] = ... without reading y (rows of adapters with no rank untouched).
 template <DType D> size_t expand_workspace_bytes(int num_groups, int sm_count);
 template <DType D>
 Status expand(const Segments& seg, const void* h, int64_t h_ld, const void* W, void* y, int64_t d,
-              const Launch& launch);
+              bool accumulate, const Launch& launch);
 
 // out[W_g rows, :] = s_g * h_g[:, 0:r_g]^T . x_g  (h [T, h_ld], x [T, d], out [R, d]); rows of
 // adapters without tokens are untouched (the glue zero-fills out).

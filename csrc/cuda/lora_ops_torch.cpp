@@ -184,20 +184,20 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& W_in,
 
 void lora_expand_cuda_(at::Tensor& y, const at::Tensor& h_in, const at::Tensor& W_in,
                        const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
-                       const std::optional<at::Tensor>& scaling) {
+                       const std::optional<at::Tensor>& scaling, bool accumulate) {
   const SegmentDims dims = check_expand_args(y, h_in, W_in, seg_indptr, rank_indptr, scaling);
   raise_recorded_device_error();
   const c10::cuda::CUDAGuard guard(y.device());
   const at::Tensor h = h_in.contiguous(), W = W_in.contiguous();
   if (!cutlass_ok({&y, &h, &W}))
-    return ref::lora_expand_(y, h, W, seg_indptr, rank_indptr, scaling);
+    return ref::lora_expand_(y, h, W, seg_indptr, rank_indptr, scaling, accumulate);
   if (dims.num_groups == 0 || y.numel() == 0) return;
   with_dtype(y, [&](auto D) {
     constexpr cuda::DType dt = decltype(D)::value;
     run_kernel(y, dims, seg_indptr, rank_indptr, scaling, cuda::expand_workspace_bytes<dt>,
                [&](const cuda::Segments& s, const cuda::Launch& l) {
                  return cuda::expand<dt>(s, h.data_ptr(), h.size(1), W.data_ptr(), y.data_ptr(),
-                                         y.size(1), l);
+                                         y.size(1), accumulate, l);
                });
   });
 }
