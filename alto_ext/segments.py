@@ -15,6 +15,17 @@ import torch
 H_WIDTH_ALIGN = 8
 
 
+def to_device(values: Sequence | torch.Tensor, device: torch.device | str | None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host data (a list or a CPU tensor) on `device` without waiting for the GPU: a plain copy to
+    CUDA synchronizes with all queued work, this one is staged in pinned memory and sent async."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    device = torch.device(device if device is not None else "cpu")
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _check_counts(name: str, values: Sequence[int]) -> list[int]:
     out = []
     for g, v in enumerate(values):
@@ -59,7 +70,7 @@ class Segments:
             for g, s in enumerate(scale_list):
                 if s != s or s in (float("inf"), float("-inf")):
                     raise ValueError(f"scaling[{g}] must be finite, got {s}")
-            scale_t = torch.tensor(scale_list, dtype=torch.float32, device=device)
+            scale_t = to_device(scale_list, device, torch.float32)
 
         def indptr(counts: list[int]) -> torch.Tensor:
             ptr = [0]
@@ -67,7 +78,7 @@ class Segments:
                 ptr.append(ptr[-1] + c)
             if ptr[-1] >= 2**31:
                 raise ValueError(f"total {ptr[-1]} does not fit the int32 index tensors")
-            return torch.tensor(ptr, dtype=torch.int32, device=device)
+            return to_device(ptr, device, torch.int32)
 
         return cls(indptr(tokens), indptr(rank_list), scale_t, tuple(tokens), tuple(rank_list))
 

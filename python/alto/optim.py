@@ -3,14 +3,19 @@
 Every adapter keeps its own learning rate, weight decay, step count, moments and gradient-norm
 limit. Its weights and gradients are passed in at each call as tensors (the model's views into
 its packed per-layer buffers, which move when adapters come and go). The update is torch's own
-fused AdamW kernel, one call per adapter; clipping is clip_grad_norm_'s, per adapter. Nothing
-waits for the GPU: an adapter whose gradients are not finite is skipped on the device.
+fused AdamW kernel, one call per adapter; clipping is clip_grad_norm_'s math, per adapter, with
+the norms of all adapters computed together and the clip applied inside the fused kernel (as its
+grad scale). Nothing waits for the GPU: an adapter whose gradients are not finite is skipped on
+the device. A step launches a fixed handful of kernels plus one per adapter.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from alto_ext.segments import to_device
 
 # adapter id -> (weights, gradients), aligned lists
 Tensors = dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]]
@@ -19,7 +24,7 @@ Tensors = dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]]
 @dataclass
 class _AdapterState:
     weight_decay: float
-    steps: list[torch.Tensor]  # per tensor, as torch keeps them
+    step: torch.Tensor  # 0-d float32 on the weights' device, as torch's fused kernel reads it
     exp_avg: list[torch.Tensor]
     exp_avg_sq: list[torch.Tensor]
 
@@ -32,24 +37,25 @@ class MultiAdamW:
     def add(self, adapter_id: str, weights: list[torch.Tensor], weight_decay: float) -> None:
         if adapter_id in self.adapters:
             raise ValueError(f"adapter {adapter_id!r} already has optimizer state")
+        if not weights:
+            raise ValueError(f"adapter {adapter_id!r} has no weights to optimize")
         self.adapters[adapter_id] = _AdapterState(
             weight_decay,
-            [torch.zeros((), dtype=torch.float32, device=w.device) for w in weights],
+            torch.zeros((), dtype=torch.float32, device=weights[0].device),
             [torch.zeros_like(w, memory_format=torch.contiguous_format) for w in weights],
             [torch.zeros_like(w, memory_format=torch.contiguous_format) for w in weights])
 
     def state(self, adapter_id: str) -> dict:
         """Copies of the adapter's step count and moments (on their device)."""
         s = self.adapters[adapter_id]
-        return {"step": int(s.steps[0].item()) if s.steps else 0,
+        return {"step": int(s.step.item()),
                 "exp_avg": [t.detach().clone() for t in s.exp_avg],
                 "exp_avg_sq": [t.detach().clone() for t in s.exp_avg_sq]}
 
     def load(self, adapter_id: str, state: dict) -> None:
         """Restores what state() returned (for an adapter add()-ed with the same shapes)."""
         s = self.adapters[adapter_id]
-        for t in s.steps:
-            t.fill_(float(state["step"]))
+        s.step.fill_(float(state["step"]))
         for dst, src in zip(s.exp_avg + s.exp_avg_sq, list(state["exp_avg"]) + list(state["exp_avg_sq"])):
             dst.copy_(src)
 
@@ -66,27 +72,39 @@ class MultiAdamW:
         not finite is skipped on the device (weights, moments and step count stay as they were),
         so nothing here waits for the GPU: returns the norms before clipping, one per adapter
         (0 for an adapter without gradients), as one tensor for the caller to read once."""
+        if not tensors:
+            return torch.zeros(0)
+        entries = list(tensors.values())
+        live = [[i for i, g in enumerate(grads) if g is not None] for _, grads in entries]
+        device = entries[0][0][0].device
+        norms = torch.zeros(len(tensors), device=device)
+        stepping = [k for k, idx in enumerate(live) if idx]
+        if not stepping:  # no tokens reached any adapter's layers
+            return norms
+        # Every adapter's squared tensor norms in an [adapter, tensor] grid, summed per row
+        # (deterministic, unlike an atomic scatter-add).
+        all_grads = [grads[i] for (_, grads), idx in zip(entries, live) for i in idx]
+        squares = torch.stack(torch._foreach_norm(all_grads)).square()
+        index = to_device([[k for k in stepping for _ in live[k]], [j for k in stepping for j in range(len(live[k]))]],
+                          device, torch.int64)
+        grid = squares.new_zeros(len(tensors), max(len(idx) for idx in live))
+        grid[index[0], index[1]] = squares
+        norms = grid.sum(1).sqrt()
+        # clip_grad_norm_'s factor min(1, limit / (norm + 1e-6)), as the divisor the fused kernel takes
+        limits = to_device([math.inf if m is None else m for m in max_norms], device, torch.float32)
+        grad_scale = (norms + 1e-6).div(limits).clamp(min=1.0)
+        skip = (~torch.isfinite(norms)).float()
+        states = [self.adapters[aid] for aid in tensors]
+        steps = [states[k].step for k in stepping]
+        # found_inf as torch.optim uses it for GradScaler: the kernel skips the adapter, and the
+        # count taken before the step is given back after it.
+        torch._foreach_add_(steps, 1)
         beta1, beta2 = self.betas
-        norms = []
-        for (aid, (weights, grads)), lr, limit in zip(tensors.items(), lrs, max_norms):
-            s = self.adapters[aid]
-            live = [i for i, g in enumerate(grads) if g is not None]
-            if not live:  # no tokens reached its layers
-                norms.append(torch.zeros((), device=weights[0].device))
-                continue
-            g = [grads[i] for i in live]
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
-            if limit is not None:
-                torch._foreach_mul_(g, (limit / (norm + 1e-6)).clamp(max=1.0))
-            skip = (~torch.isfinite(norm)).float()
-            steps = [s.steps[i] for i in live]
-            # torch's fused AdamW (its CPU kernel matches the single-tensor loop bit for bit),
-            # with found_inf as torch.optim uses it for GradScaler: a skipped step undoes the count.
-            torch._foreach_add_(steps, 1)
-            torch._fused_adamw_([weights[i] for i in live], g, [s.exp_avg[i] for i in live],
-                                [s.exp_avg_sq[i] for i in live], [], steps, lr=lr, beta1=beta1, beta2=beta2,
-                                weight_decay=s.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
-                                grad_scale=None, found_inf=skip)
-            torch._foreach_sub_(steps, [skip] * len(steps))
-            norms.append(norm)
-        return torch.stack(norms) if norms else torch.zeros(0)
+        for k in stepping:
+            (weights, grads), s, idx = entries[k], states[k], live[k]
+            torch._fused_adamw_([weights[i] for i in idx], [grads[i] for i in idx], [s.exp_avg[i] for i in idx],
+                                [s.exp_avg_sq[i] for i in idx], [], [s.step] * len(idx), lr=lrs[k], beta1=beta1,
+                                beta2=beta2, weight_decay=s.weight_decay, eps=self.eps, amsgrad=False,
+                                maximize=False, grad_scale=grad_scale[k], found_inf=skip[k])
+        torch._foreach_sub_(steps, [skip[k] for k in stepping])
+        return norms

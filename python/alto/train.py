@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from alto.model import MultiLoraModel, plan_for
 from alto.optim import MultiAdamW
 from alto.registry import Adapter, Registry, Status
+from alto_ext.segments import to_device
 
 
 class DataStream:
@@ -55,15 +56,19 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, length: int | Non
 
 
 def per_adapter_losses(logits: torch.Tensor, labels: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
-    """Mean next-token loss over each adapter's own target tokens; samples = rows per adapter."""
+    """Mean next-token loss over each adapter's own target tokens; samples = rows per adapter.
+    Row sums are laid out in an [adapter, sample] grid and summed: a fixed number of kernels
+    whatever the adapter count, and deterministic (no atomics)."""
     token_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
                                  ignore_index=-100, reduction="none").view(labels.shape[0], -1)
-    valid = (labels[:, 1:] != -100).float()
-    out, row = [], 0
-    for n in samples:
-        out.append(token_loss[row : row + n].sum() / valid[row : row + n].sum().clamp_min(1))
-        row += n
-    return torch.stack(out)
+    per_row = torch.stack([token_loss.sum(1), (labels[:, 1:] != -100).sum(1).to(token_loss.dtype)])
+    owner = [a for a, n in enumerate(samples) for _ in range(n)]
+    slot = [i for n in samples for i in range(n)]
+    index = to_device([owner, slot], logits.device, torch.int64)
+    grid = per_row.new_zeros(2, len(samples), max(samples, default=0))
+    grid[:, index[0], index[1]] = per_row
+    loss_sum, count = grid.sum(2)
+    return loss_sum / count.clamp_min(1)
 
 
 @dataclass
@@ -163,14 +168,14 @@ class Trainer:
             return {}
         batches = [self.data[a.id].next_batch(a.micro_batch_size) for a in running]
         flat = [s for b in batches for s in b]
-        ids, mask, labels = (t.to(self.device) for t in pad_batch(flat, self.pad_id))
+        ids, mask, labels = (to_device(t, self.device) for t in pad_batch(flat, self.pad_id))
         plan = plan_for(self.model, [a.id for a in running], [len(b) for b in batches], ids.shape[1],
                         self.device, [max(len(s) for s in b) for b in batches])
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
             logits = self.model(ids, mask, plan)
         per_adapter = per_adapter_losses(logits, labels, [len(b) for b in batches])
-        inv_accum = torch.tensor([1.0 / a.config.grad_accum for a in running], device=per_adapter.device)
+        inv_accum = to_device([1.0 / a.config.grad_accum for a in running], self.device, torch.float32)
         (torch.where(torch.isfinite(per_adapter), per_adapter, 0.0) * inv_accum).sum().backward()
         for adapter in running:
             adapter.micro_step += 1
