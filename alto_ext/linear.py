@@ -15,8 +15,9 @@ from alto_ext.segments import Segments
 def _dense_plus_lora(a, b, bias, h, lora_w, seg_indptr, rank_indptr, scaling, covers_all_tokens):
     """``a @ b (+ bias)`` plus every adapter's ``s_g h_g W_g`` on its rows. When every row belongs to
     an adapter with a rank, the adapters write the output first and the base GEMM adds its product
-    in its epilogue (beta = 1): the output is not read and written again by a separate LoRA pass."""
-    if covers_all_tokens and bias is None:
+    in its epilogue (beta = 1): the output is not read and written again by a separate LoRA pass.
+    Eager only: torch 2.11's dynamo traces the in-place-built output's gradient as zeros."""
+    if covers_all_tokens and bias is None and not torch.compiler.is_compiling():
         out = a.new_empty(a.shape[0], b.shape[1])
         ops.lora_expand_(out, h, lora_w, seg_indptr, rank_indptr, scaling, False)
         return out.addmm_(a, b)
