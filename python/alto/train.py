@@ -8,7 +8,6 @@ gradient accumulation. A non-finite loss or gradient fails that adapter only.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from alto_ext.segments import to_device
 
 
 class DataStream:
-    """An adapter's training sequences (token ids), served in order, cycling over epochs."""
+    """An adapter's training sequences (token ids), served in order, cycling over epochs. Held
+    as int64 tensors: building a step's batch is then a copy, not a per-token conversion."""
 
     def __init__(self, sequences: Sequence[Sequence[int]]):
         if not sequences:
@@ -31,10 +31,10 @@ class DataStream:
         for i, s in enumerate(sequences):
             if len(s) < 2:
                 raise ValueError(f"sequence {i} has {len(s)} tokens: a causal LM needs at least 2")
-        self.sequences = [list(s) for s in sequences]
+        self.sequences = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
         self.position = 0
 
-    def next_batch(self, n: int) -> list[list[int]]:
+    def next_batch(self, n: int) -> list[torch.Tensor]:
         out = []
         for _ in range(n):
             out.append(self.sequences[self.position % len(self.sequences)])
@@ -42,15 +42,15 @@ class DataStream:
         return out
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
+def pad_batch(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, length: int | None = None):
     """Right-padded input_ids, attention_mask and labels (-100 on padding) as [B, L] tensors.
-    One tensor from all tokens, scattered by a length mask (a tensor per sequence cost 5 ms of
-    host time per step at 32 x 512 tokens)."""
+    All tokens in one tensor, scattered by a length mask. Token lists are converted element by
+    element (3.4 ms for 32 x 512 tokens on our CPU); DataStream's tensors are just copied."""
     lengths = torch.tensor([len(s) for s in sequences])
     L = length or int(lengths.max())
     mask = torch.arange(L) < lengths[:, None]
     ids = torch.full((len(sequences), L), pad_id, dtype=torch.long)
-    ids[mask] = torch.tensor(list(itertools.chain.from_iterable(sequences)), dtype=torch.long)
+    ids[mask] = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in sequences])
     labels = ids.masked_fill(~mask, -100)
     return ids, mask.long(), labels
 
