@@ -8,7 +8,8 @@ slot g; rows ``rank_indptr[g]:rank_indptr[g+1]`` of rank-major weights are adapt
 - ``lora_expand_(y[T,d], h[T,H], W[R,d])``: ``y[t] += s_g h[t, :r_g] W_g`` in place;
   ``accumulate=False``: ``y[t] = ...`` without reading y, rows of rank-0 adapters untouched.
 - ``lora_expand``: the same, returning a new tensor (differentiable).
-- ``lora_weight_grad(h[T,H], x[T,d]) -> [R,d]``: ``out[W_g rows] = s_g h_g[:, :r_g]ᵀ x_g``.
+- ``lora_weight_grad(h[T,H], x[T,d]) -> [R,d]``: ``out[W_g rows] = s_g h_g[:, :r_g]ᵀ x_g``, in
+  ``out_dtype`` (default x's; float32 for float32 master weights of bf16 compute).
 
 On CUDA the index tensors are validated on the device without a host sync: a bad index is never
 read past, the failing launch computes nothing for that adapter, and the error is raised at the next
@@ -75,8 +76,9 @@ def lora_weight_grad(
     rank_indptr: torch.Tensor,
     total_rank: int,
     scaling: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    return ops.lora_weight_grad(h, x, seg_indptr, rank_indptr, total_rank, scaling)
+    return ops.lora_weight_grad(h, x, seg_indptr, rank_indptr, total_rank, scaling, out_dtype)
 
 
 # ---- fake kernels: shapes only, so torch.compile / FakeTensor can trace the ops -----------------
@@ -98,8 +100,8 @@ def _(y, h, W, seg_indptr, rank_indptr, scaling=None):
 
 
 @torch.library.register_fake("alto::lora_weight_grad")
-def _(h, x, seg_indptr, rank_indptr, total_rank, scaling=None):
-    return x.new_empty((total_rank, x.shape[1]))
+def _(h, x, seg_indptr, rank_indptr, total_rank, scaling=None, out_dtype=None):
+    return x.new_empty((total_rank, x.shape[1]), dtype=out_dtype or x.dtype)
 
 
 # ---- autograd: every gradient is another segmented op ------------------------------------------

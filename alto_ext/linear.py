@@ -32,6 +32,9 @@ class _MultiLoraLinear(torch.autograd.Function):
         # lora_x=None: the adapters read x itself (no dropout); never pass x twice (torch.compile).
         ctx.lora_x_is_x = lora_x is None
         ctx.covers_all_tokens = covers_all_tokens
+        # A, B arrive in their master dtype: their gradients leave in it, straight from the kernel.
+        ctx.a_dtype, ctx.b_dtype = A.dtype, B.dtype
+        A, B = A.to(x.dtype), B.to(x.dtype)
         lx = x if lora_x is None else lora_x
         h = ops.lora_shrink(lx, A, seg_indptr, rank_indptr, h_width, None)
         y = _dense_plus_lora(x, weight.t(), bias, h, B, seg_indptr, rank_indptr, scaling, covers_all_tokens)
@@ -59,9 +62,9 @@ class _MultiLoraLinear(torch.autograd.Function):
         if need_b:
             grad_bias = grad_y.flatten(0, -2).sum(0)
         if need_a:
-            grad_a = ops.lora_weight_grad(grad_h, lora_x, seg_indptr, rank_indptr, A.shape[0], None)
+            grad_a = ops.lora_weight_grad(grad_h, lora_x, seg_indptr, rank_indptr, A.shape[0], None, ctx.a_dtype)
         if need_b_lora:
-            grad_b = ops.lora_weight_grad(h, grad_y, seg_indptr, rank_indptr, B.shape[0], scaling)
+            grad_b = ops.lora_weight_grad(h, grad_y, seg_indptr, rank_indptr, B.shape[0], scaling, ctx.b_dtype)
         return grad_x, grad_w, grad_bias, grad_lx, grad_a, grad_b, None, None, None, None, None
 
 
@@ -78,8 +81,8 @@ def multi_lora_linear(
 
     ``A[R, d_in]`` and ``B[R, d_out]`` hold every adapter's rows (``segments.rank_indptr``);
     ``lora_x`` is the adapters' input when it differs from ``x`` (LoRA dropout). Everything runs in
-    x's dtype, or in the autocast dtype when autocast is on (as nn.Linear would); the casts are
-    differentiable, so float32 adapter weights get float32 gradients.
+    x's dtype, or in the autocast dtype when autocast is on (as nn.Linear would); A and B are cast
+    to it inside, and their gradients come back in their own dtype (float32 masters: float32).
     """
     if x.dim() != 2:
         raise ValueError(f"multi_lora_linear: x must be [T, d_in], got shape {tuple(x.shape)}")
@@ -101,8 +104,8 @@ def multi_lora_linear(
             cast(weight),
             cast(bias),
             cast(lora_x),
-            cast(A),
-            cast(B),
+            A,
+            B,
             segments.seg_indptr,
             segments.rank_indptr,
             segments.scaling,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine = build + test + bench (see DESIGN.md "GPU work").
-#   bash bench/device_run.sh [build] [test] [bench] [bench_step] [profile_step] [sanitize] [parallel]
+#   bash bench/device_run.sh [build] [test] [bench] [bench_step] [profile_step] [expand_configs]
+#                            [sanitize] [parallel]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
@@ -57,6 +58,19 @@ for stage in "${stages[@]}"; do
       python3 -P bench/bench_step.py --adapters 32 --iters 3 --profile /tmp/alto_prof > "$OUT/profile_step.txt" 2>&1 || rc=1
       python3 -P bench/trace_gaps.py /tmp/alto_prof/alto.json /tmp/alto_prof/base.json --kernels 25 2>&1 \
         | tee -a "$OUT/profile_step.txt" || rc=1
+      ;;
+    expand_configs)
+      # Tile shapes / schedules of the write-only expand GEMM, one binary each (built in parallel).
+      cutlass=$(python3 -c "import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))")/source
+      for i in 0 1 2 3 4; do
+        nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr -DNDEBUG -DALTO_CONFIG=$i -I csrc \
+          -I "$cutlass/include" -I "$cutlass/tools/util/include" bench/expand_configs.cu \
+          -o /tmp/expand_cfg$i > "$OUT/expand_cfg$i.log" 2>&1 &
+      done
+      wait
+      for i in 0 1 2 3 4; do
+        /tmp/expand_cfg$i 2>&1 | tee -a "$OUT/expand_configs.txt" || { tail -5 "$OUT/expand_cfg$i.log"; rc=1; }
+      done
       ;;
     parallel)
       # Needs 2+ GPUs (nvidia-h200-x2): NCCL tests, then 1 vs N GPUs vs DDP.

@@ -22,8 +22,9 @@ TORCH_LIBRARY(alto, m) {
   m.def("lora_expand(Tensor y, Tensor h, Tensor W, Tensor seg_indptr, Tensor rank_indptr, "
         "Tensor? scaling=None) -> Tensor");
   // out[rank rows of g] = scaling[g] * h_g[:, 0:r_g]^T . x_g; rows of adapters with no tokens are zero.
+  // out_dtype (default x's) = the weights' dtype, e.g. float32 masters of bf16 compute.
   m.def("lora_weight_grad(Tensor h, Tensor x, Tensor seg_indptr, Tensor rank_indptr, int total_rank, "
-        "Tensor? scaling=None) -> Tensor");
+        "Tensor? scaling=None, ScalarType? out_dtype=None) -> Tensor");
 
   // Adapter migration between ranks (csrc/dist/transfer.cpp): tensors of one device <-> one flat
   // uint8 buffer; send/recv move that buffer through the torch process group named group_name.

@@ -94,6 +94,20 @@ def test_weight_grad_matches_reference(device, case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_weight_grad_writes_float32_for_float32_master_weights(device, case):
+    """out_dtype=float32 from low-precision inputs: the fp32 accumulator is written as it is, so
+    the result is as close to the float64 oracle as float32 sums allow (not bf16-rounded)."""
+    for dtype in dtypes_for(device):
+        seg, x, _, _ = make_case(*case, device, dtype)
+        h = torch.randn(seg.num_tokens, seg.h_width, device=device, dtype=dtype)
+        out = alto_ext.lora_weight_grad(h, x, seg.seg_indptr, seg.rank_indptr, seg.total_rank, seg.scaling,
+                                        out_dtype=torch.float32)
+        assert out.dtype == torch.float32 and out.shape == (seg.total_rank, x.shape[1])
+        expected = ref.weight_grad(h.cpu(), x.cpu(), seg, seg.total_rank)
+        assert ref.rel_err(out, expected) < 2e-5
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_op_autograd_matches_reference(device, case):
     """Backward of lora_shrink -> lora_expand through the registered autograd formulas."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -145,6 +159,7 @@ def _opcheck_samples(device):
         (torch.ops.alto.lora_expand_, (y.detach().clone(), h.detach(), B.detach(), *s, seg.scaling)),
         (torch.ops.alto.lora_expand_, (y.detach().clone(), h.detach(), B.detach(), *s, seg.scaling, False)),
         (torch.ops.alto.lora_weight_grad, (h.detach(), x.detach(), *s, seg.total_rank, seg.scaling)),
+        (torch.ops.alto.lora_weight_grad, (h.detach(), x.detach(), *s, seg.total_rank, seg.scaling, torch.float32)),
     ]
 
 

@@ -16,6 +16,7 @@ void lora_expand_(at::Tensor& y, const at::Tensor& h, const at::Tensor& W,
                   const std::optional<at::Tensor>& scaling, bool accumulate);
 at::Tensor lora_weight_grad(const at::Tensor& h, const at::Tensor& x, const at::Tensor& seg_indptr,
                             const at::Tensor& rank_indptr, int64_t total_rank,
-                            const std::optional<at::Tensor>& scaling);
+                            const std::optional<at::Tensor>& scaling,
+                            std::optional<at::ScalarType> out_dtype);
 
 }  // namespace alto::ref

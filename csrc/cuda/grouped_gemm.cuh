@@ -21,30 +21,36 @@ using namespace cute;
 template <DType D> struct CutlassElement;
 template <> struct CutlassElement<DType::kBF16> { using type = cutlass::bfloat16_t; };
 template <> struct CutlassElement<DType::kF16> { using type = cutlass::half_t; };
+template <> struct CutlassElement<DType::kF32> { using type = float; };
 
 constexpr size_t kArrayAlign = 128;
 inline size_t align_up(size_t n) { return (n + kArrayAlign - 1) / kArrayAlign * kArrayAlign; }
 
 // D = alpha_g * A_g . B_g (+ beta * C_g), fp32 accumulation, C aliasing D when accumulating.
-template <class Element, class LayoutA, class LayoutB, class LayoutD, class TileShape>
+// Operands in Element, output in ElementD; warp-specialized cooperative unless told otherwise.
+template <class Element, class LayoutA, class LayoutB, class LayoutD, class TileShape,
+          class ElementD = Element,
+          class KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
+          class EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>
 struct GroupedGemm {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   using Shape3 = typename ProblemShape::UnderlyingProblemShape;
-  static constexpr int kAlign = 8;  // elements: 16 bytes, what TMA needs
+  static constexpr int kAlign = 8;  // operand elements: 16 bytes, what TMA needs
+  static constexpr int kAlignD = 16 / static_cast<int>(sizeof(ElementD));
   using ClusterShape = Shape<_1, _1, _1>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutD*, kAlign,
-      Element, LayoutD*, kAlign, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-      cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementD, LayoutD*, kAlignD,
+      ElementD, LayoutD*, kAlignD, EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<ElementD, float>>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element,
       LayoutB*, kAlign, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+      KernelSchedule>::CollectiveOp;
 
   using Kernel =
       cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
@@ -59,8 +65,8 @@ struct GroupedGemm {
     Shape3* shapes;
     const Element** a;
     const Element** b;
-    const Element** c;
-    Element** d;
+    const ElementD** c;
+    ElementD** d;
     StrideA* sa;
     StrideB* sb;
     StrideC* sc;
@@ -80,8 +86,8 @@ struct GroupedGemm {
     arr.shapes = static_cast<Shape3*>(take(G * sizeof(Shape3)));
     arr.a = static_cast<const Element**>(take(G * sizeof(void*)));
     arr.b = static_cast<const Element**>(take(G * sizeof(void*)));
-    arr.c = static_cast<const Element**>(take(G * sizeof(void*)));
-    arr.d = static_cast<Element**>(take(G * sizeof(void*)));
+    arr.c = static_cast<const ElementD**>(take(G * sizeof(void*)));
+    arr.d = static_cast<ElementD**>(take(G * sizeof(void*)));
     arr.sa = static_cast<StrideA*>(take(G * sizeof(StrideA)));
     arr.sb = static_cast<StrideB*>(take(G * sizeof(StrideB)));
     arr.sc = static_cast<StrideC*>(take(G * sizeof(StrideC)));
@@ -165,14 +171,14 @@ __device__ inline GroupRange group_range(const Segments& seg, int g, int64_t max
 
 // One adapter's GEMM D[m, n] = A[m, k] . B[k, n]: base pointers and leading dimensions (the
 // layouts, row- or column-major, are fixed by the GroupedGemm type).
-template <class E>
+template <class E, class ED = E>
 struct GroupProblem {
   int64_t m, n, k;
   const E* a;
   int64_t lda;
   const E* b;
   int64_t ldb;
-  E* d;
+  ED* d;
   int64_t ldd;
 };
 
@@ -256,18 +262,19 @@ struct ExpandForm {
 
 // weight_grad, computed transposed so the long feature dim is M:
 // out_g^T[d, r] = x_g^T[d, n] . h_g[n, 0:r]   (M=d, N=r, K=n; x_g^T and out_g^T column-major, ld d)
-template <class Element>
+// The output may be float32: the gradient of float32 master weights, with no cast pass after.
+template <class Element, class ElementOut>
 using WeightGradGemm = GroupedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
-                                   cutlass::layout::ColumnMajor, Shape<_128, _64, _64>>;
+                                   cutlass::layout::ColumnMajor, Shape<_128, _64, _64>, ElementOut>;
 
-template <class E>
+template <class E, class EO>
 struct WeightGradForm {
   const E* h;
   const E* x;
-  E* out;
+  EO* out;
   int64_t h_ld, d, max_rank;
   float beta = 0.f;
-  __device__ GroupProblem<E> problem(GroupRange rg) const {
+  __device__ GroupProblem<E, EO> problem(GroupRange rg) const {
     return {d, rg.r, rg.n, x + rg.t0 * d, d, h + rg.t0 * h_ld, h_ld, out + rg.r0 * d, d};
   }
 };
@@ -305,22 +312,26 @@ Status expand(const Segments& seg, const void* h, int64_t h_ld, const void* W, v
   return detail::launch_form<GG>(seg, form, launch);
 }
 
-template <DType D> size_t weight_grad_workspace_bytes(int num_groups, int sm_count) {
-  return detail::WeightGradGemm<typename detail::CutlassElement<D>::type>::workspace_bytes(num_groups, sm_count);
+template <DType D, DType Out> size_t weight_grad_workspace_bytes(int num_groups, int sm_count) {
+  return detail::WeightGradGemm<typename detail::CutlassElement<D>::type,
+                                typename detail::CutlassElement<Out>::type>::workspace_bytes(num_groups, sm_count);
 }
-template <DType D>
+template <DType D, DType Out>
 Status weight_grad(const Segments& seg, const void* h, int64_t h_ld, const void* x, void* out,
                    int64_t d, const Launch& launch) {
-  using GG = detail::WeightGradGemm<typename detail::CutlassElement<D>::type>;
-  using E = typename GG::Gemm::ElementA;
-  detail::WeightGradForm<E> form{static_cast<const E*>(h), static_cast<const E*>(x),
-                                  static_cast<E*>(out), h_ld, d, /*max_rank=*/h_ld};
+  using E = typename detail::CutlassElement<D>::type;
+  using EO = typename detail::CutlassElement<Out>::type;
+  using GG = detail::WeightGradGemm<E, EO>;
+  detail::WeightGradForm<E, EO> form{static_cast<const E*>(h), static_cast<const E*>(x),
+                                      static_cast<EO*>(out), h_ld, d, /*max_rank=*/h_ld};
   return detail::launch_form<GG>(seg, form, launch);
 }
 
 }  // namespace alto::cuda
 
-// Instantiates one op's two entry points for one dtype (one line per .cu file).
-#define ALTO_INSTANTIATE(OP, DTYPE, ...)                                                         \
-  template size_t alto::cuda::OP##_workspace_bytes<DTYPE>(int, int);                             \
-  template alto::cuda::Status alto::cuda::OP<DTYPE>(__VA_ARGS__);
+// Instantiates one op's two entry points for one dtype (one line per .cu file); TYPES is the
+// template argument list in parentheses, e.g. (kBF16) or (kBF16, kF32).
+#define ALTO_UNPAREN(...) __VA_ARGS__
+#define ALTO_INSTANTIATE(OP, TYPES, ...)                                                         \
+  template size_t alto::cuda::OP##_workspace_bytes<ALTO_UNPAREN TYPES>(int, int);                \
+  template alto::cuda::Status alto::cuda::OP<ALTO_UNPAREN TYPES>(__VA_ARGS__);

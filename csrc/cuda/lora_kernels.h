@@ -14,7 +14,7 @@
 
 namespace alto::cuda {
 
-enum class DType : int { kBF16 = 0, kF16 = 1 };
+enum class DType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };  // kF32: weight_grad's output only
 
 // Error record written by the setup kernels: {code, group, value_a, value_b}; code 0 = none.
 enum ErrorCode : int32_t {
@@ -65,10 +65,10 @@ template <DType D>
 Status expand(const Segments& seg, const void* h, int64_t h_ld, const void* W, void* y, int64_t d,
               bool accumulate, const Launch& launch);
 
-// out[W_g rows, :] = s_g * h_g[:, 0:r_g]^T . x_g  (h [T, h_ld], x [T, d], out [R, d]); rows of
-// adapters without tokens are untouched (the glue zero-fills out).
-template <DType D> size_t weight_grad_workspace_bytes(int num_groups, int sm_count);
-template <DType D>
+// out[W_g rows, :] = s_g * h_g[:, 0:r_g]^T . x_g  (h [T, h_ld], x [T, d], out [R, d] in Out = D
+// or kF32); rows of adapters without tokens are untouched (the glue zero-fills out).
+template <DType D, DType Out> size_t weight_grad_workspace_bytes(int num_groups, int sm_count);
+template <DType D, DType Out>
 Status weight_grad(const Segments& seg, const void* h, int64_t h_ld, const void* x, void* out,
                    int64_t d, const Launch& launch);
 

@@ -204,24 +204,34 @@ void lora_expand_cuda_(at::Tensor& y, const at::Tensor& h_in, const at::Tensor& 
 
 at::Tensor lora_weight_grad_cuda(const at::Tensor& h_in, const at::Tensor& x_in,
                                  const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
-                                 int64_t total_rank, const std::optional<at::Tensor>& scaling) {
+                                 int64_t total_rank, const std::optional<at::Tensor>& scaling,
+                                 std::optional<at::ScalarType> out_dtype) {
   const SegmentDims dims =
       check_weight_grad_args(h_in, x_in, seg_indptr, rank_indptr, total_rank, scaling);
   raise_recorded_device_error();
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor h = h_in.contiguous(), x = x_in.contiguous();
-  if (!cutlass_ok({&x, &h}))
-    return ref::lora_weight_grad(h, x, seg_indptr, rank_indptr, total_rank, scaling);
+  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
+  if (!cutlass_ok({&x, &h}) || (out_type != x.scalar_type() && out_type != at::kFloat))
+    return ref::lora_weight_grad(h, x, seg_indptr, rank_indptr, total_rank, scaling, out_dtype);
   // Adapters without tokens get no tiles: their rows must read as zero.
-  at::Tensor out = at::zeros({total_rank, x.size(1)}, x.options());
+  at::Tensor out = at::zeros({total_rank, x.size(1)}, x.options().dtype(out_type));
   if (dims.num_groups == 0 || out.numel() == 0) return out;
   with_dtype(x, [&](auto D) {
     constexpr cuda::DType dt = decltype(D)::value;
-    run_kernel(x, dims, seg_indptr, rank_indptr, scaling, cuda::weight_grad_workspace_bytes<dt>,
-               [&](const cuda::Segments& s, const cuda::Launch& l) {
-                 return cuda::weight_grad<dt>(s, h.data_ptr(), h.size(1), x.data_ptr(),
-                                              out.data_ptr(), x.size(1), l);
-               });
+    const auto launch = [&](auto O) {
+      constexpr cuda::DType ot = decltype(O)::value;
+      run_kernel(x, dims, seg_indptr, rank_indptr, scaling, cuda::weight_grad_workspace_bytes<dt, ot>,
+                 [&](const cuda::Segments& s, const cuda::Launch& l) {
+                   return cuda::weight_grad<dt, ot>(s, h.data_ptr(), h.size(1), x.data_ptr(),
+                                                    out.data_ptr(), x.size(1), l);
+                 });
+    };
+    if (out_type == at::kFloat) {
+      launch(std::integral_constant<cuda::DType, cuda::DType::kF32>{});
+    } else {
+      launch(std::integral_constant<cuda::DType, dt>{});
+    }
   });
   return out;
 }

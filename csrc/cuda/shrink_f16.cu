@@ -1,4 +1,4 @@
 // lora_shrink for f16 (see grouped_gemm.cuh): one kernel configuration per file.
 #include "grouped_gemm.cuh"
-ALTO_INSTANTIATE(shrink, alto::cuda::DType::kF16, const alto::cuda::Segments&, const void*, const void*,
+ALTO_INSTANTIATE(shrink, (alto::cuda::DType::kF16), const alto::cuda::Segments&, const void*, const void*,
                  void*, int64_t, int64_t, const alto::cuda::Launch&)
