@@ -66,7 +66,7 @@ Status expand(const Segments& seg, const void* h, int64_t h_ld, const void* W, v
               bool accumulate, const Launch& launch);
 
 // out[W_g rows, :] = s_g * h_g[:, 0:r_g]^T . x_g  (h [T, h_ld], x [T, d], out [R, d] in Out = D
-// or kF32); rows of adapters without tokens are untouched (the glue zero-fills out).
+// or kF32); rows of adapters without tokens are set to zero.
 template <DType D, DType Out> size_t weight_grad_workspace_bytes(int num_groups, int sm_count);
 template <DType D, DType Out>
 Status weight_grad(const Segments& seg, const void* h, int64_t h_ld, const void* x, void* out,

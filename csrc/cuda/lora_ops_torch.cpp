@@ -214,9 +214,9 @@ at::Tensor lora_weight_grad_cuda(const at::Tensor& h_in, const at::Tensor& x_in,
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
   if (!cutlass_ok({&x, &h}) || (out_type != x.scalar_type() && out_type != at::kFloat))
     return ref::lora_weight_grad(h, x, seg_indptr, rank_indptr, total_rank, scaling, out_dtype);
-  // Adapters without tokens get no tiles: their rows must read as zero.
-  at::Tensor out = at::zeros({total_rank, x.size(1)}, x.options().dtype(out_type));
-  if (dims.num_groups == 0 || out.numel() == 0) return out;
+  // Every row is written: by its adapter's tiles, or zeroed by the setup kernel (no tokens).
+  at::Tensor out = at::empty({total_rank, x.size(1)}, x.options().dtype(out_type));
+  if (dims.num_groups == 0 || out.numel() == 0) return out.zero_();  // no groups: no setup kernel
   with_dtype(x, [&](auto D) {
     constexpr cuda::DType dt = decltype(D)::value;
     const auto launch = [&](auto O) {
