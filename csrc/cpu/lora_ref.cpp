@@ -84,7 +84,8 @@ at::Tensor lora_weight_grad(const at::Tensor& h, const at::Tensor& x, const at::
   const HostSegments s = read_segments("alto::lora_weight_grad", seg_indptr, rank_indptr, scaling,
                                        dims, h.size(1));
   const auto acc = accum_type(x);
-  at::Tensor out = at::zeros({total_rank, x.size(1)}, x.options().dtype(out_dtype.value_or(x.scalar_type())));
+  const auto out_type = out_dtype.value_or(x.scalar_type());
+  at::Tensor out = at::zeros({total_rank, x.size(1)}, x.options().dtype(out_type));
   for (int64_t g = 0; g < s.groups(); ++g) {
     const int64_t t0 = s.seg[g], n = s.seg[g + 1] - t0, r0 = s.rank[g], r = s.rank[g + 1] - r0;
     if (n == 0 || r == 0) continue;
