@@ -26,6 +26,18 @@ def to_device(values: Sequence | torch.Tensor, device: torch.device | str | None
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def segment_sums(values: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Sums of consecutive runs along values' last dim, counts[i] elements each (0 allowed):
+    [..., len(counts)]. Laid out in a [run, position] grid and summed: a fixed number of kernels
+    whatever the number of runs, and deterministic (no atomic scatter-add)."""
+    run = [i for i, n in enumerate(counts) for _ in range(n)]
+    position = [j for n in counts for j in range(n)]
+    index = to_device([run, position], values.device, torch.int64)
+    grid = values.new_zeros(*values.shape[:-1], len(counts), max(counts, default=0))
+    grid[..., index[0], index[1]] = values
+    return grid.sum(-1)
+
+
 def _check_counts(name: str, values: Sequence[int]) -> list[int]:
     out = []
     for g, v in enumerate(values):

@@ -69,3 +69,14 @@ def test_non_finite_norm_is_reported_and_that_adapter_skipped():
     assert all(torch.equal(p, q) for p, q in zip(params, before[:3]))
     assert opt.state("a")["step"] == 0 and all(torch.count_nonzero(m) == 0 for m in opt.state("a")["exp_avg"])
     assert not any(torch.equal(p, q) for p, q in zip(other, before[3:])) and opt.state("b")["step"] == 1
+
+
+def test_segment_sums_sums_consecutive_runs_including_empty_ones():
+    from alto_ext.segments import segment_sums
+
+    values = torch.arange(12, dtype=torch.float64).view(2, 6)
+    out = segment_sums(values, [2, 0, 3, 1])
+    expected = torch.stack([values[:, 0:2].sum(1), torch.zeros(2, dtype=torch.float64),
+                            values[:, 2:5].sum(1), values[:, 5:6].sum(1)], dim=1)
+    assert torch.equal(out, expected)
+    assert torch.equal(segment_sums(torch.zeros(0), [0, 0]), torch.zeros(2))

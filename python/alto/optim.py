@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alto_ext.segments import to_device
+from alto_ext.segments import segment_sums, to_device
 
 # adapter id -> (weights, gradients), aligned lists
 Tensors = dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]]
@@ -77,19 +77,13 @@ class MultiAdamW:
         entries = list(tensors.values())
         live = [[i for i, g in enumerate(grads) if g is not None] for _, grads in entries]
         device = entries[0][0][0].device
-        norms = torch.zeros(len(tensors), device=device)
         stepping = [k for k, idx in enumerate(live) if idx]
         if not stepping:  # no tokens reached any adapter's layers
-            return norms
-        # Every adapter's squared tensor norms in an [adapter, tensor] grid, summed per row
-        # (deterministic, unlike an atomic scatter-add).
+            return torch.zeros(len(tensors), device=device)
+        # Every adapter's norm from all tensor norms at once, summed per adapter.
         all_grads = [grads[i] for (_, grads), idx in zip(entries, live) for i in idx]
         squares = torch.stack(torch._foreach_norm(all_grads)).square()
-        index = to_device([[k for k in stepping for _ in live[k]], [j for k in stepping for j in range(len(live[k]))]],
-                          device, torch.int64)
-        grid = squares.new_zeros(len(tensors), max(len(idx) for idx in live))
-        grid[index[0], index[1]] = squares
-        norms = grid.sum(1).sqrt()
+        norms = segment_sums(squares, [len(idx) for idx in live]).sqrt()
         # clip_grad_norm_'s factor min(1, limit / (norm + 1e-6)), as the divisor the fused kernel takes
         limits = to_device([math.inf if m is None else m for m in max_norms], device, torch.float32)
         grad_scale = (norms + 1e-6).div(limits).clamp(min=1.0)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from alto.model import MultiLoraModel, plan_for
 from alto.optim import MultiAdamW
 from alto.registry import Adapter, Registry, Status
-from alto_ext.segments import to_device
+from alto_ext.segments import segment_sums, to_device
 
 
 class DataStream:
@@ -56,18 +56,12 @@ def pad_batch(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, le
 
 
 def per_adapter_losses(logits: torch.Tensor, labels: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
-    """Mean next-token loss over each adapter's own target tokens; samples = rows per adapter.
-    Row sums are laid out in an [adapter, sample] grid and summed: a fixed number of kernels
-    whatever the adapter count, and deterministic (no atomics)."""
+    """Mean next-token loss over each adapter's own target tokens; samples = rows per adapter
+    (row sums summed per adapter in a fixed number of kernels, see segment_sums)."""
     token_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
                                  ignore_index=-100, reduction="none").view(labels.shape[0], -1)
     per_row = torch.stack([token_loss.sum(1), (labels[:, 1:] != -100).sum(1).to(token_loss.dtype)])
-    owner = [a for a, n in enumerate(samples) for _ in range(n)]
-    slot = [i for n in samples for i in range(n)]
-    index = to_device([owner, slot], logits.device, torch.int64)
-    grid = per_row.new_zeros(2, len(samples), max(samples, default=0))
-    grid[:, index[0], index[1]] = per_row
-    loss_sum, count = grid.sum(2)
+    loss_sum, count = segment_sums(per_row, samples)
     return loss_sum / count.clamp_min(1)
 
 

@@ -20,7 +20,7 @@ import csv
 import io
 from dataclasses import dataclass
 from importlib import resources
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, TypeVar
 
 import numpy as np
 
@@ -125,13 +125,19 @@ GPU_TYPES: dict[str, GPUType] = {
 REFERENCE_GPU = "H100"  # where the calibration data was measured
 
 
-def gpu_type(name: str | GPUType) -> GPUType:
-    if isinstance(name, GPUType):
-        return name
+T = TypeVar("T")
+
+
+def lookup(table: dict[str, T], name: str, what: str) -> T:
+    """table[name], or a ValueError naming the unknown value and the known ones."""
     try:
-        return GPU_TYPES[name]
+        return table[name]
     except KeyError:
-        raise ValueError(f"gpu type {name!r} is unknown; known: {', '.join(GPU_TYPES)}") from None
+        raise ValueError(f"{what} {name!r} is unknown; known: {', '.join(table)}") from None
+
+
+def gpu_type(name: str | GPUType) -> GPUType:
+    return name if isinstance(name, GPUType) else lookup(GPU_TYPES, name, "gpu type")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 
 from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig
 from alto.sched.estimate import (REFERENCE_GPU, GPUType, JobEstimate, ModelShape, StepTimeModel, default_model,
-                                 gpu_type)
+                                 gpu_type, lookup)
 from alto.sched.memory import DEFAULT_MARGIN, adapter_bytes, base_bytes, capacity_bytes
 
 if TYPE_CHECKING:
@@ -42,10 +42,7 @@ BASE_MODELS: dict[str, ModelShape] = {
 
 
 def base_shape(name: str) -> ModelShape:
-    try:
-        return BASE_MODELS[name]
-    except KeyError:
-        raise ValueError(f"base model {name!r} is unknown; known: {', '.join(BASE_MODELS)}") from None
+    return lookup(BASE_MODELS, name, "base model")
 
 
 @dataclass(frozen=True)
