@@ -108,6 +108,51 @@ def test_a_failing_rank_stops_the_others_instead_of_hanging():
         launch(_rank_1_fails, 2)
 
 
+def _train_moving(device, move_at: int | None, steps: int = 6):
+    """Two adapters on one trainer; at micro-step `move_at` adapter d takes the migration path short
+    of the network: released, its state packed into one flat buffer on `device`, unpacked into the
+    tensors of a freshly admitted copy (the receiver's template) and admitted again."""
+    import transformers
+
+    from alto.model import MultiLoraModel
+    from alto.registry import AdapterConfig, Registry
+    from alto.train import DataStream, Trainer
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, pad_token_id=0, attn_implementation="eager", **TINY)
+    model = MultiLoraModel(transformers.LlamaForCausalLM(cfg).to(device).eval())
+    rng = random.Random(5)
+    data = {aid: DataStream([[rng.randrange(1, 96) for _ in range(rng.randrange(3, 12))] for _ in range(16)])
+            for aid in "de"}
+    reg = Registry()
+    trainer = Trainer(model, reg, data, 0, device=device)
+    common = {"lr": 3e-3, "max_steps": 100, "target_modules": ("q_proj", "v_proj", "down_proj")}
+    trainer.admit(reg.add("d", AdapterConfig(rank=4, micro_batch_size=2, grad_accum=2, dropout=0.1, seed=1, **common)))
+    trainer.admit(reg.add("e", AdapterConfig(rank=2, micro_batch_size=1, seed=2, **common)))
+    for step in range(steps):
+        if step == move_at:
+            flat = alto_ext.pack_tensors([t.to(device) for t in trainer.release("d").tensors()])
+            trainer.admit(reg["d"])  # fresh weights and moments: what the receiving rank starts from
+            template = trainer.release("d")
+            outs = [torch.empty_like(t, device=device) for t in template.tensors()]
+            alto_ext.unpack_tensors(flat, outs)
+            trainer.admit(reg["d"], template.with_tensors(outs).to(device))
+        trainer.step()
+    return {aid: (reg[aid].losses, model.adapter_weights(aid)) for aid in "de"}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_an_adapter_moved_as_one_flat_buffer_continues_bit_for_bit(device):
+    """Moved mid-accumulation (pending gradients, Adam moments, step, data position and dropout
+    RNG all travel): the same losses and weights, exactly, as without the move. On the GPU this is
+    the whole migration path but the NCCL send/recv."""
+    moved, still = _train_moving(device, move_at=3), _train_moving(device, move_at=None)
+    for aid in "de":
+        assert moved[aid][0] == still[aid][0], aid
+        for path, (a, b) in still[aid][1].items():
+            assert torch.equal(moved[aid][1][path][0], a) and torch.equal(moved[aid][1][path][1], b), (aid, path)
+
+
 # ---- whole sweeps on 2 processes ---------------------------------------------------------------------
 
 def write_sweep(tmp_path, out: str, more_adapters=(), **extra) -> str:
