@@ -10,6 +10,7 @@ the loss gather the monitor needs (what alto tune does). Timed: wall clock of --
 --warmup, between barriers. Also reported: the largest relative difference between each
 adapter's losses on N GPUs and on 1 GPU over the timed steps (bf16).
 Run: python bench/bench_parallel.py --gpus 2
+(--shares-on-one-gpu: each rank's share timed alone on one GPU, the N-GPU step predicted from them.)
 """
 from __future__ import annotations
 
@@ -84,17 +85,19 @@ def all_reduce_adapter_grads(trainer, world: int) -> None:
         offset += g.numel()
 
 
-def run_rank(args, mode: str) -> dict:
+def run_rank(args, mode: str, share: int | None = None) -> dict:
+    """One rank of a `mode` run; with `share`, rank `share` of --gpus ranks alone in this process
+    (what that rank's GPU computes, without the collectives)."""
     import torch.distributed as dist
 
     from alto.parallel import Group
 
-    group = Group.from_env(args.device)
+    group = Group() if share is not None else Group.from_env(args.device)
     if args.device == "cpu":
         torch.set_num_threads(1)  # one core per rank, as one GPU per rank
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     try:
-        trainer, tokens = build(args, group.rank, group.world, mode)
+        trainer, tokens = build(args, *((share, args.gpus) if share is not None else (group.rank, group.world)), mode)
         if mode == "ddp":
             optimizer_step = trainer.optimizer.step
 
@@ -145,6 +148,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="sequences per adapter per step")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--shares-on-one-gpu", action="store_true",
+                    help="no collectives: time each of the --gpus ranks' shares alone on this one GPU and predict "
+                         "the N-GPU step from the busiest (a check before a multi-GPU machine is at hand)")
     args = ap.parse_args()
     if args.batch % args.gpus:
         raise SystemExit(f"--batch={args.batch} must split evenly over --gpus={args.gpus} for the DDP baseline")
@@ -152,18 +158,32 @@ def main() -> None:
     print(f"{where}, torch {torch.__version__}; hidden {args.hidden} (2048: Llama-3.2-1B widths), "
           f"{args.layers} layers, {'bf16' if args.device == 'cuda' else 'fp32'}; {args.adapters} adapters (ranks {RANKS}, all 7 projections), "
           f"{args.batch} x {args.seq} tokens per adapter per step\n")
-    one = launch(run_rank, 1, (args, "rank-local"))[0]  # in this process: free its GPU memory for rank 0
-    gc.collect()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
+    def in_this_process(*run_args):
+        result = run_rank(*run_args)
+        gc.collect()  # free this process's GPU memory for the next run
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        return result
+
+    one = in_this_process(args, "rank-local")
     rows = [("rank-local", 1, one)]
-    for mode in ("rank-local", "ddp"):
-        rows.append((mode, args.gpus, launch(run_rank, args.gpus, (args, mode))[0]))
+    if args.shares_on_one_gpu:
+        shares = [in_this_process(args, "rank-local", r) for r in range(args.gpus)]
+        for r, share in enumerate(shares):
+            rows.append((f"rank {r}'s share alone", 1, share))
+        # Ranks run in lockstep: the busiest share's step is the N-GPU step, collectives aside.
+        rows.append(("rank-local, predicted", args.gpus,
+                     {"ms": max(x["ms"] for x in shares), "tokens": sum(x["tokens"] for x in shares),
+                      "losses": {k: v for x in shares for k, v in x["losses"].items()},
+                      "peak_gib": max(x["peak_gib"] for x in shares)}))
+    else:
+        for mode in ("rank-local", "ddp"):
+            rows.append((mode, args.gpus, launch(run_rank, args.gpus, (args, mode))[0]))
     print("method | ranks | step ms | tokens/s | speed-up vs 1 rank | peak GPU GiB/rank | max loss rel. diff vs 1 rank")
     print("--- | --- | --- | --- | --- | --- | ---")
     base_tps = one["tokens"] / one["ms"]
     for mode, gpus, r in rows:
-        diff = max(abs(a - b) / abs(b) for aid in one["losses"] for a, b in zip(r["losses"][aid], one["losses"][aid]))
+        diff = max(abs(a - b) / abs(b) for aid in r["losses"] for a, b in zip(r["losses"][aid], one["losses"][aid]))
         print(f"{mode} | {gpus} | {r['ms']:.1f} | {r['tokens'] / r['ms'] * 1e3:,.0f} | "
               f"{r['tokens'] / r['ms'] / base_tps:.2f}x | {r['peak_gib']:.1f} | {diff:.1e}")
 

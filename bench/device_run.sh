@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine = build + test + bench (see DESIGN.md "GPU work").
 #   bash bench/device_run.sh [build] [test] [bench] [bench_step] [profile_step] [expand_configs]
-#                            [sanitize] [parallel]
+#                            [sanitize] [parallel] [parallel_shares]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
@@ -77,6 +77,12 @@ for stage in "${stages[@]}"; do
       python3 -P -m pytest tests/test_parallel.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest_parallel.log" | tail -8
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
       python3 -P bench/bench_parallel.py --gpus "$(nvidia-smi -L | wc -l)" 2>&1 | tee "$OUT/bench_parallel.txt" || rc=1
+      ;;
+    parallel_shares)
+      # One GPU: each rank's share of a 2- and a 4-GPU run timed alone (the N-GPU step predicted).
+      for n in 2 4; do
+        python3 -P bench/bench_parallel.py --gpus $n --shares-on-one-gpu 2>&1 | tee -a "$OUT/bench_parallel_shares.txt" || rc=1
+      done
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
