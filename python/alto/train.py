@@ -55,11 +55,55 @@ def pad_batch(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, le
     return ids, mask.long(), labels
 
 
+LOSS_BLOCK_ELEMENTS = 2**28  # fp32 temporaries of one block of logit rows: 1 GiB
+
+
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy in fp32, a block of rows at a time. A co-located step holds every
+    adapter's tokens (32k tokens x 128k vocab: 8 GiB of bf16 logits); the usual
+    `F.cross_entropy(logits.float())` adds a whole fp32 copy and a whole fp32 log-softmax (16 GiB
+    each). Here no fp32 tensor is larger than one block: forward keeps only the logits it was given,
+    backward recomputes each block's softmax from them."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # [T, V], [T] (-100: none)
+        ctx.save_for_backward(logits, targets)
+        picked = targets.clamp_min(0)[:, None]
+        loss = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        for rows in _row_blocks(logits):
+            log_probs = torch.log_softmax(logits[rows], -1, dtype=torch.float32)
+            loss[rows] = log_probs.gather(1, picked[rows]).squeeze(1).neg_()
+        return loss.masked_fill_(targets == -100, 0.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        grad = grad.masked_fill(targets == -100, 0.0)[:, None]
+        picked = targets.clamp_min(0)[:, None]
+        out = torch.empty_like(logits)
+        for rows in _row_blocks(logits):  # d loss / d logits = (softmax - onehot(target)) * grad
+            g = torch.softmax(logits[rows], -1, dtype=torch.float32).mul_(grad[rows])
+            out[rows] = g.scatter_add_(1, picked[rows], grad[rows].neg())
+        return out, None
+
+
+def _row_blocks(logits: torch.Tensor) -> list[slice]:
+    rows = max(1, LOSS_BLOCK_ELEMENTS // max(1, logits.shape[1]))
+    return [slice(i, i + rows) for i in range(0, logits.shape[0], rows)]
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token loss at every position of [B, L] labels (-100: no target), as [B, L] fp32; the
+    last position and those whose next label is -100 are 0. Memory: see _TokenCrossEntropy."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # shift the labels, not the (large) logits
+    return _TokenCrossEntropy.apply(logits.flatten(0, 1), targets.flatten()).view(labels.shape)
+
+
 def per_adapter_losses(logits: torch.Tensor, labels: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
     """Mean next-token loss over each adapter's own target tokens; samples = rows per adapter
     (row sums summed per adapter in a fixed number of kernels, see segment_sums)."""
-    token_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                 ignore_index=-100, reduction="none").view(labels.shape[0], -1)
+    token_loss = token_losses(logits, labels)
     per_row = torch.stack([token_loss.sum(1), (labels[:, 1:] != -100).sum(1).to(token_loss.dtype)])
     loss_sum, count = segment_sums(per_row, samples)
     return loss_sum / count.clamp_min(1)

@@ -25,7 +25,7 @@ from alto.parallel import Group, adapter_cost, launch, place, rank_loads, rebala
 from alto.registry import Registry, Status
 from alto.sched.estimate import ModelShape
 from alto.sweep import Sweep, parse_sweep
-from alto.train import DataStream, Trainer, pad_batch, per_adapter_losses
+from alto.train import DataStream, Trainer, pad_batch, per_adapter_losses, token_losses
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -355,9 +355,7 @@ class SweepRun:
                 chunk = self.eval_seqs[i : i + batch]
                 ids, mask, labels = (t.to(self.device) for t in pad_batch(chunk, self.pad_id))
                 logits = self.model(ids, mask, plan_for(self.model, [aid], [len(chunk)], ids.shape[1], self.device))
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1),
-                                                         labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
-                total += loss.item()
+                total += token_losses(logits, labels).sum().item()
                 count += int((labels[:, 1:] != -100).sum())
         finally:
             self.model.train()

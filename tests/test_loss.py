@@ -1,0 +1,56 @@
+"""token_losses (the blocked fp32 cross-entropy of a co-located step) against float64
+F.cross_entropy, forward and backward, on fresh random inputs and odd shapes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import alto.train
+from alto.train import per_adapter_losses, token_losses
+
+
+def reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token losses as [B, L] in float64 (0 at the last position and where there is no target)."""
+    out = F.cross_entropy(logits[:, :-1].double().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                          reduction="none").view(labels.shape[0], -1)
+    return F.pad(out, (0, 1))
+
+
+# (rows, length, vocab, block elements): one block, blocks that do not divide the rows, a block of
+# one row, vocab 1 and 17, one row of two tokens
+SHAPES = [(3, 9, 50, 2**28), (4, 7, 33, 5 * 33), (2, 5, 17, 1), (3, 4, 1, 2**28), (1, 2, 40, 2**28)]
+
+
+@pytest.mark.parametrize("rows,length,vocab,block", SHAPES)
+def test_token_losses_match_float64_cross_entropy(device, rows, length, vocab, block, monkeypatch):
+    monkeypatch.setattr(alto.train, "LOSS_BLOCK_ELEMENTS", block)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    labels = torch.randint(0, vocab, (rows, length), device=device)
+    labels[0, length // 2 :] = -100  # padding: no target
+    logits = (3 * torch.randn(rows, length, vocab, device=device)).to(dtype).requires_grad_()
+    ref_logits = logits.detach().double().requires_grad_()
+    weights = torch.randn(rows, length, device=device, dtype=torch.float64)
+
+    ours = token_losses(logits, labels)
+    ref = reference(ref_logits, labels)
+    assert ours.dtype == torch.float32 and ours.shape == labels.shape
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.all(ours[0, length // 2 - 1 :] == 0) and torch.all(ours[:, -1] == 0)
+
+    (ours.double() * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert logits.grad.dtype == dtype
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(logits.grad.double(), ref_logits.grad, **tol)
+    assert torch.all(logits.grad[0, length // 2 - 1 :] == 0)  # no target: no gradient
+
+
+def test_per_adapter_losses_are_each_adapters_mean_token_loss():
+    logits = torch.randn(5, 6, 11)
+    labels = torch.randint(0, 11, (5, 6))
+    labels[1, 3:] = -100
+    labels[4, 1:] = -100  # a sample with no target at all
+    ref = reference(logits, labels)
+    counts = (labels[:, 1:] != -100).sum(1)
+    got = per_adapter_losses(logits, labels, [2, 0, 3])  # an adapter with no samples
+    want = [ref[:2].sum() / counts[:2].sum(), 0.0, ref[2:].sum() / counts[2:].sum()]
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-7)
