@@ -96,6 +96,8 @@ def run_rank(args, mode: str, share: int | None = None) -> dict:
     if args.device == "cpu":
         torch.set_num_threads(1)  # one core per rank, as one GPU per rank
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # this run's peak only (shares run one after another)
     try:
         trainer, tokens = build(args, *((share, args.gpus) if share is not None else (group.rank, group.world)), mode)
         if mode == "ddp":

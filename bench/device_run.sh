@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine = build + test + bench (see DESIGN.md "GPU work").
-#   bash bench/device_run.sh [build] [test] [bench] [bench_step] [profile_step] [expand_configs]
+#   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [bench_step] [profile_step] [expand_configs]
 #                            [sanitize] [parallel] [parallel_shares]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
@@ -49,6 +49,9 @@ for stage in "${stages[@]}"; do
     bench)
       python3 -P bench/bench_ops.py --tokens 2048 256 2>&1 | tee "$OUT/bench_ops.txt" || rc=1
       ;;
+    bench_loss)
+      python3 -P bench/bench_loss.py 2>&1 | tee "$OUT/bench_loss.txt" || rc=1
+      ;;
     bench_step)
       python3 -P bench/bench_step.py 2>&1 | tee "$OUT/bench_step.txt" || rc=1
       ;;
@@ -80,7 +83,7 @@ for stage in "${stages[@]}"; do
       ;;
     parallel_shares)
       # One GPU: each rank's share of a 2- and a 4-GPU run timed alone (the N-GPU step predicted).
-      for n in 2 4; do
+      for n in ${PARALLEL_SHARES:-2 4}; do
         python3 -P bench/bench_parallel.py --gpus $n --shares-on-one-gpu 2>&1 | tee -a "$OUT/bench_parallel_shares.txt" || rc=1
       done
       ;;

@@ -81,10 +81,11 @@ class _TokenCrossEntropy(torch.autograd.Function):
         logits, targets = ctx.saved_tensors
         grad = grad.masked_fill(targets == -100, 0.0)[:, None]
         picked = targets.clamp_min(0)[:, None]
+        minus_one = torch.full(picked.shape, -1.0, device=logits.device)
         out = torch.empty_like(logits)
         for rows in _row_blocks(logits):  # d loss / d logits = (softmax - onehot(target)) * grad
-            g = torch.softmax(logits[rows], -1, dtype=torch.float32).mul_(grad[rows])
-            out[rows] = g.scatter_add_(1, picked[rows], grad[rows].neg())
+            p = torch.softmax(logits[rows], -1, dtype=torch.float32).scatter_add_(1, picked[rows], minus_one[rows])
+            torch.mul(p, grad[rows], out=out[rows])  # computed in fp32, stored in the logits' dtype: one pass
         return out, None
 
 

@@ -1,0 +1,83 @@
+"""The loss of a co-located step: alto.train.token_losses (blocked fp32 cross-entropy) vs the usual
+`F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ...)` of HF / PEFT training loops.
+
+Both get the same bf16 logits [rows, seq, vocab] (what the LM head gives; they exist before the
+loss either way) and compute every token's loss and the gradient of their sum w.r.t. the logits.
+Timed: forward + backward, median of --iters after warm-up (CUDA events). Memory: the peak
+allocated above the logits and labels during forward + backward (GiB), i.e. what the loss costs.
+Run on the GPU: python bench/bench_loss.py
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from alto.train import token_losses
+
+
+def usual(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+def ours(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return token_losses(logits, labels).sum()
+
+
+def measure(loss_fn, logits: torch.Tensor, labels: torch.Tensor, iters: int) -> tuple[float, float, float]:
+    """(median ms, peak GiB above the inputs, loss value)."""
+    def once():
+        logits.grad = None
+        loss = loss_fn(logits, labels)
+        loss.backward()
+        return loss
+
+    once()  # warm-up
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        once()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    logits.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    value = once().item()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+    logits.grad = None
+    return statistics.median(times), peak, value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768], help="tokens per step (rows x seq)")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256], help="SmolLM2, Llama 3")
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}; bf16 logits, {args.seq} tokens/row\n")
+    print("tokens | vocab | logits GiB | usual ms | ours ms | speed-up | usual peak GiB | ours peak GiB | loss rel. diff")
+    print("--- | --- | --- | --- | --- | --- | --- | --- | ---")
+    for tokens in args.tokens:
+        for vocab in args.vocab:
+            torch.manual_seed(0)
+            rows = tokens // args.seq
+            logits = (3 * torch.randn(rows, args.seq, vocab, device="cuda")).bfloat16().requires_grad_()
+            labels = torch.randint(0, vocab, (rows, args.seq), device="cuda")
+            labels[:, -args.seq // 8 :] = -100  # some padding
+            u_ms, u_peak, u_loss = measure(usual, logits, labels, args.iters)
+            o_ms, o_peak, o_loss = measure(ours, logits, labels, args.iters)
+            print(f"{tokens} | {vocab} | {logits.numel() * 2 / 2**30:.1f} | {u_ms:.1f} | {o_ms:.1f} | "
+                  f"{u_ms / o_ms:.2f}x | {u_peak:.1f} | {o_peak:.1f} | {abs(o_loss - u_loss) / abs(u_loss):.1e}")
+            del logits, labels
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
