@@ -141,7 +141,6 @@ def _train_moving(device, move_at: int | None, steps: int = 6):
     return {aid: (reg[aid].losses, model.adapter_weights(aid)) for aid in "de"}
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_an_adapter_moved_as_one_flat_buffer_continues_bit_for_bit(device):
     """Moved mid-accumulation (pending gradients, Adam moments, step, data position and dropout
     RNG all travel): the same losses and weights, exactly, as without the move. On the GPU this is
