@@ -53,7 +53,7 @@ class Segments:
 
     seg_indptr: torch.Tensor  # int32 [G+1]
     rank_indptr: torch.Tensor  # int32 [G+1]
-    scaling: torch.Tensor | None  # float32 [G], or None for 1
+    scaling: torch.Tensor | None  # float32 [G] (float64 for float64 operands), or None for 1
     token_counts: tuple[int, ...]
     ranks: tuple[int, ...]
 
@@ -64,7 +64,10 @@ class Segments:
         ranks: Sequence[int],
         scaling: Sequence[float] | None = None,
         device: torch.device | str | None = None,
+        scaling_dtype: torch.dtype = torch.float32,
     ) -> Segments:
+        """scaling_dtype: float32 (what every kernel takes), or float64 for float64 operands
+        (the exact-math checks: alpha/r is then not rounded to float32)."""
         tokens = _check_counts("token_counts", token_counts)
         rank_list = _check_counts("ranks", ranks)
         if len(tokens) != len(rank_list):
@@ -82,7 +85,7 @@ class Segments:
             for g, s in enumerate(scale_list):
                 if s != s or s in (float("inf"), float("-inf")):
                     raise ValueError(f"scaling[{g}] must be finite, got {s}")
-            scale_t = to_device(scale_list, device, torch.float32)
+            scale_t = to_device(scale_list, device, scaling_dtype)
 
         def indptr(counts: list[int]) -> torch.Tensor:
             ptr = [0]

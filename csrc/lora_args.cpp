@@ -5,6 +5,7 @@
 namespace alto {
 
 void check_matrix(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is missing (None)");
   TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
                     t.scalar_type(), " but the other operands are ", ref.scalar_type());
@@ -35,8 +36,11 @@ SegmentDims check_segments(const char* op, const at::Tensor& ref, const at::Tens
     const at::Tensor& s = *scaling;
     TORCH_CHECK_VALUE(s.dim() == 1 && s.numel() == G, op, ": scaling must have shape [G] = [", G,
                       "], got ", s.sizes());
-    TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat, op, ": scaling must be float32, got ",
-                      s.scalar_type());
+    // float64 operands (exact-math checks on the CPU) may carry float64 scales.
+    const bool ok = s.scalar_type() == at::kFloat ||
+                    (s.scalar_type() == at::kDouble && ref.scalar_type() == at::kDouble);
+    TORCH_CHECK_VALUE(ok, op, ": scaling must be float32 (or float64 with float64 operands), got ",
+                      s.scalar_type(), " with ", ref.scalar_type(), " operands");
     TORCH_CHECK_VALUE(s.device() == ref.device(), op, ": scaling is on ", s.device(),
                       " but must be on ", ref.device());
   }

@@ -1,11 +1,21 @@
 """Co-located training is exact: each adapter trained with others gives the same losses and weights
 as that adapter trained alone with HF PEFT (same init, data order, hyperparameters), also when
-other adapters join or leave mid-run; one adapter's NaN fails only that adapter."""
+other adapters join or leave mid-run; one adapter's NaN fails only that adapter.
+
+The comparisons with PEFT run in float64 (base, adapters, scales, loss and AdamW all float64 on the
+CPU), where both computations are the same math up to rounding at 1e-16: they agree to EXACT_RTOL
+on every loss and weight, whatever the torch/transformers/peft versions or the CPU. In float32 they
+could not (AdamW turns float noise in a near-zero gradient, eps 1e-8, into a visibly different
+weight). The tolerance still bites: test_the_peft_comparison_catches_planted_bugs plants a scaling
+off by 1%, one adapter's weight gradient leaking into its neighbour's rows, and a skipped gradient
+clip, and requires the comparison to fail on each.
+"""
 import copy
 import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -15,6 +25,9 @@ from alto.registry import AdapterConfig, Registry, Status  # noqa: E402
 from alto.train import DataStream, Trainer, pad_batch  # noqa: E402
 
 VOCAB, PAD = 96, 0
+# float64 results of the same math in another order differ by ~1e-13 at most; every planted bug
+# moves some loss or weight by > 1e-7 (see test_the_peft_comparison_catches_planted_bugs).
+EXACT_RTOL, EXACT_ATOL = 1e-10, 1e-12
 
 CONFIGS = {
     "a": AdapterConfig(rank=4, alpha=8, lr=1e-3, micro_batch_size=2, target_modules=("q_proj", "v_proj"), seed=1, max_steps=50),
@@ -32,7 +45,7 @@ def base_model():
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                    pad_token_id=PAD)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(cfg).double().eval()
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +55,9 @@ def sequences():
             for aid in CONFIGS}
 
 
-def colocated(base_model, sequences, ids, events=None, steps=MICRO_STEPS, device="cpu"):
+def colocated(base_model, sequences, ids, events=None, steps=MICRO_STEPS, device="cpu", dtype=None):
     """Trains `ids` together; events = {micro_step: [("add"|"remove", id)]}. Returns (trainer, init weights)."""
-    model = MultiLoraModel(copy.deepcopy(base_model).to(device))
+    model = MultiLoraModel(copy.deepcopy(base_model).to(device, dtype))
     reg = Registry()
     trainer = Trainer(model, reg, {a: DataStream(sequences[a]) for a in CONFIGS}, PAD, device=device)
     init = {}
@@ -63,7 +76,7 @@ def colocated(base_model, sequences, ids, events=None, steps=MICRO_STEPS, device
 
 
 def alone_with_peft(base_model, sequences, aid, init, steps):
-    """The same adapter trained alone with HF PEFT, our init copied in."""
+    """The same adapter trained alone with HF PEFT (in the base model's dtype), our init copied in."""
     cfg = CONFIGS[aid]
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, use_rslora=cfg.use_rslora,
                            target_modules=list(cfg.target_modules), bias="none")
@@ -71,6 +84,7 @@ def alone_with_peft(base_model, sequences, aid, init, steps):
     inner = pm.base_model.model
     for path, (A, B) in init.items():
         layer = inner.get_submodule(path)
+        assert layer.lora_A["default"].weight.dtype == base_model.dtype  # PEFT follows the base's dtype
         layer.lora_A["default"].weight.data.copy_(A)
         layer.lora_B["default"].weight.data.copy_(B.T)
     params = [p for p in pm.parameters() if p.requires_grad]
@@ -78,7 +92,9 @@ def alone_with_peft(base_model, sequences, aid, init, steps):
     stream, losses, step = DataStream(sequences[aid]), [], 0
     for micro in range(steps):
         ids, mask, labels = pad_batch(stream.next_batch(cfg.micro_batch_size), PAD)
-        loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        # The causal-LM loss written out: transformers' own casts the logits to float32.
+        logits = pm(input_ids=ids, attention_mask=mask).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         losses.append(loss.item())
         (loss / cfg.grad_accum).backward()
         if (micro + 1) % cfg.grad_accum == 0:
@@ -101,16 +117,30 @@ def final_weights(trainer, aid):
     return trainer.model.adapter_weights(aid)
 
 
-def assert_same_as_alone(base_model, sequences, trainer, init, aid, steps):
+def differences_from_alone(base_model, sequences, trainer, init, aid, steps) -> list[str]:
+    """Where the co-located adapter's losses or final weights differ from PEFT's alone beyond
+    float64 rounding (empty: none)."""
     losses, weights = alone_with_peft(base_model, sequences, aid, init[aid], steps)
     ours = trainer.registry[aid].losses
-    assert len(ours) == len(losses), (aid, ours, losses)
-    assert torch.allclose(torch.tensor(ours), torch.tensor(losses), rtol=1e-5, atol=1e-6), (aid, ours, losses)
+    if len(ours) != len(losses):
+        return [f"{aid}: {len(ours)} losses, PEFT {len(losses)}"]
+    out = []
+    if not torch.allclose(torch.tensor(ours, dtype=torch.float64), torch.tensor(losses, dtype=torch.float64),
+                          rtol=EXACT_RTOL, atol=EXACT_ATOL):
+        out.append(f"{aid} losses: ours {ours}, PEFT {losses}")
     got = final_weights(trainer, aid)
-    assert set(got) == set(weights)
+    if set(got) != set(weights):
+        return out + [f"{aid}: layers {sorted(got)} vs PEFT {sorted(weights)}"]
     for path in weights:
-        for ours_w, ref_w in zip(got[path], weights[path]):
-            assert torch.allclose(ours_w, ref_w, rtol=1e-4, atol=1e-6), (aid, path, (ours_w - ref_w).abs().max())
+        for name, ours_w, ref_w in zip("AB", got[path], weights[path]):
+            assert ours_w.dtype == ref_w.dtype == torch.float64
+            if not torch.allclose(ours_w, ref_w, rtol=EXACT_RTOL, atol=EXACT_ATOL):
+                out.append(f"{aid} {path} {name}: max |diff| {(ours_w - ref_w).abs().max().item():.3g}")
+    return out
+
+
+def assert_same_as_alone(base_model, sequences, trainer, init, aid, steps):
+    assert differences_from_alone(base_model, sequences, trainer, init, aid, steps) == []
 
 
 def test_colocated_equals_alone_with_peft(base_model, sequences):
@@ -120,6 +150,46 @@ def test_colocated_equals_alone_with_peft(base_model, sequences):
     for aid in "abc":
         assert_same_as_alone(base_model, sequences, trainer, init, aid, MICRO_STEPS)
         assert trainer.registry[aid].losses[-1] < trainer.registry[aid].losses[0] * 1.5
+
+
+class _LeakingOps:
+    """torch.ops.alto with a planted bug: in every layer, the first adapter's last weight-gradient
+    row also lands in the first row of the next adapter (an off-by-one in rank_indptr)."""
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.alto, name)
+
+    def lora_weight_grad(self, h, x, seg_indptr, rank_indptr, total_rank, scaling=None, out_dtype=None):
+        out = torch.ops.alto.lora_weight_grad(h, x, seg_indptr, rank_indptr, total_rank, scaling, out_dtype)
+        end = int(rank_indptr[1])
+        if 0 < end < total_rank:
+            out[end] += out[end - 1]
+        return out
+
+
+def _plant(bug, monkeypatch):
+    import alto_ext.linear
+    from alto.optim import MultiAdamW
+
+    if bug == "scaling off by 1%":
+        scaling = AdapterConfig.scaling.fget
+        monkeypatch.setattr(AdapterConfig, "scaling", property(lambda self: 1.01 * scaling(self)))
+    elif bug == "gradient leaks into the neighbour's rows":
+        monkeypatch.setattr(alto_ext.linear, "ops", _LeakingOps())
+    elif bug == "clip skipped":
+        step = MultiAdamW.step
+        monkeypatch.setattr(MultiAdamW, "step", lambda self, t, lrs, norms: step(self, t, lrs, [None] * len(norms)))
+
+
+@pytest.mark.parametrize("bug", ["scaling off by 1%", "gradient leaks into the neighbour's rows", "clip skipped"])
+def test_the_peft_comparison_catches_planted_bugs(base_model, sequences, monkeypatch, bug):
+    """The mutation check of this file's exactness claim: with each bug planted in ALTO (PEFT
+    untouched), the comparison of test_colocated_equals_alone_with_peft fails."""
+    _plant(bug, monkeypatch)
+    trainer, init = colocated(base_model, sequences, ["a", "b", "c"])
+    monkeypatch.undo()
+    found = [d for aid in "abc" for d in differences_from_alone(base_model, sequences, trainer, init, aid, MICRO_STEPS)]
+    assert found, f"planted bug not caught: {bug}"
 
 
 def test_adding_and_removing_adapters_mid_run_leaves_others_unchanged(base_model, sequences):
@@ -150,12 +220,14 @@ def test_lora_dropout_is_isolated_too(base_model, sequences):
 
     alone, alone_model = run(["a"])
     together, together_model = run(["c", "a", "b"])
-    # Equal up to float rounding of differently padded batches (a mask drawn differently moves
+    # Equal up to float64 rounding of differently padded batches (a mask drawn differently moves
     # the losses by ~1e-4 relative after the first step).
-    assert torch.allclose(torch.tensor(alone["a"].losses), torch.tensor(together["a"].losses), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(torch.tensor(alone["a"].losses, dtype=torch.float64),
+                          torch.tensor(together["a"].losses, dtype=torch.float64), rtol=EXACT_RTOL, atol=EXACT_ATOL)
     for path, (A, B) in alone_model.adapter_weights("a").items():
         A2, B2 = together_model.adapter_weights("a")[path]
-        assert torch.allclose(A, A2, rtol=1e-4, atol=1e-6) and torch.allclose(B, B2, rtol=1e-4, atol=1e-6), path
+        assert torch.allclose(A, A2, rtol=EXACT_RTOL, atol=EXACT_ATOL), path
+        assert torch.allclose(B, B2, rtol=EXACT_RTOL, atol=EXACT_ATOL), path
 
 
 def test_nan_loss_fails_only_that_adapter(base_model, sequences):
@@ -196,7 +268,7 @@ def test_other_decoder_families_match_peft(family, sequences):
     cfg = getattr(transformers, f"{family}Config")(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD)
-    base = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    base = getattr(transformers, f"{family}ForCausalLM")(cfg).double().eval()
     trainer, init = colocated(base, sequences, ["a", "b"], steps=3)
     for aid in "ab":
         assert_same_as_alone(base, sequences, trainer, init, aid, 3)
@@ -235,8 +307,8 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(base_model, sequences,
 @pytest.mark.cuda
 def test_colocated_training_on_cuda_tracks_the_cpu_run(base_model, sequences):
     """The same run on the GPU (bf16 autocast, CUTLASS kernels) follows the float32 CPU run."""
-    cpu, _ = colocated(base_model, sequences, ["a", "b", "c"])
-    gpu, _ = colocated(base_model, sequences, ["a", "b", "c"], device="cuda")
+    cpu, _ = colocated(base_model, sequences, ["a", "b", "c"], dtype=torch.float32)
+    gpu, _ = colocated(base_model, sequences, ["a", "b", "c"], device="cuda", dtype=torch.float32)
     for aid in "abc":
         ours, ref_losses = torch.tensor(gpu.registry[aid].losses), torch.tensor(cpu.registry[aid].losses)
         assert gpu.registry[aid].status == cpu.registry[aid].status

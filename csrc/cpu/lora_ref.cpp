@@ -12,7 +12,7 @@ namespace {
 // Host view of one step's segments: token and rank ranges and the scale of every adapter.
 struct HostSegments {
   std::vector<int32_t> seg, rank;
-  std::vector<float> scale;
+  std::vector<double> scale;  // float32 scales widen exactly
   int64_t groups() const { return static_cast<int64_t>(seg.size()) - 1; }
 };
 
@@ -26,10 +26,10 @@ HostSegments read_segments(const char* op, const at::Tensor& seg_indptr,
   s.seg.assign(seg.data_ptr<int32_t>(), seg.data_ptr<int32_t>() + seg.numel());
   s.rank.assign(rank.data_ptr<int32_t>(), rank.data_ptr<int32_t>() + rank.numel());
   if (scaling.has_value()) {
-    at::Tensor sc = scaling->to(at::kCPU).contiguous();
-    s.scale.assign(sc.data_ptr<float>(), sc.data_ptr<float>() + sc.numel());
+    at::Tensor sc = scaling->to(at::kCPU, at::kDouble).contiguous();
+    s.scale.assign(sc.data_ptr<double>(), sc.data_ptr<double>() + sc.numel());
   } else {
-    s.scale.assign(dims.num_groups, 1.0f);
+    s.scale.assign(dims.num_groups, 1.0);
   }
   return s;
 }

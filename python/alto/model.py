@@ -30,13 +30,14 @@ class StepPlan:
     dropout: list[float]
     generators: list[torch.Generator]  # each adapter's own dropout RNG (migrates with it)
     device: torch.device
+    scaling_dtype: torch.dtype = torch.float32  # float64 for a float64 model (exact math)
     _segments: dict[tuple[int, ...], alto_ext.Segments] = field(default_factory=dict)
 
     def segments(self, ranks: tuple[int, ...]) -> alto_ext.Segments:
         """Segments for one layer's rank tuple (built once per step per distinct tuple)."""
         seg = self._segments.get(ranks)
         if seg is None:
-            seg = alto_ext.Segments.build(self.token_counts, ranks, self.scaling, device=self.device)
+            seg = alto_ext.Segments.build(self.token_counts, ranks, self.scaling, self.device, self.scaling_dtype)
             self._segments[ranks] = seg
         return seg
 
@@ -67,20 +68,21 @@ class _Context:
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen nn.Linear plus the packed float32 weights of every adapter that targets it:
+    """A frozen nn.Linear plus the packed master weights (float32; float64 over a float64 base) of
+    every adapter that targets it:
     ``lora_A`` [R, in] and ``lora_B`` [R, out] (PEFT's lora_B.weight transposed), adapter rows in
     admission order. Adding or removing an adapter re-packs both (and any pending gradients) without
     touching the other adapters' values."""
 
-    def __init__(self, base: nn.Linear, context: _Context):
+    def __init__(self, base: nn.Linear, context: _Context, dtype: torch.dtype):
         super().__init__()
         self.base = base
         self.context = context
         self.order: list[str] = []  # adapters in pack order
         self.rows: dict[str, tuple[int, int]] = {}  # adapter -> (first row, rank)
         w = base.weight
-        self.lora_A = nn.Parameter(torch.zeros(0, base.in_features, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(0, base.out_features, device=w.device))
+        self.lora_A = nn.Parameter(torch.zeros(0, base.in_features, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(0, base.out_features, device=w.device, dtype=dtype))
 
     def _repack(self, keep: list[str], new_A: torch.Tensor | None = None, new_B: torch.Tensor | None = None) -> None:
         """Rebuilds the packs from the kept adapters' rows (+ one new adapter's), gradients included."""
@@ -107,14 +109,15 @@ class MultiLoraLinear(nn.Module):
             row += ranks[a]
 
     def add_adapter(self, adapter_id: str, rank: int, generator: torch.Generator) -> None:
-        """PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0."""
+        """PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0 (drawn in float32 whatever
+        the master dtype: the same seed gives the same initial values)."""
         A = torch.empty(rank, self.base.in_features, dtype=torch.float32)
         bound = 1.0 / math.sqrt(self.base.in_features)  # kaiming_uniform with a=sqrt(5)
         A.uniform_(-bound, bound, generator=generator)
-        device = self.lora_A.device
+        like = self.lora_A
         keep = list(self.order)
         self.order.append(adapter_id)
-        self._repack(keep, A.to(device), torch.zeros(rank, self.base.out_features, device=device))
+        self._repack(keep, A.to(like), like.new_zeros(rank, self.base.out_features))
 
     def remove_adapter(self, adapter_id: str) -> tuple[torch.Tensor, torch.Tensor]:
         A, B = self.weights(adapter_id)
@@ -168,19 +171,23 @@ class MultiLoraLinear(nn.Module):
 
 
 class MultiLoraModel(nn.Module):
-    """A frozen causal LM whose projections carry any number of co-located adapters."""
+    """A frozen causal LM whose projections carry any number of co-located adapters. Adapter
+    master weights are float32, or float64 over a float64 base: there every op, scale, loss and
+    optimizer step runs in float64, so co-located training can be checked exactly against PEFT."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model
+        base_dtype = next(model.parameters()).dtype
+        self.adapter_dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
         self.context = _Context()
         self.layers: dict[str, MultiLoraLinear] = {}
         for path, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear) and child_name in KNOWN_TARGET_MODULES:
-                    wrapped = MultiLoraLinear(child, self.context)
+                    wrapped = MultiLoraLinear(child, self.context, self.adapter_dtype)
                     setattr(module, child_name, wrapped)
                     self.layers[f"{path}.{child_name}" if path else child_name] = wrapped
         if not self.layers:
@@ -284,4 +291,5 @@ def plan_for(model: MultiLoraModel, adapter_ids: Sequence[str], samples: Sequenc
     configs = [model.configs[a] for a in adapter_ids]
     own = list(own_lengths) if own_lengths is not None else [seq_len] * len(adapter_ids)
     return StepPlan(list(adapter_ids), [n * seq_len for n in samples], seq_len, own, [c.scaling for c in configs],
-                    [c.dropout for c in configs], [model.generators[a] for a in adapter_ids], device)
+                    [c.dropout for c in configs], [model.generators[a] for a in adapter_ids], device,
+                    model.adapter_dtype)

@@ -85,9 +85,12 @@ class MultiAdamW:
         squares = torch.stack(torch._foreach_norm(all_grads)).square()
         norms = segment_sums(squares, [len(idx) for idx in live]).sqrt()
         # clip_grad_norm_'s factor min(1, limit / (norm + 1e-6)), as the divisor the fused kernel takes
-        limits = to_device([math.inf if m is None else m for m in max_norms], device, torch.float32)
+        limits = to_device([math.inf if m is None else m for m in max_norms], device, norms.dtype)
         grad_scale = (norms + 1e-6).div(limits).clamp(min=1.0)
         skip = (~torch.isfinite(norms)).float()
+        # The fused kernel reads its grad scale as float32: exact for float32 masters. Float64
+        # masters (the exact-math checks) are clipped by a float64 division first instead.
+        divide_first = norms.dtype == torch.float64
         states = [self.adapters[aid] for aid in tensors]
         steps = [states[k].step for k in stepping]
         # found_inf as torch.optim uses it for GradScaler: the kernel skips the adapter, and the
@@ -96,9 +99,12 @@ class MultiAdamW:
         beta1, beta2 = self.betas
         for k in stepping:
             (weights, grads), s, idx = entries[k], states[k], live[k]
-            torch._fused_adamw_([weights[i] for i in idx], [grads[i] for i in idx], [s.exp_avg[i] for i in idx],
+            live_grads = [grads[i] for i in idx]
+            if divide_first:
+                torch._foreach_div_(live_grads, grad_scale[k])
+            torch._fused_adamw_([weights[i] for i in idx], live_grads, [s.exp_avg[i] for i in idx],
                                 [s.exp_avg_sq[i] for i in idx], [], [s.step] * len(idx), lr=lrs[k], beta1=beta1,
                                 beta2=beta2, weight_decay=s.weight_decay, eps=self.eps, amsgrad=False,
-                                maximize=False, grad_scale=grad_scale[k], found_inf=skip[k])
+                                maximize=False, grad_scale=None if divide_first else grad_scale[k], found_inf=skip[k])
         torch._foreach_sub_(steps, [skip[k] for k in stepping])
         return norms

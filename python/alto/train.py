@@ -59,7 +59,7 @@ LOSS_BLOCK_ELEMENTS = 2**28  # fp32 temporaries of one block of logit rows: 1 Gi
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy in fp32, a block of rows at a time. A co-located step holds every
+    """Per-token cross-entropy in fp32 (float64 for float64 logits), a block of rows at a time. A co-located step holds every
     adapter's tokens (32k tokens x 128k vocab: 8 GiB of bf16 logits); the usual
     `F.cross_entropy(logits.float())` adds a whole fp32 copy and a whole fp32 log-softmax (16 GiB
     each). Here no fp32 tensor is larger than one block: forward keeps only the logits it was given,
@@ -69,9 +69,9 @@ class _TokenCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # [T, V], [T] (-100: none)
         ctx.save_for_backward(logits, targets)
         picked = targets.clamp_min(0)[:, None]
-        loss = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        loss = torch.empty(targets.shape, dtype=_loss_dtype(logits), device=logits.device)
         for rows in _row_blocks(logits):
-            log_probs = torch.log_softmax(logits[rows], -1, dtype=torch.float32)
+            log_probs = torch.log_softmax(logits[rows], -1, dtype=loss.dtype)
             loss[rows] = log_probs.gather(1, picked[rows]).squeeze(1).neg_()
         return loss.masked_fill_(targets == -100, 0.0)
 
@@ -81,12 +81,17 @@ class _TokenCrossEntropy(torch.autograd.Function):
         logits, targets = ctx.saved_tensors
         grad = grad.masked_fill(targets == -100, 0.0)[:, None]
         picked = targets.clamp_min(0)[:, None]
-        minus_one = torch.full(picked.shape, -1.0, device=logits.device)
+        dtype = _loss_dtype(logits)
+        minus_one = torch.full(picked.shape, -1.0, dtype=dtype, device=logits.device)
         out = torch.empty_like(logits)
         for rows in _row_blocks(logits):  # d loss / d logits = (softmax - onehot(target)) * grad
-            p = torch.softmax(logits[rows], -1, dtype=torch.float32).scatter_add_(1, picked[rows], minus_one[rows])
+            p = torch.softmax(logits[rows], -1, dtype=dtype).scatter_add_(1, picked[rows], minus_one[rows])
             torch.mul(p, grad[rows], out=out[rows])  # computed in fp32, stored in the logits' dtype: one pass
         return out, None
+
+
+def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(logits.dtype, torch.float32)
 
 
 def _row_blocks(logits: torch.Tensor) -> list[slice]:
@@ -95,7 +100,8 @@ def _row_blocks(logits: torch.Tensor) -> list[slice]:
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token loss at every position of [B, L] labels (-100: no target), as [B, L] fp32; the
+    """Next-token loss at every position of [B, L] labels (-100: no target), as [B, L] fp32
+    (float64 for float64 logits); the
     last position and those whose next label is -100 are 0. Memory: see _TokenCrossEntropy."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # shift the labels, not the (large) logits
     return _TokenCrossEntropy.apply(logits.flatten(0, 1), targets.flatten()).view(labels.shape)
@@ -214,7 +220,7 @@ class Trainer:
         with autocast:
             logits = self.model(ids, mask, plan)
         per_adapter = per_adapter_losses(logits, labels, [len(b) for b in batches])
-        inv_accum = to_device([1.0 / a.config.grad_accum for a in running], self.device, torch.float32)
+        inv_accum = to_device([1.0 / a.config.grad_accum for a in running], self.device, per_adapter.dtype)
         (torch.where(torch.isfinite(per_adapter), per_adapter, 0.0) * inv_accum).sum().backward()
         for adapter in running:
             adapter.micro_step += 1
