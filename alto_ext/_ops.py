@@ -34,6 +34,16 @@ def set_sync_checks(enabled: bool) -> None:
     _C.set_sync_checks(bool(enabled))
 
 
+def _check_types(op: str, tensors: dict, ints: dict | None = None) -> None:
+    """ValueError naming the argument for a wrong Python type (the dispatcher's own is a RuntimeError)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) and not (t is None and name == "scaling"):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, v in (ints or {}).items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{op}: {name} must be an int, got {v!r}")
+
+
 def lora_shrink(
     x: torch.Tensor,
     W: torch.Tensor,
@@ -42,6 +52,8 @@ def lora_shrink(
     h_width: int,
     scaling: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    _check_types("lora_shrink", dict(x=x, W=W, seg_indptr=seg_indptr, rank_indptr=rank_indptr, scaling=scaling),
+                 dict(h_width=h_width))
     return ops.lora_shrink(x, W, seg_indptr, rank_indptr, h_width, scaling)
 
 
@@ -54,6 +66,8 @@ def lora_expand_(
     scaling: torch.Tensor | None = None,
     accumulate: bool = True,
 ) -> torch.Tensor:
+    _check_types("lora_expand_", dict(y=y, h=h, W=W, seg_indptr=seg_indptr, rank_indptr=rank_indptr,
+                                      scaling=scaling))
     ops.lora_expand_(y, h, W, seg_indptr, rank_indptr, scaling, accumulate)
     return y
 
@@ -66,6 +80,8 @@ def lora_expand(
     rank_indptr: torch.Tensor,
     scaling: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    _check_types("lora_expand", dict(y=y, h=h, W=W, seg_indptr=seg_indptr, rank_indptr=rank_indptr,
+                                     scaling=scaling))
     return ops.lora_expand(y, h, W, seg_indptr, rank_indptr, scaling)
 
 
@@ -78,6 +94,8 @@ def lora_weight_grad(
     scaling: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
+    _check_types("lora_weight_grad", dict(h=h, x=x, seg_indptr=seg_indptr, rank_indptr=rank_indptr,
+                                          scaling=scaling), dict(total_rank=total_rank))
     return ops.lora_weight_grad(h, x, seg_indptr, rank_indptr, total_rank, scaling, out_dtype)
 
 

@@ -86,6 +86,10 @@ def multi_lora_linear(
     """
     if x.dim() != 2:
         raise ValueError(f"multi_lora_linear: x must be [T, d_in], got shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"multi_lora_linear: weight must be [d_out, d_in={x.shape[1]}], got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"multi_lora_linear: bias must be [d_out={weight.shape[0]}], got {tuple(bias.shape)}")
     if x.shape[0] != segments.num_tokens:
         raise ValueError(
             f"multi_lora_linear: x has {x.shape[0]} tokens but the segments cover "

@@ -1,3 +1,6 @@
+import json
+import random
+
 import pytest
 import torch
 
@@ -43,3 +46,29 @@ def _fresh_seed():
     import os
 
     torch.manual_seed(int(os.environ.get("ALTO_TEST_SEED", _SEED)))
+
+
+TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+@pytest.fixture
+def sweep_yaml(tmp_path):
+    """write(out="run", **top_level_keys) -> the path of a small valid sweep file in tmp_path (a tiny
+    random Llama on 40 JSONL records, 2x2 grid, CPU, output tmp_path/out); keys given replace the
+    default ones whole."""
+    def write(out: str = "run", **extra):
+        rng = random.Random(3)
+        words = ["alpha", "beta", "gamma", "delta", "lora", "rank", "adapter", "token"]
+        data = tmp_path / "data.jsonl"
+        data.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randrange(2, 6)))})
+                                  for _ in range(40)))
+        doc = {"name": "t", "model": {"random_llama": TINY_LLAMA}, "device": "cpu", "checkpoint_every": 2,
+               "output": str(tmp_path / out),
+               "data": {"source": "jsonl", "path": str(data), "max_length": 24, "eval_fraction": 0.2},
+               "defaults": {"micro_batch_size": 2, "max_steps": 3, "target_modules": ["q_proj", "v_proj"]},
+               "grid": {"rank": [2, 4], "lr": [1e-3, 3e-3]}, **extra}
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(json.dumps(doc))  # JSON is YAML
+        return path
+    return write

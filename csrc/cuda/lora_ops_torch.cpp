@@ -25,6 +25,9 @@ struct ErrorRecord {
   int32_t* device = nullptr;
 };
 
+// Set once an ALTO CUDA op has allocated the record: before that no error can be pending.
+std::atomic<bool> record_allocated{false};
+
 ErrorRecord& error_record() {
   static ErrorRecord rec;
   static std::once_flag once;
@@ -33,6 +36,7 @@ ErrorRecord& error_record() {
                                  cudaHostAllocMapped | cudaHostAllocPortable));
     for (int i = 0; i < 4; ++i) rec.host[i] = 0;
     C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&rec.device), rec.host, 0));
+    record_allocated.store(true);
   });
   return rec;
 }
@@ -91,7 +95,10 @@ void raise_recorded_device_error() {
 }
 
 void check_device_errors() {
-  if (at::cuda::is_available()) C10_CUDA_CHECK(cudaDeviceSynchronize());
+  // No ALTO CUDA op ran in this process (on a machine without a GPU none can): nothing is
+  // pending, and CUDA is not touched.
+  if (!record_allocated.load()) return;
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
   raise_recorded_device_error();
 }
 

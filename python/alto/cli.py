@@ -1,10 +1,14 @@
-"""The ``alto`` command."""
+"""The ``alto`` command. Every subcommand runs inside one boundary (:func:`main`): whatever it
+raises ends as one line on stderr (alto.inputs.report: exit code 2 for bad input, 1 for an internal
+error), never as a traceback unless --debug asks for it."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 import torch
+
+from alto.inputs import report
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -13,6 +17,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     import alto_ext
     from alto_ext import Segments, reference
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA GPU on this machine")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
@@ -57,6 +63,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from alto.tune import tune
 
+    if args.sweep and args.resume:
+        raise ValueError(f"give a sweep file or --resume RUN_DIR, not both ({args.sweep!r} and {args.resume!r})")
     return tune(args.sweep, args.resume, args.stop_after, nproc=args.nproc)
 
 
@@ -67,51 +75,78 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from alto.sched import sim, trace
 
-    try:
-        if args.trace is None:
-            with resources.as_file(trace.sample_path()) as path:
-                tasks = trace.load(path, "alto")
-        else:
-            tasks = trace.load(args.trace, args.format)
-        if args.gpus < 1:
-            raise ValueError(f"--gpus={args.gpus} must be >= 1")
-        results = sim.compare(tasks, args.gpus)
-    except ValueError as e:  # TraceError included
-        print(f"alto simulate: {e}", file=sys.stderr)
-        return 2
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} is a file; it must be a folder (made if missing)")
+    if args.trace is None:
+        with resources.as_file(trace.sample_path()) as path:
+            tasks = trace.load(path, "alto")
+    else:
+        tasks = trace.load(args.trace, args.format)
+    results = sim.compare(tasks, args.gpus)
     print(f"{len(tasks)} tasks on {args.gpus} H100 GPUs")
     print(sim.format_table(results))
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sim.plot(results, out / "simulate.png")
     print(f"wrote {out / 'simulate.png'}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alto", description="Co-located multi-LoRA training")
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="verify the op library on this machine against float64")
-    check.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser = _Parser(prog="alto", description="Co-located multi-LoRA training")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    check = sub.add_parser("check", parents=[common], help="verify the op library on this machine against float64")
+    check.add_argument("--device", choices=("cpu", "cuda"), help="cpu or cuda (default: cuda when available)")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=cmd_check)
-    tune = sub.add_parser("tune", help="train a sweep of LoRA configurations together")
+    tune = sub.add_parser("tune", parents=[common], help="train a sweep of LoRA configurations together")
     tune.add_argument("sweep", nargs="?", help="sweep YAML (default: SmolLM2-135M on chatterbot-corpus)")
     tune.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    tune.add_argument("--stop-after", type=int, metavar="N", help="stop after N micro-steps (resumable)")
-    tune.add_argument("--nproc", type=int, default=1, metavar="N",
+    tune.add_argument("--stop-after", type=_int_at_least(1), metavar="N",
+                      help="stop after N micro-steps (resumable)")
+    tune.add_argument("--nproc", type=_int_at_least(1), default=1, metavar="N",
                       help="ranks on this host (one GPU each, or CPU processes): adapters are spread "
                            "over them, each trained whole on one rank (default 1; torchrun works too)")
     tune.set_defaults(func=cmd_tune)
-    simulate = sub.add_parser("simulate", help="replay a job trace under ALTO's scheduler and FIFO/SJF/Tiresias")
+    simulate = sub.add_parser("simulate", parents=[common],
+                              help="replay a job trace under ALTO's scheduler and FIFO/SJF/Tiresias")
     simulate.add_argument("trace", nargs="?", help="trace file (default: the shipped sample trace)")
-    simulate.add_argument("--gpus", type=int, default=8, help="GPUs in the cluster (default 8)")
+    simulate.add_argument("--gpus", type=_int_at_least(1), default=8, help="GPUs in the cluster (default 8)")
     simulate.add_argument("--out", default=".", help="folder for simulate.png (default: .)")
     simulate.add_argument("--format", choices=("alto", "philly", "pai"), default="alto",
                           help="alto CSV, Philly job log (JSON or CSV) or PAI pai_job_table.csv")
     simulate.set_defaults(func=cmd_simulate)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (its one line is printed: code 2) or --help (0)
+        return int(e.code or 0)
+    try:
+        return args.func(args)
+    except Exception as e:
+        if args.debug:
+            raise
+        return report(args.command, e)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from alto.inputs import read_text
+
 
 class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
@@ -52,7 +54,7 @@ def row_text(row, where: str) -> str:
 
 def jsonl_texts(path: Path) -> list[str]:
     texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path, "data file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -100,7 +102,7 @@ def load_texts(source: str, path: str | None = None, split: str = "train") -> li
         if source == "jsonl":
             texts = jsonl_texts(p)
         else:
-            texts = [b.strip() for b in p.read_text(encoding="utf-8").split("\n\n") if b.strip()]
+            texts = [b.strip() for b in read_text(p, "data file").split("\n\n") if b.strip()]
     else:
         raise ValueError(f"data.source={source!r} is invalid: one of chatterbot, jsonl, text, hf")
     if not texts:

@@ -29,6 +29,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from alto.inputs import is_int, is_number
 from alto.registry import Adapter
 
 RULES = ("asha", "median", "halving", "none")
@@ -49,16 +50,18 @@ class MonitorConfig:
     eval_every: int = 5  # micro-steps between held-out evaluations (signal "eval")
 
     def __post_init__(self) -> None:
-        checks = [
+        checks = [  # each type check comes first: `and` stops before a comparison it would break
             (self.rule in RULES, "rule", f"one of {', '.join(RULES)}"),
-            (isinstance(self.grace, int) and self.grace >= 1, "grace", "an int >= 1"),
-            (self.eta > 1, "eta", "> 1"),
-            (isinstance(self.check_every, int) and self.check_every >= 1, "check_every", "an int >= 1"),
-            (isinstance(self.min_survivors, int) and self.min_survivors >= 1, "min_survivors", "an int >= 1"),
-            (0 < self.smoothing <= 1, "smoothing", "in (0, 1]"),
-            (self.divergence_factor > 1, "divergence_factor", "> 1"),
+            (is_int(self.grace) and self.grace >= 1, "grace", "an int >= 1"),
+            (is_number(self.eta) and 1 < self.eta < math.inf, "eta", "a number > 1"),
+            (is_int(self.check_every) and self.check_every >= 1, "check_every", "an int >= 1"),
+            (is_int(self.min_survivors) and self.min_survivors >= 1, "min_survivors", "an int >= 1"),
+            (is_number(self.smoothing) and 0 < self.smoothing <= 1, "smoothing", "a number in (0, 1]"),
+            (is_number(self.divergence_factor) and self.divergence_factor > 1, "divergence_factor",
+             "a number > 1"),
+            (isinstance(self.extrapolate, bool), "extrapolate", "true or false"),
             (self.signal in ("train", "eval"), "signal", "train or eval"),
-            (isinstance(self.eval_every, int) and self.eval_every >= 1, "eval_every", "an int >= 1"),
+            (is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "an int >= 1"),
         ]
         for ok, name, rule in checks:
             if not ok:

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from alto.inputs import is_int, is_number
+
 # Linear layers of Llama/Qwen/Mistral-style decoders that a LoRA may target.
 KNOWN_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -20,6 +22,11 @@ class Status(str, enum.Enum):
     STOPPED_EARLY = "stopped-early"
     FINISHED = "finished"
     FAILED = "failed"
+
+
+def valid_adapter_id(adapter_id: str) -> bool:
+    """Ids name parameters and output folders: letters, digits, '-' and '_' only."""
+    return bool(adapter_id) and all(c.isalnum() or c in "-_" for c in adapter_id)
 
 
 def _require(ok: bool, field_name: str, value: Any, rule: str) -> None:
@@ -49,24 +56,24 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", (self.target_modules,))
+        _require(isinstance(self.target_modules, (list, tuple)), "target_modules", self.target_modules,
+                 "a list of module names")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         for name in ("alpha", "dropout", "lr", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
-            _require(value is None and name == "max_grad_norm" or
-                     isinstance(value, (int, float)) and not isinstance(value, bool),
-                     name, value, "a number")
-        _require(isinstance(self.rank, int) and 1 <= self.rank <= 4096, "rank", self.rank, "an int in 1..4096")
+            _require(value is None and name == "max_grad_norm" or is_number(value), name, value, "a number")
+        _require(is_int(self.rank) and 1 <= self.rank <= 4096, "rank", self.rank, "an int in 1..4096")
         _require(self.alpha > 0 and math.isfinite(self.alpha), "alpha", self.alpha, "a positive number")
         _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
         _require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive number")
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "non-negative")
         _require(self.schedule in ("constant", "linear", "cosine"), "schedule", self.schedule,
                  "one of constant, linear, cosine")
-        _require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps",
+        _require(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps",
                  self.warmup_steps, "a non-negative int")
-        _require(isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1,
+        _require(is_int(self.micro_batch_size) and self.micro_batch_size >= 1,
                  "micro_batch_size", self.micro_batch_size, "an int >= 1")
-        _require(isinstance(self.grad_accum, int) and self.grad_accum >= 1, "grad_accum",
+        _require(is_int(self.grad_accum) and self.grad_accum >= 1, "grad_accum",
                  self.grad_accum, "an int >= 1")
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
                  self.max_grad_norm, "positive or None")
@@ -74,8 +81,10 @@ class AdapterConfig:
         for m in self.target_modules:
             _require(m in KNOWN_TARGET_MODULES, "target_modules", m,
                      f"unknown module; known: {', '.join(KNOWN_TARGET_MODULES)}")
-        _require(isinstance(self.max_steps, int) and self.max_steps >= 1, "max_steps", self.max_steps,
+        _require(is_int(self.max_steps) and self.max_steps >= 1, "max_steps", self.max_steps,
                  "an int >= 1")
+        _require(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "true or false")
+        _require(is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "a non-negative int")
 
     @property
     def scaling(self) -> float:
@@ -127,8 +136,7 @@ class Registry:
         self._adapters: dict[str, Adapter] = {}
 
     def add(self, adapter_id: str, config: AdapterConfig, task: str = "default") -> Adapter:
-        # Ids name parameters and output folders: no dots or slashes.
-        if not adapter_id or not all(c.isalnum() or c in "-_" for c in adapter_id):
+        if not isinstance(adapter_id, str) or not valid_adapter_id(adapter_id):
             raise ValueError(f"adapter id {adapter_id!r} must be non-empty letters, digits, '-' or '_'")
         if adapter_id in self._adapters:
             raise ValueError(f"adapter id {adapter_id!r} is already registered")

@@ -11,7 +11,6 @@ import csv
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from alto import data as data_mod
 from alto.export import save_peft_adapter
+from alto.inputs import INPUT_ERRORS, first_line, read_text, report
 from alto.model import MultiLoraModel, plan_for
 from alto.monitor import Monitor
 from alto.parallel import Group, adapter_cost, launch, place, rank_loads, rebalance
@@ -54,9 +54,10 @@ def smollm2_dir() -> str:
 
 
 def load_model(spec, device: torch.device):
-    """(model, tokenizer, pad_id, eos_id) for the sweep's model setting."""
+    """(model, tokenizer, pad_id, eos_id) for the sweep's model setting (checked by alto.sweep)."""
     import transformers
 
+    dtype = getattr(torch, spec.get("dtype", "float32")) if isinstance(spec, dict) else torch.float32
     if spec == "smollm2" or "hf_dir" in spec:
         if spec == "smollm2":
             where, gguf = smollm2_dir(), SMOLLM2_GGUF
@@ -66,14 +67,18 @@ def load_model(spec, device: torch.device):
                 raise ValueError(f"model.hf_dir: no such folder {where!r} (models load offline from a local folder)")
         kw = {"gguf_file": gguf} if gguf else {}
         tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
-        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return model.to(device).eval(), tok, pad, tok.eos_token_id
     cfg = dict(spec["random_llama"] or {})
     tok = data_mod.ByteTokenizer()
     torch.manual_seed(cfg.pop("seed", 0))
-    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, **cfg)
-    return transformers.LlamaForCausalLM(config).to(device).eval(), tok, tok.pad_id, None
+    try:
+        config = transformers.LlamaConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, **cfg)
+        model = transformers.LlamaForCausalLM(config)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # e.g. an unknown hidden_act
+        raise ValueError(f"model.random_llama: {first_line(e)}") from None
+    return model.to(device, dtype).eval(), tok, tok.pad_id, None
 
 
 class SweepRun:
@@ -406,42 +411,43 @@ def plot_losses(registry: Registry, path: Path) -> None:
 
 def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = None, log=print,
          nproc: int = 1) -> int:
-    """The `alto tune` command. Returns the exit code (2 = bad sweep, nothing written). nproc > 1
-    runs the sweep on that many local ranks (one GPU each, or CPU processes); under torchrun the
-    ranks come from the environment."""
-    try:
-        if resume:
-            run_dir = Path(resume)
-            if not (run_dir / "sweep.yaml").is_file() or not (run_dir / "checkpoint.pt").is_file():
-                raise ValueError(f"--resume: {resume!r} is not a run folder with sweep.yaml and checkpoint.pt")
-            text, source = (run_dir / "sweep.yaml").read_text(), str(run_dir / "sweep.yaml")
-            sweep = parse_sweep(text, source)
-        else:
-            if sweep_path is None:
-                from alto.sweep import DEFAULT_SWEEP
+    """The `alto tune` command: returns its exit code. Bad input raises ValueError (or OSError)
+    before anything is written (the CLI turns it into one line and exit code 2). nproc > 1 runs
+    the sweep on that many local ranks (one GPU each, or CPU processes); under torchrun the ranks
+    come from the environment."""
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"--stop-after={stop_after!r} must be an int >= 1")
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"--nproc={nproc!r} must be an int >= 1")
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "sweep.yaml").is_file() or not (run_dir / "checkpoint.pt").is_file():
+            raise ValueError(f"--resume: {resume!r} is not a run folder with sweep.yaml and checkpoint.pt")
+        source = str(run_dir / "sweep.yaml")
+        text = read_text(source, "sweep file")
+        sweep = parse_sweep(text, source)
+    else:
+        if sweep_path is None:
+            from alto.sweep import DEFAULT_SWEEP
 
-                text, source = DEFAULT_SWEEP, "default sweep"
-            else:
-                p = Path(sweep_path)
-                if not p.is_file():
-                    raise ValueError(f"no such sweep file {sweep_path!r}")
-                text, source = p.read_text(), sweep_path
-            sweep = parse_sweep(text, source)
-            run_dir = Path(sweep.output or Path("runs") / sweep.name)
-            if (run_dir / "checkpoint.pt").exists():
-                raise ValueError(f"output folder {str(run_dir)!r} holds a run already: --resume it or choose another output")
-        # Missing packages fail here, before anything is written.
-        if sweep.data["source"] == "chatterbot":
-            data_mod.load_texts("chatterbot")
-        if sweep.model == "smollm2":
-            smollm2_dir()
-        if not isinstance(nproc, int) or nproc < 1:
-            raise ValueError(f"--nproc={nproc!r} must be an int >= 1")
-        if nproc > 1 and device_type(sweep) == "cuda" and torch.cuda.device_count() < nproc:
-            raise ValueError(f"--nproc={nproc} but only {torch.cuda.device_count()} GPUs are visible")
-    except ValueError as e:
-        print(f"alto tune: error: {e}", file=sys.stderr)
-        return 2
+            text, source = DEFAULT_SWEEP, "default sweep"
+        else:
+            text, source = read_text(sweep_path, "sweep file"), sweep_path
+        sweep = parse_sweep(text, source)
+        run_dir = Path(sweep.output or Path("runs") / sweep.name)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"output: {str(run_dir)!r} is a file; the run folder must be a folder")
+        if (run_dir / "checkpoint.pt").exists():
+            raise ValueError(f"output folder {str(run_dir)!r} holds a run already: --resume it or choose another output")
+    # Missing packages and devices fail here, before anything is written.
+    if sweep.data["source"] == "chatterbot":
+        data_mod.load_texts("chatterbot")
+    if sweep.model == "smollm2":
+        smollm2_dir()
+    if sweep.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda, but torch sees no CUDA GPU on this machine (use auto or cpu)")
+    if nproc > 1 and device_type(sweep) == "cuda" and torch.cuda.device_count() < nproc:
+        raise ValueError(f"--nproc={nproc} but only {torch.cuda.device_count()} GPUs are visible")
     args = (text, source, str(run_dir), bool(resume), stop_after)
     return launch(run_rank, nproc, args)[0] if nproc > 1 else run_rank(*args, log=log)
 
@@ -453,10 +459,8 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
     try:
         try:
             run = SweepRun(sweep, run_dir, group)  # loads model and data: still nothing written
-        except (OSError, ValueError) as e:
-            if group.is_leader:
-                print(f"alto tune: error: {e}".splitlines()[0], file=sys.stderr)
-            return 2
+        except INPUT_ERRORS as e:  # every rank fails alike (each is its own process): rank 0 says why
+            return report("tune", e) if group.is_leader else 2
         if group.is_leader:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume:

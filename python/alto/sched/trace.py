@@ -19,6 +19,7 @@ Public traces record generic DNN jobs, not tuning tasks, so they are mapped with
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import zlib
@@ -30,6 +31,7 @@ from typing import Iterable
 
 import numpy as np
 
+from alto.inputs import read_text
 from alto.sched.inter import BASE_MODELS, Workload, base_shape
 
 ALTO_COLUMNS = ("arrival_s", "task", "base_model", "configs", "tokens", "gpus")
@@ -73,15 +75,11 @@ def _check(tasks: list[TraceTask], source: str) -> list[TraceTask]:
 
 
 def _read_csv(path: Path, required: Iterable[str]) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in required if c not in (reader.fieldnames or [])]
-            if missing:
-                raise TraceError(f"{path}: missing column(s) {', '.join(missing)} (has: {reader.fieldnames})")
-            return list(reader)
-    except OSError as e:
-        raise TraceError(f"{path}: cannot read ({e.strerror})") from None
+    reader = csv.DictReader(io.StringIO(read_text(path, "trace file"), newline=""))
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        raise TraceError(f"{path}: missing column(s) {', '.join(missing)} (has: {reader.fieldnames})")
+    return list(reader)
 
 
 def load_alto(path: str | Path) -> list[TraceTask]:
@@ -137,24 +135,20 @@ def load_philly(path: str | Path, configs: int = 8, workload: Workload | None = 
     tasks = []
     if path.suffix == ".json":
         try:
-            jobs = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise TraceError(f"{path}: not a readable JSON job log ({e})") from None
-        for job in jobs:
-            where = f"{path}: job {job.get('jobid')!r}"
-            attempts = job.get("attempts") or []
-            if job.get("status") != "Pass" or not attempts or not attempts[-1].get("end_time"):
-                continue
-            gpus = sum(len(d.get("gpus", [])) for d in attempts[-1].get("detail", []))
-            if gpus < 1:
-                continue
+            jobs = json.loads(read_text(path, "trace file"))
+        except json.JSONDecodeError as e:
+            raise TraceError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(jobs, list):
+            raise TraceError(f"{path}: a Philly job log is a JSON list of jobs, not a {type(jobs).__name__}")
+        for i, job in enumerate(jobs):
+            where = f"{path}: job {i}" + (f" ({job.get('jobid')!r})" if isinstance(job, dict) else "")
             try:
-                submitted = _philly_time(job["submitted_time"], where)
-            except KeyError:
-                raise TraceError(f"{where}: no submitted_time") from None
-            run = _philly_time(attempts[-1]["end_time"], where) - _philly_time(attempts[0]["start_time"], where)
-            tasks.append(_to_task(str(job["jobid"]), submitted, max(run, 1.0), gpus,
-                                  f"{job.get('vc', '')}/{job.get('user', '')}", configs, workload))
+                task = _philly_job(job, where, configs, workload)
+            except (AttributeError, TypeError, KeyError, IndexError) as e:
+                raise TraceError(f"{where}: not a Philly job record (cluster_job_log's shape): "
+                                 f"{type(e).__name__} {e}") from None
+            if task is not None:
+                tasks.append(task)
     else:
         rows = _read_csv(path, ("jobid", "submitted_time", "num_gpus"))
         for i, row in enumerate(rows, start=2):
@@ -172,12 +166,24 @@ def load_philly(path: str | Path, configs: int = 8, workload: Workload | None = 
     return _check(_shift(tasks), str(path))
 
 
+def _philly_job(job: dict, where: str, configs: int, workload: Workload) -> TraceTask | None:
+    """One job of cluster_job_log as a task (None: it did not pass or had no GPU)."""
+    attempts = job.get("attempts") or []
+    if job.get("status") != "Pass" or not attempts or not attempts[-1].get("end_time"):
+        return None
+    gpus = sum(len(d.get("gpus", [])) for d in attempts[-1].get("detail", []))
+    if gpus < 1:
+        return None
+    if "submitted_time" not in job:
+        raise TraceError(f"{where}: no submitted_time")
+    submitted = _philly_time(job["submitted_time"], where)
+    run = _philly_time(attempts[-1]["end_time"], where) - _philly_time(attempts[0]["start_time"], where)
+    return _to_task(str(job["jobid"]), submitted, max(run, 1.0), gpus,
+                    f"{job.get('vc', '')}/{job.get('user', '')}", configs, workload)
+
+
 def _pai_rows(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except OSError as e:
-        raise TraceError(f"{path}: cannot read ({e.strerror})") from None
+    rows = list(csv.reader(io.StringIO(read_text(path, "trace file"), newline="")))
     if rows and rows[0][:2] == list(columns[:2]):  # a header row is allowed
         rows = rows[1:]
     bad = next((i for i, r in enumerate(rows, 1) if len(r) != len(columns)), None)

@@ -1,0 +1,326 @@
+"""Every bad input is one error line naming the file, field or value, exit code 2, no traceback and
+nothing written: `alto tune`, `alto simulate` and `alto check` driven with the mistakes users make
+(sweep values of every field type, files that are missing, empty, binary, of the wrong shape or a
+folder, devices, flags), and the op library's wrappers (ValueError naming the argument)."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import alto_ext  # noqa: E402
+from alto.cli import main  # noqa: E402
+from alto_ext import Segments  # noqa: E402
+
+NO_GPU = not torch.cuda.is_available()
+BINARY = bytes(range(128, 256)) * 4  # not UTF-8 from its first byte, no newline
+
+
+def assert_one_line_exit_2(argv, capsys, words):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, (code, err)
+    assert err.count("\n") == 0 and err.startswith("alto") and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+# ---- alto tune: sweep values -------------------------------------------------------------------------
+
+TINY = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
+        "intermediate_size": 48}
+
+SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold)
+    "rank 0": ({"grid": {"rank": [0, 4]}}, ["rank=0", "grid[rank0]"]),
+    "rank a float": ({"grid": {"rank": [1.5]}}, ["rank=1.5"]),
+    "lr negative": ({"grid": {"lr": [-0.1]}}, ["lr=-0.1"]),
+    "lr a word": ({"grid": {"lr": ["fast"]}}, ["lr='fast'", "a number"]),
+    "alpha a bool": ({"defaults": {"alpha": True}}, ["alpha=True", "a number"]),
+    "dropout 1": ({"defaults": {"dropout": 1.0}}, ["dropout=1.0"]),
+    "micro_batch_size 0": ({"defaults": {"micro_batch_size": 0}}, ["micro_batch_size=0"]),
+    "max_steps a word": ({"defaults": {"max_steps": "ten"}}, ["max_steps='ten'"]),
+    "max_grad_norm negative": ({"defaults": {"max_grad_norm": -1}}, ["max_grad_norm=-1"]),
+    "schedule unknown": ({"defaults": {"schedule": "exp"}}, ["schedule='exp'", "cosine"]),
+    "use_rslora a word": ({"defaults": {"use_rslora": "yes"}}, ["use_rslora='yes'", "true or false"]),
+    "seed negative": ({"defaults": {"seed": -3}}, ["seed=-3"]),
+    "target_modules unknown": ({"defaults": {"target_modules": ["qkv"]}}, ["target_modules='qkv'", "unknown module"]),
+    "target_modules a number": ({"defaults": {"target_modules": 5}}, ["target_modules=5"]),
+    "defaults unknown field": ({"defaults": {"rnak": 4}}, ["unknown field 'rnak'"]),
+    "defaults a list": ({"defaults": [1, 2]}, ["defaults", "mapping"]),
+    "grid value not a list": ({"grid": {"rank": 4}}, ["grid", "non-empty lists"]),
+    "grid empty list": ({"grid": {"rank": []}}, ["grid", "non-empty lists"]),
+    "adapters not a list": ({"adapters": {"id": "x"}}, ["adapters", "list"]),
+    "adapter id with a slash": ({"adapters": [{"id": "a/b"}]}, ["adapters[0].id", "'a/b'"]),
+    "adapter id twice": ({"grid": {}, "adapters": [{"id": "x"}, {"id": "x"}]}, ["duplicate id 'x'"]),
+    "no adapters": ({"grid": {}}, ["no adapters"]),
+    "unknown top key": ({"colour": "red"}, ["unknown key 'colour'"]),
+    "name with a slash": ({"name": "a/b"}, ["name", "'a/b'"]),
+    "data not a mapping": ({"data": "chatterbot"}, ["data", "mapping"]),
+    "data unknown key": ({"data": {"source": "chatterbot", "file": "x"}}, ["data", "mapping with keys"]),
+    "data source unknown": ({"data": {"source": "csv", "path": "x.csv"}}, ["data.source: 'csv'"]),
+    "data path missing": ({"data": {"source": "jsonl", "path": "/nonexistent.jsonl"}},
+                          ["data.path", "/nonexistent.jsonl"]),
+    "hf source without path": ({"data": {"source": "hf"}}, ["data.path", "needs a path"]),
+    "max_length 1": ({"data": {"source": "chatterbot", "max_length": 1}}, ["data.max_length: 1"]),
+    "eval_fraction 1.5": ({"data": {"source": "chatterbot", "eval_fraction": 1.5}}, ["data.eval_fraction: 1.5"]),
+    "limit 0": ({"data": {"source": "chatterbot", "limit": 0}}, ["data.limit: 0"]),
+    "device tpu": ({"device": "tpu"}, ["device", "'tpu'"]),
+    "checkpoint_every 0": ({"checkpoint_every": 0}, ["checkpoint_every: 0"]),
+    "max_running 0": ({"max_running": 0}, ["max_running: 0"]),
+    "reclaim unknown": ({"reclaim": "hoard"}, ["reclaim: 'hoard'"]),
+    "model unknown": ({"model": "gpt5"}, ["model", "'gpt5'", "smollm2"]),
+    "model two sources": ({"model": {"hf_dir": "x", "random_llama": {}}}, ["model", "must be smollm2"]),
+    "gguf_file without hf_dir": ({"model": {"random_llama": {}, "gguf_file": "m.gguf"}}, ["model.gguf_file"]),
+    "model dtype unknown": ({"model": {"random_llama": TINY, "dtype": "float8"}}, ["model.dtype: 'float8'"]),
+    "model float64 on cuda": ({"model": {"random_llama": TINY, "dtype": "float64"}, "device": "cuda"},
+                              ["model.dtype", "device: cpu"]),
+    "random_llama not a mapping": ({"model": {"random_llama": 5}}, ["model.random_llama", "5"]),
+    "random_llama negative size": ({"model": {"random_llama": {**TINY, "hidden_size": -8}}},
+                                   ["model.random_llama.hidden_size: -8"]),
+    "random_llama heads not dividing": ({"model": {"random_llama": {**TINY, "num_attention_heads": 5}}},
+                                        ["model.random_llama.num_attention_heads", "divide hidden_size"]),
+    "random_llama kv heads not dividing": ({"model": {"random_llama": {**TINY, "num_key_value_heads": 3}}},
+                                           ["model.random_llama.num_key_value_heads"]),
+    "random_llama unknown activation": ({"model": {"random_llama": {**TINY, "hidden_act": "wiggle"}}},
+                                        ["model.random_llama"]),
+    "model folder missing": ({"model": {"hf_dir": "/no/such/model"}}, ["model.hf_dir", "/no/such/model"]),
+    "monitor not a mapping": ({"monitor": "asha"}, ["monitor", "mapping"]),
+    "monitor unknown key": ({"monitor": {"rule": "asha", "patience": 3}}, ["monitor", "keys"]),
+    "monitor rule unknown": ({"monitor": {"rule": "best"}}, ["monitor.rule='best'"]),
+    "monitor eta a word": ({"monitor": {"eta": "fast"}}, ["monitor.eta='fast'", "a number"]),
+    "monitor grace 0": ({"monitor": {"grace": 0}}, ["monitor.grace=0"]),
+    "monitor extrapolate a word": ({"monitor": {"extrapolate": "no"}}, ["monitor.extrapolate='no'"]),
+    "eval signal without held-out data": ({"monitor": {"signal": "eval"}, "data": {"source": "chatterbot",
+                                                                                   "eval_fraction": 0}},
+                                          ["monitor.signal", "eval_fraction"]),
+}
+
+
+@pytest.mark.parametrize("change,words", SWEEP_VALUES.values(), ids=SWEEP_VALUES.keys())
+def test_bad_sweep_value(tmp_path, capsys, monkeypatch, sweep_yaml, change, words):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_exit_2(["tune", sweep_yaml(**change)], capsys, words)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
+def test_cuda_device_without_a_gpu(tmp_path, capsys, sweep_yaml):
+    assert_one_line_exit_2(["tune", sweep_yaml(device="cuda")], capsys, ["device: cuda", "no CUDA GPU"])
+    assert not (tmp_path / "run").exists()
+
+
+# ---- alto tune: files and flags ---------------------------------------------------------------------
+
+def _data_file(content: bytes, source: str = "jsonl"):
+    """A sweep whose data file (bad.jsonl or bad.text) holds `content`."""
+    def make(tmp_path, sweep_yaml):
+        data = tmp_path / f"bad.{source}"
+        data.write_bytes(content)
+        return ["tune", sweep_yaml(data={"source": source, "path": str(data)})]
+    return make
+
+
+def _sweep_file(content: bytes):
+    def make(tmp_path, sweep_yaml):
+        path = tmp_path / "bad.yaml"
+        path.write_bytes(content)
+        return ["tune", path]
+    return make
+
+
+def _run_folder_then(*flags):
+    """A run stopped after 2 micro-steps, then `alto tune` with flags ({run} = its folder)."""
+    def make(tmp_path, sweep_yaml):
+        path = sweep_yaml(out="done")
+        assert main(["tune", str(path), "--stop-after", "2"]) == 0
+        return ["tune", *(str(f).format(run=tmp_path / "done", sweep=path) for f in flags)]
+    return make
+
+
+TUNE_FILES_AND_FLAGS = {
+    "sweep file missing": (lambda t, s: ["tune", t / "nope.yaml"], ["no such sweep file", "nope.yaml"]),
+    "sweep file is a folder": (lambda t, s: ["tune", t], ["sweep file", "is a folder"]),
+    "sweep file empty": (_sweep_file(b""), ["bad.yaml", "mapping"]),
+    "sweep file binary": (_sweep_file(BINARY), ["bad.yaml:1", "not UTF-8"]),
+    "sweep file a YAML list": (_sweep_file(b"- 1\n- 2\n"), ["bad.yaml", "mapping"]),
+    "sweep file not YAML": (_sweep_file(b"name: x\ngrid: {rank: [1, 2\n"), ["bad.yaml:", "not valid YAML"]),
+    "data file empty": (_data_file(b""), ["no texts found"]),
+    "data file binary": (_data_file(b'{"text": "ok"}\n' + BINARY), ["bad.jsonl:2", "not UTF-8"]),
+    "data line not JSON": (_data_file(b'{"text": "ok"}\n{"text": \n'), ["bad.jsonl:2", "not valid JSON"]),
+    "data record without text": (_data_file(b'{"text": "ok"}\n{"label": 1}\n'), ["bad.jsonl:2", "'text'"]),
+    "data record a list": (_data_file(b'[1, 2]\n'), ["bad.jsonl:1", "'text'"]),
+    "data path a folder": (lambda t, s: ["tune", s(data={"source": "jsonl", "path": str(t)})],
+                           ["data.path", "is not a file"]),
+    "text data binary": (_data_file(b"hello\n\n" + BINARY, "text"), ["bad.text:3", "not UTF-8", "byte 0x80"]),
+    "stop-after -1": (lambda t, s: ["tune", s(), "--stop-after", "-1"], ["--stop-after", "-1 must be >= 1"]),
+    "stop-after 0": (lambda t, s: ["tune", s(), "--stop-after", "0"], ["--stop-after", "0 must be >= 1"]),
+    "stop-after a word": (lambda t, s: ["tune", s(), "--stop-after", "x"], ["--stop-after", "'x' is not an int"]),
+    "nproc 0": (lambda t, s: ["tune", s(), "--nproc", "0"], ["--nproc", "0 must be >= 1"]),
+    "unknown flag": (lambda t, s: ["tune", s(), "--epochs", "3"], ["unrecognized arguments: --epochs"]),
+    "resume a folder without a run": (lambda t, s: ["tune", "--resume", t], ["--resume", "not a run folder"]),
+    "resume and a sweep file": (_run_folder_then("{sweep}", "--resume", "{run}"), ["not both"]),
+    "output holds a run": (_run_folder_then("{sweep}"), ["holds a run already", "--resume"]),
+    "output is a file": (lambda t, s: ["tune", s(output=str(t / "data.jsonl"))], ["output", "is a file"]),
+}
+
+
+@pytest.mark.parametrize("make,words", TUNE_FILES_AND_FLAGS.values(), ids=TUNE_FILES_AND_FLAGS.keys())
+def test_bad_tune_file_or_flag(tmp_path, capsys, monkeypatch, sweep_yaml, make, words):
+    monkeypatch.chdir(tmp_path)
+    argv = make(tmp_path, sweep_yaml)
+    capsys.readouterr()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert_one_line_exit_2(argv, capsys, words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+# ---- alto simulate ------------------------------------------------------------------------------------
+
+HEADER = "arrival_s,task,base_model,configs,tokens,gpus\n"
+
+
+def _trace(name: str, content: bytes, *flags: str):
+    def make(tmp_path):
+        path = tmp_path / name
+        path.write_bytes(content)
+        return ["simulate", path, *flags]
+    return make
+
+
+def _pai(job_table: bytes):
+    def make(tmp_path):
+        (tmp_path / "pai_task_table.csv").write_text("j1,worker,2,Terminated,1000,4600,600,29,100,V100\n")
+        (tmp_path / "pai_job_table.csv").write_bytes(job_table)
+        return ["simulate", tmp_path / "pai_job_table.csv", "--format", "pai"]
+    return make
+
+
+SIMULATE = {
+    "trace missing": (lambda t: ["simulate", t / "missing.csv"], ["no such trace file", "missing.csv"]),
+    "trace is a folder": (lambda t: ["simulate", t], ["is a folder"]),
+    "trace empty": (_trace("t.csv", b""), ["t.csv", "missing column"]),
+    "trace binary": (_trace("t.csv", HEADER.encode() + BINARY), ["t.csv:2", "not UTF-8"]),
+    "trace missing a column": (_trace("t.csv", b"arrival_s,task,base_model,configs,tokens\n0,a,llama-3-8b,1,1\n"),
+                               ["missing column", "gpus"]),
+    "arrival negative": (_trace("t.csv", (HEADER + "-1,a,llama-3-8b,1,1,1\n").encode()), ["t.csv:2", "arrival_s"]),
+    "arrival a word": (_trace("t.csv", (HEADER + "soon,a,llama-3-8b,1,1,1\n").encode()),
+                       ["t.csv:2", "arrival_s='soon'"]),
+    "base model unknown": (_trace("t.csv", (HEADER + "0,a,gpt-5,1,1,1\n").encode()), ["base_model='gpt-5'"]),
+    "configs 0": (_trace("t.csv", (HEADER + "0,a,llama-3-8b,0,1,1\n").encode()), ["configs=0"]),
+    "task twice": (_trace("t.csv", (HEADER + "0,a,llama-3-8b,1,1,1\n1,a,llama-3-8b,1,1,1\n").encode()),
+                   ["task names repeat"]),
+    "more GPUs than the cluster": (_trace("t.csv", (HEADER + "0,a,llama-3-8b,1,1,99\n").encode()),
+                                   ["more than the cluster"]),
+    "philly JSON an object": (_trace("log.json", b'{"jobs": []}', "--format", "philly"),
+                              ["log.json", "JSON list of jobs"]),
+    "philly JSON a list of numbers": (_trace("log.json", b"[1, 2]", "--format", "philly"),
+                                      ["log.json: job 0", "not a Philly job record"]),
+    "philly job without attempts list": (
+        _trace("log.json", json.dumps([{"jobid": "j", "status": "Pass", "attempts": 5}]).encode(), "--format",
+               "philly"), ["job 0 ('j')", "not a Philly job record"]),
+    "philly JSON invalid": (_trace("log.json", b'[{"jobid": }]', "--format", "philly"),
+                            ["log.json:1", "not valid JSON"]),
+    "philly CSV missing columns": (_trace("philly.csv", b"jobid,num_gpus\nj,1\n", "--format", "philly"),
+                                   ["missing column", "submitted_time"]),
+    "pai task table missing": (_trace("pai_job_table.csv", b"j1,i1,u1,Terminated,1000,4600\n", "--format", "pai"),
+                               ["no such trace file", "pai_task_table.csv"]),
+    "pai wrong column count": (_pai(b"j1,i1,u1\n"), ["pai_job_table.csv:1", "expected 6 columns"]),
+    "gpus 0": (lambda t: ["simulate", "--gpus", "0"], ["--gpus", "0 must be >= 1"]),
+    "format unknown": (lambda t: ["simulate", "--format", "slurm"], ["--format", "invalid choice"]),
+    "out is a file": (_trace("f.txt", b"x", "--out", "f.txt"), ["--out", "is a file"]),
+}
+
+
+@pytest.mark.parametrize("make,words", SIMULATE.values(), ids=SIMULATE.keys())
+def test_bad_simulate_input(tmp_path, capsys, monkeypatch, make, words):
+    monkeypatch.chdir(tmp_path)
+    argv = make(tmp_path)
+    assert_one_line_exit_2(argv, capsys, words)
+    assert not list(tmp_path.rglob("*.png"))  # nothing written
+
+
+# ---- alto check ---------------------------------------------------------------------------------------
+
+CHECK = {
+    "device tpu": (["check", "--device", "tpu"], ["--device", "invalid choice"]),
+    "seed a word": (["check", "--seed", "x"], ["--seed", "invalid int"]),
+    "no command": ([], ["required"]),
+    "unknown command": (["train"], ["invalid choice", "'train'"]),
+}
+
+
+@pytest.mark.parametrize("argv,words", CHECK.values(), ids=CHECK.keys())
+def test_bad_check_or_command(capsys, argv, words):
+    assert_one_line_exit_2(argv, capsys, words)
+
+
+@pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
+def test_check_on_cuda_without_a_gpu(capsys):
+    assert_one_line_exit_2(["check", "--device", "cuda"], capsys, ["--device cuda", "no CUDA GPU"])
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="no such sweep file"):
+        main(["tune", str(tmp_path / "nope.yaml"), "--debug"])
+
+
+def test_an_internal_error_is_one_line_exit_1(capsys, monkeypatch):
+    import alto.sched.sim
+
+    monkeypatch.setattr(alto.sched.sim, "compare", lambda *a: {}["planted"])
+    assert main(["simulate", "--out", "."]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "internal error: KeyError" in err and "--debug" in err
+
+
+# ---- the op library's wrappers -----------------------------------------------------------------------
+
+def _ops_args():
+    x, W = torch.randn(7, 16), torch.randn(5, 16)
+    seg, rank = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 2, 5], dtype=torch.int32)
+    return x, W, seg, rank
+
+
+OPS = {  # id: (call, words of the ValueError)
+    "x a list": (lambda x, W, s, r: alto_ext.lora_shrink([[1.0]], W, s, r, 8), ["x must be a torch.Tensor"]),
+    "W None": (lambda x, W, s, r: alto_ext.lora_shrink(x, None, s, r, 8), ["W must be a torch.Tensor"]),
+    "h_width a string": (lambda x, W, s, r: alto_ext.lora_shrink(x, W, s, r, "8"), ["h_width must be an int"]),
+    "total_rank a float": (lambda x, W, s, r: alto_ext.lora_weight_grad(torch.randn(7, 8), x, s, r, 5.0),
+                           ["total_rank must be an int"]),
+    "y of ints": (lambda x, W, s, r: alto_ext.lora_expand_(torch.zeros(7, 4, dtype=torch.long), torch.randn(7, 8),
+                                                           torch.randn(5, 4), s, r), ["floating-point"]),
+    "float64 scaling for float32 operands": (
+        lambda x, W, s, r: alto_ext.lora_shrink(x, W, s, r, 8, torch.ones(2, dtype=torch.float64)),
+        ["scaling must be float32"]),
+    "linear x 3-D": (lambda x, W, s, r: alto_ext.multi_lora_linear(x[None], torch.randn(4, 16), None, W,
+                                                                   torch.randn(5, 4), Segments.build([3, 4], [2, 3])),
+                     ["x must be [T, d_in]"]),
+    "linear weight columns": (lambda x, W, s, r: alto_ext.multi_lora_linear(
+        x, torch.randn(4, 15), None, W, torch.randn(5, 4), Segments.build([3, 4], [2, 3])), ["weight must be"]),
+    "linear bias shape": (lambda x, W, s, r: alto_ext.multi_lora_linear(
+        x, torch.randn(4, 16), torch.randn(3), W, torch.randn(5, 4), Segments.build([3, 4], [2, 3])),
+        ["bias must be"]),
+    "linear tokens": (lambda x, W, s, r: alto_ext.multi_lora_linear(
+        x, torch.randn(4, 16), None, W, torch.randn(5, 4), Segments.build([3, 5], [2, 3])),
+        ["x has 7 tokens but the segments cover 8"]),
+    "segments of strings": (lambda x, W, s, r: Segments.build("ab", [1, 2]), ["token_counts[0]"]),
+    "unpack into too much": (lambda x, W, s, r: alto_ext.unpack_tensors(torch.zeros(3, dtype=torch.uint8),
+                                                                          [torch.empty(4)]), ["holds 3 bytes"]),
+}
+
+
+@pytest.mark.parametrize("call,words", OPS.values(), ids=OPS.keys())
+def test_bad_op_argument_is_a_value_error_naming_it(call, words):
+    with pytest.raises(ValueError) as err:
+        call(*_ops_args())
+    for w in words:
+        assert w in str(err.value), str(err.value)
+
+
+def test_check_errors_is_a_no_op_with_nothing_pending():
+    """On any machine (a CUDA build on a machine without a GPU included) and after CPU ops."""
+    alto_ext.check_errors()
+    alto_ext.lora_shrink(*_ops_args(), 8)
+    alto_ext.check_errors()
