@@ -5,7 +5,7 @@
 // Layout contract (segmented multi-adapter LoRA, see DESIGN.md):
 //   rows seg_indptr[g]:seg_indptr[g+1] of a token-major tensor belong to adapter slot g;
 //   rows rank_indptr[g]:rank_indptr[g+1] of a rank-major weight ([R, d]) are adapter g's;
-//   scaling[g] (float32, optional = 1) multiplies adapter g's product.
+//   scaling[g] (float32, or float64 with float64 operands; optional = 1) multiplies adapter g's product.
 // Both A (lora_A, [R, d_in]) and B (lora_B transposed, [R, d_out]) are stored rank-major, so one
 // shrink / expand / weight-grad kernel each serves forward and backward.
 #include <torch/library.h>

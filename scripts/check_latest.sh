@@ -13,7 +13,7 @@ trap 'rm -rf "$work"' EXIT
 "${PYTHON:-python3}" -m venv "$work/venv" || exit 1
 source "$work/venv/bin/activate"
 echo "== installing the newest releases pyproject.toml allows (fresh venv)"
-ALTO_CONSTRAINTS= bash scripts/install.sh > "$work/install.log" 2>&1 || {
+PYTHON="$work/venv/bin/python" ALTO_CONSTRAINTS= bash scripts/install.sh > "$work/install.log" 2>&1 || {
   tail -30 "$work/install.log"; echo "check_latest: the install FAILED (log above)"; exit 1; }
 pip freeze | grep -v '^alto' > "$work/latest.txt"
 echo "== versions that differ from constraints.txt (pinned -> newest)"

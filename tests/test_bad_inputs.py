@@ -17,9 +17,9 @@ NO_GPU = not torch.cuda.is_available()
 BINARY = bytes(range(128, 256)) * 4  # not UTF-8 from its first byte, no newline
 
 
-def assert_one_line_exit_2(argv, capsys, words):
+def assert_one_line_exit_2(argv, capture, words):
     code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
+    captured = capture.readouterr()
     err = captured.err.strip()
     assert code == 2, (code, err)
     assert err.count("\n") == 0 and err.startswith("alto") and "Traceback" not in err, err
@@ -56,6 +56,10 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
     "adapter id twice": ({"grid": {}, "adapters": [{"id": "x"}, {"id": "x"}]}, ["duplicate id 'x'"]),
     "no adapters": ({"grid": {}}, ["no adapters"]),
     "unknown top key": ({"colour": "red"}, ["unknown key 'colour'"]),
+    "grid points with one id": ({"grid": {"lr": [0.001, 1.0e-3]}}, ["grid[lr0p001]", "values repeat"]),
+    "name null": ({"name": None}, ["name", "None"]),
+    "random_llama seed too large": ({"model": {"random_llama": {**TINY, "seed": 2**64}}},
+                                    ["model.random_llama.seed"]),
     "name with a slash": ({"name": "a/b"}, ["name", "'a/b'"]),
     "data not a mapping": ({"data": "chatterbot"}, ["data", "mapping"]),
     "data unknown key": ({"data": {"source": "chatterbot", "file": "x"}}, ["data", "mapping with keys"]),
@@ -130,6 +134,22 @@ def _sweep_file(content: bytes):
     return make
 
 
+def _broken_checkpoint(damage):
+    """A run stopped after 2 micro-steps whose checkpoint.pt is then damaged; --resume it."""
+    def make(tmp_path, sweep_yaml):
+        path = sweep_yaml(out="done")
+        assert main(["tune", str(path), "--stop-after", "2"]) == 0
+        damage(tmp_path / "done" / "checkpoint.pt")
+        return ["tune", "--resume", tmp_path / "done"]
+    return make
+
+
+def _foreign_adapter(checkpoint):
+    state = torch.load(checkpoint, weights_only=False)
+    state["adapters"]["stranger"] = next(iter(state["adapters"].values()))
+    torch.save(state, checkpoint)
+
+
 def _run_folder_then(*flags):
     """A run stopped after 2 micro-steps, then `alto tune` with flags ({run} = its folder)."""
     def make(tmp_path, sweep_yaml):
@@ -146,6 +166,7 @@ TUNE_FILES_AND_FLAGS = {
     "sweep file binary": (_sweep_file(BINARY), ["bad.yaml:1", "not UTF-8"]),
     "sweep file a YAML list": (_sweep_file(b"- 1\n- 2\n"), ["bad.yaml", "mapping"]),
     "sweep file not YAML": (_sweep_file(b"name: x\ngrid: {rank: [1, 2\n"), ["bad.yaml:", "not valid YAML"]),
+    "unknown keys of mixed types": (_sweep_file(b"colour: red\nyes: 1\ngrid: {rank: [2]}\n"), ["unknown key"]),
     "data file empty": (_data_file(b""), ["no texts found"]),
     "data file binary": (_data_file(b'{"text": "ok"}\n' + BINARY), ["bad.jsonl:2", "not UTF-8"]),
     "data line not JSON": (_data_file(b'{"text": "ok"}\n{"text": \n'), ["bad.jsonl:2", "not valid JSON"]),
@@ -163,16 +184,21 @@ TUNE_FILES_AND_FLAGS = {
     "resume and a sweep file": (_run_folder_then("{sweep}", "--resume", "{run}"), ["not both"]),
     "output holds a run": (_run_folder_then("{sweep}"), ["holds a run already", "--resume"]),
     "output is a file": (lambda t, s: ["tune", s(output=str(t / "data.jsonl"))], ["output", "is a file"]),
+    "checkpoint truncated": (_broken_checkpoint(lambda c: c.write_bytes(c.read_bytes()[:100])),
+                             ["checkpoint.pt", "not a checkpoint of alto tune"]),
+    "checkpoint of another sweep": (_broken_checkpoint(_foreign_adapter), ["checkpoint.pt", "'stranger'"]),
+    "bad model on two ranks": (lambda t, s: ["tune", s(model={"hf_dir": str(t)}), "--nproc", "2"],
+                               ["model.hf_dir", "cannot load"]),
 }
 
 
 @pytest.mark.parametrize("make,words", TUNE_FILES_AND_FLAGS.values(), ids=TUNE_FILES_AND_FLAGS.keys())
-def test_bad_tune_file_or_flag(tmp_path, capsys, monkeypatch, sweep_yaml, make, words):
+def test_bad_tune_file_or_flag(tmp_path, capfd, monkeypatch, sweep_yaml, make, words):
     monkeypatch.chdir(tmp_path)
     argv = make(tmp_path, sweep_yaml)
-    capsys.readouterr()
+    capfd.readouterr()
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert_one_line_exit_2(argv, capsys, words)
+    assert_one_line_exit_2(argv, capfd, words)  # capfd: ranks are processes of their own
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
@@ -224,6 +250,13 @@ SIMULATE = {
                             ["log.json:1", "not valid JSON"]),
     "philly CSV missing columns": (_trace("philly.csv", b"jobid,num_gpus\nj,1\n", "--format", "philly"),
                                    ["missing column", "submitted_time"]),
+    "philly CSV short row": (_trace("philly.csv", b"jobid,submitted_time,num_gpus,duration,user\nj,0,1\n",
+                                    "--format", "philly"), ["philly.csv:2", "5 fields expected"]),
+    "CSV field too large": (_trace("t.csv", (HEADER + "0,a" + "x" * 200_000 + ",llama-3-8b,1,1,1\n").encode()),
+                            ["t.csv:2", "not valid CSV"]),
+    "arrival of 400 digits": (_trace("t.csv", (HEADER + "9" * 400 + ",a,llama-3-8b,1,1,1\n").encode()),
+                              ["t.csv:2", "arrival_s"]),
+    "pai run time out of range": (_pai(b"j1,i1,u1,Terminated,0,1e308\n"), ["job 'j1'", "out of range"]),
     "pai task table missing": (_trace("pai_job_table.csv", b"j1,i1,u1,Terminated,1000,4600\n", "--format", "pai"),
                                ["no such trace file", "pai_task_table.csv"]),
     "pai wrong column count": (_pai(b"j1,i1,u1\n"), ["pai_job_table.csv:1", "expected 6 columns"]),
@@ -266,9 +299,10 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["tune", str(tmp_path / "nope.yaml"), "--debug"])
 
 
-def test_an_internal_error_is_one_line_exit_1(capsys, monkeypatch):
+def test_an_internal_error_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     import alto.sched.sim
 
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(alto.sched.sim, "compare", lambda *a: {}["planted"])
     assert main(["simulate", "--out", "."]) == 1
     err = capsys.readouterr().err.strip()

@@ -50,6 +50,18 @@ def test_killed_run_resumes_to_the_same_final_weights(tmp_path, sweep_yaml):
             assert torch.equal(wa[k], wb[k]), (aid, k)
 
 
+def test_resume_drops_a_log_line_cut_short_by_the_kill(tmp_path, sweep_yaml):
+    """A kill mid-write leaves half a row at the end of losses.csv: the resume drops it (and the rows
+    after the checkpoint) and the log ends as the uninterrupted run's."""
+    defaults = {"micro_batch_size": 2, "max_steps": 5, "target_modules": ["q_proj", "v_proj"]}
+    assert tune(str(sweep_yaml(out="whole", defaults=defaults)), None, log=lambda *_: None) == 0
+    assert tune(str(sweep_yaml(out="cut", defaults=defaults)), None, stop_after=3, log=lambda *_: None) == 0
+    with open(tmp_path / "cut" / "losses.csv", "a") as f:  # the checkpoint is at micro-step 2
+        f.write("2,rank4-lr0p0")
+    assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
+    assert (tmp_path / "whole" / "losses.csv").read_text() == (tmp_path / "cut" / "losses.csv").read_text()
+
+
 def test_scientific_floats_without_a_dot_are_floats():
     # YAML 1.1 reads 1e-4 as a string; a sweep file means the number.
     sweep = parse_sweep("grid: {lr: [1e-4, 3E-3]}\ndefaults: {alpha: 1e1}")

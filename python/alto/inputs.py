@@ -34,7 +34,7 @@ def read_text(path: str | Path, what: str = "file") -> str:
     except OSError as e:
         raise ValueError(f"{what} {str(path)!r} cannot be read ({e.strerror})") from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark (Excel's CSV export) is not content
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1

@@ -1,8 +1,9 @@
 """Multi-adapter LoRA injected into a Hugging Face causal LM with a frozen base.
 
 Every Linear named like a decoder projection (q_proj, ..., down_proj) is wrapped in a
-:class:`MultiLoraLinear`, which keeps the float32 A/B weights of all its adapters packed in one
-parameter each; a step runs base + all adapters through ``alto_ext.multi_lora_linear``. Adapters with different target modules coexist: in a layer an
+:class:`MultiLoraLinear`, which keeps the A/B master weights (float32; float64 over a float64 base)
+of all its adapters packed in one parameter each; a step runs base + all adapters through
+``alto_ext.multi_lora_linear``. Adapters with different target modules coexist: in a layer an
 adapter does not target, its tokens get rank 0 there.
 """
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from alto.inputs import is_int
+from alto.inputs import is_int, is_number
 from alto.monitor import MonitorConfig
 from alto.registry import AdapterConfig, valid_adapter_id
 
@@ -86,7 +86,7 @@ def _fail(where: str, msg: str) -> None:
 def _adapter_config(where: str, values: dict[str, Any]) -> AdapterConfig:
     unknown = set(values) - CONFIG_FIELDS
     if unknown:
-        _fail(where, f"unknown field {sorted(unknown)[0]!r}; fields: {', '.join(sorted(CONFIG_FIELDS))}")
+        _fail(where, f"unknown field {sorted(unknown, key=str)[0]!r}; fields: {', '.join(sorted(CONFIG_FIELDS))}")
     try:
         return AdapterConfig(**values)
     except (ValueError, TypeError) as e:
@@ -118,8 +118,8 @@ def _model_spec(model: Any, device: str) -> Any:
         for key in RANDOM_LLAMA_SIZES:
             if key in cfg and (not is_int(cfg[key]) or cfg[key] < 1):
                 _fail(f"model.random_llama.{key}", f"{cfg[key]!r} must be an int >= 1")
-        if "seed" in cfg and (not is_int(cfg["seed"]) or cfg["seed"] < 0):
-            _fail("model.random_llama.seed", f"{cfg['seed']!r} must be an int >= 0")
+        if "seed" in cfg and (not is_int(cfg["seed"]) or not 0 <= cfg["seed"] < 2**63):
+            _fail("model.random_llama.seed", f"{cfg['seed']!r} must be an int in [0, 2**63)")
         heads = cfg.get("num_attention_heads", 32)  # LlamaConfig's defaults
         if "head_dim" not in cfg and cfg.get("hidden_size", 4096) % heads:
             _fail("model.random_llama.num_attention_heads", f"{heads} must divide hidden_size")
@@ -146,7 +146,7 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
         _fail(source, "must be a mapping of sweep settings")
     unknown = set(raw) - TOP_KEYS
     if unknown:
-        _fail(source, f"unknown key {sorted(unknown)[0]!r}; keys: {', '.join(sorted(TOP_KEYS))}")
+        _fail(source, f"unknown key {sorted(unknown, key=str)[0]!r}; keys: {', '.join(sorted(TOP_KEYS))}")
 
     data = raw.get("data", {"source": "chatterbot"})
     if not isinstance(data, dict) or set(data) - DATA_KEYS:
@@ -156,8 +156,7 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
         _fail("data.source", f"{data['source']!r} must be one of {', '.join(DATA_SOURCES)}")
     if not is_int(data["max_length"]) or data["max_length"] < 2:
         _fail("data.max_length", f"{data['max_length']!r} must be an int >= 2")
-    if not isinstance(data["eval_fraction"], (int, float)) or isinstance(data["eval_fraction"], bool) \
-            or not 0 <= data["eval_fraction"] < 1:
+    if not is_number(data["eval_fraction"]) or not 0 <= data["eval_fraction"] < 1:
         _fail("data.eval_fraction", f"{data['eval_fraction']!r} must be in [0, 1)")
     if data["limit"] is not None and (not is_int(data["limit"]) or data["limit"] < 2):
         _fail("data.limit", f"{data['limit']!r} must be an int >= 2")
@@ -192,12 +191,15 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     for n, combo in enumerate(itertools.product(*grid.values()) if grid else []):
         values = dict(zip(keys, combo))
         aid = _adapter_id(values, keys)
+        if aid in adapters:  # e.g. lr: [0.001, 1.0e-3]
+            _fail(f"grid[{aid}]", f"two grid points give the id {aid!r}: values repeat")
         adapters[aid] = _adapter_config(f"grid[{aid}]", {"seed": n, **defaults, **values})
     for i, entry in enumerate(extra):
         entry = dict(entry)
-        aid = str(entry.pop("id", f"adapter{i}"))
+        given = entry.pop("id", f"adapter{i}")
+        aid = str(given) if isinstance(given, str) or is_int(given) else ""
         if not valid_adapter_id(aid):
-            _fail(f"adapters[{i}].id", f"{aid!r} must be letters, digits, '-' or '_'")
+            _fail(f"adapters[{i}].id", f"{given!r} must be letters, digits, '-' or '_'")
         if aid in adapters:
             _fail(f"adapters[{i}]", f"duplicate id {aid!r}")
         adapters[aid] = _adapter_config(f"adapters[{aid}]", {"seed": len(adapters), **defaults, **entry})
@@ -218,9 +220,10 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     reclaim = raw.get("reclaim", "admit")
     if reclaim not in ("admit", "grow"):
         _fail("reclaim", f"{reclaim!r} must be admit or grow")
-    name = str(raw.get("name", "sweep"))
+    given = raw.get("name", "sweep")
+    name = str(given) if isinstance(given, str) or is_int(given) else ""
     if not name or "/" in name or name in (".", ".."):
-        _fail("name", f"{name!r} must be a plain folder name (it names runs/<name>)")
+        _fail("name", f"{given!r} must be a plain folder name (it names runs/<name>)")
     if raw.get("output") is not None and not (isinstance(raw["output"], str) and raw["output"]):
         _fail("output", f"{raw['output']!r} must be a folder path")
     return Sweep(name, model, data, device, every, adapters, raw, raw.get("output"), monitor_cfg, max_running, reclaim)

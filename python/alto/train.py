@@ -86,7 +86,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
         out = torch.empty_like(logits)
         for rows in _row_blocks(logits):  # d loss / d logits = (softmax - onehot(target)) * grad
             p = torch.softmax(logits[rows], -1, dtype=dtype).scatter_add_(1, picked[rows], minus_one[rows])
-            torch.mul(p, grad[rows], out=out[rows])  # computed in fp32, stored in the logits' dtype: one pass
+            torch.mul(p, grad[rows], out=out[rows])  # computed in fp32 (or fp64), stored in the logits' dtype
         return out, None
 
 

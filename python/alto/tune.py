@@ -66,13 +66,17 @@ def load_model(spec, device: torch.device):
             if not Path(where).is_dir():
                 raise ValueError(f"model.hf_dir: no such folder {where!r} (models load offline from a local folder)")
         kw = {"gguf_file": gguf} if gguf else {}
-        tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
-        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
+            model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # transformers' errors rarely name the folder
+            raise ValueError(f"model.hf_dir: cannot load a tokenizer and causal LM from {where!r} "
+                             f"({type(e).__name__}: {first_line(e)})") from None
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return model.to(device).eval(), tok, pad, tok.eos_token_id
     cfg = dict(spec["random_llama"] or {})
     tok = data_mod.ByteTokenizer()
-    torch.manual_seed(cfg.pop("seed", 0))
+    torch.manual_seed(cfg.pop("seed", 0))  # < 2**63: alto.sweep checks it
     try:
         config = transformers.LlamaConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, **cfg)
         model = transformers.LlamaForCausalLM(config)
@@ -147,7 +151,14 @@ class SweepRun:
 
     def restore(self) -> None:
         """Continues from checkpoint.pt, on any number of ranks (running adapters are placed anew)."""
-        state = torch.load(self.run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+        path = self.run_dir / "checkpoint.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            unknown = set(state["adapters"]) - {a.id for a in self.registry}
+        except Exception as e:  # truncated, not a torch file, another structure
+            raise ValueError(f"{path}: not a checkpoint of alto tune ({type(e).__name__}: {first_line(e)})") from None
+        if unknown:
+            raise ValueError(f"{path} holds adapter {sorted(unknown)[0]!r}, which the run's sweep.yaml does not define")
         self.micro_steps = state["micro_steps"]
         self.samples_budget = state["samples_budget"]
         if self.monitor:
@@ -167,14 +178,19 @@ class SweepRun:
         for a in running:
             if self.owner[a.id] == self.group.rank:
                 self.trainer.admit(a, state["adapters"][a.id]["state"].to(self.device))
-        # A killed run may have logged micro-steps after its last checkpoint: they are redone.
+        # A killed run may have logged micro-steps after its last checkpoint (the last line perhaps
+        # cut short): they are redone. The kept rows replace the file atomically.
         for name in ("losses.csv", "decisions.csv"):
             log_path = self.run_dir / name
             if log_path.exists() and self.group.is_leader:
                 with open(log_path, newline="") as f:
                     rows = list(csv.reader(f))
-                with open(log_path, "w", newline="") as f:
-                    csv.writer(f).writerows(rows[:1] + [r for r in rows[1:] if int(r[0]) <= self.micro_steps])
+                kept = rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit()
+                                    and int(r[0]) <= self.micro_steps]
+                tmp = log_path.with_suffix(".csv.tmp")
+                with open(tmp, "w", newline="") as f:
+                    csv.writer(f).writerows(kept)
+                os.replace(tmp, log_path)
 
     # ---- decisions (rank 0) and their application (every rank) -----------------------------------
     def costs(self, adapters) -> dict[str, float]:
@@ -411,8 +427,9 @@ def plot_losses(registry: Registry, path: Path) -> None:
 
 def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = None, log=print,
          nproc: int = 1) -> int:
-    """The `alto tune` command: returns its exit code. Bad input raises ValueError (or OSError)
-    before anything is written (the CLI turns it into one line and exit code 2). nproc > 1 runs
+    """The `alto tune` command: returns its exit code. Bad input in the sweep file or flags raises
+    ValueError (the CLI turns it into one line and exit code 2); what loading the model, data or
+    checkpoint finds is reported by run_rank (exit code 2). Nothing is written before. nproc > 1 runs
     the sweep on that many local ranks (one GPU each, or CPU processes); under torchrun the ranks
     come from the environment."""
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
@@ -453,12 +470,16 @@ def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = No
 
 
 def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int | None, log=print) -> int:
-    """One rank of `alto tune` (the only one without parallelism)."""
+    """One rank of `alto tune` (the only one without parallelism). Each rank is its own process, so
+    bad input found here (the model, the data, the checkpoint) is reported here: one line from rank
+    0, exit code 2, before anything is written."""
     sweep, run_dir = parse_sweep(text, source), Path(run_dir)
     group = Group.from_env(device_type(sweep))
     try:
         try:
             run = SweepRun(sweep, run_dir, group)  # loads model and data: still nothing written
+            if resume:
+                run.restore()
         except INPUT_ERRORS as e:  # every rank fails alike (each is its own process): rank 0 says why
             return report("tune", e) if group.is_leader else 2
         if group.is_leader:
@@ -468,7 +489,6 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
         else:
             log = _quiet
         if resume:
-            run.restore()
             log(f"resumed {run_dir} at micro-step {run.micro_steps}")
         ranks = f" x {group.world} ranks" if group.world > 1 else ""
         log(f"{len(sweep.adapters)} adapters on {run.device}{ranks} | {len(run.train_seqs)} train / "

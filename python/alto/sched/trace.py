@@ -58,9 +58,12 @@ class TraceTask:
 def _number(value: str, where: str, name: str, kind: type = float):
     try:
         x = kind(value)
+        finite = math.isfinite(x)
     except (TypeError, ValueError):
         raise TraceError(f"{where}: {name}={value!r} is not a{'n int' if kind is int else ' number'}") from None
-    if not math.isfinite(x) or x < 0:
+    except OverflowError:  # an int of hundreds of digits
+        finite = False
+    if not finite or x < 0:
         raise TraceError(f"{where}: {name}={value!r} must be a non-negative finite number")
     return x
 
@@ -74,12 +77,25 @@ def _check(tasks: list[TraceTask], source: str) -> list[TraceTask]:
     return sorted(tasks, key=lambda t: (t.arrival_s, t.task))
 
 
+def _csv_rows(path: Path, reader) -> list:
+    """The reader's rows; a malformed row names the file and line."""
+    rows = []
+    try:
+        for row in reader:
+            if isinstance(row, dict) and (None in row or None in row.values()):
+                raise TraceError(f"{path}:{reader.line_num}: {len(reader.fieldnames)} fields expected (the header's)")
+            rows.append(row)
+    except csv.Error as e:
+        raise TraceError(f"{path}:{reader.line_num + 1}: not valid CSV ({e})") from None  # the line being read
+    return rows
+
+
 def _read_csv(path: Path, required: Iterable[str]) -> list[dict[str, str]]:
     reader = csv.DictReader(io.StringIO(read_text(path, "trace file"), newline=""))
     missing = [c for c in required if c not in (reader.fieldnames or [])]
     if missing:
         raise TraceError(f"{path}: missing column(s) {', '.join(missing)} (has: {reader.fieldnames})")
-    return list(reader)
+    return _csv_rows(path, reader)
 
 
 def load_alto(path: str | Path) -> list[TraceTask]:
@@ -112,6 +128,8 @@ def _to_task(name: str, arrival: float, duration: float, gpus: int, owner: str, 
     base = _pick_base(owner)
     shape, step_tokens = base_shape(base), workload.config.micro_batch_size * workload.seq_len
     per_token = workload.duration(shape, configs, 10**6, gpus) / 10**6  # duration is ~linear in tokens
+    if not math.isfinite(duration / per_token):
+        raise TraceError(f"job {name!r}: a run time of {duration} s is out of range")
     tokens = max(step_tokens, round(duration / per_token))
     return TraceTask(arrival, name, base, configs, tokens, gpus)
 
@@ -183,7 +201,7 @@ def _philly_job(job: dict, where: str, configs: int, workload: Workload) -> Trac
 
 
 def _pai_rows(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
-    rows = list(csv.reader(io.StringIO(read_text(path, "trace file"), newline="")))
+    rows = _csv_rows(path, csv.reader(io.StringIO(read_text(path, "trace file"), newline="")))
     if rows and rows[0][:2] == list(columns[:2]):  # a header row is allowed
         rows = rows[1:]
     bad = next((i for i, r in enumerate(rows, 1) if len(r) != len(columns)), None)
