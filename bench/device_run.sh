@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on the GPU machine = build + test + bench (see DESIGN.md "GPU work").
+# One call on the GPU machine = build + test + bench (README "Test").
 #   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [bench_step] [profile_step] [expand_configs]
 #                            [sanitize] [parallel] [parallel_shares]
 #   (default: build test bench bench_step)
@@ -43,33 +43,33 @@ for stage in "${stages[@]}"; do
       CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) ALTO_CUDA=ON python3 -m pip install --no-build-isolation \
         --no-deps --no-index -v . > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
       echo "build: $(( $(date +%s) - start )) s"
-      python3 -P -c "import alto_ext; assert alto_ext.WITH_CUDA, 'built without CUDA'; print('alto_ext with CUDA')" || exit 1
+      python3 -c "import alto_ext; assert alto_ext.WITH_CUDA, 'built without CUDA'; print('alto_ext with CUDA')" || exit 1
       ;;
     test)
-      python3 -P -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
+      python3 -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
       ;;
     sanitize)
       # Out-of-bounds reads/writes in the kernels, bad-index inputs included.
-      compute-sanitizer --tool memcheck --error-exitcode 9 python3 -P -m pytest -q -x -p no:cacheprovider \
+      compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_validation.py tests/test_ops.py -m cuda -k "bad or g256 or shrink" 2>&1 \
         | tee "$OUT/sanitize.log" | tail -15
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
       ;;
     bench)
-      python3 -P bench/bench_ops.py --tokens 2048 256 2>&1 | tee "$OUT/bench_ops.txt" || rc=1
+      python3 bench/bench_ops.py --tokens 2048 256 2>&1 | tee "$OUT/bench_ops.txt" || rc=1
       ;;
     bench_loss)
-      python3 -P bench/bench_loss.py 2>&1 | tee "$OUT/bench_loss.txt" || rc=1
+      python3 bench/bench_loss.py 2>&1 | tee "$OUT/bench_loss.txt" || rc=1
       ;;
     bench_step)
-      python3 -P bench/bench_step.py 2>&1 | tee "$OUT/bench_step.txt" || rc=1
+      python3 bench/bench_step.py 2>&1 | tee "$OUT/bench_step.txt" || rc=1
       ;;
     profile_step)
       # Chrome traces of one base and one 32-adapter step: GPU idle gaps and top kernels of each.
       mkdir -p /tmp/alto_prof
-      python3 -P bench/bench_step.py --adapters 32 --iters 3 --profile /tmp/alto_prof > "$OUT/profile_step.txt" 2>&1 || rc=1
-      python3 -P bench/trace_gaps.py /tmp/alto_prof/alto.json /tmp/alto_prof/base.json --kernels 25 2>&1 \
+      python3 bench/bench_step.py --adapters 32 --iters 3 --profile /tmp/alto_prof > "$OUT/profile_step.txt" 2>&1 || rc=1
+      python3 bench/trace_gaps.py /tmp/alto_prof/alto.json /tmp/alto_prof/base.json --kernels 25 2>&1 \
         | tee -a "$OUT/profile_step.txt" || rc=1
       ;;
     expand_configs)
@@ -87,14 +87,14 @@ for stage in "${stages[@]}"; do
       ;;
     parallel)
       # Needs 2+ GPUs (nvidia-h200-x2): NCCL tests, then 1 vs N GPUs vs DDP.
-      python3 -P -m pytest tests/test_parallel.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest_parallel.log" | tail -8
+      python3 -m pytest tests/test_parallel.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest_parallel.log" | tail -8
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-      python3 -P bench/bench_parallel.py --gpus "$(nvidia-smi -L | wc -l)" 2>&1 | tee "$OUT/bench_parallel.txt" || rc=1
+      python3 bench/bench_parallel.py --gpus "$(nvidia-smi -L | wc -l)" 2>&1 | tee "$OUT/bench_parallel.txt" || rc=1
       ;;
     parallel_shares)
       # One GPU: each rank's share of a 2- and a 4-GPU run timed alone (the N-GPU step predicted).
       for n in ${PARALLEL_SHARES:-2 4}; do
-        python3 -P bench/bench_parallel.py --gpus $n --shares-on-one-gpu 2>&1 | tee -a "$OUT/bench_parallel_shares.txt" || rc=1
+        python3 bench/bench_parallel.py --gpus $n --shares-on-one-gpu 2>&1 | tee -a "$OUT/bench_parallel_shares.txt" || rc=1
       done
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;

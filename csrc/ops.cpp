@@ -2,7 +2,7 @@
 // Kernels: csrc/cpu/ (reference, any device), csrc/cuda/ (CUTLASS, sm_90a). Fake kernels and
 // autograd formulas: alto_ext/_ops.py.
 //
-// Layout contract (segmented multi-adapter LoRA, see DESIGN.md):
+// Layout contract (segmented multi-adapter LoRA; README "The op library"):
 //   rows seg_indptr[g]:seg_indptr[g+1] of a token-major tensor belong to adapter slot g;
 //   rows rank_indptr[g]:rank_indptr[g+1] of a rank-major weight ([R, d]) are adapter g's;
 //   scaling[g] (float32, or float64 with float64 operands; optional = 1) multiplies adapter g's product.

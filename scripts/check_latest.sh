@@ -28,7 +28,7 @@ for name in sorted(pinned.keys() | latest.keys()):
         print(f"  {name:<28} {pinned.get(name, '-'):<16} -> {latest.get(name, '-')}")
 PY
 echo "== the README's test command"
-python -P -m pytest tests -q -p no:cacheprovider > "$work/pytest.log" 2>&1
+python -m pytest tests -q -p no:cacheprovider > "$work/pytest.log" 2>&1
 rc=$?
 tail -15 "$work/pytest.log"
 if [ $rc -eq 0 ]; then

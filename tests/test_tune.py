@@ -88,7 +88,7 @@ def test_sigkilled_run_resumes_to_the_same_final_weights(tmp_path, sweep_yaml):
     whole = sweep_yaml(out="whole", defaults=defaults)
     assert tune(str(whole), None, log=lambda *_: None) == 0
     killed = sweep_yaml(out="killed", defaults=defaults)
-    cmd = [sys.executable, "-P", "-c", "import sys; from alto.cli import main; sys.exit(main(sys.argv[1:]))",
+    cmd = [sys.executable, "-c", "import sys; from alto.cli import main; sys.exit(main(sys.argv[1:]))",
            "tune", str(killed)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     ckpt = tmp_path / "killed" / "checkpoint.pt"
