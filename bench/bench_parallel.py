@@ -28,9 +28,9 @@ def build(args, rank: int, world: int, mode: str):
     import transformers
 
     from alto.model import MultiLoraModel
-    from alto.parallel import adapter_cost, place
+    from alto.sched.placement import adapter_cost, place
     from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig, Registry
-    from alto.sched.estimate import ModelShape
+    from alto.sched.catalog import ModelShape
     from alto.train import DataStream, Trainer
 
     h = args.hidden

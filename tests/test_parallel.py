@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("transformers")
 
 import alto_ext  # noqa: E402
-from alto.parallel import launch, place, rank_loads, rebalance  # noqa: E402
+from alto.parallel import launch  # noqa: E402
+from alto.sched.placement import place, rank_loads, rebalance  # noqa: E402
 from alto.tune import tune  # noqa: E402
 
 TINY = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -6,7 +6,8 @@ from transformers import LlamaConfig
 
 from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig
 from alto.sched import estimate
-from alto.sched.estimate import ModelShape, adapter_step_flops
+from alto.sched.catalog import ModelShape
+from alto.sched.estimate import adapter_step_flops
 
 LLAMA3_8B = ModelShape(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256)
 
@@ -100,7 +101,7 @@ def test_intra_plan_shrinks_micro_batch_and_orders_longest_first():
 # --- cluster simulator -----------------------------------------------------------------------------
 
 def _tasks(rows):
-    from alto.sched.trace import TraceTask
+    from alto.sched.inter import TraceTask
 
     return [TraceTask(*r) for r in rows]
 
@@ -188,8 +189,10 @@ def test_trace_loaders_alto_philly_pai(tmp_path):
     (tmp_path / "cluster_job_log.json").write_text(__import__("json").dumps(philly))
     (task,) = trace.load(tmp_path / "cluster_job_log.json", "philly")
     assert (task.task, task.gpus, task.arrival_s) == ("app_1", 2, 0.0)
-    w = trace.Workload()
-    alone = w.duration(trace.base_shape(task.base_model), task.configs, task.tokens, task.gpus)
+    from alto.sched.catalog import base_shape
+    from alto.sched.inter import Workload
+
+    alone = Workload().duration(base_shape(task.base_model), task.configs, task.tokens, task.gpus)
     assert alone == pytest.approx(3600, rel=0.02)  # the recorded hour of run time is kept
     (tmp_path / "philly.csv").write_text("jobid,submitted_time,num_gpus,duration\nj1,100,4,600\nj2,40,1,60\n")
     assert [(t.task, t.arrival_s, t.gpus) for t in trace.load(tmp_path / "philly.csv", "philly")] == \

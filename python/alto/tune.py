@@ -21,9 +21,10 @@ from alto.export import save_peft_adapter
 from alto.inputs import INPUT_ERRORS, first_line, read_text, report
 from alto.model import MultiLoraModel, plan_for
 from alto.monitor import Monitor
-from alto.parallel import Group, adapter_cost, launch, place, rank_loads, rebalance
+from alto.parallel import Group, launch
 from alto.registry import Registry, Status
-from alto.sched.estimate import ModelShape
+from alto.sched.catalog import ModelShape
+from alto.sched.placement import adapter_cost, place, rank_loads, rebalance
 from alto.sweep import Sweep, parse_sweep
 from alto.train import DataStream, Trainer, pad_batch, per_adapter_losses, token_losses
 

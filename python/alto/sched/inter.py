@@ -21,28 +21,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig
-from alto.sched.estimate import (REFERENCE_GPU, GPUType, JobEstimate, ModelShape, StepTimeModel, default_model,
-                                 gpu_type, lookup)
+from alto.sched.catalog import REFERENCE_GPU, GPUType, ModelShape, gpu_type
+from alto.sched.estimate import JobEstimate, StepTimeModel, default_model
 from alto.sched.memory import DEFAULT_MARGIN, adapter_bytes, base_bytes, capacity_bytes
 
-if TYPE_CHECKING:
-    from alto.sched.trace import TraceTask
 
-# Base models a trace may name (sizes from their HF configs).
-BASE_MODELS: dict[str, ModelShape] = {
-    "llama-3-8b": ModelShape(4096, 32, 14336, 32, 8, 128256),
-    "mistral-7b": ModelShape(4096, 32, 14336, 32, 8, 32768),
-    "qwen2-7b": ModelShape(3584, 28, 18944, 28, 4, 152064),
-    "llama-3.2-1b": ModelShape(2048, 16, 8192, 32, 8, 128256, tied_embeddings=True),
-    "qwen2-0.5b": ModelShape(896, 24, 4864, 14, 2, 151936, tied_embeddings=True),
-}
+@dataclass(frozen=True)
+class TraceTask:
+    """A tuning task as traces record it: the unit every policy places (alto.sched.trace reads them)."""
 
-
-def base_shape(name: str) -> ModelShape:
-    return lookup(BASE_MODELS, name, "base model")
+    arrival_s: float
+    task: str
+    base_model: str
+    configs: int
+    tokens: int  # per config
+    gpus: int
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,7 @@ class Workload:
 class Job:
     """A task's state in the simulator (what policies read)."""
 
-    spec: "TraceTask"
+    spec: TraceTask
     shape: ModelShape
     phases: list[tuple[int, int]]
     estimate: JobEstimate

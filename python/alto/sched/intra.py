@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from alto.registry import AdapterConfig
-from alto.sched.estimate import REFERENCE_GPU, GPUType, ModelShape, StepTimeModel, default_model, gpu_type
+from alto.sched.catalog import REFERENCE_GPU, GPUType, ModelShape, gpu_type
+from alto.sched.estimate import StepTimeModel, default_model
 from alto.sched.memory import DEFAULT_MARGIN, adapter_bytes, base_bytes, capacity_bytes
 
 

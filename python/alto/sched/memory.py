@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from alto.registry import AdapterConfig
-from alto.sched.estimate import GPUType, ModelShape, gpu_type
+from alto.sched.catalog import GPUType, ModelShape, gpu_type
 
 DEFAULT_MARGIN = 0.15
 ACT_BYTES = 2  # bf16 activations

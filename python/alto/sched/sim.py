@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from alto.sched.estimate import JobEstimate
-from alto.sched.inter import POLICIES, Allocation, Job, Policy, Workload, base_shape
+from alto.sched.catalog import base_shape
+from alto.sched.inter import POLICIES, Allocation, Job, Policy, TraceTask, Workload
 from alto.sched.memory import base_bytes, capacity_bytes
-from alto.sched.trace import TraceTask
 
 EPS = 1e-9
 

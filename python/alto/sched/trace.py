@@ -2,7 +2,7 @@
 and the generator of the shipped sample.
 
 ALTO format (header required): ``arrival_s,task,base_model,configs,tokens,gpus`` — arrival in
-seconds, a unique task name, a base model of :data:`~alto.sched.inter.BASE_MODELS`, the number of
+seconds, a unique task name, a base model of :data:`~alto.sched.catalog.BASE_MODELS`, the number of
 LoRA configs, the training tokens per config, the GPUs asked.
 
 Public traces record generic DNN jobs, not tuning tasks, so they are mapped with these assumptions:
@@ -23,7 +23,6 @@ import io
 import json
 import math
 import zlib
-from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -32,7 +31,8 @@ from typing import Iterable
 import numpy as np
 
 from alto.inputs import read_text
-from alto.sched.inter import BASE_MODELS, Workload, base_shape
+from alto.sched.catalog import BASE_MODELS, base_shape
+from alto.sched.inter import TraceTask, Workload
 
 ALTO_COLUMNS = ("arrival_s", "task", "base_model", "configs", "tokens", "gpus")
 # The PAI 2020 release ships its tables without a header row; these are its documented columns.
@@ -43,16 +43,6 @@ PAI_TASK_COLUMNS = ("job_name", "task_name", "inst_num", "status", "start_time",
 
 class TraceError(ValueError):
     """A trace file that cannot be read (names the file, row and field)."""
-
-
-@dataclass(frozen=True)
-class TraceTask:
-    arrival_s: float
-    task: str
-    base_model: str
-    configs: int
-    tokens: int  # per config
-    gpus: int
 
 
 def _number(value: str, where: str, name: str, kind: type = float):
