@@ -1,6 +1,7 @@
 """Early termination: decide, from the loss trajectories, which running adapters stop.
 
-Rules behind one interface (:meth:`Monitor.decide`), so they can be compared on the same runs:
+Rules are small classes in one registry (:data:`RULES`), behind one interface
+(:meth:`Monitor.decide`), so they can be compared on the same runs:
 
 - ``asha`` (the default): ASHA-style rungs at ``grace * eta**k`` micro-steps on the exponentially
   smoothed loss; at its k-th rung an adapter continues only if it is in the best ``1/eta`` of every
@@ -32,7 +33,6 @@ from dataclasses import dataclass, field
 from alto.inputs import is_int, is_number
 from alto.registry import Adapter
 
-RULES = ("asha", "median", "halving", "none")
 DIVERGENCE_BASELINE = 3  # losses averaged as the starting level
 
 
@@ -51,7 +51,7 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         checks = [  # each type check comes first: `and` stops before a comparison it would break
-            (self.rule in RULES, "rule", f"one of {', '.join(RULES)}"),
+            (self.rule in RULES, "rule", f"one of {', '.join(RULES)}"),  # RULES: below, read at call time
             (is_int(self.grace) and self.grace >= 1, "grace", "an int >= 1"),
             (is_number(self.eta) and 1 < self.eta < math.inf, "eta", "a number > 1"),
             (is_int(self.check_every) and self.check_every >= 1, "check_every", "an int >= 1"),
@@ -97,11 +97,105 @@ def extrapolate_final(curve: list[float], final_step: int) -> float:
     return max(0.0, my + b * (math.log(final_step) - mx))
 
 
+class Rule:
+    """One early-termination rule. ``record`` sees every running adapter's new point first (rung
+    rules compare simultaneous arrivals), then ``reason`` says why one stops now (None: it goes on)."""
+
+    def record(self, monitor: "Monitor", a: Adapter, curve: list[float], t: int) -> None:
+        pass
+
+    def reason(self, monitor: "Monitor", a: Adapter, curves: dict[str, list[float]], running: list[Adapter],
+               t: int) -> str | None:
+        return None
+
+
+class Never(Rule):
+    """rule none: only the hard guards (divergence) stop adapters."""
+
+
+class Asha(Rule):
+    """ASHA-style rungs at grace * eta**k points: continue only in the best 1/eta of every adapter
+    that reached the rung, ranked by the smoothed loss (or, with extrapolate, by the loss its own
+    curve predicts at its last step)."""
+
+    def score(self, monitor: "Monitor", a: Adapter, curve: list[float]) -> float:
+        c = monitor.config
+        if c.extrapolate:
+            total = a.config.max_steps * a.config.grad_accum
+            final = total // c.eval_every if c.signal == "eval" else total
+            return extrapolate_final(curve, max(final, len(curve)))
+        return curve[-1]
+
+    def what(self, config: MonitorConfig) -> str:
+        return "predicted final loss" if config.extrapolate else "smoothed loss"
+
+    def record(self, monitor: "Monitor", a: Adapter, curve: list[float], t: int) -> None:
+        k = monitor.rung_of(t)
+        if k is not None:
+            monitor.rungs.setdefault(k, {})[a.id] = self.score(monitor, a, curve)
+
+    def reason(self, monitor: "Monitor", a: Adapter, curves: dict[str, list[float]], running: list[Adapter],
+               t: int) -> str | None:
+        c = monitor.config
+        k = monitor.rung_of(t)
+        if k is None:
+            return None
+        rung = monitor.rungs[k]
+        ranked = sorted(rung, key=lambda aid: (rung[aid], aid))  # ties: by id, deterministic
+        keep = max(1, int(len(ranked) / c.eta))
+        if ranked.index(a.id) < keep:
+            return None
+        what = f"held-out {self.what(c)}" if c.signal == "eval" else self.what(c)
+        return (f"{c.rule} rung {k} ({monitor.unit} {t}): {what} {rung[a.id]:.4f} is not in the "
+                f"best {keep} of {len(ranked)} (cut {rung[ranked[keep - 1]]:.4f})")
+
+
+class Halving(Asha):
+    """Plain successive halving: the same rungs, ranked by the raw last loss."""
+
+    def score(self, monitor: "Monitor", a: Adapter, curve: list[float]) -> float:
+        return monitor.points(a)[-1]
+
+    def what(self, config: MonitorConfig) -> str:
+        return "loss"
+
+
+class Median(Rule):
+    """The median stopping rule: every check_every points after the grace period, stop an adapter
+    whose best smoothed loss is worse than the median of the others' running averages at that point."""
+
+    def reason(self, monitor: "Monitor", a: Adapter, curves: dict[str, list[float]], running: list[Adapter],
+               t: int) -> str | None:
+        c = monitor.config
+        if (t - c.grace) % c.check_every:
+            return None
+        others = [statistics.fmean(monitor.points(o)[:t]) for o in running
+                  if o.id != a.id and len(monitor.points(o)) >= t]
+        if not others:
+            return None
+        med = statistics.median(others)
+        best = min(curves[a.id])
+        if best > med:
+            return (f"median rule ({monitor.unit} {t}): best smoothed loss {best:.4f} > median running "
+                    f"average {med:.4f}")
+        return None
+
+
+RULES: dict[str, type[Rule]] = {"asha": Asha, "median": Median, "halving": Halving, "none": Never}
+
+
 @dataclass
 class Monitor:
     config: MonitorConfig = field(default_factory=MonitorConfig)
     rungs: dict[int, dict[str, float]] = field(default_factory=dict)  # rung -> adapter -> score
     log: list[Decision] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rule = RULES[self.config.rule]()
+
+    @property
+    def unit(self) -> str:
+        return "eval" if self.config.signal == "eval" else "micro-step"
 
     def rung_of(self, point: int) -> int | None:
         """k if the trajectory's point-th value is the k-th rung (grace * eta**k), else None."""
@@ -114,16 +208,6 @@ class Monitor:
     def points(self, a: Adapter) -> list[float]:
         """The trajectory the rules read; grace, rungs and checks count its points."""
         return a.eval_losses if self.config.signal == "eval" else a.losses
-
-    def _score(self, a: Adapter, curve: list[float]) -> float:
-        c = self.config
-        if c.rule == "halving":
-            return self.points(a)[-1]
-        if c.extrapolate:
-            total = a.config.max_steps * a.config.grad_accum
-            final = total // c.eval_every if c.signal == "eval" else total
-            return extrapolate_final(curve, max(final, len(curve)))
-        return curve[-1]
 
     def decide(self, running: list[Adapter]) -> list[Decision]:
         """Which of the running adapters stop now (call after every new trajectory point)."""
@@ -138,50 +222,15 @@ class Monitor:
                 if curve[-1] > c.divergence_factor * start:
                     stops[a.id] = (f"diverging: smoothed loss {curve[-1]:.4f} > {c.divergence_factor} x "
                                    f"starting loss {start:.4f}")
-        if c.rule in ("asha", "halving"):  # record every arrival first: simultaneous ones compete
-            for a in running:
-                k = self.rung_of(progress[a.id]) if a.id in curves and progress[a.id] >= c.grace else None
-                if k is not None:
-                    self.rungs.setdefault(k, {})[a.id] = self._score(a, curves[a.id])
-        if c.rule != "none":
-            for a in running:
-                if a.id in stops or a.id not in curves or progress[a.id] < c.grace:
-                    continue
-                reason = self._rule_reason(a, curves, running, progress[a.id])
+        judged = [a for a in running if a.id in curves and progress[a.id] >= c.grace]
+        for a in judged:  # every arrival first: simultaneous ones compete
+            self.rule.record(self, a, curves[a.id], progress[a.id])
+        for a in judged:
+            if a.id not in stops:
+                reason = self.rule.reason(self, a, curves, running, progress[a.id])
                 if reason:
                     stops[a.id] = reason
         return self._guard(stops, running, curves)
-
-    def _rule_reason(self, a: Adapter, curves: dict[str, list[float]], running: list[Adapter],
-                     t: int) -> str | None:
-        c = self.config
-        unit = "eval" if c.signal == "eval" else "micro-step"
-        if c.rule in ("asha", "halving"):
-            k = self.rung_of(t)
-            if k is None:
-                return None
-            rung = self.rungs[k]
-            ranked = sorted(rung, key=lambda aid: (rung[aid], aid))  # ties: by id, deterministic
-            keep = max(1, int(len(ranked) / c.eta))
-            if ranked.index(a.id) >= keep:
-                what = "predicted final loss" if c.rule == "asha" and c.extrapolate else (
-                    "smoothed loss" if c.rule == "asha" else "loss")
-                what = f"held-out {what}" if c.signal == "eval" else what
-                return (f"{c.rule} rung {k} ({unit} {t}): {what} {rung[a.id]:.4f} is not in the "
-                        f"best {keep} of {len(ranked)} (cut {rung[ranked[keep - 1]]:.4f})")
-            return None
-        # median rule
-        if (t - c.grace) % c.check_every:
-            return None
-        others = [statistics.fmean(self.points(o)[:t]) for o in running
-                  if o.id != a.id and len(self.points(o)) >= t]
-        if not others:
-            return None
-        med = statistics.median(others)
-        best = min(curves[a.id])
-        if best > med:
-            return f"median rule ({unit} {t}): best smoothed loss {best:.4f} > median running average {med:.4f}"
-        return None
 
     def _guard(self, stops: dict[str, str], running: list[Adapter], curves: dict[str, list[float]]) -> list[Decision]:
         """Diverging adapters always stop. Of the others, the current best never stops, and the
