@@ -82,11 +82,11 @@ def alone_with_peft(base_model, sequences, aid, init, steps):
                            target_modules=list(cfg.target_modules), bias="none")
     pm = peft.get_peft_model(copy.deepcopy(base_model), lora)
     inner = pm.base_model.model
-    for path, (A, B) in init.items():
+    for path, tensors in init.items():
         layer = inner.get_submodule(path)
         assert layer.lora_A["default"].weight.dtype == base_model.dtype  # PEFT follows the base's dtype
-        layer.lora_A["default"].weight.data.copy_(A)
-        layer.lora_B["default"].weight.data.copy_(B.T)
+        layer.lora_A["default"].weight.data.copy_(tensors["lora_A"])
+        layer.lora_B["default"].weight.data.copy_(tensors["lora_B"].T)
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream, losses, step = DataStream(sequences[aid]), [], 0
@@ -106,8 +106,8 @@ def alone_with_peft(base_model, sequences, aid, init, steps):
             step += 1
             if step >= cfg.max_steps:
                 break
-    weights = {path: (inner.get_submodule(path).lora_A["default"].weight.detach(),
-                      inner.get_submodule(path).lora_B["default"].weight.detach().T) for path in init}
+    weights = {path: {"lora_A": inner.get_submodule(path).lora_A["default"].weight.detach(),
+                      "lora_B": inner.get_submodule(path).lora_B["default"].weight.detach().T} for path in init}
     return losses, weights
 
 
@@ -132,7 +132,8 @@ def differences_from_alone(base_model, sequences, trainer, init, aid, steps) -> 
     if set(got) != set(weights):
         return out + [f"{aid}: layers {sorted(got)} vs PEFT {sorted(weights)}"]
     for path in weights:
-        for name, ours_w, ref_w in zip("AB", got[path], weights[path]):
+        for name, ref_w in weights[path].items():
+            ours_w = got[path][name]
             assert ours_w.dtype == ref_w.dtype == torch.float64
             if not torch.allclose(ours_w, ref_w, rtol=EXACT_RTOL, atol=EXACT_ATOL):
                 out.append(f"{aid} {path} {name}: max |diff| {(ours_w - ref_w).abs().max().item():.3g}")
@@ -224,10 +225,10 @@ def test_lora_dropout_is_isolated_too(base_model, sequences):
     # the losses by ~1e-4 relative after the first step).
     assert torch.allclose(torch.tensor(alone["a"].losses, dtype=torch.float64),
                           torch.tensor(together["a"].losses, dtype=torch.float64), rtol=EXACT_RTOL, atol=EXACT_ATOL)
-    for path, (A, B) in alone_model.adapter_weights("a").items():
-        A2, B2 = together_model.adapter_weights("a")[path]
-        assert torch.allclose(A, A2, rtol=EXACT_RTOL, atol=EXACT_ATOL), path
-        assert torch.allclose(B, B2, rtol=EXACT_RTOL, atol=EXACT_ATOL), path
+    for path, tensors in alone_model.adapter_weights("a").items():
+        for name, t in tensors.items():
+            t2 = together_model.adapter_weights("a")[path][name]
+            assert torch.allclose(t, t2, rtol=EXACT_RTOL, atol=EXACT_ATOL), (path, name)
 
 
 def test_nan_loss_fails_only_that_adapter(base_model, sequences):
@@ -242,7 +243,7 @@ def test_nan_loss_fails_only_that_adapter(base_model, sequences):
     assert "b" in trainer.retired  # its weights are kept, not dropped
     assert trainer.registry["a"].status == Status.RUNNING and torch.isfinite(torch.tensor(losses["a"]))
     after = trainer.model.adapter_weights("a")
-    assert any(not torch.equal(before[p][0], after[p][0]) or not torch.equal(before[p][1], after[p][1]) for p in before)
+    assert any(not torch.equal(before[p][n], after[p][n]) for p in before for n in before[p])
     trainer.step()
     assert trainer.registry["a"].micro_step == 4
 
@@ -258,7 +259,7 @@ def test_exploding_gradient_fails_only_that_adapter(base_model, sequences):
     assert trainer.registry["b"].status == Status.FAILED and "gradient norm is inf" in trainer.registry["b"].failure
     assert trainer.registry["a"].status == Status.RUNNING and trainer.registry["a"].step == 2
     weights = trainer.retired["b"].weights
-    assert all(torch.isfinite(A).all() and torch.isfinite(B).all() for A, B in weights.values())
+    assert all(torch.isfinite(t).all() for layer in weights.values() for t in layer.values())
 
 
 @pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
@@ -272,6 +273,49 @@ def test_other_decoder_families_match_peft(family, sequences):
     trainer, init = colocated(base, sequences, ["a", "b"], steps=3)
     for aid in "ab":
         assert_same_as_alone(base, sequences, trainer, init, aid, 3)
+
+
+class OwnForward(torch.nn.Linear):
+    """A base layer with a forward of its own (as quantized layers have): counted, same math."""
+    calls = 0
+
+    def forward(self, x):
+        OwnForward.calls += 1
+        return super().forward(x)
+
+
+def test_a_base_layer_with_its_own_forward_gets_the_same_training(base_model, sequences):
+    """The base-layer seam: a Linear subclass runs base(x) plus the adapters' delta instead of the
+    fused path, with the same trajectories (float64: equal to rounding)."""
+    own = copy.deepcopy(base_model)
+    for layer in own.model.layers:
+        for name in ("q_proj", "down_proj"):
+            parent = layer.self_attn if name == "q_proj" else layer.mlp
+            plain = getattr(parent, name)
+            swapped = OwnForward(plain.in_features, plain.out_features, bias=plain.bias is not None,
+                                 dtype=plain.weight.dtype)
+            swapped.load_state_dict(plain.state_dict())
+            setattr(parent, name, swapped)
+    OwnForward.calls = 0
+    fused, _ = colocated(base_model, sequences, ["a", "b", "c"], steps=3)
+    seam, _ = colocated(own, sequences, ["a", "b", "c"], steps=3)
+    assert OwnForward.calls > 0
+    assert not seam.model.layers["model.layers.0.self_attn.q_proj"].fused
+    for aid in "abc":
+        assert torch.allclose(torch.tensor(seam.registry[aid].losses, dtype=torch.float64),
+                              torch.tensor(fused.registry[aid].losses, dtype=torch.float64),
+                              rtol=EXACT_RTOL, atol=EXACT_ATOL), aid
+        for path, tensors in final_weights(fused, aid).items():
+            for name, t in tensors.items():
+                assert torch.allclose(final_weights(seam, aid)[path][name], t, rtol=EXACT_RTOL, atol=EXACT_ATOL)
+
+
+def test_a_quantized_base_layer_is_refused_with_a_clear_error(base_model):
+    model = copy.deepcopy(base_model)
+    q = model.model.layers[0].self_attn.q_proj
+    q.weight = torch.nn.Parameter(torch.zeros(q.weight.shape, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="quantized base layers are not supported yet"):
+        MultiLoraModel(model)
 
 
 def test_bad_config_names_the_field():

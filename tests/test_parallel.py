@@ -149,8 +149,9 @@ def test_an_adapter_moved_as_one_flat_buffer_continues_bit_for_bit(device):
     moved, still = _train_moving(device, move_at=3), _train_moving(device, move_at=None)
     for aid in "de":
         assert moved[aid][0] == still[aid][0], aid
-        for path, (a, b) in still[aid][1].items():
-            assert torch.equal(moved[aid][1][path][0], a) and torch.equal(moved[aid][1][path][1], b), (aid, path)
+        for path, tensors in still[aid][1].items():
+            for name, t in tensors.items():
+                assert torch.equal(moved[aid][1][path][name], t), (aid, path, name)
 
 
 # ---- whole sweeps on 2 processes ---------------------------------------------------------------------

@@ -13,22 +13,25 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
+from alto.model import LayerTensors
 from alto.registry import Adapter
 
 
-def save_peft_adapter(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], adapter: Adapter,
+# How each of ALTO's per-layer tensors (alto.model.TENSOR_NAMES) is laid out in PEFT's file.
+TO_PEFT = {"lora_A": lambda t: t, "lora_B": lambda t: t.T}  # ALTO packs lora_B as [r, out]; PEFT: [out, r]
+
+
+def save_peft_adapter(weights: dict[str, LayerTensors], adapter: Adapter,
                       out_dir: str | os.PathLike, base_model_name: str | None = None) -> Path:
-    """weights: layer path (relative to the causal LM) -> (A [r, in], B [r, out])."""
+    """weights: layer path (relative to the causal LM) -> {tensor name: tensor}."""
     cfg = adapter.config
     out = Path(out_dir)
     tensors = {}
-    for path, (A, B) in weights.items():
-        prefix = f"base_model.model.{path}"
-        tensors[f"{prefix}.lora_A.weight"] = A.detach().float().cpu().contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = B.detach().float().cpu().T.contiguous()  # PEFT: [out, r]
+    for path, layer in weights.items():
+        for name, t in layer.items():
+            tensors[f"base_model.model.{path}.{name}.weight"] = TO_PEFT[name](t.detach().float().cpu()).contiguous()
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -68,42 +68,67 @@ class _Context:
         self.plan: StepPlan | None = None
 
 
+# An adapter's tensors in one layer, named as PEFT names them, each packed rank-major with every
+# adapter's rows in admission order: lora_A [r, in] and lora_B [r, out] (PEFT's lora_B.weight
+# transposed, so one expand kernel serves forward and backward). Another adapter kind (DoRA's
+# magnitude) adds a name here and its math in forward.
+TENSOR_NAMES = ("lora_A", "lora_B")
+LayerTensors = dict[str, torch.Tensor]  # name -> one adapter's tensor in one layer
+
+
+def is_plain_float(weight: torch.Tensor) -> bool:
+    """A dense float weight (not a quantized packing: an integer dtype or a tensor subclass)."""
+    return weight.dtype.is_floating_point and type(weight) in (torch.Tensor, nn.Parameter)
+
+
 class MultiLoraLinear(nn.Module):
-    """A frozen nn.Linear plus the packed master weights (float32; float64 over a float64 base) of
-    every adapter that targets it:
-    ``lora_A`` [R, in] and ``lora_B`` [R, out] (PEFT's lora_B.weight transposed), adapter rows in
-    admission order. Adding or removing an adapter re-packs both (and any pending gradients) without
-    touching the other adapters' values."""
+    """A frozen linear layer plus the packed master weights (float32; float64 over a float64 base)
+    of every adapter that targets it (TENSOR_NAMES). Adding or removing an adapter re-packs them
+    (and any pending gradients) without touching the other adapters' values.
+
+    The base-layer seam: a plain nn.Linear runs fused with the adapters (alto_ext.multi_lora_linear:
+    one output pass, dX computed once); any other Linear with a dense float weight runs its own
+    forward, base(x), plus the adapters' delta. Quantized bases are refused until they get a path."""
 
     def __init__(self, base: nn.Linear, context: _Context, dtype: torch.dtype):
         super().__init__()
+        if not is_plain_float(base.weight):
+            raise ValueError(f"{type(base).__name__} with a {type(base.weight).__name__} weight of dtype "
+                             f"{base.weight.dtype}: quantized base layers are not supported yet")
         self.base = base
+        self.fused = type(base) is nn.Linear
         self.context = context
         self.order: list[str] = []  # adapters in pack order
         self.rows: dict[str, tuple[int, int]] = {}  # adapter -> (first row, rank)
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.zeros(0, base.in_features, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(0, base.out_features, device=w.device, dtype=dtype))
+        widths = self._widths()
+        for name in TENSOR_NAMES:
+            setattr(self, name, nn.Parameter(base.weight.new_zeros(0, widths[name], dtype=dtype)))
 
-    def _repack(self, keep: list[str], new_A: torch.Tensor | None = None, new_B: torch.Tensor | None = None) -> None:
+    def _widths(self) -> dict[str, int]:
+        return {"lora_A": self.base.in_features, "lora_B": self.base.out_features}
+
+    def packs(self) -> list[nn.Parameter]:
+        return [getattr(self, name) for name in TENSOR_NAMES]
+
+    def _repack(self, keep: list[str], new: LayerTensors | None = None) -> None:
         """Rebuilds the packs from the kept adapters' rows (+ one new adapter's), gradients included."""
-        def gather(t: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+        def gather(t: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
             parts = [t[self.rows[a][0] : self.rows[a][0] + self.rows[a][1]] for a in keep]
-            if new is not None:
-                parts.append(new)
+            if extra is not None:
+                parts.append(extra)
             return torch.cat(parts) if parts else t[:0]
 
-        A, B = self.lora_A, self.lora_B
-        grad_A = gather(A.grad, None if new_A is None else torch.zeros_like(new_A))
-        grad_B = gather(B.grad, None if new_B is None else torch.zeros_like(new_B))
-        self.lora_A = nn.Parameter(gather(A.detach(), new_A))
-        self.lora_B = nn.Parameter(gather(B.detach(), new_B))
-        self.lora_A.grad, self.lora_B.grad = grad_A, grad_B
+        for name, pack in zip(TENSOR_NAMES, self.packs()):
+            added = None if new is None else new[name]
+            grad = gather(pack.grad, None if added is None else torch.zeros_like(added))
+            packed = nn.Parameter(gather(pack.detach(), added))
+            packed.grad = grad
+            setattr(self, name, packed)
         ranks = {a: self.rows[a][1] for a in keep}
-        if new_A is not None:
-            ranks[self.order[-1]] = new_A.shape[0]
+        if new is not None:
+            ranks[self.order[-1]] = new["lora_A"].shape[0]
         self.rows, row = {}, 0
         for a in self.order:
             self.rows[a] = (row, ranks[a])
@@ -118,27 +143,26 @@ class MultiLoraLinear(nn.Module):
         like = self.lora_A
         keep = list(self.order)
         self.order.append(adapter_id)
-        self._repack(keep, A.to(like), like.new_zeros(rank, self.base.out_features))
+        self._repack(keep, {"lora_A": A.to(like), "lora_B": like.new_zeros(rank, self.base.out_features)})
 
-    def remove_adapter(self, adapter_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        A, B = self.weights(adapter_id)
+    def remove_adapter(self, adapter_id: str) -> LayerTensors:
+        weights = self.weights(adapter_id)
         self.order.remove(adapter_id)
         self._repack(list(self.order))
-        return A, B
+        return weights
 
     def _slice(self, t: torch.Tensor | None, adapter_id: str) -> torch.Tensor | None:
         r0, r = self.rows[adapter_id]
         return None if t is None else t[r0 : r0 + r]
 
-    def weights(self, adapter_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Detached copies of the adapter's (A [r, in], B [r, out])."""
-        return (self._slice(self.lora_A.detach(), adapter_id).clone(),
-                self._slice(self.lora_B.detach(), adapter_id).clone())
+    def weights(self, adapter_id: str) -> LayerTensors:
+        """Detached copies of the adapter's tensors, by name."""
+        return {name: self._slice(pack.detach(), adapter_id).clone() for name, pack in zip(TENSOR_NAMES, self.packs())}
 
     def tensors(self, adapter_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Views of the adapter's rows: ([A, B] values, [A, B] gradients or None)."""
-        return ([self._slice(self.lora_A.detach(), adapter_id), self._slice(self.lora_B.detach(), adapter_id)],
-                [self._slice(self.lora_A.grad, adapter_id), self._slice(self.lora_B.grad, adapter_id)])
+        """Views of the adapter's rows, in TENSOR_NAMES order: (values, gradients or None)."""
+        packs = self.packs()
+        return ([self._slice(p.detach(), adapter_id) for p in packs], [self._slice(p.grad, adapter_id) for p in packs])
 
     def all_tensors(self) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]]:
         """tensors() of every adapter of the layer, from one split per packed buffer."""
@@ -147,9 +171,9 @@ class MultiLoraLinear(nn.Module):
         def split(t: torch.Tensor | None) -> list[torch.Tensor | None]:
             return [None] * len(sizes) if t is None else list(torch.split(t, sizes))
 
-        parts = zip(split(self.lora_A.detach()), split(self.lora_B.detach()), split(self.lora_A.grad),
-                    split(self.lora_B.grad))
-        return {a: ([A, B], [gA, gB]) for a, (A, B, gA, gB) in zip(self.order, parts)}
+        values = [split(p.detach()) for p in self.packs()]
+        grads = [split(p.grad) for p in self.packs()]
+        return {a: ([v[i] for v in values], [g[i] for g in grads]) for i, a in enumerate(self.order)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.context.plan
@@ -166,9 +190,13 @@ class MultiLoraLinear(nn.Module):
             B = torch.cat([self._slice(self.lora_B, a) for a in present])
         x2 = x.reshape(-1, x.shape[-1])
         lora_x = plan.apply_dropout(x2, ranks) if self.training else None
-        y = alto_ext.multi_lora_linear(x2, self.base.weight, self.base.bias, A, B,
-                                       plan.segments(ranks), lora_x=lora_x)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        segments = plan.segments(ranks)
+        if self.fused:
+            y = alto_ext.multi_lora_linear(x2, self.base.weight, self.base.bias, A, B, segments, lora_x=lora_x)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        y = self.base(x)
+        delta = alto_ext.lora_delta(x2 if lora_x is None else lora_x, A, B, segments)
+        return y + delta.reshape(y.shape).to(y.dtype)
 
 
 class MultiLoraModel(nn.Module):
@@ -213,8 +241,8 @@ class MultiLoraModel(nn.Module):
         self.generators[adapter_id] = torch.Generator(device).manual_seed(config.seed)
 
     def adapter_tensors(self, adapter_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Views of the adapter's weights and gradients in a fixed order (layer path, A then B):
-        what the optimizer updates in place."""
+        """Views of the adapter's weights and gradients in a fixed order (layer path, then
+        TENSOR_NAMES): what the optimizer updates in place."""
         return self.adapters_tensors([adapter_id])[adapter_id]
 
     def adapters_tensors(self, adapter_ids: Sequence[str]) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]]:
@@ -236,38 +264,38 @@ class MultiLoraModel(nn.Module):
         done = set(adapter_ids)
         for layer in self.layers.values():
             if done.issuperset(layer.order):
-                layer.lora_A.grad = layer.lora_B.grad = None
+                for pack in layer.packs():
+                    pack.grad = None
                 continue
             for a in done.intersection(layer.order):
                 for g in layer.tensors(a)[1]:
                     if g is not None:
                         g.zero_()
 
-    def adapter_weights(self, adapter_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """layer path -> (A [r, in], B [r, out]) detached copies."""
+    def adapter_weights(self, adapter_id: str) -> dict[str, LayerTensors]:
+        """layer path -> {tensor name: detached copy}."""
         return {p: self.layers[p].weights(adapter_id) for p in self.target_layers(self.configs[adapter_id])}
 
-    def load_adapter_weights(self, adapter_id: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for p, (A, B) in weights.items():
-            a_view, b_view = self.layers[p].tensors(adapter_id)[0]
-            a_view.copy_(A)
-            b_view.copy_(B)
+    def load_adapter_weights(self, adapter_id: str, weights: dict[str, LayerTensors]) -> None:
+        for p, tensors in weights.items():
+            for name, view in zip(TENSOR_NAMES, self.layers[p].tensors(adapter_id)[0]):
+                view.copy_(tensors[name])
 
     def load_adapter_grads(self, adapter_id: str, grads: Sequence[torch.Tensor]) -> None:
         """Sets the adapter's pending (accumulated) gradients, in adapter_tensors' order; layers
         without gradient buffers get zero ones for their other adapters."""
-        paths = self.target_layers(self.configs[adapter_id])
-        if len(grads) != 2 * len(paths):
-            raise ValueError(f"adapter {adapter_id!r}: {len(grads)} gradients given, {2 * len(paths)} expected")
+        paths, n = self.target_layers(self.configs[adapter_id]), len(TENSOR_NAMES)
+        if len(grads) != n * len(paths):
+            raise ValueError(f"adapter {adapter_id!r}: {len(grads)} gradients given, {n * len(paths)} expected")
         for i, p in enumerate(paths):
             layer = self.layers[p]
-            for param in (layer.lora_A, layer.lora_B):
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-            for view, g in zip(layer.tensors(adapter_id)[1], grads[2 * i : 2 * i + 2]):
+            for pack in layer.packs():
+                if pack.grad is None:
+                    pack.grad = torch.zeros_like(pack)
+            for view, g in zip(layer.tensors(adapter_id)[1], grads[n * i : n * (i + 1)]):
                 view.copy_(g)
 
-    def remove_adapter(self, adapter_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def remove_adapter(self, adapter_id: str) -> dict[str, LayerTensors]:
         """Takes the adapter out of every layer and returns its weights (nothing is lost)."""
         config = self.configs.pop(adapter_id)
         del self.generators[adapter_id]

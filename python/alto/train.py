@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alto.model import MultiLoraModel, plan_for
+from alto.model import LayerTensors, MultiLoraModel, plan_for
 from alto.optim import MultiAdamW
 from alto.registry import Adapter, Registry, Status
 from alto_ext.segments import segment_sums, to_device
@@ -121,7 +121,7 @@ class AdapterState:
     """Everything an adapter's future trajectory depends on: what a checkpoint stores and what
     moves when the adapter migrates to another rank (as one flat buffer of :meth:`tensors`)."""
 
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer path -> (A [r, in], B [r, out])
+    weights: dict[str, LayerTensors]  # layer path -> {tensor name: tensor}
     grads: list[torch.Tensor]  # pending accumulated gradients, in adapter_tensors' order
     optimizer: dict  # MultiAdamW.state(): step, exp_avg, exp_avg_sq
     data_position: int
@@ -129,14 +129,14 @@ class AdapterState:
 
     def tensors(self) -> list[torch.Tensor]:
         """All of it as tensors, in a fixed order (the scalars as 1-element int64 tensors)."""
-        ab = [t for pair in self.weights.values() for t in pair]
+        weights = [t for layer in self.weights.values() for t in layer.values()]
         scalars = torch.tensor([self.optimizer["step"], self.data_position], dtype=torch.int64)
-        return ab + self.grads + self.optimizer["exp_avg"] + self.optimizer["exp_avg_sq"] + [scalars, self.rng]
+        return weights + self.grads + self.optimizer["exp_avg"] + self.optimizer["exp_avg_sq"] + [scalars, self.rng]
 
     def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "AdapterState":
         """The same structure holding `tensors` (laid out as :meth:`tensors` returns them)."""
         it = iter(tensors)
-        weights = {p: (next(it), next(it)) for p in self.weights}
+        weights = {p: {name: next(it) for name in layer} for p, layer in self.weights.items()}
         grads = [next(it) for _ in self.grads]
         exp_avg = [next(it) for _ in self.optimizer["exp_avg"]]
         exp_avg_sq = [next(it) for _ in self.optimizer["exp_avg_sq"]]

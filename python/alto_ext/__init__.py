@@ -15,7 +15,7 @@ from alto_ext._ops import (
     lora_weight_grad,
     set_sync_checks,
 )
-from alto_ext.linear import multi_lora_linear
+from alto_ext.linear import lora_delta, multi_lora_linear
 from alto_ext.segments import Segments
 from alto_ext.transfer import pack_tensors, recv_tensors, send_tensors, unpack_tensors
 
@@ -28,6 +28,7 @@ __all__ = [
     "lora_expand",
     "lora_expand_",
     "lora_shrink",
+    "lora_delta",
     "lora_weight_grad",
     "multi_lora_linear",
     "pack_tensors",

@@ -68,6 +68,27 @@ class _MultiLoraLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_lx, grad_a, grad_b, None, None, None, None, None
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """x's dtype, or the autocast dtype when autocast is on (as nn.Linear would compute)."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """Every adapter's ``s_g (x[t] A_gᵀ) B_g`` on its own rows, alone: ``[T, d_out]``, differentiable.
+    For a base layer that runs its own forward (what to add to ``base(x)``); a plain linear base
+    is faster fused with the adapters in :func:`multi_lora_linear`. Runs in x's dtype or the
+    autocast dtype; A's and B's gradients come back in their own dtype."""
+    if x.dim() != 2 or x.shape[0] != segments.num_tokens:
+        raise ValueError(f"lora_delta: x must be [T={segments.num_tokens}, d_in], got shape {tuple(x.shape)}")
+    dtype = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        h = ops.lora_shrink(x.to(dtype), A.to(dtype), segments.seg_indptr, segments.rank_indptr,
+                            segments.h_width, None)
+        zeros = h.new_zeros(x.shape[0], B.shape[1])
+        return ops.lora_expand(zeros, h, B.to(dtype), segments.seg_indptr, segments.rank_indptr, segments.scaling)
+
+
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -95,14 +116,12 @@ def multi_lora_linear(
             f"multi_lora_linear: x has {x.shape[0]} tokens but the segments cover "
             f"{segments.num_tokens}"
         )
-    device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+    dtype = _compute_dtype(x)
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(dtype)
 
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         return _MultiLoraLinear.apply(
             cast(x),
             cast(weight),
