@@ -18,7 +18,7 @@ from pathlib import Path
 from alto.monitor import RULES, Monitor, MonitorConfig
 from alto.registry import Adapter, Status
 from alto.sweep import parse_sweep
-from alto.tune import SweepRun
+from alto.sweep_run import SweepRun
 
 
 def sweep_text(args, rule: str) -> str:

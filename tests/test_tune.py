@@ -10,7 +10,8 @@ peft = pytest.importorskip("peft")
 
 from alto.cli import main  # noqa: E402
 from alto.sweep import parse_sweep  # noqa: E402
-from alto.tune import SweepRun, tune  # noqa: E402
+from alto.sweep_run import SweepRun  # noqa: E402
+from alto.tune import tune  # noqa: E402
 
 
 def test_tune_end_to_end_writes_every_output(tmp_path, capsys, sweep_yaml):

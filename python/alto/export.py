@@ -1,8 +1,10 @@
 """Saving finished adapters in Hugging Face PEFT's format.
 
 ``adapter_config.json`` + ``adapter_model.safetensors`` load with
-``peft.PeftModel.from_pretrained(base, dir)``; ``alto_adapter.json`` beside them records the full
-ALTO config, status, steps and loss history. The folder is written under a temporary name and
+``peft.PeftModel.from_pretrained(base, dir)``, or with ``AutoPeftModelForCausalLM.from_pretrained(dir)``
+alone when the base came from a folder (its path is the config's ``base_model_name_or_path``);
+``alto_adapter.json`` beside them records the full ALTO config and the adapter's progress
+(status, steps, losses, why it stopped). The folder is written under a temporary name and
 renamed, so a crash never leaves a half-written adapter.
 """
 from __future__ import annotations
@@ -23,9 +25,11 @@ from alto.registry import Adapter
 TO_PEFT = {"lora_A": lambda t: t, "lora_B": lambda t: t.T}  # ALTO packs lora_B as [r, out]; PEFT: [out, r]
 
 
-def save_peft_adapter(weights: dict[str, LayerTensors], adapter: Adapter,
-                      out_dir: str | os.PathLike, base_model_name: str | None = None) -> Path:
-    """weights: layer path (relative to the causal LM) -> {tensor name: tensor}."""
+def save_peft_adapter(weights: dict[str, LayerTensors], adapter: Adapter, out_dir: str | os.PathLike,
+                      base_model_name: str | None = None, gguf_file: str | None = None) -> Path:
+    """weights: layer path (relative to the causal LM) -> {tensor name: tensor}. base_model_name:
+    the base's folder, so that AutoPeftModelForCausalLM.from_pretrained(out_dir) loads base and
+    adapter alone (a GGUF base also needs gguf_file=..., recorded in alto_adapter.json)."""
     cfg = adapter.config
     out = Path(out_dir)
     tensors = {}
@@ -47,9 +51,8 @@ def save_peft_adapter(weights: dict[str, LayerTensors], adapter: Adapter,
         "inference_mode": True,
         "modules_to_save": None,
     }
-    record = {"id": adapter.id, "task": adapter.task, "status": adapter.status.value, "step": adapter.step,
-              "micro_step": adapter.micro_step, "losses": adapter.losses, "failure": adapter.failure,
-              "config": cfg.to_dict()}
+    record = {"id": adapter.id, "task": adapter.task, **adapter.progress(), "config": cfg.to_dict(),
+              "base_model": {"name_or_path": base_model_name, "gguf_file": gguf_file}}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -5,6 +5,9 @@ Every Linear named like a decoder projection (q_proj, ..., down_proj) is wrapped
 of all its adapters packed in one parameter each; a step runs base + all adapters through
 ``alto_ext.multi_lora_linear``. Adapters with different target modules coexist: in a layer an
 adapter does not target, its tokens get rank 0 there.
+
+(Over 300 lines for a reason: the step plan, the packed layer and the model that fills it read
+each other's rows and ranks; split, each would reach into the others' internals.)
 """
 from __future__ import annotations
 

@@ -128,6 +128,27 @@ class Adapter:
     def micro_batch_size(self) -> int:
         return self.config.micro_batch_size + self.extra_batch
 
+    def marks(self) -> tuple[int, int]:
+        """How many training and held-out losses it has: a `since` for progress()."""
+        return len(self.losses), len(self.eval_losses)
+
+    def progress(self, since: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+        """Its progress as plain data, the one serialization of it (checkpoints, the per-step rank
+        reports, alto_adapter.json): status, counts, why it ended, grown samples, and the training
+        and held-out losses from `since` (marks() taken earlier) on."""
+        return {"status": self.status.value, "step": self.step, "micro_step": self.micro_step,
+                "failure": self.failure, "extra_batch": self.extra_batch, "since": list(since),
+                "losses": self.losses[since[0]:], "eval_losses": self.eval_losses[since[1]:]}
+
+    def apply_progress(self, progress: dict[str, Any]) -> None:
+        """Takes what progress() returned (its losses replace those from its `since` on)."""
+        self.status = Status(progress["status"])
+        self.step, self.micro_step = progress["step"], progress["micro_step"]
+        self.failure, self.extra_batch = progress["failure"], progress["extra_batch"]
+        train_from, eval_from = progress["since"]
+        self.losses[train_from:] = progress["losses"]
+        self.eval_losses[eval_from:] = progress["eval_losses"]
+
 
 class Registry:
     """The adapters of a run, in admission order."""

@@ -107,13 +107,35 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return _TokenCrossEntropy.apply(logits.flatten(0, 1), targets.flatten()).view(labels.shape)
 
 
-def per_adapter_losses(logits: torch.Tensor, labels: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
-    """Mean next-token loss over each adapter's own target tokens; samples = rows per adapter
-    (row sums summed per adapter in a fixed number of kernels, see segment_sums)."""
+def adapter_loss_sums(logits: torch.Tensor, labels: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
+    """[2, G]: each adapter's summed next-token loss over its own target tokens, and the number of
+    those tokens; samples = rows per adapter (row sums summed per adapter in a fixed number of
+    kernels, see segment_sums)."""
     token_loss = token_losses(logits, labels)
     per_row = torch.stack([token_loss.sum(1), (labels[:, 1:] != -100).sum(1).to(token_loss.dtype)])
-    loss_sum, count = segment_sums(per_row, samples)
+    return segment_sums(per_row, samples)
+
+
+def per_adapter_losses(logits: torch.Tensor, labels: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
+    """Mean next-token loss over each adapter's own target tokens."""
+    loss_sum, count = adapter_loss_sums(logits, labels, samples)
     return loss_sum / count.clamp_min(1)
+
+
+def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence[int] | torch.Tensor]],
+                     pad_id: int, device: torch.device) -> torch.Tensor:
+    """The one place a co-located batch is built and run (training steps, held-out losses and
+    evaluation alike): every adapter's sequences as a block of rows, right-padded to the step's
+    longest, one forward of the shared model, and adapter_loss_sums ([2, G] in batches' order).
+    Autocast is chosen here: bf16 on CUDA (the frozen base computes in bf16, adapter masters stay
+    fp32), none on the CPU (float32, or float64 for exact checks)."""
+    samples = [len(b) for b in batches.values()]
+    flat = [s for b in batches.values() for s in b]
+    ids, mask, labels = (to_device(t, device) for t in pad_batch(flat, pad_id))
+    plan = plan_for(model, list(batches), samples, ids.shape[1], device, [max(len(s) for s in b) for b in batches.values()])
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(ids, mask, plan)
+    return adapter_loss_sums(logits, labels, samples)
 
 
 @dataclass
@@ -211,15 +233,9 @@ class Trainer:
         running = self.running()
         if not running:
             return {}
-        batches = [self.data[a.id].next_batch(a.micro_batch_size) for a in running]
-        flat = [s for b in batches for s in b]
-        ids, mask, labels = (to_device(t, self.device) for t in pad_batch(flat, self.pad_id))
-        plan = plan_for(self.model, [a.id for a in running], [len(b) for b in batches], ids.shape[1],
-                        self.device, [max(len(s) for s in b) for b in batches])
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        with autocast:
-            logits = self.model(ids, mask, plan)
-        per_adapter = per_adapter_losses(logits, labels, [len(b) for b in batches])
+        batches = {a.id: self.data[a.id].next_batch(a.micro_batch_size) for a in running}
+        loss_sum, count = colocated_losses(self.model, batches, self.pad_id, self.device)
+        per_adapter = loss_sum / count.clamp_min(1)
         inv_accum = to_device([1.0 / a.config.grad_accum for a in running], self.device, per_adapter.dtype)
         (torch.where(torch.isfinite(per_adapter), per_adapter, 0.0) * inv_accum).sum().backward()
         for adapter in running:

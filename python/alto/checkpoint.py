@@ -1,0 +1,52 @@
+"""A run's checkpoint: checkpoint.pt written atomically (a kill never leaves half a file), read back
+with errors that name it, and the run's logs cut back to it on resume."""
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alto.inputs import first_line
+
+CHECKPOINT = "checkpoint.pt"
+LOGS = ("losses.csv", "decisions.csv")  # rows start with the run's micro-step
+
+
+def write(run_dir: Path, state: dict[str, Any]) -> None:
+    tmp = run_dir / f"{CHECKPOINT}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT)
+
+
+def read(run_dir: Path, adapter_ids: Iterable[str]) -> dict[str, Any]:
+    """The state write() saved; ValueError naming the file if it is damaged, of another program, or
+    holds an adapter that adapter_ids (the run's sweep) lacks."""
+    path = run_dir / CHECKPOINT
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        unknown = set(state["adapters"]) - set(adapter_ids)
+    except Exception as e:  # truncated, not a torch file, another structure
+        raise ValueError(f"{path}: not a checkpoint of alto tune ({type(e).__name__}: {first_line(e)})") from None
+    if unknown:
+        raise ValueError(f"{path} holds adapter {sorted(unknown)[0]!r}, which the run's sweep.yaml does not define")
+    return state
+
+
+def truncate_logs(run_dir: Path, micro_steps: int) -> None:
+    """A killed run may have logged micro-steps after its last checkpoint (the last line perhaps cut
+    short): they are redone, so their rows go. The kept rows replace each file atomically."""
+    for name in LOGS:
+        path = run_dir / name
+        if not path.exists():
+            continue
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit() and int(r[0]) <= micro_steps]
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(tmp, path)

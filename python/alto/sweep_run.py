@@ -1,0 +1,287 @@
+"""SweepRun: one sweep on one rank, step by step: it trains (alto.train), decides after every step
+(the monitor's stops, capacity reclaim, migrations between ranks: a Decisions value) and applies
+the decisions, merges the ranks' progress, logs and checkpoints.
+
+Run folder: sweep.yaml (the sweep as given, written by alto.tune), losses.csv (every adapter's
+loss at every micro-step), decisions.csv (early stops and why), checkpoint.pt (alto.checkpoint:
+every checkpoint_every micro-steps and at the end), leaderboard.csv, losses.png, adapters/<id>/
+(PEFT format; alto.results). The base model comes from alto.base.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alto import checkpoint, data as data_mod, results
+from alto.base import device_type, load_base
+from alto.model import MultiLoraModel
+from alto.monitor import Decision, Monitor
+from alto.parallel import Group
+from alto.registry import Adapter, Registry, Status
+from alto.sched.catalog import ModelShape
+from alto.sched.placement import adapter_cost, place, rank_loads, rebalance
+from alto.sweep import Sweep
+from alto.train import DataStream, Trainer
+
+
+def quiet(*_) -> None:
+    """The log of ranks other than 0."""
+
+
+@dataclass
+class Decisions:
+    """What rank 0 decides after a step, and every rank applies."""
+
+    stops: list[Decision] = field(default_factory=list)  # the monitor's
+    admissions: dict[str, int] = field(default_factory=dict)  # queued adapter -> the rank it starts on
+    growth: dict[str, int] = field(default_factory=dict)  # running adapter -> samples added to its micro-batch
+    moves: list[tuple[str, int, int]] = field(default_factory=list)  # (adapter, from rank, to rank)
+
+
+class SweepRun:
+    """One sweep on one rank. With several ranks (rank-local adapter parallelism, alto.parallel)
+    every rank loads the same base model and data and keeps the same registry (statuses, losses:
+    merged from a gather after every step); each adapter is trained on the one rank that holds it;
+    rank 0 takes the decisions (stops, admissions, migrations) and broadcasts them, and writes every
+    file of the run folder."""
+
+    def __init__(self, sweep: Sweep, run_dir: Path, group: Group | None = None):
+        self.sweep, self.run_dir = sweep, run_dir
+        self.group = group or Group()
+        self.device = torch.device("cpu")
+        if device_type(sweep.device) == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.base = load_base(sweep.model, self.device)
+        self.shape = ModelShape.from_hf_config(self.base.model.config)
+        texts = data_mod.load_texts(sweep.data["source"], sweep.data.get("path"), sweep.data["split"])
+        if sweep.data["limit"]:
+            texts = texts[: sweep.data["limit"]]
+        seqs = data_mod.tokenize(texts, self.base.tokenizer, sweep.data["max_length"], self.base.eos_id)
+        self.train_seqs, self.eval_seqs = data_mod.split(seqs, sweep.data["eval_fraction"])
+        self.model = MultiLoraModel(self.base.model)
+        self.registry = Registry()
+        streams = {}
+        for aid, cfg in sweep.adapters.items():
+            self.registry.add(aid, cfg)
+            order = list(self.train_seqs)
+            random.Random(cfg.seed).shuffle(order)  # each adapter its own data order
+            streams[aid] = DataStream(order)
+        self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device)
+        self.monitor = Monitor(sweep.monitor) if sweep.monitor else None  # used on rank 0 only
+        self.owner: dict[str, int] = {}  # running adapter -> the rank training it (same on every rank)
+        self.micro_steps = 0
+        self.samples_budget = 0  # most samples per step seen: what reclaim "grow" refills to
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def _collect_retired(self) -> None:
+        """Moves the states of adapters retired on other ranks to rank 0 (collective)."""
+        t = self.trainer
+        got = self.group.gather({} if self.group.is_leader else t.retired)
+        if self.group.is_leader:
+            for part in got[1:]:
+                t.retired.update(part)
+        else:
+            t.retired.clear()
+
+    def checkpoint(self) -> None:
+        """Writes the checkpoint (collective: every rank sends its adapters to rank 0)."""
+        t = self.trainer
+        self._collect_retired()
+        running = self.group.gather({a.id: t.export_state(a.id).to("cpu") for a in t.running()})
+        if not self.group.is_leader:
+            return
+        states = {**t.retired, **{k: v for part in running for k, v in part.items()}}
+        adapters = {a.id: {**a.progress(), "state": states.get(a.id)} for a in self.registry}
+        checkpoint.write(self.run_dir, {
+            "micro_steps": self.micro_steps, "adapters": adapters, "samples_budget": self.samples_budget,
+            "monitor": (self.monitor.rungs, self.monitor.log) if self.monitor else None})
+
+    def restore(self) -> None:
+        """Continues from the checkpoint, on any number of ranks (running adapters are placed anew)."""
+        state = checkpoint.read(self.run_dir, (a.id for a in self.registry))
+        self.micro_steps = state["micro_steps"]
+        self.samples_budget = state["samples_budget"]
+        if self.monitor:
+            self.monitor.rungs, self.monitor.log = state["monitor"]
+        running = []
+        for aid, entry in state["adapters"].items():
+            a = self.registry[aid]
+            a.apply_progress(entry)
+            if a.status == Status.RUNNING:
+                running.append(a)
+            elif entry["state"] is not None and self.group.is_leader:
+                self.trainer.retired[aid] = entry["state"]
+        costs = self.costs(running)
+        self.owner = place([a.id for a in running], costs, [0.0] * self.group.world)
+        for a in running:
+            if self.owner[a.id] == self.group.rank:
+                self.trainer.admit(a, state["adapters"][a.id]["state"].to(self.device))
+        if self.group.is_leader:
+            checkpoint.truncate_logs(self.run_dir, self.micro_steps)
+
+    # ---- decisions (rank 0) and their application (every rank) -----------------------------------
+    def costs(self, adapters: list[Adapter]) -> dict[str, float]:
+        return {a.id: adapter_cost(a, self.sweep.data["max_length"], self.shape) for a in adapters}
+
+    def decide(self, after_step: bool) -> Decisions:
+        """Rank 0's decisions (after_step: the monitor's stops too): capacity reclaim (queued
+        adapters into free slots, placed on the least-loaded ranks; with reclaim "grow" and nobody
+        queued, the survivors' micro-batches grow back to the most samples per step seen), then
+        migrations that even out the ranks' work."""
+        sweep, world = self.sweep, self.group.world
+        stops = self.monitor_stops() if after_step else []
+        stopped = {d.adapter for d in stops}
+        running = [a for a in self.registry.with_status(Status.RUNNING) if a.id not in stopped]
+        queued = self.registry.with_status(Status.QUEUED)
+        slots = (sweep.max_running * world if sweep.max_running else len(self.registry)) - len(running)
+        admit = queued[: max(0, slots)]
+        growth: dict[str, int] = {}
+        if sweep.reclaim == "grow" and running + admit and len(admit) == len(queued):
+            members = running + admit
+            for i in range(max(0, self.samples_budget - sum(a.micro_batch_size for a in members))):
+                aid = members[i % len(members)].id
+                growth[aid] = growth.get(aid, 0) + 1
+        if world == 1:  # nothing to place: no cost estimates on the single-rank step path
+            return Decisions(stops, {a.id: 0 for a in admit}, growth)
+        owner = {aid: r for aid, r in self.owner.items() if aid not in stopped}
+        costs = self.costs(running + admit)
+        for aid, n in growth.items():  # grown micro-batches cost more
+            a = self.registry[aid]
+            costs[aid] *= (a.micro_batch_size + n) / a.micro_batch_size
+        placed = place([a.id for a in admit], costs, rank_loads(owner, costs, world))
+        return Decisions(stops, placed, growth, rebalance({**owner, **placed}, costs, world))
+
+    def apply(self, decisions: Decisions, log, decision_log) -> None:
+        rank, t = self.group.rank, self.trainer
+        for d in decisions.stops:
+            a = self.registry[d.adapter]
+            if self.owner.pop(a.id) == rank:
+                t.retire(a, Status.STOPPED_EARLY, d.reason)
+            else:
+                a.status, a.failure = Status.STOPPED_EARLY, d.reason
+            if decision_log is not None:
+                decision_log.writerow([self.micro_steps, d.adapter, d.micro_step, d.rule, d.reason])
+            log(f"  stop {d.adapter}: {d.reason}")
+        for aid, n in decisions.growth.items():
+            self.registry[aid].extra_batch += n
+        for aid, r in decisions.admissions.items():
+            a = self.registry[aid]
+            self.owner[aid] = r
+            if r == rank:
+                t.admit(a)
+            else:
+                a.status = Status.RUNNING
+            log(f"  admit {aid} on rank {r}" if self.group.world > 1 else f"  admit {aid} into a freed slot")
+        for aid, src, dst in decisions.moves:
+            a = self.registry[aid]
+            if rank == src:
+                self.group.send_state(t.release(aid), dst, self.device)
+            elif rank == dst:
+                t.admit(a)  # a fresh copy gives the shapes to receive into
+                t.admit(a, self.group.recv_state(t.release(aid), src, self.device))
+            self.owner[aid] = dst
+            log(f"  move {aid}: rank {src} -> rank {dst}")
+
+    def monitor_stops(self) -> list[Decision]:
+        """The monitor's stops after this step (with signal eval: only at evaluation points)."""
+        mon = self.monitor
+        if mon is None:
+            return []
+        running = self.registry.with_status(Status.RUNNING)
+        if not running:
+            return []
+        if mon.config.signal == "eval" and self.micro_steps % mon.config.eval_every:
+            return []
+        return mon.decide(running)
+
+    # ---- the step's reports ----------------------------------------------------------------------
+    def report(self, marks: dict[str, tuple[int, int]]) -> dict[str, dict]:
+        """The progress this rank's adapters made in the step (marks: taken before it), with their
+        held-out losses at evaluation points."""
+        mon = self.sweep.monitor
+        if mon is not None and mon.signal == "eval" and self.micro_steps % mon.eval_every == 0:
+            running = self.trainer.running()
+            losses = results.held_out_losses(self.model, [a.id for a in running], self.eval_seqs,
+                                             self.base.pad_id, self.device) if running else []
+            for a, loss in zip(running, losses):
+                a.eval_losses.append(loss)
+        return {aid: self.registry[aid].progress(since) for aid, since in marks.items()}
+
+    def merge(self, reports: list[dict]) -> dict[str, float]:
+        """Applies every rank's report to this rank's registry; returns the step's losses."""
+        losses = {}
+        for part in reports:
+            for aid, progress in part.items():
+                a = self.registry[aid]
+                if self.owner.get(aid) != self.group.rank:  # the owner updated its copy itself
+                    a.apply_progress(progress)
+                losses[aid] = a.losses[-1]
+                if a.status != Status.RUNNING:
+                    self.owner.pop(aid)
+        return {a.id: losses[a.id] for a in self.registry if a.id in losses}  # registry order
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def run(self, stop_after: int | None = None, log=print) -> bool:
+        """Trains until every adapter is done (True) or stop_after micro-steps ran (False)."""
+        leader = self.group.is_leader
+        if not leader:
+            log = quiet
+        new_log = not (self.run_dir / "losses.csv").exists()
+        with contextlib.ExitStack() as files:
+            writer = decision_log = None
+            if leader:
+                f = files.enter_context(open(self.run_dir / "losses.csv", "a", newline=""))
+                g = files.enter_context(open(self.run_dir / "decisions.csv", "a", newline=""))
+                writer, decision_log = csv.writer(f), csv.writer(g)
+                if new_log:
+                    writer.writerow(["micro_step", "adapter", "step", "loss"])
+                    decision_log.writerow(["micro_step", "adapter", "adapter_micro_step", "rule", "reason"])
+            self.apply(self.group.broadcast(self.decide(after_step=False) if leader else None), log, decision_log)
+            start = time.time()
+            while self.registry.with_status(Status.RUNNING):
+                if stop_after is not None and self.micro_steps >= stop_after:
+                    return False
+                running = self.registry.with_status(Status.RUNNING)
+                self.samples_budget = max(self.samples_budget, sum(a.micro_batch_size for a in running))
+                marks = {a.id: a.marks() for a in self.trainer.running()}
+                self.trainer.step()
+                self.micro_steps += 1
+                losses = self.merge(self.group.all_gather(self.report(marks)))
+                if writer is not None:
+                    for aid, loss in losses.items():
+                        writer.writerow([self.micro_steps, aid, self.registry[aid].step, f"{loss:.6f}"])
+                self.apply(self.group.broadcast(self.decide(after_step=True) if leader else None), log, decision_log)
+                counts = {s: len(self.registry.with_status(s)) for s in Status}
+                finite = [v for v in losses.values() if math.isfinite(v)]
+                log(f"step {self.micro_steps:4d} | running {counts[Status.RUNNING]} | queued "
+                    f"{counts[Status.QUEUED]} | finished {counts[Status.FINISHED]} | stopped "
+                    f"{counts[Status.STOPPED_EARLY]} | failed {counts[Status.FAILED]} | mean loss "
+                    f"{sum(finite) / max(1, len(finite)):.4f} | {time.time() - start:.0f}s")
+                if self.micro_steps % self.sweep.checkpoint_every == 0:
+                    for h in (f, g) if leader else ():
+                        h.flush()
+                    self.checkpoint()
+        self.checkpoint()
+        return True
+
+    # ---- results ---------------------------------------------------------------------------------
+    def final_weights(self, aid: str):
+        if aid in self.trainer.retired:
+            return self.trainer.retired[aid].weights
+        return self.model.adapter_weights(aid)
+
+    def eval_loss(self, aid: str) -> float:
+        """One adapter's final weights on the whole held-out set."""
+        return results.held_out_loss(self.model, self.registry[aid], self.final_weights(aid), self.eval_seqs,
+                                     self.base.pad_id, self.device)
+
+    def finish(self, log=print) -> list[tuple[str, float]]:
+        return results.finish(self.registry, self.final_weights, lambda a: self.eval_loss(a.id), self.base,
+                              self.run_dir, log)
