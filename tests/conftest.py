@@ -48,8 +48,18 @@ def _fresh_seed():
     torch.manual_seed(int(os.environ.get("ALTO_TEST_SEED", _SEED)))
 
 
+# Shared by the test modules (`from conftest import ...`: pytest puts tests/ on the path).
 TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "max_position_embeddings": 64}
+WORDS = ["alpha", "beta", "gamma", "delta", "lora", "rank", "adapter", "token"]
+
+
+def write_word_records(path, max_words: int, n: int = 40, seed: int = 3):
+    """n JSONL records {"text": 2..max_words random words} at path (the same for a seed)."""
+    rng = random.Random(seed)
+    path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randrange(2, max_words + 1)))})
+                              for _ in range(n)))
+    return path
 
 
 @pytest.fixture
@@ -58,11 +68,7 @@ def sweep_yaml(tmp_path):
     random Llama on 40 JSONL records, 2x2 grid, CPU, output tmp_path/out); keys given replace the
     default ones whole."""
     def write(out: str = "run", **extra):
-        rng = random.Random(3)
-        words = ["alpha", "beta", "gamma", "delta", "lora", "rank", "adapter", "token"]
-        data = tmp_path / "data.jsonl"
-        data.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randrange(2, 6)))})
-                                  for _ in range(40)))
+        data = write_word_records(tmp_path / "data.jsonl", max_words=5)
         doc = {"name": "t", "model": {"random_llama": TINY_LLAMA}, "device": "cpu", "checkpoint_every": 2,
                "output": str(tmp_path / out),
                "data": {"source": "jsonl", "path": str(data), "max_length": 24, "eval_fraction": 0.2},

@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 import alto_ext  # noqa: E402
 from alto.cli import main  # noqa: E402
 from alto_ext import Segments  # noqa: E402
+from conftest import TINY_LLAMA  # noqa: E402
 
 NO_GPU = not torch.cuda.is_available()
 BINARY = bytes(range(128, 256)) * 4  # not UTF-8 from its first byte, no newline
@@ -29,8 +30,6 @@ def assert_one_line_exit_2(argv, capture, words):
 
 # ---- alto tune: sweep values -------------------------------------------------------------------------
 
-TINY = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
-        "intermediate_size": 48}
 
 SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold)
     "rank 0": ({"grid": {"rank": [0, 4]}}, ["rank=0", "grid[rank0]"]),
@@ -58,7 +57,7 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
     "unknown top key": ({"colour": "red"}, ["unknown key 'colour'"]),
     "grid points with one id": ({"grid": {"lr": [0.001, 1.0e-3]}}, ["grid[lr0p001]", "values repeat"]),
     "name null": ({"name": None}, ["name", "None"]),
-    "random_llama seed too large": ({"model": {"random_llama": {**TINY, "seed": 2**64}}},
+    "random_llama seed too large": ({"model": {"random_llama": {**TINY_LLAMA, "seed": 2**64}}},
                                     ["model.random_llama.seed"]),
     "name with a slash": ({"name": "a/b"}, ["name", "'a/b'"]),
     "data not a mapping": ({"data": "chatterbot"}, ["data", "mapping"]),
@@ -77,17 +76,17 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
     "model unknown": ({"model": "gpt5"}, ["model", "'gpt5'", "smollm2"]),
     "model two sources": ({"model": {"hf_dir": "x", "random_llama": {}}}, ["model", "must be smollm2"]),
     "gguf_file without hf_dir": ({"model": {"random_llama": {}, "gguf_file": "m.gguf"}}, ["model.gguf_file"]),
-    "model dtype unknown": ({"model": {"random_llama": TINY, "dtype": "float8"}}, ["model.dtype: 'float8'"]),
-    "model float64 on cuda": ({"model": {"random_llama": TINY, "dtype": "float64"}, "device": "cuda"},
+    "model dtype unknown": ({"model": {"random_llama": TINY_LLAMA, "dtype": "float8"}}, ["model.dtype: 'float8'"]),
+    "model float64 on cuda": ({"model": {"random_llama": TINY_LLAMA, "dtype": "float64"}, "device": "cuda"},
                               ["model.dtype", "device: cpu"]),
     "random_llama not a mapping": ({"model": {"random_llama": 5}}, ["model.random_llama", "5"]),
-    "random_llama negative size": ({"model": {"random_llama": {**TINY, "hidden_size": -8}}},
+    "random_llama negative size": ({"model": {"random_llama": {**TINY_LLAMA, "hidden_size": -8}}},
                                    ["model.random_llama.hidden_size: -8"]),
-    "random_llama heads not dividing": ({"model": {"random_llama": {**TINY, "num_attention_heads": 5}}},
+    "random_llama heads not dividing": ({"model": {"random_llama": {**TINY_LLAMA, "num_attention_heads": 5}}},
                                         ["model.random_llama.num_attention_heads", "divide hidden_size"]),
-    "random_llama kv heads not dividing": ({"model": {"random_llama": {**TINY, "num_key_value_heads": 3}}},
+    "random_llama kv heads not dividing": ({"model": {"random_llama": {**TINY_LLAMA, "num_key_value_heads": 3}}},
                                            ["model.random_llama.num_key_value_heads"]),
-    "random_llama unknown activation": ({"model": {"random_llama": {**TINY, "hidden_act": "wiggle"}}},
+    "random_llama unknown activation": ({"model": {"random_llama": {**TINY_LLAMA, "hidden_act": "wiggle"}}},
                                         ["model.random_llama"]),
     "model folder missing": ({"model": {"hf_dir": "/no/such/model"}}, ["model.hf_dir", "/no/such/model"]),
     "monitor not a mapping": ({"monitor": "asha"}, ["monitor", "mapping"]),

@@ -13,9 +13,8 @@ import alto_ext  # noqa: E402
 from alto.parallel import launch  # noqa: E402
 from alto.sched.placement import place, rank_loads, rebalance  # noqa: E402
 from alto.tune import tune  # noqa: E402
+from conftest import TINY_LLAMA, write_word_records  # noqa: E402
 
-TINY = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64}
 
 
 # ---- placement ------------------------------------------------------------------------------------
@@ -120,7 +119,7 @@ def _train_moving(device, move_at: int | None, steps: int = 6):
     from alto.train import DataStream, Trainer
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, pad_token_id=0, attn_implementation="eager", **TINY)
+    cfg = transformers.LlamaConfig(vocab_size=96, pad_token_id=0, attn_implementation="eager", **TINY_LLAMA)
     model = MultiLoraModel(transformers.LlamaForCausalLM(cfg).to(device).eval())
     rng = random.Random(5)
     data = {aid: DataStream([[rng.randrange(1, 96) for _ in range(rng.randrange(3, 12))] for _ in range(16)])
@@ -157,18 +156,14 @@ def test_an_adapter_moved_as_one_flat_buffer_continues_bit_for_bit(device):
 # ---- whole sweeps on 2 processes ---------------------------------------------------------------------
 
 def write_sweep(tmp_path, out: str, more_adapters=(), **extra) -> str:
-    rng = random.Random(3)
-    words = ["alpha", "beta", "gamma", "delta", "lora", "rank", "adapter", "token"]
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randrange(2, 7)))})
-                              for _ in range(40)))
+    data = write_word_records(tmp_path / "data.jsonl", max_words=6)
     # a (4 samples per step) fills rank 0 and ends after 2 steps; b, c, d share rank 1 until one of
     # them migrates to the emptied rank 0, mid-accumulation and with dropout (its RNG moves too).
     slow = {"micro_batch_size": 1, "max_steps": 2, "grad_accum": 3, "dropout": 0.1}
     # float64 (exact math): runs whose steps are shaped differently (other ranks, other
     # co-located adapters) agree to ~1e-15, so the float32 exports and 6-decimal losses compared
     # below match within their own rounding, whatever the library versions.
-    doc = {"name": "p", "model": {"random_llama": TINY, "dtype": "float64"}, "device": "cpu", "checkpoint_every": 2,
+    doc = {"name": "p", "model": {"random_llama": TINY_LLAMA, "dtype": "float64"}, "device": "cpu", "checkpoint_every": 2,
            "output": str(tmp_path / out),
            "data": {"source": "jsonl", "path": str(data), "max_length": 24, "eval_fraction": 0.2},
            "defaults": {"target_modules": ["q_proj", "v_proj"], "lr": 3e-3},
@@ -270,7 +265,7 @@ def test_two_gpus_with_nccl_match_one_gpu(tmp_path, capfd):
     every adapter's losses and weights agree up to bf16 rounding of differently shaped steps."""
     from safetensors.torch import load_file
 
-    gpu = {"device": "cuda", "model": {"random_llama": TINY}}
+    gpu = {"device": "cuda", "model": {"random_llama": TINY_LLAMA}}
     one, two = write_sweep(tmp_path, "g1", **gpu), write_sweep(tmp_path, "g2", **gpu)
     assert tune(one, None, log=lambda *_: None) == 0
     assert tune(two, None, nproc=2) == 0

@@ -63,6 +63,35 @@ def test_resume_drops_a_log_line_cut_short_by_the_kill(tmp_path, sweep_yaml):
     assert (tmp_path / "whole" / "losses.csv").read_text() == (tmp_path / "cut" / "losses.csv").read_text()
 
 
+def test_an_exported_adapter_loads_with_auto_peft_alone(tmp_path, sweep_yaml):
+    """adapter_config.json names the base's folder: AutoPeftModelForCausalLM.from_pretrained(dir)
+    alone loads base and adapter, with the logits of the base loaded by hand plus PeftModel."""
+    import tokenizers
+    import transformers
+    from conftest import TINY_LLAMA, WORDS
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>")
+    config = transformers.LlamaConfig(vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, **TINY_LLAMA)
+    folder = tmp_path / "base"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    assert tune(str(sweep_yaml(model={"hf_dir": str(folder)})), None, log=lambda *_: None) == 0
+    adapter = tmp_path / "run" / "adapters" / "rank4-lr0p003"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(folder)
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = fast("alpha beta lora rank token", return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = base(ids).logits
+        by_hand = peft.PeftModel.from_pretrained(base, str(adapter)).eval()(ids).logits
+        assert torch.equal(auto(ids).logits, by_hand)
+    assert not torch.allclose(plain, by_hand, atol=1e-4)  # the adapter changed the model
+
+
 def test_scientific_floats_without_a_dot_are_floats():
     # YAML 1.1 reads 1e-4 as a string; a sweep file means the number.
     sweep = parse_sweep("grid: {lr: [1e-4, 3E-3]}\ndefaults: {alpha: 1e1}")

@@ -1,0 +1,81 @@
+"""The source tree stays the way the README describes it: no import circle among the packages'
+modules, no module over 300 lines without its reason in its docstring, and the README's layout
+table naming every path and module there is."""
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ROOT / "python"
+PACKAGES = ("alto", "alto_ext")
+EXTENSIONS = {"alto_ext._C"}  # compiled, imports nothing of ours
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SOURCES).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(SOURCES.rglob("*.py"))}
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """Our modules this one imports (any depth: inside functions too). `from pkg import sub` of a
+    submodule depends on the submodule; Python initializes the package first in any case."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] in PACKAGES)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            out.update(s for s in subs if s in known)
+            if any(s not in known for s in subs):
+                out.add(node.module)
+    return out & known
+
+
+def test_no_import_circle_among_the_modules():
+    mods = modules()
+    known = set(mods) | EXTENSIONS
+    graph = {m: imports(p, known) - {m} for m, p in mods.items()}
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(m):] + [m]))
+        if m in done:
+            return
+        path.append(m)
+        for dep in sorted(graph.get(m, ())):
+            visit(dep)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+
+
+def test_no_module_over_300_lines_without_a_reason():
+    for name, path in modules().items():
+        lines = len(path.read_text().splitlines())
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert lines <= 300 or "300 lines" in doc, f"{name}: {lines} lines and no reason in its docstring"
+
+
+def test_the_readme_layout_table_matches_the_tree():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Layout"):].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    for row in rows:
+        for path in re.findall(r"`([^`]+)`", row.split(" | ")[0]):
+            assert (ROOT / path).exists(), f"README layout names {path}, which does not exist"
+    for folder in ("python/alto/", "python/alto/sched/", "python/alto_ext/"):
+        row = next(r for r in rows if r.startswith(f"| `{folder}` |"))
+        named = set(re.findall(r"`(\w+)`", row.split(" | ", 1)[1]))
+        for path in sorted((ROOT / folder).glob("*.py")):
+            if path.stem != "__init__":
+                assert path.stem in named, f"README layout row {folder} does not name {path.stem}"
+    for path in sorted((ROOT / "csrc").iterdir()):
+        if path.is_dir():
+            assert f"`csrc/{path.name}/`" in table, f"README layout does not name csrc/{path.name}/"
