@@ -1,7 +1,7 @@
 """LoRA forward+backward over G co-located adapters: ALTO's segmented ops vs a per-adapter torch
 loop vs torch._grouped_mm padded to the largest rank, against the byte floor.
 
-Every method does the same work per step, for adapter g on its 2048-token segment:
+Every method does the same work per step, for adapter g on its segment of --tokens tokens (default 2048):
   y_g += s_g (x_g A_gᵀ) B_g;  dh_g = s_g dy_g B_gᵀ;  dx_g += dh_g A_g;  dA_g = dh_gᵀ x_g;  dB_g = s_g h_gᵀ dy_g
 (the base matmuls are excluded: they are the same for every method). bf16, CUDA events via
 triton.testing.do_bench (median after warm-up). Run on the GPU: python bench/bench_ops.py
@@ -117,7 +117,7 @@ def graphed(fn):
 
 
 def check_same_work(p: Problem, q: Padded) -> float:
-    """Relative difference of dA, dB between ours and the loop (and the padded grouped_mm)."""
+    """Relative difference of dA, dB between ours and the loop (and gmm_pad's dA)."""
     dA, dB = ours(p)
     lA, lB = torch_loop(p)
     gA, gB = grouped_mm(p, q)

@@ -1,14 +1,15 @@
 """Rank-local adapter parallelism on the GPUs of one host: the same sweep on 1 GPU and on N GPUs,
 and the baseline users run today (DDP over the whole sweep: every rank holds every adapter,
-trains half of each adapter's samples, and all-reduces every adapter's gradients each step).
+trains 1/N of each adapter's samples, and all-reduces every adapter's gradients each step).
 
 Model: random-init Llama with Llama-3.2-1B widths (real shapes; speed does not depend on the
 values), bf16 weights. Sweep: --adapters configs, ranks cycling 8/16/32/64 over all 7
 projections, --batch sequences of --seq tokens per adapter per step. Rank-local placement is
-alto.parallel.place (LPT on alto.sched.estimate FLOPs); a step = Trainer.step() on every rank plus
-the loss gather the monitor needs (what alto tune does). Timed: wall clock of --iters steps after
+alto.sched.placement.place (LPT on alto.sched.placement.adapter_cost, the FLOPs of
+alto.sched.estimate); a step = Trainer.step() on every rank plus the per-step loss gather of
+alto.sweep_run.SweepRun.run (its broadcast of rank 0's decisions, a few bytes, is not timed). Timed: wall clock of --iters steps after
 --warmup, between barriers. Also reported: the largest relative difference between each
-adapter's losses on N GPUs and on 1 GPU over the timed steps (bf16).
+adapter's losses on N GPUs and on 1 GPU over the timed steps (bf16 on CUDA, fp32 on the CPU).
 Run: python bench/bench_parallel.py --gpus 2
 (--shares-on-one-gpu: each rank's share timed alone on one GPU, the N-GPU step predicted from them.)
 """
@@ -111,9 +112,9 @@ def run_rank(args, mode: str, share: int | None = None) -> dict:
         losses: dict[str, list[float]] = {}
 
         def step():
-            parts = group.all_gather(trainer.step())  # the per-step metric gather of alto tune
+            parts = group.all_gather(trainer.step())  # the per-step loss gather of SweepRun.run
             for aid in sorted({aid for part in parts for aid in part}):
-                # DDP: the mean of the ranks' equal-sized halves is the adapter's loss
+                # DDP: the mean of the ranks' equal-sized shares is the adapter's loss
                 vals = [part[aid] for part in parts if aid in part]
                 losses.setdefault(aid, []).append(sum(vals) / len(vals))
 

@@ -59,8 +59,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--profile", metavar="DIR", nargs="?", const="", default=None,
-                    help="also print torch.profiler's top ops of one ALTO step at the largest N "
-                         "(and write Chrome traces of it and of the base step to DIR if given)")
+                    help="--profile: print torch.profiler's top ops of one ALTO step at the largest N; "
+                         "--profile DIR: instead write Chrome traces of it and of the base step to "
+                         "DIR/alto.json and DIR/base.json")
     args = ap.parse_args()
 
     base = build_model(args.layers)
@@ -120,7 +121,7 @@ def main() -> None:
 
 
 def profile(step, trace: str) -> None:
-    """Top ops of one step (and its Chrome trace with Python frames, if a path is given)."""
+    """Top ops of one step, or (a path given) its Chrome trace with Python frames."""
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts, with_stack=bool(trace)) as prof:
         step()
@@ -133,7 +134,7 @@ def profile(step, trace: str) -> None:
 
 
 def peft_step_ms(base, seq, iters: int) -> float:
-    """HF PEFT on an unwrapped copy of the base layers (our wrappers are bypassed)."""
+    """HF PEFT on the base model, our wrappers unwrapped in place (so it runs last)."""
     import peft
 
     model = base

@@ -13,7 +13,7 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build test bench bench_step)
 export PYTHONUNBUFFERED=1 ALTO_SYNC_CHECKS=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-# The image's versions of what pyproject.toml names (its ranges' lower bounds were run here).
+# The image's versions of what pyproject.toml names (torch's, transformers' and peft's lower bounds ran here).
 python3 -c "
 import importlib.metadata as md
 for name in ('torch', 'transformers', 'peft', 'numpy', 'safetensors', 'gguf', 'pyyaml', 'matplotlib', 'datasets',

@@ -25,10 +25,10 @@ using Expand = GroupedGemm<Bf16, RowMajor, RowMajor, RowMajor, Tile, Bf16, Kerne
 
 #if ALTO_CONFIG == 0
 using GG = Expand<Shape<_128, _128, _64>>;
-constexpr const char* kName = "cooperative 128x128x64 (in use)";
+constexpr const char* kName = "cooperative 128x128x64";
 #elif ALTO_CONFIG == 1
 using GG = Expand<Shape<_128, _256, _64>>;
-constexpr const char* kName = "cooperative 128x256x64";
+constexpr const char* kName = "cooperative 128x256x64 (in use)";
 #elif ALTO_CONFIG == 2
 using GG = Expand<Shape<_256, _128, _64>>;
 constexpr const char* kName = "cooperative 256x128x64";

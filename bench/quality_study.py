@@ -6,7 +6,7 @@ trajectory (up to float rounding of a different batch): each rule is replayed on
 per-adapter loss curves, and one live run with the default rule checks the replay (which stops
 agree) and measures its wall time. Reported per
 rule: adapter-steps spent, best config chosen among the survivors, its held-out eval loss, and the
-regret against the full run's best. Run: python bench/quality_study.py [--steps 40] [--device cuda]
+regret against the full run's best. Run: python bench/quality_study.py [--steps 32] [--device cuda]
 """
 from __future__ import annotations
 

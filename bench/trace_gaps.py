@@ -1,9 +1,9 @@
 """Where does the GPU wait for the host, and what does it run? Reads a Chrome trace written by
 torch.profiler with with_stack=True (e.g. `bench_step.py --profile DIR`, gzipped or not) and prints
-the GPU's busy time, its idle gaps longer than --min-ms with the innermost Python frames running at
-each gap's middle, and the --kernels GPU kernels with the most total time. Python-heavy stretches
+the GPU's busy time, its idle gaps longer than --min-ms (the --top longest with the innermost Python
+frames running at each gap's middle), and the --kernels GPU kernels with the most total time. Python-heavy stretches
 run slower under with_stack, so gaps there are upper bounds.
-Run: python bench/trace_gaps.py DIR/alto.json.gz DIR/base.json.gz
+Run: python bench/trace_gaps.py DIR/alto.json DIR/base.json
 """
 from __future__ import annotations
 

@@ -61,10 +61,10 @@ def test_job_estimate_learns_the_ratio_online():
         est.observe(0.0)
 
 
-def test_intra_plan_never_exceeds_memory_random_configs():
+def test_intra_schedule_never_exceeds_memory_random_configs():
     import random
 
-    from alto.sched.intra import plan_task
+    from alto.sched.intra import schedule_task
 
     rng = random.Random(0)
     for trial in range(25):
@@ -72,30 +72,30 @@ def test_intra_plan_never_exceeds_memory_random_configs():
                                  grad_accum=rng.choice([1, 2]), max_steps=rng.randint(5, 50),
                                  target_modules=tuple(rng.sample(KNOWN_TARGET_MODULES, rng.randint(1, 7))))
                    for _ in range(rng.randint(1, 12))]
-        plan = plan_task(configs, rng.choice([256, 512, 1024]), LLAMA3_8B, rng.choice(["H100", "A100", "H200"]))
-        assert sorted(plan.admission_order) == list(range(len(configs)))
-        assert plan.peak_bytes <= plan.capacity_bytes
-        for e in plan.entries:  # memory at every admission instant, from the timeline itself
-            live = plan.running_at(e.start_s)
-            assert plan.base_bytes + sum(x.bytes for x in live) <= plan.capacity_bytes
+        schedule = schedule_task(configs, rng.choice([256, 512, 1024]), LLAMA3_8B, rng.choice(["H100", "A100", "H200"]))
+        assert sorted(schedule.admission_order) == list(range(len(configs)))
+        assert schedule.peak_bytes <= schedule.capacity_bytes
+        for e in schedule.entries:  # memory at every admission instant, from the timeline itself
+            live = schedule.running_at(e.start_s)
+            assert schedule.base_bytes + sum(x.bytes for x in live) <= schedule.capacity_bytes
             c = configs[e.index]  # the effective batch is preserved
             assert e.micro_batch_size * e.grad_accum == c.micro_batch_size * c.grad_accum
 
 
-def test_intra_plan_shrinks_micro_batch_and_orders_longest_first():
-    from alto.sched.intra import plan_task
+def test_intra_schedule_shrinks_micro_batch_and_orders_longest_first():
+    from alto.sched.intra import schedule_task
 
     big = AdapterConfig(rank=16, micro_batch_size=8, max_steps=10, target_modules=KNOWN_TARGET_MODULES)
     short = AdapterConfig(rank=16, micro_batch_size=2, max_steps=5, target_modules=KNOWN_TARGET_MODULES)
     # At micro-batch 8 the two big configs and the short one need 94 GB of the H100's 68 usable.
-    plan = plan_task([short, big, big], 512, LLAMA3_8B, "H100")
-    assert plan.admission_order[-1] == 0  # the longer configs first
-    shrunk = [e for e in plan.entries if e.micro_batch_size < 8 and e.index > 0]
+    schedule = schedule_task([short, big, big], 512, LLAMA3_8B, "H100")
+    assert schedule.admission_order[-1] == 0  # the longer configs first
+    shrunk = [e for e in schedule.entries if e.micro_batch_size < 8 and e.index > 0]
     assert shrunk and all(e.micro_batch_size * e.grad_accum == 8 for e in shrunk)
-    assert all(e.start_s == 0 for e in plan.entries)  # after shrinking, all three fit together
+    assert all(e.start_s == 0 for e in schedule.entries)  # after shrinking, all three fit together
     tiny = ModelShape(64, 2, 128, 4, 2, 100)
     with pytest.raises(ValueError, match="empty"):
-        plan_task([], 512, tiny)
+        schedule_task([], 512, tiny)
 
 
 # --- cluster simulator -----------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def test_simulator_rejects_a_double_booking_policy():
     from alto.sched.sim import SimulationError, Simulator
 
     class Greedy(ExclusivePolicy):  # places every task on GPU 0
-        def plan(self, now, jobs, gpus, workload):
+        def allocate(self, now, jobs, gpus, workload):
             return {j.name: {0: j.active} for j in jobs}
 
     tasks = _tasks([(0, "a", "qwen2-0.5b", 1, 1_000_000, 1), (1, "b", "qwen2-0.5b", 1, 1_000_000, 1)])

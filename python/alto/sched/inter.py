@@ -6,7 +6,7 @@ phases (active configs, micro-steps). A task on g GPUs spreads its active config
 steps its configs together (the calibrated :class:`StepTimeModel`), in waves if they exceed its
 memory. Every policy sees the same cluster and the same task work (:class:`Workload`).
 
-Policies (``plan`` returns every running task's allocation, GPU -> configs there):
+Policies (``allocate`` returns every running task's allocation, GPU -> configs there):
 
 - ``fifo``: arrival order, each task holds its asked GPUs until it ends, no skipping.
 - ``sjf``: shortest predicted duration first, non-preemptive, skips tasks that do not fit.
@@ -140,7 +140,7 @@ class Policy:
     name: str
     exclusive: bool  # at most one task per GPU
 
-    def plan(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
+    def allocate(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
         raise NotImplementedError
 
     def wake_after(self, job: Job) -> float | None:
@@ -156,7 +156,7 @@ class ExclusivePolicy(Policy):
     def __init__(self, name: str, key: Callable[[Job, Workload], tuple], preemptive: bool, backfill: bool) -> None:
         self.name, self.key, self.preemptive, self.backfill = name, key, preemptive, backfill
 
-    def plan(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
+    def allocate(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
         running = [j for j in jobs if j.alloc]
         selected = [] if self.preemptive else list(running)
         budget = gpus - sum(len(j.alloc) for j in selected)
@@ -190,13 +190,13 @@ class AltoPolicy(Policy):
     name = "alto"
     exclusive = False
 
-    def plan(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
-        plan: Allocation = {}
+    def allocate(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
+        allocation: Allocation = {}
         load: dict[int, list[Job]] = {}  # GPU -> jobs with configs there
         for j in (j for j in jobs if j.alloc):
             # Capacity reclaim: keep only the GPUs the surviving configs need (the fullest ones).
             keep = sorted(j.alloc, key=lambda g: (-j.alloc[g], g))[:min(len(j.alloc), j.active)]
-            plan[j.name] = spread(j.active, sorted(keep))
+            allocation[j.name] = spread(j.active, sorted(keep))
             for g in keep:
                 load.setdefault(g, []).append(j)
         remaining = {j.name: j.predicted_remaining(workload) for j in jobs}
@@ -207,15 +207,15 @@ class AltoPolicy(Policy):
             shared = sorted((g for g, hosts in load.items()
                              if all(h.spec.base_model == j.spec.base_model and remaining[h.name] > remaining[j.name]
                                     for h in hosts)
-                             and sum(plan[h.name][g] for h in hosts) + per <= workload.max_configs(j.shape)),
-                            key=lambda g: (sum(plan[h.name][g] for h in load[g]), g))
+                             and sum(allocation[h.name][g] for h in hosts) + per <= workload.max_configs(j.shape)),
+                            key=lambda g: (sum(allocation[h.name][g] for h in load[g]), g))
             chosen = (free + shared)[:want]
             if len(chosen) < want:
                 continue  # backfilling: later (longer) tasks may still fit
-            plan[j.name] = spread(j.active, sorted(chosen))
+            allocation[j.name] = spread(j.active, sorted(chosen))
             for g in chosen:
                 load.setdefault(g, []).append(j)
-        return plan
+        return allocation
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {

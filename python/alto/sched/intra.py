@@ -23,20 +23,20 @@ from alto.sched.memory import DEFAULT_MARGIN, adapter_bytes, base_bytes, capacit
 
 
 @dataclass(frozen=True)
-class ConfigPlan:
+class ConfigSlot:
     index: int  # position in the task's config list
     micro_batch_size: int
     grad_accum: int
-    micro_steps: int  # max_steps × grad_accum at the planned micro-batch size
+    micro_steps: int  # max_steps × grad_accum at that micro-batch size
     bytes: int  # what the config adds to the GPU at that micro-batch size
     start_s: float
     end_s: float
 
 
 @dataclass(frozen=True)
-class IntraPlan:
+class TaskSchedule:
     gpu: GPUType
-    entries: tuple[ConfigPlan, ...]  # in admission order
+    entries: tuple[ConfigSlot, ...]  # in admission order
     base_bytes: int
     capacity_bytes: int
     peak_bytes: int
@@ -49,7 +49,7 @@ class IntraPlan:
     def makespan_s(self) -> float:
         return max(e.end_s for e in self.entries)
 
-    def running_at(self, t: float) -> list[ConfigPlan]:
+    def running_at(self, t: float) -> list[ConfigSlot]:
         return [e for e in self.entries if e.start_s <= t < e.end_s]
 
 
@@ -57,11 +57,11 @@ def _smaller_micro_batch(mbs: int, effective: int) -> int | None:
     return next((m for m in range(mbs - 1, 0, -1) if effective % m == 0), None)
 
 
-def plan_task(configs: Sequence[AdapterConfig], seq_len: int, shape: ModelShape,
-              gpu: str | GPUType = REFERENCE_GPU, model: StepTimeModel | None = None,
-              margin: float = DEFAULT_MARGIN, weight_bytes: int = 2) -> IntraPlan:
+def schedule_task(configs: Sequence[AdapterConfig], seq_len: int, shape: ModelShape,
+                  gpu: str | GPUType = REFERENCE_GPU, model: StepTimeModel | None = None,
+                  margin: float = DEFAULT_MARGIN, weight_bytes: int = 2) -> TaskSchedule:
     if not configs:
-        raise ValueError("plan_task: configs is empty")
+        raise ValueError("schedule_task: configs is empty")
     model = model or default_model()
     gpu = gpu_type(gpu)
     cap, base = capacity_bytes(gpu, margin), base_bytes(shape, weight_bytes)
@@ -84,11 +84,11 @@ def plan_task(configs: Sequence[AdapterConfig], seq_len: int, shape: ModelShape,
         i = max(shrinkable, key=size)
         mbs[i] = _smaller_micro_batch(mbs[i], effective[i])
 
-    planned = [c if m == c.micro_batch_size else
+    sized = [c if m == c.micro_batch_size else
                AdapterConfig(**{**c.to_dict(), "micro_batch_size": m, "grad_accum": e // m})
                for c, m, e in zip(configs, mbs, effective)]
-    steps = [c.max_steps * c.grad_accum for c in planned]
-    solo = [s * model.step_seconds([c], seq_len, shape, gpu) for s, c in zip(steps, planned)]
+    steps = [c.max_steps * c.grad_accum for c in sized]
+    solo = [s * model.step_seconds([c], seq_len, shape, gpu) for s, c in zip(steps, sized)]
     order = sorted(range(len(configs)), key=lambda i: (-solo[i], i))
 
     # Replay the admissions interval by interval.
@@ -102,14 +102,14 @@ def plan_task(configs: Sequence[AdapterConfig], seq_len: int, shape: ModelShape,
                 used += size(i)
         peak = max(peak, used)
         if not running:  # cannot happen: every config fits alone
-            raise RuntimeError("plan_task: nothing admissible")
+            raise RuntimeError("schedule_task: nothing admissible")
         n = min(running.values())
-        t += n * model.step_seconds([planned[i] for i in running], seq_len, shape, gpu)
+        t += n * model.step_seconds([sized[i] for i in running], seq_len, shape, gpu)
         for i in list(running):
             running[i] -= n
             if running[i] == 0:
                 del running[i]
                 end[i] = t
                 used -= size(i)
-    entries = tuple(ConfigPlan(i, mbs[i], planned[i].grad_accum, steps[i], size(i), start[i], end[i]) for i in order)
-    return IntraPlan(gpu, entries, base, cap, peak)
+    entries = tuple(ConfigSlot(i, mbs[i], sized[i].grad_accum, steps[i], size(i), start[i], end[i]) for i in order)
+    return TaskSchedule(gpu, entries, base, cap, peak)

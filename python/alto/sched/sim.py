@@ -119,12 +119,12 @@ class Simulator:
         self.result.timeline.append((self.now, len(training)))
         self.now = t
 
-    def apply(self, plan: Allocation) -> None:
-        unknown = set(plan) - {j.name for j in self.jobs if j.finished is None and j.spec.arrival_s <= self.now}
+    def apply(self, allocation: Allocation) -> None:
+        unknown = set(allocation) - {j.name for j in self.jobs if j.finished is None and j.spec.arrival_s <= self.now}
         if unknown:
             raise SimulationError(f"{self.policy.name} placed tasks that are not waiting or running: {unknown}")
         for j in self.jobs:
-            new = plan.get(j.name, {})
+            new = allocation.get(j.name, {})
             if new == j.alloc:
                 continue
             if new and set(new) <= set(j.alloc):  # only gives GPUs back: its survivors move
@@ -187,7 +187,7 @@ class Simulator:
                 if j.phase == len(j.phases):
                     j.finished, j.alloc = self.now, {}
             present = [x for x in self.jobs if x.finished is None and x.spec.arrival_s <= self.now]
-            self.apply(self.policy.plan(self.now, present, self.gpus, self.workload))
+            self.apply(self.policy.allocate(self.now, present, self.gpus, self.workload))
             for x in self.jobs:  # every rate may have changed (or the job ended): invalidate, re-push
                 x.version += 1
             self.schedule_events()
