@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import alto.train
-from alto.train import per_adapter_losses, token_losses
+from alto.train import adapter_loss_sums, mean_losses, token_losses
 
 
 def reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,6 +51,6 @@ def test_per_adapter_losses_are_each_adapters_mean_token_loss():
     labels[4, 1:] = -100  # a sample with no target at all
     ref = reference(logits, labels)
     counts = (labels[:, 1:] != -100).sum(1)
-    got = per_adapter_losses(logits, labels, [2, 0, 3])  # an adapter with no samples
+    got = mean_losses(adapter_loss_sums(logits, labels, [2, 0, 3]))  # an adapter with no samples
     want = [ref[:2].sum() / counts[:2].sum(), 0.0, ref[2:].sum() / counts[2:].sum()]
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-7)

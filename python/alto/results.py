@@ -13,7 +13,7 @@ from alto.base import Base
 from alto.export import save_peft_adapter
 from alto.model import LayerTensors, MultiLoraModel
 from alto.registry import Adapter, Registry, Status
-from alto.train import colocated_losses
+from alto.train import colocated_losses, mean_losses
 
 EVAL_BATCH = 16  # held-out sequences per forward
 
@@ -26,10 +26,9 @@ def held_out_losses(model: MultiLoraModel, adapter_ids: Sequence[str], eval_seqs
     chunk = list(eval_seqs[:EVAL_BATCH])
     model.eval()
     try:
-        loss_sum, count = colocated_losses(model, {aid: chunk for aid in adapter_ids}, pad_id, device)
+        return mean_losses(colocated_losses(model, {aid: chunk for aid in adapter_ids}, pad_id, device)).tolist()
     finally:
         model.train()
-    return (loss_sum / count.clamp_min(1)).tolist()
 
 
 @torch.no_grad()

@@ -116,9 +116,10 @@ def adapter_loss_sums(logits: torch.Tensor, labels: torch.Tensor, samples: Seque
     return segment_sums(per_row, samples)
 
 
-def per_adapter_losses(logits: torch.Tensor, labels: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
-    """Mean next-token loss over each adapter's own target tokens."""
-    loss_sum, count = adapter_loss_sums(logits, labels, samples)
+def mean_losses(loss_sums: torch.Tensor) -> torch.Tensor:
+    """[G] mean next-token loss of each adapter over its own target tokens, from adapter_loss_sums
+    (0 for an adapter without any)."""
+    loss_sum, count = loss_sums
     return loss_sum / count.clamp_min(1)
 
 
@@ -234,8 +235,7 @@ class Trainer:
         if not running:
             return {}
         batches = {a.id: self.data[a.id].next_batch(a.micro_batch_size) for a in running}
-        loss_sum, count = colocated_losses(self.model, batches, self.pad_id, self.device)
-        per_adapter = loss_sum / count.clamp_min(1)
+        per_adapter = mean_losses(colocated_losses(self.model, batches, self.pad_id, self.device))
         inv_accum = to_device([1.0 / a.config.grad_accum for a in running], self.device, per_adapter.dtype)
         (torch.where(torch.isfinite(per_adapter), per_adapter, 0.0) * inv_accum).sum().backward()
         for adapter in running:

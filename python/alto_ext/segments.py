@@ -98,10 +98,6 @@ class Segments:
         return cls(indptr(tokens), indptr(rank_list), scale_t, tuple(tokens), tuple(rank_list))
 
     @property
-    def num_groups(self) -> int:
-        return len(self.ranks)
-
-    @property
     def num_tokens(self) -> int:
         return sum(self.token_counts)
 

@@ -79,19 +79,6 @@ class StepTimeModel:
         tokens = sum(c.micro_batch_size for c in configs) * seq_len
         return self.compute_seconds(tokens * base_flops_per_token(seq_len, shape), gpu) + self.frozen_overhead_s
 
-    def co_located_seconds(self, configs: Sequence[AdapterConfig], seq_len: int, shape: ModelShape,
-                           gpu: str | GPUType = REFERENCE_GPU) -> float:
-        """All configs start together; each runs max_steps*grad_accum micro-steps, the step shrinks as
-        configs finish."""
-        left = sorted(configs, key=lambda c: c.max_steps * c.grad_accum)
-        total, done = 0.0, 0
-        for i, c in enumerate(left):
-            steps = c.max_steps * c.grad_accum - done
-            if steps:
-                total += steps * self.step_seconds(left[i:], seq_len, shape, gpu)
-                done += steps
-        return total
-
 
 # The calibration bench (bench/bench_step.py): Llama-3-8B widths with 4 layers, 512-token sequences.
 BENCH_SHAPE = ModelShape(hidden=4096, layers=4, intermediate=14336, heads=32, kv_heads=8, vocab=128256)

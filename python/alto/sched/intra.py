@@ -45,10 +45,6 @@ class TaskSchedule:
     def admission_order(self) -> list[int]:
         return [e.index for e in self.entries]
 
-    @property
-    def makespan_s(self) -> float:
-        return max(e.end_s for e in self.entries)
-
     def running_at(self, t: float) -> list[ConfigSlot]:
         return [e for e in self.entries if e.start_s <= t < e.end_s]
 

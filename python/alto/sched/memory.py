@@ -11,8 +11,6 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 from alto.registry import AdapterConfig
 from alto.sched.catalog import GPUType, ModelShape, gpu_type
 
@@ -54,10 +52,3 @@ def capacity_bytes(gpu: str | GPUType, margin: float = DEFAULT_MARGIN) -> int:
     if not 0 <= margin < 1:
         raise ValueError(f"margin={margin!r} must be in [0, 1)")
     return int(gpu_type(gpu).memory_bytes * (1 - margin))
-
-
-def gpu_bytes(configs: Sequence[AdapterConfig], seq_len: int, shape: ModelShape,
-              micro_batch_sizes: Sequence[int] | None = None, weight_bytes: int = 2) -> int:
-    """One backbone plus every co-located adapter (at its planned micro-batch size)."""
-    mbs = micro_batch_sizes or [c.micro_batch_size for c in configs]
-    return base_bytes(shape, weight_bytes) + sum(adapter_bytes(c, seq_len, shape, m) for c, m in zip(configs, mbs))
