@@ -6,8 +6,9 @@ Model: random-init Llama with Llama-3.2-1B widths (real shapes; speed does not d
 values), bf16 weights. Sweep: --adapters configs, ranks cycling 8/16/32/64 over all 7
 projections, --batch sequences of --seq tokens per adapter per step. Rank-local placement is
 alto.sched.placement.place (LPT on alto.sched.placement.adapter_cost, the FLOPs of
-alto.sched.estimate); a step = Trainer.step() on every rank plus the per-step loss gather of
-alto.sweep_run.SweepRun.run (its broadcast of rank 0's decisions, a few bytes, is not timed). Timed: wall clock of --iters steps after
+alto.sched.estimate); a step = Trainer.step() on every rank plus an all_gather of the step's losses
+(alto.sweep_run.SweepRun.run gathers each adapter's progress in the step, its new loss and a few
+counters, then broadcasts rank 0's decisions: small messages, not timed here). Timed: wall clock of --iters steps after
 --warmup, between barriers. Also reported: the largest relative difference between each
 adapter's losses on N GPUs and on 1 GPU over the timed steps (bf16 on CUDA, fp32 on the CPU).
 Run: python bench/bench_parallel.py --gpus 2
@@ -112,7 +113,7 @@ def run_rank(args, mode: str, share: int | None = None) -> dict:
         losses: dict[str, list[float]] = {}
 
         def step():
-            parts = group.all_gather(trainer.step())  # the per-step loss gather of SweepRun.run
+            parts = group.all_gather(trainer.step())  # like SweepRun.run's per-step gather (of progress there)
             for aid in sorted({aid for part in parts for aid in part}):
                 # DDP: the mean of the ranks' equal-sized shares is the adapter's loss
                 vals = [part[aid] for part in parts if aid in part]

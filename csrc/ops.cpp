@@ -1,6 +1,6 @@
 // The one schema file of the op library: every alto:: op is declared here and nowhere else.
 // Kernels: csrc/cpu/ (reference, any device), csrc/cuda/ (CUTLASS, sm_90a). Fake kernels and
-// autograd formulas: alto_ext/_ops.py.
+// autograd formulas: python/alto_ext/_ops.py.
 //
 // Layout contract (segmented multi-adapter LoRA; README "The op library"):
 //   rows seg_indptr[g]:seg_indptr[g+1] of a token-major tensor belong to adapter slot g;

@@ -92,6 +92,7 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
     "monitor not a mapping": ({"monitor": "asha"}, ["monitor", "mapping"]),
     "monitor unknown key": ({"monitor": {"rule": "asha", "patience": 3}}, ["monitor", "keys"]),
     "monitor rule unknown": ({"monitor": {"rule": "best"}}, ["monitor.rule='best'"]),
+    "monitor rule a list": ({"monitor": {"rule": ["asha"]}}, ["monitor.rule=['asha']"]),
     "monitor eta a word": ({"monitor": {"eta": "fast"}}, ["monitor.eta='fast'", "a number"]),
     "monitor grace 0": ({"monitor": {"grace": 0}}, ["monitor.grace=0"]),
     "monitor extrapolate a word": ({"monitor": {"extrapolate": "no"}}, ["monitor.extrapolate='no'"]),
@@ -149,6 +150,12 @@ def _foreign_adapter(checkpoint):
     torch.save(state, checkpoint)
 
 
+def _older_format(checkpoint):
+    state = torch.load(checkpoint, weights_only=False)
+    del state["format"]  # what checkpoints of format 1 lacked
+    torch.save(state, checkpoint)
+
+
 def _run_folder_then(*flags):
     """A run stopped after 2 micro-steps, then `alto tune` with flags ({run} = its folder)."""
     def make(tmp_path, sweep_yaml):
@@ -186,6 +193,7 @@ TUNE_FILES_AND_FLAGS = {
     "checkpoint truncated": (_broken_checkpoint(lambda c: c.write_bytes(c.read_bytes()[:100])),
                              ["checkpoint.pt", "not a checkpoint of alto tune"]),
     "checkpoint of another sweep": (_broken_checkpoint(_foreign_adapter), ["checkpoint.pt", "'stranger'"]),
+    "checkpoint of an older format": (_broken_checkpoint(_older_format), ["checkpoint.pt", "format 1"]),
     "bad model on two ranks": (lambda t, s: ["tune", s(model={"hf_dir": str(t)}), "--nproc", "2"],
                                ["model.hf_dir", "cannot load"]),
 }

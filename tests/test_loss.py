@@ -44,7 +44,7 @@ def test_token_losses_match_float64_cross_entropy(device, rows, length, vocab, b
     assert torch.all(logits.grad[0, length // 2 - 1 :] == 0)  # no target: no gradient
 
 
-def test_per_adapter_losses_are_each_adapters_mean_token_loss():
+def test_mean_losses_are_each_adapters_mean_token_loss():
     logits = torch.randn(5, 6, 11)
     labels = torch.randint(0, 11, (5, 6))
     labels[1, 3:] = -100

@@ -14,23 +14,29 @@ from alto.inputs import first_line
 
 CHECKPOINT = "checkpoint.pt"
 LOGS = ("losses.csv", "decisions.csv")  # rows start with the run's micro-step
+# Bumped when what a checkpoint holds changes shape (2: adapter progress records, named tensors).
+FORMAT = 2
 
 
 def write(run_dir: Path, state: dict[str, Any]) -> None:
     tmp = run_dir / f"{CHECKPOINT}.tmp"
-    torch.save(state, tmp)
+    torch.save({**state, "format": FORMAT}, tmp)
     os.replace(tmp, run_dir / CHECKPOINT)
 
 
 def read(run_dir: Path, adapter_ids: Iterable[str]) -> dict[str, Any]:
-    """The state write() saved; ValueError naming the file if it is damaged, of another program, or
-    holds an adapter that adapter_ids (the run's sweep) lacks."""
+    """The state write() saved; ValueError naming the file if it is damaged, of another program or
+    format, or holds an adapter that adapter_ids (the run's sweep) lacks."""
     path = run_dir / CHECKPOINT
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         unknown = set(state["adapters"]) - set(adapter_ids)
+        written = state.get("format", 1)
     except Exception as e:  # truncated, not a torch file, another structure
         raise ValueError(f"{path}: not a checkpoint of alto tune ({type(e).__name__}: {first_line(e)})") from None
+    if written != FORMAT:
+        raise ValueError(f"{path} has checkpoint format {written}, this alto tune reads {FORMAT}: resume it "
+                         "with the release that wrote it")
     if unknown:
         raise ValueError(f"{path} holds adapter {sorted(unknown)[0]!r}, which the run's sweep.yaml does not define")
     return state

@@ -3,7 +3,7 @@
 Every Linear named like a decoder projection (q_proj, ..., down_proj) is wrapped in a
 :class:`MultiLoraLinear`, which keeps the A/B master weights (float32; float64 over a float64 base)
 of all its adapters packed in one parameter each; a step runs base + all adapters through
-``alto_ext.multi_lora_linear``. Adapters with different target modules coexist: in a layer an
+``alto_ext.multi_lora_linear`` (a base layer with its own forward: base(x) + ``alto_ext.lora_delta``). Adapters with different target modules coexist: in a layer an
 adapter does not target, its tokens get rank 0 there.
 
 (Over 300 lines for a reason: the step plan, the packed layer and the model that fills it read
@@ -73,8 +73,10 @@ class _Context:
 
 # An adapter's tensors in one layer, named as PEFT names them, each packed rank-major with every
 # adapter's rows in admission order: lora_A [r, in] and lora_B [r, out] (PEFT's lora_B.weight
-# transposed, so one expand kernel serves forward and backward). Another adapter kind (DoRA's
-# magnitude) adds a name here and its math in forward.
+# transposed, so one expand kernel serves forward and backward). Storage, re-packing, state,
+# checkpoints and migration go by these names; another adapter kind (DoRA's magnitude) adds its
+# name here, its width and init (_widths, add_adapter), its math in forward and its PEFT layout
+# (alto.export.TO_PEFT).
 TENSOR_NAMES = ("lora_A", "lora_B")
 LayerTensors = dict[str, torch.Tensor]  # name -> one adapter's tensor in one layer
 

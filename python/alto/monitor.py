@@ -51,7 +51,7 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         checks = [  # each type check comes first: `and` stops before a comparison it would break
-            (self.rule in RULES, "rule", f"one of {', '.join(RULES)}"),  # RULES: below, read at call time
+            (isinstance(self.rule, str) and self.rule in RULES, "rule", f"one of {', '.join(RULES)}"),
             (is_int(self.grace) and self.grace >= 1, "grace", "an int >= 1"),
             (is_number(self.eta) and 1 < self.eta < math.inf, "eta", "a number > 1"),
             (is_int(self.check_every) and self.check_every >= 1, "check_every", "an int >= 1"),

@@ -3,7 +3,7 @@
 The frozen base model is replicated on every rank; every adapter lives WHOLE on exactly one rank
 (weights, optimizer state, data stream, dropout RNG) and is trained there by that rank's own
 co-located steps. Adapter gradients are never all-reduced: the only collectives of a step are a
-small gather of every adapter's loss (the monitor needs all of them) and a broadcast of rank 0's
+small gather of every adapter's progress in the step (its loss: the monitor needs all of them) and a broadcast of rank 0's
 decisions (stops, admissions, migrations). An adapter that migrates travels as one flat buffer
 through the compiled extension (alto_ext.send_tensors / recv_tensors: NCCL for CUDA tensors).
 

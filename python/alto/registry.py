@@ -135,19 +135,18 @@ class Adapter:
     def progress(self, since: tuple[int, int] = (0, 0)) -> dict[str, Any]:
         """Its progress as plain data, the one serialization of it (checkpoints, the per-step rank
         reports, alto_adapter.json): status, counts, why it ended, grown samples, and the training
-        and held-out losses from `since` (marks() taken earlier) on."""
+        and held-out losses from `since` (marks() taken earlier; default: all) on."""
         return {"status": self.status.value, "step": self.step, "micro_step": self.micro_step,
-                "failure": self.failure, "extra_batch": self.extra_batch, "since": list(since),
+                "failure": self.failure, "extra_batch": self.extra_batch,
                 "losses": self.losses[since[0]:], "eval_losses": self.eval_losses[since[1]:]}
 
-    def apply_progress(self, progress: dict[str, Any]) -> None:
-        """Takes what progress() returned (its losses replace those from its `since` on)."""
+    def apply_progress(self, progress: dict[str, Any], since: tuple[int, int] = (0, 0)) -> None:
+        """Takes what progress(since) returned (its losses replace those from `since` on)."""
         self.status = Status(progress["status"])
         self.step, self.micro_step = progress["step"], progress["micro_step"]
         self.failure, self.extra_batch = progress["failure"], progress["extra_batch"]
-        train_from, eval_from = progress["since"]
-        self.losses[train_from:] = progress["losses"]
-        self.eval_losses[eval_from:] = progress["eval_losses"]
+        self.losses[since[0]:] = progress["losses"]
+        self.eval_losses[since[1]:] = progress["eval_losses"]
 
 
 class Registry:

@@ -26,7 +26,8 @@ def held_out_losses(model: MultiLoraModel, adapter_ids: Sequence[str], eval_seqs
     chunk = list(eval_seqs[:EVAL_BATCH])
     model.eval()
     try:
-        return mean_losses(colocated_losses(model, {aid: chunk for aid in adapter_ids}, pad_id, device)).tolist()
+        batches = {aid: chunk for aid in adapter_ids}
+        return mean_losses(colocated_losses(model, batches, pad_id, device, training=False)).tolist()
     finally:
         model.train()
 
@@ -44,7 +45,8 @@ def held_out_loss(model: MultiLoraModel, adapter: Adapter, weights: dict[str, La
     total, count = 0.0, 0.0
     try:
         for i in range(0, len(eval_seqs), EVAL_BATCH):
-            chunk_sum, chunk_count = colocated_losses(model, {adapter.id: eval_seqs[i : i + EVAL_BATCH]}, pad_id, device)
+            batches = {adapter.id: eval_seqs[i : i + EVAL_BATCH]}
+            chunk_sum, chunk_count = colocated_losses(model, batches, pad_id, device, training=False)
             total += chunk_sum.item()
             count += chunk_count.item()
     finally:
@@ -68,8 +70,7 @@ def finish(registry: Registry, weights_of: Callable[[str], dict[str, LayerTensor
         w = csv.writer(f)
         w.writerow(["rank", "adapter", "status", "steps", "train_loss_last", "eval_loss", "config"])
         for i, (a, loss) in enumerate(board, 1):
-            p = a.progress()
-            w.writerow([i, a.id, p["status"], p["step"], p["losses"][-1] if p["losses"] else "", f"{loss:.6f}",
+            w.writerow([i, a.id, a.status.value, a.step, a.losses[-1] if a.losses else "", f"{loss:.6f}",
                         a.config.to_dict()])
     log(f"\n{'#':>3}  {'adapter':<28}{'status':<15}{'steps':>6}{'eval loss':>11}")
     for i, (a, loss) in enumerate(board, 1):

@@ -90,7 +90,7 @@ class SweepRun:
         else:
             t.retired.clear()
 
-    def checkpoint(self) -> None:
+    def save_checkpoint(self) -> None:
         """Writes the checkpoint (collective: every rank sends its adapters to rank 0)."""
         t = self.trainer
         self._collect_retired()
@@ -197,31 +197,35 @@ class SweepRun:
         running = self.registry.with_status(Status.RUNNING)
         if not running:
             return []
-        if mon.config.signal == "eval" and self.micro_steps % mon.config.eval_every:
+        if mon.config.signal == "eval" and not self.at_evaluation():
             return []
         return mon.decide(running)
 
-    # ---- the step's reports ----------------------------------------------------------------------
-    def report(self, marks: dict[str, tuple[int, int]]) -> dict[str, dict]:
-        """The progress this rank's adapters made in the step (marks: taken before it), with their
-        held-out losses at evaluation points."""
+    def at_evaluation(self) -> bool:
+        """Whether this step ends with held-out losses (the monitor reads them: signal eval)."""
         mon = self.sweep.monitor
-        if mon is not None and mon.signal == "eval" and self.micro_steps % mon.eval_every == 0:
+        return mon is not None and mon.signal == "eval" and self.micro_steps % mon.eval_every == 0
+
+    # ---- the step's reports ----------------------------------------------------------------------
+    def report(self, marks: dict[str, tuple[int, int]]) -> dict[str, tuple]:
+        """The progress this rank's adapters made in the step, (since, progress(since)) each (marks:
+        taken before it), with their held-out losses at evaluation points."""
+        if self.at_evaluation():
             running = self.trainer.running()
             losses = results.held_out_losses(self.model, [a.id for a in running], self.eval_seqs,
                                              self.base.pad_id, self.device) if running else []
             for a, loss in zip(running, losses):
                 a.eval_losses.append(loss)
-        return {aid: self.registry[aid].progress(since) for aid, since in marks.items()}
+        return {aid: (since, self.registry[aid].progress(since)) for aid, since in marks.items()}
 
     def merge(self, reports: list[dict]) -> dict[str, float]:
         """Applies every rank's report to this rank's registry; returns the step's losses."""
         losses = {}
         for part in reports:
-            for aid, progress in part.items():
+            for aid, (since, progress) in part.items():
                 a = self.registry[aid]
                 if self.owner.get(aid) != self.group.rank:  # the owner updated its copy itself
-                    a.apply_progress(progress)
+                    a.apply_progress(progress, since)
                 losses[aid] = a.losses[-1]
                 if a.status != Status.RUNNING:
                     self.owner.pop(aid)
@@ -237,8 +241,7 @@ class SweepRun:
         with contextlib.ExitStack() as files:
             writer = decision_log = None
             if leader:
-                f = files.enter_context(open(self.run_dir / "losses.csv", "a", newline=""))
-                g = files.enter_context(open(self.run_dir / "decisions.csv", "a", newline=""))
+                f, g = (files.enter_context(open(self.run_dir / name, "a", newline="")) for name in checkpoint.LOGS)
                 writer, decision_log = csv.writer(f), csv.writer(g)
                 if new_log:
                     writer.writerow(["micro_step", "adapter", "step", "loss"])
@@ -267,8 +270,8 @@ class SweepRun:
                 if self.micro_steps % self.sweep.checkpoint_every == 0:
                     for h in (f, g) if leader else ():
                         h.flush()
-                    self.checkpoint()
-        self.checkpoint()
+                    self.save_checkpoint()
+        self.save_checkpoint()
         return True
 
     # ---- results ---------------------------------------------------------------------------------

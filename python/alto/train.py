@@ -124,17 +124,18 @@ def mean_losses(loss_sums: torch.Tensor) -> torch.Tensor:
 
 
 def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence[int] | torch.Tensor]],
-                     pad_id: int, device: torch.device) -> torch.Tensor:
+                     pad_id: int, device: torch.device, training: bool) -> torch.Tensor:
     """The one place a co-located batch is built and run (training steps, held-out losses and
     evaluation alike): every adapter's sequences as a block of rows, right-padded to the step's
     longest, one forward of the shared model, and adapter_loss_sums ([2, G] in batches' order).
-    Autocast is chosen here: bf16 on CUDA (the frozen base computes in bf16, adapter masters stay
-    fp32), none on the CPU (float32, or float64 for exact checks)."""
+    Autocast is chosen here: training on CUDA runs in bf16 (adapter masters stay fp32); held-out
+    losses run in the base's own dtype (as PEFT evaluates it), and nothing autocasts on the CPU
+    (float32, or float64 for exact checks)."""
     samples = [len(b) for b in batches.values()]
     flat = [s for b in batches.values() for s in b]
     ids, mask, labels = (to_device(t, device) for t in pad_batch(flat, pad_id))
     plan = plan_for(model, list(batches), samples, ids.shape[1], device, [max(len(s) for s in b) for b in batches.values()])
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=training and device.type == "cuda"):
         logits = model(ids, mask, plan)
     return adapter_loss_sums(logits, labels, samples)
 
@@ -235,7 +236,7 @@ class Trainer:
         if not running:
             return {}
         batches = {a.id: self.data[a.id].next_batch(a.micro_batch_size) for a in running}
-        per_adapter = mean_losses(colocated_losses(self.model, batches, self.pad_id, self.device))
+        per_adapter = mean_losses(colocated_losses(self.model, batches, self.pad_id, self.device, training=True))
         inv_accum = to_device([1.0 / a.config.grad_accum for a in running], self.device, per_adapter.dtype)
         (torch.where(torch.isfinite(per_adapter), per_adapter, 0.0) * inv_accum).sum().backward()
         for adapter in running:

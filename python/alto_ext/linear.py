@@ -2,7 +2,8 @@
 
 Forward ``y = x Wᵀ + b + s_g (x[t] A_gᵀ) B_g`` for each token's adapter g. Backward computes dX once
 for the base and all adapters (``dY W + Σ dh_g A_g`` into one output), and dA, dB with one
-weight-grad launch each; no per-adapter copy of X is ever made.
+weight-grad launch each; no per-adapter copy of X is ever made. Without a base weight it is the
+adapters' delta alone (lora_delta), for base layers that run their own forward.
 """
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ from alto_ext.segments import Segments
 
 
 def _dense_plus_lora(a, b, bias, h, lora_w, seg_indptr, rank_indptr, scaling, covers_all_tokens):
-    """``a @ b (+ bias)`` plus every adapter's ``s_g h_g W_g`` on its rows. When every row belongs to
-    an adapter with a rank, the adapters write the output first and the base GEMM adds its product
-    in its epilogue (beta = 1): the output is not read and written again by a separate LoRA pass.
-    Eager only: torch 2.11's dynamo traces the in-place-built output's gradient as zeros."""
+    """``a @ b (+ bias)`` (b None: 0) plus every adapter's ``s_g h_g W_g`` on its rows. When every row
+    belongs to an adapter with a rank, the adapters write the output first and the base GEMM adds
+    its product in its epilogue (beta = 1): the output is not read and written again by a separate
+    LoRA pass. Eager only: torch 2.11's dynamo traces the in-place-built output's gradient as zeros."""
+    if b is None:
+        out = a.new_zeros(a.shape[0], lora_w.shape[1])
+        ops.lora_expand_(out, h, lora_w, seg_indptr, rank_indptr, scaling)
+        return out
     if covers_all_tokens and bias is None and not torch.compiler.is_compiling():
         out = a.new_empty(a.shape[0], b.shape[1])
         ops.lora_expand_(out, h, lora_w, seg_indptr, rank_indptr, scaling, False)
@@ -37,7 +42,8 @@ class _MultiLoraLinear(torch.autograd.Function):
         A, B = A.to(x.dtype), B.to(x.dtype)
         lx = x if lora_x is None else lora_x
         h = ops.lora_shrink(lx, A, seg_indptr, rank_indptr, h_width, None)
-        y = _dense_plus_lora(x, weight.t(), bias, h, B, seg_indptr, rank_indptr, scaling, covers_all_tokens)
+        base_t = None if weight is None else weight.t()
+        y = _dense_plus_lora(x, base_t, bias, h, B, seg_indptr, rank_indptr, scaling, covers_all_tokens)
         ctx.save_for_backward(x, weight, lx, A, B, h, seg_indptr, rank_indptr, scaling)
         return y
 
@@ -53,7 +59,7 @@ class _MultiLoraLinear(torch.autograd.Function):
             grad_x = _dense_plus_lora(grad_y, weight, None, grad_h, A, seg_indptr, rank_indptr, None,
                                       ctx.covers_all_tokens)
         elif need_x:
-            grad_x = grad_y @ weight
+            grad_x = torch.zeros_like(x) if weight is None else grad_y @ weight
         if need_lx:
             grad_lx = torch.zeros_like(lora_x)
             ops.lora_expand_(grad_lx, grad_h, A, seg_indptr, rank_indptr, None)
@@ -75,30 +81,23 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """Every adapter's ``s_g (x[t] A_gᵀ) B_g`` on its own rows, alone: ``[T, d_out]``, differentiable.
-    For a base layer that runs its own forward (what to add to ``base(x)``); a plain linear base
-    is faster fused with the adapters in :func:`multi_lora_linear`. Runs in x's dtype or the
-    autocast dtype; A's and B's gradients come back in their own dtype."""
-    if x.dim() != 2 or x.shape[0] != segments.num_tokens:
-        raise ValueError(f"lora_delta: x must be [T={segments.num_tokens}, d_in], got shape {tuple(x.shape)}")
-    dtype = _compute_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
-        h = ops.lora_shrink(x.to(dtype), A.to(dtype), segments.seg_indptr, segments.rank_indptr,
-                            segments.h_width, None)
-        zeros = h.new_zeros(x.shape[0], B.shape[1])
-        return ops.lora_expand(zeros, h, B.to(dtype), segments.seg_indptr, segments.rank_indptr, segments.scaling)
+    """Every adapter's ``s_g (x[t] A_gᵀ) B_g`` on its own rows, alone: ``[T, d_out]``, differentiable
+    (multi_lora_linear without a base weight). For a base layer that runs its own forward (what to
+    add to ``base(x)``); a plain linear base is faster fused in :func:`multi_lora_linear`."""
+    return multi_lora_linear(x, None, None, A, B, segments)
 
 
 def multi_lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     A: torch.Tensor,
     B: torch.Tensor,
     segments: Segments,
     lora_x: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x[T, d_in] -> y[T, d_out]`` with base ``weight[d_out, d_in]`` and packed adapters.
+    """``x[T, d_in] -> y[T, d_out]`` with base ``weight[d_out, d_in]`` (None: no base term, bias
+    None too) and packed adapters.
 
     ``A[R, d_in]`` and ``B[R, d_out]`` hold every adapter's rows (``segments.rank_indptr``);
     ``lora_x`` is the adapters' input when it differs from ``x`` (LoRA dropout). Everything runs in
@@ -107,10 +106,11 @@ def multi_lora_linear(
     """
     if x.dim() != 2:
         raise ValueError(f"multi_lora_linear: x must be [T, d_in], got shape {tuple(x.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+    if weight is not None and (weight.dim() != 2 or weight.shape[1] != x.shape[1]):
         raise ValueError(f"multi_lora_linear: weight must be [d_out, d_in={x.shape[1]}], got {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"multi_lora_linear: bias must be [d_out={weight.shape[0]}], got {tuple(bias.shape)}")
+    if bias is not None and (weight is None or tuple(bias.shape) != (weight.shape[0],)):
+        d_out = "without a weight: None" if weight is None else f"[d_out={weight.shape[0]}]"
+        raise ValueError(f"multi_lora_linear: bias must be {d_out}, got {tuple(bias.shape)}")
     if x.shape[0] != segments.num_tokens:
         raise ValueError(
             f"multi_lora_linear: x has {x.shape[0]} tokens but the segments cover "
