@@ -285,7 +285,8 @@ def test_bad_simulate_input(tmp_path, capsys, monkeypatch, make, words):
 
 CHECK = {
     "device tpu": (["check", "--device", "tpu"], ["--device", "invalid choice"]),
-    "seed a word": (["check", "--seed", "x"], ["--seed", "invalid int"]),
+    "seed a word": (["check", "--seed", "x"], ["--seed", "'x' is not an int"]),
+    "seed too large": (["check", "--seed", str(2**64)], ["--seed", "must be < 9223372036854775808"]),
     "no command": ([], ["required"]),
     "unknown command": (["train"], ["invalid choice", "'train'"]),
 }

@@ -99,7 +99,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(low: int):
+def _int_at_least(low: int, below: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -107,6 +107,8 @@ def _int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"{value} must be < {below}")
         return value
     return parse
 
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     check = sub.add_parser("check", parents=[common], help="verify the op library on this machine against float64")
     check.add_argument("--device", choices=("cpu", "cuda"), help="cpu or cuda (default: cuda when available)")
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--seed", type=_int_at_least(0, below=2**63), default=0)  # torch.manual_seed's range
     check.set_defaults(func=cmd_check)
     tune = sub.add_parser("tune", parents=[common], help="train a sweep of LoRA configurations together")
     tune.add_argument("sweep", nargs="?", help="sweep YAML (default: SmolLM2-135M on chatterbot-corpus)")

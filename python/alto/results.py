@@ -3,6 +3,7 @@ at evaluation points, and each final adapter's over the whole held-out set), the
 PEFT exports and the loss plot."""
 from __future__ import annotations
 
+import contextlib
 import csv
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,21 +19,27 @@ from alto.train import colocated_losses, mean_losses
 EVAL_BATCH = 16  # held-out sequences per forward
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def _evaluating(model: MultiLoraModel):
+    """No gradients and no dropout inside; the model trains again after."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train()
+
+
 def held_out_losses(model: MultiLoraModel, adapter_ids: Sequence[str], eval_seqs: Sequence[Sequence[int]],
                     pad_id: int, device: torch.device) -> list[float]:
     """Every adapter's mean loss on the same first held-out sequences, in one co-located forward
     (the monitor's held-out signal)."""
     chunk = list(eval_seqs[:EVAL_BATCH])
-    model.eval()
-    try:
+    with _evaluating(model):
         batches = {aid: chunk for aid in adapter_ids}
         return mean_losses(colocated_losses(model, batches, pad_id, device, training=False)).tolist()
-    finally:
-        model.train()
 
 
-@torch.no_grad()
 def held_out_loss(model: MultiLoraModel, adapter: Adapter, weights: dict[str, LayerTensors],
                   eval_seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> float:
     """Mean token loss of one adapter's `weights` on all held-out sequences (put back alone when the
@@ -41,16 +48,15 @@ def held_out_loss(model: MultiLoraModel, adapter: Adapter, weights: dict[str, La
     if not in_model:
         model.add_adapter(adapter.id, adapter.config)
         model.load_adapter_weights(adapter.id, weights)
-    model.eval()
     total, count = 0.0, 0.0
     try:
-        for i in range(0, len(eval_seqs), EVAL_BATCH):
-            batches = {adapter.id: eval_seqs[i : i + EVAL_BATCH]}
-            chunk_sum, chunk_count = colocated_losses(model, batches, pad_id, device, training=False)
-            total += chunk_sum.item()
-            count += chunk_count.item()
+        with _evaluating(model):
+            for i in range(0, len(eval_seqs), EVAL_BATCH):
+                batches = {adapter.id: eval_seqs[i : i + EVAL_BATCH]}
+                chunk_sum, chunk_count = colocated_losses(model, batches, pad_id, device, training=False)
+                total += chunk_sum.item()
+                count += chunk_count.item()
     finally:
-        model.train()
         if not in_model:
             model.remove_adapter(adapter.id)
     return total / max(1.0, count)

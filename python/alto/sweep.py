@@ -129,6 +129,12 @@ def _model_spec(model: Any, device: str) -> Any:
     return model
 
 
+def _as_name(value: Any) -> str:
+    """A name or id as written (YAML reads `3` as an int: it is the name "3"); "" for anything else
+    (null, true, lists), which the callers reject."""
+    return str(value) if isinstance(value, str) or is_int(value) else ""
+
+
 def _adapter_id(values: dict[str, Any], keys: list[str]) -> str:
     """rank4-lr0p001: the grid values, spelled with what ids allow."""
     text = "-".join(f"{k}{values[k]}" for k in keys).replace(".", "p")
@@ -197,7 +203,7 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     for i, entry in enumerate(extra):
         entry = dict(entry)
         given = entry.pop("id", f"adapter{i}")
-        aid = str(given) if isinstance(given, str) or is_int(given) else ""
+        aid = _as_name(given)
         if not valid_adapter_id(aid):
             _fail(f"adapters[{i}].id", f"{given!r} must be letters, digits, '-' or '_'")
         if aid in adapters:
@@ -221,7 +227,7 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     if reclaim not in ("admit", "grow"):
         _fail("reclaim", f"{reclaim!r} must be admit or grow")
     given = raw.get("name", "sweep")
-    name = str(given) if isinstance(given, str) or is_int(given) else ""
+    name = _as_name(given)
     if not name or "/" in name or name in (".", ".."):
         _fail("name", f"{given!r} must be a plain folder name (it names runs/<name>)")
     if raw.get("output") is not None and not (isinstance(raw["output"], str) and raw["output"]):

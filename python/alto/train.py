@@ -59,8 +59,8 @@ LOSS_BLOCK_ELEMENTS = 2**28  # fp32 temporaries of one block of logit rows: 1 Gi
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy in fp32 (float64 for float64 logits), a block of rows at a time. A co-located step holds every
-    adapter's tokens (32k tokens x 128k vocab: 8 GiB of bf16 logits); the usual
+    """Per-token cross-entropy in fp32 (float64 for float64 logits), a block of rows at a time. A
+    co-located step holds every adapter's tokens (32k tokens x 128k vocab: 8 GiB of bf16 logits); the usual
     `F.cross_entropy(logits.float())` adds a whole fp32 copy and a whole fp32 log-softmax (16 GiB
     each). Here no fp32 tensor is larger than one block: forward keeps only the logits it was given,
     backward recomputes each block's softmax from them."""
@@ -101,8 +101,8 @@ def _row_blocks(logits: torch.Tensor) -> list[slice]:
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token loss at every position of [B, L] labels (-100: no target), as [B, L] fp32
-    (float64 for float64 logits); the
-    last position and those whose next label is -100 are 0. Memory: see _TokenCrossEntropy."""
+    (float64 for float64 logits); the last position and those whose next label is -100 are 0.
+    Memory: see _TokenCrossEntropy."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # shift the labels, not the (large) logits
     return _TokenCrossEntropy.apply(logits.flatten(0, 1), targets.flatten()).view(labels.shape)
 
