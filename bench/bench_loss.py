@@ -15,7 +15,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from alto.train import token_losses
+from alto.loss import token_losses
 
 
 def usual(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch
 
 from alto.model import MultiLoraModel, plan_for
 from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig, Registry
-from alto.train import DataStream, Trainer, pad_batch, token_losses
+from alto.loss import token_losses
+from alto.train import DataStream, Trainer, pad_batch
 
 RANKS = [8, 16, 32, 64]
 
@@ -82,7 +83,7 @@ def main() -> None:
 
         def base_step():
             plan = plan_for(model, [], [], ids.shape[1], ids.device)
-            logits = model(ids, mask, plan)
+            logits = model(plan, input_ids=ids, attention_mask=mask)
             token_losses(logits, labels).sum().backward()  # the loss a co-located step computes: only LoRA differs
 
         t_base = wall_ms(base_step, args.iters)

@@ -339,7 +339,8 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(base_model, sequences,
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base_model), str(out)).eval()
         with torch.no_grad():
             theirs = loaded(input_ids=ids, attention_mask=mask).logits
-            ours = trainer.model.eval()(ids, mask, plan_for(trainer.model, [aid], [3], ids.shape[1], torch.device("cpu")))
+            plan = plan_for(trainer.model, [aid], [[ids.shape[1]] * 3], ids.shape[1], torch.device("cpu"))
+            ours = trainer.model.eval()(plan, input_ids=ids, attention_mask=mask)
         trainer.model.train()
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5), (aid, (ours - theirs).abs().max())
         # and the adapter really changed the model

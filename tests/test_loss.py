@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import alto.train
-from alto.train import adapter_loss_sums, mean_losses, token_losses
+import alto.loss
+from alto.loss import adapter_loss_sums, mean_losses, token_losses
 
 
 def reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,7 @@ SHAPES = [(3, 9, 50, 2**28), (4, 7, 33, 5 * 33), (2, 5, 17, 1), (3, 4, 1, 2**28)
 
 @pytest.mark.parametrize("rows,length,vocab,block", SHAPES)
 def test_token_losses_match_float64_cross_entropy(device, rows, length, vocab, block, monkeypatch):
-    monkeypatch.setattr(alto.train, "LOSS_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(alto.loss, "LOSS_BLOCK_ELEMENTS", block)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     labels = torch.randint(0, vocab, (rows, length), device=device)
     labels[0, length // 2 :] = -100  # padding: no target
@@ -51,6 +51,6 @@ def test_mean_losses_are_each_adapters_mean_token_loss():
     labels[4, 1:] = -100  # a sample with no target at all
     ref = reference(logits, labels)
     counts = (labels[:, 1:] != -100).sum(1)
-    got = mean_losses(adapter_loss_sums(logits, labels, [2, 0, 3]))  # an adapter with no samples
+    got = mean_losses(adapter_loss_sums(logits, labels, [2 * 6, 0, 3 * 6]))  # an adapter with no samples
     want = [ref[:2].sum() / counts[:2].sum(), 0.0, ref[2:].sum() / counts[2:].sum()]
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-7)

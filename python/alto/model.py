@@ -19,23 +19,31 @@ import torch
 from torch import nn
 
 import alto_ext
+from alto import attention
 from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig
 
 
 @dataclass
 class StepPlan:
-    """The running adapters of one step in batch order: each owns a contiguous block of rows."""
+    """The running adapters of one step in batch order: each owns a contiguous range of the step's
+    token positions (packed: its sequences end to end; padded: its block of rows)."""
 
     adapter_ids: list[str]
-    token_counts: list[int]  # tokens per adapter (samples x sequence length)
-    seq_len: int  # the padded length of the step's sequences
-    own_lengths: list[int]  # each adapter's longest sequence of this step (the rest is padding)
+    lengths: list[list[int]]  # each adapter's sequence lengths in this step
+    row_len: int | None  # padded steps: the length every row is padded to; None: packed
     scaling: list[float]
     dropout: list[float]
     generators: list[torch.Generator]  # each adapter's own dropout RNG (migrates with it)
     device: torch.device
     scaling_dtype: torch.dtype = torch.float32  # float64 for a float64 model (exact math)
     _segments: dict[tuple[int, ...], alto_ext.Segments] = field(default_factory=dict)
+
+    @property
+    def token_counts(self) -> list[int]:
+        """Token positions per adapter (padding included in a padded step)."""
+        if self.row_len is None:
+            return [sum(lens) for lens in self.lengths]
+        return [len(lens) * self.row_len for lens in self.lengths]
 
     def segments(self, ranks: tuple[int, ...]) -> alto_ext.Segments:
         """Segments for one layer's rank tuple (built once per step per distinct tuple)."""
@@ -46,22 +54,25 @@ class StepPlan:
         return seg
 
     def apply_dropout(self, x: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor | None:
-        """Each adapter's LoRA dropout on its own rows (one copy of x), or None if all are 0. The
+        """Each adapter's LoRA dropout on its own tokens (one copy of x), or None if all are 0. The
         masks come from each adapter's own generator, drawn only in the layers it targets (ranks
-        of this layer) and only over its own sequence length, so they do not depend on which
-        adapters share the step (and pad it) or on the rank."""
+        of this layer) and as [samples, its longest sequence, d], as PEFT draws them for the
+        adapter's batch alone, so they depend neither on which adapters share the step nor on
+        packing, padding or the rank."""
         if not any(p > 0 and r > 0 for p, r in zip(self.dropout, ranks)):
             return None
         parts = torch.split(x, self.token_counts)
-        return torch.cat([self._dropout(part, p, g, own) if p > 0 and r > 0 else part for part, p, g, own, r
-                          in zip(parts, self.dropout, self.generators, self.own_lengths, ranks)])
+        return torch.cat([self._dropout(part, p, g, lens) if p > 0 and r > 0 else part for part, p, g, lens, r
+                          in zip(parts, self.dropout, self.generators, self.lengths, ranks)])
 
-    def _dropout(self, x: torch.Tensor, p: float, generator: torch.Generator, own: int) -> torch.Tensor:
-        rows = x.view(-1, self.seq_len, x.shape[-1])
-        keep = torch.ones_like(rows)  # padding positions: never seen by a real token
-        keep[:, :own] = torch.empty_like(rows[:, :own], memory_format=torch.contiguous_format).bernoulli_(
-            1.0 - p, generator=generator)  # drawn for [samples, own, d] whatever the padding
-        return (rows * keep / (1.0 - p)).view_as(x)
+    def _dropout(self, x: torch.Tensor, p: float, generator: torch.Generator, lengths: list[int]) -> torch.Tensor:
+        own = max(lengths)
+        keep = x.new_empty(len(lengths), own, x.shape[-1]).bernoulli_(1.0 - p, generator=generator)
+        if self.row_len is None:  # packed: each sequence's own positions, end to end
+            keep = keep[torch.arange(own, device=x.device) < torch.tensor(lengths, device=x.device)[:, None]]
+        else:  # padded rows: padding positions are never seen by a real token
+            keep = torch.nn.functional.pad(keep, (0, 0, 0, self.row_len - own), value=1.0).flatten(0, 1)
+        return x * keep / (1.0 - p)
 
 
 class _Context:
@@ -214,6 +225,7 @@ class MultiLoraModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model
+        attention.register()  # packed steps switch the model to it (forward)
         base_dtype = next(model.parameters()).dtype
         self.adapter_dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
         self.context = _Context()
@@ -306,24 +318,30 @@ class MultiLoraModel(nn.Module):
         del self.generators[adapter_id]
         return {p: self.layers[p].remove_adapter(adapter_id) for p in self.target_layers(config)}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        """Logits [batch, seq, vocab]; rows of the batch follow plan.adapter_ids' blocks."""
+    def forward(self, plan: StepPlan, **inputs: torch.Tensor | int) -> torch.Tensor:
+        """Logits [rows, positions, vocab] of a step built by alto.train.step_inputs: padded rows
+        (input_ids, attention_mask) or one packed row (input_ids, position_ids, cu_seq_lens_q,
+        max_length_q: attention alto.attention's varlen); adapters own plan's token ranges."""
         unknown = [a for a in plan.adapter_ids if a not in self.configs]
         if unknown:
             raise ValueError(f"step plan names adapters not in the model: {unknown}")
+        config = self.model.config
+        usual = config._attn_implementation
         self.context.plan = plan
+        if plan.row_len is None:
+            config._attn_implementation = attention.NAME  # read by every layer at each forward
         try:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return self.model(**inputs, use_cache=False).logits
         finally:
             self.context.plan = None
+            config._attn_implementation = usual
 
 
-def plan_for(model: MultiLoraModel, adapter_ids: Sequence[str], samples: Sequence[int], seq_len: int,
-             device: torch.device, own_lengths: Sequence[int] | None = None) -> StepPlan:
-    """The plan of a step whose rows are samples[i] sequences of adapter i, padded to seq_len
-    (own_lengths: each adapter's longest unpadded sequence; default seq_len)."""
+def plan_for(model: MultiLoraModel, adapter_ids: Sequence[str], lengths: Sequence[Sequence[int]],
+             row_len: int | None, device: torch.device) -> StepPlan:
+    """The plan of a step holding sequences of these lengths per adapter, packed (row_len None) or
+    each padded to row_len."""
     configs = [model.configs[a] for a in adapter_ids]
-    own = list(own_lengths) if own_lengths is not None else [seq_len] * len(adapter_ids)
-    return StepPlan(list(adapter_ids), [n * seq_len for n in samples], seq_len, own, [c.scaling for c in configs],
+    return StepPlan(list(adapter_ids), [list(lens) for lens in lengths], row_len, [c.scaling for c in configs],
                     [c.dropout for c in configs], [model.generators[a] for a in adapter_ids], device,
                     model.adapter_dtype)

@@ -14,7 +14,8 @@ from alto.base import Base
 from alto.export import save_peft_adapter
 from alto.model import LayerTensors, MultiLoraModel
 from alto.registry import Adapter, Registry, Status
-from alto.train import colocated_losses, mean_losses
+from alto.loss import mean_losses
+from alto.train import colocated_losses
 
 EVAL_BATCH = 16  # held-out sequences per forward
 

@@ -9,7 +9,7 @@ gradient accumulation. A non-finite loss or gradient fails that adapter only.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from alto.model import LayerTensors, MultiLoraModel, plan_for
 from alto.optim import MultiAdamW
+from alto.loss import adapter_loss_sums, mean_losses
 from alto.registry import Adapter, Registry, Status
-from alto_ext.segments import segment_sums, to_device
+from alto_ext.segments import to_device
 
 
 class DataStream:
@@ -55,89 +56,45 @@ def pad_batch(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, le
     return ids, mask.long(), labels
 
 
-LOSS_BLOCK_ELEMENTS = 2**28  # fp32 temporaries of one block of logit rows: 1 GiB
-
-
-class _TokenCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy in fp32 (float64 for float64 logits), a block of rows at a time. A
-    co-located step holds every adapter's tokens (32k tokens x 128k vocab: 8 GiB of bf16 logits); the usual
-    `F.cross_entropy(logits.float())` adds a whole fp32 copy and a whole fp32 log-softmax (16 GiB
-    each). Here no fp32 tensor is larger than one block: forward keeps only the logits it was given,
-    backward recomputes each block's softmax from them."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # [T, V], [T] (-100: none)
-        ctx.save_for_backward(logits, targets)
-        picked = targets.clamp_min(0)[:, None]
-        loss = torch.empty(targets.shape, dtype=_loss_dtype(logits), device=logits.device)
-        for rows in _row_blocks(logits):
-            log_probs = torch.log_softmax(logits[rows], -1, dtype=loss.dtype)
-            loss[rows] = log_probs.gather(1, picked[rows]).squeeze(1).neg_()
-        return loss.masked_fill_(targets == -100, 0.0)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        logits, targets = ctx.saved_tensors
-        grad = grad.masked_fill(targets == -100, 0.0)[:, None]
-        picked = targets.clamp_min(0)[:, None]
-        dtype = _loss_dtype(logits)
-        minus_one = torch.full(picked.shape, -1.0, dtype=dtype, device=logits.device)
-        out = torch.empty_like(logits)
-        for rows in _row_blocks(logits):  # d loss / d logits = (softmax - onehot(target)) * grad
-            p = torch.softmax(logits[rows], -1, dtype=dtype).scatter_add_(1, picked[rows], minus_one[rows])
-            torch.mul(p, grad[rows], out=out[rows])  # computed in fp32 (or fp64), stored in the logits' dtype
-        return out, None
-
-
-def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(logits.dtype, torch.float32)
-
-
-def _row_blocks(logits: torch.Tensor) -> list[slice]:
-    rows = max(1, LOSS_BLOCK_ELEMENTS // max(1, logits.shape[1]))
-    return [slice(i, i + rows) for i in range(0, logits.shape[0], rows)]
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token loss at every position of [B, L] labels (-100: no target), as [B, L] fp32
-    (float64 for float64 logits); the last position and those whose next label is -100 are 0.
-    Memory: see _TokenCrossEntropy."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # shift the labels, not the (large) logits
-    return _TokenCrossEntropy.apply(logits.flatten(0, 1), targets.flatten()).view(labels.shape)
-
-
-def adapter_loss_sums(logits: torch.Tensor, labels: torch.Tensor, samples: Sequence[int]) -> torch.Tensor:
-    """[2, G]: each adapter's summed next-token loss over its own target tokens, and the number of
-    those tokens; samples = rows per adapter (row sums summed per adapter in a fixed number of
-    kernels, see segment_sums)."""
-    token_loss = token_losses(logits, labels)
-    per_row = torch.stack([token_loss.sum(1), (labels[:, 1:] != -100).sum(1).to(token_loss.dtype)])
-    return segment_sums(per_row, samples)
-
-
-def mean_losses(loss_sums: torch.Tensor) -> torch.Tensor:
-    """[G] mean next-token loss of each adapter over its own target tokens, from adapter_loss_sums
-    (0 for an adapter without any)."""
-    loss_sum, count = loss_sums
-    return loss_sum / count.clamp_min(1)
+def step_inputs(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, packed: bool,
+                device: torch.device) -> tuple[dict[str, torch.Tensor | int], torch.Tensor, int | None]:
+    """(model inputs, labels [rows, positions], row length or None) of a step's sequences.
+    Padded: right-padded rows with an attention mask. Packed (TRL's padding-free layout): one row
+    of all sequences end to end, position ids restarting at each, the boundaries as cu_seq_lens_q,
+    and each sequence's first label -100, so no next-token target crosses a boundary."""
+    if not packed:
+        ids, mask, labels = (to_device(t, device) for t in pad_batch(sequences, pad_id))
+        return {"input_ids": ids, "attention_mask": mask}, labels, ids.shape[1]
+    lengths = torch.tensor([len(s) for s in sequences])
+    ids = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in sequences])
+    bounds = F.pad(lengths.cumsum(0), (1, 0))
+    positions = torch.arange(len(ids)) - bounds[:-1].repeat_interleave(lengths)
+    labels = ids.clone()
+    labels[bounds[:-1]] = -100
+    inputs = {"input_ids": to_device(ids[None], device), "position_ids": to_device(positions[None], device),
+              "cu_seq_lens_q": to_device(bounds.to(torch.int32), device), "max_length_q": int(lengths.max())}
+    return inputs, to_device(labels[None], device), None
 
 
 def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence[int] | torch.Tensor]],
-                     pad_id: int, device: torch.device, training: bool) -> torch.Tensor:
+                     pad_id: int, device: torch.device, training: bool, packed: bool = True) -> torch.Tensor:
     """The one place a co-located batch is built and run (training steps, held-out losses and
-    evaluation alike): every adapter's sequences as a block of rows, right-padded to the step's
-    longest, one forward of the shared model, and adapter_loss_sums ([2, G] in batches' order).
+    evaluation alike): every adapter's sequences, packed into one token stream (or as right-padded
+    rows), one forward of the shared model; returns adapter_loss_sums ([2, G] in batches' order).
     Autocast is chosen here: training on CUDA runs in bf16 (adapter masters stay fp32); held-out
     losses run in the base's own dtype (as PEFT evaluates it), and nothing autocasts on the CPU
     (float32, or float64 for exact checks)."""
-    samples = [len(b) for b in batches.values()]
     flat = [s for b in batches.values() for s in b]
-    ids, mask, labels = (to_device(t, device) for t in pad_batch(flat, pad_id))
-    plan = plan_for(model, list(batches), samples, ids.shape[1], device, [max(len(s) for s in b) for b in batches.values()])
+    inputs, labels, row_len = step_inputs(flat, pad_id, packed, device)
+    plan = plan_for(model, list(batches), [[len(s) for s in b] for b in batches.values()], row_len, device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=training and device.type == "cuda"):
-        logits = model(ids, mask, plan)
-    return adapter_loss_sums(logits, labels, samples)
+        logits = model(plan, **inputs)
+    return adapter_loss_sums(logits, labels, plan.token_counts)
+
+
+def step_positions(lengths: Sequence[int], packed: bool) -> int:
+    """Token positions a step of sequences of these lengths runs (padded: every row as long as the longest)."""
+    return sum(lengths) if packed else len(lengths) * max(lengths, default=0)
 
 
 @dataclass
@@ -174,19 +131,34 @@ class AdapterState:
         return self.with_tensors(moved)
 
 
+class StepOutOfMemory(Exception):
+    """A step ran out of memory and was undone: no adapter's weights, pending gradients, optimizer
+    state, data position or dropout RNG changed."""
+
+    def __init__(self, positions: int):
+        super().__init__(f"out of memory in a step of {positions} token positions")
+        self.positions = positions
+
+
 class Trainer:
     """Steps the running adapters held in its model (with rank-local adapter parallelism: the
     adapters placed on this rank; the registry lists every adapter of the run)."""
 
     def __init__(self, model: MultiLoraModel, registry: Registry, data: dict[str, DataStream],
-                 pad_id: int, device: torch.device | str = "cpu"):
+                 pad_id: int, device: torch.device | str = "cpu", packed: bool = True):
         self.model = model
         self.registry = registry
         self.data = data
         self.pad_id = pad_id
         self.device = torch.device(device)
+        self.packed = packed
         self.optimizer = MultiAdamW()
-        self.retired: dict[str, AdapterState] = {}  # adapters taken out of the model (on the CPU)
+        # Adapters out of the model (on the CPU): finished, stopped, failed, or queued again after
+        # an out-of-memory step (admit() puts those back from here).
+        self.retired: dict[str, AdapterState] = {}
+        self.last_positions = 0  # token positions of the last step (padding included)
+        # Fault injection for tests: called inside the step's guarded region, after the forward.
+        self.inject_fault: Callable[[list[Adapter]], None] | None = None
 
     def running(self) -> list[Adapter]:
         """The running adapters this trainer holds, in registry order."""
@@ -227,6 +199,46 @@ class Trainer:
         adapter.status = status
         adapter.failure = reason
 
+    def _forward_backward(self, running: list[Adapter]) -> torch.Tensor:
+        """The step's losses ([G]) and gradients, added to the pending ones. Out of memory, the step
+        is undone (data positions, dropout RNGs and pending gradients as before) and
+        StepOutOfMemory raised, after every tensor of the failed step is freed."""
+        positions = {a.id: self.data[a.id].position for a in running}
+        rngs = {a.id: self.model.generators[a.id].get_state() for a in running if a.config.dropout > 0}
+        packs = [p for layer in self.model.layers.values() if layer.order for p in layer.packs()]
+        pending = [p.grad for p in packs]  # accumulated gradients: the backward writes fresh ones
+        for p in packs:
+            p.grad = None
+        batches = {a.id: self.data[a.id].next_batch(a.micro_batch_size) for a in running}
+        self.last_positions = step_positions([len(s) for b in batches.values() for s in b], self.packed)
+        try:
+            loss_sums = colocated_losses(self.model, batches, self.pad_id, self.device, training=True,
+                                         packed=self.packed)
+            if self.inject_fault is not None:
+                self.inject_fault(running)
+            per_adapter = mean_losses(loss_sums)
+            inv_accum = to_device([1.0 / a.config.grad_accum for a in running], self.device, per_adapter.dtype)
+            (torch.where(torch.isfinite(per_adapter), per_adapter, 0.0) * inv_accum).sum().backward()
+        except torch.OutOfMemoryError:
+            failed = True
+        else:
+            failed = False
+        if failed:  # outside the except block: the failed step's frames and tensors are gone
+            loss_sums = per_adapter = None
+            for p, g in zip(packs, pending):
+                p.grad = g
+            for aid, position in positions.items():
+                self.data[aid].position = position
+            for aid, state in rngs.items():
+                self.model.generators[aid].set_state(state)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise StepOutOfMemory(self.last_positions)
+        for p, g in zip(packs, pending):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        return per_adapter
+
     def step(self) -> dict[str, float]:
         """One micro-step of every running adapter; returns each one's loss. The host waits for
         the GPU once, at the end: an adapter whose loss is not finite is masked out of the
@@ -235,10 +247,7 @@ class Trainer:
         running = self.running()
         if not running:
             return {}
-        batches = {a.id: self.data[a.id].next_batch(a.micro_batch_size) for a in running}
-        per_adapter = mean_losses(colocated_losses(self.model, batches, self.pad_id, self.device, training=True))
-        inv_accum = to_device([1.0 / a.config.grad_accum for a in running], self.device, per_adapter.dtype)
-        (torch.where(torch.isfinite(per_adapter), per_adapter, 0.0) * inv_accum).sum().backward()
+        per_adapter = self._forward_backward(running)
         for adapter in running:
             adapter.micro_step += 1
         stepping = [a for a in running if a.micro_step % a.config.grad_accum == 0]

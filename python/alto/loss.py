@@ -1,0 +1,78 @@
+"""The loss of a co-located step: every adapter's mean next-token loss over its own target tokens,
+from the logits of all adapters' tokens at once, without materializing fp32 copies of them."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from alto_ext.segments import segment_sums
+
+
+LOSS_BLOCK_ELEMENTS = 2**28  # fp32 temporaries of one block of logit rows: 1 GiB
+
+
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy in fp32 (float64 for float64 logits), a block of rows at a time. A
+    co-located step holds every adapter's tokens (32k tokens x 128k vocab: 8 GiB of bf16 logits); the usual
+    `F.cross_entropy(logits.float())` adds a whole fp32 copy and a whole fp32 log-softmax (16 GiB
+    each). Here no fp32 tensor is larger than one block: forward keeps only the logits it was given,
+    backward recomputes each block's softmax from them."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # [T, V], [T] (-100: none)
+        ctx.save_for_backward(logits, targets)
+        picked = targets.clamp_min(0)[:, None]
+        loss = torch.empty(targets.shape, dtype=_loss_dtype(logits), device=logits.device)
+        for rows in _row_blocks(logits):
+            log_probs = torch.log_softmax(logits[rows], -1, dtype=loss.dtype)
+            loss[rows] = log_probs.gather(1, picked[rows]).squeeze(1).neg_()
+        return loss.masked_fill_(targets == -100, 0.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        grad = grad.masked_fill(targets == -100, 0.0)[:, None]
+        picked = targets.clamp_min(0)[:, None]
+        dtype = _loss_dtype(logits)
+        minus_one = torch.full(picked.shape, -1.0, dtype=dtype, device=logits.device)
+        out = torch.empty_like(logits)
+        for rows in _row_blocks(logits):  # d loss / d logits = (softmax - onehot(target)) * grad
+            p = torch.softmax(logits[rows], -1, dtype=dtype).scatter_add_(1, picked[rows], minus_one[rows])
+            torch.mul(p, grad[rows], out=out[rows])  # computed in fp32 (or fp64), stored in the logits' dtype
+        return out, None
+
+
+def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _row_blocks(logits: torch.Tensor) -> list[slice]:
+    rows = max(1, LOSS_BLOCK_ELEMENTS // max(1, logits.shape[1]))
+    return [slice(i, i + rows) for i in range(0, logits.shape[0], rows)]
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token loss at every position of [B, L] labels (-100: no target), as [B, L] fp32
+    (float64 for float64 logits); the last position and those whose next label is -100 are 0.
+    Memory: see _TokenCrossEntropy."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # shift the labels, not the (large) logits
+    return _TokenCrossEntropy.apply(logits.flatten(0, 1), targets.flatten()).view(labels.shape)
+
+
+def adapter_loss_sums(logits: torch.Tensor, labels: torch.Tensor, token_counts: Sequence[int]) -> torch.Tensor:
+    """[2, G]: each adapter's summed next-token loss over its own target tokens, and the number of
+    those tokens; token_counts = positions per adapter of the flattened [B, L] labels (summed per
+    adapter in a fixed number of kernels, see segment_sums)."""
+    token_loss = token_losses(logits, labels).flatten()
+    has_target = F.pad(labels[:, 1:] != -100, (0, 1)).flatten().to(token_loss.dtype)
+    return segment_sums(torch.stack([token_loss, has_target]), token_counts)
+
+
+def mean_losses(loss_sums: torch.Tensor) -> torch.Tensor:
+    """[G] mean next-token loss of each adapter over its own target tokens, from adapter_loss_sums
+    (0 for an adapter without any)."""
+    loss_sum, count = loss_sums
+    return loss_sum / count.clamp_min(1)
