@@ -163,7 +163,7 @@ def write_sweep(tmp_path, out: str, more_adapters=(), **extra) -> str:
     # float64 (exact math): runs whose steps are shaped differently (other ranks, other
     # co-located adapters) agree to ~1e-15, so the float32 exports and 6-decimal losses compared
     # below match within their own rounding, whatever the library versions.
-    doc = {"name": "p", "model": {"random_llama": TINY_LLAMA, "dtype": "float64"}, "device": "cpu", "checkpoint_every": 2,
+    doc = {"name": "p", "model": {"random_llama": TINY_LLAMA}, "base": {"dtype": "float64"}, "device": "cpu", "checkpoint_every": 2,
            "output": str(tmp_path / out),
            "data": {"source": "jsonl", "path": str(data), "max_length": 24, "eval_fraction": 0.2},
            "defaults": {"target_modules": ["q_proj", "v_proj"], "lr": 3e-3},
@@ -244,7 +244,7 @@ def test_monitor_decisions_and_admissions_on_two_ranks_match_one(tmp_path):
     """Rank 0 decides (held-out loss gathered from both ranks) and broadcasts: the same stops, and
     the queued config e admitted into the freed slot at the same step, as on one process with the
     same total slots (max_running is per rank)."""
-    e = [{"id": "e", "rank": 2, "seed": 4, "micro_batch_size": 2, "max_steps": 4}]
+    e = [{"id": "e", "rank": 2, "seed": 4, "micro_batch_size": 1, "max_steps": 4}]  # queued last (largest micro-batch first)
     monitor = {"rule": "halving", "grace": 2, "eta": 2, "signal": "eval", "eval_every": 2}
     one = write_sweep(tmp_path, "m1", e, monitor=monitor, max_running=4)
     two = write_sweep(tmp_path, "m2", e, monitor=monitor, max_running=2)

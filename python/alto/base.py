@@ -46,11 +46,13 @@ def smollm2_dir() -> str:
     return folder
 
 
-def load_base(spec: str | dict, device: torch.device) -> Base:
-    """The sweep's base model on `device`, frozen weights in the spec's dtype (float32 by default)."""
+def load_base(spec: str | dict, dtype: str, device: torch.device) -> Base:
+    """The sweep's base model on `device`, its frozen weights in `dtype` (the sweep's base.dtype,
+    auto resolved: bfloat16 on a GPU, where a float32 base would be cast by autocast in every step,
+    twice the time and memory; float32 on the CPU)."""
     import transformers
 
-    dtype = getattr(torch, spec.get("dtype", "float32")) if isinstance(spec, dict) else torch.float32
+    dtype = getattr(torch, dtype)
     if spec == "smollm2" or "hf_dir" in spec:
         if spec == "smollm2":
             where, gguf = smollm2_dir(), SMOLLM2_GGUF

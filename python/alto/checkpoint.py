@@ -13,7 +13,7 @@ import torch
 from alto.inputs import first_line
 
 CHECKPOINT = "checkpoint.pt"
-LOGS = ("losses.csv", "decisions.csv")  # rows start with the run's micro-step
+LOGS = ("losses.csv", "decisions.csv", "steps.csv")  # rows start with the run's micro-step
 # Bumped when what a checkpoint holds changes shape (2: adapter progress records, named tensors).
 FORMAT = 2
 

@@ -3,7 +3,8 @@
 ```yaml
 name: demo
 model: smollm2                  # or {hf_dir: DIR, gguf_file: F} or {random_llama: {hidden_size: 64, ...}}
-                               # [+ dtype: float32 (default) | float64 (exact math, device cpu)]
+base: {dtype: auto}             # the frozen base's weights: auto = bfloat16 on a GPU, float32 on the CPU;
+                               # or bfloat16 | float32 | float64 (exact math, device cpu)
 data: {source: chatterbot, max_length: 96, eval_fraction: 0.1, limit: 600}   # or jsonl/text + path,
                                # or hf + path (dataset name or save_to_disk folder) [+ split: train]
 device: auto                   # auto | cpu | cuda
@@ -12,7 +13,11 @@ defaults: {rank: 8, alpha: 16, lr: 1e-4, micro_batch_size: 4, max_steps: 30}
 grid: {rank: [4, 16], lr: [1e-4, 1e-3]}    # cartesian product over these fields
 adapters: [{id: wide, rank: 64}]           # explicit extra configurations
 monitor: {rule: asha, grace: 8, eta: 2}    # early termination (alto.monitor); absent = never stop early
-max_running: 8                             # adapter slots per rank; the rest queue and take freed slots
+max_running: auto                          # adapters co-located per rank: auto = as many as the memory
+                                           # model predicts fit (alto.admission), or a number; the rest queue
+max_tokens_per_step: null                  # a cap on a step's predicted tokens per rank (auto admission)
+memory_budget_gb: null                     # what a step may use per rank (default: the device's free memory)
+packing: true                              # padding-free steps; false pads every row to the step's longest
 reclaim: admit                             # or grow: survivors' micro-batches fill freed samples
 ```
 """
@@ -27,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from alto.base import device_type
 from alto.inputs import is_int, is_number
 from alto.monitor import MonitorConfig
 from alto.registry import AdapterConfig, valid_adapter_id
@@ -41,12 +47,12 @@ defaults: {alpha: 16, micro_batch_size: 4, max_steps: 12, target_modules: [q_pro
 grid: {rank: [4, 16], lr: [3.0e-4, 1.0e-3]}
 """
 
-TOP_KEYS = {"name", "model", "data", "device", "checkpoint_every", "defaults", "grid", "adapters", "output",
-            "monitor", "max_running", "reclaim"}
+TOP_KEYS = {"name", "model", "base", "data", "device", "checkpoint_every", "defaults", "grid", "adapters", "output",
+            "monitor", "max_running", "max_tokens_per_step", "memory_budget_gb", "packing", "reclaim"}
 DATA_KEYS = {"source", "path", "split", "max_length", "eval_fraction", "limit"}
 DATA_SOURCES = ("chatterbot", "jsonl", "text", "hf")
-MODEL_KEYS = {"hf_dir", "gguf_file", "random_llama", "dtype"}
-MODEL_DTYPES = ("float32", "float64")
+MODEL_KEYS = {"hf_dir", "gguf_file", "random_llama"}
+BASE_DTYPES = ("auto", "bfloat16", "float32", "float64")
 # Sizes of a random_llama that must be positive ints (the rest goes to LlamaConfig as given).
 RANDOM_LLAMA_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "max_position_embeddings", "head_dim")
@@ -75,7 +81,11 @@ class Sweep:
     raw: dict[str, Any] = field(repr=False)
     output: str | None = None
     monitor: MonitorConfig | None = None  # None: no early termination at all
-    max_running: int | None = None  # adapter slots on the GPU; the rest wait in the queue
+    base_dtype: str = "float32"  # the frozen base's weights (auto resolved for the device)
+    max_running: int | None = None  # adapters co-located per rank; None: by memory (alto.admission)
+    max_tokens_per_step: int | None = None
+    memory_budget_gb: float | None = None
+    packing: bool = True
     reclaim: str = "admit"  # when adapters stop: admit queued ones; "grow": also grow survivors' batches
 
 
@@ -93,10 +103,25 @@ def _adapter_config(where: str, values: dict[str, Any]) -> AdapterConfig:
         _fail(where, str(e))
 
 
-def _model_spec(model: Any, device: str) -> Any:
-    """The model setting, checked: smollm2, or a mapping with hf_dir [+ gguf_file] or random_llama
-    [+ dtype]."""
-    usage = "must be smollm2, {hf_dir: DIR[, gguf_file: F]} or {random_llama: {...}} [+ dtype]"
+def _base_dtype(base: Any, device: str) -> str:
+    """The base setting's dtype, auto resolved for the device (bfloat16 on a GPU, float32 on the CPU)."""
+    if base is None:
+        base = {}
+    if not isinstance(base, dict) or set(base) - {"dtype"}:
+        _fail("base", f"{base!r} must be a mapping with key dtype")
+    dtype = base.get("dtype", "auto")
+    if dtype not in BASE_DTYPES:
+        _fail("base.dtype", f"{dtype!r} must be one of {', '.join(BASE_DTYPES)}")
+    if dtype == "float64" and device != "cpu":
+        _fail("base.dtype", "float64 (exact math for checks) runs on the CPU only: set device: cpu")
+    if dtype == "auto":
+        return "bfloat16" if device_type(device) == "cuda" else "float32"
+    return dtype
+
+
+def _model_spec(model: Any) -> Any:
+    """The model setting, checked: smollm2, or a mapping with hf_dir [+ gguf_file] or random_llama."""
+    usage = "must be smollm2, {hf_dir: DIR[, gguf_file: F]} or {random_llama: {...}}"
     if model == "smollm2":
         return model
     if not isinstance(model, dict) or set(model) - MODEL_KEYS or ("hf_dir" in model) == ("random_llama" in model):
@@ -106,11 +131,6 @@ def _model_spec(model: Any, device: str) -> Any:
             _fail(f"model.{key}", f"{model[key]!r} must be a non-empty path")
     if "gguf_file" in model and "hf_dir" not in model:
         _fail("model.gguf_file", "needs model.hf_dir (the folder holding the file)")
-    dtype = model.get("dtype", "float32")
-    if dtype not in MODEL_DTYPES:
-        _fail("model.dtype", f"{dtype!r} must be one of {', '.join(MODEL_DTYPES)}")
-    if dtype == "float64" and device != "cpu":
-        _fail("model.dtype", "float64 (exact math for checks) runs on the CPU only: set device: cpu")
     if "random_llama" in model:
         cfg = model["random_llama"] if model["random_llama"] is not None else {}
         if not isinstance(cfg, dict):
@@ -180,7 +200,8 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     every = raw.get("checkpoint_every", 10)
     if not is_int(every) or every < 1:
         _fail("checkpoint_every", f"{every!r} must be an int >= 1")
-    model = _model_spec(raw.get("model", "smollm2"), device)
+    model = _model_spec(raw.get("model", "smollm2"))
+    base_dtype = _base_dtype(raw.get("base"), device)
 
     defaults = raw.get("defaults", {}) or {}
     grid = raw.get("grid", {}) or {}
@@ -220,9 +241,18 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
         monitor_cfg = MonitorConfig(**monitor)  # its errors name the field (monitor.rule=...)
         if monitor_cfg.signal == "eval" and not data["eval_fraction"]:
             _fail("monitor.signal", "eval needs held-out data: set data.eval_fraction > 0")
-    max_running = raw.get("max_running")
-    if max_running is not None and (not is_int(max_running) or max_running < 1):
-        _fail("max_running", f"{max_running!r} must be an int >= 1")
+    max_running = raw.get("max_running", "auto")
+    if max_running != "auto" and (not is_int(max_running) or max_running < 1):
+        _fail("max_running", f"{max_running!r} must be auto or an int >= 1")
+    cap = raw.get("max_tokens_per_step")
+    if cap is not None and (not is_int(cap) or cap < 2):
+        _fail("max_tokens_per_step", f"{cap!r} must be an int >= 2 (or null: no cap)")
+    budget = raw.get("memory_budget_gb")
+    if budget is not None and (not is_number(budget) or not 0 < budget < 2**40):
+        _fail("memory_budget_gb", f"{budget!r} must be a positive number of GB (or null: the device's)")
+    packing = raw.get("packing", True)
+    if not isinstance(packing, bool):
+        _fail("packing", f"{packing!r} must be true or false")
     reclaim = raw.get("reclaim", "admit")
     if reclaim not in ("admit", "grow"):
         _fail("reclaim", f"{reclaim!r} must be admit or grow")
@@ -232,4 +262,5 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
         _fail("name", f"{given!r} must be a plain folder name (it names runs/<name>)")
     if raw.get("output") is not None and not (isinstance(raw["output"], str) and raw["output"]):
         _fail("output", f"{raw['output']!r} must be a folder path")
-    return Sweep(name, model, data, device, every, adapters, raw, raw.get("output"), monitor_cfg, max_running, reclaim)
+    return Sweep(name, model, data, device, every, adapters, raw, raw.get("output"), monitor_cfg, base_dtype,
+                 None if max_running == "auto" else max_running, cap, budget, packing, reclaim)

@@ -3,9 +3,15 @@
 the decisions, merges the ranks' progress, logs and checkpoints.
 
 Run folder: sweep.yaml (the sweep as given, written by alto.tune), losses.csv (every adapter's
-loss at every micro-step), decisions.csv (early stops and why), checkpoint.pt (alto.checkpoint:
-every checkpoint_every micro-steps and at the end), leaderboard.csv, losses.png, adapters/<id>/
-(PEFT format; alto.results). The base model comes from alto.base.
+loss at every micro-step), decisions.csv (early stops, adapters sent back to the queue by an
+out-of-memory step, and why), steps.csv (every step's adapters, token positions, padding, predicted
+and measured peak memory, seconds), checkpoint.pt (alto.checkpoint: every checkpoint_every
+micro-steps and at the end), leaderboard.csv, losses.png, adapters/<id>/ (PEFT format;
+alto.results). The base model comes from alto.base; admission by memory from alto.admission.
+
+(Over 300 lines for a reason: the loop, its decisions, the out-of-memory split and the ranks'
+reports all read and change the same run state: owners, holders, admission order; split, each
+part would reach into the others'.)
 """
 from __future__ import annotations
 
@@ -20,15 +26,21 @@ from pathlib import Path
 import torch
 
 from alto import checkpoint, data as data_mod, results
+from alto.admission import Admission, admission_order
 from alto.base import device_type, load_base
 from alto.model import MultiLoraModel
 from alto.monitor import Decision, Monitor
 from alto.parallel import Group
 from alto.registry import Adapter, Registry, Status
 from alto.sched.catalog import ModelShape
+from alto.sched.memory import adapter_params
 from alto.sched.placement import adapter_cost, place, rank_loads, rebalance
 from alto.sweep import Sweep
-from alto.train import DataStream, Trainer
+from alto.train import DataStream, StepOutOfMemory, Trainer
+
+
+STEP_COLUMNS = ["micro_step", "adapters", "token_positions", "padding_fraction", "predicted_peak_gb",
+                "measured_peak_gb", "out_of_memory", "seconds"]
 
 
 def quiet(*_) -> None:
@@ -58,7 +70,7 @@ class SweepRun:
         self.device = torch.device("cpu")
         if device_type(sweep.device) == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.base = load_base(sweep.model, self.device)
+        self.base = load_base(sweep.model, sweep.base_dtype, self.device)
         self.shape = ModelShape.from_hf_config(self.base.model.config)
         texts = data_mod.load_texts(sweep.data["source"], sweep.data.get("path"), sweep.data["split"])
         if sweep.data["limit"]:
@@ -73,9 +85,18 @@ class SweepRun:
             order = list(self.train_seqs)
             random.Random(cfg.seed).shuffle(order)  # each adapter its own data order
             streams[aid] = DataStream(order)
-        self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device)
+        self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device, sweep.packing)
         self.monitor = Monitor(sweep.monitor) if sweep.monitor else None  # used on rank 0 only
+        self.admission = None  # max_running: auto admits by memory (decided on rank 0)
+        self.slots = sweep.max_running  # adapters per rank (lowered after an out-of-memory step)
+        if sweep.max_running is None:
+            self.admission = Admission.calibrate(
+                self.model, self.shape, [len(s) for s in self.train_seqs], sweep.packing,
+                admission_order(self.registry)[0].config, self.base.pad_id, self.device, sweep.memory_budget_gb,
+                sweep.max_tokens_per_step)
         self.owner: dict[str, int] = {}  # running adapter -> the rank training it (same on every rank)
+        self.holder: dict[str, int] = {}  # queued adapter whose state a rank holds (sent back after OOM)
+        self.admitted: dict[str, None] = {}  # adapters in the order they were last admitted (the latest go back first)
         self.micro_steps = 0
         self.samples_budget = 0  # most samples per step seen: what reclaim "grow" refills to
 
@@ -89,6 +110,7 @@ class SweepRun:
                 t.retired.update(part)
         else:
             t.retired.clear()
+        self.holder = dict.fromkeys(self.holder, 0)
 
     def save_checkpoint(self) -> None:
         """Writes the checkpoint (collective: every rank sends its adapters to rank 0)."""
@@ -116,8 +138,12 @@ class SweepRun:
             a.apply_progress(entry)
             if a.status == Status.RUNNING:
                 running.append(a)
-            elif entry["state"] is not None and self.group.is_leader:
-                self.trainer.retired[aid] = entry["state"]
+                self.admitted[aid] = None
+            elif entry["state"] is not None:
+                if a.status == Status.QUEUED:  # sent back after an out-of-memory step: rank 0 holds it
+                    self.holder[aid] = 0
+                if self.group.is_leader:
+                    self.trainer.retired[aid] = entry["state"]
         costs = self.costs(running)
         self.owner = place([a.id for a in running], costs, [0.0] * self.group.world)
         for a in running:
@@ -139,9 +165,18 @@ class SweepRun:
         stops = self.monitor_stops() if after_step else []
         stopped = {d.adapter for d in stops}
         running = [a for a in self.registry.with_status(Status.RUNNING) if a.id not in stopped]
-        queued = self.registry.with_status(Status.QUEUED)
-        slots = (sweep.max_running * world if sweep.max_running else len(self.registry)) - len(running)
-        admit = queued[: max(0, slots)]
+        queued = admission_order(self.registry.with_status(Status.QUEUED))
+        owner = {aid: r for aid, r in self.owner.items() if aid not in stopped}
+        placed: dict[str, int] | None = None
+        if self.admission is not None:
+            by_rank: dict[int, list[Adapter]] = {r: [] for r in range(world)}
+            for a in running:
+                by_rank[owner[a.id]].append(a)
+            placed = self.admission.choose(by_rank, queued, self.holder)
+            admit = [a for a in queued if a.id in placed]
+        else:
+            slots = self.slots * world - len(running)
+            admit = queued[: max(0, slots)]
         growth: dict[str, int] = {}
         if sweep.reclaim == "grow" and running + admit and len(admit) == len(queued):
             members = running + admit
@@ -150,12 +185,14 @@ class SweepRun:
                 growth[aid] = growth.get(aid, 0) + 1
         if world == 1:  # nothing to place: no cost estimates on the single-rank step path
             return Decisions(stops, {a.id: 0 for a in admit}, growth)
-        owner = {aid: r for aid, r in self.owner.items() if aid not in stopped}
         costs = self.costs(running + admit)
         for aid, n in growth.items():  # grown micro-batches cost more
             a = self.registry[aid]
             costs[aid] *= (a.micro_batch_size + n) / a.micro_batch_size
-        placed = place([a.id for a in admit], costs, rank_loads(owner, costs, world))
+        if placed is None:
+            pinned = {a.id: self.holder[a.id] for a in admit if a.id in self.holder}
+            placed = {**place([a.id for a in admit if a.id not in pinned], costs, rank_loads(owner, costs, world)),
+                      **pinned}
         return Decisions(stops, placed, growth, rebalance({**owner, **placed}, costs, world))
 
     def apply(self, decisions: Decisions, log, decision_log) -> None:
@@ -174,8 +211,12 @@ class SweepRun:
         for aid, r in decisions.admissions.items():
             a = self.registry[aid]
             self.owner[aid] = r
+            self.holder.pop(aid, None)
+            self.admitted.pop(aid, None)
+            self.admitted[aid] = None
             if r == rank:
-                t.admit(a)
+                saved = t.retired.pop(aid, None)  # sent back to the queue after an out-of-memory step
+                t.admit(a, None if saved is None else saved.to(self.device))
             else:
                 a.status = Status.RUNNING
             log(f"  admit {aid} on rank {r}" if self.group.world > 1 else f"  admit {aid} into a freed slot")
@@ -207,28 +248,61 @@ class SweepRun:
         return mon is not None and mon.signal == "eval" and self.micro_steps % mon.eval_every == 0
 
     # ---- the step's reports ----------------------------------------------------------------------
-    def report(self, marks: dict[str, tuple[int, int]]) -> dict[str, tuple]:
+    def report(self, marks: dict[str, tuple[int, int]], oom: tuple[int, int, int] | None) -> tuple[dict[str, tuple], tuple | None]:
         """The progress this rank's adapters made in the step, (since, progress(since)) each (marks:
-        taken before it), with their held-out losses at evaluation points."""
-        if self.at_evaluation():
+        taken before it), with their held-out losses at evaluation points; and, if the step ran out
+        of memory, what out_of_memory returned."""
+        if self.at_evaluation() and oom is None:
             running = self.trainer.running()
             losses = results.held_out_losses(self.model, [a.id for a in running], self.eval_seqs,
                                              self.base.pad_id, self.device) if running else []
             for a, loss in zip(running, losses):
                 a.eval_losses.append(loss)
-        return {aid: (since, self.registry[aid].progress(since)) for aid, since in marks.items()}
+        return {aid: (since, self.registry[aid].progress(since)) for aid, since in marks.items()}, oom
 
-    def merge(self, reports: list[dict]) -> dict[str, float]:
-        """Applies every rank's report to this rank's registry; returns the step's losses."""
+    def out_of_memory(self, positions: int) -> tuple[int, int, int]:
+        """This rank's step ran out of memory (and was undone): the most recently admitted half of
+        its adapters goes back to the queue, states kept (a lone adapter fails: it cannot run
+        smaller). Returns the failed step's (token positions, adapter parameters: the larger of
+        the step's and the planned ones, so the memory model never admits that set again) and
+        how many adapters the rank kept."""
+        t = self.trainer
+        order = list(self.admitted)
+        mine = sorted(t.running(), key=lambda a: order.index(a.id))
+        params = sum(adapter_params(a.config, self.shape) for a in mine)
+        if self.admission is not None:
+            positions = max(positions, self.admission.load(mine)[0])
+        if len(mine) == 1:
+            t.retire(mine[0], Status.FAILED, f"out of memory alone, in a step of {positions} token positions")
+        for a in mine[(len(mine) + 1) // 2:] if len(mine) > 1 else []:
+            t.retire(a, Status.QUEUED, f"out of memory: a step of {len(mine)} adapters and {positions} token "
+                                       "positions did not fit; back to the queue")
+        return positions, params, (len(mine) + 1) // 2 if len(mine) > 1 else 0
+
+    def merge(self, reports: list[tuple[dict, tuple | None]], decision_log) -> dict[str, float]:
+        """Applies every rank's report to this rank's registry (adapters sent back to the queue are
+        held by the rank that sent them; rank 0 logs why and corrects the memory model); returns
+        the step's losses."""
         losses = {}
-        for part in reports:
+        for rank, (part, oom) in enumerate(reports):
             for aid, (since, progress) in part.items():
                 a = self.registry[aid]
                 if self.owner.get(aid) != self.group.rank:  # the owner updated its copy itself
                     a.apply_progress(progress, since)
-                losses[aid] = a.losses[-1]
+                if progress["losses"]:
+                    losses[aid] = a.losses[-1]
+                if a.status == Status.QUEUED:
+                    self.holder[aid] = rank
                 if a.status != Status.RUNNING:
                     self.owner.pop(aid)
+                if oom is not None and a.status != Status.RUNNING and decision_log is not None:
+                    decision_log.writerow([self.micro_steps, aid, a.micro_step, "out-of-memory", a.failure])
+            if oom is not None:
+                positions, params, kept = oom
+                if self.admission is not None:
+                    self.admission.out_of_memory(positions, params)
+                elif kept:
+                    self.slots = min(self.slots, kept)
         return {a.id: losses[a.id] for a in self.registry if a.id in losses}  # registry order
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -239,13 +313,15 @@ class SweepRun:
             log = quiet
         new_log = not (self.run_dir / "losses.csv").exists()
         with contextlib.ExitStack() as files:
-            writer = decision_log = None
+            writer = decision_log = step_log = None
+            handles = []
             if leader:
-                f, g = (files.enter_context(open(self.run_dir / name, "a", newline="")) for name in checkpoint.LOGS)
-                writer, decision_log = csv.writer(f), csv.writer(g)
+                handles = [files.enter_context(open(self.run_dir / name, "a", newline="")) for name in checkpoint.LOGS]
+                writer, decision_log, step_log = (csv.writer(h) for h in handles)
                 if new_log:
                     writer.writerow(["micro_step", "adapter", "step", "loss"])
                     decision_log.writerow(["micro_step", "adapter", "adapter_micro_step", "rule", "reason"])
+                    step_log.writerow(STEP_COLUMNS)
             self.apply(self.group.broadcast(self.decide(after_step=False) if leader else None), log, decision_log)
             start = time.time()
             while self.registry.with_status(Status.RUNNING):
@@ -254,9 +330,18 @@ class SweepRun:
                 running = self.registry.with_status(Status.RUNNING)
                 self.samples_budget = max(self.samples_budget, sum(a.micro_batch_size for a in running))
                 marks = {a.id: a.marks() for a in self.trainer.running()}
-                self.trainer.step()
+                step_start, params = time.time(), self.running_params()
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                try:
+                    self.trainer.step()
+                    oom = None
+                except StepOutOfMemory as e:
+                    oom = self.out_of_memory(e.positions)
                 self.micro_steps += 1
-                losses = self.merge(self.group.all_gather(self.report(marks)))
+                if step_log is not None:
+                    self.log_step(step_log, len(marks), params, oom is not None, time.time() - step_start)
+                losses = self.merge(self.group.all_gather(self.report(marks, oom)), decision_log)
                 if writer is not None:
                     for aid, loss in losses.items():
                         writer.writerow([self.micro_steps, aid, self.registry[aid].step, f"{loss:.6f}"])
@@ -268,11 +353,30 @@ class SweepRun:
                     f"{counts[Status.STOPPED_EARLY]} | failed {counts[Status.FAILED]} | mean loss "
                     f"{sum(finite) / max(1, len(finite)):.4f} | {time.time() - start:.0f}s")
                 if self.micro_steps % self.sweep.checkpoint_every == 0:
-                    for h in (f, g) if leader else ():
+                    for h in handles:
                         h.flush()
                     self.save_checkpoint()
         self.save_checkpoint()
         return True
+
+    def running_params(self) -> int:
+        return sum(adapter_params(a.config, self.shape) for a in self.trainer.running())
+
+    def log_step(self, step_log, adapters: int, params: int, oom: bool, seconds: float) -> None:
+        """A row of steps.csv (rank 0's step): its size, the memory model's prediction and, on a
+        GPU, the measured peak (which the model is corrected to, if higher)."""
+        t = self.trainer
+        predicted = measured = ""
+        if self.admission is not None:
+            predicted = f"{self.admission.peak.predict(t.last_positions, params) / 1e9:.3f}"
+        if self.device.type == "cuda" and not oom:
+            peak = torch.cuda.max_memory_allocated(self.device)
+            measured = f"{peak / 1e9:.3f}"
+            if self.admission is not None:
+                self.admission.observe(t.last_positions, params, peak)
+        padding = 1 - t.last_tokens / t.last_positions if t.last_positions else 0.0
+        step_log.writerow([self.micro_steps, adapters, t.last_positions, f"{padding:.4f}", predicted, measured,
+                           int(oom), f"{seconds:.4f}"])
 
     # ---- results ---------------------------------------------------------------------------------
     def final_weights(self, aid: str):

@@ -156,7 +156,7 @@ class Trainer:
         # Adapters out of the model (on the CPU): finished, stopped, failed, or queued again after
         # an out-of-memory step (admit() puts those back from here).
         self.retired: dict[str, AdapterState] = {}
-        self.last_positions = 0  # token positions of the last step (padding included)
+        self.last_positions = self.last_tokens = 0  # of the last step: token positions (padding included), tokens
         # Fault injection for tests: called inside the step's guarded region, after the forward.
         self.inject_fault: Callable[[list[Adapter]], None] | None = None
 
@@ -176,7 +176,7 @@ class Trainer:
             self.optimizer.load(adapter.id, state.optimizer)
             self.data[adapter.id].position = state.data_position
             self.model.generators[adapter.id].set_state(state.rng)
-        adapter.status = Status.RUNNING
+        adapter.status, adapter.failure = Status.RUNNING, None
 
     def export_state(self, adapter_id: str) -> AdapterState:
         """Copies of the adapter's state, on the model's device."""
@@ -210,7 +210,8 @@ class Trainer:
         for p in packs:
             p.grad = None
         batches = {a.id: self.data[a.id].next_batch(a.micro_batch_size) for a in running}
-        self.last_positions = step_positions([len(s) for b in batches.values() for s in b], self.packed)
+        lengths = [len(s) for b in batches.values() for s in b]
+        self.last_positions, self.last_tokens = step_positions(lengths, self.packed), sum(lengths)
         try:
             loss_sums = colocated_losses(self.model, batches, self.pad_id, self.device, training=True,
                                          packed=self.packed)

@@ -8,8 +8,14 @@
   intermediate x·Aᵀ (rank values per targeted module); and the logits (bf16 + fp32 for the loss);
 - a safety margin: a fraction of the GPU never planned (CUDA context, allocator fragmentation,
   workspaces, the transient peaks this estimate does not model).
+
+PeakModel is the measured counterpart `alto tune` admits adapters by (alto.admission).
 """
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from alto.registry import AdapterConfig
 from alto.sched.catalog import GPUType, ModelShape, gpu_type
@@ -31,11 +37,12 @@ def adapter_params(config: AdapterConfig, shape: ModelShape) -> int:
     return config.rank * shape.layers * sum(sum(dims[m]) for m in config.target_modules)
 
 
-def activation_bytes_per_token(config: AdapterConfig, shape: ModelShape) -> int:
+def activation_bytes_per_token(config: AdapterConfig, shape: ModelShape, act_bytes: int = ACT_BYTES) -> int:
+    """act_bytes: 2 for bf16 activations, 4 for a float32 step (the CPU), 8 for float64."""
     kv = shape.kv_heads * shape.head_dim
     per_layer = 6 * shape.hidden + 2 * kv + 4 * shape.intermediate + config.rank * len(config.target_modules)
-    logits = shape.vocab * (ACT_BYTES + 4)
-    return shape.layers * per_layer * ACT_BYTES + logits
+    logits = shape.vocab * (act_bytes + 4)
+    return shape.layers * per_layer * act_bytes + logits
 
 
 def adapter_bytes(config: AdapterConfig, seq_len: int, shape: ModelShape, micro_batch_size: int | None = None) -> int:
@@ -52,3 +59,35 @@ def capacity_bytes(gpu: str | GPUType, margin: float = DEFAULT_MARGIN) -> int:
     if not 0 <= margin < 1:
         raise ValueError(f"margin={margin!r} must be in [0, 1)")
     return int(gpu_type(gpu).memory_bytes * (1 - margin))
+
+
+@dataclass
+class PeakModel:
+    """Peak bytes of a co-located step, linear in its token positions and its adapters' parameters
+    (the ALTO intra-task scheduler's model): fitted on measured steps of this device, corrected up
+    whenever a step peaks higher or runs out of memory."""
+
+    fixed: float  # bytes held whatever the step: the frozen base, the CUDA context's allocations
+    per_token: float  # activations, logits and loss temporaries per token position
+    per_param: float  # adapter weights, gradients and AdamW moments per LoRA parameter
+
+    def predict(self, positions: int, params: int) -> float:
+        return self.fixed + self.per_token * positions + self.per_param * params
+
+    @classmethod
+    def fit(cls, points: Sequence[tuple[int, int, float]], optimizer_bytes: float) -> "PeakModel":
+        """Least squares over measured (positions, params, peak bytes); optimizer_bytes per parameter
+        are added (state a probe step does not allocate). Slopes are kept non-negative."""
+        import torch
+
+        a = torch.tensor([[1.0, t, p] for t, p, _ in points], dtype=torch.float64)
+        b = torch.tensor([[peak] for _, _, peak in points], dtype=torch.float64)
+        fixed, per_token, per_param = torch.linalg.lstsq(a, b).solution.flatten().tolist()
+        return cls(fixed, max(per_token, 0.0), max(per_param, 0.0) + optimizer_bytes)
+
+    def raised_to(self, positions: int, params: int, peak: float) -> "PeakModel":
+        """The model with its per-token slope raised so that this step predicts at least `peak`."""
+        missing = peak - self.predict(positions, params)
+        if missing <= 0 or positions <= 0:
+            return self
+        return dataclasses.replace(self, per_token=self.per_token + missing / positions)

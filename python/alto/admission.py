@@ -1,0 +1,155 @@
+"""Admission by memory (`max_running: auto`): which queued adapters join a rank's co-located set.
+
+Before training, a few probe steps of temporary adapters measure this device's peak memory at a
+few token counts and adapter sizes (CUDA: the allocator's peak), and a PeakModel (alto.sched.memory)
+is fitted to them. On the CPU, where no allocator reports a step's peak, its slopes come from
+alto.sched.memory's estimate at the base's element size. Queued adapters are then admitted largest
+micro-batch first (like-sized together) while the predicted peak of the rank's set stays within
+its capacity (the device's free memory, or memory_budget_gb, less a margin) and the predicted
+token positions within max_tokens_per_step. A step that peaks above the prediction, or runs out of
+memory, raises the model's per-token slope (PeakModel.raised_to).
+
+An adapter's planned token positions per step: micro-batch x the 90th-percentile sequence length
+of the training data when packed (the sum over many sequences rarely exceeds it), x the longest
+when padded (every row is as long as the step's longest).
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from alto.loss import mean_losses
+from alto.model import MultiLoraModel
+from alto.registry import Adapter, AdapterConfig
+from alto.sched.catalog import ModelShape
+from alto.sched.memory import PeakModel, activation_bytes_per_token, adapter_params
+from alto.train import colocated_losses
+
+MARGIN = 0.1  # of the device's memory, never planned: fragmentation, workspaces, other processes
+OPTIMIZER_BYTES = 8  # AdamW's two fp32 moments per parameter: a probe step does not allocate them
+PROBE_TOKENS = (1024, 4096)
+PROBE_ADAPTERS = (1, 4)
+
+
+def admission_order(queued: Iterable[Adapter]) -> list[Adapter]:
+    """Largest micro-batch first, like-sized together (then larger rank first; stable)."""
+    return sorted(queued, key=lambda a: (-a.micro_batch_size, -a.config.rank))
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory this process may still take: free device memory plus what torch's allocator caches
+    (CUDA), or the host's available memory (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _held_bytes(model: MultiLoraModel, device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class Admission:
+    """The memory model of one rank and the admissions it allows."""
+
+    def __init__(self, peak: PeakModel, capacity: float, shape: ModelShape, plan_length: float,
+                 max_tokens: int | None = None):
+        self.peak, self.capacity, self.shape = peak, capacity, shape
+        self.plan_length = plan_length  # planned tokens per sequence
+        self.max_tokens = max_tokens
+
+    @classmethod
+    def calibrate(cls, model: MultiLoraModel, shape: ModelShape, lengths: Sequence[int], packed: bool,
+                  probe_config: AdapterConfig, pad_id: int, device: torch.device, budget_gb: float | None = None,
+                  max_tokens: int | None = None) -> "Admission":
+        """Measures (CUDA) or estimates (CPU) the peak model, before any adapter is in the model."""
+        ordered = sorted(lengths)
+        plan_length = ordered[int(0.9 * (len(ordered) - 1))] if packed else ordered[-1]
+        held = _held_bytes(model, device)
+        capacity = held + _free_bytes(device) * (1 - MARGIN)
+        if budget_gb is not None:
+            capacity = min(capacity, budget_gb * 1e9)
+        master = 8 if model.adapter_dtype == torch.float64 else 4
+        if device.type == "cuda":
+            peak = PeakModel.fit(_probe(model, shape, probe_config, pad_id, device, packed), OPTIMIZER_BYTES)
+        else:
+            act = next(model.parameters()).element_size()
+            peak = PeakModel(held, activation_bytes_per_token(probe_config, shape, act), 4 * master)
+        return cls(peak, capacity, shape, plan_length, max_tokens)
+
+    def load(self, adapters: Iterable[Adapter]) -> tuple[int, int]:
+        """(planned token positions per step, LoRA parameters) of a set of adapters."""
+        adapters = list(adapters)
+        positions = sum(round(a.micro_batch_size * self.plan_length) for a in adapters)
+        return positions, sum(adapter_params(a.config, self.shape) for a in adapters)
+
+    def predict(self, adapters: Iterable[Adapter]) -> float:
+        return self.peak.predict(*self.load(adapters))
+
+    def fits(self, adapters: Sequence[Adapter]) -> bool:
+        positions, params = self.load(adapters)
+        if self.max_tokens is not None and positions > self.max_tokens:
+            return False
+        return self.peak.predict(positions, params) <= self.capacity
+
+    def choose(self, running: dict[int, list[Adapter]], queued: Sequence[Adapter],
+               holder: dict[str, int]) -> dict[str, int]:
+        """Queued adapters to admit -> their rank: in admission order, each onto the rank with the
+        lowest predicted peak where it fits (an adapter whose state a rank holds: that rank). A
+        rank with nothing running takes its first candidate even if it does not fit: it then
+        runs alone (or fails alone, out of memory), never waits forever."""
+        sets = {r: list(v) for r, v in running.items()}
+        out: dict[str, int] = {}
+        for a in admission_order(queued):
+            ranks = [holder[a.id]] if a.id in holder else sorted(sets, key=lambda r: self.predict(sets[r]))
+            for r in ranks:
+                if self.fits(sets[r] + [a]) or not sets[r]:
+                    sets[r].append(a)
+                    out[a.id] = r
+                    break
+        return out
+
+    def observe(self, positions: int, params: int, peak: float) -> None:
+        """A step's measured peak: the model never stays below it."""
+        self.peak = self.peak.raised_to(positions, params, peak)
+
+    def out_of_memory(self, positions: int, params: int) -> None:
+        """A step of this size did not fit: from now on it predicts more than the capacity."""
+        self.peak = self.peak.raised_to(positions, params, self.capacity * 1.05)
+
+
+def _probe(model: MultiLoraModel, shape: ModelShape, config: AdapterConfig, pad_id: int, device: torch.device,
+           packed: bool) -> list[tuple[int, int, float]]:
+    """(token positions, adapter parameters, peak bytes) of training steps of temporary adapters on
+    random tokens (their gradients are dropped; the run's adapters are not in the model yet)."""
+    rng = random.Random(0)
+    points = []
+    for n in PROBE_ADAPTERS:
+        for tokens in PROBE_TOKENS:
+            ids = [f"__probe{i}" for i in range(n)]
+            for aid in ids:
+                model.add_adapter(aid, config)
+            length = max(2, tokens // (4 * n))  # 4 sequences per adapter
+            batches = {aid: [[rng.randrange(shape.vocab) for _ in range(length)] for _ in range(4)] for aid in ids}
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            mean_losses(colocated_losses(model, batches, pad_id, device, training=True, packed=packed)).sum().backward()
+            torch.cuda.synchronize(device)
+            points.append((4 * n * length, n * adapter_params(config, shape), float(torch.cuda.max_memory_allocated(device))))
+            for aid in ids:
+                model.remove_adapter(aid)
+    for layer in model.layers.values():
+        for pack in layer.packs():
+            pack.grad = None
+    torch.cuda.empty_cache()
+    return points

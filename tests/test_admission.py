@@ -1,0 +1,149 @@
+"""Admission by memory and out-of-memory recovery, on the CPU: a memory budget admits only what
+the peak model says fits (and the rest later), and an out-of-memory step, injected at a chosen
+step, is undone with every adapter's state unchanged, sends the most recently admitted half back
+to the queue and still ends with the same adapters as a run without it."""
+import csv
+import json
+
+import pytest
+import torch
+
+from alto.admission import Admission, admission_order
+from alto.registry import Adapter, AdapterConfig, Status
+from alto.sched.catalog import ModelShape
+from alto.sched.memory import PeakModel
+from alto.sweep import parse_sweep
+from alto.sweep_run import SweepRun
+from conftest import TINY_LLAMA, write_word_records
+
+
+def make_sweep(tmp_path, out: str, **extra):
+    data = write_word_records(tmp_path / "data.jsonl", max_words=6)
+    doc = {"name": "t", "model": {"random_llama": TINY_LLAMA}, "base": {"dtype": "float64"}, "device": "cpu",
+           "checkpoint_every": 2, "output": str(tmp_path / out),
+           "data": {"source": "jsonl", "path": str(data), "max_length": 24, "eval_fraction": 0.2},
+           "defaults": {"micro_batch_size": 2, "max_steps": 4, "lr": 3e-3, "target_modules": ["q_proj", "v_proj"]},
+           "adapters": [{"id": "a", "rank": 4, "micro_batch_size": 4}, {"id": "b", "rank": 2, "grad_accum": 2},
+                        {"id": "c", "rank": 8, "dropout": 0.2}, {"id": "d", "rank": 2, "micro_batch_size": 1}],
+           **extra}
+    return parse_sweep(json.dumps(doc))
+
+
+def run_of(sweep, tmp_path, out):
+    (tmp_path / out).mkdir(exist_ok=True)
+    return SweepRun(sweep, tmp_path / out)
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_admission_order_is_largest_micro_batch_first_and_stable():
+    adapters = [Adapter(aid, AdapterConfig(micro_batch_size=m)) for aid, m in [("x", 1), ("y", 4), ("z", 2), ("w", 4)]]
+    assert [a.id for a in admission_order(adapters)] == ["y", "w", "z", "x"]
+
+
+def test_the_peak_model_fits_measured_points_and_only_ever_rises():
+    truth = PeakModel(1e9, 2e5, 12.0)
+    points = [(t, p, truth.predict(t, p)) for t in (1000, 4000) for p in (10**6, 4 * 10**6)]
+    fitted = PeakModel.fit(points, optimizer_bytes=8)
+    assert fitted.fixed == pytest.approx(1e9) and fitted.per_token == pytest.approx(2e5)
+    assert fitted.per_param == pytest.approx(20.0)  # 12 measured + the 8 bytes of AdamW moments
+    raised = fitted.raised_to(5000, 10**6, 5e9)
+    assert raised.predict(5000, 10**6) == pytest.approx(5e9)
+    assert raised.raised_to(10, 10, 0.0) is raised  # a lower measurement changes nothing
+
+
+def test_a_memory_budget_admits_what_fits_and_the_rest_later(tmp_path):
+    free = run_of(make_sweep(tmp_path, "free"), tmp_path, "free")
+    adm, ordered = free.admission, admission_order(free.registry)
+    assert adm.fits(ordered)  # the host's memory holds all four
+    budget = (adm.predict(ordered[:2]) + adm.predict(ordered[:3])) / 2  # two fit, three do not
+    sweep = make_sweep(tmp_path, "tight", memory_budget_gb=budget / 1e9)
+    run = run_of(sweep, tmp_path, "tight")
+    assert run.admission.capacity == pytest.approx(budget)
+    assert run.run(log=lambda *_: None)
+    assert all(a.status == Status.FINISHED for a in run.registry)
+    steps = rows(tmp_path / "tight" / "steps.csv")
+    assert max(int(r["adapters"]) for r in steps) == 2 and min(int(r["adapters"]) for r in steps) >= 1
+    first = {r["adapter"]: int(r["micro_step"]) for r in reversed(rows(tmp_path / "tight" / "losses.csv"))}
+    assert first["a"] == first["c"] == 1 and first["b"] > 1 and first["d"] > 1  # a (4 samples) and c (the larger rank) first
+    assert all(float(r["padding_fraction"]) == 0.0 for r in steps)  # packed steps
+
+
+def test_max_tokens_per_step_caps_the_co_located_set(tmp_path):
+    run = run_of(make_sweep(tmp_path, "cap", max_tokens_per_step=2), tmp_path, "cap")
+    assert run.run(log=lambda *_: None)
+    assert {int(r["adapters"]) for r in rows(tmp_path / "cap" / "steps.csv")} == {1}  # one at a time, never none
+
+
+def states(run):
+    """Every adapter's state (in the model, or held back) as flat tensors."""
+    t = run.trainer
+    out = {}
+    for a in run.registry:
+        if a.id in t.model.configs:
+            out[a.id] = [x.clone() for x in t.export_state(a.id).tensors()]
+        elif a.id in t.retired:
+            out[a.id] = [x.clone() for x in t.retired[a.id].tensors()]
+    return out
+
+
+def test_an_out_of_memory_step_is_undone_and_the_run_goes_on(tmp_path):
+    whole = run_of(make_sweep(tmp_path, "whole", max_running=4), tmp_path, "whole")
+    assert whole.run(log=lambda *_: None)
+
+    run = run_of(make_sweep(tmp_path, "oom", max_running=4), tmp_path, "oom")
+    assert not run.run(stop_after=2, log=lambda *_: None)
+    before = states(run)
+    positions = {a.id: run.trainer.data[a.id].position for a in run.registry}
+
+    def out_of_memory(_running):
+        run.trainer.inject_fault = None  # once
+        raise torch.OutOfMemoryError("injected")
+
+    run.trainer.inject_fault = out_of_memory
+    assert not run.run(stop_after=3, log=lambda *_: None)
+    after = states(run)
+    assert before.keys() == after.keys() == set("abcd")
+    for aid in before:  # weights, pending gradients, AdamW moments, step, data position, RNG: bit for bit
+        assert all(torch.equal(x, y) for x, y in zip(before[aid], after[aid])), aid
+        assert run.trainer.data[aid].position == positions[aid]
+    # Admitted a, c, b, d (largest micro-batch first, then larger rank): the latest two go back.
+    assert {a.id: a.status for a in run.registry} == {"a": Status.RUNNING, "b": Status.QUEUED,
+                                                       "c": Status.RUNNING, "d": Status.QUEUED}
+    decisions = rows(tmp_path / "oom" / "decisions.csv")
+    assert [(r["adapter"], r["rule"]) for r in decisions] == [("b", "out-of-memory"), ("d", "out-of-memory")]
+    assert "back to the queue" in decisions[0]["reason"]
+
+    assert run.run(log=lambda *_: None)
+    assert all(a.status == Status.FINISHED and a.failure is None for a in run.registry)
+    assert [r["out_of_memory"] for r in rows(tmp_path / "oom" / "steps.csv")].count("1") == 1
+    for a in run.registry:  # the same trajectory as without the failed step (float64: to rounding)
+        assert a.losses == pytest.approx(whole.registry[a.id].losses, rel=1e-10)
+        for path, tensors in run.final_weights(a.id).items():
+            for name, t in tensors.items():
+                torch.testing.assert_close(t, whole.final_weights(a.id)[path][name], rtol=1e-10, atol=1e-12)
+
+
+def test_an_adapter_out_of_memory_alone_fails_alone(tmp_path):
+    run = run_of(make_sweep(tmp_path, "alone", max_running=1), tmp_path, "alone")
+
+    def out_of_memory(running):
+        if running[0].id == "b":
+            raise torch.OutOfMemoryError("injected")
+
+    run.trainer.inject_fault = out_of_memory
+    assert run.run(log=lambda *_: None)
+    status = {a.id: a.status for a in run.registry}
+    assert status == {"a": Status.FINISHED, "b": Status.FAILED, "c": Status.FINISHED, "d": Status.FINISHED}
+    assert "out of memory alone" in run.registry["b"].failure
+
+
+def test_admission_never_leaves_a_rank_empty():
+    shape = ModelShape(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, vocab=100)
+    adm = Admission(PeakModel(0.0, 1e9, 0.0), capacity=1.0, shape=shape, plan_length=10)  # nothing fits
+    queued = [Adapter(x, AdapterConfig()) for x in "pq"]
+    assert adm.choose({0: [], 1: []}, queued, {}) == {"p": 0, "q": 1}
+    assert adm.choose({0: queued[:1]}, queued[1:], {}) == {}
