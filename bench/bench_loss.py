@@ -5,7 +5,13 @@ Both get the same bf16 logits [rows, seq, vocab] (what the LM head gives; they e
 loss either way) and compute every token's loss and the gradient of their sum w.r.t. the logits.
 Timed: forward + backward, median of --iters after warm-up (CUDA events). Memory: the peak
 allocated above the logits and labels during forward + backward (GiB), i.e. what the loss costs.
-Run on the GPU: python bench/bench_loss.py
+
+--head compares the LM head + loss instead: from the last hidden states [T, d] (bf16) and the frozen
+head weight [V, d], ours (the bf16 logits matmul, then token_losses) vs liger-kernel's fused linear
+cross-entropy (reduction "none": per-token losses, never the whole logits; its backward recomputes
+them in chunks), both giving per-token losses whose per-adapter means a step needs; gradient of
+their sum w.r.t. the hidden states. Their losses are checked against each other.
+Run on the GPU: python bench/bench_loss.py [--head]
 """
 from __future__ import annotations
 
@@ -54,13 +60,61 @@ def measure(loss_fn, logits: torch.Tensor, labels: torch.Tensor, iters: int) -> 
     return statistics.median(times), peak, value
 
 
+def head_then_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Ours: the bf16 logits, then the blocked fp32 per-token loss (targets: the next token at each
+    position, the last one -100; token_losses shifts labels, so they go in one place later)."""
+    logits = hidden @ weight.T
+    return token_losses(logits[None], F.pad(targets[:-1], (1, 0), value=-100)[None])[0]
+
+
+def liger_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="none")
+
+
+def compare_heads(args) -> None:
+    import importlib.metadata as md
+
+    print(f"liger-kernel {md.version('liger-kernel')}, triton {md.version('triton')}; hidden {args.hidden}, bf16\n")
+    print("tokens | vocab | ours ms | liger ms | liger speed-up | ours peak GiB | liger peak GiB | max token-loss diff")
+    print("--- | --- | --- | --- | --- | --- | --- | ---")
+    for tokens in args.tokens:
+        for vocab in args.vocab:
+            torch.manual_seed(0)
+            hidden = torch.randn(tokens, args.hidden, device="cuda").bfloat16().requires_grad_()
+            weight = (torch.randn(vocab, args.hidden, device="cuda") / args.hidden**0.5).bfloat16()
+            targets = torch.randint(0, vocab, (tokens,), device="cuda")
+            targets[::7] = -100  # sequence ends: no target
+            targets[-1] = -100
+
+            def ours(h, t):
+                return head_then_loss(h, weight, t).sum()
+
+            def liger(h, t):
+                return liger_head_loss(h, weight, t).sum()
+
+            o_ms, o_peak, _ = measure(ours, hidden, targets, args.iters)
+            l_ms, l_peak, _ = measure(liger, hidden, targets, args.iters)
+            with torch.no_grad():
+                diff = (head_then_loss(hidden, weight, targets) - liger_head_loss(hidden, weight, targets).float()).abs().max()
+            print(f"{tokens} | {vocab} | {o_ms:.1f} | {l_ms:.1f} | {o_ms / l_ms:.2f}x | {o_peak:.1f} | {l_peak:.1f} | {diff:.1e}")
+            del hidden, weight, targets
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768], help="tokens per step (rows x seq)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256], help="SmolLM2, Llama 3")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--head", action="store_true", help="LM head + loss: ours vs liger-kernel's fused kernel")
+    ap.add_argument("--hidden", type=int, default=2048, help="--head: hidden size (Llama-3.2-1B)")
     args = ap.parse_args()
+    if args.head:
+        compare_heads(args)
+        return
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}; bf16 logits, {args.seq} tokens/row\n")
     print("tokens | vocab | logits GiB | usual ms | ours ms | speed-up | usual peak GiB | ours peak GiB | loss rel. diff")
     print("--- | --- | --- | --- | --- | --- | --- | --- | ---")

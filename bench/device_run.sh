@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine = build + test + bench (README "Test").
-#   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [bench_step] [profile_step] [expand_configs]
-#                            [sanitize] [parallel] [parallel_shares]
+#   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
+#                            [expand_configs] [sanitize] [parallel] [parallel_shares]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | t
 python3 -c "
 import importlib.metadata as md
 for name in ('torch', 'transformers', 'peft', 'numpy', 'safetensors', 'gguf', 'pyyaml', 'matplotlib', 'datasets',
-             'chatterbot-corpus', 'pytest', 'expecttest'):
+             'chatterbot-corpus', 'pytest', 'expecttest', 'triton', 'liger-kernel'):
     try:
         print(f'{name}=={md.version(name)}')
     except md.PackageNotFoundError:
@@ -61,6 +61,13 @@ for stage in "${stages[@]}"; do
       ;;
     bench_loss)
       python3 bench/bench_loss.py 2>&1 | tee "$OUT/bench_loss.txt" || rc=1
+      ;;
+    loss_head)
+      # LM head + loss: ours vs liger-kernel's fused linear cross-entropy (wheel carried in .whl/).
+      python3 bench/bench_loss.py --head 2>&1 | tee "$OUT/bench_loss_head.txt" || rc=1
+      ;;
+    memory)
+      python3 bench/bench_memory.py ${MEMORY_ARGS:-} 2>&1 | tee "$OUT/bench_memory.txt" || rc=1
       ;;
     bench_step)
       python3 bench/bench_step.py 2>&1 | tee "$OUT/bench_step.txt" || rc=1

@@ -147,3 +147,29 @@ def test_admission_never_leaves_a_rank_empty():
     queued = [Adapter(x, AdapterConfig()) for x in "pq"]
     assert adm.choose({0: [], 1: []}, queued, {}) == {"p": 0, "q": 1}
     assert adm.choose({0: queued[:1]}, queued[1:], {}) == {}
+
+
+@pytest.mark.cuda
+def test_a_sweep_that_starts_too_large_on_the_gpu_finishes(tmp_path):
+    """A real CUDA out-of-memory error: the allocator is capped at 3 GB and eight adapters of four
+    512-token sequences start together (max_running, no admission): the first step needs ~4 GB of
+    logits, their gradient and loss blocks, runs out of memory, is undone and split until it fits."""
+    data = tmp_path / "long.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "abcdefgh " * 60}) for _ in range(40)))
+    model = {"random_llama": {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 512, "vocab_size": 32000,
+                              "max_position_embeddings": 1024}}
+    doc = {"name": "big", "model": model, "device": "cuda", "output": str(tmp_path / "big"), "max_running": 8,
+           "data": {"source": "jsonl", "path": str(data), "max_length": 512, "eval_fraction": 0.0},
+           "defaults": {"micro_batch_size": 4, "max_steps": 2},
+           "adapters": [{"id": f"a{i}", "rank": 8, "seed": i} for i in range(8)]}
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(3e9 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        run = run_of(parse_sweep(json.dumps(doc)), tmp_path, "big")
+        assert run.run(log=lambda *_: None)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert all(a.status == Status.FINISHED for a in run.registry)
+    steps = rows(tmp_path / "big" / "steps.csv")
+    assert steps[0]["out_of_memory"] == "1" and any(r["out_of_memory"] == "0" for r in steps)
+    assert all(float(r["measured_peak_gb"]) <= 3.0 for r in steps if r["measured_peak_gb"])

@@ -84,6 +84,8 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
     "max_tokens_per_step 1": ({"max_tokens_per_step": 1}, ["max_tokens_per_step: 1"]),
     "memory_budget_gb 0": ({"memory_budget_gb": 0}, ["memory_budget_gb: 0"]),
     "packing yes-string": ({"packing": "yes"}, ["packing: 'yes'", "true or false"]),
+    "random_llama vocab below the tokenizer's": ({"model": {"random_llama": {**TINY_LLAMA, "vocab_size": 100}}},
+                                                 ["model.random_llama.vocab_size: 100"]),
     "random_llama not a mapping": ({"model": {"random_llama": 5}}, ["model.random_llama", "5"]),
     "random_llama negative size": ({"model": {"random_llama": {**TINY_LLAMA, "hidden_size": -8}}},
                                    ["model.random_llama.hidden_size: -8"]),

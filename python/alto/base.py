@@ -71,10 +71,14 @@ def load_base(spec: str | dict, dtype: str, device: torch.device) -> Base:
         return Base(model.to(device).eval(), tok, pad, tok.eos_token_id, str(Path(where).resolve()), gguf)
     cfg = dict(spec["random_llama"] or {})
     tok = ByteTokenizer()
+    vocab = cfg.pop("vocab_size", tok.vocab_size)  # larger: a real model's logits (byte ids stay below)
+    if vocab < tok.vocab_size:
+        raise ValueError(f"model.random_llama.vocab_size: {vocab} is below the byte tokenizer's {tok.vocab_size}")
     torch.manual_seed(cfg.pop("seed", 0))  # < 2**63: alto.sweep checks it
     try:
-        config = transformers.LlamaConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, **cfg)
-        model = transformers.LlamaForCausalLM(config)
+        config = transformers.LlamaConfig(vocab_size=vocab, pad_token_id=tok.pad_id, **cfg)
+        with torch.device(device):  # drawn where it runs: a 1B model's init takes seconds on a GPU, minutes on a CPU
+            model = transformers.LlamaForCausalLM(config)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # e.g. an unknown hidden_act
         raise ValueError(f"model.random_llama: {first_line(e)}") from None
-    return Base(model.to(device, dtype).eval(), tok, tok.pad_id, None, None)
+    return Base(model.to(dtype).eval(), tok, tok.pad_id, None, None)

@@ -55,7 +55,7 @@ MODEL_KEYS = {"hf_dir", "gguf_file", "random_llama"}
 BASE_DTYPES = ("auto", "bfloat16", "float32", "float64")
 # Sizes of a random_llama that must be positive ints (the rest goes to LlamaConfig as given).
 RANDOM_LLAMA_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "num_key_value_heads", "max_position_embeddings", "head_dim")
+                      "num_key_value_heads", "max_position_embeddings", "head_dim", "vocab_size")
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
 
 

@@ -1,0 +1,111 @@
+"""Co-locating as many adapters as the GPU holds: sweeps of 8..128 configurations run through the
+`alto tune` code path (alto.sweep.parse_sweep + alto.sweep_run.SweepRun.run, the run minus the final
+PEFT export), with `max_running: auto` (admission by the measured memory model), packed and padded.
+
+Configurations: ranks 8/16/32/64 x micro-batches 1/2/4 (cycled), q/k/v/o projections, 3 optimizer
+steps each; data: byte-tokenized random text of 128-512 tokens. Bases: Llama-3.2-1B widths (16
+layers, vocab 128256) and Llama-3-8B widths (4 layers), random bf16 weights (the base's dtype on a
+GPU). From each run's steps.csv: tokens/s (real tokens, padding excluded, over the steps' seconds),
+padding fraction, the most adapters co-located, the measured and predicted peak memory vs the
+device's; whether every adapter finished. A last row starts the 1B sweep too large on purpose
+(max_running = every configuration, no admission): out-of-memory steps are undone and split.
+Run on the GPU: python bench/bench_memory.py [--counts 8 16 ...] [--widths 1b 8b]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from alto.registry import Status
+from alto.sweep import parse_sweep
+from alto.sweep_run import SweepRun
+
+WIDTHS = {
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 1024},
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 1024},
+}
+
+
+def write_data(path: Path, n: int = 3000) -> None:
+    rng = random.Random(0)
+    letters = "abcdefghij klmnopqrst uvwxyz"
+    path.write_text("\n".join(json.dumps({"text": "".join(rng.choice(letters) for _ in range(rng.randrange(127, 512)))})
+                              for _ in range(n)))
+
+
+def sweep_text(widths: str, count: int, data: Path, out: Path, packing: bool, max_running: int | str) -> str:
+    adapters = [{"id": f"c{i}", "rank": (8, 16, 32, 64)[i % 4], "micro_batch_size": (1, 2, 4)[i % 3],
+                 "lr": 1e-4 * (1 + i % 5), "seed": i} for i in range(count)]
+    return json.dumps({
+        "name": "bench", "model": {"random_llama": WIDTHS[widths]}, "device": "cuda", "checkpoint_every": 10**6,
+        "output": str(out), "data": {"source": "jsonl", "path": str(data), "max_length": 512, "eval_fraction": 0.0},
+        "defaults": {"max_steps": 3, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "adapters": adapters, "max_running": max_running, "packing": packing})
+
+
+def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_running: int | str = "auto") -> dict:
+    out = root / f"{widths}-{count}-{'packed' if packing else 'padded'}-{max_running}"
+    out.mkdir(parents=True)
+    sweep = parse_sweep(sweep_text(widths, count, data, out, packing, max_running))
+    torch.cuda.empty_cache()
+    start = time.time()
+    run = SweepRun(sweep, out)
+    calibrated = time.time() - start
+    run.run(log=lambda *_: None)
+    wall = time.time() - start
+    with open(out / "steps.csv", newline="") as f:
+        steps = list(csv.DictReader(f))
+    seconds = sum(float(r["seconds"]) for r in steps)
+    positions = sum(int(r["token_positions"]) for r in steps)
+    tokens = sum(int(r["token_positions"]) * (1 - float(r["padding_fraction"])) for r in steps if r["out_of_memory"] == "0")
+    peaks = [float(r["measured_peak_gb"]) for r in steps if r["measured_peak_gb"]]
+    predicted = [float(r["predicted_peak_gb"]) for r in steps if r["predicted_peak_gb"]]
+    statuses = [a.status for a in run.registry]
+    result = {
+        "widths": widths, "configs": count, "layout": "packed" if packing else "padded", "max_running": max_running,
+        "finished": sum(s == Status.FINISHED for s in statuses), "failed": sum(s == Status.FAILED for s in statuses),
+        "steps": len(steps), "ooms": sum(r["out_of_memory"] == "1" for r in steps),
+        "most_colocated": max(int(r["adapters"]) for r in steps), "tokens_per_s": tokens / seconds,
+        "padding": 1 - tokens / positions, "peak_gb": max(peaks, default=float("nan")), "predicted_gb": max(predicted, default=float("nan")),
+        "device_gb": torch.cuda.get_device_properties(0).total_memory / 1e9, "calibrate_s": calibrated, "wall_s": wall}
+    del run
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--counts", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    ap.add_argument("--widths", nargs="+", default=["1b", "8b"], choices=list(WIDTHS))
+    ap.add_argument("--padded", type=int, nargs="+", default=[16, 64], help="counts also run padded")
+    ap.add_argument("--too-large", type=int, default=128, help="1B sweep started with max_running = this (0: skip)")
+    args = ap.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}; bf16 random bases; "
+          "ranks 8-64, micro-batches 1/2/4, q/k/v/o, 3 steps each, 128-512-token sequences\n")
+    cols = ["widths", "configs", "layout", "max_running", "finished", "failed", "steps", "ooms", "most_colocated",
+            "tokens_per_s", "padding", "peak_gb", "predicted_gb", "device_gb", "calibrate_s", "wall_s"]
+    print(" | ".join(cols))
+    print(" | ".join("---" for _ in cols))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = root / "data.jsonl"
+        write_data(data)
+        plan = [(w, n, True, "auto") for w in args.widths for n in args.counts]
+        plan += [(w, n, False, "auto") for w in args.widths[:1] for n in args.padded]
+        if args.too_large:
+            plan.append((args.widths[0], args.too_large, True, args.too_large))
+        for widths, count, packing, max_running in plan:
+            r = run_one(widths, count, packing, data, root, max_running)
+            print(" | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols), flush=True)
+
+
+if __name__ == "__main__":
+    main()
