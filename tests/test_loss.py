@@ -1,11 +1,12 @@
-"""token_losses (the blocked fp32 cross-entropy of a co-located step) against float64
-F.cross_entropy, forward and backward, on fresh random inputs and odd shapes."""
+"""token_losses (the blocked fp32 cross-entropy of a co-located step) and head_token_losses (liger's
+fused LM head + cross-entropy, CUDA) against float64 F.cross_entropy, forward and backward, on
+fresh random inputs and odd shapes."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import alto.loss
-from alto.loss import adapter_loss_sums, mean_losses, token_losses
+from alto.loss import adapter_loss_sums, fused_head_available, head_token_losses, mean_losses, token_losses
 
 
 def reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,6 +52,26 @@ def test_mean_losses_are_each_adapters_mean_token_loss():
     labels[4, 1:] = -100  # a sample with no target at all
     ref = reference(logits, labels)
     counts = (labels[:, 1:] != -100).sum(1)
-    got = mean_losses(adapter_loss_sums(logits, labels, [2 * 6, 0, 3 * 6]))  # an adapter with no samples
+    got = mean_losses(adapter_loss_sums(token_losses(logits, labels), labels, [2 * 6, 0, 3 * 6]))  # an adapter with no samples
     want = [ref[:2].sum() / counts[:2].sum(), 0.0, ref[2:].sum() / counts[2:].sum()]
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows,length,hidden,vocab,bias", [(3, 9, 64, 50, False), (2, 33, 48, 1000, True), (1, 2, 16, 7, False)])
+def test_fused_head_losses_match_float64(rows, length, hidden, vocab, bias):
+    assert fused_head_available(torch.device("cuda")), "liger-kernel must import on a GPU machine"
+    head = torch.nn.Linear(hidden, vocab, bias=bias, device="cuda").bfloat16().requires_grad_(False)
+    h = torch.randn(rows, length, hidden, device="cuda").bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (rows, length), device="cuda")
+    labels[0, length // 2 :] = -100
+    ref_h = h.detach().double().requires_grad_()
+    ref = reference(F.linear(ref_h, head.weight.double(), None if head.bias is None else head.bias.double()), labels)
+    ours = head_token_losses(h, head, labels).view(rows, length)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=2e-2, atol=2e-2)  # bf16 logits
+    weights = torch.randn(rows, length, device="cuda", dtype=torch.float64)
+    (ours.double() * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(h.grad.double(), ref_h.grad, rtol=5e-2, atol=2e-2)
+    assert torch.all(h.grad[0, length // 2 :] == 0)  # no target: no gradient

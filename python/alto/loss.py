@@ -1,11 +1,21 @@
 """The loss of a co-located step: every adapter's mean next-token loss over its own target tokens,
-from the logits of all adapters' tokens at once, without materializing fp32 copies of them."""
+from the last hidden states of all adapters' tokens at once.
+
+Two ways to per-token losses, measured on the H100 (bench/bench_loss.py --head, RESULTS.md):
+- on CUDA, liger-kernel's fused linear cross-entropy (reduction "none": per-token losses, the
+  per-token gradient folded in by its backward), which never materializes the logits: 1.3x faster
+  than the head matmul + our blocked loss and 0.6 GiB instead of 18.7 GiB at 32k tokens x 128k vocab;
+- elsewhere (the CPU, float64 checks), the LM head's logits and a blocked fp32 cross-entropy
+  (_TokenCrossEntropy) that adds no whole fp32 copy of them.
+"""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from alto_ext.segments import segment_sums
 
@@ -58,16 +68,45 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token loss at every position of [B, L] labels (-100: no target), as [B, L] fp32
     (float64 for float64 logits); the last position and those whose next label is -100 are 0.
     Memory: see _TokenCrossEntropy."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # shift the labels, not the (large) logits
-    return _TokenCrossEntropy.apply(logits.flatten(0, 1), targets.flatten()).view(labels.shape)
+    targets = next_token_targets(labels)  # shift the labels, not the (large) logits
+    return _TokenCrossEntropy.apply(logits.flatten(0, 1), targets).view(labels.shape)
 
 
-def adapter_loss_sums(logits: torch.Tensor, labels: torch.Tensor, token_counts: Sequence[int]) -> torch.Tensor:
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] labels -> each position's next-token target, flattened [B*L] (-100: none)."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+
+
+@functools.cache
+def _fused_linear_cross_entropy():
+    """liger-kernel's fused linear cross-entropy, or None where it cannot be imported (no triton)."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+def fused_head_available(device: torch.device) -> bool:
+    """Whether head_token_losses runs here: a CUDA device and liger-kernel importable."""
+    return device.type == "cuda" and _fused_linear_cross_entropy() is not None
+
+
+def head_token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token loss at every position of [B, L] labels from the last hidden states [B, L, d]
+    through the LM head, fused (liger-kernel), as [B*L] fp32."""
+    loss = _fused_linear_cross_entropy()(hidden.flatten(0, 1), head.weight, next_token_targets(labels),
+                                         head.bias, reduction="none")
+    return loss.float()
+
+
+def adapter_loss_sums(token_loss: torch.Tensor, labels: torch.Tensor, token_counts: Sequence[int]) -> torch.Tensor:
     """[2, G]: each adapter's summed next-token loss over its own target tokens, and the number of
-    those tokens; token_counts = positions per adapter of the flattened [B, L] labels (summed per
-    adapter in a fixed number of kernels, see segment_sums)."""
-    token_loss = token_losses(logits, labels).flatten()
-    has_target = F.pad(labels[:, 1:] != -100, (0, 1)).flatten().to(token_loss.dtype)
+    those tokens, from every position's loss (token_losses or head_token_losses, flattened);
+    token_counts = positions per adapter of the flattened [B, L] labels (summed per adapter in a
+    fixed number of kernels, see segment_sums)."""
+    token_loss = token_loss.flatten()
+    has_target = (next_token_targets(labels) != -100).to(token_loss.dtype)
     return segment_sums(torch.stack([token_loss, has_target]), token_counts)
 
 

@@ -318,8 +318,17 @@ class MultiLoraModel(nn.Module):
         del self.generators[adapter_id]
         return {p: self.layers[p].remove_adapter(adapter_id) for p in self.target_layers(config)}
 
-    def forward(self, plan: StepPlan, **inputs: torch.Tensor | int) -> torch.Tensor:
-        """Logits [rows, positions, vocab] of a step built by alto.train.step_inputs: padded rows
+    @property
+    def plain_head(self) -> nn.Linear | None:
+        """The LM head if the logits are exactly head(last hidden state) (no soft-capping or scaling
+        after it), so a fused head + loss kernel may replace them; else None."""
+        head, config = self.model.get_output_embeddings(), self.model.config
+        scaled = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        return head if type(head) is nn.Linear and not scaled else None
+
+    def forward(self, plan: StepPlan, last_hidden: bool = False, **inputs: torch.Tensor | int) -> torch.Tensor:
+        """Logits [rows, positions, vocab] (last_hidden: the decoder's last hidden states instead,
+        [rows, positions, d], for plain_head) of a step built by alto.train.step_inputs: padded rows
         (input_ids, attention_mask) or one packed row (input_ids, position_ids, cu_seq_lens_q,
         max_length_q: attention alto.attention's varlen); adapters own plan's token ranges."""
         unknown = [a for a in plan.adapter_ids if a not in self.configs]
@@ -331,6 +340,8 @@ class MultiLoraModel(nn.Module):
         if plan.row_len is None:
             config._attn_implementation = attention.NAME  # read by every layer at each forward
         try:
+            if last_hidden:
+                return self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
             return self.model(**inputs, use_cache=False).logits
         finally:
             self.context.plan = None
