@@ -9,14 +9,17 @@ its capacity (the device's free memory, or memory_budget_gb, less a margin) and 
 token positions within max_tokens_per_step. A step that peaks above the prediction, or runs out of
 memory, raises the model's per-token slope (PeakModel.raised_to).
 
-An adapter's planned token positions per step: micro-batch x the 90th-percentile sequence length
-of the training data when packed (the sum over many sequences rarely exceeds it), x the longest
-when padded (every row is as long as the step's longest).
+A set's planned token positions per step, for its n sequences per step: packed, n x the mean
+sequence length of the training data + 2 standard deviations of such a sum (sqrt(n) x the lengths'
+spread: a step rarely holds more); padded, n x the longest (every row is as long as the step's
+longest).
 """
 from __future__ import annotations
 
+import math
 import os
 import random
+import statistics
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -62,10 +65,10 @@ def _held_bytes(model: MultiLoraModel, device: torch.device) -> int:
 class Admission:
     """The memory model of one rank and the admissions it allows."""
 
-    def __init__(self, peak: PeakModel, capacity: float, shape: ModelShape, plan_length: float,
+    def __init__(self, peak: PeakModel, capacity: float, shape: ModelShape, length: float, spread: float = 0.0,
                  max_tokens: int | None = None):
         self.peak, self.capacity, self.shape = peak, capacity, shape
-        self.plan_length = plan_length  # planned tokens per sequence
+        self.length, self.spread = length, spread  # planned tokens per sequence, and their deviation
         self.max_tokens = max_tokens
 
     @classmethod
@@ -73,8 +76,7 @@ class Admission:
                   probe_config: AdapterConfig, pad_id: int, device: torch.device, budget_gb: float | None = None,
                   max_tokens: int | None = None) -> "Admission":
         """Measures (CUDA) or estimates (CPU) the peak model, before any adapter is in the model."""
-        ordered = sorted(lengths)
-        plan_length = ordered[int(0.9 * (len(ordered) - 1))] if packed else ordered[-1]
+        length, spread = (statistics.fmean(lengths), statistics.pstdev(lengths)) if packed else (max(lengths), 0.0)
         held = _held_bytes(model, device)
         capacity = held + _free_bytes(device) * (1 - MARGIN)
         if budget_gb is not None:
@@ -85,12 +87,13 @@ class Admission:
         else:
             act = next(model.parameters()).element_size()
             peak = PeakModel(held, activation_bytes_per_token(probe_config, shape, act), 4 * master)
-        return cls(peak, capacity, shape, plan_length, max_tokens)
+        return cls(peak, capacity, shape, length, spread, max_tokens)
 
     def load(self, adapters: Iterable[Adapter]) -> tuple[int, int]:
         """(planned token positions per step, LoRA parameters) of a set of adapters."""
         adapters = list(adapters)
-        positions = sum(round(a.micro_batch_size * self.plan_length) for a in adapters)
+        n = sum(a.micro_batch_size for a in adapters)
+        positions = math.ceil(n * self.length + 2 * math.sqrt(n) * self.spread)
         return positions, sum(adapter_params(a.config, self.shape) for a in adapters)
 
     def predict(self, adapters: Iterable[Adapter]) -> float:
