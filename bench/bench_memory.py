@@ -2,10 +2,11 @@
 `alto tune` code path (alto.sweep.parse_sweep + alto.sweep_run.SweepRun.run, the run minus the final
 PEFT export), with `max_running: auto` (admission by the measured memory model), packed and padded.
 
-Configurations: ranks 8/16/32/64 x micro-batches 1/2/4 (cycled), q/k/v/o projections, 3 optimizer
-steps each; data: byte-tokenized random text of 128-512 tokens. Bases: Llama-3.2-1B widths (16
+Configurations: ranks 8/16/32/64 x micro-batches 1/2/4 (cycled), q/k/v/o projections, --steps
+optimizer steps each; data: byte-tokenized random text of 128-512 tokens. Bases: Llama-3.2-1B widths (16
 layers, vocab 128256) and Llama-3-8B widths (4 layers), random bf16 weights (the base's dtype on a
-GPU). From each run's steps.csv: tokens/s (real tokens, padding excluded, over the steps' seconds),
+GPU). From each run's steps.csv: tokens/s (real tokens, padding excluded, over the seconds of the
+steps after the first),
 padding fraction, the most adapters co-located, the measured and predicted peak memory vs the
 device's; whether every adapter finished. A last row starts the 1B sweep too large on purpose
 (max_running = every configuration, no admission): out-of-memory steps are undone and split.
@@ -42,20 +43,22 @@ def write_data(path: Path, n: int = 3000) -> None:
                               for _ in range(n)))
 
 
-def sweep_text(widths: str, count: int, data: Path, out: Path, packing: bool, max_running: int | str) -> str:
+def sweep_text(widths: str, count: int, data: Path, out: Path, packing: bool, max_running: int | str,
+               steps: int = 3) -> str:
     adapters = [{"id": f"c{i}", "rank": (8, 16, 32, 64)[i % 4], "micro_batch_size": (1, 2, 4)[i % 3],
                  "lr": 1e-4 * (1 + i % 5), "seed": i} for i in range(count)]
     return json.dumps({
         "name": "bench", "model": {"random_llama": WIDTHS[widths]}, "device": "cuda", "checkpoint_every": 10**6,
         "output": str(out), "data": {"source": "jsonl", "path": str(data), "max_length": 512, "eval_fraction": 0.0},
-        "defaults": {"max_steps": 3, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "defaults": {"max_steps": steps, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "adapters": adapters, "max_running": max_running, "packing": packing})
 
 
-def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_running: int | str = "auto") -> dict:
+def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_running: int | str = "auto",
+            steps: int = 3) -> dict:
     out = root / f"{widths}-{count}-{'packed' if packing else 'padded'}-{max_running}"
     out.mkdir(parents=True)
-    sweep = parse_sweep(sweep_text(widths, count, data, out, packing, max_running))
+    sweep = parse_sweep(sweep_text(widths, count, data, out, packing, max_running, steps))
     torch.cuda.empty_cache()
     start = time.time()
     run = SweepRun(sweep, out)
@@ -63,18 +66,21 @@ def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_
     run.run(log=lambda *_: None)
     wall = time.time() - start
     with open(out / "steps.csv", newline="") as f:
-        steps = list(csv.DictReader(f))
-    seconds = sum(float(r["seconds"]) for r in steps)
-    positions = sum(int(r["token_positions"]) for r in steps)
-    tokens = sum(int(r["token_positions"]) * (1 - float(r["padding_fraction"])) for r in steps if r["out_of_memory"] == "0")
-    peaks = [float(r["measured_peak_gb"]) for r in steps if r["measured_peak_gb"]]
-    predicted = [float(r["predicted_peak_gb"]) for r in steps if r["predicted_peak_gb"]]
+        rows = list(csv.DictReader(f))
+    # tokens/s of the trained steps after the first (allocator and kernel warm-up), padding excluded
+    timed = [r for r in rows[1:] if r["out_of_memory"] == "0"] or rows
+    seconds = sum(float(r["seconds"]) for r in timed)
+    positions = sum(int(r["token_positions"]) for r in timed)
+    tokens = sum(int(r["token_positions"]) * (1 - float(r["padding_fraction"])) for r in timed)
+    peaks = [float(r["measured_peak_gb"]) for r in rows if r["measured_peak_gb"]]
+    predicted = [float(r["predicted_peak_gb"]) for r in rows if r["predicted_peak_gb"]]
     statuses = [a.status for a in run.registry]
     result = {
         "widths": widths, "configs": count, "layout": "packed" if packing else "padded", "max_running": max_running,
         "finished": sum(s == Status.FINISHED for s in statuses), "failed": sum(s == Status.FAILED for s in statuses),
-        "steps": len(steps), "ooms": sum(r["out_of_memory"] == "1" for r in steps),
-        "most_colocated": max(int(r["adapters"]) for r in steps), "tokens_per_s": tokens / seconds,
+        "steps": len(rows), "ooms": sum(r["out_of_memory"] == "1" for r in rows),
+        "most_colocated": max(int(r["adapters"]) for r in rows), "tokens_per_s": tokens / seconds,
+        "step_s": seconds / len(timed),
         "padding": 1 - tokens / positions, "peak_gb": max(peaks, default=float("nan")), "predicted_gb": max(predicted, default=float("nan")),
         "device_gb": torch.cuda.get_device_properties(0).total_memory / 1e9, "calibrate_s": calibrated, "wall_s": wall}
     del run
@@ -87,11 +93,15 @@ def main() -> None:
     ap.add_argument("--widths", nargs="+", default=["1b", "8b"], choices=list(WIDTHS))
     ap.add_argument("--padded", type=int, nargs="+", default=[16, 64], help="counts also run padded")
     ap.add_argument("--too-large", type=int, default=128, help="1B sweep started with max_running = this (0: skip)")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}; bf16 random bases; "
           "ranks 8-64, micro-batches 1/2/4, q/k/v/o, 3 steps each, 128-512-token sequences\n")
+    from alto.attention import _flash_options
+
+    print(f"varlen attention: {'torch FlashAttention varlen ' + str(_flash_options()) if _flash_options() else 'per-sequence SDPA'}\n")
     cols = ["widths", "configs", "layout", "max_running", "finished", "failed", "steps", "ooms", "most_colocated",
-            "tokens_per_s", "padding", "peak_gb", "predicted_gb", "device_gb", "calibrate_s", "wall_s"]
+            "step_s", "tokens_per_s", "padding", "peak_gb", "predicted_gb", "device_gb", "calibrate_s", "wall_s"]
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +113,7 @@ def main() -> None:
         if args.too_large:
             plan.append((args.widths[0], args.too_large, True, args.too_large))
         for widths, count, packing, max_running in plan:
-            r = run_one(widths, count, packing, data, root, max_running)
+            r = run_one(widths, count, packing, data, root, max_running, args.steps)
             print(" | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols), flush=True)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,9 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     out = None
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         out = _flash(q, k, v, cu_seq_lens_q, max_length_q, scaling, sliding_window)
+        if out is None:
+            warnings.warn(f"torch {torch.__version__} has no varlen attention for this step: SDPA per sequence (slower)",
+                          stacklevel=2)
     if out is None:
         out = _per_sequence(q, k, v, cu_seq_lens_q, scaling, sliding_window)
     return out.unsqueeze(0), None
