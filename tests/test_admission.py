@@ -152,12 +152,13 @@ def test_admission_never_leaves_a_rank_empty():
 @pytest.mark.cuda
 def test_a_sweep_that_starts_too_large_on_the_gpu_finishes(tmp_path):
     """A real CUDA out-of-memory error: the allocator is capped at 3 GB and eight adapters of four
-    512-token sequences start together (max_running, no admission): the first step needs ~4 GB of
-    logits, their gradient and loss blocks, runs out of memory, is undone and split until it fits."""
+    512-token sequences start together (max_running, no admission): the first step's 16k tokens
+    need ~3 GB of activations (4 layers of width 1024 keep ~190 KB per token), run out of memory,
+    are undone and split until the step fits."""
     data = tmp_path / "long.jsonl"
     data.write_text("\n".join(json.dumps({"text": "abcdefgh " * 60}) for _ in range(40)))
-    model = {"random_llama": {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 512, "vocab_size": 32000,
-                              "max_position_embeddings": 1024}}
+    model = {"random_llama": {**TINY_LLAMA, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4,
+                              "vocab_size": 32000, "max_position_embeddings": 1024}}
     doc = {"name": "big", "model": model, "device": "cuda", "output": str(tmp_path / "big"), "max_running": 8,
            "data": {"source": "jsonl", "path": str(data), "max_length": 512, "eval_fraction": 0.0},
            "defaults": {"micro_batch_size": 4, "max_steps": 2},

@@ -74,7 +74,8 @@ class SweepRun:
                 # Packed steps change shape every step: fixed-size cached blocks fragment near a full
                 # GPU (measured: 64 co-located 1B configs at 73 GB ran no faster than 16); growable
                 # segments do not. The env variable's setting, at run time (a user's own wins).
-                torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+                settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.11
+                (settings or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.base = load_base(sweep.model, sweep.base_dtype, self.device)
         self.shape = ModelShape.from_hf_config(self.base.model.config)
