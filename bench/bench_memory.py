@@ -3,12 +3,11 @@
 PEFT export), with `max_running: auto` (admission by the measured memory model), packed and padded.
 
 Configurations: ranks 8/16/32/64 x micro-batches 1/2/4 (cycled), q/k/v/o projections, --steps
-optimizer steps each; data: byte-tokenized random text of 128-512 tokens. Bases: Llama-3.2-1B widths (16
-layers, vocab 128256) and Llama-3-8B widths (4 layers), random bf16 weights (the base's dtype on a
+optimizer steps each; data: byte-tokenized random text of 128-512 tokens. Bases: Llama-3.2-1B
+widths (16 layers, vocab 128256) and Llama-3-8B widths (4 layers), random bf16 weights (the base's dtype on a
 GPU). From each run's steps.csv: tokens/s (real tokens, padding excluded, over the seconds of the
-steps after the first),
-padding fraction, the most adapters co-located, the measured and predicted peak memory vs the
-device's; whether every adapter finished. A last row starts the 1B sweep too large on purpose
+steps after the first WARM_UP), padding fraction, the most adapters co-located, the measured and
+predicted peak memory vs the device's; whether every adapter finished. A last row starts the 1B sweep too large on purpose
 (max_running = every configuration, no admission): out-of-memory steps are undone and split.
 Run on the GPU: python bench/bench_memory.py [--counts 8 16 ...] [--widths 1b 8b]
 """
@@ -34,6 +33,9 @@ WIDTHS = {
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4, "num_attention_heads": 32,
            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 1024},
 }
+
+
+WARM_UP = 3
 
 
 def write_data(path: Path, n: int = 3000) -> None:
@@ -67,8 +69,9 @@ def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_
     wall = time.time() - start
     with open(out / "steps.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    # tokens/s of the trained steps after the first (allocator and kernel warm-up), padding excluded
-    timed = [r for r in rows[1:] if r["out_of_memory"] == "0"] or rows
+    # tokens/s of the trained steps after the first WARM_UP (allocator growth, first-use initializations:
+    # measured 3x slower), padding excluded
+    timed = [r for r in rows[WARM_UP:] if r["out_of_memory"] == "0"] or rows
     seconds = sum(float(r["seconds"]) for r in timed)
     positions = sum(int(r["token_positions"]) for r in timed)
     tokens = sum(int(r["token_positions"]) * (1 - float(r["padding_fraction"])) for r in timed)
@@ -96,7 +99,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}; bf16 random bases; "
-          "ranks 8-64, micro-batches 1/2/4, q/k/v/o, 3 steps each, 128-512-token sequences\n")
+          f"ranks 8-64, micro-batches 1/2/4, q/k/v/o, {args.steps} steps each, 128-512-token sequences\n")
     from alto.attention import _flash_options
 
     print(f"varlen attention: {'torch FlashAttention varlen ' + str(_flash_options()) if _flash_options() else 'per-sequence SDPA'}\n")

@@ -164,8 +164,10 @@ class Trainer:
         self.inject_fault: Callable[[list[Adapter]], None] | None = None
 
     def running(self) -> list[Adapter]:
-        """The running adapters this trainer holds, in registry order."""
-        return [a for a in self.registry.with_status(Status.RUNNING) if a.id in self.model.configs]
+        """The running adapters this trainer holds, in the model's order: the order of every
+        layer's packs, so a step uses them as they are (another order gathers every adapter's rows
+        in every layer: measured 0.2 s of host time per step with 32 adapters on 1B widths)."""
+        return [a for a in map(self.registry.__getitem__, self.model.configs) if a.status == Status.RUNNING]
 
     def admit(self, adapter: Adapter, state: AdapterState | None = None) -> None:
         """Puts an adapter into the model: fresh weights and optimizer, or a saved/migrated state."""
