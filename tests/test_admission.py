@@ -95,8 +95,10 @@ def test_an_out_of_memory_step_is_undone_and_the_run_goes_on(tmp_path):
     assert whole.run(log=lambda *_: None)
 
     run = run_of(make_sweep(tmp_path, "oom", max_running=4), tmp_path, "oom")
-    assert not run.run(stop_after=2, log=lambda *_: None)
+    assert not run.run(stop_after=3, log=lambda *_: None)
     before = states(run)
+    b_grads = run.trainer.export_state("b").grads
+    assert any(g.abs().sum() > 0 for g in b_grads)  # b (grad_accum 2) holds half an accumulation
     positions = {a.id: run.trainer.data[a.id].position for a in run.registry}
 
     def out_of_memory(_running):
@@ -104,7 +106,7 @@ def test_an_out_of_memory_step_is_undone_and_the_run_goes_on(tmp_path):
         raise torch.OutOfMemoryError("injected")
 
     run.trainer.inject_fault = out_of_memory
-    assert not run.run(stop_after=3, log=lambda *_: None)
+    assert not run.run(stop_after=4, log=lambda *_: None)
     after = states(run)
     assert before.keys() == after.keys() == set("abcd")
     for aid in before:  # weights, pending gradients, AdamW moments, step, data position, RNG: bit for bit
@@ -120,6 +122,7 @@ def test_an_out_of_memory_step_is_undone_and_the_run_goes_on(tmp_path):
     assert run.run(log=lambda *_: None)
     assert all(a.status == Status.FINISHED and a.failure is None for a in run.registry)
     assert [r["out_of_memory"] for r in rows(tmp_path / "oom" / "steps.csv")].count("1") == 1
+    assert rows(tmp_path / "oom" / "steps.csv")[3]["out_of_memory"] == "1"
     for a in run.registry:  # the same trajectory as without the failed step (float64: to rounding)
         assert a.losses == pytest.approx(whole.registry[a.id].losses, rel=1e-10)
         for path, tensors in run.final_weights(a.id).items():

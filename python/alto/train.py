@@ -212,6 +212,11 @@ class Trainer:
         rngs = {a.id: self.model.generators[a.id].get_state() for a in running if a.config.dropout > 0}
         packs = [p for layer in self.model.layers.values() if layer.order for p in layer.packs()]
         pending = [p.grad for p in packs]  # accumulated gradients: the backward writes fresh ones
+
+        def restore_pending() -> None:
+            for p, g in zip(packs, pending):
+                p.grad = g
+
         for p in packs:
             p.grad = None
         batches = {a.id: self.data[a.id].next_batch(a.micro_batch_size) for a in running}
@@ -227,12 +232,14 @@ class Trainer:
             (torch.where(torch.isfinite(per_adapter), per_adapter, 0.0) * inv_accum).sum().backward()
         except torch.OutOfMemoryError:
             failed = True
+        except BaseException:  # any other error ends the run: the pending gradients are not lost to it
+            restore_pending()
+            raise
         else:
             failed = False
         if failed:  # outside the except block: the failed step's frames and tensors are gone
             loss_sums = per_adapter = None
-            for p, g in zip(packs, pending):
-                p.grad = g
+            restore_pending()
             for aid, position in positions.items():
                 self.data[aid].position = position
             for aid, state in rngs.items():
