@@ -83,6 +83,8 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
     "max_running word": ({"max_running": "many"}, ["max_running: 'many'", "auto"]),
     "max_tokens_per_step 1": ({"max_tokens_per_step": 1}, ["max_tokens_per_step: 1"]),
     "memory_budget_gb 0": ({"memory_budget_gb": 0}, ["memory_budget_gb: 0"]),
+    "memory budget with a fixed max_running": ({"max_running": 4, "memory_budget_gb": 10},
+                                               ["memory_budget_gb", "max_running: auto"]),
     "packing yes-string": ({"packing": "yes"}, ["packing: 'yes'", "true or false"]),
     "random_llama vocab below the tokenizer's": ({"model": {"random_llama": {**TINY_LLAMA, "vocab_size": 100}}},
                                                  ["model.random_llama.vocab_size: 100"]),

@@ -112,7 +112,10 @@ def test_the_packing_comparison_catches_planted_bugs(bug, monkeypatch):
     assert differences(tiny("Llama"), torch.device("cpu"), FP32) != []
 
 
-def test_varlen_attention_refuses_unpacked_input():
+def test_varlen_attention_refuses_what_it_cannot_do():
     q = torch.zeros(2, 4, 3, 8)
     with pytest.raises(ValueError, match="cu_seq_lens_q"):
         alto.attention.varlen_attention(None, q, q, q, None)
+    packed = {"cu_seq_lens_q": torch.tensor([0, 3]), "max_length_q": 3}
+    with pytest.raises(ValueError, match="soft-capping.*packing: false"):  # Gemma2's attention logits
+        alto.attention.varlen_attention(None, q[:1], q[:1], q[:1], None, softcap=50.0, **packed)

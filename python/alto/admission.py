@@ -33,7 +33,7 @@ from alto.train import colocated_losses
 
 MARGIN = 0.1  # of the device's memory, never planned: fragmentation, workspaces, other processes
 OPTIMIZER_BYTES = 8  # AdamW's two fp32 moments per parameter: a probe step does not allocate them
-PROBE_TOKENS = (1024, 4096)
+PROBE_TOKENS = (1024, 4096)  # token counts of the probe steps (fewer on a small GPU)
 PROBE_ADAPTERS = (1, 4)
 
 
@@ -82,25 +82,30 @@ class Admission:
         if budget_gb is not None:
             capacity = min(capacity, budget_gb * 1e9)
         master = 8 if model.adapter_dtype == torch.float64 else 4
+        act = next(model.parameters()).element_size()
+        estimate = activation_bytes_per_token(probe_config, shape, act)  # per token, logits included
         if device.type == "cuda":
-            peak = PeakModel.fit(_probe(model, shape, probe_config, pad_id, device, packed), OPTIMIZER_BYTES)
+            # Probes of at most a quarter of the capacity by the estimate (a small GPU probes small).
+            largest = max(64, min(PROBE_TOKENS[-1], int(0.25 * (capacity - held) / estimate)))
+            tokens = (max(32, largest // 4), largest)
+            peak = PeakModel.fit(_probe(model, shape, probe_config, pad_id, device, packed, tokens), OPTIMIZER_BYTES)
         else:
-            act = next(model.parameters()).element_size()
-            peak = PeakModel(held, activation_bytes_per_token(probe_config, shape, act), 4 * master)
+            peak = PeakModel(held, estimate, 4 * master)
         return cls(peak, capacity, shape, length, spread, max_tokens)
 
-    def load(self, adapters: Iterable[Adapter]) -> tuple[int, int]:
+    def load(self, adapters: Iterable[Adapter], extra: dict[str, int] | None = None) -> tuple[int, int]:
         """(planned token positions per step, LoRA parameters) of a set of adapters."""
         adapters = list(adapters)
-        n = sum(a.micro_batch_size for a in adapters)
+        n = sum(a.micro_batch_size + (extra or {}).get(a.id, 0) for a in adapters)
         positions = math.ceil(n * self.length + 2 * math.sqrt(n) * self.spread)
         return positions, sum(adapter_params(a.config, self.shape) for a in adapters)
 
     def predict(self, adapters: Iterable[Adapter]) -> float:
         return self.peak.predict(*self.load(adapters))
 
-    def fits(self, adapters: Sequence[Adapter]) -> bool:
-        positions, params = self.load(adapters)
+    def fits(self, adapters: Sequence[Adapter], extra: dict[str, int] | None = None) -> bool:
+        """Whether the set's planned step fits (extra: samples added to some adapters' micro-batches)."""
+        positions, params = self.load(adapters, extra)
         if self.max_tokens is not None and positions > self.max_tokens:
             return False
         return self.peak.predict(positions, params) <= self.capacity
@@ -132,27 +137,32 @@ class Admission:
 
 
 def _probe(model: MultiLoraModel, shape: ModelShape, config: AdapterConfig, pad_id: int, device: torch.device,
-           packed: bool) -> list[tuple[int, int, float]]:
+           packed: bool, token_counts: Sequence[int]) -> list[tuple[int, int, float]]:
     """(token positions, adapter parameters, peak bytes) of training steps of temporary adapters on
-    random tokens (their gradients are dropped; the run's adapters are not in the model yet)."""
+    random tokens (removed again, gradients dropped, whatever happens; the run's adapters are not in
+    the model yet)."""
     rng = random.Random(0)
     points = []
-    for n in PROBE_ADAPTERS:
-        for tokens in PROBE_TOKENS:
-            ids = [f"__probe{i}" for i in range(n)]
-            for aid in ids:
-                model.add_adapter(aid, config)
-            length = max(2, tokens // (4 * n))  # 4 sequences per adapter
-            batches = {aid: [[rng.randrange(shape.vocab) for _ in range(length)] for _ in range(4)] for aid in ids}
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            mean_losses(colocated_losses(model, batches, pad_id, device, training=True, packed=packed)).sum().backward()
-            torch.cuda.synchronize(device)
-            points.append((4 * n * length, n * adapter_params(config, shape), float(torch.cuda.max_memory_allocated(device))))
-            for aid in ids:
-                model.remove_adapter(aid)
-    for layer in model.layers.values():
-        for pack in layer.packs():
-            pack.grad = None
-    torch.cuda.empty_cache()
+    try:
+        for n in PROBE_ADAPTERS:
+            for tokens in token_counts:
+                ids = [f"__probe{i}" for i in range(n)]
+                for aid in ids:
+                    model.add_adapter(aid, config)
+                length = max(2, tokens // (4 * n))  # 4 sequences per adapter
+                batches = {aid: [[rng.randrange(shape.vocab) for _ in range(length)] for _ in range(4)] for aid in ids}
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                mean_losses(colocated_losses(model, batches, pad_id, device, training=True, packed=packed)).sum().backward()
+                torch.cuda.synchronize(device)
+                points.append((4 * n * length, n * adapter_params(config, shape), float(torch.cuda.max_memory_allocated(device))))
+                for aid in ids:
+                    model.remove_adapter(aid)
+    finally:
+        for aid in [a for a in model.configs if a.startswith("__probe")]:
+            model.remove_adapter(aid)
+        for layer in model.layers.values():
+            for pack in layer.packs():
+                pack.grad = None
+        torch.cuda.empty_cache()
     return points

@@ -87,13 +87,14 @@ def _per_sequence(q, k, v, cu: torch.Tensor, scale: float | None, window: int | 
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      sliding_window: int | None = None, cu_seq_lens_q: torch.Tensor | None = None,
-                     max_length_q: int | None = None, **_kwargs) -> tuple[torch.Tensor, None]:
+                     max_length_q: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature: query [1, H, T, D], key/value [1, Hkv, T, D] ->
     ([1, T, H, D], no weights)."""
     if cu_seq_lens_q is None or max_length_q is None or query.shape[0] != 1:
         raise ValueError("alto_varlen attention needs one packed row with cu_seq_lens_q and max_length_q")
-    if dropout:
-        raise ValueError("alto_varlen attention has no attention dropout (the frozen base runs in eval mode)")
+    if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError("packed steps have no attention dropout, logit soft-capping or attention sinks: "
+                         "set packing: false for this model")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     out = None
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):

@@ -14,8 +14,10 @@ from alto.inputs import first_line
 
 CHECKPOINT = "checkpoint.pt"
 LOGS = ("losses.csv", "decisions.csv", "steps.csv")  # rows start with the run's micro-step
-# Bumped when what a checkpoint holds changes shape (2: adapter progress records, named tensors).
-FORMAT = 2
+# Bumped when what a checkpoint holds, or what resuming it rebuilds, changes (2: adapter progress
+# records, named tensors; 3: queued adapters may hold a state, bf16 bases on GPUs, random bases drawn
+# on their device).
+FORMAT = 3
 
 
 def write(run_dir: Path, state: dict[str, Any]) -> None:

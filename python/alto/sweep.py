@@ -250,6 +250,9 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     budget = raw.get("memory_budget_gb")
     if budget is not None and (not is_number(budget) or not 0 < budget < 2**40):
         _fail("memory_budget_gb", f"{budget!r} must be a positive number of GB (or null: the device's)")
+    for key in ("max_tokens_per_step", "memory_budget_gb"):
+        if raw.get(key) is not None and max_running != "auto":
+            _fail(key, f"applies to max_running: auto (admission by memory), not max_running: {max_running}")
     packing = raw.get("packing", True)
     if not isinstance(packing, bool):
         _fail("packing", f"{packing!r} must be true or false")

@@ -94,7 +94,7 @@ class SweepRun:
             streams[aid] = DataStream(order)
         self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device, sweep.packing)
         self.monitor = Monitor(sweep.monitor) if sweep.monitor else None  # used on rank 0 only
-        self.admission = None  # max_running: auto admits by memory (decided on rank 0)
+        self.admission = None  # max_running: auto admits by memory (every rank fits one; rank 0 decides)
         self.slots = sweep.max_running  # adapters per rank (lowered after an out-of-memory step)
         if sweep.max_running is None:
             self.admission = Admission.calibrate(
@@ -165,9 +165,10 @@ class SweepRun:
 
     def decide(self, after_step: bool) -> Decisions:
         """Rank 0's decisions (after_step: the monitor's stops too): capacity reclaim (queued
-        adapters into free slots, placed on the least-loaded ranks; with reclaim "grow" and nobody
-        queued, the survivors' micro-batches grow back to the most samples per step seen), then
-        migrations that even out the ranks' work."""
+        adapters, largest micro-batch first, admitted where the memory model says they fit, or
+        into free max_running slots on the least-loaded ranks; with reclaim "grow" and nobody
+        queued, the survivors' micro-batches grow back to the most samples per step seen, as far
+        as they fit), then migrations that even out the ranks' work."""
         sweep, world = self.sweep, self.group.world
         stops = self.monitor_stops() if after_step else []
         stopped = {d.adapter for d in stops}
@@ -190,6 +191,8 @@ class SweepRun:
             for i in range(max(0, self.samples_budget - sum(a.micro_batch_size for a in members))):
                 aid = members[i % len(members)].id
                 growth[aid] = growth.get(aid, 0) + 1
+            if self.admission is not None and growth and not self.admission.fits(members, growth):
+                growth = {}  # the grown set would not fit: the samples stay freed
         if world == 1:  # nothing to place: no cost estimates on the single-rank step path
             return Decisions(stops, {a.id: 0 for a in admit}, growth)
         costs = self.costs(running + admit)
@@ -270,9 +273,9 @@ class SweepRun:
     def out_of_memory(self, positions: int) -> tuple[int, int, int]:
         """This rank's step ran out of memory (and was undone): the most recently admitted half of
         its adapters goes back to the queue, states kept (a lone adapter fails: it cannot run
-        smaller). Returns the failed step's (token positions, adapter parameters: the larger of
-        the step's and the planned ones, so the memory model never admits that set again) and
-        how many adapters the rank kept."""
+        smaller; those sent back lose any samples reclaim "grow" gave them). Returns the failed
+        step's (token positions: the larger of the step's and the planned ones, so the memory
+        model never admits that set again; adapter parameters) and how many adapters it kept."""
         t = self.trainer
         order = list(self.admitted)
         mine = sorted(t.running(), key=lambda a: order.index(a.id))
@@ -282,6 +285,7 @@ class SweepRun:
         if len(mine) == 1:
             t.retire(mine[0], Status.FAILED, f"out of memory alone, in a step of {positions} token positions")
         for a in mine[(len(mine) + 1) // 2:] if len(mine) > 1 else []:
+            a.extra_batch = 0
             t.retire(a, Status.QUEUED, f"out of memory: a step of {len(mine)} adapters and {positions} token "
                                        "positions did not fit; back to the queue")
         return positions, params, (len(mine) + 1) // 2 if len(mine) > 1 else 0
@@ -306,6 +310,7 @@ class SweepRun:
                     decision_log.writerow([self.micro_steps, aid, a.micro_step, "out-of-memory", a.failure])
             if oom is not None:
                 positions, params, kept = oom
+                self.samples_budget = 0  # reclaim "grow" refills to what runs after the split
                 if self.admission is not None:
                     self.admission.out_of_memory(positions, params)
                 elif kept:

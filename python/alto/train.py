@@ -1,8 +1,8 @@
 """Co-located training: one base forward/backward per step for every running adapter.
 
-Each step takes the next micro-batch of every running adapter's own data stream, stacks them
-(adapter blocks of rows), runs the frozen model once, and computes each adapter's loss as the mean
-over its own target tokens. The summed loss gives every adapter exactly the gradient it would get
+Each step takes the next micro-batch of every running adapter's own data stream, packs them into
+one token stream (or pads them into rows), runs the frozen model once, and computes each adapter's
+loss as the mean over its own target tokens. The summed loss gives every adapter exactly the gradient it would get
 alone; each adapter then steps its own AdamW with its own learning rate, schedule, clipping and
 gradient accumulation. A non-finite loss or gradient fails that adapter only.
 """
@@ -256,8 +256,10 @@ class Trainer:
         """One micro-step of every running adapter; returns each one's loss. The host waits for
         the GPU once, at the end: an adapter whose loss is not finite is masked out of the
         backward (its NaN stays in its own rows), one whose gradient norm is not finite is
-        skipped by the optimizer on the device, and both then fail (weights as before the step)."""
+        skipped by the optimizer on the device, and both then fail (weights as before the step).
+        Out of memory, the step is undone and StepOutOfMemory raised (see _forward_backward)."""
         running = self.running()
+        self.last_positions = self.last_tokens = 0
         if not running:
             return {}
         per_adapter = self._forward_backward(running)
