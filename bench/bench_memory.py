@@ -4,11 +4,12 @@ PEFT export), with `max_running: auto` (admission by the measured memory model),
 
 Configurations: ranks 8/16/32/64 x micro-batches 1/2/4 (cycled), q/k/v/o projections, --steps
 optimizer steps each; data: byte-tokenized random text of 128-512 tokens. Bases: Llama-3.2-1B
-widths (16 layers, vocab 128256) and Llama-3-8B widths (4 layers), random bf16 weights (the base's dtype on a
-GPU). From each run's steps.csv: tokens/s (real tokens, padding excluded, over the seconds of the
-steps after the first WARM_UP), padding fraction, the most adapters co-located, the measured and
-predicted peak memory vs the device's; whether every adapter finished. A last row starts the 1B sweep too large on purpose
-(max_running = every configuration, no admission): out-of-memory steps are undone and split.
+widths (16 layers, vocab 128256) and Llama-3-8B widths (4 layers), random bf16 weights (the base's
+dtype on a GPU). From each run's steps.csv: tokens/s (real tokens, padding excluded, over the
+seconds of the steps after the first WARM_UP), padding fraction, the most adapters co-located, the
+measured and predicted peak memory vs the device's; whether every adapter finished. A last row
+starts the 1B sweep too large on purpose (max_running = every configuration, no admission):
+out-of-memory steps are undone and split.
 Run on the GPU: python bench/bench_memory.py [--counts 8 16 ...] [--widths 1b 8b]
 """
 from __future__ import annotations
