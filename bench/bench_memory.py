@@ -101,9 +101,9 @@ def main() -> None:
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}; bf16 random bases; "
           f"ranks 8-64, micro-batches 1/2/4, q/k/v/o, {args.steps} steps each, 128-512-token sequences\n")
-    from alto.attention import _flash_options
+    from alto.attention import _varlen_attn
 
-    print(f"varlen attention: {'torch FlashAttention varlen ' + str(_flash_options()) if _flash_options() else 'per-sequence SDPA'}\n")
+    print(f"varlen attention: {'torch FlashAttention varlen' if _varlen_attn() else 'per-sequence SDPA'}\n")
     cols = ["widths", "configs", "layout", "max_running", "finished", "failed", "steps", "ooms", "most_colocated",
             "step_s", "tokens_per_s", "padding", "peak_gb", "predicted_gb", "device_gb", "calibrate_s", "wall_s"]
     print(" | ".join(cols))

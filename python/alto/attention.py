@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,37 +34,24 @@ def _no_mask(*_args, **_kwargs) -> None:
 
 
 @functools.cache
-def _flash_options() -> dict | None:
-    """Keyword arguments for torch.nn.attention.varlen.varlen_attn (its signature moved between torch
-    releases: `is_causal` became `window_size=(-1, 0)`, `enable_gqa` appeared), or None where the
-    torch build has no varlen attention."""
+def _varlen_attn() -> tuple[Callable, bool] | None:
+    """torch.nn.attention.varlen.varlen_attn (torch >= 2.11: causal is window_size=(-1, 0)) and
+    whether it takes enable_gqa (later releases; 2.11 takes fewer key/value heads as they are), or
+    None where the torch build has no varlen attention."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    return {"causal": "is_causal" in params, "window": "window_size" in params, "gqa": "enable_gqa" in params}
+    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
-def _flash(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None, window: int | None) -> torch.Tensor | None:
-    """FlashAttention varlen over [T, H, D] (None where this torch cannot do it)."""
-    opts = _flash_options()
-    if opts is None or (window is not None and not opts["window"]):
-        return None
-    from torch.nn.attention.varlen import varlen_attn
-
-    kw: dict = {"scale": scale}
+def _flash(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None, window: int | None) -> torch.Tensor:
+    """FlashAttention varlen over [T, H, D] (_varlen_attn() must not be None)."""
+    varlen_attn, takes_gqa = _varlen_attn()
     left = -1 if window is None else window - 1  # transformers' sliding window: keys at distance < window
-    if opts["causal"]:
-        kw["is_causal"] = True
-        if window is not None:
-            kw["window_size"] = (left, 0)
-    else:
-        kw["window_size"] = (left, 0)
-    if opts["gqa"]:
-        kw["enable_gqa"] = k.shape[1] != q.shape[1]
+    kw = {"enable_gqa": k.shape[1] != q.shape[1]} if takes_gqa else {}
     cu = cu.to(torch.int32)
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(left, 0), **kw)
 
 
 def _per_sequence(q, k, v, cu: torch.Tensor, scale: float | None, window: int | None) -> torch.Tensor:
@@ -96,13 +84,12 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise ValueError("packed steps have no attention dropout, logit soft-capping or attention sinks: "
                          "set packing: false for this model")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
-    out = None
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    flash_dtype_on_gpu = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    if flash_dtype_on_gpu and _varlen_attn() is None:
+        warnings.warn(f"torch {torch.__version__} has no varlen attention: SDPA per sequence (slower)", stacklevel=2)
+    if flash_dtype_on_gpu and _varlen_attn() is not None:
         out = _flash(q, k, v, cu_seq_lens_q, max_length_q, scaling, sliding_window)
-        if out is None:
-            warnings.warn(f"torch {torch.__version__} has no varlen attention for this step: SDPA per sequence (slower)",
-                          stacklevel=2)
-    if out is None:
+    else:
         out = _per_sequence(q, k, v, cu_seq_lens_q, scaling, sliding_window)
     return out.unsqueeze(0), None
 

@@ -270,21 +270,21 @@ class SweepRun:
                 a.eval_losses.append(loss)
         return {aid: (since, self.registry[aid].progress(since)) for aid, since in marks.items()}, oom
 
-    def out_of_memory(self, positions: int) -> tuple[int, int, int]:
+    def out_of_memory(self, positions: int, params: int) -> tuple[int, int, int]:
         """This rank's step ran out of memory (and was undone): the most recently admitted half of
         its adapters goes back to the queue, states kept (a lone adapter fails: it cannot run
         smaller; those sent back lose any samples reclaim "grow" gave them). Returns the failed
         step's (token positions: the larger of the step's and the planned ones, so the memory
-        model never admits that set again; adapter parameters) and how many adapters it kept."""
+        model never admits that set again; its adapter parameters, `params`) and how many adapters
+        it kept."""
         t = self.trainer
         order = list(self.admitted)
         mine = sorted(t.running(), key=lambda a: order.index(a.id))
-        params = sum(adapter_params(a.config, self.shape) for a in mine)
         if self.admission is not None:
             positions = max(positions, self.admission.load(mine)[0])
         if len(mine) == 1:
             t.retire(mine[0], Status.FAILED, f"out of memory alone, in a step of {positions} token positions")
-        for a in mine[(len(mine) + 1) // 2:] if len(mine) > 1 else []:
+        for a in mine[(len(mine) + 1) // 2:]:  # none of a lone one
             a.extra_batch = 0
             t.retire(a, Status.QUEUED, f"out of memory: a step of {len(mine)} adapters and {positions} token "
                                        "positions did not fit; back to the queue")
@@ -349,7 +349,7 @@ class SweepRun:
                     self.trainer.step()
                     oom = None
                 except StepOutOfMemory as e:
-                    oom = self.out_of_memory(e.positions)
+                    oom = self.out_of_memory(e.positions, params)
                 self.micro_steps += 1
                 if step_log is not None:
                     self.log_step(step_log, len(marks), params, oom is not None, time.time() - step_start)
