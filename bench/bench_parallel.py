@@ -66,8 +66,7 @@ def build(args, rank: int, world: int, mode: str):
         costs = {a.id: adapter_cost(a, args.seq, ModelShape.from_hf_config(cfg)) for a in reg}
         mine = [aid for aid, r in place(costs, costs, [0.0] * world).items() if r == rank]
     trainer = Trainer(model, reg, streams, 0, device=args.device)
-    for aid in sorted(mine):
-        trainer.admit(reg[aid])
+    trainer.admit([reg[aid] for aid in sorted(mine)])
     return trainer, len(mine) * batch * args.seq
 
 

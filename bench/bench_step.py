@@ -92,24 +92,21 @@ def main() -> None:
 
         reg = Registry()
         trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device="cuda")
-        for i, c in enumerate(cfgs):
-            trainer.admit(reg.add(f"a{i}", c))
+        trainer.admit([reg.add(f"a{i}", c) for i, c in enumerate(cfgs)])
         t_ours = wall_ms(trainer.step, args.iters)
         if args.profile is not None and n == max(args.adapters):
             profile(trainer.step, args.profile and f"{args.profile}/alto.json")
-        for a in list(reg):
-            trainer.retire(a, a.status)
+        trainer.retire([(a, a.status, None) for a in reg])
 
         loop = []
         for i, c in enumerate(cfgs):
             r = Registry()
             t = Trainer(model, r, {f"l{i}": DataStream([seqs[i]])}, 0, device="cuda")
-            t.admit(r.add(f"l{i}", c))
+            t.admit([r.add(f"l{i}", c)])
             loop.append(t)
         t_loop = wall_ms(lambda: [t.step() for t in loop], args.iters)
         for t in loop:
-            for a in list(t.registry):
-                t.retire(a, a.status)
+            t.retire([(a, a.status, None) for a in t.registry])
         rows.append((n, t_base, t_ours, t_loop))
         torch.cuda.empty_cache()
 

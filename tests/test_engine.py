@@ -63,14 +63,14 @@ def colocated(base_model, sequences, ids, events=None, steps=MICRO_STEPS, device
     init = {}
 
     def add(aid):
-        trainer.admit(reg.add(aid, CONFIGS[aid]))
+        trainer.admit([reg.add(aid, CONFIGS[aid])])
         init[aid] = model.adapter_weights(aid)
 
     for aid in ids:
         add(aid)
     for step in range(steps):
         for kind, aid in (events or {}).get(step, []):
-            add(aid) if kind == "add" else trainer.retire(reg[aid], Status.STOPPED_EARLY)
+            add(aid) if kind == "add" else trainer.retire([(reg[aid], Status.STOPPED_EARLY, None)])
         trainer.step()
     return trainer, init
 
@@ -203,6 +203,37 @@ def test_adding_and_removing_adapters_mid_run_leaves_others_unchanged(base_model
     assert_same_as_alone(base_model, sequences, trainer, init, "c", MICRO_STEPS - 1)
 
 
+def test_admitting_and_retiring_together_is_bit_for_bit_one_at_a_time(base_model, sequences):
+    """One re-pack per layer for many adapters (Trainer.admit / retire of a list) gives exactly the
+    bits of adapter-by-adapter re-packs: every loss, the retired states (b mid-accumulation), the
+    survivor's weights, moments and pending gradients."""
+    def run(together: bool):
+        model = MultiLoraModel(copy.deepcopy(base_model))
+        reg = Registry()
+        trainer = Trainer(model, reg, {a: DataStream(sequences[a]) for a in CONFIGS}, PAD)
+        adapters = [reg.add(aid, CONFIGS[aid]) for aid in CONFIGS]
+        for group in [adapters] if together else [[a] for a in adapters]:
+            trainer.admit(group)
+        for _ in range(3):
+            trainer.step()
+        leaving = [(reg[aid], Status.STOPPED_EARLY, "test") for aid in ("c", "b")]  # not in pack order
+        for group in [leaving] if together else [[x] for x in leaving]:
+            trainer.retire(group)
+        trainer.step()
+        states = {aid: trainer.retired[aid] for aid in ("b", "c")}
+        states["a"] = trainer.export_states(["a"])["a"]
+        return {aid: reg[aid].losses for aid in CONFIGS}, states
+
+    (losses, states), (losses_1, states_1) = run(True), run(False)
+    assert losses == losses_1
+    assert any(g.abs().sum() > 0 for g in states["b"].grads)  # b left mid-accumulation
+    for aid in states:
+        ours, theirs = states[aid].tensors(), states_1[aid].tensors()
+        assert len(ours) == len(theirs) and all(t.device.type == "cpu" for t in ours)
+        for x, y in zip(ours, theirs):
+            assert x.dtype == y.dtype and torch.equal(x, y), aid
+
+
 def test_lora_dropout_is_isolated_too(base_model, sequences):
     """With dropout, PEFT's global-RNG masks cannot be matched; ALTO's are drawn from each adapter's
     own generator, only in its layers and over its own length: alone or co-located (other targets,
@@ -214,7 +245,7 @@ def test_lora_dropout_is_isolated_too(base_model, sequences):
         reg = Registry()
         trainer = Trainer(model, reg, {a: DataStream(sequences[a]) for a in ids}, PAD)
         for aid in ids:
-            trainer.admit(reg.add(aid, drop[aid]))
+            trainer.admit([reg.add(aid, drop[aid])])
         for _ in range(MICRO_STEPS):
             trainer.step()
         return reg, model

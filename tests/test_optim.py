@@ -56,7 +56,7 @@ def test_params_without_grad_are_skipped_and_state_is_returned():
     opt.step(tensors, [1e-2], [None])
     assert not torch.equal(params[0], before[0])
     assert torch.equal(params[1], before[1]) and torch.equal(params[2], before[2])
-    state = opt.remove("a")
+    state = opt.remove(["a"])["a"]
     assert state["step"] == 1 and torch.count_nonzero(state["exp_avg"][0]) == params[0].numel()
 
 
@@ -75,8 +75,9 @@ def test_non_finite_norm_is_reported_and_that_adapter_skipped():
     assert not math.isfinite(norms[0]) and math.isfinite(norms[1])
     # a is skipped on the device (no host sync needed): weights, moments and step count unchanged
     assert all(torch.equal(p, q) for p, q in zip(params, before[:3]))
-    assert opt.state("a")["step"] == 0 and all(torch.count_nonzero(m) == 0 for m in opt.state("a")["exp_avg"])
-    assert not any(torch.equal(p, q) for p, q in zip(other, before[3:])) and opt.state("b")["step"] == 1
+    states = opt.states(["a", "b"])
+    assert states["a"]["step"] == 0 and all(torch.count_nonzero(m) == 0 for m in states["a"]["exp_avg"])
+    assert not any(torch.equal(p, q) for p, q in zip(other, before[3:])) and states["b"]["step"] == 1
 
 
 def test_segment_sums_sums_consecutive_runs_including_empty_ones():

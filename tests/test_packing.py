@@ -40,7 +40,7 @@ def step(base: torch.nn.Module, batches, packed: bool, device: torch.device):
     model = MultiLoraModel(copy.deepcopy(base).to(device))
     gen = torch.Generator().manual_seed(5)
     for aid, (cfg, _) in ADAPTERS.items():
-        model.add_adapter(aid, cfg)
+        model.add_adapters({aid: cfg})
         for layer in model.layers.values():  # B = 0 at init would hide the LoRA path's gradients
             if aid in layer.rows:
                 B = layer.tensors(aid)[0][1]

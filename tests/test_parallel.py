@@ -127,16 +127,17 @@ def _train_moving(device, move_at: int | None, steps: int = 6):
     reg = Registry()
     trainer = Trainer(model, reg, data, 0, device=device)
     common = {"lr": 3e-3, "max_steps": 100, "target_modules": ("q_proj", "v_proj", "down_proj")}
-    trainer.admit(reg.add("d", AdapterConfig(rank=4, micro_batch_size=2, grad_accum=2, dropout=0.1, seed=1, **common)))
-    trainer.admit(reg.add("e", AdapterConfig(rank=2, micro_batch_size=1, seed=2, **common)))
+    trainer.admit([reg.add("d", AdapterConfig(rank=4, micro_batch_size=2, grad_accum=2, dropout=0.1, seed=1, **common)),
+                   reg.add("e", AdapterConfig(rank=2, micro_batch_size=1, seed=2, **common))])
     for step in range(steps):
         if step == move_at:
-            flat = alto_ext.pack_tensors([t.to(device) for t in trainer.release("d").tensors()])
-            trainer.admit(reg["d"])  # fresh weights and moments: what the receiving rank starts from
-            template = trainer.release("d")
+            flat = alto_ext.pack_tensors([t.to(device) for t in trainer.release(["d"])["d"].tensors()])
+            trainer.admit([reg["d"]])  # fresh weights and moments: what the receiving rank starts from
+            template = trainer.release(["d"])["d"]
             outs = [torch.empty_like(t, device=device) for t in template.tensors()]
             alto_ext.unpack_tensors(flat, outs)
-            trainer.admit(reg["d"], template.with_tensors(outs).to(device))
+            outs[-1] = outs[-1].cpu()  # generator states live on the CPU
+            trainer.admit([reg["d"]], {"d": template.with_tensors(outs)})
         trainer.step()
     return {aid: (reg[aid].losses, model.adapter_weights(aid)) for aid in "de"}
 

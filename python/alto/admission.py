@@ -147,8 +147,7 @@ def _probe(model: MultiLoraModel, shape: ModelShape, config: AdapterConfig, pad_
         for n in PROBE_ADAPTERS:
             for tokens in token_counts:
                 ids = [f"__probe{i}" for i in range(n)]
-                for aid in ids:
-                    model.add_adapter(aid, config)
+                model.add_adapters(dict.fromkeys(ids, config))
                 length = max(2, tokens // (4 * n))  # 4 sequences per adapter
                 batches = {aid: [[rng.randrange(shape.vocab) for _ in range(length)] for _ in range(4)] for aid in ids}
                 torch.cuda.synchronize(device)
@@ -156,11 +155,9 @@ def _probe(model: MultiLoraModel, shape: ModelShape, config: AdapterConfig, pad_
                 mean_losses(colocated_losses(model, batches, pad_id, device, training=True, packed=packed)).sum().backward()
                 torch.cuda.synchronize(device)
                 points.append((4 * n * length, n * adapter_params(config, shape), float(torch.cuda.max_memory_allocated(device))))
-                for aid in ids:
-                    model.remove_adapter(aid)
+                model.remove_adapters(ids)
     finally:
-        for aid in [a for a in model.configs if a.startswith("__probe")]:
-            model.remove_adapter(aid)
+        model.remove_adapters([a for a in model.configs if a.startswith("__probe")])
         for layer in model.layers.values():
             for pack in layer.packs():
                 pack.grad = None

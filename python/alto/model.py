@@ -12,7 +12,7 @@ each other's rows and ranks; split, each would reach into the others' internals.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -86,7 +86,7 @@ class _Context:
 # adapter's rows in admission order: lora_A [r, in] and lora_B [r, out] (PEFT's lora_B.weight
 # transposed, so one expand kernel serves forward and backward). Storage, re-packing, state,
 # checkpoints and migration go by these names; another adapter kind (DoRA's magnitude) adds its
-# name here, its width and init (_widths, add_adapter), its math in forward and its PEFT layout
+# name here, its width and init (_widths, add_adapters), its math in forward and its PEFT layout
 # (alto.export.TO_PEFT).
 TENSOR_NAMES = ("lora_A", "lora_B")
 LayerTensors = dict[str, torch.Tensor]  # name -> one adapter's tensor in one layer
@@ -126,8 +126,12 @@ class MultiLoraLinear(nn.Module):
     def packs(self) -> list[nn.Parameter]:
         return [getattr(self, name) for name in TENSOR_NAMES]
 
-    def _repack(self, keep: list[str], new: LayerTensors | None = None) -> None:
-        """Rebuilds the packs from the kept adapters' rows (+ one new adapter's), gradients included."""
+    def _repack(self, keep: list[str], added: LayerTensors | None = None, added_ranks: Sequence[int] = ()) -> None:
+        """Rebuilds the packs from the kept adapters' rows followed by the added adapters' (self.order
+        already lists them, in that order; `added`: their tensors, rank-major, end to end), pending
+        gradients included (zero for the added ones). One rebuild however many adapters come or go:
+        adding or removing them one at a time re-packs every layer once per adapter (measured: 3.4 s
+        for the 32 adapters of a 1B-widths sweep finishing in the same step)."""
         def gather(t: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
@@ -137,35 +141,33 @@ class MultiLoraLinear(nn.Module):
             return torch.cat(parts) if parts else t[:0]
 
         for name, pack in zip(TENSOR_NAMES, self.packs()):
-            added = None if new is None else new[name]
-            grad = gather(pack.grad, None if added is None else torch.zeros_like(added))
-            packed = nn.Parameter(gather(pack.detach(), added))
-            packed.grad = grad
+            extra = None if added is None else added[name]
+            packed = nn.Parameter(gather(pack.detach(), extra))
+            packed.grad = gather(pack.grad, None if extra is None else torch.zeros_like(extra))
             setattr(self, name, packed)
-        ranks = {a: self.rows[a][1] for a in keep}
-        if new is not None:
-            ranks[self.order[-1]] = new["lora_A"].shape[0]
+        ranks = [self.rows[a][1] for a in keep] + list(added_ranks)
         self.rows, row = {}, 0
-        for a in self.order:
-            self.rows[a] = (row, ranks[a])
-            row += ranks[a]
+        for a, r in zip(self.order, ranks, strict=True):
+            self.rows[a] = (row, r)
+            row += r
 
-    def add_adapter(self, adapter_id: str, rank: int, generator: torch.Generator) -> None:
-        """PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0 (drawn in float32 whatever
-        the master dtype: the same seed gives the same initial values)."""
-        A = torch.empty(rank, self.base.in_features, dtype=torch.float32)
+    def add_adapters(self, new: Sequence[tuple[str, int, torch.Generator]]) -> None:
+        """Adds adapters (id, rank, its init generator) after the present ones, with PEFT's default
+        init: A ~ kaiming_uniform(a=sqrt(5)), B = 0 (drawn in float32 whatever the master dtype:
+        the same seed gives the same initial values)."""
         bound = 1.0 / math.sqrt(self.base.in_features)  # kaiming_uniform with a=sqrt(5)
-        A.uniform_(-bound, bound, generator=generator)
-        like = self.lora_A
+        As = [torch.empty(rank, self.base.in_features, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+              for _, rank, gen in new]
+        like, ranks = self.lora_A, [rank for _, rank, _ in new]
         keep = list(self.order)
-        self.order.append(adapter_id)
-        self._repack(keep, {"lora_A": A.to(like), "lora_B": like.new_zeros(rank, self.base.out_features)})
+        self.order.extend(aid for aid, _, _ in new)
+        self._repack(keep, {"lora_A": torch.cat(As).to(like), "lora_B": like.new_zeros(sum(ranks), self.base.out_features)},
+                     ranks)
 
-    def remove_adapter(self, adapter_id: str) -> LayerTensors:
-        weights = self.weights(adapter_id)
-        self.order.remove(adapter_id)
+    def remove_adapters(self, adapter_ids: Sequence[str]) -> None:
+        gone = set(adapter_ids)
+        self.order = [a for a in self.order if a not in gone]
         self._repack(list(self.order))
-        return weights
 
     def _slice(self, t: torch.Tensor | None, adapter_id: str) -> torch.Tensor | None:
         r0, r = self.rows[adapter_id]
@@ -244,18 +246,23 @@ class MultiLoraModel(nn.Module):
     def target_layers(self, config: AdapterConfig) -> list[str]:
         return [p for p in self.layers if p.rsplit(".", 1)[-1] in config.target_modules]
 
-    def add_adapter(self, adapter_id: str, config: AdapterConfig) -> None:
-        if adapter_id in self.configs:
-            raise ValueError(f"adapter {adapter_id!r} is already in the model")
-        paths = self.target_layers(config)
-        if not paths:
-            raise ValueError(f"adapter {adapter_id!r}: none of {config.target_modules} exist in the model")
-        gen = torch.Generator().manual_seed(config.seed)
-        for p in paths:
-            self.layers[p].add_adapter(adapter_id, config.rank, gen)
-        self.configs[adapter_id] = config
+    def add_adapters(self, configs: Mapping[str, AdapterConfig]) -> None:
+        """Adds adapters (id -> config) after the present ones, re-packing each layer once."""
+        for aid, config in configs.items():
+            if aid in self.configs:
+                raise ValueError(f"adapter {aid!r} is already in the model")
+            if not self.target_layers(config):
+                raise ValueError(f"adapter {aid!r}: none of {config.target_modules} exist in the model")
+        inits = {aid: torch.Generator().manual_seed(c.seed) for aid, c in configs.items()}  # drawn layer by layer
+        for path, layer in self.layers.items():
+            module = path.rsplit(".", 1)[-1]
+            new = [(aid, c.rank, inits[aid]) for aid, c in configs.items() if module in c.target_modules]
+            if new:
+                layer.add_adapters(new)
         device = next(iter(self.layers.values())).lora_A.device
-        self.generators[adapter_id] = torch.Generator(device).manual_seed(config.seed)
+        for aid, config in configs.items():
+            self.configs[aid] = config
+            self.generators[aid] = torch.Generator(device).manual_seed(config.seed)
 
     def adapter_tensors(self, adapter_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Views of the adapter's weights and gradients in a fixed order (layer path, then
@@ -312,11 +319,15 @@ class MultiLoraModel(nn.Module):
             for view, g in zip(layer.tensors(adapter_id)[1], grads[n * i : n * (i + 1)]):
                 view.copy_(g)
 
-    def remove_adapter(self, adapter_id: str) -> dict[str, LayerTensors]:
-        """Takes the adapter out of every layer and returns its weights (nothing is lost)."""
-        config = self.configs.pop(adapter_id)
-        del self.generators[adapter_id]
-        return {p: self.layers[p].remove_adapter(adapter_id) for p in self.target_layers(config)}
+    def remove_adapters(self, adapter_ids: Sequence[str]) -> None:
+        """Takes adapters out of every layer (re-packing each layer once); their state is the
+        caller's to keep first (alto.train.Trainer.release)."""
+        gone = set(adapter_ids)
+        for layer in self.layers.values():
+            if gone.intersection(layer.order):
+                layer.remove_adapters([a for a in layer.order if a in gone])
+        for aid in adapter_ids:
+            del self.configs[aid], self.generators[aid]
 
     @property
     def plain_head(self) -> nn.Linear | None:

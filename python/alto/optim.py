@@ -11,6 +11,7 @@ the device. A step launches a fixed handful of kernels plus one per adapter.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,25 +46,26 @@ class MultiAdamW:
             [torch.zeros_like(w, memory_format=torch.contiguous_format) for w in weights],
             [torch.zeros_like(w, memory_format=torch.contiguous_format) for w in weights])
 
-    def state(self, adapter_id: str) -> dict:
-        """Copies of the adapter's step count and moments (on their device)."""
-        s = self.adapters[adapter_id]
-        return {"step": int(s.step.item()),
-                "exp_avg": [t.detach().clone() for t in s.exp_avg],
-                "exp_avg_sq": [t.detach().clone() for t in s.exp_avg_sq]}
+    def states(self, adapter_ids: Sequence[str]) -> dict[str, dict]:
+        """Each adapter's step count and moments (the live tensors: copy them before the next step),
+        the counts read from the device in one transfer."""
+        steps = torch.stack([self.adapters[a].step for a in adapter_ids]).tolist() if adapter_ids else []
+        return {a: {"step": int(n), "exp_avg": list(self.adapters[a].exp_avg),
+                    "exp_avg_sq": list(self.adapters[a].exp_avg_sq)} for a, n in zip(adapter_ids, steps)}
 
     def load(self, adapter_id: str, state: dict) -> None:
-        """Restores what state() returned (for an adapter add()-ed with the same shapes)."""
+        """Restores what states() returned (for an adapter add()-ed with the same shapes)."""
         s = self.adapters[adapter_id]
         s.step.fill_(float(state["step"]))
         for dst, src in zip(s.exp_avg + s.exp_avg_sq, list(state["exp_avg"]) + list(state["exp_avg_sq"])):
             dst.copy_(src)
 
-    def remove(self, adapter_id: str) -> dict:
-        """Drops an adapter and returns its state (step and moments), so nothing is lost."""
-        state = self.state(adapter_id)
-        del self.adapters[adapter_id]
-        return state
+    def remove(self, adapter_ids: Sequence[str]) -> dict[str, dict]:
+        """Drops adapters and returns their states (step and moments), so nothing is lost."""
+        states = self.states(adapter_ids)
+        for a in adapter_ids:
+            del self.adapters[a]
+        return states
 
     @torch.no_grad()
     def step(self, tensors: Tensors, lrs: list[float], max_norms: list[float | None]) -> torch.Tensor:

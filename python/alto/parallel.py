@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import alto_ext
-from alto.train import AdapterState
+from alto.state import AdapterState
 
 
 class Group:
@@ -86,7 +86,8 @@ class Group:
         """Receives into buffers shaped like `template` (the adapter's freshly initialized state)."""
         outs = [torch.empty_like(t, device=device) for t in template.tensors()]
         alto_ext.recv_tensors(outs, src)
-        return template.with_tensors(outs).to(device)
+        outs[-1] = outs[-1].cpu()  # torch keeps generator states on the CPU
+        return template.with_tensors(outs)
 
     def close(self) -> None:
         if self.world > 1:

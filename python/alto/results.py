@@ -47,7 +47,7 @@ def held_out_loss(model: MultiLoraModel, adapter: Adapter, weights: dict[str, La
     adapter is no longer in the model)."""
     in_model = adapter.id in model.configs
     if not in_model:
-        model.add_adapter(adapter.id, adapter.config)
+        model.add_adapters({adapter.id: adapter.config})
         model.load_adapter_weights(adapter.id, weights)
     total, count = 0.0, 0.0
     try:
@@ -59,7 +59,7 @@ def held_out_loss(model: MultiLoraModel, adapter: Adapter, weights: dict[str, La
                 count += chunk_count.item()
     finally:
         if not in_model:
-            model.remove_adapter(adapter.id)
+            model.remove_adapters([adapter.id])
     return total / max(1.0, count)
 
 

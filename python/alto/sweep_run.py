@@ -37,6 +37,7 @@ from alto.sched.catalog import ModelShape
 from alto.sched.memory import adapter_params
 from alto.sched.placement import adapter_cost, place, rank_loads, rebalance
 from alto.sweep import Sweep
+from alto.state import AdapterState, move_states
 from alto.train import DataStream, StepOutOfMemory, Trainer
 
 
@@ -123,7 +124,7 @@ class SweepRun:
         """Writes the checkpoint (collective: every rank sends its adapters to rank 0)."""
         t = self.trainer
         self._collect_retired()
-        running = self.group.gather({a.id: t.export_state(a.id).to("cpu") for a in t.running()})
+        running = self.group.gather(t.export_states([a.id for a in t.running()], "cpu"))
         if not self.group.is_leader:
             return
         states = {**t.retired, **{k: v for part in running for k, v in part.items()}}
@@ -153,9 +154,8 @@ class SweepRun:
                     self.trainer.retired[aid] = entry["state"]
         costs = self.costs(running)
         self.owner = place([a.id for a in running], costs, [0.0] * self.group.world)
-        for a in running:
-            if self.owner[a.id] == self.group.rank:
-                self.trainer.admit(a, state["adapters"][a.id]["state"].to(self.device))
+        mine = [a for a in running if self.owner[a.id] == self.group.rank]
+        self.trainer.admit(mine, move_states({a.id: state["adapters"][a.id]["state"] for a in mine}, self.device))
         if self.group.is_leader:
             checkpoint.truncate_logs(self.run_dir, self.micro_steps)
 
@@ -207,17 +207,22 @@ class SweepRun:
 
     def apply(self, decisions: Decisions, log, decision_log) -> None:
         rank, t = self.group.rank, self.trainer
+        stopped = []  # this rank's, retired together
         for d in decisions.stops:
             a = self.registry[d.adapter]
             if self.owner.pop(a.id) == rank:
-                t.retire(a, Status.STOPPED_EARLY, d.reason)
+                stopped.append((a, Status.STOPPED_EARLY, d.reason))
             else:
                 a.status, a.failure = Status.STOPPED_EARLY, d.reason
             if decision_log is not None:
                 decision_log.writerow([self.micro_steps, d.adapter, d.micro_step, d.rule, d.reason])
             log(f"  stop {d.adapter}: {d.reason}")
+        if stopped:
+            t.retire(stopped)
         for aid, n in decisions.growth.items():
             self.registry[aid].extra_batch += n
+        admitted: list[Adapter] = []
+        saved: dict[str, AdapterState] = {}
         for aid, r in decisions.admissions.items():
             a = self.registry[aid]
             self.owner[aid] = r
@@ -225,18 +230,21 @@ class SweepRun:
             self.admitted.pop(aid, None)
             self.admitted[aid] = None
             if r == rank:
-                saved = t.retired.pop(aid, None)  # sent back to the queue after an out-of-memory step
-                t.admit(a, None if saved is None else saved.to(self.device))
+                admitted.append(a)
+                if aid in t.retired:  # sent back to the queue after an out-of-memory step
+                    saved[aid] = t.retired.pop(aid)
             else:
                 a.status = Status.RUNNING
             log(f"  admit {aid} on rank {r}" if self.group.world > 1 else f"  admit {aid} into a freed slot")
+        if admitted:  # all at once: each layer re-packed once
+            t.admit(admitted, move_states(saved, self.device))
         for aid, src, dst in decisions.moves:
             a = self.registry[aid]
             if rank == src:
-                self.group.send_state(t.release(aid), dst, self.device)
+                self.group.send_state(t.release([aid])[aid], dst, self.device)
             elif rank == dst:
-                t.admit(a)  # a fresh copy gives the shapes to receive into
-                t.admit(a, self.group.recv_state(t.release(aid), src, self.device))
+                t.admit([a])  # a fresh copy gives the shapes to receive into
+                t.admit([a], {aid: self.group.recv_state(t.release([aid])[aid], src, self.device)})
             self.owner[aid] = dst
             log(f"  move {aid}: rank {src} -> rank {dst}")
 
@@ -283,11 +291,13 @@ class SweepRun:
         if self.admission is not None:
             positions = max(positions, self.admission.load(mine)[0])
         if len(mine) == 1:
-            t.retire(mine[0], Status.FAILED, f"out of memory alone, in a step of {positions} token positions")
-        for a in mine[(len(mine) + 1) // 2:]:  # none of a lone one
+            t.retire([(mine[0], Status.FAILED, f"out of memory alone, in a step of {positions} token positions")])
+        back = mine[(len(mine) + 1) // 2:]  # none of a lone one
+        for a in back:
             a.extra_batch = 0
-            t.retire(a, Status.QUEUED, f"out of memory: a step of {len(mine)} adapters and {positions} token "
-                                       "positions did not fit; back to the queue")
+        if back:
+            t.retire([(a, Status.QUEUED, f"out of memory: a step of {len(mine)} adapters and {positions} token "
+                                         "positions did not fit; back to the queue") for a in back])
         return positions, params, (len(mine) + 1) // 2 if len(mine) > 1 else 0
 
     def merge(self, reports: list[tuple[dict, tuple | None]], decision_log) -> dict[str, float]:

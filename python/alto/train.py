@@ -9,16 +9,16 @@ gradient accumulation. A non-finite loss or gradient fails that adapter only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from alto.model import LayerTensors, MultiLoraModel, plan_for
+from alto.model import TENSOR_NAMES, MultiLoraModel, plan_for
 from alto.optim import MultiAdamW
 from alto.loss import adapter_loss_sums, fused_head_available, head_token_losses, mean_losses, token_losses
 from alto.registry import Adapter, Registry, Status
+from alto.state import AdapterState, move_states
 from alto_ext.segments import to_device
 
 
@@ -100,40 +100,6 @@ def step_positions(lengths: Sequence[int], packed: bool) -> int:
     return sum(lengths) if packed else len(lengths) * max(lengths, default=0)
 
 
-@dataclass
-class AdapterState:
-    """Everything an adapter's future trajectory depends on: what a checkpoint stores and what
-    moves when the adapter migrates to another rank (as one flat buffer of :meth:`tensors`)."""
-
-    weights: dict[str, LayerTensors]  # layer path -> {tensor name: tensor}
-    grads: list[torch.Tensor]  # pending accumulated gradients, in adapter_tensors' order
-    optimizer: dict  # MultiAdamW.state(): step, exp_avg, exp_avg_sq
-    data_position: int
-    rng: torch.Tensor  # the adapter's dropout generator state (uint8)
-
-    def tensors(self) -> list[torch.Tensor]:
-        """All of it as tensors, in a fixed order (the scalars as 1-element int64 tensors)."""
-        weights = [t for layer in self.weights.values() for t in layer.values()]
-        scalars = torch.tensor([self.optimizer["step"], self.data_position], dtype=torch.int64)
-        return weights + self.grads + self.optimizer["exp_avg"] + self.optimizer["exp_avg_sq"] + [scalars, self.rng]
-
-    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "AdapterState":
-        """The same structure holding `tensors` (laid out as :meth:`tensors` returns them)."""
-        it = iter(tensors)
-        weights = {p: {name: next(it) for name in layer} for p, layer in self.weights.items()}
-        grads = [next(it) for _ in self.grads]
-        exp_avg = [next(it) for _ in self.optimizer["exp_avg"]]
-        exp_avg_sq = [next(it) for _ in self.optimizer["exp_avg_sq"]]
-        step, position = next(it).tolist()
-        return AdapterState(weights, grads, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
-                            position, next(it))
-
-    def to(self, device: torch.device | str) -> "AdapterState":
-        moved = [t.to(device) for t in self.tensors()]
-        moved[-1] = moved[-1].cpu()  # generator states live on the CPU
-        return self.with_tensors(moved)
-
-
 class StepOutOfMemory(Exception):
     """A step ran out of memory and was undone: no adapter's weights, pending gradients, optimizer
     state, data position or dropout RNG changed."""
@@ -169,40 +135,53 @@ class Trainer:
         in every layer: measured 0.2 s of host time per step with 32 adapters on 1B widths)."""
         return [a for a in map(self.registry.__getitem__, self.model.configs) if a.status == Status.RUNNING]
 
-    def admit(self, adapter: Adapter, state: AdapterState | None = None) -> None:
-        """Puts an adapter into the model: fresh weights and optimizer, or a saved/migrated state."""
-        if adapter.id not in self.data:
-            raise ValueError(f"adapter {adapter.id!r} has no data stream")
-        self.model.add_adapter(adapter.id, adapter.config)
-        self.optimizer.add(adapter.id, self.model.adapter_tensors(adapter.id)[0], adapter.config.weight_decay)
-        if state is not None:
-            self.model.load_adapter_weights(adapter.id, state.weights)
-            self.model.load_adapter_grads(adapter.id, state.grads)
-            self.optimizer.load(adapter.id, state.optimizer)
-            self.data[adapter.id].position = state.data_position
-            self.model.generators[adapter.id].set_state(state.rng)
-        adapter.status, adapter.failure = Status.RUNNING, None
+    def admit(self, adapters: Sequence[Adapter], states: Mapping[str, AdapterState] | None = None) -> None:
+        """Puts adapters into the model (each layer re-packed once): fresh weights and optimizer, or
+        a saved/migrated state (states: by adapter id, on the model's device)."""
+        states = states or {}
+        for a in adapters:
+            if a.id not in self.data:
+                raise ValueError(f"adapter {a.id!r} has no data stream")
+        self.model.add_adapters({a.id: a.config for a in adapters})
+        tensors = self.model.adapters_tensors([a.id for a in adapters])
+        for a in adapters:
+            self.optimizer.add(a.id, tensors[a.id][0], a.config.weight_decay)
+            state = states.get(a.id)
+            if state is not None:
+                self.model.load_adapter_weights(a.id, state.weights)
+                self.model.load_adapter_grads(a.id, state.grads)
+                self.optimizer.load(a.id, state.optimizer)
+                self.data[a.id].position = state.data_position
+                self.model.generators[a.id].set_state(state.rng)
+            a.status, a.failure = Status.RUNNING, None
 
-    def export_state(self, adapter_id: str) -> AdapterState:
-        """Copies of the adapter's state, on the model's device."""
-        values, grads = self.model.adapter_tensors(adapter_id)
-        return AdapterState(self.model.adapter_weights(adapter_id),
-                            [torch.zeros_like(v) if g is None else g.clone() for v, g in zip(values, grads)],
-                            self.optimizer.state(adapter_id), self.data[adapter_id].position,
-                            self.model.generators[adapter_id].get_state())
+    def export_states(self, adapter_ids: Sequence[str], device: torch.device | str | None = None) -> dict[str, AdapterState]:
+        """Copies of these adapters' states, on `device` (default: the model's), moved together."""
+        tensors = self.model.adapters_tensors(adapter_ids)
+        optimizer = self.optimizer.states(adapter_ids)
+        n = len(TENSOR_NAMES)
+        live = {}
+        for aid in adapter_ids:
+            values, grads = tensors[aid]
+            paths = self.model.target_layers(self.model.configs[aid])
+            weights = {p: dict(zip(TENSOR_NAMES, values[n * i : n * (i + 1)])) for i, p in enumerate(paths)}
+            live[aid] = AdapterState(weights, [torch.zeros_like(v) if g is None else g for v, g in zip(values, grads)],
+                                     optimizer[aid], self.data[aid].position, self.model.generators[aid].get_state())
+        return move_states(live, self.device if device is None else device)
 
-    def release(self, adapter_id: str) -> AdapterState:
-        """Takes an adapter out of the model and optimizer, returning its whole state."""
-        state = self.export_state(adapter_id)
-        self.model.remove_adapter(adapter_id)
-        self.optimizer.remove(adapter_id)
-        return state
+    def release(self, adapter_ids: Sequence[str], device: torch.device | str | None = None) -> dict[str, AdapterState]:
+        """Takes adapters out of the model and optimizer, returning their whole states (on `device`)."""
+        states = self.export_states(adapter_ids, device)
+        self.model.remove_adapters(adapter_ids)
+        self.optimizer.remove(adapter_ids)
+        return states
 
-    def retire(self, adapter: Adapter, status: Status, reason: str | None = None) -> None:
-        """Takes an adapter out of the model for good, keeping its state (nothing is lost)."""
-        self.retired[adapter.id] = self.release(adapter.id).to("cpu")
-        adapter.status = status
-        adapter.failure = reason
+    def retire(self, outcomes: Sequence[tuple[Adapter, Status, str | None]]) -> None:
+        """Takes adapters out of the model for good, (adapter, status, reason) each, keeping their
+        states on the CPU (nothing is lost)."""
+        self.retired.update(self.release([a.id for a, _, _ in outcomes], "cpu"))
+        for adapter, status, reason in outcomes:
+            adapter.status, adapter.failure = status, reason
 
     def _forward_backward(self, running: list[Adapter]) -> torch.Tensor:
         """The step's losses ([G]) and gradients, added to the pending ones. Out of memory, the step
@@ -272,16 +251,19 @@ class Trainer:
         self.model.clear_grads([a.id for a in stepping])
         values = torch.cat([per_adapter.detach(), norms.to(per_adapter.device)]).tolist()  # the one sync
         losses, norm_of = values[: len(running)], dict(zip((a.id for a in stepping), values[len(running):]))
-        # Retire only now: a retirement re-packs the layers and moves the views stepped above.
+        # Retire only now (all at once): a retirement re-packs the layers and moves the views stepped above.
+        done: list[tuple[Adapter, Status, str | None]] = []
         for adapter, loss in zip(running, losses):
             adapter.losses.append(loss)
             norm = norm_of.get(adapter.id)
             if not math.isfinite(loss):
-                self.retire(adapter, Status.FAILED, f"loss is {loss} at micro-step {adapter.micro_step}")
+                done.append((adapter, Status.FAILED, f"loss is {loss} at micro-step {adapter.micro_step}"))
             elif norm is not None and not math.isfinite(norm):
-                self.retire(adapter, Status.FAILED, f"gradient norm is {norm} at step {adapter.step}")
+                done.append((adapter, Status.FAILED, f"gradient norm is {norm} at step {adapter.step}"))
             elif norm is not None:
                 adapter.step += 1
                 if adapter.step >= adapter.config.max_steps:
-                    self.retire(adapter, Status.FINISHED)
+                    done.append((adapter, Status.FINISHED, None))
+        if done:
+            self.retire(done)
         return {a.id: v for a, v in zip(running, losses)}

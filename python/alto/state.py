@@ -1,0 +1,64 @@
+"""An adapter's whole state (what its future trajectory depends on): what a checkpoint stores, what
+an adapter sent back to the queue keeps, and what moves when it migrates to another rank."""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from alto.model import LayerTensors
+
+
+@dataclass
+class AdapterState:
+    """Weights, pending gradients, optimizer state, data position and dropout RNG of one adapter
+    (migration sends it as one flat buffer of :meth:`tensors`)."""
+
+    weights: dict[str, LayerTensors]  # layer path -> {tensor name: tensor}
+    grads: list[torch.Tensor]  # pending accumulated gradients, in adapter_tensors' order
+    optimizer: dict  # MultiAdamW.states(): step, exp_avg, exp_avg_sq
+    data_position: int
+    rng: torch.Tensor  # the adapter's dropout generator state (uint8)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """All of it as tensors, in a fixed order (the scalars as 1-element int64 tensors)."""
+        weights = [t for layer in self.weights.values() for t in layer.values()]
+        scalars = torch.tensor([self.optimizer["step"], self.data_position], dtype=torch.int64)
+        return weights + self.grads + self.optimizer["exp_avg"] + self.optimizer["exp_avg_sq"] + [scalars, self.rng]
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "AdapterState":
+        """The same structure holding `tensors` (laid out as :meth:`tensors` returns them)."""
+        it = iter(tensors)
+        weights = {p: {name: next(it) for name in layer} for p, layer in self.weights.items()}
+        grads = [next(it) for _ in self.grads]
+        exp_avg = [next(it) for _ in self.optimizer["exp_avg"]]
+        exp_avg_sq = [next(it) for _ in self.optimizer["exp_avg_sq"]]
+        step, position = next(it).tolist()
+        return AdapterState(weights, grads, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
+                            position, next(it))
+
+
+def move_states(states: Mapping[str, AdapterState], device: torch.device | str) -> dict[str, AdapterState]:
+    """Copies of adapter states on `device` (step count, data position and generator state stay on
+    the CPU, where torch keeps generator states). The tensors travel as one buffer per source
+    device and dtype, and come out as views of it: one gather, one transfer and one split instead
+    of a transfer per tensor (an adapter on 1B widths has ~500 tensors; see Trainer.retire)."""
+    device = torch.device(device)
+    lists = {aid: s.tensors() for aid, s in states.items()}
+    moving = [t for ts in lists.values() for t in ts[:-2]]  # all but the scalars and the generator state
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(moving):
+        groups[t.device, t.dtype].append(i)
+    moved: list[torch.Tensor] = list(moving)
+    for idx in groups.values():
+        # torch's flatten/unflatten (DDP's bucket helpers): their loop over tensors runs in C++
+        # (measured twice as fast as torch.cat + split + view from Python on 32k small tensors)
+        group = [moving[i] for i in idx]
+        flat = torch._utils._flatten_dense_tensors(group).to(device)
+        for i, t in zip(idx, torch._utils._unflatten_dense_tensors(flat, group)):
+            moved[i] = t
+    it = iter(moved)
+    return {aid: states[aid].with_tensors([next(it) for _ in ts[:-2]] + [t.clone() for t in ts[-2:]])
+            for aid, ts in lists.items()}
