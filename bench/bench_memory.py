@@ -95,7 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--counts", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     ap.add_argument("--widths", nargs="+", default=["1b", "8b"], choices=list(WIDTHS))
-    ap.add_argument("--padded", type=int, nargs="+", default=[16, 64], help="counts also run padded")
+    ap.add_argument("--padded", type=int, nargs="*", default=[16, 64], help="counts also run padded")
     ap.add_argument("--too-large", type=int, default=128, help="1B sweep started with max_running = this (0: skip)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
     args = ap.parse_args()
@@ -118,7 +118,8 @@ def main() -> None:
             plan.append((args.widths[0], args.too_large, True, args.too_large))
         for widths, count, packing, max_running in plan:
             r = run_one(widths, count, packing, data, root, max_running, args.steps)
-            print(" | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols), flush=True)
+            print(" | ".join(f"{r[c]:,.0f}" if c == "tokens_per_s" else f"{r[c]:.3g}" if isinstance(r[c], float)
+                             else str(r[c]) for c in cols), flush=True)
 
 
 if __name__ == "__main__":
