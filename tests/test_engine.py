@@ -20,6 +20,7 @@ import torch.nn.functional as F
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from alto.data import context  # noqa: E402
 from alto.model import MultiLoraModel  # noqa: E402
 from alto.registry import AdapterConfig, Registry, Status  # noqa: E402
 from alto.train import DataStream, Trainer, pad_batch  # noqa: E402
@@ -75,8 +76,9 @@ def colocated(base_model, sequences, ids, events=None, steps=MICRO_STEPS, device
     return trainer, init
 
 
-def alone_with_peft(base_model, sequences, aid, init, steps):
-    """The same adapter trained alone with HF PEFT (in the base model's dtype), our init copied in."""
+def alone_with_peft(base_model, sequences, aid, init, steps, prompt_lengths=None):
+    """The same adapter trained alone with HF PEFT (in the base model's dtype), our init copied in;
+    prompt_lengths: per sequence, how many leading tokens get no label (completion-only loss)."""
     cfg = CONFIGS[aid]
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, use_rslora=cfg.use_rslora,
                            target_modules=list(cfg.target_modules), bias="none")
@@ -91,7 +93,10 @@ def alone_with_peft(base_model, sequences, aid, init, steps):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream, losses, step = DataStream(sequences[aid]), [], 0
     for micro in range(steps):
+        first = stream.position
         ids, mask, labels = pad_batch(stream.next_batch(cfg.micro_batch_size), PAD)
+        for row in range(len(ids) if prompt_lengths else 0):
+            labels[row, : prompt_lengths[(first + row) % len(prompt_lengths)]] = -100
         # The causal-LM loss written out: transformers' own casts the logits to float32.
         logits = pm(input_ids=ids, attention_mask=mask).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
@@ -117,10 +122,10 @@ def final_weights(trainer, aid):
     return trainer.model.adapter_weights(aid)
 
 
-def differences_from_alone(base_model, sequences, trainer, init, aid, steps) -> list[str]:
+def differences_from_alone(base_model, sequences, trainer, init, aid, steps, prompt_lengths=None) -> list[str]:
     """Where the co-located adapter's losses or final weights differ from PEFT's alone beyond
     float64 rounding (empty: none)."""
-    losses, weights = alone_with_peft(base_model, sequences, aid, init[aid], steps)
+    losses, weights = alone_with_peft(base_model, sequences, aid, init[aid], steps, prompt_lengths)
     ours = trainer.registry[aid].losses
     if len(ours) != len(losses):
         return [f"{aid}: {len(ours)} losses, PEFT {len(losses)}"]
@@ -151,6 +156,19 @@ def test_colocated_equals_alone_with_peft(base_model, sequences):
     for aid in "abc":
         assert_same_as_alone(base_model, sequences, trainer, init, aid, MICRO_STEPS)
         assert trainer.registry[aid].losses[-1] < trainer.registry[aid].losses[0] * 1.5
+
+
+def test_completion_only_colocated_equals_alone_with_peft(base_model, sequences):
+    """Prompt tokens seen but not learned (alto.data's context-only tokens), co-located and packed:
+    each adapter's trajectory is PEFT's alone with those positions' labels set to -100 by hand."""
+    rng = random.Random(3)
+    prompts = {aid: [rng.randrange(1, len(s) - 1) for s in sequences[aid]] for aid in CONFIGS}
+    masked = {aid: [context(s[:k]) + s[k:] for s, k in zip(sequences[aid], prompts[aid])] for aid in CONFIGS}
+    trainer, init = colocated(base_model, masked, list(CONFIGS))
+    for aid in CONFIGS:
+        assert not differences_from_alone(base_model, sequences, trainer, init, aid, MICRO_STEPS, prompts[aid])
+    # the comparison sees the mask: PEFT trained on every token differs
+    assert differences_from_alone(base_model, sequences, trainer, init, "a", MICRO_STEPS)
 
 
 class _LeakingOps:

@@ -195,7 +195,10 @@ def test_hugging_face_dataset_source(tmp_path):
     """data.source hf: a save_to_disk folder (a DatasetDict: the split is chosen) or data files
     through load_dataset; records need text or prompt + completion; bad names are clear errors."""
     datasets = pytest.importorskip("datasets")
-    from alto.data import load_texts
+    from alto.data import load_records
+
+    def load_texts(*args):  # the records' fields
+        return [next(iter(r.values())) if len(r) == 1 else r["prompt"] + r["completion"] for r, _ in load_records(*args)]
 
     folder = tmp_path / "ds"
     datasets.DatasetDict({
@@ -211,5 +214,5 @@ def test_hugging_face_dataset_source(tmp_path):
     (files / "rows.jsonl").write_text('{"text": "alpha beta"}\n{"text": "gamma"}\n')
     assert load_texts("hf", str(files)) == ["alpha beta", "gamma"]
     (files / "rows.jsonl").write_text('{"text": "alpha beta"}\n{"label": "x"}\n')
-    with pytest.raises(ValueError, match=r"\[train\]\[1\] needs a 'text' field or 'prompt' and 'completion'"):
+    with pytest.raises(ValueError, match=r"\[train\]\[1\] needs a 'text' field, 'prompt' and 'completion', or 'messages'"):
         load_texts("hf", str(files))

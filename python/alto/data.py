@@ -1,59 +1,113 @@
-"""Training text for a sweep: the chatterbot-corpus Q/A dialogues (offline, from PyPI), JSONL or
-plain-text files, or a Hugging Face dataset; tokenized once and split into train and held-out
-sequences."""
+"""Training data for a sweep: records in the formats TRL's SFTTrainer and HF datasets use, from the
+chatterbot-corpus dialogues (offline, from PyPI), JSONL or plain-text files, or a Hugging Face
+dataset; tokenized once (chat templates: the tokenizer's own) and split into train and held-out
+sequences.
+
+Records (one JSON object each):
+- ``{"messages": [{"role": ..., "content": ...}, ...]}``: a conversation, rendered with the
+  tokenizer's chat template; with ``train_on: completion`` (the default) the loss covers the
+  assistant turns only.
+- ``{"prompt": ..., "completion": ...}``: strings, or message lists (a conversational prompt and
+  the assistant's reply); the loss covers the completion only by default.
+- ``{"text": ...}``: the loss covers every token.
+
+A sequence is a list of token ids in which a context-only token (seen by the model, never a
+target: a prompt, a user turn) is stored as ``~id`` (negative); :func:`ids_and_labels` turns a
+sequence into model inputs and labels. Everything that only needs lengths (packing, admission,
+data streams) handles one plain list per sequence.
+"""
 from __future__ import annotations
 
 import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+import torch
 
 from alto.inputs import read_text
 
+ROLES = ("system", "user", "assistant", "tool")
+TRAIN_ON = ("completion", "all")
+Record = tuple[dict[str, Any], str]  # a record and where it came from ("file:line"), for errors
+
 
 class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool, add_generation_prompt: bool) -> str: ...
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 1..256 (0 = padding): for random-init test models."""
+    """UTF-8 bytes as ids 1..256 (0 = padding): for random-init test models. Its chat template
+    writes each turn as 'role: content' on its own line."""
 
     vocab_size = 257
     pad_id = 0
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [b + 1 for b in text.encode("utf-8")]
 
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
+        turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return turns + ("assistant: " if add_generation_prompt else "")
 
-def chatterbot_texts(language: str = "english") -> list[str]:
-    """Every dialogue of chatterbot-corpus as 'User: ...\\nAssistant: ...' turns."""
+
+def context(ids: Sequence[int]) -> list[int]:
+    """Tokens the model sees but is not trained to predict."""
+    return [~i for i in ids]
+
+
+def ids_and_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels: -100 at context-only tokens) of sequences' tokens."""
+    seen = tokens < 0
+    return torch.where(seen, ~tokens, tokens), tokens.masked_fill(seen, -100)
+
+
+def chatterbot_records(language: str = "english") -> list[Record]:
+    """Every dialogue of chatterbot-corpus as a conversation of alternating user/assistant turns."""
     import chatterbot_corpus
     import yaml
 
     root = Path(chatterbot_corpus.__file__).parent / "data" / language
     if not root.is_dir():
         raise ValueError(f"data: chatterbot-corpus has no language {language!r}")
-    texts = []
+    records = []
     for path in sorted(root.glob("*.yml")):
-        for conv in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
-            turns = [f"{'User' if i % 2 == 0 else 'Assistant'}: {str(t).strip()}" for i, t in enumerate(conv)]
+        for n, conv in enumerate(yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", [])):
+            turns = [{"role": ("user", "assistant")[i % 2], "content": str(t).strip()} for i, t in enumerate(conv)]
             if len(turns) >= 2:
-                texts.append("\n".join(turns))
-    return texts
+                records.append(({"messages": turns}, f"{path.name}[{n}]"))
+    return records
 
 
-def row_text(row, where: str) -> str:
-    """A record's training text: its 'text' field, or 'prompt' + 'completion'."""
-    if isinstance(row, dict) and isinstance(row.get("text"), str):
-        return row["text"]
-    if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-        return row["prompt"] + row["completion"]
-    raise ValueError(f"data: {where} needs a 'text' field or 'prompt' and 'completion'")
+def _is_messages(value) -> bool:
+    return (isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value))
 
 
-def jsonl_texts(path: Path) -> list[str]:
-    texts = []
+def check_record(row, where: str) -> Record:
+    """The record if it has one of the formats (see the module docstring), else one clear error."""
+    if isinstance(row, dict):
+        if "messages" in row:
+            if not _is_messages(row["messages"]) or not any(m["role"] == "assistant" for m in row["messages"]):
+                raise ValueError(f"data: {where}: 'messages' must be a list of {{role, content}} with roles "
+                                 f"{', '.join(ROLES)} and at least one assistant turn")
+            return row, where
+        if "prompt" in row and "completion" in row:
+            p, c = row["prompt"], row["completion"]
+            if not (isinstance(p, str) and isinstance(c, str) or _is_messages(p) and _is_messages(c)):
+                raise ValueError(f"data: {where}: 'prompt' and 'completion' must both be strings or both "
+                                 "lists of {role, content} messages")
+            return row, where
+        if isinstance(row.get("text"), str):
+            return row, where
+    raise ValueError(f"data: {where} needs a 'text' field, 'prompt' and 'completion', or 'messages'")
+
+
+def jsonl_records(path: Path) -> list[Record]:
+    records = []
     for n, line in enumerate(read_text(path, "data file").splitlines(), 1):
         if not line.strip():
             continue
@@ -61,12 +115,12 @@ def jsonl_texts(path: Path) -> list[str]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"data: {path}:{n} is not valid JSON ({e.msg})") from None
-        texts.append(row_text(row, f"{path}:{n}"))
-    return texts
+        records.append(check_record(row, f"{path}:{n}"))
+    return records
 
 
-def hf_texts(name: str, split: str) -> list[str]:
-    """A Hugging Face dataset's texts: a folder written by save_to_disk, or anything
+def hf_records(name: str, split: str) -> list[Record]:
+    """A Hugging Face dataset's records: a folder written by save_to_disk, or anything
     datasets.load_dataset takes (a hub name from the local cache, or local data files)."""
     try:
         import datasets
@@ -83,16 +137,16 @@ def hf_texts(name: str, split: str) -> list[str]:
         if split not in ds:
             raise ValueError(f"data.split={split!r} is not a split of {name!r}; splits: {', '.join(ds)}")
         ds = ds[split]
-    return [row_text(row, f"{name}[{split}][{i}]") for i, row in enumerate(ds)]
+    return [check_record(row, f"{name}[{split}][{i}]") for i, row in enumerate(ds)]
 
 
-def load_texts(source: str, path: str | None = None, split: str = "train") -> list[str]:
+def load_records(source: str, path: str | None = None, split: str = "train") -> list[Record]:
     if source == "chatterbot":
-        texts = chatterbot_texts()
+        records = chatterbot_records()
     elif source == "hf":
         if not path:
             raise ValueError("data.path is required for source 'hf' (a dataset name or save_to_disk folder)")
-        texts = hf_texts(path, split)
+        records = hf_records(path, split)
     elif source in ("jsonl", "text"):
         if not path:
             raise ValueError(f"data.path is required for source {source!r}")
@@ -100,27 +154,83 @@ def load_texts(source: str, path: str | None = None, split: str = "train") -> li
         if not p.is_file():
             raise ValueError(f"data.path: no such file {path!r}")
         if source == "jsonl":
-            texts = jsonl_texts(p)
+            records = jsonl_records(p)
         else:
-            texts = [b.strip() for b in read_text(p, "data file").split("\n\n") if b.strip()]
+            records = [({"text": b.strip()}, f"{p}[{i}]")
+                       for i, b in enumerate(read_text(p, "data file").split("\n\n")) if b.strip()]
     else:
         raise ValueError(f"data.source={source!r} is invalid: one of chatterbot, jsonl, text, hf")
-    if not texts:
-        raise ValueError(f"data: no texts found in {source} {path or ''}".rstrip())
-    return texts
+    if not records:
+        raise ValueError(f"data: no records found in {source} {path or ''}".rstrip())
+    return records
 
 
-def tokenize(texts: Sequence[str], tokenizer: Tokenizer, max_length: int, eos_id: int | None) -> list[list[int]]:
-    """Token ids per text (with EOS when the tokenizer has one), cut to max_length; texts of
-    fewer than 2 tokens are dropped (nothing to predict)."""
+def _render(tokenizer: Tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    """A conversation through the tokenizer's chat template, as ids (the template writes any
+    special tokens itself)."""
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except (ValueError, TypeError) as e:  # e.g. no chat template, or one that refuses these roles
+        raise ValueError(f"cannot render it with the tokenizer's chat template ({str(e).splitlines()[0]})") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _chat_tokens(tokenizer: Tokenizer, messages: list[dict], trained_from: int, train_on: str) -> list[int]:
+    """A conversation's tokens, the assistant turns from message `trained_from` on trained (the
+    rest context-only). Each turn's span is where the rendering of the conversation up to it ends,
+    compared on token ids: a template that renders a conversation's beginning differently from the
+    whole cannot be masked this way (train_on: all can still use it)."""
+    full = _render(tokenizer, messages, False)
+    if train_on == "all":
+        return full
+    out, done = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or i < trained_from:
+            continue
+        start = _render(tokenizer, messages[:i], True)
+        end = _render(tokenizer, messages[: i + 1], False) if i + 1 < len(messages) else full
+        if full[: len(start)] != start or full[: len(end)] != end or len(start) < done:
+            raise ValueError("the chat template does not render the conversation's beginning as a prefix of the "
+                             "whole, so its assistant tokens cannot be found (train_on: all trains on every token)")
+        out += context(full[done : len(start)]) + full[len(start) : len(end)]
+        done = len(end)
+    return out + context(full[done:])
+
+
+def record_tokens(record: dict[str, Any], tokenizer: Tokenizer, eos_id: int | None, train_on: str) -> list[int]:
+    """One record's tokens (see the module docstring): plain text and string completions end with
+    EOS (when the tokenizer has one); chat templates write their own end-of-turn tokens."""
+    eos = [] if eos_id is None else [eos_id]
+    if "messages" in record:
+        return _chat_tokens(tokenizer, record["messages"], 0, train_on)
+    if "prompt" in record:
+        prompt, completion = record["prompt"], record["completion"]
+        if isinstance(prompt, list):
+            return _chat_tokens(tokenizer, prompt + completion, len(prompt), train_on)
+        # TRL's convention: prompt and prompt + completion tokenized, the completion is what
+        # follows the prompt's tokens (a token merged across the boundary counts as completion)
+        whole = list(tokenizer.encode(prompt + completion)) + eos
+        if train_on == "all":
+            return whole
+        head = list(tokenizer.encode(prompt))
+        n = next((i for i, (a, b) in enumerate(zip(head, whole)) if a != b), min(len(head), len(whole)))
+        return context(whole[:n]) + whole[n:]
+    return list(tokenizer.encode(record["text"])) + eos
+
+
+def tokenize(records: Sequence[Record], tokenizer: Tokenizer, max_length: int, eos_id: int | None,
+             train_on: str = "completion") -> list[list[int]]:
+    """Every record's tokens (context-only ones as ~id), cut to max_length; a sequence with no
+    trained token after its first (nothing to predict: e.g. a prompt longer than max_length) is
+    dropped."""
     out = []
-    for t in texts:
-        ids = list(tokenizer.encode(t))
-        if eos_id is not None:
-            ids.append(eos_id)
-        ids = ids[:max_length]
-        if len(ids) >= 2:
-            out.append(ids)
+    for record, where in records:
+        try:
+            tokens = record_tokens(record, tokenizer, eos_id, train_on)[:max_length]
+        except ValueError as e:
+            raise ValueError(f"data: {where}: {e}") from None
+        if any(t >= 0 for t in tokens[1:]):
+            out.append(tokens)
     return out
 
 

@@ -6,7 +6,9 @@ model: smollm2                  # or {hf_dir: DIR, gguf_file: F} or {random_llam
 base: {dtype: auto}             # the frozen base's weights: auto = bfloat16 on a GPU, float32 on the CPU;
                                # or bfloat16 | float32 | float64 (exact math, device cpu)
 data: {source: chatterbot, max_length: 96, eval_fraction: 0.1, limit: 600}   # or jsonl/text + path,
-                               # or hf + path (dataset name or save_to_disk folder) [+ split: train]
+                               # or hf + path (dataset name or save_to_disk folder) [+ split: train];
+                               # records: messages | prompt + completion | text (alto.data);
+                               # train_on: completion (default: assistant/completion tokens) | all
 device: auto                   # auto | cpu | cuda
 checkpoint_every: 10           # micro-steps
 defaults: {rank: 8, alpha: 16, lr: 1e-4, micro_batch_size: 4, max_steps: 30}
@@ -33,6 +35,7 @@ from typing import Any
 import yaml
 
 from alto.base import device_type
+from alto.data import TRAIN_ON
 from alto.inputs import is_int, is_number
 from alto.monitor import MonitorConfig
 from alto.registry import AdapterConfig, valid_adapter_id
@@ -49,7 +52,7 @@ grid: {rank: [4, 16], lr: [3.0e-4, 1.0e-3]}
 
 TOP_KEYS = {"name", "model", "base", "data", "device", "checkpoint_every", "defaults", "grid", "adapters", "output",
             "monitor", "max_running", "max_tokens_per_step", "memory_budget_gb", "packing", "reclaim"}
-DATA_KEYS = {"source", "path", "split", "max_length", "eval_fraction", "limit"}
+DATA_KEYS = {"source", "path", "split", "max_length", "eval_fraction", "limit", "train_on"}
 DATA_SOURCES = ("chatterbot", "jsonl", "text", "hf")
 MODEL_KEYS = {"hf_dir", "gguf_file", "random_llama"}
 BASE_DTYPES = ("auto", "bfloat16", "float32", "float64")
@@ -177,7 +180,8 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     data = raw.get("data", {"source": "chatterbot"})
     if not isinstance(data, dict) or set(data) - DATA_KEYS:
         _fail("data", f"must be a mapping with keys {', '.join(sorted(DATA_KEYS))}")
-    data = {"source": "chatterbot", "max_length": 128, "eval_fraction": 0.1, "limit": None, "split": "train", **data}
+    data = {"source": "chatterbot", "max_length": 128, "eval_fraction": 0.1, "limit": None, "split": "train",
+            "train_on": "completion", **data}
     if data["source"] not in DATA_SOURCES:
         _fail("data.source", f"{data['source']!r} must be one of {', '.join(DATA_SOURCES)}")
     if not is_int(data["max_length"]) or data["max_length"] < 2:
@@ -186,6 +190,8 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
         _fail("data.eval_fraction", f"{data['eval_fraction']!r} must be in [0, 1)")
     if data["limit"] is not None and (not is_int(data["limit"]) or data["limit"] < 2):
         _fail("data.limit", f"{data['limit']!r} must be an int >= 2")
+    if data["train_on"] not in TRAIN_ON:
+        _fail("data.train_on", f"{data['train_on']!r} must be one of {', '.join(TRAIN_ON)}")
     if not isinstance(data["split"], str):
         _fail("data.split", f"{data['split']!r} must be a split name")
     if data["source"] != "chatterbot" and not (isinstance(data.get("path"), str) and data["path"]):

@@ -80,10 +80,14 @@ class SweepRun:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.base = load_base(sweep.model, sweep.base_dtype, self.device)
         self.shape = ModelShape.from_hf_config(self.base.model.config)
-        texts = data_mod.load_texts(sweep.data["source"], sweep.data.get("path"), sweep.data["split"])
+        records = data_mod.load_records(sweep.data["source"], sweep.data.get("path"), sweep.data["split"])
         if sweep.data["limit"]:
-            texts = texts[: sweep.data["limit"]]
-        seqs = data_mod.tokenize(texts, self.base.tokenizer, sweep.data["max_length"], self.base.eos_id)
+            records = records[: sweep.data["limit"]]
+        seqs = data_mod.tokenize(records, self.base.tokenizer, sweep.data["max_length"], self.base.eos_id,
+                                 sweep.data["train_on"])
+        if not seqs:
+            raise ValueError(f"data: none of the {len(records)} records has a token to train on within "
+                             f"max_length={sweep.data['max_length']}")
         self.train_seqs, self.eval_seqs = data_mod.split(seqs, sweep.data["eval_fraction"])
         self.model = MultiLoraModel(self.base.model)
         self.registry = Registry()

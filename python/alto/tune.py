@@ -47,7 +47,7 @@ def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = No
             raise ValueError(f"output folder {str(run_dir)!r} holds a run already: --resume it or choose another output")
     # Missing packages and devices fail here, before anything is written.
     if sweep.data["source"] == "chatterbot":
-        data_mod.load_texts("chatterbot")
+        data_mod.load_records("chatterbot")
     if sweep.model == "smollm2":
         smollm2_dir()
     if sweep.device == "cuda" and not torch.cuda.is_available():

@@ -1,0 +1,112 @@
+"""Training records -> token sequences: chat templates (SmolLM2's own, from its GGUF, and a
+Qwen2-style one), completion-only masks found on token ids, prompt/completion pairs, and the
+labels a step is built with. Each mask is checked against the tokenizer independently: the
+trained spans decode to exactly the assistant replies (with their end-of-turn) or completion."""
+import copy
+
+import pytest
+import torch
+
+from alto.base import SMOLLM2_GGUF, smollm2_dir
+from alto.data import ByteTokenizer, context, ids_and_labels, record_tokens, tokenize
+from alto.train import pad_batch, step_inputs
+
+QWEN2_TEMPLATE = (
+    "{%- for message in messages %}{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+# Marks the last turn only: the beginning of a conversation does not render as a prefix of the whole.
+LAST_TURN_TEMPLATE = ("{%- for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} [end]{% endif %}\n"
+                      "{%- endfor %}")
+CHAT = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke"}, {"role": "assistant", "content": "No."}]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="module")
+def qwen2_style(smollm2):
+    tok = copy.deepcopy(smollm2)
+    tok.chat_template = QWEN2_TEMPLATE
+    return tok
+
+
+def spans(tokens: list[int], tokenizer, trained: bool) -> list[str]:
+    """The decoded runs of trained (or context-only) tokens."""
+    out, run = [], []
+    for t in tokens + [None]:
+        if t is not None and (t >= 0) == trained:
+            run.append(t if trained else ~t)
+        elif run:
+            out.append(tokenizer.decode(run))
+            run = []
+    return out
+
+
+@pytest.mark.parametrize("which", ["smollm2", "qwen2_style"])
+def test_assistant_turns_are_the_trained_tokens(which, request):
+    tok = request.getfixturevalue(which)
+    tokens = record_tokens({"messages": CHAT}, tok, tok.eos_token_id, "completion")
+    ids, _ = ids_and_labels(torch.tensor(tokens))
+    assert ids.tolist() == tok.encode(tok.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False)
+    assert spans(tokens, tok, trained=True) == ["Hello! How can I help?<|im_end|>\n", "No.<|im_end|>\n"]
+    prompts = spans(tokens, tok, trained=False)
+    assert len(prompts) == 2 and prompts[0].endswith("Hi there<|im_end|>\n<|im_start|>assistant\n")
+    assert prompts[1] == "<|im_start|>user\nTell me a joke<|im_end|>\n<|im_start|>assistant\n"
+    assert "system" in prompts[0]  # both templates add a default system turn: context, never trained
+    every = record_tokens({"messages": CHAT}, tok, tok.eos_token_id, "all")
+    assert every == ids.tolist()
+
+
+def test_conversational_prompt_and_completion(qwen2_style):
+    tok = qwen2_style
+    record = {"prompt": CHAT[:3], "completion": [{"role": "assistant", "content": "Why? Because."}]}
+    tokens = record_tokens(record, tok, tok.eos_token_id, "completion")
+    assert spans(tokens, tok, trained=True) == ["Why? Because.<|im_end|>\n"]  # the prompt's own assistant turn is context
+
+
+def test_a_template_that_is_not_prefix_stable_is_refused_for_completion_only(smollm2):
+    tok = copy.deepcopy(smollm2)
+    tok.chat_template = LAST_TURN_TEMPLATE
+    with pytest.raises(ValueError, match="data: x.jsonl:3: the chat template does not render.*train_on: all"):
+        tokenize([({"messages": CHAT}, "x.jsonl:3")], tok, 512, tok.eos_token_id, "completion")
+    assert len(tokenize([({"messages": CHAT}, "x.jsonl:3")], tok, 512, tok.eos_token_id, "all")) == 1
+
+
+@pytest.mark.parametrize("prompt", ["Question: what is LoRA?\nAnswer:", "Question: what is LoRA?\nAnswer: "])
+def test_prompt_completion_strings_mask_the_prompt_on_token_ids(smollm2, prompt):
+    """The second prompt ends with a space that the tokenizer merges into the completion's first
+    token: the boundary is where the token ids part, as in TRL."""
+    tok = smollm2
+    completion = " A low-rank adapter." if not prompt.endswith(" ") else "A low-rank adapter."
+    tokens = record_tokens({"prompt": prompt, "completion": completion}, tok, tok.eos_token_id, "completion")
+    ids, labels = ids_and_labels(torch.tensor(tokens))
+    assert ids.tolist() == tok.encode(prompt + completion) + [tok.eos_token_id]
+    trained = tok.decode(ids[labels >= 0])
+    assert trained.endswith("adapter.<|im_end|>") and "Answer" not in trained and "LoRA" not in trained
+    assert tok.decode(ids[labels < 0]).startswith("Question: what is LoRA?")
+
+
+def test_byte_tokenizer_chat_and_dropped_records():
+    tok = ByteTokenizer()
+    tokens = record_tokens({"messages": CHAT[:2]}, tok, None, "completion")
+    assert bytes(t - 1 for t in tokens if t >= 0).decode() == "Hello! How can I help?\n"
+    # a prompt filling max_length leaves nothing to predict: the record is dropped
+    long = ({"prompt": "x" * 20, "completion": "y"}, "r")
+    assert tokenize([long], tok, 10, None) == [] and len(tokenize([long], tok, 10, None, "all")) == 1
+
+
+def test_context_tokens_have_no_labels_packed_or_padded():
+    seqs = [context([5, 6]) + [7, 8], [9] + context([10]) + [11]]
+    ids, mask, labels = pad_batch(seqs, 0)
+    assert ids.tolist() == [[5, 6, 7, 8], [9, 10, 11, 0]]
+    assert labels.tolist() == [[-100, -100, 7, 8], [9, -100, 11, -100]]
+    inputs, packed_labels, _ = step_inputs(seqs, 0, True, torch.device("cpu"))
+    assert inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]
+    assert packed_labels.tolist() == [[-100, -100, 7, 8, -100, -100, 11]]  # each first label: no target across
