@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alto.base import SMOLLM2_GGUF, smollm2_dir
-from alto.data import ByteTokenizer, context, ids_and_labels, record_tokens, tokenize
+from alto.data import ByteTokenizer, check_record, context, ids_and_labels, record_tokens, tokenize
 from alto.train import pad_batch, step_inputs
 
 QWEN2_TEMPLATE = (
@@ -110,3 +110,17 @@ def test_context_tokens_have_no_labels_packed_or_padded():
     inputs, packed_labels, _ = step_inputs(seqs, 0, True, torch.device("cpu"))
     assert inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]
     assert packed_labels.tolist() == [[-100, -100, 7, 8, -100, -100, 11]]  # each first label: no target across
+
+
+def test_records_whose_template_refuses_them_or_that_start_with_the_assistant(smollm2):
+    tok = copy.deepcopy(smollm2)
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ValueError, match="data: f.jsonl:2: cannot render it.*roles must alternate"):
+        tokenize([({"messages": CHAT}, "f.jsonl:2")], tok, 512, tok.eos_token_id)
+    first = [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "?"}]
+    with pytest.raises(ValueError, match="f.jsonl:4: the conversation starts with an assistant turn"):
+        tokenize([({"messages": first}, "f.jsonl:4")], smollm2, 512, smollm2.eos_token_id)
+    # a None column (HF datasets fill absent fields with it) is no field: this record is text
+    assert tokenize([({"text": "hello there", "prompt": None, "completion": None}, "r")], ByteTokenizer(), 64, None)
+    with pytest.raises(ValueError, match="data: f.jsonl:5 needs a 'text' field"):
+        check_record({"prompt": "only a prompt"}, "f.jsonl:5")

@@ -87,22 +87,34 @@ def _is_messages(value) -> bool:
         isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value))
 
 
+def record_kind(row) -> str | None:
+    """messages | prompt | text: the record's format by its fields (None values count as absent:
+    HF datasets fill a column missing from a row with None), or None."""
+    if not isinstance(row, dict):
+        return None
+    if row.get("messages") is not None:
+        return "messages"
+    if row.get("prompt") is not None and row.get("completion") is not None:
+        return "prompt"
+    return "text" if isinstance(row.get("text"), str) else None
+
+
 def check_record(row, where: str) -> Record:
     """The record if it has one of the formats (see the module docstring), else one clear error."""
-    if isinstance(row, dict):
-        if "messages" in row:
+    kind = record_kind(row)
+    if kind is not None:
+        if kind == "messages":
             if not _is_messages(row["messages"]) or not any(m["role"] == "assistant" for m in row["messages"]):
                 raise ValueError(f"data: {where}: 'messages' must be a list of {{role, content}} with roles "
                                  f"{', '.join(ROLES)} and at least one assistant turn")
             return row, where
-        if "prompt" in row and "completion" in row:
+        if kind == "prompt":
             p, c = row["prompt"], row["completion"]
             if not (isinstance(p, str) and isinstance(c, str) or _is_messages(p) and _is_messages(c)):
                 raise ValueError(f"data: {where}: 'prompt' and 'completion' must both be strings or both "
                                  "lists of {role, content} messages")
             return row, where
-        if isinstance(row.get("text"), str):
-            return row, where
+        return row, where
     raise ValueError(f"data: {where} needs a 'text' field, 'prompt' and 'completion', or 'messages'")
 
 
@@ -168,9 +180,11 @@ def load_records(source: str, path: str | None = None, split: str = "train") -> 
 def _render(tokenizer: Tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
     """A conversation through the tokenizer's chat template, as ids (the template writes any
     special tokens itself)."""
+    from jinja2 import TemplateError  # transformers' template engine
+
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except (ValueError, TypeError) as e:  # e.g. no chat template, or one that refuses these roles
+    except (ValueError, TypeError, TemplateError) as e:  # no chat template, or one refusing these turns
         raise ValueError(f"cannot render it with the tokenizer's chat template ({str(e).splitlines()[0]})") from None
     return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -187,9 +201,12 @@ def _chat_tokens(tokenizer: Tokenizer, messages: list[dict], trained_from: int, 
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < trained_from:
             continue
+        if i == 0:
+            raise ValueError("the conversation starts with an assistant turn: nothing prompts it (train_on: all "
+                             "trains on every token)")
         start = _render(tokenizer, messages[:i], True)
         end = _render(tokenizer, messages[: i + 1], False) if i + 1 < len(messages) else full
-        if full[: len(start)] != start or full[: len(end)] != end or len(start) < done:
+        if full[: len(start)] != start or full[: len(end)] != end or not done <= len(start) <= len(end):
             raise ValueError("the chat template does not render the conversation's beginning as a prefix of the "
                              "whole, so its assistant tokens cannot be found (train_on: all trains on every token)")
         out += context(full[done : len(start)]) + full[len(start) : len(end)]
@@ -201,9 +218,10 @@ def record_tokens(record: dict[str, Any], tokenizer: Tokenizer, eos_id: int | No
     """One record's tokens (see the module docstring): plain text and string completions end with
     EOS (when the tokenizer has one); chat templates write their own end-of-turn tokens."""
     eos = [] if eos_id is None else [eos_id]
-    if "messages" in record:
+    kind = record_kind(record)
+    if kind == "messages":
         return _chat_tokens(tokenizer, record["messages"], 0, train_on)
-    if "prompt" in record:
+    if kind == "prompt":
         prompt, completion = record["prompt"], record["completion"]
         if isinstance(prompt, list):
             return _chat_tokens(tokenizer, prompt + completion, len(prompt), train_on)

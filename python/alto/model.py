@@ -248,7 +248,7 @@ class MultiLoraModel(nn.Module):
 
     def add_adapters(self, configs: Mapping[str, AdapterConfig]) -> None:
         """Adds adapters (id -> config) after the present ones, re-packing each layer once."""
-        for aid, config in configs.items():
+        for aid, config in configs.items():  # all checked before anything changes
             if aid in self.configs:
                 raise ValueError(f"adapter {aid!r} is already in the model")
             if not self.target_layers(config):
@@ -323,6 +323,8 @@ class MultiLoraModel(nn.Module):
         """Takes adapters out of every layer (re-packing each layer once); their state is the
         caller's to keep first (alto.train.Trainer.release)."""
         gone = set(adapter_ids)
+        if len(gone) != len(adapter_ids) or not gone <= self.configs.keys():
+            raise ValueError(f"cannot remove {list(adapter_ids)}: ids must be distinct adapters of the model")
         for layer in self.layers.values():
             if gone.intersection(layer.order):
                 layer.remove_adapters([a for a in layer.order if a in gone])

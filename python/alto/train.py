@@ -139,6 +139,8 @@ class Trainer:
         """Puts adapters into the model (each layer re-packed once): fresh weights and optimizer, or
         a saved/migrated state (states: by adapter id, on the model's device)."""
         states = states or {}
+        if len({a.id for a in adapters}) != len(adapters):
+            raise ValueError(f"adapters admitted twice: {[a.id for a in adapters]}")
         for a in adapters:
             if a.id not in self.data:
                 raise ValueError(f"adapter {a.id!r} has no data stream")
@@ -171,6 +173,8 @@ class Trainer:
 
     def release(self, adapter_ids: Sequence[str], device: torch.device | str | None = None) -> dict[str, AdapterState]:
         """Takes adapters out of the model and optimizer, returning their whole states (on `device`)."""
+        if len(set(adapter_ids)) != len(adapter_ids) or not set(adapter_ids) <= self.model.configs.keys():
+            raise ValueError(f"cannot release {list(adapter_ids)}: ids must be distinct adapters of the model")
         states = self.export_states(adapter_ids, device)
         self.model.remove_adapters(adapter_ids)
         self.optimizer.remove(adapter_ids)
