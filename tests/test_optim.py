@@ -56,7 +56,8 @@ def test_params_without_grad_are_skipped_and_state_is_returned():
     opt.step(tensors, [1e-2], [None])
     assert not torch.equal(params[0], before[0])
     assert torch.equal(params[1], before[1]) and torch.equal(params[2], before[2])
-    state = opt.remove(["a"])["a"]
+    state = opt.states(["a"])["a"]
+    opt.remove(["a"])
     assert state["step"] == 1 and torch.count_nonzero(state["exp_avg"][0]) == params[0].numel()
 
 

@@ -60,12 +60,10 @@ class MultiAdamW:
         for dst, src in zip(s.exp_avg + s.exp_avg_sq, list(state["exp_avg"]) + list(state["exp_avg_sq"])):
             dst.copy_(src)
 
-    def remove(self, adapter_ids: Sequence[str]) -> dict[str, dict]:
-        """Drops adapters and returns their states (step and moments), so nothing is lost."""
-        states = self.states(adapter_ids)
+    def remove(self, adapter_ids: Sequence[str]) -> None:
+        """Drops adapters (their states() are the caller's to keep first: Trainer.release)."""
         for a in adapter_ids:
             del self.adapters[a]
-        return states
 
     @torch.no_grad()
     def step(self, tensors: Tensors, lrs: list[float], max_norms: list[float | None]) -> torch.Tensor:
