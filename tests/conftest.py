@@ -78,3 +78,71 @@ def sweep_yaml(tmp_path):
         path.write_text(json.dumps(doc))  # JSON is YAML
         return path
     return write
+
+
+# float64 results of the same math in another order differ by ~1e-13 at most; every planted bug
+# moves some loss or weight by > 1e-7 (see test_engine's test_the_peft_comparison_catches_planted_bugs).
+EXACT_RTOL, EXACT_ATOL = 1e-10, 1e-12
+
+
+def peft_alone(base_model, cfg, sequences, init, steps, pad_id):
+    """An adapter of config cfg trained alone with HF PEFT (in the base model's dtype, our init
+    copied in) on sequences (alto.data tokens: a context-only ~id gets label -100), served in order
+    and cycling as alto's DataStream serves them; returns (losses, weights as alto lays them out)."""
+    import copy
+
+    import peft
+    import torch.nn.functional as F
+
+    from alto.train import DataStream, pad_batch
+
+    lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, use_rslora=cfg.use_rslora,
+                           target_modules=list(cfg.target_modules), bias="none")
+    pm = peft.get_peft_model(copy.deepcopy(base_model), lora)
+    inner = pm.base_model.model
+    for path, tensors in init.items():
+        layer = inner.get_submodule(path)
+        assert layer.lora_A["default"].weight.dtype == base_model.dtype  # PEFT follows the base's dtype
+        layer.lora_A["default"].weight.data.copy_(tensors["lora_A"])
+        layer.lora_B["default"].weight.data.copy_(tensors["lora_B"].T)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stream, losses, step = DataStream(sequences), [], 0
+    for micro in range(steps):
+        ids, mask, labels = pad_batch(stream.next_batch(cfg.micro_batch_size), pad_id)
+        # The causal-LM loss written out: transformers' own casts the logits to float32.
+        logits = pm(input_ids=ids, attention_mask=mask).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        losses.append(loss.item())
+        (loss / cfg.grad_accum).backward()
+        if (micro + 1) % cfg.grad_accum == 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr_at(step)
+            opt.step()
+            opt.zero_grad()
+            step += 1
+            if step >= cfg.max_steps:
+                break
+    weights = {path: {"lora_A": inner.get_submodule(path).lora_A["default"].weight.detach(),
+                      "lora_B": inner.get_submodule(path).lora_B["default"].weight.detach().T} for path in init}
+    return losses, weights
+
+
+def differences(name, ours, got, losses, weights) -> list[str]:
+    """Where our losses and weights (got) differ from the reference's beyond float64 rounding."""
+    if len(ours) != len(losses):
+        return [f"{name}: {len(ours)} losses, reference {len(losses)}"]
+    out = []
+    if not torch.allclose(torch.tensor(ours, dtype=torch.float64), torch.tensor(losses, dtype=torch.float64),
+                          rtol=EXACT_RTOL, atol=EXACT_ATOL):
+        out.append(f"{name} losses: ours {ours}, reference {losses}")
+    if set(got) != set(weights):
+        return out + [f"{name}: layers {sorted(got)} vs reference {sorted(weights)}"]
+    for path in weights:
+        for tensor, ref_w in weights[path].items():
+            ours_w = got[path][tensor]
+            assert ours_w.dtype == ref_w.dtype == torch.float64
+            if not torch.allclose(ours_w, ref_w, rtol=EXACT_RTOL, atol=EXACT_ATOL):
+                out.append(f"{name} {path} {tensor}: max |diff| {(ours_w - ref_w).abs().max().item():.3g}")
+    return out

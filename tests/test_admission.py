@@ -146,7 +146,7 @@ def test_an_adapter_out_of_memory_alone_fails_alone(tmp_path):
 
 def test_admission_never_leaves_a_rank_empty():
     shape = ModelShape(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, vocab=100)
-    adm = Admission(PeakModel(0.0, 1e9, 0.0), capacity=1.0, shape=shape, length=10)  # nothing fits
+    adm = Admission(PeakModel(0.0, 1e9, 0.0), capacity=1.0, shape=shape, lengths={"default": (10, 0.0)})  # nothing fits
     queued = [Adapter(x, AdapterConfig()) for x in "pq"]
     assert adm.choose({0: [], 1: []}, queued, {}) == {"p": 0, "q": 1}
     assert adm.choose({0: queued[:1]}, queued[1:], {}) == {}

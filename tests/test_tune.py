@@ -20,7 +20,7 @@ def test_tune_end_to_end_writes_every_output(tmp_path, capsys, sweep_yaml):
     out = capsys.readouterr().out
     assert "step    1 | running 4 | queued 0" in out and "eval loss" in out
     board = (run / "leaderboard.csv").read_text().splitlines()
-    assert len(board) == 5 and board[0].startswith("rank,adapter")
+    assert len(board) == 5 and board[0].startswith("rank,task,task_rank,adapter")
     rows = (run / "losses.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 * 3  # 4 adapters x 3 micro-steps (max_steps 3, no accumulation)
     assert (run / "losses.png").stat().st_size > 10_000
@@ -103,7 +103,8 @@ def test_default_sweep_is_valid():
     from alto.sweep import DEFAULT_SWEEP
 
     sweep = parse_sweep(DEFAULT_SWEEP)
-    assert sweep.model == "smollm2" and len(sweep.adapters) == 4
+    assert sweep.model == "smollm2" and len(sweep.adapters) == 8 and list(sweep.tasks) == ["trivia", "ai", "coding"]
+    assert sweep.tasks["trivia"].eval.metric == "exact_match" and "trivia/rank4-lr0p0003" in sweep.adapters
 
 
 def test_sigkilled_run_resumes_to_the_same_final_weights(tmp_path, sweep_yaml):

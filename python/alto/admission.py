@@ -9,9 +9,10 @@ its capacity (the device's free memory, or memory_budget_gb, less a margin) and 
 token positions within max_tokens_per_step. A step that peaks above the prediction, or runs out of
 memory, raises the model's per-token slope (PeakModel.raised_to).
 
-A set's planned token positions per step, for its n sequences per step: packed, n x the mean
-sequence length of the training data + 2 standard deviations of such a sum (sqrt(n) x the lengths'
-spread: a step rarely holds more); padded, n x the longest (every row is as long as the step's
+A set's planned token positions per step, for its n sequences per step: packed, the sum of each
+adapter's sequences times the mean sequence length of its task's training data + 2 standard
+deviations of such a sum (for n sequences of one task, sqrt(n) x the lengths' spread: a step rarely
+holds more); padded, n x the longest of the tasks' longest (every row is as long as the step's
 longest).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 import os
 import random
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -65,18 +66,20 @@ def _held_bytes(model: MultiLoraModel, device: torch.device) -> int:
 class Admission:
     """The memory model of one rank and the admissions it allows."""
 
-    def __init__(self, peak: PeakModel, capacity: float, shape: ModelShape, length: float, spread: float = 0.0,
-                 max_tokens: int | None = None):
+    def __init__(self, peak: PeakModel, capacity: float, shape: ModelShape, lengths: Mapping[str, tuple[float, float]],
+                 packed: bool = True, max_tokens: int | None = None):
         self.peak, self.capacity, self.shape = peak, capacity, shape
-        self.length, self.spread = length, spread  # planned tokens per sequence, and their deviation
-        self.max_tokens = max_tokens
+        self.lengths = dict(lengths)  # task -> planned tokens per sequence (padded: the longest), their deviation
+        self.packed, self.max_tokens = packed, max_tokens
 
     @classmethod
-    def calibrate(cls, model: MultiLoraModel, shape: ModelShape, lengths: Sequence[int], packed: bool,
+    def calibrate(cls, model: MultiLoraModel, shape: ModelShape, lengths: Mapping[str, Sequence[int]], packed: bool,
                   probe_config: AdapterConfig, pad_id: int, device: torch.device, budget_gb: float | None = None,
                   max_tokens: int | None = None) -> "Admission":
-        """Measures (CUDA) or estimates (CPU) the peak model, before any adapter is in the model."""
-        length, spread = (statistics.fmean(lengths), statistics.pstdev(lengths)) if packed else (max(lengths), 0.0)
+        """Measures (CUDA) or estimates (CPU) the peak model, before any adapter is in the model.
+        lengths: each task's training sequence lengths."""
+        planned = {task: (statistics.fmean(lens), statistics.pstdev(lens)) if packed else (max(lens), 0.0)
+                   for task, lens in lengths.items()}
         held = _held_bytes(model, device)
         capacity = held + _free_bytes(device) * (1 - MARGIN)
         if budget_gb is not None:
@@ -91,13 +94,19 @@ class Admission:
             peak = PeakModel.fit(_probe(model, shape, probe_config, pad_id, device, packed, tokens), OPTIMIZER_BYTES)
         else:
             peak = PeakModel(held, estimate, 4 * master)
-        return cls(peak, capacity, shape, length, spread, max_tokens)
+        return cls(peak, capacity, shape, planned, packed, max_tokens)
 
     def load(self, adapters: Iterable[Adapter], extra: dict[str, int] | None = None) -> tuple[int, int]:
         """(planned token positions per step, LoRA parameters) of a set of adapters."""
         adapters = list(adapters)
-        n = sum(a.micro_batch_size + (extra or {}).get(a.id, 0) for a in adapters)
-        positions = math.ceil(n * self.length + 2 * math.sqrt(n) * self.spread)
+        per_task: dict[str, int] = {}
+        for a in adapters:
+            per_task[a.task] = per_task.get(a.task, 0) + a.micro_batch_size + (extra or {}).get(a.id, 0)
+        if self.packed:
+            mean = sum(n * self.lengths[t][0] for t, n in per_task.items())
+            positions = math.ceil(mean + 2 * math.sqrt(sum(n * self.lengths[t][1] ** 2 for t, n in per_task.items())))
+        else:
+            positions = sum(per_task.values()) * max((self.lengths[t][0] for t in per_task), default=0)
         return positions, sum(adapter_params(a.config, self.shape) for a in adapters)
 
     def predict(self, adapters: Iterable[Adapter]) -> float:

@@ -36,6 +36,8 @@ Record = tuple[dict[str, Any], str]  # a record and where it came from ("file:li
 class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
+
     def apply_chat_template(self, messages: list[dict], tokenize: bool, add_generation_prompt: bool) -> str: ...
 
 
@@ -43,11 +45,15 @@ class ByteTokenizer:
     """UTF-8 bytes as ids 1..256 (0 = padding): for random-init test models. Its chat template
     writes each turn as 'role: content' on its own line."""
 
-    vocab_size = 257
-    pad_id = 0
+    vocab_size, pad_id = 257, 0
+    all_special_ids = [ord("\n") + 1]  # its template's end of a turn (as <|im_end|> is ChatML's)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [b + 1 for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        return bytes(i - 1 for i in ids if 0 < i < 257 and i not in skip).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
         turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
@@ -65,16 +71,21 @@ def ids_and_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(seen, ~tokens, tokens), tokens.masked_fill(seen, -100)
 
 
-def chatterbot_records(language: str = "english") -> list[Record]:
-    """Every dialogue of chatterbot-corpus as a conversation of alternating user/assistant turns."""
+def chatterbot_records(topics: Sequence[str] | None = None, language: str = "english") -> list[Record]:
+    """The dialogues of chatterbot-corpus (of these topics, default all) as conversations of
+    alternating user/assistant turns."""
     import chatterbot_corpus
     import yaml
 
     root = Path(chatterbot_corpus.__file__).parent / "data" / language
     if not root.is_dir():
         raise ValueError(f"data: chatterbot-corpus has no language {language!r}")
+    files = {path.stem: path for path in sorted(root.glob("*.yml"))}
+    for topic in topics or ():
+        if topic not in files:
+            raise ValueError(f"data.topics: {topic!r} is not a chatterbot-corpus topic; topics: {', '.join(files)}")
     records = []
-    for path in sorted(root.glob("*.yml")):
+    for path in (files[t] for t in topics) if topics else files.values():
         for n, conv in enumerate(yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", [])):
             turns = [{"role": ("user", "assistant")[i % 2], "content": str(t).strip()} for i, t in enumerate(conv)]
             if len(turns) >= 2:
@@ -152,24 +163,20 @@ def hf_records(name: str, split: str) -> list[Record]:
     return [check_record(row, f"{name}[{split}][{i}]") for i, row in enumerate(ds)]
 
 
-def load_records(source: str, path: str | None = None, split: str = "train") -> list[Record]:
+def load_records(source: str, path: str | None = None, split: str = "train",
+                 topics: Sequence[str] | None = None) -> list[Record]:
     if source == "chatterbot":
-        records = chatterbot_records()
+        records = chatterbot_records(topics)
     elif source == "hf":
         if not path:
             raise ValueError("data.path is required for source 'hf' (a dataset name or save_to_disk folder)")
         records = hf_records(path, split)
     elif source in ("jsonl", "text"):
-        if not path:
-            raise ValueError(f"data.path is required for source {source!r}")
+        if not path or not Path(path).is_file():
+            raise ValueError(f"data.path: no such file {path!r} (source {source} needs one)")
         p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"data.path: no such file {path!r}")
-        if source == "jsonl":
-            records = jsonl_records(p)
-        else:
-            records = [({"text": b.strip()}, f"{p}[{i}]")
-                       for i, b in enumerate(read_text(p, "data file").split("\n\n")) if b.strip()]
+        records = jsonl_records(p) if source == "jsonl" else [
+            ({"text": b.strip()}, f"{p}[{i}]") for i, b in enumerate(read_text(p, "data file").split("\n\n")) if b.strip()]
     else:
         raise ValueError(f"data.source={source!r} is invalid: one of chatterbot, jsonl, text, hf")
     if not records:
@@ -250,6 +257,37 @@ def tokenize(records: Sequence[Record], tokenizer: Tokenizer, max_length: int, e
         if any(t >= 0 for t in tokens[1:]):
             out.append(tokens)
     return out
+
+
+def task_sequences(data: dict[str, Any], tokenizer: Tokenizer, eos_id: int | None) -> tuple[list[list[int]], list[list[int]]]:
+    """(train, held-out) sequences of a task's data settings (alto.sweep): held out from the
+    records (eval_fraction) or read from eval_path / eval_split."""
+    def sequences(records: Sequence[Record]) -> list[list[int]]:
+        seqs = tokenize(records, tokenizer, data["max_length"], eos_id, data["train_on"])
+        if not seqs:
+            raise ValueError(f"data: none of the {len(records)} records has a token to train on within "
+                             f"max_length={data['max_length']}")
+        return seqs
+
+    train = sequences(load_records(data["source"], data.get("path"), data["split"], data.get("topics"))[: data["limit"]])
+    if data.get("eval_path") is None and data.get("eval_split") is None:
+        return split(train, data["eval_fraction"])
+    held_out = load_records(data["source"], data.get("eval_path") or data["path"], data.get("eval_split") or data["split"])
+    return split(train, 0.0)[0], sequences(held_out)
+
+
+def prompt_and_reply(tokens: Sequence[int]) -> tuple[list[int], list[int]] | None:
+    """A held-out sequence as (prompt ids, reference reply ids): its last trained span and all
+    before it; None without context before it (nothing prompts it)."""
+    end = len(tokens)
+    while end and tokens[end - 1] < 0:  # context after the reply (a template's trailing newline)
+        end -= 1
+    start = end
+    while start and tokens[start - 1] >= 0:
+        start -= 1
+    if start == 0 or start == end:
+        return None
+    return [t if t >= 0 else ~t for t in tokens[:start]], list(tokens[start:end])
 
 
 def split(seqs: Sequence[list[int]], eval_fraction: float, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:

@@ -4,7 +4,7 @@
 ``peft.PeftModel.from_pretrained(base, dir)``, or with ``AutoPeftModelForCausalLM.from_pretrained(dir)``
 alone when the base came from a folder (its path is the config's ``base_model_name_or_path``);
 ``alto_adapter.json`` beside them records the full ALTO config and the adapter's progress
-(status, steps, losses, why it stopped). The folder is written under a temporary name and
+(status, steps, losses, why it stopped, which step's weights were exported). The folder is written under a temporary name and
 renamed, so a crash never leaves a half-written adapter.
 """
 from __future__ import annotations
@@ -26,10 +26,12 @@ TO_PEFT = {"lora_A": lambda t: t, "lora_B": lambda t: t.T}  # ALTO packs lora_B 
 
 
 def save_peft_adapter(weights: dict[str, LayerTensors], adapter: Adapter, out_dir: str | os.PathLike,
-                      base_model_name: str | None = None, gguf_file: str | None = None) -> Path:
+                      base_model_name: str | None = None, gguf_file: str | None = None,
+                      outcome: dict | None = None) -> Path:
     """weights: layer path (relative to the causal LM) -> {tensor name: tensor}. base_model_name:
     the base's folder, so that AutoPeftModelForCausalLM.from_pretrained(out_dir) loads base and
-    adapter alone (a GGUF base also needs gguf_file=..., recorded in alto_adapter.json)."""
+    adapter alone (a GGUF base also needs gguf_file=..., recorded in alto_adapter.json). outcome:
+    which weights these are and what they are worth (alto.results.Outcome), recorded beside."""
     cfg = adapter.config
     out = Path(out_dir)
     tensors = {}
@@ -51,7 +53,7 @@ def save_peft_adapter(weights: dict[str, LayerTensors], adapter: Adapter, out_di
         "inference_mode": True,
         "modules_to_save": None,
     }
-    record = {"id": adapter.id, "task": adapter.task, **adapter.progress(), "config": cfg.to_dict(),
+    record = {"id": adapter.id, "task": adapter.task, **adapter.progress(), **(outcome or {}), "config": cfg.to_dict(),
               "base_model": {"name_or_path": base_model_name, "gguf_file": gguf_file}}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -339,11 +339,13 @@ class MultiLoraModel(nn.Module):
         scaled = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
         return head if type(head) is nn.Linear and not scaled else None
 
-    def forward(self, plan: StepPlan, last_hidden: bool = False, **inputs: torch.Tensor | int) -> torch.Tensor:
+    def forward(self, plan: StepPlan, last_hidden: bool = False, past_key_values=None,
+                **inputs: torch.Tensor | int) -> torch.Tensor:
         """Logits [rows, positions, vocab] (last_hidden: the decoder's last hidden states instead,
         [rows, positions, d], for plain_head) of a step built by alto.train.step_inputs: padded rows
         (input_ids, attention_mask) or one packed row (input_ids, position_ids, cu_seq_lens_q,
-        max_length_q: attention alto.attention's varlen); adapters own plan's token ranges."""
+        max_length_q: attention alto.attention's varlen); adapters own plan's token ranges.
+        past_key_values: a transformers Cache that the forward extends (decoding: alto.generate)."""
         unknown = [a for a in plan.adapter_ids if a not in self.configs]
         if unknown:
             raise ValueError(f"step plan names adapters not in the model: {unknown}")
@@ -353,9 +355,10 @@ class MultiLoraModel(nn.Module):
         if plan.row_len is None:
             config._attn_implementation = attention.NAME  # read by every layer at each forward
         try:
+            cache = {"use_cache": past_key_values is not None, "past_key_values": past_key_values}
             if last_hidden:
-                return self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-            return self.model(**inputs, use_cache=False).logits
+                return self.model.get_decoder()(**inputs, **cache).last_hidden_state
+            return self.model(**inputs, **cache).logits
         finally:
             self.context.plan = None
             config._attn_implementation = usual

@@ -25,8 +25,13 @@ class Status(str, enum.Enum):
 
 
 def valid_adapter_id(adapter_id: str) -> bool:
-    """Ids name parameters and output folders: letters, digits, '-' and '_' only."""
+    """Ids (and task names) name output folders: letters, digits, '-' and '_' only."""
     return bool(adapter_id) and all(c.isalnum() or c in "-_" for c in adapter_id)
+
+
+def valid_adapter_name(name: str) -> bool:
+    """An adapter's run-wide name: its id, or <task>/<id> in a multi-task sweep."""
+    return isinstance(name, str) and 1 <= len(name.split("/")) <= 2 and all(map(valid_adapter_id, name.split("/")))
 
 
 def _require(ok: bool, field_name: str, value: Any, rule: str) -> None:
@@ -121,6 +126,7 @@ class Adapter:
     micro_step: int = 0  # micro-batches consumed
     losses: list[float] = field(default_factory=list)  # mean loss of every micro-batch
     eval_losses: list[float] = field(default_factory=list)  # held-out loss at each evaluation
+    best: tuple[int, float] | None = None  # (optimizer step, held-out loss) of its best evaluation
     failure: str | None = None
     extra_batch: int = 0  # samples added to config.micro_batch_size by capacity reclaim ("grow")
 
@@ -137,7 +143,7 @@ class Adapter:
         reports, alto_adapter.json): status, counts, why it ended, grown samples, and the training
         and held-out losses from `since` (marks() taken earlier; default: all) on."""
         return {"status": self.status.value, "step": self.step, "micro_step": self.micro_step,
-                "failure": self.failure, "extra_batch": self.extra_batch,
+                "failure": self.failure, "extra_batch": self.extra_batch, "best": self.best,
                 "losses": self.losses[since[0]:], "eval_losses": self.eval_losses[since[1]:]}
 
     def apply_progress(self, progress: dict[str, Any], since: tuple[int, int] = (0, 0)) -> None:
@@ -145,6 +151,7 @@ class Adapter:
         self.status = Status(progress["status"])
         self.step, self.micro_step = progress["step"], progress["micro_step"]
         self.failure, self.extra_batch = progress["failure"], progress["extra_batch"]
+        self.best = None if progress["best"] is None else tuple(progress["best"])
         self.losses[since[0]:] = progress["losses"]
         self.eval_losses[since[1]:] = progress["eval_losses"]
 
@@ -156,8 +163,8 @@ class Registry:
         self._adapters: dict[str, Adapter] = {}
 
     def add(self, adapter_id: str, config: AdapterConfig, task: str = "default") -> Adapter:
-        if not isinstance(adapter_id, str) or not valid_adapter_id(adapter_id):
-            raise ValueError(f"adapter id {adapter_id!r} must be non-empty letters, digits, '-' or '_'")
+        if not valid_adapter_name(adapter_id):
+            raise ValueError(f"adapter id {adapter_id!r} must be letters, digits, '-' or '_' (or <task>/<id>)")
         if adapter_id in self._adapters:
             raise ValueError(f"adapter id {adapter_id!r} is already registered")
         adapter = Adapter(adapter_id, config, task)

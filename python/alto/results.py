@@ -1,11 +1,14 @@
-"""What a sweep's adapters are worth and what a finished sweep leaves: held-out losses (co-located
-at evaluation points, and each final adapter's over the whole held-out set), the leaderboard, the
-PEFT exports and the loss plot."""
+"""What a sweep's adapters are worth and what a finished sweep leaves: held-out losses (co-located,
+at evaluation points and at the end), a metric of greedy completions (alto.generate), the
+leaderboards (overall and per task), the PEFT exports and the loss plot."""
 from __future__ import annotations
 
 import contextlib
 import csv
-from collections.abc import Callable, Sequence
+import importlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,15 +16,37 @@ import torch
 from alto.base import Base
 from alto.export import save_peft_adapter
 from alto.model import LayerTensors, MultiLoraModel
-from alto.registry import Adapter, Registry, Status
-from alto.loss import mean_losses
+from alto.registry import Adapter, AdapterConfig, Registry, Status
 from alto.train import colocated_losses
 
-EVAL_BATCH = 16  # held-out sequences per forward
+Metric = Callable[[str, str], float]  # (prediction, reference) -> score
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(prediction.strip() == reference.strip())
+
+
+METRICS: dict[str, Metric] = {"exact_match": exact_match}
+
+
+def metric_function(spec: str) -> Metric:
+    """A metric by name (METRICS) or as module:function; ValueError if it cannot be had."""
+    if spec in METRICS:
+        return METRICS[spec]
+    module, _, name = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not module or not name:
+        raise ValueError(f"{spec!r} must be one of {', '.join(METRICS)} or module:function")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import {spec!r} ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise ValueError(f"{spec!r} is not a function")
+    return fn
 
 
 @contextlib.contextmanager
-def _evaluating(model: MultiLoraModel):
+def evaluating(model: MultiLoraModel) -> Iterator[None]:
     """No gradients and no dropout inside; the model trains again after."""
     model.eval()
     try:
@@ -31,60 +56,105 @@ def _evaluating(model: MultiLoraModel):
         model.train()
 
 
-def held_out_losses(model: MultiLoraModel, adapter_ids: Sequence[str], eval_seqs: Sequence[Sequence[int]],
-                    pad_id: int, device: torch.device) -> list[float]:
-    """Every adapter's mean loss on the same first held-out sequences, in one co-located forward
-    (the monitor's held-out signal)."""
-    chunk = list(eval_seqs[:EVAL_BATCH])
-    with _evaluating(model):
-        batches = {aid: chunk for aid in adapter_ids}
-        return mean_losses(colocated_losses(model, batches, pad_id, device, training=False)).tolist()
-
-
-def held_out_loss(model: MultiLoraModel, adapter: Adapter, weights: dict[str, LayerTensors],
-                  eval_seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> float:
-    """Mean token loss of one adapter's `weights` on all held-out sequences (put back alone when the
-    adapter is no longer in the model)."""
-    in_model = adapter.id in model.configs
-    if not in_model:
-        model.add_adapters({adapter.id: adapter.config})
-        model.load_adapter_weights(adapter.id, weights)
-    total, count = 0.0, 0.0
+@contextlib.contextmanager
+def loaded(model: MultiLoraModel, adapters: Mapping[str, tuple[AdapterConfig, dict[str, LayerTensors]]]) -> Iterator[None]:
+    """Adapters no longer (or not yet) in the model put in with these weights, taken out after."""
+    model.add_adapters({aid: cfg for aid, (cfg, _) in adapters.items()})
     try:
-        with _evaluating(model):
-            for i in range(0, len(eval_seqs), EVAL_BATCH):
-                batches = {adapter.id: eval_seqs[i : i + EVAL_BATCH]}
-                chunk_sum, chunk_count = colocated_losses(model, batches, pad_id, device, training=False)
-                total += chunk_sum.item()
-                count += chunk_count.item()
+        for aid, (_, weights) in adapters.items():
+            model.load_adapter_weights(aid, weights)
+        yield
     finally:
-        if not in_model:
-            model.remove_adapters([adapter.id])
-    return total / max(1.0, count)
+        model.remove_adapters(list(adapters))
 
 
-def finish(registry: Registry, weights_of: Callable[[str], dict[str, LayerTensors]],
-           loss_of: Callable[[Adapter], float], base: Base, run_dir: Path, log=print) -> list[tuple[str, float]]:
-    """Exports every adapter in PEFT format, writes leaderboard.csv (by held-out loss) and
-    losses.png, and prints the leaderboard; returns (adapter, held-out loss) best first."""
-    board = []
+def held_out_losses(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequence[int]]], pad_id: int,
+                    device: torch.device, max_positions: int) -> list[float]:
+    """Each adapter's mean token loss over its own held-out sequences (batches' order), co-located:
+    every forward holds several adapters' sequences, at most max_positions tokens (and at least one
+    sequence)."""
+    work = [(aid, s) for aid, seqs in batches.items() for s in seqs]
+    sums = torch.zeros(2, len(batches), dtype=torch.float64)
+    index = {aid: i for i, aid in enumerate(batches)}
+    with evaluating(model):
+        start = 0
+        while start < len(work):
+            end, tokens = start, 0
+            while end < len(work) and (end == start or tokens + len(work[end][1]) <= max_positions):
+                tokens += len(work[end][1])
+                end += 1
+            chunk: dict[str, list[Sequence[int]]] = {}
+            for aid, s in work[start:end]:
+                chunk.setdefault(aid, []).append(s)
+            part = colocated_losses(model, chunk, pad_id, device, training=False).double().cpu()
+            for j, aid in enumerate(chunk):
+                sums[:, index[aid]] += part[:, j]
+            start = end
+    return (sums[0] / sums[1].clamp(min=1.0)).tolist()
+
+
+@dataclass
+class Outcome:
+    """What a finished sweep keeps of an adapter: the exported weights and what they are worth."""
+
+    weights: dict[str, LayerTensors]
+    export: str  # best | last
+    step: int  # the optimizer step the exported weights are from
+    eval_loss: float  # on the task's evaluated held-out sequences (nan: none, or a failed adapter)
+    metric: tuple[str, float] | None = None  # (metric, mean over the held-out prompts)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.eval_loss, 700.0)) if math.isfinite(self.eval_loss) else math.nan
+
+
+COLUMNS = ["rank", "task", "task_rank", "adapter", "status", "steps", "export", "export_step", "eval_loss",
+           "perplexity", "metric", "metric_value", "train_loss_last", "config"]
+
+
+def _rows(board: list[tuple[Adapter, Outcome]], task_rank: dict[str, int]) -> list[list]:
+    return [[i, a.task, task_rank[a.id], a.id, a.status.value, a.step, o.export, o.step, f"{o.eval_loss:.6f}",
+             f"{o.perplexity:.4f}", o.metric[0] if o.metric else "", f"{o.metric[1]:.4f}" if o.metric else "",
+             a.losses[-1] if a.losses else "", a.config.to_dict()] for i, (a, o) in enumerate(board, 1)]
+
+
+def _write(path: Path, rows: list[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([COLUMNS, *rows])
+
+
+def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_dir: Path,
+           log=print) -> list[tuple[str, float]]:
+    """Exports every adapter's chosen weights in PEFT format (adapters/<name>), writes
+    leaderboard.csv (every adapter, by held-out loss) and leaderboards/<task>.csv, and losses.png,
+    and prints each task's leaderboard; returns (adapter, held-out loss) best first."""
+    def order(a: Adapter) -> tuple[bool, float]:
+        loss = outcomes[a.id].eval_loss
+        return not math.isfinite(loss), loss
+
+    tasks: dict[str, list[Adapter]] = {}
     for a in registry:
-        loss = loss_of(a) if a.status != Status.FAILED else float("nan")
-        board.append((a, loss))
-        save_peft_adapter(weights_of(a.id), a, run_dir / "adapters" / a.id, base.name_or_path, base.gguf_file)
-    board.sort(key=lambda x: (x[1] != x[1], x[1]))
-    with open(run_dir / "leaderboard.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["rank", "adapter", "status", "steps", "train_loss_last", "eval_loss", "config"])
-        for i, (a, loss) in enumerate(board, 1):
-            w.writerow([i, a.id, a.status.value, a.step, a.losses[-1] if a.losses else "", f"{loss:.6f}",
-                        a.config.to_dict()])
-    log(f"\n{'#':>3}  {'adapter':<28}{'status':<15}{'steps':>6}{'eval loss':>11}")
-    for i, (a, loss) in enumerate(board, 1):
-        log(f"{i:>3}  {a.id:<28}{a.status.value:<15}{a.step:>6}{loss:>11.4f}")
+        o = outcomes[a.id]
+        save_peft_adapter(o.weights, a, run_dir / "adapters" / a.id, base.name_or_path, base.gguf_file,
+                          {"export": o.export, "export_step": o.step, "eval_loss": o.eval_loss,
+                           "metric": list(o.metric) if o.metric else None})
+        tasks.setdefault(a.task, []).append(a)
+    task_rank = {a.id: i for members in tasks.values() for i, a in enumerate(sorted(members, key=order), 1)}
+    overall = sorted(registry, key=order)
+    _write(run_dir / "leaderboard.csv", _rows([(a, outcomes[a.id]) for a in overall], task_rank))
+    for task, members in tasks.items():
+        board = [(a, outcomes[a.id]) for a in sorted(members, key=order)]
+        _write(run_dir / "leaderboards" / f"{task}.csv", _rows(board, task_rank))
+        metric = next((o.metric[0] for _, o in board if o.metric), None)
+        log(f"\ntask {task}\n{'#':>3}  {'adapter':<34}{'status':<15}{'steps':>6}{'export':>12}{'eval loss':>11}"
+            f"{'ppl':>9}" + (f"{metric:>13}" if metric else ""))
+        for i, (a, o) in enumerate(board, 1):
+            log(f"{i:>3}  {a.id:<34}{a.status.value:<15}{a.step:>6}{f'{o.export}@{o.step}':>12}{o.eval_loss:>11.4f}"
+                f"{o.perplexity:>9.2f}" + (f"{o.metric[1]:>13.3f}" if o.metric else ""))
     plot_losses(registry, run_dir / "losses.png")
-    log(f"\nrun folder: {run_dir} (adapters/ in PEFT format, losses.csv, leaderboard.csv, losses.png)")
-    return [(a.id, loss) for a, loss in board]
+    log(f"\nrun folder: {run_dir} (adapters/ in PEFT format, losses.csv, leaderboard.csv, leaderboards/, losses.png)")
+    return [(a.id, outcomes[a.id].eval_loss) for a in overall]
 
 
 def plot_losses(registry: Registry, path: Path) -> None:

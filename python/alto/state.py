@@ -40,6 +40,24 @@ class AdapterState:
                             position, next(it))
 
 
+def _moved(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Copies of tensors on `device`, moved as one buffer per dtype, coming out as views of it."""
+    moved = list(tensors)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[t.device, t.dtype].append(i)
+    for idx in groups.values():
+        # torch's flatten/unflatten (DDP's bucket helpers): their loop over tensors runs in C++
+        # (measured twice as fast as torch.cat + split + view from Python on 32k small tensors)
+        group = [tensors[i] for i in idx]
+        flat = torch._utils._flatten_dense_tensors(group)
+        if len(group) == 1:  # flattening one tensor returns a view of it: copy
+            flat = flat.clone()
+        for i, t in zip(idx, torch._utils._unflatten_dense_tensors(flat.to(device), group)):
+            moved[i] = t
+    return moved
+
+
 def move_states(states: Mapping[str, AdapterState], device: torch.device | str) -> dict[str, AdapterState]:
     """Copies of adapter states on `device` (step count, data position and generator state stay on
     the CPU, where torch keeps generator states). Each adapter's tensors travel as one buffer per
@@ -51,19 +69,11 @@ def move_states(states: Mapping[str, AdapterState], device: torch.device | str) 
     out = {}
     for aid, state in states.items():
         tensors = state.tensors()
-        moving = tensors[:-2]  # all but the scalars and the generator state
-        moved = list(moving)
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-        for i, t in enumerate(moving):
-            groups[t.device, t.dtype].append(i)
-        for idx in groups.values():
-            # torch's flatten/unflatten (DDP's bucket helpers): their loop over tensors runs in C++
-            # (measured twice as fast as torch.cat + split + view from Python on 32k small tensors)
-            group = [moving[i] for i in idx]
-            flat = torch._utils._flatten_dense_tensors(group)
-            if len(group) == 1:  # flattening one tensor returns a view of it: copy
-                flat = flat.clone()
-            for i, t in zip(idx, torch._utils._unflatten_dense_tensors(flat.to(device), group)):
-                moved[i] = t
-        out[aid] = state.with_tensors(moved + [t.clone() for t in tensors[-2:]])
+        out[aid] = state.with_tensors(_moved(tensors[:-2], device) + [t.clone() for t in tensors[-2:]])
     return out
+
+
+def copy_weights(weights: dict[str, LayerTensors], device: torch.device | str) -> dict[str, LayerTensors]:
+    """A copy of one adapter's weights on `device`, moved as one buffer (a best checkpoint)."""
+    it = iter(_moved([t.detach() for layer in weights.values() for t in layer.values()], torch.device(device)))
+    return {path: {name: next(it) for name in layer} for path, layer in weights.items()}

@@ -6,8 +6,11 @@ Run folder: sweep.yaml (the sweep as given, written by alto.tune), losses.csv (e
 loss at every micro-step), decisions.csv (early stops, adapters sent back to the queue by an
 out-of-memory step, and why), steps.csv (every step's adapters, token positions, padding, predicted
 and measured peak memory, seconds), checkpoint.pt (alto.checkpoint: every checkpoint_every
-micro-steps and at the end), leaderboard.csv, losses.png, adapters/<id>/ (PEFT format;
-alto.results). The base model comes from alto.base; admission by memory from alto.admission.
+micro-steps and at the end), leaderboard.csv and leaderboards/<task>.csv, losses.png,
+adapters/<name>/ (PEFT format: each adapter's best or last weights; alto.results). Every task has
+its own data, held-out sequences (evaluated co-located at its evaluation points, where each
+adapter's best weights are copied to host memory) and monitor; all tasks' adapters share the
+steps. The base model comes from alto.base; admission by memory from alto.admission.
 
 (Over 300 lines for a reason: the loop, its decisions, the out-of-memory split and the ranks'
 reports all read and change the same run state: owners, holders, admission order; split, each
@@ -29,6 +32,7 @@ import torch
 from alto import checkpoint, data as data_mod, results
 from alto.admission import Admission, admission_order
 from alto.base import device_type, load_base
+from alto.generate import greedy_completions
 from alto.model import MultiLoraModel
 from alto.monitor import Decision, Monitor
 from alto.parallel import Group
@@ -37,7 +41,7 @@ from alto.sched.catalog import ModelShape
 from alto.sched.memory import adapter_params
 from alto.sched.placement import adapter_cost, place, rank_loads, rebalance
 from alto.sweep import Sweep
-from alto.state import AdapterState, move_states
+from alto.state import AdapterState, copy_weights, move_states
 from alto.train import DataStream, StepOutOfMemory, Trainer
 
 
@@ -80,30 +84,37 @@ class SweepRun:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.base = load_base(sweep.model, sweep.base_dtype, self.device)
         self.shape = ModelShape.from_hf_config(self.base.model.config)
-        records = data_mod.load_records(sweep.data["source"], sweep.data.get("path"), sweep.data["split"])
-        if sweep.data["limit"]:
-            records = records[: sweep.data["limit"]]
-        seqs = data_mod.tokenize(records, self.base.tokenizer, sweep.data["max_length"], self.base.eos_id,
-                                 sweep.data["train_on"])
-        if not seqs:
-            raise ValueError(f"data: none of the {len(records)} records has a token to train on within "
-                             f"max_length={sweep.data['max_length']}")
-        self.train_seqs, self.eval_seqs = data_mod.split(seqs, sweep.data["eval_fraction"])
+        self.tasks = sweep.tasks
+        self.train_seqs: dict[str, list[list[int]]] = {}  # task -> its sequences
+        self.eval_seqs: dict[str, list[list[int]]] = {}
+        for t in self.tasks.values():
+            try:
+                self.train_seqs[t.name], self.eval_seqs[t.name] = data_mod.task_sequences(
+                    t.data, self.base.tokenizer, self.base.eos_id)
+            except ValueError as e:
+                raise ValueError(f"{t.where}{e}") from None
         self.model = MultiLoraModel(self.base.model)
         self.registry = Registry()
         streams = {}
-        for aid, cfg in sweep.adapters.items():
-            self.registry.add(aid, cfg)
-            order = list(self.train_seqs)
+        for aid, task in sweep.task_of().items():
+            cfg = sweep.adapters[aid]
+            self.registry.add(aid, cfg, task)
+            order = list(self.train_seqs[task])
             random.Random(cfg.seed).shuffle(order)  # each adapter its own data order
             streams[aid] = DataStream(order)
         self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device, sweep.packing)
-        self.monitor = Monitor(sweep.monitor) if sweep.monitor else None  # used on rank 0 only
+        # used on rank 0 only: each task's adapters compete among themselves
+        self.monitors = {t.name: Monitor(t.monitor) for t in self.tasks.values() if t.monitor}
+        # adapter -> (step, weights on the CPU) of its best held-out loss, for tasks exporting best
+        # (on the rank that evaluated it; collected on rank 0 at checkpoints)
+        self.best_weights: dict[str, tuple[int, dict]] = {}
+        self.largest_step = 0  # most token positions a step ran: what an evaluation's forward may hold
+        self.most_colocated = 0  # most adapters a step ran: how many the final evaluation puts in together
         self.admission = None  # max_running: auto admits by memory (every rank fits one; rank 0 decides)
         self.slots = sweep.max_running  # adapters per rank (lowered after an out-of-memory step)
         if sweep.max_running is None:
             self.admission = Admission.calibrate(
-                self.model, self.shape, [len(s) for s in self.train_seqs], sweep.packing,
+                self.model, self.shape, {t: [len(s) for s in seqs] for t, seqs in self.train_seqs.items()}, sweep.packing,
                 admission_order(self.registry)[0].config, self.base.pad_id, self.device, sweep.memory_budget_gb,
                 sweep.max_tokens_per_step)
         self.owner: dict[str, int] = {}  # running adapter -> the rank training it (same on every rank)
@@ -113,21 +124,26 @@ class SweepRun:
         self.samples_budget = 0  # most samples per step seen: what reclaim "grow" refills to
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def _collect_retired(self) -> None:
-        """Moves the states of adapters retired on other ranks to rank 0 (collective)."""
+    def _collect(self) -> None:
+        """Moves the states of adapters retired on other ranks, and the best weights they copied,
+        to rank 0 (collective; of two copies of an adapter's best, the later step's is the best)."""
         t = self.trainer
-        got = self.group.gather({} if self.group.is_leader else t.retired)
+        got = self.group.gather(({}, {}) if self.group.is_leader else (t.retired, self.best_weights))
         if self.group.is_leader:
-            for part in got[1:]:
-                t.retired.update(part)
+            for retired, best in got[1:]:
+                t.retired.update(retired)
+                for aid, (step, weights) in best.items():
+                    if aid not in self.best_weights or step >= self.best_weights[aid][0]:
+                        self.best_weights[aid] = (step, weights)
         else:
             t.retired.clear()
+            self.best_weights.clear()
         self.holder = dict.fromkeys(self.holder, 0)
 
     def save_checkpoint(self) -> None:
         """Writes the checkpoint (collective: every rank sends its adapters to rank 0)."""
         t = self.trainer
-        self._collect_retired()
+        self._collect()
         running = self.group.gather(t.export_states([a.id for a in t.running()], "cpu"))
         if not self.group.is_leader:
             return
@@ -135,15 +151,17 @@ class SweepRun:
         adapters = {a.id: {**a.progress(), "state": states.get(a.id)} for a in self.registry}
         checkpoint.write(self.run_dir, {
             "micro_steps": self.micro_steps, "adapters": adapters, "samples_budget": self.samples_budget,
-            "monitor": (self.monitor.rungs, self.monitor.log) if self.monitor else None})
+            "monitors": {name: (m.rungs, m.log) for name, m in self.monitors.items()}, "best": self.best_weights})
 
     def restore(self) -> None:
         """Continues from the checkpoint, on any number of ranks (running adapters are placed anew)."""
         state = checkpoint.read(self.run_dir, (a.id for a in self.registry))
         self.micro_steps = state["micro_steps"]
         self.samples_budget = state["samples_budget"]
-        if self.monitor:
-            self.monitor.rungs, self.monitor.log = state["monitor"]
+        for name, m in self.monitors.items():
+            m.rungs, m.log = state["monitors"][name]
+        if self.group.is_leader:
+            self.best_weights = state["best"]
         running = []
         for aid, entry in state["adapters"].items():
             a = self.registry[aid]
@@ -165,7 +183,7 @@ class SweepRun:
 
     # ---- decisions (rank 0) and their application (every rank) -----------------------------------
     def costs(self, adapters: list[Adapter]) -> dict[str, float]:
-        return {a.id: adapter_cost(a, self.sweep.data["max_length"], self.shape) for a in adapters}
+        return {a.id: adapter_cost(a, self.tasks[a.task].data["max_length"], self.shape) for a in adapters}
 
     def decide(self, after_step: bool) -> Decisions:
         """Rank 0's decisions (after_step: the monitor's stops too): capacity reclaim (queued
@@ -253,33 +271,52 @@ class SweepRun:
             log(f"  move {aid}: rank {src} -> rank {dst}")
 
     def monitor_stops(self) -> list[Decision]:
-        """The monitor's stops after this step (with signal eval: only at evaluation points)."""
-        mon = self.monitor
-        if mon is None:
-            return []
-        running = self.registry.with_status(Status.RUNNING)
-        if not running:
-            return []
-        if mon.config.signal == "eval" and not self.at_evaluation():
-            return []
-        return mon.decide(running)
+        """Each task's monitor's stops after this step, among the task's running adapters (with
+        signal eval: only at the task's evaluation points)."""
+        stops = []
+        for name, mon in self.monitors.items():
+            running = [a for a in self.registry.with_status(Status.RUNNING) if a.task == name]
+            if running and (mon.config.signal != "eval" or self.evaluates(name)):
+                stops += mon.decide(running)
+        return stops
 
-    def at_evaluation(self) -> bool:
-        """Whether this step ends with held-out losses (the monitor reads them: signal eval)."""
-        mon = self.sweep.monitor
-        return mon is not None and mon.signal == "eval" and self.micro_steps % mon.eval_every == 0
+    def evaluates(self, task: str) -> bool:
+        """Whether this step ends with the task's held-out losses."""
+        every = self.tasks[task].eval.every
+        return every is not None and self.micro_steps % every == 0 and bool(self.eval_seqs[task])
+
+    def held_out(self, task: str) -> list[list[int]]:
+        """The held-out sequences a task's evaluations read."""
+        return self.eval_seqs[task][: self.tasks[task].eval.samples]
+
+    def eval_positions(self) -> int:
+        """Token positions an evaluation's forward may hold: as many as the largest training step
+        ran (no activations are kept for a backward), at least one sequence of each task."""
+        return max(self.largest_step, *(t.data["max_length"] for t in self.tasks.values()))
+
+    def evaluate(self, adapters: list[Adapter]) -> list[float]:
+        """Held-out losses of adapters in the model, each on its task's sequences, co-located."""
+        return results.held_out_losses(self.model, {a.id: self.held_out(a.task) for a in adapters},
+                                       self.base.pad_id, self.device, self.eval_positions())
+
+    def keep_if_best(self, a: Adapter, loss: float, weights) -> None:
+        """Records a held-out loss of the adapter's weights at its current step; the best so far is
+        kept (its weights copied to host memory, where its task exports best)."""
+        if math.isfinite(loss) and (a.best is None or loss < a.best[1]):
+            a.best = (a.step, loss)
+            if self.tasks[a.task].export == "best":
+                self.best_weights[a.id] = (a.step, copy_weights(weights, "cpu"))
 
     # ---- the step's reports ----------------------------------------------------------------------
     def report(self, marks: dict[str, tuple[int, int]], oom: tuple[int, int, int] | None) -> tuple[dict[str, tuple], tuple | None]:
         """The progress this rank's adapters made in the step, (since, progress(since)) each (marks:
         taken before it), with their held-out losses at evaluation points; and, if the step ran out
         of memory, what out_of_memory returned."""
-        if self.at_evaluation() and oom is None:
-            running = self.trainer.running()
-            losses = results.held_out_losses(self.model, [a.id for a in running], self.eval_seqs,
-                                             self.base.pad_id, self.device) if running else []
-            for a, loss in zip(running, losses):
+        due = [a for a in self.trainer.running() if self.evaluates(a.task)] if oom is None else []
+        if due:
+            for a, loss in zip(due, self.evaluate(due)):
                 a.eval_losses.append(loss)
+                self.keep_if_best(a, loss, self.model.adapter_weights(a.id))
         return {aid: (since, self.registry[aid].progress(since)) for aid, since in marks.items()}, oom
 
     def out_of_memory(self, positions: int, params: int) -> tuple[int, int, int]:
@@ -362,6 +399,8 @@ class SweepRun:
                 try:
                     self.trainer.step()
                     oom = None
+                    self.largest_step = max(self.largest_step, self.trainer.last_positions)
+                    self.most_colocated = max(self.most_colocated, len(marks))
                 except StepOutOfMemory as e:
                     oom = self.out_of_memory(e.positions, params)
                 self.micro_steps += 1
@@ -410,11 +449,54 @@ class SweepRun:
             return self.trainer.retired[aid].weights
         return self.model.adapter_weights(aid)
 
-    def eval_loss(self, aid: str) -> float:
-        """One adapter's final weights on the whole held-out set."""
-        return results.held_out_loss(self.model, self.registry[aid], self.final_weights(aid), self.eval_seqs,
-                                     self.base.pad_id, self.device)
+    def outcomes(self) -> dict[str, results.Outcome]:
+        """Rank 0, at the end (every adapter retired): each adapter's last weights evaluated on its
+        task's held-out sequences (co-located, as many together as the run co-located), its best
+        kept if better; the weights its task exports, and their greedy completions of the task's
+        held-out prompts scored by the task's metric."""
+        group = max(1, self.most_colocated or 16)
+        adapters = list(self.registry)
+        last = {a.id: self.final_weights(a.id) for a in adapters}
+        last_loss: dict[str, float] = {}  # none for a failed adapter, or a task without held-out data
+        for i in range(0, len(adapters), group):
+            part = [a for a in adapters[i : i + group] if a.status != Status.FAILED and self.eval_seqs[a.task]]
+            with results.loaded(self.model, {a.id: (a.config, last[a.id]) for a in part}):
+                for a, loss in zip(part, self.evaluate(part) if part else []):
+                    last_loss[a.id] = loss
+                    self.keep_if_best(a, loss, last[a.id])
+        out = {}
+        for a in adapters:
+            if self.tasks[a.task].export == "best" and a.id in self.best_weights:
+                out[a.id] = results.Outcome(self.best_weights[a.id][1], "best", a.best[0], a.best[1])
+            else:
+                out[a.id] = results.Outcome(last[a.id], "last", a.step, last_loss.get(a.id, math.nan))
+        scored = [a for a in adapters if self.tasks[a.task].eval.metric]
+        for i in range(0, len(scored), group):
+            part = scored[i : i + group]
+            with results.loaded(self.model, {a.id: (a.config, out[a.id].weights) for a in part}):
+                for aid, value in self.metric_values(part).items():
+                    out[aid].metric = (self.tasks[self.registry[aid].task].eval.metric, value)
+        return out
+
+    def metric_values(self, adapters: list[Adapter]) -> dict[str, float]:
+        """Each adapter's task metric, averaged over its task's held-out prompts (sequences cut at
+        max_length are left out: their reference is cut too), greedy completions decoded co-located."""
+        tok = self.base.tokenizer
+        pairs = {t: [pr for s in self.held_out(t) if len(s) < self.tasks[t].data["max_length"]
+                     and (pr := data_mod.prompt_and_reply(s)) is not None] for t in {a.task for a in adapters}}
+        stop = {*getattr(tok, "all_special_ids", ()), *([] if self.base.eos_id is None else [self.base.eos_id])}
+        new_tokens = max(self.tasks[a.task].eval.max_new_tokens for a in adapters)
+        with results.evaluating(self.model):
+            done = greedy_completions(self.model, {a.id: [p for p, _ in pairs[a.task]] for a in adapters}, new_tokens,
+                                      stop, self.base.pad_id, self.device, self.eval_positions())
+        values = {}
+        for a in adapters:
+            cfg = self.tasks[a.task].eval
+            fn = results.metric_function(cfg.metric)
+            scores = [fn(tok.decode(c[: cfg.max_new_tokens], skip_special_tokens=True),
+                         tok.decode(r, skip_special_tokens=True)) for c, (_, r) in zip(done[a.id], pairs[a.task])]
+            values[a.id] = sum(scores) / len(scores) if scores else math.nan
+        return values
 
     def finish(self, log=print) -> list[tuple[str, float]]:
-        return results.finish(self.registry, self.final_weights, lambda a: self.eval_loss(a.id), self.base,
-                              self.run_dir, log)
+        return results.finish(self.registry, self.outcomes(), self.base, self.run_dir, log)

@@ -46,8 +46,12 @@ def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = No
         if (run_dir / checkpoint.CHECKPOINT).exists():
             raise ValueError(f"output folder {str(run_dir)!r} holds a run already: --resume it or choose another output")
     # Missing packages and devices fail here, before anything is written.
-    if sweep.data["source"] == "chatterbot":
-        data_mod.load_records("chatterbot")
+    for task in sweep.tasks.values():
+        if task.data["source"] == "chatterbot":
+            try:
+                data_mod.load_records("chatterbot", topics=task.data.get("topics"))
+            except ValueError as e:
+                raise ValueError(f"{task.where}{e}") from None
     if sweep.model == "smollm2":
         smollm2_dir()
     if sweep.device == "cuda" and not torch.cuda.is_available():
@@ -80,8 +84,9 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
         if resume:
             log(f"resumed {run_dir} at micro-step {run.micro_steps}")
         ranks = f" x {group.world} ranks" if group.world > 1 else ""
-        log(f"{len(sweep.adapters)} adapters on {run.device}{ranks} | {len(run.train_seqs)} train / "
-            f"{len(run.eval_seqs)} held-out sequences")
+        tasks = f" of {len(sweep.tasks)} tasks" if len(sweep.tasks) > 1 else ""
+        log(f"{len(sweep.adapters)} adapters{tasks} on {run.device}{ranks} | "
+            f"{sum(map(len, run.train_seqs.values()))} train / {sum(map(len, run.eval_seqs.values()))} held-out sequences")
         if run.run(stop_after, log) and group.is_leader:
             run.finish(log)
         return 0

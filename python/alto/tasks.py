@@ -1,0 +1,270 @@
+"""A sweep's tasks (alto.sweep): each tenant's data, adapters, monitor, evaluation and export,
+checked, with errors that name the field (prefixed tasks[<name>]. in a multi-task sweep).
+
+```yaml
+data: {source: chatterbot, max_length: 96, eval_fraction: 0.1, limit: 600}   # or jsonl/text + path,
+                               # or hf + path (dataset name or save_to_disk folder) [+ split: train];
+                               # records: messages | prompt + completion | text (alto.data);
+                               # train_on: completion (default: assistant/completion tokens) | all;
+                               # chatterbot: topics: [trivia, ...] (default: all);
+                               # held-out data: eval_fraction of it, or eval_path (jsonl/text/hf) /
+                               # eval_split (hf) instead
+defaults: {rank: 8, alpha: 16, lr: 1e-4, micro_batch_size: 4, max_steps: 30}
+grid: {rank: [4, 16], lr: [1e-4, 1e-3]}    # cartesian product over these fields
+adapters: [{id: wide, rank: 64}]           # explicit extra configurations
+monitor: {rule: asha, grace: 8, eta: 2}    # early termination (alto.monitor); absent = never stop early
+eval: {every: 10, samples: 64, metric: exact_match, max_new_tokens: 32}
+                                           # held-out loss every `every` micro-steps (and at the end) on
+                                           # the first `samples` held-out sequences; metric (optional):
+                                           # exact_match or module:function(prediction, reference) on
+                                           # greedy completions of the held-out prompts
+export: best                               # best (lowest held-out loss; the default with held-out
+                                           # data) | last
+```
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alto.data import TRAIN_ON
+from alto.inputs import is_int, is_number
+from alto.monitor import MonitorConfig
+from alto.registry import AdapterConfig, valid_adapter_id
+
+TASK_KEYS = {"data", "defaults", "grid", "adapters", "monitor", "eval", "export"}  # per task, or shared
+DATA_KEYS = {"source", "path", "split", "max_length", "eval_fraction", "limit", "train_on", "topics", "eval_path",
+             "eval_split"}
+DATA_SOURCES = ("chatterbot", "jsonl", "text", "hf")
+EXPORTS = ("best", "last")
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """A task's held-out evaluation: loss (and perplexity) every `every` micro-steps of the sweep
+    and at the end, on the first `samples` held-out sequences; optionally a metric of greedy
+    completions of the held-out prompts, at the end (alto.generate)."""
+
+    every: int | None = 10  # None: at the end only
+    samples: int = 64
+    metric: str | None = None  # exact_match, or module:function(prediction, reference) -> float
+    max_new_tokens: int = 32
+
+
+@dataclass
+class Task:
+    """One tenant of the sweep: its data, adapters (by their run-wide names), monitor, evaluation
+    and what is exported. `where` prefixes its fields in error messages ("" or "tasks[name].")."""
+
+    name: str
+    data: dict[str, Any]
+    adapters: dict[str, AdapterConfig]
+    monitor: MonitorConfig | None  # None: no early termination
+    eval: EvalConfig
+    export: str  # best | last
+    where: str = ""
+
+    @property
+    def has_held_out(self) -> bool:
+        return bool(self.data["eval_fraction"] or self.data.get("eval_path") or self.data.get("eval_split"))
+
+
+def fail(where: str, msg: str) -> None:
+    raise ValueError(f"{where}: {msg}")
+
+
+def _adapter_config(where: str, values: dict[str, Any]) -> AdapterConfig:
+    unknown = set(values) - CONFIG_FIELDS
+    if unknown:
+        fail(where, f"unknown field {sorted(unknown, key=str)[0]!r}; fields: {', '.join(sorted(CONFIG_FIELDS))}")
+    try:
+        return AdapterConfig(**values)
+    except (ValueError, TypeError) as e:
+        fail(where, str(e))
+
+
+def as_name(value: Any) -> str:
+    """A name or id as written (YAML reads `3` as an int: it is the name "3"); "" for anything else
+    (null, true, lists), which the callers reject."""
+    return str(value) if isinstance(value, str) or is_int(value) else ""
+
+
+def _adapter_id(values: dict[str, Any], keys: list[str]) -> str:
+    """rank4-lr0p001: the grid values, spelled with what ids allow."""
+    text = "-".join(f"{k}{values[k]}" for k in keys).replace(".", "p")
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "adapter"
+
+
+def _data(where: str, data: Any) -> dict[str, Any]:
+    """A task's data settings, checked, with the defaults filled in."""
+    if not isinstance(data, dict) or set(data) - DATA_KEYS:
+        fail(f"{where}data", f"must be a mapping with keys {', '.join(sorted(DATA_KEYS))}")
+    eval_source = data.get("eval_path") is not None or data.get("eval_split") is not None
+    if eval_source and data.get("eval_fraction"):
+        fail(f"{where}data.eval_fraction", "held-out data comes from eval_path/eval_split: leave eval_fraction out")
+    data = {"source": "chatterbot", "max_length": 128, "eval_fraction": 0.0 if eval_source else 0.1, "limit": None,
+            "split": "train", "train_on": "completion", **data}
+    w = f"{where}data."
+    if data["source"] not in DATA_SOURCES:
+        fail(f"{w}source", f"{data['source']!r} must be one of {', '.join(DATA_SOURCES)}")
+    if not is_int(data["max_length"]) or data["max_length"] < 2:
+        fail(f"{w}max_length", f"{data['max_length']!r} must be an int >= 2")
+    if not is_number(data["eval_fraction"]) or not 0 <= data["eval_fraction"] < 1:
+        fail(f"{w}eval_fraction", f"{data['eval_fraction']!r} must be in [0, 1)")
+    if data["limit"] is not None and (not is_int(data["limit"]) or data["limit"] < 2):
+        fail(f"{w}limit", f"{data['limit']!r} must be an int >= 2")
+    if data["train_on"] not in TRAIN_ON:
+        fail(f"{w}train_on", f"{data['train_on']!r} must be one of {', '.join(TRAIN_ON)}")
+    for key in ("split", "eval_split"):
+        if key in data and not isinstance(data[key], str):
+            fail(f"{w}{key}", f"{data[key]!r} must be a split name")
+    chatterbot = data["source"] == "chatterbot"
+    if "topics" in data and (not chatterbot or not isinstance(data["topics"], list) or not data["topics"]
+                             or not all(isinstance(t, str) for t in data["topics"])):
+        fail(f"{w}topics", f"{data['topics']!r} must be a non-empty list of chatterbot-corpus topics "
+                            "(with source: chatterbot)")
+    if chatterbot and eval_source:
+        fail(f"{w}{'eval_path' if 'eval_path' in data else 'eval_split'}",
+             "chatterbot holds out eval_fraction of its dialogues (no eval_path/eval_split)")
+    if "eval_split" in data and data["source"] != "hf":
+        fail(f"{w}eval_split", f"applies to source hf, not {data['source']}")
+    for key in ("path", "eval_path"):
+        if key == "path" and chatterbot or key == "eval_path" and "eval_path" not in data:
+            continue
+        if not (isinstance(data.get(key), str) and data[key]):
+            fail(f"{w}{key}", f"{data.get(key)!r}: source {data['source']} needs a path")
+        if data["source"] in ("jsonl", "text") and not Path(data[key]).is_file():
+            fail(f"{w}{key}", f"{data[key]!r} is not a file" if Path(data[key]).exists()
+                  else f"no such file {data[key]!r}")
+    return data
+
+
+def _adapters(where: str, values: dict[str, Any], prefix: str) -> dict[str, AdapterConfig]:
+    """A task's configurations (its grid's and its explicit ones), named prefix + id."""
+    defaults = values.get("defaults", {}) or {}
+    grid = values.get("grid", {}) or {}
+    extra = values.get("adapters", []) or []
+    if not isinstance(defaults, dict):
+        fail(f"{where}defaults", "must be a mapping of adapter fields")
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+        fail(f"{where}grid", "must map adapter fields to non-empty lists of values")
+    if not isinstance(extra, list) or any(not isinstance(a, dict) for a in extra):
+        fail(f"{where}adapters", "must be a list of mappings of adapter fields")
+    adapters: dict[str, AdapterConfig] = {}
+    keys = list(grid)
+    for n, combo in enumerate(itertools.product(*grid.values()) if grid else []):
+        values = dict(zip(keys, combo))
+        aid = _adapter_id(values, keys)
+        if prefix + aid in adapters:  # e.g. lr: [0.001, 1.0e-3]
+            fail(f"{where}grid[{aid}]", f"two grid points give the id {aid!r}: values repeat")
+        adapters[prefix + aid] = _adapter_config(f"{where}grid[{aid}]", {"seed": n, **defaults, **values})
+    for i, entry in enumerate(extra):
+        entry = dict(entry)
+        given = entry.pop("id", f"adapter{i}")
+        aid = as_name(given)
+        if not valid_adapter_id(aid):
+            fail(f"{where}adapters[{i}].id", f"{given!r} must be letters, digits, '-' or '_'")
+        if prefix + aid in adapters:
+            fail(f"{where}adapters[{i}]", f"duplicate id {aid!r}")
+        adapters[prefix + aid] = _adapter_config(f"{where}adapters[{aid}]",
+                                                 {"seed": len(adapters), **defaults, **entry})
+    if not adapters:
+        fail(where.rstrip(".") or "sweep", "no adapters: give a grid and/or an adapters list")
+    return adapters
+
+
+def _monitor(where: str, monitor: Any) -> MonitorConfig | None:
+    names = [f.name for f in dataclasses.fields(MonitorConfig)]
+    if monitor is None:
+        return None
+    if not isinstance(monitor, dict) or set(monitor) - set(names):
+        fail(f"{where}monitor", f"must be a mapping with keys {', '.join(names)}")
+    try:
+        return MonitorConfig(**monitor)
+    except ValueError as e:  # its errors name the field (monitor.rule=...)
+        raise ValueError(f"{where}{e}") from None
+
+
+def _eval(where: str, given: Any, monitor: MonitorConfig | None) -> EvalConfig:
+    """The eval settings; with a monitor reading held-out losses, evaluations come at its eval_every."""
+    w = f"{where}eval"
+    if given is None:
+        given = {}
+    if not isinstance(given, dict) or set(given) - {f.name for f in dataclasses.fields(EvalConfig)}:
+        fail(w, "must be a mapping with keys every, samples, metric, max_new_tokens")
+    values = {**dataclasses.asdict(EvalConfig()), **given}
+    if monitor is not None and monitor.signal == "eval":
+        if "every" in given and given["every"] != monitor.eval_every:
+            fail(f"{w}.every", f"{given['every']!r} differs from monitor.eval_every={monitor.eval_every}, "
+                                "whose held-out losses these evaluations are")
+        values["every"] = monitor.eval_every
+    if values["every"] is not None and (not is_int(values["every"]) or values["every"] < 1):
+        fail(f"{w}.every", f"{values['every']!r} must be an int >= 1 (or null: at the end only)")
+    for key in ("samples", "max_new_tokens"):
+        if not is_int(values[key]) or values[key] < 1:
+            fail(f"{w}.{key}", f"{values[key]!r} must be an int >= 1")
+    if values["metric"] is not None:
+        from alto.results import metric_function  # imports a user's metric now: errors before the run
+
+        try:
+            metric_function(values["metric"])
+        except ValueError as e:
+            fail(f"{w}.metric", str(e))
+    return EvalConfig(**values)
+
+
+def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
+    data = _data(where, values.get("data", {}))
+    monitor = _monitor(where, values.get("monitor"))
+    task = Task(name, data, _adapters(where, values, prefix), monitor, _eval(where, values.get("eval"), monitor),
+                "last", where)
+    export = values.get("export", "best" if task.has_held_out else "last")
+    if export not in EXPORTS:
+        fail(f"{where}export", f"{export!r} must be one of {', '.join(EXPORTS)}")
+    if not task.has_held_out:
+        for key, needs in (("monitor.signal", monitor is not None and monitor.signal == "eval"),
+                           ("export", export == "best"), ("eval.metric", task.eval.metric is not None)):
+            if needs:
+                fail(f"{where}{key}", "needs held-out data: set data.eval_fraction > 0 (or eval_path/eval_split)")
+    if task.eval.metric is not None and data["train_on"] == "all":
+        fail(f"{where}eval.metric", "scores completions: it needs train_on: completion (prompts and replies)")
+    task.export = export
+    return task
+
+
+def parse_tasks(raw: dict[str, Any], name: str) -> dict[str, Task]:
+    """The sweep's tasks: the top level as one task named `name`, or each entry of `tasks` over the
+    top level's settings."""
+    shared = {k: raw[k] for k in TASK_KEYS if k in raw}
+    if "tasks" not in raw:
+        return {name: _task(name, shared, "", "")}
+    entries = raw["tasks"]
+    if not isinstance(entries, list) or not entries or any(not isinstance(t, dict) for t in entries):
+        fail("tasks", "must be a non-empty list of mappings (name, data, defaults, grid, adapters, monitor, eval, "
+                       "export)")
+    for key in ("data", "defaults"):
+        if not isinstance(shared.get(key, {}), dict):
+            fail(key, "must be a mapping")
+    tasks: dict[str, Task] = {}
+    for i, entry in enumerate(entries):
+        unknown = set(entry) - TASK_KEYS - {"name"}
+        if unknown:
+            fail(f"tasks[{i}]", f"unknown key {sorted(unknown, key=str)[0]!r}; keys: name, "
+                                 f"{', '.join(sorted(TASK_KEYS))}")
+        tname = as_name(entry.get("name"))
+        if not valid_adapter_id(tname):
+            fail(f"tasks[{i}].name", f"{entry.get('name')!r} must be letters, digits, '-' or '_'")
+        if tname in tasks:
+            fail(f"tasks[{i}].name", f"duplicate task {tname!r}")
+        where = f"tasks[{tname}]."
+        values = {**shared, **entry}
+        for key in ("data", "defaults"):
+            if not isinstance(entry.get(key, {}), dict):
+                fail(f"{where}{key}", "must be a mapping")
+            values[key] = {**shared.get(key, {}), **entry.get(key, {})}
+        tasks[tname] = _task(tname, values, where, f"{tname}/")
+    return tasks
