@@ -57,6 +57,23 @@ def sweep_text(widths: str, count: int, data: Path, out: Path, packing: bool, ma
         "adapters": adapters, "max_running": max_running, "packing": packing})
 
 
+def step_figures(steps_csv: Path) -> tuple[list[dict], dict]:
+    """A run's steps.csv and its figures: tokens/s of the trained steps after the first WARM_UP
+    (allocator growth, first-use initializations: measured 3x slower), padding excluded; peaks."""
+    with open(steps_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    timed = [r for r in rows[WARM_UP:] if r["out_of_memory"] == "0"] or rows
+    seconds = sum(float(r["seconds"]) for r in timed)
+    positions = sum(int(r["token_positions"]) for r in timed)
+    tokens = sum(int(r["token_positions"]) * (1 - float(r["padding_fraction"])) for r in timed)
+    peaks = [float(r["measured_peak_gb"]) for r in rows if r["measured_peak_gb"]]
+    predicted = [float(r["predicted_peak_gb"]) for r in rows if r["predicted_peak_gb"]]
+    return rows, {"steps": len(rows), "ooms": sum(r["out_of_memory"] == "1" for r in rows),
+                  "most_colocated": max(int(r["adapters"]) for r in rows), "tokens_per_s": tokens / seconds,
+                  "step_s": seconds / len(timed), "padding": 1 - tokens / positions,
+                  "peak_gb": max(peaks, default=float("nan")), "predicted_gb": max(predicted, default=float("nan"))}
+
+
 def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_running: int | str = "auto",
             steps: int = 3) -> dict:
     out = root / f"{widths}-{count}-{'packed' if packing else 'padded'}-{max_running}"
@@ -68,25 +85,13 @@ def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_
     calibrated = time.time() - start
     run.run(log=lambda *_: None)
     wall = time.time() - start
-    with open(out / "steps.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    # tokens/s of the trained steps after the first WARM_UP (allocator growth, first-use initializations:
-    # measured 3x slower), padding excluded
-    timed = [r for r in rows[WARM_UP:] if r["out_of_memory"] == "0"] or rows
-    seconds = sum(float(r["seconds"]) for r in timed)
-    positions = sum(int(r["token_positions"]) for r in timed)
-    tokens = sum(int(r["token_positions"]) * (1 - float(r["padding_fraction"])) for r in timed)
-    peaks = [float(r["measured_peak_gb"]) for r in rows if r["measured_peak_gb"]]
-    predicted = [float(r["predicted_peak_gb"]) for r in rows if r["predicted_peak_gb"]]
+    summary = step_figures(out / "steps.csv")[1]
     statuses = [a.status for a in run.registry]
     result = {
         "widths": widths, "configs": count, "layout": "packed" if packing else "padded", "max_running": max_running,
         "finished": sum(s == Status.FINISHED for s in statuses), "failed": sum(s == Status.FAILED for s in statuses),
-        "steps": len(rows), "ooms": sum(r["out_of_memory"] == "1" for r in rows),
-        "most_colocated": max(int(r["adapters"]) for r in rows), "tokens_per_s": tokens / seconds,
-        "step_s": seconds / len(timed),
-        "padding": 1 - tokens / positions, "peak_gb": max(peaks, default=float("nan")), "predicted_gb": max(predicted, default=float("nan")),
-        "device_gb": torch.cuda.get_device_properties(0).total_memory / 1e9, "calibrate_s": calibrated, "wall_s": wall}
+        **summary, "device_gb": torch.cuda.get_device_properties(0).total_memory / 1e9, "calibrate_s": calibrated,
+        "wall_s": wall}
     del run
     return result
 

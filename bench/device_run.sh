@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine = build + test + bench (README "Test").
 #   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
-#                            [expand_configs] [sanitize] [parallel] [parallel_shares]
+#                            [expand_configs] [sanitize] [parallel] [parallel_shares] [tasks]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
@@ -68,6 +68,9 @@ for stage in "${stages[@]}"; do
       ;;
     memory)
       python3 bench/bench_memory.py ${MEMORY_ARGS:-} 2>&1 | tee "$OUT/bench_memory.txt" || rc=1
+      ;;
+    tasks)
+      python3 bench/bench_tasks.py ${TASKS_ARGS:-} 2>&1 | tee "$OUT/bench_tasks.txt" || rc=1
       ;;
     bench_step)
       python3 bench/bench_step.py 2>&1 | tee "$OUT/bench_step.txt" || rc=1

@@ -77,8 +77,6 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
                                    ["data.eval_split", "source hf"]),
     "eval_path missing": ({"data": {"source": "jsonl", "path": "data.jsonl", "eval_path": "none.jsonl"}},
                           ["data.eval_path", "none.jsonl"]),
-    "eval_fraction with eval_path": ({"data": {"source": "jsonl", "path": "data.jsonl", "eval_path": "data.jsonl",
-                                               "eval_fraction": 0.1}}, ["data.eval_fraction", "eval_path"]),
     "eval every 0": ({"eval": {"every": 0}}, ["eval.every: 0"]),
     "eval unknown key": ({"eval": {"steps": 3}}, ["eval", "mapping with keys"]),
     "eval samples a word": ({"eval": {"samples": "all"}}, ["eval.samples: 'all'"]),

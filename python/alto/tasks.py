@@ -8,7 +8,7 @@ data: {source: chatterbot, max_length: 96, eval_fraction: 0.1, limit: 600}   # o
                                # train_on: completion (default: assistant/completion tokens) | all;
                                # chatterbot: topics: [trivia, ...] (default: all);
                                # held-out data: eval_fraction of it, or eval_path (jsonl/text/hf) /
-                               # eval_split (hf) instead
+                               # eval_split (hf), which replace eval_fraction
 defaults: {rank: 8, alpha: 16, lr: 1e-4, micro_batch_size: 4, max_steps: 30}
 grid: {rank: [4, 16], lr: [1e-4, 1e-3]}    # cartesian product over these fields
 adapters: [{id: wide, rank: 64}]           # explicit extra configurations
@@ -104,10 +104,8 @@ def _data(where: str, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict) or set(data) - DATA_KEYS:
         fail(f"{where}data", f"must be a mapping with keys {', '.join(sorted(DATA_KEYS))}")
     eval_source = data.get("eval_path") is not None or data.get("eval_split") is not None
-    if eval_source and data.get("eval_fraction"):
-        fail(f"{where}data.eval_fraction", "held-out data comes from eval_path/eval_split: leave eval_fraction out")
-    data = {"source": "chatterbot", "max_length": 128, "eval_fraction": 0.0 if eval_source else 0.1, "limit": None,
-            "split": "train", "train_on": "completion", **data}
+    data = {"source": "chatterbot", "max_length": 128, "eval_fraction": 0.1, "limit": None, "split": "train",
+            "train_on": "completion", **data}
     w = f"{where}data."
     if data["source"] not in DATA_SOURCES:
         fail(f"{w}source", f"{data['source']!r} must be one of {', '.join(DATA_SOURCES)}")
@@ -127,6 +125,8 @@ def _data(where: str, data: Any) -> dict[str, Any]:
                              or not all(isinstance(t, str) for t in data["topics"])):
         fail(f"{w}topics", f"{data['topics']!r} must be a non-empty list of chatterbot-corpus topics "
                             "(with source: chatterbot)")
+    if eval_source:  # the held-out data: eval_path / eval_split replace eval_fraction (a shared one too)
+        data["eval_fraction"] = 0.0
     if chatterbot and eval_source:
         fail(f"{w}{'eval_path' if 'eval_path' in data else 'eval_split'}",
              "chatterbot holds out eval_fraction of its dialogues (no eval_path/eval_split)")
