@@ -74,9 +74,11 @@ def ids_and_labels(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def chatterbot_records(topics: Sequence[str] | None = None, language: str = "english") -> list[Record]:
     """The dialogues of chatterbot-corpus (of these topics, default all) as conversations of
     alternating user/assistant turns."""
-    import chatterbot_corpus
     import yaml
-
+    try:
+        import chatterbot_corpus
+    except ImportError:
+        raise ValueError("data.source=chatterbot needs the chatterbot-corpus package (scripts/install.sh)") from None
     root = Path(chatterbot_corpus.__file__).parent / "data" / language
     if not root.is_dir():
         raise ValueError(f"data: chatterbot-corpus has no language {language!r}")
@@ -263,11 +265,10 @@ def task_sequences(data: dict[str, Any], tokenizer: Tokenizer, eos_id: int | Non
     """(train, held-out) sequences of a task's data settings (alto.sweep): held out from the
     records (eval_fraction) or read from eval_path / eval_split."""
     def sequences(records: Sequence[Record]) -> list[list[int]]:
-        seqs = tokenize(records, tokenizer, data["max_length"], eos_id, data["train_on"])
-        if not seqs:
-            raise ValueError(f"data: none of the {len(records)} records has a token to train on within "
-                             f"max_length={data['max_length']}")
-        return seqs
+        if seqs := tokenize(records, tokenizer, data["max_length"], eos_id, data["train_on"]):
+            return seqs
+        raise ValueError(f"data: none of the {len(records)} records has a token to train on within "
+                         f"max_length={data['max_length']}")
 
     train = sequences(load_records(data["source"], data.get("path"), data["split"], data.get("topics"))[: data["limit"]])
     if data.get("eval_path") is None and data.get("eval_split") is None:
@@ -285,9 +286,7 @@ def prompt_and_reply(tokens: Sequence[int]) -> tuple[list[int], list[int]] | Non
     start = end
     while start and tokens[start - 1] >= 0:
         start -= 1
-    if start == 0 or start == end:
-        return None
-    return [t if t >= 0 else ~t for t in tokens[:start]], list(tokens[start:end])
+    return None if start in (0, end) else ([t if t >= 0 else ~t for t in tokens[:start]], list(tokens[start:end]))
 
 
 def split(seqs: Sequence[list[int]], eval_fraction: float, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
