@@ -7,7 +7,8 @@ Tasks: prompt/completion JSONL of byte-tokenized random text, of different lengt
 64-128, medium 128-256, long 256-512 tokens); each task a grid of rank 8/16 x lr 1e-4/3e-4 on q/k/v/o,
 held-out loss every 10 micro-steps on 32 sequences (best weights kept), exact match of 16 greedy
 tokens on the short task. Base: Llama-3.2-1B widths (bench_memory.WIDTHS), random bf16 weights.
-Printed: wall seconds (base loading, calibration, training, final evaluation and export), tokens/s
+A 2-step sweep runs first, untimed (CUDA's and the kernels' first uses). Printed: setup seconds
+(base loading, data, calibration), training seconds (steps and evaluations), finish seconds, wall, tokens/s
 of the training steps (bench_memory.step_figures), the most adapters co-located, the peak memory,
 the seconds of SweepRun.finish, and each task's best held-out loss and metric.
 Run on the GPU: python bench/bench_tasks.py [--steps 30] [--widths 1b]
@@ -66,6 +67,7 @@ def run(text: str, out: Path) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.time()
     r = SweepRun(parse_sweep(text), out)
+    ready = time.time()
     r.run(log=lambda *_: None)
     trained = time.time()
     r.finish(log=lambda *_: None)
@@ -77,7 +79,8 @@ def run(text: str, out: Path) -> dict:
         best.setdefault(row["task"], row)
     figures = step_figures(out / "steps.csv")[1]
     del r
-    return {**figures, "wall_s": end - start, "finish_s": end - trained, "adapters": len(board),
+    return {**figures, "wall_s": end - start, "setup_s": ready - start, "train_s": trained - ready,
+            "finish_s": end - trained, "adapters": len(board),
             "peak_all_gb": torch.cuda.max_memory_allocated() / 1e9, "best": best}
 
 
@@ -88,10 +91,11 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_tasks_"))
     entries = [task_entry(name, write_task_data(root, name, lengths)) for name, lengths in TASKS.items()]
+    run(sweep(args.widths, entries[:1], root / "warm-up", 2), root / "warm-up")  # CUDA and kernel first uses: untimed
     results = {"multi-task (co-located)": run(sweep(args.widths, entries, root / "multi", args.steps), root / "multi")}
     separate = [run(sweep(args.widths, [e], root / e["name"], args.steps), root / e["name"]) for e in entries]
     results["one sweep per task, in turn"] = {
-        "wall_s": sum(s["wall_s"] for s in separate), "finish_s": sum(s["finish_s"] for s in separate),
+        **{k: sum(s[k] for s in separate) for k in ("wall_s", "setup_s", "train_s", "finish_s")},
         "adapters": sum(s["adapters"] for s in separate), "steps": sum(s["steps"] for s in separate),
         "tokens_per_s": sum(s["tokens_per_s"] * s["step_s"] * s["steps"] for s in separate)
         / sum(s["step_s"] * s["steps"] for s in separate),
@@ -99,12 +103,14 @@ def main() -> None:
         "best": {k: v for s in separate for k, v in s["best"].items()}}
     print(f"{args.widths} widths, {len(TASKS)} tasks x 4 configurations, {args.steps} steps each, "
           f"{torch.cuda.get_device_name()}")
-    print(f"{'mode':<30}{'adapters':>9}{'steps':>7}{'co-loc':>7}{'tokens/s':>11}{'peak GB':>9}{'finish s':>10}{'wall s':>9}")
+    print(f"{'mode':<30}{'adapters':>9}{'steps':>7}{'co-loc':>7}{'tokens/s':>11}{'peak GB':>9}{'setup s':>9}"
+          f"{'train s':>9}{'finish s':>10}{'wall s':>9}")
     for mode, r in results.items():
         print(f"{mode:<30}{r['adapters']:>9}{r['steps']:>7}{r['most_colocated']:>7}{r['tokens_per_s']:>11.0f}"
-              f"{r['peak_all_gb']:>9.1f}{r['finish_s']:>10.1f}{r['wall_s']:>9.1f}")
-    base = results["one sweep per task, in turn"]["wall_s"]
-    print(f"speed-up of the multi-task sweep, wall: {base / results['multi-task (co-located)']['wall_s']:.2f}x")
+              f"{r['peak_all_gb']:>9.1f}{r['setup_s']:>9.1f}{r['train_s']:>9.1f}{r['finish_s']:>10.1f}{r['wall_s']:>9.1f}")
+    one, each = results["multi-task (co-located)"], results["one sweep per task, in turn"]
+    print(f"speed-up of the multi-task sweep: wall {each['wall_s'] / one['wall_s']:.2f}x, "
+          f"training {each['train_s'] / one['train_s']:.2f}x")
     print(f"\n{'task':<8}{'mode':<30}{'best adapter':<24}{'export':>10}{'eval loss':>11}{'exact match':>13}")
     for name in TASKS:
         for mode, r in results.items():
