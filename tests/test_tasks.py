@@ -188,3 +188,20 @@ def test_colocated_greedy_decoding_equals_each_adapter_alone(bug, monkeypatch):
     assert together == expected and in_pieces == expected
     cut = {aid: [c[: c.index(stop)] if stop in c else c for c in cs] for aid, cs in expected.items()}
     assert stopped == cut
+
+
+def test_multi_task_on_two_ranks_equals_one(tmp_path):
+    """Rank-local adapter parallelism with tasks (2 CPU ranks over gloo): the task monitors' stops,
+    the best weights (copied on the rank that evaluated them, collected on rank 0) and the exports are
+    those of one rank."""
+    extra = {"monitor": {"rule": "asha", "grace": 2, "eta": 2, "signal": "eval", "eval_every": 1}, "eval": None}
+    for out in ("one", "two"):
+        (tmp_path / f"{out}.yaml").write_text(json.dumps(tasks_doc(tmp_path, out, **extra)))
+    assert tune(str(tmp_path / "one.yaml"), None, log=quiet) == 0
+    assert tune(str(tmp_path / "two.yaml"), None, log=quiet, nproc=2) == 0
+    one, two = rows(tmp_path / "one" / "leaderboard.csv"), rows(tmp_path / "two" / "leaderboard.csv")
+    assert one == two and {r["status"] for r in one} == {"finished", "stopped-early"}
+    for r in one:
+        a = load_file(str(tmp_path / "one" / "adapters" / r["adapter"] / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "two" / "adapters" / r["adapter"] / "adapter_model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), r["adapter"]
