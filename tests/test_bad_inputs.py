@@ -81,6 +81,7 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
     "eval every 0": ({"eval": {"every": 0}}, ["eval.every: 0"]),
     "eval unknown key": ({"eval": {"steps": 3}}, ["eval", "mapping with keys"]),
     "eval samples a word": ({"eval": {"samples": "all"}}, ["eval.samples: 'all'"]),
+    "eval max_new_tokens 0": ({"eval": {"max_new_tokens": 0}}, ["eval.max_new_tokens: 0"]),
     "eval metric unknown": ({"eval": {"metric": "bleu"}}, ["eval.metric", "'bleu'", "exact_match"]),
     "eval metric not importable": ({"eval": {"metric": "no_such_module:score"}}, ["eval.metric", "cannot import"]),
     "eval every against the monitor's": ({"monitor": {"signal": "eval", "eval_every": 2}, "eval": {"every": 3}},

@@ -96,10 +96,6 @@ class Sweep:
         """Every task's adapters, by run-wide name."""
         return {aid: cfg for t in self.tasks.values() for aid, cfg in t.adapters.items()}
 
-    def task_of(self) -> dict[str, str]:
-        """Adapter name -> its task's name."""
-        return {aid: t.name for t in self.tasks.values() for aid in t.adapters}
-
 
 def _base_dtype(base: Any, device: str) -> str:
     """The base setting's dtype, auto resolved for the device (bfloat16 on a GPU, float32 on the CPU)."""

@@ -96,12 +96,12 @@ class SweepRun:
         self.model = MultiLoraModel(self.base.model)
         self.registry = Registry()
         streams = {}
-        for aid, task in sweep.task_of().items():
-            cfg = sweep.adapters[aid]
-            self.registry.add(aid, cfg, task)
-            order = list(self.train_seqs[task])
-            random.Random(cfg.seed).shuffle(order)  # each adapter its own data order
-            streams[aid] = DataStream(order)
+        for t in self.tasks.values():
+            for aid, cfg in t.adapters.items():
+                self.registry.add(aid, cfg, t.name)
+                order = list(self.train_seqs[t.name])
+                random.Random(cfg.seed).shuffle(order)  # each adapter its own data order
+                streams[aid] = DataStream(order)
         self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device, sweep.packing)
         # used on rank 0 only: each task's adapters compete among themselves
         self.monitors = {t.name: Monitor(t.monitor) for t in self.tasks.values() if t.monitor}

@@ -68,10 +68,6 @@ class Task:
     export: str  # best | last
     where: str = ""
 
-    @property
-    def has_held_out(self) -> bool:
-        return bool(self.data["eval_fraction"] or self.data.get("eval_path") or self.data.get("eval_split"))
-
 
 def fail(where: str, msg: str) -> None:
     raise ValueError(f"{where}: {msg}")
@@ -220,20 +216,20 @@ def _eval(where: str, given: Any, monitor: MonitorConfig | None) -> EvalConfig:
 def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
     data = _data(where, values.get("data", {}))
     monitor = _monitor(where, values.get("monitor"))
-    task = Task(name, data, _adapters(where, values, prefix), monitor, _eval(where, values.get("eval"), monitor),
-                "last", where)
-    export = values.get("export", "best" if task.has_held_out else "last")
+    adapters = _adapters(where, values, prefix)
+    evaluation = _eval(where, values.get("eval"), monitor)
+    held_out = bool(data["eval_fraction"] or data.get("eval_path") or data.get("eval_split"))
+    export = values.get("export", "best" if held_out else "last")
     if export not in EXPORTS:
         fail(f"{where}export", f"{export!r} must be one of {', '.join(EXPORTS)}")
-    if not task.has_held_out:
+    if not held_out:
         for key, needs in (("monitor.signal", monitor is not None and monitor.signal == "eval"),
-                           ("export", export == "best"), ("eval.metric", task.eval.metric is not None)):
+                           ("export", export == "best"), ("eval.metric", evaluation.metric is not None)):
             if needs:
                 fail(f"{where}{key}", "needs held-out data: set data.eval_fraction > 0 (or eval_path/eval_split)")
-    if task.eval.metric is not None and data["train_on"] == "all":
+    if evaluation.metric is not None and data["train_on"] == "all":
         fail(f"{where}eval.metric", "scores completions: it needs train_on: completion (prompts and replies)")
-    task.export = export
-    return task
+    return Task(name, data, adapters, monitor, evaluation, export, where)
 
 
 def parse_tasks(raw: dict[str, Any], name: str) -> dict[str, Task]:
