@@ -28,6 +28,9 @@ def test_tune_end_to_end_writes_every_output(tmp_path, capsys, sweep_yaml):
         cfg = json.loads((run / "adapters" / aid / "adapter_config.json").read_text())
         assert cfg["r"] == int(aid[4]) and cfg["peft_type"] == "LORA"
         assert json.loads((run / "adapters" / aid / "alto_adapter.json").read_text())["status"] == "finished"
+    seconds = json.loads((run / "timing.json").read_text())  # where the run's time went
+    assert set(seconds) == {"load", "tokenize", "calibrate", "train", "evaluate", "checkpoint", "export"}
+    assert seconds["train"] > 0 and seconds["evaluate"] > 0 and seconds["export"] > 0 and "seconds: load" in out
 
 
 def test_killed_run_resumes_to_the_same_final_weights(tmp_path, sweep_yaml):
@@ -190,6 +193,23 @@ def test_monitor_on_held_out_loss_end_to_end(tmp_path, sweep_yaml):
     stopped = [a for a in run.registry if a.status.value == "stopped-early"]
     kept = [a for a in run.registry if a.status.value == "finished"]
     assert stopped and min(evals[a.id][1] for a in kept) <= min(evals[a.id][1] for a in stopped)
+
+
+def test_alto_rule_end_to_end(tmp_path, sweep_yaml):
+    """rule alto through alto tune: at the first evaluation after 5% of 8 steps (micro-step 2) the
+    best quarter by held-out loss goes on; every adapter is still exported and ranked."""
+    path = sweep_yaml(out="alto", grid={"lr": [1e-3, 3e-2, 1e-5, 3e-3]}, eval={"every": 2},
+                      defaults={"micro_batch_size": 2, "max_steps": 8, "target_modules": ["q_proj", "v_proj"]},
+                      monitor={"rule": "alto"})
+    assert main(["tune", str(path)]) == 0
+    run = tmp_path / "alto"
+    decisions = [line.split(",") for line in (run / "decisions.csv").read_text().splitlines()[1:]]
+    assert len(decisions) == 3 and all(d[0] == "2" and d[3] == "alto" and "alto warm-up" in d[4] for d in decisions)
+    records = {a: json.loads((run / "adapters" / a / "alto_adapter.json").read_text())
+               for a in ("lr0p001", "lr0p03", "lr1e-05", "lr0p003")}
+    kept = [a for a, r in records.items() if r["status"] == "finished"]
+    assert len(kept) == 1 and records[kept[0]]["eval_losses"][0] == min(r["eval_losses"][0] for r in records.values())
+    assert all(r["eval_steps"][0] == 2 for r in records.values())
 
 
 def test_hugging_face_dataset_source(tmp_path):

@@ -17,8 +17,9 @@ LOGS = ("losses.csv", "decisions.csv", "steps.csv")  # rows start with the run's
 # Bumped when what a checkpoint holds, or what resuming it rebuilds, changes (2: adapter progress
 # records, named tensors; 3: queued adapters may hold a state, bf16 bases on GPUs, random bases drawn
 # on their device; 4: records rendered by chat template, completion-only loss by default, so a
-# run's sequences and held-out losses differ; 5: tasks (a monitor each), best held-out weights).
-FORMAT = 5
+# run's sequences and held-out losses differ; 5: tasks (a monitor each), best held-out weights;
+# 6: each evaluation's micro-step, monitor rungs named by rule).
+FORMAT = 6
 
 
 def write(run_dir: Path, state: dict[str, Any]) -> None:

@@ -126,9 +126,14 @@ class Adapter:
     micro_step: int = 0  # micro-batches consumed
     losses: list[float] = field(default_factory=list)  # mean loss of every micro-batch
     eval_losses: list[float] = field(default_factory=list)  # held-out loss at each evaluation
+    eval_steps: list[int] = field(default_factory=list)  # its micro_step at each evaluation
     best: tuple[int, float] | None = None  # (optimizer step, held-out loss) of its best evaluation
     failure: str | None = None
     extra_batch: int = 0  # samples added to config.micro_batch_size by capacity reclaim ("grow")
+
+    def record_eval(self, loss: float) -> None:
+        self.eval_losses.append(loss)
+        self.eval_steps.append(self.micro_step)
 
     @property
     def micro_batch_size(self) -> int:
@@ -144,7 +149,8 @@ class Adapter:
         and held-out losses from `since` (marks() taken earlier; default: all) on."""
         return {"status": self.status.value, "step": self.step, "micro_step": self.micro_step,
                 "failure": self.failure, "extra_batch": self.extra_batch, "best": self.best,
-                "losses": self.losses[since[0]:], "eval_losses": self.eval_losses[since[1]:]}
+                "losses": self.losses[since[0]:], "eval_losses": self.eval_losses[since[1]:],
+                "eval_steps": self.eval_steps[since[1]:]}
 
     def apply_progress(self, progress: dict[str, Any], since: tuple[int, int] = (0, 0)) -> None:
         """Takes what progress(since) returned (its losses replace those from `since` on)."""
@@ -154,6 +160,7 @@ class Adapter:
         self.best = None if progress["best"] is None else tuple(progress["best"])
         self.losses[since[0]:] = progress["losses"]
         self.eval_losses[since[1]:] = progress["eval_losses"]
+        self.eval_steps[since[1]:] = progress["eval_steps"]
 
 
 class Registry:

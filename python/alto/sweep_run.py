@@ -7,6 +7,7 @@ loss at every micro-step), decisions.csv (early stops, adapters sent back to the
 out-of-memory step, and why), steps.csv (every step's adapters, token positions, padding, predicted
 and measured peak memory, seconds), checkpoint.pt (alto.checkpoint: every checkpoint_every
 micro-steps and at the end), leaderboard.csv and leaderboards/<task>.csv, losses.png,
+timing.json (seconds of this process in each of PHASES),
 adapters/<name>/ (PEFT format: each adapter's best or last weights; alto.results). Every task has
 its own data, held-out sequences (evaluated co-located at its evaluation points, where each
 adapter's best weights are copied to host memory) and monitor; all tasks' adapters share the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import os
 import random
@@ -45,6 +47,9 @@ from alto.state import AdapterState, copy_weights, move_states
 from alto.train import DataStream, StepOutOfMemory, Trainer
 
 
+# Where a run's time goes (timing.json): loading the base, tokenizing, the memory model's calibration,
+# training steps, held-out evaluations (and decoding for metrics), checkpoints, writing the results.
+PHASES = ("load", "tokenize", "calibrate", "train", "evaluate", "checkpoint", "export")
 STEP_COLUMNS = ["micro_step", "adapters", "token_positions", "padding_fraction", "predicted_peak_gb",
                 "measured_peak_gb", "out_of_memory", "seconds"]
 
@@ -82,15 +87,18 @@ class SweepRun:
                 settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.11
                 (settings or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.base = load_base(sweep.model, sweep.base_dtype, self.device)
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        with self.timed("load"):
+            self.base = load_base(sweep.model, sweep.base_dtype, self.device)
         self.shape = ModelShape.from_hf_config(self.base.model.config)
         self.tasks = sweep.tasks
         self.train_seqs: dict[str, list[list[int]]] = {}  # task -> its sequences
         self.eval_seqs: dict[str, list[list[int]]] = {}
         for t in self.tasks.values():
             try:
-                self.train_seqs[t.name], self.eval_seqs[t.name] = data_mod.task_sequences(
-                    t.data, self.base.tokenizer, self.base.eos_id)
+                with self.timed("tokenize"):
+                    self.train_seqs[t.name], self.eval_seqs[t.name] = data_mod.task_sequences(
+                        t.data, self.base.tokenizer, self.base.eos_id)
             except ValueError as e:
                 raise ValueError(f"{t.where}{e}") from None
         self.model = MultiLoraModel(self.base.model)
@@ -113,15 +121,24 @@ class SweepRun:
         self.admission = None  # max_running: auto admits by memory (every rank fits one; rank 0 decides)
         self.slots = sweep.max_running  # adapters per rank (lowered after an out-of-memory step)
         if sweep.max_running is None:
-            self.admission = Admission.calibrate(
-                self.model, self.shape, {t: [len(s) for s in seqs] for t, seqs in self.train_seqs.items()}, sweep.packing,
-                admission_order(self.registry)[0].config, self.base.pad_id, self.device, sweep.memory_budget_gb,
-                sweep.max_tokens_per_step)
+            with self.timed("calibrate"):
+                self.admission = Admission.calibrate(
+                    self.model, self.shape, {t: [len(s) for s in seqs] for t, seqs in self.train_seqs.items()},
+                    sweep.packing, admission_order(self.registry)[0].config, self.base.pad_id, self.device,
+                    sweep.memory_budget_gb, sweep.max_tokens_per_step)
         self.owner: dict[str, int] = {}  # running adapter -> the rank training it (same on every rank)
         self.holder: dict[str, int] = {}  # queued adapter whose state a rank holds (sent back after OOM)
         self.admitted: dict[str, None] = {}  # adapters in the order they were last admitted (the latest go back first)
         self.micro_steps = 0
         self.samples_budget = 0  # most samples per step seen: what reclaim "grow" refills to
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _collect(self) -> None:
@@ -142,6 +159,10 @@ class SweepRun:
 
     def save_checkpoint(self) -> None:
         """Writes the checkpoint (collective: every rank sends its adapters to rank 0)."""
+        with self.timed("checkpoint"):
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
         t = self.trainer
         self._collect()
         running = self.group.gather(t.export_states([a.id for a in t.running()], "cpu"))
@@ -314,8 +335,10 @@ class SweepRun:
         of memory, what out_of_memory returned."""
         due = [a for a in self.trainer.running() if self.evaluates(a.task)] if oom is None else []
         if due:
-            for a, loss in zip(due, self.evaluate(due)):
-                a.eval_losses.append(loss)
+            with self.timed("evaluate"):
+                losses = self.evaluate(due)
+            for a, loss in zip(due, losses):
+                a.record_eval(loss)
                 self.keep_if_best(a, loss, self.model.adapter_weights(a.id))
         return {aid: (since, self.registry[aid].progress(since)) for aid, since in marks.items()}, oom
 
@@ -397,7 +420,8 @@ class SweepRun:
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
                 try:
-                    self.trainer.step()
+                    with self.timed("train"):
+                        self.trainer.step()
                     oom = None
                     self.largest_step = max(self.largest_step, self.trainer.last_positions)
                     self.most_colocated = max(self.most_colocated, len(marks))
@@ -499,4 +523,11 @@ class SweepRun:
         return values
 
     def finish(self, log=print) -> list[tuple[str, float]]:
-        return results.finish(self.registry, self.outcomes(), self.base, self.run_dir, log)
+        """Rank 0, at the end: evaluations, exports and leaderboards (alto.results), timing.json."""
+        with self.timed("evaluate"):
+            outcomes = self.outcomes()
+        with self.timed("export"):
+            board = results.finish(self.registry, outcomes, self.base, self.run_dir, log)
+        (self.run_dir / "timing.json").write_text(json.dumps({k: round(v, 3) for k, v in self.seconds.items()}))
+        log("seconds: " + " | ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
+        return board

@@ -12,7 +12,9 @@ data: {source: chatterbot, max_length: 96, eval_fraction: 0.1, limit: 600}   # o
 defaults: {rank: 8, alpha: 16, lr: 1e-4, micro_batch_size: 4, max_steps: 30}
 grid: {rank: [4, 16], lr: [1e-4, 1e-3]}    # cartesian product over these fields
 adapters: [{id: wide, rank: 64}]           # explicit extra configurations
-monitor: {rule: asha, grace: 8, eta: 2}    # early termination (alto.monitor); absent = never stop early
+monitor: {rule: asha, grace: 8, eta: 2}    # early termination (alto.monitor): asha | median | halving |
+                                           # alto (the ALTO paper's detectors, on held-out losses) |
+                                           # several joined by + (alto+asha); absent = never stop early
 eval: {every: 10, samples: 64, metric: exact_match, max_new_tokens: 32}
                                            # held-out loss every `every` micro-steps (and at the end) on
                                            # the first `samples` held-out sequences; metric (optional):
@@ -215,9 +217,12 @@ def _eval(where: str, given: Any, monitor: MonitorConfig | None) -> EvalConfig:
 
 def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
     data = _data(where, values.get("data", {}))
-    monitor = _monitor(where, values.get("monitor"))
+    monitor, evaluation = values.get("monitor"), values.get("eval")
+    if isinstance(monitor, dict) and "eval_every" not in monitor and isinstance(evaluation, dict) and "every" in evaluation:
+        monitor = {**monitor, "eval_every": evaluation["every"]}  # a monitor reading held-out losses reads these
+    monitor = _monitor(where, monitor)
     adapters = _adapters(where, values, prefix)
-    evaluation = _eval(where, values.get("eval"), monitor)
+    evaluation = _eval(where, evaluation, monitor)
     held_out = bool(data["eval_fraction"] or data.get("eval_path") or data.get("eval_split"))
     export = values.get("export", "best" if held_out else "last")
     if export not in EXPORTS:
