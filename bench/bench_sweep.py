@@ -266,18 +266,17 @@ def baseline_rows(args, method: str, spec, sweep_text: str, counts: list[int], r
 
 
 # ---- the table ---------------------------------------------------------------------------------
-def print_table(rows: list[Row], title: str) -> None:
-    print(f"\n{title}")
-    print("| method | K | wall s | tokens/s | peak GB | speed-up vs (a) | adapter-steps | best | its held-out loss | "
-          "regret vs (a) | " + " | ".join(PHASES) + " |")
-    print("|" + " --- |" * (10 + len(PHASES)))
-    for r in sorted(rows, key=lambda r: (r.k, r.method)):
-        a = next((x for x in rows if x.method == "a" and x.k == r.k), None)
-        speed = f"{a.wall / r.wall:.2f}x" if a else "-"
-        regret = f"{r.losses[r.best] / min(a.losses.values()) - 1:+.2%}" if a else "-"
-        print(f"| {METHODS[r.method]} | {r.k} | {r.wall:.1f} | {r.tokens / r.wall:,.0f} | {r.peak:.1f} | {speed} | "
-              f"{r.adapter_steps} | {r.best} | {r.losses[r.best]:.4f} | {regret} | "
-              + " | ".join(f"{r.phases.get(p, 0.0):.1f}" for p in PHASES) + " |")
+HEADER = ("| method | K | wall s | tokens/s | peak GB | speed-up vs (a) | adapter-steps | best | its held-out loss | "
+          "regret vs (a) | " + " | ".join(PHASES) + " |\n|" + " --- |" * (10 + len(PHASES)))
+
+
+def table_line(r: Row, rows: list[Row]) -> str:
+    a = next((x for x in rows if x.method == "a" and x.k == r.k), None)
+    speed = f"{a.wall / r.wall:.2f}x" if a else "-"
+    regret = f"{r.losses[r.best] / min(a.losses.values()) - 1:+.2%}" if a else "-"
+    return (f"| {METHODS[r.method]} | {r.k} | {r.wall:.1f} | {r.tokens / r.wall:,.0f} | {r.peak:.1f} | {speed} | "
+            f"{r.adapter_steps} | {r.best} | {r.losses[r.best]:.4f} | {regret} | "
+            + " | ".join(f"{r.phases.get(p, 0.0):.1f}" for p in PHASES) + " |")
 
 
 def model_spec(args) -> dict | str:
@@ -324,18 +323,28 @@ def main() -> None:
             baseline_rows(quick, method, spec, json.dumps(sweep_doc(quick, spec, data, warm[:1], root / "w", False)),
                           [1], root / "warm-up-jobs")
 
+    name = args.model if args.model in WIDTHS or args.model.startswith("{") else Path(args.model).name
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{name}" + (f" ({args.layers} layers)" if args.layers else "") + f", {args.steps} steps per configuration, "
+          f"data {Path(data).name} (max_length {args.max_length}), {device}, torch {torch.__version__}\n{HEADER}",
+          flush=True)
     rows: list[Row] = []
+
+    def add(row: Row) -> None:  # printed as it comes (a run cut short keeps its rows)
+        rows.append(row)
+        print(table_line(row, rows), flush=True)
+
     for method in "ab":
         if method in args.methods:
-            rows += baseline_rows(args, method, spec, text, counts, root / "jobs")
+            for row in baseline_rows(args, method, spec, text, counts, root / "jobs"):
+                add(row)
     for k in counts:
         for method in "cd":
             if method in args.methods:
-                rows.append(alto_row(args, method, spec, data, adapters[:k], root / f"alto-{method}-{k}"))
-    name = args.model if args.model in WIDTHS or args.model.startswith("{") else Path(args.model).name
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print_table(rows, f"{name}" + (f" ({args.layers} layers)" if args.layers else "") + f", {args.steps} steps per "
-                f"configuration, data {Path(data).name} (max_length {args.max_length}), {device}, torch {torch.__version__}")
+                add(alto_row(args, method, spec, data, adapters[:k], root / f"alto-{method}-{k}"))
+    print("\n" + HEADER)
+    for r in sorted(rows, key=lambda r: (r.k, r.method)):
+        print(table_line(r, rows))
     (root / "bench_sweep.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     print(f"\nruns and bench_sweep.json: {root}")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine = build + test + bench (README "Test").
 #   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
-#                            [expand_configs] [sanitize] [parallel] [parallel_shares] [tasks]
+#                            [expand_configs] [sanitize] [parallel] [parallel_shares] [tasks] [sweep] [quality]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
@@ -68,6 +68,13 @@ for stage in "${stages[@]}"; do
       ;;
     memory)
       python3 bench/bench_memory.py ${MEMORY_ARGS:-} 2>&1 | tee "$OUT/bench_memory.txt" || rc=1
+      ;;
+    sweep)
+      # The headline: K configurations as sequential PEFT / Trainer jobs vs ALTO through alto tune.
+      python3 bench/bench_sweep.py ${SWEEP_ARGS:-} 2>&1 | tee -a "$OUT/bench_sweep.txt" || rc=1
+      ;;
+    quality)
+      python3 bench/quality_study.py ${QUALITY_ARGS:-} 2>&1 | tee -a "$OUT/quality_study.txt" || rc=1
       ;;
     tasks)
       python3 bench/bench_tasks.py ${TASKS_ARGS:-} 2>&1 | tee "$OUT/bench_tasks.txt" || rc=1

