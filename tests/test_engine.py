@@ -175,7 +175,8 @@ def test_admitting_and_retiring_together_is_bit_for_bit_one_at_a_time(base_model
             trainer.admit(group)
         for _ in range(3):
             trainer.step()
-        leaving = [(reg[aid], Status.STOPPED_EARLY, "test") for aid in ("c", "b")]  # not in pack order
+        # not in pack order; b goes back to the queue (its whole state kept), c ends (its weights kept)
+        leaving = [(reg["c"], Status.STOPPED_EARLY, "test"), (reg["b"], Status.QUEUED, "test")]
         for group in [leaving] if together else [[x] for x in leaving]:
             trainer.retire(group)
         trainer.step()
@@ -186,6 +187,7 @@ def test_admitting_and_retiring_together_is_bit_for_bit_one_at_a_time(base_model
     (losses, states), (losses_1, states_1) = run(True), run(False)
     assert losses == losses_1
     assert any(g.abs().sum() > 0 for g in states["b"].grads)  # b left mid-accumulation
+    assert not states["c"].grads and not states["c"].optimizer["exp_avg"] and states["c"].optimizer["step"] == 3
     for aid in states:
         ours, theirs = states[aid].tensors(), states_1[aid].tensors()
         assert len(ours) == len(theirs) and all(t.device.type == "cpu" for t in ours)
