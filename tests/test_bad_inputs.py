@@ -134,6 +134,7 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
     "monitor not a mapping": ({"monitor": "asha"}, ["monitor", "mapping"]),
     "monitor alto on training losses": ({"monitor": {"rule": "alto", "signal": "train"}}, ["monitor.signal='train'"]),
     "monitor alto window": ({"monitor": {"rule": "alto", "window": 1}}, ["monitor.window=1"]),
+    "monitor alto without evaluations": ({"monitor": {"rule": "alto"}, "eval": {"every": None}}, ["eval.every", "None"]),
     "monitor unknown key": ({"monitor": {"rule": "asha", "stop_after": 3}}, ["monitor", "keys"]),
     "monitor rule unknown": ({"monitor": {"rule": "best"}}, ["monitor.rule='best'"]),
     "monitor rule a list with an unknown rule": ({"monitor": {"rule": ["asha", "x"]}}, ["monitor.rule='asha+x'"]),

@@ -218,8 +218,9 @@ def _eval(where: str, given: Any, monitor: MonitorConfig | None) -> EvalConfig:
 def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
     data = _data(where, values.get("data", {}))
     monitor, evaluation = values.get("monitor"), values.get("eval")
-    if isinstance(monitor, dict) and "eval_every" not in monitor and isinstance(evaluation, dict) and "every" in evaluation:
-        monitor = {**monitor, "eval_every": evaluation["every"]}  # a monitor reading held-out losses reads these
+    every = evaluation.get("every") if isinstance(evaluation, dict) else None
+    if isinstance(monitor, dict) and "eval_every" not in monitor and is_int(every):
+        monitor = {**monitor, "eval_every": every}  # a monitor reading held-out losses reads these
     monitor = _monitor(where, monitor)
     adapters = _adapters(where, values, prefix)
     evaluation = _eval(where, evaluation, monitor)
