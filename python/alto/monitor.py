@@ -280,7 +280,7 @@ class Alto(Rule):
             gaps = [(held_out[j] - train[j]) / train[j] if train[j] > 0 else math.nan for j in recent]
             if all(g >= c.tau_gap for g in gaps):
                 return Stop(f"alto overfitting (eval {t}): (held-out - training) / training {gaps[-1]:.3f} >= "
-                            f"{c.tau_gap} for {c.patience} evaluations; its best held-out weights are kept",
+                            f"{c.tau_gap} for {c.patience} evaluations (export: best keeps its best held-out weights)",
                             unconditional=True)
         if self.warmup_point(monitor, a) == t:
             keep = max(1, math.ceil(len(monitor.rungs[(self.name, 0)]) * c.keep))
