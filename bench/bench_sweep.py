@@ -47,12 +47,14 @@ from alto import data as data_mod
 from alto.base import load_base
 from alto.sweep import parse_sweep
 from alto.train import DataStream, pad_batch
+from alto import sweep_run
+from alto.sweep_run import timed
 from alto.tune import tune
 from bench_memory import WIDTHS
 
 RANKS, LRS, BATCHES = (8, 16, 32, 64, 128), (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), (1, 2, 4, 8)
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PHASES = ("load", "tokenize", "calibrate", "train", "evaluate", "checkpoint", "export", "other")
+PHASES = (*sweep_run.PHASES, "other")  # other: the wall time outside sweep_run's phases
 METHODS = {"a": "(a) sequential PEFT jobs", "b": "(b) sequential HF Trainer jobs", "c": "(c) ALTO co-located",
            "d": "(d) ALTO + early exit (alto)"}
 
@@ -158,37 +160,27 @@ def peft_job(base, cfg, train: list[list[int]], held_out: list[list[int]], devic
     trained tokens and the held-out loss."""
     import peft
 
-    times = {}
-    start = time.perf_counter()
-    lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                           target_modules=list(cfg.target_modules))
-    model = peft.get_peft_model(base.model, lora)  # LoRA weights in float32 (autocast_adapter_dtype)
-    order = list(train)
-    random.Random(cfg.seed).shuffle(order)
-    steps = cfg.max_steps * cfg.grad_accum
-    stream = DataStream(order)
-    batches = [stream.next_batch(cfg.micro_batch_size) for _ in range(steps)]
-    tokens = sum(len(s) for b in batches for s in b)
-    gpu_sync()
-    times["other"] = time.perf_counter() - start
-    start = time.perf_counter()
-    if with_trainer:
-        train_with_trainer(model, cfg, batches, base.pad_id, out)
-    else:
-        train_with_loop(model, cfg, batches, base.pad_id, device)
-    gpu_sync()
-    times["train"] = time.perf_counter() - start
-    start = time.perf_counter()
-    model.eval()
-    loss = held_out_loss(model, held_out, base.pad_id, device)
-    times["evaluate"] = time.perf_counter() - start
-    start = time.perf_counter()
-    model.save_pretrained(str(out))
-    times["export"] = time.perf_counter() - start
-    start = time.perf_counter()
-    base.model = model.unload()  # the base without LoRA layers, for the next job
-    base.model.__dict__.pop("peft_config", None)
-    times["other"] += time.perf_counter() - start
+    times: dict[str, float] = {}
+    with timed(times, "other"):
+        lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                               target_modules=list(cfg.target_modules))
+        model = peft.get_peft_model(base.model, lora)  # LoRA weights in float32 (autocast_adapter_dtype)
+        stream = DataStream.shuffled(train, cfg.seed)  # the data order ALTO gives this configuration
+        batches = [stream.next_batch(cfg.micro_batch_size) for _ in range(cfg.max_steps * cfg.grad_accum)]
+        tokens = sum(len(s) for b in batches for s in b)
+    with timed(times, "train"):
+        if with_trainer:
+            train_with_trainer(model, cfg, batches, base.pad_id, out)
+        else:
+            train_with_loop(model, cfg, batches, base.pad_id, device)
+        gpu_sync()
+    with timed(times, "evaluate"):
+        model.eval()
+        loss = held_out_loss(model, held_out, base.pad_id, device)
+    with timed(times, "export"):
+        model.save_pretrained(str(out))
+    with timed(times, "other"):
+        base.model = model.unload()  # the base without LoRA layers (and without peft_config), for the next job
     return {"phases": times, "tokens": tokens, "loss": loss, "steps": cfg.max_steps}
 
 
@@ -241,14 +233,13 @@ def baseline_rows(args, method: str, spec, sweep_text: str, counts: list[int], r
     task = next(iter(sweep.tasks.values()))
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     peak_reset()
-    start = time.perf_counter()
-    base = load_base(spec, sweep.base_dtype, device)
-    base.model.requires_grad_(False)
-    gpu_sync()
-    load = time.perf_counter() - start
-    start = time.perf_counter()
-    train, held = data_mod.task_sequences(task.data, base.tokenizer, base.eos_id)
-    tokenize = time.perf_counter() - start
+    once: dict[str, float] = {}
+    with timed(once, "load"):
+        base = load_base(spec, sweep.base_dtype, device)
+        base.model.requires_grad_(False)
+        gpu_sync()
+    with timed(once, "tokenize"):
+        train, held = data_mod.task_sequences(task.data, base.tokenizer, base.eos_id)
     held = held[: task.eval.samples]
     jobs = {}
     for aid, cfg in task.adapters.items():
@@ -260,7 +251,7 @@ def baseline_rows(args, method: str, spec, sweep_text: str, counts: list[int], r
     for k in counts:
         part = [jobs[aid] for aid in ids[:k]]
         phases = {p: sum(j["phases"].get(p, 0.0) for j in part) for p in PHASES}
-        phases.update(load=load, tokenize=tokenize)
+        phases.update(once)
         rows.append(Row(method, k, sum(phases.values()), sum(j["tokens"] for j in part), max(j["peak"] for j in part),
                         sum(j["steps"] for j in part), {aid: jobs[aid]["loss"] for aid in ids[:k]}, phases))
     return rows

@@ -24,7 +24,6 @@ import csv
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,16 @@ from alto.train import DataStream, StepOutOfMemory, Trainer
 # Where a run's time goes (timing.json): loading the base, tokenizing, the memory model's calibration,
 # training steps, held-out evaluations (and decoding for metrics), checkpoints, writing the results.
 PHASES = ("load", "tokenize", "calibrate", "train", "evaluate", "checkpoint", "export")
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], phase: str):
+    """Adds the seconds the block takes to seconds[phase]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
 STEP_COLUMNS = ["micro_step", "adapters", "token_positions", "padding_fraction", "predicted_peak_gb",
                 "measured_peak_gb", "out_of_memory", "seconds"]
 
@@ -107,9 +116,7 @@ class SweepRun:
         for t in self.tasks.values():
             for aid, cfg in t.adapters.items():
                 self.registry.add(aid, cfg, t.name)
-                order = list(self.train_seqs[t.name])
-                random.Random(cfg.seed).shuffle(order)  # each adapter its own data order
-                streams[aid] = DataStream(order)
+                streams[aid] = DataStream.shuffled(self.train_seqs[t.name], cfg.seed)
         self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device, sweep.packing)
         # used on rank 0 only: each task's adapters compete among themselves
         self.monitors = {t.name: Monitor(t.monitor) for t in self.tasks.values() if t.monitor}
@@ -132,13 +139,8 @@ class SweepRun:
         self.micro_steps = 0
         self.samples_budget = 0  # most samples per step seen: what reclaim "grow" refills to
 
-    @contextlib.contextmanager
     def timed(self, phase: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += time.perf_counter() - start
+        return timed(self.seconds, phase)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _collect(self) -> None:

@@ -9,6 +9,7 @@ gradient accumulation. A non-finite loss or gradient fails that adapter only.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -35,6 +36,13 @@ class DataStream:
                 raise ValueError(f"sequence {i} has {len(s)} tokens: a causal LM needs at least 2")
         self.sequences = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
         self.position = 0
+
+    @classmethod
+    def shuffled(cls, sequences: Sequence[Sequence[int]], seed: int) -> "DataStream":
+        """The sequences in an adapter's own order (its config's seed): what a sweep trains it on."""
+        order = list(sequences)
+        random.Random(seed).shuffle(order)
+        return cls(order)
 
     def next_batch(self, n: int) -> list[torch.Tensor]:
         out = []
