@@ -112,6 +112,13 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
     "base dtype unknown": ({"base": {"dtype": "float8"}}, ["base.dtype: 'float8'"]),
     "base not a mapping": ({"base": "bf16"}, ["base: 'bf16'", "dtype"]),
     "base float64 on cuda": ({"base": {"dtype": "float64"}, "device": "cuda"}, ["base.dtype", "device: cpu"]),
+    "base quantize unknown": ({"base": {"quantize": "int3"}}, ["base.quantize: 'int3'", "nf4"]),
+    "nf4 on a width no block divides": ({"base": {"quantize": "nf4"}, "model": {"random_llama": {
+        **TINY_LLAMA, "hidden_size": 20, "num_attention_heads": 2, "num_key_value_heads": 2}}},
+        ["base.quantize: nf4", "multiple of 64", "q_proj is (20, 20)"]),
+    "random_llama odd head_dim": ({"model": {"random_llama": {**TINY_LLAMA, "hidden_size": 20, "num_attention_heads": 4,
+                                                              "num_key_value_heads": 2}}}, ["model.random_llama", "rope"]),
+    "shard_base word": ({"shard_base": "yes"}, ["shard_base: 'yes'", "true, false or auto"]),
     "dtype under model": ({"model": {"random_llama": TINY_LLAMA, "dtype": "float64"}}, ["model", "must be"]),
     "max_running word": ({"max_running": "many"}, ["max_running: 'many'", "auto"]),
     "max_tokens_per_step 1": ({"max_tokens_per_step": 1}, ["max_tokens_per_step: 1"]),

@@ -306,7 +306,7 @@ def test_a_quantized_base_layer_is_refused_with_a_clear_error(base_model):
     model = copy.deepcopy(base_model)
     q = model.model.layers[0].self_attn.q_proj
     q.weight = torch.nn.Parameter(torch.zeros(q.weight.shape, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match="quantized base layers are not supported yet"):
+    with pytest.raises(ValueError, match="only dense float and NF4 .* base layers are supported"):
         MultiLoraModel(model)
 
 

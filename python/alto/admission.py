@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from alto.base import held_bytes
 from alto.loss import mean_losses
 from alto.model import MultiLoraModel
 from alto.registry import Adapter, AdapterConfig
@@ -60,7 +61,7 @@ def _free_bytes(device: torch.device) -> int:
 def _held_bytes(model: MultiLoraModel, device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    return sum(held_bytes(p) for p in model.parameters())  # NF4 and sharded weights: what this rank holds
 
 
 class Admission:
@@ -85,7 +86,7 @@ class Admission:
         if budget_gb is not None:
             capacity = min(capacity, budget_gb * 1e9)
         master = 8 if model.adapter_dtype == torch.float64 else 4
-        act = next(model.parameters()).element_size()
+        act = next(model.parameters()).dtype.itemsize  # the activations' dtype (an NF4 weight reports it too)
         estimate = activation_bytes_per_token(probe_config, shape, act)  # per token, logits included
         if device.type == "cuda":
             # Probes of at most a quarter of the capacity by the estimate (a small GPU probes small).

@@ -1,9 +1,10 @@
 """The frozen base model of a sweep, loaded offline from the sweep's model setting (checked by
-alto.sweep): the one place that decides the base's dtype (and, later, its quantization and
-sharding), and what the exported adapters name as their base."""
+alto.sweep): the one place that decides the base's dtype, its quantization (NF4) and its sharding
+over the ranks (FSDP2), and what the exported adapters name as their base."""
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch import nn
 
 from alto.data import ByteTokenizer
 from alto.inputs import first_line
+from alto.registry import KNOWN_TARGET_MODULES
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -46,10 +48,30 @@ def smollm2_dir() -> str:
     return folder
 
 
-def load_base(spec: str | dict, dtype: str, device: torch.device) -> Base:
-    """The sweep's base model on `device`, its frozen weights in `dtype` (the sweep's base.dtype,
-    auto resolved: bfloat16 on a GPU, where a float32 base would be cast by autocast in every step,
-    twice the time and memory; float32 on the CPU)."""
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What transformers' config validation raises besides ValueError (huggingface_hub's strict
+    dataclasses, e.g. rope on an odd head_dim)."""
+    import huggingface_hub.errors
+
+    error = getattr(huggingface_hub.errors, "StrictDataclassError", None)
+    return (error,) if error is not None else ()
+
+
+def load_base(spec: str | dict, dtype: str, device: torch.device, quantize: str = "none",
+              place: torch.device | None = None) -> Base:
+    """The sweep's base model, its frozen weights in `dtype` (the sweep's base.dtype, auto resolved:
+    bfloat16 on a GPU, where a float32 base would be cast by autocast in every step, twice the time
+    and memory; float32 on the CPU), its decoder projections in NF4 with quantize nf4 (made on
+    `device`, one layer at a time). The model is left on `place` (default: `device`; the CPU for a
+    base that alto.base.shard then spreads over the ranks)."""
+    base = _load(spec, dtype, device if place is None else place)
+    if quantize == "nf4":
+        quantize_nf4(base.model, device)
+    base.model.to(device if place is None else place)
+    return base
+
+
+def _load(spec: str | dict, dtype: str, device: torch.device) -> Base:
     import transformers
 
     dtype = getattr(torch, dtype)
@@ -68,7 +90,7 @@ def load_base(spec: str | dict, dtype: str, device: torch.device) -> Base:
             raise ValueError(f"model.hf_dir: cannot load a tokenizer and causal LM from {where!r} "
                              f"({type(e).__name__}: {first_line(e)})") from None
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return Base(model.to(device).eval(), tok, pad, tok.eos_token_id, str(Path(where).resolve()), gguf)
+        return Base(model.eval(), tok, pad, tok.eos_token_id, str(Path(where).resolve()), gguf)
     cfg = dict(spec["random_llama"] or {})
     tok = ByteTokenizer()
     vocab = cfg.pop("vocab_size", tok.vocab_size)  # larger: a real model's logits (byte ids stay below)
@@ -79,6 +101,51 @@ def load_base(spec: str | dict, dtype: str, device: torch.device) -> Base:
         config = transformers.LlamaConfig(vocab_size=vocab, pad_token_id=tok.pad_id, **cfg)
         with torch.device(device):  # drawn where it runs: a 1B model's init takes seconds on a GPU, minutes on a CPU
             model = transformers.LlamaForCausalLM(config)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # e.g. an unknown hidden_act
+    except (KeyError, TypeError, ValueError, RuntimeError, *_config_errors()) as e:  # an unknown hidden_act, an odd head_dim
         raise ValueError(f"model.random_llama: {first_line(e)}") from None
     return Base(model.to(dtype).eval(), tok, tok.pad_id, None, None)
+
+
+# QLoRA's NF4 (Dettmers et al. 2023): 64 weights share an absmax, and 256 absmaxes share the float32
+# scale of their 8-bit double quantization.
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
+
+
+def quantize_nf4(model: nn.Module, device: torch.device) -> None:
+    """Replaces the weights of the decoder projections (the Linears LoRA targets) with NF4 tensors
+    made on `device`, one at a time (each full-precision weight is freed as its 4-bit one is made);
+    embeddings, norms and the LM head keep the base dtype, as in QLoRA. The NF4 tensor is torchao's
+    (torchtune's QLoRA): plain PyTorch, so the same numbers on the CPU and the GPU, a forward of its own
+    (F.linear dequantizes to the input's dtype) and FSDP2's all-gather implemented; bitsandbytes'
+    4-bit layers are CUDA-first and its wheel would not fit the GPU machine's carry."""
+    try:
+        from torchao.quantization import to_nf4
+    except ImportError as e:
+        raise ValueError(f"base.quantize: nf4 needs torchao (pip install torchao): {first_line(e)}") from None
+    for path, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in KNOWN_TARGET_MODULES):
+            continue
+        weight = module.weight.detach()
+        if weight.numel() % NF4_BLOCK:
+            raise ValueError(f"base.quantize: nf4 needs weights of a multiple of {NF4_BLOCK} values; "
+                             f"{path} is {tuple(weight.shape)}")
+        # Tiny test models have fewer absmaxes than a scaler block: a divisor of their count.
+        scaler_block = math.gcd(NF4_SCALER_BLOCK, weight.numel() // NF4_BLOCK)
+        module.weight = nn.Parameter(to_nf4(weight.to(device), NF4_BLOCK, scaler_block), requires_grad=False)
+        del weight
+
+
+def is_nf4(weight: torch.Tensor) -> bool:
+    return type(weight).__name__ == "NF4Tensor" and type(weight).__module__.startswith("torchao.")
+
+
+def held_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a weight holds on this rank: its shard of a sharded one, the 4-bit codes and scales of
+    an NF4 one."""
+    local = getattr(tensor, "to_local", None)
+    if local is not None:
+        tensor = local()
+    if is_nf4(tensor):
+        return sum(t.numel() * t.element_size() for t in (tensor.quantized_data, tensor.quantized_scalers,
+                                                           tensor.quantization_factor, tensor.scaler_mean))
+    return tensor.numel() * tensor.element_size()

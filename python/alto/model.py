@@ -20,6 +20,7 @@ from torch import nn
 
 import alto_ext
 from alto import attention
+from alto.base import is_nf4
 from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig
 
 
@@ -102,23 +103,24 @@ class MultiLoraLinear(nn.Module):
     of every adapter that targets it (TENSOR_NAMES). Adding or removing an adapter re-packs them
     (and any pending gradients) without touching the other adapters' values.
 
-    The base-layer seam: a plain nn.Linear runs fused with the adapters (alto_ext.multi_lora_linear:
-    one output pass, dX computed once); any other Linear with a dense float weight runs its own
-    forward, base(x), plus the adapters' delta. Quantized bases are refused until they get a path."""
+    The base-layer seam: a plain nn.Linear with a dense float weight runs fused with the adapters
+    (alto_ext.multi_lora_linear: one output pass, dX computed once); any other Linear with a dense
+    float weight, or with an NF4 weight (alto.base.quantize_nf4), runs its own forward, base(x), plus
+    the adapters' delta. Other quantized weights are refused."""
 
     def __init__(self, base: nn.Linear, context: _Context, dtype: torch.dtype):
         super().__init__()
-        if not is_plain_float(base.weight):
+        if not (is_plain_float(base.weight) or is_nf4(base.weight)):
             raise ValueError(f"{type(base).__name__} with a {type(base.weight).__name__} weight of dtype "
-                             f"{base.weight.dtype}: quantized base layers are not supported yet")
+                             f"{base.weight.dtype}: only dense float and NF4 (base.quantize: nf4) base layers are supported")
         self.base = base
-        self.fused = type(base) is nn.Linear
+        self.fused = type(base) is nn.Linear and is_plain_float(base.weight)
         self.context = context
         self.order: list[str] = []  # adapters in pack order
         self.rows: dict[str, tuple[int, int]] = {}  # adapter -> (first row, rank)
         widths = self._widths()
         for name in TENSOR_NAMES:
-            setattr(self, name, nn.Parameter(base.weight.new_zeros(0, widths[name], dtype=dtype)))
+            setattr(self, name, nn.Parameter(torch.zeros(0, widths[name], dtype=dtype, device=base.weight.device)))
 
     def _widths(self) -> dict[str, int]:
         return {"lora_A": self.base.in_features, "lora_B": self.base.out_features}

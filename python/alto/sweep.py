@@ -4,7 +4,10 @@
 name: demo
 model: smollm2                  # or {hf_dir: DIR, gguf_file: F} or {random_llama: {hidden_size: 64, ...}}
 base: {dtype: auto}             # the frozen base's weights: auto = bfloat16 on a GPU, float32 on the CPU;
-                               # or bfloat16 | float32 | float64 (exact math, device cpu)
+                               # or bfloat16 | float32 | float64 (exact math, device cpu);
+                               # quantize: nf4 holds its decoder projections in 4 bits (QLoRA; alto.base)
+shard_base: false              # true: the frozen decoder layers sharded over the ranks (FSDP2), adapters
+                               # rank-local; auto: sharded when the base does not fit one device
 device: auto                   # auto | cpu | cuda
 checkpoint_every: 10           # micro-steps
 max_running: auto                          # adapters co-located per rank: auto = as many as the memory
@@ -55,9 +58,10 @@ tasks:
 
 
 TOP_KEYS = {"name", "model", "base", "device", "checkpoint_every", "output", "max_running", "max_tokens_per_step",
-            "memory_budget_gb", "packing", "reclaim", "tasks"} | TASK_KEYS
+            "memory_budget_gb", "packing", "reclaim", "shard_base", "tasks"} | TASK_KEYS
 MODEL_KEYS = {"hf_dir", "gguf_file", "random_llama"}
 BASE_DTYPES = ("auto", "bfloat16", "float32", "float64")
+BASE_QUANTIZE = ("none", "nf4")
 # Sizes of a random_llama that must be positive ints (the rest goes to LlamaConfig as given).
 RANDOM_LLAMA_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "max_position_embeddings", "head_dim", "vocab_size")
@@ -90,6 +94,8 @@ class Sweep:
     memory_budget_gb: float | None = None
     packing: bool = True
     reclaim: str = "admit"  # when adapters stop: admit queued ones; "grow": also grow survivors' batches
+    base_quantize: str = "none"  # nf4: the decoder projections in 4 bits (alto.base)
+    shard_base: bool | str = False  # True, False or "auto" (alto.base.shards)
 
     @property
     def adapters(self) -> dict[str, AdapterConfig]:
@@ -97,20 +103,24 @@ class Sweep:
         return {aid: cfg for t in self.tasks.values() for aid, cfg in t.adapters.items()}
 
 
-def _base_dtype(base: Any, device: str) -> str:
-    """The base setting's dtype, auto resolved for the device (bfloat16 on a GPU, float32 on the CPU)."""
+def _base_setting(base: Any, device: str) -> tuple[str, str]:
+    """The base setting: its dtype, auto resolved for the device (bfloat16 on a GPU, float32 on the
+    CPU), and its quantization."""
     if base is None:
         base = {}
-    if not isinstance(base, dict) or set(base) - {"dtype"}:
-        fail("base", f"{base!r} must be a mapping with key dtype")
+    if not isinstance(base, dict) or set(base) - {"dtype", "quantize"}:
+        fail("base", f"{base!r} must be a mapping with keys dtype, quantize")
     dtype = base.get("dtype", "auto")
     if dtype not in BASE_DTYPES:
         fail("base.dtype", f"{dtype!r} must be one of {', '.join(BASE_DTYPES)}")
     if dtype == "float64" and device != "cpu":
         fail("base.dtype", "float64 (exact math for checks) runs on the CPU only: set device: cpu")
+    quantize = base.get("quantize", "none")
+    if quantize not in BASE_QUANTIZE:
+        fail("base.quantize", f"{quantize!r} must be one of {', '.join(BASE_QUANTIZE)}")
     if dtype == "auto":
-        return "bfloat16" if device_type(device) == "cuda" else "float32"
-    return dtype
+        dtype = "bfloat16" if device_type(device) == "cuda" else "float32"
+    return dtype, quantize
 
 
 def _model_spec(model: Any) -> Any:
@@ -166,7 +176,10 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     if not is_int(every) or every < 1:
         fail("checkpoint_every", f"{every!r} must be an int >= 1")
     model = _model_spec(raw.get("model", "smollm2"))
-    base_dtype = _base_dtype(raw.get("base"), device)
+    base_dtype, base_quantize = _base_setting(raw.get("base"), device)
+    shard_base = raw.get("shard_base", False)
+    if not (isinstance(shard_base, bool) or shard_base == "auto"):
+        fail("shard_base", f"{shard_base!r} must be true, false or auto")
     tasks = parse_tasks(raw, name)
     max_running = raw.get("max_running", "auto")
     if max_running != "auto" and (not is_int(max_running) or max_running < 1):
@@ -189,4 +202,5 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     if raw.get("output") is not None and not (isinstance(raw["output"], str) and raw["output"]):
         fail("output", f"{raw['output']!r} must be a folder path")
     return Sweep(name, model, device, every, tasks, raw, raw.get("output"), base_dtype,
-                 None if max_running == "auto" else max_running, cap, budget, packing, reclaim)
+                 None if max_running == "auto" else max_running, cap, budget, packing, reclaim, base_quantize,
+                 shard_base)

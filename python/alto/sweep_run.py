@@ -98,7 +98,7 @@ class SweepRun:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.seconds = dict.fromkeys(PHASES, 0.0)
         with self.timed("load"):
-            self.base = load_base(sweep.model, sweep.base_dtype, self.device)
+            self.base = load_base(sweep.model, sweep.base_dtype, self.device, sweep.base_quantize)
         self.shape = ModelShape.from_hf_config(self.base.model.config)
         self.tasks = sweep.tasks
         self.train_seqs: dict[str, list[list[int]]] = {}  # task -> its sequences
