@@ -10,7 +10,10 @@ seconds of the steps after the first WARM_UP), padding fraction, the most adapte
 measured and predicted peak memory vs the device's; whether every adapter finished. A last row
 starts the 1B sweep too large on purpose (max_running = every configuration, no admission):
 out-of-memory steps are undone and split.
-Run on the GPU: python bench/bench_memory.py [--counts 8 16 ...] [--widths 1b 8b]
+Rows per --quantize (none: bf16; nf4: QLoRA's 4-bit projections) and, with --shard, over the sharded
+base (FSDP2; on one GPU a process group of one: the code path of shard_base, not its memory saving).
+Run on the GPU: python bench/bench_memory.py [--counts 8 16 ...] [--widths 1b 8b] [--layers 32]
+[--quantize none nf4] [--shard] [--padded] [--too-large 0]
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from alto.base import held_bytes
+from alto.parallel import Group
 from alto.registry import Status
 from alto.sweep import parse_sweep
 from alto.sweep_run import SweepRun
@@ -47,14 +52,16 @@ def write_data(path: Path, n: int = 3000) -> None:
 
 
 def sweep_text(widths: str, count: int, data: Path, out: Path, packing: bool, max_running: int | str,
-               steps: int = 3) -> str:
+               steps: int = 3, layers: int = 0, quantize: str = "none", shard: bool = False) -> str:
     adapters = [{"id": f"c{i}", "rank": (8, 16, 32, 64)[i % 4], "micro_batch_size": (1, 2, 4)[i % 3],
                  "lr": 1e-4 * (1 + i % 5), "seed": i} for i in range(count)]
+    model = {**WIDTHS[widths], **({"num_hidden_layers": layers} if layers else {})}
     return json.dumps({
-        "name": "bench", "model": {"random_llama": WIDTHS[widths]}, "device": "cuda", "checkpoint_every": 10**6,
+        "name": "bench", "model": {"random_llama": model}, "device": "cuda", "checkpoint_every": 10**6,
         "output": str(out), "data": {"source": "jsonl", "path": str(data), "max_length": 512, "eval_fraction": 0.0},
         "defaults": {"max_steps": steps, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "adapters": adapters, "max_running": max_running, "packing": packing})
+        "adapters": adapters, "max_running": max_running, "packing": packing, "base": {"quantize": quantize},
+        "shard_base": shard})
 
 
 def step_figures(steps_csv: Path) -> tuple[list[dict], dict]:
@@ -75,20 +82,29 @@ def step_figures(steps_csv: Path) -> tuple[list[dict], dict]:
 
 
 def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_running: int | str = "auto",
-            steps: int = 3) -> dict:
-    out = root / f"{widths}-{count}-{'packed' if packing else 'padded'}-{max_running}"
+            steps: int = 3, layers: int = 0, quantize: str = "none", shard: bool = False) -> dict:
+    out = root / f"{widths}-{layers}-{count}-{'packed' if packing else 'padded'}-{max_running}-{quantize}-{shard}"
     out.mkdir(parents=True)
-    sweep = parse_sweep(sweep_text(widths, count, data, out, packing, max_running, steps))
+    sweep = parse_sweep(sweep_text(widths, count, data, out, packing, max_running, steps, layers, quantize, shard))
     torch.cuda.empty_cache()
-    start = time.time()
-    run = SweepRun(sweep, out)
-    calibrated = time.time() - start
-    run.run(log=lambda *_: None)
-    wall = time.time() - start
+    torch.cuda.reset_peak_memory_stats()
+    # shard_base on one GPU: the sharded code path (FSDP2 over a process group of one), as alto tune runs it
+    group = Group.from_env("cuda", process_group=shard)
+    try:
+        start = time.time()
+        run = SweepRun(sweep, out, group)
+        calibrated = time.time() - start
+        base_gb = sum(held_bytes(p) for p in run.base.model.parameters()) / 1e9
+        run.run(log=lambda *_: None)
+        wall = time.time() - start
+    finally:
+        group.close()
     summary = step_figures(out / "steps.csv")[1]
     statuses = [a.status for a in run.registry]
     result = {
-        "widths": widths, "configs": count, "layout": "packed" if packing else "padded", "max_running": max_running,
+        "widths": f"{widths} ({layers or WIDTHS[widths]['num_hidden_layers']} layers)", "base": quantize,
+        "sharded": shard, "base_gb": base_gb, "configs": count, "layout": "packed" if packing else "padded",
+        "max_running": max_running,
         "finished": sum(s == Status.FINISHED for s in statuses), "failed": sum(s == Status.FAILED for s in statuses),
         **summary, "device_gb": torch.cuda.get_device_properties(0).total_memory / 1e9, "calibrate_s": calibrated,
         "wall_s": wall}
@@ -103,13 +119,16 @@ def main() -> None:
     ap.add_argument("--padded", type=int, nargs="*", default=[16, 64], help="counts also run padded")
     ap.add_argument("--too-large", type=int, default=128, help="1B sweep started with max_running = this (0: skip)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
+    ap.add_argument("--layers", type=int, default=0, help="decoder layers of every base (0: the widths' own)")
+    ap.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "nf4"], help="base.quantize of each row")
+    ap.add_argument("--shard", action="store_true", help="also rows with shard_base: true (one GPU: world size 1)")
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}; bf16 random bases; "
           f"ranks 8-64, micro-batches 1/2/4, q/k/v/o, {args.steps} steps each, 128-512-token sequences\n")
     from alto.attention import _varlen_attn
 
     print(f"varlen attention: {'torch FlashAttention varlen' if _varlen_attn() else 'per-sequence SDPA'}\n")
-    cols = ["widths", "configs", "layout", "max_running", "finished", "failed", "steps", "ooms", "most_colocated",
+    cols = ["widths", "base", "sharded", "base_gb", "configs", "layout", "max_running", "finished", "failed", "steps", "ooms", "most_colocated",
             "step_s", "tokens_per_s", "padding", "peak_gb", "predicted_gb", "device_gb", "calibrate_s", "wall_s"]
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
@@ -117,12 +136,13 @@ def main() -> None:
         root = Path(tmp)
         data = root / "data.jsonl"
         write_data(data)
-        plan = [(w, n, True, "auto") for w in args.widths for n in args.counts]
-        plan += [(w, n, False, "auto") for w in args.widths[:1] for n in args.padded]
+        plan = [(w, n, True, "auto", q, False) for w in args.widths for q in args.quantize for n in args.counts]
+        plan += [(w, n, True, "auto", "none", True) for w in args.widths for n in args.counts if args.shard]  # nf4: 2+ ranks
+        plan += [(w, n, False, "auto", "none", False) for w in args.widths[:1] for n in args.padded]
         if args.too_large:
-            plan.append((args.widths[0], args.too_large, True, args.too_large))
-        for widths, count, packing, max_running in plan:
-            r = run_one(widths, count, packing, data, root, max_running, args.steps)
+            plan.append((args.widths[0], args.too_large, True, args.too_large, "none", False))
+        for widths, count, packing, max_running, quantize, shard in plan:
+            r = run_one(widths, count, packing, data, root, max_running, args.steps, args.layers, quantize, shard)
             print(" | ".join(f"{r[c]:,.0f}" if c == "tokens_per_s" else f"{r[c]:.3g}" if isinstance(r[c], float)
                              else str(r[c]) for c in cols), flush=True)
 

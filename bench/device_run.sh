@@ -2,6 +2,7 @@
 # One call on the GPU machine = build + test + bench (README "Test").
 #   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
 #                            [expand_configs] [sanitize] [parallel] [parallel_shares] [tasks] [sweep] [quality]
+#                            [sharded]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
@@ -72,6 +73,10 @@ for stage in "${stages[@]}"; do
     sweep)
       # The headline: K configurations as sequential PEFT / Trainer jobs vs ALTO through alto tune.
       python3 bench/bench_sweep.py ${SWEEP_ARGS:-} 2>&1 | tee -a "$OUT/bench_sweep.txt" || rc=1
+      ;;
+    sharded)
+      # The sharded base (FSDP2) on every GPU of the machine vs a replicated base and one GPU (needs 2+ GPUs).
+      python3 bench/bench_sharded.py --nproc "$(nvidia-smi -L | wc -l)" ${SHARDED_ARGS:-} 2>&1 | tee "$OUT/bench_sharded.txt" || rc=1
       ;;
     quality)
       python3 bench/quality_study.py ${QUALITY_ARGS:-} 2>&1 | tee -a "$OUT/quality_study.txt" || rc=1

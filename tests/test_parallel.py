@@ -259,6 +259,90 @@ def test_monitor_decisions_and_admissions_on_two_ranks_match_one(tmp_path):
     assert_same_adapters(tmp_path / "m1", tmp_path / "m2", ids="abcde")
 
 
+# ---- a sharded frozen base (FSDP2) -------------------------------------------------------------------
+
+def eval_losses(run_dir) -> dict[str, float]:
+    rows = (run_dir / "leaderboard.csv").read_text().splitlines()[1:]
+    return {r.split(",")[3]: float(r.split(",")[8]) for r in rows}
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_a_sharded_base_gives_every_adapter_its_unsharded_trajectory(tmp_path, single_run, capfd, nproc):
+    """The decoder layers sharded over 2 or 4 gloo processes, adapters rank-local: bit for bit the
+    losses, exports and held-out losses of the same ranks over a replicated base (the gathered
+    layers are the whole weights: the same float64 math in the same order; a 1e-6 change to one
+    rank's shard of one layer fails this), and those of one process with the whole base. With 4
+    ranks and a ending after 2 steps, ranks sit idle (their passes only gather), and evaluations
+    every 2 micro-steps make ranks with nothing to evaluate pass along too."""
+    from safetensors.torch import load_file
+
+    assert tune(write_sweep(tmp_path, "s", shard_base=True, eval={"every": 2}), None, nproc=nproc) == 0
+    assert f"x {nproc} ranks" in capfd.readouterr().out
+    assert tune(write_sweep(tmp_path, "r", eval={"every": 2}), None, nproc=nproc, log=lambda *_: None) == 0
+    sharded, replicated = tmp_path / "s", tmp_path / "r"
+    assert (sharded / "losses.csv").read_text() == (replicated / "losses.csv").read_text()
+    assert (sharded / "leaderboard.csv").read_text() == (replicated / "leaderboard.csv").read_text()
+    for aid in "abcd":
+        ours, theirs = (load_file(str(run / "adapters" / aid / "adapter_model.safetensors")) for run in (sharded, replicated))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), aid
+    assert_same_adapters(single_run, sharded)
+    assert eval_losses(sharded) == pytest.approx(eval_losses(single_run), rel=1e-9) and len(eval_losses(sharded)) == 4
+
+
+def test_an_nf4_base_shards_too(tmp_path):
+    """QLoRA over a sharded base: FSDP2 gathers torchao's NF4 weights (their codes and scales);
+    bit for bit the run over the replicated NF4 base."""
+    pytest.importorskip("torchao")
+    model = {"random_llama": {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 512}}  # NF4 blocks for 2 ranks
+    for out, shard in (("s", True), ("r", False)):
+        path = write_sweep(tmp_path, out, shard_base=shard, model=model, base={"dtype": "float64", "quantize": "nf4"})
+        assert tune(path, None, nproc=2, log=lambda *_: None) == 0
+    for name in ("losses.csv", "leaderboard.csv"):
+        assert (tmp_path / "s" / name).read_text() == (tmp_path / "r" / name).read_text()
+
+
+def test_a_sharded_run_resumes_on_another_rank_count(tmp_path, single_run):
+    """Stopped on 2 sharded ranks, resumed on 3, then the same on one process (world size 1: the
+    same sharded code path over a process group of one)."""
+    path = write_sweep(tmp_path, "cut", shard_base=True)
+    assert tune(path, None, stop_after=3, nproc=2, log=lambda *_: None) == 0
+    assert tune(None, str(tmp_path / "cut"), nproc=3, log=lambda *_: None) == 0
+    assert_same_adapters(single_run, tmp_path / "cut")
+    path = write_sweep(tmp_path, "cut1", shard_base=True)
+    assert tune(path, None, stop_after=3, nproc=2, log=lambda *_: None) == 0
+    assert tune(None, str(tmp_path / "cut1"), log=lambda *_: None) == 0
+    assert_same_adapters(single_run, tmp_path / "cut1")
+
+
+def test_world_size_one_shards_over_a_group_of_one(tmp_path):
+    from alto.base import is_sharded
+    from alto.parallel import Group
+    from alto.sweep import parse_sweep
+    from alto.sweep_run import SweepRun
+
+    group = Group.from_env("cpu", process_group=True)
+    try:
+        run = SweepRun(parse_sweep(open(write_sweep(tmp_path, "w1", shard_base=True)).read()), tmp_path / "w1", group)
+        assert run.sharded and is_sharded(run.base.model)
+        layer = run.base.model.get_decoder().layers[0]
+        assert all(hasattr(p, "to_local") for n, p in layer.named_parameters() if "lora_" not in n)  # FSDP's
+        assert not any(hasattr(p, "to_local") for m in run.model.layers.values() for p in m.packs())  # the adapters'
+        assert not hasattr(run.base.model.get_input_embeddings().weight, "to_local")  # replicated
+    finally:
+        group.close()
+
+
+def test_auto_shards_only_a_base_that_does_not_fit(tmp_path):
+    import transformers
+
+    from alto.admission import fits_whole
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=96, **TINY_LLAMA))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert fits_whole(model, torch.device("cpu"), activation_bytes=1e6)
+    assert not fits_whole(model, torch.device("cpu"), activation_bytes=1e18 - params)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (bench/device_run.sh on nvidia-h200-x2)")
 def test_two_gpus_with_nccl_match_one_gpu(tmp_path, capfd):

@@ -58,6 +58,12 @@ def _free_bytes(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def fits_whole(model: torch.nn.Module, device: torch.device, activation_bytes: float) -> bool:
+    """Whether a base model (wherever it is now) fits `device` whole with a step's activations,
+    within the memory this process may take there less MARGIN (shard_base: auto)."""
+    return sum(held_bytes(p) for p in model.parameters()) + activation_bytes <= _free_bytes(device) * (1 - MARGIN)
+
+
 def _held_bytes(model: MultiLoraModel, device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)

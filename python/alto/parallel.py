@@ -1,6 +1,7 @@
 """Rank-local adapter parallelism: one sweep over several GPUs (or CPU processes).
 
-The frozen base model is replicated on every rank; every adapter lives WHOLE on exactly one rank
+The frozen base model is replicated on every rank (or its decoder layers sharded over them:
+alto.base.shard); every adapter lives WHOLE on exactly one rank
 (weights, optimizer state, data stream, dropout RNG) and is trained there by that rank's own
 co-located steps. Adapter gradients are never all-reduced: the only collectives of a step are a
 small gather of every adapter's progress in the step (its loss: the monitor needs all of them) and a broadcast of rank 0's
@@ -28,23 +29,29 @@ class Group:
     """The ranks of a run. The default (one rank, no torch.distributed) makes every collective a
     no-op, so single-GPU runs take the same code path."""
 
-    def __init__(self, rank: int = 0, world: int = 1, objects=None):
+    def __init__(self, rank: int = 0, world: int = 1, objects=None, initialized: bool = False):
         self.rank, self.world, self._objects = rank, world, objects
+        self.initialized = initialized  # a torch.distributed process group this Group closes
 
     @classmethod
-    def from_env(cls, device_type: str) -> "Group":
+    def from_env(cls, device_type: str, process_group: bool = False) -> "Group":
         """Joins the ranks torchrun / alto tune --nproc started (RANK, WORLD_SIZE, MASTER_ADDR,
         MASTER_PORT in the environment): NCCL for CUDA tensors, gloo for CPU tensors and for the
-        pickled metric/decision messages (small; they never touch the GPU)."""
+        pickled metric/decision messages (small; they never touch the GPU). One rank alone gets a
+        process group (of itself) only with process_group: a sharded base needs one (FSDP2)."""
         import torch.distributed as dist
 
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not process_group:
             return cls()
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+            return cls(initialized=True)
+        dist.init_process_group(backend)
         objects = dist.new_group(backend="gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), objects)
+        return cls(dist.get_rank(), dist.get_world_size(), objects, initialized=True)
 
     @property
     def is_leader(self) -> bool:
@@ -90,7 +97,7 @@ class Group:
         return template.with_tensors(outs)
 
     def close(self) -> None:
-        if self.world > 1:
+        if self.initialized:
             import torch.distributed as dist
 
             dist.destroy_process_group()

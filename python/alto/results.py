@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from alto.base import Base
+from alto.base import Base, idle_pass
 from alto.export import save_peft_adapter
 from alto.model import LayerTensors, MultiLoraModel
 from alto.registry import Adapter, AdapterConfig, Registry, Status
@@ -69,27 +69,34 @@ def loaded(model: MultiLoraModel, adapters: Mapping[str, tuple[AdapterConfig, di
 
 
 def held_out_losses(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequence[int]]], pad_id: int,
-                    device: torch.device, max_positions: int) -> list[float]:
+                    device: torch.device, max_positions: int,
+                    lockstep: Callable[[int], int] | None = None) -> list[float]:
     """Each adapter's mean token loss over its own held-out sequences (batches' order), co-located:
     every forward holds several adapters' sequences, at most max_positions tokens (and at least one
-    sequence)."""
+    sequence). lockstep(forwards this needs) -> forwards to run: a sharded base's ranks run as many
+    as the busiest, idle passes making up the rest (SweepRun.lockstep)."""
     work = [(aid, s) for aid, seqs in batches.items() for s in seqs]
+    chunks: list[dict[str, list[Sequence[int]]]] = []
+    start = 0
+    while start < len(work):
+        end, tokens = start, 0
+        while end < len(work) and (end == start or tokens + len(work[end][1]) <= max_positions):
+            tokens += len(work[end][1])
+            end += 1
+        chunks.append({})
+        for aid, s in work[start:end]:
+            chunks[-1].setdefault(aid, []).append(s)
+        start = end
+    passes = lockstep(len(chunks)) if lockstep else len(chunks)  # agreed before any pass
     sums = torch.zeros(2, len(batches), dtype=torch.float64)
     index = {aid: i for i, aid in enumerate(batches)}
     with evaluating(model):
-        start = 0
-        while start < len(work):
-            end, tokens = start, 0
-            while end < len(work) and (end == start or tokens + len(work[end][1]) <= max_positions):
-                tokens += len(work[end][1])
-                end += 1
-            chunk: dict[str, list[Sequence[int]]] = {}
-            for aid, s in work[start:end]:
-                chunk.setdefault(aid, []).append(s)
+        for chunk in chunks:
             part = colocated_losses(model, chunk, pad_id, device, training=False).double().cpu()
             for j, aid in enumerate(chunk):
                 sums[:, index[aid]] += part[:, j]
-            start = end
+        for _ in range(passes - len(chunks)):
+            idle_pass(model.model, backward=False)
     return (sums[0] / sums[1].clamp(min=1.0)).tolist()
 
 

@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +32,15 @@ from pathlib import Path
 import torch
 
 from alto import checkpoint, data as data_mod, results
-from alto.admission import Admission, admission_order
-from alto.base import device_type, load_base
+from alto.admission import Admission, admission_order, fits_whole
+from alto.base import device_type, idle_pass, load_base, shard
 from alto.generate import greedy_completions
 from alto.model import MultiLoraModel
 from alto.monitor import Decision, Monitor
 from alto.parallel import Group
 from alto.registry import Adapter, Registry, Status
 from alto.sched.catalog import ModelShape
-from alto.sched.memory import adapter_params
+from alto.sched.memory import activation_bytes_per_token, adapter_params
 from alto.sched.placement import adapter_cost, place, rank_loads, rebalance
 from alto.sweep import Sweep
 from alto.state import AdapterState, copy_weights, move_states
@@ -97,8 +98,11 @@ class SweepRun:
                 (settings or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.seconds = dict.fromkeys(PHASES, 0.0)
+        # A base that may be sharded waits on the CPU (a GPU may not hold it whole) until that is decided.
+        may_shard = sweep.shard_base is True or (sweep.shard_base == "auto" and self.group.world > 1)
         with self.timed("load"):
-            self.base = load_base(sweep.model, sweep.base_dtype, self.device, sweep.base_quantize)
+            self.base = load_base(sweep.model, sweep.base_dtype, self.device, sweep.base_quantize,
+                                  torch.device("cpu") if may_shard else None)
         self.shape = ModelShape.from_hf_config(self.base.model.config)
         self.tasks = sweep.tasks
         self.train_seqs: dict[str, list[list[int]]] = {}  # task -> its sequences
@@ -111,6 +115,13 @@ class SweepRun:
             except ValueError as e:
                 raise ValueError(f"{t.where}{e}") from None
         self.model = MultiLoraModel(self.base.model)
+        self.sharded = may_shard and (sweep.shard_base is True or not fits_whole(
+            self.base.model, self.device, self.planned_activation_bytes()))
+        if self.sharded:
+            with self.timed("load"):
+                shard(self.base.model, {p for layer in self.model.layers.values() for p in layer.packs()}, self.device)
+        else:
+            self.model.to(self.device)
         self.registry = Registry()
         streams = {}
         for t in self.tasks.values():
@@ -141,6 +152,19 @@ class SweepRun:
 
     def timed(self, phase: str):
         return timed(self.seconds, phase)
+
+    def planned_activation_bytes(self) -> int:
+        """A step's activations with the adapter whose micro-batch holds the most (the least a
+        device must hold besides the base)."""
+        act = next(self.base.model.parameters()).dtype.itemsize
+        return max(activation_bytes_per_token(cfg, self.shape, act) * cfg.micro_batch_size
+                   * statistics.fmean(len(s) for s in self.train_seqs[t.name])
+                   for t in self.tasks.values() for cfg in t.adapters.values())
+
+    def lockstep(self, passes: int) -> int:
+        """How many forward passes every rank runs, this one needing `passes`: with a sharded base,
+        the most any rank needs (the rest run idle passes); else its own."""
+        return max(self.group.all_gather(passes)) if self.sharded else passes
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _collect(self) -> None:
@@ -320,7 +344,7 @@ class SweepRun:
     def evaluate(self, adapters: list[Adapter]) -> list[float]:
         """Held-out losses of adapters in the model, each on its task's sequences, co-located."""
         return results.held_out_losses(self.model, {a.id: self.held_out(a.task) for a in adapters},
-                                       self.base.pad_id, self.device, self.eval_positions())
+                                       self.base.pad_id, self.device, self.eval_positions(), self.lockstep)
 
     def keep_if_best(self, a: Adapter, loss: float, weights) -> None:
         """Records a held-out loss of the adapter's weights at its current step; the best so far is
@@ -336,7 +360,7 @@ class SweepRun:
         taken before it), with their held-out losses at evaluation points; and, if the step ran out
         of memory, what out_of_memory returned."""
         due = [a for a in self.trainer.running() if self.evaluates(a.task)] if oom is None else []
-        if due:
+        if due or (self.sharded and any(map(self.evaluates, self.tasks))):  # sharded: every rank's passes meet
             with self.timed("evaluate"):
                 losses = self.evaluate(due)
             for a, loss in zip(due, losses):
@@ -424,10 +448,16 @@ class SweepRun:
                 try:
                     with self.timed("train"):
                         self.trainer.step()
+                        if self.sharded and not marks:  # nothing of its own: its gathers still meet the others'
+                            idle_pass(self.base.model, backward=True)
                     oom = None
                     self.largest_step = max(self.largest_step, self.trainer.last_positions)
                     self.most_colocated = max(self.most_colocated, len(marks))
                 except StepOutOfMemory as e:
+                    if self.sharded:  # the other ranks wait inside the step's gathers: it cannot be skipped alone
+                        raise RuntimeError(f"out of memory in a step over the sharded base ({e.positions} token "
+                                           f"positions on rank {self.group.rank}); resume from the checkpoint "
+                                           "with a smaller max_running or memory_budget_gb") from None
                     oom = self.out_of_memory(e.positions, params)
                 self.micro_steps += 1
                 if step_log is not None:
@@ -525,9 +555,19 @@ class SweepRun:
         return values
 
     def finish(self, log=print) -> list[tuple[str, float]]:
-        """Rank 0, at the end: evaluations, exports and leaderboards (alto.results), timing.json."""
+        """At the end, on every rank: rank 0's evaluations, exports and leaderboards (alto.results),
+        timing.json. With a sharded base every rank runs the same evaluations on rank 0's weights
+        (their passes gather the layers together); only rank 0 writes."""
+        if self.sharded and self.group.world > 1:
+            shared = self.group.broadcast((self.trainer.retired, self.best_weights, self.most_colocated)
+                                          if self.group.is_leader else None)
+            self.trainer.retired, self.best_weights, self.most_colocated = shared
+        elif not self.group.is_leader:
+            return []
         with self.timed("evaluate"):
             outcomes = self.outcomes()
+        if not self.group.is_leader:
+            return []
         with self.timed("export"):
             board = results.finish(self.registry, outcomes, self.base, self.run_dir, log)
         (self.run_dir / "timing.json").write_text(json.dumps({k: round(v, 3) for k, v in self.seconds.items()}))

@@ -67,7 +67,7 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
     bad input found here (the model, the data, the checkpoint) is reported here: one line from rank
     0, exit code 2, before anything is written."""
     sweep, run_dir = parse_sweep(text, source), Path(run_dir)
-    group = Group.from_env(device_type(sweep.device))
+    group = Group.from_env(device_type(sweep.device), process_group=sweep.shard_base is True)
     try:
         try:
             run = SweepRun(sweep, run_dir, group)  # loads model and data: still nothing written
@@ -87,7 +87,7 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
         tasks = f" of {len(sweep.tasks)} tasks" if len(sweep.tasks) > 1 else ""
         log(f"{len(sweep.adapters)} adapters{tasks} on {run.device}{ranks} | "
             f"{sum(map(len, run.train_seqs.values()))} train / {sum(map(len, run.eval_seqs.values()))} held-out sequences")
-        if run.run(stop_after, log) and group.is_leader:
+        if run.run(stop_after, log):
             run.finish(log)
         return 0
     finally:
