@@ -230,3 +230,22 @@ def test_cli_simulate_sample_writes_table_and_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(p in out for p in ("alto |", "fifo |", "sjf |", "tiresias |"))
     assert (tmp_path / "simulate.png").stat().st_size > 10_000
+
+
+def test_base_bytes_knows_nf4_and_sharding():
+    from alto.sched.catalog import base_shape
+    from alto.sched.memory import NF4_BYTES_PER_WEIGHT, base_bytes
+
+    shape = base_shape("llama-3-8b")
+    whole = base_bytes(shape)
+    assert whole == shape.params() * 2
+    projections = shape.matmul_params() - shape.vocab * shape.hidden
+    assert base_bytes(shape, quantize="nf4") == pytest.approx(whole - projections * (2 - NF4_BYTES_PER_WEIGHT), abs=2)
+    assert base_bytes(shape, shards=1) == whole
+    # 2 GPUs: half the decoder layers each, plus two layers gathered at a time; embeddings and head whole
+    layer = projections * 2 / shape.layers + 2 * shape.hidden * 2
+    embeddings_and_head = whole - shape.layers * layer
+    assert base_bytes(shape, shards=2) == pytest.approx(embeddings_and_head + shape.layers * layer / 2 + 2 * layer, abs=2)
+    assert base_bytes(shape, shards=4) < base_bytes(shape, shards=2) < whole
+    with pytest.raises(ValueError, match="quantize='int3'"):
+        base_bytes(shape, quantize="int3")

@@ -1,6 +1,7 @@
 """GPU memory estimate of co-located LoRA training (no activation checkpointing).
 
-- frozen weights: every parameter once per GPU, in bf16 (2 bytes) unless told otherwise;
+- frozen weights: every parameter once per GPU, in bf16 (2 bytes) unless told otherwise (NF4
+  projections, or decoder layers sharded over GPUs: base_bytes);
 - per adapter: weights, gradients and two AdamW moments in fp32 (16 bytes per LoRA parameter);
 - activations per token, kept for the input-gradient backward (bf16): per decoder layer the two
   norm inputs and outputs, q/k/v, the attention output, the gate/up outputs, the activation and
@@ -25,11 +26,26 @@ ACT_BYTES = 2  # bf16 activations
 OPTIMIZER_BYTES_PER_PARAM = 16  # fp32 weight + grad + exp_avg + exp_avg_sq
 
 
-def base_bytes(shape: ModelShape, weight_bytes: int = 2) -> int:
-    """The frozen backbone's weights (2 = bf16, 4 = fp32)."""
+# QLoRA's NF4 (alto.base.quantize_nf4): 4 bits per weight, an 8-bit absmax per 64 weights and a float32
+# scale per 256 absmaxes.
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+def base_bytes(shape: ModelShape, weight_bytes: int = 2, quantize: str = "none", shards: int = 1) -> int:
+    """The frozen backbone's weights on one GPU (2 = bf16, 4 = fp32). quantize nf4: the decoder
+    projections in NF4, the rest as given. shards > 1 (shard_base): each GPU holds its share of
+    the decoder layers plus two of them whole (FSDP's gathered layer and the prefetched next one);
+    embeddings, norms and LM head are replicated."""
     if weight_bytes not in (2, 4):
         raise ValueError(f"weight_bytes={weight_bytes!r} must be 2 (bf16) or 4 (fp32)")
-    return shape.params() * weight_bytes
+    if quantize not in ("none", "nf4") or shards < 1:
+        raise ValueError(f"quantize={quantize!r} must be none or nf4 and shards={shards!r} >= 1")
+    projections = shape.matmul_params() - shape.vocab * shape.hidden
+    per_layer = (projections * (NF4_BYTES_PER_WEIGHT if quantize == "nf4" else weight_bytes) / shape.layers
+                 + 2 * shape.hidden * weight_bytes)  # its projections and its two norms
+    rest = (shape.params() - projections - 2 * shape.layers * shape.hidden) * weight_bytes
+    layers = shape.layers * per_layer if shards == 1 else shape.layers * per_layer / shards + 2 * per_layer
+    return int(rest + layers)
 
 
 def adapter_params(config: AdapterConfig, shape: ModelShape) -> int:
