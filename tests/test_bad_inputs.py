@@ -118,6 +118,8 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
         ["base.quantize: nf4", "multiple of 64", "q_proj is (20, 20)"]),
     "random_llama odd head_dim": ({"model": {"random_llama": {**TINY_LLAMA, "hidden_size": 20, "num_attention_heads": 4,
                                                               "num_key_value_heads": 2}}}, ["model.random_llama", "rope"]),
+    "nf4 sharded over one rank": ({"base": {"quantize": "nf4"}, "shard_base": True},
+                                  ["shard_base: true with base.quantize: nf4 needs 2 or more ranks"]),
     "shard_base word": ({"shard_base": "yes"}, ["shard_base: 'yes'", "true, false or auto"]),
     "dtype under model": ({"model": {"random_llama": TINY_LLAMA, "dtype": "float64"}}, ["model", "must be"]),
     "max_running word": ({"max_running": "many"}, ["max_running: 'many'", "auto"]),

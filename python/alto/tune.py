@@ -2,6 +2,7 @@
 (alto.sweep_run.SweepRun each), from scratch or from a run folder's checkpoint (--resume)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -12,6 +13,11 @@ from alto.inputs import INPUT_ERRORS, read_text, report
 from alto.parallel import Group, launch
 from alto.sweep import parse_sweep
 from alto.sweep_run import SweepRun, quiet
+
+# transformers imports torchao (installed for base.quantize: nf4) whenever it loads a model, and
+# torchao 0.18's import makes torch log two deprecation warnings about its own enums; a run's output
+# (and an error's one line) should not carry them. Set here: every rank's process imports this module.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = None, log=print,
