@@ -206,7 +206,7 @@ def simulate(tasks: list[TraceTask], policy: str | Policy, gpus: int, **kwargs) 
     return Simulator(tasks, policy, gpus, **kwargs).run()
 
 
-def compare(tasks: list[TraceTask], gpus: int, policies: tuple[str, ...] = ("alto", "fifo", "sjf", "tiresias"),
+def compare(tasks: list[TraceTask], gpus: int, policies: tuple[str, ...] = ("alto", "cpsat", "fifo", "sjf", "tiresias"),
             **kwargs) -> list[SimResult]:
     return [simulate(tasks, p, gpus, **kwargs) for p in policies]
 
