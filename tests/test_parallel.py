@@ -289,6 +289,32 @@ def test_a_sharded_base_gives_every_adapter_its_unsharded_trajectory(tmp_path, s
     assert eval_losses(sharded) == pytest.approx(eval_losses(single_run), rel=1e-9) and len(eval_losses(sharded)) == 4
 
 
+def test_a_sharded_run_scores_greedy_completions_on_every_rank_alike(tmp_path):
+    """The final metric decodes greedy completions on every rank (the layers are gathered for each
+    pass): the ranks must batch them alike even though their own largest steps differ (micro-batch
+    8 on one rank, 1 on the other). The leaderboard equals the replicated run's."""
+    rng = random.Random(5)
+
+    def words(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "lora", "rank"]) for _ in range(rng.randint(lo, hi)))
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps({"prompt": words(2, 4) + "?", "completion": " " + words(1, 2)}) for _ in range(60)))
+    for out, shard in (("s", True), ("r", False)):
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(json.dumps({
+            "name": "g", "model": {"random_llama": TINY_LLAMA}, "base": {"dtype": "float64"}, "device": "cpu",
+            "output": str(tmp_path / out), "max_running": 1, "shard_base": shard,
+            "data": {"source": "jsonl", "path": str(qa), "max_length": 48, "eval_fraction": 0.2},
+            "eval": {"samples": 12, "metric": "exact_match", "max_new_tokens": 4},
+            "defaults": {"max_steps": 2, "target_modules": ["q_proj", "v_proj"]},
+            "adapters": [{"id": "a", "rank": 4, "micro_batch_size": 8, "seed": 0},
+                         {"id": "b", "rank": 4, "micro_batch_size": 1, "seed": 1}]}))
+        assert tune(str(path), None, nproc=2, log=lambda *_: None) == 0
+    board = (tmp_path / "s" / "leaderboard.csv").read_text()
+    assert board == (tmp_path / "r" / "leaderboard.csv").read_text() and "exact_match" in board
+
+
 def test_an_nf4_base_shards_too(tmp_path):
     """QLoRA over a sharded base: FSDP2 gathers torchao's NF4 weights (their codes and scales);
     bit for bit the run over the replicated NF4 base."""

@@ -172,3 +172,19 @@ def test_alto_tune_trains_over_an_nf4_base(tmp_path, sweep_yaml):
     board = (tmp_path / "run" / "leaderboard.csv").read_text().splitlines()
     assert len(board) == 5 and all(",finished," in row for row in board[1:])
     assert (tmp_path / "run" / "adapters" / "rank4-lr0p003" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_the_memory_estimate_matches_the_bytes_a_loaded_base_holds(quantize):
+    """alto.sched.memory.base_bytes (what planning reads before any model is loaded) against the
+    bytes a real base holds after loading, float32 and NF4."""
+    from alto.sched.catalog import ModelShape
+    from alto.sched.memory import base_bytes
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg)
+    if quantize == "nf4":
+        quantize_nf4(model, torch.device("cpu"))
+    held = sum(held_bytes(p) for p in model.parameters())
+    assert base_bytes(ModelShape.from_hf_config(cfg), weight_bytes=4, quantize=quantize) == pytest.approx(held, rel=1e-3)

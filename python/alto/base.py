@@ -180,13 +180,14 @@ def shard(model: nn.Module, lora: set[nn.Parameter], device: torch.device) -> No
     for layer in layers:
         fully_shard(layer, mesh=mesh, ignored_params=lora)
     fully_shard(decoder, mesh=mesh, ignored_params=lora | replicated)
+    moved: dict[int, torch.Tensor] = {}  # one copy of a tensor two modules share (a head tied to the embeddings)
     for module in model.modules():  # what FSDP left where it was: LoRA packs, replicated weights, buffers
         for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if not hasattr(t, "to_local") and t.device != device:
-                moved = t.to(device)
-                if isinstance(t, nn.Parameter):
-                    moved = nn.Parameter(moved, requires_grad=t.requires_grad)
-                setattr(module, name, moved)
+                if id(t) not in moved:
+                    copy = t.to(device)
+                    moved[id(t)] = nn.Parameter(copy, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else copy
+                setattr(module, name, moved[id(t)])
 
 
 def is_sharded(model: nn.Module) -> bool:

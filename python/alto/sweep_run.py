@@ -115,8 +115,9 @@ class SweepRun:
             except ValueError as e:
                 raise ValueError(f"{t.where}{e}") from None
         self.model = MultiLoraModel(self.base.model)
-        self.sharded = may_shard and (sweep.shard_base is True or not fits_whole(
-            self.base.model, self.device, self.planned_activation_bytes()))
+        # auto: sharded if any rank's device cannot hold the base (every rank must decide alike)
+        self.sharded = may_shard and (sweep.shard_base is True or any(self.group.all_gather(not fits_whole(
+            self.base.model, self.device, self.planned_activation_bytes()))))
         if self.sharded:
             with self.timed("load"):
                 shard(self.base.model, {p for layer in self.model.layers.values() for p in layer.packs()}, self.device)
@@ -456,8 +457,9 @@ class SweepRun:
                 except StepOutOfMemory as e:
                     if self.sharded:  # the other ranks wait inside the step's gathers: it cannot be skipped alone
                         raise RuntimeError(f"out of memory in a step over the sharded base ({e.positions} token "
-                                           f"positions on rank {self.group.rank}); resume from the checkpoint "
-                                           "with a smaller max_running or memory_budget_gb") from None
+                                           f"positions on rank {self.group.rank}); lower max_running or "
+                                           f"memory_budget_gb in {self.run_dir / 'sweep.yaml'} and resume from "
+                                           "its checkpoint (alto tune --resume)") from None
                     oom = self.out_of_memory(e.positions, params)
                 self.micro_steps += 1
                 if step_log is not None:
@@ -558,10 +560,10 @@ class SweepRun:
         """At the end, on every rank: rank 0's evaluations, exports and leaderboards (alto.results),
         timing.json. With a sharded base every rank runs the same evaluations on rank 0's weights
         (their passes gather the layers together); only rank 0 writes."""
-        if self.sharded and self.group.world > 1:
-            shared = self.group.broadcast((self.trainer.retired, self.best_weights, self.most_colocated)
-                                          if self.group.is_leader else None)
-            self.trainer.retired, self.best_weights, self.most_colocated = shared
+        if self.sharded and self.group.world > 1:  # everything that shapes the passes, as rank 0 has it
+            shared = self.group.broadcast((self.trainer.retired, self.best_weights, self.most_colocated,
+                                           self.largest_step) if self.group.is_leader else None)
+            self.trainer.retired, self.best_weights, self.most_colocated, self.largest_step = shared
         elif not self.group.is_leader:
             return []
         with self.timed("evaluate"):

@@ -260,14 +260,16 @@ class CpSatPolicy(Policy):
         makespan = model.NewIntVar(0, horizon, "makespan")
         model.AddMaxEquality(makespan, ends)
         model.AddCumulative(intervals, demands, gpus)
-        model.Minimize(makespan * (len(ends) * horizon + 1) + sum(ends))  # lexicographic: makespan first
+        weight = len(ends) * horizon + 1  # > any sum of ends: the makespan first, then the sum of ends
+        model.Minimize(makespan * weight + sum(ends) if weight * horizon < 2**62 else makespan)
         solver = cp_model.CpSolver()
         solver.parameters.num_workers = 1
         solver.parameters.max_deterministic_time = self.WORK_LIMIT
         status = solver.Solve(model)
-        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):  # cannot happen: starting in turn is feasible
-            raise RuntimeError(f"cpsat: no plan for {len(queued)} queued tasks ({solver.StatusName(status)})")
-        self.start = {name: solver.Value(var) for name, var in starts.items()}
+        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            self.start = {name: solver.Value(var) for name, var in starts.items()}
+        else:  # no plan within the work limit (a very long queue): arrival order, as soon as GPUs free up
+            self.start = dict.fromkeys(starts, 0)
 
     def allocate(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
         if frozenset(j.name for j in jobs) != self.present:
@@ -275,6 +277,8 @@ class CpSatPolicy(Policy):
         allocation = {j.name: spread(j.active, sorted(j.alloc)) for j in jobs if j.alloc}
         free = [g for g in range(gpus) if not any(g in j.alloc for j in jobs)]
         due = [j for j in jobs if not j.alloc and j.name in self.start and self.start[j.name] <= now - self.solved_at]
+        if not allocation:  # nothing running: no event would come to start a task planned later
+            due = [j for j in jobs if j.name in self.start]
         for j in sorted(due, key=lambda j: (self.start[j.name], j.spec.arrival_s, j.name)):
             if j.spec.gpus <= len(free):
                 allocation[j.name] = spread(j.active, free[: j.spec.gpus])

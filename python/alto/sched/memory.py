@@ -44,7 +44,8 @@ def base_bytes(shape: ModelShape, weight_bytes: int = 2, quantize: str = "none",
     per_layer = (projections * (NF4_BYTES_PER_WEIGHT if quantize == "nf4" else weight_bytes) / shape.layers
                  + 2 * shape.hidden * weight_bytes)  # its projections and its two norms
     rest = (shape.params() - projections - 2 * shape.layers * shape.hidden) * weight_bytes
-    layers = shape.layers * per_layer if shards == 1 else shape.layers * per_layer / shards + 2 * per_layer
+    gathered = 0 if shards == 1 else min(2, shape.layers)  # whole layers on top of the shard
+    layers = min(shape.layers, shape.layers / shards + gathered) * per_layer
     return int(rest + layers)
 
 
