@@ -190,10 +190,6 @@ def shard(model: nn.Module, lora: set[nn.Parameter], device: torch.device) -> No
                 setattr(module, name, moved[id(t)])
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return any(hasattr(p, "to_local") for p in model.parameters())
-
-
 def idle_pass(model: nn.Module, backward: bool) -> None:
     """A forward (and backward) of one zero token through the decoder, with no adapter: what a rank
     with nothing to run does so that the sharded layers' gathers, collective over the ranks, still
