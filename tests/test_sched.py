@@ -152,6 +152,13 @@ def test_simulator_invariants_on_the_sample_trace(policy):
     times = [t for t, _ in r.timeline]
     assert times == sorted(times) and times[-1] == max(j.finished for j in r.jobs)  # ends with the last job
     assert all(0 <= busy <= 8 for _, busy in r.timeline)
+    # The holds timeline: each task's GPU-seconds are the ones it attained; an exclusive GPU is never held twice at once.
+    for j in r.jobs:
+        assert sum(b - a for _, t, a, b in r.holds if t == j.name) == pytest.approx(j.attained, rel=1e-9, abs=1e-6)
+    if r.jobs and sim.POLICIES[policy]().exclusive:
+        for g in range(8):
+            spans = sorted((a, b) for h, _, a, b in r.holds if h == g)
+            assert all(b1 <= a2 + 1e-9 for (_, b1), (a2, _) in zip(spans, spans[1:]))
     assert 0 < r.utilization <= 1
     # No job finishes faster than alone on its GPUs (minus the noise factor it drew).
     w = sim.Workload()
@@ -248,6 +255,7 @@ def test_cli_simulate_sample_writes_table_and_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(p in out for p in ("alto |", "cpsat |", "fifo |", "sjf |", "tiresias |"))
     assert (tmp_path / "simulate.png").stat().st_size > 10_000
+    assert all((tmp_path / f"timeline-{p}.png").stat().st_size > 10_000 for p in ("alto", "cpsat", "fifo", "sjf", "tiresias"))
 
 
 def test_base_bytes_knows_nf4_and_sharding():

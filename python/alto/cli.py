@@ -69,7 +69,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    """Replays a trace under our policy and the baselines; prints one table, writes a PNG."""
+    """Replays a trace under our policy and the baselines; prints one table, writes simulate.png and
+    one timeline per policy (which task held which GPU when)."""
     from importlib import resources
     from pathlib import Path
 
@@ -88,7 +89,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(sim.format_table(results))
     out.mkdir(parents=True, exist_ok=True)
     sim.plot(results, out / "simulate.png")
-    print(f"wrote {out / 'simulate.png'}")
+    for r in results:
+        sim.plot_holds(r.holds, args.gpus, out / f"timeline-{r.policy}.png", f"{r.policy}: which task held which GPU")
+    print(f"wrote {out / 'simulate.png'} and timeline-<policy>.png")
     return 0
 
 

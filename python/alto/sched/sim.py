@@ -40,6 +40,7 @@ class SimResult:
     jobs: list[Job]
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (time, GPUs training) from then on
     busy_gpu_s: float = 0.0
+    holds: list[tuple[int, str, float, float]] = field(default_factory=list)  # (GPU, task, from, to): who held what when
 
     @property
     def jct(self) -> np.ndarray:
@@ -82,6 +83,7 @@ class Simulator:
         self.heap: list[tuple[float, int, str, str, int]] = []
         self.seq = 0
         self.result = SimResult(policy.name, gpus, self.jobs)
+        self.held_since: dict[str, dict[int, float]] = {}  # task -> GPU -> since when it holds it
 
     def push(self, t: float, kind: str, job: Job) -> None:
         self.seq += 1
@@ -131,9 +133,18 @@ class Simulator:
                 j.stall_until = max(j.stall_until, self.now + self.migrate_s)
             elif new:  # a GPU it did not hold loads the base model
                 j.stall_until = self.now + self.restart_s
+            self.hold(j, new)
             j.alloc = dict(new)
             j.version += 1
         self.check_placement()
+
+    def hold(self, job: Job, new: dict[int, int]) -> None:
+        """Records the GPUs the job stops holding now (held since it took them); notes when it takes new ones."""
+        since = self.held_since.setdefault(job.name, {})
+        for g in set(job.alloc) - set(new):
+            self.result.holds.append((g, job.name, since.pop(g), self.now))
+        for g in set(new) - set(job.alloc):
+            since[g] = self.now
 
     def check_placement(self) -> None:
         per_gpu: dict[int, list[Job]] = {}
@@ -185,6 +196,7 @@ class Simulator:
                     raise SimulationError(f"{name}: phase event before its work was done")
                 j.phase, j.done = j.phase + 1, 0.0
                 if j.phase == len(j.phases):
+                    self.hold(j, {})
                     j.finished, j.alloc = self.now, {}
             present = [x for x in self.jobs if x.finished is None and x.spec.arrival_s <= self.now]
             self.apply(self.policy.allocate(self.now, present, self.gpus, self.workload))
@@ -235,6 +247,30 @@ def plot(results: list[SimResult], path) -> None:
     b.set(xlabel="time (h)", ylabel="GPUs training / GPUs", title="GPU utilization", ylim=(0, 1.05))
     a.legend()
     b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_holds(holds: list[tuple[int, str, float, float]], gpus: int, path, title: str) -> None:
+    """A timeline of which task held which GPU when (one row per GPU, one colour per task, the task's
+    name on bars wide enough): what `alto simulate` writes per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for _, t, _, _ in holds})
+    colours = plt.get_cmap("tab20")
+    end = max((b for _, _, _, b in holds), default=1.0) / 3600
+    fig, ax = plt.subplots(figsize=(12, 0.45 * gpus + 1.5))
+    for g, task, a, b in holds:
+        colour = colours(tasks.index(task) % 20)
+        ax.barh(g, (b - a) / 3600, left=a / 3600, height=0.8, color=colour, edgecolor="white", linewidth=0.5)
+        if (b - a) / 3600 > end / 25:
+            ax.text((a + b) / 7200, g, task, ha="center", va="center", fontsize=6, clip_on=True)
+    ax.set(xlabel="time (h)", ylabel="GPU", title=title, yticks=range(gpus), ylim=(-0.6, gpus - 0.4), xlim=(0, end))
+    ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
