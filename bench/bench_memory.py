@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from alto.base import held_bytes
+from alto.base import model_bytes
 from alto.parallel import Group
 from alto.registry import Status
 from alto.sweep import parse_sweep
@@ -94,7 +94,7 @@ def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_
         start = time.time()
         run = SweepRun(sweep, out, group)
         calibrated = time.time() - start
-        base_gb = sum(held_bytes(p) for p in run.base.model.parameters()) / 1e9
+        base_gb = model_bytes(run.base.model) / 1e9
         run.run(log=lambda *_: None)
         wall = time.time() - start
     finally:

@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import alto_ext  # noqa: E402
-from alto.base import held_bytes, is_nf4, quantize_nf4  # noqa: E402
+from alto.base import held_bytes, is_nf4, model_bytes, quantize_nf4  # noqa: E402
 from alto.model import MultiLoraLinear, MultiLoraModel, _Context, plan_for  # noqa: E402
 from alto.registry import AdapterConfig, Registry  # noqa: E402
 from alto.train import DataStream, Trainer, pad_batch  # noqa: E402
@@ -186,5 +186,5 @@ def test_the_memory_estimate_matches_the_bytes_a_loaded_base_holds(quantize):
     model = transformers.LlamaForCausalLM(cfg)
     if quantize == "nf4":
         quantize_nf4(model, torch.device("cpu"))
-    held = sum(held_bytes(p) for p in model.parameters())
+    held = model_bytes(model)
     assert base_bytes(ModelShape.from_hf_config(cfg), weight_bytes=4, quantize=quantize) == pytest.approx(held, rel=1e-3)

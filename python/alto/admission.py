@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from alto.base import held_bytes
+from alto.base import model_bytes
 from alto.loss import mean_losses
 from alto.model import MultiLoraModel
 from alto.registry import Adapter, AdapterConfig
@@ -61,13 +61,13 @@ def _free_bytes(device: torch.device) -> int:
 def fits_whole(model: torch.nn.Module, device: torch.device, activation_bytes: float) -> bool:
     """Whether a base model (wherever it is now) fits `device` whole with a step's activations,
     within the memory this process may take there less MARGIN (shard_base: auto)."""
-    return sum(held_bytes(p) for p in model.parameters()) + activation_bytes <= _free_bytes(device) * (1 - MARGIN)
+    return model_bytes(model) + activation_bytes <= _free_bytes(device) * (1 - MARGIN)
 
 
 def _held_bytes(model: MultiLoraModel, device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
-    return sum(held_bytes(p) for p in model.parameters())  # NF4 and sharded weights: what this rank holds
+    return model_bytes(model)  # NF4 and sharded weights: what this rank holds
 
 
 class Admission:

@@ -151,6 +151,11 @@ def held_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def model_bytes(model: nn.Module) -> int:
+    """Bytes a model's parameters hold on this rank (held_bytes of each)."""
+    return sum(held_bytes(p) for p in model.parameters())
+
+
 def shard(model: nn.Module, lora: set[nn.Parameter], device: torch.device) -> None:
     """Shards the frozen decoder layers over the ranks of the default process group with PyTorch's
     FSDP2: each layer is its own unit, gathered before its forward and again before its backward and

@@ -41,12 +41,13 @@ class Group:
         process group (of itself) only with process_group: a sharded base needs one (FSDP2)."""
         import torch.distributed as dist
 
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not process_group:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1 and not process_group:
             return cls()
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if world <= 1:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
             return cls(initialized=True)
         dist.init_process_group(backend)

@@ -121,7 +121,7 @@ class SweepRun:
         if self.sharded:
             with self.timed("load"):
                 shard(self.base.model, {p for layer in self.model.layers.values() for p in layer.packs()}, self.device)
-        else:
+        elif may_shard:  # kept on the CPU for nothing: it fits whole
             self.model.to(self.device)
         self.registry = Registry()
         streams = {}
