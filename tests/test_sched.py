@@ -190,7 +190,7 @@ def test_simulator_rejects_a_double_booking_policy():
     from alto.sched.sim import SimulationError, Simulator
 
     class Greedy(ExclusivePolicy):  # places every task on GPU 0
-        def allocate(self, now, jobs, gpus, workload):
+        def allocate(self, now, jobs, gpus):
             return {j.name: {0: j.active} for j in jobs}
 
     tasks = _tasks([(0, "a", "qwen2-0.5b", 1, 1_000_000, 1), (1, "b", "qwen2-0.5b", 1, 1_000_000, 1)])

@@ -18,6 +18,10 @@ Policies (``allocate`` returns every running task's allocation, GPU -> configs t
   allows and it is predicted to finish before the tasks there. Non-preemptive.
 - ``cpsat``: the ALTO paper's inter-task placement, a constraint program minimizing the makespan
   (OR-Tools CP-SAT), re-solved when tasks arrive or finish. Exclusive, non-preemptive.
+
+Two drivers run these policies: alto.sched.sim (a simulated clock) and alto.cluster (real tasks on
+a Ray cluster). (Over 300 lines for a reason: the policies are one family, read and compared side
+by side, over the one Job model they all see.)
 """
 from __future__ import annotations
 
@@ -101,9 +105,10 @@ class Job:
 
     spec: TraceTask
     shape: ModelShape
+    workload: Workload  # how its work and step times are predicted
     phases: list[tuple[int, int]]
     estimate: JobEstimate
-    true_ratio: float  # actual / predicted step time (unknown to policies; learned via estimate.observe)
+    true_ratio: float = 1.0  # actual / predicted step time (simulator only; policies learn it via estimate.observe)
     phase: int = 0
     done: float = 0.0  # micro-steps done in the current phase
     alloc: dict[int, int] = field(default_factory=dict)  # GPU -> configs of this job there (0 = held, idle)
@@ -117,16 +122,24 @@ class Job:
     def name(self) -> str:
         return self.spec.task
 
+    @classmethod
+    def new(cls, spec: TraceTask, shape: ModelShape, workload: Workload, true_ratio: float = 1.0) -> "Job":
+        """A task's job before it runs: its work predicted by the workload (the simulator's and the
+        real driver's alike)."""
+        return cls(spec, shape, workload, workload.phases(spec.configs, spec.tokens),
+                   JobEstimate(workload.gpu_step_seconds(shape, math.ceil(spec.configs / min(spec.gpus, spec.configs)))),
+                   true_ratio)
+
     @property
     def active(self) -> int:
         return self.phases[self.phase][0]
 
-    def predicted_remaining(self, workload: Workload) -> float:
+    def predicted_remaining(self) -> float:
         """Seconds left alone on min(asked, active) GPUs, corrected by what this job measured so far."""
         left = [(n, steps - (self.done if i == self.phase else 0))
                 for i, (n, steps) in enumerate(self.phases) if i >= self.phase]
         return self.estimate.ratio * sum(
-            s * workload.gpu_step_seconds(self.shape, math.ceil(n / min(self.spec.gpus, n))) for n, s in left)
+            s * self.workload.gpu_step_seconds(self.shape, math.ceil(n / min(self.spec.gpus, n))) for n, s in left)
 
 
 def spread(configs: int, gpus: list[int]) -> dict[int, int]:
@@ -142,7 +155,7 @@ class Policy:
     name: str
     exclusive: bool  # at most one task per GPU
 
-    def allocate(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
+    def allocate(self, now: float, jobs: list[Job], gpus: int) -> Allocation:
         raise NotImplementedError
 
     def wake_after(self, job: Job) -> float | None:
@@ -155,14 +168,14 @@ class ExclusivePolicy(Policy):
 
     exclusive = True
 
-    def __init__(self, name: str, key: Callable[[Job, Workload], tuple], preemptive: bool, backfill: bool) -> None:
+    def __init__(self, name: str, key: Callable[[Job], tuple], preemptive: bool, backfill: bool) -> None:
         self.name, self.key, self.preemptive, self.backfill = name, key, preemptive, backfill
 
-    def allocate(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
+    def allocate(self, now: float, jobs: list[Job], gpus: int) -> Allocation:
         running = [j for j in jobs if j.alloc]
         selected = [] if self.preemptive else list(running)
         budget = gpus - sum(len(j.alloc) for j in selected)
-        for j in sorted((j for j in jobs if self.preemptive or not j.alloc), key=lambda j: self.key(j, workload)):
+        for j in sorted((j for j in jobs if self.preemptive or not j.alloc), key=self.key):
             if j.spec.gpus <= budget:
                 selected.append(j)
                 budget -= j.spec.gpus
@@ -177,7 +190,7 @@ class ExclusivePolicy(Policy):
 class Tiresias(ExclusivePolicy):
     def __init__(self, thresholds: tuple[float, ...] = (3600.0, 8 * 3600.0)) -> None:
         self.thresholds = thresholds
-        super().__init__("tiresias", lambda j, w: (self.queue(j), j.spec.arrival_s, j.name),
+        super().__init__("tiresias", lambda j: (self.queue(j), j.spec.arrival_s, j.name),
                          preemptive=True, backfill=True)
 
     def queue(self, job: Job) -> int:
@@ -190,9 +203,13 @@ class Tiresias(ExclusivePolicy):
 
 class AltoPolicy(Policy):
     name = "alto"
-    exclusive = False
 
-    def allocate(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
+    def __init__(self, share: bool = True) -> None:
+        # share=False: never two tasks on one GPU (the real driver: a task is its own processes, so two
+        # tasks on a GPU would hold two copies of the base; tasks meant to share one are one sweep file)
+        self.share, self.exclusive = share, not share
+
+    def allocate(self, now: float, jobs: list[Job], gpus: int) -> Allocation:
         allocation: Allocation = {}
         load: dict[int, list[Job]] = {}  # GPU -> jobs with configs there
         for j in (j for j in jobs if j.alloc):
@@ -201,15 +218,15 @@ class AltoPolicy(Policy):
             allocation[j.name] = spread(j.active, sorted(keep))
             for g in keep:
                 load.setdefault(g, []).append(j)
-        remaining = {j.name: j.predicted_remaining(workload) for j in jobs}
+        remaining = {j.name: j.predicted_remaining() for j in jobs}
         for j in sorted((j for j in jobs if not j.alloc), key=lambda j: (remaining[j.name], j.spec.arrival_s)):
             want = min(j.spec.gpus, j.active)
             per = math.ceil(j.active / want)
             free = [g for g in range(gpus) if g not in load]
             shared = sorted((g for g, hosts in load.items()
-                             if all(h.spec.base_model == j.spec.base_model and remaining[h.name] > remaining[j.name]
+                             if self.share and all(h.spec.base_model == j.spec.base_model and remaining[h.name] > remaining[j.name]
                                     for h in hosts)
-                             and sum(allocation[h.name][g] for h in hosts) + per <= workload.max_configs(j.shape)),
+                             and sum(allocation[h.name][g] for h in hosts) + per <= j.workload.max_configs(j.shape)),
                             key=lambda g: (sum(allocation[h.name][g] for h in load[g]), g))
             chosen = (free + shared)[:want]
             if len(chosen) < want:
@@ -236,14 +253,14 @@ class CpSatPolicy(Policy):
         self.start: dict[str, int] = {}  # planned start, seconds after solved_at
         self.solved_at = 0.0
 
-    def solve(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> None:
+    def solve(self, now: float, jobs: list[Job], gpus: int) -> None:
         from ortools.sat.python import cp_model
 
         self.present, self.solved_at, self.start = frozenset(j.name for j in jobs), now, {}
         if not any(not j.alloc and j.spec.gpus <= gpus for j in jobs):
             return  # nothing to place
         model = cp_model.CpModel()
-        seconds = {j.name: max(1, math.ceil(j.predicted_remaining(workload))) for j in jobs}
+        seconds = {j.name: max(1, math.ceil(j.predicted_remaining())) for j in jobs}
         queued = [j for j in jobs if not j.alloc and j.spec.gpus <= gpus]  # a task asking too many never starts
         horizon = sum(seconds.values())
         intervals, demands, ends, starts = [], [], [], {}
@@ -271,9 +288,9 @@ class CpSatPolicy(Policy):
         else:  # no plan within the work limit (a very long queue): arrival order, as soon as GPUs free up
             self.start = dict.fromkeys(starts, 0)
 
-    def allocate(self, now: float, jobs: list[Job], gpus: int, workload: Workload) -> Allocation:
+    def allocate(self, now: float, jobs: list[Job], gpus: int) -> Allocation:
         if frozenset(j.name for j in jobs) != self.present:
-            self.solve(now, jobs, gpus, workload)
+            self.solve(now, jobs, gpus)
         allocation = {j.name: spread(j.active, sorted(j.alloc)) for j in jobs if j.alloc}
         free = [g for g in range(gpus) if not any(g in j.alloc for j in jobs)]
         due = [j for j in jobs if not j.alloc and j.name in self.start and self.start[j.name] <= now - self.solved_at]
@@ -288,8 +305,8 @@ class CpSatPolicy(Policy):
 
 POLICIES: dict[str, Callable[[], Policy]] = {
     "alto": AltoPolicy,
-    "fifo": lambda: ExclusivePolicy("fifo", lambda j, w: (j.spec.arrival_s, j.name), preemptive=False, backfill=False),
-    "sjf": lambda: ExclusivePolicy("sjf", lambda j, w: (j.predicted_remaining(w), j.spec.arrival_s, j.name),
+    "fifo": lambda: ExclusivePolicy("fifo", lambda j: (j.spec.arrival_s, j.name), preemptive=False, backfill=False),
+    "sjf": lambda: ExclusivePolicy("sjf", lambda j: (j.predicted_remaining(), j.spec.arrival_s, j.name),
                                    preemptive=False, backfill=True),
     "tiresias": Tiresias,
     "cpsat": CpSatPolicy,

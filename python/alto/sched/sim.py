@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from alto.sched.estimate import JobEstimate
 from alto.sched.catalog import base_shape
 from alto.sched.inter import POLICIES, Allocation, Job, Policy, TraceTask, Workload
 from alto.sched.memory import base_bytes, capacity_bytes
@@ -75,9 +74,7 @@ class Simulator:
         for t in tasks:
             shape = base_shape(t.base_model)
             rng = np.random.default_rng([seed, zlib.crc32(t.task.encode())])  # same factor under every policy
-            self.jobs.append(Job(t, shape, w.phases(t.configs, t.tokens),
-                                 JobEstimate(w.gpu_step_seconds(shape, math.ceil(t.configs / min(t.gpus, t.configs)))),
-                                 float(np.exp(rng.normal(0.0, noise)))))
+            self.jobs.append(Job.new(t, shape, w, float(np.exp(rng.normal(0.0, noise)))))
         self.by_name = {j.name: j for j in self.jobs}
         self.now = 0.0
         self.heap: list[tuple[float, int, str, str, int]] = []
@@ -199,7 +196,7 @@ class Simulator:
                     self.hold(j, {})
                     j.finished, j.alloc = self.now, {}
             present = [x for x in self.jobs if x.finished is None and x.spec.arrival_s <= self.now]
-            self.apply(self.policy.allocate(self.now, present, self.gpus, self.workload))
+            self.apply(self.policy.allocate(self.now, present, self.gpus))
             for x in self.jobs:  # every rate may have changed (or the job ended): invalidate, re-push
                 x.version += 1
             self.schedule_events()
