@@ -57,6 +57,21 @@ def _config_errors() -> tuple[type[Exception], ...]:
     return (error,) if error is not None else ()
 
 
+def model_config(spec: str | dict):
+    """The sweep's base model's transformers config, without its weights (what the cluster driver
+    predicts a task's steps from)."""
+    import transformers
+
+    if spec == "smollm2" or "hf_dir" in spec:
+        where, gguf = (smollm2_dir(), SMOLLM2_GGUF) if spec == "smollm2" else (spec["hf_dir"], spec.get("gguf_file"))
+        try:
+            return transformers.AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"model.hf_dir: no model config in {where!r} ({type(e).__name__}: {first_line(e)})") from None
+    cfg = {k: v for k, v in (spec["random_llama"] or {}).items() if k != "seed"}
+    return transformers.LlamaConfig(**{"vocab_size": ByteTokenizer().vocab_size, **cfg})
+
+
 def load_base(spec: str | dict, dtype: str, device: torch.device, quantize: str = "none",
               place: torch.device | None = None) -> Base:
     """The sweep's base model, its frozen weights in `dtype` (the sweep's base.dtype, auto resolved:

@@ -95,6 +95,75 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Adds a sweep to the queue; starts the queue's driver (alto cluster, in the background, its
+    output in QUEUE/driver.log) if none serves it."""
+    import subprocess
+    from pathlib import Path
+
+    from alto import task_queue
+
+    queue = Path(args.queue)
+    sweep = task_queue.submit(queue, args.sweep, args.gpus)
+    if task_queue.driver_running(queue):
+        print(f"submitted {sweep.name} to {queue} (its driver is running: alto status --queue {queue})")
+        return 0
+    command = [sys.executable, "-m", "alto.cli", "cluster", "--queue", str(queue), "--policy", args.policy,
+               "--resource", args.resource, "--linger", str(300 if args.linger is None else args.linger)]
+    command += ["--cluster-gpus", str(args.cluster_gpus)] if args.cluster_gpus else []
+    command += ["--address", args.address] if args.address else []
+    with open(queue / "driver.log", "a") as log:
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    print(f"submitted {sweep.name} to {queue}; started its driver (pid {driver.pid}, output in {queue / 'driver.log'})")
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """Serves the queue in the foreground: places its tasks on the Ray cluster's GPUs until none is
+    left (and none arrived for --linger seconds)."""
+    from pathlib import Path
+
+    from alto import task_queue
+
+    queue = Path(args.queue)
+    for path in args.sweeps:
+        task_queue.submit(queue, path, args.gpus)
+    from alto.cluster import Driver  # imports ray: only here
+
+    return Driver(queue, args.policy, args.resource, args.address, args.cluster_gpus, args.gpu_type,
+                  linger_s=args.linger or 0).run()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from alto import task_queue
+
+    queue = Path(args.queue)
+    if not (queue / "status.json").is_file():
+        raise ValueError(f"--queue {args.queue!r}: no driver has served this queue yet (alto submit starts one)")
+    print(task_queue.format_status(json.loads((queue / "status.json").read_text()), task_queue.driver_running(queue)))
+    if (queue / "timeline.png").is_file():
+        print(f"timeline: {queue / 'timeline.png'}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from alto import task_queue
+
+    queue = Path(args.queue)
+    task_queue.request_cancel(queue, args.task)
+    if task_queue.driver_running(queue):
+        print(f"cancel of {args.task} requested: the driver halts it at a checkpoint (alto status shows it)")
+    else:
+        task_queue.update_task(queue, args.task, state="cancelled")
+        print(f"{args.task} cancelled (no driver was running it)")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line, exit code 2, like every other bad input."""
 
@@ -142,6 +211,37 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--format", choices=("alto", "philly", "pai"), default="alto",
                           help="alto CSV, Philly job log (JSON or CSV) or PAI pai_job_table.csv")
     simulate.set_defaults(func=cmd_simulate)
+    from alto.sched.inter import POLICIES
+    from alto.task_queue import DEFAULT_QUEUE
+
+    queue = argparse.ArgumentParser(add_help=False)
+    queue.add_argument("--queue", default=DEFAULT_QUEUE, metavar="DIR", help=f"the queue folder (default {DEFAULT_QUEUE})")
+    driver = argparse.ArgumentParser(add_help=False)
+    driver.add_argument("--policy", choices=tuple(POLICIES), default="alto", help="inter-task policy (default alto)")
+    driver.add_argument("--address", help="join this Ray cluster (default: start one on this machine)")
+    driver.add_argument("--resource", default="GPU", help="the Ray resource a task's ranks take one of "
+                        "(default GPU; a custom one, e.g. slot, runs ranks as CPU processes)")
+    driver.add_argument("--cluster-gpus", type=_int_at_least(1), metavar="N",
+                        help="GPUs (or slots) of the Ray started here (default: the GPUs this machine has)")
+    driver.add_argument("--linger", type=_int_at_least(0), metavar="S",
+                        help="keep serving S seconds after the queue empties (default: alto cluster 0, "
+                             "the driver alto submit starts 300)")
+    driver.add_argument("--gpu-type", default="H100", help="GPU type the step-time model predicts for (default H100)")
+    submit = sub.add_parser("submit", parents=[common, queue, driver],
+                            help="add a sweep to the queue (its driver starts if none runs)")
+    submit.add_argument("sweep", help="sweep YAML: one task (one or several tenants: tasks:)")
+    submit.add_argument("--gpus", type=_int_at_least(1), default=1, help="GPUs the task asks for (default 1)")
+    submit.set_defaults(func=cmd_submit)
+    cluster = sub.add_parser("cluster", parents=[common, queue, driver],
+                             help="serve the queue: place its tasks on a Ray cluster's GPUs (foreground)")
+    cluster.add_argument("sweeps", nargs="*", help="sweep files to submit first")
+    cluster.add_argument("--gpus", type=_int_at_least(1), default=1, help="GPUs each of those asks for (default 1)")
+    cluster.set_defaults(func=cmd_cluster)
+    status = sub.add_parser("status", parents=[common, queue], help="the queue's tasks, GPUs, predicted and actual times")
+    status.set_defaults(func=cmd_status)
+    cancel = sub.add_parser("cancel", parents=[common, queue], help="halt a task at a checkpoint and end it")
+    cancel.add_argument("task", help="the task's name (its sweep's name)")
+    cancel.set_defaults(func=cmd_cancel)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # a usage error (its one line is printed: code 2) or --help (0)

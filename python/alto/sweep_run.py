@@ -76,6 +76,7 @@ class Decisions:
     admissions: dict[str, int] = field(default_factory=dict)  # queued adapter -> the rank it starts on
     growth: dict[str, int] = field(default_factory=dict)  # running adapter -> samples added to its micro-batch
     moves: list[tuple[str, int, int]] = field(default_factory=list)  # (adapter, from rank, to rank)
+    halt: bool = False  # stop after this step at a checkpoint (asked by whoever runs the sweep: alto.cluster)
 
 
 class SweepRun:
@@ -419,8 +420,11 @@ class SweepRun:
         return {a.id: losses[a.id] for a in self.registry if a.id in losses}  # registry order
 
     # ---- the loop --------------------------------------------------------------------------------
-    def run(self, stop_after: int | None = None, log=print) -> bool:
-        """Trains until every adapter is done (True) or stop_after micro-steps ran (False)."""
+    def run(self, stop_after: int | None = None, log=print, should_halt=None, on_step=None) -> bool:
+        """Trains until every adapter is done (True) or stop_after micro-steps ran (False). On rank 0,
+        should_halt() is asked after every step: when it says so, every rank writes the checkpoint
+        and returns False (the run resumes from there, on any number of ranks); on_step(progress)
+        is given each step's counts and seconds."""
         leader = self.group.is_leader
         if not leader:
             log = quiet
@@ -468,17 +472,27 @@ class SweepRun:
                 if writer is not None:
                     for aid, loss in losses.items():
                         writer.writerow([self.micro_steps, aid, self.registry[aid].step, f"{loss:.6f}"])
-                self.apply(self.group.broadcast(self.decide(after_step=True) if leader else None), log, decision_log)
+                decisions = self.decide(after_step=True) if leader else None
+                if leader and should_halt is not None:
+                    decisions.halt = bool(should_halt())
+                decisions = self.group.broadcast(decisions)
+                self.apply(decisions, log, decision_log)
                 counts = {s: len(self.registry.with_status(s)) for s in Status}
                 finite = [v for v in losses.values() if math.isfinite(v)]
                 log(f"step {self.micro_steps:4d} | running {counts[Status.RUNNING]} | queued "
                     f"{counts[Status.QUEUED]} | finished {counts[Status.FINISHED]} | stopped "
                     f"{counts[Status.STOPPED_EARLY]} | failed {counts[Status.FAILED]} | mean loss "
                     f"{sum(finite) / max(1, len(finite)):.4f} | {time.time() - start:.0f}s")
-                if self.micro_steps % self.sweep.checkpoint_every == 0:
+                if on_step is not None and leader:
+                    on_step({"micro_steps": self.micro_steps, "seconds": time.time() - step_start,
+                             **{s.value: n for s, n in counts.items()}})
+                if decisions.halt or self.micro_steps % self.sweep.checkpoint_every == 0:
                     for h in handles:
                         h.flush()
                     self.save_checkpoint()
+                if decisions.halt:
+                    log(f"halted at micro-step {self.micro_steps}: checkpoint written")
+                    return False
         self.save_checkpoint()
         return True
 

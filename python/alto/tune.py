@@ -68,10 +68,15 @@ def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = No
     return launch(run_rank, nproc, args)[0] if nproc > 1 else run_rank(*args, log=log)
 
 
-def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int | None, log=print) -> int:
+HALTED = 75  # run_rank's code when should_halt stopped it at a checkpoint (EX_TEMPFAIL: resume later)
+
+
+def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int | None, log=print,
+             should_halt=None, on_step=None) -> int:
     """One rank of `alto tune` (the only one without parallelism). Each rank is its own process, so
     bad input found here (the model, the data, the checkpoint) is reported here: one line from rank
-    0, exit code 2, before anything is written."""
+    0, exit code 2, before anything is written. should_halt / on_step: SweepRun.run's (alto.cluster);
+    a halted run returns HALTED."""
     sweep, run_dir = parse_sweep(text, source), Path(run_dir)
     group = Group.from_env(device_type(sweep.device), process_group=sweep.shard_base is True)
     try:
@@ -93,8 +98,9 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
         tasks = f" of {len(sweep.tasks)} tasks" if len(sweep.tasks) > 1 else ""
         log(f"{len(sweep.adapters)} adapters{tasks} on {run.device}{ranks} | "
             f"{sum(map(len, run.train_seqs.values()))} train / {sum(map(len, run.eval_seqs.values()))} held-out sequences")
-        if run.run(stop_after, log):
+        if run.run(stop_after, log, should_halt, on_step):
             run.finish(log)
-        return 0
+            return 0
+        return 0 if stop_after is not None else HALTED
     finally:
         group.close()

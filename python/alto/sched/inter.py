@@ -134,6 +134,22 @@ class Job:
     def active(self) -> int:
         return self.phases[self.phase][0]
 
+    def observe(self, micro_steps: int, active: int, step_seconds: float) -> None:
+        """A real run's progress (alto.cluster): its micro-steps place it among the predicted phases;
+        its configs still training or queued replace the predicted ones from there on (never more);
+        its measured step corrects the estimate of every step left."""
+        start = 0
+        for i, (_, steps) in enumerate(self.phases):
+            if micro_steps < start + steps or i == len(self.phases) - 1:
+                self.phase, self.done = i, min(micro_steps - start, steps)
+                break
+            start += steps
+        self.phases = [(min(n, active) if i >= self.phase else n, s) for i, (n, s) in enumerate(self.phases)]
+        if self.alloc and step_seconds > 0:
+            per_gpu = math.ceil(self.active / min(len(self.alloc), self.active))
+            self.estimate.set_prediction(self.workload.gpu_step_seconds(self.shape, per_gpu))
+            self.estimate.observe(step_seconds)
+
     def predicted_remaining(self) -> float:
         """Seconds left alone on min(asked, active) GPUs, corrected by what this job measured so far."""
         left = [(n, steps - (self.done if i == self.phase else 0))

@@ -59,28 +59,55 @@ class SimResult:
         return self.busy_gpu_s / (self.gpus * self.makespan)
 
 
+class HoldLog:
+    """Which task held which GPU when, as (GPU, task, from, to) rows: what the simulator and the
+    real driver (alto.cluster) record and plot_holds draws."""
+
+    def __init__(self, rows: list[tuple[int, str, float, float]] | None = None) -> None:
+        self.rows = [] if rows is None else rows
+        self.since: dict[str, dict[int, float]] = {}  # task -> GPU -> since when it holds it
+
+    def change(self, task: str, old: dict[int, int], new: dict[int, int], now: float) -> list[tuple]:
+        """The task's GPUs go from `old` to `new` now; returns the holds that ended."""
+        since = self.since.setdefault(task, {})
+        ended = [(g, task, since.pop(g), now) for g in sorted(set(old) - set(new))]
+        self.rows.extend(ended)
+        for g in set(new) - set(old):
+            since[g] = now
+        return ended
+
+    def open_until(self, now: float) -> list[tuple[int, str, float, float]]:
+        """Every hold so far, the open ones as if they ended now."""
+        return self.rows + [(g, t, a, now) for t, held in self.since.items() for g, a in held.items()]
+
+
 class Simulator:
-    def __init__(self, tasks: list[TraceTask], policy: Policy, gpus: int, workload: Workload | None = None,
+    """tasks: trace tasks (their work predicted by `workload`), or jobs made already (Job.new: each
+    with its own workload and shape; the real driver's tasks, replayed)."""
+
+    def __init__(self, tasks: list[TraceTask] | list[Job], policy: Policy, gpus: int, workload: Workload | None = None,
                  restart_s: float = 60.0, migrate_s: float = 5.0, noise: float = 0.2, seed: int = 0) -> None:
         if gpus < 1:
             raise ValueError(f"gpus={gpus!r} must be >= 1")
         self.policy, self.gpus, self.workload = policy, gpus, workload or Workload()
         self.restart_s, self.migrate_s = restart_s, migrate_s
-        too_big = [t.task for t in tasks if t.gpus > gpus]
+        specs = [t.spec if isinstance(t, Job) else t for t in tasks]
+        too_big = [t.task for t in specs if t.gpus > gpus]
         if too_big:
             raise ValueError(f"tasks {too_big[:3]} ask for more than the cluster's {gpus} GPUs")
-        w = self.workload
         self.jobs = []
         for t in tasks:
-            shape = base_shape(t.base_model)
+            if isinstance(t, Job):
+                self.jobs.append(t)
+                continue
             rng = np.random.default_rng([seed, zlib.crc32(t.task.encode())])  # same factor under every policy
-            self.jobs.append(Job.new(t, shape, w, float(np.exp(rng.normal(0.0, noise)))))
+            self.jobs.append(Job.new(t, base_shape(t.base_model), self.workload, float(np.exp(rng.normal(0.0, noise)))))
         self.by_name = {j.name: j for j in self.jobs}
         self.now = 0.0
         self.heap: list[tuple[float, int, str, str, int]] = []
         self.seq = 0
         self.result = SimResult(policy.name, gpus, self.jobs)
-        self.held_since: dict[str, dict[int, float]] = {}  # task -> GPU -> since when it holds it
+        self.holds = HoldLog(self.result.holds)
 
     def push(self, t: float, kind: str, job: Job) -> None:
         self.seq += 1
@@ -93,7 +120,7 @@ class Simulator:
             for g, k in j.alloc.items():
                 if k:
                     on_gpu.setdefault(g, []).append(j)
-        gpu_s = {g: self.workload.gpu_step_seconds(js[0].shape, sum(j.alloc[g] for j in js), len(js))
+        gpu_s = {g: js[0].workload.gpu_step_seconds(js[0].shape, sum(j.alloc[g] for j in js), len(js))
                  for g, js in on_gpu.items()}
         return {j.name: max(gpu_s[g] for g, k in j.alloc.items() if k) for j in self.jobs if j.alloc}
 
@@ -130,18 +157,10 @@ class Simulator:
                 j.stall_until = max(j.stall_until, self.now + self.migrate_s)
             elif new:  # a GPU it did not hold loads the base model
                 j.stall_until = self.now + self.restart_s
-            self.hold(j, new)
+            self.holds.change(j.name, j.alloc, new, self.now)
             j.alloc = dict(new)
             j.version += 1
         self.check_placement()
-
-    def hold(self, job: Job, new: dict[int, int]) -> None:
-        """Records the GPUs the job stops holding now (held since it took them); notes when it takes new ones."""
-        since = self.held_since.setdefault(job.name, {})
-        for g in set(job.alloc) - set(new):
-            self.result.holds.append((g, job.name, since.pop(g), self.now))
-        for g in set(new) - set(job.alloc):
-            since[g] = self.now
 
     def check_placement(self) -> None:
         per_gpu: dict[int, list[Job]] = {}
@@ -160,8 +179,8 @@ class Simulator:
             if len(js) > 1:  # only a single task may run in waves
                 configs_at_once = configs
             else:
-                configs_at_once = min(configs, self.workload.max_configs(js[0].shape))
-            used = base_bytes(js[0].shape) + configs_at_once * self.workload.config_bytes(js[0].shape)
+                configs_at_once = min(configs, js[0].workload.max_configs(js[0].shape))
+            used = base_bytes(js[0].shape) + configs_at_once * js[0].workload.config_bytes(js[0].shape)
             if used > cap:
                 raise SimulationError(f"GPU {g} over memory: {used / 1e9:.1f} GB > {cap / 1e9:.1f} GB")
 
@@ -193,7 +212,7 @@ class Simulator:
                     raise SimulationError(f"{name}: phase event before its work was done")
                 j.phase, j.done = j.phase + 1, 0.0
                 if j.phase == len(j.phases):
-                    self.hold(j, {})
+                    self.holds.change(j.name, j.alloc, {}, self.now)
                     j.finished, j.alloc = self.now, {}
             present = [x for x in self.jobs if x.finished is None and x.spec.arrival_s <= self.now]
             self.apply(self.policy.allocate(self.now, present, self.gpus))
@@ -249,7 +268,10 @@ def plot(results: list[SimResult], path) -> None:
     plt.close(fig)
 
 
-def plot_holds(holds: list[tuple[int, str, float, float]], gpus: int, path, title: str) -> None:
+TIME_UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0}
+
+
+def plot_holds(holds: list[tuple[int, str, float, float]], gpus: int, path, title: str, unit: str = "h") -> None:
     """A timeline of which task held which GPU when (one row per GPU, one colour per task, the task's
     name on bars wide enough): what `alto simulate` writes per policy."""
     import matplotlib
@@ -259,14 +281,15 @@ def plot_holds(holds: list[tuple[int, str, float, float]], gpus: int, path, titl
 
     tasks = sorted({t for _, t, _, _ in holds})
     colours = plt.get_cmap("tab20")
-    end = max((b for _, _, _, b in holds), default=1.0) / 3600
+    scale = TIME_UNITS[unit]
+    end = max((b for _, _, _, b in holds), default=1.0) / scale
     fig, ax = plt.subplots(figsize=(12, 0.45 * gpus + 1.5))
     for g, task, a, b in holds:
         colour = colours(tasks.index(task) % 20)
-        ax.barh(g, (b - a) / 3600, left=a / 3600, height=0.8, color=colour, edgecolor="white", linewidth=0.5)
-        if (b - a) / 3600 > end / 25:
-            ax.text((a + b) / 7200, g, task, ha="center", va="center", fontsize=6, clip_on=True)
-    ax.set(xlabel="time (h)", ylabel="GPU", title=title, yticks=range(gpus), ylim=(-0.6, gpus - 0.4), xlim=(0, end))
+        ax.barh(g, (b - a) / scale, left=a / scale, height=0.8, color=colour, edgecolor="white", linewidth=0.5)
+        if (b - a) / scale > end / 25:
+            ax.text((a + b) / 2 / scale, g, task, ha="center", va="center", fontsize=6, clip_on=True)
+    ax.set(xlabel=f"time ({unit})", ylabel="GPU", title=title, yticks=range(gpus), ylim=(-0.6, gpus - 0.4), xlim=(0, end))
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

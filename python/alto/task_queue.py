@@ -1,0 +1,158 @@
+"""The queue folder of `alto submit` / `alto cluster` / `alto status` / `alto cancel`: what every
+command and the driver (alto.cluster) read and write, and nothing else.
+
+    QUEUE/tasks/<name>/task.json    the task: asked GPUs, submission time, state, restarts, error
+    QUEUE/tasks/<name>/sweep.yaml   the sweep as submitted
+    QUEUE/tasks/<name>/run/         its run folder (alto tune's: checkpoint, losses, leaderboards, adapters)
+    QUEUE/cancel/<name>             a cancel request (the driver halts the task at a checkpoint)
+    QUEUE/driver.lock, driver.log   held by the one driver serving the queue; its output
+    QUEUE/status.json               the driver's view, rewritten every poll (alto status prints it)
+    QUEUE/events.csv, holds.csv     every start, halt, end, restart; which task held which GPU when
+    QUEUE/predictions.csv           each running task's predicted remaining seconds as it ran
+    QUEUE/timeline.png              the holds, drawn (alto.sched.sim.plot_holds)
+
+A task folder appears whole (written aside, then renamed) or not at all, so the driver never reads
+half a submission. The run folder lives in the queue so that a task resumed on another node finds
+its checkpoint: on a cluster of several nodes the queue folder must be on storage they all see.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from alto.inputs import read_text
+from alto.sweep import Sweep, parse_sweep
+
+DEFAULT_QUEUE = "runs/queue"
+ENDED = ("done", "failed", "cancelled")  # states a task never leaves
+
+
+def write_json(path: Path, value) -> None:
+    """Atomically (a reader sees the old or the new file, never half of one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def append_row(path: Path, header, row) -> None:
+    """A row at the end of a CSV (its header first, if new): logs a person may read while they grow."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(header)
+        writer.writerow(row)
+
+
+def write_rows(path: Path, header, rows) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+def task_dir(queue: Path, name: str) -> Path:
+    return queue / "tasks" / name
+
+
+def submit(queue: Path, sweep_path: str, gpus: int) -> Sweep:
+    """Checks the sweep file (one error line for bad input, nothing written) and adds it to the
+    queue as a task asking for `gpus` GPUs; the task's name is the sweep's name."""
+    if not isinstance(gpus, int) or gpus < 1:
+        raise ValueError(f"--gpus={gpus!r} must be an int >= 1")
+    if queue.exists() and not queue.is_dir():
+        raise ValueError(f"--queue {str(queue)!r} is a file; it must be a folder (made if missing)")
+    text = read_text(sweep_path, "sweep file")
+    sweep = parse_sweep(text, sweep_path)
+    final = task_dir(queue, sweep.name)
+    if final.exists():
+        raise ValueError(f"{sweep_path}: name: a task named {sweep.name!r} is in {str(queue)!r} already "
+                         "(give the sweep another name)")
+    tmp = queue / "tasks" / f".{sweep.name}.{os.getpid()}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "sweep.yaml").write_text(text)
+        write_json(tmp / "task.json", {"name": sweep.name, "gpus": gpus, "submitted": time.time(),
+                                       "state": "queued", "restarts": 0, "error": None})
+        os.rename(tmp, final)  # fails if another submission of that name won the race
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sweep
+
+
+def tasks(queue: Path) -> list[dict]:
+    """Every submitted task's record, oldest first."""
+    found = [json.loads(p.read_text()) for p in (queue / "tasks").glob("*/task.json")]
+    return sorted(found, key=lambda t: (t["submitted"], t["name"]))
+
+
+def update_task(queue: Path, name: str, **fields) -> dict:
+    path = task_dir(queue, name) / "task.json"
+    record = {**json.loads(path.read_text()), **fields}
+    write_json(path, record)
+    return record
+
+
+def request_cancel(queue: Path, name: str) -> None:
+    if not (task_dir(queue, name) / "task.json").is_file():
+        known = ", ".join(t["name"] for t in tasks(queue)) if (queue / "tasks").is_dir() else "none"
+        raise ValueError(f"no task {name!r} in {str(queue)!r} (tasks: {known or 'none'})")
+    (queue / "cancel").mkdir(exist_ok=True)
+    (queue / "cancel" / name).touch()
+
+
+def cancel_requested(queue: Path, name: str) -> bool:
+    return (queue / "cancel" / name).exists()
+
+
+class DriverLock:
+    """The one driver of a queue holds QUEUE/driver.lock (an flock: released by the kernel when the
+    driver's process ends, however it ends)."""
+
+    def __init__(self, queue: Path) -> None:
+        queue.mkdir(parents=True, exist_ok=True)
+        self.file = open(queue / "driver.lock", "a+")
+
+    def acquire(self) -> bool:
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def release(self) -> None:
+        self.file.close()  # closing the file drops the lock
+
+
+def driver_running(queue: Path) -> bool:
+    lock = DriverLock(queue)
+    try:
+        return not lock.acquire()
+    finally:
+        lock.release()
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def format_status(status: dict, driver_alive: bool) -> str:
+    """What `alto status` prints: the driver, then one row per task."""
+    d = status["driver"]
+    head = (f"queue {status['queue']} | driver {'running' if driver_alive else 'not running'} | policy {d['policy']} | "
+            f"{d['slots']} {d['resource']} | {status['now_s']:.0f} s since the driver started")
+    rows = [("task", "state", "GPUs", "asked", "micro-step", "adapters left", "predicted left s",
+             "predicted total s", "actual total s", "restarts")]
+    for t in status["tasks"]:
+        rows.append((t["name"], t["state"], ",".join(map(str, t["gpus"])) or "-", str(t["asked"]),
+                     f"{t['micro_steps']}/{t['planned_micro_steps']}", str(t["active"]),
+                     seconds(t["predicted_left_s"]), seconds(t["predicted_total_s"]), seconds(t["actual_total_s"]),
+                     str(t["restarts"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [f"  {t['name']}: {t['error']}" for t in status["tasks"] if t.get("error")]
+    return "\n".join(lines)
