@@ -37,4 +37,4 @@ if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null && [ -x /usr/local/cuda
 fi
 # ALTO with its dependencies (ranges: pyproject.toml) and the test tools.
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-  "$PY" -m pip install "${pin[@]}" --no-build-isolation ".[test]"
+  "$PY" -m pip install "${pin[@]}" --no-build-isolation ".[test,cluster]"

@@ -350,6 +350,51 @@ def test_bad_simulate_input(tmp_path, capsys, monkeypatch, make, words):
     assert not list(tmp_path.rglob("*.png"))  # nothing written
 
 
+# ---- alto submit / cluster / status / cancel ----------------------------------------------------------
+
+def _queue_sweep(tmp_path, **change) -> str:
+    (tmp_path / "d.txt").write_text("alpha beta gamma\n" * 20)
+    path = tmp_path / "s.yaml"
+    path.write_text(json.dumps({"name": "s", "device": "cpu", "model": {"random_llama": TINY_LLAMA},
+                                "data": {"source": "text", "path": str(tmp_path / "d.txt")},
+                                "adapters": [{"id": "a"}], **change}))
+    return str(path)
+
+
+def _queued_already(tmp_path) -> list:
+    from alto import task_queue
+
+    task_queue.submit(tmp_path / "q", _queue_sweep(tmp_path), 1)
+    return ["submit", _queue_sweep(tmp_path), "--queue", tmp_path / "q"]
+
+
+QUEUE = {
+    "sweep missing": (lambda t: ["submit", t / "missing.yaml", "--queue", t / "q"], ["missing.yaml"]),
+    "sweep value bad": (lambda t: ["submit", _queue_sweep(t, checkpoint_every=0), "--queue", t / "q"],
+                        ["checkpoint_every", "0"]),
+    "gpus 0": (lambda t: ["submit", _queue_sweep(t), "--gpus", "0", "--queue", t / "q"], ["--gpus", "0 must be >= 1"]),
+    "queue is a file": (lambda t: ["submit", _queue_sweep(t), "--queue", _queue_sweep(t)], ["--queue", "is a file"]),
+    "task name taken": (_queued_already, ["a task named 's'", "already"]),
+    "cancel unknown task": (lambda t: ["cancel", "nope", "--queue", t / "q"], ["no task 'nope'"]),
+    "status of a queue never served": (lambda t: ["status", "--queue", t / "q"], ["no driver has served"]),
+    "policy unknown": (lambda t: ["cluster", "--policy", "lottery"], ["--policy", "invalid choice"]),
+    "gpu type unknown": (lambda t: ["cluster", _queue_sweep(t), "--queue", t / "q", "--gpu-type", "V100"],
+                         ["gpu type 'V100' is unknown"]),
+    "cluster sweep value bad": (lambda t: ["cluster", _queue_sweep(t), _queue_sweep(t, packing=3), "--queue", t / "q"],
+                                ["packing"]),
+    "linger negative": (lambda t: ["cluster", "--linger", "-1"], ["--linger", "must be >= 0"]),
+}
+
+
+@pytest.mark.parametrize("make,words", QUEUE.values(), ids=QUEUE.keys())
+def test_bad_queue_input(tmp_path, capsys, monkeypatch, make, words):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(a) for a in make(tmp_path)]
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert_one_line_exit_2(argv, capsys, words)
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
+
+
 # ---- alto check ---------------------------------------------------------------------------------------
 
 CHECK = {

@@ -98,11 +98,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     """Adds a sweep to the queue; starts the queue's driver (alto cluster, in the background, its
     output in QUEUE/driver.log) if none serves it."""
+    import importlib.util
     import subprocess
     from pathlib import Path
 
     from alto import task_queue
 
+    if importlib.util.find_spec("ray") is None:  # its driver would fail in the background
+        raise ValueError("alto submit needs Ray: pip install 'alto[cluster]'")
     queue = Path(args.queue)
     sweep = task_queue.submit(queue, args.sweep, args.gpus)
     if task_queue.driver_running(queue):
@@ -126,12 +129,20 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from alto import task_queue
 
     queue = Path(args.queue)
+    try:
+        from alto.cluster import Driver  # imports ray: only here
+    except ImportError as e:
+        raise ValueError(f"alto cluster needs Ray: pip install 'alto[cluster]' ({e})") from None
+    driver = Driver(queue, args.policy, args.resource, args.address, args.cluster_gpus, args.gpu_type,
+                    linger_s=args.linger or 0)  # checks its flags; starts nothing
+    if task_queue.driver_running(queue):
+        raise ValueError(f"a driver serves {str(queue)!r} already: add tasks with alto submit")
+    names = [task_queue.check(queue, path, args.gpus)[1].name for path in args.sweeps]  # all, before any is written
+    if len(set(names)) < len(names):
+        raise ValueError(f"two of the sweep files are named {next(n for n in names if names.count(n) > 1)!r}")
     for path in args.sweeps:
         task_queue.submit(queue, path, args.gpus)
-    from alto.cluster import Driver  # imports ray: only here
-
-    return Driver(queue, args.policy, args.resource, args.address, args.cluster_gpus, args.gpu_type,
-                  linger_s=args.linger or 0).run()
+    return driver.run()
 
 
 def cmd_status(args: argparse.Namespace) -> int:

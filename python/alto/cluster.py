@@ -99,6 +99,7 @@ class Task:
     halt_for: str | None = None  # why it is being halted: "move" (new GPUs), "cancel"
     first_start_s: float | None = None
     micro_steps: int = 0
+    resumed_from: int = 0  # the micro-step its latest run started from (its checkpoint's)
 
 
 def predicted_job(name: str, sweep: Sweep, gpus: int, arrival_s: float, gpu: str) -> tuple[Job, int]:
@@ -270,7 +271,7 @@ class Driver:
         """Rank 0's last step: where the job is, how many adapters are left, the measured step."""
         if not progress or progress["micro_steps"] == t.micro_steps:
             return
-        t.micro_steps = progress["micro_steps"]
+        t.micro_steps, t.resumed_from = progress["micro_steps"], progress["from_micro_step"]
         active = progress["running"] + progress["queued"]
         t.job.observe(t.micro_steps, max(1, active), progress["seconds"])
         task_queue.append_row(self.queue / "predictions.csv", PREDICTION_COLUMNS,
@@ -356,7 +357,7 @@ class Driver:
             "driver": {"pid": os.getpid(), "policy": self.policy.name, "slots": self.slots, "resource": self.resource,
                        "address": self.address or "local"},
             "tasks": [{"name": t.name, "state": t.state, "gpus": sorted(t.job.alloc), "asked": t.job.spec.gpus,
-                       "micro_steps": t.micro_steps, "planned_micro_steps": t.planned_micro_steps,
+                       "micro_steps": t.micro_steps, "resumed_from": t.resumed_from, "planned_micro_steps": t.planned_micro_steps,
                        "active": t.job.active,
                        "predicted_left_s": None if t.state in task_queue.ENDED else t.job.predicted_remaining(),
                        "predicted_total_s": t.predicted_total_s,

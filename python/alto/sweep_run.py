@@ -440,7 +440,7 @@ class SweepRun:
                     decision_log.writerow(["micro_step", "adapter", "adapter_micro_step", "rule", "reason"])
                     step_log.writerow(STEP_COLUMNS)
             self.apply(self.group.broadcast(self.decide(after_step=False) if leader else None), log, decision_log)
-            start = time.time()
+            start, first_step = time.time(), self.micro_steps
             while self.registry.with_status(Status.RUNNING):
                 if stop_after is not None and self.micro_steps >= stop_after:
                     return False
@@ -484,7 +484,8 @@ class SweepRun:
                     f"{counts[Status.STOPPED_EARLY]} | failed {counts[Status.FAILED]} | mean loss "
                     f"{sum(finite) / max(1, len(finite)):.4f} | {time.time() - start:.0f}s")
                 if on_step is not None and leader:
-                    on_step({"micro_steps": self.micro_steps, "seconds": time.time() - step_start,
+                    on_step({"micro_steps": self.micro_steps, "from_micro_step": first_step,
+                             "seconds": time.time() - step_start,
                              **{s.value: n for s, n in counts.items()}})
                 if decisions.halt or self.micro_steps % self.sweep.checkpoint_every == 0:
                     for h in handles:

@@ -58,19 +58,26 @@ def task_dir(queue: Path, name: str) -> Path:
     return queue / "tasks" / name
 
 
-def submit(queue: Path, sweep_path: str, gpus: int) -> Sweep:
-    """Checks the sweep file (one error line for bad input, nothing written) and adds it to the
-    queue as a task asking for `gpus` GPUs; the task's name is the sweep's name."""
+def check(queue: Path, sweep_path: str, gpus: int) -> tuple[str, Sweep]:
+    """A submission's sweep file (its text, parsed) and flags, checked: bad input raises one
+    ValueError line, before anything is written."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"--gpus={gpus!r} must be an int >= 1")
     if queue.exists() and not queue.is_dir():
         raise ValueError(f"--queue {str(queue)!r} is a file; it must be a folder (made if missing)")
     text = read_text(sweep_path, "sweep file")
     sweep = parse_sweep(text, sweep_path)
-    final = task_dir(queue, sweep.name)
-    if final.exists():
+    if task_dir(queue, sweep.name).exists():
         raise ValueError(f"{sweep_path}: name: a task named {sweep.name!r} is in {str(queue)!r} already "
                          "(give the sweep another name)")
+    return text, sweep
+
+
+def submit(queue: Path, sweep_path: str, gpus: int) -> Sweep:
+    """Adds the sweep (checked first: alto.task_queue.check) to the queue as a task asking for
+    `gpus` GPUs; the task's name is the sweep's name."""
+    text, sweep = check(queue, sweep_path, gpus)
+    final = task_dir(queue, sweep.name)
     tmp = queue / "tasks" / f".{sweep.name}.{os.getpid()}.tmp"
     tmp.mkdir(parents=True)
     try:
@@ -129,6 +136,8 @@ class DriverLock:
 
 
 def driver_running(queue: Path) -> bool:
+    if not (queue / "driver.lock").exists():
+        return False
     lock = DriverLock(queue)
     try:
         return not lock.acquire()
