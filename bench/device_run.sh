@@ -2,7 +2,7 @@
 # One call on the GPU machine = build + test + bench (README "Test").
 #   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
 #                            [expand_configs] [sanitize] [parallel] [parallel_shares] [tasks] [sweep] [quality]
-#                            [sharded]
+#                            [sharded] [cluster]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
@@ -77,6 +77,12 @@ for stage in "${stages[@]}"; do
     sharded)
       # The sharded base (FSDP2) on every GPU of the machine vs a replicated base and one GPU (needs 2+ GPUs).
       python3 bench/bench_sharded.py --nproc "$(nvidia-smi -L | wc -l)" ${SHARDED_ARGS:-} 2>&1 | tee "$OUT/bench_sharded.txt" || rc=1
+      ;;
+    cluster)
+      # Two real tasks through alto submit (Ray on this machine; Ray's wheels, the model and the
+      # data carried: CLUSTER_ARGS="--model F.gguf --data F.jsonl"); the queue folder lands in $OUT.
+      python3 bench/bench_cluster.py --out "$OUT/cluster" ${CLUSTER_ARGS:-} > "$OUT/cluster.log" 2>&1 || rc=1
+      grep -v "(Rank" "$OUT/cluster.log" | tail -25
       ;;
     quality)
       python3 bench/quality_study.py ${QUALITY_ARGS:-} 2>&1 | tee -a "$OUT/quality_study.txt" || rc=1
