@@ -329,8 +329,8 @@ class Driver:
     def place(self) -> None:
         """The policy's allocation of every present task, applied: launches, and halts of running
         tasks whose GPUs change (a halting task resumes on the GPUs it has once halted)."""
-        present = self.present()
-        allocation = self.policy.allocate(self.now(), [t.job for t in present], self.slots)
+        present, now = self.present(), self.now()
+        allocation = self.policy.allocate(now, [t.job for t in present], self.slots)
         for t in present:
             new = allocation.get(t.name, {})
             if set(new) == set(t.job.alloc):
@@ -341,13 +341,14 @@ class Driver:
             elif t.state == "starting":  # not started yet: start over on the new GPUs
                 self.release(t)
                 t.state = "queued"
-            if t.state == "queued" and new:
+            if t.state == "queued" and new:  # the policy's decision ("start" follows once Ray has the GPUs)
+                self.event(t, "place", f"{len(new)} GPU(s)", at=now)
                 self.launch(t, resume=(t.run_dir / CHECKPOINT).exists())
 
     # ---- what a person reads -----------------------------------------------------------------------
-    def event(self, t: Task, what: str, detail: str) -> None:
+    def event(self, t: Task, what: str, detail: str, at: float | None = None) -> None:
         task_queue.append_row(self.queue / "events.csv", EVENT_COLUMNS,
-                              [f"{self.now():.2f}", t.name, what, " ".join(map(str, sorted(t.job.alloc))), detail])
+                              [f"{self.now() if at is None else at:.3f}", t.name, what, " ".join(map(str, sorted(t.job.alloc))), detail])
         self.log(f"[{self.now():7.1f}s] {t.name}: {what} {detail}".rstrip())
 
     def write_status(self) -> None:
