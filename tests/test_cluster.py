@@ -87,8 +87,8 @@ def test_a_task_shrinks_after_early_exit_and_its_gpu_goes_to_a_queued_task(tmp_p
     # the worse at its first rung: one adapter left, so the policy keeps one slot for it (it resumes
     # there from its checkpoint) and the queued task takes the other while it still trains.
     monitor = {"rule": "asha", "grace": 2, "eta": 2}
-    wide = write_sweep(tmp_path, "wide", [{"id": "good", "rank": 8, "lr": 1e-2, "max_steps": 80},
-                                          {"id": "bad", "rank": 1, "lr": 1e-6, "max_steps": 80, "seed": 1}],
+    wide = write_sweep(tmp_path, "wide", [{"id": "good", "rank": 8, "lr": 1e-2, "max_steps": 300},
+                                          {"id": "bad", "rank": 1, "lr": 1e-6, "max_steps": 300, "seed": 1}],
                        monitor=monitor)
     task_queue.submit(queue, wide, 2)
     task_queue.submit(queue, write_sweep(tmp_path, "next", [{"id": "a", "rank": 4, "max_steps": 200}]), 1)

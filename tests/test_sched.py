@@ -275,3 +275,25 @@ def test_base_bytes_knows_nf4_and_sharding():
     assert base_bytes(shape, shards=4) < base_bytes(shape, shards=2) < whole
     with pytest.raises(ValueError, match="quantize='int3'"):
         base_bytes(shape, quantize="int3")
+
+
+def test_the_shipped_itp_sample_is_real_jobs_as_tasks():
+    """The first 100 jobs of Microsoft's ITP cluster01, read with their own columns: arrivals from 0 in
+    submission order, GPUs as recorded, every task predicted to run about its recorded duration alone."""
+    import csv as csv_mod
+    from importlib import resources
+
+    from alto.sched import trace
+    from alto.sched.catalog import base_shape
+    from alto.sched.inter import Workload
+
+    with resources.as_file(trace.sample_path("itp")) as path:
+        rows = list(csv_mod.DictReader(open(path)))
+        tasks = trace.load(path, "itp")
+    assert len(tasks) == len(rows) == 100
+    assert tasks[0].arrival_s == 0 and all(a.arrival_s <= b.arrival_s for a, b in zip(tasks, tasks[1:]))
+    assert [t.gpus for t in tasks] == [int(r["num_gpu"]) for r in rows]
+    w = Workload()
+    for t, r in list(zip(tasks, rows))[:10]:
+        predicted = w.duration(base_shape(t.base_model), t.configs, t.tokens, t.gpus)
+        assert predicted == pytest.approx(float(r["duration"]), rel=0.05)

@@ -80,8 +80,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} is a file; it must be a folder (made if missing)")
     if args.trace is None:
-        with resources.as_file(trace.sample_path()) as path:
-            tasks = trace.load(path, "alto")
+        with resources.as_file(trace.sample_path(args.sample)) as path:
+            tasks = trace.load(path, args.sample)
     else:
         tasks = trace.load(args.trace, args.format)
     results = sim.compare(tasks, args.gpus)
@@ -219,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("trace", nargs="?", help="trace file (default: the shipped sample trace)")
     simulate.add_argument("--gpus", type=_int_at_least(1), default=8, help="GPUs in the cluster (default 8)")
     simulate.add_argument("--out", default=".", help="folder for simulate.png (default: .)")
-    simulate.add_argument("--format", choices=("alto", "philly", "pai"), default="alto",
-                          help="alto CSV, Philly job log (JSON or CSV) or PAI pai_job_table.csv")
+    simulate.add_argument("--format", choices=("alto", "philly", "pai", "itp"), default="alto",
+                          help="alto CSV, Philly job log (JSON or CSV), PAI pai_job_table.csv or Microsoft ITP CSV")
+    simulate.add_argument("--sample", choices=("alto", "itp"), default="alto",
+                          help="without a trace file: the shipped synthetic sample (alto) or the real ITP one (itp)")
     simulate.set_defaults(func=cmd_simulate)
     from alto.sched.inter import POLICIES
     from alto.task_queue import DEFAULT_QUEUE

@@ -222,7 +222,26 @@ def load_pai(job_table: str | Path, task_table: str | Path | None = None, config
     return _check(_shift(tasks), str(job_table))
 
 
-LOADERS = {"alto": load_alto, "philly": load_philly, "pai": load_pai}
+ITP_COLUMNS = ("job_id", "submission_time", "duration", "num_gpu")
+
+
+def load_itp(path: str | Path, configs: int = 8, workload: Workload | None = None) -> list[TraceTask]:
+    """Microsoft's ITP traces (github.com/microsoft/elasticflow-traces, raw-traces: real production
+    DL training jobs of 2021, MIT licence): ``job_id, submission_time`` (seconds), ``duration``
+    (seconds), ``num_gpu``. No user column: the base model is picked by the job's id."""
+    path, workload = Path(path), workload or Workload()
+    tasks = []
+    for i, row in enumerate(_read_csv(path, ITP_COLUMNS), start=2):
+        where = f"{path}:{i}"
+        gpus = _number(row["num_gpu"], where, "num_gpu", int)
+        if gpus >= 1:
+            tasks.append(_to_task(row["job_id"], _number(row["submission_time"], where, "submission_time"),
+                                  max(_number(row["duration"], where, "duration"), 1.0), gpus, row["job_id"],
+                                  configs, workload))
+    return _check(_shift(tasks), str(path))
+
+
+LOADERS = {"alto": load_alto, "philly": load_philly, "pai": load_pai, "itp": load_itp}
 
 
 def load(path: str | Path, fmt: str = "alto") -> list[TraceTask]:
@@ -231,9 +250,13 @@ def load(path: str | Path, fmt: str = "alto") -> list[TraceTask]:
     return LOADERS[fmt](path)
 
 
-def sample_path():
-    """The shipped sample trace (package data, so it is in the installed wheel too)."""
-    return resources.files("alto.sched").joinpath("traces/sample.csv")
+SAMPLES = {"alto": "sample.csv", "itp": "itp_cluster01_head100.csv"}
+
+
+def sample_path(name: str = "alto"):
+    """A shipped trace (package data, so it is in the installed wheel too): our synthetic sample, or
+    the first 100 jobs of Microsoft's ITP cluster01 (real; traces/LICENSE-microsoft-elasticflow-traces.txt)."""
+    return resources.files("alto.sched").joinpath("traces", SAMPLES[name])
 
 
 def generate(tasks: int = 40, seed: int = 0, mean_gap_s: float = 300.0) -> list[TraceTask]:
