@@ -15,7 +15,6 @@ planned memory exceeds its capacity, and every job finishes.
 from __future__ import annotations
 
 import heapq
-import math
 import zlib
 from dataclasses import dataclass, field
 
