@@ -91,7 +91,7 @@ def test_a_task_shrinks_after_early_exit_and_its_gpu_goes_to_a_queued_task(tmp_p
                                           {"id": "bad", "rank": 1, "lr": 1e-6, "max_steps": 300, "seed": 1}],
                        monitor=monitor)
     task_queue.submit(queue, wide, 2)
-    task_queue.submit(queue, write_sweep(tmp_path, "next", [{"id": "a", "rank": 4, "max_steps": 200}]), 1)
+    task_queue.submit(queue, write_sweep(tmp_path, "next", [{"id": "a", "rank": 4, "max_steps": 600}]), 1)
     serve(queue, "alto", slots=2)
     log = [(e["task"], e["event"], e["gpus"]) for e in events(queue)]
     at = {entry: i for i, entry in reversed(list(enumerate(log)))}  # first index of each entry

@@ -205,7 +205,7 @@ class Driver:
             return 1 if any(t.state == "failed" for t in self.tasks.values()) else 0
         finally:
             for t in self.tasks.values():
-                if t.runs:
+                if t.group is not None:  # its ranks end; a new driver resumes it from its checkpoint
                     self.release(t)
             if ray.is_initialized():
                 ray.shutdown()
@@ -248,7 +248,9 @@ class Driver:
                 return
             self.observe(t, ray.get(t.ranks[0].progress.remote()))
             done, _ = ray.wait(t.runs, num_returns=len(t.runs), timeout=0)
-            if len(done) < len(t.runs) and not self.any_failed(done):
+            for ref in done:  # a rank that ended in an error raises it now (the others may wait for it forever)
+                ray.get(ref)
+            if len(done) < len(t.runs):
                 return
             codes = ray.get(t.runs)
         except ray.exceptions.RayTaskError as e:  # an error inside the run: it fails alone
@@ -276,16 +278,6 @@ class Driver:
         t.job.observe(t.micro_steps, max(1, active), progress["seconds"])
         task_queue.append_row(self.queue / "predictions.csv", PREDICTION_COLUMNS,
                               [f"{self.now():.2f}", t.name, t.micro_steps, active, f"{t.job.predicted_remaining():.2f}"])
-
-    @staticmethod
-    def any_failed(done: list) -> bool:
-        """Whether a rank already ended in an error (the others would wait for it forever)."""
-        for ref in done:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError:
-                return True
-        return False
 
     def halt(self, t: Task, why: str) -> None:
         t.halt_for = why
