@@ -20,6 +20,10 @@ A task whose process or node dies resumes from its last checkpoint on GPUs the p
 Tasks are exclusive on their GPUs (AltoPolicy(share=False)): two tasks here are two processes,
 which would hold two copies of the base on a shared GPU; tenants of one base share its steps as
 one multi-task sweep file (tasks:).
+
+(Over 300 lines for a reason: the poll loop, the placement it applies and the tasks' lifecycle
+(launch, start, halt, death, end) read and change the same task records; what lives on disk is
+alto.task_queue's.)
 """
 from __future__ import annotations
 
