@@ -57,19 +57,43 @@ def _config_errors() -> tuple[type[Exception], ...]:
     return (error,) if error is not None else ()
 
 
+def _hf_source(spec: str | dict) -> tuple[str, str | None]:
+    """(folder, GGUF file or None) of a smollm2 or hf_dir model."""
+    if spec == "smollm2":
+        return smollm2_dir(), SMOLLM2_GGUF
+    if not Path(spec["hf_dir"]).is_dir():
+        raise ValueError(f"model.hf_dir: no such folder {spec['hf_dir']!r} (models load offline from a local folder)")
+    return spec["hf_dir"], spec.get("gguf_file")
+
+
+def _random_llama_config(spec: dict):
+    """A random_llama's LlamaConfig (vocabulary: the byte tokenizer's, or a larger one given) and its seed."""
+    import transformers
+
+    cfg = dict(spec["random_llama"] or {})
+    tok = ByteTokenizer()
+    vocab = cfg.pop("vocab_size", tok.vocab_size)  # larger: a real model's logits (byte ids stay below)
+    if vocab < tok.vocab_size:
+        raise ValueError(f"model.random_llama.vocab_size: {vocab} is below the byte tokenizer's {tok.vocab_size}")
+    seed = cfg.pop("seed", 0)  # < 2**63: alto.sweep checks it
+    try:
+        return transformers.LlamaConfig(vocab_size=vocab, pad_token_id=tok.pad_id, **cfg), seed
+    except (KeyError, TypeError, ValueError, RuntimeError, *_config_errors()) as e:  # an unknown hidden_act
+        raise ValueError(f"model.random_llama: {first_line(e)}") from None
+
+
 def model_config(spec: str | dict):
     """The sweep's base model's transformers config, without its weights (what the cluster driver
     predicts a task's steps from)."""
     import transformers
 
     if spec == "smollm2" or "hf_dir" in spec:
-        where, gguf = (smollm2_dir(), SMOLLM2_GGUF) if spec == "smollm2" else (spec["hf_dir"], spec.get("gguf_file"))
+        where, gguf = _hf_source(spec)
         try:
             return transformers.AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"model.hf_dir: no model config in {where!r} ({type(e).__name__}: {first_line(e)})") from None
-    cfg = {k: v for k, v in (spec["random_llama"] or {}).items() if k != "seed"}
-    return transformers.LlamaConfig(**{"vocab_size": ByteTokenizer().vocab_size, **cfg})
+    return _random_llama_config(spec)[0]
 
 
 def load_base(spec: str | dict, dtype: str, device: torch.device, quantize: str = "none",
@@ -91,12 +115,7 @@ def _load(spec: str | dict, dtype: str, device: torch.device) -> Base:
 
     dtype = getattr(torch, dtype)
     if spec == "smollm2" or "hf_dir" in spec:
-        if spec == "smollm2":
-            where, gguf = smollm2_dir(), SMOLLM2_GGUF
-        else:
-            where, gguf = spec["hf_dir"], spec.get("gguf_file")
-            if not Path(where).is_dir():
-                raise ValueError(f"model.hf_dir: no such folder {where!r} (models load offline from a local folder)")
+        where, gguf = _hf_source(spec)
         kw = {"gguf_file": gguf} if gguf else {}
         try:
             tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
@@ -106,17 +125,13 @@ def _load(spec: str | dict, dtype: str, device: torch.device) -> Base:
                              f"({type(e).__name__}: {first_line(e)})") from None
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return Base(model.eval(), tok, pad, tok.eos_token_id, str(Path(where).resolve()), gguf)
-    cfg = dict(spec["random_llama"] or {})
+    config, seed = _random_llama_config(spec)
     tok = ByteTokenizer()
-    vocab = cfg.pop("vocab_size", tok.vocab_size)  # larger: a real model's logits (byte ids stay below)
-    if vocab < tok.vocab_size:
-        raise ValueError(f"model.random_llama.vocab_size: {vocab} is below the byte tokenizer's {tok.vocab_size}")
-    torch.manual_seed(cfg.pop("seed", 0))  # < 2**63: alto.sweep checks it
+    torch.manual_seed(seed)
     try:
-        config = transformers.LlamaConfig(vocab_size=vocab, pad_token_id=tok.pad_id, **cfg)
         with torch.device(device):  # drawn where it runs: a 1B model's init takes seconds on a GPU, minutes on a CPU
             model = transformers.LlamaForCausalLM(config)
-    except (KeyError, TypeError, ValueError, RuntimeError, *_config_errors()) as e:  # an unknown hidden_act, an odd head_dim
+    except (KeyError, TypeError, ValueError, RuntimeError, *_config_errors()) as e:  # an odd head_dim
         raise ValueError(f"model.random_llama: {first_line(e)}") from None
     return Base(model.to(dtype).eval(), tok, tok.pad_id, None, None)
 

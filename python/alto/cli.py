@@ -137,11 +137,12 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                     linger_s=args.linger or 0)  # checks its flags; starts nothing
     if task_queue.driver_running(queue):
         raise ValueError(f"a driver serves {str(queue)!r} already: add tasks with alto submit")
-    names = [task_queue.check(queue, path, args.gpus)[1].name for path in args.sweeps]  # all, before any is written
+    checked = [task_queue.check(queue, path, args.gpus) for path in args.sweeps]  # all, before any is written
+    names = [sweep.name for _, sweep in checked]
     if len(set(names)) < len(names):
         raise ValueError(f"two of the sweep files are named {next(n for n in names if names.count(n) > 1)!r}")
-    for path in args.sweeps:
-        task_queue.submit(queue, path, args.gpus)
+    for text, sweep in checked:
+        task_queue.add(queue, text, sweep, args.gpus)
     return driver.run()
 
 

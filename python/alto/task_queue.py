@@ -77,6 +77,12 @@ def submit(queue: Path, sweep_path: str, gpus: int) -> Sweep:
     """Adds the sweep (checked first: alto.task_queue.check) to the queue as a task asking for
     `gpus` GPUs; the task's name is the sweep's name."""
     text, sweep = check(queue, sweep_path, gpus)
+    add(queue, text, sweep, gpus)
+    return sweep
+
+
+def add(queue: Path, text: str, sweep: Sweep, gpus: int) -> None:
+    """A checked sweep (check's text and sweep) into the queue: its folder appears whole or not at all."""
     final = task_dir(queue, sweep.name)
     tmp = queue / "tasks" / f".{sweep.name}.{os.getpid()}.tmp"
     tmp.mkdir(parents=True)
@@ -88,7 +94,6 @@ def submit(queue: Path, sweep_path: str, gpus: int) -> Sweep:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return sweep
 
 
 def tasks(queue: Path) -> list[dict]:
