@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 
 import alto_ext  # noqa: E402
 from alto.cli import main  # noqa: E402
+from alto.parallel import free_port  # noqa: E402
 from alto_ext import Segments  # noqa: E402
 from conftest import TINY_LLAMA  # noqa: E402
 
@@ -383,6 +384,12 @@ QUEUE = {
     "cluster sweep value bad": (lambda t: ["cluster", _queue_sweep(t), _queue_sweep(t, packing=3), "--queue", t / "q"],
                                 ["packing"]),
     "linger negative": (lambda t: ["cluster", "--linger", "-1"], ["--linger", "must be >= 0"]),
+    "two sweeps of one name": (lambda t: ["cluster", _queue_sweep(t), _queue_sweep(t), "--queue", t / "q"],
+                               ["two of the sweep files are named 's'"]),
+    "address without a port": (lambda t: ["cluster", "--address", "headnode", "--queue", t / "q"],
+                               ["--address 'headnode'", "HOST:PORT"]),
+    "address where nothing answers": (lambda t: ["submit", _queue_sweep(t), "--address", f"127.0.0.1:{free_port()}",
+                                                 "--queue", t / "q"], ["--address", "nothing answers there"]),
 }
 
 

@@ -106,6 +106,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("ray") is None:  # its driver would fail in the background
         raise ValueError("alto submit needs Ray: pip install 'alto[cluster]'")
+    from alto.cluster import check_address
+
+    check_address(args.address)  # here, not only in the driver's log
     queue = Path(args.queue)
     sweep = task_queue.submit(queue, args.sweep, args.gpus)
     if task_queue.driver_running(queue):

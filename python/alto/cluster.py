@@ -28,6 +28,7 @@ alto.task_queue's.)
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,8 +86,7 @@ class Task:
     """A submitted task as the driver runs it."""
 
     name: str
-    sweep: Sweep
-    text: str
+    text: str  # the sweep file
     job: Job
     run_dir: Path
     planned_micro_steps: int
@@ -124,6 +124,20 @@ def predicted_job(name: str, sweep: Sweep, gpus: int, arrival_s: float, gpu: str
     return Job.new(spec, shape, workload), micro_steps
 
 
+def check_address(address: str | None) -> None:
+    """An --address nothing answers at is bad input, said in one line at once (ray.init would retry
+    for minutes, printing its own warnings). "auto" (the address a `ray start` left) is Ray's to find."""
+    if address is None or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--address {address!r} must be HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ValueError(f"--address {address!r}: nothing answers there ({e})") from None
+
+
 class Driver:
     def __init__(self, queue: Path, policy: str = "alto", resource: str = "GPU", address: str | None = None,
                  slots: int | None = None, gpu: str = "H100", poll_s: float = 1.0, linger_s: float = 0.0,
@@ -131,6 +145,7 @@ class Driver:
         if policy not in POLICIES:
             raise ValueError(f"--policy={policy!r} is unknown; known: {', '.join(POLICIES)}")
         gpu_type(gpu)  # an unknown --gpu-type fails before Ray starts
+        check_address(address)
         self.queue, self.resource, self.address, self.gpu = queue, resource, address, gpu
         self.policy: Policy = AltoPolicy(share=False) if policy == "alto" else POLICIES[policy]()
         self.slots_asked, self.poll_s, self.linger_s, self.log = slots, poll_s, linger_s, log
@@ -230,7 +245,7 @@ class Driver:
             sweep = parse_sweep(text, str(folder / "sweep.yaml"))
             arrival = max(0.0, record["submitted"] - self.started)
             job, planned = predicted_job(name, sweep, min(record["gpus"], self.slots), arrival, self.gpu)
-            t = Task(name, sweep, text, job, folder / "run", planned, job.predicted_remaining(),
+            t = Task(name, text, job, folder / "run", planned, job.predicted_remaining(),
                      restarts=record["restarts"])
             (t.run_dir).mkdir(exist_ok=True)
             (t.run_dir / "sweep.yaml").write_text(text)
