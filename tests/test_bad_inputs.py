@@ -369,6 +369,14 @@ def _queued_already(tmp_path) -> list:
     return ["submit", _queue_sweep(tmp_path), "--queue", tmp_path / "q"]
 
 
+def _ended(tmp_path) -> list:
+    from alto import task_queue
+
+    task_queue.submit(tmp_path / "q", _queue_sweep(tmp_path), 1)
+    task_queue.update_task(tmp_path / "q", "s", state="done")
+    return ["cancel", "s", "--queue", tmp_path / "q"]
+
+
 QUEUE = {
     "sweep missing": (lambda t: ["submit", t / "missing.yaml", "--queue", t / "q"], ["missing.yaml"]),
     "sweep value bad": (lambda t: ["submit", _queue_sweep(t, checkpoint_every=0), "--queue", t / "q"],
@@ -377,6 +385,7 @@ QUEUE = {
     "queue is a file": (lambda t: ["submit", _queue_sweep(t), "--queue", _queue_sweep(t)], ["--queue", "is a file"]),
     "task name taken": (_queued_already, ["a task named 's'", "already"]),
     "cancel unknown task": (lambda t: ["cancel", "nope", "--queue", t / "q"], ["no task 'nope'"]),
+    "cancel an ended task": (_ended, ["task 's'", "has ended (done)"]),
     "status of a queue never served": (lambda t: ["status", "--queue", t / "q"], ["no driver has served"]),
     "policy unknown": (lambda t: ["cluster", "--policy", "lottery"], ["--policy", "invalid choice"]),
     "gpu type unknown": (lambda t: ["cluster", _queue_sweep(t), "--queue", t / "q", "--gpu-type", "V100"],

@@ -113,6 +113,9 @@ def request_cancel(queue: Path, name: str) -> None:
     if not (task_dir(queue, name) / "task.json").is_file():
         known = ", ".join(t["name"] for t in tasks(queue)) if (queue / "tasks").is_dir() else "none"
         raise ValueError(f"no task {name!r} in {str(queue)!r} (tasks: {known or 'none'})")
+    state = json.loads((task_dir(queue, name) / "task.json").read_text())["state"]
+    if state in ENDED:
+        raise ValueError(f"task {name!r} in {str(queue)!r} has ended ({state}): nothing to cancel")
     (queue / "cancel").mkdir(exist_ok=True)
     (queue / "cancel" / name).touch()
 
