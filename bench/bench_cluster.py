@@ -7,6 +7,8 @@ folder (status.json, events.csv, holds.csv, predictions.csv, timeline.png, each 
 is left under --out.
 
 Run: python bench/bench_cluster.py --model /tmp/c/smollm2.gguf --data /tmp/c/chatterbot.jsonl --out OUT
+(a CPU smoke run, CPU processes standing in for GPUs: --model tiny --device cpu --steps 4 --gap 0
+--resource slot --cluster-gpus 2)
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 from alto.task_queue import driver_running
+from bench_sweep import model_spec
 
 GRIDS = {  # two tenants' sweeps: a larger one first, a smaller one submitted while it runs
     "support-bot": {"rank": [8, 16], "lr": [1e-4, 3e-4], "micro_batch_size": [4, 8]},
@@ -27,7 +30,7 @@ GRIDS = {  # two tenants' sweeps: a larger one first, a smaller one submitted wh
 
 
 def write_sweep(folder: Path, name: str, grid: dict, model: str, data: str, steps: int, device: str) -> Path:
-    doc = {"name": name, "device": device, "model": {"hf_dir": str(Path(model).parent), "gguf_file": Path(model).name},
+    doc = {"name": name, "device": device, "model": model_spec(model),
            "data": {"source": "jsonl", "path": data, "max_length": 256, "eval_fraction": 0.1},
            "defaults": {"max_steps": steps, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
            "grid": grid, "monitor": {"rule": "asha", "grace": steps // 4, "eta": 2},
@@ -39,13 +42,14 @@ def write_sweep(folder: Path, name: str, grid: dict, model: str, data: str, step
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True, help="SmolLM2 GGUF file")
+    ap.add_argument("--model", required=True, help="SmolLM2 GGUF file (or bench_sweep's other --model choices)")
     ap.add_argument("--data", required=True, help="chat records (JSONL)")
     ap.add_argument("--out", default="cluster_out")
     ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--device", default="cuda", help="cuda, or cpu with --extra --resource slot (a smoke run)")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu with --resource slot --cluster-gpus N")
     ap.add_argument("--gap", type=float, default=20.0, help="seconds between the two submissions")
-    ap.add_argument("--extra", nargs="*", default=[], help="more alto submit flags (e.g. --resource slot)")
+    ap.add_argument("--resource", default="GPU", help="alto submit --resource (slot: CPU processes as GPUs)")
+    ap.add_argument("--cluster-gpus", type=int, help="alto submit --cluster-gpus (default: the GPUs here)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,7 +59,8 @@ def main() -> int:
         if i:
             time.sleep(args.gap)
         sweep = write_sweep(out, name, grid, args.model, args.data, args.steps, args.device)
-        cmd = [sys.executable, "-m", "alto.cli", "submit", str(sweep), "--queue", str(queue), "--linger", "5", *args.extra]
+        cmd = [sys.executable, "-m", "alto.cli", "submit", str(sweep), "--queue", str(queue), "--linger", "5",
+               "--resource", args.resource, *(["--cluster-gpus", str(args.cluster_gpus)] if args.cluster_gpus else [])]
         print(f"[{time.time() - start:6.1f}s] $ alto submit {sweep.name} --queue {queue}", flush=True)
         subprocess.run(cmd, check=True)
     time.sleep(2)

@@ -12,11 +12,13 @@ cross-entropy (reduction "none": per-token losses, never the whole logits; its b
 them in chunks), both giving per-token losses whose per-adapter means a step needs; gradient of
 their sum w.r.t. the hidden states. Their losses are checked against each other.
 Run on the GPU: python bench/bench_loss.py [--head]
+(a CPU smoke run, wall clock and no peak memory: --device cpu --tokens 64 --seq 16 --vocab 300 --iters 1)
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,20 @@ def ours(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return token_losses(logits, labels).sum()
 
 
+def elapsed_ms(fn, device: torch.device) -> float:
+    """One call of fn: CUDA events on the GPU, the wall clock on the CPU."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
 def measure(loss_fn, logits: torch.Tensor, labels: torch.Tensor, iters: int) -> tuple[float, float, float]:
     """(median ms, peak GiB above the inputs, loss value)."""
     def once():
@@ -42,15 +58,10 @@ def measure(loss_fn, logits: torch.Tensor, labels: torch.Tensor, iters: int) -> 
         return loss
 
     once()  # warm-up
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        once()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [elapsed_ms(once, logits.device) for _ in range(iters)]
     logits.grad = None
+    if logits.device.type != "cuda":  # no allocator statistics
+        return statistics.median(times), float("nan"), once().item()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -111,26 +122,31 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--head", action="store_true", help="LM head + loss: ours vs liger-kernel's fused kernel")
     ap.add_argument("--hidden", type=int, default=2048, help="--head: hidden size (Llama-3.2-1B)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args()
+    if args.head and args.device != "cuda":
+        ap.error("--head needs --device cuda (liger-kernel's kernels are Triton GPU kernels)")
     if args.head:
         compare_heads(args)
         return
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}; bf16 logits, {args.seq} tokens/row\n")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device: {where}  torch {torch.__version__}; bf16 logits, {args.seq} tokens/row\n")
     print("tokens | vocab | logits GiB | usual ms | ours ms | speed-up | usual peak GiB | ours peak GiB | loss rel. diff")
     print("--- | --- | --- | --- | --- | --- | --- | --- | ---")
     for tokens in args.tokens:
         for vocab in args.vocab:
             torch.manual_seed(0)
             rows = tokens // args.seq
-            logits = (3 * torch.randn(rows, args.seq, vocab, device="cuda")).bfloat16().requires_grad_()
-            labels = torch.randint(0, vocab, (rows, args.seq), device="cuda")
+            logits = (3 * torch.randn(rows, args.seq, vocab, device=args.device)).bfloat16().requires_grad_()
+            labels = torch.randint(0, vocab, (rows, args.seq), device=args.device)
             labels[:, -args.seq // 8 :] = -100  # some padding
             u_ms, u_peak, u_loss = measure(usual, logits, labels, args.iters)
             o_ms, o_peak, o_loss = measure(ours, logits, labels, args.iters)
             print(f"{tokens} | {vocab} | {logits.numel() * 2 / 2**30:.1f} | {u_ms:.1f} | {o_ms:.1f} | "
                   f"{u_ms / o_ms:.2f}x | {u_peak:.1f} | {o_peak:.1f} | {abs(o_loss - u_loss) / abs(u_loss):.1e}")
             del logits, labels
-            torch.cuda.empty_cache()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Rows per --quantize (none: bf16; nf4: QLoRA's 4-bit projections) and, with --sha
 base (FSDP2; on one GPU a process group of one: the code path of shard_base, not its memory saving).
 Run on the GPU: python bench/bench_memory.py [--counts 8 16 ...] [--widths 1b 8b] [--layers 32]
 [--quantize none nf4] [--shard] [--padded] [--too-large 0]
+(a CPU smoke run, fp32 and admitted by the CPU's estimate: --device cpu --widths tiny --counts 2 --padded --too-large 0)
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ WIDTHS = {
            "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 1024},
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4, "num_attention_heads": 32,
            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 1024},
+    # the benches' smoke runs on a CPU (tests/test_bench.py)
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 600},
 }
 
 
@@ -52,12 +56,13 @@ def write_data(path: Path, n: int = 3000) -> None:
 
 
 def sweep_text(widths: str, count: int, data: Path, out: Path, packing: bool, max_running: int | str,
-               steps: int = 3, layers: int = 0, quantize: str = "none", shard: bool = False) -> str:
+               steps: int = 3, layers: int = 0, quantize: str = "none", shard: bool = False,
+               device: str = "cuda") -> str:
     adapters = [{"id": f"c{i}", "rank": (8, 16, 32, 64)[i % 4], "micro_batch_size": (1, 2, 4)[i % 3],
                  "lr": 1e-4 * (1 + i % 5), "seed": i} for i in range(count)]
     model = {**WIDTHS[widths], **({"num_hidden_layers": layers} if layers else {})}
     return json.dumps({
-        "name": "bench", "model": {"random_llama": model}, "device": "cuda", "checkpoint_every": 10**6,
+        "name": "bench", "model": {"random_llama": model}, "device": device, "checkpoint_every": 10**6,
         "output": str(out), "data": {"source": "jsonl", "path": str(data), "max_length": 512, "eval_fraction": 0.0},
         "defaults": {"max_steps": steps, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "adapters": adapters, "max_running": max_running, "packing": packing, "base": {"quantize": quantize},
@@ -82,14 +87,17 @@ def step_figures(steps_csv: Path) -> tuple[list[dict], dict]:
 
 
 def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_running: int | str = "auto",
-            steps: int = 3, layers: int = 0, quantize: str = "none", shard: bool = False) -> dict:
+            steps: int = 3, layers: int = 0, quantize: str = "none", shard: bool = False,
+            device: str = "cuda") -> dict:
     out = root / f"{widths}-{layers}-{count}-{'packed' if packing else 'padded'}-{max_running}-{quantize}-{shard}"
     out.mkdir(parents=True)
-    sweep = parse_sweep(sweep_text(widths, count, data, out, packing, max_running, steps, layers, quantize, shard))
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    sweep = parse_sweep(sweep_text(widths, count, data, out, packing, max_running, steps, layers, quantize, shard,
+                                   device))
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     # shard_base on one GPU: the sharded code path (FSDP2 over a process group of one), as alto tune runs it
-    group = Group.from_env("cuda", process_group=shard)
+    group = Group.from_env(device, process_group=shard)
     try:
         start = time.time()
         run = SweepRun(sweep, out, group)
@@ -101,12 +109,13 @@ def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_
         group.close()
     summary = step_figures(out / "steps.csv")[1]
     statuses = [a.status for a in run.registry]
+    device_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if device == "cuda" else float("nan")
     result = {
         "widths": f"{widths} ({layers or WIDTHS[widths]['num_hidden_layers']} layers)", "base": quantize,
         "sharded": shard, "base_gb": base_gb, "configs": count, "layout": "packed" if packing else "padded",
         "max_running": max_running,
         "finished": sum(s == Status.FINISHED for s in statuses), "failed": sum(s == Status.FAILED for s in statuses),
-        **summary, "device_gb": torch.cuda.get_device_properties(0).total_memory / 1e9, "calibrate_s": calibrated,
+        **summary, "device_gb": device_gb, "calibrate_s": calibrated,
         "wall_s": wall}
     del run
     return result
@@ -122,12 +131,15 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="decoder layers of every base (0: the widths' own)")
     ap.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "nf4"], help="base.quantize of each row")
     ap.add_argument("--shard", action="store_true", help="also rows with shard_base: true (one GPU: world size 1)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}; bf16 random bases; "
+    where, dtype = (torch.cuda.get_device_name(), "bf16") if args.device == "cuda" else ("cpu", "fp32")
+    print(f"device: {where}  torch {torch.__version__}; {dtype} random bases; "
           f"ranks 8-64, micro-batches 1/2/4, q/k/v/o, {args.steps} steps each, 128-512-token sequences\n")
     from alto.attention import _varlen_attn
 
-    print(f"varlen attention: {'torch FlashAttention varlen' if _varlen_attn() else 'per-sequence SDPA'}\n")
+    flash = args.device == "cuda" and _varlen_attn()  # alto.attention: SDPA per sequence on the CPU
+    print(f"varlen attention: {'torch FlashAttention varlen' if flash else 'per-sequence SDPA'}\n")
     cols = ["widths", "base", "sharded", "base_gb", "configs", "layout", "max_running", "finished", "failed", "steps", "ooms", "most_colocated",
             "step_s", "tokens_per_s", "padding", "peak_gb", "predicted_gb", "device_gb", "calibrate_s", "wall_s"]
     print(" | ".join(cols))
@@ -142,7 +154,8 @@ def main() -> None:
         if args.too_large:
             plan.append((args.widths[0], args.too_large, True, args.too_large, "none", False))
         for widths, count, packing, max_running, quantize, shard in plan:
-            r = run_one(widths, count, packing, data, root, max_running, args.steps, args.layers, quantize, shard)
+            r = run_one(widths, count, packing, data, root, max_running, args.steps, args.layers, quantize, shard,
+                        args.device)
             print(" | ".join(f"{r[c]:,.0f}" if c == "tokens_per_s" else f"{r[c]:.3g}" if isinstance(r[c], float)
                              else str(r[c]) for c in cols), flush=True)
 

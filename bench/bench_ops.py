@@ -5,11 +5,14 @@ Every method does the same work per step, for adapter g on its segment of --toke
   y_g += s_g (x_g A_gᵀ) B_g;  dh_g = s_g dy_g B_gᵀ;  dx_g += dh_g A_g;  dA_g = dh_gᵀ x_g;  dB_g = s_g h_gᵀ dy_g
 (the base matmuls are excluded: they are the same for every method). bf16, CUDA events via
 triton.testing.do_bench (median after warm-up). Run on the GPU: python bench/bench_ops.py
+(a CPU smoke run, wall-clock medians and no CUDA graph: --device cpu --groups 2 --tokens 16 --shapes 64x128)
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
+import time
 
 import torch
 import triton.testing
@@ -18,15 +21,25 @@ import alto_ext
 from alto_ext import Segments
 
 RANK_CYCLE = [8, 16, 32, 64]
+DEVICE = torch.device("cuda")  # --device
 
 
 def timed(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    if DEVICE.type == "cuda":
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    fn()  # warm-up
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def copy_bandwidth() -> float:
     """Device-to-device copy rate in bytes/ms (read + write), the ceiling of memory-bound code."""
-    src = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    numel = 1 << 29 if DEVICE.type == "cuda" else 1 << 22  # 1 GiB; 8 MiB on the CPU (a smoke run)
+    src = torch.randn(numel, device=DEVICE, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     ms = timed(lambda: dst.copy_(src))
     return 2 * src.numel() * 2 / ms
@@ -36,9 +49,9 @@ class Problem:
     def __init__(self, G: int, tokens: int, d_in: int, d_out: int):
         ranks = list(itertools.islice(itertools.cycle(RANK_CYCLE), G))
         scaling = [2.0 * 16 / r for r in ranks]  # alpha/r with alpha = 2*16
-        self.seg = Segments.build([tokens] * G, ranks, scaling, device="cuda")
+        self.seg = Segments.build([tokens] * G, ranks, scaling, device=DEVICE)
         T, R = self.seg.num_tokens, self.seg.total_rank
-        bf = dict(device="cuda", dtype=torch.bfloat16)
+        bf = dict(device=DEVICE, dtype=torch.bfloat16)
         self.x, self.dy = torch.randn(T, d_in, **bf), torch.randn(T, d_out, **bf)
         self.y, self.dx = torch.randn(T, d_out, **bf), torch.randn(T, d_in, **bf)
         self.A = torch.randn(R, d_in, **bf) / d_in**0.5
@@ -85,14 +98,14 @@ class Padded:
 
     def __init__(self, p: Problem):
         rmax = max(p.ranks)
-        self.A = torch.zeros(p.G, rmax, p.d_in, device="cuda", dtype=torch.bfloat16)
-        self.Bs = torch.zeros(p.G, rmax, p.d_out, device="cuda", dtype=torch.bfloat16)
+        self.A = torch.zeros(p.G, rmax, p.d_in, device=DEVICE, dtype=torch.bfloat16)
+        self.Bs = torch.zeros(p.G, rmax, p.d_out, device=DEVICE, dtype=torch.bfloat16)
         r0 = 0
         for g, (r, sc) in enumerate(zip(p.ranks, p.scaling)):
             self.A[g, :r] = p.A[r0 : r0 + r]
             self.Bs[g, :r] = p.B[r0 : r0 + r] * sc
             r0 += r
-        self.offs = torch.arange(1, p.G + 1, device="cuda", dtype=torch.int32) * p.tokens
+        self.offs = torch.arange(1, p.G + 1, device=DEVICE, dtype=torch.int32) * p.tokens
 
 
 def grouped_mm(p: Problem, q: Padded):
@@ -150,10 +163,14 @@ def main() -> None:
     ap.add_argument("--groups", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048], help="tokens per adapter")
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336"])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     bw = copy_bandwidth()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    print(f"device: {where}  torch {torch.__version__}  "
           f"copy bandwidth {bw / 1e9:.2f} TB/s (read+write)")
     print(f"ranks cycle {RANK_CYCLE}, bf16, fwd+bwd of the LoRA path\n")
     header = ("tokens/adapter", "d_in->d_out", "G", "ours ms", "loop ms", "loop graph ms",
@@ -166,13 +183,14 @@ def main() -> None:
         q = Padded(p)
         diff = check_same_work(p, q)
         t_ours, t_loop, t_gmm = timed(lambda: ours(p)), timed(lambda: torch_loop(p)), timed(lambda: grouped_mm(p, q))
-        t_loop_graph = timed(graphed(lambda: torch_loop(p)))
+        t_loop_graph = timed(graphed(lambda: torch_loop(p))) if DEVICE.type == "cuda" else float("nan")
         t_floor = p.floor_bytes() / bw
         rows.append((tokens, shape, G, t_ours, t_loop, t_loop_graph, t_gmm, t_floor, t_loop / t_ours,
                      t_loop_graph / t_ours, t_gmm / t_ours, t_floor / t_ours, diff))
         parts.append((tokens, shape, G, breakdown(p)))
         del p, q
-        torch.cuda.empty_cache()
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
 
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))

@@ -12,6 +12,8 @@ counters, then broadcasts rank 0's decisions: small messages, not timed here). T
 --warmup, between barriers. Also reported: the largest relative difference between each
 adapter's losses on N GPUs and on 1 GPU over the timed steps (bf16 on CUDA, fp32 on the CPU).
 Run: python bench/bench_parallel.py --gpus 2
+(a CPU smoke run, gloo ranks: --device cpu --gpus 2 --adapters 2 --layers 1 --hidden 64 --seq 16 --batch 2
+--warmup 1 --iters 1)
 (--shares-on-one-gpu: each rank's share timed alone on one GPU, the N-GPU step predicted from them.)
 """
 from __future__ import annotations

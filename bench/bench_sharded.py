@@ -7,7 +7,7 @@ per-step losses from the one-GPU run (bf16: the sharded and replicated rows run 
 against one GPU the co-located sets differ, so bf16 rounding differs). --too-large: also a base
 that does not fit one GPU with its activations, trained sharded only.
 Run on a multi-GPU machine: python bench/bench_sharded.py [--nproc 2] [--layers 32]
-(bench/device_run.sh sharded; CPU check: --device cpu --nproc 2 --widths tiny).
+(bench/device_run.sh sharded; a CPU smoke run, gloo ranks: --device cpu --nproc 2 --widths tiny --configs 2 --steps 2).
 """
 from __future__ import annotations
 
@@ -20,10 +20,6 @@ from pathlib import Path
 from bench_memory import WIDTHS, step_figures, write_data
 
 from alto.tune import tune
-
-WIDTHS = {**WIDTHS, "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
-                             "max_position_embeddings": 600}}
 
 
 def sweep_file(root: Path, name: str, model: dict, data: Path, configs: int, steps: int, shard: bool, device: str) -> str:

