@@ -4,12 +4,13 @@ labels a step is built with. Each mask is checked against the tokenizer independ
 trained spans decode to exactly the assistant replies (with their end-of-turn) or completion."""
 import copy
 import importlib.util
+import random
 
 import pytest
 import torch
 
-from alto.base import SMOLLM2_GGUF, smollm2_dir
-from alto.data import ByteTokenizer, check_record, context, ids_and_labels, record_tokens, tokenize
+from alto.base import SMOLLM2_GGUF, byte_tokenizer, smollm2_dir
+from alto.data import check_record, context, ids_and_labels, record_tokens, tokenize
 from alto.train import pad_batch, step_inputs
 
 QWEN2_TEMPLATE = (
@@ -97,12 +98,32 @@ def test_prompt_completion_strings_mask_the_prompt_on_token_ids(smollm2, prompt)
 
 
 def test_byte_tokenizer_chat_and_dropped_records():
-    tok = ByteTokenizer()
+    tok = byte_tokenizer()
     tokens = record_tokens({"messages": CHAT[:2]}, tok, None, "completion")
     assert bytes(t - 1 for t in tokens if t >= 0).decode() == "Hello! How can I help?\n"
     # a prompt filling max_length leaves nothing to predict: the record is dropped
     long = ({"prompt": "x" * 20, "completion": "y"}, "r")
     assert tokenize([long], tok, 10, None) == [] and len(tokenize([long], tok, 10, None, "all")) == 1
+
+
+def test_the_byte_tokenizer_is_utf8_bytes_shifted_by_one():
+    """Checked against Python's codec on random text (multi-byte characters, newlines, the text of
+    its special tokens): ids are UTF-8 bytes + 1; any ids (bytes that are no UTF-8, padding, ids
+    beyond its vocabulary) decode as Python decodes their bytes with errors='replace'; its template
+    writes each turn as 'role: content' and a newline."""
+    rng = random.Random(0)
+    tok = byte_tokenizer()
+    pieces = [*"ab \n\t\x00", "<pad>", "\u010a", "é", "€", "中", "\U0001f600", "{{ x }}", "assistant: "]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(30)))
+        ids = [b + 1 for b in text.encode()]
+        assert tok.encode(text) == tok.encode(text, add_special_tokens=False) == ids and tok.decode(ids) == text
+        noise = [rng.choice([0, 11, 300, rng.randrange(1, 257), rng.randrange(129, 257)]) for _ in range(rng.randrange(12))]
+        utf8 = bytes(i - 1 for i in noise if 0 < i < 257 and i != 11).decode(errors="replace")
+        assert tok.decode(noise, skip_special_tokens=True) == utf8, noise
+    assert tok.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True) == (
+        "user: Hi there\nassistant: Hello! How can I help?\nassistant: ")
+    assert (tok.vocab_size, tok.pad_token_id, tok.eos_token_id, sorted(tok.all_special_ids)) == (257, 0, 11, [0, 11])
 
 
 def test_context_tokens_have_no_labels_packed_or_padded():
@@ -124,6 +145,6 @@ def test_records_whose_template_refuses_them_or_that_start_with_the_assistant(sm
     with pytest.raises(ValueError, match="f.jsonl:4: the conversation starts with an assistant turn"):
         tokenize([({"messages": first}, "f.jsonl:4")], smollm2, 512, smollm2.eos_token_id)
     # a None column (HF datasets fill absent fields with it) is no field: this record is text
-    assert tokenize([({"text": "hello there", "prompt": None, "completion": None}, "r")], ByteTokenizer(), 64, None)
+    assert tokenize([({"text": "hello there", "prompt": None, "completion": None}, "r")], byte_tokenizer(), 64, None)
     with pytest.raises(ValueError, match="data: f.jsonl:5 needs a 'text' field"):
         check_record({"prompt": "only a prompt"}, "f.jsonl:5")

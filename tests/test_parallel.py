@@ -287,6 +287,8 @@ def test_a_sharded_base_gives_every_adapter_its_unsharded_trajectory(tmp_path, s
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), aid
     assert_same_adapters(single_run, sharded)
     assert eval_losses(sharded) == pytest.approx(eval_losses(single_run), rel=1e-9) and len(eval_losses(sharded)) == 4
+    # the base the exports name: loaded again whole by the sharded run's rank 0, the same bytes
+    assert (sharded / "base" / "model.safetensors").read_bytes() == (single_run / "base" / "model.safetensors").read_bytes()
 
 
 def test_a_sharded_run_scores_greedy_completions_on_every_rank_alike(tmp_path):
@@ -323,8 +325,8 @@ def test_an_nf4_base_shards_too(tmp_path):
     for out, shard in (("s", True), ("r", False)):
         path = write_sweep(tmp_path, out, shard_base=shard, model=model, base={"dtype": "float64", "quantize": "nf4"})
         assert tune(path, None, nproc=2, log=lambda *_: None) == 0
-    for name in ("losses.csv", "leaderboard.csv"):
-        assert (tmp_path / "s" / name).read_text() == (tmp_path / "r" / name).read_text()
+    for name in ("losses.csv", "leaderboard.csv", "base/model.safetensors"):  # base/: NF4 weights dequantized
+        assert (tmp_path / "s" / name).read_bytes() == (tmp_path / "r" / name).read_bytes()
 
 
 def test_a_sharded_run_resumes_on_another_rank_count(tmp_path, single_run):

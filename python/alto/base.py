@@ -1,20 +1,24 @@
 """The frozen base model of a sweep, loaded offline from the sweep's model setting (checked by
 alto.sweep): the one place that decides the base's dtype, its quantization (NF4) and its sharding
-over the ranks (FSDP2), and what the exported adapters name as their base."""
+over the ranks (FSDP2), and where it came from (what the exported adapters name as their base:
+alto.export.save_base); and the random models' byte tokenizer."""
 from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from alto.data import ByteTokenizer
 from alto.inputs import first_line
 from alto.registry import KNOWN_TARGET_MODULES
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -25,10 +29,43 @@ class Base:
     tokenizer: Any
     pad_id: int
     eos_id: int | None
-    # What PEFT's adapter_config.json records as base_model_name_or_path: the model folder (None
-    # for a random model, which exists nowhere else); gguf_file when the folder holds a GGUF file.
-    name_or_path: str | None
+    # The model folder the weights came from (None for a random model, which exists nowhere else)
+    # and the GGUF file in it, if any.
+    folder: str | None
     gguf_file: str | None = None
+    # load_base again with the same arguments (the same weights): how a base sharded over the ranks
+    # is had whole for its export.
+    reload: Callable[[], Base] | None = None
+
+    @property
+    def loads_alone(self) -> bool:
+        """Whether AutoModelForCausalLM.from_pretrained(folder) alone loads it (a plain HF folder)."""
+        return self.folder is not None and self.gguf_file is None
+
+
+# The byte tokenizer's chat template: each turn as 'role: content' on its own line.
+BYTE_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
+                      "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """UTF-8 bytes as ids 1..256 (0 = padding), for random-init test models: a transformers tokenizer
+    (it saves beside an exported adapter, where AutoTokenizer loads it), GPT-2's byte-level BPE
+    without merges. The newline ends a turn of its chat template (BYTE_CHAT_TEMPLATE), so it is the
+    eos_token, as <|im_end|> is ChatML's. Special tokens in text are encoded as text: a record's
+    '<pad>' is five bytes."""
+    import tokenizers
+    import transformers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spelled = bytes_to_unicode()  # byte -> the character byte-level BPE spells it with
+    vocab = {"<pad>": 0, **{spelled[b]: b + 1 for b in range(256)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges=[]))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token=spelled[ord("\n")], chat_template=BYTE_CHAT_TEMPLATE,
+        split_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def device_type(setting: str) -> str:
@@ -67,17 +104,19 @@ def _hf_source(spec: str | dict) -> tuple[str, str | None]:
 
 
 def _random_llama_config(spec: dict):
-    """A random_llama's LlamaConfig (vocabulary: the byte tokenizer's, or a larger one given) and its seed."""
+    """A random_llama's LlamaConfig (vocabulary: the byte tokenizer's, or a larger one given; its
+    padding and end of turn) and its seed."""
     import transformers
 
     cfg = dict(spec["random_llama"] or {})
-    tok = ByteTokenizer()
+    tok = byte_tokenizer()
     vocab = cfg.pop("vocab_size", tok.vocab_size)  # larger: a real model's logits (byte ids stay below)
     if vocab < tok.vocab_size:
         raise ValueError(f"model.random_llama.vocab_size: {vocab} is below the byte tokenizer's {tok.vocab_size}")
     seed = cfg.pop("seed", 0)  # < 2**63: alto.sweep checks it
     try:
-        return transformers.LlamaConfig(vocab_size=vocab, pad_token_id=tok.pad_id, **cfg), seed
+        return transformers.LlamaConfig(vocab_size=vocab, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                                        eos_token_id=tok.eos_token_id, **cfg), seed
     except (KeyError, TypeError, ValueError, RuntimeError, *_config_errors()) as e:  # an unknown hidden_act
         raise ValueError(f"model.random_llama: {first_line(e)}") from None
 
@@ -107,6 +146,7 @@ def load_base(spec: str | dict, dtype: str, device: torch.device, quantize: str 
     if quantize == "nf4":
         quantize_nf4(base.model, device)
     base.model.to(device if place is None else place)
+    base.reload = lambda: load_base(spec, dtype, device, quantize, place)
     return base
 
 
@@ -126,14 +166,14 @@ def _load(spec: str | dict, dtype: str, device: torch.device) -> Base:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return Base(model.eval(), tok, pad, tok.eos_token_id, str(Path(where).resolve()), gguf)
     config, seed = _random_llama_config(spec)
-    tok = ByteTokenizer()
+    tok = byte_tokenizer()
     torch.manual_seed(seed)
     try:
         with torch.device(device):  # drawn where it runs: a 1B model's init takes seconds on a GPU, minutes on a CPU
             model = transformers.LlamaForCausalLM(config)
     except (KeyError, TypeError, ValueError, RuntimeError, *_config_errors()) as e:  # an odd head_dim
         raise ValueError(f"model.random_llama: {first_line(e)}") from None
-    return Base(model.to(dtype).eval(), tok, tok.pad_id, None, None)
+    return Base(model.to(dtype).eval(), tok, tok.pad_token_id, None, None)
 
 
 # QLoRA's NF4 (Dettmers et al. 2023): 64 weights share an absmax, and 256 absmaxes share the float32

@@ -41,25 +41,6 @@ class Tokenizer(Protocol):
     def apply_chat_template(self, messages: list[dict], tokenize: bool, add_generation_prompt: bool) -> str: ...
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as ids 1..256 (0 = padding): for random-init test models. Its chat template
-    writes each turn as 'role: content' on its own line."""
-
-    vocab_size, pad_id = 257, 0
-    all_special_ids = [ord("\n") + 1]  # its template's end of a turn (as <|im_end|> is ChatML's)
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [b + 1 for b in text.encode("utf-8")]
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        skip = set(self.all_special_ids) if skip_special_tokens else set()
-        return bytes(i - 1 for i in ids if 0 < i < 257 and i not in skip).decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
-        turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return turns + ("assistant: " if add_generation_prompt else "")
-
-
 def context(ids: Sequence[int]) -> list[int]:
     """Tokens the model sees but is not trained to predict."""
     return [~i for i in ids]

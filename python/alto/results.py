@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from alto.base import Base, idle_pass
-from alto.export import save_peft_adapter
+from alto.export import save_base, save_peft_adapter
 from alto.model import LayerTensors, MultiLoraModel
 from alto.registry import Adapter, AdapterConfig, Registry, Status
 from alto.train import colocated_losses
@@ -133,7 +133,8 @@ def _write(path: Path, rows: list[list]) -> None:
 
 def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_dir: Path,
            log=print) -> list[tuple[str, float]]:
-    """Exports every adapter's chosen weights in PEFT format (adapters/<name>), writes
+    """Exports every adapter's chosen weights in PEFT format (adapters/<name>; their base in HF
+    format to base/ where it is not a model folder already: alto.export.save_base), writes
     leaderboard.csv (every adapter, by held-out loss) and leaderboards/<task>.csv, and losses.png,
     and prints each task's leaderboard; returns (adapter, held-out loss) best first."""
     def order(a: Adapter) -> tuple[bool, float]:
@@ -141,9 +142,10 @@ def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_
         return not math.isfinite(loss), loss
 
     tasks: dict[str, list[Adapter]] = {}
+    base_path = save_base(base, run_dir / "base")
     for a in registry:
         o = outcomes[a.id]
-        save_peft_adapter(o.weights, a, run_dir / "adapters" / a.id, base.name_or_path, base.gguf_file,
+        save_peft_adapter(o.weights, a, run_dir / "adapters" / a.id, base_path, base.tokenizer,
                           {"export": o.export, "export_step": o.step, "eval_loss": o.eval_loss,
                            "metric": list(o.metric) if o.metric else None})
         tasks.setdefault(a.task, []).append(a)
@@ -160,7 +162,9 @@ def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_
             log(f"{i:>3}  {a.id:<34}{a.status.value:<15}{a.step:>6}{f'{o.export}@{o.step}':>12}{o.eval_loss:>11.4f}"
                 f"{o.perplexity:>9.2f}" + (f"{o.metric[1]:>13.3f}" if o.metric else ""))
     plot_losses(registry, run_dir / "losses.png")
-    log(f"\nrun folder: {run_dir} (adapters/ in PEFT format, losses.csv, leaderboard.csv, leaderboards/, losses.png)")
+    their_base = "" if base.loads_alone else ", base/ (their base, HF format)"
+    log(f"\nrun folder: {run_dir} (adapters/ in PEFT format{their_base}, losses.csv, leaderboard.csv, leaderboards/, "
+        "losses.png)")
     return [(a.id, outcomes[a.id].eval_loss) for a in overall]
 
 
