@@ -1,7 +1,9 @@
 """alto cluster on a local Ray, CPU processes standing in for GPUs (a custom resource `slot`): tasks
 placed by the policies alto simulate evaluates, as the simulator places them on the same arrivals;
 a task shrinking after early termination, its freed slot taken by a queued task; a task whose
-process is killed resuming from its checkpoint to the adapters an uninterrupted run trains."""
+process is killed resuming from its checkpoint to the adapters an uninterrupted run trains; a task
+under Ray computing what alto tune computes in-process, bit for bit; a driver that cannot serve
+failing its submission; alto status saying how a driver that is gone ended."""
 import csv
 import json
 import os
@@ -12,12 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY_LLAMA, write_word_records
 
 pytest.importorskip("ray")
 
 from alto import task_queue  # noqa: E402
+from alto.cli import main  # noqa: E402
 from alto.cluster import Driver  # noqa: E402
 from alto.sched.inter import POLICIES, AltoPolicy, Job  # noqa: E402
 from alto.sched.sim import Simulator  # noqa: E402
@@ -140,3 +144,73 @@ def test_a_killed_task_resumes_from_its_checkpoint_to_the_same_adapters(tmp_path
     alone.write_text(Path(sweep).read_text().replace('"name": "victim"', f'"name": "victim", "output": "{tmp_path / "alone"}"'))
     assert tune(str(alone), None, log=lambda *_: None) == 0
     assert_same_adapters(queue / "tasks" / "victim" / "run", tmp_path / "alone", ids="ab")
+
+
+def test_a_task_under_ray_computes_what_alto_tune_computes_in_this_process(tmp_path):
+    # CPU float results depend on torch's thread count (MKL's GEMMs sum in another order on 2 threads
+    # than on 1) and Ray starts its workers with OMP_NUM_THREADS=1: the driver gives every rank its
+    # count. 2 threads here, whatever OMP_NUM_THREADS this session has.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        queue = tmp_path / "q"
+        sweep = write_sweep(tmp_path, "same", [{"id": "a", "rank": 4, "max_steps": 6},
+                                               {"id": "b", "rank": 2, "max_steps": 6, "seed": 1}])
+        task_queue.submit(queue, sweep, 1)
+        serve(queue, "alto", slots=1)
+        alone = tmp_path / "alone.yaml"
+        alone.write_text(Path(sweep).read_text().replace('"name": "same"', f'"name": "same", "output": "{tmp_path / "alone"}"'))
+        assert tune(str(alone), None, log=lambda *_: None) == 0
+    finally:
+        torch.set_num_threads(threads)
+    runs = [queue / "tasks" / "same" / "run", tmp_path / "alone"]
+    assert [json.loads((r / "threads.json").read_text()) for r in runs] == [{"cpu_threads": 2}] * 2
+    # The checkpoints' float64 weights, moments and losses (the exported adapters are float32)
+    ray_run, here = (torch.load(r / "checkpoint.pt", weights_only=False) for r in runs)
+    assert ray_run["micro_steps"] == here["micro_steps"] == 6
+    for aid in "ab":
+        assert ray_run["adapters"][aid]["losses"] == here["adapters"][aid]["losses"]
+        for ours, theirs in zip(ray_run["adapters"][aid]["state"].tensors(), here["adapters"][aid]["state"].tensors()):
+            assert torch.equal(ours, theirs), aid
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("command", ["submit", "cluster"])
+def test_a_driver_that_cannot_serve_fails_its_submission(tmp_path, capsys, command):
+    queue = tmp_path / "q"
+    sweep = write_sweep(tmp_path, "s", [{"id": "a", "rank": 2, "max_steps": 2}])
+    assert main([command, sweep, "--queue", str(queue)]) == 2  # no --resource slot: Ray has no GPU here
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"alto {command}: error: "), err
+    assert "the Ray cluster has no 'GPU' resource" in err and "--resource slot" in err, err
+    assert not (queue / "tasks" / "s").exists()  # the submission went with its driver
+    if command == "submit":  # alto status says why no driver serves the queue: the driver's own line
+        assert main(["status", "--queue", str(queue)]) == 2
+        assert "the Ray cluster has no 'GPU' resource" in capsys.readouterr().err
+
+
+def test_status_says_how_a_driver_that_is_gone_ended(tmp_path, capsys, monkeypatch):
+    queue = tmp_path / "q"
+    task_queue.submit(queue, write_sweep(tmp_path, "s", [{"id": "a", "rank": 2, "max_steps": 2}]), 1)
+    driver = Driver(queue, resource="slot", poll_s=0.01)
+    monkeypatch.setattr(driver, "connect", lambda: setattr(driver, "slots", 1))  # no Ray: it never places
+    polls = []
+
+    def place():  # its second poll fails
+        polls.append(1)
+        if len(polls) == 2:
+            raise RuntimeError("the Ray cluster went away")
+
+    monkeypatch.setattr(driver, "place", place)
+    with pytest.raises(RuntimeError):
+        driver.run()
+    assert main(["status", "--queue", str(queue)]) == 0
+    out = capsys.readouterr().out
+    assert "driver not running" in out and "the driver failed: RuntimeError: the Ray cluster went away" in out, out
+    # Killed while serving (SIGKILL): status.json still says serving; driver.log's last line is all there is.
+    status = json.loads((queue / "status.json").read_text())
+    task_queue.write_json(queue / "status.json", {**status, "driver": {**status["driver"], "state": "serving"}})
+    (queue / "driver.log").write_text("[   3.0s] s: place 1 GPU(s)\n")
+    assert main(["status", "--queue", str(queue)]) == 0
+    out = capsys.readouterr().out
+    assert "driver not running" in out and "driver.log ends: [   3.0s] s: place 1 GPU(s)" in out, out

@@ -29,19 +29,23 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from alto import task_queue
 from alto.base import model_config
 from alto.checkpoint import CHECKPOINT
-from alto.parallel import free_port
+from alto.inputs import INPUT_ERRORS, first_line
+from alto.parallel import free_port, rank_threads
 from alto.sched.catalog import ModelShape, gpu_type
 from alto.sched.inter import POLICIES, AltoPolicy, Job, Policy, TraceTask, Workload
 from alto.sched.sim import HoldLog, plot_holds
@@ -67,10 +71,11 @@ class Rank:
         return ray.util.get_node_ip_address(), free_port(), os.getpid()
 
     def run(self, text: str, source: str, run_dir: str, resume: bool, rank: int, world: int,
-            address: str, port: int) -> int:
+            address: str, port: int, threads: int) -> int:
         # Ray shows each actor only its own GPUs (CUDA_VISIBLE_DEVICES): its device is cuda:0.
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=address,
                           MASTER_PORT=str(port))
+        torch.set_num_threads(threads)  # the driver's count (Ray sets OMP_NUM_THREADS=1 where it is unset)
         return run_rank(text, source, run_dir, resume, None, should_halt=self.halting.is_set,
                         on_step=self.progress_now.update)
 
@@ -138,6 +143,22 @@ def check_address(address: str | None) -> None:
         raise ValueError(f"--address {address!r}: nothing answers there ({e})") from None
 
 
+def start_driver(queue: Path, flags: list[str]) -> tuple[int, str] | None:
+    """Starts a driver (`alto cluster FLAGS`) in the background, its output appended to
+    QUEUE/driver.log, and waits until it serves the queue (or another driver does: it lost the
+    queue's lock to one): None. A driver that ended first: its exit code and last line of output."""
+    log_path = queue / "driver.log"
+    start = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "a") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "alto.cli", "cluster", *flags], stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    while driver.poll() is None and not task_queue.served_by(queue, driver.pid):
+        time.sleep(0.2)
+    if task_queue.served_by(queue, driver.pid) or task_queue.driver_running(queue):  # (served, then ended: --linger 0)
+        return None
+    return driver.returncode, task_queue.driver_log_end(queue, start) or "no output"
+
+
 class Driver:
     def __init__(self, queue: Path, policy: str = "alto", resource: str = "GPU", address: str | None = None,
                  slots: int | None = None, gpu: str = "H100", poll_s: float = 1.0, linger_s: float = 0.0,
@@ -152,7 +173,10 @@ class Driver:
         self.tasks: dict[str, Task] = {}
         self.holds = HoldLog()
         self.started = time.time()
-        self.slots = 0
+        self.slots = self.threads = 0
+        # Its lifecycle in status.json: starting, serving (a whole poll done: what alto submit waits
+        # for), then ended or failed with a reason (alto status shows a driver that is gone by it).
+        self.state, self.reason = "starting", None
 
     def now(self) -> float:
         return time.time() - self.started
@@ -171,6 +195,9 @@ class Driver:
             ray.shutdown()
             raise ValueError(f"the Ray cluster has no {self.resource!r} resource (on a machine without GPUs: "
                              "--resource slot --cluster-gpus N runs tasks as CPU processes)")
+        # Every rank gets this process's CPU threads shared among the slots of the fullest node: the same
+        # count whatever a task holds, moved or resumed; on a node of one slot, what alto tune gets here.
+        self.threads = rank_threads(int(max(n["Resources"].get(self.resource, 0) for n in ray.nodes() if n["Alive"])))
 
     def launch(self, t: Task, resume: bool) -> None:
         """Asks Ray for a placement group of len(job.alloc) GPUs and the task's ranks on it; they
@@ -188,8 +215,8 @@ class Driver:
         address, port, _ = ray.get(t.rendezvous)
         t.pids = [pid for _, _, pid in ray.get([r.where.remote() for r in t.ranks])]
         world = len(t.ranks)
-        t.runs = [r.run.remote(t.text, str(t.run_dir / "sweep.yaml"), str(t.run_dir), t.resume, i, world, address, port)
-                  for i, r in enumerate(t.ranks)]
+        t.runs = [r.run.remote(t.text, str(t.run_dir / "sweep.yaml"), str(t.run_dir), t.resume, i, world, address, port,
+                               self.threads) for i, r in enumerate(t.ranks)]
         t.rendezvous, t.state = None, "running"
         t.first_start_s = t.first_start_s if t.first_start_s is not None else self.now()
         self.event(t, "resume" if t.resume else "start", f"{world} GPU(s)")
@@ -208,26 +235,36 @@ class Driver:
             raise ValueError(f"a driver serves {str(self.queue)!r} already (alto status shows it)")
         try:
             self.connect()
-            self.log(f"alto cluster: {self.slots} {self.resource} | policy {self.policy.name} | queue {self.queue}")
+            self.log(f"alto cluster: {self.slots} {self.resource} | {self.threads} CPU threads per rank | "
+                     f"policy {self.policy.name} | queue {self.queue}")
             idle_since = self.now()
             while True:
                 self.read_submissions()
                 for t in self.present():
                     self.poll(t)
                 self.place()
+                self.state = "serving"
                 self.write_status()
                 if self.present():
                     idle_since = self.now()
                 elif self.now() - idle_since >= self.linger_s:
                     break
                 time.sleep(self.poll_s)
+            self.state, self.reason = "ended", f"no task left to serve (--linger {self.linger_s:g} s)"
             return 1 if any(t.state == "failed" for t in self.tasks.values()) else 0
+        except Exception as e:
+            if self.state == "serving":  # alto status says why (one that never served: its error line, alto submit's)
+                self.state = "failed"
+                self.reason = first_line(e) if isinstance(e, INPUT_ERRORS) else f"{type(e).__name__}: {first_line(e)}"
+            raise
         finally:
             for t in self.tasks.values():
                 if t.group is not None:  # its ranks end; a new driver resumes it from its checkpoint
                     self.release(t)
             if ray.is_initialized():
                 ray.shutdown()
+            if self.state != "starting":
+                self.write_status()
             lock.release()
 
     def present(self) -> list[Task]:
@@ -366,8 +403,8 @@ class Driver:
         now = self.now()
         task_queue.write_json(self.queue / "status.json", {
             "queue": str(self.queue), "now_s": now,
-            "driver": {"pid": os.getpid(), "policy": self.policy.name, "slots": self.slots, "resource": self.resource,
-                       "address": self.address or "local"},
+            "driver": {"pid": os.getpid(), "state": self.state, "reason": self.reason, "policy": self.policy.name,
+                       "slots": self.slots, "resource": self.resource, "address": self.address or "local"},
             "tasks": [{"name": t.name, "state": t.state, "gpus": sorted(t.job.alloc), "asked": t.job.spec.gpus,
                        "micro_steps": t.micro_steps, "resumed_from": t.resumed_from, "planned_micro_steps": t.planned_micro_steps,
                        "active": t.job.active,

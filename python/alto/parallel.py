@@ -13,10 +13,12 @@ ranks run in lockstep, so the step time is the busiest rank's).
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable, Sequence
 from multiprocessing import connection
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -110,9 +112,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+THREADS = "threads.json"  # a run's CPU threads per rank, as it started: its resumes use them too
+
+
+def rank_threads(ranks_here: int) -> int:
+    """The CPU threads of each of ranks_here ranks this process starts on one host: its own torch
+    thread count (OMP_NUM_THREADS where set, else torch's default for the machine) shared among
+    them, at least 1. Stated by the launcher rather than left to each process (Ray starts its
+    workers with OMP_NUM_THREADS=1) because CPU float results depend on it: MKL's GEMMs and torch's
+    reductions sum in another order on another number of threads."""
+    return max(1, torch.get_num_threads() // ranks_here)
+
+
+def run_threads(run_dir: Path, resume: bool) -> int:
+    """The CPU threads a rank of the run in run_dir trains with: on resume, those its run recorded
+    when it started (the same numbers as the uninterrupted run, whoever resumes it), else this
+    process's (its launcher's rank_threads)."""
+    path = run_dir / THREADS
+    if not (resume and path.is_file()):  # (a run folder older than the record: this process's)
+        return torch.get_num_threads()
+    try:
+        threads = json.loads(path.read_text())["cpu_threads"]
+    except (ValueError, KeyError, TypeError):
+        threads = None
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"{path}: not a record of alto tune's CPU threads ({{\"cpu_threads\": N}})")
+    return threads
+
+
+def record_threads(run_dir: Path) -> None:
+    (run_dir / THREADS).write_text(json.dumps({"cpu_threads": torch.get_num_threads()}))
+
+
 def launch(fn: Callable[..., Any], nproc: int, args: Sequence[Any] = ()) -> list[Any]:
     """Runs fn(*args) in nproc processes on this host as ranks 0..nproc-1 (what torchrun would
-    set up); returns every rank's result, in rank order. A rank that raises stops the others."""
+    set up), each on its share of this process's CPU threads (rank_threads); returns every rank's
+    result, in rank order. A rank that raises stops the others."""
     import torch.multiprocessing as mp
 
     if nproc < 1:
@@ -121,8 +156,9 @@ def launch(fn: Callable[..., Any], nproc: int, args: Sequence[Any] = ()) -> list
         return [fn(*args)]
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, args, rank, nproc, port, results)) for rank in range(nproc)]
+    port, threads = free_port(), rank_threads(nproc)
+    procs = [ctx.Process(target=_rank_main, args=(fn, args, rank, nproc, port, threads, results))
+             for rank in range(nproc)]
     for p in procs:
         p.start()
     alive = list(procs)
@@ -139,7 +175,8 @@ def launch(fn: Callable[..., Any], nproc: int, args: Sequence[Any] = ()) -> list
     return [by_rank[r] for r in range(nproc)]
 
 
-def _rank_main(fn, args, rank: int, world: int, port: int, results) -> None:
+def _rank_main(fn, args, rank: int, world: int, port: int, threads: int, results) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
     results.put((rank, fn(*args)))

@@ -6,7 +6,7 @@ command and the driver (alto.cluster) read and write, and nothing else.
     QUEUE/tasks/<name>/run/         its run folder (alto tune's: checkpoint, losses, leaderboards, adapters)
     QUEUE/cancel/<name>             a cancel request (the driver halts the task at a checkpoint)
     QUEUE/driver.lock, driver.log   held by the one driver serving the queue; its output
-    QUEUE/status.json               the driver's view, rewritten every poll (alto status prints it)
+    QUEUE/status.json               the driver's view, rewritten every poll and as it ends (alto status prints it)
     QUEUE/events.csv, holds.csv     every start, halt, end, restart; which task held which GPU when
     QUEUE/predictions.csv           each running task's predicted remaining seconds as it ran
     QUEUE/timeline.png              the holds, drawn (alto.sched.sim.plot_holds)
@@ -96,6 +96,11 @@ def add(queue: Path, text: str, sweep: Sweep, gpus: int) -> None:
         raise
 
 
+def remove(queue: Path, name: str) -> None:
+    """Takes a submission back (its driver never served it)."""
+    shutil.rmtree(task_dir(queue, name))
+
+
 def tasks(queue: Path) -> list[dict]:
     """Every submitted task's record, oldest first."""
     found = [json.loads(p.read_text()) for p in (queue / "tasks").glob("*/task.json")]
@@ -153,15 +158,40 @@ def driver_running(queue: Path) -> bool:
         lock.release()
 
 
+def served_by(queue: Path, pid: int) -> bool:
+    """Whether the driver of process pid has served the queue (written status.json after a whole poll)."""
+    try:
+        return json.loads((queue / "status.json").read_text())["driver"]["pid"] == pid
+    except FileNotFoundError:
+        return False
+
+
+def driver_log_end(queue: Path, start: int = 0) -> str | None:
+    """The last line of QUEUE/driver.log from byte `start` on (None: none there): a driver that failed
+    ends it with its error line."""
+    try:
+        with open(queue / "driver.log", "rb") as f:
+            f.seek(max(start, f.seek(0, os.SEEK_END) - 65536))  # its end is enough; Ray's output can be long
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    return next((line.strip() for line in reversed(lines) if line.strip()), None)
+
+
 def seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
-def format_status(status: dict, driver_alive: bool) -> str:
-    """What `alto status` prints: the driver, then one row per task."""
+def format_status(status: dict, driver_alive: bool, log_end: str | None = None) -> str:
+    """What `alto status` prints: the driver (one that is gone: how it ended, or, killed without a
+    word, log_end: driver.log's last line), then one row per task."""
     d = status["driver"]
     head = (f"queue {status['queue']} | driver {'running' if driver_alive else 'not running'} | policy {d['policy']} | "
             f"{d['slots']} {d['resource']} | {status['now_s']:.0f} s since the driver started")
+    if not driver_alive and d.get("state") in ("ended", "failed"):
+        head += f"\nthe driver {d['state']}: {d['reason']}"
+    elif not driver_alive:  # killed (or its machine lost) while serving: it wrote nothing more
+        head += f"\nthe driver ended without a word (killed?); driver.log ends: {log_end or '-'}"
     rows = [("task", "state", "GPUs", "asked", "micro-step", "adapters left", "predicted left s",
              "predicted total s", "actual total s", "restarts")]
     for t in status["tasks"]:
