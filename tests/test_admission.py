@@ -95,7 +95,7 @@ def test_an_out_of_memory_step_is_undone_and_the_run_goes_on(tmp_path):
     assert whole.run(log=lambda *_: None)
 
     run = run_of(make_sweep(tmp_path, "oom", max_running=4), tmp_path, "oom")
-    assert not run.run(stop_after=3, log=lambda *_: None)
+    assert not run.run(until=3, log=lambda *_: None)
     before = states(run)
     b_grads = run.trainer.export_states(["b"])["b"].grads
     assert any(g.abs().sum() > 0 for g in b_grads)  # b (grad_accum 2) holds half an accumulation
@@ -106,7 +106,7 @@ def test_an_out_of_memory_step_is_undone_and_the_run_goes_on(tmp_path):
         raise torch.OutOfMemoryError("injected")
 
     run.trainer.inject_fault = out_of_memory
-    assert not run.run(stop_after=4, log=lambda *_: None)
+    assert not run.run(until=4, log=lambda *_: None)
     after = states(run)
     assert before.keys() == after.keys() == set("abcd")
     for aid in before:  # weights, pending gradients, AdamW moments, step, data position, RNG: bit for bit

@@ -61,6 +61,23 @@ def test_job_estimate_learns_the_ratio_online():
         est.observe(0.0)
 
 
+def test_forecast_steps_the_running_adapters_and_fills_freed_slots_from_the_queue():
+    cfg = AdapterConfig()
+    work = lambda steps: estimate.Work(cfg, 16, steps)  # noqa: E731
+    # two run (3 and 5 micro-steps left), the queued one (4) takes the first freed slot; a step costs
+    # one second per adapter in it: 3 steps of 2, then 2 of 2 (the 5 with 2 left, the 4), then the 4's last 2 alone.
+    steps, seconds = estimate.forecast([work(3), work(5)], [work(4)], 2, lambda step: float(len(step)))
+    assert (steps, seconds) == (7, 3 * 2 + 2 * 2 + 2 * 1)
+    # one slot: everything one after another
+    assert estimate.forecast([work(3)], [work(5), work(4)], 1, lambda step: 10.0 * len(step)) == (12, 120.0)
+    assert estimate.forecast([], [], 4, lambda step: 1.0) == (0, 0.0)
+    # mixed sequence lengths: a step's prediction is the sum of each adapter's own FLOPs
+    model, shape = estimate.default_model(), LLAMA3_8B
+    mixed = model.step_seconds([cfg, cfg], [128, 512], shape)
+    assert mixed == pytest.approx(model.step_seconds([cfg], 128, shape) + model.step_seconds([cfg], 512, shape)
+                                  - model.step_overhead_s)
+
+
 def test_intra_schedule_never_exceeds_memory_random_configs():
     import random
 

@@ -66,35 +66,6 @@ def test_resume_drops_a_log_line_cut_short_by_the_kill(tmp_path, sweep_yaml):
     assert (tmp_path / "whole" / "losses.csv").read_text() == (tmp_path / "cut" / "losses.csv").read_text()
 
 
-def test_an_exported_adapter_loads_with_auto_peft_alone(tmp_path, sweep_yaml):
-    """adapter_config.json names the base's folder: AutoPeftModelForCausalLM.from_pretrained(dir)
-    alone loads base and adapter, with the logits of the base loaded by hand plus PeftModel."""
-    import tokenizers
-    import transformers
-    from conftest import TINY_LLAMA, WORDS
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                                unk_token="<unk>")
-    config = transformers.LlamaConfig(vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, **TINY_LLAMA)
-    folder = tmp_path / "base"
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    assert tune(str(sweep_yaml(model={"hf_dir": str(folder)})), None, log=lambda *_: None) == 0
-    adapter = tmp_path / "run" / "adapters" / "rank4-lr0p003"
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(folder)
-    auto = peft.AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()
-    base = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids = fast("alpha beta lora rank token", return_tensors="pt").input_ids
-    with torch.no_grad():
-        plain = base(ids).logits
-        by_hand = peft.PeftModel.from_pretrained(base, str(adapter)).eval()(ids).logits
-        assert torch.equal(auto(ids).logits, by_hand)
-    assert not torch.allclose(plain, by_hand, atol=1e-4)  # the adapter changed the model
-
-
 def test_scientific_floats_without_a_dot_are_floats():
     # YAML 1.1 reads 1e-4 as a string; a sweep file means the number.
     sweep = parse_sweep("grid: {lr: [1e-4, 3E-3]}\ndefaults: {alpha: 1e1}")
@@ -237,3 +208,98 @@ def test_hugging_face_dataset_source(tmp_path):
     (files / "rows.jsonl").write_text('{"text": "alpha beta"}\n{"label": "x"}\n')
     with pytest.raises(ValueError, match=r"\[train\]\[1\] needs a 'text' field, 'prompt' and 'completion', or 'messages'"):
         load_texts("hf", str(files))
+
+
+def test_alto_version_names_the_release(capsys):
+    import importlib.metadata
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"alto {importlib.metadata.version('alto')} (torch {torch.__version__})"
+
+
+def test_stop_after_counts_from_where_the_run_starts_and_says_how_to_continue(tmp_path, capsys, sweep_yaml):
+    """--stop-after N: N micro-steps of this command, from 0 or from the checkpoint it resumes; it
+    stops at a checkpoint of its own and prints the command that continues; the continued run ends
+    with the adapters of an uninterrupted one."""
+    defaults = {"micro_batch_size": 2, "max_steps": 6, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1}
+    assert tune(str(sweep_yaml(out="whole", defaults=defaults, checkpoint_every=10)), None, log=lambda *_: None) == 0
+    capsys.readouterr()
+    cut = tmp_path / "cut"
+    assert main(["tune", str(sweep_yaml(out="cut", defaults=defaults, checkpoint_every=10)), "--stop-after", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"stopped at micro-step 2 (--stop-after 2), checkpoint written; continue with: alto tune --resume {cut}" in out
+    assert torch.load(cut / "checkpoint.pt", weights_only=False)["micro_steps"] == 2
+    assert main(["tune", "--resume", str(cut), "--stop-after", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed {cut} at micro-step 2" in out and "stopped at micro-step 4 (--stop-after 2)" in out
+    assert torch.load(cut / "checkpoint.pt", weights_only=False)["micro_steps"] == 4
+    assert not (cut / "leaderboard.csv").exists()
+    assert main(["tune", "--resume", str(cut)]) == 0
+    assert (tmp_path / "whole" / "losses.csv").read_text() == (cut / "losses.csv").read_text()
+    assert (tmp_path / "whole" / "evals.csv").read_text() == (cut / "evals.csv").read_text()
+    from safetensors.torch import load_file
+    for aid in ["rank2-lr0p001", "rank4-lr0p003"]:
+        wa = load_file(str(tmp_path / "whole" / "adapters" / aid / "adapter_model.safetensors"))
+        wb = load_file(str(cut / "adapters" / aid / "adapter_model.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), aid
+
+
+def test_held_out_losses_are_written_and_printed_as_they_happen(tmp_path, sweep_yaml):
+    """evals.csv holds every evaluation when it is printed (not only at the end), with the losses the
+    adapters record; the end adds each adapter's last weights' evaluation."""
+    import csv
+
+    run = tmp_path / "run"
+    seen: dict[int, list[dict]] = {}
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.startswith("eval at step "):  # the file already holds this evaluation's rows
+            step = int(line.split()[3])
+            with open(run / "evals.csv") as f:
+                seen[step] = [r for r in csv.DictReader(f) if int(r["micro_step"]) == step]
+
+    defaults = {"micro_batch_size": 2, "max_steps": 5, "target_modules": ["q_proj", "v_proj"]}
+    assert tune(str(sweep_yaml(defaults=defaults, eval={"every": 2})), None, log=log) == 0
+    assert sorted(seen) == [2, 4] and all(len(rows) == 4 for rows in seen.values())
+    with open(run / "evals.csv") as f:
+        rows = list(csv.DictReader(f))
+    for aid in ["rank2-lr0p001", "rank2-lr0p003", "rank4-lr0p001", "rank4-lr0p003"]:
+        record = json.loads((run / "adapters" / aid / "alto_adapter.json").read_text())
+        during = [r for r in rows if r["adapter"] == aid and r["weights"] == "current"]
+        assert [float(r["eval_loss"]) for r in during] == pytest.approx(record["eval_losses"], abs=1e-6)
+        assert [int(r["adapter_step"]) for r in during] == [2, 4]
+        end = [r for r in rows if r["adapter"] == aid and r["weights"] == "last"]
+        assert len(end) == 1 and end[0]["micro_step"] == "5" and end[0]["task"] == "t"
+    best = min((r for r in rows if r["micro_step"] == "2"), key=lambda r: float(r["eval_loss"]))
+    line = next(x for x in lines if x.startswith("eval at step 2 "))
+    assert f"t: best {best['adapter']} {float(best['eval_loss']):.4f} (step 2), 4 of 4 left" in line
+
+
+def test_each_step_shows_every_task_s_best_and_median_loss_and_the_time_left(tmp_path, sweep_yaml):
+    import csv
+    import statistics
+
+    lines: list[str] = []
+    tasks = [{"name": "a", "grid": {"rank": [2, 4], "lr": [1e-3, 3e-3]}}, {"name": "b", "grid": {"lr": [1e-3]}}]
+    assert tune(str(sweep_yaml(tasks=tasks, grid=None)), None, log=lines.append) == 0
+    steps = [x for x in lines if x.startswith("step ")]
+    assert len(steps) == 3
+    losses = {}
+    with open(tmp_path / "run" / "losses.csv") as f:
+        for r in csv.DictReader(f):
+            losses.setdefault((int(r["micro_step"]), r["adapter"].split("/")[0]), []).append(float(r["loss"]))
+    for i, line in enumerate(steps, 1):
+        a, b = losses[(i, "a")], losses[(i, "b")]
+        assert f"a: best {min(a):.4f} median {statistics.median(a):.4f}" in line, line
+        assert f"b: best {min(b):.4f} median {statistics.median(b):.4f}" in line, line
+        assert "running 5 | queued 0 | stopped 0 | finished 0" in line or i == 3, line
+        assert "left" in line, line  # predicted from the first measured step on
+    assert steps[-1].split(", ~")[1].startswith("0s left")
+
+
+def test_a_terminal_gets_a_progress_bar(tmp_path, capsys, sweep_yaml):
+    assert tune(str(sweep_yaml()), None, bar=True) == 0
+    out = capsys.readouterr().out
+    assert "%|" in out and "3/3" in out and "left" in out and "step    1 |" not in out

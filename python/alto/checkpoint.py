@@ -13,7 +13,7 @@ import torch
 from alto.inputs import first_line
 
 CHECKPOINT = "checkpoint.pt"
-LOGS = ("losses.csv", "decisions.csv", "steps.csv")  # rows start with the run's micro-step
+LOGS = ("losses.csv", "decisions.csv", "steps.csv", "evals.csv")  # rows start with the run's micro-step (alto.runlog)
 # Bumped when what a checkpoint holds, or what resuming it rebuilds, changes (2: adapter progress
 # records, named tensors; 3: queued adapters may hold a state, bf16 bases on GPUs, random bases drawn
 # on their device; 4: records rendered by chat template, completion-only loss by default, so a

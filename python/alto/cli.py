@@ -4,6 +4,7 @@ error), never as a traceback unless --debug asks for it."""
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 
 import torch
@@ -65,7 +66,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.sweep and args.resume:
         raise ValueError(f"give a sweep file or --resume RUN_DIR, not both ({args.sweep!r} and {args.resume!r})")
-    return tune(args.sweep, args.resume, args.stop_after, nproc=args.nproc)
+    return tune(args.sweep, args.resume, args.stop_after, nproc=args.nproc, bar=sys.stdout.isatty())
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -97,30 +98,35 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Adds a sweep to the queue; starts the queue's driver (alto cluster, in the background, its
-    output in QUEUE/driver.log) if none serves it."""
+    output in QUEUE/driver.log) if none serves it, and waits until it serves: a driver that cannot
+    (no such Ray resource, Ray would not start) takes the submission back, its error line is submit's."""
     import importlib.util
-    import subprocess
     from pathlib import Path
 
     from alto import task_queue
 
     if importlib.util.find_spec("ray") is None:  # its driver would fail in the background
         raise ValueError("alto submit needs Ray: pip install 'alto[cluster]'")
-    from alto.cluster import check_address
+    from alto.cluster import check_address, start_driver
 
     check_address(args.address)  # here, not only in the driver's log
     queue = Path(args.queue)
     sweep = task_queue.submit(queue, args.sweep, args.gpus)
-    if task_queue.driver_running(queue):
-        print(f"submitted {sweep.name} to {queue} (its driver is running: alto status --queue {queue})")
-        return 0
-    command = [sys.executable, "-m", "alto.cli", "cluster", "--queue", str(queue), "--policy", args.policy,
-               "--resource", args.resource, "--linger", str(300 if args.linger is None else args.linger)]
-    command += ["--cluster-gpus", str(args.cluster_gpus)] if args.cluster_gpus else []
-    command += ["--address", args.address] if args.address else []
-    with open(queue / "driver.log", "a") as log:
-        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    print(f"submitted {sweep.name} to {queue}; started its driver (pid {driver.pid}, output in {queue / 'driver.log'})")
+    if not task_queue.driver_running(queue):
+        flags = ["--queue", str(queue), "--policy", args.policy, "--resource", args.resource,
+                 "--linger", str(300 if args.linger is None else args.linger)]
+        flags += ["--cluster-gpus", str(args.cluster_gpus)] if args.cluster_gpus else []
+        flags += ["--address", args.address] if args.address else []
+        ended = start_driver(queue, flags)
+        if ended is not None:  # it never served: the submission goes with it
+            task_queue.remove(queue, sweep.name)
+            code, said = ended
+            if code == 2:  # bad input, found by the driver (no such Ray resource, ...)
+                raise ValueError(f"its driver could not start: {said.removeprefix('alto cluster: error: ')}")
+            print(f"alto submit: error: its driver could not start (exit code {code}): {said}", file=sys.stderr)
+            return 1
+    print(f"submitted {sweep.name} to {queue}; its driver serves it (alto status --queue {queue}; "
+          f"output in {queue / 'driver.log'})")
     return 0
 
 
@@ -146,7 +152,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         raise ValueError(f"two of the sweep files are named {next(n for n in names if names.count(n) > 1)!r}")
     for text, sweep in checked:
         task_queue.add(queue, text, sweep, args.gpus)
-    return driver.run()
+    try:
+        return driver.run()
+    except Exception:
+        if driver.state == "starting" and not task_queue.driver_running(queue):  # it never served them: they go
+            for name in names:
+                task_queue.remove(queue, name)
+        raise
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -157,8 +169,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     queue = Path(args.queue)
     if not (queue / "status.json").is_file():
-        raise ValueError(f"--queue {args.queue!r}: no driver has served this queue yet (alto submit starts one)")
-    print(task_queue.format_status(json.loads((queue / "status.json").read_text()), task_queue.driver_running(queue)))
+        said = task_queue.driver_log_end(queue)
+        raise ValueError(f"--queue {args.queue!r}: no driver has served this queue yet "
+                         f"{f'(driver.log ends: {said})' if said else '(alto submit starts one)'}")
+    print(task_queue.format_status(json.loads((queue / "status.json").read_text()), task_queue.driver_running(queue),
+                                   task_queue.driver_log_end(queue)))
     if (queue / "timeline.png").is_file():
         print(f"timeline: {queue / 'timeline.png'}")
     return 0
@@ -204,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser = _Parser(prog="alto", description="Co-located multi-LoRA training")
+    parser.add_argument("--version", action="version",
+                        version=f"alto {importlib.metadata.version('alto')} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     check = sub.add_parser("check", parents=[common], help="verify the op library on this machine against float64")
     check.add_argument("--device", choices=("cpu", "cuda"), help="cpu or cuda (default: cuda when available)")
@@ -213,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("sweep", nargs="?", help="sweep YAML (default: SmolLM2-135M on chatterbot-corpus)")
     tune.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     tune.add_argument("--stop-after", type=_int_at_least(1), metavar="N",
-                      help="stop after N micro-steps (resumable)")
+                      help="stop after N micro-steps of this command (counted from where it starts: "
+                           "0, or the checkpoint it resumes) at a checkpoint; alto tune --resume continues")
     tune.add_argument("--nproc", type=_int_at_least(1), default=1, metavar="N",
                       help="ranks on this host (one GPU each, or CPU processes): adapters are spread "
                            "over them, each trained whole on one rank (default 1; torchrun works too)")

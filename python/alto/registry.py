@@ -34,9 +34,18 @@ def valid_adapter_name(name: str) -> bool:
     return isinstance(name, str) and 1 <= len(name.split("/")) <= 2 and all(map(valid_adapter_id, name.split("/")))
 
 
+class ConfigFieldError(ValueError):
+    """A bad adapter field: `field` names it and `problem` says what is wrong with its value, so that
+    a sweep file's error can name where the field was written (defaults.alpha, grid[rank0].rank)."""
+
+    def __init__(self, field_name: str, value: Any, rule: str) -> None:
+        self.field, self.problem = field_name, f"{value!r} is invalid: {rule}"
+        super().__init__(f"adapter config: {field_name}={self.problem}")
+
+
 def _require(ok: bool, field_name: str, value: Any, rule: str) -> None:
     if not ok:
-        raise ValueError(f"adapter config: {field_name}={value!r} is invalid: {rule}")
+        raise ConfigFieldError(field_name, value, rule)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,10 @@
 (the monitor's stops, capacity reclaim, migrations between ranks: a Decisions value) and applies
 the decisions, merges the ranks' progress, logs and checkpoints.
 
-Run folder: sweep.yaml (the sweep as given, written by alto.tune), losses.csv (every adapter's
-loss at every micro-step), decisions.csv (early stops, adapters sent back to the queue by an
-out-of-memory step, and why), steps.csv (every step's adapters, token positions, padding, predicted
-and measured peak memory, seconds), checkpoint.pt (alto.checkpoint: every checkpoint_every
-micro-steps and at the end), leaderboard.csv and leaderboards/<task>.csv, losses.png,
+Run folder: sweep.yaml (the sweep as given, written by alto.tune), losses.csv, decisions.csv,
+steps.csv and evals.csv (written as the run goes, with its progress lines: alto.runlog),
+checkpoint.pt (alto.checkpoint: every checkpoint_every micro-steps, where --stop-after stops, and
+at the end), leaderboard.csv and leaderboards/<task>.csv, losses.png,
 timing.json (seconds of this process in each of PHASES),
 adapters/<name>/ (PEFT format: each adapter's best or last weights; alto.results). Every task has
 its own data, held-out sequences (evaluated co-located at its evaluation points, where each
@@ -20,7 +19,6 @@ part would reach into the others'.)
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
@@ -39,6 +37,7 @@ from alto.model import MultiLoraModel
 from alto.monitor import Decision, Monitor
 from alto.parallel import Group
 from alto.registry import Adapter, Registry, Status
+from alto.runlog import Forecast, RunLog
 from alto.sched.catalog import ModelShape
 from alto.sched.memory import activation_bytes_per_token, adapter_params
 from alto.sched.placement import adapter_cost, place, rank_loads, rebalance
@@ -58,10 +57,6 @@ def timed(seconds: dict[str, float], phase: str):
         yield
     finally:
         seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
-STEP_COLUMNS = ["micro_step", "adapters", "token_positions", "padding_fraction", "predicted_peak_gb",
-                "measured_peak_gb", "out_of_memory", "seconds"]
 
 
 def quiet(*_) -> None:
@@ -150,7 +145,9 @@ class SweepRun:
         self.holder: dict[str, int] = {}  # queued adapter whose state a rank holds (sent back after OOM)
         self.admitted: dict[str, None] = {}  # adapters in the order they were last admitted (the latest go back first)
         self.micro_steps = 0
+        self.checkpointed: int | None = None  # the micro-step of the last checkpoint this process wrote
         self.samples_budget = 0  # most samples per step seen: what reclaim "grow" refills to
+        self.logs: RunLog | None = None  # rank 0's, while it runs
 
     def timed(self, phase: str):
         return timed(self.seconds, phase)
@@ -189,6 +186,7 @@ class SweepRun:
         """Writes the checkpoint (collective: every rank sends its adapters to rank 0)."""
         with self.timed("checkpoint"):
             self._save_checkpoint()
+        self.checkpointed = self.micro_steps
 
     def _save_checkpoint(self) -> None:
         t = self.trainer
@@ -200,6 +198,7 @@ class SweepRun:
         adapters = {a.id: {**a.progress(), "state": states.get(a.id)} for a in self.registry}
         checkpoint.write(self.run_dir, {
             "micro_steps": self.micro_steps, "adapters": adapters, "samples_budget": self.samples_budget,
+            "largest_step": self.largest_step, "most_colocated": self.most_colocated,
             "monitors": {name: (m.rungs, m.log) for name, m in self.monitors.items()}, "best": self.best_weights})
 
     def restore(self) -> None:
@@ -207,6 +206,9 @@ class SweepRun:
         state = checkpoint.read(self.run_dir, (a.id for a in self.registry))
         self.micro_steps = state["micro_steps"]
         self.samples_budget = state["samples_budget"]
+        # They shape the evaluations' passes (and so their float sums): a resumed run evaluates as the
+        # uninterrupted one (rank 0's; a checkpoint of an earlier release has none: 0, as before).
+        self.largest_step, self.most_colocated = state.get("largest_step", 0), state.get("most_colocated", 0)
         for name, m in self.monitors.items():
             m.rungs, m.log = state["monitors"][name]
         if self.group.is_leader:
@@ -276,7 +278,11 @@ class SweepRun:
                       **pinned}
         return Decisions(stops, placed, growth, rebalance({**owner, **placed}, costs, world))
 
-    def apply(self, decisions: Decisions, log, decision_log) -> None:
+    def say(self, line: str) -> None:
+        if self.logs is not None:
+            self.logs.say(line)
+
+    def apply(self, decisions: Decisions) -> None:
         rank, t = self.group.rank, self.trainer
         stopped = []  # this rank's, retired together
         for d in decisions.stops:
@@ -285,9 +291,9 @@ class SweepRun:
                 stopped.append((a, Status.STOPPED_EARLY, d.reason))
             else:
                 a.status, a.failure = Status.STOPPED_EARLY, d.reason
-            if decision_log is not None:
-                decision_log.writerow([self.micro_steps, d.adapter, d.micro_step, d.rule, d.reason])
-            log(f"  stop {d.adapter}: {d.reason}")
+            if self.logs is not None:
+                self.logs.decision(self.micro_steps, d.adapter, d.micro_step, d.rule, d.reason)
+            self.say(f"  stop {d.adapter}: {d.reason}")
         if stopped:
             t.retire(stopped)
         for aid, n in decisions.growth.items():
@@ -306,7 +312,7 @@ class SweepRun:
                     saved[aid] = t.retired.pop(aid)
             else:
                 a.status = Status.RUNNING
-            log(f"  admit {aid} on rank {r}" if self.group.world > 1 else f"  admit {aid} into a freed slot")
+            self.say(f"  admit {aid} on rank {r}" if self.group.world > 1 else f"  admit {aid} into a freed slot")
         if admitted:  # all at once: each layer re-packed once
             t.admit(admitted, move_states(saved, self.device))
         for aid, src, dst in decisions.moves:
@@ -317,7 +323,7 @@ class SweepRun:
                 t.admit([a])  # a fresh copy gives the shapes to receive into
                 t.admit([a], {aid: self.group.recv_state(t.release([aid])[aid], src, self.device)})
             self.owner[aid] = dst
-            log(f"  move {aid}: rank {src} -> rank {dst}")
+            self.say(f"  move {aid}: rank {src} -> rank {dst}")
 
     def monitor_stops(self) -> list[Decision]:
         """Each task's monitor's stops after this step, among the task's running adapters (with
@@ -392,7 +398,7 @@ class SweepRun:
                                          "positions did not fit; back to the queue") for a in back])
         return positions, params, (len(mine) + 1) // 2 if len(mine) > 1 else 0
 
-    def merge(self, reports: list[tuple[dict, tuple | None]], decision_log) -> dict[str, float]:
+    def merge(self, reports: list[tuple[dict, tuple | None]]) -> dict[str, float]:
         """Applies every rank's report to this rank's registry (adapters sent back to the queue are
         held by the rank that sent them; rank 0 logs why and corrects the memory model); returns
         the step's losses."""
@@ -408,8 +414,8 @@ class SweepRun:
                     self.holder[aid] = rank
                 if a.status != Status.RUNNING:
                     self.owner.pop(aid)
-                if oom is not None and a.status != Status.RUNNING and decision_log is not None:
-                    decision_log.writerow([self.micro_steps, aid, a.micro_step, "out-of-memory", a.failure])
+                if oom is not None and a.status != Status.RUNNING and self.logs is not None:
+                    self.logs.decision(self.micro_steps, aid, a.micro_step, "out-of-memory", a.failure)
             if oom is not None:
                 positions, params, kept = oom
                 self.samples_budget = 0  # reclaim "grow" refills to what runs after the split
@@ -420,87 +426,94 @@ class SweepRun:
         return {a.id: losses[a.id] for a in self.registry if a.id in losses}  # registry order
 
     # ---- the loop --------------------------------------------------------------------------------
-    def run(self, stop_after: int | None = None, log=print, should_halt=None, on_step=None) -> bool:
-        """Trains until every adapter is done (True) or stop_after micro-steps ran (False). On rank 0,
-        should_halt() is asked after every step: when it says so, every rank writes the checkpoint
-        and returns False (the run resumes from there, on any number of ranks); on_step(progress)
-        is given each step's counts and seconds."""
+    def run(self, until: int | None = None, log=print, should_halt=None, on_step=None, bar: bool = False) -> bool:
+        """Trains until every adapter is done (True) or the run's micro-step `until` (False: a
+        checkpoint is written there). On rank 0, should_halt() is asked after every step: when it
+        says so, every rank writes the checkpoint and returns False (the run resumes from there, on
+        any number of ranks); on_step(progress) is given each step's counts and seconds. Rank 0
+        prints its progress through log (bar: as a progress bar, the output being a terminal)."""
         leader = self.group.is_leader
-        if not leader:
-            log = quiet
-        new_log = not (self.run_dir / "losses.csv").exists()
-        with contextlib.ExitStack() as files:
-            writer = decision_log = step_log = None
-            handles = []
-            if leader:
-                handles = [files.enter_context(open(self.run_dir / name, "a", newline="")) for name in checkpoint.LOGS]
-                writer, decision_log, step_log = (csv.writer(h) for h in handles)
-                if new_log:
-                    writer.writerow(["micro_step", "adapter", "step", "loss"])
-                    decision_log.writerow(["micro_step", "adapter", "adapter_micro_step", "rule", "reason"])
-                    step_log.writerow(STEP_COLUMNS)
-            self.apply(self.group.broadcast(self.decide(after_step=False) if leader else None), log, decision_log)
-            start, first_step = time.time(), self.micro_steps
-            while self.registry.with_status(Status.RUNNING):
-                if stop_after is not None and self.micro_steps >= stop_after:
-                    return False
-                running = self.registry.with_status(Status.RUNNING)
-                self.samples_budget = max(self.samples_budget, sum(a.micro_batch_size for a in running))
-                marks = {a.id: a.marks() for a in self.trainer.running()}
-                step_start, params = time.time(), self.running_params()
-                if self.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(self.device)
-                try:
-                    with self.timed("train"):
-                        self.trainer.step()
-                        if self.sharded and not marks:  # nothing of its own: its gathers still meet the others'
-                            idle_pass(self.base.model, backward=True)
-                    oom = None
-                    self.largest_step = max(self.largest_step, self.trainer.last_positions)
-                    self.most_colocated = max(self.most_colocated, len(marks))
-                except StepOutOfMemory as e:
-                    if self.sharded:  # the other ranks wait inside the step's gathers: it cannot be skipped alone
-                        raise RuntimeError(f"out of memory in a step over the sharded base ({e.positions} token "
-                                           f"positions on rank {self.group.rank}); lower max_running or "
-                                           f"memory_budget_gb in {self.run_dir / 'sweep.yaml'} and resume from "
-                                           "its checkpoint (alto tune --resume)") from None
-                    oom = self.out_of_memory(e.positions, params)
-                self.micro_steps += 1
-                if step_log is not None:
-                    self.log_step(step_log, len(marks), params, oom is not None, time.time() - step_start)
-                losses = self.merge(self.group.all_gather(self.report(marks, oom)), decision_log)
-                if writer is not None:
-                    for aid, loss in losses.items():
-                        writer.writerow([self.micro_steps, aid, self.registry[aid].step, f"{loss:.6f}"])
-                decisions = self.decide(after_step=True) if leader else None
-                if leader and should_halt is not None:
-                    decisions.halt = bool(should_halt())
-                decisions = self.group.broadcast(decisions)
-                self.apply(decisions, log, decision_log)
-                counts = {s: len(self.registry.with_status(s)) for s in Status}
-                finite = [v for v in losses.values() if math.isfinite(v)]
-                log(f"step {self.micro_steps:4d} | running {counts[Status.RUNNING]} | queued "
-                    f"{counts[Status.QUEUED]} | finished {counts[Status.FINISHED]} | stopped "
-                    f"{counts[Status.STOPPED_EARLY]} | failed {counts[Status.FAILED]} | mean loss "
-                    f"{sum(finite) / max(1, len(finite)):.4f} | {time.time() - start:.0f}s")
-                if on_step is not None and leader:
-                    on_step({"micro_steps": self.micro_steps, "from_micro_step": first_step,
-                             "seconds": time.time() - step_start,
-                             **{s.value: n for s, n in counts.items()}})
-                if decisions.halt or self.micro_steps % self.sweep.checkpoint_every == 0:
-                    for h in handles:
-                        h.flush()
+        self.logs = RunLog(self.run_dir, self.registry, self.forecast(), log, bar) if leader else None
+        try:
+            return self._run(until, should_halt, on_step)
+        finally:
+            if self.logs is not None:
+                self.logs.close()
+
+    def _run(self, until: int | None, should_halt, on_step) -> bool:
+        leader = self.group.is_leader
+        self.apply(self.group.broadcast(self.decide(after_step=False) if leader else None))
+        if leader:
+            self.logs.start(self.micro_steps)
+        first_step = self.micro_steps
+        while self.registry.with_status(Status.RUNNING):
+            if until is not None and self.micro_steps >= until:
+                if self.checkpointed != self.micro_steps:
                     self.save_checkpoint()
-                if decisions.halt:
-                    log(f"halted at micro-step {self.micro_steps}: checkpoint written")
-                    return False
+                return False
+            running = self.registry.with_status(Status.RUNNING)
+            self.samples_budget = max(self.samples_budget, sum(a.micro_batch_size for a in running))
+            marks = {a.id: a.marks() for a in self.trainer.running()}
+            step_start, params = time.time(), self.running_params()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                with self.timed("train"):
+                    self.trainer.step()
+                    if self.sharded and not marks:  # nothing of its own: its gathers still meet the others'
+                        idle_pass(self.base.model, backward=True)
+                oom = None
+                self.largest_step = max(self.largest_step, self.trainer.last_positions)
+                self.most_colocated = max(self.most_colocated, len(marks))
+            except StepOutOfMemory as e:
+                if self.sharded:  # the other ranks wait inside the step's gathers: it cannot be skipped alone
+                    raise RuntimeError(f"out of memory in a step over the sharded base ({e.positions} token "
+                                       f"positions on rank {self.group.rank}); lower max_running or "
+                                       f"memory_budget_gb in {self.run_dir / 'sweep.yaml'} and resume from "
+                                       "its checkpoint (alto tune --resume)") from None
+                oom = self.out_of_memory(e.positions, params)
+            step_seconds = time.time() - step_start
+            self.micro_steps += 1
+            if leader:
+                self.log_step(len(marks), params, oom is not None, step_seconds)
+            evaluating = self.seconds["evaluate"]
+            losses = self.merge(self.group.all_gather(self.report(marks, oom)))
+            if leader:
+                self.logs.losses(self.micro_steps, losses)
+                if oom is None:
+                    self.logs.forecast.observe_step(running, step_seconds)
+                if self.seconds["evaluate"] > evaluating:
+                    self.logs.forecast.observe_evaluation(self.seconds["evaluate"] - evaluating)
+                self.logs.evaluations(self.micro_steps)
+            decisions = self.decide(after_step=True) if leader else None
+            if leader and should_halt is not None:
+                decisions.halt = bool(should_halt())
+            decisions = self.group.broadcast(decisions)
+            self.apply(decisions)
+            if leader:
+                self.logs.progress(self.micro_steps, losses)
+            if on_step is not None and leader:
+                counts = {s: len(self.registry.with_status(s)) for s in Status}
+                on_step({"micro_steps": self.micro_steps, "from_micro_step": first_step,
+                         "seconds": time.time() - step_start, **{s.value: n for s, n in counts.items()}})
+            if decisions.halt or self.micro_steps % self.sweep.checkpoint_every == 0:
+                self.save_checkpoint()
+            if decisions.halt:
+                self.say(f"halted at micro-step {self.micro_steps}: checkpoint written")
+                return False
         self.save_checkpoint()
         return True
+
+    def forecast(self) -> Forecast:
+        """The run's time-left model: each task's mean training sequence length and evaluation period."""
+        return Forecast(self.shape, {t: statistics.fmean(map(len, seqs)) if seqs else 1
+                                     for t, seqs in self.train_seqs.items()},
+                        {name: t.eval.every if self.eval_seqs[name] else None for name, t in self.tasks.items()})
 
     def running_params(self) -> int:
         return sum(adapter_params(a.config, self.shape) for a in self.trainer.running())
 
-    def log_step(self, step_log, adapters: int, params: int, oom: bool, seconds: float) -> None:
+    def log_step(self, adapters: int, params: int, oom: bool, seconds: float) -> None:
         """A row of steps.csv (rank 0's step): its size, the memory model's prediction and, on a
         GPU, the measured peak (which the model is corrected to, if higher)."""
         t = self.trainer
@@ -513,7 +526,7 @@ class SweepRun:
             if self.admission is not None:
                 self.admission.observe(t.last_positions, params, peak)
         padding = 1 - t.last_tokens / t.last_positions if t.last_positions else 0.0
-        step_log.writerow([self.micro_steps, adapters, t.last_positions, f"{padding:.4f}", predicted, measured,
+        self.logs.step([self.micro_steps, adapters, t.last_positions, f"{padding:.4f}", predicted, measured,
                            int(oom), f"{seconds:.4f}"])
 
     # ---- results ---------------------------------------------------------------------------------
@@ -549,6 +562,18 @@ class SweepRun:
             with results.loaded(self.model, {a.id: (a.config, out[a.id].weights) for a in part}):
                 for aid, value in self.metric_values(part).items():
                     out[aid].metric = (self.tasks[self.registry[aid].task].eval.metric, value)
+        if self.logs is not None:  # rank 0: the end's evaluations, and each metric beside the weights it scored
+            rows = []
+            for a in adapters:
+                o = out[a.id]
+                metric = [o.metric[0], f"{o.metric[1]:.6f}"] if o.metric else ["", ""]
+                metric_of_last = o.export == "last" and a.id in last_loss
+                if a.id in last_loss:
+                    rows.append([a.task, a.id, a.step, "last", f"{last_loss[a.id]:.6f}",
+                                 *(metric if metric_of_last else ["", ""])])
+                if o.metric and not metric_of_last:
+                    rows.append([a.task, a.id, o.step, o.export, f"{o.eval_loss:.6f}", *metric])
+            self.logs.final_evaluations(self.micro_steps, rows)
         return out
 
     def metric_values(self, adapters: list[Adapter]) -> dict[str, float]:

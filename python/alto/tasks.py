@@ -36,7 +36,7 @@ from typing import Any
 from alto.data import TRAIN_ON
 from alto.inputs import is_int, is_number
 from alto.monitor import MonitorConfig
-from alto.registry import AdapterConfig, valid_adapter_id
+from alto.registry import AdapterConfig, ConfigFieldError, valid_adapter_id
 
 TASK_KEYS = {"data", "defaults", "grid", "adapters", "monitor", "eval", "export"}  # per task, or shared
 DATA_KEYS = {"source", "path", "split", "max_length", "eval_fraction", "limit", "train_on", "topics", "eval_path",
@@ -75,14 +75,20 @@ def fail(where: str, msg: str) -> None:
     raise ValueError(f"{where}: {msg}")
 
 
-def _adapter_config(where: str, values: dict[str, Any]) -> AdapterConfig:
-    unknown = set(values) - CONFIG_FIELDS
-    if unknown:
-        fail(where, f"unknown field {sorted(unknown, key=str)[0]!r}; fields: {', '.join(sorted(CONFIG_FIELDS))}")
+def _check_fields(where: str, values: dict[str, Any]) -> None:
+    """Unknown adapter fields, named where they were written (defaults.rnak, grid.rnak, adapters[x].rnak)."""
+    for key in values:
+        if key not in CONFIG_FIELDS:
+            fail(f"{where}.{key}", f"unknown field; fields: {', '.join(sorted(CONFIG_FIELDS))}")
+
+
+def _adapter_config(written: dict[str, str], values: dict[str, Any]) -> AdapterConfig:
+    """The adapter of these field values; a bad value is named where it was written (written: field
+    -> its place in the sweep file, e.g. defaults or grid[rank0])."""
     try:
         return AdapterConfig(**values)
-    except (ValueError, TypeError) as e:
-        fail(where, str(e))
+    except ConfigFieldError as e:
+        fail(f"{written[e.field]}.{e.field}", e.problem)
 
 
 def as_name(value: Any) -> str:
@@ -152,6 +158,9 @@ def _adapters(where: str, values: dict[str, Any], prefix: str) -> dict[str, Adap
         fail(f"{where}grid", "must map adapter fields to non-empty lists of values")
     if not isinstance(extra, list) or any(not isinstance(a, dict) for a in extra):
         fail(f"{where}adapters", "must be a list of mappings of adapter fields")
+    _check_fields(f"{where}defaults", defaults)
+    _check_fields(f"{where}grid", grid)
+    from_defaults = dict.fromkeys(defaults, f"{where}defaults")
     adapters: dict[str, AdapterConfig] = {}
     keys = list(grid)
     for n, combo in enumerate(itertools.product(*grid.values()) if grid else []):
@@ -159,7 +168,9 @@ def _adapters(where: str, values: dict[str, Any], prefix: str) -> dict[str, Adap
         aid = _adapter_id(values, keys)
         if prefix + aid in adapters:  # e.g. lr: [0.001, 1.0e-3]
             fail(f"{where}grid[{aid}]", f"two grid points give the id {aid!r}: values repeat")
-        adapters[prefix + aid] = _adapter_config(f"{where}grid[{aid}]", {"seed": n, **defaults, **values})
+        point = f"{where}grid[{aid}]"
+        adapters[prefix + aid] = _adapter_config({"seed": point, **from_defaults, **dict.fromkeys(values, point)},
+                                                 {"seed": n, **defaults, **values})
     for i, entry in enumerate(extra):
         entry = dict(entry)
         given = entry.pop("id", f"adapter{i}")
@@ -168,7 +179,9 @@ def _adapters(where: str, values: dict[str, Any], prefix: str) -> dict[str, Adap
             fail(f"{where}adapters[{i}].id", f"{given!r} must be letters, digits, '-' or '_'")
         if prefix + aid in adapters:
             fail(f"{where}adapters[{i}]", f"duplicate id {aid!r}")
-        adapters[prefix + aid] = _adapter_config(f"{where}adapters[{aid}]",
+        place = f"{where}adapters[{aid}]"
+        _check_fields(place, entry)
+        adapters[prefix + aid] = _adapter_config({"seed": place, **from_defaults, **dict.fromkeys(entry, place)},
                                                  {"seed": len(adapters), **defaults, **entry})
     if not adapters:
         fail(where.rstrip(".") or "sweep", "no adapters: give a grid and/or an adapters list")
@@ -251,6 +264,9 @@ def parse_tasks(raw: dict[str, Any], name: str) -> dict[str, Task]:
     for key in ("data", "defaults"):
         if not isinstance(shared.get(key, {}), dict):
             fail(key, "must be a mapping")
+    if shared.get("defaults"):  # named as written (defaults.rnak), not as the task that merged them
+        _check_fields("defaults", shared["defaults"])
+        _adapter_config(dict.fromkeys(shared["defaults"], "defaults"), shared["defaults"])
     tasks: dict[str, Task] = {}
     for i, entry in enumerate(entries):
         unknown = set(entry) - TASK_KEYS - {"name"}

@@ -10,7 +10,7 @@ import torch
 from alto import checkpoint, data as data_mod
 from alto.base import device_type, smollm2_dir
 from alto.inputs import INPUT_ERRORS, read_text, report
-from alto.parallel import Group, launch
+from alto.parallel import Group, launch, record_threads, run_threads
 from alto.sweep import parse_sweep
 from alto.sweep_run import SweepRun, quiet
 
@@ -21,7 +21,7 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = None, log=print,
-         nproc: int = 1) -> int:
+         nproc: int = 1, bar: bool = False) -> int:
     """The `alto tune` command: returns its exit code. Bad input in the sweep file or flags raises
     ValueError (the CLI turns it into one line and exit code 2); what loading the model, data or
     checkpoint finds is reported by run_rank (exit code 2). Nothing is written before. nproc > 1 runs
@@ -65,22 +65,27 @@ def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = No
     if nproc > 1 and device_type(sweep.device) == "cuda" and torch.cuda.device_count() < nproc:
         raise ValueError(f"--nproc={nproc} but only {torch.cuda.device_count()} GPUs are visible")
     args = (text, source, str(run_dir), bool(resume), stop_after)
-    return launch(run_rank, nproc, args)[0] if nproc > 1 else run_rank(*args, log=log)
+    if nproc > 1:
+        return launch(run_rank, nproc, (*args, print, None, None, bar))[0]
+    return run_rank(*args, log=log, bar=bar)
 
 
 HALTED = 75  # run_rank's code when should_halt stopped it at a checkpoint (EX_TEMPFAIL: resume later)
 
 
 def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int | None, log=print,
-             should_halt=None, on_step=None) -> int:
+             should_halt=None, on_step=None, bar: bool = False) -> int:
     """One rank of `alto tune` (the only one without parallelism). Each rank is its own process, so
     bad input found here (the model, the data, the checkpoint) is reported here: one line from rank
-    0, exit code 2, before anything is written. should_halt / on_step: SweepRun.run's (alto.cluster);
-    a halted run returns HALTED."""
+    0, exit code 2, before anything is written. stop_after: micro-steps this process runs before it
+    stops at a checkpoint (counted from where it starts: 0, or the checkpoint it resumes). should_halt /
+    on_step: SweepRun.run's (alto.cluster); a halted run returns HALTED. bar: progress as a bar (a terminal)."""
     sweep, run_dir = parse_sweep(text, source), Path(run_dir)
     group = Group.from_env(device_type(sweep.device), process_group=sweep.shard_base is True)
+    launched = torch.get_num_threads()
     try:
         try:
+            torch.set_num_threads(run_threads(run_dir, resume))  # before any float math (alto.parallel.rank_threads)
             run = SweepRun(sweep, run_dir, group)  # loads model and data: still nothing written
             if resume:
                 run.restore()
@@ -90,17 +95,26 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume:
                 (run_dir / "sweep.yaml").write_text(text)
+            record_threads(run_dir)
         else:
             log = quiet
         if resume:
             log(f"resumed {run_dir} at micro-step {run.micro_steps}")
         ranks = f" x {group.world} ranks" if group.world > 1 else ""
         tasks = f" of {len(sweep.tasks)} tasks" if len(sweep.tasks) > 1 else ""
-        log(f"{len(sweep.adapters)} adapters{tasks} on {run.device}{ranks} | "
+        threads = torch.get_num_threads()
+        log(f"{len(sweep.adapters)} adapters{tasks} on {run.device}{ranks}, {threads} CPU thread{'s' * (threads > 1)}"
+            f"{' each' if ranks else ''} | "
             f"{sum(map(len, run.train_seqs.values()))} train / {sum(map(len, run.eval_seqs.values()))} held-out sequences")
-        if run.run(stop_after, log, should_halt, on_step):
+        until = None if stop_after is None else run.micro_steps + stop_after  # --stop-after counts from here
+        if run.run(until, log, should_halt, on_step, bar):
             run.finish(log)
             return 0
-        return 0 if stop_after is not None else HALTED
+        if until is not None and run.micro_steps >= until:
+            log(f"stopped at micro-step {run.micro_steps} (--stop-after {stop_after}), checkpoint written; "
+                f"continue with: alto tune --resume {run_dir}")
+            return 0
+        return HALTED
     finally:
+        torch.set_num_threads(launched)  # a caller in this process (a test) keeps its own
         group.close()

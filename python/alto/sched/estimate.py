@@ -20,7 +20,7 @@ import csv
 import io
 from dataclasses import dataclass
 from importlib import resources
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -66,11 +66,13 @@ class StepTimeModel:
         scale = GPU_TYPES[REFERENCE_GPU].peak_bf16_flops / gpu_type(gpu).peak_bf16_flops
         return flops * self.seconds_per_flop * scale
 
-    def step_seconds(self, configs: Sequence[AdapterConfig], seq_len: int, shape: ModelShape,
+    def step_seconds(self, configs: Sequence[AdapterConfig], seq_len: int | Sequence[int], shape: ModelShape,
                      gpu: str | GPUType = REFERENCE_GPU) -> float:
+        """seq_len: one for every config, or each config's own (tasks of one sweep differ)."""
         if not configs:
             raise ValueError("step_seconds: configs is empty (a step trains at least one adapter)")
-        flops = sum(adapter_step_flops(c, seq_len, shape) for c in configs)
+        lens = [seq_len] * len(configs) if isinstance(seq_len, int) else list(seq_len)
+        flops = sum(adapter_step_flops(c, n, shape) for c, n in zip(configs, lens, strict=True))
         return self.compute_seconds(flops, gpu) + self.step_overhead_s + len(configs) * self.adapter_overhead_s
 
     def frozen_step_seconds(self, configs: Sequence[AdapterConfig], seq_len: int, shape: ModelShape,
@@ -246,6 +248,40 @@ class JobEstimate:
 
     def remaining_seconds(self, steps_left: float) -> float:
         return max(0.0, steps_left) * self.step_seconds
+
+
+@dataclass(frozen=True)
+class Work:
+    """An adapter's work left in a run: its micro-batches still to train, at its sequence length."""
+
+    config: AdapterConfig
+    seq_len: int
+    micro_steps: int
+
+
+def forecast(running: Sequence[Work], queued: Sequence[Work], slots: int,
+             step_seconds: Callable[[Sequence[Work]], float]) -> tuple[int, float]:
+    """(micro-steps, seconds) until every adapter is done if none stops early: the running ones step
+    together; each that finishes frees its slot for the next queued one (slots: how many run at
+    once); step_seconds(the adapters of a step) predicts a step. Stops the monitor will make are not
+    foreseen: the forecast shrinks as they happen."""
+    running, queued = [w for w in running if w.micro_steps > 0], [w for w in queued if w.micro_steps > 0]
+    slots = max(1, slots)
+    while queued and len(running) < slots:
+        running.append(queued.pop(0))
+    left = {id(w): w.micro_steps for w in running}
+    steps, seconds = 0, 0.0
+    while running:
+        span = min(left[id(w)] for w in running)
+        steps, seconds = steps + span, seconds + span * step_seconds(running)
+        for w in running:
+            left[id(w)] -= span
+        running = [w for w in running if left[id(w)] > 0]
+        while queued and len(running) < slots:
+            w = queued.pop(0)
+            left[id(w)] = w.micro_steps
+            running.append(w)
+    return steps, seconds
 
 
 if __name__ == "__main__":  # the error report recorded in bench/RESULTS.md: python -m alto.sched.estimate
