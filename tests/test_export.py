@@ -55,6 +55,7 @@ def gguf_folder(folder, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128):
     w.add_token_list(tokens)
     w.add_token_types([3] + [1] * (len(tokens) - 1))  # 3: a control token
     w.add_token_merges(["Ġ a", "l p"])
+    w.add_bos_token_id(0)  # transformers 5.17 reads it when it converts the vocabulary
     w.add_eos_token_id(0)
     w.add_pad_token_id(0)
     w.add_chat_template("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}")

@@ -147,6 +147,10 @@ def _model_spec(model: Any) -> Any:
         heads = cfg.get("num_attention_heads", 32)  # LlamaConfig's defaults
         if "head_dim" not in cfg and cfg.get("hidden_size", 4096) % heads:
             fail("model.random_llama.num_attention_heads", f"{heads} must divide hidden_size")
+        head_dim = cfg.get("head_dim", cfg.get("hidden_size", 4096) // heads)
+        if head_dim % 2:  # transformers >= 5.2x says so when the config is made, older releases in the first forward
+            fail("model.random_llama", f"head_dim {head_dim} (hidden_size / num_attention_heads unless given) must be "
+                                       "even: rope rotates pairs of dimensions")
         if heads % cfg.get("num_key_value_heads", heads):
             fail("model.random_llama.num_key_value_heads", f"{cfg['num_key_value_heads']} must divide "
                   f"num_attention_heads={heads}")
