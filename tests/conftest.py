@@ -80,6 +80,38 @@ def sweep_yaml(tmp_path):
     return write
 
 
+class Interrupted(Exception):
+    """Raised inside a run by interrupt(): a kill between two checkpoints."""
+
+
+def _kill_at(micro_steps: int, progress: dict) -> None:
+    if progress["micro_steps"] >= micro_steps:
+        raise Interrupted
+
+
+def interrupt(sweep_path, micro_steps: int, nproc: int = 1) -> None:
+    """Runs a sweep file (alto tune's ranks) and breaks it off after `micro_steps` as a kill would:
+    its last checkpoint is the last one it wrote on its own (--stop-after would write one where it
+    stops), its logs hold the steps after it. With nproc ranks, rank 0 dies and the others are
+    stopped (alto.parallel.launch)."""
+    import functools
+    from pathlib import Path
+
+    from alto.parallel import launch
+    from alto.sweep import parse_sweep
+    from alto.tune import run_rank
+
+    text = Path(sweep_path).read_text()
+    args = (text, str(sweep_path), parse_sweep(text).output, False, None, lambda *_: None, None,
+            functools.partial(_kill_at, micro_steps))
+    if nproc == 1:
+        with pytest.raises(Interrupted):
+            run_rank(*args)
+    else:
+        with pytest.raises(RuntimeError, match="rank 0 exited"):
+            launch(run_rank, nproc, (*args[:5], print, *args[6:]))
+
+
 # float64 results of the same math in another order differ by ~1e-13 at most; every planted bug
 # moves some loss or weight by > 1e-7 (see test_engine's test_the_peft_comparison_catches_planted_bugs).
 EXACT_RTOL, EXACT_ATOL = 1e-10, 1e-12

@@ -46,6 +46,21 @@ def events(queue: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def tune_alone(tmp_path: Path, sweep: str, name: str) -> Path:
+    """The sweep of task `name` trained by alto tune in this process, on the CPU threads the task's
+    ranks recorded (the driver shares its count among a node's slots: the reference computes alike)."""
+    alone = tmp_path / "alone.yaml"
+    alone.write_text(Path(sweep).read_text().replace(f'"name": "{name}"', f'"name": "{name}", "output": "{tmp_path / "alone"}"'))
+    recorded = json.loads((tmp_path / "q" / "tasks" / name / "run" / "threads.json").read_text())["cpu_threads"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recorded)
+    try:
+        assert tune(str(alone), None, log=lambda *_: None) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return tmp_path / "alone"
+
+
 def serve(queue: Path, policy: str, slots: int) -> Driver:
     driver = Driver(queue, policy, resource="slot", slots=slots, poll_s=0.2)
     assert driver.run() == 0
@@ -108,9 +123,7 @@ def test_a_task_shrinks_after_early_exit_and_its_gpu_goes_to_a_queued_task(tmp_p
     with open(queue / "tasks" / "wide" / "run" / "decisions.csv") as f:
         assert [r["adapter"] for r in csv.DictReader(f)] == ["bad"]
     # The same sweep trained alone, on one process: the same adapters.
-    alone = tmp_path / "alone.yaml"
-    alone.write_text(Path(wide).read_text().replace('"name": "wide"', f'"name": "wide", "output": "{tmp_path / "alone"}"'))
-    assert tune(str(alone), None, log=lambda *_: None) == 0
+    tune_alone(tmp_path, wide, "wide")
     assert_same_adapters(queue / "tasks" / "wide" / "run", tmp_path / "alone", ids=("good", "bad"))
 
 
@@ -140,9 +153,7 @@ def test_a_killed_task_resumes_from_its_checkpoint_to_the_same_adapters(tmp_path
     # from a checkpoint (written every 10 micro-steps; the kill came after status.json's 25th), not from scratch
     assert 20 <= status["resumed_from"] < 1000 and status["resumed_from"] % 10 == 0
     assert [e["event"] for e in events(queue)] == ["arrive", "place", "start", "died", "place", "resume", "done"]
-    alone = tmp_path / "alone.yaml"
-    alone.write_text(Path(sweep).read_text().replace('"name": "victim"', f'"name": "victim", "output": "{tmp_path / "alone"}"'))
-    assert tune(str(alone), None, log=lambda *_: None) == 0
+    tune_alone(tmp_path, sweep, "victim")
     assert_same_adapters(queue / "tasks" / "victim" / "run", tmp_path / "alone", ids="ab")
 
 

@@ -13,7 +13,7 @@ import alto_ext  # noqa: E402
 from alto.parallel import launch  # noqa: E402
 from alto.sched.placement import place, rank_loads, rebalance  # noqa: E402
 from alto.tune import tune  # noqa: E402
-from conftest import TINY_LLAMA, write_word_records  # noqa: E402
+from conftest import TINY_LLAMA, interrupt, write_word_records  # noqa: E402
 
 
 
@@ -227,8 +227,9 @@ def test_three_ranks_and_a_resume_on_four(tmp_path, single_run):
 
 def test_two_rank_run_killed_and_resumed_matches(tmp_path, single_run):
     path = write_sweep(tmp_path, "cut")
-    # Stopped after micro-step 5 (checkpoint at 4: d had migrated at 2, mid-accumulation).
-    assert tune(path, None, stop_after=5, nproc=2, log=lambda *_: None) == 0
+    # Killed after micro-step 5 (checkpoint at 4: d had migrated at 2, mid-accumulation).
+    interrupt(path, 5, nproc=2)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["micro_steps"] == 4
     assert not (tmp_path / "cut" / "leaderboard.csv").exists()
     assert tune(None, str(tmp_path / "cut"), nproc=2, log=lambda *_: None) == 0
     assert_same_adapters(single_run, tmp_path / "cut")

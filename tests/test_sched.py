@@ -314,3 +314,28 @@ def test_the_shipped_itp_sample_is_real_jobs_as_tasks():
     for t, r in list(zip(tasks, rows))[:10]:
         predicted = w.duration(base_shape(t.base_model), t.configs, t.tokens, t.gpus)
         assert predicted == pytest.approx(float(r["duration"]), rel=0.05)
+
+
+def test_the_time_left_is_the_model_s_steps_scaled_by_the_measured_ones_plus_the_evaluations_left():
+    from alto.registry import Registry, Status
+    from alto.runlog import Forecast, multiples
+
+    shape = ModelShape(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, vocab=300)
+    reg = Registry()
+    a, b, c = (reg.add(n, AdapterConfig(rank=r, max_steps=s), "t") for n, r, s in (("a", 4, 10), ("b", 8, 6), ("c", 8, 4)))
+    a.status = b.status = Status.RUNNING  # c waits for a slot
+    f = Forecast(shape, {"t": 32.4}, {"t": 5})
+    assert f.left(reg, 0) == (10, None)  # steps are known before any is measured; seconds are not
+    f.observe_step([a, b], 2.0 * f.predict([f.work(a), f.work(b)]))  # the device: twice the model's time
+    a.micro_step = b.micro_step = 1
+    wa, wb, wc = f.work(a), f.work(b), f.work(c)
+    assert wa.seq_len == 32 and (wa.micro_steps, wb.micro_steps, wc.micro_steps) == (9, 5, 4)
+    # a and b step 5 times together, then c takes b's slot beside a for 4
+    expected = 2.0 * (5 * f.predict([wa, wb]) + 4 * f.predict([wa, wc]))
+    assert f.left(reg, 1) == (9, pytest.approx(expected))
+    f.observe_evaluation(3.0)  # evaluation points left in micro-steps 2..10: 5 and 10
+    assert f.left(reg, 1) == (9, pytest.approx(expected + 2 * 3.0))
+    a.status = b.status = Status.FINISHED  # nothing runs, c is queued: it runs alone, 4 steps
+    c_alone = 2.0 * 4 * f.predict([wc])
+    assert f.left(reg, 1) == (4, pytest.approx(c_alone + 1 * 3.0))  # micro-step 5 evaluates
+    assert multiples([2, 3], 0, 12) == 8 and multiples([4, 2], 3, 8) == 3 and multiples([], 0, 9) == 0

@@ -19,7 +19,7 @@ from alto.model import MultiLoraModel  # noqa: E402
 from alto.sweep import parse_sweep  # noqa: E402
 from alto.sweep_run import SweepRun, quiet  # noqa: E402
 from alto.tune import tune  # noqa: E402
-from conftest import TINY_LLAMA, WORDS, differences, peft_alone  # noqa: E402
+from conftest import TINY_LLAMA, WORDS, differences, interrupt, peft_alone  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 
@@ -130,9 +130,10 @@ def test_killed_multi_task_run_resumes_to_the_same_exports(tmp_path):
     for out in ("whole", "cut"):
         (tmp_path / f"{out}.yaml").write_text(json.dumps(tasks_doc(tmp_path, out, **extra)))
     assert tune(str(tmp_path / "whole.yaml"), None, log=quiet) == 0
-    assert tune(str(tmp_path / "cut.yaml"), None, stop_after=3, log=quiet) == 0
+    interrupt(tmp_path / "cut.yaml", 3)
     assert tune(None, str(tmp_path / "cut"), log=quiet) == 0
-    for name in ("leaderboard.csv", "losses.csv", "decisions.csv", "leaderboards/qa.csv", "leaderboards/chat.csv"):
+    for name in ("leaderboard.csv", "losses.csv", "decisions.csv", "evals.csv", "leaderboards/qa.csv",
+                 "leaderboards/chat.csv"):
         assert (tmp_path / "whole" / name).read_text() == (tmp_path / "cut" / name).read_text(), name
     for aid in ("qa/rank2", "qa/rank4", "chat/lr0p001", "chat/lr0p003"):
         a = load_file(str(tmp_path / "whole" / "adapters" / aid / "adapter_model.safetensors"))

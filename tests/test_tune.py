@@ -12,6 +12,7 @@ from alto.cli import main  # noqa: E402
 from alto.sweep import parse_sweep  # noqa: E402
 from alto.sweep_run import SweepRun  # noqa: E402
 from alto.tune import tune  # noqa: E402
+from conftest import interrupt  # noqa: E402
 
 
 def test_tune_end_to_end_writes_every_output(tmp_path, capsys, sweep_yaml):
@@ -34,17 +35,22 @@ def test_tune_end_to_end_writes_every_output(tmp_path, capsys, sweep_yaml):
 
 
 def test_killed_run_resumes_to_the_same_final_weights(tmp_path, sweep_yaml):
-    whole = sweep_yaml(out="whole", defaults={"micro_batch_size": 2, "max_steps": 4, "grad_accum": 1,
-                                                          "target_modules": ["q_proj", "v_proj"], "dropout": 0.1})
-    assert tune(str(whole), None, log=lambda *_: None) == 0
-    cut = sweep_yaml(out="cut", defaults={"micro_batch_size": 2, "max_steps": 4, "grad_accum": 1,
-                                                      "target_modules": ["q_proj", "v_proj"], "dropout": 0.1})
-    # "Killed" after micro-step 3: the last checkpoint is at 2, step 3 is logged but lost.
-    assert tune(str(cut), None, stop_after=3, log=lambda *_: None) == 0
-    assert not (tmp_path / "cut" / "leaderboard.csv").exists()
-    assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
+    defaults = {"micro_batch_size": 2, "max_steps": 4, "grad_accum": 1, "target_modules": ["q_proj", "v_proj"],
+                "dropout": 0.1}
+    assert tune(str(sweep_yaml(out="whole", defaults=defaults, eval={"every": 1})), None, log=lambda *_: None) == 0
+    # Killed after micro-step 3: the last checkpoint is at 2, step 3 (and its evaluation) logged but lost.
+    interrupt(sweep_yaml(out="cut", defaults=defaults, eval={"every": 1}), 3)
     a, b = tmp_path / "whole", tmp_path / "cut"
-    assert (a / "losses.csv").read_text() == (b / "losses.csv").read_text()
+    assert torch.load(b / "checkpoint.pt", weights_only=False)["micro_steps"] == 2
+    assert max(int(row.split(",")[0]) for row in (b / "evals.csv").read_text().splitlines()[1:]) == 3
+    assert not (b / "leaderboard.csv").exists()
+    assert tune(None, str(b), log=lambda *_: None) == 0
+    for name in ("losses.csv", "evals.csv", "steps.csv"):
+        if name == "steps.csv":  # its seconds differ: the rows' micro-steps and sizes are the same
+            cut = lambda path: [r.split(",")[:7] for r in path.read_text().splitlines()]  # noqa: E731
+            assert cut(a / name) == cut(b / name)
+        else:
+            assert (a / name).read_text() == (b / name).read_text(), name
     from safetensors.torch import load_file
     for aid in ["rank2-lr0p001", "rank4-lr0p003", "rank2-lr0p003", "rank4-lr0p001"]:
         wa = load_file(str(a / "adapters" / aid / "adapter_model.safetensors"))
@@ -59,7 +65,7 @@ def test_resume_drops_a_log_line_cut_short_by_the_kill(tmp_path, sweep_yaml):
     after the checkpoint) and the log ends as the uninterrupted run's."""
     defaults = {"micro_batch_size": 2, "max_steps": 5, "target_modules": ["q_proj", "v_proj"]}
     assert tune(str(sweep_yaml(out="whole", defaults=defaults)), None, log=lambda *_: None) == 0
-    assert tune(str(sweep_yaml(out="cut", defaults=defaults)), None, stop_after=3, log=lambda *_: None) == 0
+    interrupt(sweep_yaml(out="cut", defaults=defaults), 3)
     with open(tmp_path / "cut" / "losses.csv", "a") as f:  # the checkpoint is at micro-step 2
         f.write("2,rank4-lr0p0")
     assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
@@ -222,10 +228,11 @@ def test_stop_after_counts_from_where_the_run_starts_and_says_how_to_continue(tm
     stops at a checkpoint of its own and prints the command that continues; the continued run ends
     with the adapters of an uninterrupted one."""
     defaults = {"micro_batch_size": 2, "max_steps": 6, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1}
-    assert tune(str(sweep_yaml(out="whole", defaults=defaults, checkpoint_every=10)), None, log=lambda *_: None) == 0
+    extra = {"checkpoint_every": 10, "eval": {"every": 2}}
+    assert tune(str(sweep_yaml(out="whole", defaults=defaults, **extra)), None, log=lambda *_: None) == 0
     capsys.readouterr()
     cut = tmp_path / "cut"
-    assert main(["tune", str(sweep_yaml(out="cut", defaults=defaults, checkpoint_every=10)), "--stop-after", "2"]) == 0
+    assert main(["tune", str(sweep_yaml(out="cut", defaults=defaults, **extra)), "--stop-after", "2"]) == 0
     out = capsys.readouterr().out
     assert f"stopped at micro-step 2 (--stop-after 2), checkpoint written; continue with: alto tune --resume {cut}" in out
     assert torch.load(cut / "checkpoint.pt", weights_only=False)["micro_steps"] == 2
@@ -274,7 +281,7 @@ def test_held_out_losses_are_written_and_printed_as_they_happen(tmp_path, sweep_
         assert len(end) == 1 and end[0]["micro_step"] == "5" and end[0]["task"] == "t"
     best = min((r for r in rows if r["micro_step"] == "2"), key=lambda r: float(r["eval_loss"]))
     line = next(x for x in lines if x.startswith("eval at step 2 "))
-    assert f"t: best {best['adapter']} {float(best['eval_loss']):.4f} (step 2), 4 of 4 left" in line
+    assert f"t: best {best['adapter']} {float(best['eval_loss']):.4f} (its step 2), 4 of 4 left" in line
 
 
 def test_each_step_shows_every_task_s_best_and_median_loss_and_the_time_left(tmp_path, sweep_yaml):

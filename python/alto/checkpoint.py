@@ -2,7 +2,6 @@
 with errors that name it, and the run's logs cut back to it on resume."""
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from alto.inputs import first_line
+from alto.runlog import rewrite_rows
 
 CHECKPOINT = "checkpoint.pt"
 LOGS = ("losses.csv", "decisions.csv", "steps.csv", "evals.csv")  # rows start with the run's micro-step (alto.runlog)
@@ -51,12 +51,5 @@ def truncate_logs(run_dir: Path, micro_steps: int) -> None:
     short): they are redone, so their rows go. The kept rows replace each file atomically."""
     for name in LOGS:
         path = run_dir / name
-        if not path.exists():
-            continue
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        kept = rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit() and int(r[0]) <= micro_steps]
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        os.replace(tmp, path)
+        if path.exists():
+            rewrite_rows(path, lambda header, r: len(r) == len(header) and r[0].isdigit() and int(r[0]) <= micro_steps)

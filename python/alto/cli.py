@@ -118,6 +118,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         flags += ["--cluster-gpus", str(args.cluster_gpus)] if args.cluster_gpus else []
         flags += ["--address", args.address] if args.address else []
         ended = start_driver(queue, flags)
+        if ended is not None and ended[0] is None:  # still starting: the submission stays for it
+            print(f"submitted {sweep.name} to {queue}; its driver has not served yet (driver.log ends: {ended[1]}); "
+                  f"alto status --queue {queue} shows when it does", file=sys.stderr)
+            return 0
         if ended is not None:  # it never served: the submission goes with it
             task_queue.remove(queue, sweep.name)
             code, said = ended
@@ -162,20 +166,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from alto import task_queue
 
-    queue = Path(args.queue)
-    if not (queue / "status.json").is_file():
-        said = task_queue.driver_log_end(queue)
-        raise ValueError(f"--queue {args.queue!r}: no driver has served this queue yet "
-                         f"{f'(driver.log ends: {said})' if said else '(alto submit starts one)'}")
-    print(task_queue.format_status(json.loads((queue / "status.json").read_text()), task_queue.driver_running(queue),
-                                   task_queue.driver_log_end(queue)))
-    if (queue / "timeline.png").is_file():
-        print(f"timeline: {queue / 'timeline.png'}")
+    print(task_queue.status_text(Path(args.queue)))
     return 0
 
 
@@ -219,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser = _Parser(prog="alto", description="Co-located multi-LoRA training")
-    parser.add_argument("--version", action="version",
-                        version=f"alto {importlib.metadata.version('alto')} (torch {torch.__version__})")
+    try:
+        release = importlib.metadata.version("alto")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+        release = "(not installed)"
+    parser.add_argument("--version", action="version", version=f"alto {release} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     check = sub.add_parser("check", parents=[common], help="verify the op library on this machine against float64")
     check.add_argument("--device", choices=("cpu", "cuda"), help="cpu or cuda (default: cuda when available)")

@@ -46,6 +46,7 @@ from alto.base import model_config
 from alto.checkpoint import CHECKPOINT
 from alto.inputs import INPUT_ERRORS, first_line
 from alto.parallel import free_port, rank_threads
+from alto.runlog import append_rows
 from alto.sched.catalog import ModelShape, gpu_type
 from alto.sched.inter import POLICIES, AltoPolicy, Job, Policy, TraceTask, Workload
 from alto.sched.sim import HoldLog, plot_holds
@@ -143,16 +144,23 @@ def check_address(address: str | None) -> None:
         raise ValueError(f"--address {address!r}: nothing answers there ({e})") from None
 
 
-def start_driver(queue: Path, flags: list[str]) -> tuple[int, str] | None:
+DRIVER_START_S = 180  # how long alto submit waits for its driver to serve (Ray's start takes 5-15 s)
+
+
+def start_driver(queue: Path, flags: list[str]) -> tuple[int | None, str] | None:
     """Starts a driver (`alto cluster FLAGS`) in the background, its output appended to
     QUEUE/driver.log, and waits until it serves the queue (or another driver does: it lost the
-    queue's lock to one): None. A driver that ended first: its exit code and last line of output."""
+    queue's lock to one): None. A driver that ended first: its exit code and last line of output;
+    one still starting after DRIVER_START_S: None for the code (it may serve yet: the submission stays)."""
     log_path = queue / "driver.log"
     start = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "a") as log:
         driver = subprocess.Popen([sys.executable, "-m", "alto.cli", "cluster", *flags], stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + DRIVER_START_S
     while driver.poll() is None and not task_queue.served_by(queue, driver.pid):
+        if time.time() > deadline:
+            return None, task_queue.driver_log_end(queue, start) or "no output"
         time.sleep(0.2)
     if task_queue.served_by(queue, driver.pid) or task_queue.driver_running(queue):  # (served, then ended: --linger 0)
         return None
@@ -332,8 +340,8 @@ class Driver:
         t.micro_steps, t.resumed_from = progress["micro_steps"], progress["from_micro_step"]
         active = progress["running"] + progress["queued"]
         t.job.observe(t.micro_steps, max(1, active), progress["seconds"])
-        task_queue.append_row(self.queue / "predictions.csv", PREDICTION_COLUMNS,
-                              [f"{self.now():.2f}", t.name, t.micro_steps, active, f"{t.job.predicted_remaining():.2f}"])
+        append_rows(self.queue / "predictions.csv", PREDICTION_COLUMNS,
+                    [[f"{self.now():.2f}", t.name, t.micro_steps, active, f"{t.job.predicted_remaining():.2f}"]])
 
     def halt(self, t: Task, why: str) -> None:
         t.halt_for = why
@@ -395,8 +403,8 @@ class Driver:
 
     # ---- what a person reads -----------------------------------------------------------------------
     def event(self, t: Task, what: str, detail: str, at: float | None = None) -> None:
-        task_queue.append_row(self.queue / "events.csv", EVENT_COLUMNS,
-                              [f"{self.now() if at is None else at:.3f}", t.name, what, " ".join(map(str, sorted(t.job.alloc))), detail])
+        append_rows(self.queue / "events.csv", EVENT_COLUMNS,
+                    [[f"{self.now() if at is None else at:.3f}", t.name, what, " ".join(map(str, sorted(t.job.alloc))), detail]])
         self.log(f"[{self.now():7.1f}s] {t.name}: {what} {detail}".rstrip())
 
     def write_status(self) -> None:

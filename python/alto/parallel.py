@@ -141,7 +141,21 @@ def run_threads(run_dir: Path, resume: bool) -> int:
 
 
 def record_threads(run_dir: Path) -> None:
-    (run_dir / THREADS).write_text(json.dumps({"cpu_threads": torch.get_num_threads()}))
+    """This process's thread count, as the run's (written whole: other ranks may read it as it resumes)."""
+    tmp = run_dir / f".{THREADS}.tmp"
+    tmp.write_text(json.dumps({"cpu_threads": torch.get_num_threads()}))
+    os.replace(tmp, run_dir / THREADS)
+
+
+def oversubscribed(ranks_here: int) -> str | None:
+    """A warning when this host's ranks run more CPU threads than it has cores (a run resumed on more
+    ranks than it started with keeps its recorded count: the same numbers, slower)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = torch.get_num_threads() * ranks_here
+    if threads <= cores:
+        return None
+    return (f"note: {ranks_here} rank(s) x {torch.get_num_threads()} CPU threads (the run's recorded count, "
+            f"{THREADS}) on {cores} cores: oversubscribed, slower, the same results")
 
 
 def launch(fn: Callable[..., Any], nproc: int, args: Sequence[Any] = ()) -> list[Any]:

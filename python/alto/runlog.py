@@ -16,7 +16,9 @@ admissions, moves), above the bar.
 from __future__ import annotations
 
 import csv
+import itertools
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -47,6 +49,17 @@ def append_rows(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> 
         writer.writerows(rows)
 
 
+def rewrite_rows(path: Path, keep: Callable[[list[str], list[str]], bool]) -> None:
+    """Keeps the header and the rows of a CSV that keep(header, row) accepts; the file is replaced
+    whole (a kill leaves the old or the new one, never half of one)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(rows[:1] + [r for r in rows[1:] if keep(rows[0], r)])
+    os.replace(tmp, path)
+
+
 def duration(seconds: float) -> str:
     """42s, 3m05s, 1h02m."""
     seconds = max(0, round(seconds))
@@ -69,6 +82,7 @@ class Forecast:
         self.eval_every = {t: n for t, n in eval_every.items() if n}
         self.estimate: JobEstimate | None = None
         self.eval_points, self.eval_seconds = 0, 0.0
+        self.slots = 1  # the most adapters a step ran: how many the queue refills to
 
     def predict(self, step: Sequence[Work]) -> float:
         return self.model.step_seconds([w.config for w in step], [w.seq_len for w in step], self.shape)
@@ -80,6 +94,7 @@ class Forecast:
     def observe_step(self, adapters: Sequence[Adapter], seconds: float) -> None:
         if not adapters or seconds <= 0:
             return
+        self.slots = max(self.slots, len(adapters))
         predicted = self.predict([self.work(a) for a in adapters])
         if self.estimate is None:
             self.estimate = JobEstimate(predicted)
@@ -96,14 +111,31 @@ class Forecast:
         running = [self.work(a) for a in registry.with_status(Status.RUNNING)]
         queued = [self.work(a) for a in registry.with_status(Status.QUEUED)]
         ratio = self.estimate.ratio if self.estimate is not None else math.nan
-        steps, seconds = forecast(running, queued, len(running), lambda step: ratio * self.predict(step))
+        slots = max(self.slots, len(running))
+        steps, seconds = forecast(running, queued, slots, lambda step: ratio * self.predict(step))
         if self.estimate is None:
             return steps, None
         if self.eval_points:
-            points = sum(any(m % every == 0 for every in self.eval_every.values())
-                         for m in range(micro_steps + 1, micro_steps + steps + 1))
+            tasks_left = {a.task for a in registry.with_status(Status.RUNNING, Status.QUEUED)}
+            periods = {every for task, every in self.eval_every.items() if task in tasks_left}
+            points = multiples(periods, micro_steps, micro_steps + steps)
             seconds += points * self.eval_seconds / self.eval_points
         return steps, seconds
+
+
+def multiples(periods: Iterable[int], low: int, high: int) -> int:
+    """How many of low+1..high are a multiple of some period (the evaluation points there, several
+    tasks evaluating in one step counted once): inclusion-exclusion over the periods' least common
+    multiples (a sweep's tasks have few distinct periods; beyond 8, each is counted alone: an upper bound)."""
+    periods = sorted(set(periods))
+    if len(periods) > 8:
+        return sum(high // p - low // p for p in periods)
+    total = 0
+    for k in range(1, len(periods) + 1):
+        for group in itertools.combinations(periods, k):
+            lcm = math.lcm(*group)
+            total += (-1) ** (k + 1) * (high // lcm - low // lcm)
+    return total
 
 
 class RunLog:
@@ -160,7 +192,7 @@ class RunLog:
             left = sum(a.status in (Status.RUNNING, Status.QUEUED) for a in members)
             if scored:
                 best = min(scored, key=lambda a: a.best[1])
-                parts.append(f"{task}: best {best.id} {best.best[1]:.4f} (step {best.best[0]}), {left} of "
+                parts.append(f"{task}: best {best.id} {best.best[1]:.4f} (its step {best.best[0]}), {left} of "
                              f"{len(members)} left")
         self.say(f"eval at step {micro_step} | " + " | ".join(parts))
 
@@ -170,10 +202,7 @@ class RunLog:
         run killed while it exported, then resumed)."""
         path = self.run_dir / "evals.csv"
         if path.exists():
-            with open(path, newline="") as f:
-                kept = [r for r in csv.reader(f) if len(r) > 4 and r[4] not in ("last", "best")]
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerows(kept)
+            rewrite_rows(path, lambda header, row: len(row) == len(header) and row[4] not in ("last", "best"))
         self.append("evals.csv", EVAL_COLUMNS, [[micro_step, *row] for row in rows])
 
     def progress(self, micro_step: int, losses: Mapping[str, float]) -> None:

@@ -192,13 +192,14 @@ class SweepRun:
         t = self.trainer
         self._collect()
         running = self.group.gather(t.export_states([a.id for a in t.running()], "cpu"))
+        shapes = self.group.gather((self.largest_step, self.most_colocated))
         if not self.group.is_leader:
             return
         states = {**t.retired, **{k: v for part in running for k, v in part.items()}}
         adapters = {a.id: {**a.progress(), "state": states.get(a.id)} for a in self.registry}
         checkpoint.write(self.run_dir, {
             "micro_steps": self.micro_steps, "adapters": adapters, "samples_budget": self.samples_budget,
-            "largest_step": self.largest_step, "most_colocated": self.most_colocated,
+            "step_shapes": shapes,
             "monitors": {name: (m.rungs, m.log) for name, m in self.monitors.items()}, "best": self.best_weights})
 
     def restore(self) -> None:
@@ -206,9 +207,12 @@ class SweepRun:
         state = checkpoint.read(self.run_dir, (a.id for a in self.registry))
         self.micro_steps = state["micro_steps"]
         self.samples_budget = state["samples_budget"]
-        # They shape the evaluations' passes (and so their float sums): a resumed run evaluates as the
-        # uninterrupted one (rank 0's; a checkpoint of an earlier release has none: 0, as before).
-        self.largest_step, self.most_colocated = state.get("largest_step", 0), state.get("most_colocated", 0)
+        # Each rank's largest step and most co-located adapters shape its evaluations' passes (and so
+        # their float sums): resumed on as many ranks, each evaluates as the uninterrupted run did; on
+        # another count, as the busiest did (a checkpoint of an earlier release has none: 0, as before).
+        shapes = state.get("step_shapes") or [(0, 0)]
+        mine = shapes[self.group.rank] if len(shapes) == self.group.world else tuple(map(max, zip(*shapes)))
+        self.largest_step, self.most_colocated = mine
         for name, m in self.monitors.items():
             m.rungs, m.log = state["monitors"][name]
         if self.group.is_leader:
@@ -367,7 +371,10 @@ class SweepRun:
         """The progress this rank's adapters made in the step, (since, progress(since)) each (marks:
         taken before it), with their held-out losses at evaluation points; and, if the step ran out
         of memory, what out_of_memory returned."""
-        due = [a for a in self.trainer.running() if self.evaluates(a.task)] if oom is None else []
+        mine = {a.id for a in self.trainer.running()} if oom is None else set()
+        # in the registry's order, not the trainer's (a resumed run admits in another): the order sets
+        # how the held-out sequences fall into passes, and so the float sums
+        due = [a for a in self.registry if a.id in mine and self.evaluates(a.task)]
         if due or (self.sharded and any(map(self.evaluates, self.tasks))):  # sharded: every rank's passes meet
             with self.timed("evaluate"):
                 losses = self.evaluate(due)
@@ -484,13 +491,13 @@ class SweepRun:
                     self.logs.forecast.observe_step(running, step_seconds)
                 if self.seconds["evaluate"] > evaluating:
                     self.logs.forecast.observe_evaluation(self.seconds["evaluate"] - evaluating)
-                self.logs.evaluations(self.micro_steps)
             decisions = self.decide(after_step=True) if leader else None
             if leader and should_halt is not None:
                 decisions.halt = bool(should_halt())
             decisions = self.group.broadcast(decisions)
             self.apply(decisions)
-            if leader:
+            if leader:  # after the decisions: how many adapters are left counts this step's stops
+                self.logs.evaluations(self.micro_steps)
                 self.logs.progress(self.micro_steps, losses)
             if on_step is not None and leader:
                 counts = {s: len(self.registry.with_status(s)) for s in Status}

@@ -39,16 +39,6 @@ def write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def append_row(path: Path, header, row) -> None:
-    """A row at the end of a CSV (its header first, if new): logs a person may read while they grow."""
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(header)
-        writer.writerow(row)
-
-
 def write_rows(path: Path, header, rows) -> None:
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
@@ -182,9 +172,17 @@ def seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
-def format_status(status: dict, driver_alive: bool, log_end: str | None = None) -> str:
+def status_text(queue: Path) -> str:
     """What `alto status` prints: the driver (one that is gone: how it ended, or, killed without a
-    word, log_end: driver.log's last line), then one row per task."""
+    word, driver.log's last line; a later driver that ended before it served: its last line), then
+    one row per task."""
+    path = queue / "status.json"
+    if not path.is_file():
+        said = driver_log_end(queue)
+        raise ValueError(f"--queue {str(queue)!r}: no driver has served this queue yet "
+                         f"{f'(driver.log ends: {said})' if said else '(alto submit starts one)'}")
+    status, driver_alive, log_end = json.loads(path.read_text()), driver_running(queue), driver_log_end(queue)
+    log = queue / "driver.log"
     d = status["driver"]
     head = (f"queue {status['queue']} | driver {'running' if driver_alive else 'not running'} | policy {d['policy']} | "
             f"{d['slots']} {d['resource']} | {status['now_s']:.0f} s since the driver started")
@@ -202,4 +200,8 @@ def format_status(status: dict, driver_alive: bool, log_end: str | None = None) 
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines += [f"  {t['name']}: {t['error']}" for t in status["tasks"] if t.get("error")]
+    if not driver_alive and log.is_file() and log.stat().st_mtime > path.stat().st_mtime:  # (it writes no status.json)
+        lines.append(f"a later driver ended before it served: driver.log ends: {log_end}")
+    if (queue / "timeline.png").is_file():
+        lines.append(f"timeline: {queue / 'timeline.png'}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from alto import checkpoint, data as data_mod
 from alto.base import device_type, smollm2_dir
 from alto.inputs import INPUT_ERRORS, read_text, report
-from alto.parallel import Group, launch, record_threads, run_threads
+from alto.parallel import Group, launch, oversubscribed, record_threads, run_threads
 from alto.sweep import parse_sweep
 from alto.sweep_run import SweepRun, quiet
 
@@ -95,7 +96,9 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume:
                 (run_dir / "sweep.yaml").write_text(text)
-            record_threads(run_dir)
+                record_threads(run_dir)
+            elif (warning := oversubscribed(int(os.environ.get("LOCAL_WORLD_SIZE", group.world)))) is not None:
+                log(warning)
         else:
             log = quiet
         if resume:
