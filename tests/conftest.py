@@ -92,8 +92,8 @@ def _kill_at(micro_steps: int, progress: dict) -> None:
 def interrupt(sweep_path, micro_steps: int, nproc: int = 1) -> None:
     """Runs a sweep file (alto tune's ranks) and breaks it off after `micro_steps` as a kill would:
     its last checkpoint is the last one it wrote on its own (--stop-after would write one where it
-    stops), its logs hold the steps after it. With nproc ranks, rank 0 dies and the others are
-    stopped (alto.parallel.launch)."""
+    stops), its logs hold the steps after it. With nproc ranks, rank 0 dies and the others end
+    (alto.parallel.launch)."""
     import functools
     from pathlib import Path
 
@@ -108,7 +108,8 @@ def interrupt(sweep_path, micro_steps: int, nproc: int = 1) -> None:
         with pytest.raises(Interrupted):
             run_rank(*args)
     else:
-        with pytest.raises(RuntimeError, match="rank 0 exited"):
+        # rank 0 raises; the others, waiting on it in a collective, may fail first (gloo's connection closed)
+        with pytest.raises(RuntimeError, match=r"rank \d+ exited with code"):
             launch(run_rank, nproc, (*args[:5], print, *args[6:]))
 
 
