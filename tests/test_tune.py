@@ -10,7 +10,7 @@ peft = pytest.importorskip("peft")
 
 from alto.cli import main  # noqa: E402
 from alto.sweep import parse_sweep  # noqa: E402
-from alto.sweep_run import SweepRun  # noqa: E402
+from alto.sweep_run import PHASES, SweepRun  # noqa: E402
 from alto.tune import tune  # noqa: E402
 from conftest import interrupt  # noqa: E402
 
@@ -30,7 +30,7 @@ def test_tune_end_to_end_writes_every_output(tmp_path, capsys, sweep_yaml):
         assert cfg["r"] == int(aid[4]) and cfg["peft_type"] == "LORA"
         assert json.loads((run / "adapters" / aid / "alto_adapter.json").read_text())["status"] == "finished"
     seconds = json.loads((run / "timing.json").read_text())  # where the run's time went
-    assert set(seconds) == {"load", "tokenize", "calibrate", "train", "evaluate", "checkpoint", "export"}
+    assert list(seconds) == list(PHASES)  # the whole wall, each second in one phase
     assert seconds["train"] > 0 and seconds["evaluate"] > 0 and seconds["export"] > 0 and "seconds: load" in out
 
 
@@ -118,6 +118,72 @@ def test_sigkilled_run_resumes_to_the_same_final_weights(tmp_path, sweep_yaml):
         for k in wa:
             assert torch.equal(wa[k], wb[k]), (aid, k)
     assert (tmp_path / "whole" / "losses.csv").read_text() == (tmp_path / "killed" / "losses.csv").read_text()
+
+
+# Kills the process in the middle of its checkpoint writer's second write (half a file written),
+# once the run's steps have gone on past that checkpoint (the write is in the background).
+DYING_WRITE = """
+import os, signal, sys, time
+from pathlib import Path
+import alto.checkpoint as ck
+real, calls = ck.write, []
+def write(run_dir, state):
+    calls.append(state["micro_steps"])
+    if len(calls) == 2:
+        (run_dir / (ck.CHECKPOINT + ".tmp")).write_bytes(b"PK half a checkpoint")
+        deadline = time.time() + 60
+        while time.time() < deadline and max(int(r.split(",")[0]) for r in
+                (run_dir / "losses.csv").read_text().splitlines()[1:]) <= state["micro_steps"] + 1:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(run_dir, state)
+ck.write = write
+from alto.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_during_a_background_checkpoint_write_resumes_bit_identically(tmp_path, sweep_yaml):
+    """Checkpoints are written by a background thread while the steps go on: killed in the middle of
+    one, the run keeps its last whole checkpoint (the logs written past it are cut back on resume),
+    and the resumed run ends as the uninterrupted one, weights and logs bit for bit."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    defaults = {"micro_batch_size": 2, "max_steps": 12, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1}
+    assert tune(str(sweep_yaml(out="whole", defaults=defaults, eval={"every": 3})), None, log=lambda *_: None) == 0
+    killed = sweep_yaml(out="killed", defaults=defaults, eval={"every": 3})
+    proc = subprocess.run([sys.executable, "-c", DYING_WRITE, "tune", str(killed)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    cut = tmp_path / "killed"
+    assert torch.load(cut / "checkpoint.pt", weights_only=False)["micro_steps"] == 2  # the first; the second half-written
+    assert (cut / "checkpoint.pt.tmp").is_file()
+    assert max(int(r.split(",")[0]) for r in (cut / "losses.csv").read_text().splitlines()[1:]) > 5  # it went on
+    assert tune(None, str(cut), log=lambda *_: None) == 0
+    for name in ("losses.csv", "evals.csv", "leaderboard.csv"):
+        assert (tmp_path / "whole" / name).read_text() == (cut / name).read_text(), name
+    for aid in ["rank2-lr0p001", "rank4-lr0p003", "rank2-lr0p003", "rank4-lr0p001"]:
+        wa = load_file(str(tmp_path / "whole" / "adapters" / aid / "adapter_model.safetensors"))
+        wb = load_file(str(cut / "adapters" / aid / "adapter_model.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), aid
+
+
+def test_timing_json_accounts_for_the_whole_wall_of_the_command(tmp_path, sweep_yaml):
+    """alto tune as a user runs it, timed from outside: timing.json's phases (from the process's start)
+    add up to its wall but for the process's end."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "alto.cli", "tune", str(sweep_yaml())], capture_output=True, text=True)
+    wall = time.time() - start
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seconds = json.loads((tmp_path / "run" / "timing.json").read_text())
+    assert list(seconds) == list(PHASES) and seconds["startup"] > 0.2  # the interpreter and torch's import at least
+    assert wall - 1.5 < sum(seconds.values()) <= wall
 
 
 def test_early_stopping_frees_slots_for_queued_configs(tmp_path, sweep_yaml):

@@ -66,7 +66,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.sweep and args.resume:
         raise ValueError(f"give a sweep file or --resume RUN_DIR, not both ({args.sweep!r} and {args.resume!r})")
-    return tune(args.sweep, args.resume, args.stop_after, nproc=args.nproc, bar=sys.stdout.isatty())
+    from alto.sweep_run import process_start_time
+
+    return tune(args.sweep, args.resume, args.stop_after, nproc=args.nproc, bar=sys.stdout.isatty(),
+                started=process_start_time())
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ Run folder: sweep.yaml (the sweep as given, written by alto.tune), losses.csv, d
 steps.csv and evals.csv (written as the run goes, with its progress lines: alto.runlog),
 checkpoint.pt (alto.checkpoint: every checkpoint_every micro-steps, where --stop-after stops, and
 at the end), leaderboard.csv and leaderboards/<task>.csv, losses.png,
-timing.json (seconds of this process in each of PHASES),
+timing.json (seconds of this process's wall in each of PHASES),
 adapters/<name>/ (PEFT format: each adapter's best or last weights; alto.results). Every task has
 its own data, held-out sequences (evaluated co-located at its evaluation points, where each
 adapter's best weights are copied to host memory) and monitor; all tasks' adapters share the
@@ -19,6 +19,7 @@ part would reach into the others'.)
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -46,9 +47,25 @@ from alto.state import AdapterState, copy_weights, move_states
 from alto.train import DataStream, StepOutOfMemory, Trainer
 
 
-# Where a run's time goes (timing.json): loading the base, tokenizing, the memory model's calibration,
-# training steps, held-out evaluations (and decoding for metrics), checkpoints, writing the results.
-PHASES = ("load", "tokenize", "calibrate", "train", "evaluate", "checkpoint", "export")
+# Where a run's time goes (timing.json), the whole wall of the command: start-up (the interpreter,
+# imports, reading the sweep: from the process's start, or from the call, in a caller's process),
+# loading the base, tokenizing, the memory model's calibration, training steps, held-out evaluations
+# (and decoding for metrics), checkpoints, writing the results, and the rest (other).
+PHASES = ("startup", "load", "tokenize", "calibrate", "train", "evaluate", "checkpoint", "export", "other")
+
+
+def process_start_time() -> float:
+    """When this process began (time.time()'s clock), read from Linux's /proc; elsewhere now."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start, in clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
 @contextlib.contextmanager
 def timed(seconds: dict[str, float], phase: str):
     """Adds the seconds the block takes to seconds[phase]."""
@@ -81,8 +98,12 @@ class SweepRun:
     rank 0 takes the decisions (stops, admissions, migrations) and broadcasts them, and writes every
     file of the run folder."""
 
-    def __init__(self, sweep: Sweep, run_dir: Path, group: Group | None = None):
+    def __init__(self, sweep: Sweep, run_dir: Path, group: Group | None = None, started: float | None = None):
+        """started: when the command began (time.time()), the start of timing.json's wall (default: now)."""
         self.sweep, self.run_dir = sweep, run_dir
+        self.started = time.time() if started is None else started
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.seconds["startup"] = time.time() - self.started
         self.group = group or Group()
         self.device = torch.device("cpu")
         if device_type(sweep.device) == "cuda":
@@ -93,7 +114,6 @@ class SweepRun:
                 settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.11
                 (settings or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.seconds = dict.fromkeys(PHASES, 0.0)
         # A base that may be sharded waits on the CPU (a GPU may not hold it whole) until that is decided.
         may_shard = sweep.shard_base is True or (sweep.shard_base == "auto" and self.group.world > 1)
         with self.timed("load"):
@@ -148,6 +168,7 @@ class SweepRun:
         self.checkpointed: int | None = None  # the micro-step of the last checkpoint this process wrote
         self.samples_budget = 0  # most samples per step seen: what reclaim "grow" refills to
         self.logs: RunLog | None = None  # rank 0's, while it runs
+        self.writer = checkpoint.Writer(run_dir)  # rank 0's checkpoints, written in the background
 
     def timed(self, phase: str):
         return timed(self.seconds, phase)
@@ -183,7 +204,8 @@ class SweepRun:
         self.holder = dict.fromkeys(self.holder, 0)
 
     def save_checkpoint(self) -> None:
-        """Writes the checkpoint (collective: every rank sends its adapters to rank 0)."""
+        """Starts writing the checkpoint (collective: every rank sends its adapters to rank 0, whose
+        writer thread writes it while the run goes on: wait_for_checkpoint)."""
         with self.timed("checkpoint"):
             self._save_checkpoint()
         self.checkpointed = self.micro_steps
@@ -191,16 +213,23 @@ class SweepRun:
     def _save_checkpoint(self) -> None:
         t = self.trainer
         self._collect()
-        running = self.group.gather(t.export_states([a.id for a in t.running()], "cpu"))
+        running = self.group.gather(t.export_states([a.id for a in t.running()], "cpu"))  # host copies
         shapes = self.group.gather((self.largest_step, self.most_colocated))
         if not self.group.is_leader:
             return
+        # Nothing handed to the writer may change after: the states and best weights are copies
+        # never written to (only replaced), the dicts holding them and the monitors' records are copied.
         states = {**t.retired, **{k: v for part in running for k, v in part.items()}}
         adapters = {a.id: {**a.progress(), "state": states.get(a.id)} for a in self.registry}
-        checkpoint.write(self.run_dir, {
+        self.writer.write({
             "micro_steps": self.micro_steps, "adapters": adapters, "samples_budget": self.samples_budget,
-            "step_shapes": shapes,
-            "monitors": {name: (m.rungs, m.log) for name, m in self.monitors.items()}, "best": self.best_weights})
+            "step_shapes": shapes, "monitors": copy.deepcopy({name: (m.rungs, m.log) for name, m in self.monitors.items()}),
+            "best": dict(self.best_weights)})
+
+    def wait_for_checkpoint(self) -> None:
+        """Returns once the checkpoint being written (if any) is on disk."""
+        with self.timed("checkpoint"):
+            self.writer.wait()
 
     def restore(self) -> None:
         """Continues from the checkpoint, on any number of ranks (running adapters are placed anew)."""
@@ -438,14 +467,19 @@ class SweepRun:
         checkpoint is written there). On rank 0, should_halt() is asked after every step: when it
         says so, every rank writes the checkpoint and returns False (the run resumes from there, on
         any number of ranks); on_step(progress) is given each step's counts and seconds. Rank 0
-        prints its progress through log (bar: as a progress bar, the output being a terminal)."""
+        prints its progress through log (bar: as a progress bar, the output being a terminal).
+        A run that ends (True) may still be writing its last checkpoint: finish() waits for it."""
         leader = self.group.is_leader
         self.logs = RunLog(self.run_dir, self.registry, self.forecast(), log, bar) if leader else None
+        done = False
         try:
-            return self._run(until, should_halt, on_step)
+            done = self._run(until, should_halt, on_step)
+            return done
         finally:
             if self.logs is not None:
                 self.logs.close()
+            if not done:  # a run that stops here has its checkpoint on disk when this returns
+                self.wait_for_checkpoint()
 
     def _run(self, until: int | None, should_halt, on_step) -> bool:
         leader = self.group.is_leader
@@ -619,6 +653,9 @@ class SweepRun:
             return []
         with self.timed("export"):
             board = results.finish(self.registry, outcomes, self.base, self.run_dir, log)
+        self.wait_for_checkpoint()  # the last one, written while the above ran
+        self.seconds["other"] = 0.0
+        self.seconds["other"] = max(0.0, time.time() - self.started - sum(self.seconds.values()))
         (self.run_dir / "timing.json").write_text(json.dumps({k: round(v, 3) for k, v in self.seconds.items()}))
         log("seconds: " + " | ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
         return board

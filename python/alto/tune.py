@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -22,12 +23,14 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = None, log=print,
-         nproc: int = 1, bar: bool = False) -> int:
+         nproc: int = 1, bar: bool = False, started: float | None = None) -> int:
     """The `alto tune` command: returns its exit code. Bad input in the sweep file or flags raises
     ValueError (the CLI turns it into one line and exit code 2); what loading the model, data or
     checkpoint finds is reported by run_rank (exit code 2). Nothing is written before. nproc > 1 runs
     the sweep on that many local ranks (one GPU each, or CPU processes); under torchrun the ranks
-    come from the environment."""
+    come from the environment. started: when the command began (time.time(): the CLI's process
+    start; default: this call), where timing.json's wall starts."""
+    started = time.time() if started is None else started
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"--stop-after={stop_after!r} must be an int >= 1")
     if not isinstance(nproc, int) or nproc < 1:
@@ -67,27 +70,28 @@ def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = No
         raise ValueError(f"--nproc={nproc} but only {torch.cuda.device_count()} GPUs are visible")
     args = (text, source, str(run_dir), bool(resume), stop_after)
     if nproc > 1:
-        return launch(run_rank, nproc, (*args, print, None, None, bar))[0]
-    return run_rank(*args, log=log, bar=bar)
+        return launch(run_rank, nproc, (*args, print, None, None, bar, started))[0]
+    return run_rank(*args, log=log, bar=bar, started=started)
 
 
 HALTED = 75  # run_rank's code when should_halt stopped it at a checkpoint (EX_TEMPFAIL: resume later)
 
 
 def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int | None, log=print,
-             should_halt=None, on_step=None, bar: bool = False) -> int:
+             should_halt=None, on_step=None, bar: bool = False, started: float | None = None) -> int:
     """One rank of `alto tune` (the only one without parallelism). Each rank is its own process, so
     bad input found here (the model, the data, the checkpoint) is reported here: one line from rank
     0, exit code 2, before anything is written. stop_after: micro-steps this process runs before it
     stops at a checkpoint (counted from where it starts: 0, or the checkpoint it resumes). should_halt /
-    on_step: SweepRun.run's (alto.cluster); a halted run returns HALTED. bar: progress as a bar (a terminal)."""
+    on_step: SweepRun.run's (alto.cluster); a halted run returns HALTED. bar: progress as a bar (a terminal);
+    started: tune's."""
     sweep, run_dir = parse_sweep(text, source), Path(run_dir)
     group = Group.from_env(device_type(sweep.device), process_group=sweep.shard_base is True)
     launched = torch.get_num_threads()
     try:
         try:
             torch.set_num_threads(run_threads(run_dir, resume))  # before any float math (alto.parallel.rank_threads)
-            run = SweepRun(sweep, run_dir, group)  # loads model and data: still nothing written
+            run = SweepRun(sweep, run_dir, group, started)  # loads model and data: still nothing written
             if resume:
                 run.restore()
         except INPUT_ERRORS as e:  # every rank fails alike (each is its own process): rank 0 says why
