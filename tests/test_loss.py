@@ -75,3 +75,26 @@ def test_fused_head_losses_match_float64(rows, length, hidden, vocab, bias):
     (ref * weights).sum().backward()
     torch.testing.assert_close(h.grad.double(), ref_h.grad, rtol=5e-2, atol=2e-2)
     assert torch.all(h.grad[0, length // 2 :] == 0)  # no target: no gradient
+
+
+@pytest.mark.parametrize("rows,length,hidden,vocab", [(3, 9, 24, 50), (1, 2, 8, 7), (4, 5, 16, 33)])
+def test_head_losses_run_the_head_on_target_positions_only_and_match_float64(rows, length, hidden, vocab):
+    """The unfused path (the CPU's, and float64 checks): the head's logits of the positions with a
+    target only, losses equal to float64 cross-entropy of the full logits, forward and backward."""
+    torch.manual_seed(rows * length)
+    head = torch.nn.Linear(hidden, vocab, bias=False, dtype=torch.float64).requires_grad_(False)
+    seen = []
+    head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    h = torch.randn(rows, length, hidden, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows, length))
+    labels[0, : length // 2] = -100  # a context-only prompt: no targets there
+    ref_h = h.detach().clone().requires_grad_()
+    ref = reference(F.linear(ref_h, head.weight), labels)
+    ours = head_token_losses(h, head, labels).view(rows, length)
+    assert seen == [int((labels[:, 1:] != -100).sum())]  # the head saw the targets' positions alone
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(rows, length, dtype=torch.float64)
+    (ours * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-12, atol=1e-12)
+    assert torch.all(h.grad[:, -1] == 0)  # no target after the last position: no gradient

@@ -31,7 +31,7 @@ def test_tune_end_to_end_writes_every_output(tmp_path, capsys, sweep_yaml):
         assert json.loads((run / "adapters" / aid / "alto_adapter.json").read_text())["status"] == "finished"
     seconds = json.loads((run / "timing.json").read_text())  # where the run's time went
     assert list(seconds) == list(PHASES)  # the whole wall, each second in one phase
-    assert seconds["train"] > 0 and seconds["evaluate"] > 0 and seconds["export"] > 0 and "seconds: load" in out
+    assert seconds["train"] > 0 and seconds["evaluate"] > 0 and seconds["export"] > 0 and "seconds: startup" in out
 
 
 def test_killed_run_resumes_to_the_same_final_weights(tmp_path, sweep_yaml):

@@ -57,7 +57,7 @@ def save_peft_adapter(weights: dict[str, LayerTensors], adapter: Adapter, out_di
     """weights: layer path (relative to the causal LM) -> {tensor name: tensor}. base_model_name:
     a folder AutoModelForCausalLM.from_pretrained loads alone (save_base's), so that
     AutoPeftModelForCausalLM.from_pretrained(out_dir) loads base and adapter alone; tokenizer: the
-    base's, saved beside. outcome: which weights these are and what they are worth
+    base's (or a folder of its saved files), saved beside. outcome: which weights these are and what they are worth
     (alto.results.Outcome), recorded beside."""
     cfg = adapter.config
     tensors = {}
@@ -86,7 +86,10 @@ def save_peft_adapter(weights: dict[str, LayerTensors], adapter: Adapter, out_di
         save_file(tensors, str(tmp / "adapter_model.safetensors"))
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
         (tmp / "alto_adapter.json").write_text(json.dumps(record, indent=2))
-        if tokenizer is not None:
+        if isinstance(tokenizer, Path):  # a tokenizer's files, saved once for many adapters
+            for f in tokenizer.iterdir():
+                shutil.copyfile(f, tmp / f.name)
+        elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return out
 

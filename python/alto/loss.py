@@ -92,12 +92,31 @@ def fused_head_available(device: torch.device) -> bool:
     return device.type == "cuda" and _fused_linear_cross_entropy() is not None
 
 
-def head_token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The flat indices of the [B, L] labels' positions that have a next-token target (-100: none).
+    On CUDA it waits for the labels (call it before the step's forward: nothing else is queued)."""
+    return (next_token_targets(labels) != -100).nonzero().squeeze(1)
+
+
+def head_token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token loss at every position of [B, L] labels from the last hidden states [B, L, d]
-    through the LM head, fused (liger-kernel), as [B*L] fp32."""
-    loss = _fused_linear_cross_entropy()(hidden.flatten(0, 1), head.weight, next_token_targets(labels),
-                                         head.bias, reduction="none")
-    return loss.float()
+    through the LM head, as [B*L] fp32 (float64 for a float64 head), 0 where there is no target.
+    The head and the loss run on the positions with a target only (rows: target_positions(labels)):
+    a chat record's context-only prompt tokens and each sequence's last position cost nothing.
+    On CUDA with liger-kernel, fused; else the head's logits of those rows (under the caller's
+    autocast, as the model's own head) and the blocked cross-entropy (_TokenCrossEntropy)."""
+    targets = next_token_targets(labels)
+    rows = target_positions(labels) if rows is None else rows
+    picked, wanted = hidden.flatten(0, 1).index_select(0, rows), targets.index_select(0, rows)
+    if fused_head_available(hidden.device):
+        with torch.autocast("cuda", enabled=False):
+            loss = _fused_linear_cross_entropy()(picked, head.weight, wanted, head.bias, reduction="none").float()
+    else:
+        logits = head(picked)
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss = _TokenCrossEntropy.apply(logits, wanted)
+    return loss.new_zeros(targets.shape).index_copy(0, rows, loss)
 
 
 def adapter_loss_sums(token_loss: torch.Tensor, labels: torch.Tensor, token_counts: Sequence[int]) -> torch.Tensor:

@@ -7,7 +7,9 @@ import contextlib
 import csv
 import importlib
 import math
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from alto.registry import Adapter, AdapterConfig, Registry, Status
 from alto.train import colocated_losses
 
 Metric = Callable[[str, str], float]  # (prediction, reference) -> score
+# Adapters written at once at the end: their copies and writes overlap (safetensors and file writes
+# leave the GIL); 32 adapters on 1B widths are ~4.5 GB of float32 weights.
+EXPORT_THREADS = 4
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -110,6 +115,11 @@ class Outcome:
     eval_loss: float  # on the task's evaluated held-out sequences (nan: none, or a failed adapter)
     metric: tuple[str, float] | None = None  # (metric, mean over the held-out prompts)
 
+    def record(self) -> dict:
+        """What alto_adapter.json records of it."""
+        return {"export": self.export, "export_step": self.step, "eval_loss": self.eval_loss,
+                "metric": list(self.metric) if self.metric else None}
+
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.eval_loss, 700.0)) if math.isfinite(self.eval_loss) else math.nan
@@ -134,20 +144,23 @@ def _write(path: Path, rows: list[list]) -> None:
 def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_dir: Path,
            log=print) -> list[tuple[str, float]]:
     """Exports every adapter's chosen weights in PEFT format (adapters/<name>; their base in HF
-    format to base/ where it is not a model folder already: alto.export.save_base), writes
-    leaderboard.csv (every adapter, by held-out loss) and leaderboards/<task>.csv, and losses.png,
-    and prints each task's leaderboard; returns (adapter, held-out loss) best first."""
+    format to base/ where it is not a model folder already: alto.export.save_base), several at
+    once, writes leaderboard.csv (every adapter, by held-out loss) and leaderboards/<task>.csv, and
+    prints each task's leaderboard; returns (adapter, held-out loss) best first. (losses.png: plot_losses.)"""
     def order(a: Adapter) -> tuple[bool, float]:
         loss = outcomes[a.id].eval_loss
         return not math.isfinite(loss), loss
 
     tasks: dict[str, list[Adapter]] = {}
     base_path = save_base(base, run_dir / "base")
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tokenizer.") as tokenizer_files, \
+            ThreadPoolExecutor(EXPORT_THREADS) as pool:
+        base.tokenizer.save_pretrained(tokenizer_files)  # once, copied beside each adapter
+        written = [pool.submit(save_peft_adapter, outcomes[a.id].weights, a, run_dir / "adapters" / a.id, base_path,
+                               Path(tokenizer_files), outcomes[a.id].record()) for a in registry]
+        for future in written:
+            future.result()  # the first failure raises
     for a in registry:
-        o = outcomes[a.id]
-        save_peft_adapter(o.weights, a, run_dir / "adapters" / a.id, base_path, base.tokenizer,
-                          {"export": o.export, "export_step": o.step, "eval_loss": o.eval_loss,
-                           "metric": list(o.metric) if o.metric else None})
         tasks.setdefault(a.task, []).append(a)
     task_rank = {a.id: i for members in tasks.values() for i, a in enumerate(sorted(members, key=order), 1)}
     overall = sorted(registry, key=order)
@@ -161,7 +174,6 @@ def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_
         for i, (a, o) in enumerate(board, 1):
             log(f"{i:>3}  {a.id:<34}{a.status.value:<15}{a.step:>6}{f'{o.export}@{o.step}':>12}{o.eval_loss:>11.4f}"
                 f"{o.perplexity:>9.2f}" + (f"{o.metric[1]:>13.3f}" if o.metric else ""))
-    plot_losses(registry, run_dir / "losses.png")
     their_base = "" if base.loads_alone else ", base/ (their base, HF format)"
     log(f"\nrun folder: {run_dir} (adapters/ in PEFT format{their_base}, losses.csv, leaderboard.csv, leaderboards/, "
         "losses.png)")
@@ -169,12 +181,14 @@ def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_
 
 
 def plot_losses(registry: Registry, path: Path) -> None:
-    import matplotlib
+    """losses.png: each adapter's training losses. Drawn on a Figure of its own (not pyplot's shared
+    state), so it may run in a thread beside the final evaluations (alto.sweep_run.SweepRun.finish)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for a in registry:
         line, = ax.plot(range(1, len(a.losses) + 1), a.losses, label=f"{a.id} ({a.status.value})", linewidth=1.2)
         if a.status == Status.STOPPED_EARLY and a.losses:  # where the monitor stopped it
@@ -185,4 +199,3 @@ def plot_losses(registry: Registry, path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -25,6 +25,7 @@ import math
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -647,12 +648,16 @@ class SweepRun:
             self.trainer.retired, self.best_weights, self.most_colocated, self.largest_step = shared
         elif not self.group.is_leader:
             return []
-        with self.timed("evaluate"):
-            outcomes = self.outcomes()
-        if not self.group.is_leader:
-            return []
-        with self.timed("export"):
-            board = results.finish(self.registry, outcomes, self.base, self.run_dir, log)
+        with ThreadPoolExecutor(1) as plotter:  # losses.png drawn while the final evaluations run
+            plotted = plotter.submit(results.plot_losses, self.registry, self.run_dir / "losses.png") \
+                if self.group.is_leader else None
+            with self.timed("evaluate"):
+                outcomes = self.outcomes()
+            if not self.group.is_leader:
+                return []
+            with self.timed("export"):
+                board = results.finish(self.registry, outcomes, self.base, self.run_dir, log)
+                plotted.result()
         self.wait_for_checkpoint()  # the last one, written while the above ran
         self.seconds["other"] = 0.0
         self.seconds["other"] = max(0.0, time.time() - self.started - sum(self.seconds.values()))

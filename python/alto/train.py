@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from alto.data import ids_and_labels
 from alto.model import TENSOR_NAMES, MultiLoraModel, plan_for
 from alto.optim import MultiAdamW
-from alto.loss import adapter_loss_sums, fused_head_available, head_token_losses, mean_losses, token_losses
+from alto.loss import adapter_loss_sums, head_token_losses, mean_losses, target_positions, token_losses
 from alto.registry import Adapter, Registry, Status
 from alto.state import AdapterState, move_states
 from alto_ext.segments import to_device
@@ -88,18 +88,23 @@ def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence
                      pad_id: int, device: torch.device, training: bool, packed: bool = True) -> torch.Tensor:
     """The one place a co-located batch is built and run (training steps, held-out losses and
     evaluation alike): every adapter's sequences, packed into one token stream (or as right-padded
-    rows), one forward of the shared model, the per-token losses (alto.loss: fused with the LM head
-    on CUDA); returns adapter_loss_sums ([2, G] in batches' order).
+    rows), one forward of the shared model, the per-token losses (alto.loss: the LM head only at
+    positions with a target, fused with the loss on CUDA); returns adapter_loss_sums ([2, G] in
+    batches' order).
     Autocast is chosen here: training on CUDA runs in bf16 (adapter masters stay fp32); held-out
     losses run in the base's own dtype (as PEFT evaluates it), and nothing autocasts on the CPU
     (float32, or float64 for exact checks)."""
     flat = [s for b in batches.values() for s in b]
     inputs, labels, row_len = step_inputs(flat, pad_id, packed, device)
     plan = plan_for(model, list(batches), [[len(s) for s in b] for b in batches.values()], row_len, device)
-    head = model.plain_head if fused_head_available(device) else None
+    head = model.plain_head  # where the logits are head(hidden): it runs on the positions with a target only
+    rows = None if head is None else target_positions(labels)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=training and device.type == "cuda"):
         out = model(plan, last_hidden=head is not None, **inputs)
-    token_loss = token_losses(out, labels) if head is None else head_token_losses(out, head, labels)
+        if head is not None:  # its logits under the step's autocast, as the model's own head's would be
+            token_loss = head_token_losses(out, head, labels, rows)
+    if head is None:
+        token_loss = token_losses(out, labels)
     return adapter_loss_sums(token_loss, labels, plan.token_counts)
 
 
