@@ -183,7 +183,8 @@ def test_timing_json_accounts_for_the_whole_wall_of_the_command(tmp_path, sweep_
     assert proc.returncode == 0, proc.stderr[-2000:]
     seconds = json.loads((tmp_path / "run" / "timing.json").read_text())
     assert list(seconds) == list(PHASES) and seconds["startup"] > 0.2  # the interpreter and torch's import at least
-    assert wall - 1.5 < sum(seconds.values()) <= wall
+    # what is left is the process's end (interpreter and torch teardown: seconds on a busy 2-core machine)
+    assert sum(seconds.values()) <= wall < sum(seconds.values()) + max(3.0, 0.25 * wall)
 
 
 def test_early_stopping_frees_slots_for_queued_configs(tmp_path, sweep_yaml):
@@ -376,3 +377,26 @@ def test_a_terminal_gets_a_progress_bar(tmp_path, capsys, sweep_yaml):
     assert tune(str(sweep_yaml()), None, bar=True) == 0
     out = capsys.readouterr().out
     assert "%|" in out and "3/3" in out and "left" in out and "step    1 |" not in out
+
+
+def test_host_copies_hold_the_weights_as_they_were_when_asked(device):
+    """A best checkpoint's host copy, made in the background (alto.state.HostCopies), holds the
+    weights of the moment it was asked for, though the next steps change them at once."""
+    from alto.state import HostCopies
+
+    torch.manual_seed(0)
+    weights = {f"model.layers.{i}.self_attn.q_proj": {"lora_A": torch.randn(r, 24, device=device),
+                                                     "lora_B": torch.randn(r, 40, device=device)}
+               for i, r in enumerate((3, 8, 1))}
+    want = {p: {n: t.cpu().clone() for n, t in layer.items()} for p, layer in weights.items()}
+    copies = HostCopies()
+    pending = [copies.weights(weights) for _ in range(3)]
+    for layer in weights.values():  # the next optimizer steps, queued right after
+        for t in layer.values():
+            t.mul_(-2).add_(1)
+    for future in pending:
+        got = future.result()
+        assert got.keys() == want.keys()
+        for p, layer in want.items():
+            for n, t in layer.items():
+                assert got[p][n].device.type == "cpu" and torch.equal(got[p][n], t), (p, n)

@@ -2,8 +2,10 @@
 an adapter sent back to the queue keeps, and what moves when it migrates to another rank."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -77,3 +79,39 @@ def copy_weights(weights: dict[str, LayerTensors], device: torch.device | str) -
     """A copy of one adapter's weights on `device`, moved as one buffer (a best checkpoint)."""
     it = iter(_moved([t.detach() for layer in weights.values() for t in layer.values()], torch.device(device)))
     return {path: {name: next(it) for name in layer} for path, layer in weights.items()}
+
+
+class HostCopies:
+    """Host copies of adapters' weights (a best checkpoint at each evaluation) brought over by one
+    background thread on a CUDA stream of its own: the run's stream gathers a copy into one buffer
+    on the GPU (fast), the thread moves it to host memory while the steps go on. Copied in line,
+    32 configurations on 1B widths with an evaluation every 4 steps spent 16 of 87 s on the H200
+    there. A copy's future gives the weights; on the CPU it is made at once."""
+
+    def __init__(self):
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="alto-host-copy")
+        self._stream: torch.cuda.Stream | None = None
+
+    def weights(self, weights: dict[str, LayerTensors]) -> Future:
+        keys = [(path, name) for path, layer in weights.items() for name in layer]
+        tensors = [weights[path][name].detach() for path, name in keys]
+        if not tensors or tensors[0].device.type != "cuda" or len({t.dtype for t in tensors}) > 1:
+            done: Future = Future()
+            done.set_result(copy_weights(weights, "cpu"))
+            return done
+        flat = torch.cat([t.flatten() for t in tensors])  # a copy on the run's stream: later steps change the weights
+        ready = torch.cuda.Event()
+        ready.record()
+        return self._thread.submit(self._to_host, flat, ready, keys, [t.shape for t in tensors])
+
+    def _to_host(self, flat: torch.Tensor, ready: torch.cuda.Event, keys: list[tuple[str, str]],
+                 shapes: list[torch.Size]) -> dict[str, LayerTensors]:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(flat.device)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(ready)
+            host = flat.to("cpu")  # waits for the copy (in this thread only); flat is freed after it
+        out: dict[str, LayerTensors] = {}
+        for (path, name), shape, part in zip(keys, shapes, host.split([math.prod(s) for s in shapes])):
+            out.setdefault(path, {})[name] = part.view(shape)
+        return out

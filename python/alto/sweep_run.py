@@ -25,7 +25,7 @@ import math
 import os
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from alto.sched.catalog import ModelShape
 from alto.sched.memory import activation_bytes_per_token, adapter_params
 from alto.sched.placement import adapter_cost, place, rank_loads, rebalance
 from alto.sweep import Sweep
-from alto.state import AdapterState, copy_weights, move_states
+from alto.state import AdapterState, HostCopies, move_states
 from alto.train import DataStream, StepOutOfMemory, Trainer
 
 
@@ -151,7 +151,8 @@ class SweepRun:
         self.monitors = {t.name: Monitor(t.monitor) for t in self.tasks.values() if t.monitor}
         # adapter -> (step, weights on the CPU) of its best held-out loss, for tasks exporting best
         # (on the rank that evaluated it; collected on rank 0 at checkpoints)
-        self.best_weights: dict[str, tuple[int, dict]] = {}
+        self.best_weights: dict[str, tuple[int, dict | Future]] = {}  # a future: its copy still under way
+        self.host_copies = HostCopies()
         self.largest_step = 0  # most token positions a step ran: what an evaluation's forward may hold
         self.most_colocated = 0  # most adapters a step ran: how many the final evaluation puts in together
         self.admission = None  # max_running: auto admits by memory (every rank fits one; rank 0 decides)
@@ -192,6 +193,7 @@ class SweepRun:
         """Moves the states of adapters retired on other ranks, and the best weights they copied,
         to rank 0 (collective; of two copies of an adapter's best, the later step's is the best)."""
         t = self.trainer
+        self.settle_best()
         got = self.group.gather(({}, {}) if self.group.is_leader else (t.retired, self.best_weights))
         if self.group.is_leader:
             for retired, best in got[1:]:
@@ -388,13 +390,20 @@ class SweepRun:
         return results.held_out_losses(self.model, {a.id: self.held_out(a.task) for a in adapters},
                                        self.base.pad_id, self.device, self.eval_positions(), self.lockstep)
 
-    def keep_if_best(self, a: Adapter, loss: float, weights) -> None:
+    def keep_if_best(self, a: Adapter, loss: float, weights, live: bool = True) -> None:
         """Records a held-out loss of the adapter's weights at its current step; the best so far is
-        kept (its weights copied to host memory, where its task exports best)."""
+        kept where its task exports best: the weights in the model (live) copied to host memory in
+        the background (HostCopies), a host copy nothing changes (a retired adapter's) as it is."""
         if math.isfinite(loss) and (a.best is None or loss < a.best[1]):
             a.best = (a.step, loss)
             if self.tasks[a.task].export == "best":
-                self.best_weights[a.id] = (a.step, copy_weights(weights, "cpu"))
+                self.best_weights[a.id] = (a.step, self.host_copies.weights(weights) if live else weights)
+
+    def settle_best(self) -> None:
+        """Waits for the best weights' host copies under way."""
+        for aid, (step, weights) in self.best_weights.items():
+            if isinstance(weights, Future):
+                self.best_weights[aid] = (step, weights.result())
 
     # ---- the step's reports ----------------------------------------------------------------------
     def report(self, marks: dict[str, tuple[int, int]], oom: tuple[int, int, int] | None) -> tuple[dict[str, tuple], tuple | None]:
@@ -591,7 +600,8 @@ class SweepRun:
             with results.loaded(self.model, {a.id: (a.config, last[a.id]) for a in part}):
                 for a, loss in zip(part, self.evaluate(part) if part else []):
                     last_loss[a.id] = loss
-                    self.keep_if_best(a, loss, last[a.id])
+                    self.keep_if_best(a, loss, last[a.id], live=a.id not in self.trainer.retired)
+        self.settle_best()
         out = {}
         for a in adapters:
             if self.tasks[a.task].export == "best" and a.id in self.best_weights:
@@ -642,6 +652,7 @@ class SweepRun:
         """At the end, on every rank: rank 0's evaluations, exports and leaderboards (alto.results),
         timing.json. With a sharded base every rank runs the same evaluations on rank 0's weights
         (their passes gather the layers together); only rank 0 writes."""
+        self.settle_best()
         if self.sharded and self.group.world > 1:  # everything that shapes the passes, as rank 0 has it
             shared = self.group.broadcast((self.trainer.retired, self.best_weights, self.most_colocated,
                                            self.largest_step) if self.group.is_leader else None)
