@@ -109,7 +109,9 @@ def head_token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tenso
     targets = next_token_targets(labels)
     rows = target_positions(labels) if rows is None else rows
     picked, wanted = hidden.flatten(0, 1).index_select(0, rows), targets.index_select(0, rows)
-    if fused_head_available(hidden.device):
+    if rows.numel() == 0:  # no target at all (liger's kernel divides by the row count): zeros, still in the graph
+        loss = picked.sum(-1, dtype=_loss_dtype(picked))
+    elif fused_head_available(hidden.device):
         with torch.autocast("cuda", enabled=False):
             loss = _fused_linear_cross_entropy()(picked, head.weight, wanted, head.bias, reduction="none").float()
     else:
