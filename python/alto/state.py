@@ -108,7 +108,7 @@ class HostCopies:
                  shapes: list[torch.Size]) -> dict[str, LayerTensors]:
         if self._stream is None:
             self._stream = torch.cuda.Stream(flat.device)
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.device(flat.device), torch.cuda.stream(self._stream):  # a thread's device is its own
             self._stream.wait_event(ready)
             host = flat.to("cpu")  # waits for the copy (in this thread only); flat is freed after it
         out: dict[str, LayerTensors] = {}

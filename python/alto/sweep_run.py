@@ -670,8 +670,8 @@ class SweepRun:
                 board = results.finish(self.registry, outcomes, self.base, self.run_dir, log)
                 plotted.result()
         self.wait_for_checkpoint()  # the last one, written while the above ran
-        self.seconds["other"] = 0.0
-        self.seconds["other"] = max(0.0, time.time() - self.started - sum(self.seconds.values()))
+        named = sum(v for phase, v in self.seconds.items() if phase != "other")
+        self.seconds["other"] = max(0.0, time.time() - self.started - named)
         (self.run_dir / "timing.json").write_text(json.dumps({k: round(v, 3) for k, v in self.seconds.items()}))
         log("seconds: " + " | ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
         return board
