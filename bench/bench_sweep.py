@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import gc
 import json
 import os
 import random
@@ -126,6 +127,8 @@ def alto_row(args, method: str, model, data: Path, adapters: list[dict], out: Pa
     path = out.parent / f"{out.name}.yaml"
     path.write_text(json.dumps(sweep_doc(args, model, data, adapters, out, early_exit=method == "d")))
     log = out.parent / f"{out.name}.log"
+    gc.collect()
+    peak_reset()  # this process's cached GPU memory given back: alto's process admits by what is free
     start = time.perf_counter()
     with open(log, "w") as f:
         code = subprocess.run([sys.executable, "-m", "alto.cli", "tune", str(path)], stdout=f, stderr=subprocess.STDOUT,

@@ -165,6 +165,8 @@ def _load(spec: str | dict, dtype: str, device: torch.device, straight: bool) ->
         try:
             tok = transformers.AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
             model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+        except torch.OutOfMemoryError:  # the device is too small or taken: not a fault of the folder
+            raise
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # transformers' errors rarely name the folder
             raise ValueError(f"model.hf_dir: cannot load a tokenizer and causal LM from {where!r} "
                              f"({type(e).__name__}: {first_line(e)})") from None

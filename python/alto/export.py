@@ -87,8 +87,7 @@ def save_peft_adapter(weights: dict[str, LayerTensors], adapter: Adapter, out_di
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
         (tmp / "alto_adapter.json").write_text(json.dumps(record, indent=2))
         if isinstance(tokenizer, Path):  # a tokenizer's files, saved once for many adapters
-            for f in tokenizer.iterdir():
-                shutil.copyfile(f, tmp / f.name)
+            shutil.copytree(tokenizer, tmp, dirs_exist_ok=True)
         elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return out

@@ -298,8 +298,12 @@ class MultiLoraModel(nn.Module):
                     if g is not None:
                         g.zero_()
 
-    def adapter_weights(self, adapter_id: str) -> dict[str, LayerTensors]:
-        """layer path -> {tensor name: detached copy}."""
+    def adapter_weights(self, adapter_id: str, views: bool = False) -> dict[str, LayerTensors]:
+        """layer path -> {tensor name: detached copy} (views: the packs' rows themselves, which the
+        next optimizer step changes)."""
+        if views:
+            return {p: dict(zip(TENSOR_NAMES, self.layers[p].tensors(adapter_id)[0]))
+                    for p in self.target_layers(self.configs[adapter_id])}
         return {p: self.layers[p].weights(adapter_id) for p in self.target_layers(self.configs[adapter_id])}
 
     def load_adapter_weights(self, adapter_id: str, weights: dict[str, LayerTensors]) -> None:

@@ -153,7 +153,7 @@ def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_
 
     tasks: dict[str, list[Adapter]] = {}
     base_path = save_base(base, run_dir / "base")
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tokenizer.") as tokenizer_files, \
+    with tempfile.TemporaryDirectory(prefix="alto-tokenizer.") as tokenizer_files, \
             ThreadPoolExecutor(EXPORT_THREADS) as pool:
         base.tokenizer.save_pretrained(tokenizer_files)  # once, copied beside each adapter
         written = [pool.submit(save_peft_adapter, outcomes[a.id].weights, a, run_dir / "adapters" / a.id, base_path,

@@ -86,7 +86,9 @@ class HostCopies:
     background thread on a CUDA stream of its own: the run's stream gathers a copy into one buffer
     on the GPU (fast), the thread moves it to host memory while the steps go on. Copied in line,
     32 configurations on 1B widths with an evaluation every 4 steps spent 16 of 87 s on the H200
-    there. A copy's future gives the weights; on the CPU it is made at once."""
+    there. A copy's future gives the weights; on the CPU it is made at once. The run waits for them
+    before its next step (SweepRun.settle_best): what a step's memory holds never depends on how far
+    they got."""
 
     def __init__(self):
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="alto-host-copy")
@@ -101,7 +103,7 @@ class HostCopies:
             return done
         flat = torch.cat([t.flatten() for t in tensors])  # a copy on the run's stream: later steps change the weights
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(flat.device))
         return self._thread.submit(self._to_host, flat, ready, keys, [t.shape for t in tensors])
 
     def _to_host(self, flat: torch.Tensor, ready: torch.cuda.Event, keys: list[tuple[str, str]],

@@ -56,14 +56,13 @@ PHASES = ("startup", "load", "tokenize", "calibrate", "train", "evaluate", "chec
 
 
 def process_start_time() -> float:
-    """When this process began (time.time()'s clock), read from Linux's /proc; elsewhere now."""
+    """When this process began (time.time()'s clock), read from Linux's /proc (its start in clock
+    ticks after boot, against the boot clock now: /proc/stat's boot time is whole seconds); elsewhere now."""
     try:
         with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start, in clock ticks after boot
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
         return time.time()
 
 
@@ -419,7 +418,7 @@ class SweepRun:
                 losses = self.evaluate(due)
             for a, loss in zip(due, losses):
                 a.record_eval(loss)
-                self.keep_if_best(a, loss, self.model.adapter_weights(a.id))
+                self.keep_if_best(a, loss, self.model.adapter_weights(a.id, views=True))
         return {aid: (since, self.registry[aid].progress(since)) for aid, since in marks.items()}, oom
 
     def out_of_memory(self, positions: int, params: int) -> tuple[int, int, int]:
@@ -481,15 +480,18 @@ class SweepRun:
         A run that ends (True) may still be writing its last checkpoint: finish() waits for it."""
         leader = self.group.is_leader
         self.logs = RunLog(self.run_dir, self.registry, self.forecast(), log, bar) if leader else None
-        done = False
         try:
             done = self._run(until, should_halt, on_step)
-            return done
+        except BaseException:
+            with contextlib.suppress(Exception):  # the run's own error is the one to report
+                self.wait_for_checkpoint()
+            raise
         finally:
             if self.logs is not None:
                 self.logs.close()
-            if not done:  # a run that stops here has its checkpoint on disk when this returns
-                self.wait_for_checkpoint()
+        if not done:  # a run that stops here has its checkpoint on disk when this returns
+            self.wait_for_checkpoint()
+        return done
 
     def _run(self, until: int | None, should_halt, on_step) -> bool:
         leader = self.group.is_leader
@@ -502,6 +504,8 @@ class SweepRun:
                 if self.checkpointed != self.micro_steps:
                     self.save_checkpoint()
                 return False
+            # the last evaluation's host copies done: a step's memory never depends on how far they got
+            self.settle_best()
             running = self.registry.with_status(Status.RUNNING)
             self.samples_budget = max(self.samples_budget, sum(a.micro_batch_size for a in running))
             marks = {a.id: a.marks() for a in self.trainer.running()}
@@ -649,8 +653,8 @@ class SweepRun:
         return values
 
     def finish(self, log=print) -> list[tuple[str, float]]:
-        """At the end, on every rank: rank 0's evaluations, exports and leaderboards (alto.results),
-        timing.json. With a sharded base every rank runs the same evaluations on rank 0's weights
+        """At the end, on every rank: rank 0's evaluations, exports, leaderboards and losses.png
+        (alto.results), the wait for the last checkpoint's write, timing.json. With a sharded base every rank runs the same evaluations on rank 0's weights
         (their passes gather the layers together); only rank 0 writes."""
         self.settle_best()
         if self.sharded and self.group.world > 1:  # everything that shapes the passes, as rank 0 has it
@@ -659,16 +663,21 @@ class SweepRun:
             self.trainer.retired, self.best_weights, self.most_colocated, self.largest_step = shared
         elif not self.group.is_leader:
             return []
-        with ThreadPoolExecutor(1) as plotter:  # losses.png drawn while the final evaluations run
-            plotted = plotter.submit(results.plot_losses, self.registry, self.run_dir / "losses.png") \
-                if self.group.is_leader else None
-            with self.timed("evaluate"):
-                outcomes = self.outcomes()
-            if not self.group.is_leader:
-                return []
-            with self.timed("export"):
-                board = results.finish(self.registry, outcomes, self.base, self.run_dir, log)
-                plotted.result()
+        try:
+            with ThreadPoolExecutor(1) as plotter:  # losses.png drawn while the final evaluations run
+                plotted = plotter.submit(results.plot_losses, self.registry, self.run_dir / "losses.png") \
+                    if self.group.is_leader else None
+                with self.timed("evaluate"):
+                    outcomes = self.outcomes()
+                if not self.group.is_leader:
+                    return []
+                with self.timed("export"):
+                    board = results.finish(self.registry, outcomes, self.base, self.run_dir, log)
+                    plotted.result()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the last checkpoint still whole on disk; this error reported
+                self.wait_for_checkpoint()
+            raise
         self.wait_for_checkpoint()  # the last one, written while the above ran
         named = sum(v for phase, v in self.seconds.items() if phase != "other")
         self.seconds["other"] = max(0.0, time.time() - self.started - named)
