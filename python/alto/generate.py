@@ -30,7 +30,9 @@ def _batch(model: MultiLoraModel, prompts: Mapping[str, Sequence[Sequence[int]]]
     out, done = [], torch.zeros(len(rows), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         plan = plan_for(model, list(prompts), [[ids.shape[1]] * n for n in counts], ids.shape[1], device)
-        logits = model(plan, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        # the next token's logits only: the prompt's other positions skip the LM head
+        logits = model(plan, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       logits_to_keep=1)
         token = torch.where(done, pad_id, logits[:, -1].argmax(-1))
         out.append(token)
         done |= torch.isin(token, stop)
