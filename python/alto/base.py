@@ -144,8 +144,6 @@ def load_base(spec: str | dict, dtype: str, device: torch.device, quantize: str 
     and memory; float32 on the CPU), its decoder projections in NF4 with quantize nf4 (made on
     `device`, one layer at a time). The model is left on `place` (default: `device`; the CPU for a
     base that alto.base.shard then spreads over the ranks)."""
-    # Loaded straight onto its device (a model folder's tensors go there as they are read: measured 12 s
-    # through host memory for 1B widths on the H200), but for NF4, quantized from the host one weight at a time.
     base = _load(spec, dtype, device if place is None else place, straight=quantize == "none")
     if quantize == "nf4":
         quantize_nf4(base.model, device)
@@ -156,11 +154,8 @@ def load_base(spec: str | dict, dtype: str, device: torch.device, quantize: str 
 
 @contextlib.contextmanager
 def _gguf_read_once() -> Iterator[None]:
-    """While a model loads from a GGUF file, transformers parses the file's header anew for the config,
-    the tokenizer and the weights (its 49k-token vocabulary through numpy, element by element), and
-    builds gguf's tensor-name map once per module (397 times for SmolLM2-135M): together ~20 of the
-    default sweep's 27 s of loading on a 2-core CPU. Here each is made once per load: the readers
-    and maps are only read (gguf's own classes; transformers' calls unchanged)."""
+    """transformers parses a GGUF file's header anew for the config, tokenizer and weights, and builds
+    gguf's tensor-name map once per module (SmolLM2: 397): each made once per load here (only read)."""
     import gguf
 
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
@@ -172,19 +167,18 @@ def _gguf_read_once() -> Iterator[None]:
 
 
 def _load(spec: str | dict, dtype: str, device: torch.device, straight: bool) -> Base:
-    """The base on `device` (a model folder's: on the CPU unless straight)."""
+    """The base on `device` (a folder's tensors straight there as read; else via the host, as NF4 wants)."""
     import transformers
 
     dtype = getattr(torch, dtype)
     if spec == "smollm2" or "hf_dir" in spec:
         where, gguf = _hf_source(spec)
         kw = {"gguf_file": gguf} if gguf else {}
-        if straight and device.type == "cuda":
-            kw["device_map"] = str(device)
+        place = {"device_map": str(device)} if straight and device.type == "cuda" else {}
         try:
             with _gguf_read_once() if gguf else contextlib.nullcontext():
-                tok = transformers.AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
-                model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+                tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
+                model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw, **place)
         except torch.OutOfMemoryError:  # the device is too small or taken: not a fault of the folder
             raise
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # transformers' errors rarely name the folder
