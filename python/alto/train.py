@@ -262,7 +262,8 @@ class Trainer:
 
     def step(self) -> dict[str, float]:
         """One micro-step of every running adapter; returns each one's loss. The host waits for
-        the GPU once, at the end: an adapter whose loss is not finite is masked out of the
+        the GPU at the end (and before the forward, for the labels' target positions, nothing else
+        queued then: alto.loss.target_positions): an adapter whose loss is not finite is masked out of the
         backward (its NaN stays in its own rows), one whose gradient norm is not finite is
         skipped by the optimizer on the device, and both then fail (weights as before the step).
         Out of memory, the step is undone and StepOutOfMemory raised (see _forward_backward)."""
