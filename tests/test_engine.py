@@ -152,6 +152,30 @@ def test_the_peft_comparison_catches_planted_bugs(base_model, sequences, monkeyp
     assert found, f"planted bug not caught: {bug}"
 
 
+@pytest.mark.parametrize("bug", [None, "one generator shared by the adapters drawn together"])
+def test_an_adapters_init_is_peft_s_from_its_own_seed_however_many_are_drawn_together(base_model, bug, monkeypatch):
+    """Adapters added together are drawn in threads, one per adapter: each one's lora_A is PEFT's
+    kaiming_uniform(a=sqrt(5)) layer after layer from a generator of its own seed (float32, as PEFT
+    draws on the CPU), lora_B zero: the same bits as it alone, whichever adapters come with it."""
+    import math
+
+    if bug:
+        shared = torch.Generator().manual_seed(0)
+        monkeypatch.setattr(torch, "Generator", lambda *a, **k: shared)
+    model = MultiLoraModel(copy.deepcopy(base_model))
+    model.add_adapters(CONFIGS)
+    monkeypatch.undo()
+    wrong = []
+    for aid, config in CONFIGS.items():
+        gen = torch.Generator().manual_seed(config.seed)
+        for path, tensors in model.adapter_weights(aid).items():
+            expected = torch.empty(config.rank, model.layers[path].base.in_features)
+            torch.nn.init.kaiming_uniform_(expected, a=math.sqrt(5), generator=gen)
+            if not torch.equal(tensors["lora_A"], expected.double()) or tensors["lora_B"].any():
+                wrong.append((aid, path))
+    assert bool(wrong) == bool(bug), wrong
+
+
 def test_adding_and_removing_adapters_mid_run_leaves_others_unchanged(base_model, sequences):
     # c joins after 1 micro-step, while b (grad_accum=2) holds a half-accumulated gradient that the
     # re-pack must carry; b leaves after 4 micro-steps.

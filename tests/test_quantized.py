@@ -52,7 +52,7 @@ def test_nf4_layer_forward_backward_equals_a_float64_reference_on_the_dequantize
     ranks, counts, scaling = [3, 1, 5], [7, 0, 4], [0.5, 2.0, 1.25]
     layer = MultiLoraLinear(base, _Context(), torch.float64)
     assert not layer.fused  # the NF4 weight runs its own forward
-    layer.add_adapters([(f"g{i}", r, torch.Generator().manual_seed(i)) for i, r in enumerate(ranks)])
+    layer.add_adapters([(f"g{i}", {"lora_A": layer.initial_A(r, torch.Generator().manual_seed(i))}) for i, r in enumerate(ranks)])
     with torch.no_grad():
         layer.lora_B.normal_()  # B = 0 at init would hide the expand
     A, B = layer.lora_A, layer.lora_B

@@ -167,10 +167,11 @@ def test_colocated_greedy_decoding_equals_each_adapter_alone(bug, monkeypatch):
     model = MultiLoraModel(copy.deepcopy(base.model))
     configs = {"a": AdapterConfig(rank=2, alpha=4, seed=1), "b": AdapterConfig(rank=5, alpha=5, seed=2),
                "c": AdapterConfig(rank=3, alpha=9, seed=3, target_modules=("q_proj", "k_proj", "o_proj", "up_proj"))}
-    model.add_adapters(configs)
-    for aid in configs:  # trained-looking adapters: B is not zero
-        model.load_adapter_weights(aid, {p: {n: torch.randn_like(t) * 0.3 for n, t in layer.items()}
-                                         for p, layer in model.adapter_weights(aid).items()})
+    bases = {p: layer.base for p, layer in model.layers.items()}
+    model.add_adapters(configs, {aid: {p: {"lora_A": torch.randn(c.rank, bases[p].in_features, dtype=torch.float64) * 0.3,
+                                           "lora_B": torch.randn(c.rank, bases[p].out_features, dtype=torch.float64) * 0.3}
+                                       for p in model.target_layers(c)}
+                                 for aid, c in configs.items()})  # trained-looking adapters: B is not zero
     gen = torch.Generator().manual_seed(4)
     prompts = {aid: [torch.randint(1, 257, (n,), generator=gen).tolist() for n in (3, 9)] for aid in configs}
     expected = {aid: [peft_greedy(base.model, configs[aid], model.adapter_weights(aid), p, 7) for p in ps]

@@ -12,7 +12,9 @@ each other's rows and ranks; split, each would reach into the others' internals.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -153,18 +155,26 @@ class MultiLoraLinear(nn.Module):
             self.rows[a] = (row, r)
             row += r
 
-    def add_adapters(self, new: Sequence[tuple[str, int, torch.Generator]]) -> None:
-        """Adds adapters (id, rank, its init generator) after the present ones, with PEFT's default
-        init: A ~ kaiming_uniform(a=sqrt(5)), B = 0 (drawn in float32 whatever the master dtype:
-        the same seed gives the same initial values)."""
-        bound = 1.0 / math.sqrt(self.base.in_features)  # kaiming_uniform with a=sqrt(5)
-        As = [torch.empty(rank, self.base.in_features, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
-              for _, rank, gen in new]
-        like, ranks = self.lora_A, [rank for _, rank, _ in new]
+    def add_adapters(self, new: Sequence[tuple[str, LayerTensors]]) -> None:
+        """Adds adapters (id, its tensors here: lora_A [r, in] and lora_B [r, out], or no lora_B:
+        zeros, PEFT's init) after the present ones, in the packs' dtype and device."""
+        like = self.lora_A
         keep = list(self.order)
-        self.order.extend(aid for aid, _, _ in new)
-        self._repack(keep, {"lora_A": torch.cat(As).to(like), "lora_B": like.new_zeros(sum(ranks), self.base.out_features)},
-                     ranks)
+        self.order.extend(aid for aid, _ in new)
+        As = [t["lora_A"] for _, t in new]
+        Bs = [t["lora_B"] if t.get("lora_B") is not None else like.new_zeros(len(A), self.base.out_features)
+              for A, (_, t) in zip(As, new)]
+
+        def joined(ts: list[torch.Tensor]) -> torch.Tensor:  # one copy over when all come from one device
+            return torch.cat(ts).to(like) if len({t.device for t in ts}) == 1 else torch.cat([t.to(like) for t in ts])
+
+        self._repack(keep, {"lora_A": joined(As), "lora_B": joined(Bs)}, [len(A) for A in As])
+
+    def initial_A(self, rank: int, generator: torch.Generator) -> torch.Tensor:
+        """PEFT's default init of lora_A, kaiming_uniform(a=sqrt(5)), drawn on the CPU in float32
+        whatever the master dtype (the same seed gives the same initial values)."""
+        bound = 1.0 / math.sqrt(self.base.in_features)
+        return torch.empty(rank, self.base.in_features, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
 
     def remove_adapters(self, adapter_ids: Sequence[str]) -> None:
         gone = set(adapter_ids)
@@ -248,23 +258,40 @@ class MultiLoraModel(nn.Module):
     def target_layers(self, config: AdapterConfig) -> list[str]:
         return [p for p in self.layers if p.rsplit(".", 1)[-1] in config.target_modules]
 
-    def add_adapters(self, configs: Mapping[str, AdapterConfig]) -> None:
-        """Adds adapters (id -> config) after the present ones, re-packing each layer once."""
+    def add_adapters(self, configs: Mapping[str, AdapterConfig],
+                     weights: Mapping[str, Mapping[str, LayerTensors]] | None = None) -> None:
+        """Adds adapters (id -> config) after the present ones, re-packing each layer once: with the
+        given weights (id -> adapter_weights' layout), else PEFT's init from each one's seed."""
+        weights = weights or {}
         for aid, config in configs.items():  # all checked before anything changes
             if aid in self.configs:
                 raise ValueError(f"adapter {aid!r} is already in the model")
             if not self.target_layers(config):
                 raise ValueError(f"adapter {aid!r}: none of {config.target_modules} exist in the model")
-        inits = {aid: torch.Generator().manual_seed(c.seed) for aid, c in configs.items()}  # drawn layer by layer
+        drawn = self._initial_weights({aid: c for aid, c in configs.items() if aid not in weights})
         for path, layer in self.layers.items():
             module = path.rsplit(".", 1)[-1]
-            new = [(aid, c.rank, inits[aid]) for aid, c in configs.items() if module in c.target_modules]
+            new = [(aid, (weights.get(aid) or drawn[aid])[path]) for aid, c in configs.items() if module in c.target_modules]
             if new:
                 layer.add_adapters(new)
         device = next(iter(self.layers.values())).lora_A.device
         for aid, config in configs.items():
             self.configs[aid] = config
             self.generators[aid] = torch.Generator(device).manual_seed(config.seed)
+
+    def _initial_weights(self, configs: Mapping[str, AdapterConfig]) -> dict[str, dict[str, LayerTensors]]:
+        """Each adapter's initial lora_A per target layer, drawn from its own generator (seeded by its
+        config) layer after layer, as PEFT draws them. The CPU draws are slow (one core draws ~50M
+        values a second: a 1B-widths adapter of rank 64 has 21M), and each adapter's are independent
+        of the others': one thread per adapter (torch releases the GIL while drawing)."""
+        def draw(config: AdapterConfig) -> dict[str, LayerTensors]:
+            gen = torch.Generator().manual_seed(config.seed)
+            return {p: {"lora_A": self.layers[p].initial_A(config.rank, gen)} for p in self.target_layers(config)}
+
+        if len(configs) < 2:
+            return {aid: draw(c) for aid, c in configs.items()}
+        with ThreadPoolExecutor(min(len(configs), os.cpu_count() or 1)) as pool:
+            return dict(zip(configs, pool.map(draw, configs.values())))
 
     def adapter_tensors(self, adapter_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Views of the adapter's weights and gradients in a fixed order (layer path, then
@@ -305,11 +332,6 @@ class MultiLoraModel(nn.Module):
             return {p: dict(zip(TENSOR_NAMES, self.layers[p].tensors(adapter_id)[0]))
                     for p in self.target_layers(self.configs[adapter_id])}
         return {p: self.layers[p].weights(adapter_id) for p in self.target_layers(self.configs[adapter_id])}
-
-    def load_adapter_weights(self, adapter_id: str, weights: dict[str, LayerTensors]) -> None:
-        for p, tensors in weights.items():
-            for name, view in zip(TENSOR_NAMES, self.layers[p].tensors(adapter_id)[0]):
-                view.copy_(tensors[name])
 
     def load_adapter_grads(self, adapter_id: str, grads: Sequence[torch.Tensor]) -> None:
         """Sets the adapter's pending (accumulated) gradients, in adapter_tensors' order; layers

@@ -64,10 +64,8 @@ def evaluating(model: MultiLoraModel) -> Iterator[None]:
 @contextlib.contextmanager
 def loaded(model: MultiLoraModel, adapters: Mapping[str, tuple[AdapterConfig, dict[str, LayerTensors]]]) -> Iterator[None]:
     """Adapters no longer (or not yet) in the model put in with these weights, taken out after."""
-    model.add_adapters({aid: cfg for aid, (cfg, _) in adapters.items()})
+    model.add_adapters({aid: cfg for aid, (cfg, _) in adapters.items()}, {aid: w for aid, (_, w) in adapters.items()})
     try:
-        for aid, (_, weights) in adapters.items():
-            model.load_adapter_weights(aid, weights)
         yield
     finally:
         model.remove_adapters(list(adapters))
@@ -93,16 +91,16 @@ def held_out_losses(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequen
             chunks[-1].setdefault(aid, []).append(s)
         start = end
     passes = lockstep(len(chunks)) if lockstep else len(chunks)  # agreed before any pass
-    sums = torch.zeros(2, len(batches), dtype=torch.float64)
+    # summed on the device, read once at the end: the host prepares the next pass while one runs
+    sums = torch.zeros(2, len(batches), dtype=torch.float64, device=device)
     index = {aid: i for i, aid in enumerate(batches)}
     with evaluating(model):
         for chunk in chunks:
-            part = colocated_losses(model, chunk, pad_id, device, training=False).double().cpu()
-            for j, aid in enumerate(chunk):
-                sums[:, index[aid]] += part[:, j]
+            part = colocated_losses(model, chunk, pad_id, device, training=False).double()
+            sums.index_add_(1, torch.tensor([index[aid] for aid in chunk], device=device), part)
         for _ in range(passes - len(chunks)):
             idle_pass(model.model, backward=False)
-    return (sums[0] / sums[1].clamp(min=1.0)).tolist()
+    return (sums[0] / sums[1].clamp(min=1.0)).tolist()  # the one wait
 
 
 @dataclass

@@ -157,13 +157,12 @@ class Trainer:
         for a in adapters:
             if a.id not in self.data:
                 raise ValueError(f"adapter {a.id!r} has no data stream")
-        self.model.add_adapters({a.id: a.config for a in adapters})
+        self.model.add_adapters({a.id: a.config for a in adapters}, {aid: s.weights for aid, s in states.items()})
         tensors = self.model.adapters_tensors([a.id for a in adapters])
         for a in adapters:
             self.optimizer.add(a.id, tensors[a.id][0], a.config.weight_decay)
             state = states.get(a.id)
             if state is not None:
-                self.model.load_adapter_weights(a.id, state.weights)
                 self.model.load_adapter_grads(a.id, state.grads)
                 self.optimizer.load(a.id, state.optimizer)
                 self.data[a.id].position = state.data_position
