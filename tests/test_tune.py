@@ -256,6 +256,40 @@ def test_alto_rule_end_to_end(tmp_path, sweep_yaml):
     assert all(r["eval_steps"][0] == 2 for r in records.values())
 
 
+def test_the_end_does_not_evaluate_again_weights_an_evaluation_point_just_evaluated(tmp_path, sweep_yaml, monkeypatch):
+    """An adapter the monitor stops at an evaluation point ends with the weights that evaluation
+    scored: its final held-out loss is that one (the same weights evaluated again give it), and the
+    end evaluates only the adapters that finished."""
+    import csv
+    from pathlib import Path
+
+    from alto import results
+    from alto.registry import Status
+    from alto.sweep_run import quiet
+
+    path = sweep_yaml(out="again", grid={"lr": [1e-3, 3e-2, 1e-5, 3e-3]}, eval={"every": 2},
+                      defaults={"micro_batch_size": 2, "max_steps": 6, "target_modules": ["q_proj", "v_proj"]},
+                      monitor={"rule": "alto"})
+    sweep = parse_sweep(path.read_text())
+    Path(sweep.output).mkdir()
+    run = SweepRun(sweep, Path(sweep.output))
+    assert run.run(log=quiet)
+    at_end = []
+    evaluate = SweepRun.evaluate
+    monkeypatch.setattr(SweepRun, "evaluate", lambda self, part: at_end.extend(a.id for a in part) or evaluate(self, part))
+    run.finish(log=quiet)
+    stopped = [a for a in run.registry if a.status == Status.STOPPED_EARLY]
+    assert stopped and all(a.eval_steps[-1] == a.micro_step for a in stopped)
+    assert sorted(at_end) == sorted(a.id for a in run.registry if a.status == Status.FINISHED)
+    with open(Path(sweep.output) / "evals.csv", newline="") as f:
+        final = {r["adapter"]: float(r["eval_loss"]) for r in csv.DictReader(f) if r["weights"] == "last"}
+    for a in stopped:
+        assert final[a.id] == float(f"{a.eval_losses[-1]:.6f}")
+        with results.loaded(run.model, {a.id: (a.config, run.final_weights(a.id))}):
+            again = evaluate(run, [a])[0]
+        assert again == pytest.approx(a.eval_losses[-1], rel=1e-5)
+
+
 def test_hugging_face_dataset_source(tmp_path):
     """data.source hf: a save_to_disk folder (a DatasetDict: the split is chosen) or data files
     through load_dataset; records need text or prompt + completion; bad names are clear errors."""
@@ -400,3 +434,18 @@ def test_host_copies_hold_the_weights_as_they_were_when_asked(device):
         for p, layer in want.items():
             for n, t in layer.items():
                 assert got[p][n].device.type == "cpu" and torch.equal(got[p][n], t), (p, n)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_copies_to_host_memory_through_the_staging_buffer_are_exact(monkeypatch, dtype):
+    """alto.state.to_host (retirements, checkpoints, best weights): a staging buffer smaller than
+    the tensor (odd sizes: the last piece is short) gives back every element where it was."""
+    from alto import state
+
+    monkeypatch.setattr(state, "STAGING_BYTES", 7 * 1024 + 12)
+    for shape in [(0,), (5,), (37, 129), (3, 1001, 7)]:
+        t = (torch.randn(shape, device="cuda") * 1000).to(dtype)
+        got = state.to_host(t[1:] if shape[0] > 1 else t)  # a view with an offset too
+        want = (t[1:] if shape[0] > 1 else t).cpu()
+        assert got.device.type == "cpu" and not got.is_pinned() and got.dtype == dtype and torch.equal(got, want), shape

@@ -42,6 +42,27 @@ class AdapterState:
                             position, next(it))
 
 
+STAGING_BYTES = 1 << 28  # the pinned buffer a copy to host memory goes through: 256 MiB at most
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a CUDA tensor in (pageable) host memory, through a pinned staging buffer that the
+    caching host allocator keeps for the next copy. Measured on the H200 (140 MB): the driver's copy
+    straight into fresh pageable memory, tensor.to("cpu"), 1.2 GB/s; staged, 10 GB/s (the copy out of
+    the staging buffer is the host's own memcpy). The caller's stream does the copy; the host waits."""
+    out = torch.empty(t.shape, dtype=t.dtype)
+    src, dst = t.detach().reshape(-1), out.view(-1)
+    step = max(1, STAGING_BYTES // t.element_size())
+    staging = torch.empty(min(step, src.numel()), dtype=t.dtype, pin_memory=True)
+    stream = torch.cuda.current_stream(t.device)
+    for start in range(0, src.numel(), step):
+        n = min(step, src.numel() - start)
+        staging[:n].copy_(src[start : start + n], non_blocking=True)
+        stream.synchronize()
+        dst[start : start + n].copy_(staging[:n])
+    return out
+
+
 def _moved(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Copies of tensors on `device`, moved as one buffer per dtype, coming out as views of it."""
     moved = list(tensors)
@@ -55,7 +76,8 @@ def _moved(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.
         flat = torch._utils._flatten_dense_tensors(group)
         if len(group) == 1:  # flattening one tensor returns a view of it: copy
             flat = flat.clone()
-        for i, t in zip(idx, torch._utils._unflatten_dense_tensors(flat.to(device), group)):
+        moved_flat = to_host(flat) if flat.is_cuda and device.type == "cpu" else flat.to(device)
+        for i, t in zip(idx, torch._utils._unflatten_dense_tensors(moved_flat, group)):
             moved[i] = t
     return moved
 
@@ -112,7 +134,7 @@ class HostCopies:
             self._stream = torch.cuda.Stream(flat.device)
         with torch.cuda.device(flat.device), torch.cuda.stream(self._stream):  # a thread's device is its own
             self._stream.wait_event(ready)
-            host = flat.to("cpu")  # waits for the copy (in this thread only); flat is freed after it
+            host = to_host(flat)  # waits for the copy (in this thread only); flat is freed after it
         out: dict[str, LayerTensors] = {}
         for (path, name), shape, part in zip(keys, shapes, host.split([math.prod(s) for s in shapes])):
             out.setdefault(path, {})[name] = part.view(shape)

@@ -142,9 +142,11 @@ class SweepRun:
         self.registry = Registry()
         streams = {}
         for t in self.tasks.values():
+            with self.timed("tokenize"):  # as tensors once per task: every adapter's stream shares them
+                tensors = DataStream(self.train_seqs[t.name]).sequences
             for aid, cfg in t.adapters.items():
                 self.registry.add(aid, cfg, t.name)
-                streams[aid] = DataStream.shuffled(self.train_seqs[t.name], cfg.seed)
+                streams[aid] = DataStream.shuffled(tensors, cfg.seed)
         self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device, sweep.packing)
         # used on rank 0 only: each task's adapters compete among themselves
         self.monitors = {t.name: Monitor(t.monitor) for t in self.tasks.values() if t.monitor}
@@ -592,17 +594,22 @@ class SweepRun:
 
     def outcomes(self) -> dict[str, results.Outcome]:
         """Rank 0, at the end (every adapter retired): each adapter's last weights evaluated on its
-        task's held-out sequences (co-located, as many together as the run co-located), its best
+        task's held-out sequences (co-located, as many together as the run co-located; not again
+        where its last micro-step was an evaluation point), its best
         kept if better; the weights its task exports, and their greedy completions of the task's
         held-out prompts scored by the task's metric."""
         group = max(1, self.most_colocated or 16)
         adapters = list(self.registry)
         last = {a.id: self.final_weights(a.id) for a in adapters}
-        last_loss: dict[str, float] = {}  # none for a failed adapter, or a task without held-out data
-        for i in range(0, len(adapters), group):
-            part = [a for a in adapters[i : i + group] if a.status != Status.FAILED and self.eval_seqs[a.task]]
+        # none for a failed adapter, or a task without held-out data; an adapter whose last weights
+        # were evaluated (the monitor stopped it at an evaluation point) keeps that loss
+        last_loss = {a.id: a.eval_losses[-1] for a in adapters
+                     if a.status != Status.FAILED and a.eval_steps and a.eval_steps[-1] == a.micro_step}
+        todo = [a for a in adapters if a.status != Status.FAILED and self.eval_seqs[a.task] and a.id not in last_loss]
+        for i in range(0, len(todo), group):
+            part = todo[i : i + group]
             with results.loaded(self.model, {a.id: (a.config, last[a.id]) for a in part}):
-                for a, loss in zip(part, self.evaluate(part) if part else []):
+                for a, loss in zip(part, self.evaluate(part)):
                     last_loss[a.id] = loss
                     self.keep_if_best(a, loss, last[a.id], live=a.id not in self.trainer.retired)
         self.settle_best()
