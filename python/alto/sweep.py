@@ -46,12 +46,12 @@ data: {source: chatterbot, max_length: 64, eval_fraction: 0.15}
 device: auto
 checkpoint_every: 10
 defaults: {alpha: 16, micro_batch_size: 4, max_steps: 12, target_modules: [q_proj, v_proj], max_grad_norm: 1.0}
-eval: {every: 4, samples: 24}
+eval: {every: 6, samples: 16}
 tasks:
   - name: trivia
     data: {topics: [trivia]}
     grid: {rank: [4, 16], lr: [3.0e-4, 1.0e-3]}
-    eval: {every: 4, samples: 24, metric: exact_match, max_new_tokens: 12}
+    eval: {every: 6, samples: 16, metric: exact_match, max_new_tokens: 12}
   - {name: ai, data: {topics: [ai]}, grid: {lr: [3.0e-4, 1.0e-3]}}
   - {name: coding, data: {topics: [coding]}, grid: {lr: [3.0e-4, 1.0e-3]}}
 """
