@@ -152,16 +152,19 @@ def test_the_peft_comparison_catches_planted_bugs(base_model, sequences, monkeyp
     assert found, f"planted bug not caught: {bug}"
 
 
-@pytest.mark.parametrize("bug", [None, "one generator shared by the adapters drawn together"])
+@pytest.mark.parametrize("bug", [None, "each layer drawn from a freshly seeded generator"])
 def test_an_adapters_init_is_peft_s_from_its_own_seed_however_many_are_drawn_together(base_model, bug, monkeypatch):
     """Adapters added together are drawn in threads, one per adapter: each one's lora_A is PEFT's
     kaiming_uniform(a=sqrt(5)) layer after layer from a generator of its own seed (float32, as PEFT
     draws on the CPU), lora_B zero: the same bits as it alone, whichever adapters come with it."""
     import math
 
+    from alto.model import MultiLoraLinear
+
     if bug:
-        shared = torch.Generator().manual_seed(0)
-        monkeypatch.setattr(torch, "Generator", lambda *a, **k: shared)
+        draw = MultiLoraLinear.initial_A
+        monkeypatch.setattr(MultiLoraLinear, "initial_A",
+                            lambda self, rank, gen: draw(self, rank, torch.Generator().manual_seed(gen.initial_seed())))
     model = MultiLoraModel(copy.deepcopy(base_model))
     model.add_adapters(CONFIGS)
     monkeypatch.undo()
@@ -174,6 +177,18 @@ def test_an_adapters_init_is_peft_s_from_its_own_seed_however_many_are_drawn_tog
             if not torch.equal(tensors["lora_A"], expected.double()) or tensors["lora_B"].any():
                 wrong.append((aid, path))
     assert bool(wrong) == bool(bug), wrong
+
+
+def test_weights_given_to_a_joining_adapter_are_checked_before_anything_changes(base_model):
+    model = MultiLoraModel(copy.deepcopy(base_model))
+    model.add_adapters({"a": CONFIGS["a"]})
+    good = model.adapter_weights("a")
+    path = next(iter(good))
+    wrong_rank = {p: {n: t[:-1] if p == path and n == "lora_B" else t for n, t in layer.items()} for p, layer in good.items()}
+    for weights, message in [(wrong_rank, "lora_B is"), ({path: good[path]}, "weights given for")]:
+        with pytest.raises(ValueError, match=message):
+            model.add_adapters({"b": CONFIGS["a"]}, {"b": weights})
+        assert list(model.configs) == ["a"] and all(layer.order in ([], ["a"]) for layer in model.layers.values())
 
 
 def test_adding_and_removing_adapters_mid_run_leaves_others_unchanged(base_model, sequences):

@@ -279,8 +279,9 @@ def test_the_end_does_not_evaluate_again_weights_an_evaluation_point_just_evalua
     monkeypatch.setattr(SweepRun, "evaluate", lambda self, part: at_end.extend(a.id for a in part) or evaluate(self, part))
     run.finish(log=quiet)
     stopped = [a for a in run.registry if a.status == Status.STOPPED_EARLY]
-    assert stopped and all(a.eval_steps[-1] == a.micro_step for a in stopped)
-    assert sorted(at_end) == sorted(a.id for a in run.registry if a.status == Status.FINISHED)
+    finished = [a.id for a in run.registry if a.status == Status.FINISHED]
+    assert stopped and finished and all(a.eval_steps[-1] == a.micro_step for a in stopped)
+    assert sorted(at_end) == sorted(finished)
     with open(Path(sweep.output) / "evals.csv", newline="") as f:
         final = {r["adapter"]: float(r["eval_loss"]) for r in csv.DictReader(f) if r["weights"] == "last"}
     for a in stopped:
@@ -444,8 +445,13 @@ def test_copies_to_host_memory_through_the_staging_buffer_are_exact(monkeypatch,
     from alto import state
 
     monkeypatch.setattr(state, "STAGING_BYTES", 7 * 1024 + 12)
+    side = torch.cuda.Stream()  # as HostCopies' thread copies: on a stream of its own
     for shape in [(0,), (5,), (37, 129), (3, 1001, 7)]:
         t = (torch.randn(shape, device="cuda") * 1000).to(dtype)
-        got = state.to_host(t[1:] if shape[0] > 1 else t)  # a view with an offset too
-        want = (t[1:] if shape[0] > 1 else t).cpu()
-        assert got.device.type == "cpu" and not got.is_pinned() and got.dtype == dtype and torch.equal(got, want), shape
+        for view in (t, t[1:], t.transpose(0, -1)):  # an offset, and a view that is not contiguous
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                got = state.to_host(view)
+            want = view.cpu()
+            assert got.device.type == "cpu" and not got.is_pinned() and got.dtype == dtype, shape
+            assert got.shape == want.shape and torch.equal(got, want), shape

@@ -12,7 +12,6 @@ each other's rows and ranks; split, each would reach into the others' internals.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -261,37 +260,47 @@ class MultiLoraModel(nn.Module):
     def add_adapters(self, configs: Mapping[str, AdapterConfig],
                      weights: Mapping[str, Mapping[str, LayerTensors]] | None = None) -> None:
         """Adds adapters (id -> config) after the present ones, re-packing each layer once: with the
-        given weights (id -> adapter_weights' layout), else PEFT's init from each one's seed."""
+        given weights (id -> adapter_weights' layout), else PEFT's init from each one's seed: lora_A
+        kaiming_uniform(a=sqrt(5)) drawn from the adapter's own generator layer after layer, B = 0.
+        The CPU draws are slow (~50M values a second on a core; a 1B-widths adapter of rank 64 has
+        21M) and independent between adapters: each layer's are drawn one thread per adapter (torch
+        releases the GIL while drawing), a layer at a time (host memory holds one layer's draws)."""
         weights = weights or {}
         for aid, config in configs.items():  # all checked before anything changes
             if aid in self.configs:
                 raise ValueError(f"adapter {aid!r} is already in the model")
-            if not self.target_layers(config):
+            paths = self.target_layers(config)
+            if not paths:
                 raise ValueError(f"adapter {aid!r}: none of {config.target_modules} exist in the model")
-        drawn = self._initial_weights({aid: c for aid, c in configs.items() if aid not in weights})
-        for path, layer in self.layers.items():
-            module = path.rsplit(".", 1)[-1]
-            new = [(aid, (weights.get(aid) or drawn[aid])[path]) for aid, c in configs.items() if module in c.target_modules]
-            if new:
-                layer.add_adapters(new)
+            if aid in weights:
+                self._check_weights(aid, config, paths, weights[aid])
+        generators = {aid: torch.Generator().manual_seed(c.seed) for aid, c in configs.items() if aid not in weights}
+        with ThreadPoolExecutor(max(1, min(len(generators), torch.get_num_threads()))) as pool:
+            for path, layer in self.layers.items():
+                module = path.rsplit(".", 1)[-1]
+                ids = [aid for aid, c in configs.items() if module in c.target_modules]
+                fresh = [aid for aid in ids if aid in generators]
+                drawn = dict(zip(fresh, pool.map(lambda aid: layer.initial_A(configs[aid].rank, generators[aid]), fresh)))
+                if ids:
+                    layer.add_adapters([(aid, weights[aid][path] if aid in weights else {"lora_A": drawn[aid]})
+                                        for aid in ids])
         device = next(iter(self.layers.values())).lora_A.device
         for aid, config in configs.items():
             self.configs[aid] = config
             self.generators[aid] = torch.Generator(device).manual_seed(config.seed)
 
-    def _initial_weights(self, configs: Mapping[str, AdapterConfig]) -> dict[str, dict[str, LayerTensors]]:
-        """Each adapter's initial lora_A per target layer, drawn from its own generator (seeded by its
-        config) layer after layer, as PEFT draws them. The CPU draws are slow (one core draws ~50M
-        values a second: a 1B-widths adapter of rank 64 has 21M), and each adapter's are independent
-        of the others': one thread per adapter (torch releases the GIL while drawing)."""
-        def draw(config: AdapterConfig) -> dict[str, LayerTensors]:
-            gen = torch.Generator().manual_seed(config.seed)
-            return {p: {"lora_A": self.layers[p].initial_A(config.rank, gen)} for p in self.target_layers(config)}
-
-        if len(configs) < 2:
-            return {aid: draw(c) for aid, c in configs.items()}
-        with ThreadPoolExecutor(min(len(configs), os.cpu_count() or 1)) as pool:
-            return dict(zip(configs, pool.map(draw, configs.values())))
+    def _check_weights(self, aid: str, config: AdapterConfig, paths: list[str], given: Mapping[str, LayerTensors]) -> None:
+        """Given weights hold the adapter's target layers, each tensor [rank, width] (a mismatch would
+        shift every later adapter's rows in the packs)."""
+        if sorted(given) != sorted(paths):
+            raise ValueError(f"adapter {aid!r}: weights given for {sorted(given)}, its layers are {paths}")
+        for p in paths:
+            widths = self.layers[p]._widths()
+            for name in TENSOR_NAMES:
+                t = given[p].get(name)
+                if t is None or tuple(t.shape) != (config.rank, widths[name]):
+                    raise ValueError(f"adapter {aid!r}: {p}.{name} is {None if t is None else tuple(t.shape)}, "
+                                     f"expected {(config.rank, widths[name])}")
 
     def adapter_tensors(self, adapter_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Views of the adapter's weights and gradients in a fixed order (layer path, then

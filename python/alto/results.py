@@ -91,7 +91,7 @@ def held_out_losses(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequen
             chunks[-1].setdefault(aid, []).append(s)
         start = end
     passes = lockstep(len(chunks)) if lockstep else len(chunks)  # agreed before any pass
-    # summed on the device, read once at the end: the host prepares the next pass while one runs
+    # summed on the device and read once, at the end
     sums = torch.zeros(2, len(batches), dtype=torch.float64, device=device)
     index = {aid: i for i, aid in enumerate(batches)}
     with evaluating(model):
