@@ -31,8 +31,7 @@ class Base:
     tokenizer: Any
     pad_id: int
     eos_id: int | None
-    # The model folder the weights came from (None for a random model, which exists nowhere else)
-    # and the GGUF file in it, if any.
+    # The folder the weights came from (None: a random model, nowhere else) and its GGUF file, if any.
     folder: str | None
     gguf_file: str | None = None
     # load_base again with the same arguments (the same weights): how a base sharded over the ranks
@@ -144,6 +143,7 @@ def load_base(spec: str | dict, dtype: str, device: torch.device, quantize: str 
     and memory; float32 on the CPU), its decoder projections in NF4 with quantize nf4 (made on
     `device`, one layer at a time). The model is left on `place` (default: `device`; the CPU for a
     base that alto.base.shard then spreads over the ranks)."""
+    dtype = ("bfloat16" if device.type == "cuda" else "float32") if dtype == "auto" else dtype
     base = _load(spec, dtype, device if place is None else place, straight=quantize == "none")
     if quantize == "nf4":
         quantize_nf4(base.model, device)

@@ -1,13 +1,12 @@
 """The ``alto`` command. Every subcommand runs inside one boundary (:func:`main`): whatever it
 raises ends as one line on stderr (alto.inputs.report: exit code 2 for bad input, 1 for an internal
-error), never as a traceback unless --debug asks for it."""
+error), never as a traceback unless --debug asks for it. Only the commands that train or check the ops
+import torch and the compiled library: submit, status, cancel and simulate run without them."""
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
 import sys
-
-import torch
 
 from alto.inputs import report
 
@@ -15,6 +14,8 @@ from alto.inputs import report
 def cmd_check(args: argparse.Namespace) -> int:
     """Runs base+LoRA forward/backward for a few co-located adapters on this machine's device and
     compares every output and gradient with a float64 per-adapter computation on the CPU."""
+    import torch
+
     import alto_ext
     from alto_ext import Segments, reference
 
@@ -110,9 +111,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("ray") is None:  # its driver would fail in the background
         raise ValueError("alto submit needs Ray: pip install 'alto[cluster]'")
-    from alto.cluster import check_address, start_driver
-
-    check_address(args.address)  # here, not only in the driver's log
+    task_queue.check_address(args.address)  # here, not only in the driver's log
     queue = Path(args.queue)
     sweep = task_queue.submit(queue, args.sweep, args.gpus)
     if not task_queue.driver_running(queue):
@@ -120,7 +119,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                  "--linger", str(300 if args.linger is None else args.linger)]
         flags += ["--cluster-gpus", str(args.cluster_gpus)] if args.cluster_gpus else []
         flags += ["--address", args.address] if args.address else []
-        ended = start_driver(queue, flags)
+        ended = task_queue.start_driver(queue, flags)
         if ended is not None and ended[0] is None:  # still starting: the submission stays for it
             print(f"submitted {sweep.name} to {queue}; its driver has not served yet (driver.log ends: {ended[1]}); "
                   f"alto status --queue {queue} shows when it does", file=sys.stderr)
@@ -213,15 +212,31 @@ def _int_at_least(low: int, below: int | None = None):
     return parse
 
 
+class _Version(argparse.Action):
+    """--version: alto's release and torch's build (imported only when asked: the queue commands run without it)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show the versions of alto and torch, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            release = importlib.metadata.version("alto")
+        except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+            release = "(not installed)"
+        try:
+            import torch
+            build = torch.__version__
+        except ImportError:
+            build = "not installed"
+        print(f"alto {release} (torch {build})")
+        parser.exit()
+
+
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser = _Parser(prog="alto", description="Co-located multi-LoRA training")
-    try:
-        release = importlib.metadata.version("alto")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
-        release = "(not installed)"
-    parser.add_argument("--version", action="version", version=f"alto {release} (torch {torch.__version__})")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     check = sub.add_parser("check", parents=[common], help="verify the op library on this machine against float64")
     check.add_argument("--device", choices=("cpu", "cuda"), help="cpu or cuda (default: cuda when available)")

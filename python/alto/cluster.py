@@ -28,9 +28,6 @@ alto.task_queue's.)
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -130,43 +127,6 @@ def predicted_job(name: str, sweep: Sweep, gpus: int, arrival_s: float, gpu: str
     return Job.new(spec, shape, workload), micro_steps
 
 
-def check_address(address: str | None) -> None:
-    """An --address nothing answers at is bad input, said in one line at once (ray.init would retry
-    for minutes, printing its own warnings). "auto" (the address a `ray start` left) is Ray's to find."""
-    if address is None or address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--address {address!r} must be HOST:PORT, ray://HOST:PORT or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as e:
-        raise ValueError(f"--address {address!r}: nothing answers there ({e})") from None
-
-
-DRIVER_START_S = 180  # how long alto submit waits for its driver to serve (Ray's start takes 5-15 s)
-
-
-def start_driver(queue: Path, flags: list[str]) -> tuple[int | None, str] | None:
-    """Starts a driver (`alto cluster FLAGS`) in the background, its output appended to
-    QUEUE/driver.log, and waits until it serves the queue (or another driver does: it lost the
-    queue's lock to one): None. A driver that ended first: its exit code and last line of output;
-    one still starting after DRIVER_START_S: None for the code (it may serve yet: the submission stays)."""
-    log_path = queue / "driver.log"
-    start = log_path.stat().st_size if log_path.exists() else 0
-    with open(log_path, "a") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "alto.cli", "cluster", *flags], stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + DRIVER_START_S
-    while driver.poll() is None and not task_queue.served_by(queue, driver.pid):
-        if time.time() > deadline:
-            return None, task_queue.driver_log_end(queue, start) or "no output"
-        time.sleep(0.2)
-    if task_queue.served_by(queue, driver.pid) or task_queue.driver_running(queue):  # (served, then ended: --linger 0)
-        return None
-    return driver.returncode, task_queue.driver_log_end(queue, start) or "no output"
-
-
 class Driver:
     def __init__(self, queue: Path, policy: str = "alto", resource: str = "GPU", address: str | None = None,
                  slots: int | None = None, gpu: str = "H100", poll_s: float = 1.0, linger_s: float = 0.0,
@@ -174,7 +134,7 @@ class Driver:
         if policy not in POLICIES:
             raise ValueError(f"--policy={policy!r} is unknown; known: {', '.join(POLICIES)}")
         gpu_type(gpu)  # an unknown --gpu-type fails before Ray starts
-        check_address(address)
+        task_queue.check_address(address)
         self.queue, self.resource, self.address, self.gpu = queue, resource, address, gpu
         self.policy: Policy = AltoPolicy(share=False) if policy == "alto" else POLICIES[policy]()
         self.slots_asked, self.poll_s, self.linger_s, self.log = slots, poll_s, linger_s, log

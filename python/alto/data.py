@@ -29,7 +29,6 @@ import torch
 from alto.inputs import read_text
 
 ROLES = ("system", "user", "assistant", "tool")
-TRAIN_ON = ("completion", "all")
 Record = tuple[dict[str, Any], str]  # a record and where it came from ("file:line"), for errors
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib
 import math
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,33 +20,9 @@ from alto.model import LayerTensors, MultiLoraModel
 from alto.registry import Adapter, AdapterConfig, Registry, Status
 from alto.train import colocated_losses
 
-Metric = Callable[[str, str], float]  # (prediction, reference) -> score
 # Adapters written at once at the end: their copies and writes overlap (safetensors and file writes
 # leave the GIL); 32 adapters on 1B widths are ~4.5 GB of float32 weights.
 EXPORT_THREADS = 4
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    return float(prediction.strip() == reference.strip())
-
-
-METRICS: dict[str, Metric] = {"exact_match": exact_match}
-
-
-def metric_function(spec: str) -> Metric:
-    """A metric by name (METRICS) or as module:function; ValueError if it cannot be had."""
-    if spec in METRICS:
-        return METRICS[spec]
-    module, _, name = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-    if not module or not name:
-        raise ValueError(f"{spec!r} must be one of {', '.join(METRICS)} or module:function")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import {spec!r} ({type(e).__name__}: {e})") from None
-    if not callable(fn):
-        raise ValueError(f"{spec!r} is not a function")
-    return fn
 
 
 @contextlib.contextmanager

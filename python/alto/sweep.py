@@ -25,6 +25,10 @@ Without ``tasks`` the file is one task, named by ``name``, whose adapters are na
 With ``tasks``, each task takes data, defaults, grid, adapters, monitor, eval and export from its
 own entry, else from the top level (data and defaults merge key by key), and its adapters are named
 ``<task>/<id>`` (so exported under ``adapters/<task>/<id>``).
+
+The spec layer: this module, alto.tasks, alto.registry's AdapterConfig, alto.monitor's MonitorConfig
+and alto.metrics parse and check what the user wrote without importing torch or the compiled library
+(alto submit, status and cancel read sweeps where neither is built).
 """
 from __future__ import annotations
 
@@ -34,7 +38,6 @@ from typing import Any
 
 import yaml
 
-from alto.base import device_type
 from alto.inputs import is_int, is_number
 from alto.registry import AdapterConfig
 from alto.tasks import TASK_KEYS, Task, as_name, fail, parse_tasks
@@ -88,7 +91,7 @@ class Sweep:
     tasks: dict[str, Task]
     raw: dict[str, Any] = field(repr=False)
     output: str | None = None
-    base_dtype: str = "float32"  # the frozen base's weights (auto resolved for the device)
+    base_dtype: str = "auto"  # the frozen base's weights (auto: resolved where the base loads, alto.base)
     max_running: int | None = None  # adapters co-located per rank; None: by memory (alto.admission)
     max_tokens_per_step: int | None = None
     memory_budget_gb: float | None = None
@@ -104,8 +107,7 @@ class Sweep:
 
 
 def _base_setting(base: Any, device: str) -> tuple[str, str]:
-    """The base setting: its dtype, auto resolved for the device (bfloat16 on a GPU, float32 on the
-    CPU), and its quantization."""
+    """The base setting: its dtype (auto: bfloat16 on a GPU, float32 on the CPU) and its quantization."""
     if base is None:
         base = {}
     if not isinstance(base, dict) or set(base) - {"dtype", "quantize"}:
@@ -118,9 +120,7 @@ def _base_setting(base: Any, device: str) -> tuple[str, str]:
     quantize = base.get("quantize", "none")
     if quantize not in BASE_QUANTIZE:
         fail("base.quantize", f"{quantize!r} must be one of {', '.join(BASE_QUANTIZE)}")
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type(device) == "cuda" else "float32"
-    return dtype, quantize
+    return dtype, quantize  # auto: resolved for the device the base loads on (alto.base.load_base)
 
 
 def _model_spec(model: Any) -> Any:

@@ -35,6 +35,7 @@ from alto import checkpoint, data as data_mod, results
 from alto.admission import Admission, admission_order, fits_whole
 from alto.base import device_type, idle_pass, load_base, shard
 from alto.generate import greedy_completions
+from alto.metrics import metric_function
 from alto.model import MultiLoraModel
 from alto.monitor import Decision, Monitor
 from alto.parallel import Group
@@ -653,7 +654,7 @@ class SweepRun:
         values = {}
         for a in adapters:
             cfg = self.tasks[a.task].eval
-            fn = results.metric_function(cfg.metric)
+            fn = metric_function(cfg.metric)
             scores = [fn(tok.decode(c[: cfg.max_new_tokens], skip_special_tokens=True),
                          tok.decode(r, skip_special_tokens=True)) for c, (_, r) in zip(done[a.id], pairs[a.task])]
             values[a.id] = sum(scores) / len(scores) if scores else math.nan

@@ -1,5 +1,6 @@
 """The queue folder of `alto submit` / `alto cluster` / `alto status` / `alto cancel`: what every
-command and the driver (alto.cluster) read and write, and nothing else.
+command and the driver (alto.cluster) read and write, and how alto submit starts a driver for it
+(no Ray, torch or compiled library needed here: alto submit runs where none is built).
 
     QUEUE/tasks/<name>/task.json    the task: asked GPUs, submission time, state, restarts, error
     QUEUE/tasks/<name>/sweep.yaml   the sweep as submitted
@@ -22,6 +23,9 @@ import fcntl
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -205,3 +209,40 @@ def status_text(queue: Path) -> str:
     if (queue / "timeline.png").is_file():
         lines.append(f"timeline: {queue / 'timeline.png'}")
     return "\n".join(lines)
+
+
+def check_address(address: str | None) -> None:
+    """An --address nothing answers at is bad input, said in one line at once (ray.init would retry
+    for minutes, printing its own warnings). "auto" (the address a `ray start` left) is Ray's to find."""
+    if address is None or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--address {address!r} must be HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ValueError(f"--address {address!r}: nothing answers there ({e})") from None
+
+
+DRIVER_START_S = 180  # how long alto submit waits for its driver to serve (Ray's start takes 5-15 s)
+
+
+def start_driver(queue: Path, flags: list[str]) -> tuple[int | None, str] | None:
+    """Starts a driver (`alto cluster FLAGS`) in the background, its output appended to
+    QUEUE/driver.log, and waits until it serves the queue (or another driver does: it lost the
+    queue's lock to one): None. A driver that ended first: its exit code and last line of output;
+    one still starting after DRIVER_START_S: None for the code (it may serve yet: the submission stays)."""
+    log_path = queue / "driver.log"
+    start = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "a") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "alto.cli", "cluster", *flags], stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + DRIVER_START_S
+    while driver.poll() is None and not served_by(queue, driver.pid):
+        if time.time() > deadline:
+            return None, driver_log_end(queue, start) or "no output"
+        time.sleep(0.2)
+    if served_by(queue, driver.pid) or driver_running(queue):  # (served, then ended: --linger 0)
+        return None
+    return driver.returncode, driver_log_end(queue, start) or "no output"

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alto.data import TRAIN_ON
 from alto.inputs import is_int, is_number
+from alto.metrics import metric_function
 from alto.monitor import MonitorConfig
 from alto.registry import AdapterConfig, ConfigFieldError, valid_adapter_id
 
@@ -42,6 +42,7 @@ TASK_KEYS = {"data", "defaults", "grid", "adapters", "monitor", "eval", "export"
 DATA_KEYS = {"source", "path", "split", "max_length", "eval_fraction", "limit", "train_on", "topics", "eval_path",
              "eval_split"}
 DATA_SOURCES = ("chatterbot", "jsonl", "text", "hf")
+TRAIN_ON = ("completion", "all")  # the loss on the completion tokens only, or on every token
 EXPORTS = ("best", "last")
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
 
@@ -218,9 +219,7 @@ def _eval(where: str, given: Any, monitor: MonitorConfig | None) -> EvalConfig:
     for key in ("samples", "max_new_tokens"):
         if not is_int(values[key]) or values[key] < 1:
             fail(f"{w}.{key}", f"{values[key]!r} must be an int >= 1")
-    if values["metric"] is not None:
-        from alto.results import metric_function  # imports a user's metric now: errors before the run
-
+    if values["metric"] is not None:  # a user's metric imported now: its error before the run
         try:
             metric_function(values["metric"])
         except ValueError as e:
