@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import sys
+from pathlib import Path
 
 from alto.inputs import report
 
@@ -77,7 +78,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Replays a trace under our policy and the baselines; prints one table, writes simulate.png and
     one timeline per policy (which task held which GPU when)."""
     from importlib import resources
-    from pathlib import Path
 
     from alto.sched import sim, trace
 
@@ -105,7 +105,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     output in QUEUE/driver.log) if none serves it, and waits until it serves: a driver that cannot
     (no such Ray resource, Ray would not start) takes the submission back, its error line is submit's."""
     import importlib.util
-    from pathlib import Path
 
     from alto import task_queue
 
@@ -139,8 +138,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_cluster(args: argparse.Namespace) -> int:
     """Serves the queue in the foreground: places its tasks on the Ray cluster's GPUs until none is
     left (and none arrived for --linger seconds)."""
-    from pathlib import Path
-
     from alto import task_queue
 
     queue = Path(args.queue)
@@ -168,8 +165,6 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from alto import task_queue
 
     print(task_queue.status_text(Path(args.queue)))
@@ -177,8 +172,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from alto import task_queue
 
     queue = Path(args.queue)
@@ -213,22 +206,18 @@ def _int_at_least(low: int, below: int | None = None):
 
 
 class _Version(argparse.Action):
-    """--version: alto's release and torch's build (imported only when asked: the queue commands run without it)."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, help="show the versions of alto and torch, and exit")
+    """--version: alto's release and torch's build (torch imported only here: the queue commands run without it)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            import torch
+        except ImportError:
+            torch = None
         try:
             release = importlib.metadata.version("alto")
         except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
             release = "(not installed)"
-        try:
-            import torch
-            build = torch.__version__
-        except ImportError:
-            build = "not installed"
-        print(f"alto {release} (torch {build})")
+        print(f"alto {release} (torch {torch.__version__ if torch else 'not installed'})")
         parser.exit()
 
 
@@ -236,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser = _Parser(prog="alto", description="Co-located multi-LoRA training")
-    parser.add_argument("--version", action=_Version)
+    parser.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS, help="show the versions and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     check = sub.add_parser("check", parents=[common], help="verify the op library on this machine against float64")
     check.add_argument("--device", choices=("cpu", "cuda"), help="cpu or cuda (default: cuda when available)")
