@@ -164,7 +164,7 @@ def test_an_adapters_init_is_peft_s_from_its_own_seed_however_many_are_drawn_tog
     if bug:
         draw = MultiLoraLinear.initial_A
         monkeypatch.setattr(MultiLoraLinear, "initial_A",
-                            lambda self, rank, gen: draw(self, rank, torch.Generator().manual_seed(gen.initial_seed())))
+                            lambda self, rank, gen, pinned: draw(self, rank, torch.Generator().manual_seed(gen.initial_seed()), pinned))
     model = MultiLoraModel(copy.deepcopy(base_model))
     model.add_adapters(CONFIGS)
     monkeypatch.undo()
@@ -189,6 +189,11 @@ def test_weights_given_to_a_joining_adapter_are_checked_before_anything_changes(
         with pytest.raises(ValueError, match=message):
             model.add_adapters({"b": CONFIGS["a"]}, {"b": weights})
         assert list(model.configs) == ["a"] and all(layer.order in ([], ["a"]) for layer in model.layers.values())
+    zeros = model.zero_weights(CONFIGS["a"])  # a probe's adapter: the layout the check asks for
+    model.add_adapters({"z": CONFIGS["a"]}, {"z": zeros})
+    assert all(t.count_nonzero() == 0 for layer in model.adapter_weights("z").values() for t in layer.values())
+    assert {p: {n: t.shape for n, t in w.items()} for p, w in model.adapter_weights("z").items()} == \
+        {p: {n: t.shape for n, t in w.items()} for p, w in good.items()}
 
 
 def test_adding_and_removing_adapters_mid_run_leaves_others_unchanged(base_model, sequences):

@@ -154,8 +154,8 @@ class Admission:
 
 def _probe(model: MultiLoraModel, shape: ModelShape, config: AdapterConfig, pad_id: int, device: torch.device,
            packed: bool, token_counts: Sequence[int]) -> list[tuple[int, int, float]]:
-    """(token positions, adapter parameters, peak bytes) of training steps of temporary adapters on
-    random tokens (removed again, gradients dropped, whatever happens; the run's adapters are not in
+    """(token positions, adapter parameters, peak bytes) of training steps of temporary adapters (of
+    zeros: the peak does not depend on their values) on random tokens (removed again, gradients dropped, whatever happens; the run's adapters are not in
     the model yet)."""
     rng = random.Random(0)
     points = []
@@ -163,7 +163,7 @@ def _probe(model: MultiLoraModel, shape: ModelShape, config: AdapterConfig, pad_
         for n in PROBE_ADAPTERS:
             for tokens in token_counts:
                 ids = [f"__probe{i}" for i in range(n)]
-                model.add_adapters(dict.fromkeys(ids, config))
+                model.add_adapters(dict.fromkeys(ids, config), dict.fromkeys(ids, model.zero_weights(config)))
                 length = max(2, tokens // (4 * n))  # 4 sequences per adapter
                 batches = {aid: [[rng.randrange(shape.vocab) for _ in range(length)] for _ in range(4)] for aid in ids}
                 torch.cuda.synchronize(device)
