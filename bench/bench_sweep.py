@@ -149,7 +149,6 @@ def alto_row(args, method: str, model, data: Path, adapters: list[dict], out: Pa
     with open(out / "leaderboard.csv", newline="") as f:
         board = list(csv.DictReader(f))
     tokens = sum(int(r["token_positions"]) * (1 - float(r["padding_fraction"])) for r in steps if r["out_of_memory"] == "0")
-    (out / "checkpoint.pt").unlink()  # written and timed; a 64-configuration sweep's would fill the disk
     peak = max((float(r["measured_peak_gb"]) for r in steps if r["measured_peak_gb"]), default=float("nan"))
     return Row(method, len(adapters), wall, tokens, peak, sum(int(r["steps"]) for r in board),
                {r["adapter"]: float(r["eval_loss"]) for r in board}, phases)

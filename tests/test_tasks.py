@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("peft")
 
-from alto import results  # noqa: E402
+from alto.evaluation import evaluating  # noqa: E402
 from alto.base import load_base  # noqa: E402
 from alto.generate import greedy_completions  # noqa: E402
 from alto.model import MultiLoraModel  # noqa: E402
@@ -179,7 +179,7 @@ def test_colocated_greedy_decoding_equals_each_adapter_alone(bug, monkeypatch):
     if bug:
         plan_for = generate.plan_for
         monkeypatch.setattr(generate, "plan_for", lambda m, ids, lens, *a: plan_for(m, ids[::-1], lens[::-1], *a))
-    with results.evaluating(model):
+    with evaluating(model):
         together = greedy_completions(model, prompts, 7, set(), base.pad_id, torch.device("cpu"), 10_000)
         in_pieces = greedy_completions(model, prompts, 7, set(), base.pad_id, torch.device("cpu"), 30)
         stop = expected["b"][1][2]

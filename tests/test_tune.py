@@ -34,6 +34,44 @@ def test_tune_end_to_end_writes_every_output(tmp_path, capsys, sweep_yaml):
     assert seconds["train"] > 0 and seconds["evaluate"] > 0 and seconds["export"] > 0 and "seconds: startup" in out
 
 
+def test_a_completed_run_leaves_its_results_not_a_checkpoint_unless_its_end_fails(tmp_path, sweep_yaml, monkeypatch, capsys):
+    """A completed run removes its checkpoints once its results are written (no ~GB write at the
+    end); its folder is still never run over, and --resume says it is complete. When the end fails,
+    the checkpoint of the finished steps is written: --resume redoes only the end, to the results of
+    a run that never failed."""
+    from safetensors.torch import load_file
+
+    from alto import results
+
+    assert tune(str(sweep_yaml(out="whole")), None, log=lambda *_: None) == 0
+    whole = tmp_path / "whole"
+    assert (whole / "leaderboard.csv").is_file() and not (whole / "checkpoint.pt").exists()
+    assert main(["tune", str(tmp_path / "whole.yaml")]) == 2
+    assert main(["tune", "--resume", str(whole)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run already" in err and "is complete (leaderboard.csv): nothing to resume" in err
+
+    finish = results.finish
+
+    def failing(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(results, "finish", failing)
+    with pytest.raises(OSError, match="disk full"):
+        tune(str(sweep_yaml(out="failed")), None, log=lambda *_: None)
+    failed = tmp_path / "failed"
+    last = max(int(row.split(",")[0]) for row in (whole / "losses.csv").read_text().splitlines()[1:])
+    assert last % 2 and torch.load(failed / "checkpoint.pt", weights_only=False)["micro_steps"] == last  # not a periodic one
+    monkeypatch.setattr(results, "finish", finish)
+    assert tune(None, str(failed), log=lambda *_: None) == 0
+    assert (failed / "losses.csv").read_text() == (whole / "losses.csv").read_text()
+    assert (failed / "leaderboard.csv").read_text() == (whole / "leaderboard.csv").read_text()
+    assert not (failed / "checkpoint.pt").exists()
+    for aid in ["rank2-lr0p001", "rank4-lr0p003"]:
+        ours, theirs = (load_file(str(run / "adapters" / aid / "adapter_model.safetensors")) for run in (failed, whole))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_killed_run_resumes_to_the_same_final_weights(tmp_path, sweep_yaml):
     defaults = {"micro_batch_size": 2, "max_steps": 4, "grad_accum": 1, "target_modules": ["q_proj", "v_proj"],
                 "dropout": 0.1}
@@ -256,39 +294,41 @@ def test_alto_rule_end_to_end(tmp_path, sweep_yaml):
     assert all(r["eval_steps"][0] == 2 for r in records.values())
 
 
-def test_the_end_does_not_evaluate_again_weights_an_evaluation_point_just_evaluated(tmp_path, sweep_yaml, monkeypatch):
+def test_the_end_does_not_evaluate_again_weights_already_evaluated(tmp_path, sweep_yaml, monkeypatch):
     """An adapter the monitor stops at an evaluation point ends with the weights that evaluation
-    scored: its final held-out loss is that one (the same weights evaluated again give it), and the
-    end evaluates only the adapters that finished."""
+    scored, and one that finishes is evaluated in the step it finishes in, in the model: the end
+    evaluates (and puts back) none of them, and each final held-out loss equals the same weights
+    put back and evaluated again."""
     import csv
     from pathlib import Path
 
-    from alto import results
+    from alto.evaluation import Evaluation, loaded
     from alto.registry import Status
     from alto.sweep_run import quiet
 
     path = sweep_yaml(out="again", grid={"lr": [1e-3, 3e-2, 1e-5, 3e-3]}, eval={"every": 2},
-                      defaults={"micro_batch_size": 2, "max_steps": 6, "target_modules": ["q_proj", "v_proj"]},
-                      monitor={"rule": "alto"})
+                      defaults={"micro_batch_size": 2, "max_steps": 5, "target_modules": ["q_proj", "v_proj"]},
+                      monitor={"rule": "alto", "keep": 0.5})
     sweep = parse_sweep(path.read_text())
     Path(sweep.output).mkdir()
     run = SweepRun(sweep, Path(sweep.output))
     assert run.run(log=quiet)
     at_end = []
-    evaluate = SweepRun.evaluate
-    monkeypatch.setattr(SweepRun, "evaluate", lambda self, part: at_end.extend(a.id for a in part) or evaluate(self, part))
+    evaluate = Evaluation.losses
+    monkeypatch.setattr(Evaluation, "losses", lambda self, part: at_end.extend(a.id for a in part) or evaluate(self, part))
     run.finish(log=quiet)
     stopped = [a for a in run.registry if a.status == Status.STOPPED_EARLY]
-    finished = [a.id for a in run.registry if a.status == Status.FINISHED]
+    finished = [a for a in run.registry if a.status == Status.FINISHED]
     assert stopped and finished and all(a.eval_steps[-1] == a.micro_step for a in stopped)
-    assert sorted(at_end) == sorted(finished)
+    assert at_end == [] and len(finished) == 2 and all(a.last_loss is not None and a.micro_step == 5 for a in finished)
     with open(Path(sweep.output) / "evals.csv", newline="") as f:
         final = {r["adapter"]: float(r["eval_loss"]) for r in csv.DictReader(f) if r["weights"] == "last"}
-    for a in stopped:
-        assert final[a.id] == float(f"{a.eval_losses[-1]:.6f}")
-        with results.loaded(run.model, {a.id: (a.config, run.final_weights(a.id))}):
-            again = evaluate(run, [a])[0]
-        assert again == pytest.approx(a.eval_losses[-1], rel=1e-5)
+    for a in stopped + finished:
+        loss = a.last_loss if a.status == Status.FINISHED else a.eval_losses[-1]
+        assert final[a.id] == float(f"{loss:.6f}")
+        with loaded(run.model, {a.id: (a.config, run.final_weights(a.id))}):
+            again = evaluate(run.evaluation, [a])[0]
+        assert again == pytest.approx(loss, rel=1e-5)
 
 
 def test_hugging_face_dataset_source(tmp_path):

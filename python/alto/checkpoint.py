@@ -29,6 +29,12 @@ def write(run_dir: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, run_dir / CHECKPOINT)
 
 
+def remove(run_dir: Path) -> None:
+    """A completed run's checkpoints gone: its results are its record (resuming it would redo steps)."""
+    for name in (CHECKPOINT, f"{CHECKPOINT}.tmp"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
 class Writer:
     """Writes a run's checkpoints in a background thread, so that the steps (or the final evaluation
     and exports) go on while one is written: a 32-adapter checkpoint on 1B widths is ~4.5 GB. The

@@ -49,7 +49,7 @@ def greedy_completions(model: MultiLoraModel, prompts: Mapping[str, Sequence[Seq
                        max_positions: int) -> dict[str, list[list[int]]]:
     """Each adapter's greedy completion of each of its prompts (token ids, without the stop token),
     decoded co-located in batches of at most max_positions prompt + completion positions. The
-    adapters must be in the model; run it in eval mode without gradients (alto.results.evaluating)."""
+    adapters must be in the model; run it in eval mode without gradients (alto.evaluation.evaluating)."""
     per_row = max((len(p) for ps in prompts.values() for p in ps), default=0) + max_new_tokens
     rows_per_batch = max(1, max_positions // max(1, per_row))
     work = [(aid, p) for aid, ps in prompts.items() for p in ps]

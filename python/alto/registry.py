@@ -137,6 +137,7 @@ class Adapter:
     eval_losses: list[float] = field(default_factory=list)  # held-out loss at each evaluation
     eval_steps: list[int] = field(default_factory=list)  # its micro_step at each evaluation
     best: tuple[int, float] | None = None  # (optimizer step, held-out loss) of its best evaluation
+    last_loss: float | None = None  # held-out loss of its last weights, evaluated as it finished
     failure: str | None = None
     extra_batch: int = 0  # samples added to config.micro_batch_size by capacity reclaim ("grow")
 
@@ -158,6 +159,7 @@ class Adapter:
         and held-out losses from `since` (marks() taken earlier; default: all) on."""
         return {"status": self.status.value, "step": self.step, "micro_step": self.micro_step,
                 "failure": self.failure, "extra_batch": self.extra_batch, "best": self.best,
+                "last_loss": self.last_loss,
                 "losses": self.losses[since[0]:], "eval_losses": self.eval_losses[since[1]:],
                 "eval_steps": self.eval_steps[since[1]:]}
 
@@ -167,6 +169,7 @@ class Adapter:
         self.step, self.micro_step = progress["step"], progress["micro_step"]
         self.failure, self.extra_batch = progress["failure"], progress["extra_batch"]
         self.best = None if progress["best"] is None else tuple(progress["best"])
+        self.last_loss = progress.get("last_loss")  # absent from an earlier release's checkpoints
         self.losses[since[0]:] = progress["losses"]
         self.eval_losses[since[1]:] = progress["eval_losses"]
         self.eval_steps[since[1]:] = progress["eval_steps"]

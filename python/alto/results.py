@@ -1,81 +1,25 @@
-"""What a sweep's adapters are worth and what a finished sweep leaves: held-out losses (co-located,
-at evaluation points and at the end), a metric of greedy completions (alto.generate), the
-leaderboards (overall and per task), the PEFT exports and the loss plot."""
+"""What a finished sweep leaves: each adapter's outcome (the weights it exports, their held-out loss
+and metric: alto.evaluation), the leaderboards (overall and per task), the PEFT exports and the
+loss plot."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from alto.base import Base, idle_pass
+from alto.base import Base
 from alto.export import save_base, save_peft_adapter
-from alto.model import LayerTensors, MultiLoraModel
-from alto.registry import Adapter, AdapterConfig, Registry, Status
-from alto.train import colocated_losses
+from alto.model import LayerTensors
+from alto.registry import Adapter, Registry, Status
 
 # Adapters written at once at the end: their copies and writes overlap (safetensors and file writes
 # leave the GIL); 32 adapters on 1B widths are ~4.5 GB of float32 weights.
 EXPORT_THREADS = 4
-
-
-@contextlib.contextmanager
-def evaluating(model: MultiLoraModel) -> Iterator[None]:
-    """No gradients and no dropout inside; the model trains again after."""
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train()
-
-
-@contextlib.contextmanager
-def loaded(model: MultiLoraModel, adapters: Mapping[str, tuple[AdapterConfig, dict[str, LayerTensors]]]) -> Iterator[None]:
-    """Adapters no longer (or not yet) in the model put in with these weights, taken out after."""
-    model.add_adapters({aid: cfg for aid, (cfg, _) in adapters.items()}, {aid: w for aid, (_, w) in adapters.items()})
-    try:
-        yield
-    finally:
-        model.remove_adapters(list(adapters))
-
-
-def held_out_losses(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequence[int]]], pad_id: int,
-                    device: torch.device, max_positions: int,
-                    lockstep: Callable[[int], int] | None = None) -> list[float]:
-    """Each adapter's mean token loss over its own held-out sequences (batches' order), co-located:
-    every forward holds several adapters' sequences, at most max_positions tokens (and at least one
-    sequence). lockstep(forwards this needs) -> forwards to run: a sharded base's ranks run as many
-    as the busiest, idle passes making up the rest (SweepRun.lockstep)."""
-    work = [(aid, s) for aid, seqs in batches.items() for s in seqs]
-    chunks: list[dict[str, list[Sequence[int]]]] = []
-    start = 0
-    while start < len(work):
-        end, tokens = start, 0
-        while end < len(work) and (end == start or tokens + len(work[end][1]) <= max_positions):
-            tokens += len(work[end][1])
-            end += 1
-        chunks.append({})
-        for aid, s in work[start:end]:
-            chunks[-1].setdefault(aid, []).append(s)
-        start = end
-    passes = lockstep(len(chunks)) if lockstep else len(chunks)  # agreed before any pass
-    # summed on the device and read once, at the end
-    sums = torch.zeros(2, len(batches), dtype=torch.float64, device=device)
-    index = {aid: i for i, aid in enumerate(batches)}
-    with evaluating(model):
-        for chunk in chunks:
-            part = colocated_losses(model, chunk, pad_id, device, training=False).double()
-            sums.index_add_(1, torch.tensor([index[aid] for aid in chunk], device=device), part)
-        for _ in range(passes - len(chunks)):
-            idle_pass(model.model, backward=False)
-    return (sums[0] / sums[1].clamp(min=1.0)).tolist()  # the one wait
+LEADERBOARD = "leaderboard.csv"  # a run folder's mark of a completed run
 
 
 @dataclass
@@ -137,7 +81,7 @@ def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_
         tasks.setdefault(a.task, []).append(a)
     task_rank = {a.id: i for members in tasks.values() for i, a in enumerate(sorted(members, key=order), 1)}
     overall = sorted(registry, key=order)
-    _write(run_dir / "leaderboard.csv", _rows([(a, outcomes[a.id]) for a in overall], task_rank))
+    _write(run_dir / LEADERBOARD, _rows([(a, outcomes[a.id]) for a in overall], task_rank))
     for task, members in tasks.items():
         board = [(a, outcomes[a.id]) for a in sorted(members, key=order)]
         _write(run_dir / "leaderboards" / f"{task}.csv", _rows(board, task_rank))

@@ -1,32 +1,31 @@
-"""SweepRun: one sweep on one rank, step by step: it trains (alto.train), decides after every step
-(the monitor's stops, capacity reclaim, migrations between ranks: a Decisions value) and applies
-the decisions, merges the ranks' progress, logs and checkpoints.
+"""SweepRun: one sweep on one rank, step by step: it trains (alto.train), evaluates (alto.evaluation),
+decides after every step (the monitor's stops, capacity reclaim, migrations between ranks:
+alto.decisions) and applies the decisions, merges the ranks' progress, logs and checkpoints.
 
 Run folder: sweep.yaml (the sweep as given, written by alto.tune), losses.csv, decisions.csv,
 steps.csv and evals.csv (written as the run goes, with its progress lines: alto.runlog),
-checkpoint.pt (alto.checkpoint: every checkpoint_every micro-steps, where --stop-after stops, and
-at the end), leaderboard.csv and leaderboards/<task>.csv, losses.png,
+checkpoint.pt (alto.checkpoint: every checkpoint_every micro-steps and where --stop-after stops;
+removed once a completed run's results are written; written at the end only if the end fails:
+--resume then redoes the end), leaderboard.csv and leaderboards/<task>.csv, losses.png,
 timing.json (seconds of this process's wall in each of PHASES),
 adapters/<name>/ (PEFT format: each adapter's best or last weights; alto.results). Every task has
-its own data, held-out sequences (evaluated co-located at its evaluation points, where each
-adapter's best weights are copied to host memory) and monitor; all tasks' adapters share the
-steps. The base model comes from alto.base; admission by memory from alto.admission.
+its own data, held-out sequences and monitor; all tasks' adapters share the steps. The base model
+comes from alto.base; admission by memory from alto.admission.
 
-(Over 300 lines for a reason: the loop, its decisions, the out-of-memory split and the ranks'
-reports all read and change the same run state: owners, holders, admission order; split, each
-part would reach into the others'.)
+(Over 300 lines for a reason, for now: the loop, the out-of-memory split, the ranks' reports and
+the checkpoints read and change the same run state (owners, holders, admission order); decisions
+and evaluation have their homes (alto.decisions, alto.evaluation); the checkpoint's assembly and
+restore are the next part to move out.)
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import json
-import math
 import os
 import statistics
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,8 +33,8 @@ import torch
 from alto import checkpoint, data as data_mod, results
 from alto.admission import Admission, admission_order, fits_whole
 from alto.base import device_type, idle_pass, load_base, shard
-from alto.generate import greedy_completions
-from alto.metrics import metric_function
+from alto.decisions import Decisions, decide
+from alto.evaluation import Evaluation
 from alto.model import MultiLoraModel
 from alto.monitor import Decision, Monitor
 from alto.parallel import Group
@@ -43,9 +42,9 @@ from alto.registry import Adapter, Registry, Status
 from alto.runlog import Forecast, RunLog
 from alto.sched.catalog import ModelShape
 from alto.sched.memory import activation_bytes_per_token, adapter_params
-from alto.sched.placement import adapter_cost, place, rank_loads, rebalance
+from alto.sched.placement import adapter_cost, place
 from alto.sweep import Sweep
-from alto.state import AdapterState, HostCopies, move_states
+from alto.state import AdapterState, move_states
 from alto.train import DataStream, StepOutOfMemory, Trainer
 
 
@@ -81,17 +80,6 @@ def quiet(*_) -> None:
     """The log of ranks other than 0."""
 
 
-@dataclass
-class Decisions:
-    """What rank 0 decides after a step, and every rank applies."""
-
-    stops: list[Decision] = field(default_factory=list)  # the monitor's
-    admissions: dict[str, int] = field(default_factory=dict)  # queued adapter -> the rank it starts on
-    growth: dict[str, int] = field(default_factory=dict)  # running adapter -> samples added to its micro-batch
-    moves: list[tuple[str, int, int]] = field(default_factory=list)  # (adapter, from rank, to rank)
-    halt: bool = False  # stop after this step at a checkpoint (asked by whoever runs the sweep: alto.cluster)
-
-
 class SweepRun:
     """One sweep on one rank. With several ranks (rank-local adapter parallelism, alto.parallel)
     every rank loads the same base model and data and keeps the same registry (statuses, losses:
@@ -123,11 +111,11 @@ class SweepRun:
         self.shape = ModelShape.from_hf_config(self.base.model.config)
         self.tasks = sweep.tasks
         self.train_seqs: dict[str, list[list[int]]] = {}  # task -> its sequences
-        self.eval_seqs: dict[str, list[list[int]]] = {}
+        eval_seqs: dict[str, list[list[int]]] = {}
         for t in self.tasks.values():
             try:
                 with self.timed("tokenize"):
-                    self.train_seqs[t.name], self.eval_seqs[t.name] = data_mod.task_sequences(
+                    self.train_seqs[t.name], eval_seqs[t.name] = data_mod.task_sequences(
                         t.data, self.base.tokenizer, self.base.eos_id)
             except ValueError as e:
                 raise ValueError(f"{t.where}{e}") from None
@@ -151,12 +139,7 @@ class SweepRun:
         self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device, sweep.packing)
         # used on rank 0 only: each task's adapters compete among themselves
         self.monitors = {t.name: Monitor(t.monitor) for t in self.tasks.values() if t.monitor}
-        # adapter -> (step, weights on the CPU) of its best held-out loss, for tasks exporting best
-        # (on the rank that evaluated it; collected on rank 0 at checkpoints)
-        self.best_weights: dict[str, tuple[int, dict | Future]] = {}  # a future: its copy still under way
-        self.host_copies = HostCopies()
-        self.largest_step = 0  # most token positions a step ran: what an evaluation's forward may hold
-        self.most_colocated = 0  # most adapters a step ran: how many the final evaluation puts in together
+        self.evaluation = Evaluation(self.tasks, eval_seqs, self.model, self.base, self.device, self.lockstep)
         self.admission = None  # max_running: auto admits by memory (every rank fits one; rank 0 decides)
         self.slots = sweep.max_running  # adapters per rank (lowered after an out-of-memory step)
         if sweep.max_running is None:
@@ -170,6 +153,7 @@ class SweepRun:
         self.admitted: dict[str, None] = {}  # adapters in the order they were last admitted (the latest go back first)
         self.micro_steps = 0
         self.checkpointed: int | None = None  # the micro-step of the last checkpoint this process wrote
+        self.unwritten: dict | None = None  # rank 0's checkpoint of a completed run (save_checkpoint)
         self.samples_budget = 0  # most samples per step seen: what reclaim "grow" refills to
         self.logs: RunLog | None = None  # rank 0's, while it runs
         self.writer = checkpoint.Writer(run_dir)  # rank 0's checkpoints, written in the background
@@ -194,42 +178,48 @@ class SweepRun:
     def _collect(self) -> None:
         """Moves the states of adapters retired on other ranks, and the best weights they copied,
         to rank 0 (collective; of two copies of an adapter's best, the later step's is the best)."""
-        t = self.trainer
-        self.settle_best()
-        got = self.group.gather(({}, {}) if self.group.is_leader else (t.retired, self.best_weights))
+        t, kept = self.trainer, self.evaluation.best_weights
+        self.evaluation.settle_best()
+        got = self.group.gather(({}, {}) if self.group.is_leader else (t.retired, kept))
         if self.group.is_leader:
             for retired, best in got[1:]:
                 t.retired.update(retired)
                 for aid, (step, weights) in best.items():
-                    if aid not in self.best_weights or step >= self.best_weights[aid][0]:
-                        self.best_weights[aid] = (step, weights)
+                    if aid not in kept or step >= kept[aid][0]:
+                        kept[aid] = (step, weights)
         else:
             t.retired.clear()
-            self.best_weights.clear()
+            kept.clear()
         self.holder = dict.fromkeys(self.holder, 0)
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, write: bool = True) -> None:
         """Starts writing the checkpoint (collective: every rank sends its adapters to rank 0, whose
-        writer thread writes it while the run goes on: wait_for_checkpoint)."""
+        writer thread writes it while the run goes on: wait_for_checkpoint). write=False, at the end
+        of a completed run: rank 0 gathers it (the end needs every adapter there) and keeps it
+        unwritten, written only if the end fails (finish): a completed run leaves its results, not
+        a checkpoint of ~4.5 GB (32 adapters on 1B widths) written beside its exports."""
         with self.timed("checkpoint"):
-            self._save_checkpoint()
-        self.checkpointed = self.micro_steps
+            state = self._checkpoint_state()
+            if write and state is not None:
+                self.writer.write(state)
+        self.unwritten = None if write else state
+        if write:
+            self.checkpointed = self.micro_steps
 
-    def _save_checkpoint(self) -> None:
+    def _checkpoint_state(self) -> dict | None:
         t = self.trainer
         self._collect()
         running = self.group.gather(t.export_states([a.id for a in t.running()], "cpu"))  # host copies
-        shapes = self.group.gather((self.largest_step, self.most_colocated))
+        shapes = self.group.gather((self.evaluation.largest_step, self.evaluation.most_colocated))
         if not self.group.is_leader:
-            return
+            return None
         # Nothing handed to the writer may change after: the states and best weights are copies
         # never written to (only replaced), the dicts holding them and the monitors' records are copied.
         states = {**t.retired, **{k: v for part in running for k, v in part.items()}}
         adapters = {a.id: {**a.progress(), "state": states.get(a.id)} for a in self.registry}
-        self.writer.write({
-            "micro_steps": self.micro_steps, "adapters": adapters, "samples_budget": self.samples_budget,
-            "step_shapes": shapes, "monitors": copy.deepcopy({name: (m.rungs, m.log) for name, m in self.monitors.items()}),
-            "best": dict(self.best_weights)})
+        return {"micro_steps": self.micro_steps, "adapters": adapters, "samples_budget": self.samples_budget,
+                "step_shapes": shapes, "monitors": copy.deepcopy({name: (m.rungs, m.log) for name, m in self.monitors.items()}),
+                "best": dict(self.evaluation.best_weights)}
 
     def wait_for_checkpoint(self) -> None:
         """Returns once the checkpoint being written (if any) is on disk."""
@@ -246,11 +236,11 @@ class SweepRun:
         # another count, as the busiest did (a checkpoint of an earlier release has none: 0, as before).
         shapes = state.get("step_shapes") or [(0, 0)]
         mine = shapes[self.group.rank] if len(shapes) == self.group.world else tuple(map(max, zip(*shapes)))
-        self.largest_step, self.most_colocated = mine
+        self.evaluation.largest_step, self.evaluation.most_colocated = mine
         for name, m in self.monitors.items():
             m.rungs, m.log = state["monitors"][name]
         if self.group.is_leader:
-            self.best_weights = state["best"]
+            self.evaluation.best_weights = state["best"]
         running = []
         for aid, entry in state["adapters"].items():
             a = self.registry[aid]
@@ -275,46 +265,10 @@ class SweepRun:
         return {a.id: adapter_cost(a, self.tasks[a.task].data["max_length"], self.shape) for a in adapters}
 
     def decide(self, after_step: bool) -> Decisions:
-        """Rank 0's decisions (after_step: the monitor's stops too): capacity reclaim (queued
-        adapters, largest micro-batch first, admitted where the memory model says they fit, or
-        into free max_running slots on the least-loaded ranks; with reclaim "grow" and nobody
-        queued, the survivors' micro-batches grow back to the most samples per step seen, as far
-        as they fit), then migrations that even out the ranks' work."""
-        sweep, world = self.sweep, self.group.world
-        stops = self.monitor_stops() if after_step else []
-        stopped = {d.adapter for d in stops}
-        running = [a for a in self.registry.with_status(Status.RUNNING) if a.id not in stopped]
-        queued = admission_order(self.registry.with_status(Status.QUEUED))
-        owner = {aid: r for aid, r in self.owner.items() if aid not in stopped}
-        placed: dict[str, int] | None = None
-        if self.admission is not None:
-            by_rank: dict[int, list[Adapter]] = {r: [] for r in range(world)}
-            for a in running:
-                by_rank[owner[a.id]].append(a)
-            placed = self.admission.choose(by_rank, queued, self.holder)
-            admit = [a for a in queued if a.id in placed]
-        else:
-            slots = self.slots * world - len(running)
-            admit = queued[: max(0, slots)]
-        growth: dict[str, int] = {}
-        if sweep.reclaim == "grow" and running + admit and len(admit) == len(queued):
-            members = running + admit
-            for i in range(max(0, self.samples_budget - sum(a.micro_batch_size for a in members))):
-                aid = members[i % len(members)].id
-                growth[aid] = growth.get(aid, 0) + 1
-            if self.admission is not None and growth and not self.admission.fits(members, growth):
-                growth = {}  # the grown set would not fit: the samples stay freed
-        if world == 1:  # nothing to place: no cost estimates on the single-rank step path
-            return Decisions(stops, {a.id: 0 for a in admit}, growth)
-        costs = self.costs(running + admit)
-        for aid, n in growth.items():  # grown micro-batches cost more
-            a = self.registry[aid]
-            costs[aid] *= (a.micro_batch_size + n) / a.micro_batch_size
-        if placed is None:
-            pinned = {a.id: self.holder[a.id] for a in admit if a.id in self.holder}
-            placed = {**place([a.id for a in admit if a.id not in pinned], costs, rank_loads(owner, costs, world)),
-                      **pinned}
-        return Decisions(stops, placed, growth, rebalance({**owner, **placed}, costs, world))
+        """Rank 0's decisions (after_step: the monitor's stops too): alto.decisions.decide."""
+        return decide(self.registry, self.monitor_stops() if after_step else [], self.owner, self.holder,
+                      world=self.group.world, admission=self.admission, slots=self.slots, reclaim=self.sweep.reclaim,
+                      samples_budget=self.samples_budget, costs=self.costs)
 
     def say(self, line: str) -> None:
         if self.logs is not None:
@@ -369,59 +323,42 @@ class SweepRun:
         stops = []
         for name, mon in self.monitors.items():
             running = [a for a in self.registry.with_status(Status.RUNNING) if a.task == name]
-            if running and (mon.config.signal != "eval" or self.evaluates(name)):
+            if running and (mon.config.signal != "eval" or self.evaluation.due(name, self.micro_steps)):
                 stops += mon.decide(running)
         return stops
-
-    def evaluates(self, task: str) -> bool:
-        """Whether this step ends with the task's held-out losses."""
-        every = self.tasks[task].eval.every
-        return every is not None and self.micro_steps % every == 0 and bool(self.eval_seqs[task])
-
-    def held_out(self, task: str) -> list[list[int]]:
-        """The held-out sequences a task's evaluations read."""
-        return self.eval_seqs[task][: self.tasks[task].eval.samples]
-
-    def eval_positions(self) -> int:
-        """Token positions an evaluation's forward may hold: as many as the largest training step
-        ran (no activations are kept for a backward), at least one sequence of each task."""
-        return max(self.largest_step, *(t.data["max_length"] for t in self.tasks.values()))
-
-    def evaluate(self, adapters: list[Adapter]) -> list[float]:
-        """Held-out losses of adapters in the model, each on its task's sequences, co-located."""
-        return results.held_out_losses(self.model, {a.id: self.held_out(a.task) for a in adapters},
-                                       self.base.pad_id, self.device, self.eval_positions(), self.lockstep)
-
-    def keep_if_best(self, a: Adapter, loss: float, weights, live: bool = True) -> None:
-        """Records a held-out loss of the adapter's weights at its current step; the best so far is
-        kept where its task exports best: the weights in the model (live) copied to host memory in
-        the background (HostCopies), a host copy nothing changes (a retired adapter's) as it is."""
-        if math.isfinite(loss) and (a.best is None or loss < a.best[1]):
-            a.best = (a.step, loss)
-            if self.tasks[a.task].export == "best":
-                self.best_weights[a.id] = (a.step, self.host_copies.weights(weights) if live else weights)
-
-    def settle_best(self) -> None:
-        """Waits for the best weights' host copies under way."""
-        for aid, (step, weights) in self.best_weights.items():
-            if isinstance(weights, Future):
-                self.best_weights[aid] = (step, weights.result())
 
     # ---- the step's reports ----------------------------------------------------------------------
     def report(self, marks: dict[str, tuple[int, int]], oom: tuple[int, int, int] | None) -> tuple[dict[str, tuple], tuple | None]:
         """The progress this rank's adapters made in the step, (since, progress(since)) each (marks:
-        taken before it), with their held-out losses at evaluation points; and, if the step ran out
-        of memory, what out_of_memory returned."""
-        mine = {a.id for a in self.trainer.running()} if oom is None else set()
+        taken before it), with their held-out losses at evaluation points and the last held-out loss
+        of those the step finished (evaluated in the model, with the others, before they retire:
+        none is put back for it at the end); and, if the step ran out of memory, what
+        out_of_memory returned."""
+        t = self.trainer
+        ending = {a.id for a, _, _ in t.ending}
+        ev = self.evaluation
+        finished = {a.id for a, status, _ in t.ending if status == Status.FINISHED and ev.eval_seqs[a.task]}
+        mine = {a.id for a in t.running()} - ending if oom is None else set()
         # in the registry's order, not the trainer's (a resumed run admits in another): the order sets
         # how the held-out sequences fall into passes, and so the float sums
-        due = [a for a in self.registry if a.id in mine and self.evaluates(a.task)]
-        if due or (self.sharded and any(map(self.evaluates, self.tasks))):  # sharded: every rank's passes meet
+        due = [a for a in self.registry if a.id in finished or (a.id in mine and ev.due(a.task, self.micro_steps))]
+        meet = bool(due)
+        if self.sharded:  # every rank's passes gather the layers together: all run them, or none
+            meet = any(self.group.all_gather(meet))
+        losses = []
+        if meet:
             with self.timed("evaluate"):
-                losses = self.evaluate(due)
-            for a, loss in zip(due, losses):
+                losses = ev.losses(due)
+        if t.ending:
+            with self.timed("train"):
+                t.retire(t.ending)
+        for a, loss in zip(due, losses):
+            if a.id in finished:
+                a.last_loss = loss
+                ev.keep_if_best(a, loss, t.retired[a.id].weights, live=False)
+            else:
                 a.record_eval(loss)
-                self.keep_if_best(a, loss, self.model.adapter_weights(a.id, views=True))
+                ev.keep_if_best(a, loss, self.model.adapter_weights(a.id, views=True))
         return {aid: (since, self.registry[aid].progress(since)) for aid, since in marks.items()}, oom
 
     def out_of_memory(self, positions: int, params: int) -> tuple[int, int, int]:
@@ -480,7 +417,7 @@ class SweepRun:
         says so, every rank writes the checkpoint and returns False (the run resumes from there, on
         any number of ranks); on_step(progress) is given each step's counts and seconds. Rank 0
         prints its progress through log (bar: as a progress bar, the output being a terminal).
-        A run that ends (True) may still be writing its last checkpoint: finish() waits for it."""
+        A run that ends (True) may still be writing its last periodic checkpoint: finish() waits for it."""
         leader = self.group.is_leader
         self.logs = RunLog(self.run_dir, self.registry, self.forecast(), log, bar) if leader else None
         try:
@@ -508,7 +445,7 @@ class SweepRun:
                     self.save_checkpoint()
                 return False
             # the last evaluation's host copies done: a step's memory never depends on how far they got
-            self.settle_best()
+            self.evaluation.settle_best()
             running = self.registry.with_status(Status.RUNNING)
             self.samples_budget = max(self.samples_budget, sum(a.micro_batch_size for a in running))
             marks = {a.id: a.marks() for a in self.trainer.running()}
@@ -517,12 +454,11 @@ class SweepRun:
                 torch.cuda.reset_peak_memory_stats(self.device)
             try:
                 with self.timed("train"):
-                    self.trainer.step()
+                    self.trainer.step(retire=False)  # report() retires the adapters it ends
                     if self.sharded and not marks:  # nothing of its own: its gathers still meet the others'
                         idle_pass(self.base.model, backward=True)
                 oom = None
-                self.largest_step = max(self.largest_step, self.trainer.last_positions)
-                self.most_colocated = max(self.most_colocated, len(marks))
+                self.evaluation.observe_step(self.trainer.last_positions, len(marks))
             except StepOutOfMemory as e:
                 if self.sharded:  # the other ranks wait inside the step's gathers: it cannot be skipped alone
                     raise RuntimeError(f"out of memory in a step over the sharded base ({e.positions} token "
@@ -559,14 +495,14 @@ class SweepRun:
             if decisions.halt:
                 self.say(f"halted at micro-step {self.micro_steps}: checkpoint written")
                 return False
-        self.save_checkpoint()
+        self.save_checkpoint(write=False)
         return True
 
     def forecast(self) -> Forecast:
         """The run's time-left model: each task's mean training sequence length and evaluation period."""
         return Forecast(self.shape, {t: statistics.fmean(map(len, seqs)) if seqs else 1
                                      for t, seqs in self.train_seqs.items()},
-                        {name: t.eval.every if self.eval_seqs[name] else None for name, t in self.tasks.items()})
+                        {name: t.eval.every if self.evaluation.eval_seqs[name] else None for name, t in self.tasks.items()})
 
     def running_params(self) -> int:
         return sum(adapter_params(a.config, self.shape) for a in self.trainer.running())
@@ -593,82 +529,17 @@ class SweepRun:
             return self.trainer.retired[aid].weights
         return self.model.adapter_weights(aid)
 
-    def outcomes(self) -> dict[str, results.Outcome]:
-        """Rank 0, at the end (every adapter retired): each adapter's last weights evaluated on its
-        task's held-out sequences (co-located, as many together as the run co-located; not again
-        where its last micro-step was an evaluation point), its best
-        kept if better; the weights its task exports, and their greedy completions of the task's
-        held-out prompts scored by the task's metric."""
-        group = max(1, self.most_colocated or 16)
-        adapters = list(self.registry)
-        last = {a.id: self.final_weights(a.id) for a in adapters}
-        # none for a failed adapter, or a task without held-out data; an adapter whose last weights
-        # were evaluated (the monitor stopped it at an evaluation point) keeps that loss
-        last_loss = {a.id: a.eval_losses[-1] for a in adapters
-                     if a.status != Status.FAILED and a.eval_steps and a.eval_steps[-1] == a.micro_step}
-        todo = [a for a in adapters if a.status != Status.FAILED and self.eval_seqs[a.task] and a.id not in last_loss]
-        for i in range(0, len(todo), group):
-            part = todo[i : i + group]
-            with results.loaded(self.model, {a.id: (a.config, last[a.id]) for a in part}):
-                for a, loss in zip(part, self.evaluate(part)):
-                    last_loss[a.id] = loss
-                    self.keep_if_best(a, loss, last[a.id], live=a.id not in self.trainer.retired)
-        self.settle_best()
-        out = {}
-        for a in adapters:
-            if self.tasks[a.task].export == "best" and a.id in self.best_weights:
-                out[a.id] = results.Outcome(self.best_weights[a.id][1], "best", a.best[0], a.best[1])
-            else:
-                out[a.id] = results.Outcome(last[a.id], "last", a.step, last_loss.get(a.id, math.nan))
-        scored = [a for a in adapters if self.tasks[a.task].eval.metric]
-        for i in range(0, len(scored), group):
-            part = scored[i : i + group]
-            with results.loaded(self.model, {a.id: (a.config, out[a.id].weights) for a in part}):
-                for aid, value in self.metric_values(part).items():
-                    out[aid].metric = (self.tasks[self.registry[aid].task].eval.metric, value)
-        if self.logs is not None:  # rank 0: the end's evaluations, and each metric beside the weights it scored
-            rows = []
-            for a in adapters:
-                o = out[a.id]
-                metric = [o.metric[0], f"{o.metric[1]:.6f}"] if o.metric else ["", ""]
-                metric_of_last = o.export == "last" and a.id in last_loss
-                if a.id in last_loss:
-                    rows.append([a.task, a.id, a.step, "last", f"{last_loss[a.id]:.6f}",
-                                 *(metric if metric_of_last else ["", ""])])
-                if o.metric and not metric_of_last:
-                    rows.append([a.task, a.id, o.step, o.export, f"{o.eval_loss:.6f}", *metric])
-            self.logs.final_evaluations(self.micro_steps, rows)
-        return out
-
-    def metric_values(self, adapters: list[Adapter]) -> dict[str, float]:
-        """Each adapter's task metric, averaged over its task's held-out prompts (sequences cut at
-        max_length are left out: their reference is cut too), greedy completions decoded co-located."""
-        tok = self.base.tokenizer
-        pairs = {t: [pr for s in self.held_out(t) if len(s) < self.tasks[t].data["max_length"]
-                     and (pr := data_mod.prompt_and_reply(s)) is not None] for t in {a.task for a in adapters}}
-        stop = {*getattr(tok, "all_special_ids", ()), *([] if self.base.eos_id is None else [self.base.eos_id])}
-        new_tokens = max(self.tasks[a.task].eval.max_new_tokens for a in adapters)
-        with results.evaluating(self.model):
-            done = greedy_completions(self.model, {a.id: [p for p, _ in pairs[a.task]] for a in adapters}, new_tokens,
-                                      stop, self.base.pad_id, self.device, self.eval_positions())
-        values = {}
-        for a in adapters:
-            cfg = self.tasks[a.task].eval
-            fn = metric_function(cfg.metric)
-            scores = [fn(tok.decode(c[: cfg.max_new_tokens], skip_special_tokens=True),
-                         tok.decode(r, skip_special_tokens=True)) for c, (_, r) in zip(done[a.id], pairs[a.task])]
-            values[a.id] = sum(scores) / len(scores) if scores else math.nan
-        return values
-
     def finish(self, log=print) -> list[tuple[str, float]]:
-        """At the end, on every rank: rank 0's evaluations, exports, leaderboards and losses.png
-        (alto.results), the wait for the last checkpoint's write, timing.json. With a sharded base every rank runs the same evaluations on rank 0's weights
-        (their passes gather the layers together); only rank 0 writes."""
-        self.settle_best()
+        """At the end, on every rank: rank 0's evaluations (alto.evaluation), exports, leaderboards
+        and losses.png (alto.results), the wait for a checkpoint still being written, timing.json.
+        With a sharded base every rank runs the same evaluations on rank 0's weights (their passes
+        gather the layers together); only rank 0 writes."""
+        ev = self.evaluation
+        ev.settle_best()
         if self.sharded and self.group.world > 1:  # everything that shapes the passes, as rank 0 has it
-            shared = self.group.broadcast((self.trainer.retired, self.best_weights, self.most_colocated,
-                                           self.largest_step) if self.group.is_leader else None)
-            self.trainer.retired, self.best_weights, self.most_colocated, self.largest_step = shared
+            shared = self.group.broadcast((self.trainer.retired, ev.best_weights, ev.most_colocated,
+                                           ev.largest_step) if self.group.is_leader else None)
+            self.trainer.retired, ev.best_weights, ev.most_colocated, ev.largest_step = shared
         elif not self.group.is_leader:
             return []
         try:
@@ -676,17 +547,24 @@ class SweepRun:
                 plotted = plotter.submit(results.plot_losses, self.registry, self.run_dir / "losses.png") \
                     if self.group.is_leader else None
                 with self.timed("evaluate"):
-                    outcomes = self.outcomes()
+                    outcomes, rows = ev.outcomes(self.registry, {a.id: self.final_weights(a.id) for a in self.registry},
+                                                 self.trainer.retired)
                 if not self.group.is_leader:
                     return []
+                if self.logs is not None:  # the end's evaluations, as rank 0 logs them
+                    self.logs.final_evaluations(self.micro_steps, rows)
                 with self.timed("export"):
                     board = results.finish(self.registry, outcomes, self.base, self.run_dir, log)
                     plotted.result()
         except BaseException:
-            with contextlib.suppress(Exception):  # the last checkpoint still whole on disk; this error reported
+            with contextlib.suppress(Exception):  # this error reported; a checkpoint to redo the end from (--resume)
                 self.wait_for_checkpoint()
+                if self.unwritten is not None:
+                    self.writer.write(self.unwritten)
+                    self.wait_for_checkpoint()
             raise
-        self.wait_for_checkpoint()  # the last one, written while the above ran
+        self.wait_for_checkpoint()  # the last periodic one, if still under way
+        checkpoint.remove(self.run_dir)
         named = sum(v for phase, v in self.seconds.items() if phase != "other")
         self.seconds["other"] = max(0.0, time.time() - self.started - named)
         (self.run_dir / "timing.json").write_text(json.dumps({k: round(v, 3) for k, v in self.seconds.items()}))

@@ -135,10 +135,10 @@ class Trainer:
         self.device = torch.device(device)
         self.packed = packed
         self.optimizer = MultiAdamW()
-        # Adapters out of the model (on the CPU): finished, stopped, failed, or queued again after
-        # an out-of-memory step (admit() puts those back from here).
+        # Adapters out of the model (on the CPU): ended, or queued again after an out-of-memory step (admit() takes those)
         self.retired: dict[str, AdapterState] = {}
         self.last_positions = self.last_tokens = 0  # of the last step: token positions (padding included), tokens
+        self.ending: list[tuple[Adapter, Status, str | None]] = []  # the last step's (adapter, status, reason)
         # Fault injection for tests: called inside the step's guarded region, after the forward.
         self.inject_fault: Callable[[list[Adapter]], None] | None = None
 
@@ -259,15 +259,17 @@ class Trainer:
                 p.grad = g if p.grad is None else p.grad.add_(g)
         return per_adapter
 
-    def step(self) -> dict[str, float]:
-        """One micro-step of every running adapter; returns each one's loss. The host waits for
-        the GPU at the end (and before the forward, for the labels' target positions, nothing else
-        queued then: alto.loss.target_positions): an adapter whose loss is not finite is masked out of the
-        backward (its NaN stays in its own rows), one whose gradient norm is not finite is
+    def step(self, retire: bool = True) -> dict[str, float]:
+        """One micro-step of every running adapter; returns each one's loss. The adapters it ends
+        are retired (retire=False: left in the model, in self.ending, for the caller to evaluate and
+        retire). The host waits for the GPU at the end (and before the forward, for the labels'
+        target positions: alto.loss.target_positions): an adapter whose loss is not finite is masked
+        out of the backward (its NaN stays in its own rows), one whose gradient norm is not finite is
         skipped by the optimizer on the device, and both then fail (weights as before the step).
         Out of memory, the step is undone and StepOutOfMemory raised (see _forward_backward)."""
         running = self.running()
         self.last_positions = self.last_tokens = 0
+        self.ending = []
         if not running:
             return {}
         per_adapter = self._forward_backward(running)
@@ -281,7 +283,7 @@ class Trainer:
         values = torch.cat([per_adapter.detach(), norms.to(per_adapter.device)]).tolist()  # the one sync
         losses, norm_of = values[: len(running)], dict(zip((a.id for a in stepping), values[len(running):]))
         # Retire only now (all at once): a retirement re-packs the layers and moves the views stepped above.
-        done: list[tuple[Adapter, Status, str | None]] = []
+        done = self.ending
         for adapter, loss in zip(running, losses):
             adapter.losses.append(loss)
             norm = norm_of.get(adapter.id)
@@ -293,6 +295,6 @@ class Trainer:
                 adapter.step += 1
                 if adapter.step >= adapter.config.max_steps:
                     done.append((adapter, Status.FINISHED, None))
-        if done:
+        if done and retire:
             self.retire(done)
         return {a.id: v for a, v in zip(running, losses)}

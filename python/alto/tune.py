@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from alto import checkpoint, data as data_mod
+from alto import checkpoint, data as data_mod, results
 from alto.base import device_type, smollm2_dir
 from alto.inputs import INPUT_ERRORS, read_text, report
 from alto.parallel import Group, launch, oversubscribed, record_threads, run_threads
@@ -37,6 +37,8 @@ def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = No
         raise ValueError(f"--nproc={nproc!r} must be an int >= 1")
     if resume:
         run_dir = Path(resume)
+        if (run_dir / results.LEADERBOARD).is_file() and not (run_dir / checkpoint.CHECKPOINT).is_file():
+            raise ValueError(f"--resume: the run in {resume!r} is complete ({results.LEADERBOARD}): nothing to resume")
         if not (run_dir / "sweep.yaml").is_file() or not (run_dir / checkpoint.CHECKPOINT).is_file():
             raise ValueError(f"--resume: {resume!r} is not a run folder with sweep.yaml and {checkpoint.CHECKPOINT}")
         source = str(run_dir / "sweep.yaml")
@@ -53,7 +55,7 @@ def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = No
         run_dir = Path(sweep.output or Path("runs") / sweep.name)
         if run_dir.exists() and not run_dir.is_dir():
             raise ValueError(f"output: {str(run_dir)!r} is a file; the run folder must be a folder")
-        if (run_dir / checkpoint.CHECKPOINT).exists():
+        if (run_dir / checkpoint.CHECKPOINT).exists() or (run_dir / results.LEADERBOARD).exists():
             raise ValueError(f"output folder {str(run_dir)!r} holds a run already: --resume it or choose another output")
     # Missing packages and devices fail here, before anything is written.
     for task in sweep.tasks.values():
@@ -112,7 +114,7 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
         threads = torch.get_num_threads()
         log(f"{len(sweep.adapters)} adapters{tasks} on {run.device}{ranks}, {threads} CPU thread{'s' * (threads > 1)}"
             f"{' each' if ranks else ''} | "
-            f"{sum(map(len, run.train_seqs.values()))} train / {sum(map(len, run.eval_seqs.values()))} held-out sequences")
+            f"{sum(map(len, run.train_seqs.values()))} train / {sum(map(len, run.evaluation.eval_seqs.values()))} held-out sequences")
         until = None if stop_after is None else run.micro_steps + stop_after  # --stop-after counts from here
         if run.run(until, log, should_halt, on_step, bar):
             run.finish(log)
