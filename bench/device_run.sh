@@ -103,13 +103,14 @@ for stage in "${stages[@]}"; do
     expand_configs)
       # Tile shapes / schedules of the write-only expand GEMM, one binary each (built in parallel).
       cutlass=$(python3 -c "import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))")/source
-      for i in 0 1 2 3 4; do
+      candidates=$(sed -n 's/^inline constexpr int kCandidates = \([0-9]*\);/\1/p' csrc/cuda/tile_configs.cuh)
+      for i in $(seq 0 $((candidates - 1))); do
         nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr -DNDEBUG -DALTO_CONFIG=$i -I csrc \
           -I "$cutlass/include" -I "$cutlass/tools/util/include" bench/expand_configs.cu \
           -o /tmp/expand_cfg$i > "$OUT/expand_cfg$i.log" 2>&1 &
       done
       wait
-      for i in 0 1 2 3 4; do
+      for i in $(seq 0 $((candidates - 1))); do
         /tmp/expand_cfg$i 2>&1 | tee -a "$OUT/expand_configs.txt" || { tail -5 "$OUT/expand_cfg$i.log"; rc=1; }
       done
       ;;

@@ -1,7 +1,8 @@
 // Which CUTLASS tile shape / schedule writes the expand output fastest? The expand GEMM of a
 // training step (y_g = s_g h_g W_g, K = rank <= 64, y written without being read) is bound by
 // the bytes of y, so each configuration is timed on the engine's real shapes and reported as
-// write bandwidth. One configuration per binary (ALTO_CONFIG=0..4), built in parallel by
+// write bandwidth. One configuration per binary (ALTO_CONFIG: an index into the candidates of
+// csrc/cuda/tile_configs.cuh, the table the kernels choose from), built in parallel by
 // `bash bench/device_run.sh expand_configs`; each binary checks sampled rows against the host.
 #include <cuda_runtime.h>
 
@@ -16,31 +17,13 @@ using namespace alto::cuda;
 using namespace alto::cuda::detail;
 using Bf16 = cutlass::bfloat16_t;
 using RowMajor = cutlass::layout::RowMajor;
-using Coop = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-using CoopEpilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-using Pingpong = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
-using PingpongEpilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
-template <class Tile, class Kernel = Coop, class Epilogue = CoopEpilogue>
-using Expand = GroupedGemm<Bf16, RowMajor, RowMajor, RowMajor, Tile, Bf16, Kernel, Epilogue>;
-
-#if ALTO_CONFIG == 0
-using GG = Expand<Shape<_128, _128, _64>>;
-constexpr const char* kName = "cooperative 128x128x64";
-#elif ALTO_CONFIG == 1
-using GG = Expand<Shape<_128, _256, _64>>;
-constexpr const char* kName = "cooperative 128x256x64 (in use)";
-#elif ALTO_CONFIG == 2
-using GG = Expand<Shape<_256, _128, _64>>;
-constexpr const char* kName = "cooperative 256x128x64";
-#elif ALTO_CONFIG == 3
-using GG = Expand<Shape<_64, _128, _64>, Pingpong, PingpongEpilogue>;
-constexpr const char* kName = "pingpong 64x128x64";
-#elif ALTO_CONFIG == 4
-using GG = Expand<Shape<_64, _256, _64>, Pingpong, PingpongEpilogue>;
-constexpr const char* kName = "pingpong 64x256x64";
-#else
-#error "ALTO_CONFIG must be 0..4"
+#ifndef ALTO_CONFIG
+#error "ALTO_CONFIG: an index into csrc/cuda/tile_configs.cuh's candidates"
 #endif
+static_assert(0 <= ALTO_CONFIG && ALTO_CONFIG < tiles::kCandidates, "ALTO_CONFIG: an index into the candidates");
+using Config = tiles::Candidate<ALTO_CONFIG>;  // the one table of candidates
+using GG = GroupedGemm<Bf16, RowMajor, RowMajor, RowMajor, Config, Bf16>;
+constexpr bool kInUse = ALTO_CONFIG == tiles::kExpand;
 
 #define CHECK_CUDA(x)                                                              \
   do {                                                                             \
@@ -85,7 +68,7 @@ int main() {
   };
   const std::vector<Bf16> h_host = rand_bf16(static_cast<size_t>(T) * kHWidth);
   const Bf16* h = upload(h_host);
-  std::printf("%s\n", kName);
+  std::printf("%s%s\n", Config::kName, kInUse ? " (in use)" : "");
   for (const int d : {1024, 4096, 14336}) {
     const std::vector<Bf16> w_host = rand_bf16(static_cast<size_t>(R) * d);
     const Bf16* w = upload(w_host);

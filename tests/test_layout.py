@@ -124,3 +124,15 @@ print("codes", codes, "imported", sorted({{m.split(".")[0] for m in sys.modules}
     assert "codes [0, 0, 2, 0, 0] imported []" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert "submitted s to" in out.stdout and "cancelled" in out.stdout and "no driver has served" in out.stderr
     assert "simulate.png" in out.stdout and "(torch not installed)" in out.stdout
+
+
+def test_the_kernel_tile_candidates_are_written_in_one_header():
+    """Tile shapes appear in csrc/cuda/tile_configs.cuh alone: the kernels and bench/expand_configs.cu
+    choose from its candidates by index (a cluster shape of ones is not a tile)."""
+    tile = re.compile(r"Shape<\s*_(\d+),\s*_(\d+),\s*_(\d+)\s*>")
+    sources = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cu", ".cuh", ".h", ".cpp")]
+    for path in sources + sorted((ROOT / "bench").glob("*.cu")):
+        if path.name != "tile_configs.cuh":
+            shapes = [m.group(0) for m in tile.finditer(path.read_text()) if m.groups() != ("1", "1", "1")]
+            assert not shapes, f"{path.relative_to(ROOT)} writes tile shapes of its own: {shapes}"
+    assert len(tile.findall((ROOT / "csrc" / "cuda" / "tile_configs.cuh").read_text())) >= 2

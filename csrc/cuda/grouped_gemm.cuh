@@ -13,6 +13,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 
 #include "lora_kernels.h"
+#include "tile_configs.cuh"
 
 namespace alto::cuda::detail {
 
@@ -27,12 +28,12 @@ constexpr size_t kArrayAlign = 128;
 inline size_t align_up(size_t n) { return (n + kArrayAlign - 1) / kArrayAlign * kArrayAlign; }
 
 // D = alpha_g * A_g . B_g (+ beta * C_g), fp32 accumulation, C aliasing D when accumulating.
-// Operands in Element, output in ElementD; warp-specialized cooperative unless told otherwise.
-template <class Element, class LayoutA, class LayoutB, class LayoutD, class TileShape,
-          class ElementD = Element,
-          class KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
-          class EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>
+// Operands in Element, output in ElementD; tile shape and schedules from Config (tile_configs.cuh).
+template <class Element, class LayoutA, class LayoutB, class LayoutD, class Config, class ElementD = Element>
 struct GroupedGemm {
+  using TileShape = typename Config::TileShape;
+  using KernelSchedule = typename Config::KernelSchedule;
+  using EpilogueSchedule = typename Config::EpilogueSchedule;
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   using Shape3 = typename ProblemShape::UnderlyingProblemShape;
   static constexpr int kAlign = 8;  // operand elements: 16 bytes, what TMA needs
@@ -237,7 +238,7 @@ Status launch_form(const Segments& seg, const Form& form, const Launch& launch) 
 // shrink: h_g[n, 0:r] = x_g[n, d] . W_g[r, d]^T   (M=n, N=r, K=d; h row-major with ld out_ld)
 template <class Element>
 using ShrinkGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
-                               cutlass::layout::RowMajor, Shape<_128, _64, _64>>;
+                               cutlass::layout::RowMajor, tiles::Candidate<tiles::kShrink>>;
 
 template <class E>
 struct ShrinkForm {
@@ -253,10 +254,9 @@ struct ShrinkForm {
 };
 
 // expand: y_g[n, d] (+)= h_g[n, 0:r] . W_g[r, d]   (M=n, N=d, K=r; C = D = y; beta 0 = y not read)
-// 128x256 tiles: y is written 1.1-1.25x faster than with 128x128 (bench/expand_configs.cu).
 template <class Element>
 using ExpandGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::RowMajor,
-                               cutlass::layout::RowMajor, Shape<_128, _256, _64>>;
+                               cutlass::layout::RowMajor, tiles::Candidate<tiles::kExpand>>;
 
 template <class E>
 struct ExpandForm {
@@ -276,7 +276,7 @@ struct ExpandForm {
 // The output may be float32: the gradient of float32 master weights, with no cast pass after.
 template <class Element, class ElementOut>
 using WeightGradGemm = GroupedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
-                                   cutlass::layout::ColumnMajor, Shape<_128, _64, _64>, ElementOut>;
+                                   cutlass::layout::ColumnMajor, tiles::Candidate<tiles::kWeightGrad>, ElementOut>;
 
 template <class E, class EO>
 struct WeightGradForm {

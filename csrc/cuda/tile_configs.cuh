@@ -1,0 +1,55 @@
+// The tile configurations of the grouped GEMMs, in one table: the kernels (grouped_gemm.cuh) take
+// each form's configuration in use from it, and bench/expand_configs.cu times every candidate
+// (ALTO_CONFIG = its index; bench/device_run.sh builds 0..kCandidates-1). A new candidate is one
+// more Candidate<I> here; choosing another for a form is changing its index below.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cutlass/epilogue/dispatch_policy.hpp>
+#include <cutlass/gemm/dispatch_policy.hpp>
+
+namespace alto::cuda::tiles {
+
+using namespace cute;
+using Cooperative = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+using CooperativeEpilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+using Pingpong = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+using PingpongEpilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+
+// A CTA tile (M, N, K) and the kernel and epilogue schedules that go with it.
+template <class Tile, class Kernel = Cooperative, class Epilogue = CooperativeEpilogue>
+struct TileConfig {
+  using TileShape = Tile;
+  using KernelSchedule = Kernel;
+  using EpilogueSchedule = Epilogue;
+};
+
+template <int I> struct Candidate;
+template <> struct Candidate<0> : TileConfig<Shape<_128, _64, _64>> {
+  static constexpr const char* kName = "cooperative 128x64x64";
+};
+template <> struct Candidate<1> : TileConfig<Shape<_128, _128, _64>> {
+  static constexpr const char* kName = "cooperative 128x128x64";
+};
+template <> struct Candidate<2> : TileConfig<Shape<_128, _256, _64>> {
+  static constexpr const char* kName = "cooperative 128x256x64";
+};
+template <> struct Candidate<3> : TileConfig<Shape<_256, _128, _64>> {
+  static constexpr const char* kName = "cooperative 256x128x64";
+};
+template <> struct Candidate<4> : TileConfig<Shape<_64, _128, _64>, Pingpong, PingpongEpilogue> {
+  static constexpr const char* kName = "pingpong 64x128x64";
+};
+template <> struct Candidate<5> : TileConfig<Shape<_64, _256, _64>, Pingpong, PingpongEpilogue> {
+  static constexpr const char* kName = "pingpong 64x256x64";
+};
+inline constexpr int kCandidates = 6;
+
+// In use, per form (an index into the candidates):
+// Only the expand's choice was measured (bench/expand_configs.cu, RESULTS.md): y is written
+// 1.1-1.25x faster with 128x256 tiles than with 128x128. Shrink and weight_grad keep the
+// configuration they were first written with.
+inline constexpr int kShrink = 0;
+inline constexpr int kExpand = 2;
+inline constexpr int kWeightGrad = 0;
+
+}  // namespace alto::cuda::tiles
