@@ -3,7 +3,7 @@ placed by the policies alto simulate evaluates, as the simulator places them on 
 a task shrinking after early termination, its freed slot taken by a queued task; a task whose
 process is killed resuming from its checkpoint to the adapters an uninterrupted run trains; a task
 under Ray computing what alto tune computes in-process, bit for bit; a driver that cannot serve
-failing its submission; alto status saying how a driver that is gone ended."""
+failing its submission. The driver's lifecycle without Ray: tests/test_driver.py."""
 import csv
 import json
 import os
@@ -199,30 +199,3 @@ def test_a_driver_that_cannot_serve_fails_its_submission(tmp_path, capsys, comma
     if command == "submit":  # alto status says why no driver serves the queue: the driver's own line
         assert main(["status", "--queue", str(queue)]) == 2
         assert "the Ray cluster has no 'GPU' resource" in capsys.readouterr().err
-
-
-def test_status_says_how_a_driver_that_is_gone_ended(tmp_path, capsys, monkeypatch):
-    queue = tmp_path / "q"
-    task_queue.submit(queue, write_sweep(tmp_path, "s", [{"id": "a", "rank": 2, "max_steps": 2}]), 1)
-    driver = Driver(queue, resource="slot", poll_s=0.01)
-    monkeypatch.setattr(driver, "connect", lambda: setattr(driver, "slots", 1))  # no Ray: it never places
-    polls = []
-
-    def place():  # its second poll fails
-        polls.append(1)
-        if len(polls) == 2:
-            raise RuntimeError("the Ray cluster went away")
-
-    monkeypatch.setattr(driver, "place", place)
-    with pytest.raises(RuntimeError):
-        driver.run()
-    assert main(["status", "--queue", str(queue)]) == 0
-    out = capsys.readouterr().out
-    assert "driver not running" in out and "the driver failed: RuntimeError: the Ray cluster went away" in out, out
-    # Killed while serving (SIGKILL): status.json still says serving; driver.log's last line is all there is.
-    status = json.loads((queue / "status.json").read_text())
-    task_queue.write_json(queue / "status.json", {**status, "driver": {**status["driver"], "state": "serving"}})
-    (queue / "driver.log").write_text("[   3.0s] s: place 1 GPU(s)\n")
-    assert main(["status", "--queue", str(queue)]) == 0
-    out = capsys.readouterr().out
-    assert "driver not running" in out and "driver.log ends: [   3.0s] s: place 1 GPU(s)" in out, out

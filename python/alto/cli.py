@@ -141,12 +141,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from alto import task_queue
 
     queue = Path(args.queue)
-    try:
-        from alto.cluster import Driver  # imports ray: only here
+    from alto.cluster import Driver
+
+    try:  # checks its flags; starts nothing (its Ray backend imports ray: only here)
+        driver = Driver(queue, args.policy, args.resource, args.address, args.cluster_gpus, args.gpu_type,
+                        linger_s=args.linger or 0)
     except ImportError as e:
         raise ValueError(f"alto cluster needs Ray: pip install 'alto[cluster]' ({e})") from None
-    driver = Driver(queue, args.policy, args.resource, args.address, args.cluster_gpus, args.gpu_type,
-                    linger_s=args.linger or 0)  # checks its flags; starts nothing
     if task_queue.driver_running(queue):
         raise ValueError(f"a driver serves {str(queue)!r} already: add tasks with alto submit")
     checked = [task_queue.check(queue, path, args.gpus) for path in args.sweeps]  # all, before any is written
