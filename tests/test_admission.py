@@ -57,12 +57,12 @@ def test_the_peak_model_fits_measured_points_and_only_ever_rises():
 
 def test_a_memory_budget_admits_what_fits_and_the_rest_later(tmp_path):
     free = run_of(make_sweep(tmp_path, "free"), tmp_path, "free")
-    adm, ordered = free.admission, admission_order(free.registry)
+    adm, ordered = free.colocation.admission, admission_order(free.registry)
     assert adm.fits(ordered)  # the host's memory holds all four
     budget = (adm.predict(ordered[:2]) + adm.predict(ordered[:3])) / 2  # two fit, three do not
     sweep = make_sweep(tmp_path, "tight", memory_budget_gb=budget / 1e9)
     run = run_of(sweep, tmp_path, "tight")
-    assert run.admission.capacity == pytest.approx(budget)
+    assert run.colocation.admission.capacity == pytest.approx(budget)
     assert run.run(log=lambda *_: None)
     assert all(a.status == Status.FINISHED for a in run.registry)
     steps = rows(tmp_path / "tight" / "steps.csv")

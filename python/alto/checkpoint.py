@@ -1,17 +1,27 @@
-"""A run's checkpoint: checkpoint.pt written atomically (a kill never leaves half a file), in the
+"""A run's checkpoint: what it holds, gathered on rank 0 and restored on any number of ranks
+(RunCheckpoints), checkpoint.pt written atomically (a kill never leaves half a file), in the
 background (Writer), read back with errors that name it, and the run's logs cut back to it on resume."""
 from __future__ import annotations
 
+import copy
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from alto.inputs import first_line
+from alto.registry import Registry, Status
 from alto.runlog import rewrite_rows
+
+if TYPE_CHECKING:
+    from alto.colocation import Colocation
+    from alto.evaluation import Evaluation
+    from alto.monitor import Monitor
+    from alto.parallel import Group
+    from alto.train import Trainer
 
 CHECKPOINT = "checkpoint.pt"
 LOGS = ("losses.csv", "decisions.csv", "steps.csv", "evals.csv")  # rows start with the run's micro-step (alto.runlog)
@@ -93,3 +103,105 @@ def truncate_logs(run_dir: Path, micro_steps: int) -> None:
         path = run_dir / name
         if path.exists():
             rewrite_rows(path, lambda header, r: len(r) == len(header) and r[0].isdigit() and int(r[0]) <= micro_steps)
+
+
+class RunCheckpoints:
+    """What a run's checkpoint holds: every adapter's progress and state (running ones copied from
+    the model, ended ones from the trainer's host copies), the monitors' records, the evaluations'
+    best weights and step shapes, the samples reclaim refills to; gathered on rank 0 from every
+    rank (collective), written in the background, restored on any number of ranks."""
+
+    def __init__(self, run_dir: Path, group: Group, registry: Registry, trainer: Trainer, evaluation: Evaluation,
+                 monitors: Mapping[str, Monitor], colocation: Colocation):
+        self.run_dir, self.group, self.registry, self.trainer = run_dir, group, registry, trainer
+        self.evaluation, self.monitors, self.colocation = evaluation, monitors, colocation
+        self.writer = Writer(run_dir)  # rank 0's
+        self.checkpointed: int | None = None  # the micro-step of the last checkpoint this process wrote
+        self.unwritten: dict | None = None  # rank 0's checkpoint of a completed run (save)
+
+    def save(self, micro_steps: int, write: bool = True) -> None:
+        """Starts writing the checkpoint (collective: every rank sends its adapters to rank 0, whose
+        writer thread writes it while the run goes on: wait). write=False, at the end of a
+        completed run: rank 0 gathers it (the end needs every adapter there) and keeps it
+        unwritten, written only if the end fails (write_unwritten): a completed run leaves its
+        results, not a checkpoint of ~4.5 GB (32 adapters on 1B widths) written beside its exports."""
+        state = self._gathered(micro_steps)
+        if write and state is not None:
+            self.writer.write(state)
+        self.unwritten = None if write else state
+        if write:
+            self.checkpointed = micro_steps
+
+    def wait(self) -> None:
+        """Returns once the checkpoint being written (if any) is on disk."""
+        self.writer.wait()
+
+    def write_unwritten(self) -> None:
+        """The end failed: the completed steps' checkpoint written after all (--resume redoes the end)."""
+        self.wait()
+        if self.unwritten is not None:
+            self.writer.write(self.unwritten)
+            self.wait()
+
+    def collect(self) -> None:
+        """Moves the states of adapters retired on other ranks, and the best weights they copied,
+        to rank 0 (collective; of two copies of an adapter's best, the later step's is the best)."""
+        t, kept = self.trainer, self.evaluation.best_weights
+        self.evaluation.settle_best()
+        got = self.group.gather(({}, {}) if self.group.is_leader else (t.retired, kept))
+        if self.group.is_leader:
+            for retired, best in got[1:]:
+                t.retired.update(retired)
+                for aid, (step, weights) in best.items():
+                    if aid not in kept or step >= kept[aid][0]:
+                        kept[aid] = (step, weights)
+        else:
+            t.retired.clear()
+            kept.clear()
+        self.colocation.gathered()
+
+    def _gathered(self, micro_steps: int) -> dict | None:
+        t, ev = self.trainer, self.evaluation
+        self.collect()
+        running = self.group.gather(t.export_states([a.id for a in t.running()], "cpu"))  # host copies
+        shapes = self.group.gather((ev.largest_step, ev.most_colocated))
+        if not self.group.is_leader:
+            return None
+        # Nothing handed to the writer may change after: the states and best weights are copies
+        # never written to (only replaced), the dicts holding them and the monitors' records are copied.
+        states = {**t.retired, **{k: v for part in running for k, v in part.items()}}
+        adapters = {a.id: {**a.progress(), "state": states.get(a.id)} for a in self.registry}
+        return {"micro_steps": micro_steps, "adapters": adapters, "samples_budget": self.colocation.samples_budget,
+                "step_shapes": shapes, "monitors": copy.deepcopy({name: (m.rungs, m.log) for name, m in self.monitors.items()}),
+                "best": dict(ev.best_weights)}
+
+    def restore(self) -> int:
+        """Continues from the checkpoint, on any number of ranks (running adapters are placed
+        anew); returns its micro-step."""
+        state = read(self.run_dir, (a.id for a in self.registry))
+        self.colocation.samples_budget = state["samples_budget"]
+        # Each rank's largest step and most co-located adapters shape its evaluations' passes (and so
+        # their float sums): resumed on as many ranks, each evaluates as the uninterrupted run did; on
+        # another count, as the busiest did (a checkpoint of an earlier release has none: 0, as before).
+        shapes = state.get("step_shapes") or [(0, 0)]
+        mine = shapes[self.group.rank] if len(shapes) == self.group.world else tuple(map(max, zip(*shapes)))
+        self.evaluation.largest_step, self.evaluation.most_colocated = mine
+        for name, m in self.monitors.items():
+            m.rungs, m.log = state["monitors"][name]
+        if self.group.is_leader:
+            self.evaluation.best_weights = state["best"]
+        running, held = [], []
+        for aid, entry in state["adapters"].items():
+            a = self.registry[aid]
+            a.apply_progress(entry)
+            if a.status == Status.RUNNING:
+                running.append(a)
+            elif entry["state"] is not None:
+                if a.status == Status.QUEUED:  # sent back after an out-of-memory step: rank 0 holds it
+                    held.append(aid)
+                if self.group.is_leader:
+                    self.trainer.retired[aid] = entry["state"]
+        self.colocation.resume(running, held, {a.id: state["adapters"][a.id]["state"] for a in running})
+        if self.group.is_leader:
+            truncate_logs(self.run_dir, state["micro_steps"])
+        return state["micro_steps"]

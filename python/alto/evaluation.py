@@ -25,7 +25,7 @@ from alto.metrics import metric_function
 from alto.model import LayerTensors, MultiLoraModel
 from alto.registry import Adapter, AdapterConfig, Registry, Status
 from alto.results import Outcome
-from alto.state import HostCopies
+from alto.state import AdapterState, HostCopies
 from alto.tasks import Task
 from alto.train import colocated_losses
 
@@ -132,13 +132,26 @@ class Evaluation:
             if self.tasks[a.task].export == "best":
                 self.best_weights[a.id] = (a.step, self.host_copies.weights(weights) if live else weights)
 
+    def record(self, adapters: list[Adapter], losses: list[float], finished: set[str],
+               retired: Mapping[str, AdapterState]) -> None:
+        """A step's held-out losses (losses(adapters)): of those it finished, their last loss,
+        their best kept from their retired host copy; of the others, an evaluation point's, their
+        best copied from the model."""
+        for a, loss in zip(adapters, losses):
+            if a.id in finished:
+                a.last_loss = loss
+                self.keep_if_best(a, loss, retired[a.id].weights, live=False)
+            else:
+                a.record_eval(loss)
+                self.keep_if_best(a, loss, self.model.adapter_weights(a.id, views=True))
+
     def settle_best(self) -> None:
         """Waits for the best weights' host copies under way."""
         for aid, (step, weights) in self.best_weights.items():
             if isinstance(weights, Future):
                 self.best_weights[aid] = (step, weights.result())
 
-    def outcomes(self, registry: Registry, last: Mapping[str, Weights], retired: Mapping[str, object]
+    def outcomes(self, registry: Registry, last: Mapping[str, Weights], retired: Mapping[str, AdapterState]
                  ) -> tuple[dict[str, Outcome], list[list]]:
         """At the end (every adapter retired; last: each one's last weights, retired: those out of
         the model): each adapter's last weights evaluated on its task's held-out sequences

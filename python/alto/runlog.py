@@ -12,11 +12,15 @@ Printed: a line per step (or, on a terminal, a progress bar) with each task's be
 loss of the step, how many adapters run / wait / were stopped, and the time left (Forecast); a line per
 evaluation point with each evaluated task's best adapter so far; what the run decides (stops,
 admissions, moves), above the bar.
+
+At the end, timing.json: the seconds of the command's whole wall in each of PHASES (Timing).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
+import json
 import math
 import os
 import shutil
@@ -30,6 +34,11 @@ from alto.registry import Adapter, Registry, Status
 from alto.sched.catalog import ModelShape
 from alto.sched.estimate import JobEstimate, Work, default_model, forecast
 
+# Where a run's time goes (timing.json), the whole wall of the command: start-up (the interpreter,
+# imports, reading the sweep: from the process's start, or from the call, in a caller's process),
+# loading the base, tokenizing, the memory model's calibration, training steps, held-out evaluations
+# (and decoding for metrics), checkpoints, writing the results, and the rest (other).
+PHASES = ("startup", "load", "tokenize", "calibrate", "train", "evaluate", "checkpoint", "export", "other")
 LOSS_COLUMNS = ["micro_step", "adapter", "step", "loss"]
 DECISION_COLUMNS = ["micro_step", "adapter", "adapter_micro_step", "rule", "reason"]
 STEP_COLUMNS = ["micro_step", "adapters", "token_positions", "padding_fraction", "predicted_peak_gb",
@@ -166,8 +175,13 @@ class RunLog:
     def decision(self, micro_step: int, adapter: str, adapter_micro_step: int, rule: str, reason: str | None) -> None:
         self.append("decisions.csv", DECISION_COLUMNS, [[micro_step, adapter, adapter_micro_step, rule, reason]])
 
-    def step(self, row: Sequence) -> None:
-        self.append("steps.csv", STEP_COLUMNS, [row])
+    def step(self, micro_step: int, adapters: int, positions: int, tokens: int, predicted: float | None,
+             measured: float | None, oom: bool, seconds: float) -> None:
+        """A row of steps.csv: peaks in bytes (None: not known), shown in GB."""
+        gb = ["" if b is None else f"{b / 1e9:.3f}" for b in (predicted, measured)]
+        padding = 1 - tokens / positions if positions else 0.0
+        self.append("steps.csv", STEP_COLUMNS, [[micro_step, adapters, positions, f"{padding:.4f}", *gb, int(oom),
+                                                f"{seconds:.4f}"]])
 
     def losses(self, micro_step: int, losses: Mapping[str, float]) -> None:
         self.append("losses.csv", LOSS_COLUMNS,
@@ -240,3 +254,45 @@ class RunLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def process_start_time() -> float:
+    """When this process began (time.time()'s clock), read from Linux's /proc (its start in clock
+    ticks after boot, against the boot clock now: /proc/stat's boot time is whole seconds); elsewhere now."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], phase: str):
+    """Adds the seconds the block takes to seconds[phase]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+class Timing:
+    """A run's seconds in each of PHASES, from `started` (time.time(): the command's start; what
+    passed before this is startup; what no phase holds is other, counted at the end)."""
+
+    def __init__(self, started: float):
+        self.started = started
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.seconds["startup"] = time.time() - started
+
+    def phase(self, name: str):
+        """A block whose seconds count in phase `name`."""
+        return timed(self.seconds, name)
+
+    def write(self, run_dir: Path, log: Callable[[str], None]) -> None:
+        """timing.json, and a line that says it."""
+        named = sum(v for phase, v in self.seconds.items() if phase != "other")
+        self.seconds["other"] = max(0.0, time.time() - self.started - named)
+        (run_dir / "timing.json").write_text(json.dumps({k: round(v, 3) for k, v in self.seconds.items()}))
+        log("seconds: " + " | ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))

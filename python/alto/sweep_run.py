@@ -7,21 +7,21 @@ steps.csv and evals.csv (written as the run goes, with its progress lines: alto.
 checkpoint.pt (alto.checkpoint: every checkpoint_every micro-steps and where --stop-after stops;
 removed once a completed run's results are written; written at the end only if the end fails:
 --resume then redoes the end), leaderboard.csv and leaderboards/<task>.csv, losses.png,
-timing.json (seconds of this process's wall in each of PHASES),
+timing.json (seconds of this process's wall in each of alto.runlog.PHASES),
 adapters/<name>/ (PEFT format: each adapter's best or last weights; alto.results). Every task has
 its own data, held-out sequences and monitor; all tasks' adapters share the steps. The base model
 comes from alto.base; admission by memory from alto.admission.
 
-(Over 300 lines for a reason, for now: the loop, the out-of-memory split, the ranks' reports and
-the checkpoints read and change the same run state (owners, holders, admission order); decisions
-and evaluation have their homes (alto.decisions, alto.evaluation); the checkpoint's assembly and
-restore are the next part to move out.)
+Its parts, each a home of its own: the steps (alto.train), evaluation (alto.evaluation), decisions
+(alto.decisions) and their application on each rank (alto.colocation), checkpoints
+(alto.checkpoint.RunCheckpoints), the logs and progress (alto.runlog). SweepRun is the loop that
+sequences them, the ranks' reports merged after every step, and the end (finish). (Over 300 lines
+for a reason: that loop, its set-up and its end are one class of ~300 lines; the parts it
+sequences own their state elsewhere.)
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import os
 import statistics
 import time
@@ -31,49 +31,35 @@ from pathlib import Path
 import torch
 
 from alto import checkpoint, data as data_mod, results
+from alto.checkpoint import RunCheckpoints
 from alto.admission import Admission, admission_order, fits_whole
 from alto.base import device_type, idle_pass, load_base, shard
-from alto.decisions import Decisions, decide
+from alto.colocation import Colocation
+from alto.decisions import Decisions
 from alto.evaluation import Evaluation
 from alto.model import MultiLoraModel
 from alto.monitor import Decision, Monitor
 from alto.parallel import Group
 from alto.registry import Adapter, Registry, Status
-from alto.runlog import Forecast, RunLog
+from alto.runlog import Forecast, RunLog, Timing
 from alto.sched.catalog import ModelShape
 from alto.sched.memory import activation_bytes_per_token, adapter_params
-from alto.sched.placement import adapter_cost, place
+from alto.sched.placement import adapter_cost
 from alto.sweep import Sweep
-from alto.state import AdapterState, move_states
 from alto.train import DataStream, StepOutOfMemory, Trainer
 
 
-# Where a run's time goes (timing.json), the whole wall of the command: start-up (the interpreter,
-# imports, reading the sweep: from the process's start, or from the call, in a caller's process),
-# loading the base, tokenizing, the memory model's calibration, training steps, held-out evaluations
-# (and decoding for metrics), checkpoints, writing the results, and the rest (other).
-PHASES = ("startup", "load", "tokenize", "calibrate", "train", "evaluate", "checkpoint", "export", "other")
-
-
-def process_start_time() -> float:
-    """When this process began (time.time()'s clock), read from Linux's /proc (its start in clock
-    ticks after boot, against the boot clock now: /proc/stat's boot time is whole seconds); elsewhere now."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22
-        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, AttributeError):
-        return time.time()
-
-
-@contextlib.contextmanager
-def timed(seconds: dict[str, float], phase: str):
-    """Adds the seconds the block takes to seconds[phase]."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+def run_device(asked: str) -> torch.device:
+    """The device a rank runs on (sweep.device; on a GPU, its current one, with the allocator set up)."""
+    if device_type(asked) != "cuda":
+        return torch.device("cpu")
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        # Packed steps change shape every step: fixed-size cached blocks fragment near a full
+        # GPU (measured: 64 co-located 1B configs at 73 GB ran no faster than 16); growable
+        # segments do not. The env variable's setting, at run time (a user's own wins).
+        settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.11
+        (settings or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def quiet(*_) -> None:
@@ -90,22 +76,12 @@ class SweepRun:
     def __init__(self, sweep: Sweep, run_dir: Path, group: Group | None = None, started: float | None = None):
         """started: when the command began (time.time()), the start of timing.json's wall (default: now)."""
         self.sweep, self.run_dir = sweep, run_dir
-        self.started = time.time() if started is None else started
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        self.seconds["startup"] = time.time() - self.started
+        self.timing = Timing(time.time() if started is None else started)
         self.group = group or Group()
-        self.device = torch.device("cpu")
-        if device_type(sweep.device) == "cuda":
-            if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-                # Packed steps change shape every step: fixed-size cached blocks fragment near a full
-                # GPU (measured: 64 co-located 1B configs at 73 GB ran no faster than 16); growable
-                # segments do not. The env variable's setting, at run time (a user's own wins).
-                settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.11
-                (settings or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = run_device(sweep.device)
         # A base that may be sharded waits on the CPU (a GPU may not hold it whole) until that is decided.
         may_shard = sweep.shard_base is True or (sweep.shard_base == "auto" and self.group.world > 1)
-        with self.timed("load"):
+        with self.timing.phase("load"):
             self.base = load_base(sweep.model, sweep.base_dtype, self.device, sweep.base_quantize,
                                   torch.device("cpu") if may_shard else None)
         self.shape = ModelShape.from_hf_config(self.base.model.config)
@@ -114,7 +90,7 @@ class SweepRun:
         eval_seqs: dict[str, list[list[int]]] = {}
         for t in self.tasks.values():
             try:
-                with self.timed("tokenize"):
+                with self.timing.phase("tokenize"):
                     self.train_seqs[t.name], eval_seqs[t.name] = data_mod.task_sequences(
                         t.data, self.base.tokenizer, self.base.eos_id)
             except ValueError as e:
@@ -124,14 +100,14 @@ class SweepRun:
         self.sharded = may_shard and (sweep.shard_base is True or any(self.group.all_gather(not fits_whole(
             self.base.model, self.device, self.planned_activation_bytes()))))
         if self.sharded:
-            with self.timed("load"):
+            with self.timing.phase("load"):
                 shard(self.base.model, {p for layer in self.model.layers.values() for p in layer.packs()}, self.device)
         elif may_shard:  # kept on the CPU for nothing: it fits whole
             self.model.to(self.device)
         self.registry = Registry()
         streams = {}
         for t in self.tasks.values():
-            with self.timed("tokenize"):  # as tensors once per task: every adapter's stream shares them
+            with self.timing.phase("tokenize"):  # as tensors once per task: every adapter's stream shares them
                 tensors = DataStream(self.train_seqs[t.name]).sequences
             for aid, cfg in t.adapters.items():
                 self.registry.add(aid, cfg, t.name)
@@ -140,26 +116,19 @@ class SweepRun:
         # used on rank 0 only: each task's adapters compete among themselves
         self.monitors = {t.name: Monitor(t.monitor) for t in self.tasks.values() if t.monitor}
         self.evaluation = Evaluation(self.tasks, eval_seqs, self.model, self.base, self.device, self.lockstep)
-        self.admission = None  # max_running: auto admits by memory (every rank fits one; rank 0 decides)
-        self.slots = sweep.max_running  # adapters per rank (lowered after an out-of-memory step)
+        admission = None  # max_running: auto admits by memory (every rank fits one; rank 0 decides)
         if sweep.max_running is None:
-            with self.timed("calibrate"):
-                self.admission = Admission.calibrate(
+            with self.timing.phase("calibrate"):
+                admission = Admission.calibrate(
                     self.model, self.shape, {t: [len(s) for s in seqs] for t, seqs in self.train_seqs.items()},
                     sweep.packing, admission_order(self.registry)[0].config, self.base.pad_id, self.device,
                     sweep.memory_budget_gb, sweep.max_tokens_per_step)
-        self.owner: dict[str, int] = {}  # running adapter -> the rank training it (same on every rank)
-        self.holder: dict[str, int] = {}  # queued adapter whose state a rank holds (sent back after OOM)
-        self.admitted: dict[str, None] = {}  # adapters in the order they were last admitted (the latest go back first)
+        self.colocation = Colocation(self.group, self.registry, self.trainer, self.device, self.costs, admission,
+                                     sweep.max_running)
+        self.checkpoints = RunCheckpoints(run_dir, self.group, self.registry, self.trainer, self.evaluation,
+                                          self.monitors, self.colocation)
         self.micro_steps = 0
-        self.checkpointed: int | None = None  # the micro-step of the last checkpoint this process wrote
-        self.unwritten: dict | None = None  # rank 0's checkpoint of a completed run (save_checkpoint)
-        self.samples_budget = 0  # most samples per step seen: what reclaim "grow" refills to
         self.logs: RunLog | None = None  # rank 0's, while it runs
-        self.writer = checkpoint.Writer(run_dir)  # rank 0's checkpoints, written in the background
-
-    def timed(self, phase: str):
-        return timed(self.seconds, phase)
 
     def planned_activation_bytes(self) -> int:
         """A step's activations with the adapter whose micro-batch holds the most (the least a
@@ -174,91 +143,18 @@ class SweepRun:
         the most any rank needs (the rest run idle passes); else its own."""
         return max(self.group.all_gather(passes)) if self.sharded else passes
 
-    # ---- checkpoints -----------------------------------------------------------------------------
-    def _collect(self) -> None:
-        """Moves the states of adapters retired on other ranks, and the best weights they copied,
-        to rank 0 (collective; of two copies of an adapter's best, the later step's is the best)."""
-        t, kept = self.trainer, self.evaluation.best_weights
-        self.evaluation.settle_best()
-        got = self.group.gather(({}, {}) if self.group.is_leader else (t.retired, kept))
-        if self.group.is_leader:
-            for retired, best in got[1:]:
-                t.retired.update(retired)
-                for aid, (step, weights) in best.items():
-                    if aid not in kept or step >= kept[aid][0]:
-                        kept[aid] = (step, weights)
-        else:
-            t.retired.clear()
-            kept.clear()
-        self.holder = dict.fromkeys(self.holder, 0)
-
+    # ---- checkpoints (alto.checkpoint.RunCheckpoints) -----------------------------------------------
     def save_checkpoint(self, write: bool = True) -> None:
-        """Starts writing the checkpoint (collective: every rank sends its adapters to rank 0, whose
-        writer thread writes it while the run goes on: wait_for_checkpoint). write=False, at the end
-        of a completed run: rank 0 gathers it (the end needs every adapter there) and keeps it
-        unwritten, written only if the end fails (finish): a completed run leaves its results, not
-        a checkpoint of ~4.5 GB (32 adapters on 1B widths) written beside its exports."""
-        with self.timed("checkpoint"):
-            state = self._checkpoint_state()
-            if write and state is not None:
-                self.writer.write(state)
-        self.unwritten = None if write else state
-        if write:
-            self.checkpointed = self.micro_steps
-
-    def _checkpoint_state(self) -> dict | None:
-        t = self.trainer
-        self._collect()
-        running = self.group.gather(t.export_states([a.id for a in t.running()], "cpu"))  # host copies
-        shapes = self.group.gather((self.evaluation.largest_step, self.evaluation.most_colocated))
-        if not self.group.is_leader:
-            return None
-        # Nothing handed to the writer may change after: the states and best weights are copies
-        # never written to (only replaced), the dicts holding them and the monitors' records are copied.
-        states = {**t.retired, **{k: v for part in running for k, v in part.items()}}
-        adapters = {a.id: {**a.progress(), "state": states.get(a.id)} for a in self.registry}
-        return {"micro_steps": self.micro_steps, "adapters": adapters, "samples_budget": self.samples_budget,
-                "step_shapes": shapes, "monitors": copy.deepcopy({name: (m.rungs, m.log) for name, m in self.monitors.items()}),
-                "best": dict(self.evaluation.best_weights)}
+        with self.timing.phase("checkpoint"):
+            self.checkpoints.save(self.micro_steps, write)
 
     def wait_for_checkpoint(self) -> None:
-        """Returns once the checkpoint being written (if any) is on disk."""
-        with self.timed("checkpoint"):
-            self.writer.wait()
+        with self.timing.phase("checkpoint"):
+            self.checkpoints.wait()
 
     def restore(self) -> None:
         """Continues from the checkpoint, on any number of ranks (running adapters are placed anew)."""
-        state = checkpoint.read(self.run_dir, (a.id for a in self.registry))
-        self.micro_steps = state["micro_steps"]
-        self.samples_budget = state["samples_budget"]
-        # Each rank's largest step and most co-located adapters shape its evaluations' passes (and so
-        # their float sums): resumed on as many ranks, each evaluates as the uninterrupted run did; on
-        # another count, as the busiest did (a checkpoint of an earlier release has none: 0, as before).
-        shapes = state.get("step_shapes") or [(0, 0)]
-        mine = shapes[self.group.rank] if len(shapes) == self.group.world else tuple(map(max, zip(*shapes)))
-        self.evaluation.largest_step, self.evaluation.most_colocated = mine
-        for name, m in self.monitors.items():
-            m.rungs, m.log = state["monitors"][name]
-        if self.group.is_leader:
-            self.evaluation.best_weights = state["best"]
-        running = []
-        for aid, entry in state["adapters"].items():
-            a = self.registry[aid]
-            a.apply_progress(entry)
-            if a.status == Status.RUNNING:
-                running.append(a)
-                self.admitted[aid] = None
-            elif entry["state"] is not None:
-                if a.status == Status.QUEUED:  # sent back after an out-of-memory step: rank 0 holds it
-                    self.holder[aid] = 0
-                if self.group.is_leader:
-                    self.trainer.retired[aid] = entry["state"]
-        costs = self.costs(running)
-        self.owner = place([a.id for a in running], costs, [0.0] * self.group.world)
-        mine = [a for a in running if self.owner[a.id] == self.group.rank]
-        self.trainer.admit(mine, move_states({a.id: state["adapters"][a.id]["state"] for a in mine}, self.device))
-        if self.group.is_leader:
-            checkpoint.truncate_logs(self.run_dir, self.micro_steps)
+        self.micro_steps = self.checkpoints.restore()
 
     # ---- decisions (rank 0) and their application (every rank) -----------------------------------
     def costs(self, adapters: list[Adapter]) -> dict[str, float]:
@@ -266,56 +162,19 @@ class SweepRun:
 
     def decide(self, after_step: bool) -> Decisions:
         """Rank 0's decisions (after_step: the monitor's stops too): alto.decisions.decide."""
-        return decide(self.registry, self.monitor_stops() if after_step else [], self.owner, self.holder,
-                      world=self.group.world, admission=self.admission, slots=self.slots, reclaim=self.sweep.reclaim,
-                      samples_budget=self.samples_budget, costs=self.costs)
+        return self.colocation.decide(self.monitor_stops() if after_step else [], self.sweep.reclaim)
 
     def say(self, line: str) -> None:
         if self.logs is not None:
             self.logs.say(line)
 
     def apply(self, decisions: Decisions) -> None:
-        rank, t = self.group.rank, self.trainer
-        stopped = []  # this rank's, retired together
+        """The decisions on every rank (alto.colocation), the stops logged on rank 0."""
         for d in decisions.stops:
-            a = self.registry[d.adapter]
-            if self.owner.pop(a.id) == rank:
-                stopped.append((a, Status.STOPPED_EARLY, d.reason))
-            else:
-                a.status, a.failure = Status.STOPPED_EARLY, d.reason
             if self.logs is not None:
                 self.logs.decision(self.micro_steps, d.adapter, d.micro_step, d.rule, d.reason)
             self.say(f"  stop {d.adapter}: {d.reason}")
-        if stopped:
-            t.retire(stopped)
-        for aid, n in decisions.growth.items():
-            self.registry[aid].extra_batch += n
-        admitted: list[Adapter] = []
-        saved: dict[str, AdapterState] = {}
-        for aid, r in decisions.admissions.items():
-            a = self.registry[aid]
-            self.owner[aid] = r
-            self.holder.pop(aid, None)
-            self.admitted.pop(aid, None)
-            self.admitted[aid] = None
-            if r == rank:
-                admitted.append(a)
-                if aid in t.retired:  # sent back to the queue after an out-of-memory step
-                    saved[aid] = t.retired.pop(aid)
-            else:
-                a.status = Status.RUNNING
-            self.say(f"  admit {aid} on rank {r}" if self.group.world > 1 else f"  admit {aid} into a freed slot")
-        if admitted:  # all at once: each layer re-packed once
-            t.admit(admitted, move_states(saved, self.device))
-        for aid, src, dst in decisions.moves:
-            a = self.registry[aid]
-            if rank == src:
-                self.group.send_state(t.release([aid])[aid], dst, self.device)
-            elif rank == dst:
-                t.admit([a])  # a fresh copy gives the shapes to receive into
-                t.admit([a], {aid: self.group.recv_state(t.release([aid])[aid], src, self.device)})
-            self.owner[aid] = dst
-            self.say(f"  move {aid}: rank {src} -> rank {dst}")
+        self.colocation.apply(decisions, self.say)
 
     def monitor_stops(self) -> list[Decision]:
         """Each task's monitor's stops after this step, among the task's running adapters (with
@@ -347,41 +206,13 @@ class SweepRun:
             meet = any(self.group.all_gather(meet))
         losses = []
         if meet:
-            with self.timed("evaluate"):
+            with self.timing.phase("evaluate"):
                 losses = ev.losses(due)
         if t.ending:
-            with self.timed("train"):
+            with self.timing.phase("train"):
                 t.retire(t.ending)
-        for a, loss in zip(due, losses):
-            if a.id in finished:
-                a.last_loss = loss
-                ev.keep_if_best(a, loss, t.retired[a.id].weights, live=False)
-            else:
-                a.record_eval(loss)
-                ev.keep_if_best(a, loss, self.model.adapter_weights(a.id, views=True))
+        ev.record(due, losses, finished, t.retired)
         return {aid: (since, self.registry[aid].progress(since)) for aid, since in marks.items()}, oom
-
-    def out_of_memory(self, positions: int, params: int) -> tuple[int, int, int]:
-        """This rank's step ran out of memory (and was undone): the most recently admitted half of
-        its adapters goes back to the queue, states kept (a lone adapter fails: it cannot run
-        smaller; those sent back lose any samples reclaim "grow" gave them). Returns the failed
-        step's (token positions: the larger of the step's and the planned ones, so the memory
-        model never admits that set again; its adapter parameters, `params`) and how many adapters
-        it kept."""
-        t = self.trainer
-        order = list(self.admitted)
-        mine = sorted(t.running(), key=lambda a: order.index(a.id))
-        if self.admission is not None:
-            positions = max(positions, self.admission.load(mine)[0])
-        if len(mine) == 1:
-            t.retire([(mine[0], Status.FAILED, f"out of memory alone, in a step of {positions} token positions")])
-        back = mine[(len(mine) + 1) // 2:]  # none of a lone one
-        for a in back:
-            a.extra_batch = 0
-        if back:
-            t.retire([(a, Status.QUEUED, f"out of memory: a step of {len(mine)} adapters and {positions} token "
-                                         "positions did not fit; back to the queue") for a in back])
-        return positions, params, (len(mine) + 1) // 2 if len(mine) > 1 else 0
 
     def merge(self, reports: list[tuple[dict, tuple | None]]) -> dict[str, float]:
         """Applies every rank's report to this rank's registry (adapters sent back to the queue are
@@ -391,23 +222,15 @@ class SweepRun:
         for rank, (part, oom) in enumerate(reports):
             for aid, (since, progress) in part.items():
                 a = self.registry[aid]
-                if self.owner.get(aid) != self.group.rank:  # the owner updated its copy itself
+                if self.colocation.owner.get(aid) != self.group.rank:  # the owner updated its copy itself
                     a.apply_progress(progress, since)
                 if progress["losses"]:
                     losses[aid] = a.losses[-1]
-                if a.status == Status.QUEUED:
-                    self.holder[aid] = rank
-                if a.status != Status.RUNNING:
-                    self.owner.pop(aid)
+                self.colocation.reported(a, rank)
                 if oom is not None and a.status != Status.RUNNING and self.logs is not None:
                     self.logs.decision(self.micro_steps, aid, a.micro_step, "out-of-memory", a.failure)
             if oom is not None:
-                positions, params, kept = oom
-                self.samples_budget = 0  # reclaim "grow" refills to what runs after the split
-                if self.admission is not None:
-                    self.admission.out_of_memory(positions, params)
-                elif kept:
-                    self.slots = min(self.slots, kept)
+                self.colocation.after_out_of_memory(oom)
         return {a.id: losses[a.id] for a in self.registry if a.id in losses}  # registry order
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -441,19 +264,19 @@ class SweepRun:
         first_step = self.micro_steps
         while self.registry.with_status(Status.RUNNING):
             if until is not None and self.micro_steps >= until:
-                if self.checkpointed != self.micro_steps:
+                if self.checkpoints.checkpointed != self.micro_steps:
                     self.save_checkpoint()
                 return False
             # the last evaluation's host copies done: a step's memory never depends on how far they got
             self.evaluation.settle_best()
             running = self.registry.with_status(Status.RUNNING)
-            self.samples_budget = max(self.samples_budget, sum(a.micro_batch_size for a in running))
+            self.colocation.samples_budget = max(self.colocation.samples_budget, sum(a.micro_batch_size for a in running))
             marks = {a.id: a.marks() for a in self.trainer.running()}
             step_start, params = time.time(), self.running_params()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             try:
-                with self.timed("train"):
+                with self.timing.phase("train"):
                     self.trainer.step(retire=False)  # report() retires the adapters it ends
                     if self.sharded and not marks:  # nothing of its own: its gathers still meet the others'
                         idle_pass(self.base.model, backward=True)
@@ -465,19 +288,19 @@ class SweepRun:
                                        f"positions on rank {self.group.rank}); lower max_running or "
                                        f"memory_budget_gb in {self.run_dir / 'sweep.yaml'} and resume from "
                                        "its checkpoint (alto tune --resume)") from None
-                oom = self.out_of_memory(e.positions, params)
+                oom = self.colocation.out_of_memory(e.positions, params)
             step_seconds = time.time() - step_start
             self.micro_steps += 1
             if leader:
                 self.log_step(len(marks), params, oom is not None, step_seconds)
-            evaluating = self.seconds["evaluate"]
+            evaluating = self.timing.seconds["evaluate"]
             losses = self.merge(self.group.all_gather(self.report(marks, oom)))
             if leader:
                 self.logs.losses(self.micro_steps, losses)
                 if oom is None:
                     self.logs.forecast.observe_step(running, step_seconds)
-                if self.seconds["evaluate"] > evaluating:
-                    self.logs.forecast.observe_evaluation(self.seconds["evaluate"] - evaluating)
+                if self.timing.seconds["evaluate"] > evaluating:
+                    self.logs.forecast.observe_evaluation(self.timing.seconds["evaluate"] - evaluating)
             decisions = self.decide(after_step=True) if leader else None
             if leader and should_halt is not None:
                 decisions.halt = bool(should_halt())
@@ -508,20 +331,11 @@ class SweepRun:
         return sum(adapter_params(a.config, self.shape) for a in self.trainer.running())
 
     def log_step(self, adapters: int, params: int, oom: bool, seconds: float) -> None:
-        """A row of steps.csv (rank 0's step): its size, the memory model's prediction and, on a
-        GPU, the measured peak (which the model is corrected to, if higher)."""
+        """A row of steps.csv (rank 0's step), with the memory model's prediction and, on a GPU,
+        the measured peak (alto.colocation.Colocation.peaks)."""
         t = self.trainer
-        predicted = measured = ""
-        if self.admission is not None:
-            predicted = f"{self.admission.peak.predict(t.last_positions, params) / 1e9:.3f}"
-        if self.device.type == "cuda" and not oom:
-            peak = torch.cuda.max_memory_allocated(self.device)
-            measured = f"{peak / 1e9:.3f}"
-            if self.admission is not None:
-                self.admission.observe(t.last_positions, params, peak)
-        padding = 1 - t.last_tokens / t.last_positions if t.last_positions else 0.0
-        self.logs.step([self.micro_steps, adapters, t.last_positions, f"{padding:.4f}", predicted, measured,
-                           int(oom), f"{seconds:.4f}"])
+        predicted, measured = self.colocation.peaks(t.last_positions, params, measured=not oom)
+        self.logs.step(self.micro_steps, adapters, t.last_positions, t.last_tokens, predicted, measured, oom, seconds)
 
     # ---- results ---------------------------------------------------------------------------------
     def final_weights(self, aid: str):
@@ -546,27 +360,21 @@ class SweepRun:
             with ThreadPoolExecutor(1) as plotter:  # losses.png drawn while the final evaluations run
                 plotted = plotter.submit(results.plot_losses, self.registry, self.run_dir / "losses.png") \
                     if self.group.is_leader else None
-                with self.timed("evaluate"):
+                with self.timing.phase("evaluate"):
                     outcomes, rows = ev.outcomes(self.registry, {a.id: self.final_weights(a.id) for a in self.registry},
                                                  self.trainer.retired)
                 if not self.group.is_leader:
                     return []
                 if self.logs is not None:  # the end's evaluations, as rank 0 logs them
                     self.logs.final_evaluations(self.micro_steps, rows)
-                with self.timed("export"):
+                with self.timing.phase("export"):
                     board = results.finish(self.registry, outcomes, self.base, self.run_dir, log)
                     plotted.result()
         except BaseException:
             with contextlib.suppress(Exception):  # this error reported; a checkpoint to redo the end from (--resume)
-                self.wait_for_checkpoint()
-                if self.unwritten is not None:
-                    self.writer.write(self.unwritten)
-                    self.wait_for_checkpoint()
+                self.checkpoints.write_unwritten()
             raise
         self.wait_for_checkpoint()  # the last periodic one, if still under way
         checkpoint.remove(self.run_dir)
-        named = sum(v for phase, v in self.seconds.items() if phase != "other")
-        self.seconds["other"] = max(0.0, time.time() - self.started - named)
-        (self.run_dir / "timing.json").write_text(json.dumps({k: round(v, 3) for k, v in self.seconds.items()}))
-        log("seconds: " + " | ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
+        self.timing.write(self.run_dir, log)
         return board
