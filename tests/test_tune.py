@@ -36,10 +36,10 @@ def test_tune_end_to_end_writes_every_output(tmp_path, capsys, sweep_yaml):
 
 
 def test_a_completed_run_leaves_its_results_not_a_checkpoint_unless_its_end_fails(tmp_path, sweep_yaml, monkeypatch, capsys):
-    """A completed run removes its checkpoints once its results are written (no ~GB write at the
-    end); its folder is still never run over, and --resume says it is complete. When the end fails,
-    the checkpoint of the finished steps is written: --resume redoes only the end, to the results of
-    a run that never failed."""
+    """A completed run's final checkpoint is written while its end runs and stopped or removed
+    once the results are written (no wait for a ~GB write); its folder is still never run over,
+    and --resume says it is complete. When the end fails, that checkpoint is on disk: --resume
+    redoes only the end, to the results of a run that never failed."""
     from safetensors.torch import load_file
 
     from alto import results
@@ -50,7 +50,8 @@ def test_a_completed_run_leaves_its_results_not_a_checkpoint_unless_its_end_fail
     assert main(["tune", str(tmp_path / "whole.yaml")]) == 2
     assert main(["tune", "--resume", str(whole)]) == 2
     err = capsys.readouterr().err
-    assert "holds a run already" in err and "is complete (leaderboard.csv): nothing to resume" in err
+    assert "holds a completed run (leaderboard.csv): choose another output" in err
+    assert "is complete (leaderboard.csv): nothing to resume" in err
 
     finish = results.finish
 
@@ -71,6 +72,28 @@ def test_a_completed_run_leaves_its_results_not_a_checkpoint_unless_its_end_fail
     for aid in ["rank2-lr0p001", "rank4-lr0p003"]:
         ours, theirs = (load_file(str(run / "adapters" / aid / "adapter_model.safetensors")) for run in (failed, whole))
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_stopped_checkpoint_write_leaves_the_last_whole_checkpoint(tmp_path):
+    """A stoppable write (a completed run's final checkpoint) stopped mid-way leaves the checkpoint
+    before it as it was and no .tmp; one that finished stays written whatever stop() says after."""
+    import threading
+
+    from alto import checkpoint
+
+    big = {"micro_steps": 9, "adapters": {}, "blob": torch.randn(1 << 22)}  # 16 MB: several writes
+    checkpoint.write(tmp_path, {"micro_steps": 4, "adapters": {}})
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(checkpoint.Stopped):
+        checkpoint.write(tmp_path, big, stop)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["micro_steps"] == 4
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    writer = checkpoint.Writer(tmp_path)
+    writer.write(big, stoppable=True)
+    writer.wait()
+    writer.stop()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["micro_steps"] == 9
 
 
 def test_killed_run_resumes_to_the_same_final_weights(tmp_path, sweep_yaml):
@@ -166,7 +189,7 @@ import os, signal, sys, time
 from pathlib import Path
 import alto.checkpoint as ck
 real, calls = ck.write, []
-def write(run_dir, state):
+def write(run_dir, state, stop=None):
     calls.append(state["micro_steps"])
     if len(calls) == 2:
         (run_dir / (ck.CHECKPOINT + ".tmp")).write_bytes(b"PK half a checkpoint")
@@ -175,7 +198,7 @@ def write(run_dir, state):
                 (run_dir / "losses.csv").read_text().splitlines()[1:]) <= state["micro_steps"] + 1:
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
-    real(run_dir, state)
+    real(run_dir, state, stop)
 ck.write = write
 from alto.cli import main
 sys.exit(main(sys.argv[1:]))

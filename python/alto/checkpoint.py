@@ -33,9 +33,40 @@ LOGS = ("losses.csv", "decisions.csv", "steps.csv", "evals.csv")  # rows start w
 FORMAT = 6
 
 
-def write(run_dir: Path, state: dict[str, Any]) -> None:
+class Stopped(Exception):
+    """A stoppable write was stopped (Writer.stop): the checkpoint was no longer wanted."""
+
+
+class _Stoppable:
+    """A file whose writes raise Stopped once `stop` is set."""
+
+    def __init__(self, f, stop: threading.Event):
+        self.f, self.stop = f, stop
+
+    def write(self, data) -> int:
+        if self.stop.is_set():
+            raise Stopped
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write(run_dir: Path, state: dict[str, Any], stop: threading.Event | None = None) -> None:
+    """checkpoint.pt replaced whole (through a .tmp and a rename); stop: set, the write ends
+    mid-way (Stopped raised, the .tmp removed, the last whole checkpoint left as it was)."""
     tmp = run_dir / f"{CHECKPOINT}.tmp"
-    torch.save({**state, "format": FORMAT}, tmp)
+    try:
+        if stop is None:
+            torch.save({**state, "format": FORMAT}, tmp)
+        else:
+            with open(tmp, "wb") as f:
+                torch.save({**state, "format": FORMAT}, _Stoppable(f, stop))
+    except BaseException:
+        if stop is not None and stop.is_set():  # torch reports the file's error as its own
+            tmp.unlink(missing_ok=True)
+            raise Stopped from None
+        raise
     os.replace(tmp, run_dir / CHECKPOINT)
 
 
@@ -57,17 +88,28 @@ class Writer:
         self.run_dir = run_dir
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._stop = threading.Event()
 
-    def write(self, state: dict[str, Any]) -> None:
+    def write(self, state: dict[str, Any], stoppable: bool = False) -> None:
+        """stoppable: stop() may end it mid-way."""
         self.wait()
-        self._thread = threading.Thread(target=self._write, args=(state,), name="alto-checkpoint")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._write, args=(state, self._stop if stoppable else None),
+                                        name="alto-checkpoint")
         self._thread.start()
 
-    def _write(self, state: dict[str, Any]) -> None:
+    def _write(self, state: dict[str, Any], stop: threading.Event | None) -> None:
         try:
-            write(self.run_dir, state)
+            write(self.run_dir, state, stop)
+        except Stopped:
+            pass
         except BaseException as e:  # raised in the run's thread by wait()
             self._error = e
+
+    def stop(self) -> None:
+        """Ends a stoppable write under way (a finished one stays written) and waits for it."""
+        self._stop.set()
+        self.wait()
 
     def wait(self) -> None:
         if self._thread is not None:
@@ -117,31 +159,27 @@ class RunCheckpoints:
         self.evaluation, self.monitors, self.colocation = evaluation, monitors, colocation
         self.writer = Writer(run_dir)  # rank 0's
         self.checkpointed: int | None = None  # the micro-step of the last checkpoint this process wrote
-        self.unwritten: dict | None = None  # rank 0's checkpoint of a completed run (save)
 
-    def save(self, micro_steps: int, write: bool = True) -> None:
+    def save(self, micro_steps: int, final: bool = False) -> None:
         """Starts writing the checkpoint (collective: every rank sends its adapters to rank 0, whose
-        writer thread writes it while the run goes on: wait). write=False, at the end of a
-        completed run: rank 0 gathers it (the end needs every adapter there) and keeps it
-        unwritten, written only if the end fails (write_unwritten): a completed run leaves its
-        results, not a checkpoint of ~4.5 GB (32 adapters on 1B widths) written beside its exports."""
+        writer thread writes it while the run goes on: wait). final, at the end of a completed run:
+        written while the end runs, so that a kill or an error there leaves the end to redo
+        (--resume), and stopped by discard() if the end's results are written first (a 32-adapter
+        checkpoint on 1B widths is ~4.5 GB: the wall waited 3.3 s for it on the H200)."""
         state = self._gathered(micro_steps)
-        if write and state is not None:
-            self.writer.write(state)
-        self.unwritten = None if write else state
-        if write:
-            self.checkpointed = micro_steps
+        if state is not None:
+            self.writer.write(state, stoppable=final)
+        self.checkpointed = micro_steps
 
     def wait(self) -> None:
         """Returns once the checkpoint being written (if any) is on disk."""
         self.writer.wait()
 
-    def write_unwritten(self) -> None:
-        """The end failed: the completed steps' checkpoint written after all (--resume redoes the end)."""
-        self.wait()
-        if self.unwritten is not None:
-            self.writer.write(self.unwritten)
-            self.wait()
+    def discard(self) -> None:
+        """A completed run's results are written: its checkpoints are not needed (a final one still
+        being written is stopped), and removed."""
+        self.writer.stop()
+        remove(self.run_dir)
 
     def collect(self) -> None:
         """Moves the states of adapters retired on other ranks, and the best weights they copied,

@@ -168,7 +168,7 @@ class MultiLoraLinear(nn.Module):
             # Each piece to the packs' device (from pinned memory without waiting), joined there: a
             # host-side concatenation and one pageable copy took 5.1 s for the 32 fresh adapters of a
             # 1B-widths sweep on the H200 (its host copies memory at ~1-3 GB/s).
-            return torch.cat([t.to(like.device, non_blocking=True) for t in ts]).to(like.dtype)
+            return torch.cat([t.to(like.device, non_blocking=like.is_cuda) for t in ts]).to(like.dtype)
 
         self._repack(keep, {"lora_A": joined(As), "lora_B": joined(Bs)}, [len(A) for A in As])
 

@@ -89,6 +89,13 @@ class Group:
         dist.broadcast_object_list(box, src=0, group=self._objects)
         return box[0]
 
+    def barrier(self) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        dist.barrier(group=self._objects)
+
     def send_state(self, state: AdapterState, dst: int, device: torch.device) -> None:
         alto_ext.send_tensors([t.to(device) for t in state.tensors()], dst)
 

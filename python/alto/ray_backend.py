@@ -102,6 +102,7 @@ class RayBackend:
                 world = len(launched.ranks)
                 launched.runs = [r.run.remote(launched.args, i, world, address, port) for i, r in enumerate(launched.ranks)]
                 launched.rendezvous = None
+                return out  # started: the driver records it before anything the next poll may raise
             out.progress = ray.get(launched.ranks[0].progress.remote())
             done, _ = ray.wait(launched.runs, num_returns=len(launched.runs), timeout=0)
             for ref in done:  # a rank that ended in an error raises it now (the others may wait for it forever)

@@ -4,9 +4,8 @@ alto.decisions) and applies the decisions, merges the ranks' progress, logs and 
 
 Run folder: sweep.yaml (the sweep as given, written by alto.tune), losses.csv, decisions.csv,
 steps.csv and evals.csv (written as the run goes, with its progress lines: alto.runlog),
-checkpoint.pt (alto.checkpoint: every checkpoint_every micro-steps and where --stop-after stops;
-removed once a completed run's results are written; written at the end only if the end fails:
---resume then redoes the end), leaderboard.csv and leaderboards/<task>.csv, losses.png,
+checkpoint.pt (alto.checkpoint: every checkpoint_every micro-steps, where --stop-after stops, and
+at the end while the end runs; removed once a completed run's results are written), leaderboard.csv and leaderboards/<task>.csv, losses.png,
 timing.json (seconds of this process's wall in each of alto.runlog.PHASES),
 adapters/<name>/ (PEFT format: each adapter's best or last weights; alto.results). Every task has
 its own data, held-out sequences and monitor; all tasks' adapters share the steps. The base model
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from alto import checkpoint, data as data_mod, results
+from alto import data as data_mod, results
 from alto.checkpoint import RunCheckpoints
 from alto.admission import Admission, admission_order, fits_whole
 from alto.base import device_type, idle_pass, load_base, shard
@@ -144,9 +143,9 @@ class SweepRun:
         return max(self.group.all_gather(passes)) if self.sharded else passes
 
     # ---- checkpoints (alto.checkpoint.RunCheckpoints) -----------------------------------------------
-    def save_checkpoint(self, write: bool = True) -> None:
+    def save_checkpoint(self, final: bool = False) -> None:
         with self.timing.phase("checkpoint"):
-            self.checkpoints.save(self.micro_steps, write)
+            self.checkpoints.save(self.micro_steps, final)
 
     def wait_for_checkpoint(self) -> None:
         with self.timing.phase("checkpoint"):
@@ -318,7 +317,10 @@ class SweepRun:
             if decisions.halt:
                 self.say(f"halted at micro-step {self.micro_steps}: checkpoint written")
                 return False
-        self.save_checkpoint(write=False)
+        self.save_checkpoint(final=True)
+        # every rank past the last gathers before any ends (a gloo rank tearing its group down while
+        # rank 0 still gathered aborted once in CI: "terminate called without an active exception")
+        self.group.barrier()
         return True
 
     def forecast(self) -> Forecast:
@@ -345,7 +347,8 @@ class SweepRun:
 
     def finish(self, log=print) -> list[tuple[str, float]]:
         """At the end, on every rank: rank 0's evaluations (alto.evaluation), exports, leaderboards
-        and losses.png (alto.results), the wait for a checkpoint still being written, timing.json.
+        and losses.png (alto.results), the final checkpoint discarded once they are written
+        (RunCheckpoints.discard), timing.json.
         With a sharded base every rank runs the same evaluations on rank 0's weights (their passes
         gather the layers together); only rank 0 writes."""
         ev = self.evaluation
@@ -363,6 +366,8 @@ class SweepRun:
                 with self.timing.phase("evaluate"):
                     outcomes, rows = ev.outcomes(self.registry, {a.id: self.final_weights(a.id) for a in self.registry},
                                                  self.trainer.retired)
+                if self.sharded:  # the passes' last gathers done on every rank before one ends
+                    self.group.barrier()
                 if not self.group.is_leader:
                     return []
                 if self.logs is not None:  # the end's evaluations, as rank 0 logs them
@@ -371,10 +376,10 @@ class SweepRun:
                     board = results.finish(self.registry, outcomes, self.base, self.run_dir, log)
                     plotted.result()
         except BaseException:
-            with contextlib.suppress(Exception):  # this error reported; a checkpoint to redo the end from (--resume)
-                self.checkpoints.write_unwritten()
+            with contextlib.suppress(Exception):  # this error reported; the checkpoint to redo the end from (--resume)
+                self.wait_for_checkpoint()
             raise
-        self.wait_for_checkpoint()  # the last periodic one, if still under way
-        checkpoint.remove(self.run_dir)
+        with self.timing.phase("checkpoint"):
+            self.checkpoints.discard()
         self.timing.write(self.run_dir, log)
         return board

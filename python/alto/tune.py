@@ -55,7 +55,10 @@ def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = No
         run_dir = Path(sweep.output or Path("runs") / sweep.name)
         if run_dir.exists() and not run_dir.is_dir():
             raise ValueError(f"output: {str(run_dir)!r} is a file; the run folder must be a folder")
-        if (run_dir / checkpoint.CHECKPOINT).exists() or (run_dir / results.LEADERBOARD).exists():
+        if (run_dir / results.LEADERBOARD).exists():
+            raise ValueError(f"output folder {str(run_dir)!r} holds a completed run ({results.LEADERBOARD}): "
+                             "choose another output")
+        if (run_dir / checkpoint.CHECKPOINT).exists():
             raise ValueError(f"output folder {str(run_dir)!r} holds a run already: --resume it or choose another output")
     # Missing packages and devices fail here, before anything is written.
     for task in sweep.tasks.values():
