@@ -33,7 +33,8 @@ def build(args, rank: int, world: int, mode: str):
 
     from alto.model import MultiLoraModel
     from alto.sched.placement import adapter_cost, place
-    from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig, Registry
+    from alto.families import Llama
+    from alto.registry import AdapterConfig, Registry
     from alto.sched.catalog import ModelShape
     from alto.train import DataStream, Trainer
 
@@ -50,7 +51,7 @@ def build(args, rank: int, world: int, mode: str):
     # DDP: each rank trains 1/world of every adapter's samples.
     batch = args.batch // world if mode == "ddp" else args.batch
     configs = {f"a{i:02d}": AdapterConfig(rank=r, alpha=2 * r, lr=1e-4, micro_batch_size=batch, seed=i,
-                                          target_modules=KNOWN_TARGET_MODULES, max_steps=10**6)
+                                          target_modules=Llama.names, max_steps=10**6)
                for i, r in zip(range(args.adapters), itertools.cycle(RANKS))}
     gen = torch.Generator().manual_seed(1)
     streams = {}

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from alto.families import Llama
 from alto.model import MultiLoraModel, plan_for
-from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig, Registry
+from alto.registry import AdapterConfig, Registry
 from alto.loss import token_losses
 from alto.train import DataStream, Trainer, pad_batch
 from bench_memory import WIDTHS
@@ -59,7 +60,7 @@ def build_model(widths: str, layers: int, device: torch.device):
 
 def configs(n: int) -> list[AdapterConfig]:
     return [AdapterConfig(rank=r, alpha=2 * r, lr=1e-4, micro_batch_size=1, seed=i,
-                          target_modules=KNOWN_TARGET_MODULES, max_steps=10**6)
+                          target_modules=Llama.names, max_steps=10**6)
             for i, r in zip(range(n), itertools.cycle(RANKS))]
 
 
@@ -163,7 +164,7 @@ def peft_step_ms(base, seq, iters: int, device: torch.device) -> float:
             if child.__class__.__name__ == "MultiLoraLinear":
                 setattr(module, name, child.base)
     pm = peft.get_peft_model(model, peft.LoraConfig(r=RANKS[0], lora_alpha=2 * RANKS[0],
-                                                    target_modules=list(KNOWN_TARGET_MODULES)))
+                                                    target_modules=list(Llama.names)))
     params = [p for p in pm.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

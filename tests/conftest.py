@@ -62,6 +62,23 @@ def write_word_records(path, max_words: int, n: int = 40, seed: int = 3):
     return path
 
 
+def hf_folder(folder, family="Llama"):
+    """A tiny random model of a transformers family (Llama unless given) and a word-level tokenizer
+    with a chat template, saved as a plain HF model folder."""
+    import tokenizers
+    import transformers
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                                chat_template="{% for m in messages %}{{ m['content'] }} </s> {% endfor %}")
+    config = getattr(transformers, f"{family}Config")(vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, **TINY_LLAMA)
+    getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return {"hf_dir": str(folder)}
+
+
 @pytest.fixture
 def sweep_yaml(tmp_path):
     """write(out="run", **top_level_keys) -> the path of a small valid sweep file in tmp_path (a tiny

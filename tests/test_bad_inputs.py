@@ -46,7 +46,11 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
     "schedule unknown": ({"defaults": {"schedule": "exp"}}, ["defaults.schedule: 'exp'", "cosine"]),
     "use_rslora a word": ({"defaults": {"use_rslora": "yes"}}, ["defaults.use_rslora: 'yes'", "true or false"]),
     "seed negative": ({"defaults": {"seed": -3}}, ["defaults.seed: -3"]),
-    "target_modules unknown": ({"defaults": {"target_modules": ["qkv"]}}, ["defaults.target_modules: 'qkv'", "unknown module"]),
+    "target_modules not a name": ({"defaults": {"target_modules": ["q proj"]}},
+                                  ["defaults.target_modules: 'q proj'", "a module name"]),
+    # checked against the loaded model (alto.families), still before anything is written
+    "target_modules not in the model": ({"defaults": {"target_modules": ["qkv_proj"]}},
+                                        ["target_modules: 'qkv_proj'", "not a projection of this model", "llama: q_proj"]),
     "target_modules a number": ({"defaults": {"target_modules": 5}}, ["defaults.target_modules: 5"]),
     "defaults unknown field": ({"defaults": {"rnak": 4}}, ["defaults.rnak: unknown field"]),
     "grid unknown field": ({"grid": {"rnak": [4]}}, ["grid.rnak: unknown field"]),

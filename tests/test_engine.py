@@ -11,6 +11,7 @@ off by 1%, one adapter's weight gradient leaking into its neighbour's rows, and 
 clip, and requires the comparison to fail on each.
 """
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -53,15 +54,16 @@ def sequences():
             for aid in CONFIGS}
 
 
-def colocated(base_model, sequences, ids, events=None, steps=MICRO_STEPS, device="cpu", dtype=None):
+def colocated(base_model, sequences, ids, events=None, steps=MICRO_STEPS, device="cpu", dtype=None,
+              configs=CONFIGS, packed=True):
     """Trains `ids` together; events = {micro_step: [("add"|"remove", id)]}. Returns (trainer, init weights)."""
     model = MultiLoraModel(copy.deepcopy(base_model).to(device, dtype))
     reg = Registry()
-    trainer = Trainer(model, reg, {a: DataStream(sequences[a]) for a in CONFIGS}, PAD, device=device)
+    trainer = Trainer(model, reg, {a: DataStream(sequences[a]) for a in configs}, PAD, device=device, packed=packed)
     init = {}
 
     def add(aid):
-        trainer.admit([reg.add(aid, CONFIGS[aid])])
+        trainer.admit([reg.add(aid, configs[aid])])
         init[aid] = model.adapter_weights(aid)
 
     for aid in ids:
@@ -79,15 +81,15 @@ def final_weights(trainer, aid):
     return trainer.model.adapter_weights(aid)
 
 
-def differences_from_alone(base_model, sequences, trainer, init, aid, steps) -> list[str]:
+def differences_from_alone(base_model, sequences, trainer, init, aid, steps, configs=CONFIGS) -> list[str]:
     """Where the co-located adapter's losses or final weights differ from PEFT's alone on
     sequences[aid] beyond float64 rounding (empty: none)."""
-    losses, weights = peft_alone(base_model, CONFIGS[aid], sequences[aid], init[aid], steps, PAD)
+    losses, weights = peft_alone(base_model, configs[aid], sequences[aid], init[aid], steps, PAD)
     return differences(aid, trainer.registry[aid].losses, final_weights(trainer, aid), losses, weights)
 
 
-def assert_same_as_alone(base_model, sequences, trainer, init, aid, steps):
-    assert differences_from_alone(base_model, sequences, trainer, init, aid, steps) == []
+def assert_same_as_alone(base_model, sequences, trainer, init, aid, steps, configs=CONFIGS):
+    assert differences_from_alone(base_model, sequences, trainer, init, aid, steps, configs) == []
 
 
 def test_colocated_equals_alone_with_peft(base_model, sequences):
@@ -298,17 +300,43 @@ def test_exploding_gradient_fails_only_that_adapter(base_model, sequences):
     assert all(torch.isfinite(t).all() for layer in weights.values() for t in layer.values())
 
 
-@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
-def test_other_decoder_families_match_peft(family, sequences):
-    """Qwen2 (biased q/k/v projections) and Mistral: the same isolation as Llama."""
+def tiny_family_model(family: str, **extra):
+    """A float64 random model of a transformers family (config class: <family>Config, or
+    <family>TextConfig for the multimodal families' text decoders), tiny and seeded."""
     torch.manual_seed(0)
-    cfg = getattr(transformers, f"{family}Config")(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD)
-    base = getattr(transformers, f"{family}ForCausalLM")(cfg).double().eval()
-    trainer, init = colocated(base, sequences, ["a", "b"], steps=3)
+    config_class = getattr(transformers, f"{family}TextConfig", None) or getattr(transformers, f"{family}Config")
+    cfg = config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD,
+                       eos_token_id=1, bos_token_id=2, **extra)
+    return getattr(transformers, f"{family}ForCausalLM")(cfg).double().eval()
+
+
+# Phi-3's projections are fused: the same adapters over its names (qkv_proj = q, k and v; gate_up_proj = gate and up).
+PHI3_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+              "up_proj": "gate_up_proj"}
+FAMILIES = {  # family -> (config fields besides the tiny ones, packed steps)
+    "Qwen2": ({}, True),  # biased q/k/v projections
+    "Mistral": ({}, True),
+    "Phi3": ({}, True),  # fused qkv_proj and gate_up_proj
+    "Gemma": ({"head_dim": 24}, True),  # heads wider than hidden / heads, embeddings scaled, tied head
+    "Gemma2": ({"head_dim": 24}, False),  # soft-capped attention and logits (padded steps: packed ones refuse it)
+    "Gemma3": ({"head_dim": 24, "sliding_window": 8}, True),  # sliding-window layers, q/k norms
+    "Qwen3": ({"head_dim": 24}, True),  # q/k norms
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_other_decoder_families_match_peft(family, sequences):
+    """Each model family of alto.families (and the Llama-like ones it covers by default) trains
+    co-located exactly as PEFT trains each adapter alone (float64)."""
+    extra, packed = FAMILIES[family]
+    base = tiny_family_model(family, **extra)
+    configs = {aid: dataclasses.replace(c, target_modules=tuple(dict.fromkeys(
+        PHI3_NAMES.get(m, m) if family == "Phi3" else m for m in c.target_modules))) for aid, c in CONFIGS.items()}
+    trainer, init = colocated(base, sequences, ["a", "b"], steps=3, configs=configs, packed=packed)
+    assert set(trainer.model.family.names) == {n.rsplit(".", 1)[-1] for n in trainer.model.layers}
     for aid in "ab":
-        assert_same_as_alone(base, sequences, trainer, init, aid, 3)
+        assert_same_as_alone(base, sequences, trainer, init, aid, 3, configs)
 
 
 class OwnForward(torch.nn.Linear):
@@ -359,8 +387,8 @@ def test_bad_config_names_the_field():
         AdapterConfig(rank=0)
     with pytest.raises(ValueError, match="lr=-0.1"):
         AdapterConfig(lr=-0.1)
-    with pytest.raises(ValueError, match="target_modules='qkv'"):
-        AdapterConfig(target_modules=("qkv",))
+    with pytest.raises(ValueError, match="target_modules='q proj'"):
+        AdapterConfig(target_modules=("q proj",))
 
 
 def test_saved_adapter_loads_in_peft_with_the_same_logits(base_model, sequences, tmp_path):

@@ -11,23 +11,7 @@ peft = pytest.importorskip("peft")
 
 from alto.base import load_base  # noqa: E402
 from alto.tune import tune  # noqa: E402
-from conftest import TINY_LLAMA, WORDS  # noqa: E402
-
-
-def hf_folder(folder):
-    """A tiny random Llama and a word-level tokenizer with a chat template, saved as a plain HF model
-    folder."""
-    import tokenizers
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                                chat_template="{% for m in messages %}{{ m['content'] }} </s> {% endfor %}")
-    config = transformers.LlamaConfig(vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, **TINY_LLAMA)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return {"hf_dir": str(folder)}
+from conftest import TINY_LLAMA, hf_folder  # noqa: E402
 
 
 def gguf_folder(folder, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128):
@@ -93,6 +77,7 @@ SOURCES = {
     "random_llama": (lambda _: {"random_llama": TINY_LLAMA}, {}),
     "random_llama_nf4": (lambda _: {"random_llama": TINY_LLAMA}, {"quantize": "nf4"}),
     "hf_dir": (hf_folder, {}),
+    "hf_dir_phi3": (lambda folder: hf_folder(folder, "Phi3"), {}),  # fused projections (alto.families.Phi3)
     "hf_dir_gguf_file": (gguf_folder, {}),
     "smollm2": (smollm2, {}),
 }
@@ -109,8 +94,9 @@ def test_an_exported_adapter_loads_with_the_two_lines_of_a_peft_user(tmp_path, s
     if base.get("quantize") == "nf4":
         pytest.importorskip("torchao")
     # one adapter, one step: lr 1e-2 moves its zero-initialized B at once
+    targets = ["qkv_proj", "gate_up_proj"] if "phi3" in source else ["q_proj", "v_proj"]
     sweep = sweep_yaml(model=model, base=base, grid={"rank": [4], "lr": [1e-2]},
-                       defaults={"micro_batch_size": 2, "max_steps": 1, "target_modules": ["q_proj", "v_proj"]})
+                       defaults={"micro_batch_size": 2, "max_steps": 1, "target_modules": targets})
     assert tune(str(sweep), None, log=lambda *_: None) == 0
     run, adapter = tmp_path / "run", str(tmp_path / "run" / "adapters" / "rank4-lr0p01")
 
@@ -129,5 +115,6 @@ def test_an_exported_adapter_loads_with_the_two_lines_of_a_peft_user(tmp_path, s
         assert torch.equal(auto(ids).logits, by_hand)
     assert not torch.allclose(plain, by_hand, atol=1e-4)  # the adapter changed the model
     named = json.loads((run / "adapters" / "rank4-lr0p01" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert named == (model["hf_dir"] if source == "hf_dir" else str(run / "base"))
-    assert (run / "base").exists() == (source != "hf_dir")
+    plain_folder = source in ("hf_dir", "hf_dir_phi3")
+    assert named == (model["hf_dir"] if plain_folder else str(run / "base"))
+    assert (run / "base").exists() == (not plain_folder)

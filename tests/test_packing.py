@@ -119,3 +119,34 @@ def test_varlen_attention_refuses_what_it_cannot_do():
     packed = {"cu_seq_lens_q": torch.tensor([0, 3]), "max_length_q": 3}
     with pytest.raises(ValueError, match="soft-capping.*packing: false"):  # Gemma2's attention logits
         alto.attention.varlen_attention(None, q[:1], q[:1], q[:1], None, softcap=50.0, **packed)
+
+
+@pytest.mark.parametrize("max_positions", [1, 40, 10_000])
+def test_held_out_losses_padded_equal_packed_and_chunks_hold_their_positions(max_positions, monkeypatch):
+    """Evaluation runs as the sweep's steps run (packing false: padded rows, for models packed steps
+    cannot run): both give each adapter's mean held-out loss over all its sequences (float64, against
+    one forward of everything), and no chunk's forward holds more token positions than asked
+    (padding counted) unless it is one sequence."""
+    import alto.evaluation
+
+    model = MultiLoraModel(tiny("Llama").double())
+    for aid, (cfg, _) in ADAPTERS.items():
+        model.add_adapters({aid: cfg})
+    batches = batches_of(11)
+    model.eval()
+    with torch.no_grad():
+        whole = colocated_losses(model, batches, PAD, torch.device("cpu"), training=False)
+    expected = (whole[0] / whole[1]).tolist()
+    original = alto.evaluation.colocated_losses
+    for packed in (True, False):
+        chunks = []  # (token positions, sequences) of each forward
+
+        def counted(m, chunk, *args, **kw):
+            lengths = [len(s) for b in chunk.values() for s in b]
+            chunks.append((alto.train.step_positions(lengths, kw["packed"]), len(lengths)))
+            return original(m, chunk, *args, **kw)
+        monkeypatch.setattr(alto.evaluation, "colocated_losses", counted)
+        got = alto.evaluation.held_out_losses(model, batches, PAD, torch.device("cpu"), max_positions, packed=packed)
+        assert torch.allclose(torch.tensor(got), torch.tensor(expected), rtol=1e-12, atol=1e-12), packed
+        assert all(positions <= max_positions or n == 1 for positions, n in chunks), chunks
+        assert sum(n for _, n in chunks) == sum(map(len, batches.values()))

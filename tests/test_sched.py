@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig
 
-from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig
+from alto.families import Llama
+from alto.registry import AdapterConfig
 from alto.sched import estimate
 from alto.sched.catalog import ModelShape
 from alto.sched.estimate import adapter_step_flops
@@ -19,7 +20,7 @@ def test_model_shape_from_hf_config_and_params():
     assert shape == LLAMA3_8B
     assert shape.projection_dims()["k_proj"] == (4096, 1024)
     assert shape.projection_dims()["down_proj"] == (14336, 4096)
-    assert tuple(shape.projection_dims()) == KNOWN_TARGET_MODULES
+    assert tuple(shape.projection_dims()) == Llama.names
     assert abs(shape.params() - 8.03e9) < 0.01e9  # Llama-3-8B has 8.03B parameters
     with pytest.raises(ValueError, match="kv_heads"):
         ModelShape(64, 2, 128, 4, 3, 100)
@@ -87,7 +88,7 @@ def test_intra_schedule_never_exceeds_memory_random_configs():
     for trial in range(25):
         configs = [AdapterConfig(rank=rng.choice([4, 8, 16, 64, 256]), micro_batch_size=rng.choice([1, 2, 4, 8]),
                                  grad_accum=rng.choice([1, 2]), max_steps=rng.randint(5, 50),
-                                 target_modules=tuple(rng.sample(KNOWN_TARGET_MODULES, rng.randint(1, 7))))
+                                 target_modules=tuple(rng.sample(Llama.names, rng.randint(1, 7))))
                    for _ in range(rng.randint(1, 12))]
         schedule = schedule_task(configs, rng.choice([256, 512, 1024]), LLAMA3_8B, rng.choice(["H100", "A100", "H200"]))
         assert sorted(schedule.admission_order) == list(range(len(configs)))
@@ -102,8 +103,8 @@ def test_intra_schedule_never_exceeds_memory_random_configs():
 def test_intra_schedule_shrinks_micro_batch_and_orders_longest_first():
     from alto.sched.intra import schedule_task
 
-    big = AdapterConfig(rank=16, micro_batch_size=8, max_steps=10, target_modules=KNOWN_TARGET_MODULES)
-    short = AdapterConfig(rank=16, micro_batch_size=2, max_steps=5, target_modules=KNOWN_TARGET_MODULES)
+    big = AdapterConfig(rank=16, micro_batch_size=8, max_steps=10, target_modules=Llama.names)
+    short = AdapterConfig(rank=16, micro_batch_size=2, max_steps=5, target_modules=Llama.names)
     # At micro-batch 8 the two big configs and the short one need 94 GB of the H100's 68 usable.
     schedule = schedule_task([short, big, big], 512, LLAMA3_8B, "H100")
     assert schedule.admission_order[-1] == 0  # the longer configs first

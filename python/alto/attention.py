@@ -94,6 +94,14 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.unsqueeze(0), None
 
 
+def check_packable(config) -> None:
+    """A ValueError if packed steps cannot run a model of this transformers config exactly (its
+    attention soft-caps its logits, as Gemma 2's does): found when the base loads, not in a step."""
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"packing: true, but {config.model_type} soft-caps its attention logits "
+                         "(attn_logit_softcapping), which packed steps cannot: set packing: false")
+
+
 def register() -> None:
     """Makes "alto_varlen" a transformers attention implementation (idempotent)."""
     from transformers import AttentionInterface

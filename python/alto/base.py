@@ -1,7 +1,7 @@
 """The frozen base model of a sweep, loaded offline from the sweep's model setting (checked by
-alto.sweep): the one place that decides the base's dtype, its quantization (NF4) and its sharding
-over the ranks (FSDP2), and where it came from (what the exported adapters name as their base:
-alto.export.save_base); and the random models' byte tokenizer."""
+alto.sweep): the one place that decides the base's dtype, its quantization (NF4; its sharding over
+the ranks, FSDP2, is alto.parallel.shard's), and where it came from (what the exported adapters
+name as their base: alto.export.save_base); and the random models' byte tokenizer."""
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from alto.inputs import first_line
-from alto.registry import KNOWN_TARGET_MODULES
+from alto.families import family_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -142,7 +142,7 @@ def load_base(spec: str | dict, dtype: str, device: torch.device, quantize: str 
     bfloat16 on a GPU, where a float32 base would be cast by autocast in every step, twice the time
     and memory; float32 on the CPU), its decoder projections in NF4 with quantize nf4 (made on
     `device`, one layer at a time). The model is left on `place` (default: `device`; the CPU for a
-    base that alto.base.shard then spreads over the ranks)."""
+    base that alto.parallel.shard then spreads over the ranks)."""
     dtype = ("bfloat16" if device.type == "cuda" else "float32") if dtype == "auto" else dtype
     base = _load(spec, dtype, device if place is None else place, straight=quantize == "none")
     if quantize == "nf4":
@@ -150,6 +150,21 @@ def load_base(spec: str | dict, dtype: str, device: torch.device, quantize: str 
     base.model.to(device if place is None else place)
     base.reload = lambda: load_base(spec, dtype, device, quantize, place)
     return base
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' own bars ("Loading weights", "Writing model shards") would cut into the run's
+    output (and into an error's one line)."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -176,7 +191,7 @@ def _load(spec: str | dict, dtype: str, device: torch.device, straight: bool) ->
         kw = {"gguf_file": gguf} if gguf else {}
         place = {"device_map": str(device)} if straight and device.type == "cuda" else {}
         try:
-            with _gguf_read_once() if gguf else contextlib.nullcontext():
+            with _gguf_read_once() if gguf else contextlib.nullcontext(), no_progress_bars():
                 tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
                 model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw, **place)
         except torch.OutOfMemoryError:  # the device is too small or taken: not a fault of the folder
@@ -213,8 +228,9 @@ def quantize_nf4(model: nn.Module, device: torch.device) -> None:
         from torchao.quantization import to_nf4
     except ImportError as e:
         raise ValueError(f"base.quantize: nf4 needs torchao (pip install torchao): {first_line(e)}") from None
+    projections = family_of(getattr(model, "config", None)).names  # a bare module: Llama-like names
     for path, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in KNOWN_TARGET_MODULES):
+        if not (isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in projections):
             continue
         weight = module.weight.detach()
         if weight.numel() % NF4_BLOCK:
@@ -245,56 +261,3 @@ def held_bytes(tensor: torch.Tensor) -> int:
 def model_bytes(model: nn.Module) -> int:
     """Bytes a model's parameters hold on this rank (held_bytes of each)."""
     return sum(held_bytes(p) for p in model.parameters())
-
-
-def shard(model: nn.Module, lora: set[nn.Parameter], device: torch.device) -> None:
-    """Shards the frozen decoder layers over the ranks of the default process group with PyTorch's
-    FSDP2: each layer is its own unit, gathered before its forward and again before its backward and
-    freed after each (the next layer prefetched); the decoder is the root unit, so a step that runs
-    the decoder alone (the fused head + loss) gathers the same way. Left out: the LoRA packs `lora`
-    (every adapter stays whole on the rank that trains it; its gradients are never reduced) and the
-    embeddings, final norm and LM head (replicated: the head may be tied to the embeddings, and the
-    fused loss reads the head's weight outside any forward). Parameters still on the CPU (a base
-    loaded there to be spread over the GPUs) go to `device`, each rank keeping its shard."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    world = dist.get_world_size()
-    decoder = model.get_decoder()
-    layers = list(decoder.layers)
-    for path, p in decoder.named_parameters():
-        if is_nf4(p) and world == 1:  # torchao's NF4 gather has no one-rank path (measured: it fails)
-            raise ValueError("shard_base: true with base.quantize: nf4 needs 2 or more ranks (one rank holds "
-                             "the whole base anyway: set shard_base: false)")
-        if is_nf4(p) and p.quantization_factor.numel() % world:  # FSDP splits an NF4 weight by its scale blocks
-            raise ValueError(f"shard_base: {path}'s NF4 weight has {p.quantization_factor.numel()} blocks of "
-                             f"{NF4_BLOCK * NF4_SCALER_BLOCK} values, which {world} ranks cannot share evenly")
-    mesh = init_device_mesh(device.type, (world,))
-    in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    replicated = {p for p in decoder.parameters() if id(p) not in in_layers}
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, ignored_params=lora)
-    fully_shard(decoder, mesh=mesh, ignored_params=lora | replicated)
-    moved: dict[int, torch.Tensor] = {}  # one copy of a tensor two modules share (a head tied to the embeddings)
-    for module in model.modules():  # what FSDP left where it was: LoRA packs, replicated weights, buffers
-        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if not hasattr(t, "to_local") and t.device != device:
-                if id(t) not in moved:
-                    copy = t.to(device)
-                    moved[id(t)] = nn.Parameter(copy, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else copy
-                setattr(module, name, moved[id(t)])
-
-
-def idle_pass(model: nn.Module, backward: bool) -> None:
-    """A forward (and backward) of one zero token through the decoder, with no adapter: what a rank
-    with nothing to run does so that the sharded layers' gathers, collective over the ranks, still
-    meet the other ranks' (their count and order are the same in every pass)."""
-    decoder = model.get_decoder()
-    dtype = decoder.get_input_embeddings().weight.dtype
-    x = torch.zeros(1, 1, model.config.hidden_size, dtype=dtype, device=decoder.get_input_embeddings().weight.device,
-                    requires_grad=backward)
-    with torch.set_grad_enabled(backward):
-        out = decoder(inputs_embeds=x, use_cache=False).last_hidden_state
-        if backward:
-            out.sum().backward()

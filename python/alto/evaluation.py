@@ -19,10 +19,11 @@ from concurrent.futures import Future
 import torch
 
 from alto import data as data_mod
-from alto.base import Base, idle_pass
+from alto.base import Base
 from alto.generate import greedy_completions
 from alto.metrics import metric_function
 from alto.model import LayerTensors, MultiLoraModel
+from alto.parallel import idle_pass
 from alto.registry import Adapter, AdapterConfig, Registry, Status
 from alto.results import Outcome
 from alto.state import AdapterState, HostCopies
@@ -55,19 +56,24 @@ def loaded(model: MultiLoraModel, adapters: Mapping[str, tuple[AdapterConfig, We
 
 def held_out_losses(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequence[int]]], pad_id: int,
                     device: torch.device, max_positions: int,
-                    lockstep: Callable[[int], int] | None = None) -> list[float]:
+                    lockstep: Callable[[int], int] | None = None, packed: bool = True) -> list[float]:
     """Each adapter's mean token loss over its own held-out sequences (batches' order), co-located:
     every forward holds several adapters' sequences, at most max_positions tokens (and at least one
-    sequence). lockstep(forwards this needs) -> forwards to run: a sharded base's ranks run as many
-    as the busiest, idle passes making up the rest (SweepRun.lockstep)."""
+    sequence), packed as training's steps are (or as padded rows). lockstep(forwards this needs) ->
+    forwards to run: a sharded base's ranks run as many as the busiest, idle passes making up the
+    rest (SweepRun.lockstep)."""
     work = [(aid, s) for aid, seqs in batches.items() for s in seqs]
     chunks: list[dict[str, list[Sequence[int]]]] = []
     start = 0
     while start < len(work):
-        end, tokens = start, 0
-        while end < len(work) and (end == start or tokens + len(work[end][1]) <= max_positions):
-            tokens += len(work[end][1])
-            end += 1
+        end, tokens, longest = start, 0, 0
+        while end < len(work):
+            n = len(work[end][1])
+            # the chunk's token positions with this sequence (padded: every row as long as the longest)
+            with_it = tokens + n if packed else (end - start + 1) * max(longest, n)
+            if end > start and with_it > max_positions:
+                break
+            tokens, longest, end = tokens + n, max(longest, n), end + 1
         chunks.append({})
         for aid, s in work[start:end]:
             chunks[-1].setdefault(aid, []).append(s)
@@ -78,7 +84,7 @@ def held_out_losses(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequen
     index = {aid: i for i, aid in enumerate(batches)}
     with evaluating(model):
         for chunk in chunks:
-            part = colocated_losses(model, chunk, pad_id, device, training=False).double()
+            part = colocated_losses(model, chunk, pad_id, device, training=False, packed=packed).double()
             sums.index_add_(1, torch.tensor([index[aid] for aid in chunk], device=device), part)
         for _ in range(passes - len(chunks)):
             idle_pass(model.model, backward=False)
@@ -89,9 +95,9 @@ class Evaluation:
     """One run's evaluations on one rank (see the module docstring). lockstep: SweepRun.lockstep."""
 
     def __init__(self, tasks: Mapping[str, Task], eval_seqs: Mapping[str, list[list[int]]], model: MultiLoraModel,
-                 base: Base, device: torch.device, lockstep: Callable[[int], int]):
+                 base: Base, device: torch.device, lockstep: Callable[[int], int], packed: bool = True):
         self.tasks, self.eval_seqs, self.model, self.base = tasks, eval_seqs, model, base
-        self.device, self.lockstep = device, lockstep
+        self.device, self.lockstep, self.packed = device, lockstep, packed
         self.largest_step = 0  # most token positions a step ran: what an evaluation's forward may hold
         self.most_colocated = 0  # most adapters a step ran: how many the end's evaluation puts in together
         # adapter -> (step, weights on the CPU) of its best held-out loss, for tasks exporting best
@@ -121,7 +127,7 @@ class Evaluation:
     def losses(self, adapters: list[Adapter]) -> list[float]:
         """Held-out losses of adapters in the model, each on its task's sequences, co-located."""
         return held_out_losses(self.model, {a.id: self.held_out(a.task) for a in adapters},
-                               self.base.pad_id, self.device, self.positions(), self.lockstep)
+                               self.base.pad_id, self.device, self.positions(), self.lockstep, self.packed)
 
     def keep_if_best(self, a: Adapter, loss: float, weights: Weights, live: bool = True) -> None:
         """Records a held-out loss of the adapter's weights at its current step; the best so far is

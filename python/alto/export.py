@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from alto.base import Base, is_nf4
+from alto.base import Base, is_nf4, no_progress_bars
 from alto.model import LayerTensors, MultiLoraLinear
 from alto.registry import Adapter
 
@@ -104,24 +104,10 @@ def save_base(base: Base, folder: Path) -> str:
         return str(base.folder)
     if not folder.exists():  # a resumed run's is already whole: folders are renamed into place
         model = base.reload().model if _sharded(base.model) else base.model
-        with _written_whole(folder) as tmp, _no_progress_bars():
+        with _written_whole(folder) as tmp, no_progress_bars():
             _blank_copy(model).save_pretrained(tmp, state_dict=_frozen_weights(model))
             base.tokenizer.save_pretrained(tmp)
     return str(folder.resolve())
-
-
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """transformers' own bar ("Writing model shards") would cut into the run's output."""
-    from transformers.utils import logging
-
-    shown = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if shown:
-            logging.enable_progress_bar()
 
 
 def _blank_copy(model: nn.Module) -> nn.Module:

@@ -22,7 +22,8 @@ from torch import nn
 import alto_ext
 from alto import attention
 from alto.base import is_nf4
-from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig
+from alto.families import check_targets, family_of
+from alto.registry import AdapterConfig
 
 
 @dataclass
@@ -247,15 +248,16 @@ class MultiLoraModel(nn.Module):
         base_dtype = next(model.parameters()).dtype
         self.adapter_dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
         self.context = _Context()
+        self.family = family_of(model.config)  # which Linear layers are projections a LoRA may target
         self.layers: dict[str, MultiLoraLinear] = {}
         for path, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear) and child_name in KNOWN_TARGET_MODULES:
+                if isinstance(child, nn.Linear) and child_name in self.family.names:
                     wrapped = MultiLoraLinear(child, self.context, self.adapter_dtype)
                     setattr(module, child_name, wrapped)
                     self.layers[f"{path}.{child_name}" if path else child_name] = wrapped
         if not self.layers:
-            raise ValueError(f"no Linear layer named one of {KNOWN_TARGET_MODULES} in the model")
+            raise ValueError(f"no Linear layer named one of {self.family.names} in the model")
         self.configs: dict[str, AdapterConfig] = {}
         self.generators: dict[str, torch.Generator] = {}  # adapter -> its dropout RNG
 
@@ -271,7 +273,8 @@ class MultiLoraModel(nn.Module):
         21M) and independent between adapters: each layer's are drawn one thread per adapter (torch
         releases the GIL while drawing), a layer at a time (host memory holds one layer's draws)."""
         weights = weights or {}
-        for aid, config in configs.items():  # all checked before anything changes
+        check_targets(self.family, configs)  # all checked before anything changes
+        for aid, config in configs.items():
             if aid in self.configs:
                 raise ValueError(f"adapter {aid!r} is already in the model")
             paths = self.target_layers(config)

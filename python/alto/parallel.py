@@ -1,7 +1,7 @@
 """Rank-local adapter parallelism: one sweep over several GPUs (or CPU processes).
 
 The frozen base model is replicated on every rank (or its decoder layers sharded over them:
-alto.base.shard); every adapter lives WHOLE on exactly one rank
+shard, below); every adapter lives WHOLE on exactly one rank
 (weights, optimizer state, data stream, dropout RNG) and is trained there by that rank's own
 co-located steps. Adapter gradients are never all-reduced: the only collectives of a step are a
 small gather of every adapter's progress in the step (its loss: the monitor needs all of them) and a broadcast of rank 0's
@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import alto_ext
+from alto.base import NF4_BLOCK, NF4_SCALER_BLOCK, is_nf4
 from alto.state import AdapterState
 
 
@@ -201,3 +203,56 @@ def _rank_main(fn, args, rank: int, world: int, port: int, threads: int, results
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     results.put((rank, fn(*args)))
+
+
+def shard(model: nn.Module, lora: set[nn.Parameter], device: torch.device) -> None:
+    """Shards the frozen decoder layers over the ranks of the default process group with PyTorch's
+    FSDP2: each layer is its own unit, gathered before its forward and again before its backward and
+    freed after each (the next layer prefetched); the decoder is the root unit, so a step that runs
+    the decoder alone (the fused head + loss) gathers the same way. Left out: the LoRA packs `lora`
+    (every adapter stays whole on the rank that trains it; its gradients are never reduced) and the
+    embeddings, final norm and LM head (replicated: the head may be tied to the embeddings, and the
+    fused loss reads the head's weight outside any forward). Parameters still on the CPU (a base
+    loaded there to be spread over the GPUs) go to `device`, each rank keeping its shard."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = dist.get_world_size()
+    decoder = model.get_decoder()
+    layers = list(decoder.layers)
+    for path, p in decoder.named_parameters():
+        if is_nf4(p) and world == 1:  # torchao's NF4 gather has no one-rank path (measured: it fails)
+            raise ValueError("shard_base: true with base.quantize: nf4 needs 2 or more ranks (one rank holds "
+                             "the whole base anyway: set shard_base: false)")
+        if is_nf4(p) and p.quantization_factor.numel() % world:  # FSDP splits an NF4 weight by its scale blocks
+            raise ValueError(f"shard_base: {path}'s NF4 weight has {p.quantization_factor.numel()} blocks of "
+                             f"{NF4_BLOCK * NF4_SCALER_BLOCK} values, which {world} ranks cannot share evenly")
+    mesh = init_device_mesh(device.type, (world,))
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    replicated = {p for p in decoder.parameters() if id(p) not in in_layers}
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, ignored_params=lora)
+    fully_shard(decoder, mesh=mesh, ignored_params=lora | replicated)
+    moved: dict[int, torch.Tensor] = {}  # one copy of a tensor two modules share (a head tied to the embeddings)
+    for module in model.modules():  # what FSDP left where it was: LoRA packs, replicated weights, buffers
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if not hasattr(t, "to_local") and t.device != device:
+                if id(t) not in moved:
+                    copy = t.to(device)
+                    moved[id(t)] = nn.Parameter(copy, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else copy
+                setattr(module, name, moved[id(t)])
+
+
+def idle_pass(model: nn.Module, backward: bool) -> None:
+    """A forward (and backward) of one zero token through the decoder, with no adapter: what a rank
+    with nothing to run does so that the sharded layers' gathers, collective over the ranks, still
+    meet the other ranks' (their count and order are the same in every pass)."""
+    decoder = model.get_decoder()
+    dtype = decoder.get_input_embeddings().weight.dtype
+    x = torch.zeros(1, 1, model.config.hidden_size, dtype=dtype, device=decoder.get_input_embeddings().weight.device,
+                    requires_grad=backward)
+    with torch.set_grad_enabled(backward):
+        out = decoder(inputs_embeds=x, use_cache=False).last_hidden_state
+        if backward:
+            out.sum().backward()

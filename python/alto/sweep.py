@@ -98,7 +98,7 @@ class Sweep:
     packing: bool = True
     reclaim: str = "admit"  # when adapters stop: admit queued ones; "grow": also grow survivors' batches
     base_quantize: str = "none"  # nf4: the decoder projections in 4 bits (alto.base)
-    shard_base: bool | str = False  # True, False or "auto" (alto.base.shards)
+    shard_base: bool | str = False  # True, False or "auto" (alto.parallel.shard)
 
     @property
     def adapters(self) -> dict[str, AdapterConfig]:

@@ -29,16 +29,17 @@ from pathlib import Path
 
 import torch
 
-from alto import data as data_mod, results
+from alto import attention, data as data_mod, results
 from alto.checkpoint import RunCheckpoints
 from alto.admission import Admission, admission_order, fits_whole
-from alto.base import device_type, idle_pass, load_base, shard
+from alto.base import device_type, load_base
 from alto.colocation import Colocation
 from alto.decisions import Decisions
 from alto.evaluation import Evaluation
+from alto.families import check_targets
 from alto.model import MultiLoraModel
 from alto.monitor import Decision, Monitor
-from alto.parallel import Group
+from alto.parallel import Group, idle_pass, shard
 from alto.registry import Adapter, Registry, Status
 from alto.runlog import Forecast, RunLog, Timing
 from alto.sched.catalog import ModelShape
@@ -95,6 +96,9 @@ class SweepRun:
             except ValueError as e:
                 raise ValueError(f"{t.where}{e}") from None
         self.model = MultiLoraModel(self.base.model)
+        check_targets(self.model.family, sweep.adapters)  # target_modules the loaded model lacks: one line, now
+        if sweep.packing:
+            attention.check_packable(self.base.model.config)
         # auto: sharded if any rank's device cannot hold the base (every rank must decide alike)
         self.sharded = may_shard and (sweep.shard_base is True or any(self.group.all_gather(not fits_whole(
             self.base.model, self.device, self.planned_activation_bytes()))))
@@ -114,7 +118,8 @@ class SweepRun:
         self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device, sweep.packing)
         # used on rank 0 only: each task's adapters compete among themselves
         self.monitors = {t.name: Monitor(t.monitor) for t in self.tasks.values() if t.monitor}
-        self.evaluation = Evaluation(self.tasks, eval_seqs, self.model, self.base, self.device, self.lockstep)
+        self.evaluation = Evaluation(self.tasks, eval_seqs, self.model, self.base, self.device, self.lockstep,
+                                     sweep.packing)
         admission = None  # max_running: auto admits by memory (every rank fits one; rank 0 decides)
         if sweep.max_running is None:
             with self.timing.phase("calibrate"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeVar
 
-from alto.registry import KNOWN_TARGET_MODULES
+from alto.families import FAMILIES, ModelFamily, family_name
 
 GB = 10**9
 T = TypeVar("T")
@@ -21,7 +21,8 @@ def lookup(table: dict[str, T], name: str, what: str) -> T:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A decoder-only transformer's sizes (Llama/Qwen2/Mistral layout: GQA attention, gated MLP)."""
+    """A decoder-only transformer's sizes (GQA attention, gated MLP) and its family (alto.families:
+    the names and widths of the projections a LoRA may target). head_dim 0: hidden // heads."""
 
     hidden: int
     layers: int
@@ -30,37 +31,41 @@ class ModelShape:
     kv_heads: int
     vocab: int
     tied_embeddings: bool = False  # lm_head shares the embedding matrix
+    head_dim: int = 0
+    family: str = "llama"
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "intermediate", "heads", "kv_heads", "vocab"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model shape: {name}={value!r} must be an int >= 1")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise ValueError(f"model shape: heads={self.heads} must divide hidden={self.hidden} and be "
-                             f"a multiple of kv_heads={self.kv_heads}")
+        if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 0:
+            raise ValueError(f"model shape: head_dim={self.head_dim!r} must be an int >= 1 (0: hidden // heads)")
+        if self.heads % self.kv_heads or (not self.head_dim and self.hidden % self.heads):
+            raise ValueError(f"model shape: heads={self.heads} must divide hidden={self.hidden} (unless head_dim "
+                             f"is given) and be a multiple of kv_heads={self.kv_heads}")
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+        lookup(FAMILIES, self.family, "model family")
 
     @classmethod
     def from_hf_config(cls, config) -> "ModelShape":
-        """From a transformers LlamaConfig / Qwen2Config / MistralConfig (or any object with those fields)."""
+        """From a transformers config (Llama, Qwen2/3, Mistral, Gemma, Phi-3, ...: any object with those fields)."""
         heads = config.num_attention_heads
         return cls(hidden=config.hidden_size, layers=config.num_hidden_layers,
                    intermediate=config.intermediate_size, heads=heads,
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                   vocab=config.vocab_size, tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+                   vocab=config.vocab_size, tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                   head_dim=getattr(config, "head_dim", None) or 0,
+                   family=family_name(getattr(config, "model_type", None)))
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    def model_family(self) -> ModelFamily:
+        return FAMILIES[self.family]
 
     def projection_dims(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear layer a LoRA may target, per decoder layer."""
-        h, kv = self.hidden, self.kv_heads * self.head_dim
-        dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, self.intermediate), "up_proj": (h, self.intermediate),
-                "down_proj": (self.intermediate, h)}
-        assert tuple(dims) == KNOWN_TARGET_MODULES
-        return dims
+        return self.model_family.projections(self)
 
     def matmul_params(self) -> int:
         """Weights every token multiplies through: the decoder projections and the lm_head."""

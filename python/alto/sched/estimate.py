@@ -24,7 +24,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig
+from alto.families import Llama
+from alto.registry import AdapterConfig
 from alto.sched.catalog import GPU_TYPES, REFERENCE_GPU, GPUType, ModelShape, gpu_type
 
 def _check_seq_len(seq_len: int) -> None:
@@ -90,7 +91,7 @@ BENCH_RANKS = (8, 16, 32, 64)
 
 def bench_configs(adapters: int) -> list[AdapterConfig]:
     return [AdapterConfig(rank=BENCH_RANKS[i % len(BENCH_RANKS)], micro_batch_size=1,
-                          target_modules=KNOWN_TARGET_MODULES) for i in range(adapters)]
+                          target_modules=Llama.names) for i in range(adapters)]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from alto.registry import KNOWN_TARGET_MODULES, AdapterConfig
+from alto.families import Llama
+from alto.registry import AdapterConfig
 from alto.sched.catalog import REFERENCE_GPU, GPUType, ModelShape, gpu_type
 from alto.sched.estimate import JobEstimate, StepTimeModel, default_model
 from alto.sched.memory import DEFAULT_MARGIN, adapter_bytes, base_bytes, capacity_bytes
@@ -53,7 +54,7 @@ class Workload:
 
     gpu: GPUType = field(default_factory=lambda: gpu_type(REFERENCE_GPU))
     seq_len: int = 512
-    config: AdapterConfig = AdapterConfig(rank=16, micro_batch_size=2, target_modules=KNOWN_TARGET_MODULES)
+    config: AdapterConfig = AdapterConfig(rank=16, micro_batch_size=2, target_modules=Llama.names)
     rungs: tuple[float, ...] = (0.25, 0.5)  # fractions of a config's micro-steps where the field shrinks
     keep: float = 0.5  # fraction of the active configs that survive a rung
     margin: float = DEFAULT_MARGIN
