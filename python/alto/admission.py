@@ -28,6 +28,7 @@ import torch
 from alto.base import model_bytes
 from alto.loss import mean_losses
 from alto.model import MultiLoraModel
+from alto.objectives import SFT, Objective
 from alto.registry import Adapter, AdapterConfig
 from alto.sched.catalog import ModelShape
 from alto.sched.memory import PeakModel, activation_bytes_per_token, adapter_params
@@ -74,15 +75,16 @@ class Admission:
     """The memory model of one rank and the admissions it allows."""
 
     def __init__(self, peak: PeakModel, capacity: float, shape: ModelShape, lengths: Mapping[str, tuple[float, float]],
-                 packed: bool = True, max_tokens: int | None = None):
+                 packed: bool = True, max_tokens: int | None = None, per_sample: int = 1):
         self.peak, self.capacity, self.shape = peak, capacity, shape
         self.lengths = dict(lengths)  # task -> planned tokens per sequence (padded: the longest), their deviation
         self.packed, self.max_tokens = packed, max_tokens
+        self.per_sample = per_sample  # sequences per sample of the objective (a micro-batch counts samples)
 
     @classmethod
     def calibrate(cls, model: MultiLoraModel, shape: ModelShape, lengths: Mapping[str, Sequence[int]], packed: bool,
                   probe_config: AdapterConfig, pad_id: int, device: torch.device, budget_gb: float | None = None,
-                  max_tokens: int | None = None) -> "Admission":
+                  max_tokens: int | None = None, objective: Objective = SFT()) -> "Admission":
         """Measures (CUDA) or estimates (CPU) the peak model, before any adapter is in the model.
         lengths: each task's training sequence lengths."""
         planned = {task: (statistics.fmean(lens), statistics.pstdev(lens)) if packed else (max(lens), 0.0)
@@ -98,17 +100,19 @@ class Admission:
             # Probes of at most a quarter of the capacity by the estimate (a small GPU probes small).
             largest = max(64, min(PROBE_TOKENS[-1], int(0.25 * (capacity - held) / estimate)))
             tokens = (max(32, largest // 4), largest)
-            peak = PeakModel.fit(_probe(model, shape, probe_config, pad_id, device, packed, tokens), OPTIMIZER_BYTES)
+            peak = PeakModel.fit(_probe(model, shape, probe_config, pad_id, device, packed, tokens, objective),
+                                 OPTIMIZER_BYTES)
         else:
             peak = PeakModel(held, estimate, 4 * master)
-        return cls(peak, capacity, shape, planned, packed, max_tokens)
+        return cls(peak, capacity, shape, planned, packed, max_tokens, objective.per_sample)
 
     def load(self, adapters: Iterable[Adapter], extra: dict[str, int] | None = None) -> tuple[int, int]:
         """(planned token positions per step, LoRA parameters) of a set of adapters."""
         adapters = list(adapters)
         per_task: dict[str, int] = {}
         for a in adapters:
-            per_task[a.task] = per_task.get(a.task, 0) + a.micro_batch_size + (extra or {}).get(a.id, 0)
+            samples = a.micro_batch_size + (extra or {}).get(a.id, 0)
+            per_task[a.task] = per_task.get(a.task, 0) + samples * self.per_sample
         if self.packed:
             mean = sum(n * self.lengths[t][0] for t, n in per_task.items())
             positions = math.ceil(mean + 2 * math.sqrt(sum(n * self.lengths[t][1] ** 2 for t, n in per_task.items())))
@@ -153,24 +157,27 @@ class Admission:
 
 
 def _probe(model: MultiLoraModel, shape: ModelShape, config: AdapterConfig, pad_id: int, device: torch.device,
-           packed: bool, token_counts: Sequence[int]) -> list[tuple[int, int, float]]:
+           packed: bool, token_counts: Sequence[int], objective: Objective) -> list[tuple[int, int, float]]:
     """(token positions, adapter parameters, peak bytes) of training steps of temporary adapters (of
-    zeros: the peak does not depend on their values) on random tokens (removed again, gradients dropped, whatever happens; the run's adapters are not in
-    the model yet)."""
+    zeros: the peak does not depend on their values) on random tokens, 4 samples of the objective per
+    adapter (removed again, gradients dropped, whatever happens; the run's adapters are not in the
+    model yet)."""
     rng = random.Random(0)
     points = []
+    rows = 4 * objective.per_sample  # sequences per adapter
     try:
         for n in PROBE_ADAPTERS:
             for tokens in token_counts:
                 ids = [f"__probe{i}" for i in range(n)]
                 model.add_adapters(dict.fromkeys(ids, config), dict.fromkeys(ids, model.zero_weights(config)))
-                length = max(2, tokens // (4 * n))  # 4 sequences per adapter
-                batches = {aid: [[rng.randrange(shape.vocab) for _ in range(length)] for _ in range(4)] for aid in ids}
+                length = max(2, tokens // (rows * n))
+                batches = {aid: [[rng.randrange(shape.vocab) for _ in range(length)] for _ in range(rows)] for aid in ids}
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-                mean_losses(colocated_losses(model, batches, pad_id, device, training=True, packed=packed)).sum().backward()
+                mean_losses(colocated_losses(model, batches, pad_id, device, training=True, packed=packed,
+                                             objective=objective)).sum().backward()
                 torch.cuda.synchronize(device)
-                points.append((4 * n * length, n * adapter_params(config, shape), float(torch.cuda.max_memory_allocated(device))))
+                points.append((rows * n * length, n * adapter_params(config, shape), float(torch.cuda.max_memory_allocated(device))))
                 model.remove_adapters(ids)
     finally:
         model.remove_adapters([a for a in model.configs if a.startswith("__probe")])

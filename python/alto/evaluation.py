@@ -23,6 +23,7 @@ from alto.base import Base
 from alto.generate import greedy_completions
 from alto.metrics import metric_function
 from alto.model import LayerTensors, MultiLoraModel
+from alto.objectives import SFT, Objective
 from alto.parallel import idle_pass
 from alto.registry import Adapter, AdapterConfig, Registry, Status
 from alto.results import Outcome
@@ -56,27 +57,29 @@ def loaded(model: MultiLoraModel, adapters: Mapping[str, tuple[AdapterConfig, We
 
 def held_out_losses(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequence[int]]], pad_id: int,
                     device: torch.device, max_positions: int,
-                    lockstep: Callable[[int], int] | None = None, packed: bool = True) -> list[float]:
-    """Each adapter's mean token loss over its own held-out sequences (batches' order), co-located:
-    every forward holds several adapters' sequences, at most max_positions tokens (and at least one
-    sequence), packed as training's steps are (or as padded rows). lockstep(forwards this needs) ->
+                    lockstep: Callable[[int], int] | None = None, packed: bool = True,
+                    objective: Objective = SFT()) -> list[float]:
+    """Each adapter's mean loss (its objective's) over its own held-out samples (batches' order),
+    co-located: every forward holds several adapters' samples, whole, at most max_positions token
+    positions (and at least one sample), packed as training's steps are (or as padded rows). lockstep(forwards this needs) ->
     forwards to run: a sharded base's ranks run as many as the busiest, idle passes making up the
     rest (SweepRun.lockstep)."""
-    work = [(aid, s) for aid, seqs in batches.items() for s in seqs]
+    k = objective.per_sample
+    work = [(aid, seqs[i:i + k]) for aid, seqs in batches.items() for i in range(0, len(seqs), k)]
     chunks: list[dict[str, list[Sequence[int]]]] = []
     start = 0
     while start < len(work):
-        end, tokens, longest = start, 0, 0
+        end, tokens, longest, rows = start, 0, 0, 0
         while end < len(work):
-            n = len(work[end][1])
-            # the chunk's token positions with this sequence (padded: every row as long as the longest)
-            with_it = tokens + n if packed else (end - start + 1) * max(longest, n)
+            lengths = [len(s) for s in work[end][1]]
+            # the chunk's token positions with this sample (padded: every row as long as the longest)
+            with_it = tokens + sum(lengths) if packed else (rows + len(lengths)) * max(longest, *lengths)
             if end > start and with_it > max_positions:
                 break
-            tokens, longest, end = tokens + n, max(longest, n), end + 1
+            tokens, longest, rows, end = tokens + sum(lengths), max(longest, *lengths), rows + len(lengths), end + 1
         chunks.append({})
-        for aid, s in work[start:end]:
-            chunks[-1].setdefault(aid, []).append(s)
+        for aid, sample in work[start:end]:
+            chunks[-1].setdefault(aid, []).extend(sample)
         start = end
     passes = lockstep(len(chunks)) if lockstep else len(chunks)  # agreed before any pass
     # summed on the device and read once, at the end
@@ -84,7 +87,8 @@ def held_out_losses(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequen
     index = {aid: i for i, aid in enumerate(batches)}
     with evaluating(model):
         for chunk in chunks:
-            part = colocated_losses(model, chunk, pad_id, device, training=False, packed=packed).double()
+            part = colocated_losses(model, chunk, pad_id, device, training=False, packed=packed,
+                                    objective=objective).double()
             sums.index_add_(1, torch.tensor([index[aid] for aid in chunk], device=device), part)
         for _ in range(passes - len(chunks)):
             idle_pass(model.model, backward=False)
@@ -95,9 +99,10 @@ class Evaluation:
     """One run's evaluations on one rank (see the module docstring). lockstep: SweepRun.lockstep."""
 
     def __init__(self, tasks: Mapping[str, Task], eval_seqs: Mapping[str, list[list[int]]], model: MultiLoraModel,
-                 base: Base, device: torch.device, lockstep: Callable[[int], int], packed: bool = True):
+                 base: Base, device: torch.device, lockstep: Callable[[int], int], packed: bool = True,
+                 objective: Objective = SFT()):
         self.tasks, self.eval_seqs, self.model, self.base = tasks, eval_seqs, model, base
-        self.device, self.lockstep, self.packed = device, lockstep, packed
+        self.device, self.lockstep, self.packed, self.objective = device, lockstep, packed, objective
         self.largest_step = 0  # most token positions a step ran: what an evaluation's forward may hold
         self.most_colocated = 0  # most adapters a step ran: how many the end's evaluation puts in together
         # adapter -> (step, weights on the CPU) of its best held-out loss, for tasks exporting best
@@ -116,8 +121,8 @@ class Evaluation:
         return every is not None and micro_step % every == 0 and bool(self.eval_seqs[task])
 
     def held_out(self, task: str) -> list[list[int]]:
-        """The held-out sequences a task's evaluations read."""
-        return self.eval_seqs[task][: self.tasks[task].eval.samples]
+        """The held-out sequences a task's evaluations read: those of its first eval.samples samples."""
+        return self.eval_seqs[task][: self.tasks[task].eval.samples * self.objective.per_sample]
 
     def positions(self) -> int:
         """Token positions an evaluation's forward may hold: as many as the largest training step
@@ -127,7 +132,8 @@ class Evaluation:
     def losses(self, adapters: list[Adapter]) -> list[float]:
         """Held-out losses of adapters in the model, each on its task's sequences, co-located."""
         return held_out_losses(self.model, {a.id: self.held_out(a.task) for a in adapters},
-                               self.base.pad_id, self.device, self.positions(), self.lockstep, self.packed)
+                               self.base.pad_id, self.device, self.positions(), self.lockstep, self.packed,
+                               self.objective)
 
     def keep_if_best(self, a: Adapter, loss: float, weights: Weights, live: bool = True) -> None:
         """Records a held-out loss of the adapter's weights at its current step; the best so far is

@@ -39,6 +39,7 @@ from alto.evaluation import Evaluation
 from alto.families import check_targets
 from alto.model import MultiLoraModel
 from alto.monitor import Decision, Monitor
+from alto.objectives import SFT
 from alto.parallel import Group, idle_pass, shard
 from alto.registry import Adapter, Registry, Status
 from alto.runlog import Forecast, RunLog, Timing
@@ -108,25 +109,27 @@ class SweepRun:
         elif may_shard:  # kept on the CPU for nothing: it fits whole
             self.model.to(self.device)
         self.registry = Registry()
+        objective = SFT()  # every task's, today (alto.objectives says how another joins)
         streams = {}
         for t in self.tasks.values():
             with self.timing.phase("tokenize"):  # as tensors once per task: every adapter's stream shares them
-                tensors = DataStream(self.train_seqs[t.name]).sequences
+                tensors = DataStream(self.train_seqs[t.name], objective.per_sample).sequences
             for aid, cfg in t.adapters.items():
                 self.registry.add(aid, cfg, t.name)
-                streams[aid] = DataStream.shuffled(tensors, cfg.seed)
-        self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device, sweep.packing)
+                streams[aid] = DataStream.shuffled(tensors, cfg.seed, objective.per_sample)
+        self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device, sweep.packing,
+                               objective)
         # used on rank 0 only: each task's adapters compete among themselves
         self.monitors = {t.name: Monitor(t.monitor) for t in self.tasks.values() if t.monitor}
         self.evaluation = Evaluation(self.tasks, eval_seqs, self.model, self.base, self.device, self.lockstep,
-                                     sweep.packing)
+                                     sweep.packing, objective)
         admission = None  # max_running: auto admits by memory (every rank fits one; rank 0 decides)
         if sweep.max_running is None:
             with self.timing.phase("calibrate"):
                 admission = Admission.calibrate(
                     self.model, self.shape, {t: [len(s) for s in seqs] for t, seqs in self.train_seqs.items()},
                     sweep.packing, admission_order(self.registry)[0].config, self.base.pad_id, self.device,
-                    sweep.memory_budget_gb, sweep.max_tokens_per_step)
+                    sweep.memory_budget_gb, sweep.max_tokens_per_step, objective)
         self.colocation = Colocation(self.group, self.registry, self.trainer, self.device, self.costs, admission,
                                      sweep.max_running)
         self.checkpoints = RunCheckpoints(run_dir, self.group, self.registry, self.trainer, self.evaluation,

@@ -2,7 +2,7 @@
 
 Each step takes the next micro-batch of every running adapter's own data stream, packs them into
 one token stream (or pads them into rows), runs the frozen model once, and computes each adapter's
-loss as the mean over its own target tokens. The summed loss gives every adapter exactly the gradient it would get
+loss as its objective says (alto.objectives; SFT: the mean over its own target tokens). The summed loss gives every adapter exactly the gradient it would get
 alone; each adapter then steps its own AdamW with its own learning rate, schedule, clipping and
 gradient accumulation. A non-finite loss or gradient fails that adapter only.
 """
@@ -18,38 +18,40 @@ import torch.nn.functional as F
 from alto.data import ids_and_labels
 from alto.model import TENSOR_NAMES, MultiLoraModel, plan_for
 from alto.optim import MultiAdamW
-from alto.loss import adapter_loss_sums, head_token_losses, mean_losses, target_positions, token_losses
+from alto.loss import head_token_losses, mean_losses, target_positions, token_losses
+from alto.objectives import SFT, Objective
 from alto.registry import Adapter, Registry, Status
 from alto.state import AdapterState, move_states
 from alto_ext.segments import to_device
 
 
 class DataStream:
-    """An adapter's training sequences (token ids), served in order, cycling over epochs. Held
-    as int64 tensors: building a step's batch is then a copy, not a per-token conversion."""
+    """An adapter's training samples, served in order, cycling over epochs. A sample is per_sample
+    consecutive sequences (token ids; its objective's, alto.objectives), served whole. Held as int64
+    tensors: building a step's batch is then a copy, not a per-token conversion."""
 
-    def __init__(self, sequences: Sequence[Sequence[int]]):
-        if not sequences:
-            raise ValueError("a data stream needs at least one sequence")
+    def __init__(self, sequences: Sequence[Sequence[int]], per_sample: int = 1):
+        if not sequences or len(sequences) % per_sample:
+            raise ValueError(f"a data stream needs whole samples of {per_sample} sequences, not {len(sequences)}")
         for i, s in enumerate(sequences):
             if len(s) < 2:
                 raise ValueError(f"sequence {i} has {len(s)} tokens: a causal LM needs at least 2")
         self.sequences = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
-        self.position = 0
+        self.per_sample, self.position = per_sample, 0  # position: samples served
 
     @classmethod
-    def shuffled(cls, sequences: Sequence[Sequence[int]], seed: int) -> "DataStream":
-        """The sequences in an adapter's own order (its config's seed): what a sweep trains it on."""
-        order = list(sequences)
+    def shuffled(cls, sequences: Sequence[Sequence[int]], seed: int, per_sample: int = 1) -> "DataStream":
+        """The samples in an adapter's own order (its config's seed): what a sweep trains it on."""
+        order = [sequences[i:i + per_sample] for i in range(0, len(sequences), per_sample)]
         random.Random(seed).shuffle(order)
-        return cls(order)
+        return cls([s for sample in order for s in sample], per_sample)
 
     def next_batch(self, n: int) -> list[torch.Tensor]:
-        out = []
-        for _ in range(n):
-            out.append(self.sequences[self.position % len(self.sequences)])
-            self.position += 1
-        return out
+        """The sequences of the next n samples."""
+        k, samples = self.per_sample, len(self.sequences) // self.per_sample
+        starts = [(self.position + i) % samples * k for i in range(n)]
+        self.position += n
+        return [s for start in starts for s in self.sequences[start:start + k]]
 
 
 def pad_batch(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int):
@@ -85,12 +87,13 @@ def step_inputs(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, 
 
 
 def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence[int] | torch.Tensor]],
-                     pad_id: int, device: torch.device, training: bool, packed: bool = True) -> torch.Tensor:
+                     pad_id: int, device: torch.device, training: bool, packed: bool = True,
+                     objective: Objective = SFT()) -> torch.Tensor:
     """The one place a co-located batch is built and run (training steps, held-out losses and
-    evaluation alike): every adapter's sequences, packed into one token stream (or as right-padded
-    rows), one forward of the shared model, the per-token losses (alto.loss: the LM head only at
-    positions with a target, fused with the loss on CUDA); returns adapter_loss_sums ([2, G] in
-    batches' order).
+    admission's probes alike): every adapter's sequences (whole samples of the objective), packed
+    into one token stream (or as right-padded rows), one forward of the shared model, the
+    per-token losses (alto.loss: the LM head only at positions with a target, fused with the loss
+    on CUDA); returns the objective's loss_sums ([2, G] in batches' order).
     Autocast is chosen here: training on CUDA runs in bf16 (adapter masters stay fp32); held-out
     losses run in the base's own dtype (as PEFT evaluates it), and nothing autocasts on the CPU
     (float32, or float64 for exact checks)."""
@@ -105,7 +108,7 @@ def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence
             token_loss = head_token_losses(out, head, labels, rows)
     if head is None:
         token_loss = token_losses(out, labels)
-    return adapter_loss_sums(token_loss, labels, plan.token_counts)
+    return objective.loss_sums(token_loss, labels, plan)
 
 
 def step_positions(lengths: Sequence[int], packed: bool) -> int:
@@ -127,13 +130,9 @@ class Trainer:
     adapters placed on this rank; the registry lists every adapter of the run)."""
 
     def __init__(self, model: MultiLoraModel, registry: Registry, data: dict[str, DataStream],
-                 pad_id: int, device: torch.device | str = "cpu", packed: bool = True):
-        self.model = model
-        self.registry = registry
-        self.data = data
-        self.pad_id = pad_id
-        self.device = torch.device(device)
-        self.packed = packed
+                 pad_id: int, device: torch.device | str = "cpu", packed: bool = True, objective: Objective = SFT()):
+        self.model, self.registry, self.data, self.pad_id = model, registry, data, pad_id
+        self.device, self.packed, self.objective = torch.device(device), packed, objective
         self.optimizer = MultiAdamW()
         # Adapters out of the model (on the CPU): ended, or queued again after an out-of-memory step (admit() takes those)
         self.retired: dict[str, AdapterState] = {}
@@ -231,7 +230,7 @@ class Trainer:
         self.last_positions, self.last_tokens = step_positions(lengths, self.packed), sum(lengths)
         try:
             loss_sums = colocated_losses(self.model, batches, self.pad_id, self.device, training=True,
-                                         packed=self.packed)
+                                         packed=self.packed, objective=self.objective)
             if self.inject_fault is not None:
                 self.inject_fault(running)
             per_adapter = mean_losses(loss_sums)
