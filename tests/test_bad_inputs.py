@@ -222,6 +222,12 @@ def _foreign_adapter(checkpoint):
     torch.save(state, checkpoint)
 
 
+def _other_tasks(checkpoint):
+    state = torch.load(checkpoint, weights_only=False)
+    state["search"] = {"elsewhere": None}  # the searchers of a sweep whose tasks differ
+    torch.save(state, checkpoint)
+
+
 def _older_format(checkpoint):
     state = torch.load(checkpoint, weights_only=False)
     del state["format"]  # what checkpoints of format 1 lacked
@@ -272,6 +278,7 @@ TUNE_FILES_AND_FLAGS = {
     "checkpoint truncated": (_broken_checkpoint(lambda c: c.write_bytes(c.read_bytes()[:100])),
                              ["checkpoint.pt", "not a checkpoint of alto tune"]),
     "checkpoint of another sweep": (_broken_checkpoint(_foreign_adapter), ["checkpoint.pt", "'stranger'"]),
+    "checkpoint of other tasks": (_broken_checkpoint(_other_tasks), ["checkpoint.pt", "'elsewhere'"]),
     "checkpoint of an older format": (_broken_checkpoint(_older_format), ["checkpoint.pt", "format 1"]),
     "bad model on two ranks": (lambda t, s: ["tune", s(model={"hf_dir": str(t)}), "--nproc", "2"],
                                ["model.hf_dir", "cannot load"]),

@@ -6,21 +6,24 @@ from __future__ import annotations
 import copy
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from alto.inputs import first_line
-from alto.registry import Registry, Status
+from alto.registry import Adapter, AdapterConfig, Registry, Status
 from alto.runlog import rewrite_rows
+from alto.searchers import searcher_of
+from alto.tasks import Task
 
 if TYPE_CHECKING:
     from alto.colocation import Colocation
     from alto.evaluation import Evaluation
     from alto.monitor import Monitor
     from alto.parallel import Group
+    from alto.searchers import Search
     from alto.train import Trainer
 
 CHECKPOINT = "checkpoint.pt"
@@ -29,8 +32,9 @@ LOGS = ("losses.csv", "decisions.csv", "steps.csv", "evals.csv")  # rows start w
 # records, named tensors; 3: queued adapters may hold a state, bf16 bases on GPUs, random bases drawn
 # on their device; 4: records rendered by chat template, completion-only loss by default, so a
 # run's sequences and held-out losses differ; 5: tasks (a monitor each), best held-out weights;
-# 6: each evaluation's micro-step, monitor rungs named by rule).
-FORMAT = 6
+# 6: each evaluation's micro-step, monitor rungs named by rule; 7: each adapter's config and task,
+# the searchers' state: a run's adapters are proposed while it goes).
+FORMAT = 7
 
 
 class Stopped(Exception):
@@ -120,22 +124,37 @@ class Writer:
             raise error
 
 
-def read(run_dir: Path, adapter_ids: Iterable[str]) -> dict[str, Any]:
+def read(run_dir: Path, tasks: Mapping[str, Task]) -> dict[str, Any]:
     """The state write() saved; ValueError naming the file if it is damaged, of another program or
-    format, or holds an adapter that adapter_ids (the run's sweep) lacks."""
+    format, or holds an adapter that no searcher of `tasks` (the run's sweep) could have proposed."""
     path = run_dir / CHECKPOINT
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        unknown = set(state["adapters"]) - set(adapter_ids)
         written = state.get("format", 1)
+        by_task: dict[str, list[str]] = {}  # the checkpoint's adapters of each task
+        searched = set(tasks)  # the tasks its searchers' state is of
+        if written == FORMAT:
+            for aid, entry in state["adapters"].items():
+                by_task.setdefault(entry["task"], []).append(aid)
+            searched = set(state["search"])
     except Exception as e:  # truncated, not a torch file, another structure
         raise ValueError(f"{path}: not a checkpoint of alto tune ({type(e).__name__}: {first_line(e)})") from None
     if written != FORMAT:
         raise ValueError(f"{path} has checkpoint format {written}, this alto tune reads {FORMAT}: resume it "
                          "with the release that wrote it")
-    if unknown:
-        raise ValueError(f"{path} holds adapter {sorted(unknown)[0]!r}, which the run's sweep.yaml does not define")
+    for task, ids in by_task.items():
+        stranger = ids[0] if task not in tasks else searcher_of(tasks[task]).foreign(tasks[task], ids)
+        if stranger is not None:
+            raise ValueError(f"{path} holds adapter {stranger!r}, which the run's sweep.yaml does not define")
+    if searched != set(tasks):
+        raise ValueError(f"{path} is of a sweep with tasks {sorted(searched)}, not {sorted(tasks)} (the run's sweep.yaml)")
     return state
+
+
+def adapters_of(state: dict[str, Any]) -> list[Adapter]:
+    """A checkpoint's adapters, in the run's order, as their searchers proposed them (progress
+    not yet applied: RunCheckpoints.restore)."""
+    return [Adapter(aid, AdapterConfig(**e["config"]), e["task"]) for aid, e in state["adapters"].items()]
 
 
 def truncate_logs(run_dir: Path, micro_steps: int) -> None:
@@ -148,15 +167,17 @@ def truncate_logs(run_dir: Path, micro_steps: int) -> None:
 
 
 class RunCheckpoints:
-    """What a run's checkpoint holds: every adapter's progress and state (running ones copied from
-    the model, ended ones from the trainer's host copies), the monitors' records, the evaluations'
-    best weights and step shapes, the samples reclaim refills to; gathered on rank 0 from every
-    rank (collective), written in the background, restored on any number of ranks."""
+    """What a run's checkpoint holds: every adapter's config, task, progress and state (running
+    ones copied from the model, ended ones from the trainer's host copies), the searchers' state,
+    the monitors' records, the evaluations' best weights and step shapes, the samples reclaim
+    refills to; gathered on rank 0 from every rank (collective), written in the background,
+    restored on any number of ranks."""
 
     def __init__(self, run_dir: Path, group: Group, registry: Registry, trainer: Trainer, evaluation: Evaluation,
-                 monitors: Mapping[str, Monitor], colocation: Colocation):
+                 monitors: Mapping[str, Monitor], colocation: Colocation, search: Search | None):
         self.run_dir, self.group, self.registry, self.trainer = run_dir, group, registry, trainer
         self.evaluation, self.monitors, self.colocation = evaluation, monitors, colocation
+        self.search = search  # rank 0's searchers (None on the other ranks)
         self.writer = Writer(run_dir)  # rank 0's
         self.checkpointed: int | None = None  # the micro-step of the last checkpoint this process wrote
 
@@ -208,15 +229,16 @@ class RunCheckpoints:
         # Nothing handed to the writer may change after: the states and best weights are copies
         # never written to (only replaced), the dicts holding them and the monitors' records are copied.
         states = {**t.retired, **{k: v for part in running for k, v in part.items()}}
-        adapters = {a.id: {**a.progress(), "state": states.get(a.id)} for a in self.registry}
+        adapters = {a.id: {**a.progress(), "task": a.task, "config": a.config.to_dict(), "state": states.get(a.id)}
+                    for a in self.registry}
         return {"micro_steps": micro_steps, "adapters": adapters, "samples_budget": self.colocation.samples_budget,
+                "search": copy.deepcopy(self.search.state()),
                 "step_shapes": shapes, "monitors": copy.deepcopy({name: (m.rungs, m.log) for name, m in self.monitors.items()}),
                 "best": dict(ev.best_weights)}
 
-    def restore(self) -> int:
-        """Continues from the checkpoint, on any number of ranks (running adapters are placed
-        anew); returns its micro-step."""
-        state = read(self.run_dir, (a.id for a in self.registry))
+    def restore(self, state: dict[str, Any]) -> int:
+        """Continues from the checkpoint read() returned, whose adapters the registry holds
+        (adapters_of), on any number of ranks (running adapters are placed anew); returns its micro-step."""
         self.colocation.samples_budget = state["samples_budget"]
         # Each rank's largest step and most co-located adapters shape its evaluations' passes (and so
         # their float sums): resumed on as many ranks, each evaluates as the uninterrupted run did; on
@@ -239,6 +261,8 @@ class RunCheckpoints:
                     held.append(aid)
                 if self.group.is_leader:
                     self.trainer.retired[aid] = entry["state"]
+        if self.search is not None:
+            self.search.load_state(state["search"], self.registry)
         self.colocation.resume(running, held, {a.id: state["adapters"][a.id]["state"] for a in running})
         if self.group.is_leader:
             truncate_logs(self.run_dir, state["micro_steps"])

@@ -36,10 +36,11 @@ class Colocation:
         self.admitted: dict[str, None] = {}  # adapters in the order they were last admitted
         self.samples_budget = 0  # most samples per step seen: what reclaim "grow" refills to
 
-    def decide(self, stops: list[Decision], reclaim: str) -> Decisions:
-        """Rank 0's decisions after the monitor's stops (alto.decisions.decide)."""
+    def decide(self, stops: list[Decision], reclaim: str, proposals: list[Adapter]) -> Decisions:
+        """Rank 0's decisions after the monitor's stops, the searchers' proposals queued (alto.decisions.decide)."""
         return decide(self.registry, stops, self.owner, self.holder, world=self.group.world, admission=self.admission,
-                      slots=self.slots, reclaim=reclaim, samples_budget=self.samples_budget, costs=self.costs)
+                      slots=self.slots, reclaim=reclaim, samples_budget=self.samples_budget, costs=self.costs,
+                      proposals=proposals)
 
     def apply(self, decisions: Decisions, say: Callable[[str], None]) -> None:
         """The decisions on this rank: its stopped adapters retired together, admissions put in
@@ -117,7 +118,28 @@ class Colocation:
                 self.admission.observe(positions, params, peak)
         return predicted, peak
 
-    def reported(self, a: Adapter, rank: int) -> None:
+    def merge(self, reports: list[tuple[dict, tuple | None]]) -> tuple[dict[str, float], list[Adapter]]:
+        """Every rank's report of a step (alto.sweep_run.SweepRun.report: its adapters' progress,
+        and what out_of_memory answered if its step ran out of memory) applied to this rank's
+        registry and placement: adapters sent back to the queue are held by the rank that sent
+        them, the memory model corrected. Returns the step's losses (registry order) and the
+        adapters an out-of-memory step sent back or failed."""
+        losses, split = {}, []
+        for rank, (part, oom) in enumerate(reports):
+            for aid, (since, progress) in part.items():
+                a = self.registry[aid]
+                if self.owner.get(aid) != self.group.rank:  # the owner updated its copy itself
+                    a.apply_progress(progress, since)
+                if progress["losses"]:
+                    losses[aid] = a.losses[-1]
+                self._reported(a, rank)
+                if oom is not None and a.status != Status.RUNNING:
+                    split.append(a)
+            if oom is not None:
+                self._after_out_of_memory(oom)
+        return {a.id: losses[a.id] for a in self.registry if a.id in losses}, split
+
+    def _reported(self, a: Adapter, rank: int) -> None:
         """A rank reported the adapter's progress: sent back to the queue, that rank holds it;
         no longer running, no rank trains it."""
         if a.status == Status.QUEUED:
@@ -125,7 +147,7 @@ class Colocation:
         if a.status != Status.RUNNING:
             self.owner.pop(a.id)
 
-    def after_out_of_memory(self, oom: tuple[int, int, int]) -> None:
+    def _after_out_of_memory(self, oom: tuple[int, int, int]) -> None:
         """A rank's step ran out of memory (out_of_memory's answer): the memory model never admits
         that set again, or the slots shrink to what the rank kept."""
         positions, params, kept = oom

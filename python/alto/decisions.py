@@ -4,11 +4,12 @@ survivors' micro-batches grown back), placement on ranks and migrations between 
 
 decide() is a function of the registry, the placement (which rank trains or holds each adapter)
 and the admission state, and nothing else: no model, no device; tests/test_decisions.py drives it
-alone. A new kind of decision is a field of Decisions, set here, applied in SweepRun.apply.
+alone. A new kind of decision is a field of Decisions, set here, applied in SweepRun.apply. The
+searchers' proposals (alto.searchers) come in as queued adapters not yet registered.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from alto.admission import Admission, admission_order
@@ -26,20 +27,23 @@ class Decisions:
     growth: dict[str, int] = field(default_factory=dict)  # running adapter -> samples added to its micro-batch
     moves: list[tuple[str, int, int]] = field(default_factory=list)  # (adapter, from rank, to rank)
     halt: bool = False  # stop after this step at a checkpoint (asked by whoever runs the sweep: alto.cluster)
+    # the searchers' new configurations (alto.searchers), queued on every rank before the rest applies
+    proposals: list[Adapter] = field(default_factory=list)
 
 
 def decide(registry: Registry, stops: list[Decision], owner: Mapping[str, int], holder: Mapping[str, int], *,
            world: int, admission: Admission | None, slots: int | None, reclaim: str, samples_budget: int,
-           costs: Callable[[list[Adapter]], dict[str, float]]) -> Decisions:
+           costs: Callable[[list[Adapter]], dict[str, float]], proposals: Sequence[Adapter] = ()) -> Decisions:
     """The decisions after the monitor's `stops`: capacity reclaim (queued adapters, largest
     micro-batch first, admitted where the memory model says they fit (admission), or else into
     free slots (`slots` per rank) on the least-loaded ranks; with reclaim "grow" and nobody queued, the
     survivors' micro-batches grow back to `samples_budget`, the most samples per step seen, as far
     as they fit), then migrations that even out the ranks' work (costs: each adapter's per step).
-    owner: running adapter -> its rank; holder: queued adapter -> the rank holding its state."""
+    owner: running adapter -> its rank; holder: queued adapter -> the rank holding its state.
+    proposals: the searchers' new adapters (not yet in the registry), queued with the rest."""
     stopped = {d.adapter for d in stops}
     running = [a for a in registry.with_status(Status.RUNNING) if a.id not in stopped]
-    queued = admission_order(registry.with_status(Status.QUEUED))
+    queued = admission_order([*registry.with_status(Status.QUEUED), *proposals])
     owner = {aid: r for aid, r in owner.items() if aid not in stopped}
     placed: dict[str, int] | None = None
     if admission is not None:
@@ -59,12 +63,12 @@ def decide(registry: Registry, stops: list[Decision], owner: Mapping[str, int], 
         if admission is not None and growth and not admission.fits(members, growth):
             growth = {}  # the grown set would not fit: the samples stay freed
     if world == 1:  # nothing to place: no cost estimates on the single-rank step path
-        return Decisions(stops, {a.id: 0 for a in admit}, growth)
+        return Decisions(stops, {a.id: 0 for a in admit}, growth, proposals=list(proposals))
     cost = costs(running + admit)
+    by_id = {a.id: a for a in running + admit}
     for aid, n in growth.items():  # grown micro-batches cost more
-        a = registry[aid]
-        cost[aid] *= (a.micro_batch_size + n) / a.micro_batch_size
+        cost[aid] *= (by_id[aid].micro_batch_size + n) / by_id[aid].micro_batch_size
     if placed is None:
         pinned = {a.id: holder[a.id] for a in admit if a.id in holder}
         placed = {**place([a.id for a in admit if a.id not in pinned], cost, rank_loads(owner, cost, world)), **pinned}
-    return Decisions(stops, placed, growth, rebalance({**owner, **placed}, cost, world))
+    return Decisions(stops, placed, growth, rebalance({**owner, **placed}, cost, world), proposals=list(proposals))

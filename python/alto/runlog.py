@@ -192,7 +192,8 @@ class RunLog:
         naming, for each task evaluated, its best adapter so far and how many of its adapters are left."""
         rows, tasks = [], []
         for a in self.registry:
-            for loss, at in zip(a.eval_losses[self.evals_written[a.id]:], a.eval_steps[self.evals_written[a.id]:]):
+            written = self.evals_written.get(a.id, 0)  # 0: proposed since the run started
+            for loss, at in zip(a.eval_losses[written:], a.eval_steps[written:]):
                 rows.append([micro_step, a.task, a.id, at // a.config.grad_accum, "current", f"{loss:.6f}", "", ""])
                 tasks += [a.task] if a.task not in tasks else []
             self.evals_written[a.id] = len(a.eval_losses)

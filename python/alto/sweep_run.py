@@ -1,6 +1,7 @@
 """SweepRun: one sweep on one rank, step by step: it trains (alto.train), evaluates (alto.evaluation),
-decides after every step (the monitor's stops, capacity reclaim, migrations between ranks:
-alto.decisions) and applies the decisions, merges the ranks' progress, logs and checkpoints.
+decides after every step (the monitor's stops, the searchers' new configurations, capacity
+reclaim, migrations between ranks: alto.decisions, alto.searchers) and applies the decisions,
+merges the ranks' progress, logs and checkpoints.
 
 Run folder: sweep.yaml (the sweep as given, written by alto.tune), losses.csv, decisions.csv,
 steps.csv and evals.csv (written as the run goes, with its progress lines: alto.runlog),
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from alto import attention, data as data_mod, results
-from alto.checkpoint import RunCheckpoints
+from alto.checkpoint import RunCheckpoints, adapters_of, read as read_checkpoint
 from alto.admission import Admission, admission_order, fits_whole
 from alto.base import device_type, load_base
 from alto.colocation import Colocation
@@ -43,6 +44,7 @@ from alto.objectives import SFT
 from alto.parallel import Group, idle_pass, shard
 from alto.registry import Adapter, Registry, Status
 from alto.runlog import Forecast, RunLog, Timing
+from alto.searchers import Search
 from alto.sched.catalog import ModelShape
 from alto.sched.memory import activation_bytes_per_token, adapter_params
 from alto.sched.placement import adapter_cost
@@ -74,11 +76,15 @@ class SweepRun:
     rank 0 takes the decisions (stops, admissions, migrations) and broadcasts them, and writes every
     file of the run folder."""
 
-    def __init__(self, sweep: Sweep, run_dir: Path, group: Group | None = None, started: float | None = None):
-        """started: when the command began (time.time()), the start of timing.json's wall (default: now)."""
+    def __init__(self, sweep: Sweep, run_dir: Path, group: Group | None = None, started: float | None = None,
+                 resume: bool = False):
+        """started: when the command began (time.time()), the start of timing.json's wall (default: now);
+        resume: continue from the run folder's checkpoint (on any number of ranks: running adapters
+        are placed anew), else the searchers propose the run's first adapters."""
         self.sweep, self.run_dir = sweep, run_dir
         self.timing = Timing(time.time() if started is None else started)
         self.group = group or Group()
+        saved = read_checkpoint(run_dir, sweep.tasks) if resume else None  # a bad one: one line, before loading
         self.device = run_device(sweep.device)
         # A base that may be sharded waits on the CPU (a GPU may not hold it whole) until that is decided.
         may_shard = sweep.shard_base is True or (sweep.shard_base == "auto" and self.group.world > 1)
@@ -87,19 +93,25 @@ class SweepRun:
                                   torch.device("cpu") if may_shard else None)
         self.shape = ModelShape.from_hf_config(self.base.model.config)
         self.tasks = sweep.tasks
+        self.objective = SFT()  # every task's, today (alto.objectives says how another joins)
         self.train_seqs: dict[str, list[list[int]]] = {}  # task -> its sequences
+        self.task_tensors = {}  # ... as tensors, once: every adapter's stream shares them
         eval_seqs: dict[str, list[list[int]]] = {}
         for t in self.tasks.values():
-            try:
-                with self.timing.phase("tokenize"):
+            with self.timing.phase("tokenize"):
+                try:
                     self.train_seqs[t.name], eval_seqs[t.name] = data_mod.task_sequences(
                         t.data, self.base.tokenizer, self.base.eos_id)
-            except ValueError as e:
-                raise ValueError(f"{t.where}{e}") from None
+                except ValueError as e:
+                    raise ValueError(f"{t.where}{e}") from None
+                self.task_tensors[t.name] = DataStream(self.train_seqs[t.name], self.objective.per_sample).sequences
         self.model = MultiLoraModel(self.base.model)
         check_targets(self.model.family, sweep.adapters)  # target_modules the loaded model lacks: one line, now
         if sweep.packing:
             attention.check_packable(self.base.model.config)
+        self.registry, self.streams = Registry(), {}  # both grow as the searchers propose (register)
+        self.search = Search(self.tasks.values()) if self.group.is_leader else None  # rank 0 asks and tells
+        self.register(adapters_of(saved) if saved else self.group.broadcast(self.search.start() if self.search else None))
         # auto: sharded if any rank's device cannot hold the base (every rank must decide alike)
         self.sharded = may_shard and (sweep.shard_base is True or any(self.group.all_gather(not fits_whole(
             self.base.model, self.device, self.planned_activation_bytes()))))
@@ -108,42 +120,39 @@ class SweepRun:
                 shard(self.base.model, {p for layer in self.model.layers.values() for p in layer.packs()}, self.device)
         elif may_shard:  # kept on the CPU for nothing: it fits whole
             self.model.to(self.device)
-        self.registry = Registry()
-        objective = SFT()  # every task's, today (alto.objectives says how another joins)
-        streams = {}
-        for t in self.tasks.values():
-            with self.timing.phase("tokenize"):  # as tensors once per task: every adapter's stream shares them
-                tensors = DataStream(self.train_seqs[t.name], objective.per_sample).sequences
-            for aid, cfg in t.adapters.items():
-                self.registry.add(aid, cfg, t.name)
-                streams[aid] = DataStream.shuffled(tensors, cfg.seed, objective.per_sample)
-        self.trainer = Trainer(self.model, self.registry, streams, self.base.pad_id, self.device, sweep.packing,
-                               objective)
+        self.trainer = Trainer(self.model, self.registry, self.streams, self.base.pad_id, self.device, sweep.packing,
+                               self.objective)
         # used on rank 0 only: each task's adapters compete among themselves
         self.monitors = {t.name: Monitor(t.monitor) for t in self.tasks.values() if t.monitor}
         self.evaluation = Evaluation(self.tasks, eval_seqs, self.model, self.base, self.device, self.lockstep,
-                                     sweep.packing, objective)
+                                     sweep.packing, self.objective)
         admission = None  # max_running: auto admits by memory (every rank fits one; rank 0 decides)
         if sweep.max_running is None:
             with self.timing.phase("calibrate"):
                 admission = Admission.calibrate(
                     self.model, self.shape, {t: [len(s) for s in seqs] for t, seqs in self.train_seqs.items()},
                     sweep.packing, admission_order(self.registry)[0].config, self.base.pad_id, self.device,
-                    sweep.memory_budget_gb, sweep.max_tokens_per_step, objective)
+                    sweep.memory_budget_gb, sweep.max_tokens_per_step, self.objective)
         self.colocation = Colocation(self.group, self.registry, self.trainer, self.device, self.costs, admission,
                                      sweep.max_running)
         self.checkpoints = RunCheckpoints(run_dir, self.group, self.registry, self.trainer, self.evaluation,
-                                          self.monitors, self.colocation)
-        self.micro_steps = 0
+                                          self.monitors, self.colocation, self.search)
+        self.micro_steps = self.checkpoints.restore(saved) if saved else 0
         self.logs: RunLog | None = None  # rank 0's, while it runs
+
+    def register(self, adapters: list[Adapter]) -> None:
+        """Adapters the searchers proposed (or a checkpoint holds) join the run on this rank: queued
+        in the registry, each with its data stream (its config's seed orders its task's samples)."""
+        for a in adapters:
+            self.registry.add(a.id, a.config, a.task)
+            self.streams[a.id] = DataStream.shuffled(self.task_tensors[a.task], a.config.seed, self.objective.per_sample)
 
     def planned_activation_bytes(self) -> int:
         """A step's activations with the adapter whose micro-batch holds the most (the least a
         device must hold besides the base)."""
         act = next(self.base.model.parameters()).dtype.itemsize
-        return max(activation_bytes_per_token(cfg, self.shape, act) * cfg.micro_batch_size
-                   * statistics.fmean(len(s) for s in self.train_seqs[t.name])
-                   for t in self.tasks.values() for cfg in t.adapters.values())
+        return max(activation_bytes_per_token(a.config, self.shape, act) * a.config.micro_batch_size
+                   * statistics.fmean(len(s) for s in self.train_seqs[a.task]) for a in self.registry)
 
     def lockstep(self, passes: int) -> int:
         """How many forward passes every rank runs, this one needing `passes`: with a sharded base,
@@ -159,24 +168,27 @@ class SweepRun:
         with self.timing.phase("checkpoint"):
             self.checkpoints.wait()
 
-    def restore(self) -> None:
-        """Continues from the checkpoint, on any number of ranks (running adapters are placed anew)."""
-        self.micro_steps = self.checkpoints.restore()
-
     # ---- decisions (rank 0) and their application (every rank) -----------------------------------
     def costs(self, adapters: list[Adapter]) -> dict[str, float]:
         return {a.id: adapter_cost(a, self.tasks[a.task].data["max_length"], self.shape) for a in adapters}
 
     def decide(self, after_step: bool) -> Decisions:
-        """Rank 0's decisions (after_step: the monitor's stops too): alto.decisions.decide."""
-        return self.colocation.decide(self.monitor_stops() if after_step else [], self.sweep.reclaim)
+        """Rank 0's decisions (alto.decisions.decide); after_step: the monitor's stops, and the
+        searchers told of the adapters that ended and asked for the slots they free."""
+        stops = self.monitor_stops() if after_step else []
+        proposals = self.search.after_step(self.registry, [d.adapter for d in stops]) if after_step else []
+        return self.colocation.decide(stops, self.sweep.reclaim, proposals)
 
     def say(self, line: str) -> None:
         if self.logs is not None:
             self.logs.say(line)
 
     def apply(self, decisions: Decisions) -> None:
-        """The decisions on every rank (alto.colocation), the stops logged on rank 0."""
+        """The decisions on every rank (the proposals queued first; the rest: alto.colocation), the
+        stops logged on rank 0."""
+        self.register(decisions.proposals)
+        for a in decisions.proposals:
+            self.say(f"  queue {a.id}: proposed by task {a.task}'s searcher")
         for d in decisions.stops:
             if self.logs is not None:
                 self.logs.decision(self.micro_steps, d.adapter, d.micro_step, d.rule, d.reason)
@@ -220,25 +232,6 @@ class SweepRun:
                 t.retire(t.ending)
         ev.record(due, losses, finished, t.retired)
         return {aid: (since, self.registry[aid].progress(since)) for aid, since in marks.items()}, oom
-
-    def merge(self, reports: list[tuple[dict, tuple | None]]) -> dict[str, float]:
-        """Applies every rank's report to this rank's registry (adapters sent back to the queue are
-        held by the rank that sent them; rank 0 logs why and corrects the memory model); returns
-        the step's losses."""
-        losses = {}
-        for rank, (part, oom) in enumerate(reports):
-            for aid, (since, progress) in part.items():
-                a = self.registry[aid]
-                if self.colocation.owner.get(aid) != self.group.rank:  # the owner updated its copy itself
-                    a.apply_progress(progress, since)
-                if progress["losses"]:
-                    losses[aid] = a.losses[-1]
-                self.colocation.reported(a, rank)
-                if oom is not None and a.status != Status.RUNNING and self.logs is not None:
-                    self.logs.decision(self.micro_steps, aid, a.micro_step, "out-of-memory", a.failure)
-            if oom is not None:
-                self.colocation.after_out_of_memory(oom)
-        return {a.id: losses[a.id] for a in self.registry if a.id in losses}  # registry order
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self, until: int | None = None, log=print, should_halt=None, on_step=None, bar: bool = False) -> bool:
@@ -301,8 +294,10 @@ class SweepRun:
             if leader:
                 self.log_step(len(marks), params, oom is not None, step_seconds)
             evaluating = self.timing.seconds["evaluate"]
-            losses = self.merge(self.group.all_gather(self.report(marks, oom)))
+            losses, split = self.colocation.merge(self.group.all_gather(self.report(marks, oom)))
             if leader:
+                for a in split:
+                    self.logs.decision(self.micro_steps, a.id, a.micro_step, "out-of-memory", a.failure)
                 self.logs.losses(self.micro_steps, losses)
                 if oom is None:
                     self.logs.forecast.observe_step(running, step_seconds)

@@ -96,9 +96,7 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
     try:
         try:
             torch.set_num_threads(run_threads(run_dir, resume))  # before any float math (alto.parallel.rank_threads)
-            run = SweepRun(sweep, run_dir, group, started)  # loads model and data: still nothing written
-            if resume:
-                run.restore()
+            run = SweepRun(sweep, run_dir, group, started, resume)  # loads model and data: still nothing written
         except INPUT_ERRORS as e:  # every rank fails alike (each is its own process): rank 0 says why
             return report("tune", e) if group.is_leader else 2
         if group.is_leader:
@@ -115,7 +113,7 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
         ranks = f" x {group.world} ranks" if group.world > 1 else ""
         tasks = f" of {len(sweep.tasks)} tasks" if len(sweep.tasks) > 1 else ""
         threads = torch.get_num_threads()
-        log(f"{len(sweep.adapters)} adapters{tasks} on {run.device}{ranks}, {threads} CPU thread{'s' * (threads > 1)}"
+        log(f"{len(run.registry)} adapters{tasks} on {run.device}{ranks}, {threads} CPU thread{'s' * (threads > 1)}"
             f"{' each' if ranks else ''} | "
             f"{sum(map(len, run.train_seqs.values()))} train / {sum(map(len, run.evaluation.eval_seqs.values()))} held-out sequences")
         until = None if stop_after is None else run.micro_steps + stop_after  # --stop-after counts from here
