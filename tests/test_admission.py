@@ -57,7 +57,9 @@ def test_the_peak_model_fits_measured_points_and_only_ever_rises():
 
 def test_a_memory_budget_admits_what_fits_and_the_rest_later(tmp_path):
     free = run_of(make_sweep(tmp_path, "free"), tmp_path, "free")
-    adm, ordered = free.colocation.admission, admission_order(free.registry)
+    adm = free.colocation.admission
+    ordered = admission_order(Adapter(aid, cfg, t.name) for t in free.sweep.tasks.values()  # not yet proposed
+                              for aid, cfg in t.adapters.items())
     assert adm.fits(ordered)  # the host's memory holds all four
     budget = (adm.predict(ordered[:2]) + adm.predict(ordered[:3])) / 2  # two fit, three do not
     sweep = make_sweep(tmp_path, "tight", memory_budget_gb=budget / 1e9)

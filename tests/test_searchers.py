@@ -35,17 +35,17 @@ def sweep_doc(tmp_path, out, **extra):
 def test_the_grid_proposes_every_configuration_once_in_the_sweeps_order(tmp_path):
     doc = sweep_doc(tmp_path, "g", grid={"rank": [2, 4], "lr": [1e-3, 3e-3]}, adapters=[{"id": "wide", "rank": 8}])
     task = parse_sweep(json.dumps(doc)).tasks["t"]
-    search = Search([task])
-    first = search.start()
+    search, registry = Search([task]), Registry()
+    first = search.propose(registry, [])
     assert [(a.id, a.config) for a in first] == list(task.adapters.items())
-    registry = Registry()
+    assert Grid.planned(task) == 5 and Grid.bounds(task) == list(task.adapters.values())
     for a in first:
         registry.add(a.id, a.config, a.task).status = Status.FINISHED
-    assert search.after_step(registry, []) == []  # told of all five, proposes nothing more
+    assert search.propose(registry, []) == []  # told of all five, proposes nothing more
     assert search.told == set(task.adapters)
     again = Search([task])
     again.load_state(search.state(), registry)
-    assert again.start() == [] and again.told == set(task.adapters)  # a resumed grid proposes nothing again
+    assert again.propose(registry, []) == [] and again.told == set(task.adapters)  # resumed: nothing again
     assert Grid.foreign(task, ["wide", "rank2-lr0p001"]) is None
     assert Grid.foreign(task, ["wide", "stranger"]) == "stranger"
 
@@ -73,6 +73,14 @@ class Successive(Searcher):
     def __init__(self, task):
         self.told: list[tuple[str, str, float | None]] = []
         self.lrs: dict[str, float] = {}
+
+    @classmethod
+    def bounds(cls, task):
+        return [AdapterConfig(rank=4, micro_batch_size=2, target_modules=("q_proj", "v_proj"))]
+
+    @classmethod
+    def planned(cls, task):
+        return 3
 
     def _config(self, lr, max_steps):
         aid = f"s{len(self.lrs) + 1}"

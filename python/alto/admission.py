@@ -45,6 +45,11 @@ def admission_order(queued: Iterable[Adapter]) -> list[Adapter]:
     return sorted(queued, key=lambda a: (-a.micro_batch_size, -a.config.rank))
 
 
+def probe_config(configs: Iterable[AdapterConfig]) -> AdapterConfig:
+    """The configuration the probe steps run: the one admission_order would take first."""
+    return min(configs, key=lambda c: (-c.micro_batch_size, -c.rank))
+
+
 def _free_bytes(device: torch.device) -> int:
     """Memory this process may still take: free device memory plus what torch's allocator caches
     (CUDA), or the host's available memory (CPU)."""

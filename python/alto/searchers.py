@@ -1,12 +1,15 @@
 """Searchers: which configurations a task trains, proposed while the run goes.
 
-Each task of a sweep has a searcher. The run asks it for configurations when it starts and again
-whenever adapters of its task end (each one ended frees a slot): `propose(free)` returns new
+Each task of a sweep has a searcher. The run asks it for configurations as its steps begin and
+again whenever adapters of its task end (each one ended frees a slot): `propose(free)` returns new
 (name, AdapterConfig) pairs, which join the run's queue at once (registered on every rank, each with
 its own data stream; admitted by memory like any queued adapter, alto.decisions). Each adapter
 that ends (finished, stopped early, failed) is told to its searcher with its result (`tell`).
 A searcher's state is plain data (`state` / `load_state`): the run's checkpoint holds it with
-every proposed adapter's config, and a resumed run continues both. Rank 0 owns the searchers.
+every proposed adapter's config, and a resumed run continues both. Rank 0 owns the searchers;
+what every rank needs before the steps begin comes from the spec alone (class methods: `bounds`,
+the configurations that bound the memory of any it proposes, sizes the memory model's probe and
+whether a base must be sharded; `planned`; `foreign`).
 
 The run's side is `Search`: one searcher per task, the adapters told so far, each ended adapter's
 result (`result`: its best held-out loss, else its last). It imports neither torch nor the model,
@@ -31,10 +34,20 @@ class Searcher:
 
     name: ClassVar[str]
 
+    @classmethod
+    def bounds(cls, task: Task) -> list[AdapterConfig]:
+        """Configurations at least as large (rank, micro-batch, target modules) as any it may propose."""
+        raise NotImplementedError
+
+    @classmethod
+    def planned(cls, task: Task) -> int:
+        """How many configurations it proposes in all."""
+        raise NotImplementedError
+
     def propose(self, free: int | None) -> list[tuple[str, AdapterConfig]]:
         """New configurations, named run-wide (<task>/<id> in a multi-task sweep); free: how many of
-        the task's adapters just ended (None: the run starts). [] when there is nothing to propose now;
-        the run ends when nothing runs or waits and every searcher proposed nothing."""
+        the task's adapters just ended (None: the run's steps begin). [] when there is nothing to
+        propose now; the run ends when nothing runs or waits and every searcher proposed nothing."""
         raise NotImplementedError
 
     def tell(self, adapter: Adapter, status: Status, result: float | None) -> None:
@@ -66,6 +79,14 @@ class Grid(Searcher):
     def __init__(self, task: Task):
         self.configs = task.adapters
         self.proposed = False
+
+    @classmethod
+    def bounds(cls, task: Task) -> list[AdapterConfig]:
+        return list(task.adapters.values())
+
+    @classmethod
+    def planned(cls, task: Task) -> int:
+        return len(task.adapters)
 
     def propose(self, free: int | None) -> list[tuple[str, AdapterConfig]]:
         if self.proposed:
@@ -103,20 +124,22 @@ def result(a: Adapter) -> float | None:
 
 
 class Search:
-    """A run's searchers, one per task (rank 0's), and which ended adapters they were told of."""
+    """A run's searchers, one per task (rank 0's), whether they were asked yet, and which ended
+    adapters they were told of."""
 
     def __init__(self, tasks: Iterable[Task]):
         self.searchers = {t.name: searcher_of(t)(t) for t in tasks}
+        self.started = False
         self.told: set[str] = set()
 
-    def start(self) -> list[Adapter]:
-        """The adapters every searcher proposes as the run starts."""
-        return self._proposals({task: None for task in self.searchers})
-
-    def after_step(self, registry: Registry, stopping: Iterable[str]) -> list[Adapter]:
-        """Tells each searcher of its adapters that ended since it was last told (those the step
-        finished or failed, and `stopping`: the monitor's stops, not yet applied), then asks it for as
-        many configurations as that freed."""
+    def propose(self, registry: Registry, stopping: Iterable[str]) -> list[Adapter]:
+        """The new adapters, before a step's decisions: the first time, what every searcher
+        proposes as the steps begin; after that, each searcher told of its adapters that ended since
+        it was last told (those the step finished or failed, and `stopping`: the monitor's stops, not
+        yet applied), then asked for as many configurations as that freed."""
+        if not self.started:
+            self.started = True
+            return self._proposals({task: None for task in self.searchers})
         stopping = set(stopping)
         freed: dict[str, int] = {}
         for a in registry:
@@ -132,6 +155,7 @@ class Search:
         return [Adapter(aid, cfg, task) for task, n in free.items() for aid, cfg in self.searchers[task].propose(n)]
 
     def state(self) -> dict[str, Any]:
+        """Each task's searcher's state, by task name."""
         return {task: s.state() for task, s in self.searchers.items()}
 
     def load_state(self, state: dict[str, Any], registry: Registry) -> None:
@@ -139,4 +163,5 @@ class Search:
         (a checkpoint is taken after a step's results were told)."""
         for task, s in self.searchers.items():
             s.load_state(state[task])
+        self.started = True
         self.told = {a.id for a in registry if a.status in ENDED}

@@ -32,7 +32,7 @@ import torch
 
 from alto import attention, data as data_mod, results
 from alto.checkpoint import RunCheckpoints, adapters_of, read as read_checkpoint
-from alto.admission import Admission, admission_order, fits_whole
+from alto.admission import Admission, fits_whole, probe_config
 from alto.base import device_type, load_base
 from alto.colocation import Colocation
 from alto.decisions import Decisions
@@ -44,7 +44,7 @@ from alto.objectives import SFT
 from alto.parallel import Group, idle_pass, shard
 from alto.registry import Adapter, Registry, Status
 from alto.runlog import Forecast, RunLog, Timing
-from alto.searchers import Search
+from alto.searchers import Search, searcher_of
 from alto.sched.catalog import ModelShape
 from alto.sched.memory import activation_bytes_per_token, adapter_params
 from alto.sched.placement import adapter_cost
@@ -111,7 +111,10 @@ class SweepRun:
             attention.check_packable(self.base.model.config)
         self.registry, self.streams = Registry(), {}  # both grow as the searchers propose (register)
         self.search = Search(self.tasks.values()) if self.group.is_leader else None  # rank 0 asks and tells
-        self.register(adapters_of(saved) if saved else self.group.broadcast(self.search.start() if self.search else None))
+        # what the searchers may propose, from the spec: the largest sizes a step and the memory model's probe
+        self.bounds = {t.name: searcher_of(t).bounds(t) for t in self.tasks.values()}
+        if saved:
+            self.register(adapters_of(saved))
         # auto: sharded if any rank's device cannot hold the base (every rank must decide alike)
         self.sharded = may_shard and (sweep.shard_base is True or any(self.group.all_gather(not fits_whole(
             self.base.model, self.device, self.planned_activation_bytes()))))
@@ -131,7 +134,8 @@ class SweepRun:
             with self.timing.phase("calibrate"):
                 admission = Admission.calibrate(
                     self.model, self.shape, {t: [len(s) for s in seqs] for t, seqs in self.train_seqs.items()},
-                    sweep.packing, admission_order(self.registry)[0].config, self.base.pad_id, self.device,
+                    sweep.packing, probe_config(c for configs in self.bounds.values() for c in configs),
+                    self.base.pad_id, self.device,
                     sweep.memory_budget_gb, sweep.max_tokens_per_step, self.objective)
         self.colocation = Colocation(self.group, self.registry, self.trainer, self.device, self.costs, admission,
                                      sweep.max_running)
@@ -148,11 +152,12 @@ class SweepRun:
             self.streams[a.id] = DataStream.shuffled(self.task_tensors[a.task], a.config.seed, self.objective.per_sample)
 
     def planned_activation_bytes(self) -> int:
-        """A step's activations with the adapter whose micro-batch holds the most (the least a
-        device must hold besides the base)."""
+        """A step's activations with the adapter whose micro-batch holds the most, of those the
+        searchers may propose (the least a device must hold besides the base)."""
         act = next(self.base.model.parameters()).dtype.itemsize
-        return max(activation_bytes_per_token(a.config, self.shape, act) * a.config.micro_batch_size
-                   * statistics.fmean(len(s) for s in self.train_seqs[a.task]) for a in self.registry)
+        return max(activation_bytes_per_token(cfg, self.shape, act) * cfg.micro_batch_size
+                   * statistics.fmean(len(s) for s in self.train_seqs[task])
+                   for task, configs in self.bounds.items() for cfg in configs)
 
     def lockstep(self, passes: int) -> int:
         """How many forward passes every rank runs, this one needing `passes`: with a sharded base,
@@ -173,10 +178,11 @@ class SweepRun:
         return {a.id: adapter_cost(a, self.tasks[a.task].data["max_length"], self.shape) for a in adapters}
 
     def decide(self, after_step: bool) -> Decisions:
-        """Rank 0's decisions (alto.decisions.decide); after_step: the monitor's stops, and the
-        searchers told of the adapters that ended and asked for the slots they free."""
+        """Rank 0's decisions (alto.decisions.decide): the searchers' proposals (the first ones as
+        the steps begin; then for the slots that ended adapters free: alto.searchers.Search), and
+        after a step the monitor's stops."""
         stops = self.monitor_stops() if after_step else []
-        proposals = self.search.after_step(self.registry, [d.adapter for d in stops]) if after_step else []
+        proposals = self.search.propose(self.registry, [d.adapter for d in stops])
         return self.colocation.decide(stops, self.sweep.reclaim, proposals)
 
     def say(self, line: str) -> None:

@@ -13,6 +13,7 @@ from alto import checkpoint, data as data_mod, results
 from alto.base import device_type, smollm2_dir
 from alto.inputs import INPUT_ERRORS, read_text, report
 from alto.parallel import Group, launch, oversubscribed, record_threads, run_threads
+from alto.searchers import searcher_of
 from alto.sweep import parse_sweep
 from alto.sweep_run import SweepRun, quiet
 
@@ -113,7 +114,8 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
         ranks = f" x {group.world} ranks" if group.world > 1 else ""
         tasks = f" of {len(sweep.tasks)} tasks" if len(sweep.tasks) > 1 else ""
         threads = torch.get_num_threads()
-        log(f"{len(run.registry)} adapters{tasks} on {run.device}{ranks}, {threads} CPU thread{'s' * (threads > 1)}"
+        planned = sum(searcher_of(t).planned(t) for t in sweep.tasks.values())
+        log(f"{planned} adapters{tasks} on {run.device}{ranks}, {threads} CPU thread{'s' * (threads > 1)}"
             f"{' each' if ranks else ''} | "
             f"{sum(map(len, run.train_seqs.values()))} train / {sum(map(len, run.evaluation.eval_seqs.values()))} held-out sequences")
         until = None if stop_after is None else run.micro_steps + stop_after  # --stop-after counts from here
