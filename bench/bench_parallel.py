@@ -136,6 +136,9 @@ def run_rank(args, mode: str, share: int | None = None) -> dict:
         ms = (time.perf_counter() - t0) / args.iters * 1e3
         all_tokens = sum(group.all_gather(tokens))
         peak = max(group.all_gather(torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0))
+        # every rank past the last gather before any tears its group down (as SweepRun.run: a gloo rank
+        # tearing down while another still gathered aborted, "terminate called without an active exception")
+        group.barrier()
         return {"ms": ms, "tokens": all_tokens, "losses": losses, "peak_gib": peak}
     finally:
         group.close()

@@ -9,10 +9,11 @@ import json
 import pytest
 import torch
 
-from alto import searchers
+from alto import search as search_mod
 from alto.decisions import decide
 from alto.registry import Adapter, AdapterConfig, Registry, Status
-from alto.searchers import Grid, Search, Searcher
+from alto.search import Search
+from alto.searchers import Grid, Searcher
 from alto.sweep import parse_sweep
 from alto.sweep_run import SweepRun
 from alto.train import DataStream
@@ -35,15 +36,15 @@ def sweep_doc(tmp_path, out, **extra):
 def test_the_grid_proposes_every_configuration_once_in_the_sweeps_order(tmp_path):
     doc = sweep_doc(tmp_path, "g", grid={"rank": [2, 4], "lr": [1e-3, 3e-3]}, adapters=[{"id": "wide", "rank": 8}])
     task = parse_sweep(json.dumps(doc)).tasks["t"]
-    search, registry = Search([task]), Registry()
+    search, registry = Search([task], tmp_path), Registry()
     first = search.propose(registry, [])
     assert [(a.id, a.config) for a in first] == list(task.adapters.items())
-    assert Grid.planned(task) == 5 and Grid.bounds(task) == list(task.adapters.values())
+    assert Grid.planned(task) == 5 and Grid.bounds(task) == task.adapters
     for a in first:
         registry.add(a.id, a.config, a.task).status = Status.FINISHED
     assert search.propose(registry, []) == []  # told of all five, proposes nothing more
     assert search.told == set(task.adapters)
-    again = Search([task])
+    again = Search([task], tmp_path)
     again.load_state(search.state(), registry)
     assert again.propose(registry, []) == [] and again.told == set(task.adapters)  # resumed: nothing again
     assert Grid.foreign(task, ["wide", "rank2-lr0p001"]) is None
@@ -70,13 +71,13 @@ class Successive(Searcher):
 
     name = "successive"
 
-    def __init__(self, task):
+    def __init__(self, task, run_dir):
         self.told: list[tuple[str, str, float | None]] = []
         self.lrs: dict[str, float] = {}
 
     @classmethod
     def bounds(cls, task):
-        return [AdapterConfig(rank=4, micro_batch_size=2, target_modules=("q_proj", "v_proj"))]
+        return {"s": AdapterConfig(rank=4, micro_batch_size=2, target_modules=("q_proj", "v_proj"))}
 
     @classmethod
     def planned(cls, task):
@@ -116,7 +117,7 @@ def losses_rows(run_dir):
 
 
 def run_with(monkeypatch, sweep, run_dir, until=None, resume=False):
-    monkeypatch.setitem(searchers.SEARCHERS, "grid", Successive)  # the task's searcher, for this run
+    monkeypatch.setitem(search_mod.SEARCHERS, "grid", Successive)  # the task's searcher, for this run
     run_dir.mkdir(exist_ok=True)
     run = SweepRun(sweep, run_dir, resume=resume)
     done = run.run(until, log=quiet)
@@ -149,7 +150,7 @@ def test_a_searcher_proposes_while_the_run_goes_and_each_proposal_trains_as_in_a
     grid = parse_sweep(json.dumps(sweep_doc(tmp_path, "g", adapters=[
         {"id": aid, **{k: v for k, v in a.config.to_dict().items()}} for aid, a in
         ((a.id, a) for a in run.registry)])))
-    monkeypatch.setitem(searchers.SEARCHERS, "grid", Grid)
+    monkeypatch.setitem(search_mod.SEARCHERS, "grid", Grid)
     (tmp_path / "g").mkdir()
     reference = SweepRun(grid, tmp_path / "g")
     assert reference.run(log=quiet)
@@ -188,7 +189,7 @@ def _searched_on_ranks(doc, run_dir):
     what it proposed (alto.parallel.launch's ranks)."""
     from alto.parallel import Group
 
-    searchers.SEARCHERS["grid"] = Successive
+    search_mod.SEARCHERS["grid"] = Successive
     group = Group.from_env("cpu")
     try:
         run = SweepRun(parse_sweep(json.dumps(doc)), run_dir, group)

@@ -15,7 +15,7 @@ import torch
 from alto.inputs import first_line
 from alto.registry import Adapter, AdapterConfig, Registry, Status
 from alto.runlog import rewrite_rows
-from alto.searchers import searcher_of
+from alto.search import searcher_of
 from alto.tasks import Task
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from alto.evaluation import Evaluation
     from alto.monitor import Monitor
     from alto.parallel import Group
-    from alto.searchers import Search
+    from alto.search import Search
     from alto.train import Trainer
 
 CHECKPOINT = "checkpoint.pt"

@@ -1,4 +1,4 @@
-"""Searchers: which configurations a task trains, proposed while the run goes.
+"""The searcher seam: which configurations a task trains, proposed while the run goes.
 
 Each task of a sweep has a searcher. The run asks it for configurations as its steps begin and
 again whenever adapters of its task end (each one ended frees a slot): `propose(free)` returns new
@@ -11,32 +11,40 @@ what every rank needs before the steps begin comes from the spec alone (class me
 the configurations that bound the memory of any it proposes, sizes the memory model's probe and
 whether a base must be sharded; `planned`; `foreign`).
 
-The run's side is `Search`: one searcher per task, the adapters told so far, each ended adapter's
-result (`result`: its best held-out loss, else its last). It imports neither torch nor the model,
-so it is driven alone (tests/test_searchers.py).
+Here: the interface, what a searcher is told an adapter reached (`result`), and the first
+implementation, `Grid` (a task's grid points and explicit adapters). The run's side, one searcher
+per task chosen from the spec (SEARCHERS), is alto.search.Search; Optuna's samplers are
+alto.optuna_search.OptunaSearch. Neither imports torch or the model: tests/test_searchers.py
+drives them alone.
 
-To add a searcher: one class here (propose, tell, state, load_state), listed in SEARCHERS.
-Optuna is next (issue 31): a study asked for a trial per free slot, told each trial's result.
+To add a searcher: one class in a file of its own (propose, tell, state, load_state and the class
+methods), its name listed in alto.search.SEARCHERS and chosen by alto.search.searcher_of.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, ClassVar
 
-from alto.registry import Adapter, AdapterConfig, Registry, Status
+from alto.registry import Adapter, AdapterConfig, Status
 from alto.tasks import Task
 
 ENDED = (Status.FINISHED, Status.STOPPED_EARLY, Status.FAILED)
 
 
 class Searcher:
-    """The interface (see the module docstring)."""
+    """The interface (see the module docstring). Built on rank 0 with its task and the run folder
+    (where it may keep files of its own, e.g. Optuna's study)."""
 
     name: ClassVar[str]
 
+    def __init__(self, task: Task, run_dir: Path):
+        raise NotImplementedError
+
     @classmethod
-    def bounds(cls, task: Task) -> list[AdapterConfig]:
-        """Configurations at least as large (rank, micro-batch, target modules) as any it may propose."""
+    def bounds(cls, task: Task) -> dict[str, AdapterConfig]:
+        """Configurations at least as large (rank, micro-batch, target modules) as any it may propose,
+        each named by where the sweep file gives it (an error about one names it)."""
         raise NotImplementedError
 
     @classmethod
@@ -76,13 +84,13 @@ class Grid(Searcher):
 
     name = "grid"
 
-    def __init__(self, task: Task):
+    def __init__(self, task: Task, run_dir: Path):
         self.configs = task.adapters
         self.proposed = False
 
     @classmethod
-    def bounds(cls, task: Task) -> list[AdapterConfig]:
-        return list(task.adapters.values())
+    def bounds(cls, task: Task) -> dict[str, AdapterConfig]:
+        return dict(task.adapters)
 
     @classmethod
     def planned(cls, task: Task) -> int:
@@ -105,14 +113,6 @@ class Grid(Searcher):
         return next((aid for aid in adapter_ids if aid not in task.adapters), None)
 
 
-SEARCHERS: dict[str, type[Searcher]] = {s.name: s for s in (Grid,)}
-
-
-def searcher_of(task: Task) -> type[Searcher]:
-    """The searcher a task's spec names (the grid, until the spec names others)."""
-    return SEARCHERS["grid"]
-
-
 def result(a: Adapter) -> float | None:
     """What a searcher is told an adapter reached: its best held-out loss, else the held-out loss of
     its last weights (or its last evaluation); None without either."""
@@ -121,47 +121,3 @@ def result(a: Adapter) -> float | None:
     if a.last_loss is not None:
         return a.last_loss
     return a.eval_losses[-1] if a.eval_losses else None
-
-
-class Search:
-    """A run's searchers, one per task (rank 0's), whether they were asked yet, and which ended
-    adapters they were told of."""
-
-    def __init__(self, tasks: Iterable[Task]):
-        self.searchers = {t.name: searcher_of(t)(t) for t in tasks}
-        self.started = False
-        self.told: set[str] = set()
-
-    def propose(self, registry: Registry, stopping: Iterable[str]) -> list[Adapter]:
-        """The new adapters, before a step's decisions: the first time, what every searcher
-        proposes as the steps begin; after that, each searcher told of its adapters that ended since
-        it was last told (those the step finished or failed, and `stopping`: the monitor's stops, not
-        yet applied), then asked for as many configurations as that freed."""
-        if not self.started:
-            self.started = True
-            return self._proposals({task: None for task in self.searchers})
-        stopping = set(stopping)
-        freed: dict[str, int] = {}
-        for a in registry:
-            if a.id in self.told or not (a.status in ENDED or a.id in stopping):
-                continue
-            status = Status.STOPPED_EARLY if a.id in stopping else a.status
-            self.searchers[a.task].tell(a, status, result(a))
-            self.told.add(a.id)
-            freed[a.task] = freed.get(a.task, 0) + 1
-        return self._proposals(freed)
-
-    def _proposals(self, free: dict[str, int | None]) -> list[Adapter]:
-        return [Adapter(aid, cfg, task) for task, n in free.items() for aid, cfg in self.searchers[task].propose(n)]
-
-    def state(self) -> dict[str, Any]:
-        """Each task's searcher's state, by task name."""
-        return {task: s.state() for task, s in self.searchers.items()}
-
-    def load_state(self, state: dict[str, Any], registry: Registry) -> None:
-        """A checkpoint's searchers (state()), with every adapter the registry holds ended as told
-        (a checkpoint is taken after a step's results were told)."""
-        for task, s in self.searchers.items():
-            s.load_state(state[task])
-        self.started = True
-        self.told = {a.id for a in registry if a.status in ENDED}

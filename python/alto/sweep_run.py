@@ -7,7 +7,8 @@ Run folder: sweep.yaml (the sweep as given, written by alto.tune), losses.csv, d
 steps.csv and evals.csv (written as the run goes, with its progress lines: alto.runlog),
 checkpoint.pt (alto.checkpoint: every checkpoint_every micro-steps, where --stop-after stops, and
 at the end while the end runs; removed once a completed run's results are written), leaderboard.csv and leaderboards/<task>.csv, losses.png,
-timing.json (seconds of this process's wall in each of alto.runlog.PHASES),
+timing.json (seconds of this process's wall in each of alto.runlog.PHASES), study.db (a search's
+Optuna study: alto.optuna_search),
 adapters/<name>/ (PEFT format: each adapter's best or last weights; alto.results). Every task has
 its own data, held-out sequences and monitor; all tasks' adapters share the steps. The base model
 comes from alto.base; admission by memory from alto.admission.
@@ -44,7 +45,7 @@ from alto.objectives import SFT
 from alto.parallel import Group, idle_pass, shard
 from alto.registry import Adapter, Registry, Status
 from alto.runlog import Forecast, RunLog, Timing
-from alto.searchers import Search, searcher_of
+from alto.search import Search, searcher_of
 from alto.sched.catalog import ModelShape
 from alto.sched.memory import activation_bytes_per_token, adapter_params
 from alto.sched.placement import adapter_cost
@@ -106,13 +107,13 @@ class SweepRun:
                     raise ValueError(f"{t.where}{e}") from None
                 self.task_tensors[t.name] = DataStream(self.train_seqs[t.name], self.objective.per_sample).sequences
         self.model = MultiLoraModel(self.base.model)
-        check_targets(self.model.family, sweep.adapters)  # target_modules the loaded model lacks: one line, now
         if sweep.packing:
             attention.check_packable(self.base.model.config)
         self.registry, self.streams = Registry(), {}  # both grow as the searchers propose (register)
-        self.search = Search(self.tasks.values()) if self.group.is_leader else None  # rank 0 asks and tells
+        self.search = Search(self.tasks.values(), run_dir) if self.group.is_leader else None  # rank 0 asks and tells
         # what the searchers may propose, from the spec: the largest sizes a step and the memory model's probe
         self.bounds = {t.name: searcher_of(t).bounds(t) for t in self.tasks.values()}
+        check_targets(self.model.family, {k: v for b in self.bounds.values() for k, v in b.items()})  # one line, now
         if saved:
             self.register(adapters_of(saved))
         # auto: sharded if any rank's device cannot hold the base (every rank must decide alike)
@@ -134,7 +135,7 @@ class SweepRun:
             with self.timing.phase("calibrate"):
                 admission = Admission.calibrate(
                     self.model, self.shape, {t: [len(s) for s in seqs] for t, seqs in self.train_seqs.items()},
-                    sweep.packing, probe_config(c for configs in self.bounds.values() for c in configs),
+                    sweep.packing, probe_config(c for configs in self.bounds.values() for c in configs.values()),
                     self.base.pad_id, self.device,
                     sweep.memory_budget_gb, sweep.max_tokens_per_step, self.objective)
         self.colocation = Colocation(self.group, self.registry, self.trainer, self.device, self.costs, admission,
@@ -157,7 +158,7 @@ class SweepRun:
         act = next(self.base.model.parameters()).dtype.itemsize
         return max(activation_bytes_per_token(cfg, self.shape, act) * cfg.micro_batch_size
                    * statistics.fmean(len(s) for s in self.train_seqs[task])
-                   for task, configs in self.bounds.items() for cfg in configs)
+                   for task, configs in self.bounds.items() for cfg in configs.values())
 
     def lockstep(self, passes: int) -> int:
         """How many forward passes every rank runs, this one needing `passes`: with a sharded base,

@@ -12,6 +12,8 @@ data: {source: chatterbot, max_length: 96, eval_fraction: 0.1, limit: 600}   # o
 defaults: {rank: 8, alpha: 16, lr: 1e-4, micro_batch_size: 4, max_steps: 30}
 grid: {rank: [4, 16], lr: [1e-4, 1e-3]}    # cartesian product over these fields
 adapters: [{id: wide, rank: 64}]           # explicit extra configurations
+search: {sampler: tpe, trials: 48, space: {rank: {low: 4, high: 64, log: true}}}
+                                           # or a search algorithm proposes them (alto.search_spec)
 monitor: {rule: asha, grace: 8, eta: 2}    # early termination (alto.monitor): asha | median | halving |
                                            # alto (the ALTO paper's detectors, on held-out losses) |
                                            # several joined by + (alto+asha); absent = never stop early
@@ -37,8 +39,9 @@ from alto.inputs import is_int, is_number
 from alto.metrics import metric_function
 from alto.monitor import MonitorConfig
 from alto.registry import AdapterConfig, ConfigFieldError, valid_adapter_id
+from alto.search_spec import SearchConfig, parse_search
 
-TASK_KEYS = {"data", "defaults", "grid", "adapters", "monitor", "eval", "export"}  # per task, or shared
+TASK_KEYS = {"data", "defaults", "grid", "adapters", "search", "monitor", "eval", "export"}  # per task, or shared
 DATA_KEYS = {"source", "path", "split", "max_length", "eval_fraction", "limit", "train_on", "topics", "eval_path",
              "eval_split"}
 DATA_SOURCES = ("chatterbot", "jsonl", "text", "hf")
@@ -60,16 +63,19 @@ class EvalConfig:
 
 @dataclass
 class Task:
-    """One tenant of the sweep: its data, adapters (by their run-wide names), monitor, evaluation
-    and what is exported. `where` prefixes its fields in error messages ("" or "tasks[name].")."""
+    """One tenant of the sweep: its data, adapters (by their run-wide names: prefix + id) or the
+    search that proposes them, monitor, evaluation and what is exported. `where` prefixes its fields
+    in error messages ("" or "tasks[name].")."""
 
     name: str
     data: dict[str, Any]
-    adapters: dict[str, AdapterConfig]
+    adapters: dict[str, AdapterConfig]  # its grid's and explicit ones (none with a search)
     monitor: MonitorConfig | None  # None: no early termination
     eval: EvalConfig
     export: str  # best | last
     where: str = ""
+    prefix: str = ""  # of its adapters' run-wide names ("" or "<name>/")
+    search: SearchConfig | None = None
 
 
 def fail(where: str, msg: str) -> None:
@@ -150,6 +156,11 @@ def _data(where: str, data: Any) -> dict[str, Any]:
 
 def _adapters(where: str, values: dict[str, Any], prefix: str) -> dict[str, AdapterConfig]:
     """A task's configurations (its grid's and its explicit ones), named prefix + id."""
+    if "search" in values:  # proposed as the run goes (alto.search_spec)
+        for key in ("grid", "adapters"):
+            if values.get(key):
+                fail(f"{where}{key}", "and search: give one (the search proposes every configuration)")
+        return {}
     defaults = values.get("defaults", {}) or {}
     grid = values.get("grid", {}) or {}
     extra = values.get("adapters", []) or []
@@ -235,6 +246,7 @@ def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
         monitor = {**monitor, "eval_every": every}  # a monitor reading held-out losses reads these
     monitor = _monitor(where, monitor)
     adapters = _adapters(where, values, prefix)
+    search = parse_search(where, values["search"], values.get("defaults") or {}) if "search" in values else None
     evaluation = _eval(where, evaluation, monitor)
     held_out = bool(data["eval_fraction"] or data.get("eval_path") or data.get("eval_split"))
     export = values.get("export", "best" if held_out else "last")
@@ -242,12 +254,13 @@ def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
         fail(f"{where}export", f"{export!r} must be one of {', '.join(EXPORTS)}")
     if not held_out:
         for key, needs in (("monitor.signal", monitor is not None and monitor.signal == "eval"),
-                           ("export", export == "best"), ("eval.metric", evaluation.metric is not None)):
+                           ("export", export == "best"), ("eval.metric", evaluation.metric is not None),
+                           ("search", search is not None)):
             if needs:
                 fail(f"{where}{key}", "needs held-out data: set data.eval_fraction > 0 (or eval_path/eval_split)")
     if evaluation.metric is not None and data["train_on"] == "all":
         fail(f"{where}eval.metric", "scores completions: it needs train_on: completion (prompts and replies)")
-    return Task(name, data, adapters, monitor, evaluation, export, where)
+    return Task(name, data, adapters, monitor, evaluation, export, where, prefix, search)
 
 
 def parse_tasks(raw: dict[str, Any], name: str) -> dict[str, Task]:

@@ -13,7 +13,7 @@ from alto import checkpoint, data as data_mod, results
 from alto.base import device_type, smollm2_dir
 from alto.inputs import INPUT_ERRORS, read_text, report
 from alto.parallel import Group, launch, oversubscribed, record_threads, run_threads
-from alto.searchers import searcher_of
+from alto.search import searcher_of
 from alto.sweep import parse_sweep
 from alto.sweep_run import SweepRun, quiet
 

@@ -1,0 +1,108 @@
+"""Search with Optuna (alto.optuna_search) through `alto tune`, on a tiny model on the CPU: a seeded
+TPE study proposes trials into the slots ended adapters free (more adapters trained than run at
+once), each told its best held-out loss; the study in the run folder is what Optuna itself reads;
+a run killed between checkpoints resumes to the same trials and results as an uninterrupted one;
+trials the monitor stops are pruned, with their held-out losses as intermediate values."""
+import csv
+import json
+
+import optuna
+import pytest
+import torch
+
+from alto.tune import tune
+from conftest import interrupt
+
+SPACE = {"rank": {"low": 2, "high": 8}, "lr": {"low": 1e-3, "high": 1e-2, "log": True}, "micro_batch_size": [1, 2]}
+
+
+def search_sweep(sweep_yaml, out, **extra):
+    return sweep_yaml(out=out, grid=None, max_running=2, eval={"every": 2, "samples": 4},
+                      search={"sampler": "tpe", "trials": 6, "seed": 3, "parallel": 2, "space": SPACE}, **extra)
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def study_of(run_dir):
+    return optuna.load_study(study_name="t", storage=f"sqlite:///{run_dir / 'study.db'}")
+
+
+def record(run_dir, aid):
+    return json.loads((run_dir / "adapters" / aid / "alto_adapter.json").read_text())
+
+
+def test_a_seeded_tpe_search_fills_freed_slots_and_tells_each_result(tmp_path, sweep_yaml):
+    assert tune(str(search_sweep(sweep_yaml, "s")), None, log=lambda *_: None) == 0
+    run = tmp_path / "s"
+    trials = study_of(run).trials
+    assert [t.number for t in trials] == list(range(6)) and all(t.state.name == "COMPLETE" for t in trials)
+    board = {r["adapter"]: r for r in rows(run / "leaderboard.csv")}
+    assert set(board) == {f"trial{t.number}" for t in trials}
+    steps = rows(run / "steps.csv")
+    assert max(int(r["adapters"]) for r in steps) == 2  # two at a time: six trained, four in freed slots
+    first = {}
+    for r in rows(run / "losses.csv"):
+        first.setdefault(r["adapter"], int(r["micro_step"]))
+    assert sorted(first.values())[:2] == [1, 1] and max(first.values()) > 3
+    for t in trials:
+        rec = record(run, f"trial{t.number}")
+        config = rec["config"]
+        assert (config["rank"], config["lr"], config["micro_batch_size"]) == (
+            t.params["rank"], t.params["lr"], t.params["micro_batch_size"])
+        assert config["seed"] == t.number and config["max_steps"] == 3  # the rest from the defaults
+        assert t.value == rec["best"][1]  # told its best held-out loss
+        assert t.intermediate_values == dict(zip(rec["eval_steps"], rec["eval_losses"]))
+    assert len({(t.params["rank"], t.params["lr"]) for t in trials}) == 6  # the sampler's own proposals
+
+
+def test_a_killed_search_resumes_to_the_uninterrupted_trials_and_results(tmp_path, sweep_yaml):
+    assert tune(str(search_sweep(sweep_yaml, "whole")), None, log=lambda *_: None) == 0
+    path = search_sweep(sweep_yaml, "cut")
+    interrupt(path, 3)  # killed after micro-step 3, its last checkpoint at 2
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert len(saved["search"]["t"]["trials"]) == 2  # the first two, running at micro-step 2 ...
+    assert len(study_of(tmp_path / "cut").trials) == 4  # ... told and two more asked at 3: forgotten on resume
+    assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
+    whole, cut = study_of(tmp_path / "whole").trials, study_of(tmp_path / "cut").trials
+    assert [(t.number, t.params, t.value, t.state, t.intermediate_values) for t in cut] == \
+           [(t.number, t.params, t.value, t.state, t.intermediate_values) for t in whole]
+    for name in ("losses.csv", "evals.csv", "leaderboard.csv"):
+        assert (tmp_path / "whole" / name).read_text() == (tmp_path / "cut" / name).read_text(), name
+
+
+def test_trials_the_monitor_stops_are_pruned_with_their_held_out_losses(tmp_path, sweep_yaml):
+    path = search_sweep(sweep_yaml, "p", monitor={"rule": "asha", "grace": 2, "eta": 2, "signal": "eval"},
+                        defaults={"micro_batch_size": 2, "max_steps": 8, "target_modules": ["q_proj", "v_proj"]})
+    assert tune(str(path), None, log=lambda *_: None) == 0
+    run = tmp_path / "p"
+    board = {r["adapter"]: r["status"] for r in rows(run / "leaderboard.csv")}
+    trials = {f"trial{t.number}": t for t in study_of(run).trials}
+    stopped = [aid for aid, status in board.items() if status == "stopped-early"]
+    assert stopped, "the monitor stopped nothing: the test would not see a pruned trial"
+    for aid, t in trials.items():
+        assert t.state.name == ("PRUNED" if aid in stopped else "COMPLETE"), aid
+        rec = record(run, aid)
+        assert t.intermediate_values == dict(zip(rec["eval_steps"], rec["eval_losses"]))
+    assert all(trials[aid].value == trials[aid].intermediate_values[max(trials[aid].intermediate_values)]
+               for aid in stopped)  # a pruned trial's value: its last held-out loss
+
+
+def test_the_grid_sampler_runs_every_point_once(tmp_path, sweep_yaml):
+    path = sweep_yaml(out="g", grid=None, eval={"every": 2, "samples": 4},
+                      search={"sampler": "grid", "seed": 1, "space": {"rank": [2, 4], "lr": [1e-3, 3e-3]}})
+    assert tune(str(path), None, log=lambda *_: None) == 0
+    trials = study_of(tmp_path / "g").trials
+    assert sorted((t.params["rank"], t.params["lr"]) for t in trials) == [(2, 1e-3), (2, 3e-3), (4, 1e-3), (4, 3e-3)]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+
+
+@pytest.mark.parametrize("targets", [[["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"]]])
+def test_target_modules_are_searched_as_choices(tmp_path, sweep_yaml, targets):
+    path = sweep_yaml(out="m", grid=None, eval={"every": 2, "samples": 4},
+                      search={"sampler": "random", "trials": 4, "seed": 0, "space": {"target_modules": targets}})
+    assert tune(str(path), None, log=lambda *_: None) == 0
+    for t in study_of(tmp_path / "m").trials:
+        assert record(tmp_path / "m", f"trial{t.number}")["config"]["target_modules"] == t.params["target_modules"].split(",")
