@@ -21,7 +21,7 @@ and (b) run each of the largest K's jobs once and the row of K sums the first K 
 load and tokenization, in this process: their start-up is not counted, generous to them). ALTO runs
 one sweep per K. Columns: wall seconds (the whole sweep: for ALTO the command from start to exit),
 training tokens per second of wall, peak GPU memory, speed-up vs (a), adapter-steps trained, the
-best configuration and its held-out loss, and where the wall time went: alto.runlog.PHASES
+best configuration and its held-out loss, and where the wall time went: alto.timing.PHASES
 (timing.json, which accounts for the process's wall up to its results) and exit (the rest of the
 wall measured outside: the process's end).
 With a real model, regret = the chosen adapter's held-out loss / (a)'s best - 1: (a) trains the
@@ -62,13 +62,13 @@ from alto.base import load_base
 from alto.export import save_base
 from alto.sweep import parse_sweep
 from alto.train import DataStream, pad_batch
-from alto import runlog
-from alto.runlog import timed
+from alto import timing
+from alto.timing import timed
 from bench_memory import WIDTHS
 
 RANKS, LRS, BATCHES = (8, 16, 32, 64, 128), (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), (1, 2, 4, 8)
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PHASES = (*runlog.PHASES, "exit")  # exit: the wall measured outside after timing.json's end
+PHASES = (*timing.PHASES, "exit")  # exit: the wall measured outside after timing.json's end
 METHODS = {"a": "(a) sequential PEFT jobs", "b": "(b) sequential HF Trainer jobs", "c": "(c) ALTO co-located",
            "d": "(d) ALTO + early exit (alto)"}
 

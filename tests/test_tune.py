@@ -10,7 +10,7 @@ peft = pytest.importorskip("peft")
 
 from alto.cli import main  # noqa: E402
 from alto.sweep import parse_sweep  # noqa: E402
-from alto.runlog import PHASES  # noqa: E402
+from alto.timing import PHASES  # noqa: E402
 from alto.sweep_run import SweepRun  # noqa: E402
 from alto.tune import tune  # noqa: E402
 from conftest import interrupt  # noqa: E402

@@ -68,7 +68,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.sweep and args.resume:
         raise ValueError(f"give a sweep file or --resume RUN_DIR, not both ({args.sweep!r} and {args.resume!r})")
-    from alto.runlog import process_start_time
+    from alto.timing import process_start_time
 
     return tune(args.sweep, args.resume, args.stop_after, nproc=args.nproc, bar=sys.stdout.isatty(),
                 started=process_start_time())

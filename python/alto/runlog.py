@@ -13,14 +13,12 @@ loss of the step, how many adapters run / wait / were stopped, and the time left
 evaluation point with each evaluated task's best adapter so far; what the run decides (stops,
 admissions, moves), above the bar.
 
-At the end, timing.json: the seconds of the command's whole wall in each of PHASES (Timing).
+At the end, timing.json (alto.timing).
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import itertools
-import json
 import math
 import os
 import shutil
@@ -34,11 +32,6 @@ from alto.registry import Adapter, Registry, Status
 from alto.sched.catalog import ModelShape
 from alto.sched.estimate import JobEstimate, Work, default_model, forecast
 
-# Where a run's time goes (timing.json), the whole wall of the command: start-up (the interpreter,
-# imports, reading the sweep: from the process's start, or from the call, in a caller's process),
-# loading the base, tokenizing, the memory model's calibration, training steps, held-out evaluations
-# (and decoding for metrics), checkpoints, writing the results, and the rest (other).
-PHASES = ("startup", "load", "tokenize", "calibrate", "train", "evaluate", "checkpoint", "export", "other")
 LOSS_COLUMNS = ["micro_step", "adapter", "step", "loss"]
 DECISION_COLUMNS = ["micro_step", "adapter", "adapter_micro_step", "rule", "reason"]
 STEP_COLUMNS = ["micro_step", "adapters", "token_positions", "padding_fraction", "predicted_peak_gb",
@@ -155,8 +148,10 @@ class RunLog:
               ("finished", Status.FINISHED), ("failed", Status.FAILED))
 
     def __init__(self, run_dir: Path, registry: Registry, forecast: Forecast, log: Callable[[str], None] = print,
-                 bar: bool = False):
+                 bar: bool = False, on_evaluation: Callable[[dict], None] | None = None):
+        """on_evaluation: given each row of evals.csv as it is written, a dict by EVAL_COLUMNS."""
         self.run_dir, self.registry, self.forecast, self.log = run_dir, registry, forecast, log
+        self.on_evaluation = on_evaluation
         self.started = time.time()
         # held-out losses already in evals.csv (a resumed run's: those its checkpoint holds)
         self.evals_written = {a.id: len(a.eval_losses) for a in registry}
@@ -199,7 +194,7 @@ class RunLog:
             self.evals_written[a.id] = len(a.eval_losses)
         if not rows:
             return
-        self.append("evals.csv", EVAL_COLUMNS, rows)
+        self._evaluated(rows)
         parts = []
         for task in tasks:
             members = [a for a in self.registry if a.task == task]
@@ -218,7 +213,12 @@ class RunLog:
         path = self.run_dir / "evals.csv"
         if path.exists():
             rewrite_rows(path, lambda header, row: len(row) == len(header) and row[4] not in ("last", "best"))
-        self.append("evals.csv", EVAL_COLUMNS, [[micro_step, *row] for row in rows])
+        self._evaluated([[micro_step, *row] for row in rows])
+
+    def _evaluated(self, rows: list[list]) -> None:
+        self.append("evals.csv", EVAL_COLUMNS, rows)
+        for row in rows if self.on_evaluation is not None else ():
+            self.on_evaluation(dict(zip(EVAL_COLUMNS, row)))
 
     def progress(self, micro_step: int, losses: Mapping[str, float]) -> None:
         """The step's line (or the bar's state)."""
@@ -255,45 +255,3 @@ class RunLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def process_start_time() -> float:
-    """When this process began (time.time()'s clock), read from Linux's /proc (its start in clock
-    ticks after boot, against the boot clock now: /proc/stat's boot time is whole seconds); elsewhere now."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22
-        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, AttributeError):
-        return time.time()
-
-
-@contextlib.contextmanager
-def timed(seconds: dict[str, float], phase: str):
-    """Adds the seconds the block takes to seconds[phase]."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
-class Timing:
-    """A run's seconds in each of PHASES, from `started` (time.time(): the command's start; what
-    passed before this is startup; what no phase holds is other, counted at the end)."""
-
-    def __init__(self, started: float):
-        self.started = started
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        self.seconds["startup"] = time.time() - started
-
-    def phase(self, name: str):
-        """A block whose seconds count in phase `name`."""
-        return timed(self.seconds, name)
-
-    def write(self, run_dir: Path, log: Callable[[str], None]) -> None:
-        """timing.json, and a line that says it."""
-        named = sum(v for phase, v in self.seconds.items() if phase != "other")
-        self.seconds["other"] = max(0.0, time.time() - self.started - named)
-        (run_dir / "timing.json").write_text(json.dumps({k: round(v, 3) for k, v in self.seconds.items()}))
-        log("seconds: " + " | ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))

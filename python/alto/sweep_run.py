@@ -7,7 +7,7 @@ Run folder: sweep.yaml (the sweep as given, written by alto.tune), losses.csv, d
 steps.csv and evals.csv (written as the run goes, with its progress lines: alto.runlog),
 checkpoint.pt (alto.checkpoint: every checkpoint_every micro-steps, where --stop-after stops, and
 at the end while the end runs; removed once a completed run's results are written), leaderboard.csv and leaderboards/<task>.csv, losses.png,
-timing.json (seconds of this process's wall in each of alto.runlog.PHASES), study.db (a search's
+timing.json (seconds of this process's wall in each of alto.timing.PHASES), study.db (a search's
 Optuna study: alto.optuna_search),
 adapters/<name>/ (PEFT format: each adapter's best or last weights; alto.results). Every task has
 its own data, held-out sequences and monitor; all tasks' adapters share the steps. The base model
@@ -44,7 +44,8 @@ from alto.monitor import Decision, Monitor
 from alto.objectives import SFT
 from alto.parallel import Group, idle_pass, shard
 from alto.registry import Adapter, Registry, Status
-from alto.runlog import Forecast, RunLog, Timing
+from alto.runlog import Forecast, RunLog
+from alto.timing import Timing
 from alto.search import Search, searcher_of
 from alto.sched.catalog import ModelShape
 from alto.sched.memory import activation_bytes_per_token, adapter_params
@@ -241,15 +242,17 @@ class SweepRun:
         return {aid: (since, self.registry[aid].progress(since)) for aid, since in marks.items()}, oom
 
     # ---- the loop --------------------------------------------------------------------------------
-    def run(self, until: int | None = None, log=print, should_halt=None, on_step=None, bar: bool = False) -> bool:
+    def run(self, until: int | None = None, log=print, should_halt=None, on_step=None, bar: bool = False,
+            on_evaluation=None) -> bool:
         """Trains until every adapter is done (True) or the run's micro-step `until` (False: a
         checkpoint is written there). On rank 0, should_halt() is asked after every step: when it
         says so, every rank writes the checkpoint and returns False (the run resumes from there, on
-        any number of ranks); on_step(progress) is given each step's counts and seconds. Rank 0
+        any number of ranks); on_step(progress) is given each step's counts and seconds,
+        on_evaluation(row) each held-out loss as evals.csv gets it (the end's too). Rank 0
         prints its progress through log (bar: as a progress bar, the output being a terminal).
         A run that ends (True) may still be writing its last periodic checkpoint: finish() waits for it."""
         leader = self.group.is_leader
-        self.logs = RunLog(self.run_dir, self.registry, self.forecast(), log, bar) if leader else None
+        self.logs = RunLog(self.run_dir, self.registry, self.forecast(), log, bar, on_evaluation) if leader else None
         try:
             done = self._run(until, should_halt, on_step)
         except BaseException:
