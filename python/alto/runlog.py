@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from alto.registry import Adapter, Registry, Status
+from alto.tracking import Tracker
 from alto.sched.catalog import ModelShape
 from alto.sched.estimate import JobEstimate, Work, default_model, forecast
 
@@ -148,10 +149,11 @@ class RunLog:
               ("finished", Status.FINISHED), ("failed", Status.FAILED))
 
     def __init__(self, run_dir: Path, registry: Registry, forecast: Forecast, log: Callable[[str], None] = print,
-                 bar: bool = False, on_evaluation: Callable[[dict], None] | None = None):
-        """on_evaluation: given each row of evals.csv as it is written, a dict by EVAL_COLUMNS."""
+                 bar: bool = False, on_evaluation: Callable[[dict], None] | None = None, trackers: Sequence[Tracker] = ()):
+        """on_evaluation: given each row of evals.csv as it is written, a dict by EVAL_COLUMNS;
+        trackers: the sweep's report_to (alto.tracking), given the same figures."""
         self.run_dir, self.registry, self.forecast, self.log = run_dir, registry, forecast, log
-        self.on_evaluation = on_evaluation
+        self.on_evaluation, self.trackers, self.tracked = on_evaluation, list(trackers), set()
         self.started = time.time()
         # held-out losses already in evals.csv (a resumed run's: those its checkpoint holds)
         self.evals_written = {a.id: len(a.eval_losses) for a in registry}
@@ -177,10 +179,20 @@ class RunLog:
         padding = 1 - tokens / positions if positions else 0.0
         self.append("steps.csv", STEP_COLUMNS, [[micro_step, adapters, positions, f"{padding:.4f}", *gb, int(oom),
                                                 f"{seconds:.4f}"]])
+        self._track(None, {"step/seconds": seconds, "step/adapters": adapters, "step/token_positions": positions,
+                           **({} if measured is None else {"step/peak_memory_gb": measured / 1e9})}, micro_step)
 
     def losses(self, micro_step: int, losses: Mapping[str, float]) -> None:
         self.append("losses.csv", LOSS_COLUMNS,
                     [[micro_step, aid, self.registry[aid].step, f"{loss:.6f}"] for aid, loss in losses.items()])
+        for aid, loss in losses.items() if self.trackers else ():
+            a = self.registry[aid]
+            if aid not in self.tracked:  # its hyperparameters as it first reports
+                self.tracked.add(aid)
+                for tracker in self.trackers:
+                    tracker.params(aid, {"task": a.task, **a.config.to_dict()})
+            lr = a.config.lr_at((a.micro_step - 1) // a.config.grad_accum)  # of the optimizer step it went into
+            self._track(aid, {"train/loss": loss, "train/learning_rate": lr}, a.micro_step)
 
     def evaluations(self, micro_step: int) -> None:
         """The held-out losses the adapters got since the last call: rows of evals.csv, and a line
@@ -190,6 +202,7 @@ class RunLog:
             written = self.evals_written.get(a.id, 0)  # 0: proposed since the run started
             for loss, at in zip(a.eval_losses[written:], a.eval_steps[written:]):
                 rows.append([micro_step, a.task, a.id, at // a.config.grad_accum, "current", f"{loss:.6f}", "", ""])
+                self._track(a.id, {"eval/loss": loss}, at)
                 tasks += [a.task] if a.task not in tasks else []
             self.evals_written[a.id] = len(a.eval_losses)
         if not rows:
@@ -214,6 +227,12 @@ class RunLog:
         if path.exists():
             rewrite_rows(path, lambda header, row: len(row) == len(header) and row[4] not in ("last", "best"))
         self._evaluated([[micro_step, *row] for row in rows])
+        for task, aid, _, weights, loss, *_ in rows:  # the end's: the last weights', and the exported best's
+            self._track(aid, {f"eval/{weights}_loss": float(loss)}, self.registry[aid].micro_step)
+
+    def _track(self, adapter: str | None, values: Mapping[str, float], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.scalars(adapter, values, step)
 
     def _evaluated(self, rows: list[list]) -> None:
         self.append("evals.csv", EVAL_COLUMNS, rows)
@@ -252,6 +271,9 @@ class RunLog:
                             bar_format="{l_bar}{bar:30}| {n}/{total}{postfix}")
 
     def close(self) -> None:
+        """The bar ended, the trackers' files written (a later report opens them again)."""
+        for tracker in self.trackers:
+            tracker.close()
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -16,6 +16,7 @@ max_tokens_per_step: null                  # a cap on a step's predicted tokens 
 memory_budget_gb: null                     # what a step may use per rank (default: the device's free memory)
 packing: true                              # padding-free steps; false pads every row to the step's longest
 reclaim: admit                             # or grow: survivors' micro-batches fill freed samples
+report_to: [tensorboard, mlflow]           # experiment tracking (alto.tracking; default none)
 data: ..., defaults: ..., grid: ..., adapters: ..., monitor: ..., eval: ..., export: ...   # alto.tasks
 tasks:                                     # optional: several tasks over the one base, co-located
   - {name: trivia, data: {topics: [trivia]}, grid: {lr: [1e-4, 1e-3]}}
@@ -32,6 +33,7 @@ and alto.metrics parse and check what the user wrote without importing torch or 
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,7 @@ import yaml
 from alto.inputs import is_int, is_number
 from alto.registry import AdapterConfig
 from alto.tasks import TASK_KEYS, Task, as_name, fail, parse_tasks
+from alto.tracking import TRACKERS
 
 DEFAULT_SWEEP = """
 name: chatterbot-topics
@@ -61,7 +64,7 @@ tasks:
 
 
 TOP_KEYS = {"name", "model", "base", "device", "checkpoint_every", "output", "max_running", "max_tokens_per_step",
-            "memory_budget_gb", "packing", "reclaim", "shard_base", "tasks"} | TASK_KEYS
+            "memory_budget_gb", "packing", "reclaim", "shard_base", "tasks", "report_to"} | TASK_KEYS
 MODEL_KEYS = {"hf_dir", "gguf_file", "random_llama"}
 BASE_DTYPES = ("auto", "bfloat16", "float32", "float64")
 BASE_QUANTIZE = ("none", "nf4")
@@ -99,6 +102,7 @@ class Sweep:
     reclaim: str = "admit"  # when adapters stop: admit queued ones; "grow": also grow survivors' batches
     base_quantize: str = "none"  # nf4: the decoder projections in 4 bits (alto.base)
     shard_base: bool | str = False  # True, False or "auto" (alto.parallel.shard)
+    report_to: tuple[str, ...] = ()  # trackers (alto.tracking.TRACKERS)
 
     @property
     def adapters(self) -> dict[str, AdapterConfig]:
@@ -203,8 +207,17 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     reclaim = raw.get("reclaim", "admit")
     if reclaim not in ("admit", "grow"):
         fail("reclaim", f"{reclaim!r} must be admit or grow")
+    report_to = raw.get("report_to", [])
+    report_to = [] if report_to in ("none", None) else [report_to] if isinstance(report_to, str) else report_to
+    if not isinstance(report_to, list) or len(set(map(str, report_to))) != len(report_to):
+        fail("report_to", f"{raw['report_to']!r} must be a list of trackers: {', '.join(TRACKERS)}")
+    for tracker in report_to:
+        if not isinstance(tracker, str) or tracker not in TRACKERS:
+            fail("report_to", f"{tracker!r} must be one of {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(tracker) is None:
+            fail("report_to", f"{tracker} is not installed: pip install {TRACKERS[tracker].package}")
     if raw.get("output") is not None and not (isinstance(raw["output"], str) and raw["output"]):
         fail("output", f"{raw['output']!r} must be a folder path")
     return Sweep(name, model, device, every, tasks, raw, raw.get("output"), base_dtype,
                  None if max_running == "auto" else max_running, cap, budget, packing, reclaim, base_quantize,
-                 shard_base)
+                 shard_base, tuple(report_to))

@@ -46,6 +46,7 @@ from alto.parallel import Group, idle_pass, shard
 from alto.registry import Adapter, Registry, Status
 from alto.runlog import Forecast, RunLog
 from alto.timing import Timing
+from alto.tracking import TRACKERS
 from alto.search import Search, searcher_of
 from alto.sched.catalog import ModelShape
 from alto.sched.memory import activation_bytes_per_token, adapter_params
@@ -252,7 +253,9 @@ class SweepRun:
         prints its progress through log (bar: as a progress bar, the output being a terminal).
         A run that ends (True) may still be writing its last periodic checkpoint: finish() waits for it."""
         leader = self.group.is_leader
-        self.logs = RunLog(self.run_dir, self.registry, self.forecast(), log, bar, on_evaluation) if leader else None
+        trackers = [TRACKERS[name](self.run_dir, self.sweep.name) for name in self.sweep.report_to] if leader else []
+        self.logs = RunLog(self.run_dir, self.registry, self.forecast(), log, bar, on_evaluation, trackers) \
+            if leader else None
         try:
             done = self._run(until, should_halt, on_step)
         except BaseException:
@@ -394,5 +397,7 @@ class SweepRun:
             raise
         with self.timing.phase("checkpoint"):
             self.checkpoints.discard()
+        if self.logs is not None:
+            self.logs.close()  # the trackers' files, with the end's evaluations
         self.timing.write(self.run_dir, log)
         return board
