@@ -187,6 +187,10 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
     "search choice repeated": ({"grid": None, "search": {"space": {"rank": [2, 2]}}}, ["search.space.rank", "repeats"]),
     "search grid sampler over a range": ({"grid": None, "search": {"sampler": "grid", "space": {
         "lr": {"low": 0.001, "high": 0.01}}}}, ["search.space.lr", "grid takes lists"]),
+    "search pruner unknown": ({"grid": None, "search": {"pruner": "asha", "space": {"rank": [2]}}},
+                              ["search.pruner: 'asha'", "median"]),
+    "search pruner without evaluations": ({"grid": None, "eval": {"every": None}, "search": {
+        "pruner": "median", "space": {"rank": [2]}}}, ["search.pruner", "eval.every"]),
     "search trials 0": ({"grid": None, "search": {"trials": 0, "space": {"rank": [2]}}}, ["search.trials: 0"]),
     "search without held-out data": ({"grid": None, "search": {"space": {"rank": [2]}}, "data": {
         "source": "chatterbot", "eval_fraction": 0}}, ["search", "needs held-out data"]),

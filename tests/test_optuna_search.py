@@ -106,3 +106,26 @@ def test_target_modules_are_searched_as_choices(tmp_path, sweep_yaml, targets):
     assert tune(str(path), None, log=lambda *_: None) == 0
     for t in study_of(tmp_path / "m").trials:
         assert record(tmp_path / "m", f"trial{t.number}")["config"]["target_modules"] == t.params["target_modules"].split(",")
+
+
+def test_optunas_pruner_stops_trials_at_evaluation_points(tmp_path, sweep_yaml):
+    path = sweep_yaml(out="pr", grid=None, max_running=2, eval={"every": 1, "samples": 4},
+                      defaults={"micro_batch_size": 2, "max_steps": 6, "target_modules": ["q_proj", "v_proj"]},
+                      search={"sampler": "tpe", "trials": 10, "seed": 3, "parallel": 2, "space": SPACE,
+                              "pruner": "median"})
+    assert tune(str(path), None, log=lambda *_: None) == 0
+    run = tmp_path / "pr"
+    decisions = {r["adapter"]: r for r in rows(run / "decisions.csv")}
+    trials = {f"trial{t.number}": t for t in study_of(run).trials}
+    pruned = {aid for aid, t in trials.items() if t.state.name == "PRUNED"}
+    assert pruned, "the pruner stopped nothing: the test would not see it work"
+    assert pruned == {aid for aid, d in decisions.items() if d["rule"] == "optuna-median"}
+    for aid in pruned:
+        t = trials[aid]
+        steps = sorted(t.intermediate_values)
+        assert int(decisions[aid]["adapter_micro_step"]) == steps[-1] and len(steps) < 6  # stopped where it was judged
+        assert decisions[aid]["reason"].endswith(f"{t.intermediate_values[steps[-1]]:.4f}")
+        # the median rule: worse there than the median of the trials asked before it that completed
+        earlier = [o.intermediate_values[steps[-1]] for o in study_of(run).trials
+                   if o.number < t.number and o.state.name == "COMPLETE" and steps[-1] in o.intermediate_values]
+        assert t.intermediate_values[steps[-1]] > sorted(earlier)[(len(earlier) - 1) // 2]

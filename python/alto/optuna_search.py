@@ -1,7 +1,9 @@
 """Optuna's samplers as a searcher (alto.searchers): a task's `search:` section (alto.search_spec)
 becomes an Optuna study, asked for a trial for each configuration the run can start and told each
 adapter's end: its best held-out loss (finished), pruned with its held-out losses as intermediate
-values (stopped early by the monitor), or failed.
+values (stopped early by the monitor), or failed. With search.pruner, Optuna's pruner (median,
+successive halving, hyperband) judges each trial at every evaluation point on those values, and the
+trials it prunes stop beside the monitor's (decisions.csv: rule optuna-<pruner>).
 
 Optuna (not a hand-written sampler): its TPE, CMA-ES, random and grid samplers are maintained and
 its storage is what its visualization and optuna-dashboard read. The study lives in the run folder,
@@ -26,12 +28,15 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from alto.monitor import Decision
 from alto.registry import Adapter, AdapterConfig, Status
 from alto.search_spec import Dimension
 from alto.searchers import Searcher
 from alto.tasks import Task
 
 STUDY_FILE = "study.db"
+PRUNERS = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
+           "halving": optuna.pruners.SuccessiveHalvingPruner, "hyperband": optuna.pruners.HyperbandPruner}
 
 
 class AskedGrid(optuna.samplers.GridSampler):
@@ -68,6 +73,7 @@ class OptunaSearch(Searcher):
         self.task, self.config, self.path = task, task.search, run_dir / STUDY_FILE
         self.sampler = _sampler(task)
         self.trials: dict[str, int] = {}  # adapter -> its trial's number, in the order asked
+        self.reported: dict[str, int] = {}  # adapter -> its held-out losses the study has (the pruner's)
         self._storage: optuna.storages.RDBStorage | None = None
         self._study: optuna.Study | None = None
 
@@ -113,7 +119,8 @@ class OptunaSearch(Searcher):
     def study(self) -> optuna.Study:
         if self._study is None:
             self._study = optuna.create_study(storage=self.storage(), study_name=self.task.name, sampler=self.sampler,
-                                              direction="minimize", load_if_exists=True)
+                                              pruner=PRUNERS[self.config.pruner](), direction="minimize",
+                                              load_if_exists=True)
         return self._study
 
     def propose(self, free: int | None) -> list[tuple[str, AdapterConfig]]:
@@ -140,11 +147,34 @@ class OptunaSearch(Searcher):
             return IntDistribution(d.low, d.high, log=d.log, step=d.step or 1)
         return FloatDistribution(d.low, d.high, log=d.log, step=d.step)
 
-    def tell(self, adapter: Adapter, status: Status, result: float | None) -> None:
-        study, storage, number = self.study(), self.storage(), self.trials[adapter.id]
-        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.task.name), number)
-        for loss, step in zip(adapter.eval_losses, adapter.eval_steps):
+    def _report(self, adapter: Adapter) -> int:
+        """Its held-out losses not yet in the study, as its trial's intermediate values (at its
+        micro-steps); returns the trial's id."""
+        storage = self.storage()
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.task.name),
+                                                                   self.trials[adapter.id])
+        done = self.reported.get(adapter.id, 0)
+        for loss, step in zip(adapter.eval_losses[done:], adapter.eval_steps[done:]):
             storage.set_trial_intermediate_value(trial_id, step, loss)
+        self.reported[adapter.id] = len(adapter.eval_losses)
+        return trial_id
+
+    def stops(self, running: list[Adapter]) -> list[Decision]:
+        """The study's pruner (search.pruner) on each running trial with a new held-out loss."""
+        if self.config.pruner == "none":
+            return []
+        out = []
+        for a in running:
+            if len(a.eval_losses) > self.reported.get(a.id, 0):
+                trial = self.storage().get_trial(self._report(a))
+                if self.study().pruner.prune(self.study(), trial):
+                    out.append(Decision(a.id, a.micro_step, f"optuna-{self.config.pruner}",
+                                        f"Optuna's {self.config.pruner} pruner at held-out loss {a.eval_losses[-1]:.4f}"))
+        return out
+
+    def tell(self, adapter: Adapter, status: Status, result: float | None) -> None:
+        study, number = self.study(), self.trials[adapter.id]
+        self._report(adapter)
         if status == Status.FINISHED and result is not None:
             study.tell(number, result)
         else:
@@ -154,10 +184,11 @@ class OptunaSearch(Searcher):
     def state(self) -> Any:
         with contextlib.closing(sqlite3.connect(self.path)) as db:  # a consistent copy of the file, as bytes
             snapshot = db.serialize()
-        return {"trials": dict(self.trials), "sampler": pickle.dumps(self.sampler), "study": snapshot}
+        return {"trials": dict(self.trials), "reported": dict(self.reported), "sampler": pickle.dumps(self.sampler),
+                "study": snapshot}
 
     def load_state(self, state: Any) -> None:
-        self.trials, self.sampler = dict(state["trials"]), pickle.loads(state["sampler"])
+        self.trials, self.reported, self.sampler = dict(state["trials"]), dict(state["reported"]), pickle.loads(state["sampler"])
         self._storage = self._study = None  # opened again on the file put back
         tmp = self.path.with_suffix(".tmp")
         tmp.write_bytes(state["study"])

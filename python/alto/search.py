@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from alto.optuna_search import OptunaSearch
+from alto.monitor import Decision
 from alto.registry import Adapter, Registry, Status
 from alto.searchers import ENDED, Grid, Searcher, result
 from alto.tasks import Task
@@ -50,6 +51,13 @@ class Search:
 
     def _proposals(self, free: dict[str, int | None]) -> list[Adapter]:
         return [Adapter(aid, cfg, task) for task, n in free.items() for aid, cfg in self.searchers[task].propose(n)]
+
+    def stops(self, registry: Registry, stopping: Iterable[str]) -> list[Decision]:
+        """The searchers' own stops after a step, among their running adapters (`stopping`: the
+        monitor's, left out)."""
+        stopping = set(stopping)
+        return [d for task, searcher in self.searchers.items() for d in searcher.stops(
+            [a for a in registry.with_status(Status.RUNNING) if a.task == task and a.id not in stopping])]
 
     def state(self) -> dict[str, Any]:
         """Each task's searcher's state, by task name."""

@@ -7,6 +7,8 @@ search:
   trials: 48              # configurations in all (grid: default the number of grid points)
   seed: 0                 # the sampler's seed (null: unseeded)
   parallel: 8             # configurations proposed as the steps begin; then one per slot an ended one frees
+  pruner: none            # median | halving | hyperband: Optuna's pruner stops trials at evaluation points
+                          # (their held-out losses its intermediate values), beside any monitor
   space:                  # adapter fields (the task's defaults give the rest)
     rank: {low: 4, high: 64, log: true}           # a range: ints for int fields (step: optional)
     lr: {low: 1.0e-5, high: 1.0e-3, log: true}
@@ -28,7 +30,8 @@ from alto.inputs import is_int, is_number
 from alto.registry import AdapterConfig, ConfigFieldError
 
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
-SEARCH_KEYS = {"sampler", "trials", "seed", "parallel", "space"}
+PRUNERS = ("none", "median", "halving", "hyperband")
+SEARCH_KEYS = {"sampler", "trials", "seed", "parallel", "space", "pruner"}
 INT_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig) if f.type in ("int", int)}
 FLOAT_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig) if "float" in str(f.type)}
 SEARCHABLE = {f.name for f in dataclasses.fields(AdapterConfig)} - {"seed"}
@@ -61,6 +64,7 @@ class SearchConfig:
     seed: int | None
     parallel: int
     space: tuple[Dimension, ...]
+    pruner: str = "none"
     defaults: dict[str, Any] = field(default_factory=dict)  # the task's adapter defaults: the other fields
 
 
@@ -110,8 +114,9 @@ def _dimension(where: str, name: Any, given: Any, defaults: dict[str, Any]) -> D
     return dim
 
 
-def parse_search(where: str, given: Any, defaults: dict[str, Any]) -> SearchConfig:
-    """A task's search section (where: its place, e.g. "tasks[a]."); defaults: its adapter defaults."""
+def parse_search(where: str, given: Any, defaults: dict[str, Any], eval_every: int | None) -> SearchConfig:
+    """A task's search section (where: its place, e.g. "tasks[a]."); defaults: its adapter defaults;
+    eval_every: its evaluations' period (None: at the end only)."""
     w = f"{where}search"
     if not isinstance(given, dict) or set(given) - SEARCH_KEYS:
         _fail(w, f"must be a mapping with keys {', '.join(sorted(SEARCH_KEYS))}")
@@ -138,4 +143,9 @@ def parse_search(where: str, given: Any, defaults: dict[str, Any]) -> SearchConf
     parallel = given.get("parallel", 8)
     if not is_int(parallel) or parallel < 1:
         _fail(f"{w}.parallel", f"{parallel!r} must be an int >= 1")
-    return SearchConfig(sampler, trials, seed, min(parallel, trials), dims, dict(defaults))
+    pruner = given.get("pruner", "none")
+    if pruner not in PRUNERS:
+        _fail(f"{w}.pruner", f"{pruner!r} must be one of {', '.join(PRUNERS)}")
+    if pruner != "none" and eval_every is None:
+        _fail(f"{w}.pruner", f"{pruner} prunes on held-out losses during the run: set eval.every")
+    return SearchConfig(sampler, trials, seed, min(parallel, trials), dims, pruner, dict(defaults))

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from alto.monitor import Decision
 from alto.registry import Adapter, AdapterConfig, Status
 from alto.tasks import Task
 
@@ -62,6 +63,11 @@ class Searcher:
         """An adapter it proposed ended: finished, stopped early (by the monitor) or failed; result:
         its held-out loss (lower is better; None without held-out data, or failed before any). The
         adapter holds its config and every held-out loss it had (eval_losses at eval_steps)."""
+
+    def stops(self, running: list[Adapter]) -> list[Decision]:
+        """After a step, adapters of its task to stop early (a pruner of its own, beside the task's
+        monitor): running are those it proposed that run."""
+        return []
 
     def state(self) -> Any:
         """What resuming it needs, as plain data (pickled into the run's checkpoint)."""

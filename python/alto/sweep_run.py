@@ -182,9 +182,11 @@ class SweepRun:
 
     def decide(self, after_step: bool) -> Decisions:
         """Rank 0's decisions (alto.decisions.decide): the searchers' proposals (the first ones as
-        the steps begin; then for the slots that ended adapters free: alto.searchers.Search), and
-        after a step the monitor's stops."""
+        the steps begin; then for the slots that ended adapters free: alto.search.Search), and
+        after a step the monitor's stops and the searchers' own (a search's pruner)."""
         stops = self.monitor_stops() if after_step else []
+        if after_step:  # a search's pruner, beside the monitor
+            stops += self.search.stops(self.registry, [d.adapter for d in stops])
         proposals = self.search.propose(self.registry, [d.adapter for d in stops])
         return self.colocation.decide(stops, self.sweep.reclaim, proposals)
 

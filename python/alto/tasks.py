@@ -246,11 +246,11 @@ def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
         monitor = {**monitor, "eval_every": every}  # a monitor reading held-out losses reads these
     monitor = _monitor(where, monitor)
     adapters = _adapters(where, values, prefix)
-    search = parse_search(where, values["search"], values.get("defaults") or {}) if "search" in values else None
     evaluation = _eval(where, evaluation, monitor)
+    search = None if "search" not in values else parse_search(where, values["search"], values.get("defaults") or {},
+                                                              evaluation.every)
     held_out = bool(data["eval_fraction"] or data.get("eval_path") or data.get("eval_split"))
-    export = values.get("export", "best" if held_out else "last")
-    if export not in EXPORTS:
+    if (export := values.get("export", "best" if held_out else "last")) not in EXPORTS:
         fail(f"{where}export", f"{export!r} must be one of {', '.join(EXPORTS)}")
     if not held_out:
         for key, needs in (("monitor.signal", monitor is not None and monitor.signal == "eval"),
