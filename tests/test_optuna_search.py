@@ -129,3 +129,16 @@ def test_optunas_pruner_stops_trials_at_evaluation_points(tmp_path, sweep_yaml):
         earlier = [o.intermediate_values[steps[-1]] for o in study_of(run).trials
                    if o.number < t.number and o.state.name == "COMPLETE" and steps[-1] in o.intermediate_values]
         assert t.intermediate_values[steps[-1]] > sorted(earlier)[(len(earlier) - 1) // 2]
+
+
+def test_a_cma_es_search_runs_and_resumes_to_the_same_trials(tmp_path, sweep_yaml):
+    space = {"rank": {"low": 2, "high": 8}, "lr": {"low": 1e-3, "high": 1e-2, "log": True}}
+    extra = dict(grid=None, max_running=2, eval={"every": 2, "samples": 4},
+                 search={"sampler": "cmaes", "trials": 6, "seed": 5, "parallel": 2, "space": space})
+    assert tune(str(sweep_yaml(out="whole", **extra)), None, log=lambda *_: None) == 0
+    path = sweep_yaml(out="cut", **extra)
+    interrupt(path, 3)
+    assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
+    whole, cut = study_of(tmp_path / "whole").trials, study_of(tmp_path / "cut").trials
+    assert all(t.state.name == "COMPLETE" for t in whole) and len(whole) == 6
+    assert [(t.params, t.value) for t in cut] == [(t.params, t.value) for t in whole]
