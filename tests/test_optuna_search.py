@@ -58,6 +58,18 @@ def test_a_seeded_tpe_search_fills_freed_slots_and_tells_each_result(tmp_path, s
     assert len({(t.params["rank"], t.params["lr"]) for t in trials}) == 6  # the sampler's own proposals
 
 
+def test_held_out_losses_reach_the_study_as_they_come(tmp_path, sweep_yaml):
+    """A dashboard reading the study mid-run sees each running trial's held-out losses so far."""
+    path = search_sweep(sweep_yaml, "live")
+    assert tune(str(path), None, stop_after=5, log=lambda *_: None) == 0  # trials 2 and 3 run at micro-step 5
+    running = [t for t in study_of(tmp_path / "live").trials if t.state.name == "RUNNING"]
+    evals = [r for r in rows(tmp_path / "live" / "evals.csv")]
+    assert running and all(t.intermediate_values for t in running)
+    for t in running:
+        assert list(t.intermediate_values.values()) == pytest.approx(  # evals.csv: 6 decimals
+            [float(r["eval_loss"]) for r in evals if r["adapter"] == f"trial{t.number}"], abs=1e-6)
+
+
 def test_a_killed_search_resumes_to_the_uninterrupted_trials_and_results(tmp_path, sweep_yaml):
     assert tune(str(search_sweep(sweep_yaml, "whole")), None, log=lambda *_: None) == 0
     path = search_sweep(sweep_yaml, "cut")

@@ -160,14 +160,13 @@ class OptunaSearch(Searcher):
         return trial_id
 
     def stops(self, running: list[Adapter]) -> list[Decision]:
-        """The study's pruner (search.pruner) on each running trial with a new held-out loss."""
-        if self.config.pruner == "none":
-            return []
+        """Each running trial's new held-out losses into the study (optuna-dashboard shows them as they
+        come), then the study's pruner (search.pruner) on them."""
         out = []
         for a in running:
             if len(a.eval_losses) > self.reported.get(a.id, 0):
                 trial = self.storage().get_trial(self._report(a))
-                if self.study().pruner.prune(self.study(), trial):
+                if self.config.pruner != "none" and self.study().pruner.prune(self.study(), trial):
                     out.append(Decision(a.id, a.micro_step, f"optuna-{self.config.pruner}",
                                         f"Optuna's {self.config.pruner} pruner at held-out loss {a.eval_losses[-1]:.4f}"))
         return out
