@@ -191,6 +191,12 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
                               ["search.pruner: 'asha'", "median"]),
     "search pruner without evaluations": ({"grid": None, "eval": {"every": None}, "search": {
         "pruner": "median", "space": {"rank": [2]}}}, ["search.pruner", "eval.every"]),
+    "search defaults field unknown": ({"grid": None, "defaults": {"rnak": 8}, "search": {"space": {"rank": [2]}}},
+                                      ["defaults.rnak", "unknown field"]),
+    "search defaults value bad": ({"grid": None, "defaults": {"dropout": 2}, "search": {"space": {"rank": [2]}}},
+                                  ["defaults.dropout: 2"]),
+    "search grid of fewer points than trials": ({"grid": None, "search": {"sampler": "grid", "trials": 3, "space": {
+        "rank": [2, 4]}}}, ["search.trials", "2 points"]),
     "search trials 0": ({"grid": None, "search": {"trials": 0, "space": {"rank": [2]}}}, ["search.trials: 0"]),
     "search without held-out data": ({"grid": None, "search": {"space": {"rank": [2]}}, "data": {
         "source": "chatterbot", "eval_fraction": 0}}, ["search", "needs held-out data"]),

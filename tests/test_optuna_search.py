@@ -154,3 +154,12 @@ def test_a_cma_es_search_runs_and_resumes_to_the_same_trials(tmp_path, sweep_yam
     whole, cut = study_of(tmp_path / "whole").trials, study_of(tmp_path / "cut").trials
     assert all(t.state.name == "COMPLETE" for t in whole) and len(whole) == 6
     assert [(t.params, t.value) for t in cut] == [(t.params, t.value) for t in whole]
+
+
+def test_the_cluster_plans_a_search_by_its_trials_and_largest_configuration(sweep_yaml):
+    from alto.cluster import predicted_job
+    from alto.sweep import parse_sweep
+
+    path = sweep_yaml(out="c", grid=None, search={"trials": 7, "space": {"max_steps": {"low": 2, "high": 5}}})
+    job, micro_steps = predicted_job("c", parse_sweep(path.read_text()), 1, 0.0, "H100")
+    assert job.spec.configs == 7 and micro_steps == 5

@@ -47,7 +47,7 @@ def test_tensorboard_event_files_hold_every_adapters_curves(tmp_path, sweep_yaml
     run_dir = run_tracked(tmp_path, sweep_yaml, "tb")
     train, held = expected(run_dir)
     for aid in IDS:
-        events = EventAccumulator(str(run_dir / "tensorboard" / aid))
+        events = EventAccumulator(str(run_dir / "tensorboard" / "adapters" / aid))
         events.Reload()
         loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
         assert [s for s, _ in loss] == [s for s, _ in train[aid]]
@@ -75,7 +75,7 @@ def test_mlflow_runs_nest_every_adapter_under_the_sweep_and_survive_a_resume(tmp
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("t")
     found = client.search_runs([experiment.experiment_id])
-    runs = {r.data.tags["alto_run"]: r for r in found}
+    runs = {r.data.tags["mlflow.runName"]: r for r in found}
     assert set(runs) == {"sweep", *IDS} and len(found) == 5  # the resumed process found its runs again
     parent = runs["sweep"].info.run_id
     for aid in IDS:

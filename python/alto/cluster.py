@@ -40,6 +40,7 @@ from alto.runlog import append_rows
 from alto.sched.catalog import ModelShape, gpu_type
 from alto.sched.inter import POLICIES, AltoPolicy, Job, Policy, TraceTask, Workload
 from alto.sched.sim import HoldLog, plot_holds
+from alto.search import searcher_of
 from alto.sweep import Sweep, parse_sweep
 from alto.tune import HALTED
 
@@ -74,7 +75,9 @@ def predicted_job(name: str, sweep: Sweep, gpus: int, arrival_s: float, gpu: str
     """The task as the scheduler's model sees it (alto.sched.inter.Job.new, as the simulator builds
     its jobs): its configs, their micro-steps and sequence length, the base model's shape; the
     early-termination rungs of its monitor, if any. Returns the job and its planned micro-steps."""
-    configs = list(sweep.adapters.values())
+    # what its searchers may propose (a search's largest configurations) and how many they will
+    configs = [c for t in sweep.tasks.values() for c in searcher_of(t).bounds(t).values()]
+    planned = sum(searcher_of(t).planned(t) for t in sweep.tasks.values())
     micro_steps = max(c.max_steps * c.grad_accum for c in configs)
     seq_len = max(t.data["max_length"] for t in sweep.tasks.values())
     monitors = [t.monitor for t in sweep.tasks.values() if t.monitor]
@@ -83,7 +86,7 @@ def predicted_job(name: str, sweep: Sweep, gpus: int, arrival_s: float, gpu: str
     workload = Workload(gpu=gpu_type(gpu), seq_len=seq_len, config=configs[0],
                         rungs=Workload.rungs if monitors else (), keep=1 / monitors[0].eta if monitors else 1.0)
     shape = ModelShape.from_hf_config(model_config(sweep.model))
-    spec = TraceTask(arrival_s, name, str(sweep.model), len(configs),
+    spec = TraceTask(arrival_s, name, str(sweep.model), planned,
                      micro_steps * configs[0].micro_batch_size * seq_len, gpus)
     return Job.new(spec, shape, workload), micro_steps
 

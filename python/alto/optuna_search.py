@@ -71,7 +71,7 @@ class OptunaSearch(Searcher):
 
     def __init__(self, task: Task, run_dir: Path):
         self.task, self.config, self.path = task, task.search, run_dir / STUDY_FILE
-        self.sampler = _sampler(task)
+        self.sampler, self.pruner = _sampler(task), PRUNERS[task.search.pruner]()
         self.trials: dict[str, int] = {}  # adapter -> its trial's number, in the order asked
         self.reported: dict[str, int] = {}  # adapter -> its held-out losses the study has (the pruner's)
         self._storage: optuna.storages.RDBStorage | None = None
@@ -119,7 +119,7 @@ class OptunaSearch(Searcher):
     def study(self) -> optuna.Study:
         if self._study is None:
             self._study = optuna.create_study(storage=self.storage(), study_name=self.task.name, sampler=self.sampler,
-                                              pruner=PRUNERS[self.config.pruner](), direction="minimize",
+                                              pruner=self.pruner, direction="minimize",
                                               load_if_exists=True)
         return self._study
 
@@ -183,12 +183,16 @@ class OptunaSearch(Searcher):
     def state(self) -> Any:
         with contextlib.closing(sqlite3.connect(self.path)) as db:  # a consistent copy of the file, as bytes
             snapshot = db.serialize()
+        # the sampler's random state and the pruner's (Hyperband sizes its brackets when it first prunes)
         return {"trials": dict(self.trials), "reported": dict(self.reported), "sampler": pickle.dumps(self.sampler),
-                "study": snapshot}
+                "pruner": pickle.dumps(self.pruner), "study": snapshot}
 
     def load_state(self, state: Any) -> None:
-        self.trials, self.reported, self.sampler = dict(state["trials"]), dict(state["reported"]), pickle.loads(state["sampler"])
+        self.trials, self.reported = dict(state["trials"]), dict(state["reported"])
+        self.sampler, self.pruner = pickle.loads(state["sampler"]), pickle.loads(state["pruner"])
         self._storage = self._study = None  # opened again on the file put back
         tmp = self.path.with_suffix(".tmp")
         tmp.write_bytes(state["study"])
+        for suffix in ("-journal", "-wal", "-shm"):  # a killed write's, which SQLite would replay onto the snapshot
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         os.replace(tmp, self.path)  # whole, or as it was

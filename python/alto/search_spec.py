@@ -117,6 +117,13 @@ def _dimension(where: str, name: Any, given: Any, defaults: dict[str, Any]) -> D
 def parse_search(where: str, given: Any, defaults: dict[str, Any], eval_every: int | None) -> SearchConfig:
     """A task's search section (where: its place, e.g. "tasks[a]."); defaults: its adapter defaults;
     eval_every: its evaluations' period (None: at the end only)."""
+    for key, value in defaults.items():  # the other fields of every configuration, named where written
+        if key not in SEARCHABLE | {"seed"}:
+            _fail(f"{where}defaults.{key}", f"unknown field; fields: {', '.join(sorted(SEARCHABLE | {'seed'}))}")
+    try:
+        AdapterConfig(**defaults)
+    except ConfigFieldError as e:
+        _fail(f"{where}defaults.{e.field}", e.problem)
     w = f"{where}search"
     if not isinstance(given, dict) or set(given) - SEARCH_KEYS:
         _fail(w, f"must be a mapping with keys {', '.join(sorted(SEARCH_KEYS))}")
@@ -137,6 +144,8 @@ def parse_search(where: str, given: Any, defaults: dict[str, Any], eval_every: i
     trials = given.get("trials", points if sampler == "grid" else 16)
     if not is_int(trials) or trials < 1:
         _fail(f"{w}.trials", f"{trials!r} must be an int >= 1")
+    if sampler == "grid" and trials > points:
+        _fail(f"{w}.trials", f"{trials} is more than the grid's {points} points (each would run again)")
     seed = given.get("seed", 0)
     if seed is not None and (not is_int(seed) or not 0 <= seed < 2**32):
         _fail(f"{w}.seed", f"{seed!r} must be an int in [0, 2**32) or null")

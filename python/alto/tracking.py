@@ -3,7 +3,7 @@ a run of its own, with its hyperparameters, training loss and learning rate at e
 micro-steps and its held-out losses; the sweep's own run with each step's seconds, adapters, token
 positions and measured peak memory. Rank 0 reports (alto.runlog.RunLog feeds the trackers).
 
-- tensorboard: event files under RUN_DIR/tensorboard/<adapter>/ and RUN_DIR/tensorboard/sweep/
+- tensorboard: event files under RUN_DIR/tensorboard/adapters/<adapter>/ and RUN_DIR/tensorboard/sweep/
   (`tensorboard --logdir RUN_DIR/tensorboard`), written by torch's SummaryWriter; each adapter's
   hyperparameters as text.
 - mlflow: RUN_DIR/mlflow.db (MLflow's SQLite store: `mlflow ui --backend-store-uri
@@ -54,10 +54,9 @@ class TensorBoard(Tracker):
     def _writer(self, adapter: str | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        name = "sweep" if adapter is None else adapter
-        if name not in self.writers:
-            self.writers[name] = SummaryWriter(str(self.root / name))
-        return self.writers[name]
+        if adapter not in self.writers:  # adapters in a folder of their own: one may be named "sweep"
+            self.writers[adapter] = SummaryWriter(str(self.root / ("sweep" if adapter is None else f"adapters/{adapter}")))
+        return self.writers[adapter]
 
     def params(self, adapter: str, params: Mapping[str, Any]) -> None:
         self._writer(adapter).add_text("hyperparameters", "  \n".join(f"{k}: {v}" for k, v in params.items()))
@@ -91,8 +90,9 @@ class MLflow(Tracker):
         """The MLflow run of an adapter (or of the sweep): an earlier process's (resumed), or a new one."""
         if adapter not in self.runs:
             name = "sweep" if adapter is None else adapter
-            old = self.client.search_runs([self.experiment], filter_string=f"tags.alto_run = '{name}'")
-            tags = {"alto_run": name, "mlflow.runName": name}
+            key = "sweep" if adapter is None else f"adapter:{adapter}"  # never equal: an adapter may be named "sweep"
+            old = self.client.search_runs([self.experiment], filter_string=f"tags.alto_run = '{key}'")
+            tags = {"alto_run": key, "mlflow.runName": name}
             if adapter is not None:
                 tags["mlflow.parentRunId"] = self.parent
             self.runs[adapter] = old[0].info.run_id if old else self.client.create_run(self.experiment, tags=tags).info.run_id

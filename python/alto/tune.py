@@ -113,7 +113,7 @@ def run_rank(text: str, source: str, run_dir: str, resume: bool, stop_after: int
             torch.set_num_threads(run_threads(run_dir, resume))  # before any float math (alto.parallel.rank_threads)
             run = SweepRun(sweep, run_dir, group, started, resume)  # loads model and data: still nothing written
         except INPUT_ERRORS as e:  # every rank fails alike (each is its own process): rank 0 says why
-            if raise_errors:
+            if raise_errors and group.world == 1:
                 raise
             return report("tune", e) if group.is_leader else 2
         if group.is_leader:
