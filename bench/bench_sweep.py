@@ -53,6 +53,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -125,14 +126,16 @@ class Row:
 
 
 # ---- ALTO: alto tune as a user runs it ----------------------------------------------------------
-def alto_row(args, method: str, model, data: Path, adapters: list[dict], out: Path) -> Row:
+def alto_tune(args, doc: dict, out: Path) -> tuple[float, dict[str, float]]:
+    """`alto tune` of this sweep (written beside out) in its own process, timed from outside: its wall
+    and timing.json's phases, with exit (the wall after timing.json's end). Also bench_search's."""
     path = out.parent / f"{out.name}.yaml"
-    path.write_text(json.dumps(sweep_doc(args, model, data, adapters, out, early_exit=method == "d")))
+    path.write_text(json.dumps(doc))
     log = out.parent / f"{out.name}.log"
     gc.collect()
     peak_reset()  # this process's cached GPU memory given back: alto's process admits by what is free
     command = [sys.executable, "-m", "alto.cli", "tune", str(path)]
-    if args.profile:  # py-spy samples the process from outside (--nonblocking: it never pauses it)
+    if getattr(args, "profile", False):  # py-spy samples the process from outside (--nonblocking: never pauses it)
         command = ["py-spy", "record", "--idle", "--nonblocking", "--rate", "50", "--format", "speedscope",
                    "-o", str(out.parent / f"{out.name}.speedscope.json"), "--", *command]
     start = time.perf_counter()
@@ -144,6 +147,11 @@ def alto_row(args, method: str, model, data: Path, adapters: list[dict], out: Pa
         raise SystemExit(f"alto tune {path} exited with {code}: {log.read_text()[-2000:]}")
     phases = json.loads((out / "timing.json").read_text())
     phases["exit"] = wall - sum(phases.values())
+    return wall, phases
+
+
+def alto_row(args, method: str, model, data: Path, adapters: list[dict], out: Path) -> Row:
+    wall, phases = alto_tune(args, sweep_doc(args, model, data, adapters, out, early_exit=method == "d"), out)
     with open(out / "steps.csv", newline="") as f:
         steps = list(csv.DictReader(f))
     with open(out / "leaderboard.csv", newline="") as f:
@@ -175,13 +183,17 @@ def autocast(device: torch.device):
 
 
 def peft_job(base, cfg, train: list[list[int]], held_out: list[list[int]], device: torch.device, out: Path,
-             with_trainer: bool) -> dict:
+             with_trainer: bool = False, eval_every: int = 0, on_eval: Callable[[int, float], None] | None = None,
+             times: dict[str, float] | None = None) -> dict:
     """One configuration trained alone (PEFT; with_trainer: through transformers' Trainer), evaluated
-    and saved; the base model is given back without the adapter. Returns seconds per phase,
-    trained tokens and the held-out loss."""
+    and saved; the base model is given back without the adapter (also when on_eval raises, as
+    Optuna's TrialPruned does). eval_every > 0 (loop only): the held-out loss also every that many
+    steps, each passed to on_eval(step, loss). Returns seconds per phase (added to times, when given:
+    kept when on_eval raises), trained tokens, the held-out losses (the last at the end) and the steps
+    trained."""
     import peft
 
-    times: dict[str, float] = {}
+    times = {} if times is None else times
     with timed(times, "other"):
         lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
                                target_modules=list(cfg.target_modules))
@@ -189,23 +201,41 @@ def peft_job(base, cfg, train: list[list[int]], held_out: list[list[int]], devic
         stream = DataStream.shuffled(train, cfg.seed)  # the data order ALTO gives this configuration
         batches = [stream.next_batch(cfg.micro_batch_size) for _ in range(cfg.max_steps * cfg.grad_accum)]
         tokens = sum(len(s) for b in batches for s in b)
-    with timed(times, "train"):
-        if with_trainer:
-            train_with_trainer(model, cfg, batches, base.pad_id, out)
-        else:
-            train_with_loop(model, cfg, batches, base.pad_id, device)
-        gpu_sync()
-    with timed(times, "evaluate"):
-        model.eval()
-        loss = held_out_loss(model, held_out, base.pad_id, device)
-    with timed(times, "export"):
-        model.save_pretrained(str(out))
-    with timed(times, "other"):
-        base.model = model.unload()  # the base without LoRA layers (and without peft_config), for the next job
-    return {"phases": times, "tokens": tokens, "loss": loss, "steps": cfg.max_steps}
+    losses: list[float] = []
+
+    def evaluate(step: int) -> None:
+        with timed(times, "evaluate"):
+            model.eval()
+            losses.append(held_out_loss(model, held_out, base.pad_id, device))
+            model.train()
+        if on_eval is not None:
+            on_eval(step, losses[-1])
+
+    try:
+        evaluated = times.get("evaluate", 0.0)
+        try:
+            with timed(times, "train"):
+                if with_trainer:
+                    train_with_trainer(model, cfg, batches, base.pad_id, out)
+                else:
+                    every = (lambda step: evaluate(step) if step % eval_every == 0 else None) if eval_every else None
+                    train_with_loop(model, cfg, batches, base.pad_id, device, after_step=every)
+                gpu_sync()
+        finally:
+            times["train"] -= times.get("evaluate", 0.0) - evaluated  # the evaluations inside the loop, timed twice
+        if not eval_every or cfg.max_steps % eval_every:
+            evaluate(cfg.max_steps)
+        with timed(times, "export"):
+            model.save_pretrained(str(out))
+    finally:
+        with timed(times, "other"):
+            base.model = model.unload()  # the base without LoRA layers (and without peft_config), for the next job
+    return {"phases": times, "tokens": tokens, "loss": losses[-1], "losses": losses, "steps": cfg.max_steps}
 
 
-def train_with_loop(model, cfg, batches, pad_id: int, device: torch.device) -> None:
+def train_with_loop(model, cfg, batches, pad_id: int, device: torch.device,
+                    after_step: Callable[[int], None] | None = None) -> None:
+    """after_step(step): called after each optimizer step (counted from 1)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     model.train()
@@ -221,6 +251,8 @@ def train_with_loop(model, cfg, batches, pad_id: int, device: torch.device) -> N
                 g["lr"] = cfg.lr_at(i // cfg.grad_accum)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step((i + 1) // cfg.grad_accum)
 
 
 def train_with_trainer(model, cfg, batches, pad_id: int, out: Path) -> None:

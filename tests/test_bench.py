@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +125,20 @@ def test_bench_sweep_runs_the_peft_and_trainer_jobs_and_alto_with_and_without_ea
     assert [r["method"][:3] for r in rows] == ["(a)", "(b)", "(c)", "(d)"]
     assert all(r["K"] == "2" and positive(r["wall s"]) and positive(r["its held-out loss"]) for r in rows)
     assert (tmp_path / "bench_sweep.json").is_file()
+
+
+def test_bench_search_runs_optuna_with_peft_jobs_alto_search_and_alto_grid(tmp_path):
+    out = bench("bench_search", "--device", "cpu", "--model", "tiny", "--trials", 4, "--parallel", 2, "--steps", 2,
+                "--eval-every", 1, "--max-length", 64, "--eval-samples", 4, "--grid", '{"rank": [2, 4]}', "--out", tmp_path)
+    rows = table(out, "method", "wall s", "speed-up vs (p)", "complete", "pruned", "best held-out loss")
+    assert [r["method"][:3] for r in rows] == ["(p)", "(s)", "(g)"]
+    assert [int(r["complete"]) + int(r["pruned"]) for r in rows] == [4, 4, 2]
+    assert all(positive(r["wall s"]) and positive(r["best held-out loss"]) for r in rows)
+    # TPE's first trials are random draws of the seeded sampler: both searches' first trial is one configuration
+    first = [optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name / 'study.db'}").trials[0]
+             for name in ("optuna-peft", "alto-search")]
+    assert first[0].params == first[1].params
+    assert any(line.startswith("SEARCH ") for line in out.splitlines())
 
 
 def test_bench_tasks_runs_three_tenants_together_and_one_after_another():
