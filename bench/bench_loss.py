@@ -1,4 +1,4 @@
-"""The loss of a co-located step: alto.train.token_losses (blocked fp32 cross-entropy) vs the usual
+"""The loss of a co-located step: alto.loss.token_losses (blocked fp32 cross-entropy) vs the usual
 `F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ...)` of HF / PEFT training loops.
 
 Both get the same bf16 logits [rows, seq, vocab] (what the LM head gives; they exist before the

@@ -22,7 +22,8 @@ from alto.families import Llama
 from alto.model import MultiLoraModel, plan_for
 from alto.registry import AdapterConfig, Registry
 from alto.loss import token_losses
-from alto.train import DataStream, Trainer, pad_batch
+from alto.step import pad_batch
+from alto.train import DataStream, Trainer
 from bench_memory import WIDTHS
 
 RANKS = [8, 16, 32, 64]

@@ -62,7 +62,8 @@ from alto import data as data_mod
 from alto.base import load_base
 from alto.export import save_base
 from alto.sweep import parse_sweep
-from alto.train import DataStream, pad_batch
+from alto.step import pad_batch
+from alto.train import DataStream
 from alto import timing
 from alto.timing import timed
 from bench_memory import WIDTHS

@@ -144,7 +144,8 @@ def peft_alone(base_model, cfg, sequences, init, steps, pad_id):
     import peft
     import torch.nn.functional as F
 
-    from alto.train import DataStream, pad_batch
+    from alto.step import pad_batch
+    from alto.train import DataStream
 
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, use_rslora=cfg.use_rslora,
                            target_modules=list(cfg.target_modules), bias="none")

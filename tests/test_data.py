@@ -11,7 +11,7 @@ import torch
 
 from alto.base import SMOLLM2_GGUF, byte_tokenizer, smollm2_dir
 from alto.data import check_record, context, ids_and_labels, record_tokens, tokenize
-from alto.train import pad_batch, step_inputs
+from alto.step import pad_batch, step_inputs
 
 QWEN2_TEMPLATE = (
     "{%- for message in messages %}{%- if loop.first and message['role'] != 'system' %}"

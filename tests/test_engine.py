@@ -23,7 +23,8 @@ transformers = pytest.importorskip("transformers")
 from alto.data import context  # noqa: E402
 from alto.model import MultiLoraModel  # noqa: E402
 from alto.registry import AdapterConfig, Registry, Status  # noqa: E402
-from alto.train import DataStream, Trainer, pad_batch  # noqa: E402
+from alto.step import pad_batch  # noqa: E402
+from alto.train import DataStream, Trainer  # noqa: E402
 from conftest import EXACT_ATOL, EXACT_RTOL, differences, peft_alone  # noqa: E402
 
 VOCAB, PAD = 96, 0

@@ -31,8 +31,8 @@ class Doubled(SFT):
 
     name = "doubled"
 
-    def loss_sums(self, token_loss, labels, plan):
-        sums = super().loss_sums(token_loss, labels, plan)
+    def loss_sums(self, token_loss, labels, plan, reference=None):
+        sums = super().loss_sums(token_loss, labels, plan, reference)
         return torch.stack([2 * sums[0], sums[1]])
 
 

@@ -12,10 +12,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import alto.attention  # noqa: E402
-import alto.train  # noqa: E402
+import alto.step  # noqa: E402
 from alto.model import MultiLoraModel  # noqa: E402
 from alto.registry import AdapterConfig  # noqa: E402
-from alto.train import colocated_losses  # noqa: E402
+from alto.step import colocated_losses  # noqa: E402
 
 VOCAB, PAD = 80, 0
 ADAPTERS = {  # id -> (config, sequence lengths of its batch)
@@ -99,7 +99,7 @@ def _targets_crossing_boundaries(sequences, pad_id, packed, device):
     return inputs, (inputs["input_ids"] if packed else labels), row_len  # each last token predicts the next sequence
 
 
-STEP_INPUTS = alto.train.step_inputs
+STEP_INPUTS = alto.step.step_inputs
 
 
 # (Positions that do not restart are no bug for rotary models: q.k depends on position differences only.)
@@ -108,7 +108,7 @@ def test_the_packing_comparison_catches_planted_bugs(bug, monkeypatch):
     if bug == "attention crosses sequences":
         monkeypatch.setattr(alto.attention, "_per_sequence", _one_attention_over_everything)
     else:
-        monkeypatch.setattr(alto.train, "step_inputs", _targets_crossing_boundaries)
+        monkeypatch.setattr(alto.step, "step_inputs", _targets_crossing_boundaries)
     assert differences(tiny("Llama"), torch.device("cpu"), FP32) != []
 
 
@@ -143,7 +143,7 @@ def test_held_out_losses_padded_equal_packed_and_chunks_hold_their_positions(max
 
         def counted(m, chunk, *args, **kw):
             lengths = [len(s) for b in chunk.values() for s in b]
-            chunks.append((alto.train.step_positions(lengths, kw["packed"]), len(lengths)))
+            chunks.append((alto.step.step_positions(lengths, kw["packed"]), len(lengths)))
             return original(m, chunk, *args, **kw)
         monkeypatch.setattr(alto.evaluation, "colocated_losses", counted)
         got = alto.evaluation.held_out_losses(model, batches, PAD, torch.device("cpu"), max_positions, packed=packed)

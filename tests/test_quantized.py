@@ -19,7 +19,8 @@ import alto_ext  # noqa: E402
 from alto.base import held_bytes, is_nf4, model_bytes, quantize_nf4  # noqa: E402
 from alto.model import MultiLoraLinear, MultiLoraModel, _Context, plan_for  # noqa: E402
 from alto.registry import AdapterConfig, Registry  # noqa: E402
-from alto.train import DataStream, Trainer, pad_batch  # noqa: E402
+from alto.step import pad_batch  # noqa: E402
+from alto.train import DataStream, Trainer  # noqa: E402
 from conftest import EXACT_ATOL, EXACT_RTOL, differences, peft_alone  # noqa: E402
 
 VOCAB, PAD = 96, 0

@@ -32,7 +32,7 @@ from alto.objectives import SFT, Objective
 from alto.registry import Adapter, AdapterConfig
 from alto.sched.catalog import ModelShape
 from alto.sched.memory import PeakModel, activation_bytes_per_token, adapter_params
-from alto.train import colocated_losses
+from alto.step import colocated_losses
 
 MARGIN = 0.1  # of the device's memory, never planned: fragmentation, workspaces, other processes
 OPTIMIZER_BYTES = 8  # AdamW's two fp32 moments per parameter: a probe step does not allocate them

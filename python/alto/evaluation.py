@@ -29,7 +29,7 @@ from alto.registry import Adapter, AdapterConfig, Registry, Status
 from alto.results import Outcome
 from alto.state import AdapterState, HostCopies
 from alto.tasks import Task
-from alto.train import colocated_losses
+from alto.step import colocated_losses
 
 Weights = dict[str, LayerTensors]  # an adapter's tensors by layer path (MultiLoraModel.adapter_weights)
 

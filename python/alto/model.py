@@ -39,6 +39,7 @@ class StepPlan:
     generators: list[torch.Generator]  # each adapter's own dropout RNG (migrates with it)
     device: torch.device
     scaling_dtype: torch.dtype = torch.float32  # float64 for a float64 model (exact math)
+    configs: list[AdapterConfig] = field(default_factory=list)  # each adapter's (what its objective reads)
     _segments: dict[tuple[int, ...], alto_ext.Segments] = field(default_factory=dict)
 
     @property
@@ -394,7 +395,7 @@ class MultiLoraModel(nn.Module):
     def forward(self, plan: StepPlan, last_hidden: bool = False, past_key_values=None,
                 **inputs: torch.Tensor | int) -> torch.Tensor:
         """Logits [rows, positions, vocab] (last_hidden: the decoder's last hidden states instead,
-        [rows, positions, d], for plain_head) of a step built by alto.train.step_inputs: padded rows
+        [rows, positions, d], for plain_head) of a step built by alto.step.step_inputs: padded rows
         (input_ids, attention_mask) or one packed row (input_ids, position_ids, cu_seq_lens_q,
         max_length_q: attention alto.attention's varlen); adapters own plan's token ranges.
         past_key_values: a transformers Cache that the forward extends (decoding: alto.generate)."""
@@ -423,4 +424,4 @@ def plan_for(model: MultiLoraModel, adapter_ids: Sequence[str], lengths: Sequenc
     configs = [model.configs[a] for a in adapter_ids]
     return StepPlan(list(adapter_ids), [list(lens) for lens in lengths], row_len, [c.scaling for c in configs],
                     [c.dropout for c in configs], [model.generators[a] for a in adapter_ids], device,
-                    model.adapter_dtype)
+                    model.adapter_dtype, configs=configs)

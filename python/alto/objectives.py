@@ -1,25 +1,30 @@
 """Objectives: what a sample of an adapter's data is, and how each adapter's loss comes from a
 co-located step's per-token losses.
 
-A step (alto.train.colocated_losses: training, held-out losses and admission's probe steps alike)
+A step (alto.step.colocated_losses: training, held-out losses and admission's probe steps alike)
 runs every adapter's samples through the shared model and its LM head once, giving every
 position's next-token loss (the negative log-probability of its target; alto.loss); the objective
 reduces those to each adapter's summed loss and the count its mean divides by. A sample is
 `per_sample` sequences taken together: data streams serve whole samples and held-out passes never
-split one (a preference pair's chosen and rejected answers must meet in one step of one adapter).
+split one (a preference pair's chosen and rejected answers meet in one step of one adapter).
+An objective with `references` also needs each sequence's log-probability under the frozen base
+alone: colocated_losses computes those once per distinct sequence (one adapter-free forward of the
+sequences not seen before) and keeps them there, shared by every adapter that trains on them.
 
-To add an objective: one class here (its per_sample and loss_sums), listed in OBJECTIVES. DPO is
-next: a sample of two sequences (chosen, rejected); its loss per pair from their summed
-log-probabilities and those of the frozen base.
+To add an objective: one class here (its name, per_sample, loss_sums; references if it needs the
+base's log-probabilities), listed in OBJECTIVES, its name in alto.tasks.OBJECTIVE_NAMES.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
-from alto.loss import adapter_loss_sums
+from alto.loss import adapter_loss_sums, next_token_targets
 from alto.model import StepPlan
+from alto_ext.segments import segment_sums, to_device
 
 
 class Objective:
@@ -27,11 +32,14 @@ class Objective:
 
     name: ClassVar[str]
     per_sample: ClassVar[int]  # sequences in one sample, kept together
+    references: "ReferenceLogProbs | None" = None  # the base's log-probabilities, if the loss needs them
 
-    def loss_sums(self, token_loss: torch.Tensor, labels: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+    def loss_sums(self, token_loss: torch.Tensor, labels: torch.Tensor, plan: StepPlan,
+                  reference: torch.Tensor | None = None) -> torch.Tensor:
         """[2, G] in the plan's adapter order: each adapter's summed loss and the count its mean
-        divides by, from every position's next-token loss (flat, 0 where there is no target) and
-        the step's [rows, positions] labels (-100: no target)."""
+        divides by, from every position's next-token loss (flat, 0 where there is no target), the
+        step's [rows, positions] labels (-100: no target) and, if the objective has references,
+        each sequence's summed log-probability under the base alone ([sequences], step order)."""
         raise NotImplementedError
 
 
@@ -41,8 +49,79 @@ class SFT(Objective):
 
     name, per_sample = "sft", 1
 
-    def loss_sums(self, token_loss: torch.Tensor, labels: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+    def loss_sums(self, token_loss: torch.Tensor, labels: torch.Tensor, plan: StepPlan,
+                  reference: torch.Tensor | None = None) -> torch.Tensor:
         return adapter_loss_sums(token_loss, labels, plan.token_counts)
 
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (SFT(),)}
+class ReferenceLogProbs:
+    """Each distinct sequence's summed log-probability under the frozen base, computed once (by
+    alto.step.colocated_losses) and kept for the run. forwards and computed count the base's
+    passes and the sequences they scored (what sharing saves is measured by them)."""
+
+    def __init__(self) -> None:
+        self.values: dict[bytes, float] = {}
+        self.forwards = self.computed = 0
+
+    @staticmethod
+    def key(sequence: Sequence[int] | torch.Tensor) -> bytes:
+        return torch.as_tensor(sequence, dtype=torch.int64).numpy().tobytes()
+
+    def missing(self, sequences: Sequence[Sequence[int] | torch.Tensor]) -> list[Sequence[int] | torch.Tensor]:
+        """The sequences not scored yet, each once."""
+        out: dict[bytes, Sequence[int] | torch.Tensor] = {}
+        for s in sequences:
+            k = self.key(s)
+            if k not in self.values:
+                out.setdefault(k, s)
+        return list(out.values())
+
+    def add(self, sequences: Sequence[Sequence[int] | torch.Tensor], log_probs: Sequence[float]) -> None:
+        self.forwards += 1
+        self.computed += len(sequences)
+        self.values.update(zip(map(self.key, sequences), log_probs))
+
+    def of(self, sequences: Sequence[Sequence[int] | torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return to_device([self.values[self.key(s)] for s in sequences], device, dtype)
+
+
+def sequence_sums(values: torch.Tensor, lengths: Sequence[int], row_len: int | None) -> torch.Tensor:
+    """[..., sequences]: flat per-position values summed over each sequence of a step of sequences
+    of these lengths (its positions: packed, row_len None, its length; padded, its row)."""
+    return segment_sums(values, lengths if row_len is None else [row_len] * len(lengths))
+
+
+class DPO(Objective):
+    """Direct preference optimization as TRL's DPOTrainer computes it with a LoRA adapter: a sample
+    is a pair (chosen, rejected); each answer's log-probability is the sum over its completion
+    tokens, its log-ratio that minus the frozen base's (the reference: the model with no adapter);
+    per pair, with the adapter's beta and loss_type,
+      sigmoid: -log sigmoid(beta * (chosen log-ratio - rejected log-ratio))
+      ipo:     (chosen log-ratio / its tokens - rejected log-ratio / its tokens - 1 / (2 beta))^2
+    and an adapter's loss is the mean over its pairs."""
+
+    name, per_sample = "dpo", 2
+
+    def __init__(self) -> None:
+        self.references = ReferenceLogProbs()
+
+    def loss_sums(self, token_loss: torch.Tensor, labels: torch.Tensor, plan: StepPlan,
+                  reference: torch.Tensor | None = None) -> torch.Tensor:
+        if reference is None:
+            raise ValueError("dpo needs the base's log-probabilities of the step's sequences")
+        has_target = (next_token_targets(labels) != -100).to(token_loss.dtype)
+        lengths = [n for lens in plan.lengths for n in lens]
+        loss_sum, tokens = sequence_sums(torch.stack([token_loss.flatten(), has_target]), lengths, plan.row_len)
+        ratio = -loss_sum - reference
+        pairs = [len(lens) // 2 for lens in plan.lengths]
+        per_pair = [(c.beta, c.loss_type == "ipo") for c, n in zip(plan.configs, pairs) for _ in range(n)]
+        beta = to_device([b for b, _ in per_pair], ratio.device, ratio.dtype)
+        ipo = to_device([i for _, i in per_pair], ratio.device, torch.bool)
+        chosen, rejected = ratio[0::2], ratio[1::2]
+        sigmoid_loss = -F.logsigmoid(beta * (chosen - rejected))
+        ipo_loss = (chosen / tokens[0::2].clamp_min(1) - rejected / tokens[1::2].clamp_min(1) - 1 / (2 * beta)) ** 2
+        loss = torch.where(ipo, ipo_loss, sigmoid_loss)
+        return segment_sums(torch.stack([loss, torch.ones_like(loss)]), pairs)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (SFT, DPO)}

@@ -12,6 +12,9 @@ from typing import Any
 
 from alto.inputs import is_int, is_number
 
+LOSS_TYPES = ("sigmoid", "ipo")  # dpo's (alto.objectives.DPO)
+
+
 class Status(str, enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -62,6 +65,8 @@ class AdapterConfig:
     use_rslora: bool = False
     seed: int = 0
     max_steps: int = 100  # optimizer steps
+    beta: float = 0.1  # dpo: the strength of the pull to the reference (TRL's beta)
+    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo (TRL's loss types)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -94,6 +99,9 @@ class AdapterConfig:
                  "an int >= 1")
         _require(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "true or false")
         _require(is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "a non-negative int")
+        _require(is_number(self.beta) and 0 < self.beta and math.isfinite(self.beta), "beta", self.beta,
+                 "a positive number")
+        _require(self.loss_type in LOSS_TYPES, "loss_type", self.loss_type, f"one of {', '.join(LOSS_TYPES)}")
 
     @property
     def scaling(self) -> float:

@@ -1,0 +1,194 @@
+"""DPO co-located is exact: each adapter trained with others (different ranks, betas, loss types,
+micro-batches, accumulation and schedules) gives the same per-micro-batch losses and weights as that
+adapter trained alone by TRL's DPOTrainer over PEFT (its reference: the adapter's initial weights,
+B = 0, i.e. the frozen base), in float64 on the CPU. The base scores each distinct sequence once,
+however many adapters train on it. Planted bugs (the reference computed with an adapter on, a pair
+split across steps) fail the comparison.
+
+TRL's fused LM head computes log-probabilities in float32 whatever the model's dtype; the test
+swaps it for the same log-softmax in the model's dtype (F64LogProb), so both sides are float64 math.
+"""
+import copy
+import random
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+import alto.step  # noqa: E402
+from alto.data import context  # noqa: E402
+from alto.model import MultiLoraModel  # noqa: E402
+from alto.objectives import DPO  # noqa: E402
+from alto.registry import AdapterConfig, Registry  # noqa: E402
+from alto.train import DataStream, Trainer  # noqa: E402
+from conftest import differences  # noqa: E402
+
+VOCAB, PAD, EOS = 48, 0, 2
+CONFIGS = {
+    "a": AdapterConfig(rank=4, alpha=8, lr=1e-2, micro_batch_size=2, beta=0.1, seed=1, max_steps=4),
+    "b": AdapterConfig(rank=8, alpha=8, lr=5e-3, micro_batch_size=3, grad_accum=2, beta=0.5, loss_type="ipo",
+                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=2, max_steps=2),
+    "c": AdapterConfig(rank=2, alpha=4, lr=2e-2, micro_batch_size=1, beta=0.05, schedule="linear", max_grad_norm=0.1,
+                       target_modules=("gate_proj", "down_proj"), seed=3, max_steps=4),
+}
+MICRO_STEPS = 4
+
+
+class F64LogProb:
+    """TRL's fused head's log-probabilities (trl.trainer.utils._ChunkedLogProbFunction's outputs)
+    as a plain log-softmax in the logits' dtype, with autograd."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
+        z = hidden @ weight.t() if bias is None else hidden @ weight.t() + bias
+        z = z * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        log_probs = (z / temperature).log_softmax(-1)
+        chosen = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+        with torch.no_grad():
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return chosen, entropy, None, z.mean(-1).detach(), (z.argmax(-1) == targets)
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """(prompt, chosen, rejected) token ids: odd lengths, answers ending with EOS."""
+    rng = random.Random(11)
+
+    def words(lo, hi):
+        return [rng.randrange(3, VOCAB) for _ in range(rng.randrange(lo, hi))]
+
+    return [(words(1, 7), words(1, 6) + [EOS], words(2, 9) + [EOS]) for _ in range(12)]
+
+
+def pair_sequences(pairs) -> list[list[int]]:
+    """alto's layout: each pair as two sequences (chosen, rejected), the prompt context-only."""
+    return [context(p) + answer for p, c, r in pairs for answer in (c, r)]
+
+
+def colocated(base_model, pairs, ids=tuple(CONFIGS), steps=MICRO_STEPS):
+    model = MultiLoraModel(copy.deepcopy(base_model))
+    reg, objective = Registry(), DPO()
+    streams = {aid: DataStream(pair_sequences(pairs), per_sample=2) for aid in ids}
+    trainer = Trainer(model, reg, streams, PAD, objective=objective)
+    trainer.admit([reg.add(aid, CONFIGS[aid]) for aid in ids])
+    init = {aid: model.adapter_weights(aid) for aid in ids}
+    for _ in range(steps):
+        trainer.step()
+    return trainer, init, objective
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": PAD, "<s>": 1, "</s>": EOS, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def trl_alone(base_model, cfg, pairs, init, steps, tmp_path, monkeypatch):
+    """cfg trained alone by TRL's DPOTrainer over a PEFT model (our init copied in), the pairs in
+    order (as given: tokenized), for `steps` micro-batches; returns (losses per micro-batch, weights
+    as alto lays them out)."""
+    monkeypatch.setattr(trl.trainer.utils, "_ChunkedLogProbFunction", F64LogProb)
+
+    class InOrder(trl.DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):  # the pairs come tokenized
+            return dataset
+
+        def compute_loss(self, *args, **kwargs):
+            loss = super().compute_loss(*args, **kwargs)
+            self.micro_losses.append(loss.item())
+            return loss
+
+    lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.target_modules),
+                           bias="none")
+    pm = peft.get_peft_model(copy.deepcopy(base_model), lora)
+    inner = pm.base_model.model
+    for path, tensors in init.items():
+        inner.get_submodule(path).lora_A["default"].weight.data.copy_(tensors["lora_A"])
+        inner.get_submodule(path).lora_B["default"].weight.data.copy_(tensors["lora_B"].T)
+    data = datasets.Dataset.from_dict({"prompt_ids": [p for p, _, _ in pairs], "chosen_ids": [c for _, c, _ in pairs],
+                                       "rejected_ids": [r for _, _, r in pairs]})
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=steps // cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.schedule, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm or 0.0, optim="adamw_torch", train_sampling_strategy="sequential",
+        loss_type=cfg.loss_type, beta=cfg.beta, max_length=None, report_to="none", save_strategy="no",
+        disable_tqdm=True, logging_steps=1)
+    trainer = InOrder(model=pm, args=args, train_dataset=data, processing_class=tokenizer())
+    trainer.micro_losses = []
+    trainer.train()
+    weights = {path: {"lora_A": inner.get_submodule(path).lora_A["default"].weight.detach(),
+                      "lora_B": inner.get_submodule(path).lora_B["default"].weight.detach().T} for path in init}
+    return trainer.micro_losses, weights
+
+
+def differences_from_trl(base_model, pairs, trainer, init, aid, tmp_path, monkeypatch) -> list[str]:
+    cfg = CONFIGS[aid]
+    steps = min(MICRO_STEPS, cfg.max_steps * cfg.grad_accum)
+    losses, weights = trl_alone(base_model, cfg, pairs, init[aid], steps, tmp_path / aid, monkeypatch)
+    got = trainer.retired[aid].weights if aid in trainer.retired else trainer.model.adapter_weights(aid)
+    return differences(aid, trainer.registry[aid].losses[:steps], got, losses, weights)
+
+
+def test_colocated_dpo_equals_trl_alone(base_model, pairs, tmp_path, monkeypatch):
+    trainer, init, _ = colocated(base_model, pairs)
+    for aid in CONFIGS:
+        assert differences_from_trl(base_model, pairs, trainer, init, aid, tmp_path, monkeypatch) == []
+
+
+def test_the_base_scores_each_sequence_once_however_many_adapters_train_on_it(base_model, pairs):
+    _, _, alone = colocated(base_model, pairs, ids=("a",))
+    _, _, together = colocated(base_model, pairs)
+    seen = {tuple(s) for s in pair_sequences(pairs)}
+    # a alone sees 8 of the 12 pairs in 4 micro-steps; with b (3 a step) every pair is in a step
+    assert alone.references.computed == 2 * 2 * MICRO_STEPS and together.references.computed == len(seen)
+    assert together.references.forwards <= MICRO_STEPS  # at most one adapter-free pass per step
+
+
+def _reference_with_an_adapter_on(monkeypatch):
+    real = alto.step._token_losses
+
+    def with_adapter(model, batches, flat, *args):
+        if not batches:  # the base's pass: give its sequences to the first adapter instead
+            batches = {next(iter(model.configs)): list(flat)}
+        return real(model, batches, flat, *args)
+
+    monkeypatch.setattr(alto.step, "_token_losses", with_adapter)
+
+
+def _pairs_split_across_steps(monkeypatch):
+    real = DataStream.next_batch
+
+    def shifted(self, n):
+        if self.position == 0 and not getattr(self, "shifted", False):
+            self.shifted = True
+            self.sequences = self.sequences[1:] + self.sequences[:1]  # every pair's rejected goes with the next chosen
+        return real(self, n)
+
+    monkeypatch.setattr(DataStream, "next_batch", shifted)
+
+
+@pytest.mark.parametrize("bug", [_reference_with_an_adapter_on, _pairs_split_across_steps])
+def test_the_trl_comparison_catches_planted_bugs(base_model, pairs, tmp_path, monkeypatch, bug):
+    with monkeypatch.context() as planted:
+        bug(planted)
+        trainer, init, _ = colocated(base_model, pairs)
+    assert any(differences_from_trl(base_model, pairs, trainer, init, aid, tmp_path, monkeypatch) for aid in CONFIGS)
