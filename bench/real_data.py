@@ -37,7 +37,7 @@ def python_docs(path: Path, longest: int = 1500, seed: int = 0) -> Path:
 
 
 def chatterbot(path: Path) -> Path:
-    from alto.data import load_records
+    from alto.records import load_records
 
     with open(path, "w") as f:
         for record, _where in load_records("chatterbot"):

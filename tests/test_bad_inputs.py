@@ -202,6 +202,15 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
         "source": "chatterbot", "eval_fraction": 0}}, ["search", "needs held-out data"]),
     "search target modules the model lacks": ({"grid": None, "search": {"space": {"target_modules": [
         ["q_proj"], ["qkv_proj"]]}}}, ["'qkv_proj'", "search.space.target_modules[1]"]),
+    "objective unknown": ({"objective": "ppo"}, ["objective: 'ppo'", "sft, dpo"]),
+    "beta 0": ({"defaults": {"beta": 0}}, ["defaults.beta: 0", "positive"]),
+    "loss_type unknown": ({"grid": {"loss_type": ["hinge"]}}, ["grid[loss_typehinge].loss_type: 'hinge'", "sigmoid, ipo"]),
+    "dpo on every token": ({"objective": "dpo", "data": {"source": "chatterbot", "train_on": "all"}},
+                           ["data.train_on", "dpo scores each answer's completion tokens"]),
+    "dpo with a generation metric": ({"objective": "dpo", "data": {"source": "chatterbot"}, "eval": {"metric": "exact_match"}},
+                                     ["eval.metric", "preference pairs"]),
+    "tasks of two objectives": ({"tasks": [{"name": "a"}, {"name": "b", "objective": "dpo"}]},
+                                ["tasks[b].objective", "a run trains one objective"]),
     "eval signal without held-out data": ({"monitor": {"signal": "eval"}, "data": {"source": "chatterbot",
                                                                                    "eval_fraction": 0}},
                                           ["monitor.signal", "eval_fraction"]),
@@ -225,12 +234,12 @@ def test_cuda_device_without_a_gpu(tmp_path, capsys, sweep_yaml):
 
 # ---- alto tune: files and flags ---------------------------------------------------------------------
 
-def _data_file(content: bytes, source: str = "jsonl"):
-    """A sweep whose data file (bad.jsonl or bad.text) holds `content`."""
+def _data_file(content: bytes, source: str = "jsonl", **extra):
+    """A sweep (with these top-level keys) whose data file (bad.jsonl or bad.text) holds `content`."""
     def make(tmp_path, sweep_yaml):
         data = tmp_path / f"bad.{source}"
         data.write_bytes(content)
-        return ["tune", sweep_yaml(data={"source": source, "path": str(data)})]
+        return ["tune", sweep_yaml(data={"source": source, "path": str(data)}, **extra)]
     return make
 
 
@@ -299,6 +308,15 @@ TUNE_FILES_AND_FLAGS = {
     "data prompt a string, completion messages": (
         _data_file(b'{"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}\n'),
         ["bad.jsonl:1", "must both be strings or both lists"]),
+    "preference record without rejected": (_data_file(b'{"prompt": "a", "chosen": "b"}\n', objective="dpo"),
+                                           ["bad.jsonl:1", "'prompt', 'chosen' and 'rejected'"]),
+    "preference record of strings and messages": (_data_file(
+        b'{"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"}\n', objective="dpo"),
+        ["bad.jsonl:1", "all strings or all lists"]),
+    "dpo over a text record": (_data_file(b'{"text": "ok"}\n', objective="dpo"),
+                               ["bad.jsonl:1", "not a preference pair", "objective dpo"]),
+    "sft over a preference record": (_data_file(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'),
+                                     ["bad.jsonl:1", "is a preference pair", "objective dpo"]),
     "data path a folder": (lambda t, s: ["tune", s(data={"source": "jsonl", "path": str(t)})],
                            ["data.path", "is not a file"]),
     "text data binary": (_data_file(b"hello\n\n" + BINARY, "text"), ["bad.text:3", "not UTF-8", "byte 0x80"]),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from alto.base import SMOLLM2_GGUF, byte_tokenizer, smollm2_dir
-from alto.data import check_record, context, ids_and_labels, record_tokens, tokenize
+from alto.data import context, ids_and_labels, record_sequences, tokenize
+from alto.records import check_record
 from alto.step import pad_batch, step_inputs
 
 QWEN2_TEMPLATE = (
@@ -56,7 +57,7 @@ def spans(tokens: list[int], tokenizer, trained: bool) -> list[str]:
 @pytest.mark.parametrize("which", ["smollm2", "qwen2_style"])
 def test_assistant_turns_are_the_trained_tokens(which, request):
     tok = request.getfixturevalue(which)
-    tokens = record_tokens({"messages": CHAT}, tok, tok.eos_token_id, "completion")
+    tokens = record_sequences({"messages": CHAT}, tok, tok.eos_token_id, "completion")[0]
     ids, _ = ids_and_labels(torch.tensor(tokens))
     assert ids.tolist() == tok.encode(tok.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False)
     assert spans(tokens, tok, trained=True) == ["Hello! How can I help?<|im_end|>\n", "No.<|im_end|>\n"]
@@ -64,14 +65,14 @@ def test_assistant_turns_are_the_trained_tokens(which, request):
     assert len(prompts) == 2 and prompts[0].endswith("Hi there<|im_end|>\n<|im_start|>assistant\n")
     assert prompts[1] == "<|im_start|>user\nTell me a joke<|im_end|>\n<|im_start|>assistant\n"
     assert "system" in prompts[0]  # both templates add a default system turn: context, never trained
-    every = record_tokens({"messages": CHAT}, tok, tok.eos_token_id, "all")
+    every = record_sequences({"messages": CHAT}, tok, tok.eos_token_id, "all")[0]
     assert every == ids.tolist()
 
 
 def test_conversational_prompt_and_completion(qwen2_style):
     tok = qwen2_style
     record = {"prompt": CHAT[:3], "completion": [{"role": "assistant", "content": "Why? Because."}]}
-    tokens = record_tokens(record, tok, tok.eos_token_id, "completion")
+    tokens = record_sequences(record, tok, tok.eos_token_id, "completion")[0]
     assert spans(tokens, tok, trained=True) == ["Why? Because.<|im_end|>\n"]  # the prompt's own assistant turn is context
 
 
@@ -89,7 +90,7 @@ def test_prompt_completion_strings_mask_the_prompt_on_token_ids(smollm2, prompt)
     token: the boundary is where the token ids part, as in TRL."""
     tok = smollm2
     completion = " A low-rank adapter." if not prompt.endswith(" ") else "A low-rank adapter."
-    tokens = record_tokens({"prompt": prompt, "completion": completion}, tok, tok.eos_token_id, "completion")
+    tokens = record_sequences({"prompt": prompt, "completion": completion}, tok, tok.eos_token_id, "completion")[0]
     ids, labels = ids_and_labels(torch.tensor(tokens))
     assert ids.tolist() == tok.encode(prompt + completion) + [tok.eos_token_id]
     trained = tok.decode(ids[labels >= 0])
@@ -99,7 +100,7 @@ def test_prompt_completion_strings_mask_the_prompt_on_token_ids(smollm2, prompt)
 
 def test_byte_tokenizer_chat_and_dropped_records():
     tok = byte_tokenizer()
-    tokens = record_tokens({"messages": CHAT[:2]}, tok, None, "completion")
+    tokens = record_sequences({"messages": CHAT[:2]}, tok, None, "completion")[0]
     assert bytes(t - 1 for t in tokens if t >= 0).decode() == "Hello! How can I help?\n"
     # a prompt filling max_length leaves nothing to predict: the record is dropped
     long = ({"prompt": "x" * 20, "completion": "y"}, "r")

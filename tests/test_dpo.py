@@ -9,6 +9,8 @@ TRL's fused LM head computes log-probabilities in float32 whatever the model's d
 swaps it for the same log-softmax in the model's dtype (F64LogProb), so both sides are float64 math.
 """
 import copy
+import csv
+import math
 import random
 
 import pytest
@@ -20,12 +22,14 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 import alto.step  # noqa: E402
-from alto.data import context  # noqa: E402
+from alto.data import context, record_sequences, split, tokenize  # noqa: E402
 from alto.model import MultiLoraModel  # noqa: E402
 from alto.objectives import DPO  # noqa: E402
+from alto.records import load_records  # noqa: E402
 from alto.registry import AdapterConfig, Registry  # noqa: E402
 from alto.train import DataStream, Trainer  # noqa: E402
-from conftest import differences  # noqa: E402
+from alto.tune import tune  # noqa: E402
+from conftest import differences, interrupt  # noqa: E402
 
 VOCAB, PAD, EOS = 48, 0, 2
 CONFIGS = {
@@ -192,3 +196,62 @@ def test_the_trl_comparison_catches_planted_bugs(base_model, pairs, tmp_path, mo
         bug(planted)
         trainer, init, _ = colocated(base_model, pairs)
     assert any(differences_from_trl(base_model, pairs, trainer, init, aid, tmp_path, monkeypatch) for aid in CONFIGS)
+
+
+# ---- preference data ------------------------------------------------------------------------------
+def test_a_preference_record_gives_its_two_answers_after_the_context_only_prompt():
+    tok = tokenizer()
+    record = {"prompt": "w3 w4", "chosen": " w5", "rejected": " w6 w7"}
+    assert record_sequences(record, tok, EOS, "completion") == [context([3, 4]) + [5, EOS], context([3, 4]) + [6, 7, EOS]]
+    # cut to max_length, a pair is dropped whole when one answer keeps no trained token
+    pairs = [({"prompt": "w3", "chosen": " w5", "rejected": " w6"}, "x:1"),
+             ({"prompt": "w3 w4 w5", "chosen": " w5", "rejected": " w6 w7"}, "x:2")]
+    assert tokenize(pairs, tok, 3, EOS) == [context([3]) + [5, EOS], context([3]) + [6, EOS]]
+
+
+def test_held_out_pairs_stay_whole_and_single_sequences_split_as_before():
+    seqs = [[i, i + 100] for i in range(20)]
+    train, held = split(seqs, 0.25, per_sample=2)
+    assert len(held) == 4 and len(train) == 16
+    for part in (train, held):
+        assert all(b[0] == a[0] + 1 and a[0] % 2 == 0 for a, b in zip(part[::2], part[1::2]))
+    order = list(seqs)
+    random.Random(0).shuffle(order)
+    assert split(seqs, 0.25) == (order[5:], order[:5])
+
+
+def test_chatterbot_dialogues_become_pairs_with_another_dialogues_reply_rejected():
+    pytest.importorskip("chatterbot_corpus")
+    dialogues = load_records("chatterbot", topics=["ai"])
+    pairs = load_records("chatterbot", topics=["ai"], pairs=True)
+    assert 0 < len(pairs) <= len(dialogues)
+    replies = {d["messages"][1]["content"] for d, _ in dialogues}
+    for record, _ in pairs:
+        assert record["prompt"][0]["role"] == "user" and record["chosen"][0]["content"] != record["rejected"][0]["content"]
+        assert record["rejected"][0]["content"] in replies
+
+
+# ---- a DPO sweep ----------------------------------------------------------------------------------
+def dpo_sweep(sweep_yaml, out, **extra):
+    pytest.importorskip("chatterbot_corpus")
+    return sweep_yaml(out=out, objective="dpo", data={"source": "chatterbot", "topics": ["ai"], "max_length": 64,
+                                                      "eval_fraction": 0.2},
+                      defaults={"micro_batch_size": 2, "max_steps": 4, "target_modules": ["q_proj", "v_proj"], "lr": 3e-3},
+                      grid={"beta": [0.1, 0.5], "loss_type": ["sigmoid", "ipo"]}, eval={"every": 1, "samples": 4}, **extra)
+
+
+def test_a_dpo_sweep_trains_evaluates_and_resumes_bit_for_bit(tmp_path, sweep_yaml):
+    assert tune(str(dpo_sweep(sweep_yaml, "whole")), None, log=lambda *_: None) == 0
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    with open(whole / "leaderboard.csv") as f:
+        board = list(csv.DictReader(f))
+    assert len(board) == 4 and all(r["status"] == "finished" and int(r["steps"]) == 4 for r in board)
+    with open(whole / "evals.csv") as f:
+        evals = list(csv.DictReader(f))
+    # the first held-out DPO loss of a sigmoid adapter is after one step: near log 2, not log 2 (it learned)
+    first = next(float(r["eval_loss"]) for r in evals if r["adapter"] == "beta0p1-loss_typesigmoid")
+    assert first == pytest.approx(math.log(2), abs=0.05) and first != math.log(2)
+    interrupt(dpo_sweep(sweep_yaml, "cut"), 3)
+    assert tune(None, str(cut), log=lambda *_: None) == 0
+    for name in ("losses.csv", "evals.csv", "leaderboard.csv"):
+        assert (whole / name).read_text() == (cut / name).read_text().replace(str(cut), str(whole)), name

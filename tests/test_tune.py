@@ -359,7 +359,7 @@ def test_hugging_face_dataset_source(tmp_path):
     """data.source hf: a save_to_disk folder (a DatasetDict: the split is chosen) or data files
     through load_dataset; records need text or prompt + completion; bad names are clear errors."""
     datasets = pytest.importorskip("datasets")
-    from alto.data import load_records
+    from alto.records import load_records
 
     def load_texts(*args):  # the records' fields
         return [next(iter(r.values())) if len(r) == 1 else r["prompt"] + r["completion"] for r, _ in load_records(*args)]

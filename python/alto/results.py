@@ -87,10 +87,10 @@ def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_
         _write(run_dir / "leaderboards" / f"{task}.csv", _rows(board, task_rank))
         metric = next((o.metric[0] for _, o in board if o.metric), None)
         log(f"\ntask {task}\n{'#':>3}  {'adapter':<34}{'status':<15}{'steps':>6}{'export':>12}{'eval loss':>11}"
-            f"{'ppl':>9}" + (f"{metric:>13}" if metric else ""))
+            f"{'ppl':>10}" + (f"{metric:>13}" if metric else ""))
         for i, (a, o) in enumerate(board, 1):
             log(f"{i:>3}  {a.id:<34}{a.status.value:<15}{a.step:>6}{f'{o.export}@{o.step}':>12}{o.eval_loss:>11.4f}"
-                f"{o.perplexity:>9.2f}" + (f"{o.metric[1]:>13.3f}" if o.metric else ""))
+                f"{o.perplexity:>10.4g}" + (f"{o.metric[1]:>13.3f}" if o.metric else ""))
     their_base = "" if base.loads_alone else ", base/ (their base, HF format)"
     log(f"\nrun folder: {run_dir} (adapters/ in PEFT format{their_base}, losses.csv, leaderboard.csv, leaderboards/, "
         "losses.png)")

@@ -189,6 +189,10 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     if not (isinstance(shard_base, bool) or shard_base == "auto"):
         fail("shard_base", f"{shard_base!r} must be true, false or auto")
     tasks = parse_tasks(raw, name)
+    first, *rest = tasks.values()
+    if other := next((t for t in rest if t.objective != first.objective), None):
+        fail(f"{other.where}objective", f"{other.objective} differs from {first.where}objective {first.objective}: a "
+                                        "run trains one objective (run the tasks as two sweeps)")
     max_running = raw.get("max_running", "auto")
     if max_running != "auto" and (not is_int(max_running) or max_running < 1):
         fail("max_running", f"{max_running!r} must be auto or an int >= 1")

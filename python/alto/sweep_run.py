@@ -41,7 +41,7 @@ from alto.evaluation import Evaluation
 from alto.families import check_targets
 from alto.model import MultiLoraModel
 from alto.monitor import Decision, Monitor
-from alto.objectives import SFT
+from alto.objectives import OBJECTIVES
 from alto.parallel import Group, idle_pass, shard
 from alto.registry import Adapter, Registry, Status
 from alto.runlog import Forecast, RunLog
@@ -96,7 +96,7 @@ class SweepRun:
                                   torch.device("cpu") if may_shard else None)
         self.shape = ModelShape.from_hf_config(self.base.model.config)
         self.tasks = sweep.tasks
-        self.objective = SFT()  # every task's, today (alto.objectives says how another joins)
+        self.objective = OBJECTIVES[next(iter(self.tasks.values())).objective]()  # every task's (alto.sweep)
         self.train_seqs: dict[str, list[list[int]]] = {}  # task -> its sequences
         self.task_tensors = {}  # ... as tensors, once: every adapter's stream shares them
         eval_seqs: dict[str, list[list[int]]] = {}
@@ -104,7 +104,7 @@ class SweepRun:
             with self.timing.phase("tokenize"):
                 try:
                     self.train_seqs[t.name], eval_seqs[t.name] = data_mod.task_sequences(
-                        t.data, self.base.tokenizer, self.base.eos_id)
+                        t.data, self.base.tokenizer, self.base.eos_id, pairs=t.objective == "dpo")
                 except ValueError as e:
                     raise ValueError(f"{t.where}{e}") from None
                 self.task_tensors[t.name] = DataStream(self.train_seqs[t.name], self.objective.per_sample).sequences

@@ -2,9 +2,11 @@
 checked, with errors that name the field (prefixed tasks[<name>]. in a multi-task sweep).
 
 ```yaml
+objective: sft                 # sft | dpo (alto.objectives: preference pairs; adapter fields beta, loss_type)
 data: {source: chatterbot, max_length: 96, eval_fraction: 0.1, limit: 600}   # or jsonl/text + path,
                                # or hf + path (dataset name or save_to_disk folder) [+ split: train];
-                               # records: messages | prompt + completion | text (alto.data);
+                               # records: messages | prompt + completion | text | prompt + chosen +
+                               # rejected (dpo; chatterbot's dialogues made into pairs) (alto.records);
                                # train_on: completion (default: assistant/completion tokens) | all;
                                # chatterbot: topics: [trivia, ...] (default: all);
                                # held-out data: eval_fraction of it, or eval_path (jsonl/text/hf) /
@@ -32,20 +34,17 @@ import dataclasses
 import itertools
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from alto.inputs import is_int, is_number
+from alto.data_spec import data_settings, fail
+from alto.inputs import is_int
 from alto.metrics import metric_function
 from alto.monitor import MonitorConfig
 from alto.registry import AdapterConfig, ConfigFieldError, valid_adapter_id
 from alto.search_spec import SearchConfig, parse_search
 
-TASK_KEYS = {"data", "defaults", "grid", "adapters", "search", "monitor", "eval", "export"}  # per task, or shared
-DATA_KEYS = {"source", "path", "split", "max_length", "eval_fraction", "limit", "train_on", "topics", "eval_path",
-             "eval_split"}
-DATA_SOURCES = ("chatterbot", "jsonl", "text", "hf")
-TRAIN_ON = ("completion", "all")  # the loss on the completion tokens only, or on every token
+TASK_KEYS = {"objective", "data", "defaults", "grid", "adapters", "search", "monitor", "eval", "export"}  # per task, or shared
+OBJECTIVES = ("sft", "dpo")  # alto.objectives' (the spec names them without importing torch)
 EXPORTS = ("best", "last")
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
 
@@ -76,10 +75,7 @@ class Task:
     where: str = ""
     prefix: str = ""  # of its adapters' run-wide names ("" or "<name>/")
     search: SearchConfig | None = None
-
-
-def fail(where: str, msg: str) -> None:
-    raise ValueError(f"{where}: {msg}")
+    objective: str = "sft"  # alto.objectives: sft | dpo (preference pairs)
 
 
 def _check_fields(where: str, values: dict[str, Any]) -> None:
@@ -108,50 +104,6 @@ def _adapter_id(values: dict[str, Any], keys: list[str]) -> str:
     """rank4-lr0p001: the grid values, spelled with what ids allow."""
     text = "-".join(f"{k}{values[k]}" for k in keys).replace(".", "p")
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "adapter"
-
-
-def _data(where: str, data: Any) -> dict[str, Any]:
-    """A task's data settings, checked, with the defaults filled in."""
-    if not isinstance(data, dict) or set(data) - DATA_KEYS:
-        fail(f"{where}data", f"must be a mapping with keys {', '.join(sorted(DATA_KEYS))}")
-    eval_source = data.get("eval_path") is not None or data.get("eval_split") is not None
-    data = {"source": "chatterbot", "max_length": 128, "eval_fraction": 0.1, "limit": None, "split": "train",
-            "train_on": "completion", **data}
-    w = f"{where}data."
-    if data["source"] not in DATA_SOURCES:
-        fail(f"{w}source", f"{data['source']!r} must be one of {', '.join(DATA_SOURCES)}")
-    if not is_int(data["max_length"]) or data["max_length"] < 2:
-        fail(f"{w}max_length", f"{data['max_length']!r} must be an int >= 2")
-    if not is_number(data["eval_fraction"]) or not 0 <= data["eval_fraction"] < 1:
-        fail(f"{w}eval_fraction", f"{data['eval_fraction']!r} must be in [0, 1)")
-    if data["limit"] is not None and (not is_int(data["limit"]) or data["limit"] < 2):
-        fail(f"{w}limit", f"{data['limit']!r} must be an int >= 2")
-    if data["train_on"] not in TRAIN_ON:
-        fail(f"{w}train_on", f"{data['train_on']!r} must be one of {', '.join(TRAIN_ON)}")
-    for key in ("split", "eval_split"):
-        if key in data and not isinstance(data[key], str):
-            fail(f"{w}{key}", f"{data[key]!r} must be a split name")
-    chatterbot = data["source"] == "chatterbot"
-    if "topics" in data and (not chatterbot or not isinstance(data["topics"], list) or not data["topics"]
-                             or not all(isinstance(t, str) for t in data["topics"])):
-        fail(f"{w}topics", f"{data['topics']!r} must be a non-empty list of chatterbot-corpus topics "
-                            "(with source: chatterbot)")
-    if eval_source:  # the held-out data: eval_path / eval_split replace eval_fraction (a shared one too)
-        data["eval_fraction"] = 0.0
-    if chatterbot and eval_source:
-        fail(f"{w}{'eval_path' if 'eval_path' in data else 'eval_split'}",
-             "chatterbot holds out eval_fraction of its dialogues (no eval_path/eval_split)")
-    if "eval_split" in data and data["source"] != "hf":
-        fail(f"{w}eval_split", f"applies to source hf, not {data['source']}")
-    for key in ("path", "eval_path"):
-        if key == "path" and chatterbot or key == "eval_path" and "eval_path" not in data:
-            continue
-        if not (isinstance(data.get(key), str) and data[key]):
-            fail(f"{w}{key}", f"{data.get(key)!r}: source {data['source']} needs a path")
-        if data["source"] in ("jsonl", "text") and not Path(data[key]).is_file():
-            fail(f"{w}{key}", f"{data[key]!r} is not a file" if Path(data[key]).exists()
-                  else f"no such file {data[key]!r}")
-    return data
 
 
 def _adapters(where: str, values: dict[str, Any], prefix: str) -> dict[str, AdapterConfig]:
@@ -239,7 +191,7 @@ def _eval(where: str, given: Any, monitor: MonitorConfig | None) -> EvalConfig:
 
 
 def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
-    data = _data(where, values.get("data", {}))
+    data = data_settings(where, values.get("data", {}))
     monitor, evaluation = values.get("monitor"), values.get("eval")
     every = evaluation.get("every") if isinstance(evaluation, dict) else None
     if isinstance(monitor, dict) and "eval_every" not in monitor and is_int(every):
@@ -260,7 +212,14 @@ def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
                 fail(f"{where}{key}", "needs held-out data: set data.eval_fraction > 0 (or eval_path/eval_split)")
     if evaluation.metric is not None and data["train_on"] == "all":
         fail(f"{where}eval.metric", "scores completions: it needs train_on: completion (prompts and replies)")
-    return Task(name, data, adapters, monitor, evaluation, export, where, prefix, search)
+    if (objective := values.get("objective", "sft")) not in OBJECTIVES:
+        fail(f"{where}objective", f"{objective!r} must be one of {', '.join(OBJECTIVES)}")
+    if objective == "dpo" and data["train_on"] == "all":
+        fail(f"{where}data.train_on", "all: dpo scores each answer's completion tokens (train_on: completion)")
+    if objective == "dpo" and evaluation.metric is not None:
+        fail(f"{where}eval.metric", "scores generated replies; a dpo task's held-out data are preference pairs, scored "
+                                     "by their DPO loss")
+    return Task(name, data, adapters, monitor, evaluation, export, where, prefix, search, objective)
 
 
 def parse_tasks(raw: dict[str, Any], name: str) -> dict[str, Task]:
@@ -271,8 +230,8 @@ def parse_tasks(raw: dict[str, Any], name: str) -> dict[str, Task]:
         return {name: _task(name, shared, "", "")}
     entries = raw["tasks"]
     if not isinstance(entries, list) or not entries or any(not isinstance(t, dict) for t in entries):
-        fail("tasks", "must be a non-empty list of mappings (name, data, defaults, grid, adapters, monitor, eval, "
-                       "export)")
+        fail("tasks", "must be a non-empty list of mappings (name, objective, data, defaults, grid, adapters, monitor, "
+                       "eval, export)")
     for key in ("data", "defaults"):
         if not isinstance(shared.get(key, {}), dict):
             fail(key, "must be a mapping")

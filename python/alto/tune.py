@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from alto import checkpoint, data as data_mod, results
+from alto import checkpoint, records, results
 from alto.base import device_type, smollm2_dir
 from alto.inputs import INPUT_ERRORS, read_text, report
 from alto.parallel import Group, launch, oversubscribed, record_threads, run_threads
@@ -77,7 +77,7 @@ def tune(sweep_path: str | None, resume: str | None, stop_after: int | None = No
     for task in sweep.tasks.values():
         if task.data["source"] == "chatterbot":
             try:
-                data_mod.load_records("chatterbot", topics=task.data.get("topics"))
+                records.load_records("chatterbot", topics=task.data.get("topics"), pairs=task.objective == "dpo")
             except ValueError as e:
                 raise ValueError(f"{task.where}{e}") from None
     if sweep.model == "smollm2":
