@@ -217,7 +217,7 @@ def peft_job(base, cfg, train: list[list[int]], held_out: list[list[int]], devic
         try:
             with timed(times, "train"):
                 if with_trainer:
-                    train_with_trainer(model, cfg, batches, base.pad_id, out)
+                    train_with_trainer(model, cfg, batches, base.pad_id, out, device)
                 else:
                     every = (lambda step: evaluate(step) if step % eval_every == 0 else None) if eval_every else None
                     train_with_loop(model, cfg, batches, base.pad_id, device, after_step=every)
@@ -256,17 +256,19 @@ def train_with_loop(model, cfg, batches, pad_id: int, device: torch.device,
                 after_step((i + 1) // cfg.grad_accum)
 
 
-def train_with_trainer(model, cfg, batches, pad_id: int, out: Path) -> None:
+def train_with_trainer(model, cfg, batches, pad_id: int, out: Path, device: torch.device) -> None:
     """transformers' Trainer over the same micro-batches, in order (a sampler of our own would
-    change the data it sees; the Trainer's own loop, optimizer, clipping and bf16 are what it times)."""
+    change the data it sees; the Trainer's own loop, optimizer, clipping and bf16 are what it times),
+    on the bench's device (use_cpu: else the Trainer takes a GPU it sees)."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     flat = [s for b in batches for s in b]
+    cuda = device.type == "cuda"
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum,
         max_steps=cfg.max_steps, learning_rate=cfg.lr, lr_scheduler_type=cfg.schedule, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or 0.0, bf16=torch.cuda.is_available(),
-        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch", logging_strategy="no",
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or 0.0, bf16=cuda, use_cpu=not cuda,
+        optim="adamw_torch_fused" if cuda else "adamw_torch", logging_strategy="no",
         save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
         seed=cfg.seed)
 
