@@ -195,14 +195,14 @@ def main() -> None:
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for r in rows:
-        print(" | ".join([str(r[0]), r[1], str(r[2]), *(f"{v:.3f}" for v in r[3:8]),
+        print(" | ".join([str(r[0]), r[1], str(r[2]), *(f"{v:.4g}" for v in r[3:8]),
                           *(f"{v:.2f}x" for v in r[8:11]), f"{r[11]:.0%}", f"{r[12]:.1e}"]))
     print("\nours, per op (ms):")
     names = list(parts[0][3])
     print(" | ".join(["tokens/adapter", "d_in->d_out", "G", *names]))
     print(" | ".join("---" for _ in range(len(names) + 3)))
     for tokens, shape, G, b in parts:
-        print(" | ".join([str(tokens), shape, str(G), *(f"{b[n]:.3f}" for n in names)]))
+        print(" | ".join([str(tokens), shape, str(G), *(f"{b[n]:.4g}" for n in names)]))
 
 
 if __name__ == "__main__":

@@ -378,7 +378,7 @@ def test_hugging_face_dataset_source(tmp_path):
     (files / "rows.jsonl").write_text('{"text": "alpha beta"}\n{"text": "gamma"}\n')
     assert load_texts("hf", str(files)) == ["alpha beta", "gamma"]
     (files / "rows.jsonl").write_text('{"text": "alpha beta"}\n{"label": "x"}\n')
-    with pytest.raises(ValueError, match=r"\[train\]\[1\] needs a 'text' field, 'prompt' and 'completion', or 'messages'"):
+    with pytest.raises(ValueError, match=r"\[train\]\[1\] needs a 'text' field, 'prompt' and 'completion', 'messages', or 'prompt', 'chosen'"):
         load_texts("hf", str(files))
 
 
