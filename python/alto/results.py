@@ -59,11 +59,12 @@ def _write(path: Path, rows: list[list]) -> None:
 
 
 def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_dir: Path,
-           log=print) -> list[tuple[str, float]]:
+           log=print, perplexity: bool = True) -> list[tuple[str, float]]:
     """Exports every adapter's chosen weights in PEFT format (adapters/<name>; their base in HF
     format to base/ where it is not a model folder already: alto.export.save_base), several at
     once, writes leaderboard.csv (every adapter, by held-out loss) and leaderboards/<task>.csv, and
-    prints each task's leaderboard; returns (adapter, held-out loss) best first. (losses.png: plot_losses.)"""
+    prints each task's leaderboard (perplexity: with the perplexity of a next-token loss; a DPO
+    loss has none); returns (adapter, held-out loss) best first. (losses.png: plot_losses.)"""
     def order(a: Adapter) -> tuple[bool, float]:
         loss = outcomes[a.id].eval_loss
         return not math.isfinite(loss), loss
@@ -87,10 +88,10 @@ def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_
         _write(run_dir / "leaderboards" / f"{task}.csv", _rows(board, task_rank))
         metric = next((o.metric[0] for _, o in board if o.metric), None)
         log(f"\ntask {task}\n{'#':>3}  {'adapter':<34}{'status':<15}{'steps':>6}{'export':>12}{'eval loss':>11}"
-            f"{'ppl':>10}" + (f"{metric:>13}" if metric else ""))
+            + (f"{'ppl':>10}" if perplexity else "") + (f"{metric:>13}" if metric else ""))
         for i, (a, o) in enumerate(board, 1):
             log(f"{i:>3}  {a.id:<34}{a.status.value:<15}{a.step:>6}{f'{o.export}@{o.step}':>12}{o.eval_loss:>11.4f}"
-                f"{o.perplexity:>10.4g}" + (f"{o.metric[1]:>13.3f}" if o.metric else ""))
+                + (f"{o.perplexity:>10.4g}" if perplexity else "") + (f"{o.metric[1]:>13.3f}" if o.metric else ""))
     their_base = "" if base.loads_alone else ", base/ (their base, HF format)"
     log(f"\nrun folder: {run_dir} (adapters/ in PEFT format{their_base}, losses.csv, leaderboard.csv, leaderboards/, "
         "losses.png)")

@@ -391,7 +391,8 @@ class SweepRun:
                 if self.logs is not None:  # the end's evaluations, as rank 0 logs them
                     self.logs.final_evaluations(self.micro_steps, rows)
                 with self.timing.phase("export"):
-                    board = results.finish(self.registry, outcomes, self.base, self.run_dir, log)
+                    board = results.finish(self.registry, outcomes, self.base, self.run_dir, log,
+                                           perplexity=self.objective.name == "sft")
                     plotted.result()
         except BaseException:
             with contextlib.suppress(Exception):  # this error reported; the checkpoint to redo the end from (--resume)
