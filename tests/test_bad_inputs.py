@@ -208,7 +208,7 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
     "dpo on every token": ({"objective": "dpo", "data": {"source": "chatterbot", "train_on": "all"}},
                            ["data.train_on", "dpo scores each answer's completion tokens"]),
     "dpo with a generation metric": ({"objective": "dpo", "data": {"source": "chatterbot"}, "eval": {"metric": "exact_match"}},
-                                     ["eval.metric", "preference pairs"]),
+                                     ["eval.metric: 'exact_match'", "reward_accuracy, reward_margin"]),
     "tasks of two objectives": ({"tasks": [{"name": "a"}, {"name": "b", "objective": "dpo"}]},
                                 ["tasks[b].objective", "a run trains one objective"]),
     "eval signal without held-out data": ({"monitor": {"signal": "eval"}, "data": {"source": "chatterbot",

@@ -276,3 +276,46 @@ def test_the_readmes_dpo_demo_runs_as_written(tmp_path):
         board = list(csv.DictReader(f))
     assert len(board) == 4 and all(r["status"] == "finished" and math.isfinite(float(r["eval_loss"])) for r in board)
     assert "ppl" not in run.stdout  # a DPO loss has no perplexity
+
+
+def test_the_spec_names_the_objectives_and_dpo_metrics_the_engine_has():
+    from alto.objectives import OBJECTIVES
+    from alto.tasks import DPO_METRICS, OBJECTIVES as NAMES
+
+    assert set(NAMES) == set(OBJECTIVES) and DPO_METRICS == DPO.metrics
+
+
+def test_held_out_reward_accuracy_and_margin_are_trls(base_model, pairs):
+    """The held-out metrics of a trained adapter against TRL's definitions, from log-probabilities
+    summed by hand (the policy with its LoRA merged by PEFT, the reference the base)."""
+    from alto.evaluation import held_out_means
+
+    trainer, init, objective = colocated(base_model, pairs, ids=("a",), steps=3)
+    model = trainer.model
+    held = pair_sequences(pairs[:5])
+    [loss], [accuracy], [margin] = held_out_means(model, {"a": held}, PAD, torch.device("cpu"), 10**6,
+                                                  objective=objective)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    pm = peft.get_peft_model(copy.deepcopy(base_model), lora)
+    for path, tensors in model.adapter_weights("a").items():
+        pm.base_model.model.get_submodule(path).lora_A["default"].weight.data.copy_(tensors["lora_A"])
+        pm.base_model.model.get_submodule(path).lora_B["default"].weight.data.copy_(tensors["lora_B"].T)
+
+    def log_prob(m, prompt, answer):
+        ids = torch.tensor([prompt + answer])
+        lp = m(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        return lp[len(prompt) - 1:].sum()
+
+    with torch.no_grad():
+        rewards = [[0.1 * (log_prob(pm, p, x) - log_prob(base_model, p, x)) for x in (c, r)] for p, c, r in pairs[:5]]
+    want_margin = sum(c - r for c, r in rewards) / 5
+    assert accuracy == sum(float(c > r) for c, r in rewards) / 5
+    assert margin == pytest.approx(want_margin.item(), rel=1e-10) and abs(margin) > 1e-6
+    assert loss == pytest.approx(sum(-torch.nn.functional.logsigmoid(c - r) for c, r in rewards).item() / 5, rel=1e-10)
+
+
+def test_a_dpo_leaderboard_shows_each_adapters_held_out_reward_accuracy(tmp_path, sweep_yaml):
+    assert tune(str(dpo_sweep(sweep_yaml, "m")), None, log=lambda *_: None) == 0
+    with open(tmp_path / "m" / "leaderboard.csv") as f:
+        board = list(csv.DictReader(f))
+    assert all(r["metric"] == "reward_accuracy" and 0 <= float(r["metric_value"]) <= 1 for r in board)

@@ -146,7 +146,7 @@ def test_held_out_losses_padded_equal_packed_and_chunks_hold_their_positions(max
             chunks.append((alto.step.step_positions(lengths, kw["packed"]), len(lengths)))
             return original(m, chunk, *args, **kw)
         monkeypatch.setattr(alto.evaluation, "colocated_losses", counted)
-        got = alto.evaluation.held_out_losses(model, batches, PAD, torch.device("cpu"), max_positions, packed=packed)
+        [got] = alto.evaluation.held_out_means(model, batches, PAD, torch.device("cpu"), max_positions, packed=packed)
         assert torch.allclose(torch.tensor(got), torch.tensor(expected), rtol=1e-12, atol=1e-12), packed
         assert all(positions <= max_positions or n == 1 for positions, n in chunks), chunks
         assert sum(n for _, n in chunks) == sum(map(len, batches.values()))

@@ -55,11 +55,12 @@ def loaded(model: MultiLoraModel, adapters: Mapping[str, tuple[AdapterConfig, We
         model.remove_adapters(list(adapters))
 
 
-def held_out_losses(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequence[int]]], pad_id: int,
+def held_out_means(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequence[int]]], pad_id: int,
                     device: torch.device, max_positions: int,
                     lockstep: Callable[[int], int] | None = None, packed: bool = True,
-                    objective: Objective = SFT()) -> list[float]:
+                    objective: Objective = SFT()) -> list[list[float]]:
     """Each adapter's mean loss (its objective's) over its own held-out samples (batches' order),
+    then each of the objective's metrics ([1 + len(objective.metrics)] lists in batches' order),
     co-located: every forward holds several adapters' samples, whole, at most max_positions token
     positions (and at least one sample), packed as training's steps are (or as padded rows). lockstep(forwards this needs) ->
     forwards to run: a sharded base's ranks run as many as the busiest, idle passes making up the
@@ -83,7 +84,7 @@ def held_out_losses(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequen
         start = end
     passes = lockstep(len(chunks)) if lockstep else len(chunks)  # agreed before any pass
     # summed on the device and read once, at the end
-    sums = torch.zeros(2, len(batches), dtype=torch.float64, device=device)
+    sums = torch.zeros(2 + len(objective.metrics), len(batches), dtype=torch.float64, device=device)
     index = {aid: i for i, aid in enumerate(batches)}
     with evaluating(model):
         for chunk in chunks:
@@ -92,7 +93,7 @@ def held_out_losses(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequen
             sums.index_add_(1, torch.tensor([index[aid] for aid in chunk], device=device), part)
         for _ in range(passes - len(chunks)):
             idle_pass(model.model, backward=False)
-    return (sums[0] / sums[1].clamp(min=1.0)).tolist()  # the one wait
+    return (torch.cat([sums[:1], sums[2:]]) / sums[1].clamp(min=1.0)).tolist()  # the one wait
 
 
 class Evaluation:
@@ -129,11 +130,14 @@ class Evaluation:
         ran (no activations are kept for a backward), at least one sequence of each task."""
         return max(self.largest_step, *(t.data["max_length"] for t in self.tasks.values()))
 
+    def means(self, adapters: list[Adapter]) -> list[list[float]]:
+        """Held-out losses of adapters in the model, each on its task's sequences, co-located, then
+        each of the objective's held-out metrics (held_out_means)."""
+        return held_out_means(self.model, {a.id: self.held_out(a.task) for a in adapters}, self.base.pad_id,
+                              self.device, self.positions(), self.lockstep, self.packed, self.objective)
+
     def losses(self, adapters: list[Adapter]) -> list[float]:
-        """Held-out losses of adapters in the model, each on its task's sequences, co-located."""
-        return held_out_losses(self.model, {a.id: self.held_out(a.task) for a in adapters},
-                               self.base.pad_id, self.device, self.positions(), self.lockstep, self.packed,
-                               self.objective)
+        return self.means(adapters)[0]
 
     def keep_if_best(self, a: Adapter, loss: float, weights: Weights, live: bool = True) -> None:
         """Records a held-out loss of the adapter's weights at its current step; the best so far is
@@ -211,8 +215,13 @@ class Evaluation:
         return out, rows
 
     def metric_values(self, adapters: list[Adapter]) -> dict[str, float]:
-        """Each adapter's task metric, averaged over its task's held-out prompts (sequences cut at
-        max_length are left out: their reference is cut too), greedy completions decoded co-located."""
+        """Each adapter's task metric: one of its objective's held-out metrics (DPO's reward accuracy,
+        say), or a metric of greedy completions (decoded co-located) averaged over its task's
+        held-out prompts (sequences cut at max_length are left out: their reference is cut too)."""
+        if self.objective.metrics:
+            means = self.means(adapters)
+            return {a.id: means[1 + self.objective.metrics.index(self.tasks[a.task].eval.metric)][i]
+                    for i, a in enumerate(adapters)}
         tok = self.base.tokenizer
         pairs = {t: [pr for s in self.held_out(t) if len(s) < self.tasks[t].data["max_length"]
                      and (pr := data_mod.prompt_and_reply(s)) is not None] for t in {a.task for a in adapters}}

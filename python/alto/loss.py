@@ -134,5 +134,5 @@ def adapter_loss_sums(token_loss: torch.Tensor, labels: torch.Tensor, token_coun
 def mean_losses(loss_sums: torch.Tensor) -> torch.Tensor:
     """[G] mean next-token loss of each adapter over its own target tokens, from adapter_loss_sums
     (0 for an adapter without any)."""
-    loss_sum, count = loss_sums
+    loss_sum, count = loss_sums[0], loss_sums[1]  # an objective's metric sums may follow (alto.objectives)
     return loss_sum / count.clamp_min(1)

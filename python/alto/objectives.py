@@ -32,14 +32,16 @@ class Objective:
 
     name: ClassVar[str]
     per_sample: ClassVar[int]  # sequences in one sample, kept together
+    metrics: ClassVar[tuple[str, ...]] = ()  # held-out figures beside the loss (a task's eval.metric may name one)
     references: "ReferenceLogProbs | None" = None  # the base's log-probabilities, if the loss needs them
 
     def loss_sums(self, token_loss: torch.Tensor, labels: torch.Tensor, plan: StepPlan,
                   reference: torch.Tensor | None = None) -> torch.Tensor:
-        """[2, G] in the plan's adapter order: each adapter's summed loss and the count its mean
-        divides by, from every position's next-token loss (flat, 0 where there is no target), the
-        step's [rows, positions] labels (-100: no target) and, if the objective has references,
-        each sequence's summed log-probability under the base alone ([sequences], step order)."""
+        """[2 + len(metrics), G] in the plan's adapter order: each adapter's summed loss and the
+        count its mean divides by (then each metric's sum over the same count), from every
+        position's next-token loss (flat, 0 where there is no target), the step's [rows, positions]
+        labels (-100: no target) and, if the objective has references, each sequence's summed
+        log-probability under the base alone ([sequences], step order)."""
         raise NotImplementedError
 
 
@@ -98,9 +100,11 @@ class DPO(Objective):
     per pair, with the adapter's beta and loss_type,
       sigmoid: -log sigmoid(beta * (chosen log-ratio - rejected log-ratio))
       ipo:     (chosen log-ratio / its tokens - rejected log-ratio / its tokens - 1 / (2 beta))^2
-    and an adapter's loss is the mean over its pairs."""
+    and an adapter's loss is the mean over its pairs. Its metrics (TRL's rewards/accuracies and
+    rewards/margins, a reward being beta x an answer's log-ratio): the share of pairs whose chosen
+    reward is above the rejected one's, and the mean margin between them."""
 
-    name, per_sample = "dpo", 2
+    name, per_sample, metrics = "dpo", 2, ("reward_accuracy", "reward_margin")
 
     def __init__(self) -> None:
         self.references = ReferenceLogProbs()
@@ -121,7 +125,8 @@ class DPO(Objective):
         sigmoid_loss = -F.logsigmoid(beta * (chosen - rejected))
         ipo_loss = (chosen / tokens[0::2].clamp_min(1) - rejected / tokens[1::2].clamp_min(1) - 1 / (2 * beta)) ** 2
         loss = torch.where(ipo, ipo_loss, sigmoid_loss)
-        return segment_sums(torch.stack([loss, torch.ones_like(loss)]), pairs)
+        margin = (beta * (chosen - rejected)).detach()
+        return segment_sums(torch.stack([loss, torch.ones_like(loss), (margin > 0).to(loss.dtype), margin]), pairs)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (SFT, DPO)}

@@ -23,7 +23,8 @@ eval: {every: 10, samples: 64, metric: exact_match, max_new_tokens: 32}
                                            # held-out loss every `every` micro-steps (and at the end) on
                                            # the first `samples` held-out sequences; metric (optional):
                                            # exact_match or module:function(prediction, reference) on
-                                           # greedy completions of the held-out prompts
+                                           # greedy completions of the held-out prompts; dpo:
+                                           # reward_accuracy (its default) | reward_margin of its pairs
 export: best                               # best (lowest held-out loss; the default with held-out
                                            # data) | last
 ```
@@ -45,6 +46,7 @@ from alto.search_spec import SearchConfig, parse_search
 
 TASK_KEYS = {"objective", "data", "defaults", "grid", "adapters", "search", "monitor", "eval", "export"}  # per task, or shared
 OBJECTIVES = ("sft", "dpo")  # alto.objectives' (the spec names them without importing torch)
+DPO_METRICS = ("reward_accuracy", "reward_margin")  # alto.objectives.DPO.metrics
 EXPORTS = ("best", "last")
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
 
@@ -164,8 +166,9 @@ def _monitor(where: str, monitor: Any) -> MonitorConfig | None:
         raise ValueError(f"{where}{e}") from None
 
 
-def _eval(where: str, given: Any, monitor: MonitorConfig | None) -> EvalConfig:
-    """The eval settings; with a monitor reading held-out losses, evaluations come at its eval_every."""
+def _eval(where: str, given: Any, monitor: MonitorConfig | None, objective: str) -> EvalConfig:
+    """The eval settings; with a monitor reading held-out losses, evaluations come at its eval_every.
+    A dpo task's metric is one of its objective's held-out metrics (not of generated replies)."""
     w = f"{where}eval"
     if given is None:
         given = {}
@@ -182,7 +185,11 @@ def _eval(where: str, given: Any, monitor: MonitorConfig | None) -> EvalConfig:
     for key in ("samples", "max_new_tokens"):
         if not is_int(values[key]) or values[key] < 1:
             fail(f"{w}.{key}", f"{values[key]!r} must be an int >= 1")
-    if values["metric"] is not None:  # a user's metric imported now: its error before the run
+    if objective == "dpo":
+        if values["metric"] is not None and values["metric"] not in DPO_METRICS:
+            fail(f"{w}.metric", f"{values['metric']!r}: a dpo task's is one of {', '.join(DPO_METRICS)} (of its "
+                                 "held-out pairs)")
+    elif values["metric"] is not None:  # a user's metric imported now: its error before the run
         try:
             metric_function(values["metric"])
         except ValueError as e:
@@ -198,10 +205,14 @@ def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
         monitor = {**monitor, "eval_every": every}  # a monitor reading held-out losses reads these
     monitor = _monitor(where, monitor)
     adapters = _adapters(where, values, prefix)
-    evaluation = _eval(where, evaluation, monitor)
+    held_out = bool(data["eval_fraction"] or data.get("eval_path") or data.get("eval_split"))
+    if (objective := values.get("objective", "sft")) not in OBJECTIVES:
+        fail(f"{where}objective", f"{objective!r} must be one of {', '.join(OBJECTIVES)}")
+    if objective == "dpo" and held_out and (evaluation is None or isinstance(evaluation, dict)):
+        evaluation = {"metric": DPO_METRICS[0], **(evaluation or {})}  # the leaderboard shows it
+    evaluation = _eval(where, evaluation, monitor, objective)
     search = None if "search" not in values else parse_search(where, values["search"], values.get("defaults") or {},
                                                               evaluation.every)
-    held_out = bool(data["eval_fraction"] or data.get("eval_path") or data.get("eval_split"))
     if (export := values.get("export", "best" if held_out else "last")) not in EXPORTS:
         fail(f"{where}export", f"{export!r} must be one of {', '.join(EXPORTS)}")
     if not held_out:
@@ -210,15 +221,10 @@ def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
                            ("search", search is not None)):
             if needs:
                 fail(f"{where}{key}", "needs held-out data: set data.eval_fraction > 0 (or eval_path/eval_split)")
-    if evaluation.metric is not None and data["train_on"] == "all":
-        fail(f"{where}eval.metric", "scores completions: it needs train_on: completion (prompts and replies)")
-    if (objective := values.get("objective", "sft")) not in OBJECTIVES:
-        fail(f"{where}objective", f"{objective!r} must be one of {', '.join(OBJECTIVES)}")
     if objective == "dpo" and data["train_on"] == "all":
         fail(f"{where}data.train_on", "all: dpo scores each answer's completion tokens (train_on: completion)")
-    if objective == "dpo" and evaluation.metric is not None:
-        fail(f"{where}eval.metric", "scores generated replies; a dpo task's held-out data are preference pairs, scored "
-                                     "by their DPO loss")
+    if evaluation.metric is not None and data["train_on"] == "all":
+        fail(f"{where}eval.metric", "scores completions: it needs train_on: completion (prompts and replies)")
     return Task(name, data, adapters, monitor, evaluation, export, where, prefix, search, objective)
 
 
