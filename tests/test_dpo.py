@@ -319,3 +319,26 @@ def test_a_dpo_leaderboard_shows_each_adapters_held_out_reward_accuracy(tmp_path
     with open(tmp_path / "m" / "leaderboard.csv") as f:
         board = list(csv.DictReader(f))
     assert all(r["metric"] == "reward_accuracy" and 0 <= float(r["metric_value"]) <= 1 for r in board)
+
+
+def test_preference_pairs_from_a_hugging_face_dataset(tmp_path):
+    """TRL's preference datasets: a save_to_disk folder with prompt, chosen and rejected columns,
+    conversational too."""
+    folder = tmp_path / "prefs"
+    datasets.Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "rank?"}]],
+        "chosen": [[{"role": "assistant", "content": "hello"}], [{"role": "assistant", "content": "8"}]],
+        "rejected": [[{"role": "assistant", "content": "go away"}], [{"role": "assistant", "content": "banana"}]],
+    }).save_to_disk(str(folder))
+    records = load_records("hf", str(folder), pairs=True)
+    assert [r["rejected"][0]["content"] for r, _ in records] == ["go away", "banana"]
+    with pytest.raises(ValueError, match=r"prefs\[train\]\[0\] is a preference pair .*objective dpo"):
+        load_records("hf", str(folder))
+
+
+def test_a_monitor_stops_dpo_adapters_on_their_held_out_dpo_losses(tmp_path, sweep_yaml):
+    path = dpo_sweep(sweep_yaml, "asha", monitor={"rule": "asha", "grace": 1, "eta": 2, "signal": "eval"})
+    assert tune(str(path), None, log=lambda *_: None) == 0
+    with open(tmp_path / "asha" / "leaderboard.csv") as f:
+        status = [r["status"] for r in csv.DictReader(f)]
+    assert "stopped-early" in status and "finished" in status
