@@ -2,7 +2,7 @@
 # One call on the GPU machine = build + test + bench (README "Test").
 #   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
 #                            [expand_configs] [sanitize] [parallel] [parallel_shares] [tasks] [sweep] [quality]
-#                            [sharded] [cluster]
+#                            [sharded] [cluster] [search] [dpo]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
@@ -73,6 +73,14 @@ for stage in "${stages[@]}"; do
     sweep)
       # The headline: K configurations as sequential PEFT / Trainer jobs vs ALTO through alto tune.
       python3 bench/bench_sweep.py ${SWEEP_ARGS:-} 2>&1 | tee -a "$OUT/bench_sweep.txt" || rc=1
+      ;;
+    search)
+      # Optuna's TPE through ALTO vs Optuna + PEFT jobs vs a grid (issue 31; SmolLM2's GGUF on PYTHONPATH).
+      python3 bench/bench_search.py ${SEARCH_ARGS:-} 2>&1 | tee -a "$OUT/bench_search.txt" || rc=1
+      ;;
+    dpo)
+      # K DPO configurations: sequential TRL DPOTrainer jobs vs ALTO (issue 32; trl and datasets carried).
+      python3 bench/bench_dpo.py ${DPO_ARGS:-} 2>&1 | tee -a "$OUT/bench_dpo.txt" || rc=1
       ;;
     sharded)
       # The sharded base (FSDP2) on every GPU of the machine vs a replicated base and one GPU (needs 2+ GPUs).

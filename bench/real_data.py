@@ -7,8 +7,9 @@ and on the GPU machine (which has neither network nor chatterbot-corpus):
   records: real prose and code of varied length.
 - chatterbot: the chatterbot-corpus dialogues (BSD-3), as chat records (messages), for carrying to
   a machine without the package.
+- chatterbot-pairs: the same dialogues as preference pairs (prompt, chosen, rejected strings), for DPO.
 
-Run: python bench/real_data.py python-docs|chatterbot OUT.jsonl
+Run: python bench/real_data.py python-docs|chatterbot|chatterbot-pairs OUT.jsonl
 """
 from __future__ import annotations
 
@@ -45,7 +46,22 @@ def chatterbot(path: Path) -> Path:
     return path
 
 
+def chatterbot_pairs(path: Path) -> Path:
+    """The chatterbot dialogues as preference pairs of strings (alto.records.preference_pairs: the
+    reply chosen, another dialogue's rejected), the prompt "User: ...\nAssistant: "."""
+    from alto.records import load_records
+
+    with open(path, "w") as f:
+        for record, _where in load_records("chatterbot", pairs=True):
+            prompt = f"User: {record['prompt'][0]['content']}\nAssistant: "
+            f.write(json.dumps({"prompt": prompt, "chosen": record["chosen"][0]["content"],
+                                "rejected": record["rejected"][0]["content"]}) + "\n")
+    return path
+
+
+SOURCES = {"python-docs": python_docs, "chatterbot": chatterbot, "chatterbot-pairs": chatterbot_pairs}
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("python-docs", "chatterbot"):
+    if len(sys.argv) != 3 or sys.argv[1] not in SOURCES:
         sys.exit(__doc__.strip().splitlines()[-1])
-    print({"python-docs": python_docs, "chatterbot": chatterbot}[sys.argv[1]](Path(sys.argv[2])))
+    print(SOURCES[sys.argv[1]](Path(sys.argv[2])))

@@ -141,6 +141,20 @@ def test_bench_search_runs_optuna_with_peft_jobs_alto_search_and_alto_grid(tmp_p
     assert any(line.startswith("SEARCH ") for line in out.splitlines())
 
 
+def test_bench_dpo_runs_trl_jobs_and_alto_on_the_same_pairs(tmp_path):
+    pytest.importorskip("trl")
+    pytest.importorskip("chatterbot_corpus")
+    out = bench("bench_dpo", "--device", "cpu", "--model", "tiny", "--k", 2, "--steps", 2, "--max-length", 64,
+                "--eval-samples", 4, "--out", tmp_path)
+    rows = table(out, "method", "K", "wall s", "speed-up vs (t)", "its DPO loss", "its reward accuracy")
+    assert [r["method"][:3] for r in rows] == ["(t)", "(a)"]
+    assert all(positive(r["wall s"]) and positive(r["its DPO loss"]) for r in rows)
+    # one configuration, the same pairs and steps: both sides' held-out DPO losses agree (float32)
+    results = [json.loads((tmp_path / "bench_dpo.json").read_text())[i]["results"]["c00"][0] for i in (0, 1)]
+    assert results[0] == pytest.approx(results[1], rel=1e-3)
+    assert any(line.startswith("DPO ") and "alto" in line for line in out.splitlines())
+
+
 def test_bench_tasks_runs_three_tenants_together_and_one_after_another():
     out = bench("bench_tasks", "--device", "cpu", "--widths", "tiny", "--steps", 2, "--max-length", 128,
                 "--eval-samples", 4)
