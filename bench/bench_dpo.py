@@ -36,12 +36,9 @@ from pathlib import Path
 import torch
 
 import real_data
-from alto import data as data_mod
-from alto.base import load_base
-from alto.sweep import parse_sweep
 from alto.timing import timed
 from alto.train import DataStream
-from bench_sweep import ALL_PROJECTIONS, PHASES, alto_tune, base_folder, gpu_sync, model_spec, peak_reset
+from bench_sweep import ALL_PROJECTIONS, PHASES, alto_tune, base_folder, gpu_sync, load_once, model_spec
 
 METHODS = {"t": "(t) sequential TRL DPOTrainer jobs", "a": "(a) ALTO co-located"}
 
@@ -108,20 +105,12 @@ def trl_rows(args, model, data: Path, adapters: list[dict], root: Path) -> Row:
         def _prepare_dataset(self, dataset, *_, **__):  # pre-tokenized: alto's tokens
             return dataset
 
-    sweep = parse_sweep(json.dumps(sweep_doc(args, model, data, adapters, root / "unused")))
-    task = next(iter(sweep.tasks.values()))
-    device = torch.device("cuda" if args.device == "cuda" else "cpu")
-    cuda = device.type == "cuda"
-    peak_reset()
     phases: dict[str, float] = {}
     start = time.perf_counter()
-    with timed(phases, "load"):
-        base = load_base(model, sweep.base_dtype, device)
-        base.model.requires_grad_(False)
-        gpu_sync()
-    with timed(phases, "tokenize"):
-        train, held = data_mod.task_sequences(task.data, base.tokenizer, base.eos_id, pairs=True)
-    held_out = datasets.Dataset.from_dict(as_trl_pairs(held[: 2 * task.eval.samples]))
+    task, base, device, train, held = load_once(args, json.dumps(sweep_doc(args, model, data, adapters, root / "unused")),
+                                                phases)
+    cuda = device.type == "cuda"
+    held_out = datasets.Dataset.from_dict(as_trl_pairs(held))
     results, steps = {}, 0
     for aid, cfg in task.adapters.items():
         with timed(phases, "other"):

@@ -42,13 +42,9 @@ import optuna
 import torch
 
 import real_data
-from alto import data as data_mod
-from alto.base import load_base
 from alto.optuna_search import PRUNERS, STUDY_FILE, OptunaSearch
 from alto.search_spec import Dimension
-from alto.sweep import parse_sweep
-from alto.timing import timed
-from bench_sweep import ALL_PROJECTIONS, PHASES, alto_tune, base_folder, model_spec, peak_reset, peft_job
+from bench_sweep import ALL_PROJECTIONS, PHASES, alto_tune, base_folder, load_once, model_spec, peft_job
 
 SPACE = {"rank": {"low": 8, "high": 64, "log": True}, "lr": {"low": 1e-5, "high": 3e-3, "log": True},
          "alpha": {"low": 16, "high": 64, "log": True}}
@@ -122,19 +118,10 @@ def suggest(trial: optuna.Trial, d: Dimension):
 
 
 def optuna_peft(args, model, data: Path, out: Path) -> Row:
-    sweep = parse_sweep(json.dumps(sweep_doc(args, model, data, out)))
-    task = next(iter(sweep.tasks.values()))
-    device = torch.device("cuda" if args.device == "cuda" else "cpu")
     out.mkdir(parents=True, exist_ok=True)
-    peak_reset()
     phases: dict[str, float] = {}
     start = time.perf_counter()
-    with timed(phases, "load"):
-        base = load_base(model, sweep.base_dtype, device)
-        base.model.requires_grad_(False)
-    with timed(phases, "tokenize"):
-        train, held = data_mod.task_sequences(task.data, base.tokenizer, base.eos_id)
-    held = held[: task.eval.samples]
+    task, base, device, train, held = load_once(args, json.dumps(sweep_doc(args, model, data, out)), phases)
 
     def objective(trial: optuna.Trial) -> float:
         cfg = OptunaSearch.config_of(task, {d.field: suggest(trial, d) for d in task.search.space}, trial.number)

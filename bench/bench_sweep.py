@@ -282,21 +282,29 @@ def train_with_trainer(model, cfg, batches, pad_id: int, out: Path, device: torc
     trainer.train()
 
 
-def baseline_rows(args, method: str, spec, sweep_text: str, counts: list[int], root: Path) -> list[Row]:
-    """Every configuration of the largest K as its own job, one after another; the row of K sums
-    the first K jobs, after one load and one tokenization."""
+def load_once(args, sweep_text: str, phases: dict[str, float]):
+    """What the baselines' jobs share (also bench_search's and bench_dpo's): the sweep's one task,
+    its frozen base loaded once and its data tokenized once (timed into phases' load and tokenize);
+    returns (task, base, device, train sequences, held-out sequences of its eval.samples samples)."""
     sweep = parse_sweep(sweep_text)
     task = next(iter(sweep.tasks.values()))
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     peak_reset()
-    once: dict[str, float] = {}
-    with timed(once, "load"):
-        base = load_base(spec, sweep.base_dtype, device)
+    with timed(phases, "load"):
+        base = load_base(sweep.model, sweep.base_dtype, device)
         base.model.requires_grad_(False)
         gpu_sync()
-    with timed(once, "tokenize"):
-        train, held = data_mod.task_sequences(task.data, base.tokenizer, base.eos_id)
-    held = held[: task.eval.samples]
+    pairs = task.objective == "dpo"
+    with timed(phases, "tokenize"):
+        train, held = data_mod.task_sequences(task.data, base.tokenizer, base.eos_id, pairs=pairs)
+    return task, base, device, train, held[: task.eval.samples * (2 if pairs else 1)]
+
+
+def baseline_rows(args, method: str, sweep_text: str, counts: list[int], root: Path) -> list[Row]:
+    """Every configuration of the largest K as its own job, one after another; the row of K sums
+    the first K jobs, after one load and one tokenization."""
+    once: dict[str, float] = {}
+    task, base, device, train, held = load_once(args, sweep_text, once)
     jobs = {}
     for aid, cfg in task.adapters.items():
         jobs[aid] = peft_job(base, cfg, train, held, device, root / method / aid, with_trainer=method == "b")
@@ -400,7 +408,7 @@ def main() -> None:
     alto_row(quick, "c", spec, data, warm, root / "warm-up")
     for method in "ab":
         if method in args.methods:
-            baseline_rows(quick, method, spec, json.dumps(sweep_doc(quick, spec, data, warm[:1], root / "w", False)),
+            baseline_rows(quick, method, json.dumps(sweep_doc(quick, spec, data, warm[:1], root / "w", False)),
                           [1], root / "warm-up-jobs")
 
     name = args.model if args.model in WIDTHS or args.model.startswith("{") else Path(args.model).name
@@ -416,7 +424,7 @@ def main() -> None:
 
     for method in "ab":
         if method in args.methods:
-            for row in baseline_rows(args, method, spec, text, counts, root / "jobs"):
+            for row in baseline_rows(args, method, text, counts, root / "jobs"):
                 add(row)
     for k in counts:
         for method in "cd":
