@@ -209,6 +209,9 @@ SWEEP_VALUES = {  # id: (top-level keys replaced, words the error line must hold
                            ["data.train_on", "dpo scores each answer's completion tokens"]),
     "dpo with a generation metric": ({"objective": "dpo", "data": {"source": "chatterbot"}, "eval": {"metric": "exact_match"}},
                                      ["eval.metric: 'exact_match'", "reward_accuracy, reward_margin"]),
+    "beta on an sft task": ({"grid": {"beta": [0.1, 0.5]}}, ["grid.beta", "objective: dpo only"]),
+    "dpo with a sharded base": ({"objective": "dpo", "data": {"source": "chatterbot"}, "shard_base": True},
+                                ["shard_base: True", "replicated"]),
     "tasks of two objectives": ({"tasks": [{"name": "a"}, {"name": "b", "objective": "dpo"}]},
                                 ["tasks[b].objective", "a run trains one objective"]),
     "eval signal without held-out data": ({"monitor": {"signal": "eval"}, "data": {"source": "chatterbot",
@@ -313,6 +316,9 @@ TUNE_FILES_AND_FLAGS = {
     "preference record of strings and messages": (_data_file(
         b'{"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"}\n', objective="dpo"),
         ["bad.jsonl:1", "all strings or all lists"]),
+    "preference answers of the user": (_data_file(
+        b'{"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "user", "content": "b"}], '
+        b'"rejected": [{"role": "assistant", "content": "c"}]}\n', objective="dpo"), ["bad.jsonl:1", "role must be assistant"]),
     "dpo over a text record": (_data_file(b'{"text": "ok"}\n', objective="dpo"),
                                ["bad.jsonl:1", "not a preference pair", "objective dpo"]),
     "sft over a preference record": (_data_file(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'),

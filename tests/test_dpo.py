@@ -90,11 +90,11 @@ def pair_sequences(pairs) -> list[list[int]]:
     return [context(p) + answer for p, c, r in pairs for answer in (c, r)]
 
 
-def colocated(base_model, pairs, ids=tuple(CONFIGS), steps=MICRO_STEPS):
+def colocated(base_model, pairs, ids=tuple(CONFIGS), steps=MICRO_STEPS, packed=True):
     model = MultiLoraModel(copy.deepcopy(base_model))
     reg, objective = Registry(), DPO()
     streams = {aid: DataStream(pair_sequences(pairs), per_sample=2) for aid in ids}
-    trainer = Trainer(model, reg, streams, PAD, objective=objective)
+    trainer = Trainer(model, reg, streams, PAD, packed=packed, objective=objective)
     trainer.admit([reg.add(aid, CONFIGS[aid]) for aid in ids])
     init = {aid: model.adapter_weights(aid) for aid in ids}
     for _ in range(steps):
@@ -158,8 +158,9 @@ def differences_from_trl(base_model, pairs, trainer, init, aid, tmp_path, monkey
     return differences(aid, trainer.registry[aid].losses[:steps], got, losses, weights)
 
 
-def test_colocated_dpo_equals_trl_alone(base_model, pairs, tmp_path, monkeypatch):
-    trainer, init, _ = colocated(base_model, pairs)
+@pytest.mark.parametrize("packed", [True, False])
+def test_colocated_dpo_equals_trl_alone(base_model, pairs, tmp_path, monkeypatch, packed):
+    trainer, init, _ = colocated(base_model, pairs, packed=packed)
     for aid in CONFIGS:
         assert differences_from_trl(base_model, pairs, trainer, init, aid, tmp_path, monkeypatch) == []
 
@@ -342,3 +343,30 @@ def test_a_monitor_stops_dpo_adapters_on_their_held_out_dpo_losses(tmp_path, swe
     with open(tmp_path / "asha" / "leaderboard.csv") as f:
         status = [r["status"] for r in csv.DictReader(f)]
     assert "stopped-early" in status and "finished" in status
+
+
+def test_the_reference_is_the_base_without_its_dropout_and_leaves_the_modes_as_they_were(pairs):
+    """A base with dropout, in train mode: the reference pass scores with dropout off (the same value
+    twice, the base's eval-mode log-probabilities) and gives every module its mode back."""
+    from alto.step import colocated_losses
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5, pad_token_id=PAD)
+    model = MultiLoraModel(transformers.LlamaForCausalLM(cfg).double())
+    model.add_adapters({"a": AdapterConfig(rank=2, seed=1)})
+    model.train()
+    sequences = pair_sequences(pairs[:2])
+    scored = []
+    for _ in range(2):
+        objective = DPO()
+        colocated_losses(model, {"a": sequences}, PAD, torch.device("cpu"), training=True, packed=False,
+                         objective=objective)  # padded: packed steps refuse attention dropout
+        scored.append(list(objective.references.values.values()))
+    assert all(m.training for m in model.modules())
+    (p, c, _), = pairs[:1]
+    ids = torch.tensor([p + c])
+    model.model.eval()
+    with torch.no_grad():
+        want = model.model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[len(p) - 1:].sum()
+    assert scored[0] == scored[1] and scored[0][0] == pytest.approx(want.item(), rel=1e-12)

@@ -16,6 +16,7 @@ base's log-probabilities), listed in OBJECTIVES, its name in alto.tasks.OBJECTIV
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -58,33 +59,36 @@ class SFT(Objective):
 
 class ReferenceLogProbs:
     """Each distinct sequence's summed log-probability under the frozen base, computed once (by
-    alto.step.colocated_losses) and kept for the run. forwards and computed count the base's
-    passes and the sequences they scored (what sharing saves is measured by them)."""
+    alto.step.colocated_losses) and kept for the run, by a 16-byte digest of its tokens and whether
+    a training step (autocast on CUDA) or a held-out pass scored it. forwards and computed count
+    the base's passes and the sequences they scored (what sharing saves is measured by them)."""
 
     def __init__(self) -> None:
-        self.values: dict[bytes, float] = {}
+        self.values: dict[tuple[bytes, bool], float] = {}
         self.forwards = self.computed = 0
 
     @staticmethod
-    def key(sequence: Sequence[int] | torch.Tensor) -> bytes:
-        return torch.as_tensor(sequence, dtype=torch.int64).numpy().tobytes()
+    def key(sequence: Sequence[int] | torch.Tensor, training: bool) -> tuple[bytes, bool]:
+        tokens = torch.as_tensor(sequence, dtype=torch.int64).numpy().tobytes()
+        return hashlib.blake2b(tokens, digest_size=16).digest(), training
 
-    def missing(self, sequences: Sequence[Sequence[int] | torch.Tensor]) -> list[Sequence[int] | torch.Tensor]:
-        """The sequences not scored yet, each once."""
-        out: dict[bytes, Sequence[int] | torch.Tensor] = {}
+    def missing(self, sequences: Sequence[Sequence[int] | torch.Tensor], training: bool) -> list:
+        """The sequences not scored yet (in this mode), each once."""
+        out: dict[tuple[bytes, bool], Sequence[int] | torch.Tensor] = {}
         for s in sequences:
-            k = self.key(s)
+            k = self.key(s, training)
             if k not in self.values:
                 out.setdefault(k, s)
         return list(out.values())
 
-    def add(self, sequences: Sequence[Sequence[int] | torch.Tensor], log_probs: Sequence[float]) -> None:
+    def add(self, sequences: Sequence[Sequence[int] | torch.Tensor], training: bool, log_probs: Sequence[float]) -> None:
         self.forwards += 1
         self.computed += len(sequences)
-        self.values.update(zip(map(self.key, sequences), log_probs))
+        self.values.update(zip((self.key(s, training) for s in sequences), log_probs))
 
-    def of(self, sequences: Sequence[Sequence[int] | torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return to_device([self.values[self.key(s)] for s in sequences], device, dtype)
+    def of(self, sequences: Sequence[Sequence[int] | torch.Tensor], training: bool, dtype: torch.dtype,
+           device: torch.device) -> torch.Tensor:
+        return to_device([self.values[self.key(s, training)] for s in sequences], device, dtype)
 
 
 def sequence_sums(values: torch.Tensor, lengths: Sequence[int], row_len: int | None) -> torch.Tensor:

@@ -95,6 +95,9 @@ def check_record(row, where: str) -> Record:
             if not (all(isinstance(v, str) for v in answers) or all(map(_is_messages, answers))):
                 raise ValueError(f"data: {where}: a preference record needs 'prompt', 'chosen' and 'rejected', all "
                                  "strings or all lists of {role, content} messages")
+            if isinstance(answers[1], list) and any(m["role"] != "assistant" for m in answers[1] + answers[2]):
+                raise ValueError(f"data: {where}: 'chosen' and 'rejected' are the assistant's answers: their "
+                                 "messages' role must be assistant")
             return row, where
         if kind == "prompt":
             p, c = row["prompt"], row["completion"]

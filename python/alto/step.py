@@ -65,13 +65,19 @@ def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence
     (float32, or float64 for exact checks)."""
     flat = [s for b in batches.values() for s in b]
     reference = None
-    if objective.references is not None:
-        if new := objective.references.missing(flat):
-            with torch.no_grad():
-                token_loss, labels, plan = _token_losses(model, {}, new, pad_id, device, training, packed)
-                lengths = [len(s) for s in new]
-                objective.references.add(new, (-sequence_sums(token_loss.flatten(), lengths, plan.row_len)).tolist())
-        reference = objective.references.of(flat, model.adapter_dtype, device)
+    if (references := objective.references) is not None:
+        if new := references.missing(flat, training):
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()  # the base's own dropout off: a reference is kept for the run (TRL turns it off too)
+            try:
+                with torch.no_grad():
+                    token_loss, labels, plan = _token_losses(model, {}, new, pad_id, device, training, packed)
+                    sums = sequence_sums(token_loss.flatten(), [len(s) for s in new], plan.row_len)
+                references.add(new, training, (-sums).tolist())
+            finally:
+                for module, mode in modes:
+                    module.training = mode
+        reference = references.of(flat, training, model.adapter_dtype, device)
     token_loss, labels, plan = _token_losses(model, batches, flat, pad_id, device, training, packed)
     return objective.loss_sums(token_loss, labels, plan, reference)
 

@@ -193,6 +193,10 @@ def parse_sweep(text: str, source: str = "sweep") -> Sweep:
     if other := next((t for t in rest if t.objective != first.objective), None):
         fail(f"{other.where}objective", f"{other.objective} differs from {first.where}objective {first.objective}: a "
                                         "run trains one objective (run the tasks as two sweeps)")
+    if first.objective == "dpo" and shard_base is not False:
+        # each rank scores its own new sequences with the base alone: a sharded base's forwards are
+        # collectives every rank must join
+        fail("shard_base", f"{shard_base!r}: a dpo sweep's base is replicated (shard_base: false)")
     max_running = raw.get("max_running", "auto")
     if max_running != "auto" and (not is_int(max_running) or max_running < 1):
         fail("max_running", f"{max_running!r} must be auto or an int >= 1")

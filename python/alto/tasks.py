@@ -47,6 +47,7 @@ from alto.search_spec import SearchConfig, parse_search
 TASK_KEYS = {"objective", "data", "defaults", "grid", "adapters", "search", "monitor", "eval", "export"}  # per task, or shared
 OBJECTIVES = ("sft", "dpo")  # alto.objectives' (the spec names them without importing torch)
 DPO_METRICS = ("reward_accuracy", "reward_margin")  # alto.objectives.DPO.metrics
+DPO_FIELDS = ("beta", "loss_type")  # adapter fields only dpo reads
 EXPORTS = ("best", "last")
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
 
@@ -197,6 +198,16 @@ def _eval(where: str, given: Any, monitor: MonitorConfig | None, objective: str)
     return EvalConfig(**values)
 
 
+def _refuse_dpo_fields(where: str, values: dict[str, Any]) -> None:
+    """beta and loss_type written for a task that is not dpo: named where, as they would change nothing."""
+    places = [("defaults", values.get("defaults")), ("grid", values.get("grid")),
+              ("search.space", (values.get("search") or {}).get("space") if isinstance(values.get("search"), dict) else None),
+              *((f"adapters[{i}]", a) for i, a in enumerate(values.get("adapters") or []))]
+    for place, given in places:
+        if isinstance(given, dict) and (field := next((f for f in DPO_FIELDS if f in given), None)):
+            fail(f"{where}{place}.{field}", "applies to objective: dpo only")
+
+
 def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
     data = data_settings(where, values.get("data", {}))
     monitor, evaluation = values.get("monitor"), values.get("eval")
@@ -221,6 +232,8 @@ def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
                            ("search", search is not None)):
             if needs:
                 fail(f"{where}{key}", "needs held-out data: set data.eval_fraction > 0 (or eval_path/eval_split)")
+    if objective != "dpo":
+        _refuse_dpo_fields(where, values)
     if objective == "dpo" and data["train_on"] == "all":
         fail(f"{where}data.train_on", "all: dpo scores each answer's completion tokens (train_on: completion)")
     if evaluation.metric is not None and data["train_on"] == "all":
