@@ -12,7 +12,7 @@ alone: colocated_losses computes those once per distinct sequence (one adapter-f
 sequences not seen before) and keeps them there, shared by every adapter that trains on them.
 
 To add an objective: one class here (its name, per_sample, loss_sums; references if it needs the
-base's log-probabilities), listed in OBJECTIVES, its name in alto.tasks.OBJECTIVE_NAMES.
+base's log-probabilities), listed in OBJECTIVES, its name in alto.tasks.OBJECTIVES.
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence
     admission's probes alike): every adapter's sequences (whole samples of the objective), packed
     into one token stream (or as right-padded rows), one forward of the shared model, the
     per-token losses (alto.loss: the LM head only at positions with a target, fused with the loss
-    on CUDA); returns the objective's loss_sums ([2, G] in batches' order). An objective with
+    on CUDA); returns the objective's loss_sums ([2 + its metrics, G] in batches' order). An objective with
     references first has the sequences the base has not scored yet scored by it (one forward with
     no adapter, no gradient), then reads every sequence's from there.
     Autocast is chosen here: training on CUDA runs in bf16 (adapter masters stay fp32); held-out

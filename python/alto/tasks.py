@@ -199,13 +199,18 @@ def _eval(where: str, given: Any, monitor: MonitorConfig | None, objective: str)
 
 
 def _refuse_dpo_fields(where: str, values: dict[str, Any]) -> None:
-    """beta and loss_type written for a task that is not dpo: named where, as they would change nothing."""
-    places = [("defaults", values.get("defaults")), ("grid", values.get("grid")),
-              ("search.space", (values.get("search") or {}).get("space") if isinstance(values.get("search"), dict) else None),
-              *((f"adapters[{i}]", a) for i, a in enumerate(values.get("adapters") or []))]
-    for place, given in places:
-        if isinstance(given, dict) and (field := next((f for f in DPO_FIELDS if f in given), None)):
-            fail(f"{where}{place}.{field}", "applies to objective: dpo only")
+    """beta or loss_type set to other than its default for a task that is not dpo (it would change
+    nothing): named where it was written; a search space over them too."""
+    search = values.get("search")
+    space = search.get("space") if isinstance(search, dict) else None
+    places = [("defaults", values.get("defaults"), False), ("grid", values.get("grid"), True),
+              ("search.space", space, True),
+              *((f"adapters[{i}]", a, False) for i, a in enumerate(values.get("adapters") or []))]
+    default = AdapterConfig()
+    for place, given, several in places:
+        for field in DPO_FIELDS if isinstance(given, dict) else ():
+            if field in given and (several or given[field] != getattr(default, field)):
+                fail(f"{where}{place}.{field}", "applies to objective: dpo only")
 
 
 def _task(name: str, values: dict[str, Any], where: str, prefix: str) -> Task:
