@@ -177,6 +177,8 @@ def main() -> None:
     ap.add_argument("--methods", default="psg", help="which rows: any of p, s, g")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--out", default="", help="folder for the runs (default: a new temporary one)")
+    ap.add_argument("--rows", default="", help="an earlier run's bench_search.json (same settings, same machine): "
+                    "its rows join the table (one call's time limit may not hold all three methods)")
     args = ap.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="bench_search_"))
     root.mkdir(parents=True, exist_ok=True)
@@ -194,7 +196,9 @@ def main() -> None:
           f"micro-batch {args.micro_batch_size}, held-out loss every {args.eval_every} steps on {args.eval_samples} "
           f"sequences, data {data.name} (max_length {args.max_length}), {device}, torch {torch.__version__}\n{HEADER}",
           flush=True)
-    rows: list[Row] = []
+    rows = [Row(**r) for r in json.loads(Path(args.rows).read_text())] if args.rows else []
+    for r in rows:
+        print(table_line(r, rows) + " (earlier run)", flush=True)
     run = {"p": lambda: optuna_peft(args, spec, data, root / "optuna-peft"),
            "s": lambda: alto_search(args, spec, data, root / "alto-search"),
            "g": lambda: alto_grid(args, spec, data, root / "alto-grid", grid)}
