@@ -90,8 +90,8 @@ def pair_sequences(pairs) -> list[list[int]]:
     return [context(p) + answer for p, c, r in pairs for answer in (c, r)]
 
 
-def colocated(base_model, pairs, ids=tuple(CONFIGS), steps=MICRO_STEPS, packed=True):
-    model = MultiLoraModel(copy.deepcopy(base_model))
+def colocated(base_model, pairs, ids=tuple(CONFIGS), steps=MICRO_STEPS, packed=True, device="cpu", dtype=torch.float64):
+    model = MultiLoraModel(copy.deepcopy(base_model).to(device, dtype))
     reg, objective = Registry(), DPO()
     streams = {aid: DataStream(pair_sequences(pairs), per_sample=2) for aid in ids}
     trainer = Trainer(model, reg, streams, PAD, packed=packed, objective=objective)
@@ -163,6 +163,20 @@ def test_colocated_dpo_equals_trl_alone(base_model, pairs, tmp_path, monkeypatch
     trainer, init, _ = colocated(base_model, pairs, packed=packed)
     for aid in CONFIGS:
         assert differences_from_trl(base_model, pairs, trainer, init, aid, tmp_path, monkeypatch) == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-3)])
+def test_colocated_dpo_on_cuda_follows_the_float64_run(base_model, pairs, dtype, tol):
+    """The CUDA path (the kernels, the reference pass and its cache on the GPU) against the exact
+    float64 run above: the same per-micro-batch losses, to the dtype's precision."""
+    exact, _, _ = colocated(base_model, pairs)
+    gpu, _, objective = colocated(base_model, pairs, device="cuda", dtype=dtype)
+    assert objective.references.computed == len({tuple(s) for s in pair_sequences(pairs)})
+    for aid in CONFIGS:
+        want, got = exact.registry[aid].losses, gpu.registry[aid].losses
+        assert len(got) == len(want) > 0 and all(math.isfinite(x) for x in got)
+        assert max(abs(a - b) for a, b in zip(got, want)) < tol, (aid, got, want)
 
 
 def test_the_base_scores_each_sequence_once_however_many_adapters_train_on_it(base_model, pairs):

@@ -5,6 +5,9 @@ a run killed between checkpoints resumes to the same trials and results as an un
 trials the monitor stops are pruned, with their held-out losses as intermediate values."""
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -70,6 +73,20 @@ def test_held_out_losses_reach_the_study_as_they_come(tmp_path, sweep_yaml):
             [float(r["eval_loss"]) for r in evals if r["adapter"] == f"trial{t.number}"], abs=1e-6)
 
 
+# A process killed inside a write to study.db: SQLite's rollback journal is left hot (pages spilled
+# to the file mid-transaction), and the next connection would copy its pages back into the file.
+KILLED_WRITE = """
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size=1")
+db.execute("BEGIN IMMEDIATE")
+db.execute("UPDATE trials SET state = 'FAIL'")
+db.execute("CREATE TABLE filler(x)")
+db.executemany("INSERT INTO filler VALUES (?)", [(os.urandom(400),) for _ in range(3000)])
+os._exit(9)
+"""
+
+
 def test_a_killed_search_resumes_to_the_uninterrupted_trials_and_results(tmp_path, sweep_yaml):
     assert tune(str(search_sweep(sweep_yaml, "whole")), None, log=lambda *_: None) == 0
     path = search_sweep(sweep_yaml, "cut")
@@ -77,6 +94,9 @@ def test_a_killed_search_resumes_to_the_uninterrupted_trials_and_results(tmp_pat
     saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     assert len(saved["search"]["t"]["trials"]) == 2  # the first two, running at micro-step 2 ...
     assert len(study_of(tmp_path / "cut").trials) == 4  # ... told and two more asked at 3: forgotten on resume
+    db = tmp_path / "cut" / "study.db"
+    subprocess.run([sys.executable, "-c", KILLED_WRITE, str(db)])  # ... and a write killed halfway
+    assert Path(f"{db}-journal").stat().st_size > 0  # hot: the resume must not replay it onto the snapshot
     assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
     whole, cut = study_of(tmp_path / "whole").trials, study_of(tmp_path / "cut").trials
     assert [(t.number, t.params, t.value, t.state, t.intermediate_values) for t in cut] == \
@@ -154,6 +174,23 @@ def test_a_cma_es_search_runs_and_resumes_to_the_same_trials(tmp_path, sweep_yam
     whole, cut = study_of(tmp_path / "whole").trials, study_of(tmp_path / "cut").trials
     assert all(t.state.name == "COMPLETE" for t in whole) and len(whole) == 6
     assert [(t.params, t.value) for t in cut] == [(t.params, t.value) for t in whole]
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "halving"])
+def test_a_search_with_optunas_pruner_resumes_to_the_same_prunings(tmp_path, sweep_yaml, pruner):
+    """Killed and resumed, Optuna's pruners prune the same trials at the same steps (the checkpoint
+    keeps the pruner with the sampler; these two also re-derive their state from the study alone)."""
+    extra = dict(grid=None, max_running=2, eval={"every": 1, "samples": 4},
+                 defaults={"micro_batch_size": 2, "max_steps": 6, "target_modules": ["q_proj", "v_proj"]},
+                 search={"sampler": "tpe", "trials": 8, "seed": 3, "parallel": 2, "pruner": pruner,
+                         "space": {**SPACE, "max_steps": {"low": 3, "high": 8}}})
+    assert tune(str(sweep_yaml(out="whole", **extra)), None, log=lambda *_: None) == 0
+    interrupt(sweep_yaml(out="cut", **extra), 9)
+    assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
+    whole, cut = study_of(tmp_path / "whole").trials, study_of(tmp_path / "cut").trials
+    assert any(t.state.name == "PRUNED" for t in whole), "nothing pruned: the test would not see the pruner resume"
+    assert [(t.params, t.state, t.intermediate_values) for t in cut] == \
+           [(t.params, t.state, t.intermediate_values) for t in whole]
 
 
 def test_the_cluster_plans_a_search_by_its_trials_and_largest_configuration(sweep_yaml):
