@@ -104,6 +104,7 @@ def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_
         calibrated = time.time() - start
         base_gb = model_bytes(run.base.model) / 1e9
         run.run(log=lambda *_: None)
+        run.wait_for_checkpoint()  # a periodic one may still be written (finish() would wait): out is removed after
         wall = time.time() - start
     finally:
         group.close()

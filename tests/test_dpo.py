@@ -94,7 +94,7 @@ def colocated(base_model, pairs, ids=tuple(CONFIGS), steps=MICRO_STEPS, packed=T
     model = MultiLoraModel(copy.deepcopy(base_model).to(device, dtype))
     reg, objective = Registry(), DPO()
     streams = {aid: DataStream(pair_sequences(pairs), per_sample=2) for aid in ids}
-    trainer = Trainer(model, reg, streams, PAD, packed=packed, objective=objective)
+    trainer = Trainer(model, reg, streams, PAD, device, packed=packed, objective=objective)
     trainer.admit([reg.add(aid, CONFIGS[aid]) for aid in ids])
     init = {aid: model.adapter_weights(aid) for aid in ids}
     for _ in range(steps):
@@ -166,10 +166,11 @@ def test_colocated_dpo_equals_trl_alone(base_model, pairs, tmp_path, monkeypatch
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-3)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-4), (torch.bfloat16, 2e-3)])
 def test_colocated_dpo_on_cuda_follows_the_float64_run(base_model, pairs, dtype, tol):
-    """The CUDA path (the kernels, the reference pass and its cache on the GPU) against the exact
-    float64 run above: the same per-micro-batch losses, to the dtype's precision."""
+    """The CUDA path (bf16 autocast and the CUTLASS kernels, the reference pass and its cache on the
+    GPU) against the exact float64 run above: the same per-micro-batch losses to bf16's precision
+    (float32 weights: 5.8e-5 apart on the H200; bf16 weights: within 2e-3)."""
     exact, _, _ = colocated(base_model, pairs)
     gpu, _, objective = colocated(base_model, pairs, device="cuda", dtype=dtype)
     assert objective.references.computed == len({tuple(s) for s in pair_sequences(pairs)})
@@ -329,11 +330,15 @@ def test_held_out_reward_accuracy_and_margin_are_trls(base_model, pairs):
     assert loss == pytest.approx(sum(-torch.nn.functional.logsigmoid(c - r) for c, r in rewards).item() / 5, rel=1e-10)
 
 
-def test_a_dpo_leaderboard_shows_each_adapters_held_out_reward_accuracy(tmp_path, sweep_yaml):
+def test_a_dpo_leaderboard_ranks_adapters_by_held_out_reward_accuracy(tmp_path, sweep_yaml):
+    """A DPO loss's scale is each adapter's beta and loss_type: adapters are ranked by their reward
+    accuracy (then loss), and no perplexity is shown for it."""
     assert tune(str(dpo_sweep(sweep_yaml, "m")), None, log=lambda *_: None) == 0
     with open(tmp_path / "m" / "leaderboard.csv") as f:
         board = list(csv.DictReader(f))
     assert all(r["metric"] == "reward_accuracy" and 0 <= float(r["metric_value"]) <= 1 for r in board)
+    keys = [(-float(r["metric_value"]), float(r["eval_loss"])) for r in board]
+    assert keys == sorted(keys) and all(r["perplexity"] == "" for r in board)
 
 
 def test_preference_pairs_from_a_hugging_face_dataset(tmp_path):

@@ -35,6 +35,8 @@ class Objective:
     per_sample: ClassVar[int]  # sequences in one sample, kept together
     metrics: ClassVar[tuple[str, ...]] = ()  # held-out figures beside the loss (a task's eval.metric may name one)
     references: "ReferenceLogProbs | None" = None  # the base's log-probabilities, if the loss needs them
+    next_token_loss: ClassVar[bool] = False  # its loss is a mean next-token loss: it has a perplexity, and
+    # adapters' losses compare (else each adapter's own settings shape its loss: its task's metric ranks them)
 
     def loss_sums(self, token_loss: torch.Tensor, labels: torch.Tensor, plan: StepPlan,
                   reference: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,7 +52,7 @@ class SFT(Objective):
     """Supervised fine-tuning as TRL's SFTTrainer does it: each adapter's mean next-token loss over
     its own target tokens (completion-only: context tokens carry no target, alto.data)."""
 
-    name, per_sample = "sft", 1
+    name, per_sample, next_token_loss = "sft", 1, True
 
     def loss_sums(self, token_loss: torch.Tensor, labels: torch.Tensor, plan: StepPlan,
                   reference: torch.Tensor | None = None) -> torch.Tensor:

@@ -46,9 +46,9 @@ COLUMNS = ["rank", "task", "task_rank", "adapter", "status", "steps", "export", 
            "perplexity", "metric", "metric_value", "train_loss_last", "config"]
 
 
-def _rows(board: list[tuple[Adapter, Outcome]], task_rank: dict[str, int]) -> list[list]:
+def _rows(board: list[tuple[Adapter, Outcome]], task_rank: dict[str, int], next_token_loss: bool) -> list[list]:
     return [[i, a.task, task_rank[a.id], a.id, a.status.value, a.step, o.export, o.step, f"{o.eval_loss:.6f}",
-             f"{o.perplexity:.4f}", o.metric[0] if o.metric else "", f"{o.metric[1]:.4f}" if o.metric else "",
+             f"{o.perplexity:.4f}" if next_token_loss else "", o.metric[0] if o.metric else "", f"{o.metric[1]:.4f}" if o.metric else "",
              a.losses[-1] if a.losses else "", a.config.to_dict()] for i, (a, o) in enumerate(board, 1)]
 
 
@@ -59,15 +59,18 @@ def _write(path: Path, rows: list[list]) -> None:
 
 
 def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_dir: Path,
-           log=print, perplexity: bool = True) -> list[tuple[str, float]]:
+           log=print, next_token_loss: bool = True) -> list[tuple[str, float]]:
     """Exports every adapter's chosen weights in PEFT format (adapters/<name>; their base in HF
     format to base/ where it is not a model folder already: alto.export.save_base), several at
-    once, writes leaderboard.csv (every adapter, by held-out loss) and leaderboards/<task>.csv, and
-    prints each task's leaderboard (perplexity: with the perplexity of a next-token loss; a DPO
-    loss has none); returns (adapter, held-out loss) best first. (losses.png: plot_losses.)"""
-    def order(a: Adapter) -> tuple[bool, float]:
-        loss = outcomes[a.id].eval_loss
-        return not math.isfinite(loss), loss
+    once, writes leaderboard.csv (every adapter, best first) and leaderboards/<task>.csv, and
+    prints each task's leaderboard; returns (adapter, held-out loss) best first. Best: the lowest
+    held-out loss where it is a next-token loss (shown with its perplexity), else (a DPO loss, whose
+    scale is each adapter's beta and loss_type) the highest metric (reward accuracy, say), then
+    the lowest loss. (losses.png: plot_losses.)"""
+    def order(a: Adapter) -> tuple[bool, float, bool, float]:
+        o = outcomes[a.id]
+        score = 0.0 if next_token_loss else o.metric[1] if o.metric else math.nan  # higher is better
+        return math.isnan(score), 0.0 if math.isnan(score) else -score, not math.isfinite(o.eval_loss), o.eval_loss
 
     tasks: dict[str, list[Adapter]] = {}
     base_path = save_base(base, run_dir / "base")
@@ -82,16 +85,16 @@ def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_
         tasks.setdefault(a.task, []).append(a)
     task_rank = {a.id: i for members in tasks.values() for i, a in enumerate(sorted(members, key=order), 1)}
     overall = sorted(registry, key=order)
-    _write(run_dir / LEADERBOARD, _rows([(a, outcomes[a.id]) for a in overall], task_rank))
+    _write(run_dir / LEADERBOARD, _rows([(a, outcomes[a.id]) for a in overall], task_rank, next_token_loss))
     for task, members in tasks.items():
         board = [(a, outcomes[a.id]) for a in sorted(members, key=order)]
-        _write(run_dir / "leaderboards" / f"{task}.csv", _rows(board, task_rank))
+        _write(run_dir / "leaderboards" / f"{task}.csv", _rows(board, task_rank, next_token_loss))
         metric = next((o.metric[0] for _, o in board if o.metric), None)
         log(f"\ntask {task}\n{'#':>3}  {'adapter':<34}{'status':<15}{'steps':>6}{'export':>12}{'eval loss':>11}"
-            + (f"{'ppl':>10}" if perplexity else "") + (f"{metric:>13}" if metric else ""))
+            + (f"{'ppl':>10}" if next_token_loss else "") + (f"{metric:>13}" if metric else ""))
         for i, (a, o) in enumerate(board, 1):
             log(f"{i:>3}  {a.id:<34}{a.status.value:<15}{a.step:>6}{f'{o.export}@{o.step}':>12}{o.eval_loss:>11.4f}"
-                + (f"{o.perplexity:>10.4g}" if perplexity else "") + (f"{o.metric[1]:>13.3f}" if o.metric else ""))
+                + (f"{o.perplexity:>10.4g}" if next_token_loss else "") + (f"{o.metric[1]:>13.3f}" if o.metric else ""))
     their_base = "" if base.loads_alone else ", base/ (their base, HF format)"
     log(f"\nrun folder: {run_dir} (adapters/ in PEFT format{their_base}, losses.csv, leaderboard.csv, leaderboards/, "
         "losses.png)")

@@ -392,7 +392,7 @@ class SweepRun:
                     self.logs.final_evaluations(self.micro_steps, rows)
                 with self.timing.phase("export"):
                     board = results.finish(self.registry, outcomes, self.base, self.run_dir, log,
-                                           perplexity=self.objective.name == "sft")
+                                           next_token_loss=self.objective.next_token_loss)
                     plotted.result()
         except BaseException:
             with contextlib.suppress(Exception):  # this error reported; the checkpoint to redo the end from (--resume)
