@@ -72,7 +72,8 @@ class Row:
 
     @property
     def best(self) -> str:
-        return min(self.results, key=lambda c: self.results[c][0])
+        """alto.results.ranking's: the highest reward accuracy, then the lowest DPO loss."""
+        return min(self.results, key=lambda c: (-self.results[c][1], self.results[c][0]))
 
 
 def alto_row(args, model, data: Path, adapters: list[dict], out: Path) -> Row:

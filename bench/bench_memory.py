@@ -104,8 +104,8 @@ def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_
         calibrated = time.time() - start
         base_gb = model_bytes(run.base.model) / 1e9
         run.run(log=lambda *_: None)
-        run.wait_for_checkpoint()  # a periodic one may still be written (finish() would wait): out is removed after
         wall = time.time() - start
+        run.checkpoints.discard()  # the final checkpoint's background write stopped, as finish() does: out goes next
     finally:
         group.close()
     summary = step_figures(out / "steps.csv")[1]

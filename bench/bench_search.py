@@ -196,7 +196,8 @@ def main() -> None:
           f"micro-batch {args.micro_batch_size}, held-out loss every {args.eval_every} steps on {args.eval_samples} "
           f"sequences, data {data.name} (max_length {args.max_length}), {device}, torch {torch.__version__}\n{HEADER}",
           flush=True)
-    rows = [Row(**r) for r in json.loads(Path(args.rows).read_text())] if args.rows else []
+    earlier = json.loads(Path(args.rows).read_text()) if args.rows else []
+    rows = [Row(**r) for r in earlier if r["method"] not in args.methods]  # a method run now replaces its row
     for r in rows:
         print(table_line(r, rows) + " (earlier run)", flush=True)
     run = {"p": lambda: optuna_peft(args, spec, data, root / "optuna-peft"),

@@ -130,8 +130,8 @@ def main() -> None:
         live = SweepRun(parse_sweep(sweep_text(args, rule)), Path(args.out) / rule)
         live.run_dir.mkdir(parents=True, exist_ok=True)
         live.run(log=quiet)
-        live.wait_for_checkpoint()  # its last periodic one, which finish() would wait for
         wall = time.time() - start
+        live.checkpoints.discard()  # the final checkpoint's background write stopped, as finish() does
         live_ran = {a.id: len(a.losses) for a in live.registry}
         differ = sorted(k for k in live_ran if live_ran[k] != stops[rule][k])
         i = next(i for i, r in enumerate(rows) if r[0] == rule)

@@ -341,6 +341,20 @@ def test_a_dpo_leaderboard_ranks_adapters_by_held_out_reward_accuracy(tmp_path, 
     assert keys == sorted(keys) and all(r["perplexity"] == "" for r in board)
 
 
+def test_the_leaderboard_order_puts_failed_adapters_last_and_dpo_adapters_by_their_metric():
+    from alto.results import Outcome, ranking
+
+    def outcome(loss, accuracy):
+        return Outcome({}, "best", 0, loss, None if accuracy is None else ("reward_accuracy", accuracy))
+
+    board = {"failed": outcome(math.nan, 0.9), "no metric": outcome(0.1, None), "nan metric": outcome(0.2, math.nan),
+             "most accurate": outcome(0.7, 0.75), "lower loss": outcome(0.3, 0.5), "higher loss": outcome(0.6, 0.5)}
+    dpo = sorted(board, key=lambda k: ranking(board[k], next_token_loss=False))
+    sft = sorted(board, key=lambda k: ranking(board[k], next_token_loss=True))
+    assert dpo == ["most accurate", "lower loss", "higher loss", "no metric", "nan metric", "failed"]
+    assert sft == ["no metric", "nan metric", "lower loss", "higher loss", "most accurate", "failed"]
+
+
 def test_preference_pairs_from_a_hugging_face_dataset(tmp_path):
     """TRL's preference datasets: a save_to_disk folder with prompt, chosen and rejected columns,
     conversational too."""

@@ -95,7 +95,7 @@ def test_a_killed_search_resumes_to_the_uninterrupted_trials_and_results(tmp_pat
     assert len(saved["search"]["t"]["trials"]) == 2  # the first two, running at micro-step 2 ...
     assert len(study_of(tmp_path / "cut").trials) == 4  # ... told and two more asked at 3: forgotten on resume
     db = tmp_path / "cut" / "study.db"
-    subprocess.run([sys.executable, "-c", KILLED_WRITE, str(db)])  # ... and a write killed halfway
+    assert subprocess.run([sys.executable, "-c", KILLED_WRITE, str(db)]).returncode == 9  # ... and a write killed halfway
     assert Path(f"{db}-journal").stat().st_size > 0  # hot: the resume must not replay it onto the snapshot
     assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
     whole, cut = study_of(tmp_path / "whole").trials, study_of(tmp_path / "cut").trials

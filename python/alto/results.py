@@ -46,6 +46,15 @@ COLUMNS = ["rank", "task", "task_rank", "adapter", "status", "steps", "export", 
            "perplexity", "metric", "metric_value", "train_loss_last", "config"]
 
 
+def ranking(o: Outcome, next_token_loss: bool) -> tuple[bool, bool, float, float]:
+    """An adapter's place on a leaderboard (lowest first): one with no finite held-out loss (failed,
+    or never evaluated) last; then, where the loss is a next-token loss, the loss; else (a DPO loss,
+    whose scale is each adapter's beta and loss_type) the task's metric, higher first (reward
+    accuracy, say: reward_margin scales with beta too), then the loss."""
+    score = 0.0 if next_token_loss else o.metric[1] if o.metric else math.nan
+    return not math.isfinite(o.eval_loss), math.isnan(score), 0.0 if math.isnan(score) else -score, o.eval_loss
+
+
 def _rows(board: list[tuple[Adapter, Outcome]], task_rank: dict[str, int], next_token_loss: bool) -> list[list]:
     return [[i, a.task, task_rank[a.id], a.id, a.status.value, a.step, o.export, o.step, f"{o.eval_loss:.6f}",
              f"{o.perplexity:.4f}" if next_token_loss else "", o.metric[0] if o.metric else "", f"{o.metric[1]:.4f}" if o.metric else "",
@@ -63,14 +72,10 @@ def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_
     """Exports every adapter's chosen weights in PEFT format (adapters/<name>; their base in HF
     format to base/ where it is not a model folder already: alto.export.save_base), several at
     once, writes leaderboard.csv (every adapter, best first) and leaderboards/<task>.csv, and
-    prints each task's leaderboard; returns (adapter, held-out loss) best first. Best: the lowest
-    held-out loss where it is a next-token loss (shown with its perplexity), else (a DPO loss, whose
-    scale is each adapter's beta and loss_type) the highest metric (reward accuracy, say), then
-    the lowest loss. (losses.png: plot_losses.)"""
-    def order(a: Adapter) -> tuple[bool, float, bool, float]:
-        o = outcomes[a.id]
-        score = 0.0 if next_token_loss else o.metric[1] if o.metric else math.nan  # higher is better
-        return math.isnan(score), 0.0 if math.isnan(score) else -score, not math.isfinite(o.eval_loss), o.eval_loss
+    prints each task's leaderboard (a next-token loss with its perplexity); returns (adapter,
+    held-out loss) best first (ranking). (losses.png: plot_losses.)"""
+    def order(a: Adapter) -> tuple:
+        return ranking(outcomes[a.id], next_token_loss)
 
     tasks: dict[str, list[Adapter]] = {}
     base_path = save_base(base, run_dir / "base")
