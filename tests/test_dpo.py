@@ -166,11 +166,13 @@ def test_colocated_dpo_equals_trl_alone(base_model, pairs, tmp_path, monkeypatch
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-4), (torch.bfloat16, 2e-3)])
-def test_colocated_dpo_on_cuda_follows_the_float64_run(base_model, pairs, dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_colocated_dpo_on_cuda_follows_the_float64_run(base_model, pairs, dtype):
     """The CUDA path (bf16 autocast and the CUTLASS kernels, the reference pass and its cache on the
-    GPU) against the exact float64 run above: the same per-micro-batch losses to bf16's precision
-    (float32 weights: 5.8e-5 apart on the H200; bf16 weights: within 2e-3)."""
+    GPU) against the exact float64 run above: the same per-micro-batch losses to bf16's precision,
+    whatever the weights' dtype, as the step computes in bf16 under autocast either way (float32
+    weights measured 5.8e-5 and 6.0e-4 apart on two H200s; the losses move ~1e-2 over these steps)."""
+    tol = 2e-3
     exact, _, _ = colocated(base_model, pairs)
     gpu, _, objective = colocated(base_model, pairs, device="cuda", dtype=dtype)
     assert objective.references.computed == len({tuple(s) for s in pair_sequences(pairs)})
