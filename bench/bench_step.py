@@ -1,5 +1,6 @@
 """One co-located training step on a Llama-3-8B-shaped model (random init, real widths): ALTO with
-N adapters vs the frozen base forward+backward alone, vs the same adapters trained one after
+N adapters vs the frozen base forward+backward alone (the same packed layout, autocast, LM head and
+loss: alto.step.forward_token_losses with no adapter), vs the same adapters trained one after
 another (a per-adapter loop, what one-job-per-adapter does), and vs PEFT with one adapter.
 
 Every method processes the same sequences (one per adapter, --seq tokens each). Ranks cycle
@@ -19,10 +20,9 @@ from pathlib import Path
 import torch
 
 from alto.families import Llama
-from alto.model import MultiLoraModel, plan_for
+from alto.model import MultiLoraModel
 from alto.registry import AdapterConfig, Registry
-from alto.loss import token_losses
-from alto.step import pad_batch
+from alto.step import forward_token_losses, pad_batch
 from alto.train import DataStream, Trainer
 from bench_memory import WIDTHS
 
@@ -98,12 +98,10 @@ def main() -> None:
     rows = []
     for n in args.adapters:
         cfgs = configs(n)
-        ids, mask, labels = (t.to(device) for t in pad_batch(seqs[:n], 0))
 
-        def base_step():
-            plan = plan_for(model, [], [], ids.shape[1], ids.device)
-            logits = model(plan, input_ids=ids, attention_mask=mask)
-            token_losses(logits, labels).sum().backward()  # the loss a co-located step computes: only LoRA differs
+        def base_step():  # the same packed layout, autocast, LM head and loss as a co-located step: only LoRA differs
+            token_loss, _, _ = forward_token_losses(model, {}, seqs[:n], 0, device, training=True, packed=True)
+            token_loss.sum().backward()
 
         t_base = wall_ms(base_step, args.iters, device)
         if args.profile and n == max(args.adapters):

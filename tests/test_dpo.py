@@ -192,14 +192,14 @@ def test_the_base_scores_each_sequence_once_however_many_adapters_train_on_it(ba
 
 
 def _reference_with_an_adapter_on(monkeypatch):
-    real = alto.step._token_losses
+    real = alto.step.forward_token_losses
 
     def with_adapter(model, batches, flat, *args):
         if not batches:  # the base's pass: give its sequences to the first adapter instead
             batches = {next(iter(model.configs)): list(flat)}
         return real(model, batches, flat, *args)
 
-    monkeypatch.setattr(alto.step, "_token_losses", with_adapter)
+    monkeypatch.setattr(alto.step, "forward_token_losses", with_adapter)
 
 
 def _pairs_split_across_steps(monkeypatch):

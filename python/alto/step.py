@@ -71,21 +71,22 @@ def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence
             model.eval()  # the base's own dropout off: a reference is kept for the run (TRL turns it off too)
             try:
                 with torch.no_grad():
-                    token_loss, labels, plan = _token_losses(model, {}, new, pad_id, device, training, packed)
+                    token_loss, labels, plan = forward_token_losses(model, {}, new, pad_id, device, training, packed)
                     sums = sequence_sums(token_loss.flatten(), [len(s) for s in new], plan.row_len)
                 references.add(new, training, (-sums).tolist())
             finally:
                 for module, mode in modes:
                     module.training = mode
         reference = references.of(flat, training, model.adapter_dtype, device)
-    token_loss, labels, plan = _token_losses(model, batches, flat, pad_id, device, training, packed)
+    token_loss, labels, plan = forward_token_losses(model, batches, flat, pad_id, device, training, packed)
     return objective.loss_sums(token_loss, labels, plan, reference)
 
 
-def _token_losses(model: MultiLoraModel, batches: dict[str, Sequence], flat: Sequence, pad_id: int,
+def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], flat: Sequence, pad_id: int,
                   device: torch.device, training: bool, packed: bool) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
     """(every position's next-token loss, the labels, the plan) of one forward of the sequences
-    flat (batches' in order; no batches: the base alone)."""
+    flat (batches' in order; no batches: the base alone, as an objective's reference pass and
+    bench_step's frozen-base step run it, with the head and layout of a co-located step)."""
     inputs, labels, row_len = step_inputs(flat, pad_id, packed, device)
     lengths = [[len(s) for s in b] for b in batches.values()]
     plan = plan_for(model, list(batches), lengths, row_len, device)
