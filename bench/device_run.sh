@@ -102,9 +102,10 @@ for stage in "${stages[@]}"; do
       python3 bench/bench_step.py 2>&1 | tee "$OUT/bench_step.txt" || rc=1
       ;;
     profile_step)
-      # Chrome traces of one base and one 32-adapter step: GPU idle gaps and top kernels of each.
+      # Chrome traces of one base and one ALTO step (default 32 adapters, 8B widths; PROFILE_ARGS, e.g.
+      # "--widths 1b --layers 16 --seq 1024 --adapters 16"): GPU idle gaps and top kernels of each.
       mkdir -p /tmp/alto_prof
-      python3 bench/bench_step.py --adapters 32 --iters 3 --profile /tmp/alto_prof > "$OUT/profile_step.txt" 2>&1 || rc=1
+      python3 bench/bench_step.py ${PROFILE_ARGS:---adapters 32} --iters 3 --profile /tmp/alto_prof > "$OUT/profile_step.txt" 2>&1 || rc=1
       python3 bench/trace_gaps.py /tmp/alto_prof/alto.json /tmp/alto_prof/base.json --kernels 25 2>&1 \
         | tee -a "$OUT/profile_step.txt" || rc=1
       ;;
