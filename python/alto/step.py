@@ -83,7 +83,7 @@ def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence
 
 
 def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], flat: Sequence, pad_id: int,
-                  device: torch.device, training: bool, packed: bool) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
+                         device: torch.device, training: bool, packed: bool) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
     """(every position's next-token loss, the labels, the plan) of one forward of the sequences
     flat (batches' in order; no batches: the base alone, as an objective's reference pass and
     bench_step's frozen-base step run it, with the head and layout of a co-located step)."""
