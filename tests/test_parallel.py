@@ -108,6 +108,21 @@ def test_a_failing_rank_stops_the_others_instead_of_hanging():
         launch(_rank_1_fails, 2)
 
 
+def _abort_in_rank():
+    import os
+
+    if int(os.environ["RANK"]) == 1:
+        os.abort()  # as a C++ std::terminate would
+    return 0
+
+
+def test_a_rank_that_aborts_prints_its_python_stack(capfd):
+    with pytest.raises(RuntimeError, match=r"rank 1 exited with code -6"):
+        launch(_abort_in_rank, 2)
+    err = capfd.readouterr().err
+    assert "Fatal Python error: Aborted" in err and "_abort_in_rank" in err
+
+
 def _train_moving(device, move_at: int | None, steps: int = 6):
     """Two adapters on one trainer; at micro-step `move_at` adapter d takes the migration path short
     of the network: released, its state packed into one flat buffer on `device`, unpacked into the
