@@ -2,7 +2,7 @@
 # One call on the GPU machine = build + test + bench (README "Test").
 #   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
 #                            [expand_configs] [sanitize] [parallel] [parallel_shares] [tasks] [sweep] [quality]
-#                            [sharded] [cluster] [search] [dpo]
+#                            [sharded] [cluster] [search] [dpo] [fused]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
@@ -100,6 +100,18 @@ for stage in "${stages[@]}"; do
       ;;
     bench_step)
       python3 bench/bench_step.py 2>&1 | tee "$OUT/bench_step.txt" || rc=1
+      ;;
+    fused)
+      # The fused base layers (alto.fused_layers: liger's RMSNorm, SwiGLU, RoPE): every CUDA test (the
+      # PEFT-exact ones run through them), then bench_step with them off (ALTO_FUSED_LAYERS=0) and on.
+      timeout -s INT "${FUSED_TEST_S:-330}" python3 -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 \
+        | tee "$OUT/pytest_fused.log" | tail -25
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      for on in 0 1; do
+        echo "ALTO_FUSED_LAYERS=$on" | tee -a "$OUT/bench_step_fused.txt"
+        ALTO_FUSED_LAYERS=$on python3 bench/bench_step.py ${FUSED_ARGS:---widths 1b --layers 16 --seq 1024 --adapters 1 16} \
+          2>&1 | tee -a "$OUT/bench_step_fused.txt" || rc=1
+      done
       ;;
     profile_step)
       # Chrome traces of one base and one ALTO step (default 32 adapters, 8B widths; PROFILE_ARGS, e.g.

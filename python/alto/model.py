@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import alto_ext
-from alto import attention
+from alto import attention, fused_layers
 from alto.base import is_nf4
 from alto.families import check_targets, family_of
 from alto.registry import AdapterConfig
@@ -259,6 +259,7 @@ class MultiLoraModel(nn.Module):
                     self.layers[f"{path}.{child_name}" if path else child_name] = wrapped
         if not self.layers:
             raise ValueError(f"no Linear layer named one of {self.family.names} in the model")
+        fused_layers.install(model)  # liger's norm, SwiGLU and RoPE kernels in CUDA steps (forward)
         self.configs: dict[str, AdapterConfig] = {}
         self.generators: dict[str, torch.Generator] = {}  # adapter -> its dropout RNG
 
@@ -409,9 +410,10 @@ class MultiLoraModel(nn.Module):
             config._attn_implementation = attention.NAME  # read by every layer at each forward
         try:
             cache = {"use_cache": past_key_values is not None, "past_key_values": past_key_values}
-            if last_hidden:
-                return self.model.get_decoder()(**inputs, **cache).last_hidden_state
-            return self.model(**inputs, **cache).logits
+            with fused_layers.active():
+                if last_hidden:
+                    return self.model.get_decoder()(**inputs, **cache).last_hidden_state
+                return self.model(**inputs, **cache).logits
         finally:
             self.context.plan = None
             config._attn_implementation = usual

@@ -1,0 +1,182 @@
+"""Fused base layers (alto.fused_layers): which modules of each family are fused and with which kind,
+checked against what each transformers class computes (on the CPU bitwise, through an emulation of
+liger's casting modes); off CUDA or outside a co-located forward nothing changes; on the GPU, liger's
+kernels are what runs and a fused model (a co-located bf16 step included) matches the eager one."""
+import contextlib
+import copy
+import pickle
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from alto import fused_layers  # noqa: E402
+from alto.fused_layers import NORM_KINDS, NormKind  # noqa: E402
+from alto.model import MultiLoraModel  # noqa: E402
+from alto.registry import AdapterConfig  # noqa: E402
+from alto.step import colocated_losses  # noqa: E402
+
+FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Gemma3", "Phi3")
+
+
+def tiny(family: str, dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer model of the family with random norm weights (Gemma's start at zero)."""
+    torch.manual_seed(seed)
+    config_class = getattr(transformers, f"{family}TextConfig", None) or getattr(transformers, f"{family}Config")
+    extra = {"head_dim": 24} if family in ("Qwen3", "Gemma", "Gemma2", "Gemma3") else {}
+    config = config_class(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                          bos_token_id=2, **extra)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.5, 0.3)
+    return model.eval()
+
+
+def emulated_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: NormKind) -> torch.Tensor:
+    """What liger's RMSNorm kernel computes in a casting mode, in torch ops: the inverse RMS in fp32;
+    llama: the normalized input cast back before the weight (+ offset) multiplies it in its dtype;
+    gemma: everything in fp32, cast back at the end."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if kind.casting_mode == "llama":
+        return normed.to(x.dtype) * (weight + kind.offset)
+    assert kind.casting_mode == "gemma"
+    return (normed * (weight.float() + kind.offset)).to(x.dtype)
+
+
+def norms(model):
+    return [(p, m) for p, m in model.named_modules() if type(m).__name__ in NORM_KINDS]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_rms_norm_kind_computes_what_its_class_does(family, dtype):
+    model = tiny(family, dtype)
+    assert norms(model), f"{family}: no RMSNorm class named in NORM_KINDS"
+    for path, norm in norms(model):
+        x = torch.randn(3, 5, norm.weight.shape[0], dtype=dtype) * 3
+        eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+        kind = NORM_KINDS[type(norm).__name__]
+        assert torch.equal(emulated_norm(x, norm.weight, eps, kind), norm(x)), f"{family} {path}"
+
+
+@pytest.mark.parametrize("family,wrong", [("Llama", fused_layers._GEMMA_NORM), ("Gemma", fused_layers._LLAMA_NORM)])
+def test_the_norm_check_fails_on_the_wrong_kind(family, wrong):
+    """The planted bug: a family given the other kind is told apart (bf16, where the casts differ)."""
+    model = tiny(family, torch.bfloat16)
+    _, norm = norms(model)[0]
+    x = torch.randn(3, 5, norm.weight.shape[0], dtype=torch.bfloat16) * 3
+    eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+    assert not torch.equal(emulated_norm(x, norm.weight, eps, wrong), norm(x))
+
+
+# per family: fused norms per decoder layer (+ the final one), whether its MLP is SwiGLU, whether RoPE is wrapped
+EXPECTED = {"Llama": (2, True, True), "Mistral": (2, True, True), "Qwen2": (2, True, True), "Qwen3": (4, True, True),
+            "Gemma": (2, False, True), "Gemma2": (4, False, True), "Gemma3": (6, False, True), "Phi3": (2, False, False)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_multi_lora_model_fuses_each_familys_norms_swiglu_and_rope(family):
+    model = tiny(family)
+    MultiLoraModel(model)
+    per_layer, swiglu, rope = EXPECTED[family]
+    fused = [p for p, m in model.named_modules() if isinstance(m, (fused_layers._FusedNorm, fused_layers._FusedMLP))]
+    mlps = [p for p in fused if p.endswith(".mlp")]
+    assert len(fused) - len(mlps) == 2 * per_layer + 1
+    assert len(mlps) == (2 if swiglu else 0)
+    modeling = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
+    assert hasattr(modeling.apply_rotary_pos_emb, "alto_original") == rope
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen3", "Gemma3"])
+def test_off_cuda_a_fused_model_computes_exactly_what_it_did(family):
+    """On the CPU, inside active() too, the fused modules and the wrapped rotary function run the
+    model's own code: logits and input gradients are bitwise those of an untouched twin."""
+    plain, fused = tiny(family), tiny(family)
+    fused_layers.install(fused)
+    ids = torch.randint(3, 64, (2, 9))
+    outs = []
+    for model in (plain, fused):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        with fused_layers.active():
+            logits = model(inputs_embeds=embeds).logits
+        logits.square().sum().backward()
+        outs.append((logits, embeds.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_a_pickle_or_copy_of_a_fused_model_holds_the_plain_classes():
+    model = tiny("Llama")
+    fused_layers.install(model)
+    ids = torch.randint(3, 64, (1, 7))
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert not any(isinstance(m, (fused_layers._FusedNorm, fused_layers._FusedMLP)) for m in other.modules())
+        assert type(other.model.norm) is transformers.models.llama.modeling_llama.LlamaRMSNorm
+        assert torch.equal(other(ids).logits, model(ids).logits)
+
+
+# ---- on the GPU: liger's kernels run, and match the eager model --------------------------------
+def count_liger_calls(monkeypatch) -> dict[str, int]:
+    """Counts each liger function's apply (wrapped in place, so the fused modules' calls go through it)."""
+    calls = {}
+    for fn in fused_layers._liger():
+        original = fn.apply
+        calls[fn.__name__] = 0
+
+        def counted(*args, _name=fn.__name__, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+        monkeypatch.setattr(fn, "apply", counted)
+    return calls
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_on_cuda_the_fused_layers_run_liger_and_match_the_eager_model(family, monkeypatch):
+    plain, fused = tiny(family, torch.bfloat16).cuda(), tiny(family, torch.bfloat16).cuda()
+    fused_layers.install(fused)
+    calls = count_liger_calls(monkeypatch)
+    ids = torch.randint(3, 64, (2, 33), device="cuda")
+    outs = []
+    for model in (plain, fused):  # the plain twin outside active(): the wrapped rotary function runs eager
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        with fused_layers.active() if model is fused else contextlib.nullcontext():
+            logits = model(inputs_embeds=embeds).logits.float()
+        logits.square().mean().backward()
+        outs.append((logits, embeds.grad.float()))
+    per_layer, swiglu, rope = EXPECTED[family]
+    layers = fused.config.num_hidden_layers
+    assert calls == {"LigerRMSNormFunction": 2 * per_layer + 1, "LigerSiLUMulFunction": layers if swiglu else 0,
+                     "LigerRopeFunction": layers if rope else 0}
+    (l0, g0), (l1, g1) = outs
+    assert (l1 - l0).abs().max() <= 0.02 * l0.abs().max(), family
+    assert (g1 - g0).norm() <= 0.02 * g0.norm(), family
+
+
+@pytest.mark.cuda
+def test_a_colocated_bf16_step_with_fused_layers_matches_the_eager_one(monkeypatch):
+    """A packed step of three adapters over a bf16 Llama: per-adapter losses and adapter gradients
+    with the fused layers on and off (ALTO_FUSED_LAYERS=0) agree to bf16 rounding."""
+    torch.manual_seed(1)
+    configs = {f"a{i}": AdapterConfig(rank=r, alpha=2 * r, seed=i) for i, r in enumerate((4, 8, 16))}
+    batches = {aid: [torch.randint(3, 64, (n,)).tolist() for n in (17, 30)] for aid in configs}
+    results = []
+    for enabled in (False, True):
+        monkeypatch.setattr(fused_layers, "ENABLED", enabled)
+        model = MultiLoraModel(tiny("Llama", torch.bfloat16).cuda())
+        model.add_adapters(configs)
+        for layer in model.layers.values():  # B = 0 at init: make the adapters matter
+            torch.nn.init.normal_(layer.lora_B.data, std=0.05)
+        calls = count_liger_calls(monkeypatch)
+        sums = colocated_losses(model, batches, 0, torch.device("cuda"), training=True)
+        (sums[0] / sums[1]).sum().backward()
+        assert (calls["LigerRMSNormFunction"] > 0) == enabled
+        grads = torch.cat([g.flatten() for aid in configs for g in model.adapter_tensors(aid)[1] if g is not None])
+        results.append((sums[0] / sums[1], grads))
+    (loss0, grad0), (loss1, grad1) = results
+    assert torch.allclose(loss1, loss0, rtol=1e-2), (loss0, loss1)
+    assert (grad1 - grad0).norm() <= 0.03 * grad0.norm()
