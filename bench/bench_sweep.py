@@ -17,9 +17,10 @@ on the same held-out sequences) and its adapter saved:
 
 Both sides load the same base folder from disk (a random base is written there once, in HF format,
 untimed; a GGUF one converted), and both loads are counted. Sequential jobs are independent, so (a)
-and (b) run each of the largest K's jobs once and the row of K sums the first K jobs (plus the one
-load and tokenization, in this process: their start-up is not counted, generous to them). ALTO runs
-one sweep per K. Columns: wall seconds (the whole sweep: for ALTO the command from start to exit),
+and (b) run each of the largest K's jobs once and the row of K sums the first K jobs, plus the one
+load and tokenization, and the start-up of the one process that would run them all: a fresh
+interpreter importing what a PEFT job script imports and initializing CUDA, timed from outside in
+the same run (job_script_startup; its exit is not counted, generous to them). ALTO runs one sweep per K. Columns: wall seconds (the whole sweep: for ALTO the command from start to exit),
 training tokens per second of wall, peak GPU memory, speed-up vs (a), adapter-steps trained, the
 best configuration and its held-out loss, and where the wall time went: alto.timing.PHASES
 (timing.json, which accounts for the process's wall up to its results) and exit (the rest of the
@@ -300,10 +301,23 @@ def load_once(args, sweep_text: str, phases: dict[str, float]):
     return task, base, device, train, held[: task.eval.samples * (2 if pairs else 1)]
 
 
+def job_script_startup(args, method: str) -> float:
+    """Seconds from starting a fresh interpreter to the point where a PEFT job script would load its
+    base: torch, transformers, peft and the model class imported (the Trainer too for (b)) and CUDA
+    initialized. What the bench process paid before any baseline ran, so not in its phases; (c)'s
+    and (d)'s start-up is in their wall (timed from outside, as this)."""
+    code = ("import torch, transformers, peft\nfrom transformers import LlamaForCausalLM\n"
+            + ("from transformers import Trainer, TrainingArguments\n" if method == "b" else "")
+            + ("torch.cuda.init()\n" if args.device == "cuda" else ""))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - start
+
+
 def baseline_rows(args, method: str, sweep_text: str, counts: list[int], root: Path) -> list[Row]:
     """Every configuration of the largest K as its own job, one after another; the row of K sums
-    the first K jobs, after one load and one tokenization."""
-    once: dict[str, float] = {}
+    the first K jobs, after one process start, one load and one tokenization."""
+    once: dict[str, float] = {"startup": job_script_startup(args, method)}
     task, base, device, train, held = load_once(args, sweep_text, once)
     jobs = {}
     for aid, cfg in task.adapters.items():
