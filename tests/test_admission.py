@@ -156,10 +156,11 @@ def test_admission_never_leaves_a_rank_empty():
 
 @pytest.mark.cuda
 def test_a_sweep_that_starts_too_large_on_the_gpu_finishes(tmp_path):
-    """A real CUDA out-of-memory error: the allocator is capped at 3 GB and eight adapters of four
+    """A real CUDA out-of-memory error: the allocator is capped at 1.5 GB and eight adapters of four
     512-token sequences start together (max_running, no admission): the first step's 16k tokens
-    need ~3 GB of activations (4 layers of width 1024 keep ~190 KB per token), run out of memory,
-    are undone and split until the step fits."""
+    need 2-3 GB of activations (4 layers of width 1024 keep ~190 KB per token, less with the fused
+    layers: it fit in 3 GB with them on the H200), run out of memory, are undone and split until
+    the step fits."""
     data = tmp_path / "long.jsonl"
     data.write_text("\n".join(json.dumps({"text": "abcdefgh " * 60}) for _ in range(40)))
     model = {"random_llama": {**TINY_LLAMA, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4,
@@ -169,7 +170,7 @@ def test_a_sweep_that_starts_too_large_on_the_gpu_finishes(tmp_path):
            "defaults": {"micro_batch_size": 4, "max_steps": 2},
            "adapters": [{"id": f"a{i}", "rank": 8, "seed": i} for i in range(8)]}
     torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(3e9 / torch.cuda.get_device_properties(0).total_memory)
+    torch.cuda.set_per_process_memory_fraction(1.5e9 / torch.cuda.get_device_properties(0).total_memory)
     try:
         run = run_of(parse_sweep(json.dumps(doc)), tmp_path, "big")
         assert run.run(log=lambda *_: None)
@@ -178,4 +179,4 @@ def test_a_sweep_that_starts_too_large_on_the_gpu_finishes(tmp_path):
     assert all(a.status == Status.FINISHED for a in run.registry)
     steps = rows(tmp_path / "big" / "steps.csv")
     assert steps[0]["out_of_memory"] == "1" and any(r["out_of_memory"] == "0" for r in steps)
-    assert all(float(r["measured_peak_gb"]) <= 3.0 for r in steps if r["measured_peak_gb"])
+    assert all(float(r["measured_peak_gb"]) <= 1.5 for r in steps if r["measured_peak_gb"])
