@@ -249,6 +249,43 @@ def test_timing_json_accounts_for_the_whole_wall_of_the_command(tmp_path, sweep_
     assert sum(seconds.values()) <= wall < sum(seconds.values()) + max(3.0, 0.25 * wall)
 
 
+# The console script in a process of its own, with an atexit handler that says whether the usual
+# exit ran and, when a path is given, a thread of the caller's that writes that file a second after
+# the run's last file (timing.json): still working when main() returns.
+ENTRY = """import atexit, sys, threading, time
+from pathlib import Path
+atexit.register(lambda: print("atexit ran", flush=True))
+late = sys.argv.pop()
+if late != "none":
+    def work():
+        while not (Path(late).parent / "timing.json").exists():
+            time.sleep(0.02)
+        time.sleep(1.0)
+        Path(late).write_text("written")
+    threading.Thread(target=work, name="caller-work").start()
+from alto.cli import entry
+entry()
+"""
+
+
+def test_an_ended_alto_tune_leaves_at_once_but_waits_for_a_working_thread(tmp_path, sweep_yaml):
+    """alto.cli.entry: after a tune its output is whole (the last line printed, leaderboard.csv) and the
+    interpreter's teardown is skipped (the atexit handler never runs); with a thread still working the
+    usual exit runs and waits for it (the file it writes is there)."""
+    import subprocess
+    import sys
+
+    fast = subprocess.run([sys.executable, "-c", ENTRY, "tune", str(sweep_yaml()), "none"], capture_output=True, text=True)
+    assert fast.returncode == 0, fast.stderr[-2000:]
+    assert fast.stdout.splitlines()[-1].startswith("seconds: ") and "atexit ran" not in fast.stdout
+    assert (tmp_path / "run" / "leaderboard.csv").read_text().count("\n") == 5  # a header and 4 adapters
+    late = tmp_path / "waited" / "late.txt"
+    waited = subprocess.run([sys.executable, "-c", ENTRY, "tune", str(sweep_yaml(out="waited")), str(late)],
+                            capture_output=True, text=True)
+    assert waited.returncode == 0, waited.stderr[-2000:]
+    assert late.read_text() == "written" and waited.stdout.splitlines()[-1] == "atexit ran"
+
+
 def test_early_stopping_frees_slots_for_queued_configs(tmp_path, sweep_yaml):
     path = sweep_yaml(out="es", grid={"lr": [1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2]},
                       defaults={"micro_batch_size": 2, "max_steps": 6, "target_modules": ["q_proj", "v_proj"]},
