@@ -149,26 +149,20 @@ def _rope_wrapper(original):
     return apply_rotary_pos_emb
 
 
-def install(model: nn.Module) -> list[str]:
+def install(model: nn.Module) -> None:
     """Makes the model's RMSNorm and SwiGLU MLP modules fused ones and wraps its modeling module's
-    rotary function (once per process); returns the module paths made fused. Their forward changes
-    only inside active() on CUDA, so installing is harmless anywhere (the CPU, float64)."""
-    fused = []
-    for path, module in model.named_modules():
+    rotary function (once per process). Their forward changes only inside active() on CUDA, so
+    installing is harmless anywhere (the CPU, float64)."""
+    for module in model.modules():
         cls = type(module)
         if issubclass(cls, (_FusedNorm, _FusedMLP)):
             continue
-        kind = NORM_KINDS.get(cls.__name__)
-        if kind is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+        if cls.__name__ in NORM_KINDS and isinstance(getattr(module, "weight", None), torch.Tensor):
             module.__class__ = fused_class(cls, _FusedNorm)
         elif _is_swiglu_mlp(module):
             module.__class__ = fused_class(cls, _FusedMLP)
-        else:
-            continue
-        fused.append(path)
     modeling = sys.modules.get(type(model).__module__)
     family = type(model).__module__.rsplit(".", 1)[-1].removeprefix("modeling_")
     rope = getattr(modeling, "apply_rotary_pos_emb", None)
     if family in ROPE_MODULES and rope is not None and not hasattr(rope, "alto_original"):
         modeling.apply_rotary_pos_emb = _rope_wrapper(rope)
-    return fused
