@@ -304,14 +304,15 @@ def load_once(args, sweep_text: str, phases: dict[str, float]):
 def job_script_startup(args, method: str) -> float:
     """Seconds from starting a fresh interpreter to the point where a PEFT job script would load its
     base: torch, transformers, peft and the model class imported (the Trainer too for (b)) and CUDA
-    initialized. What the bench process paid before any baseline ran, so not in its phases; (c)'s
-    and (d)'s start-up is in their wall (timed from outside, as this)."""
+    initialized (one sample, as (c) and (d) are one run each). What the bench process paid before
+    any baseline ran, so not in its phases; (c)'s and (d)'s start-up is in their wall."""
     code = ("import torch, transformers, peft\nfrom transformers import LlamaForCausalLM\n"
             + ("from transformers import Trainer, TrainingArguments\n" if method == "b" else "")
-            + ("torch.cuda.init()\n" if args.device == "cuda" else ""))
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return time.perf_counter() - start
+            + ("torch.cuda.init()\n" if args.device == "cuda" else "")
+            + "import os, time\nprint(time.time(), flush=True)\nos._exit(0)\n")  # its exit not counted
+    start = time.time()
+    ready = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1])
+    return ready - start
 
 
 def baseline_rows(args, method: str, sweep_text: str, counts: list[int], root: Path) -> list[Row]:

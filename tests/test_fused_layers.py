@@ -109,6 +109,60 @@ def test_off_cuda_a_fused_model_computes_exactly_what_it_did(family):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+class Emulated:
+    """liger's three functions as torch emulations (what each kernel computes), recording their calls."""
+
+    def __init__(self, rope):
+        self.calls: list[tuple] = []
+        emulated = self
+
+        class Norm:
+            @staticmethod
+            def apply(x, weight, eps, offset, casting_mode, in_place):
+                emulated.calls.append(("norm", weight.shape[0], eps, NormKind(offset, casting_mode, in_place)))
+                return emulated_norm(x, weight, eps, NormKind(offset, casting_mode, in_place))
+
+        class SiLUMul:
+            @staticmethod
+            def apply(gate, up):
+                emulated.calls.append(("silu_mul",))
+                return torch.nn.functional.silu(gate) * up
+
+        class Rope:
+            @staticmethod
+            def apply(q, k, cos, sin):
+                emulated.calls.append(("rope",))
+                return rope(q, k, cos, sin)
+
+        self.functions = (Norm, SiLUMul, Rope)
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen3", "Gemma2"])
+def test_inside_active_each_fused_module_calls_liger_with_its_arguments(family, monkeypatch):
+    """The dispatch itself, on the CPU: liger's functions replaced by torch emulations, every module is
+    fused here. Each norm passes its weight, eps and kind (Gemma's offset 1, not in place), the MLP
+    gate's and up's outputs in that order, the rotary function q, k, cos and sin: the logits are
+    bitwise those of the untouched twin (a swapped argument or a wrong eps would change them)."""
+    plain, fused = tiny(family), tiny(family)
+    fused_layers.install(fused)
+    modeling = __import__(type(fused).__module__, fromlist=["apply_rotary_pos_emb"])
+    liger = Emulated(modeling.apply_rotary_pos_emb.alto_original)
+    monkeypatch.setattr(fused_layers, "_liger", lambda: liger.functions)
+    monkeypatch.setattr(fused_layers, "_fusable", lambda *tensors: fused_layers._active.get())
+    ids = torch.randint(3, 64, (2, 9))
+    with fused_layers.active():
+        got = fused(ids).logits
+    assert torch.equal(got, plain(ids).logits)
+    per_layer, swiglu, _ = EXPECTED[family]
+    layers = fused.config.num_hidden_layers
+    norms_called = [c for c in liger.calls if c[0] == "norm"]
+    assert len(norms_called) == 2 * per_layer + 1
+    # Gemma 2 and 3 read a norm's output gradient twice (sandwich norms): never overwritten in place
+    kind = NormKind(1.0, "gemma", False) if family.startswith("Gemma") else NormKind(0.0, "llama", True)
+    assert {c[3] for c in norms_called} == {kind} and {c[2] for c in norms_called} == {fused.config.rms_norm_eps}
+    assert liger.calls.count(("silu_mul",)) == (layers if swiglu else 0) and liger.calls.count(("rope",)) == layers
+
+
 def test_a_pickle_or_copy_of_a_fused_model_holds_the_plain_classes():
     model = tiny("Llama")
     fused_layers.install(model)

@@ -275,13 +275,14 @@ def test_an_ended_alto_tune_leaves_at_once_but_waits_for_a_working_thread(tmp_pa
     import subprocess
     import sys
 
-    fast = subprocess.run([sys.executable, "-c", ENTRY, "tune", str(sweep_yaml()), "none"], capture_output=True, text=True)
+    fast = subprocess.run([sys.executable, "-c", ENTRY, "tune", str(sweep_yaml()), "none"], capture_output=True, text=True,
+                          timeout=600)
     assert fast.returncode == 0, fast.stderr[-2000:]
     assert fast.stdout.splitlines()[-1].startswith("seconds: ") and "atexit ran" not in fast.stdout
     assert (tmp_path / "run" / "leaderboard.csv").read_text().count("\n") == 5  # a header and 4 adapters
     late = tmp_path / "waited" / "late.txt"
     waited = subprocess.run([sys.executable, "-c", ENTRY, "tune", str(sweep_yaml(out="waited")), str(late)],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=600)
     assert waited.returncode == 0, waited.stderr[-2000:]
     assert late.read_text() == "written" and waited.stdout.splitlines()[-1] == "atexit ran"
 

@@ -8,6 +8,7 @@ the one error boundary and the process's exit; split, the boundary would wrap pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -301,11 +302,6 @@ def main(argv: list[str] | None = None) -> int:
         return report(args.command, e)
 
 
-# Threads an ended `alto tune` may leave idle: the host-copy worker (alto.state.HostCopies), whose
-# copies every run waits for before its results.
-IDLE_AT_END = ("alto-host-copy",)
-
-
 def entry() -> None:
     """The `alto` console script (and `python -m alto.cli`): main()'s exit code. An `alto tune` that
     ended leaves the process at once (os._exit) once its output is flushed and no thread of its own
@@ -314,13 +310,13 @@ def entry() -> None:
     Python) took 2.2 s of a 56.8 s sweep on the H200 (bench/RESULTS.md, 2026-12-04), about 0.5 s of
     it a bare torch process's. Other commands (Ray's drivers, the queue) exit as usual."""
     code = main()
-    working = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()
-               and not t.daemon and not t.name.startswith(IDLE_AT_END)]
+    working = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
     if sys.argv[1:2] != ["tune"] or working:
         sys.exit(code)
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (| head): nothing more to say
+            stream.flush()
     os._exit(code)
 
 

@@ -128,6 +128,11 @@ class HostCopies:
         ready.record(torch.cuda.current_stream(flat.device))
         return self._thread.submit(self._to_host, flat, ready, keys, [t.shape for t in tensors])
 
+    def close(self) -> None:
+        """Ends the copy thread once the run has taken every copy (its end): a process leaves at once
+        only when no thread of its own is left (alto.cli.entry)."""
+        self._thread.shutdown(wait=True)
+
     def _to_host(self, flat: torch.Tensor, ready: torch.cuda.Event, keys: list[tuple[str, str]],
                  shapes: list[torch.Size]) -> dict[str, LayerTensors]:
         if self._stream is None:

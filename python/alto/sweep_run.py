@@ -402,5 +402,6 @@ class SweepRun:
             self.checkpoints.discard()
         if self.logs is not None:
             self.logs.close()  # the trackers' files, with the end's evaluations
+        ev.host_copies.close()
         self.timing.write(self.run_dir, log)
         return board
