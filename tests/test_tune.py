@@ -271,7 +271,8 @@ entry()
 def test_an_ended_alto_tune_leaves_at_once_but_waits_for_a_working_thread(tmp_path, sweep_yaml):
     """alto.cli.entry: after a tune its output is whole (the last line printed, leaderboard.csv) and the
     interpreter's teardown is skipped (the atexit handler never runs); with a thread still working the
-    usual exit runs and waits for it (the file it writes is there)."""
+    usual exit runs and waits for it (the file it writes is there), and under a profiler too (its file
+    is written)."""
     import subprocess
     import sys
 
@@ -285,6 +286,11 @@ def test_an_ended_alto_tune_leaves_at_once_but_waits_for_a_working_thread(tmp_pa
                             capture_output=True, text=True, timeout=600)
     assert waited.returncode == 0, waited.stderr[-2000:]
     assert late.read_text() == "written" and waited.stdout.splitlines()[-1] == "atexit ran"
+    profile = tmp_path / "tune.prof"  # a profiler's file, written at exit: the usual exit under it
+    profiled = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "alto.cli", "tune",
+                               str(sweep_yaml(out="profiled"))], capture_output=True, text=True, timeout=600)
+    assert profiled.returncode == 0, profiled.stderr[-2000:]
+    assert profile.stat().st_size > 0
 
 
 def test_early_stopping_frees_slots_for_queued_configs(tmp_path, sweep_yaml):

@@ -302,16 +302,25 @@ def main(argv: list[str] | None = None) -> int:
         return report(args.command, e)
 
 
+def _observed() -> bool:
+    """Whether a profiler or tracer watches this process (sys.setprofile / settrace, or a
+    sys.monitoring tool on Python 3.12+)."""
+    monitoring = getattr(sys, "monitoring", None)
+    tools = monitoring is not None and any(monitoring.get_tool(i) for i in range(6))
+    return sys.getprofile() is not None or sys.gettrace() is not None or tools
+
+
 def entry() -> None:
     """The `alto` console script (and `python -m alto.cli`): main()'s exit code. An `alto tune` that
     ended leaves the process at once (os._exit) once its output is flushed and no thread of its own
     is still working: everything it writes is written before main() returns, and tearing the
     interpreter down (torch's and transformers' modules, the run's tensors, the CUDA context through
     Python) took 2.2 s of a 56.8 s sweep on the H200 (bench/RESULTS.md, 2026-12-04), about 0.5 s of
-    it a bare torch process's. Other commands (Ray's drivers, the queue) exit as usual."""
+    it a bare torch process's. Other commands (Ray's drivers, the queue) exit as usual, and so does a
+    tune under a profiler or tracer (python -m cProfile, coverage: they write their files at exit)."""
     code = main()
     working = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
-    if sys.argv[1:2] != ["tune"] or working:
+    if sys.argv[1:2] != ["tune"] or working or _observed():
         sys.exit(code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
