@@ -1,7 +1,8 @@
 """One co-located training step on a Llama-3-8B-shaped model (random init, real widths): ALTO with
 N adapters vs the frozen base forward+backward alone (the same packed layout, autocast, LM head and
 loss: alto.step.forward_token_losses with no adapter), vs the same adapters trained one after
-another (a per-adapter loop, what one-job-per-adapter does), and vs PEFT with one adapter.
+another (a per-adapter loop, what one-job-per-adapter does), and vs PEFT with one adapter; ALTO's
+step also with every projection alone (alto.projection_stacks off: q, k, v and gate, up unstacked).
 
 Every method processes the same sequences (one per adapter, --seq tokens each). Ranks cycle
 8/16/32/64 over all seven projections. Wall-clock per step (host work included: it is what a
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from alto import projection_stacks
 from alto.families import Llama
 from alto.model import MultiLoraModel
 from alto.registry import AdapterConfig, Registry
@@ -111,6 +113,9 @@ def main() -> None:
         trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device=device)
         trainer.admit([reg.add(f"a{i}", c) for i, c in enumerate(cfgs)])
         t_ours = wall_ms(trainer.step, args.iters, device)
+        stacked, projection_stacks.ENABLED = projection_stacks.ENABLED, False
+        t_alone = wall_ms(trainer.step, args.iters, device)  # every projection alone (q, k, v; gate, up)
+        projection_stacks.ENABLED = stacked
         if args.profile is not None and n == max(args.adapters):
             profile(trainer.step, args.profile and f"{args.profile}/alto.json", device)
         trainer.retire([(a, a.status, None) for a in reg])
@@ -124,15 +129,16 @@ def main() -> None:
             trainer.admit([adapter])
             t_loop += wall_ms(trainer.step, args.iters, device)
             trainer.retire([(adapter, adapter.status, None)])
-        rows.append((n, t_base, t_ours, t_loop))
+        rows.append((n, t_base, t_ours, t_alone, t_loop))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     t_peft = peft_step_ms(base, seqs[0], args.iters, device)
-    print("adapters | base fwd+bwd ms | ALTO step ms | overhead vs base | per-adapter loop ms | ALTO vs loop")
-    print("--- | --- | --- | --- | --- | ---")
-    for n, tb, to, tl in rows:
-        print(f"{n} | {tb:.1f} | {to:.1f} | {to / tb - 1:+.1%} | {tl:.1f} | {tl / to:.2f}x")
+    print("adapters | base fwd+bwd ms | ALTO step ms | overhead vs base | projections alone ms | overhead alone "
+          "| per-adapter loop ms | ALTO vs loop")
+    print("--- | --- | --- | --- | --- | --- | --- | ---")
+    for n, tb, to, ta, tl in rows:
+        print(f"{n} | {tb:.1f} | {to:.1f} | {to / tb - 1:+.1%} | {ta:.1f} | {ta / tb - 1:+.1%} | {tl:.1f} | {tl / to:.2f}x")
     print(f"\nPEFT, one adapter (rank {RANKS[0]}, all 7 projections), same sequence: {t_peft:.1f} ms/step")
 
 

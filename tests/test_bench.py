@@ -64,11 +64,11 @@ def test_bench_step_times_alto_the_base_the_per_adapter_loop_and_peft(tmp_path):
     # adapter's step met adapters it did not know).
     out = bench("bench_step", "--device", "cpu", "--widths", "tiny", "--layers", 1, "--adapters", 1, 3,
                 "--seq", 16, "--iters", 1, "--profile", tmp_path / "traces")
-    rows = table(out, "adapters", "base fwd+bwd ms", "ALTO step ms", "overhead vs base", "per-adapter loop ms",
-                 "ALTO vs loop")
+    rows = table(out, "adapters", "base fwd+bwd ms", "ALTO step ms", "overhead vs base", "projections alone ms",
+                 "overhead alone", "per-adapter loop ms", "ALTO vs loop")
     assert [r["adapters"] for r in rows] == ["1", "3"]
-    assert all(positive(r[c]) for r in rows for c in ("base fwd+bwd ms", "ALTO step ms", "per-adapter loop ms",
-                                                        "ALTO vs loop"))
+    assert all(positive(r[c]) for r in rows for c in ("base fwd+bwd ms", "ALTO step ms", "projections alone ms",
+                                                        "per-adapter loop ms", "ALTO vs loop"))
     assert "PEFT, one adapter" in out and "ms/step" in out
     for trace in ("base", "alto"):
         events = json.loads((tmp_path / "traces" / f"{trace}.json").read_text())["traceEvents"]

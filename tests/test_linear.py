@@ -5,7 +5,7 @@ import torch
 
 import alto_ext
 from alto_ext import reference as ref
-from alto_ext import Segments
+from alto_ext import Segments, StackedSegments
 
 CASES = [
     ([4, 0, 9], [2, 8, 1], 24, 40),
@@ -185,3 +185,78 @@ def test_autocast_runs_in_the_autocast_dtype_with_float32_adapter_grads():
     seg_ref = Segments.build([5, 3], [4, 8], [1.0, 2.0])
     y_ref = ref.lora_linear(x.double(), weight.double(), bias.double(), A.double(), B.double(), seg_ref)
     assert ref.rel_err(y, y_ref) < 2e-2
+
+
+# Stacked projections of one x: per adapter (tokens, rank of each projection); 0 = not targeted there.
+STACK_CASES = [
+    ([4, 0, 9, 5], [[2, 8, 1, 0], [2, 8, 0, 0], [2, 0, 1, 0]], 24, [40, 16, 16]),  # q, k, v of odd widths
+    ([17, 5, 30], [[64, 4, 16], [64, 4, 16]], 64, [136, 136]),  # gate, up
+    ([6, 3], [[0, 4], [3, 0]], 32, [24, 8]),  # no adapter in both: rows the base's alone in one
+]
+
+
+@pytest.mark.parametrize("case", STACK_CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_stacked_projections_match_separate_ones(device, case, with_bias):
+    """multi_lora_linear_stack gives every projection's output and every gradient that separate
+    multi_lora_linear calls give (float64 on the CPU: the same sums in another order; bf16 on the
+    GPU against the float64 per-adapter reference)."""
+    tokens, ranks, d_in, d_outs = case
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    master = torch.float64 if device.type == "cpu" else torch.float32
+    scaling = [2.0 / (g + 1) for g in range(len(tokens))]
+    parts = [Segments.build(tokens, r, scaling, device, master) for r in ranks]
+    T = sum(tokens)
+    x = torch.randn(T, d_in, dtype=torch.float64)
+    weights = [torch.randn(d, d_in, dtype=torch.float64) * d_in**-0.5 for d in d_outs]
+    biases = [torch.randn(d, dtype=torch.float64) if with_bias and p != 1 else None for p, d in enumerate(d_outs)]
+    As = [torch.randn(sum(r), d_in, dtype=torch.float64) * d_in**-0.5 for r in ranks]
+    Bs = [torch.randn(sum(r), d, dtype=torch.float64) for r, d in zip(ranks, d_outs)]
+    grads = [torch.randn(T, d, dtype=torch.float64) for d in d_outs]
+
+    def run(stacked: bool):
+        leaf = lambda t, dt: None if t is None else t.to(device, dt).clone().requires_grad_()
+        xs, ws, bs = leaf(x, dtype), [leaf(w, dtype) for w in weights], [leaf(b, dtype) for b in biases]
+        a_s, b_s = [leaf(a, master) for a in As], [leaf(b, master) for b in Bs]
+        if stacked:
+            ys = alto_ext.multi_lora_linear_stack(xs, ws, bs, a_s, b_s, parts, StackedSegments.build(parts, device))
+        else:
+            ys = [alto_ext.multi_lora_linear(xs, w, b, a, bb, s) for w, b, a, bb, s in zip(ws, bs, a_s, b_s, parts)]
+        torch.autograd.backward(ys, [g.to(device, dtype) for g in grads])
+        return ys, [xs.grad, *(w.grad for w in ws), *(b.grad for b in bs if b is not None),
+                    *(a.grad for a in a_s), *(b.grad for b in b_s)]
+
+    ys, got = run(stacked=True)
+    if device.type == "cpu":
+        want_ys, want = run(stacked=False)
+        tol = 1e-12
+    else:
+        seg_cpu = [Segments.build(tokens, r, scaling, None, torch.float64) for r in ranks]
+        xr = x.clone().requires_grad_()
+        wr = [w.clone().requires_grad_() for w in weights]
+        br = [None if b is None else b.clone().requires_grad_() for b in biases]
+        ar, bbr = [a.clone().requires_grad_() for a in As], [b.clone().requires_grad_() for b in Bs]
+        want_ys = [ref.lora_linear(xr, w, b, a, bb, s) for w, b, a, bb, s in zip(wr, br, ar, bbr, seg_cpu)]
+        torch.autograd.backward(want_ys, grads)
+        want = [xr.grad, *(w.grad for w in wr), *(b.grad for b in br if b is not None),
+                *(a.grad for a in ar), *(b.grad for b in bbr)]
+        tol = 2e-2
+    for y, w in zip(ys, want_ys):
+        assert ref.rel_err(y, w) < tol
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g is not None and ref.rel_err(g, w) < 2 * tol, i
+
+
+def test_stacked_segments_place_each_projection_in_its_column_block():
+    """The layout itself: adapter rows of projection p at block p, zero-row padding up to the width."""
+    parts = [Segments.build([3, 2, 4], r) for r in ([2, 0, 9], [2, 0, 0])]
+    stacked = StackedSegments.build(parts)
+    assert stacked.width == 16 and stacked.segments.ranks == (32, 0, 32)
+    zero = 11 + 2  # rows of the concatenated A's: q's 11, k's 2, then the zero row
+    assert stacked.gather.tolist() == ([0, 1] + [zero] * 14 + [11, 12] + [zero] * 14
+                                       + list(range(2, 11)) + [zero] * 7 + [zero] * 16)
+    assert stacked.rows[0].tolist() == [0, 1] + list(range(32, 41))
+    assert stacked.rows[1].tolist() == [16, 17]
+    with pytest.raises(ValueError, match="one token layout"):
+        StackedSegments.build([Segments.build([3], [2]), Segments.build([4], [2])])

@@ -37,6 +37,8 @@ class ModelFamily:
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # transformers config.model_type values it covers
     names: ClassVar[tuple[str, ...]]
+    # Projections that one module calls on the same input (alto.projection_stacks runs them stacked).
+    input_groups: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     def projections(self, shape: Sizes) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each projection of one decoder layer."""
@@ -49,6 +51,7 @@ class Llama(ModelFamily):
 
     name, model_types = "llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    input_groups = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
     def projections(self, shape: Sizes) -> dict[str, tuple[int, int]]:
         h, q, kv, mlp = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate

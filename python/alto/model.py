@@ -23,6 +23,7 @@ import alto_ext
 from alto import attention, fused_layers
 from alto.base import is_nf4
 from alto.families import check_targets, family_of
+from alto.projection_stacks import ProjectionStack
 from alto.registry import AdapterConfig
 
 
@@ -41,6 +42,7 @@ class StepPlan:
     scaling_dtype: torch.dtype = torch.float32  # float64 for a float64 model (exact math)
     configs: list[AdapterConfig] = field(default_factory=list)  # each adapter's (what its objective reads)
     _segments: dict[tuple[int, ...], alto_ext.Segments] = field(default_factory=dict)
+    _stacks: dict[tuple[tuple[int, ...], ...], alto_ext.StackedSegments] = field(default_factory=dict)
 
     @property
     def token_counts(self) -> list[int]:
@@ -57,13 +59,25 @@ class StepPlan:
             self._segments[ranks] = seg
         return seg
 
+    def stacked_segments(self, ranks: tuple[tuple[int, ...], ...]) -> alto_ext.StackedSegments:
+        """StackedSegments of projections with these rank tuples (alto.projection_stacks), once per step."""
+        stacked = self._stacks.get(ranks)
+        if stacked is None:
+            stacked = alto_ext.StackedSegments.build([self.segments(r) for r in ranks], self.device)
+            self._stacks[ranks] = stacked
+        return stacked
+
+    def has_dropout(self, ranks: tuple[int, ...]) -> bool:
+        """Some adapter with a rank in a layer of these ranks draws LoRA dropout there."""
+        return any(p > 0 and r > 0 for p, r in zip(self.dropout, ranks))
+
     def apply_dropout(self, x: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor | None:
         """Each adapter's LoRA dropout on its own tokens (one copy of x), or None if all are 0. The
         masks come from each adapter's own generator, drawn only in the layers it targets (ranks
         of this layer) and as [samples, its longest sequence, d], as PEFT draws them for the
         adapter's batch alone, so they depend neither on which adapters share the step nor on
         packing, padding or the rank."""
-        if not any(p > 0 and r > 0 for p, r in zip(self.dropout, ranks)):
+        if not self.has_dropout(ranks):
             return None
         parts = torch.split(x, self.token_counts)
         return torch.cat([self._dropout(part, p, g, lens) if p > 0 and r > 0 else part for part, p, g, lens, r
@@ -84,6 +98,7 @@ class _Context:
 
     def __init__(self) -> None:
         self.plan: StepPlan | None = None
+        self.kept: dict = {}  # outputs computed ahead by a projection stack (alto.projection_stacks)
 
 
 # An adapter's tensors in one layer, named as PEFT names them, each packed rank-major with every
@@ -119,6 +134,7 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.fused = type(base) is nn.Linear and is_plain_float(base.weight)
         self.context = context
+        self.stack: ProjectionStack | None = None  # set by MultiLoraModel when siblings read its input
         self.order: list[str] = []  # adapters in pack order
         self.rows: dict[str, tuple[int, int]] = {}  # adapter -> (first row, rank)
         widths = self._widths()
@@ -211,19 +227,31 @@ class MultiLoraLinear(nn.Module):
         grads = [split(p.grad) for p in self.packs()]
         return {a: ([v[i] for v in values], [g[i] for g in grads]) for i, a in enumerate(self.order)}
 
+    def ranks(self, plan: StepPlan) -> tuple[int, ...]:
+        """Each of the plan's adapters' rank here (0: not targeted)."""
+        return tuple(self.rows[a][1] if a in self.rows else 0 for a in plan.adapter_ids)
+
+    def packs_for(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """lora_A and lora_B rows of the plan's adapters, in its order."""
+        present = [a for a in plan.adapter_ids if a in self.rows]
+        if present == self.order:  # the usual case: the packs are used as they are
+            return self.lora_A, self.lora_B
+        # a subset or another order (e.g. evaluating one adapter)
+        return (torch.cat([self._slice(self.lora_A, a) for a in present]),
+                torch.cat([self._slice(self.lora_B, a) for a in present]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.context.plan
         if plan is None or not self.order:
             return self.base(x)
-        ranks = tuple(self.rows[a][1] if a in self.rows else 0 for a in plan.adapter_ids)
+        if self.stack is not None:
+            y = self.stack.output(self, x, plan)
+            if y is not None:
+                return y
+        ranks = self.ranks(plan)
         if not any(ranks):
             return self.base(x)
-        present = [a for a in plan.adapter_ids if a in self.rows]
-        if present == self.order:  # the usual case: the packs are used as they are
-            A, B = self.lora_A, self.lora_B
-        else:  # a subset or another order (e.g. evaluating one adapter)
-            A = torch.cat([self._slice(self.lora_A, a) for a in present])
-            B = torch.cat([self._slice(self.lora_B, a) for a in present])
+        A, B = self.packs_for(plan)
         x2 = x.reshape(-1, x.shape[-1])
         lora_x = plan.apply_dropout(x2, ranks) if self.training else None
         segments = plan.segments(ranks)
@@ -259,6 +287,13 @@ class MultiLoraModel(nn.Module):
                     self.layers[f"{path}.{child_name}" if path else child_name] = wrapped
         if not self.layers:
             raise ValueError(f"no Linear layer named one of {self.family.names} in the model")
+        for module in model.modules():
+            for names in self.family.input_groups:
+                members = [m for m in (getattr(module, n, None) for n in names) if isinstance(m, MultiLoraLinear)]
+                if len(members) > 1:
+                    stack = ProjectionStack(members, self.context.kept)
+                    for m in members:
+                        m.stack = stack
         fused_layers.install(model)  # liger's norm, SwiGLU and RoPE kernels in CUDA steps (forward)
         self.configs: dict[str, AdapterConfig] = {}
         self.generators: dict[str, torch.Generator] = {}  # adapter -> its dropout RNG
@@ -416,6 +451,7 @@ class MultiLoraModel(nn.Module):
                 return self.model(**inputs, **cache).logits
         finally:
             self.context.plan = None
+            self.context.kept.clear()
             config._attn_implementation = usual
 
 

@@ -15,8 +15,8 @@ from alto_ext._ops import (
     lora_weight_grad,
     set_sync_checks,
 )
-from alto_ext.linear import lora_delta, multi_lora_linear
-from alto_ext.segments import Segments
+from alto_ext.linear import lora_delta, multi_lora_linear, multi_lora_linear_stack
+from alto_ext.segments import Segments, StackedSegments
 from alto_ext.transfer import pack_tensors, recv_tensors, send_tensors, unpack_tensors
 
 WITH_CUDA: bool = bool(_C.with_cuda)
@@ -24,6 +24,7 @@ WITH_CUDA: bool = bool(_C.with_cuda)
 __all__ = [
     "WITH_CUDA",
     "Segments",
+    "StackedSegments",
     "check_errors",
     "lora_expand",
     "lora_expand_",
@@ -31,6 +32,7 @@ __all__ = [
     "lora_delta",
     "lora_weight_grad",
     "multi_lora_linear",
+    "multi_lora_linear_stack",
     "pack_tensors",
     "recv_tensors",
     "send_tensors",

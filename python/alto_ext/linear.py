@@ -3,14 +3,17 @@
 Forward ``y = x Wᵀ + b + s_g (x[t] A_gᵀ) B_g`` for each token's adapter g. Backward computes dX once
 for the base and all adapters (``dY W + Σ dh_g A_g`` into one output), and dA, dB with one
 weight-grad launch each; no per-adapter copy of X is ever made. Without a base weight it is the
-adapters' delta alone (lora_delta), for base layers that run their own forward.
+adapters' delta alone (lora_delta), for base layers that run their own forward. Projections that
+read the same x run stacked (multi_lora_linear_stack): x read once for all of them.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from alto_ext._ops import ops
-from alto_ext.segments import Segments
+from alto_ext.segments import Segments, StackedSegments
 
 
 def _dense_plus_lora(a, b, bias, h, lora_w, seg_indptr, rank_indptr, scaling, covers_all_tokens):
@@ -74,6 +77,70 @@ class _MultiLoraLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_lx, grad_a, grad_b, None, None, None, None, None
 
 
+class _MultiLoraStack(torch.autograd.Function):
+    """multi_lora_linear of P projections that read the same x, in one node (StackedSegments): one
+    shrink and one dA read x once for all of them, and dX = sum_p dY_p W_p + dh A is written once
+    (the adapters' part first, each base GEMM adding its product in its epilogue), where P separate
+    nodes would write P partial dX and autograd would add them."""
+
+    @staticmethod
+    def forward(ctx, x, parts, stacked, *tensors):
+        n = len(parts)
+        weights, biases, As, Bs = (tensors[i * n : (i + 1) * n] for i in range(4))
+        ctx.parts, ctx.stacked = parts, stacked
+        ctx.a_dtype, ctx.b_dtype = As[0].dtype, Bs[0].dtype
+        A = torch.cat([*As, As[0].new_zeros(1, x.shape[1])]).index_select(0, stacked.gather).to(x.dtype)
+        seg, width = stacked.segments, stacked.width
+        h = ops.lora_shrink(x, A, seg.seg_indptr, seg.rank_indptr, n * width, None)
+        hs = [h[:, p * width : (p + 1) * width].contiguous() for p in range(n)]
+        Bs = [B.to(x.dtype) for B in Bs]
+        ys = [_dense_plus_lora(x, w.t(), b, hp, B, s.seg_indptr, s.rank_indptr, s.scaling, s.covers_all_tokens)
+              for w, b, hp, B, s in zip(weights, biases, hs, Bs, parts)]
+        ctx.save_for_backward(x, A, *weights, *Bs, *hs)
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *grad_ys):
+        parts, stacked = ctx.parts, ctx.stacked
+        n, seg = len(parts), stacked.segments
+        x, A, *rest = ctx.saved_tensors
+        weights, Bs, hs = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        need = ctx.needs_input_grad
+        need_x, (need_w, need_bias, need_a, need_b) = need[0], (need[3 + i * n : 3 + (i + 1) * n] for i in range(4))
+        dys = [g.contiguous() for g in grad_ys]
+        # dh_p = s_g dY_p B_pᵀ into column block p, zeros beyond each adapter's rank (as the stack's h).
+        grad_h = torch.cat([ops.lora_shrink(dy, B, s.seg_indptr, s.rank_indptr, stacked.width, s.scaling)
+                            for dy, B, s in zip(dys, Bs, parts)], dim=1)
+        grad_x = None
+        if need_x:
+            grad_x = _dense_plus_lora(dys[0], weights[0], None, grad_h, A, seg.seg_indptr, seg.rank_indptr, None,
+                                      seg.covers_all_tokens)
+            for dy, w in zip(dys[1:], weights[1:]):
+                grad_x.addmm_(dy, w)
+        grad_ws = [dy.t() @ x if wanted else None for dy, wanted in zip(dys, need_w)]
+        grad_biases = [dy.sum(0) if wanted else None for dy, wanted in zip(dys, need_bias)]
+        grad_as = [None] * n
+        if any(need_a):
+            grad_a = ops.lora_weight_grad(grad_h, x, seg.seg_indptr, seg.rank_indptr, A.shape[0], None, ctx.a_dtype)
+            grad_as = [grad_a.index_select(0, rows) if wanted else None for rows, wanted in zip(stacked.rows, need_a)]
+        grad_bs = [ops.lora_weight_grad(hp, dy, s.seg_indptr, s.rank_indptr, B.shape[0], s.scaling, ctx.b_dtype)
+                   if wanted else None for hp, dy, s, B, wanted in zip(hs, dys, parts, Bs, need_b)]
+        return grad_x, None, None, *grad_ws, *grad_biases, *grad_as, *grad_bs
+
+
+def _check_linear(op: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  segments: Segments) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be [T, d_in], got shape {tuple(x.shape)}")
+    if weight is not None and (weight.dim() != 2 or weight.shape[1] != x.shape[1]):
+        raise ValueError(f"{op}: weight must be [d_out, d_in={x.shape[1]}], got {tuple(weight.shape)}")
+    if bias is not None and (weight is None or tuple(bias.shape) != (weight.shape[0],)):
+        d_out = "without a weight: None" if weight is None else f"[d_out={weight.shape[0]}]"
+        raise ValueError(f"{op}: bias must be {d_out}, got {tuple(bias.shape)}")
+    if x.shape[0] != segments.num_tokens:
+        raise ValueError(f"{op}: x has {x.shape[0]} tokens but the segments cover {segments.num_tokens}")
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """x's dtype, or the autocast dtype when autocast is on (as nn.Linear would compute)."""
     device_type = x.device.type
@@ -104,18 +171,7 @@ def multi_lora_linear(
     x's dtype, or in the autocast dtype when autocast is on (as nn.Linear would); A and B are cast
     to it inside, and their gradients come back in their own dtype (float32 masters: float32).
     """
-    if x.dim() != 2:
-        raise ValueError(f"multi_lora_linear: x must be [T, d_in], got shape {tuple(x.shape)}")
-    if weight is not None and (weight.dim() != 2 or weight.shape[1] != x.shape[1]):
-        raise ValueError(f"multi_lora_linear: weight must be [d_out, d_in={x.shape[1]}], got {tuple(weight.shape)}")
-    if bias is not None and (weight is None or tuple(bias.shape) != (weight.shape[0],)):
-        d_out = "without a weight: None" if weight is None else f"[d_out={weight.shape[0]}]"
-        raise ValueError(f"multi_lora_linear: bias must be {d_out}, got {tuple(bias.shape)}")
-    if x.shape[0] != segments.num_tokens:
-        raise ValueError(
-            f"multi_lora_linear: x has {x.shape[0]} tokens but the segments cover "
-            f"{segments.num_tokens}"
-        )
+    _check_linear("multi_lora_linear", x, weight, bias, segments)
     dtype = _compute_dtype(x)
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -135,3 +191,29 @@ def multi_lora_linear(
             segments.h_width,
             segments.covers_all_tokens,
         )
+
+
+def multi_lora_linear_stack(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    parts: Sequence[Segments],
+    stacked: StackedSegments,
+) -> list[torch.Tensor]:
+    """multi_lora_linear of P projections of the same ``x`` (q, k, v; gate, up): their outputs, as
+    P calls would give them, with x read once by the shrink and once by dA, and dX written once.
+    ``parts[p]``: projection p's segments (its ranks and scalings); ``stacked``:
+    ``StackedSegments.build(parts)``. No LoRA dropout (each projection would draw its own mask)."""
+    n = len(parts)
+    if not n == len(weights) == len(biases) == len(As) == len(Bs):
+        raise ValueError(f"multi_lora_linear_stack: {n} segments but {len(weights)} weights, {len(biases)} "
+                         f"biases, {len(As)} A and {len(Bs)} B")
+    for p, (w, b, s) in enumerate(zip(weights, biases, parts)):
+        _check_linear(f"multi_lora_linear_stack (projection {p})", x, w, b, s)
+    dtype = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return list(_MultiLoraStack.apply(
+            x.to(dtype), list(parts), stacked, *(w.to(dtype) for w in weights),
+            *(None if b is None else b.to(dtype) for b in biases), *As, *Bs))

@@ -115,3 +115,48 @@ class Segments:
         """Width of the shrink output h: the largest rank rounded up to 8 columns."""
         r = max(self.ranks, default=0)
         return -(-r // H_WIDTH_ALIGN) * H_WIDTH_ALIGN
+
+
+@dataclass(frozen=True)
+class StackedSegments:
+    """Projections that read the same x (q, k, v; gate, up), stacked for one shrink that reads x once.
+
+    Column block p of the stacked h (``width`` columns, the same for every projection) holds
+    projection p's h: adapter g's A rows of projection p, then zero rows up to ``width``. Every
+    projection's h is then the slice ``h[:, p*width:(p+1)*width]`` whatever the adapter: the kernels
+    take a row range per adapter, not a column offset. The padding costs multiply-adds of zeros in
+    the shrink and dA, whose time goes to reading x (bandwidth-bound), not to the multiply-adds."""
+
+    segments: Segments  # the stack's: rank P*width for an adapter with a rank in any projection, else 0
+    width: int
+    gather: torch.Tensor  # int64 [R_stack]: the rows of cat(A_0, ..., A_{P-1}, one zero row), stacked
+    rows: tuple[torch.Tensor, ...]  # per projection, int64 [R_p]: where its A rows sit in the stack
+
+    @classmethod
+    def build(cls, parts: Sequence[Segments], device: torch.device | str | None = None) -> StackedSegments:
+        if len({p.token_counts for p in parts}) != 1:
+            raise ValueError("stacked projections must share one token layout, got "
+                             f"{[p.token_counts for p in parts]}")
+        width = max(p.h_width for p in parts)
+        total = sum(p.total_rank for p in parts)  # the zero row's index in the concatenated A's
+        starts = [0]
+        for p in parts[:-1]:
+            starts.append(starts[-1] + p.total_rank)
+        gather: list[int] = []
+        rows: list[list[int]] = [[] for _ in parts]
+        ranks = []
+        cursor = [0] * len(parts)  # each projection's next A row
+        for g in range(len(parts[0].ranks)):
+            if not any(p.ranks[g] for p in parts):
+                ranks.append(0)
+                continue
+            ranks.append(len(parts) * width)
+            for i, p in enumerate(parts):
+                r = p.ranks[g]
+                rows[i].extend(range(len(gather), len(gather) + r))
+                gather.extend(range(starts[i] + cursor[i], starts[i] + cursor[i] + r))
+                gather.extend([total] * (width - r))
+                cursor[i] += r
+        segments = Segments.build(parts[0].token_counts, ranks, None, device)
+        return cls(segments, width, to_device(gather, device, torch.int64),
+                   tuple(to_device(r, device, torch.int64) for r in rows))

@@ -1,0 +1,131 @@
+"""Stacked projections in a co-located model (alto.projection_stacks): a step through the stacks
+computes what it computes with every projection alone (float64: the same sums in another order),
+for each family that has input groups; the stacks run where they may and nowhere else (LoRA
+dropout, a member called on another input)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import alto_ext  # noqa: E402
+from alto import projection_stacks  # noqa: E402
+from alto.model import MultiLoraModel, plan_for  # noqa: E402
+from alto.registry import AdapterConfig  # noqa: E402
+from alto.step import colocated_losses  # noqa: E402
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIGS = {  # ranks and targets differ: k and up have one adapter each, gate none of a0's rows
+    "a0": AdapterConfig(rank=4, alpha=8, seed=0, target_modules=("q_proj", "v_proj", "up_proj")),
+    "a1": AdapterConfig(rank=12, alpha=6, seed=1, target_modules=ALL),
+    "a2": AdapterConfig(rank=3, alpha=3, seed=2, target_modules=("q_proj", "v_proj", "o_proj", "gate_proj")),
+}
+
+
+def tiny(family: str, seed: int = 0, dtype=torch.float64) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config_class = getattr(transformers, f"{family}TextConfig", None) or getattr(transformers, f"{family}Config")
+    extra = {"head_dim": 24} if family in ("Qwen3", "Gemma") else {}
+    config = config_class(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          pad_token_id=0, eos_token_id=1, bos_token_id=2, **extra)
+    return getattr(transformers, f"{family}ForCausalLM")(config).to(dtype)
+
+
+def counted_stacks(monkeypatch) -> list[int]:
+    calls = []
+    original = alto_ext.multi_lora_linear_stack
+
+    def counted(x, weights, *args):
+        calls.append(len(weights))
+        return original(x, weights, *args)
+
+    monkeypatch.setattr(alto_ext, "multi_lora_linear_stack", counted)
+    return calls
+
+
+def step(family: str, configs: dict, monkeypatch, stacked: bool, training: bool = True, device: str = "cpu"):
+    """Per-adapter losses and adapter gradients of one packed step (float64 on the CPU, a bf16 base
+    under autocast on the GPU), and the stacks' sizes."""
+    monkeypatch.setattr(projection_stacks, "ENABLED", stacked)
+    calls = counted_stacks(monkeypatch)
+    model = MultiLoraModel(tiny(family, dtype=torch.float64 if device == "cpu" else torch.bfloat16).to(device))
+    model.add_adapters(configs)
+    for layer in model.layers.values():  # B = 0 at init: make the adapters matter
+        torch.nn.init.normal_(layer.lora_B.data, std=0.3)
+    model.train(training)
+    gen = torch.Generator().manual_seed(5)
+    batches = {aid: [torch.randint(3, 64, (n,), generator=gen).tolist() for n in (9, 14)] for aid in configs}
+    sums = colocated_losses(model, batches, 0, torch.device(device), training=training)
+    losses = sums[0] / sums[1]
+    losses.sum().backward()
+    grads = torch.cat([g.flatten() for aid in configs for g in model.adapter_tensors(aid)[1]])
+    monkeypatch.undo()
+    return losses.detach(), grads, calls
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Qwen3", "Gemma"])
+def test_a_step_through_the_stacks_computes_what_the_projections_alone_do(family, monkeypatch):
+    loss0, grad0, calls0 = step(family, CONFIGS, monkeypatch, stacked=False)
+    loss1, grad1, calls1 = step(family, CONFIGS, monkeypatch, stacked=True)
+    assert calls0 == [] and calls1 == [3, 2] * 2  # q, k, v and gate, up in each of the 2 layers
+    assert torch.allclose(loss1, loss0, rtol=1e-12, atol=0)
+    assert (grad1 - grad0).norm() <= 1e-12 * grad0.norm()
+
+
+@pytest.mark.cuda
+def test_on_cuda_a_bf16_step_through_the_stacks_matches_the_projections_alone(monkeypatch):
+    loss0, grad0, _ = step("Llama", CONFIGS, monkeypatch, stacked=False, device="cuda")
+    loss1, grad1, calls = step("Llama", CONFIGS, monkeypatch, stacked=True, device="cuda")
+    assert calls == [3, 2] * 2
+    assert torch.allclose(loss1, loss0, rtol=1e-2), (loss0, loss1)
+    assert (grad1 - grad0).norm() <= 0.03 * grad0.norm()
+
+
+def test_lora_dropout_keeps_the_projections_alone_in_training_only(monkeypatch):
+    """PEFT draws a dropout mask per projection: a stack cannot share one x; held-out passes can."""
+    configs = {**CONFIGS, "a2": AdapterConfig(rank=3, alpha=3, seed=2, dropout=0.1, target_modules=("q_proj", "v_proj"))}
+    assert step("Llama", configs, monkeypatch, stacked=True)[2] == [2] * 2  # gate/up: a2 is not there
+    assert step("Llama", configs, monkeypatch, stacked=True, training=False)[2] == [3, 2] * 2
+
+
+def test_a_member_called_on_another_input_runs_alone(monkeypatch):
+    """The kept output is for the first member's input: given another tensor, or the same one changed
+    in place (forward only: autograd refuses a backward through a changed saved input), k_proj
+    computes its own output, and every gradient is what the members alone give (the dropped
+    output's is zero)."""
+    model = MultiLoraModel(tiny("Llama"))
+    model.add_adapters({"a": AdapterConfig(rank=4, seed=0, target_modules=("q_proj", "k_proj"))})
+    attn = model.model.model.layers[0].self_attn
+    for layer in (attn.q_proj, attn.k_proj):
+        torch.nn.init.normal_(layer.lora_B.data, std=0.3)
+    packs = [attn.q_proj.lora_A, attn.q_proj.lora_B, attn.k_proj.lora_A, attn.k_proj.lora_B]
+    x0 = torch.randn(1, 6, 64, dtype=torch.float64)
+    model.context.plan = plan_for(model, ["a"], [[6]], None, torch.device("cpu"))
+
+    def run(changed: bool):
+        x = x0.clone()
+        if changed:
+            with torch.no_grad():
+                q = attn.q_proj(x)
+                return [q, attn.k_proj(x.add_(1))]
+        q = attn.q_proj(x)
+        y = attn.k_proj(x + 1)
+        (q.square().sum() + y.square().sum()).backward()
+        out = [q.detach(), y.detach()] + [p.grad.clone() for p in packs]
+        for p in packs:
+            p.grad = None
+        return out
+
+    try:
+        monkeypatch.setattr(projection_stacks, "ENABLED", False)
+        alone = run(changed=False)
+        monkeypatch.undo()
+        for changed in (False, True):
+            calls = counted_stacks(monkeypatch)
+            got = run(changed)
+            assert calls == [2] and not model.context.kept
+            for g, want in zip(got, alone):
+                assert torch.allclose(g, want, rtol=1e-12, atol=0)
+            monkeypatch.undo()
+    finally:
+        model.context.plan = None
