@@ -114,8 +114,10 @@ def main() -> None:
         trainer.admit([reg.add(f"a{i}", c) for i, c in enumerate(cfgs)])
         t_ours = wall_ms(trainer.step, args.iters, device)
         stacked, projection_stacks.ENABLED = projection_stacks.ENABLED, False
-        t_alone = wall_ms(trainer.step, args.iters, device)  # every projection alone (q, k, v; gate, up)
-        projection_stacks.ENABLED = stacked
+        try:
+            t_alone = wall_ms(trainer.step, args.iters, device)  # every projection alone (q, k, v; gate, up)
+        finally:
+            projection_stacks.ENABLED = stacked
         if args.profile is not None and n == max(args.adapters):
             profile(trainer.step, args.profile and f"{args.profile}/alto.json", device)
         trainer.retire([(a, a.status, None) for a in reg])

@@ -62,6 +62,24 @@ def write_word_records(path, max_words: int, n: int = 40, seed: int = 3):
     return path
 
 
+# Families whose head width differs from hidden / heads in their own configs (set to 24 in tiny ones).
+WIDE_HEADS = ("Qwen3", "Gemma", "Gemma2", "Gemma3")
+
+
+def tiny_model(family: str, dtype=torch.float32, seed: int | None = 0, **extra):
+    """A 2-layer random model of a transformers family (hidden 64, 4 heads, 2 KV heads, vocab 64)."""
+    import transformers
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    config_class = getattr(transformers, f"{family}TextConfig", None) or getattr(transformers, f"{family}Config")
+    widths = {"head_dim": 24} if family in WIDE_HEADS else {}
+    config = config_class(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                          bos_token_id=2, **{**widths, **extra})
+    return getattr(transformers, f"{family}ForCausalLM")(config).to(dtype)
+
+
 def hf_folder(folder, family="Llama"):
     """A tiny random model of a transformers family (Llama unless given) and a word-level tokenizer
     with a chat template, saved as a plain HF model folder."""

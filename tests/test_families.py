@@ -16,27 +16,18 @@ from alto.model import MultiLoraModel  # noqa: E402
 from alto.registry import AdapterConfig  # noqa: E402
 from alto.sched.catalog import ModelShape  # noqa: E402
 from alto.sched.memory import adapter_params  # noqa: E402
-from conftest import hf_folder  # noqa: E402
+from conftest import hf_folder, tiny_model  # noqa: E402
 
-# transformers families -> the alto family that covers them, and config fields besides the tiny ones
-# (head_dim wider than hidden / heads where the family allows it: Gemma's and Qwen3's)
-MODELS = {"Llama": ("llama", {}), "Mistral": ("llama", {}), "Qwen2": ("llama", {}), "Qwen3": ("llama", {"head_dim": 24}),
-          "Gemma": ("llama", {"head_dim": 24}), "Gemma2": ("llama", {"head_dim": 24}),
-          "Gemma3": ("llama", {"head_dim": 24}), "Phi3": ("phi3", {})}
-
-
-def tiny(family: str, **extra) -> torch.nn.Module:
-    config_class = getattr(transformers, f"{family}TextConfig", None) or getattr(transformers, f"{family}Config")
-    config = config_class(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
-                          bos_token_id=2, **extra)
-    return getattr(transformers, f"{family}ForCausalLM")(config)
+# transformers families -> the alto family that covers them (Gemma's and Qwen3's tiny models have heads
+# wider than hidden / heads: conftest.WIDE_HEADS)
+MODELS = {"Llama": "llama", "Mistral": "llama", "Qwen2": "llama", "Qwen3": "llama", "Gemma": "llama", "Gemma2": "llama",
+          "Gemma3": "llama", "Phi3": "phi3"}
 
 
 @pytest.mark.parametrize("family", list(MODELS))
 def test_a_familys_projections_are_the_linear_layers_of_its_models(family):
-    name, extra = MODELS[family]
-    model = tiny(family, **extra)
+    name = MODELS[family]
+    model = tiny_model(family)
     shape = ModelShape.from_hf_config(model.config)
     assert shape.family == name and family_of(model.config) is FAMILIES[name]
     for layer in model.model.layers:
@@ -49,8 +40,8 @@ def test_a_familys_projections_are_the_linear_layers_of_its_models(family):
 @pytest.mark.parametrize("family", list(MODELS))
 def test_an_adapters_size_is_the_count_peft_trains(family):
     """The memory model's adapter_params (from the config alone) == PEFT's trainable parameters."""
-    name, extra = MODELS[family]
-    model = tiny(family, **extra)
+    name = MODELS[family]
+    model = tiny_model(family)
     targets = FAMILIES[name].names[::2]  # every other projection
     config = AdapterConfig(rank=3, target_modules=targets)
     lora = peft.get_peft_model(model, peft.LoraConfig(r=3, target_modules=list(targets)))
@@ -59,8 +50,8 @@ def test_an_adapters_size_is_the_count_peft_trains(family):
 
 
 def test_the_loaded_models_family_decides_what_is_wrapped_and_quantized():
-    phi3 = tiny("Phi3")
-    wrapped = MultiLoraModel(tiny("Phi3"))
+    phi3 = tiny_model("Phi3")
+    wrapped = MultiLoraModel(tiny_model("Phi3"))
     assert wrapped.family is FAMILIES["phi3"]
     assert {path.rsplit(".", 1)[-1] for path in wrapped.layers} == set(Phi3.names)
     quantize_nf4(phi3, torch.device("cpu"))
@@ -79,7 +70,7 @@ def test_a_model_type_no_family_names_is_llama_like():
 
 
 def test_a_target_module_the_model_lacks_is_named_before_anything_changes():
-    model = MultiLoraModel(tiny("Phi3"))
+    model = MultiLoraModel(tiny_model("Phi3"))
     fine, lacking = AdapterConfig(target_modules=("qkv_proj",)), AdapterConfig(target_modules=("o_proj", "q_proj"))
     with pytest.raises(ValueError, match=r"target_modules: 'q_proj' \(adapter b\) is not a projection of this model "
                                          r"\(phi3: qkv_proj, o_proj, gate_up_proj, down_proj\)"):

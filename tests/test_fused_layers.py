@@ -16,19 +16,14 @@ from alto.fused_layers import NORM_KINDS, NormKind  # noqa: E402
 from alto.model import MultiLoraModel  # noqa: E402
 from alto.registry import AdapterConfig  # noqa: E402
 from alto.step import colocated_losses  # noqa: E402
+from conftest import tiny_model  # noqa: E402
 
 FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Gemma3", "Phi3")
 
 
 def tiny(family: str, dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
     """A 2-layer model of the family with random norm weights (Gemma's start at zero)."""
-    torch.manual_seed(seed)
-    config_class = getattr(transformers, f"{family}TextConfig", None) or getattr(transformers, f"{family}Config")
-    extra = {"head_dim": 24} if family in ("Qwen3", "Gemma", "Gemma2", "Gemma3") else {}
-    config = config_class(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
-                          bos_token_id=2, **extra)
-    model = getattr(transformers, f"{family}ForCausalLM")(config).to(dtype)
+    model = tiny_model(family, dtype, seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -260,3 +260,11 @@ def test_stacked_segments_place_each_projection_in_its_column_block():
     assert stacked.rows[1].tolist() == [16, 17]
     with pytest.raises(ValueError, match="one token layout"):
         StackedSegments.build([Segments.build([3], [2]), Segments.build([4], [2])])
+    x, A = torch.randn(9, 8), torch.randn(11, 8)
+    with pytest.raises(ValueError, match=r"projection 1\): no base weight"):
+        alto_ext.multi_lora_linear_stack(x, [torch.randn(4, 8), None], [None, None], [A, A[:2]],
+                                         [torch.randn(11, 4), torch.randn(2, 4)], parts, stacked)
+    with pytest.raises(ValueError, match=r"projection 0\): x has 9 tokens but the segments cover 10"):
+        bad = [Segments.build([3, 3, 4], r) for r in ([2, 0, 9], [2, 0, 0])]
+        alto_ext.multi_lora_linear_stack(x, [torch.randn(4, 8)] * 2, [None, None], [A, A[:2]],
+                                         [torch.randn(11, 4), torch.randn(2, 4)], bad, StackedSegments.build(bad))

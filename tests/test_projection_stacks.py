@@ -1,7 +1,8 @@
 """Stacked projections in a co-located model (alto.projection_stacks): a step through the stacks
 computes what it computes with every projection alone (float64: the same sums in another order),
 for each family that has input groups; the stacks run where they may and nowhere else (LoRA
-dropout, a member called on another input)."""
+dropout, a stack too wide, inference tensors, a member called on another input); outputs kept for a
+member that is never called do not outlive the forward."""
 import pytest
 import torch
 
@@ -11,7 +12,8 @@ import alto_ext  # noqa: E402
 from alto import projection_stacks  # noqa: E402
 from alto.model import MultiLoraModel, plan_for  # noqa: E402
 from alto.registry import AdapterConfig  # noqa: E402
-from alto.step import colocated_losses  # noqa: E402
+from alto.step import colocated_losses, step_inputs  # noqa: E402
+from conftest import tiny_model  # noqa: E402
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIGS = {  # ranks and targets differ: k and up have one adapter each, gate none of a0's rows
@@ -19,16 +21,6 @@ CONFIGS = {  # ranks and targets differ: k and up have one adapter each, gate no
     "a1": AdapterConfig(rank=12, alpha=6, seed=1, target_modules=ALL),
     "a2": AdapterConfig(rank=3, alpha=3, seed=2, target_modules=("q_proj", "v_proj", "o_proj", "gate_proj")),
 }
-
-
-def tiny(family: str, seed: int = 0, dtype=torch.float64) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config_class = getattr(transformers, f"{family}TextConfig", None) or getattr(transformers, f"{family}Config")
-    extra = {"head_dim": 24} if family in ("Qwen3", "Gemma") else {}
-    config = config_class(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                          pad_token_id=0, eos_token_id=1, bos_token_id=2, **extra)
-    return getattr(transformers, f"{family}ForCausalLM")(config).to(dtype)
 
 
 def counted_stacks(monkeypatch) -> list[int]:
@@ -48,7 +40,7 @@ def step(family: str, configs: dict, monkeypatch, stacked: bool, training: bool 
     under autocast on the GPU), and the stacks' sizes."""
     monkeypatch.setattr(projection_stacks, "ENABLED", stacked)
     calls = counted_stacks(monkeypatch)
-    model = MultiLoraModel(tiny(family, dtype=torch.float64 if device == "cpu" else torch.bfloat16).to(device))
+    model = MultiLoraModel(tiny_model(family, torch.float64 if device == "cpu" else torch.bfloat16).to(device))
     model.add_adapters(configs)
     for layer in model.layers.values():  # B = 0 at init: make the adapters matter
         torch.nn.init.normal_(layer.lora_B.data, std=0.3)
@@ -93,7 +85,7 @@ def test_a_member_called_on_another_input_runs_alone(monkeypatch):
     in place (forward only: autograd refuses a backward through a changed saved input), k_proj
     computes its own output, and every gradient is what the members alone give (the dropped
     output's is zero)."""
-    model = MultiLoraModel(tiny("Llama"))
+    model = MultiLoraModel(tiny_model("Llama", torch.float64))
     model.add_adapters({"a": AdapterConfig(rank=4, seed=0, target_modules=("q_proj", "k_proj"))})
     attn = model.model.model.layers[0].self_attn
     for layer in (attn.q_proj, attn.k_proj):
@@ -129,3 +121,56 @@ def test_a_member_called_on_another_input_runs_alone(monkeypatch):
             monkeypatch.undo()
     finally:
         model.context.plan = None
+
+
+def packed_step(model: MultiLoraModel):
+    """The plan and inputs of a packed step of one 5-token sequence per adapter of CONFIGS."""
+    seqs = [torch.randint(3, 64, (5,)).tolist() for _ in CONFIGS]
+    inputs, _, _ = step_inputs(seqs, 0, packed=True, device=torch.device("cpu"))
+    return plan_for(model, list(CONFIGS), [[5]] * len(CONFIGS), None, torch.device("cpu")), inputs
+
+
+def test_a_stack_wider_than_max_width_runs_its_projections_alone(monkeypatch):
+    """One rank-128 adapter among rank-8 ones: q, k, v would stack 3 x 128 columns (over 256, every
+    adapter padded to 128), gate and up 2 x 128 (stacked)."""
+    configs = {"small": AdapterConfig(rank=8, seed=0, target_modules=ALL),
+               "large": AdapterConfig(rank=128, alpha=8, seed=1, target_modules=ALL)}
+    assert step("Llama", configs, monkeypatch, stacked=True)[2] == [2] * 2
+
+
+def test_inference_tensors_run_the_projections_alone(monkeypatch):
+    """An inference tensor has no version counter to check a kept output against."""
+    calls = counted_stacks(monkeypatch)
+    model = MultiLoraModel(tiny_model("Llama", torch.float64))
+    model.add_adapters(CONFIGS)
+    plan, inputs = packed_step(model)
+    with torch.inference_mode():
+        stacked = model(plan, **inputs)
+    monkeypatch.setattr(projection_stacks, "ENABLED", False)
+    with torch.no_grad():
+        alone = model(plan, **inputs)
+    assert calls == [] and torch.allclose(stacked, alone, rtol=1e-12)
+
+
+def test_outputs_kept_for_a_member_never_called_end_with_the_forward(monkeypatch):
+    """A forward that fails after q_proj stacked q, k and v (k_proj raises before its own call) leaves
+    nothing kept; the next forward is whole and equal to the projections alone."""
+    model = MultiLoraModel(tiny_model("Llama", torch.float64))
+    model.add_adapters(CONFIGS)
+    plan, inputs = packed_step(model)
+    k_proj = model.model.model.layers[1].self_attn.k_proj
+
+    def fail(module, args):
+        assert k_proj in model.context.kept  # q_proj's call kept k's output
+        raise RuntimeError("planted")
+
+    handle = k_proj.register_forward_pre_hook(fail)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="planted"):
+        model(plan, **inputs)
+    handle.remove()
+    assert not model.context.kept
+    with torch.no_grad():
+        stacked = model(plan, **inputs)
+        monkeypatch.setattr(projection_stacks, "ENABLED", False)
+        alone = model(plan, **inputs)
+    assert torch.allclose(stacked, alone, rtol=1e-12)

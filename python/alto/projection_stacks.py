@@ -1,13 +1,14 @@
 """Projections that read the same input (q, k, v; gate, up) run stacked in co-located steps.
 
-alto_ext.multi_lora_linear_stack reads x once for all of them (one shrink, one dA) and writes their
-dX once, where separate layers would read x P times and autograd would add P partial dX. The model
+alto_ext.multi_lora_linear_stack reads x once for all of them (one shrink, one dA) and sums their dX
+in one buffer, where separate layers would read x P times and autograd would add P partial dX. The model
 calls them one after another on one tensor (transformers' attention: q_proj(h), k_proj(h),
 v_proj(h)); the first call computes every member's output and keeps the others' for their own
 calls, and a member takes its kept output only if it is called with that very tensor, unchanged
 (else it runs alone: the kept output is dropped, and its gradient is zero). A stack runs only
 when its members are plain dense Linears and no adapter draws LoRA dropout in them (PEFT draws a
-mask per projection); otherwise each member runs alone, as it always may.
+mask per projection), its stacked h is at most MAX_WIDTH columns and x is not an inference tensor
+(it has no version to check); otherwise each member runs alone, as it always may.
 Which projections share an input is the family's word (alto.families ModelFamily.input_groups).
 ALTO_STACKED_PROJECTIONS=0 turns it off (bench_step's A/B).
 """
@@ -22,6 +23,12 @@ from torch import nn
 import alto_ext
 
 ENABLED = os.environ.get("ALTO_STACKED_PROJECTIONS", "1") != "0"
+# Every adapter's block in the stacked h is as wide as the largest rank (alto_ext.StackedSegments):
+# the shrink and dA do that many multiply-adds per element of x they read. Up to ~256 they stay
+# bandwidth-bound on an H100/H200 (~200 bf16 multiply-adds per byte at the ridge, less in practice);
+# beyond, a skewed rank mix (one rank-256 adapter among rank-8 ones) would multiply their work and
+# the stacked A's rows. Measured: 192 columns (q, k, v at ranks up to 64) gain (bench/RESULTS.md).
+MAX_WIDTH = 256
 
 
 class ProjectionStack:
@@ -40,7 +47,7 @@ class ProjectionStack:
         if kept is not None:
             x_kept, version, y = kept
             return y if x_kept is x and x._version == version else None
-        if not ENABLED:
+        if not ENABLED or x.is_inference():
             return None
         running = [(m, m.ranks(plan)) for m in self.members]
         running = [(m, ranks) for m, ranks in running if any(ranks)]
@@ -48,6 +55,8 @@ class ProjectionStack:
                 or any(not m.fused or (m.training and plan.has_dropout(ranks)) for m, ranks in running)):
             return None
         parts = [plan.segments(ranks) for _, ranks in running]
+        if len(parts) * max(p.h_width for p in parts) > MAX_WIDTH:
+            return None
         packs = [m.packs_for(plan) for m, _ in running]
         ys = alto_ext.multi_lora_linear_stack(
             x.reshape(-1, x.shape[-1]), [m.base.weight for m, _ in running], [m.base.bias for m, _ in running],

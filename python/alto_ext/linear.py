@@ -79,9 +79,9 @@ class _MultiLoraLinear(torch.autograd.Function):
 
 class _MultiLoraStack(torch.autograd.Function):
     """multi_lora_linear of P projections that read the same x, in one node (StackedSegments): one
-    shrink and one dA read x once for all of them, and dX = sum_p dY_p W_p + dh A is written once
-    (the adapters' part first, each base GEMM adding its product in its epilogue), where P separate
-    nodes would write P partial dX and autograd would add them."""
+    shrink and one dA read x once for all of them, and dX = sum_p dY_p W_p + dh A is summed in one
+    buffer (the adapters' part first, each base GEMM adding its product in its epilogue), where P
+    separate nodes would write P partial dX and autograd would add them."""
 
     @staticmethod
     def forward(ctx, x, parts, stacked, *tensors):
@@ -89,7 +89,7 @@ class _MultiLoraStack(torch.autograd.Function):
         weights, biases, As, Bs = (tensors[i * n : (i + 1) * n] for i in range(4))
         ctx.parts, ctx.stacked = parts, stacked
         ctx.a_dtype, ctx.b_dtype = As[0].dtype, Bs[0].dtype
-        A = torch.cat([*As, As[0].new_zeros(1, x.shape[1])]).index_select(0, stacked.gather).to(x.dtype)
+        A = torch.cat([*As, As[0].new_zeros(1, x.shape[1])]).to(x.dtype).index_select(0, stacked.gather)
         seg, width = stacked.segments, stacked.width
         h = ops.lora_shrink(x, A, seg.seg_indptr, seg.rank_indptr, n * width, None)
         hs = [h[:, p * width : (p + 1) * width].contiguous() for p in range(n)]
@@ -203,7 +203,7 @@ def multi_lora_linear_stack(
     stacked: StackedSegments,
 ) -> list[torch.Tensor]:
     """multi_lora_linear of P projections of the same ``x`` (q, k, v; gate, up): their outputs, as
-    P calls would give them, with x read once by the shrink and once by dA, and dX written once.
+    P calls would give them, with x read once by the shrink and once by dA, and dX in one buffer.
     ``parts[p]``: projection p's segments (its ranks and scalings); ``stacked``:
     ``StackedSegments.build(parts)``. No LoRA dropout (each projection would draw its own mask)."""
     n = len(parts)
@@ -211,7 +211,17 @@ def multi_lora_linear_stack(
         raise ValueError(f"multi_lora_linear_stack: {n} segments but {len(weights)} weights, {len(biases)} "
                          f"biases, {len(As)} A and {len(Bs)} B")
     for p, (w, b, s) in enumerate(zip(weights, biases, parts)):
-        _check_linear(f"multi_lora_linear_stack (projection {p})", x, w, b, s)
+        op = f"multi_lora_linear_stack (projection {p})"
+        if w is None:
+            raise ValueError(f"{op}: no base weight (lora_delta serves that)")
+        _check_linear(op, x, w, b, s)
+        want_a, want_b = (s.total_rank, x.shape[1]), (s.total_rank, w.shape[0])
+        if tuple(As[p].shape) != want_a or tuple(Bs[p].shape) != want_b:
+            raise ValueError(f"{op}: A {tuple(As[p].shape)} and B {tuple(Bs[p].shape)}, its segments need "
+                             f"A {want_a} and B {want_b}")
+    if stacked.ranks != tuple(s.ranks for s in parts) or stacked.segments.token_counts != parts[0].token_counts:
+        raise ValueError("multi_lora_linear_stack: stacked was not built from these segments "
+                         "(StackedSegments.build(parts))")
     dtype = _compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return list(_MultiLoraStack.apply(

@@ -125,12 +125,14 @@ class StackedSegments:
     projection p's h: adapter g's A rows of projection p, then zero rows up to ``width``. Every
     projection's h is then the slice ``h[:, p*width:(p+1)*width]`` whatever the adapter: the kernels
     take a row range per adapter, not a column offset. The padding costs multiply-adds of zeros in
-    the shrink and dA, whose time goes to reading x (bandwidth-bound), not to the multiply-adds."""
+    the shrink and dA, hidden behind their reading of x while the stack is narrow (a caller's
+    choice: alto.projection_stacks stacks at most 256 columns)."""
 
     segments: Segments  # the stack's: rank P*width for an adapter with a rank in any projection, else 0
     width: int
     gather: torch.Tensor  # int64 [R_stack]: the rows of cat(A_0, ..., A_{P-1}, one zero row), stacked
     rows: tuple[torch.Tensor, ...]  # per projection, int64 [R_p]: where its A rows sit in the stack
+    ranks: tuple[tuple[int, ...], ...]  # the projections' ranks it was built for
 
     @classmethod
     def build(cls, parts: Sequence[Segments], device: torch.device | str | None = None) -> StackedSegments:
@@ -159,4 +161,4 @@ class StackedSegments:
                 cursor[i] += r
         segments = Segments.build(parts[0].token_counts, ranks, None, device)
         return cls(segments, width, to_device(gather, device, torch.int64),
-                   tuple(to_device(r, device, torch.int64) for r in rows))
+                   tuple(to_device(r, device, torch.int64) for r in rows), tuple(p.ranks for p in parts))
