@@ -8,6 +8,7 @@ read the same x run stacked (multi_lora_linear_stack): x read once for all of th
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -34,8 +35,23 @@ def _dense_plus_lora(a, b, bias, h, lora_w, seg_indptr, rank_indptr, scaling, co
     return out
 
 
+def _below_autograd(fn):
+    """A Function's forward or backward with the alto ops' own autograd layer skipped: these Functions
+    are their autograd, and torch.library's layer (Python) costs ~70 us of host time per op call,
+    ~40 calls a step at 4 layers x 7 projections, which a step of few tokens waits for. Not while
+    torch.compile traces (it does not trace the guard)."""
+    @functools.wraps(fn)
+    def run(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return fn(*args)
+    return run
+
+
 class _MultiLoraLinear(torch.autograd.Function):
     @staticmethod
+    @_below_autograd
     def forward(ctx, x, weight, bias, lora_x, A, B, seg_indptr, rank_indptr, scaling, h_width, covers_all_tokens):
         # lora_x=None: the adapters read x itself (no dropout); never pass x twice (torch.compile).
         ctx.lora_x_is_x = lora_x is None
@@ -51,6 +67,7 @@ class _MultiLoraLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_below_autograd
     def backward(ctx, grad_y):
         x, weight, lora_x, A, B, h, seg_indptr, rank_indptr, scaling = ctx.saved_tensors
         need_x, need_w, need_b, need_lx, need_a, need_b_lora = ctx.needs_input_grad[:6]
@@ -84,6 +101,7 @@ class _MultiLoraStack(torch.autograd.Function):
     separate nodes would write P partial dX and autograd would add them."""
 
     @staticmethod
+    @_below_autograd
     def forward(ctx, x, parts, stacked, *tensors):
         n = len(parts)
         weights, biases, As, Bs = (tensors[i * n : (i + 1) * n] for i in range(4))
@@ -100,6 +118,7 @@ class _MultiLoraStack(torch.autograd.Function):
         return tuple(ys)
 
     @staticmethod
+    @_below_autograd
     def backward(ctx, *grad_ys):
         parts, stacked = ctx.parts, ctx.stacked
         n, seg = len(parts), stacked.segments
