@@ -268,3 +268,20 @@ def test_stacked_segments_place_each_projection_in_its_column_block():
         bad = [Segments.build([3, 3, 4], r) for r in ([2, 0, 9], [2, 0, 0])]
         alto_ext.multi_lora_linear_stack(x, [torch.randn(4, 8)] * 2, [None, None], [A, A[:2]],
                                          [torch.randn(11, 4), torch.randn(2, 4)], bad, StackedSegments.build(bad))
+
+
+def test_second_order_gradients_match_the_reference():
+    """A backward that builds a graph (create_graph) stays differentiable: the gradient of A's
+    gradient with respect to B and x equals the float64 reference's (the ops' autograd layer is
+    skipped only in plain backwards)."""
+    seg = Segments.build([3, 0, 4], [2, 4, 3], [1.0, 2.0, 0.5], None, torch.float64)
+    t = {"x": torch.randn(7, 8), "A": torch.randn(9, 8), "B": torch.randn(9, 6)}
+    w = torch.randn(6, 8, dtype=torch.float64)
+    results = []
+    for fn in (lambda x, A, B: alto_ext.multi_lora_linear(x, w, None, A, B, seg),
+               lambda x, A, B: ref.lora_linear(x, w, None, A, B, seg)):
+        x, A, B = (t[k].double().requires_grad_() for k in "xAB")
+        (grad_a,) = torch.autograd.grad(fn(x, A, B).square().sum(), A, create_graph=True)
+        results.append(torch.autograd.grad(grad_a.square().sum(), [x, B]))
+    for ours, want in zip(*results):
+        assert ref.rel_err(ours, want) < 1e-12

@@ -39,10 +39,11 @@ def _below_autograd(fn):
     """A Function's forward or backward with the alto ops' own autograd layer skipped: these Functions
     are their autograd, and torch.library's layer (Python) costs ~70 us of host time per op call,
     ~40 calls a step at 4 layers x 7 projections, which a step of few tokens waits for. Not while
-    torch.compile traces (it does not trace the guard)."""
+    torch.compile traces (it does not trace the guard), nor in a backward that builds a graph
+    (create_graph: second-order gradients go through that layer)."""
     @functools.wraps(fn)
     def run(*args):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
             return fn(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return fn(*args)
