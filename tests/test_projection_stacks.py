@@ -16,7 +16,7 @@ from alto.step import colocated_losses, step_inputs  # noqa: E402
 from conftest import tiny_model  # noqa: E402
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CONFIGS = {  # ranks and targets differ: k and up have one adapter each, gate none of a0's rows
+CONFIGS = {  # ranks and targets differ: k has one adapter (a1); gate (a1, a2) and up (a0, a1) two, not the same
     "a0": AdapterConfig(rank=4, alpha=8, seed=0, target_modules=("q_proj", "v_proj", "up_proj")),
     "a1": AdapterConfig(rank=12, alpha=6, seed=1, target_modules=ALL),
     "a2": AdapterConfig(rank=3, alpha=3, seed=2, target_modules=("q_proj", "v_proj", "o_proj", "gate_proj")),
@@ -124,7 +124,11 @@ def test_a_member_called_on_another_input_runs_alone(monkeypatch):
 
 
 def packed_step(model: MultiLoraModel):
-    """The plan and inputs of a packed step of one 5-token sequence per adapter of CONFIGS."""
+    """CONFIGS' adapters put in the model (B random: they matter), and the plan and inputs of a
+    packed step of one 5-token sequence for each."""
+    model.add_adapters(CONFIGS)
+    for layer in model.layers.values():
+        torch.nn.init.normal_(layer.lora_B.data, std=0.3)
     seqs = [torch.randint(3, 64, (5,)).tolist() for _ in CONFIGS]
     inputs, _, _ = step_inputs(seqs, 0, packed=True, device=torch.device("cpu"))
     return plan_for(model, list(CONFIGS), [[5]] * len(CONFIGS), None, torch.device("cpu")), inputs
@@ -142,7 +146,6 @@ def test_inference_tensors_run_the_projections_alone(monkeypatch):
     """An inference tensor has no version counter to check a kept output against."""
     calls = counted_stacks(monkeypatch)
     model = MultiLoraModel(tiny_model("Llama", torch.float64))
-    model.add_adapters(CONFIGS)
     plan, inputs = packed_step(model)
     with torch.inference_mode():
         stacked = model(plan, **inputs)
@@ -156,7 +159,6 @@ def test_outputs_kept_for_a_member_never_called_end_with_the_forward(monkeypatch
     """A forward that fails after q_proj stacked q, k and v (k_proj raises before its own call) leaves
     nothing kept; the next forward is whole and equal to the projections alone."""
     model = MultiLoraModel(tiny_model("Llama", torch.float64))
-    model.add_adapters(CONFIGS)
     plan, inputs = packed_step(model)
     k_proj = model.model.model.layers[1].self_attn.k_proj
 
