@@ -94,8 +94,8 @@ def _one_attention_over_everything(q, k, v, cu, scale, window):
         enable_gqa=True).transpose(0, 1)
 
 
-def _targets_crossing_boundaries(sequences, pad_id, packed, device):
-    inputs, labels, row_len = STEP_INPUTS(sequences, pad_id, packed, device)
+def _targets_crossing_boundaries(sequences, pad_id, packed, device, offsets=None):
+    inputs, labels, row_len = STEP_INPUTS(sequences, pad_id, packed, device, offsets)
     return inputs, (inputs["input_ids"] if packed else labels), row_len  # each last token predicts the next sequence
 
 

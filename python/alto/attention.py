@@ -22,8 +22,13 @@ import inspect
 import warnings
 from collections.abc import Callable
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from alto.shared_prefixes import SharedPrefixes
 
 NAME = "alto_varlen"
 
@@ -75,15 +80,20 @@ def _per_sequence(q, k, v, cu: torch.Tensor, scale: float | None, window: int | 
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      sliding_window: int | None = None, cu_seq_lens_q: torch.Tensor | None = None,
-                     max_length_q: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                     max_length_q: int | None = None, shared_prefixes: SharedPrefixes | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature: query [1, H, T, D], key/value [1, Hkv, T, D] ->
-    ([1, T, H, D], no weights)."""
+    ([1, T, H, D], no weights). shared_prefixes: a held-out pass's (alto.shared_prefixes): the
+    sequences' own tokens attend to their adapter's prefix too."""
     if cu_seq_lens_q is None or max_length_q is None or query.shape[0] != 1:
         raise ValueError("alto_varlen attention needs one packed row with cu_seq_lens_q and max_length_q")
     if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise ValueError("packed steps have no attention dropout, logit soft-capping or attention sinks: "
                          "set packing: false for this model")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    whole = None if shared_prefixes is None else shared_prefixes.attention_inputs(module.layer_idx, q, k, v)
+    if whole is not None:  # every sequence whole: its prefix's queries zero, their outputs dropped below
+        q, k, v, cu_seq_lens_q, max_length_q = whole
     flash_dtype_on_gpu = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
     if flash_dtype_on_gpu and _varlen_attn() is None:
         warnings.warn(f"torch {torch.__version__} has no varlen attention: SDPA per sequence (slower)", stacklevel=2)
@@ -91,6 +101,8 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         out = _flash(q, k, v, cu_seq_lens_q, max_length_q, scaling, sliding_window)
     else:
         out = _per_sequence(q, k, v, cu_seq_lens_q, scaling, sliding_window)
+    if whole is not None:
+        out = shared_prefixes.own_outputs(out)
     return out.unsqueeze(0), None
 
 

@@ -29,7 +29,7 @@ from alto.registry import Adapter, AdapterConfig, Registry, Status
 from alto.results import Outcome
 from alto.state import AdapterState, HostCopies
 from alto.tasks import Task
-from alto.step import colocated_losses
+from alto.step import colocated_losses, forwards
 
 Weights = dict[str, LayerTensors]  # an adapter's tensors by layer path (MultiLoraModel.adapter_weights)
 
@@ -82,7 +82,8 @@ def held_out_means(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequenc
         for aid, sample in work[start:end]:
             chunks[-1].setdefault(aid, []).extend(sample)
         start = end
-    passes = lockstep(len(chunks)) if lockstep else len(chunks)  # agreed before any pass
+    own = sum(forwards(chunk, False, packed) for chunk in chunks)
+    passes = lockstep(own) if lockstep else own  # agreed before any pass
     # summed on the device and read once, at the end
     sums = torch.zeros(2 + len(objective.metrics), len(batches), dtype=torch.float64, device=device)
     index = {aid: i for i, aid in enumerate(batches)}
@@ -91,7 +92,7 @@ def held_out_means(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequenc
             part = colocated_losses(model, chunk, pad_id, device, training=False, packed=packed,
                                     objective=objective).double()
             sums.index_add_(1, torch.tensor([index[aid] for aid in chunk], device=device), part)
-        for _ in range(passes - len(chunks)):
+        for _ in range(passes - own):
             idle_pass(model.model, backward=False)
     return (torch.cat([sums[:1], sums[2:]]) / sums[1].clamp(min=1.0)).tolist()  # the one wait
 

@@ -15,6 +15,7 @@ from alto.data import ids_and_labels
 from alto.loss import head_token_losses, target_positions, token_losses
 from alto.model import MultiLoraModel, StepPlan, plan_for
 from alto.objectives import SFT, Objective, sequence_sums
+from alto.shared_prefixes import SharedPrefixes, shared_lengths
 from alto_ext.segments import to_device
 
 
@@ -32,11 +33,13 @@ def pad_batch(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int):
 
 
 def step_inputs(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, packed: bool,
-                device: torch.device) -> tuple[dict[str, torch.Tensor | int], torch.Tensor, int | None]:
+                device: torch.device, position_offsets: torch.Tensor | None = None
+                ) -> tuple[dict[str, torch.Tensor | int], torch.Tensor, int | None]:
     """(model inputs, labels [rows, positions], row length or None) of a step's sequences.
     Padded: right-padded rows with an attention mask. Packed (TRL's padding-free layout): one row
-    of all sequences end to end, position ids restarting at each, the boundaries as cu_seq_lens_q,
-    and each sequence's first label -100, so no next-token target crosses a boundary."""
+    of all sequences end to end, position ids restarting at each (plus position_offsets, one per
+    token: where the sequences continue shared prefixes), the boundaries as cu_seq_lens_q, and each
+    sequence's first label -100, so no next-token target crosses a boundary."""
     if not packed:
         ids, mask, labels = (to_device(t, device) for t in pad_batch(sequences, pad_id))
         return {"input_ids": ids, "attention_mask": mask}, labels, ids.shape[1]
@@ -44,6 +47,8 @@ def step_inputs(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, 
     ids, labels = ids_and_labels(torch.cat([torch.as_tensor(s, dtype=torch.long) for s in sequences]))
     bounds = F.pad(lengths.cumsum(0), (1, 0))
     positions = torch.arange(len(ids)) - bounds[:-1].repeat_interleave(lengths)
+    if position_offsets is not None:
+        positions += position_offsets
     labels[bounds[:-1]] = -100
     inputs = {"input_ids": to_device(ids[None], device), "position_ids": to_device(positions[None], device),
               "cu_seq_lens_q": to_device(bounds.to(torch.int32), device), "max_length_q": int(lengths.max())}
@@ -86,8 +91,18 @@ def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], fl
                          device: torch.device, training: bool, packed: bool) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
     """(every position's next-token loss, the labels, the plan) of one forward of the sequences
     flat (batches' in order; no batches: the base alone, as an objective's reference pass and
-    bench_step's frozen-base step run it, with the head and layout of a co-located step)."""
-    inputs, labels, row_len = step_inputs(flat, pad_id, packed, device)
+    bench_step's frozen-base step run it, with the head and layout of a co-located step). A
+    held-out pass whose adapters' sequences share context prefixes computes each prefix once first
+    (alto.shared_prefixes); the losses, labels and plan are then of the sequences' own tokens."""
+    shared, prefixes = shared_prefix_lengths(batches, training, packed), None
+    if shared is not None:
+        prefixes = SharedPrefixes.of(batches, shared, device)
+        _prefix_pass(model, prefixes, batches, pad_id, device)
+        batches = prefixes.own(batches)
+        flat = [s for b in batches.values() for s in b]
+    inputs, labels, row_len = step_inputs(flat, pad_id, packed, device, None if prefixes is None else prefixes.own_offsets)
+    if prefixes is not None:
+        inputs["shared_prefixes"] = prefixes
     lengths = [[len(s) for s in b] for b in batches.values()]
     plan = plan_for(model, list(batches), lengths, row_len, device)
     head = model.plain_head  # where the logits are head(hidden): it runs on the positions with a target only
@@ -99,6 +114,28 @@ def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], fl
     if head is None:
         token_loss = token_losses(out, labels)
     return token_loss, labels, plan
+
+
+def _prefix_pass(model: MultiLoraModel, prefixes: SharedPrefixes, batches: dict[str, Sequence], pad_id: int,
+                 device: torch.device) -> None:
+    """Each adapter's shared prefix once, packed, through the model: its layers' keys and values
+    recorded in prefixes, which then serves the own-token pass."""
+    firsts = prefixes.prefixes(batches)
+    inputs, _, _ = step_inputs([s for b in firsts.values() for s in b], pad_id, True, device)
+    plan = plan_for(model, list(firsts), [[len(s) for s in b] for b in firsts.values()], None, device)
+    model(plan, last_hidden=True, shared_prefixes=prefixes, **inputs)
+    prefixes.recording = False
+
+
+def shared_prefix_lengths(batches: dict[str, Sequence], training: bool, packed: bool) -> list[int] | None:
+    """Positions each adapter's sequences share in a pass of these batches (alto.shared_prefixes:
+    held-out passes, packed), or None where it runs as one forward."""
+    return shared_lengths(batches) if packed and not training and batches else None
+
+
+def forwards(batches: dict[str, Sequence], training: bool, packed: bool) -> int:
+    """Forwards of the model that colocated_losses runs for these batches (references aside)."""
+    return 1 if shared_prefix_lengths(batches, training, packed) is None else 2
 
 
 def step_positions(lengths: Sequence[int], packed: bool) -> int:

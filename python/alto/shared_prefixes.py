@@ -1,0 +1,116 @@
+"""Held-out passes compute each adapter's common context prefix once (prefix caching, as vLLM's
+automatic prefix caching does at inference): a chat template's default system prompt, say, is
+the first half of every short chat sequence (SmolLM2's: 24 of the chatterbot held-out sequences'
+~47 tokens), and every sequence of an adapter sees it through the same weights.
+
+A packed pass whose adapters' sequences share one runs twice: first each adapter's shared prefix
+once (its keys and values kept, layer by layer), then every sequence's own tokens, each attending
+to its adapter's prefix keys and values and to its own. Exact, not an approximation: a prefix
+token's keys and values depend only on the tokens before it and the adapter's weights, so they are
+the same in every sequence that begins with it, and the own tokens' attention reads the same keys
+and values in the same order as over the whole sequence. Only context tokens are shared: none of
+the shared positions has a next-token target, so no loss is lost (each sequence's first own token
+is context too: it is the target of the last shared position, which the pass does not compute).
+
+Only where nothing needs a gradient (held-out losses): a training step's LoRA dropout draws a mask
+for every sequence's prefix on its own (PEFT does), and its backward would have to sum over the
+sequences that share one.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from alto_ext.segments import to_device
+
+# Two passes only where the first saves at least this share of the pass's token positions: each
+# forward has a fixed host cost (its kernel launches), which a few shared tokens do not repay.
+MIN_SAVED_SHARE = 0.1
+
+
+def shared_lengths(batches: Mapping[str, Sequence[Sequence[int]]]) -> list[int] | None:
+    """How many leading positions each adapter's sequences share (in batches' order; alto.data's
+    tokens: context-only ones negative), or None where sharing would not save MIN_SAVED_SHARE of
+    the positions. Shared: the longest common prefix whose tokens after the first are context-only,
+    leaving every sequence at least one own token; an adapter with one sequence shares nothing."""
+    out = []
+    for seqs in batches.values():
+        common = os.path.commonprefix([list(s) for s in seqs])
+        # positions 0..n-1 shared: tokens 0..n-1 the same everywhere, tokens 1..n (their targets) context
+        limit = min(len(common), min(len(s) for s in seqs) - 1) if len(seqs) > 1 else 0
+        n = 0
+        while n < limit and all(s[n + 1] < 0 for s in seqs):
+            n += 1
+        out.append(n)
+    total = sum(len(s) for seqs in batches.values() for s in seqs)
+    saved = sum((len(seqs) - 1) * n for seqs, n in zip(batches.values(), out))
+    return out if total and saved >= MIN_SAVED_SHARE * total else None
+
+
+@dataclass
+class SharedPrefixes:
+    """One packed pass's shared prefixes, handed to alto.attention's varlen attention (keyword
+    shared_prefixes): the prefix pass records each layer's keys and values ([prefix tokens, heads,
+    dim], the adapters' prefixes end to end); the own-token pass then gives each sequence its whole
+    length, its adapter's prefix first, to the same varlen kernel (the prefix positions' queries
+    zero, their outputs dropped)."""
+
+    shared: list[int]  # per adapter (batches' order): positions its sequences share (shared_lengths)
+    lengths: list[list[int]]  # per adapter, per sequence: its whole length
+    device: torch.device
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # by layer index, from the prefix pass
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    recording: bool = True  # the prefix pass; then the own-token pass
+
+    def __post_init__(self) -> None:
+        prefix_total = sum(self.shared)
+        key_index, own_rows, own_offsets = [], [], []
+        prefix_start = own_start = whole_start = 0
+        for n, lengths in zip(self.shared, self.lengths):
+            for length in lengths:  # a sequence's keys: its adapter's prefix, then its own tokens
+                key_index += [*range(prefix_start, prefix_start + n),
+                              *range(prefix_total + own_start, prefix_total + own_start + length - n)]
+                own_rows += range(whole_start + n, whole_start + length)
+                own_offsets += [n] * (length - n)
+                own_start, whole_start = own_start + length - n, whole_start + length
+            prefix_start += n
+        whole = [n for lengths in self.lengths for n in lengths]
+        self.key_index = to_device(key_index, self.device, torch.int64)
+        self.own_rows = to_device(own_rows, self.device, torch.int64)
+        self.own_offsets = torch.tensor(own_offsets, dtype=torch.long)  # added to the own pass's position ids
+        self.cu_whole = to_device(F.pad(torch.tensor(whole).cumsum(0), (1, 0)).to(torch.int32), self.device)
+        self.max_whole = max(whole)
+
+    @classmethod
+    def of(cls, batches: Mapping[str, Sequence[Sequence[int]]], shared: Sequence[int],
+           device: torch.device) -> "SharedPrefixes":
+        return cls(list(shared), [[len(s) for s in seqs] for seqs in batches.values()], device)
+
+    def prefixes(self, batches: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, list[Sequence[int]]]:
+        """The prefix pass's sequences: each adapter's shared prefix once (adapters sharing none left out)."""
+        return {aid: [seqs[0][:n]] for (aid, seqs), n in zip(batches.items(), self.shared) if n}
+
+    def own(self, batches: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, list[Sequence[int]]]:
+        """The own-token pass's sequences: each without its shared positions."""
+        return {aid: [seq[n:] for seq in seqs] for (aid, seqs), n in zip(batches.items(), self.shared)}
+
+    def attention_inputs(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """[T, heads, dim] q, k, v of one layer -> (q, k, v, cu_seq_lens, max_len) over every
+        sequence's whole length for the varlen kernel; None in the prefix pass (its keys and values
+        kept, the pass attends as usual)."""
+        if self.recording:
+            self.keys[layer], self.values[layer] = k, v
+            return None
+        whole_k = torch.cat([self.keys[layer], k]).index_select(0, self.key_index)
+        whole_v = torch.cat([self.values[layer], v]).index_select(0, self.key_index)
+        whole_q = q.new_zeros(len(self.key_index), *q.shape[1:]).index_copy_(0, self.own_rows, q)
+        return whole_q, whole_k, whole_v, self.cu_whole, self.max_whole
+
+    def own_outputs(self, out: torch.Tensor) -> torch.Tensor:
+        """The own tokens' rows of the attention's output over whole sequences."""
+        return out.index_select(0, self.own_rows)

@@ -1,0 +1,189 @@
+"""Held-out passes that compute each adapter's shared context prefix once (alto.shared_prefixes) give
+every adapter the held-out losses (SFT) and DPO sums of one forward over the whole sequences: float64,
+1e-12, on Llama, Qwen2 (biased q/k/v), Qwen3 (q/k norms) and Mistral (a sliding window shorter than
+the sequences), with prefixes of different lengths per adapter, an adapter whose sequences share none,
+one with a single sequence, own parts of two tokens. Planted bugs (the own tokens' positions not
+continuing the prefix, the prefix's keys left out, a trained token shared) fail the comparison.
+"""
+import math
+import os
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import alto.evaluation  # noqa: E402
+import alto.shared_prefixes  # noqa: E402
+import alto.step  # noqa: E402
+from alto.data import context  # noqa: E402
+from alto.model import MultiLoraModel  # noqa: E402
+from alto.objectives import DPO  # noqa: E402
+from alto.registry import AdapterConfig  # noqa: E402
+from alto.shared_prefixes import shared_lengths  # noqa: E402
+from alto.step import colocated_losses  # noqa: E402
+from conftest import tiny_model  # noqa: E402
+
+PAD = 0
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIGS = {
+    "a": AdapterConfig(rank=4, alpha=8, target_modules=("q_proj", "v_proj"), seed=1, beta=0.1),
+    "b": AdapterConfig(rank=8, alpha=8, target_modules=ALL, seed=2, beta=0.5, loss_type="ipo"),
+    "c": AdapterConfig(rank=2, alpha=4, target_modules=("k_proj", "down_proj"), seed=3, beta=0.2),
+    "d": AdapterConfig(rank=3, alpha=3, target_modules=("v_proj", "up_proj"), seed=4, beta=0.3),
+}
+
+
+def word(rng: random.Random) -> int:
+    return rng.randrange(3, 64)
+
+
+def held_out_batches(rng: random.Random, pairs: bool = False) -> dict[str, list[list[int]]]:
+    """a: a 20-token context prefix (a system prompt), then a context question and a trained answer;
+    b: a 6-token one, and one sequence without a question (so 5 are shared, and its own tokens are
+    the prefix's last and its answer); c: no common prefix; d: one sequence. pairs: each prompt
+    twice, with a chosen and a rejected answer (DPO's samples)."""
+    def sequences(prefix: list[int], questions: list[int]) -> list[list[int]]:
+        out = []
+        for n in questions:
+            question = context([word(rng) for _ in range(n)])
+            for _ in range(2 if pairs else 1):
+                out.append(prefix + question + [word(rng) for _ in range(rng.randint(1, 5))])
+        return out
+
+    return {"a": sequences(context([word(rng) for _ in range(20)]), [rng.randint(1, 6) for _ in range(4)]),
+            "b": sequences(context([word(rng) for _ in range(6)]), [2, 0, 3]),
+            "c": sequences([], [rng.randint(2, 5) for _ in range(2)]),
+            "d": sequences(context([word(rng) for _ in range(9)]), [3])}
+
+
+def model_of(family: str, dtype=torch.float64, device: str = "cpu") -> MultiLoraModel:
+    extra = {"sliding_window": 12} if family == "Mistral" else {}
+    model = MultiLoraModel(tiny_model(family, dtype, **extra).to(device))
+    gen = torch.Generator().manual_seed(7)
+    for aid, cfg in CONFIGS.items():
+        model.add_adapters({aid: cfg})
+        for layer in model.layers.values():  # B = 0 at init would hide the adapters' part
+            if aid in layer.rows:
+                B = layer.tensors(aid)[0][1]
+                B.copy_(0.3 * torch.randn(B.shape, generator=gen, dtype=B.dtype))  # (copied to B's device)
+    return model.eval()
+
+
+def sums(model: MultiLoraModel, batches, shared: bool, monkeypatch, objective=None, device: str = "cpu") -> torch.Tensor:
+    monkeypatch.setattr(alto.shared_prefixes, "MIN_SAVED_SHARE", 0.1 if shared else math.inf)
+    kw = {} if objective is None else {"objective": objective}
+    with torch.no_grad():
+        return colocated_losses(model, batches, PAD, torch.device(device), training=False, **kw)
+
+
+def forwards_counted(monkeypatch) -> list[int]:
+    calls = []
+    original = MultiLoraModel.forward
+
+    def counted(self, plan, *args, **kw):
+        calls.append(sum(map(sum, plan.lengths)))
+        return original(self, plan, *args, **kw)
+    monkeypatch.setattr(MultiLoraModel, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Qwen3", "Mistral"])
+def test_shared_prefixes_give_the_losses_of_whole_sequences(family, monkeypatch):
+    model, rng = model_of(family), random.Random(family)
+    batches = held_out_batches(rng)
+    assert shared_lengths(batches) == [20, 5, 0, 0]
+    calls = forwards_counted(monkeypatch)
+    whole = sums(model, batches, False, monkeypatch)
+    assert len(calls) == 1
+    got = sums(model, batches, True, monkeypatch)
+    assert len(calls) == 3 and calls[1] == 20 + 5  # each prefix once, then the own tokens
+    assert calls[2] == calls[0] - 4 * 20 - 3 * 5
+    assert torch.equal(got[1], whole[1])  # the same target tokens
+    torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_dpo_pairs_sharing_their_prompts_give_the_sums_of_whole_sequences(monkeypatch):
+    model = model_of("Llama")
+    batches = held_out_batches(random.Random(3), pairs=True)
+    got, whole = (sums(model, batches, s, monkeypatch, DPO()) for s in (True, False))
+    assert got.shape[0] == 4  # loss, pairs, reward accuracy and margin sums
+    torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_held_out_means_count_both_forwards_for_a_sharded_base(monkeypatch):
+    """A sharded base's ranks agree on their forwards before any: lockstep hears two for a chunk
+    with shared prefixes, as many as run (the idle passes make up only the difference)."""
+    model = model_of("Llama")
+    batches = held_out_batches(random.Random(5))
+    heard, calls = [], forwards_counted(monkeypatch)
+    idle = []
+    monkeypatch.setattr(alto.evaluation, "idle_pass", lambda *a, **k: idle.append(1))
+
+    def lockstep(n: int) -> int:
+        heard.append(n)
+        return n + 1  # another rank needs one more
+    means = alto.evaluation.held_out_means(model, batches, PAD, torch.device("cpu"), 10_000, lockstep)
+    assert heard == [2] and len(calls) == 2 and idle == [1]
+    monkeypatch.setattr(alto.shared_prefixes, "MIN_SAVED_SHARE", math.inf)
+    torch.testing.assert_close(torch.tensor(means), torch.tensor(alto.evaluation.held_out_means(
+        model, batches, PAD, torch.device("cpu"), 10_000)), rtol=1e-12, atol=1e-12)
+
+
+def test_what_is_shared():
+    c = context
+    # positions whose targets are context: the trained token's predecessor is the sequences' own
+    assert shared_lengths({"a": [c([5, 6, 7]) + [8], c([5, 6, 7]) + [9]]}) == [2]
+    assert shared_lengths({"a": [c([5, 6]) + [7, 8, 9], c([5, 6]) + [7, 8, 4]]}) == [1]
+    # the token after the shared part may differ (it is context in each)
+    assert shared_lengths({"a": [c([5, 6, 7, 8]) + [1], c([5, 6, 7, 9]) + [1]]}) == [3]
+    assert shared_lengths({"a": [c([5, 6]) + [1], c([5, 6, 7]) + [1]]}) == [1]
+    # every sequence keeps an own token
+    assert shared_lengths({"a": [c([5, 6, 7]), c([5, 6, 7, 8])]}) == [2]
+    # one sequence, nothing in common, or too little saved: one forward
+    assert shared_lengths({"a": [c([5, 6, 7]) + [1]]}) is None
+    assert shared_lengths({"a": [c([5, 6]) + [1], c([4, 6]) + [1]]}) is None
+    assert shared_lengths({"a": [c([5]) + [1] * 20, c([5]) + [2] * 20]}) is None
+
+
+def _common_prefixes(batches):
+    """A planted bug: the whole common prefix shared, trained tokens and all."""
+    return [min(len(os.path.commonprefix(seqs)), min(map(len, seqs)) - 1) if len(seqs) > 1 else 0
+            for seqs in batches.values()]
+
+
+@pytest.mark.parametrize("bug", ["positions restart", "prefix keys left out", "a trained token shared"])
+def test_the_comparison_catches_planted_bugs(bug, monkeypatch):
+    model = model_of("Llama")
+    batches = held_out_batches(random.Random(9))
+    whole = sums(model, batches, False, monkeypatch)
+    if bug == "positions restart":
+        original = alto.step.step_inputs
+        monkeypatch.setattr(alto.step, "step_inputs", lambda *a: original(*a[:4]))
+    elif bug == "prefix keys left out":
+        original_init = alto.shared_prefixes.SharedPrefixes.__post_init__
+
+        def no_prefix_keys(self):
+            original_init(self)
+            keep = self.key_index >= sum(self.shared)
+            self.key_index, self.own_rows = self.key_index[keep], torch.arange(int(keep.sum()))
+            self.cu_whole = torch.nn.functional.pad(torch.tensor(
+                [n - s for s, lens in zip(self.shared, self.lengths) for n in lens]).cumsum(0), (1, 0)).to(torch.int32)
+        monkeypatch.setattr(alto.shared_prefixes.SharedPrefixes, "__post_init__", no_prefix_keys)
+    else:  # a's sequences: two trained tokens, the same in each, after the system prompt
+        batches["a"] = [s[:20] + [7, 8] + s[20:] for s in batches["a"]]
+        whole = sums(model, batches, False, monkeypatch)
+        monkeypatch.setattr(alto.step, "shared_lengths", _common_prefixes)
+    got = sums(model, batches, True, monkeypatch)
+    assert not torch.allclose(got, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_on_cuda_bf16_shared_prefixes_match_whole_sequences(monkeypatch):
+    """On the GPU a bf16 base's held-out pass runs torch's FlashAttention varlen kernel (every
+    sequence whole, its prefix's queries zero): equal to bf16 rounding."""
+    model = model_of("Llama", torch.bfloat16, "cuda")
+    batches = held_out_batches(random.Random(11))
+    got, whole = (sums(model, batches, s, monkeypatch, device="cuda") for s in (True, False))
+    torch.testing.assert_close(got[0] / got[1], whole[0] / whole[1], rtol=2e-2, atol=2e-2)
