@@ -158,8 +158,11 @@ def peft_greedy(base_model, cfg, weights, prompt, new_tokens):
     return ids[len(prompt):]
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("bug", [None, "rows given to the wrong adapters"])
-def test_colocated_greedy_decoding_equals_each_adapter_alone(bug, monkeypatch):
+def test_colocated_greedy_decoding_equals_each_adapter_alone(bug, packed, monkeypatch):
+    """Against PEFT's model of each adapter alone, one token at a time (float64); prompts read packed
+    (a and b's prompts begin alike: their common prefix read once) or as left-padded rows."""
     from alto import generate
     from alto.registry import AdapterConfig
 
@@ -173,21 +176,26 @@ def test_colocated_greedy_decoding_equals_each_adapter_alone(bug, monkeypatch):
                                        for p in model.target_layers(c)}
                                  for aid, c in configs.items()})  # trained-looking adapters: B is not zero
     gen = torch.Generator().manual_seed(4)
-    prompts = {aid: [torch.randint(1, 257, (n,), generator=gen).tolist() for n in (3, 9)] for aid in configs}
+    prefixes = {aid: torch.randint(1, 257, (n,), generator=gen).tolist() for aid, n in (("a", 6), ("b", 4), ("c", 0))}
+    prompts = {aid: [prefixes[aid] + torch.randint(1, 257, (n,), generator=gen).tolist() for n in (1, 3, 9)]
+               for aid in configs}
     expected = {aid: [peft_greedy(base.model, configs[aid], model.adapter_weights(aid), p, 7) for p in ps]
                 for aid, ps in prompts.items()}
+    prefix_passes = []  # packed: a and b's common prefixes read once where their prompts meet in a batch
+    monkeypatch.setattr(generate, "prefix_pass", lambda *a, p=generate.prefix_pass: prefix_passes.append(1) or p(*a))
     if bug:
         plan_for = generate.plan_for
         monkeypatch.setattr(generate, "plan_for", lambda m, ids, lens, *a: plan_for(m, ids[::-1], lens[::-1], *a))
     with evaluating(model):
-        together = greedy_completions(model, prompts, 7, set(), base.pad_id, torch.device("cpu"), 10_000)
-        in_pieces = greedy_completions(model, prompts, 7, set(), base.pad_id, torch.device("cpu"), 30)
+        together = greedy_completions(model, prompts, 7, set(), base.pad_id, torch.device("cpu"), 10_000, packed)
+        in_pieces = greedy_completions(model, prompts, 7, set(), base.pad_id, torch.device("cpu"), 30, packed)
         stop = expected["b"][1][2]
-        stopped = greedy_completions(model, prompts, 7, {stop}, base.pad_id, torch.device("cpu"), 10_000)
+        stopped = greedy_completions(model, prompts, 7, {stop}, base.pad_id, torch.device("cpu"), 10_000, packed)
     if bug:
         assert together != expected
         return
     assert together == expected and in_pieces == expected
+    assert len(prefix_passes) == (2 if packed else 0)  # together and stopped; in pieces a prompt is alone
     cut = {aid: [c[: c.index(stop)] if stop in c else c for c in cs] for aid, cs in expected.items()}
     assert stopped == cut
 

@@ -230,7 +230,7 @@ class Evaluation:
         new_tokens = max(self.tasks[a.task].eval.max_new_tokens for a in adapters)
         with evaluating(self.model):
             done = greedy_completions(self.model, {a.id: [p for p, _ in pairs[a.task]] for a in adapters}, new_tokens,
-                                      stop, self.base.pad_id, self.device, self.positions())
+                                      stop, self.base.pad_id, self.device, self.positions(), self.packed)
         values = {}
         for a in adapters:
             cfg = self.tasks[a.task].eval

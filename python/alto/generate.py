@@ -1,18 +1,31 @@
 """Greedy decoding with co-located adapters: the held-out prompts of every adapter in one batch of
-left-padded rows (each row one adapter's, the adapters' rows in blocks), decoded together with a
-key/value cache. The segmented LoRA ops serve decoding as they serve training: a step's plan gives
-each adapter its rows' token positions (the prompt positions first, then one per row and token)."""
+rows (each row one adapter's, the adapters' rows in blocks), decoded together with a key/value cache.
+The segmented LoRA ops serve decoding as they serve training: a step's plan gives each adapter its
+rows' token positions.
+
+The prompts are read (prefilled) packed, as held-out passes run (alto.shared_prefixes): each
+adapter's common prefix once (a chat template's system prompt), then every prompt's own tokens,
+no padding; their keys and values then fill a left-padded cache (every row's next token at the
+same column) for the decoding steps. A model that cannot run packed steps reads them as
+left-padded rows.
+"""
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
+from alto.data import context
 from alto.model import MultiLoraModel, plan_for
+from alto.shared_prefixes import SharedPrefixes, shared_lengths
+from alto.step import prefix_pass, step_inputs
+
+Prompts = Mapping[str, Sequence[Sequence[int]]]
 
 
-def _batch(model: MultiLoraModel, prompts: Mapping[str, Sequence[Sequence[int]]], max_new_tokens: int,
-           stop_ids: Collection[int], pad_id: int, device: torch.device) -> list[list[int]]:
+def _padded_prefill(model: MultiLoraModel, prompts: Prompts, pad_id: int, device: torch.device):
+    """(each prompt's next-token logits [rows, vocab], the cache, the left-padded attention mask)
+    from the prompts as left-padded rows."""
     from transformers import DynamicCache
 
     rows = [p for ps in prompts.values() for p in ps]
@@ -23,33 +36,74 @@ def _batch(model: MultiLoraModel, prompts: Mapping[str, Sequence[Sequence[int]]]
         ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    plan = plan_for(model, list(prompts), [[width] * len(ps) for ps in prompts.values()], width, device)
+    cache = DynamicCache()
+    logits = model(plan, input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                   past_key_values=cache, logits_to_keep=1)  # the prompts' other positions skip the LM head
+    return logits[:, -1], cache, mask
+
+
+def _packed_prefill(model: MultiLoraModel, prompts: Prompts, pad_id: int, device: torch.device):
+    """As _padded_prefill, the prompts read packed (each adapter's shared prefix once); the cache
+    built from the keys and values of every whole prompt."""
+    from transformers import DynamicCache
+
+    batches = {aid: [context(p) for p in ps] for aid, ps in prompts.items()}  # no targets: any common prefix is shared
+    prefixes = SharedPrefixes.of(batches, shared_lengths(batches) or [0] * len(batches), device)
+    prefixes.keep_whole = True
+    if any(prefixes.shared):
+        prefix_pass(model, prefixes, batches, pad_id, device)
+    prefixes.recording = False
+    own = prefixes.own(batches)
+    flat = [s for ps in own.values() for s in ps]
+    inputs, _, _ = step_inputs(flat, pad_id, True, device, prefixes.own_offsets)
+    plan = plan_for(model, list(own), [[len(s) for s in ps] for ps in own.values()], None, device)
+    last = torch.tensor([len(s) for s in flat]).cumsum(0) - 1
+    logits = model(plan, logits_to_keep=last.to(device), shared_prefixes=prefixes, **inputs)[0]
+    lengths = torch.tensor([n for ns in prefixes.lengths for n in ns])
+    width = int(lengths.max())
+    # each whole prompt's position j at column width - length + j of its row
+    starts = torch.arange(len(lengths)) * width + width - lengths
+    dest = (starts.repeat_interleave(lengths) + torch.arange(int(lengths.sum()))
+            - (lengths.cumsum(0) - lengths).repeat_interleave(lengths)).to(device)
+    cache = DynamicCache()
+    for layer, (k, v) in sorted(prefixes.whole.items()):  # [tokens, heads, dim] -> [rows, heads, width, dim]
+        k, v = (t.new_zeros(len(lengths) * width, *t.shape[1:]).index_copy_(0, dest, t)
+                .view(len(lengths), width, *t.shape[1:]).transpose(1, 2) for t in (k, v))
+        cache.update(k, v, layer)
+    mask = (torch.arange(width) >= width - lengths[:, None]).long().to(device)
+    return logits, cache, mask
+
+
+def _batch(model: MultiLoraModel, prompts: Prompts, max_new_tokens: int, stop_ids: Collection[int], pad_id: int,
+           device: torch.device, packed: bool) -> list[list[int]]:
+    logits, cache, mask = (_packed_prefill if packed else _padded_prefill)(model, prompts, pad_id, device)
+    positions = mask.sum(-1, keepdim=True)  # the next token's: each prompt's length
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     counts = [len(ps) for ps in prompts.values()]
-    cache = DynamicCache()
-    out, done = [], torch.zeros(len(rows), dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        plan = plan_for(model, list(prompts), [[ids.shape[1]] * n for n in counts], ids.shape[1], device)
-        # the next token's logits only: the prompt's other positions skip the LM head
-        logits = model(plan, input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       logits_to_keep=1)
-        token = torch.where(done, pad_id, logits[:, -1].argmax(-1))
+    out, done = [], torch.zeros(len(mask), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = torch.where(done, pad_id, logits.argmax(-1))
         out.append(token)
         done |= torch.isin(token, stop)
-        if bool(done.all()):
+        if step + 1 == max_new_tokens or bool(done.all()):
             break
-        ids, positions = token[:, None], positions[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        plan = plan_for(model, list(prompts), [[1] * n for n in counts], 1, device)
+        logits = model(plan, input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                       past_key_values=cache, logits_to_keep=1)[:, -1]
+        positions = positions + 1
     tokens = torch.stack(out, dim=1).tolist()
     return [row[: next((j for j, t in enumerate(row) if t in stop_ids), len(row))] for row in tokens]
 
 
-def greedy_completions(model: MultiLoraModel, prompts: Mapping[str, Sequence[Sequence[int]]], max_new_tokens: int,
-                       stop_ids: Collection[int], pad_id: int, device: torch.device,
-                       max_positions: int) -> dict[str, list[list[int]]]:
+def greedy_completions(model: MultiLoraModel, prompts: Prompts, max_new_tokens: int, stop_ids: Collection[int],
+                       pad_id: int, device: torch.device, max_positions: int,
+                       packed: bool = True) -> dict[str, list[list[int]]]:
     """Each adapter's greedy completion of each of its prompts (token ids, without the stop token),
     decoded co-located in batches of at most max_positions prompt + completion positions. The
-    adapters must be in the model; run it in eval mode without gradients (alto.evaluation.evaluating)."""
+    adapters must be in the model; run it in eval mode without gradients (alto.evaluation.evaluating).
+    packed: the prompts read packed (else as left-padded rows: models packed steps cannot run)."""
     per_row = max((len(p) for ps in prompts.values() for p in ps), default=0) + max_new_tokens
     rows_per_batch = max(1, max_positions // max(1, per_row))
     work = [(aid, p) for aid, ps in prompts.items() for p in ps]
@@ -58,7 +112,7 @@ def greedy_completions(model: MultiLoraModel, prompts: Mapping[str, Sequence[Seq
         chunk: dict[str, list[Sequence[int]]] = {}
         for aid, p in work[i : i + rows_per_batch]:
             chunk.setdefault(aid, []).append(p)
-        completions = iter(_batch(model, chunk, max_new_tokens, stop_ids, pad_id, device))
+        completions = iter(_batch(model, chunk, max_new_tokens, stop_ids, pad_id, device, packed))
         for aid, ps in chunk.items():
             done[aid] += [next(completions) for _ in ps]
     return done

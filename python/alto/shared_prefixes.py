@@ -65,6 +65,8 @@ class SharedPrefixes:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # by layer index, from the prefix pass
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     recording: bool = True  # the prefix pass; then the own-token pass
+    keep_whole: bool = False  # the own-token pass keeps each layer's keys and values of whole sequences (in whole)
+    whole: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         prefix_total = sum(self.shared)
@@ -106,9 +108,12 @@ class SharedPrefixes:
         if self.recording:
             self.keys[layer], self.values[layer] = k, v
             return None
-        whole_k = torch.cat([self.keys[layer], k]).index_select(0, self.key_index)
-        whole_v = torch.cat([self.values[layer], v]).index_select(0, self.key_index)
+        first = layer in self.keys  # no prefix pass where nothing is shared
+        whole_k = torch.cat([self.keys[layer], k] if first else [k]).index_select(0, self.key_index)
+        whole_v = torch.cat([self.values[layer], v] if first else [v]).index_select(0, self.key_index)
         whole_q = q.new_zeros(len(self.key_index), *q.shape[1:]).index_copy_(0, self.own_rows, q)
+        if self.keep_whole:
+            self.whole[layer] = whole_k, whole_v
         return whole_q, whole_k, whole_v, self.cu_whole, self.max_whole
 
     def own_outputs(self, out: torch.Tensor) -> torch.Tensor:

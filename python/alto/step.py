@@ -97,7 +97,7 @@ def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], fl
     shared, prefixes = shared_prefix_lengths(batches, training, packed), None
     if shared is not None:
         prefixes = SharedPrefixes.of(batches, shared, device)
-        _prefix_pass(model, prefixes, batches, pad_id, device)
+        prefix_pass(model, prefixes, batches, pad_id, device)
         batches = prefixes.own(batches)
         flat = [s for b in batches.values() for s in b]
     inputs, labels, row_len = step_inputs(flat, pad_id, packed, device, None if prefixes is None else prefixes.own_offsets)
@@ -116,7 +116,7 @@ def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], fl
     return token_loss, labels, plan
 
 
-def _prefix_pass(model: MultiLoraModel, prefixes: SharedPrefixes, batches: dict[str, Sequence], pad_id: int,
+def prefix_pass(model: MultiLoraModel, prefixes: SharedPrefixes, batches: dict[str, Sequence], pad_id: int,
                  device: torch.device) -> None:
     """Each adapter's shared prefix once, packed, through the model: its layers' keys and values
     recorded in prefixes, which then serves the own-token pass."""
