@@ -1,7 +1,9 @@
 import json
 import random
+import types
 
 import pytest
+
 import torch
 
 import alto_ext
@@ -78,6 +80,21 @@ def tiny_model(family: str, dtype=torch.float32, seed: int | None = 0, **extra):
                           num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
                           bos_token_id=2, **{**widths, **extra})
     return getattr(transformers, f"{family}ForCausalLM")(config).to(dtype)
+
+
+def _rms_norm_in_float64(self, h: torch.Tensor) -> torch.Tensor:
+    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def float64_norms(model):
+    """The model with its RMSNorms computing in its own dtype (returned as given). transformers'
+    compute in float32 whatever the model's dtype: in a float64 model, sequences' gradients summed
+    before a norm (a shared prefix, alto.shared_prefixes) or after it (each sequence's copy) differ
+    at float32's rounding (1e-8); in float64 math both agree to 1e-16."""
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            m.forward = types.MethodType(_rms_norm_in_float64, m)
+    return model
 
 
 def hf_folder(folder, family="Llama"):

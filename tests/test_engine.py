@@ -25,7 +25,7 @@ from alto.model import MultiLoraModel  # noqa: E402
 from alto.registry import AdapterConfig, Registry, Status  # noqa: E402
 from alto.step import pad_batch  # noqa: E402
 from alto.train import DataStream, Trainer  # noqa: E402
-from conftest import EXACT_ATOL, EXACT_RTOL, differences, peft_alone  # noqa: E402
+from conftest import EXACT_ATOL, EXACT_RTOL, differences, float64_norms, peft_alone  # noqa: E402
 
 VOCAB, PAD = 96, 0
 
@@ -113,6 +113,24 @@ def test_completion_only_colocated_equals_alone_with_peft(base_model, sequences)
         assert not differences_from_alone(base_model, masked, trainer, init, aid, MICRO_STEPS)
     # the comparison sees the mask: PEFT trained on every token differs
     assert differences_from_alone(base_model, sequences, trainer, init, "a", MICRO_STEPS)
+
+
+def test_a_shared_system_prompt_run_once_per_step_equals_alone_with_peft(base_model, sequences, monkeypatch):
+    """Every sequence begins with the same context prefix (a chat template's system prompt): each
+    step computes it once per adapter (alto.shared_prefixes), and each adapter's trajectory is
+    still PEFT's alone over whole sequences (the norms in float64 math: see float64_norms)."""
+    import alto.step
+
+    rng = random.Random(4)
+    system = context([rng.randrange(1, VOCAB) for _ in range(9)])
+    prompted = {aid: [system + context(s[:1]) + s[1:] for s in sequences[aid]] for aid in CONFIGS}
+    base = float64_norms(copy.deepcopy(base_model))
+    passes = []
+    monkeypatch.setattr(alto.step, "prefix_pass", lambda *a, p=alto.step.prefix_pass: passes.append(1) or p(*a))
+    trainer, init = colocated(base, prompted, list(CONFIGS))
+    assert len(passes) == MICRO_STEPS  # c's micro-batch of 1 shares nothing; a and b share every step
+    for aid in CONFIGS:
+        assert not differences_from_alone(base, prompted, trainer, init, aid, MICRO_STEPS)
 
 
 class _LeakingOps:

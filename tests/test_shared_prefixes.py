@@ -1,9 +1,11 @@
-"""Held-out passes that compute each adapter's shared context prefix once (alto.shared_prefixes) give
-every adapter the held-out losses (SFT) and DPO sums of one forward over the whole sequences: float64,
-1e-12, on Llama, Qwen2 (biased q/k/v), Qwen3 (q/k norms) and Mistral (a sliding window shorter than
-the sequences), with prefixes of different lengths per adapter, an adapter whose sequences share none,
-one with a single sequence, own parts of two tokens. Planted bugs (the own tokens' positions not
-continuing the prefix, the prefix's keys left out, a trained token shared) fail the comparison.
+"""Co-located passes that compute each adapter's shared context prefix once (alto.shared_prefixes) give
+every adapter the held-out losses (SFT) and DPO sums of one forward over the whole sequences, and in
+training the same losses and every adapter's gradients: float64, 1e-12, on Llama, Qwen2 (biased
+q/k/v), Qwen3 (q/k norms) and Mistral (a sliding window shorter than the sequences), with prefixes of
+different lengths per adapter, an adapter whose sequences share none, one with a single sequence, own
+parts of two tokens, and an adapter with LoRA dropout (which trains unshared, its masks drawn as
+before). Planted bugs (the own tokens' positions not continuing the prefix, the prefix's keys left
+out, a trained token shared, no gradient through the prefix) fail the comparison.
 """
 import math
 import os
@@ -23,7 +25,7 @@ from alto.objectives import DPO  # noqa: E402
 from alto.registry import AdapterConfig  # noqa: E402
 from alto.shared_prefixes import shared_lengths  # noqa: E402
 from alto.step import colocated_losses  # noqa: E402
-from conftest import tiny_model  # noqa: E402
+from conftest import float64_norms, tiny_model  # noqa: E402
 
 PAD = 0
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -32,6 +34,8 @@ CONFIGS = {
     "b": AdapterConfig(rank=8, alpha=8, target_modules=ALL, seed=2, beta=0.5, loss_type="ipo"),
     "c": AdapterConfig(rank=2, alpha=4, target_modules=("k_proj", "down_proj"), seed=3, beta=0.2),
     "d": AdapterConfig(rank=3, alpha=3, target_modules=("v_proj", "up_proj"), seed=4, beta=0.3),
+    "e": AdapterConfig(rank=2, alpha=2, target_modules=("q_proj", "v_proj", "down_proj"), seed=5, beta=0.1,
+                       dropout=0.3),
 }
 
 
@@ -42,8 +46,9 @@ def word(rng: random.Random) -> int:
 def held_out_batches(rng: random.Random, pairs: bool = False) -> dict[str, list[list[int]]]:
     """a: a 20-token context prefix (a system prompt), then a context question and a trained answer;
     b: a 6-token one, and one sequence without a question (so 5 are shared, and its own tokens are
-    the prefix's last and its answer); c: no common prefix; d: one sequence. pairs: each prompt
-    twice, with a chosen and a rejected answer (DPO's samples)."""
+    the prefix's last and its answer); c: no common prefix; d: one sequence; e: an 8-token prefix
+    (LoRA dropout: shared in held-out passes only). pairs: each prompt twice, with a chosen and a
+    rejected answer (DPO's samples)."""
     def sequences(prefix: list[int], questions: list[int]) -> list[list[int]]:
         out = []
         for n in questions:
@@ -55,12 +60,14 @@ def held_out_batches(rng: random.Random, pairs: bool = False) -> dict[str, list[
     return {"a": sequences(context([word(rng) for _ in range(20)]), [rng.randint(1, 6) for _ in range(4)]),
             "b": sequences(context([word(rng) for _ in range(6)]), [2, 0, 3]),
             "c": sequences([], [rng.randint(2, 5) for _ in range(2)]),
-            "d": sequences(context([word(rng) for _ in range(9)]), [3])}
+            "d": sequences(context([word(rng) for _ in range(9)]), [3]),
+            "e": sequences(context([word(rng) for _ in range(8)]), [1, 2, 4])}
 
 
 def model_of(family: str, dtype=torch.float64, device: str = "cpu") -> MultiLoraModel:
     extra = {"sliding_window": 12} if family == "Mistral" else {}
-    model = MultiLoraModel(tiny_model(family, dtype, **extra).to(device))
+    base = tiny_model(family, dtype, **extra).to(device)
+    model = MultiLoraModel(float64_norms(base) if dtype == torch.float64 else base)
     gen = torch.Generator().manual_seed(7)
     for aid, cfg in CONFIGS.items():
         model.add_adapters({aid: cfg})
@@ -93,13 +100,13 @@ def forwards_counted(monkeypatch) -> list[int]:
 def test_shared_prefixes_give_the_losses_of_whole_sequences(family, monkeypatch):
     model, rng = model_of(family), random.Random(family)
     batches = held_out_batches(rng)
-    assert shared_lengths(batches) == [20, 5, 0, 0]
+    assert shared_lengths(batches) == [20, 5, 0, 0, 8]
     calls = forwards_counted(monkeypatch)
     whole = sums(model, batches, False, monkeypatch)
     assert len(calls) == 1
     got = sums(model, batches, True, monkeypatch)
-    assert len(calls) == 3 and calls[1] == 20 + 5  # each prefix once, then the own tokens
-    assert calls[2] == calls[0] - 4 * 20 - 3 * 5
+    assert len(calls) == 3 and calls[1] == 20 + 5 + 8  # each prefix once, then the own tokens
+    assert calls[2] == calls[0] - 4 * 20 - 3 * 5 - 3 * 8
     assert torch.equal(got[1], whole[1])  # the same target tokens
     torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
 
@@ -110,6 +117,56 @@ def test_dpo_pairs_sharing_their_prompts_give_the_sums_of_whole_sequences(monkey
     got, whole = (sums(model, batches, s, monkeypatch, DPO()) for s in (True, False))
     assert got.shape[0] == 4  # loss, pairs, reward accuracy and margin sums
     torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
+
+
+def training_step(model: MultiLoraModel, batches, shared: bool, monkeypatch, objective=None):
+    """A training step's loss sums and every adapter's gradients."""
+    monkeypatch.setattr(alto.shared_prefixes, "MIN_SAVED_SHARE", 0.1 if shared else math.inf)
+    model.train()
+    for aid in CONFIGS:
+        for g in model.adapter_tensors(aid)[1]:
+            if g is not None:
+                g.zero_()
+    kw = {} if objective is None else {"objective": objective}
+    sums = colocated_losses(model, batches, PAD, torch.device("cpu"), training=True, **kw)
+    (sums[0] / sums[1]).sum().backward()
+    return sums.detach(), {aid: [g.clone() for g in model.adapter_tensors(aid)[1]] for aid in CONFIGS}
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Qwen3", "Mistral"])
+def test_a_training_step_with_shared_prefixes_gives_the_losses_and_gradients_of_whole_sequences(family, monkeypatch):
+    batches = held_out_batches(random.Random(family + "train"))
+    model = model_of(family)
+    assert alto.step.shared_prefix_lengths(model, batches, True, True) == [20, 5, 0, 0, 0]  # e: dropout
+    (whole, whole_grads), (got, grads) = (training_step(model_of(family), batches, s, monkeypatch) for s in (False, True))
+    torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
+    for aid in CONFIGS:
+        assert len(grads[aid]) == len(whole_grads[aid]) and any(g.abs().sum() > 0 for g in grads[aid])
+        for g, w in zip(grads[aid], whole_grads[aid]):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_a_dpo_training_step_with_shared_prompts_gives_the_gradients_of_whole_sequences(monkeypatch):
+    batches = held_out_batches(random.Random(4), pairs=True)
+    (whole, whole_grads), (got, grads) = (training_step(model_of("Llama"), batches, s, monkeypatch, DPO())
+                                          for s in (False, True))
+    torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
+    for aid in CONFIGS:
+        for g, w in zip(grads[aid], whole_grads[aid]):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_without_a_gradient_through_the_prefix_the_training_comparison_fails(monkeypatch):
+    batches = held_out_batches(random.Random(6))
+    whole = training_step(model_of("Llama"), batches, False, monkeypatch)[1]
+    original = alto.step.prefix_pass
+
+    def detached(*args):
+        with torch.no_grad():
+            original(*args)
+    monkeypatch.setattr(alto.step, "prefix_pass", detached)
+    got = training_step(model_of("Llama"), batches, True, monkeypatch)[1]
+    assert any(not torch.allclose(g, w, rtol=1e-6, atol=1e-9) for g, w in zip(got["a"], whole["a"]))
 
 
 def test_held_out_means_count_both_forwards_for_a_sharded_base(monkeypatch):
@@ -147,7 +204,21 @@ def test_what_is_shared():
     assert shared_lengths({"a": [c([5]) + [1] * 20, c([5]) + [2] * 20]}) is None
 
 
-def _common_prefixes(batches):
+def test_passes_that_share_nothing():
+    """Not packed, turned off (a sharded base's training steps), rotary angles that depend on the
+    pass's longest position, or the base's own dropout in training: one forward."""
+    model, batches = model_of("Llama"), held_out_batches(random.Random(2))
+    lengths = alto.step.shared_prefix_lengths
+    assert lengths(model, batches, True, True) == [20, 5, 0, 0, 0] and lengths(model, batches, False, True)[4] == 8
+    assert lengths(model, batches, False, False) is None and lengths(model, batches, True, True, False) is None
+    model.model.model.layers[0].extra = torch.nn.Dropout(0.1)  # the base's own dropout: masks per sequence
+    assert lengths(model, batches, True, True) is None and lengths(model, batches, False, True) is not None
+    del model.model.model.layers[0].extra
+    model.model.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0}
+    assert lengths(model, batches, False, True) is None
+
+
+def _common_prefixes(batches, alone=()):
     """A planted bug: the whole common prefix shared, trained tokens and all."""
     return [min(len(os.path.commonprefix(seqs)), min(map(len, seqs)) - 1) if len(seqs) > 1 else 0
             for seqs in batches.values()]

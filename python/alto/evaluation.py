@@ -82,7 +82,7 @@ def held_out_means(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequenc
         for aid, sample in work[start:end]:
             chunks[-1].setdefault(aid, []).extend(sample)
         start = end
-    own = sum(forwards(chunk, False, packed) for chunk in chunks)
+    own = sum(forwards(model, chunk, False, packed) for chunk in chunks)
     passes = lockstep(own) if lockstep else own  # agreed before any pass
     # summed on the device and read once, at the end
     sums = torch.zeros(2 + len(objective.metrics), len(batches), dtype=torch.float64, device=device)

@@ -67,9 +67,9 @@ def _packed_prefill(model: MultiLoraModel, prompts: Prompts, pad_id: int, device
     dest = (starts.repeat_interleave(lengths) + torch.arange(int(lengths.sum()))
             - (lengths.cumsum(0) - lengths).repeat_interleave(lengths)).to(device)
     cache = DynamicCache()
-    for layer, (k, v) in sorted(prefixes.whole.items()):  # [tokens, heads, dim] -> [rows, heads, width, dim]
+    for layer in sorted(prefixes.whole):  # [tokens, heads, dim] -> [rows, heads, width, dim], one layer at a time
         k, v = (t.new_zeros(len(lengths) * width, *t.shape[1:]).index_copy_(0, dest, t)
-                .view(len(lengths), width, *t.shape[1:]).transpose(1, 2) for t in (k, v))
+                .view(len(lengths), width, *t.shape[1:]).transpose(1, 2) for t in prefixes.whole.pop(layer))
         cache.update(k, v, layer)
     mask = (torch.arange(width) >= width - lengths[:, None]).long().to(device)
     return logits, cache, mask

@@ -1,25 +1,31 @@
-"""Held-out passes compute each adapter's common context prefix once (prefix caching, as vLLM's
+"""Co-located passes compute each adapter's common context prefix once (prefix caching, as vLLM's
 automatic prefix caching does at inference): a chat template's default system prompt, say, is
-the first half of every short chat sequence (SmolLM2's: 24 of the chatterbot held-out sequences'
-~47 tokens), and every sequence of an adapter sees it through the same weights.
+the first half of every short chat sequence (SmolLM2's: 24 of the chatterbot sequences' ~47
+tokens), and every sequence of an adapter sees it through the same weights.
 
 A packed pass whose adapters' sequences share one runs twice: first each adapter's shared prefix
 once (its keys and values kept, layer by layer), then every sequence's own tokens, each attending
 to its adapter's prefix keys and values and to its own. Exact, not an approximation: a prefix
 token's keys and values depend only on the tokens before it and the adapter's weights, so they are
 the same in every sequence that begins with it, and the own tokens' attention reads the same keys
-and values in the same order as over the whole sequence. Only context tokens are shared: none of
-the shared positions has a next-token target, so no loss is lost (each sequence's first own token
-is context too: it is the target of the last shared position, which the pass does not compute).
+and values in the same order as over the whole sequence. In a training step the gradients of the
+prefix's keys and values (the sum over the sequences that read them) flow back through the prefix
+pass, as they would through each sequence's copy. Only context tokens are shared: none of the
+shared positions has a next-token target, so no loss is lost (each sequence's first own token is
+context too: it is the target of the last shared position, which the pass does not compute).
 
-Only where nothing needs a gradient (held-out losses): a training step's LoRA dropout draws a mask
-for every sequence's prefix on its own (PEFT does), and its backward would have to sum over the
-sequences that share one.
+Rounding: transformers' RMSNorms compute in float32 whatever the model's dtype, so in a float64 model a
+prefix's gradient summed before a norm (here) and after it (each sequence's copy, as PEFT runs it)
+differ at float32's 1e-8; with the norms in float64 math they agree to 1e-16 (tests/conftest.py's
+float64_norms).
+
+Not shared: an adapter with LoRA dropout in training (PEFT draws a mask for every sequence's prefix
+on its own), and a sharded base's training steps (alto.step: its ranks' forwards must meet).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,18 +38,21 @@ from alto_ext.segments import to_device
 MIN_SAVED_SHARE = 0.1
 
 
-def shared_lengths(batches: Mapping[str, Sequence[Sequence[int]]]) -> list[int] | None:
+def shared_lengths(batches: Mapping[str, Sequence[Sequence[int] | torch.Tensor]],
+                   alone: Collection[str] = ()) -> list[int] | None:
     """How many leading positions each adapter's sequences share (in batches' order; alto.data's
     tokens: context-only ones negative), or None where sharing would not save MIN_SAVED_SHARE of
     the positions. Shared: the longest common prefix whose tokens after the first are context-only,
-    leaving every sequence at least one own token; an adapter with one sequence shares nothing."""
+    leaving every sequence at least one own token; an adapter with one sequence, or in alone,
+    shares nothing."""
     out = []
-    for seqs in batches.values():
-        common = os.path.commonprefix([list(s) for s in seqs])
+    for aid, seqs in batches.items():
+        tokens = [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in seqs] if aid not in alone else []
+        common = os.path.commonprefix(tokens)
         # positions 0..n-1 shared: tokens 0..n-1 the same everywhere, tokens 1..n (their targets) context
-        limit = min(len(common), min(len(s) for s in seqs) - 1) if len(seqs) > 1 else 0
+        limit = min(len(common), min(len(s) for s in tokens) - 1) if len(tokens) > 1 else 0
         n = 0
-        while n < limit and all(s[n + 1] < 0 for s in seqs):
+        while n < limit and all(s[n + 1] < 0 for s in tokens):
             n += 1
         out.append(n)
     total = sum(len(s) for seqs in batches.values() for s in seqs)

@@ -57,7 +57,7 @@ def step_inputs(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, 
 
 def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence[int] | torch.Tensor]],
                      pad_id: int, device: torch.device, training: bool, packed: bool = True,
-                     objective: Objective = SFT()) -> torch.Tensor:
+                     objective: Objective = SFT(), share_prefixes: bool = True) -> torch.Tensor:
     """The one place a co-located batch is built and run (training steps, held-out losses and
     admission's probes alike): every adapter's sequences (whole samples of the objective), packed
     into one token stream (or as right-padded rows), one forward of the shared model, the
@@ -67,7 +67,9 @@ def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence
     no adapter, no gradient), then reads every sequence's from there.
     Autocast is chosen here: training on CUDA runs in bf16 (adapter masters stay fp32); held-out
     losses run in the base's own dtype (as PEFT evaluates it), and nothing autocasts on the CPU
-    (float32, or float64 for exact checks)."""
+    (float32, or float64 for exact checks). share_prefixes: the adapters' common context prefixes
+    computed once (alto.shared_prefixes; off for a sharded base's training steps, whose ranks must
+    run the same forwards)."""
     flat = [s for b in batches.values() for s in b]
     reference = None
     if (references := objective.references) is not None:
@@ -83,31 +85,33 @@ def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence
                 for module, mode in modes:
                     module.training = mode
         reference = references.of(flat, training, model.adapter_dtype, device)
-    token_loss, labels, plan = forward_token_losses(model, batches, flat, pad_id, device, training, packed)
+    token_loss, labels, plan = forward_token_losses(model, batches, flat, pad_id, device, training, packed,
+                                                    share_prefixes)
     return objective.loss_sums(token_loss, labels, plan, reference)
 
 
 def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], flat: Sequence, pad_id: int,
-                         device: torch.device, training: bool, packed: bool) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
+                         device: torch.device, training: bool, packed: bool, share_prefixes: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
     """(every position's next-token loss, the labels, the plan) of one forward of the sequences
     flat (batches' in order; no batches: the base alone, as an objective's reference pass and
-    bench_step's frozen-base step run it, with the head and layout of a co-located step). A
-    held-out pass whose adapters' sequences share context prefixes computes each prefix once first
-    (alto.shared_prefixes); the losses, labels and plan are then of the sequences' own tokens."""
-    shared, prefixes = shared_prefix_lengths(batches, training, packed), None
-    if shared is not None:
-        prefixes = SharedPrefixes.of(batches, shared, device)
-        prefix_pass(model, prefixes, batches, pad_id, device)
-        batches = prefixes.own(batches)
-        flat = [s for b in batches.values() for s in b]
-    inputs, labels, row_len = step_inputs(flat, pad_id, packed, device, None if prefixes is None else prefixes.own_offsets)
-    if prefixes is not None:
-        inputs["shared_prefixes"] = prefixes
-    lengths = [[len(s) for s in b] for b in batches.values()]
-    plan = plan_for(model, list(batches), lengths, row_len, device)
+    bench_step's frozen-base step run it, with the head and layout of a co-located step). Where
+    the adapters' sequences share context prefixes, each prefix runs once first
+    (alto.shared_prefixes) and the losses, labels and plan are of the sequences' own tokens; a
+    training step's gradients flow back through the prefix's keys and values."""
+    shared = shared_prefix_lengths(model, batches, training, packed, share_prefixes)
+    prefixes = None if shared is None else SharedPrefixes.of(batches, shared, device)
+    own = batches if prefixes is None else prefixes.own(batches)
+    inputs, labels, row_len = step_inputs(flat if prefixes is None else [s for b in own.values() for s in b], pad_id,
+                                          packed, device, None if prefixes is None else prefixes.own_offsets)
+    lengths = [[len(s) for s in b] for b in own.values()]
+    plan = plan_for(model, list(own), lengths, row_len, device)
     head = model.plain_head  # where the logits are head(hidden): it runs on the positions with a target only
-    rows = None if head is None else target_positions(labels)
+    rows = None if head is None else target_positions(labels)  # (before any forward: it waits for the labels)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=training and device.type == "cuda"):
+        if prefixes is not None:
+            prefix_pass(model, prefixes, batches, pad_id, device)
+            inputs["shared_prefixes"] = prefixes
         out = model(plan, last_hidden=head is not None, **inputs)
         if head is not None:  # its logits under the step's autocast, as the model's own head's would be
             token_loss = head_token_losses(out, head, labels, rows)
@@ -117,7 +121,7 @@ def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], fl
 
 
 def prefix_pass(model: MultiLoraModel, prefixes: SharedPrefixes, batches: dict[str, Sequence], pad_id: int,
-                 device: torch.device) -> None:
+                device: torch.device) -> None:
     """Each adapter's shared prefix once, packed, through the model: its layers' keys and values
     recorded in prefixes, which then serves the own-token pass."""
     firsts = prefixes.prefixes(batches)
@@ -127,15 +131,29 @@ def prefix_pass(model: MultiLoraModel, prefixes: SharedPrefixes, batches: dict[s
     prefixes.recording = False
 
 
-def shared_prefix_lengths(batches: dict[str, Sequence], training: bool, packed: bool) -> list[int] | None:
-    """Positions each adapter's sequences share in a pass of these batches (alto.shared_prefixes:
-    held-out passes, packed), or None where it runs as one forward."""
-    return shared_lengths(batches) if packed and not training and batches else None
+def shared_prefix_lengths(model: MultiLoraModel, batches: dict[str, Sequence], training: bool, packed: bool,
+                          share_prefixes: bool = True) -> list[int] | None:
+    """Positions each adapter's sequences share in a packed pass of these batches
+    (alto.shared_prefixes), or None where it runs as one forward: also where a position's rotary
+    angles depend on the pass's longest position (dynamic or LongRoPE scaling: the prefix pass is
+    shorter), or the base's own dropout draws masks in training. In training an adapter with LoRA
+    dropout shares none: PEFT draws its masks for every sequence's tokens."""
+    if not (share_prefixes and packed and batches) or _rope_type(model.model.config) in ("dynamic", "longrope"):
+        return None
+    if training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.model.modules()):
+        return None
+    return shared_lengths(batches, alone={a for a in batches if training and model.configs[a].dropout > 0})
 
 
-def forwards(batches: dict[str, Sequence], training: bool, packed: bool) -> int:
+def _rope_type(config) -> str | None:
+    """The rotary scaling's type of a transformers config (rope_parameters in 5.x, rope_scaling before)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+
+
+def forwards(model: MultiLoraModel, batches: dict[str, Sequence], training: bool, packed: bool) -> int:
     """Forwards of the model that colocated_losses runs for these batches (references aside)."""
-    return 1 if shared_prefix_lengths(batches, training, packed) is None else 2
+    return 1 if shared_prefix_lengths(model, batches, training, packed) is None else 2
 
 
 def step_positions(lengths: Sequence[int], packed: bool) -> int:
