@@ -258,3 +258,23 @@ def test_on_cuda_bf16_shared_prefixes_match_whole_sequences(monkeypatch):
     batches = held_out_batches(random.Random(11))
     got, whole = (sums(model, batches, s, monkeypatch, device="cuda") for s in (True, False))
     torch.testing.assert_close(got[0] / got[1], whole[0] / whole[1], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_on_cuda_a_bf16_training_step_with_shared_prefixes_matches_whole_sequences(monkeypatch):
+    """A training step on the GPU (bf16 autocast, FlashAttention varlen forward and backward through
+    the recorded prefix keys and values): losses and gradients equal to bf16 rounding."""
+    batches = held_out_batches(random.Random(12))
+
+    def step(shared: bool):
+        model = model_of("Llama", torch.float32, "cuda")
+        monkeypatch.setattr(alto.shared_prefixes, "MIN_SAVED_SHARE", 0.1 if shared else math.inf)
+        model.train()
+        sums = colocated_losses(model, batches, PAD, torch.device("cuda"), training=True)
+        (sums[0] / sums[1]).sum().backward()
+        return sums.detach(), [g.clone() for aid in CONFIGS for g in model.adapter_tensors(aid)[1]]
+    (whole, whole_grads), (got, grads) = step(False), step(True)
+    torch.testing.assert_close(got[0] / got[1], whole[0] / whole[1], rtol=2e-2, atol=2e-2)
+    for g, w in zip(grads, whole_grads):
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-3 * float(w.abs().max()) + 1e-6)
+
