@@ -138,7 +138,9 @@ def test_a_training_step_with_shared_prefixes_gives_the_losses_and_gradients_of_
     batches = held_out_batches(random.Random(family + "train"))
     model = model_of(family)
     assert alto.step.shared_prefix_lengths(model, batches, True, True) == [20, 5, 0, 0, 0]  # e: dropout
+    calls = forwards_counted(monkeypatch)
     (whole, whole_grads), (got, grads) = (training_step(model_of(family), batches, s, monkeypatch) for s in (False, True))
+    assert len(calls) == 3  # one forward whole, then a prefix pass and the own tokens
     torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
     for aid in CONFIGS:
         assert len(grads[aid]) == len(whole_grads[aid]) and any(g.abs().sum() > 0 for g in grads[aid])
@@ -148,10 +150,13 @@ def test_a_training_step_with_shared_prefixes_gives_the_losses_and_gradients_of_
 
 def test_a_dpo_training_step_with_shared_prompts_gives_the_gradients_of_whole_sequences(monkeypatch):
     batches = held_out_batches(random.Random(4), pairs=True)
-    (whole, whole_grads), (got, grads) = (training_step(model_of("Llama"), batches, s, monkeypatch, DPO())
-                                          for s in (False, True))
+    whole, whole_grads = training_step(model_of("Llama"), batches, False, monkeypatch, DPO())
+    calls = forwards_counted(monkeypatch)
+    got, grads = training_step(model_of("Llama"), batches, True, monkeypatch, DPO())
+    assert len(calls) == 3  # the base's references (whole sequences), a prefix pass, the own tokens
     torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
     for aid in CONFIGS:
+        assert any(g.abs().sum() > 0 for g in grads[aid])
         for g, w in zip(grads[aid], whole_grads[aid]):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
@@ -216,6 +221,11 @@ def test_passes_that_share_nothing():
     del model.model.model.layers[0].extra
     model.model.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0}
     assert lengths(model, batches, False, True) is None
+    model.model.config.rope_parameters = {"full_attention": {"rope_type": "default"},
+                                          "sliding_attention": {"rope_type": "dynamic", "factor": 2.0}}
+    assert lengths(model, batches, False, True) is None
+    model.model.config.rope_parameters = {"full_attention": {"rope_type": "default"}}
+    assert lengths(model, batches, False, True) is not None
 
 
 def _common_prefixes(batches, alone=()):

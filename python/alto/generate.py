@@ -17,8 +17,8 @@ import torch
 
 from alto.data import context
 from alto.model import MultiLoraModel, plan_for
-from alto.shared_prefixes import SharedPrefixes, shared_lengths
-from alto.step import prefix_pass, step_inputs
+from alto.shared_prefixes import SharedPrefixes
+from alto.step import prefix_pass, shared_prefix_lengths, step_inputs
 
 Prompts = Mapping[str, Sequence[Sequence[int]]]
 
@@ -49,7 +49,8 @@ def _packed_prefill(model: MultiLoraModel, prompts: Prompts, pad_id: int, device
     from transformers import DynamicCache
 
     batches = {aid: [context(p) for p in ps] for aid, ps in prompts.items()}  # no targets: any common prefix is shared
-    prefixes = SharedPrefixes.of(batches, shared_lengths(batches) or [0] * len(batches), device)
+    shared = shared_prefix_lengths(model, batches, training=False, packed=True)
+    prefixes = SharedPrefixes.of(batches, shared or [0] * len(batches), device)
     prefixes.keep_whole = True
     if any(prefixes.shared):
         prefix_pass(model, prefixes, batches, pad_id, device)

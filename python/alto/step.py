@@ -138,17 +138,22 @@ def shared_prefix_lengths(model: MultiLoraModel, batches: dict[str, Sequence], t
     angles depend on the pass's longest position (dynamic or LongRoPE scaling: the prefix pass is
     shorter), or the base's own dropout draws masks in training. In training an adapter with LoRA
     dropout shares none: PEFT draws its masks for every sequence's tokens."""
-    if not (share_prefixes and packed and batches) or _rope_type(model.model.config) in ("dynamic", "longrope"):
+    if not (share_prefixes and packed and batches) or _position_dependent_rope(model.model.config):
         return None
     if training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.model.modules()):
         return None
     return shared_lengths(batches, alone={a for a in batches if training and model.configs[a].dropout > 0})
 
 
-def _rope_type(config) -> str | None:
-    """The rotary scaling's type of a transformers config (rope_parameters in 5.x, rope_scaling before)."""
+def _position_dependent_rope(config) -> bool:
+    """Whether rotary angles depend on a pass's longest position (dynamic or LongRoPE scaling, in
+    rope_parameters (transformers 5.x; per layer type in some) or rope_scaling, of the text model)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if not isinstance(rope, dict):
+        return False
+    kinds = rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    return any(k.get("rope_type", k.get("type")) in ("dynamic", "longrope") for k in kinds)
 
 
 def forwards(model: MultiLoraModel, batches: dict[str, Sequence], training: bool, packed: bool) -> int:
