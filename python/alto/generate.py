@@ -7,7 +7,8 @@ The prompts are read (prefilled) packed, as held-out passes run (alto.shared_pre
 adapter's common prefix once (a chat template's system prompt), then every prompt's own tokens,
 no padding; their keys and values then fill a left-padded cache (every row's next token at the
 same column) for the decoding steps. A model that cannot run packed steps reads them as
-left-padded rows.
+left-padded rows. A row that has reached a stop token leaves the batch (and its cache): the
+later steps compute only the rows still decoding.
 """
 from __future__ import annotations
 
@@ -81,17 +82,26 @@ def _batch(model: MultiLoraModel, prompts: Prompts, max_new_tokens: int, stop_id
     logits, cache, mask = (_packed_prefill if packed else _padded_prefill)(model, prompts, pad_id, device)
     positions = mask.sum(-1, keepdim=True)  # the next token's: each prompt's length
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    counts = [len(ps) for ps in prompts.values()]
-    out, done = [], torch.zeros(len(mask), dtype=torch.bool, device=device)
+    adapters = list(prompts)
+    owner = torch.tensor([i for i, ps in enumerate(prompts.values()) for _ in ps])  # each row's adapter
+    live = torch.arange(len(mask))  # the rows still decoding (a finished row leaves the batch, its cache too)
+    out = []
     for step in range(max_new_tokens):
-        token = torch.where(done, pad_id, logits.argmax(-1))
+        token = torch.full((len(owner),), pad_id, dtype=torch.long, device=device)
+        token[live.to(device)] = logits.argmax(-1)
         out.append(token)
-        done |= torch.isin(token, stop)
-        if step + 1 == max_new_tokens or bool(done.all()):
+        going = ~torch.isin(token[live.to(device)], stop)
+        left = int(going.sum())  # the step's one wait
+        if step + 1 == max_new_tokens or left == 0:
             break
+        if left < len(live):
+            keep = going.nonzero().squeeze(1)
+            live, mask, positions = live[keep.cpu()], mask[keep], positions[keep]
+            cache.batch_select_indices(keep)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        plan = plan_for(model, list(prompts), [[1] * n for n in counts], 1, device)
-        logits = model(plan, input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+        counts = torch.bincount(owner[live], minlength=len(adapters)).tolist()
+        plan = plan_for(model, [a for a, n in zip(adapters, counts) if n], [[1] * n for n in counts if n], 1, device)
+        logits = model(plan, input_ids=token[live.to(device)][:, None], attention_mask=mask, position_ids=positions,
                        past_key_values=cache, logits_to_keep=1)[:, -1]
         positions = positions + 1
     tokens = torch.stack(out, dim=1).tolist()
