@@ -21,7 +21,6 @@ import functools
 import inspect
 import warnings
 from collections.abc import Callable
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -83,8 +82,8 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      max_length_q: int | None = None, shared_prefixes: SharedPrefixes | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature: query [1, H, T, D], key/value [1, Hkv, T, D] ->
-    ([1, T, H, D], no weights). shared_prefixes: a held-out pass's (alto.shared_prefixes): the
-    sequences' own tokens attend to their adapter's prefix too."""
+    ([1, T, H, D], no weights). shared_prefixes: the pass's (alto.shared_prefixes): a prefix pass
+    records its keys and values; an own-token pass's tokens attend to their adapter's prefix too."""
     if cu_seq_lens_q is None or max_length_q is None or query.shape[0] != 1:
         raise ValueError("alto_varlen attention needs one packed row with cu_seq_lens_q and max_length_q")
     if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:

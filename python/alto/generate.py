@@ -87,21 +87,22 @@ def _batch(model: MultiLoraModel, prompts: Prompts, max_new_tokens: int, stop_id
     live = torch.arange(len(mask))  # the rows still decoding (a finished row leaves the batch, its cache too)
     out = []
     for step in range(max_new_tokens):
+        rows = live.to(device)
         token = torch.full((len(owner),), pad_id, dtype=torch.long, device=device)
-        token[live.to(device)] = logits.argmax(-1)
+        token[rows] = logits.argmax(-1)
         out.append(token)
-        going = ~torch.isin(token[live.to(device)], stop)
+        going = ~torch.isin(token[rows], stop)
         left = int(going.sum())  # the step's one wait
         if step + 1 == max_new_tokens or left == 0:
             break
         if left < len(live):
             keep = going.nonzero().squeeze(1)
-            live, mask, positions = live[keep.cpu()], mask[keep], positions[keep]
+            live, rows, mask, positions = live[keep.cpu()], rows[keep], mask[keep], positions[keep]
             cache.batch_select_indices(keep)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         counts = torch.bincount(owner[live], minlength=len(adapters)).tolist()
         plan = plan_for(model, [a for a, n in zip(adapters, counts) if n], [[1] * n for n in counts if n], 1, device)
-        logits = model(plan, input_ids=token[live.to(device)][:, None], attention_mask=mask, position_ids=positions,
+        logits = model(plan, input_ids=token[rows][:, None], attention_mask=mask, position_ids=positions,
                        past_key_values=cache, logits_to_keep=1)[:, -1]
         positions = positions + 1
     tokens = torch.stack(out, dim=1).tolist()

@@ -19,8 +19,10 @@ prefix's gradient summed before a norm (here) and after it (each sequence's copy
 differ at float32's 1e-8; with the norms in float64 math they agree to 1e-16 (tests/conftest.py's
 float64_norms).
 
-Not shared: an adapter with LoRA dropout in training (PEFT draws a mask for every sequence's prefix
-on its own), and a sharded base's training steps (alto.step: its ranks' forwards must meet).
+Not shared (alto.step.shared_prefix_lengths): an adapter with LoRA dropout in training (PEFT draws a
+mask for every sequence's prefix on its own), a base with its own dropout in training, rotary angles
+that depend on a pass's longest position (dynamic, LongRoPE: the prefix pass is shorter), and a
+sharded base's training steps (its ranks' forwards must meet).
 """
 from __future__ import annotations
 
