@@ -228,6 +228,26 @@ def test_passes_that_share_nothing():
     assert lengths(model, batches, False, True) is not None
 
 
+def test_what_is_shared_read_from_heads_equals_whole_sequences_read():
+    """shared_lengths reads only the sequences' heads (host time per step): on random sequences
+    (lists and tensors, prefixes around its first read's size) the same as reading them whole."""
+    def whole(seqs):
+        tokens = [list(map(int, s)) for s in seqs]
+        common, n = os.path.commonprefix(tokens), 0
+        while n < min(len(common), min(map(len, tokens)) - 1) and all(s[n + 1] < 0 for s in tokens):
+            n += 1
+        return n
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        size = rng.choice([1, 2, 3, 5, 63, 64, 65, 200])
+        prefix = [-rng.randrange(1, 5) for _ in range(rng.randrange(0, size + 1))]
+        seqs = [(prefix + [rng.choice([-1, -2, 3, 4]) for _ in range(rng.randrange(1, size + 3))])
+                for _ in range(rng.randrange(2, 4))]
+        seqs = [torch.tensor(s) if rng.random() < 0.5 else s for s in seqs]
+        assert alto.shared_prefixes._shared(seqs) == whole(seqs), seqs
+
+
 def _common_prefixes(batches, alone=()):
     """A planted bug: the whole common prefix shared, trained tokens and all."""
     return [min(len(os.path.commonprefix(seqs)), min(map(len, seqs)) - 1) if len(seqs) > 1 else 0

@@ -47,19 +47,32 @@ def shared_lengths(batches: Mapping[str, Sequence[Sequence[int] | torch.Tensor]]
     the positions. Shared: the longest common prefix whose tokens after the first are context-only,
     leaving every sequence at least one own token; an adapter with one sequence, or in alone,
     shares nothing."""
-    out = []
-    for aid, seqs in batches.items():
-        tokens = [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in seqs] if aid not in alone else []
-        common = os.path.commonprefix(tokens)
-        # positions 0..n-1 shared: tokens 0..n-1 the same everywhere, tokens 1..n (their targets) context
-        limit = min(len(common), min(len(s) for s in tokens) - 1) if len(tokens) > 1 else 0
-        n = 0
-        while n < limit and all(s[n + 1] < 0 for s in tokens):
-            n += 1
-        out.append(n)
+    out = [0 if aid in alone or len(seqs) < 2 else _shared(seqs) for aid, seqs in batches.items()]
     total = sum(len(s) for seqs in batches.values() for s in seqs)
     saved = sum((len(seqs) - 1) * n for seqs, n in zip(batches.values(), out))
     return out if total and saved >= MIN_SAVED_SHARE * total else None
+
+
+def _shared(seqs: Sequence[Sequence[int] | torch.Tensor]) -> int:
+    """shared_lengths of one adapter's sequences (two or more), reading only their heads up to the
+    first sequence's first trained token after its first (a step's whole sequences as Python lists
+    would cost milliseconds of host time)."""
+    first = seqs[0]
+    if isinstance(first, torch.Tensor):
+        trained = (first[1:] >= 0).nonzero()
+        run = int(trained[0]) + 1 if len(trained) else len(first)
+    else:
+        run = next((i for i in range(1, len(first)) if first[i] >= 0), len(first))
+    if run < 2:  # no context after the first token: nothing to share
+        return 0
+    heads = [s[:run + 1].tolist() if isinstance(s, torch.Tensor) else list(s[:run + 1]) for s in seqs]
+    common = os.path.commonprefix(heads)
+    # positions 0..n-1 shared: tokens 0..n-1 the same everywhere, tokens 1..n (their targets) context
+    limit = min(len(common), min(len(s) for s in seqs) - 1, run)
+    n = 0
+    while n < limit and (common[n + 1] < 0 if n + 1 < len(common) else all(h[n + 1] < 0 for h in heads)):
+        n += 1
+    return n
 
 
 @dataclass
