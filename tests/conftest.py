@@ -76,9 +76,9 @@ def tiny_model(family: str, dtype=torch.float32, seed: int | None = 0, **extra):
         torch.manual_seed(seed)
     config_class = getattr(transformers, f"{family}TextConfig", None) or getattr(transformers, f"{family}Config")
     widths = {"head_dim": 24} if family in WIDE_HEADS else {}
-    config = config_class(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
-                          bos_token_id=2, **{**widths, **extra})
+    config = config_class(**{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                             "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, **widths, **extra})
     return getattr(transformers, f"{family}ForCausalLM")(config).to(dtype)
 
 

@@ -125,10 +125,11 @@ def test_a_shared_system_prompt_run_once_per_step_equals_alone_with_peft(base_mo
     system = context([rng.randrange(1, VOCAB) for _ in range(9)])
     prompted = {aid: [system + context(s[:1]) + s[1:] for s in sequences[aid]] for aid in CONFIGS}
     base = float64_norms(copy.deepcopy(base_model))
-    passes = []
-    monkeypatch.setattr(alto.step, "prefix_pass", lambda *a, p=alto.step.prefix_pass: passes.append(1) or p(*a))
+    shared = []
+    monkeypatch.setattr(alto.step, "shared_prefix_lengths",
+                        lambda *a, f=alto.step.shared_prefix_lengths: shared.append(f(*a)) or shared[-1])
     trainer, init = colocated(base, prompted, list(CONFIGS))
-    assert len(passes) == MICRO_STEPS  # c's micro-batch of 1 shares nothing; a and b share every step
+    assert shared == [[9, 9, 0]] * MICRO_STEPS  # the system prompt; c's micro-batch of 1 shares nothing
     for aid in CONFIGS:
         assert not differences_from_alone(base, prompted, trainer, init, aid, MICRO_STEPS)
 

@@ -88,7 +88,7 @@ def test_packed_step_equals_padded_step_on_cuda(family):
     assert differences(base, torch.device("cuda"), {"rtol": 3e-2, "atol": 3e-3}) == []
 
 
-def _one_attention_over_everything(q, k, v, cu, scale, window):
+def _one_attention_over_everything(q, k, v, cu_q, cu_k, scale, window):
     return torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale,
         enable_gqa=True).transpose(0, 1)

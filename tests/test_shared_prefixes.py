@@ -4,8 +4,9 @@ training the same losses and every adapter's gradients: float64, 1e-12, on Llama
 q/k/v), Qwen3 (q/k norms) and Mistral (a sliding window shorter than the sequences), with prefixes of
 different lengths per adapter, an adapter whose sequences share none, one with a single sequence, own
 parts of two tokens, and an adapter with LoRA dropout (which trains unshared, its masks drawn as
-before). Planted bugs (the own tokens' positions not continuing the prefix, the prefix's keys left
-out, a trained token shared, no gradient through the prefix) fail the comparison.
+before). Dynamic rotary scaling shares too (the pass's longest position is the whole sequences').
+Planted bugs (the own tokens' positions not continuing the prefix, the prefix's keys left out, a
+trained token shared, no gradient back through the prefix's keys and values) fail the comparison.
 """
 import math
 import os
@@ -105,8 +106,7 @@ def test_shared_prefixes_give_the_losses_of_whole_sequences(family, monkeypatch)
     whole = sums(model, batches, False, monkeypatch)
     assert len(calls) == 1
     got = sums(model, batches, True, monkeypatch)
-    assert len(calls) == 3 and calls[1] == 20 + 5 + 8  # each prefix once, then the own tokens
-    assert calls[2] == calls[0] - 4 * 20 - 3 * 5 - 3 * 8
+    assert len(calls) == 2 and calls[1] == calls[0] - 3 * 20 - 2 * 5 - 2 * 8  # each prefix once, in one pass
     assert torch.equal(got[1], whole[1])  # the same target tokens
     torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
 
@@ -140,7 +140,7 @@ def test_a_training_step_with_shared_prefixes_gives_the_losses_and_gradients_of_
     assert alto.step.shared_prefix_lengths(model, batches, True, True) == [20, 5, 0, 0, 0]  # e: dropout
     calls = forwards_counted(monkeypatch)
     (whole, whole_grads), (got, grads) = (training_step(model_of(family), batches, s, monkeypatch) for s in (False, True))
-    assert len(calls) == 3  # one forward whole, then a prefix pass and the own tokens
+    assert len(calls) == 2  # one forward whole, then one sharing
     torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
     for aid in CONFIGS:
         assert len(grads[aid]) == len(whole_grads[aid]) and any(g.abs().sum() > 0 for g in grads[aid])
@@ -153,7 +153,7 @@ def test_a_dpo_training_step_with_shared_prompts_gives_the_gradients_of_whole_se
     whole, whole_grads = training_step(model_of("Llama"), batches, False, monkeypatch, DPO())
     calls = forwards_counted(monkeypatch)
     got, grads = training_step(model_of("Llama"), batches, True, monkeypatch, DPO())
-    assert len(calls) == 3  # the base's references (whole sequences), a prefix pass, the own tokens
+    assert len(calls) == 2  # the base's references (whole sequences), then the adapters' pass sharing
     torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
     for aid in CONFIGS:
         assert any(g.abs().sum() > 0 for g in grads[aid])
@@ -161,22 +161,30 @@ def test_a_dpo_training_step_with_shared_prompts_gives_the_gradients_of_whole_se
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+def detach_borrowed_keys(monkeypatch) -> None:
+    """A planted bug: the keys and values a sequence reads from its adapter's first sequence's rows
+    (its shared prefix) carry no gradient back there."""
+    original = alto.shared_prefixes.SharedPrefixes.keys_and_values
+
+    def detached(self, layer, k, v):
+        borrowed = torch.tensor([j > 0 and p < n for n, lengths in zip(self.shared, self.lengths)
+                                 for j, length in enumerate(lengths) for p in range(length)], device=k.device)
+        (wk, wv), (dk, dv) = original(self, layer, k, v), original(self, layer, k.detach(), v.detach())
+        return torch.where(borrowed[:, None, None], dk, wk), torch.where(borrowed[:, None, None], dv, wv)
+    monkeypatch.setattr(alto.shared_prefixes.SharedPrefixes, "keys_and_values", detached)
+
+
 def test_without_a_gradient_through_the_prefix_the_training_comparison_fails(monkeypatch):
     batches = held_out_batches(random.Random(6))
     whole = training_step(model_of("Llama"), batches, False, monkeypatch)[1]
-    original = alto.step.prefix_pass
-
-    def detached(*args):
-        with torch.no_grad():
-            original(*args)
-    monkeypatch.setattr(alto.step, "prefix_pass", detached)
+    detach_borrowed_keys(monkeypatch)
     got = training_step(model_of("Llama"), batches, True, monkeypatch)[1]
     assert any(not torch.allclose(g, w, rtol=1e-6, atol=1e-9) for g, w in zip(got["a"], whole["a"]))
 
 
-def test_held_out_means_count_both_forwards_for_a_sharded_base(monkeypatch):
-    """A sharded base's ranks agree on their forwards before any: lockstep hears two for a chunk
-    with shared prefixes, as many as run (the idle passes make up only the difference)."""
+def test_held_out_means_count_one_forward_per_chunk_for_a_sharded_base(monkeypatch):
+    """A sharded base's ranks agree on their forwards before any: a chunk with shared prefixes is
+    one forward (the idle passes make up the difference to the busiest rank)."""
     model = model_of("Llama")
     batches = held_out_batches(random.Random(5))
     heard, calls = [], forwards_counted(monkeypatch)
@@ -187,7 +195,7 @@ def test_held_out_means_count_both_forwards_for_a_sharded_base(monkeypatch):
         heard.append(n)
         return n + 1  # another rank needs one more
     means = alto.evaluation.held_out_means(model, batches, PAD, torch.device("cpu"), 10_000, lockstep)
-    assert heard == [2] and len(calls) == 2 and idle == [1]
+    assert heard == [1] and len(calls) == 1 and idle == [1]
     monkeypatch.setattr(alto.shared_prefixes, "MIN_SAVED_SHARE", math.inf)
     torch.testing.assert_close(torch.tensor(means), torch.tensor(alto.evaluation.held_out_means(
         model, batches, PAD, torch.device("cpu"), 10_000)), rtol=1e-12, atol=1e-12)
@@ -210,22 +218,31 @@ def test_what_is_shared():
 
 
 def test_passes_that_share_nothing():
-    """Not packed, turned off (a sharded base's training steps), rotary angles that depend on the
-    pass's longest position, or the base's own dropout in training: one forward."""
+    """Not packed, or the base's own dropout in training: one forward over whole sequences."""
     model, batches = model_of("Llama"), held_out_batches(random.Random(2))
     lengths = alto.step.shared_prefix_lengths
     assert lengths(model, batches, True, True) == [20, 5, 0, 0, 0] and lengths(model, batches, False, True)[4] == 8
-    assert lengths(model, batches, False, False) is None and lengths(model, batches, True, True, False) is None
+    assert lengths(model, batches, False, False) is None
     model.model.model.layers[0].extra = torch.nn.Dropout(0.1)  # the base's own dropout: masks per sequence
     assert lengths(model, batches, True, True) is None and lengths(model, batches, False, True) is not None
-    del model.model.model.layers[0].extra
-    model.model.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0}
-    assert lengths(model, batches, False, True) is None
-    model.model.config.rope_parameters = {"full_attention": {"rope_type": "default"},
-                                          "sliding_attention": {"rope_type": "dynamic", "factor": 2.0}}
-    assert lengths(model, batches, False, True) is None
-    model.model.config.rope_parameters = {"full_attention": {"rope_type": "default"}}
-    assert lengths(model, batches, False, True) is not None
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "linear", "factor": 2.0}])
+def test_scaled_rotary_angles_share_exactly(rope, monkeypatch):
+    """Dynamic NTK scaling reads the pass's longest position, which sharing leaves as the whole
+    sequences' (max_position_embeddings 16 here: the angles rescale inside these sequences)."""
+    def model_with(rope_parameters: dict) -> MultiLoraModel:
+        base = tiny_model("Llama", torch.float64, max_position_embeddings=16,
+                          rope_parameters={"rope_theta": 10000.0, **rope_parameters})
+        model = MultiLoraModel(float64_norms(base))
+        for aid, cfg in CONFIGS.items():
+            model.add_adapters({aid: cfg})
+        return model.eval()
+    batches = held_out_batches(random.Random(8))
+    assert max(len(s) for b in batches.values() for s in b) > 16
+    got, whole = (sums(model_with(rope), batches, s, monkeypatch) for s in (True, False))
+    torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(whole, sums(model_with({"rope_type": "default"}), batches, False, monkeypatch))
 
 
 def test_what_is_shared_read_from_heads_equals_whole_sequences_read():
@@ -262,15 +279,14 @@ def test_the_comparison_catches_planted_bugs(bug, monkeypatch):
     if bug == "positions restart":
         original = alto.step.step_inputs
         monkeypatch.setattr(alto.step, "step_inputs", lambda *a: original(*a[:4]))
-    elif bug == "prefix keys left out":
+    elif bug == "prefix keys left out":  # each sequence reads only the keys of its own rows
         original_init = alto.shared_prefixes.SharedPrefixes.__post_init__
 
         def no_prefix_keys(self):
             original_init(self)
-            keep = self.key_index >= sum(self.shared)
-            self.key_index, self.own_rows = self.key_index[keep], torch.arange(int(keep.sum()))
-            self.cu_whole = torch.nn.functional.pad(torch.tensor(
-                [n - s for s, lens in zip(self.shared, self.lengths) for n in lens]).cumsum(0), (1, 0)).to(torch.int32)
+            runs = [n - (s if j else 0) for s, lens in zip(self.shared, self.lengths) for j, n in enumerate(lens)]
+            self.key_index = torch.arange(sum(runs))
+            self.cu_keys = torch.nn.functional.pad(torch.tensor(runs).cumsum(0), (1, 0)).to(torch.int32)
         monkeypatch.setattr(alto.shared_prefixes.SharedPrefixes, "__post_init__", no_prefix_keys)
     else:  # a's sequences: two trained tokens, the same in each, after the system prompt
         batches["a"] = [s[:20] + [7, 8] + s[20:] for s in batches["a"]]
@@ -283,7 +299,8 @@ def test_the_comparison_catches_planted_bugs(bug, monkeypatch):
 @pytest.mark.cuda
 def test_on_cuda_bf16_shared_prefixes_match_whole_sequences(monkeypatch):
     """On the GPU a bf16 base's held-out pass runs torch's FlashAttention varlen kernel (every
-    sequence whole, its prefix's queries zero): equal to bf16 rounding."""
+    sequence's keys whole, its queries its own tokens, the causal mask aligned at the end): equal
+    to bf16 rounding."""
     model = model_of("Llama", torch.bfloat16, "cuda")
     batches = held_out_batches(random.Random(11))
     got, whole = (sums(model, batches, s, monkeypatch, device="cuda") for s in (True, False))
@@ -293,11 +310,12 @@ def test_on_cuda_bf16_shared_prefixes_match_whole_sequences(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("planted_bug", [False, True])
 def test_on_cuda_a_bf16_training_step_with_shared_prefixes_matches_whole_sequences(planted_bug, monkeypatch):
-    """A training step on the GPU (bf16 autocast, FlashAttention varlen forward and backward through
-    the recorded prefix keys and values): losses equal to bf16 rounding, each gradient within 2% of
+    """A training step on the GPU (bf16 autocast, FlashAttention varlen forward and backward, fewer
+    queries than keys where a sequence runs from its own tokens): losses equal to bf16 rounding, each gradient within 2% of
     the whole sequences' in norm (bf16 GEMMs of other shapes round single near-zero elements
     differently: an element-wise bound read one of 256 at 2.0e-5 against 1.8e-5 on the H200).
-    Planted bug: a prefix pass without gradients must fail that bound for the sharing adapter a."""
+    Planted bug: the prefix's keys and values read by the other sequences without gradients must
+    fail that bound for the sharing adapter a."""
     batches = held_out_batches(random.Random(12))
 
     def step(shared: bool):
@@ -309,12 +327,7 @@ def test_on_cuda_a_bf16_training_step_with_shared_prefixes_matches_whole_sequenc
         return sums.detach(), {aid: [g.clone() for g in model.adapter_tensors(aid)[1]] for aid in CONFIGS}
     whole, whole_grads = step(False)
     if planted_bug:
-        original = alto.step.prefix_pass
-
-        def detached(*args):
-            with torch.no_grad():
-                original(*args)
-        monkeypatch.setattr(alto.step, "prefix_pass", detached)
+        detach_borrowed_keys(monkeypatch)
     got, grads = step(True)
     torch.testing.assert_close(got[0] / got[1], whole[0] / whole[1], rtol=2e-2, atol=2e-2)
     errors = {aid: max(float((g - w).norm() / w.norm()) for g, w in zip(grads[aid], whole_grads[aid]))

@@ -182,8 +182,9 @@ def test_colocated_greedy_decoding_equals_each_adapter_alone(bug, packed, monkey
                for aid in configs}
     expected = {aid: [peft_greedy(base.model, configs[aid], model.adapter_weights(aid), p, 7) for p in ps]
                 for aid, ps in prompts.items()}
-    prefix_passes = []  # packed: a and b's common prefixes read once where their prompts meet in a batch
-    monkeypatch.setattr(generate, "prefix_pass", lambda *a, p=generate.prefix_pass: prefix_passes.append(1) or p(*a))
+    shared = []  # packed: a and b's common prefixes read once where their prompts meet in a batch
+    monkeypatch.setattr(generate, "shared_prefix_lengths",
+                        lambda *a, f=generate.shared_prefix_lengths, **k: shared.append(f(*a, **k)) or shared[-1])
     if bug:
         plan_for = generate.plan_for
         monkeypatch.setattr(generate, "plan_for", lambda m, ids, lens, *a: plan_for(m, ids[::-1], lens[::-1], *a))
@@ -199,7 +200,7 @@ def test_colocated_greedy_decoding_equals_each_adapter_alone(bug, packed, monkey
         assert together != expected
         return
     assert together == expected and in_pieces == expected
-    assert len(prefix_passes) == (2 if packed else 0)  # together and stopped; in pieces a prompt is alone
+    assert [s for s in shared if s] == ([[6, 4, 0]] * 2 if packed else [])  # together and stopped; in pieces a prompt is alone
     cut = {aid: [c[: c.index(stop)] if stop in c else c for c in cs] for aid, cs in expected.items()}
     assert stopped == cut and selected and min(selected) > 0
 

@@ -49,29 +49,33 @@ def _varlen_attn() -> tuple[Callable, bool] | None:
     return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
-def _flash(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None, window: int | None) -> torch.Tensor:
-    """FlashAttention varlen over [T, H, D] (_varlen_attn() must not be None)."""
+def _flash(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, scale: float | None,
+           window: int | None) -> torch.Tensor:
+    """FlashAttention varlen over [T, H, D] (_varlen_attn() must not be None); a sequence with fewer
+    queries than keys has its queries at its end (the kernel's causal mask is aligned bottom-right)."""
     varlen_attn, takes_gqa = _varlen_attn()
     left = -1 if window is None else window - 1  # transformers' sliding window: keys at distance < window
     kw = {"enable_gqa": k.shape[1] != q.shape[1]} if takes_gqa else {}
-    cu = cu.to(torch.int32)
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(left, 0), **kw)
+    return varlen_attn(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, scale=scale,
+                       window_size=(left, 0), **kw)
 
 
-def _per_sequence(q, k, v, cu: torch.Tensor, scale: float | None, window: int | None) -> torch.Tensor:
-    """SDPA for each sequence of [T, H, D] alone (causal; sliding window if given)."""
-    bounds = cu.tolist()
+def _per_sequence(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, scale: float | None,
+                  window: int | None) -> torch.Tensor:
+    """SDPA for each sequence of [T, H, D] alone (causal; sliding window if given), its queries the
+    last of its keys' positions where it has fewer (as _flash)."""
     gqa = k.shape[1] != q.shape[1]
     out = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
-        n = end - start
-        if window is not None and n > window:
-            i = torch.arange(n, device=q.device)
-            mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        else:
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for q0, q1, k0, k1 in zip(bq[:-1], bq[1:], bk[:-1], bk[1:]):
+        qs, ks, vs = q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)  # [H, L, D]
+        nq, nk = q1 - q0, k1 - k0
+        if nq == nk and (window is None or nk <= window):
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            i, j = torch.arange(nk - nq, nk, device=q.device)[:, None], torch.arange(nk, device=q.device)[None, :]
+            mask = (i >= j) if window is None else (i >= j) & (i - j < window)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out.append(o.transpose(0, 1))
     return torch.cat(out)
 
@@ -82,26 +86,25 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      max_length_q: int | None = None, shared_prefixes: SharedPrefixes | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature: query [1, H, T, D], key/value [1, Hkv, T, D] ->
-    ([1, T, H, D], no weights). shared_prefixes: the pass's (alto.shared_prefixes): a prefix pass
-    records its keys and values; an own-token pass's tokens attend to their adapter's prefix too."""
+    ([1, T, H, D], no weights). shared_prefixes: the pass's (alto.shared_prefixes): a sequence
+    that runs from its first own token on attends to its adapter's prefix too."""
     if cu_seq_lens_q is None or max_length_q is None or query.shape[0] != 1:
         raise ValueError("alto_varlen attention needs one packed row with cu_seq_lens_q and max_length_q")
     if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise ValueError("packed steps have no attention dropout, logit soft-capping or attention sinks: "
                          "set packing: false for this model")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
-    whole = None if shared_prefixes is None else shared_prefixes.attention_inputs(module.layer_idx, q, k, v)
-    if whole is not None:  # every sequence whole: its prefix's queries zero, their outputs dropped below
-        q, k, v, cu_seq_lens_q, max_length_q = whole
+    cu_k, max_k = cu_seq_lens_q, max_length_q
+    if shared_prefixes is not None:  # every sequence's keys and values whole, its queries its own rows
+        k, v = shared_prefixes.keys_and_values(module.layer_idx, k, v)
+        cu_k, max_k = shared_prefixes.cu_keys, shared_prefixes.max_keys
     flash_dtype_on_gpu = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
     if flash_dtype_on_gpu and _varlen_attn() is None:
         warnings.warn(f"torch {torch.__version__} has no varlen attention: SDPA per sequence (slower)", stacklevel=2)
     if flash_dtype_on_gpu and _varlen_attn() is not None:
-        out = _flash(q, k, v, cu_seq_lens_q, max_length_q, scaling, sliding_window)
+        out = _flash(q, k, v, cu_seq_lens_q, cu_k, max_length_q, max_k, scaling, sliding_window)
     else:
-        out = _per_sequence(q, k, v, cu_seq_lens_q, scaling, sliding_window)
-    if whole is not None:
-        out = shared_prefixes.own_outputs(out)
+        out = _per_sequence(q, k, v, cu_seq_lens_q, cu_k, scaling, sliding_window)
     return out.unsqueeze(0), None
 
 

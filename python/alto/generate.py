@@ -4,7 +4,7 @@ The segmented LoRA ops serve decoding as they serve training: a step's plan give
 rows' token positions.
 
 The prompts are read (prefilled) packed, as held-out passes run (alto.shared_prefixes): each
-adapter's common prefix once (a chat template's system prompt), then every prompt's own tokens,
+adapter's common prefix once (a chat template's system prompt) with every prompt's own tokens,
 no padding; their keys and values then fill a left-padded cache (every row's next token at the
 same column) for the decoding steps. A model that cannot run packed steps reads them as
 left-padded rows. A row that has reached a stop token leaves the batch (and its cache): the
@@ -19,7 +19,7 @@ import torch
 from alto.data import context
 from alto.model import MultiLoraModel, plan_for
 from alto.shared_prefixes import SharedPrefixes
-from alto.step import prefix_pass, shared_prefix_lengths, step_inputs
+from alto.step import shared_prefix_lengths, step_inputs
 
 Prompts = Mapping[str, Sequence[Sequence[int]]]
 
@@ -53,13 +53,10 @@ def _packed_prefill(model: MultiLoraModel, prompts: Prompts, pad_id: int, device
     shared = shared_prefix_lengths(model, batches, training=False, packed=True)
     prefixes = SharedPrefixes.of(batches, shared or [0] * len(batches), device)
     prefixes.keep_whole = True
-    if any(prefixes.shared):
-        prefix_pass(model, prefixes, batches, pad_id, device)
-    prefixes.recording = False
-    own = prefixes.own(batches)
-    flat = [s for ps in own.values() for s in ps]
-    inputs, _, _ = step_inputs(flat, pad_id, True, device, prefixes.own_offsets)
-    plan = plan_for(model, list(own), [[len(s) for s in ps] for ps in own.values()], None, device)
+    runs = prefixes.runs(batches)
+    flat = [s for ps in runs.values() for s in ps]
+    inputs, _, _ = step_inputs(flat, pad_id, True, device, prefixes.position_offsets)
+    plan = plan_for(model, list(runs), [[len(s) for s in ps] for ps in runs.values()], None, device)
     last = torch.tensor([len(s) for s in flat]).cumsum(0) - 1
     logits = model(plan, logits_to_keep=last.to(device), shared_prefixes=prefixes, **inputs)[0]
     lengths = torch.tensor([n for ns in prefixes.lengths for n in ns])

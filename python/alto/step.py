@@ -57,7 +57,7 @@ def step_inputs(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, 
 
 def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence[int] | torch.Tensor]],
                      pad_id: int, device: torch.device, training: bool, packed: bool = True,
-                     objective: Objective = SFT(), share_prefixes: bool = True) -> torch.Tensor:
+                     objective: Objective = SFT()) -> torch.Tensor:
     """The one place a co-located batch is built and run (training steps, held-out losses and
     admission's probes alike): every adapter's sequences (whole samples of the objective), packed
     into one token stream (or as right-padded rows), one forward of the shared model, the
@@ -67,9 +67,8 @@ def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence
     no adapter, no gradient), then reads every sequence's from there.
     Autocast is chosen here: training on CUDA runs in bf16 (adapter masters stay fp32); held-out
     losses run in the base's own dtype (as PEFT evaluates it), and nothing autocasts on the CPU
-    (float32, or float64 for exact checks). share_prefixes: the adapters' common context prefixes
-    computed once (alto.shared_prefixes; off for a sharded base's training steps, whose ranks must
-    run the same forwards)."""
+    (float32, or float64 for exact checks). Packed, the adapters' common context prefixes are
+    computed once (alto.shared_prefixes)."""
     flat = [s for b in batches.values() for s in b]
     reference = None
     if (references := objective.references) is not None:
@@ -85,33 +84,30 @@ def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence
                 for module, mode in modes:
                     module.training = mode
         reference = references.of(flat, training, model.adapter_dtype, device)
-    token_loss, labels, plan = forward_token_losses(model, batches, flat, pad_id, device, training, packed,
-                                                    share_prefixes)
+    token_loss, labels, plan = forward_token_losses(model, batches, flat, pad_id, device, training, packed)
     return objective.loss_sums(token_loss, labels, plan, reference)
 
 
 def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], flat: Sequence, pad_id: int,
-                         device: torch.device, training: bool, packed: bool, share_prefixes: bool = True
+                         device: torch.device, training: bool, packed: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
     """(every position's next-token loss, the labels, the plan) of one forward of the sequences
     flat (batches' in order; no batches: the base alone, as an objective's reference pass and
     bench_step's frozen-base step run it, with the head and layout of a co-located step). Where
-    the adapters' sequences share context prefixes, each prefix runs once first
-    (alto.shared_prefixes) and the losses, labels and plan are of the sequences' own tokens; a
-    training step's gradients flow back through the prefix's keys and values."""
-    shared = shared_prefix_lengths(model, batches, training, packed, share_prefixes)
+    the adapters' sequences share context prefixes, each prefix runs once (alto.shared_prefixes:
+    the losses, labels and plan are of the rows the pass runs, each adapter's first sequence whole
+    and the others' own tokens)."""
+    shared = shared_prefix_lengths(model, batches, training, packed)
     prefixes = None if shared is None else SharedPrefixes.of(batches, shared, device)
-    own = batches if prefixes is None else prefixes.own(batches)
-    inputs, labels, row_len = step_inputs(flat if prefixes is None else [s for b in own.values() for s in b], pad_id,
-                                          packed, device, None if prefixes is None else prefixes.own_offsets)
-    lengths = [[len(s) for s in b] for b in own.values()]
-    plan = plan_for(model, list(own), lengths, row_len, device)
+    runs = batches if prefixes is None else prefixes.runs(batches)
+    inputs, labels, row_len = step_inputs(flat if prefixes is None else [s for b in runs.values() for s in b], pad_id,
+                                          packed, device, None if prefixes is None else prefixes.position_offsets)
+    if prefixes is not None:
+        inputs["shared_prefixes"] = prefixes
+    plan = plan_for(model, list(runs), [[len(s) for s in b] for b in runs.values()], row_len, device)
     head = model.plain_head  # where the logits are head(hidden): it runs on the positions with a target only
     rows = None if head is None else target_positions(labels)  # (before any forward: it waits for the labels)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=training and device.type == "cuda"):
-        if prefixes is not None:
-            prefix_pass(model, prefixes, batches, pad_id, device)
-            inputs["shared_prefixes"] = prefixes
         out = model(plan, last_hidden=head is not None, **inputs)
         if head is not None:  # its logits under the step's autocast, as the model's own head's would be
             token_loss = head_token_losses(out, head, labels, rows)
@@ -120,45 +116,17 @@ def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], fl
     return token_loss, labels, plan
 
 
-def prefix_pass(model: MultiLoraModel, prefixes: SharedPrefixes, batches: dict[str, Sequence], pad_id: int,
-                device: torch.device) -> None:
-    """Each adapter's shared prefix once, packed, through the model: its layers' keys and values
-    recorded in prefixes, which then serves the own-token pass."""
-    firsts = prefixes.prefixes(batches)
-    inputs, _, _ = step_inputs([s for b in firsts.values() for s in b], pad_id, True, device)
-    plan = plan_for(model, list(firsts), [[len(s) for s in b] for b in firsts.values()], None, device)
-    model(plan, last_hidden=True, shared_prefixes=prefixes, **inputs)
-    prefixes.recording = False
-
-
-def shared_prefix_lengths(model: MultiLoraModel, batches: dict[str, Sequence], training: bool, packed: bool,
-                          share_prefixes: bool = True) -> list[int] | None:
+def shared_prefix_lengths(model: MultiLoraModel, batches: dict[str, Sequence], training: bool,
+                          packed: bool) -> list[int] | None:
     """Positions each adapter's sequences share in a packed pass of these batches
-    (alto.shared_prefixes), or None where it runs as one forward: also where a position's rotary
-    angles depend on the pass's longest position (dynamic or LongRoPE scaling: the prefix pass is
-    shorter), or the base's own dropout draws masks in training. In training an adapter with LoRA
-    dropout shares none: PEFT draws its masks for every sequence's tokens."""
-    if not (share_prefixes and packed and batches) or _position_dependent_rope(model.model.config):
+    (alto.shared_prefixes), or None where it shares none: also where the base's own dropout draws
+    masks in training. In training an adapter with LoRA dropout shares none: PEFT draws its masks
+    for every sequence's tokens."""
+    if not (packed and batches):
         return None
     if training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.model.modules()):
         return None
     return shared_lengths(batches, alone={a for a in batches if training and model.configs[a].dropout > 0})
-
-
-def _position_dependent_rope(config) -> bool:
-    """Whether rotary angles depend on a pass's longest position (dynamic or LongRoPE scaling, in
-    rope_parameters (transformers 5.x; per layer type in some) or rope_scaling, of the text model)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(rope, dict):
-        return False
-    kinds = rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
-    return any(k.get("rope_type", k.get("type")) in ("dynamic", "longrope") for k in kinds)
-
-
-def forwards(model: MultiLoraModel, batches: dict[str, Sequence], training: bool, packed: bool) -> int:
-    """Forwards of the model that colocated_losses runs for these batches (references aside)."""
-    return 1 if shared_prefix_lengths(model, batches, training, packed) is None else 2
 
 
 def step_positions(lengths: Sequence[int], packed: bool) -> int:

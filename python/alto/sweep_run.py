@@ -127,7 +127,7 @@ class SweepRun:
         elif may_shard:  # kept on the CPU for nothing: it fits whole
             self.model.to(self.device)
         self.trainer = Trainer(self.model, self.registry, self.streams, self.base.pad_id, self.device, sweep.packing,
-                               self.objective, share_prefixes=not self.sharded)
+                               self.objective)
         # used on rank 0 only: each task's adapters compete among themselves
         self.monitors = {t.name: Monitor(t.monitor) for t in self.tasks.values() if t.monitor}
         self.evaluation = Evaluation(self.tasks, eval_seqs, self.model, self.base, self.device, self.lockstep,

@@ -67,11 +67,9 @@ class Trainer:
     adapters placed on this rank; the registry lists every adapter of the run)."""
 
     def __init__(self, model: MultiLoraModel, registry: Registry, data: dict[str, DataStream],
-                 pad_id: int, device: torch.device | str = "cpu", packed: bool = True, objective: Objective = SFT(),
-                 share_prefixes: bool = True):
+                 pad_id: int, device: torch.device | str = "cpu", packed: bool = True, objective: Objective = SFT()):
         self.model, self.registry, self.data, self.pad_id = model, registry, data, pad_id
         self.device, self.packed, self.objective = torch.device(device), packed, objective
-        self.share_prefixes = share_prefixes  # alto.shared_prefixes (off where a sharded base's ranks step together)
         self.optimizer = MultiAdamW()
         # Adapters out of the model (on the CPU): ended, or queued again after an out-of-memory step (admit() takes those)
         self.retired: dict[str, AdapterState] = {}
@@ -169,8 +167,7 @@ class Trainer:
         self.last_positions, self.last_tokens = step_positions(lengths, self.packed), sum(lengths)
         try:
             loss_sums = colocated_losses(self.model, batches, self.pad_id, self.device, training=True,
-                                         packed=self.packed, objective=self.objective,
-                                         share_prefixes=self.share_prefixes)
+                                         packed=self.packed, objective=self.objective)
             if self.inject_fault is not None:
                 self.inject_fault(running)
             per_adapter = mean_losses(loss_sums)
