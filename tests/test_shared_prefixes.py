@@ -227,6 +227,13 @@ def test_passes_that_share_nothing():
     assert lengths(model, batches, True, True) is None and lengths(model, batches, False, True) is not None
 
 
+def test_alto_shared_prefixes_0_runs_every_sequence_whole(monkeypatch):
+    batches = held_out_batches(random.Random(2))
+    assert shared_lengths(batches) is not None
+    monkeypatch.setattr(alto.shared_prefixes, "ENABLED", False)  # what ALTO_SHARED_PREFIXES=0 sets at import
+    assert shared_lengths(batches) is None
+
+
 @pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "linear", "factor": 2.0}])
 def test_scaled_rotary_angles_share_exactly(rope, monkeypatch):
     """Dynamic NTK scaling reads the pass's longest position, which sharing leaves as the whole
@@ -240,6 +247,7 @@ def test_scaled_rotary_angles_share_exactly(rope, monkeypatch):
         return model.eval()
     batches = held_out_batches(random.Random(8))
     assert max(len(s) for b in batches.values() for s in b) > 16
+    assert alto.step.shared_prefix_lengths(model_with(rope), batches, False, True) == [20, 5, 0, 0, 8]
     got, whole = (sums(model_with(rope), batches, s, monkeypatch) for s in (True, False))
     torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(whole, sums(model_with({"rope_type": "default"}), batches, False, monkeypatch))
@@ -336,3 +344,57 @@ def test_on_cuda_a_bf16_training_step_with_shared_prefixes_matches_whole_sequenc
         assert errors["a"] > 0.1, errors
     else:
         assert max(errors.values()) < 2e-2, errors
+
+
+KEYS, QUERIES = [9, 30, 17, 64], [9, 12, 1, 40]  # per sequence: keys whole, queries its last ones
+
+
+def attention_inputs(dtype, device: str):
+    gen = torch.Generator().manual_seed(3)
+    cu_k, cu_q = (torch.nn.functional.pad(torch.tensor(n).cumsum(0), (1, 0)).to(torch.int32).to(device)
+                  for n in (KEYS, QUERIES))
+    q = torch.randn(sum(QUERIES), 8, 32, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(sum(KEYS), 2, 32, generator=gen, dtype=torch.float64) for _ in range(2))
+    return *(t.to(device, dtype) for t in (q, k, v)), cu_q, cu_k
+
+
+def aligned_at_the_start(q, k, v, cu_q, cu_k):
+    """A planted bug: each sequence's queries aligned at the start of its keys (SDPA's is_causal
+    with fewer queries than keys)."""
+    out = []
+    for q0, q1, k0, k1 in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1])), is_causal=True, enable_gqa=True).transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("window", [None, 5, 40])
+def test_fewer_queries_than_keys_give_the_whole_sequences_last_rows(window):
+    """The CPU path (SDPA per sequence, an explicit mask where a sequence runs only its last
+    queries): each sequence's output rows equal the last rows of the same attention over all its
+    queries, float64, windowed or not, with fewer key/value heads; aligned at the start they differ."""
+    q, k, v, cu_q, cu_k = attention_inputs(torch.float64, "cpu")
+    gen = torch.Generator().manual_seed(4)
+    whole_q = torch.randn(sum(KEYS), *q.shape[1:], generator=gen, dtype=torch.float64)
+    rows = torch.cat([torch.arange(k1 - n, k1) for k1, n in zip(cu_k[1:].tolist(), QUERIES)])
+    whole_q[rows] = q
+    whole = alto.attention._per_sequence(whole_q, k, v, cu_k, cu_k, None, window)[rows]
+    got = alto.attention._per_sequence(q, k, v, cu_q, cu_k, None, window)
+    torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
+    if window is None:
+        assert not torch.allclose(aligned_at_the_start(q, k, v, cu_q, cu_k), whole, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("window", [None, 5, 40])
+def test_on_cuda_flash_with_fewer_queries_than_keys_equals_the_per_sequence_reference(window):
+    """FlashAttention varlen where some sequences run only their last queries (a shared prefix's
+    own tokens) aligns them at the end of their keys, windowed or not, with fewer key/value heads
+    (GQA): equal to the CPU's path in float64 to bf16 rounding; aligned at the start it differs."""
+    q, k, v, cu_q, cu_k = attention_inputs(torch.bfloat16, "cuda")
+    flash = alto.attention._flash(q, k, v, cu_q, cu_k, max(QUERIES), max(KEYS), None, window).double()
+    q, k, v = (t.double() for t in (q, k, v))
+    torch.testing.assert_close(flash, alto.attention._per_sequence(q, k, v, cu_q, cu_k, None, window),
+                               rtol=2e-2, atol=2e-2)
+    if window is None:
+        assert not torch.allclose(flash, aligned_at_the_start(q, k, v, cu_q, cu_k), rtol=2e-2, atol=2e-2)

@@ -1,10 +1,11 @@
 """Variable-length attention for packed co-located steps: every adapter's sequences end to end in
-one token stream ([1, T]), each attending only to itself.
+one token stream ([1, T]), each attending only to itself (and, where the pass shares prefixes, to
+its adapter's prefix in its first sequence's rows: alto.shared_prefixes).
 
 Registered with transformers as the attention implementation "alto_varlen" (its mask function
 builds no mask: the sequence boundaries travel as `cu_seq_lens_q` / `max_length_q`, the keyword
 inputs TRL's padding-free collator gives flash-attention models). Position ids restart at every
-sequence, so rotary embeddings see each sequence as if it were alone.
+sequence (or continue a shared prefix), so rotary embeddings see each sequence as if it were alone.
 
 Which kernel, and why:
 - CUDA with bf16/fp16 activations (training on a GPU): torch's own `varlen_attn` (FlashAttention
