@@ -13,9 +13,9 @@ adapter's weights, the same in every sequence that begins with it. In a training
 gradients of the prefix's keys and values (the sum over the sequences that read them) flow back
 into the first sequence's rows, as they would through each sequence's copy. One pass, not a
 prefix pass and another (the first design): a small model's steps are bound by kernel launches,
-which a second pass would double. Only context
-tokens are shared: none of the shared positions has a next-token target, so no loss is lost (each
-sequence's first own token is context too: the target of the last shared position).
+which a second pass doubled (bench/bench_launches.py). Only context tokens are shared: none of the
+shared positions has a next-token target, so no loss is lost (each sequence's first own token is
+context too: the target of the last shared position).
 
 Rounding: transformers' RMSNorms compute in float32 whatever the model's dtype, so in a float64 model a
 prefix's gradient summed before a norm (here) and after it (each sequence's copy, as PEFT runs it)
@@ -24,9 +24,8 @@ float64_norms).
 
 Not shared (alto.step.shared_prefix_lengths): an adapter with LoRA dropout in training (PEFT draws a
 mask for every sequence's prefix on its own), a base with its own dropout in training, and
-ALTO_SHARED_PREFIXES=0 (every sequence whole, as bench A/Bs run). Rotary
-scaling that depends on the pass's longest position (dynamic, LongRoPE) is shared: the pass's
-longest position is the whole sequences'.
+ALTO_SHARED_PREFIXES=0 (every sequence whole, as bench A/Bs run). Rotary scaling that depends on
+the pass's longest position (dynamic, LongRoPE) shares: that position is the whole sequences'.
 """
 from __future__ import annotations
 
