@@ -228,6 +228,21 @@ def test_adding_and_removing_adapters_mid_run_leaves_others_unchanged(base_model
     assert_same_as_alone(base_model, sequences, trainer, init, "c", MICRO_STEPS - 1)
 
 
+def test_packs_whose_storage_moves_mid_run_are_stepped_where_they_are_now(base_model, sequences):
+    """The optimizer's views of the packs are kept between steps (MultiLoraLinear.all_tensors): a
+    pack whose data moves in place, as Module.to() moves a Parameter's, must be stepped in its new
+    storage. Kept by the Parameter alone, the steps would go to the old copy and the adapter would
+    stop learning (its losses and weights then differ from PEFT's)."""
+    trainer, init = colocated(base_model, sequences, ["a", "b"], steps=2)
+    for layer in trainer.model.layers.values():
+        for pack in layer.packs():
+            pack.data = pack.data.clone()  # what Module.to() does to a Parameter it converts
+    for _ in range(MICRO_STEPS - 2):
+        trainer.step()
+    for aid in ("a", "b"):
+        assert_same_as_alone(base_model, sequences, trainer, init, aid, MICRO_STEPS)
+
+
 def test_admitting_and_retiring_together_is_bit_for_bit_one_at_a_time(base_model, sequences):
     """One re-pack per layer for many adapters (Trainer.admit / retire of a list) gives exactly the
     bits of adapter-by-adapter re-packs: every loss, the retired states (b mid-accumulation), the
