@@ -137,7 +137,7 @@ class MultiLoraLinear(nn.Module):
         self.stack: ProjectionStack | None = None  # set by MultiLoraModel when siblings read its input
         self.order: list[str] = []  # adapters in pack order
         self.rows: dict[str, tuple[int, int]] = {}  # adapter -> (first row, rank)
-        self._value_views = None  # all_tensors' split of the packs' values, with what it split
+        self._value_views = None  # split_packs' of the packs' values, with what it split
         widths = self._widths()
         for name in TENSOR_NAMES:
             setattr(self, name, nn.Parameter(torch.zeros(0, widths[name], dtype=dtype, device=base.weight.device)))
@@ -218,24 +218,19 @@ class MultiLoraLinear(nn.Module):
         packs = self.packs()
         return ([self._slice(p.detach(), adapter_id) for p in packs], [self._slice(p.grad, adapter_id) for p in packs])
 
-    def all_tensors(self) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]]:
-        """tensors() of every adapter of the layer, from one split per packed buffer (the values'
-        split kept while the packs keep their storage: the optimizer asks every step, and 32 adapters'
-        views of SmolLM2's 420 packs took ~25 ms of a 2-core CPU's time per step)."""
+    def split_packs(self) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor] | None]]:
+        """Each pack's values and gradients (None: no gradient buffer) split into its adapters' rows,
+        in self.order: one split per buffer. The values' split is kept while the packs keep their
+        storage: the optimizer asks every step, and 32 adapters' views of SmolLM2's 420 packs took
+        ~25 ms of a 2-core CPU's time per step."""
         sizes = [self.rows[a][1] for a in self.order]
-
-        def split(t: torch.Tensor | None) -> list[torch.Tensor | None]:
-            return [None] * len(sizes) if t is None else list(torch.split(t, sizes))
-
         packs = self.packs()
         # by storage, not by Parameter alone: Module.to() swaps a Parameter's data in place (the kept
         # packs and views hold the old objects and storage alive: their ids and addresses cannot recur)
         key = [(id(p), p.data_ptr(), p.device) for p in packs]
         if self._value_views is None or self._value_views[0] != key:
-            self._value_views = (key, packs, [split(p.detach()) for p in packs])
-        values = self._value_views[2]
-        grads = [split(p.grad) for p in packs]
-        return {a: ([v[i] for v in values], [g[i] for g in grads]) for i, a in enumerate(self.order)}
+            self._value_views = (key, packs, [list(torch.split(p.detach(), sizes)) for p in packs])
+        return self._value_views[2], [None if p.grad is None else list(torch.split(p.grad, sizes)) for p in packs]
 
     def ranks(self, plan: StepPlan) -> tuple[int, ...]:
         """Each of the plan's adapters' rank here (0: not targeted)."""
@@ -376,10 +371,13 @@ class MultiLoraModel(nn.Module):
         for layer in self.layers.values():  # the order of target_layers
             if not out.keys() & layer.rows.keys():
                 continue
-            for a, (values, grads) in layer.all_tensors().items():
+            values, grads = layer.split_packs()
+            for i, a in enumerate(layer.order):
                 if a in out:
-                    out[a][0].extend(values)
-                    out[a][1].extend(grads)
+                    mine_v, mine_g = out[a]
+                    for v, g in zip(values, grads):
+                        mine_v.append(v[i])
+                        mine_g.append(None if g is None else g[i])
         return out
 
     def clear_grads(self, adapter_ids: list[str]) -> None:
