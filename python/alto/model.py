@@ -44,12 +44,13 @@ class StepPlan:
     _segments: dict[tuple[int, ...], alto_ext.Segments] = field(default_factory=dict)
     _stacks: dict[tuple[tuple[int, ...], ...], alto_ext.StackedSegments] = field(default_factory=dict)
 
-    @property
-    def token_counts(self) -> list[int]:
-        """Token positions per adapter (padding included in a padded step)."""
-        if self.row_len is None:
-            return [sum(lens) for lens in self.lengths]
-        return [len(lens) * self.row_len for lens in self.lengths]
+    def __post_init__(self) -> None:
+        # asked per projection per step: computed once (plain attributes, which torch.compile traces)
+        self.ids = tuple(self.adapter_ids)  # hashable: what layers key their ranks by
+        # token positions per adapter (padding included in a padded step)
+        self.token_counts = ([sum(lens) for lens in self.lengths] if self.row_len is None
+                             else [len(lens) * self.row_len for lens in self.lengths])
+        self.any_dropout = any(p > 0 for p in self.dropout)
 
     def segments(self, ranks: tuple[int, ...]) -> alto_ext.Segments:
         """Segments for one layer's rank tuple (built once per step per distinct tuple)."""
@@ -69,7 +70,7 @@ class StepPlan:
 
     def has_dropout(self, ranks: tuple[int, ...]) -> bool:
         """Some adapter with a rank in a layer of these ranks draws LoRA dropout there."""
-        return any(p > 0 and r > 0 for p, r in zip(self.dropout, ranks))
+        return self.any_dropout and any(p > 0 and r > 0 for p, r in zip(self.dropout, ranks))
 
     def apply_dropout(self, x: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor | None:
         """Each adapter's LoRA dropout on its own tokens (one copy of x), or None if all are 0. The
@@ -138,6 +139,7 @@ class MultiLoraLinear(nn.Module):
         self.order: list[str] = []  # adapters in pack order
         self.rows: dict[str, tuple[int, int]] = {}  # adapter -> (first row, rank)
         self._value_views = None  # split_packs' of the packs' values, with what it split
+        self._ranks: tuple[tuple[str, ...], tuple[int, ...]] | None = None  # ranks()' last (adapters, ranks)
         widths = self._widths()
         for name in TENSOR_NAMES:
             setattr(self, name, nn.Parameter(torch.zeros(0, widths[name], dtype=dtype, device=base.weight.device)))
@@ -168,7 +170,7 @@ class MultiLoraLinear(nn.Module):
             packed.grad = gather(pack.grad, None if extra is None else torch.zeros_like(extra))
             setattr(self, name, packed)
         ranks = [self.rows[a][1] for a in keep] + list(added_ranks)
-        self._value_views = None  # the old packs' storage freed now
+        self._value_views = self._ranks = None  # the old packs' storage freed now; the rows moved
         self.rows, row = {}, 0
         for a, r in zip(self.order, ranks, strict=True):
             self.rows[a] = (row, r)
@@ -233,8 +235,12 @@ class MultiLoraLinear(nn.Module):
         return self._value_views[2], [None if p.grad is None else list(torch.split(p.grad, sizes)) for p in packs]
 
     def ranks(self, plan: StepPlan) -> tuple[int, ...]:
-        """Each of the plan's adapters' rank here (0: not targeted)."""
-        return tuple(self.rows[a][1] if a in self.rows else 0 for a in plan.adapter_ids)
+        """Each of the plan's adapters' rank here (0: not targeted); kept for the next plan of the
+        same adapters (every step's, until adapters come or go: _repack forgets it)."""
+        ids = plan.ids
+        if self._ranks is None or self._ranks[0] != ids:
+            self._ranks = (ids, tuple(self.rows[a][1] if a in self.rows else 0 for a in ids))
+        return self._ranks[1]
 
     def packs_for(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """lora_A and lora_B rows of the plan's adapters, in its order."""

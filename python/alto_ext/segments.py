@@ -7,7 +7,7 @@ batch fails here with a clear message instead of inside a kernel.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,6 +56,10 @@ class Segments:
     scaling: torch.Tensor | None  # float32 [G] (float64 for float64 operands), or None for 1
     token_counts: tuple[int, ...]
     ranks: tuple[int, ...]
+    num_tokens: int = field(init=False)
+    total_rank: int = field(init=False)
+    covers_all_tokens: bool = field(init=False)
+    h_width: int = field(init=False)
 
     @classmethod
     def build(
@@ -97,24 +101,15 @@ class Segments:
 
         return cls(indptr(tokens), indptr(rank_list), scale_t, tuple(tokens), tuple(rank_list))
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.token_counts)
-
-    @property
-    def total_rank(self) -> int:
-        return sum(self.ranks)
-
-    @property
-    def covers_all_tokens(self) -> bool:
-        """Every token belongs to an adapter with a rank: a non-accumulating expand writes every row."""
-        return all(r > 0 for n, r in zip(self.token_counts, self.ranks) if n > 0)
-
-    @property
-    def h_width(self) -> int:
-        """Width of the shrink output h: the largest rank rounded up to 8 columns."""
-        r = max(self.ranks, default=0)
-        return -(-r // H_WIDTH_ALIGN) * H_WIDTH_ALIGN
+    def __post_init__(self) -> None:
+        # What the ops ask per projection per step, computed once (fields, not properties: torch.compile
+        # traces attribute reads; functools.cached_property's lock it cannot).
+        object.__setattr__(self, "num_tokens", sum(self.token_counts))
+        object.__setattr__(self, "total_rank", sum(self.ranks))
+        # every token belongs to an adapter with a rank: a non-accumulating expand writes every row
+        object.__setattr__(self, "covers_all_tokens", all(r > 0 for n, r in zip(self.token_counts, self.ranks) if n > 0))
+        # the width of the shrink output h: the largest rank rounded up to 8 columns
+        object.__setattr__(self, "h_width", -(-max(self.ranks, default=0) // H_WIDTH_ALIGN) * H_WIDTH_ALIGN)
 
 
 @dataclass(frozen=True)
