@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 from alto.data import context  # noqa: E402
 from alto.model import MultiLoraModel  # noqa: E402
 from alto.registry import AdapterConfig, Registry, Status  # noqa: E402
-from alto.step import pad_batch  # noqa: E402
+from alto.step import colocated_losses, pad_batch  # noqa: E402
 from alto.train import DataStream, Trainer  # noqa: E402
 from conftest import EXACT_ATOL, EXACT_RTOL, differences, float64_norms, peft_alone  # noqa: E402
 
@@ -160,7 +160,7 @@ def _plant(bug, monkeypatch):
         monkeypatch.setattr(alto_ext.linear, "ops", _LeakingOps())
     elif bug == "clip skipped":
         step = MultiAdamW.step
-        monkeypatch.setattr(MultiAdamW, "step", lambda self, t, lrs, norms: step(self, t, lrs, [None] * len(norms)))
+        monkeypatch.setattr(MultiAdamW, "step", lambda self, t, lrs, limits, norms: step(self, t, lrs, [None] * len(limits), norms))
 
 
 @pytest.mark.parametrize("bug", ["scaling off by 1%", "gradient leaks into the neighbour's rows", "clip skipped"])
@@ -226,6 +226,37 @@ def test_adding_and_removing_adapters_mid_run_leaves_others_unchanged(base_model
     assert_same_as_alone(base_model, sequences, trainer, init, "a", MICRO_STEPS)
     assert_same_as_alone(base_model, sequences, trainer, init, "b", 4)
     assert_same_as_alone(base_model, sequences, trainer, init, "c", MICRO_STEPS - 1)
+
+
+@pytest.mark.parametrize("bug", [None, "an adapter's rows counted as its neighbour's"])
+def test_grad_norms_are_clip_grad_norm_s_of_each_adapter(base_model, sequences, monkeypatch, bug):
+    """MultiLoraModel.grad_norms (each pack's row norms summed per adapter) = clip_grad_norm_'s norm of
+    the adapter's own gradients, float64, for any subset of the adapters in any order, with a layer
+    whose packs hold no gradient; a row given to the wrong adapter is caught."""
+    model = MultiLoraModel(copy.deepcopy(base_model))
+    model.add_adapters(CONFIGS)
+    model.train()
+    batches = {aid: sequences[aid][:2] for aid in CONFIGS}
+    sums = colocated_losses(model, batches, PAD, torch.device("cpu"), training=True)
+    (sums[0] / sums[1]).sum().backward()
+    skipped = next(layer for layer in model.layers.values() if "c" in layer.order)
+    for pack in skipped.packs():
+        pack.grad = None  # a layer without gradients: its rows count nothing
+    if bug:
+        build = MultiLoraModel._grid_index
+
+        def misplaced(packs, ids, device):
+            index, width = build(packs, ids, device)
+            index = index.clone()
+            index[0][index[0] == 0] = 1  # the first adapter's rows counted as the next one's
+            return index, width
+        monkeypatch.setattr(MultiLoraModel, "_grid_index", staticmethod(misplaced))
+    for ids in (list(CONFIGS), ["c", "a"]):
+        ours = model.grad_norms(ids)
+        reference = torch.stack([torch.nn.utils.get_total_norm([g for g in model.adapter_tensors(aid)[1] if g is not None])
+                                 for aid in ids])
+        assert ours.dtype == torch.float64
+        assert torch.allclose(ours, reference, rtol=1e-12, atol=0) != bool(bug), (ids, ours, reference)
 
 
 def test_packs_whose_storage_moves_mid_run_are_stepped_where_they_are_now(base_model, sequences):

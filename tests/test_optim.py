@@ -9,6 +9,12 @@ from alto.optim import MultiAdamW
 HP = {"a": (1e-3, 0.0, 1.0), "b": (3e-2, 0.1, None), "c": (5e-4, 0.01, 1e-3)}  # lr, wd, max norm
 
 
+def norms_of(tensors):
+    """Each adapter's gradient norm as clip_grad_norm_ computes it (what MultiLoraModel.grad_norms gives)."""
+    return torch.stack([torch.nn.utils.get_total_norm([g for g in grads if g is not None])
+                        for _, grads in tensors.values()])
+
+
 def make_params(seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in [(3, 5), (7,), (2, 4)]]
@@ -37,7 +43,7 @@ def test_matches_torch_adamw_and_clipping_per_adapter(dtype):
                 p.grad, q.grad = gr.clone(), gr.clone()
         ids = list(HP)
         tensors = {k: ([p.data for p in ours[k]], [p.grad for p in ours[k]]) for k in ids}
-        norms = opt.step(tensors, [HP[k][0] for k in ids], [HP[k][2] for k in ids]).tolist()
+        norms = opt.step(tensors, [HP[k][0] for k in ids], [HP[k][2] for k in ids], norms_of(tensors)).tolist()
         for k, norm in zip(ids, norms):
             ref_norm = torch.nn.utils.clip_grad_norm_(theirs[k], HP[k][2] or math.inf)
             assert math.isclose(norm, ref_norm.item(), rel_tol=norm_rtol)
@@ -53,7 +59,7 @@ def test_params_without_grad_are_skipped_and_state_is_returned():
     opt.add("a", params, 0.1)
     params[0].grad = torch.ones_like(params[0])
     tensors = {"a": ([p.data for p in params], [p.grad for p in params])}
-    opt.step(tensors, [1e-2], [None])
+    opt.step(tensors, [1e-2], [None], norms_of(tensors))
     assert not torch.equal(params[0], before[0])
     assert torch.equal(params[1], before[1]) and torch.equal(params[2], before[2])
     state = opt.states(["a"])["a"]
@@ -72,7 +78,7 @@ def test_non_finite_norm_is_reported_and_that_adapter_skipped():
         p.grad = torch.ones_like(p)
     tensors = {k: ([p.data for p in ps], [p.grad for p in ps]) for k, ps in (("a", params), ("b", other))}
     before = [p.detach().clone() for p in params + other]
-    norms = opt.step(tensors, [1e-2, 1e-2], [1.0, 1.0]).tolist()
+    norms = opt.step(tensors, [1e-2, 1e-2], [1.0, 1.0], norms_of(tensors)).tolist()
     assert not math.isfinite(norms[0]) and math.isfinite(norms[1])
     # a is skipped on the device (no host sync needed): weights, moments and step count unchanged
     assert all(torch.equal(p, q) for p, q in zip(params, before[:3]))

@@ -4,9 +4,10 @@ Every adapter keeps its own learning rate, weight decay, step count, moments and
 limit. Its weights and gradients are passed in at each call as tensors (the model's views into
 its packed per-layer buffers, which move when adapters come and go). The update is torch's own
 fused AdamW kernel, one call per adapter; clipping is clip_grad_norm_'s math, per adapter, with
-the norms of all adapters computed together and the clip applied inside the fused kernel (as its
-grad scale). Nothing waits for the GPU: an adapter whose gradients are not finite is skipped on
-the device. A step launches a fixed handful of kernels plus one per adapter.
+the norms of all adapters given (computed together from the packs: MultiLoraModel.grad_norms) and
+the clip applied inside the fused kernel (as its grad scale). Nothing waits for the GPU: an adapter
+whose gradients are not finite is skipped on the device. A step launches a fixed handful of kernels
+plus one per adapter.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alto_ext.segments import segment_sums, to_device
+from alto_ext.segments import to_device
 
 # adapter id -> (weights, gradients), aligned lists
 Tensors = dict[str, tuple[list[torch.Tensor], list[torch.Tensor | None]]]
@@ -66,12 +67,14 @@ class MultiAdamW:
             del self.adapters[a]
 
     @torch.no_grad()
-    def step(self, tensors: Tensors, lrs: list[float], max_norms: list[float | None]) -> torch.Tensor:
+    def step(self, tensors: Tensors, lrs: list[float], max_norms: list[float | None],
+             norms: torch.Tensor) -> torch.Tensor:
         """Clips every adapter's gradients to its max norm (clip_grad_norm_'s math; None: no
-        limit) and takes its AdamW step at its learning rate. An adapter whose gradient norm is
-        not finite is skipped on the device (weights, moments and step count stay as they were),
-        so nothing here waits for the GPU: returns the norms before clipping, one per adapter
-        (0 for an adapter without gradients), as one tensor for the caller to read once."""
+        limit) and takes its AdamW step at its learning rate. norms: each adapter's gradient norm
+        (clip_grad_norm_'s, in tensors' order: alto.model.MultiLoraModel.grad_norms). An adapter whose
+        gradient norm is not finite is skipped on the device (weights, moments and step count stay as
+        they were), so nothing here waits for the GPU: returns the norms, one tensor for the caller to
+        read once."""
         if not tensors:
             return torch.zeros(0)
         entries = list(tensors.values())
@@ -80,10 +83,6 @@ class MultiAdamW:
         stepping = [k for k, idx in enumerate(live) if idx]
         if not stepping:  # no tokens reached any adapter's layers
             return torch.zeros(len(tensors), device=device)
-        # Every adapter's norm from all tensor norms at once, summed per adapter.
-        all_grads = [grads[i] for (_, grads), idx in zip(entries, live) for i in idx]
-        squares = torch.stack(torch._foreach_norm(all_grads)).square()
-        norms = segment_sums(squares, [len(idx) for idx in live]).sqrt()
         # clip_grad_norm_'s factor min(1, limit / (norm + 1e-6)), as the divisor the fused kernel takes
         limits = to_device([math.inf if m is None else m for m in max_norms], device, norms.dtype)
         grad_scale = (norms + 1e-6).div(limits).clamp(min=1.0)
@@ -99,11 +98,14 @@ class MultiAdamW:
         beta1, beta2 = self.betas
         for k in stepping:
             (weights, grads), s, idx = entries[k], states[k], live[k]
-            live_grads = [grads[i] for i in idx]
+            if len(idx) == len(grads):  # the usual case: every tensor has its gradient (no lists to pick)
+                live_grads, live_w, live_m, live_v = grads, weights, s.exp_avg, s.exp_avg_sq
+            else:
+                live_grads, live_w = [grads[i] for i in idx], [weights[i] for i in idx]
+                live_m, live_v = [s.exp_avg[i] for i in idx], [s.exp_avg_sq[i] for i in idx]
             if divide_first:
                 torch._foreach_div_(live_grads, grad_scale[k])
-            torch._fused_adamw_([weights[i] for i in idx], live_grads, [s.exp_avg[i] for i in idx],
-                                [s.exp_avg_sq[i] for i in idx], [], [s.step] * len(idx), lr=lrs[k], beta1=beta1,
+            torch._fused_adamw_(live_w, live_grads, live_m, live_v, [], [s.step] * len(idx), lr=lrs[k], beta1=beta1,
                                 beta2=beta2, weight_decay=s.weight_decay, eps=self.eps, amsgrad=False,
                                 maximize=False, grad_scale=None if divide_first else grad_scale[k], found_inf=skip[k])
         torch._foreach_sub_(steps, [skip[k] for k in stepping])

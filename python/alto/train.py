@@ -212,9 +212,9 @@ class Trainer:
         for adapter in running:
             adapter.micro_step += 1
         stepping = [a for a in running if a.micro_step % a.config.grad_accum == 0]
-        norms = self.optimizer.step(self.model.adapters_tensors([a.id for a in stepping]),
-                                    [a.config.lr_at(a.step) for a in stepping],
-                                    [a.config.max_grad_norm for a in stepping])
+        ids = [a.id for a in stepping]
+        norms = self.optimizer.step(self.model.adapters_tensors(ids), [a.config.lr_at(a.step) for a in stepping],
+                                    [a.config.max_grad_norm for a in stepping], self.model.grad_norms(ids))
         self.model.clear_grads([a.id for a in stepping])
         values = torch.cat([per_adapter.detach(), norms.to(per_adapter.device)]).tolist()  # the one sync
         losses, norm_of = values[: len(running)], dict(zip((a.id for a in stepping), values[len(running):]))
