@@ -310,7 +310,7 @@ class MultiLoraModel(nn.Module):
         self.configs: dict[str, AdapterConfig] = {}
         self.generators: dict[str, torch.Generator] = {}  # adapter -> its dropout RNG
         self._repacks = 0  # adapters added or removed so far: what grad_norms' kept index was built for
-        self._norm_index: tuple | None = None  # grad_norms': (what it was built for, [slot, position] index, width)
+        self._norm_index: tuple | None = None  # grad_norms': (what it was built for, [slot, place] index, width)
 
     def target_layers(self, config: AdapterConfig) -> list[str]:
         return [p for p in self.layers if p.rsplit(".", 1)[-1] in config.target_modules]
@@ -400,27 +400,28 @@ class MultiLoraModel(nn.Module):
         if not packs:
             return torch.zeros(len(adapter_ids), dtype=self.adapter_dtype)
         grads = [p.grad for _, p in packs]
-        built_for = (self._repacks, tuple(adapter_ids), tuple(id(p) for _, p in packs))  # which packs have gradients
+        # the index holds every adapter of the model: it outlives steps that step only some (grad_accum)
+        built_for = (self._repacks, tuple(id(p) for _, p in packs))  # which packs have gradients
         if self._norm_index is None or self._norm_index[0] != built_for:
-            self._norm_index = (built_for, *self._grid_index(packs, adapter_ids, grads[0].device))
+            self._norm_index = (built_for, *self._grid_index(packs, list(self.configs), grads[0].device))
         _, index, width = self._norm_index
         rows = torch.cat([torch.linalg.vector_norm(g, dim=1) for g in grads])
-        grid = rows.new_zeros(len(adapter_ids) + 1, width)  # the last row: adapters not asked for
+        grid = rows.new_zeros(len(self.configs), width)
         grid[index[0], index[1]] = rows.square()
-        return grid[:-1].sum(1).sqrt()
+        slot = {a: i for i, a in enumerate(self.configs)}
+        return grid.sum(1).sqrt().index_select(0, to_device([slot[a] for a in adapter_ids], rows.device, torch.long))
 
     @staticmethod
-    def _grid_index(packs: list[tuple[MultiLoraLinear, torch.Tensor]], adapter_ids: Sequence[str],
+    def _grid_index(packs: list[tuple[MultiLoraLinear, torch.Tensor]], adapter_ids: list[str],
                     device: torch.device) -> tuple[torch.Tensor, int]:
         """grad_norms' [2, rows] index: each row of the packs' concatenation -> (its adapter's slot in
-        adapter_ids, or the spare last one; its place among that adapter's rows), and the grid's width."""
+        adapter_ids; its place among that adapter's rows), and the grid's width (the most rows of one adapter)."""
         slot_of = {a: i for i, a in enumerate(adapter_ids)}
-        spare = len(adapter_ids)
-        filled = [0] * (spare + 1)
+        filled = [0] * len(adapter_ids)
         slots, lengths, shifts, row = [], [], [], 0
         for layer, _ in packs:
             for a in layer.order:  # a pack's rows, in order
-                r, slot = layer.rows[a][1], slot_of.get(a, spare)
+                r, slot = layer.rows[a][1], slot_of[a]
                 slots.append(slot)
                 lengths.append(r)
                 shifts.append(filled[slot] - row)  # its rows' place among the adapter's: row + shift
