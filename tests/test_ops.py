@@ -145,6 +145,8 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(chain, (x, A, B, y))
     h = torch.randn(7, seg.h_width, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda h, B, y: alto_ext.lora_expand(y, h, B, *s, seg.scaling), (h, B, y))
+    # lora_weight_grad's own gradients (second-order gradients reach them), h wider than every rank
+    assert torch.autograd.gradcheck(lambda h, x: alto_ext.lora_weight_grad(h, x, *s, seg.total_rank, seg.scaling), (h, x))
 
 
 def _opcheck_samples(device):
@@ -158,7 +160,8 @@ def _opcheck_samples(device):
         (torch.ops.alto.lora_expand, (y.requires_grad_(), h.requires_grad_(), B.requires_grad_(), *s, seg.scaling)),
         (torch.ops.alto.lora_expand_, (y.detach().clone(), h.detach(), B.detach(), *s, seg.scaling)),
         (torch.ops.alto.lora_expand_, (y.detach().clone(), h.detach(), B.detach(), *s, seg.scaling, False)),
-        (torch.ops.alto.lora_weight_grad, (h.detach(), x.detach(), *s, seg.total_rank, seg.scaling)),
+        (torch.ops.alto.lora_weight_grad, (h.detach().requires_grad_(), x.detach().requires_grad_(), *s, seg.total_rank,
+                                           seg.scaling)),
         (torch.ops.alto.lora_weight_grad, (h.detach(), x.detach(), *s, seg.total_rank, seg.scaling, torch.float32)),
     ]
 

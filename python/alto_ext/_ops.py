@@ -155,5 +155,24 @@ def _expand_backward(ctx, grad_out):
     return grad_out, grad_h, grad_W, None, None, None
 
 
+def _weight_grad_setup(ctx, inputs, output):
+    h, x, seg_indptr, rank_indptr, _total_rank, scaling, _out_dtype = inputs
+    ctx.save_for_backward(h, x, seg_indptr, rank_indptr, scaling)
+
+
+def _weight_grad_backward(ctx, grad_out):
+    """out_g = s_g h_gᵀ x_g: dh_g = s_g x_g dout_gᵀ (a shrink by dout), dx_g = s_g h_g dout_g (an
+    expand). Reached by second-order gradients (a backward that builds a graph), in x's dtype."""
+    h, x, seg_indptr, rank_indptr, scaling = ctx.saved_tensors
+    grad_out = grad_out.to(x.dtype)
+    grad_h = grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_h = ops.lora_shrink(x, grad_out, seg_indptr, rank_indptr, h.shape[1], scaling)
+    if ctx.needs_input_grad[1]:
+        grad_x = ops.lora_expand(torch.zeros_like(x), h, grad_out, seg_indptr, rank_indptr, scaling)
+    return grad_h, grad_x, None, None, None, None, None
+
+
 torch.library.register_autograd("alto::lora_shrink", _shrink_backward, setup_context=_shrink_setup)
 torch.library.register_autograd("alto::lora_expand", _expand_backward, setup_context=_expand_setup)
+torch.library.register_autograd("alto::lora_weight_grad", _weight_grad_backward, setup_context=_weight_grad_setup)
