@@ -260,7 +260,7 @@ def test_grad_norms_are_clip_grad_norm_s_of_each_adapter(base_model, sequences, 
 
 
 def test_packs_whose_storage_moves_mid_run_are_stepped_where_they_are_now(base_model, sequences):
-    """The optimizer's views of the packs are kept between steps (MultiLoraLinear.all_tensors): a
+    """The optimizer's views of the packs are kept between steps (MultiLoraLinear.split_packs): a
     pack whose data moves in place, as Module.to() moves a Parameter's, must be stepped in its new
     storage. Kept by the Parameter alone, the steps would go to the old copy and the adapter would
     stop learning (its losses and weights then differ from PEFT's)."""

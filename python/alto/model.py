@@ -309,8 +309,7 @@ class MultiLoraModel(nn.Module):
         fused_layers.install(model)  # liger's norm, SwiGLU and RoPE kernels in CUDA steps (forward)
         self.configs: dict[str, AdapterConfig] = {}
         self.generators: dict[str, torch.Generator] = {}  # adapter -> its dropout RNG
-        self._repacks = 0  # adapters added or removed so far: what grad_norms' kept index was built for
-        self._norm_index: tuple | None = None  # grad_norms': (what it was built for, [slot, place] index, width)
+        self._norm_index: tuple | None = None  # grad_norms': (what it was built for, [slot, place] index, width, packs)
 
     def target_layers(self, config: AdapterConfig) -> list[str]:
         return [p for p in self.layers if p.rsplit(".", 1)[-1] in config.target_modules]
@@ -348,7 +347,7 @@ class MultiLoraModel(nn.Module):
         for aid, config in configs.items():
             self.configs[aid] = config
             self.generators[aid] = torch.Generator(device).manual_seed(config.seed)
-        self._repacks += 1
+        self._norm_index = None  # the rows moved (and the old packs are freed now)
 
     def zero_weights(self, config: AdapterConfig) -> dict[str, LayerTensors]:
         """Weights of zeros for the adapter, on the model's device in add_adapters' layout: for
@@ -397,14 +396,15 @@ class MultiLoraModel(nn.Module):
         adapter's tensor of each layer instead is 13,440 tensors a step for 32 adapters on SmolLM2's
         210 projections: as many host calls (and a stack of their results)."""
         packs = [(layer, p) for layer in self.layers.values() if layer.order for p in layer.packs() if p.grad is not None]
-        if not packs:
+        if not packs or not adapter_ids:  # (none asked: a micro-step that steps no adapter, grad_accum)
             return torch.zeros(len(adapter_ids), dtype=self.adapter_dtype)
         grads = [p.grad for _, p in packs]
-        # the index holds every adapter of the model: it outlives steps that step only some (grad_accum)
-        built_for = (self._repacks, tuple(id(p) for _, p in packs))  # which packs have gradients
+        # the index holds every adapter of the model: it outlives steps that step only some (grad_accum);
+        # kept with the packs it was built for (alive: their ids cannot recur) and their device
+        built_for = (tuple(id(p) for _, p in packs), grads[0].device)  # forgotten when adapters come or go
         if self._norm_index is None or self._norm_index[0] != built_for:
-            self._norm_index = (built_for, *self._grid_index(packs, list(self.configs), grads[0].device))
-        _, index, width = self._norm_index
+            self._norm_index = (built_for, *self._grid_index(packs, list(self.configs), grads[0].device), packs)
+        _, index, width, _ = self._norm_index
         rows = torch.cat([torch.linalg.vector_norm(g, dim=1) for g in grads])
         grid = rows.new_zeros(len(self.configs), width)
         grid[index[0], index[1]] = rows.square()
@@ -477,7 +477,7 @@ class MultiLoraModel(nn.Module):
         for layer in self.layers.values():
             if gone.intersection(layer.order):
                 layer.remove_adapters([a for a in layer.order if a in gone])
-        self._repacks += 1
+        self._norm_index = None  # the rows moved (and the old packs are freed now)
         for aid in adapter_ids:
             del self.configs[aid], self.generators[aid]
 
