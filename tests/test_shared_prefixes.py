@@ -223,7 +223,10 @@ def test_passes_that_share_nothing():
     lengths = alto.step.shared_prefix_lengths
     assert lengths(model, batches, True, True) == [20, 5, 0, 0, 0] and lengths(model, batches, False, True)[4] == 8
     assert lengths(model, batches, False, False) is None
-    model.model.model.layers[0].extra = torch.nn.Dropout(0.1)  # the base's own dropout: masks per sequence
+    base = tiny_model("Llama", torch.float64)
+    base.model.layers[0].extra = torch.nn.Dropout(0.1)  # the base's own dropout: masks per sequence
+    model = MultiLoraModel(base)
+    model.add_adapters(dict(CONFIGS))
     assert lengths(model, batches, True, True) is None and lengths(model, batches, False, True) is not None
 
 

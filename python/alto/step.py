@@ -124,7 +124,7 @@ def shared_prefix_lengths(model: MultiLoraModel, batches: dict[str, Sequence], t
     for every sequence's tokens."""
     if not (packed and batches):
         return None
-    if training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.model.modules()):
+    if training and model.base_dropout:
         return None
     return shared_lengths(batches, alone={a for a in batches if training and model.configs[a].dropout > 0})
 
