@@ -399,6 +399,129 @@ def test_the_end_does_not_evaluate_again_weights_already_evaluated(tmp_path, swe
         assert again == pytest.approx(loss, rel=1e-5)
 
 
+def _early_and_end_exports(sweep_path, monkeypatch) -> tuple[dict, dict, list]:
+    """Runs a sweep file with alto.export.AdapterExports spied on, then again with every adapter
+    written at the end (start a no-op), asserting both runs' adapters/ byte for byte alike; returns
+    the writes started early (adapter -> (step, its micro-step, its status then)), the reference's
+    records and the adapters whose early write the end reused."""
+    from pathlib import Path
+
+    from alto.export import AdapterExports
+
+    started, reused = {}, []
+    start, finish = AdapterExports.start, AdapterExports.finish
+
+    def spy_start(self, adapter, step, weights):
+        started[adapter.id] = (step, adapter.micro_step, adapter.status.value)
+        start(self, adapter, step, weights)
+
+    def spy_finish(self, adapter, weights, step, outcome):
+        if self.started(adapter.id):
+            reused.append(adapter.id)
+        finish(self, adapter, weights, step, outcome)
+
+    monkeypatch.setattr(AdapterExports, "start", spy_start)
+    monkeypatch.setattr(AdapterExports, "finish", spy_finish)
+    assert tune(str(sweep_path), None, log=lambda *_: None) == 0
+    monkeypatch.setattr(AdapterExports, "start", lambda *_: None)  # the reference: all written at the end
+    monkeypatch.setattr(AdapterExports, "finish", finish)
+    early_run = parse_sweep(sweep_path.read_text()).output
+    end_run = f"{early_run}-at-end"
+    reference = sweep_path.with_name(f"{sweep_path.stem}-at-end.yaml")
+    reference.write_text(sweep_path.read_text().replace(early_run, end_run))
+    assert tune(str(reference), None, log=lambda *_: None) == 0
+    monkeypatch.undo()
+
+    ours, theirs = Path(early_run) / "adapters", Path(end_run) / "adapters"
+    records = {a.name: json.loads((theirs / a.name / "alto_adapter.json").read_text()) for a in theirs.iterdir()}
+    assert sorted(p.name for p in ours.iterdir()) == sorted(records)  # no temporary folder left
+    for aid in records:
+        files = sorted(f.name for f in (theirs / aid).iterdir())
+        assert sorted(f.name for f in (ours / aid).iterdir()) == files and "adapter_model.safetensors" in files
+        for name in files:  # (each names its own run's base/)
+            mine = (ours / aid / name).read_bytes().replace(early_run.encode(), end_run.encode())
+            assert mine == (theirs / aid / name).read_bytes(), (aid, name)
+    assert sorted(reused) == sorted(started)
+    for aid, (step, _, _) in started.items():  # what was written early is what the end exports
+        assert records[aid]["export_step"] == step, aid
+    return started, records, reused
+
+
+def test_adapters_settled_before_the_end_are_written_while_the_run_goes_on(tmp_path, sweep_yaml, monkeypatch):
+    """An adapter whose export is settled (it ended, and no later evaluation can change which
+    weights it exports) has its weights written in the background as it ends (alto.export.
+    AdapterExports): those stopped early while the others train, those finishing while their last
+    held-out passes run. Each early write is of the weights the end exports (their step), and the
+    run folder is byte for byte the one of the same run with every adapter written at its end.
+    Held-out losses every 3 micro-steps and ASHA on the training loss at micro-steps 2 and 4:
+    adapters stopped at 4 have a best (of micro-step 3) that the end's evaluation of their last
+    weights may still beat: not settled until then (a planted settled_export that takes their best
+    as settled writes step 3 where the end exports 4)."""
+    path = sweep_yaml(out="early", grid={"lr": [3e-3, 1e-2, 1e-5, 2e-2, 5e-3, 1e-4]}, eval={"every": 3},
+                      defaults={"micro_batch_size": 2, "max_steps": 7, "target_modules": ["q_proj", "v_proj"]},
+                      monitor={"rule": "asha", "grace": 2, "eta": 2, "signal": "train"})
+    started, records, _ = _early_and_end_exports(path, monkeypatch)
+    stopped = [a for a, r in records.items() if r["status"] == "stopped-early"]
+    assert len(records) == 6 and stopped and len(stopped) < 6
+    # stopped before any evaluation: written while the others still trained
+    assert {a for a in stopped if not records[a]["eval_steps"]} == {a for a, s in started.items() if s[1] == 2} != set()
+    # stopped with a best and last weights never evaluated: not written early
+    assert any(a not in started and records[a]["eval_steps"][-1] != records[a]["micro_step"] for a in stopped)
+    # finished with a best: written once their last weights' held-out loss was known
+    assert all(started[a][1:] == (7, "finished") for a in records if a not in stopped)
+    # No evaluation before the end: an adapter's last weights are its export whatever their held-out
+    # loss, written from the step that finishes it, before its held-out passes (still "running" then).
+    path = sweep_yaml(out="last", grid={"lr": [3e-3, 1e-2], "rank": [2, 4]})
+    started, records, _ = _early_and_end_exports(path, monkeypatch)
+    assert len(records) == 4 and all(started[a] == (3, 3, "running") for a in records)
+
+
+# `alto tune` killed (SIGKILL) inside the first early export: half its weights file written, the
+# steps gone on past the next checkpoint.
+DYING_EXPORT = """
+import os, signal, sys, time
+import alto.export as ex
+def write(folder, *args):
+    (folder / "adapter_model.safetensors").write_bytes(b"half an adapter")
+    losses = folder.parent.parent / "losses.csv"
+    deadline = time.time() + 60
+    while time.time() < deadline and max(int(r.split(",")[0]) for r in losses.read_text().splitlines()[1:]) < 5:
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)
+ex._write_weights = write
+from alto.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_during_an_early_export_resumes_to_the_same_adapters(tmp_path, sweep_yaml):
+    """Killed while an adapter stopped early is being written in the background, the run leaves a
+    hidden temporary folder and its checkpoints; resumed, it removes that folder and ends as the
+    uninterrupted run, every adapter's files and the logs bit for bit."""
+    import subprocess
+    import sys
+
+    sweep = dict(grid={"lr": [3e-3, 1e-2, 1e-5, 2e-2, 5e-3, 1e-4]}, eval={"every": 3},
+                 defaults={"micro_batch_size": 2, "max_steps": 7, "target_modules": ["q_proj", "v_proj"]},
+                 monitor={"rule": "asha", "grace": 2, "eta": 2, "signal": "train"})
+    assert tune(str(sweep_yaml(out="whole", **sweep)), None, log=lambda *_: None) == 0
+    killed = sweep_yaml(out="killed", **sweep)
+    proc = subprocess.run([sys.executable, "-c", DYING_EXPORT, "tune", str(killed)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    whole, cut = tmp_path / "whole", tmp_path / "killed"
+    left = [p.name for p in (cut / "adapters").iterdir()]
+    assert left and all(name.startswith(".") and name.endswith(".tmp") for name in left)  # the writes under way
+    assert torch.load(cut / "checkpoint.pt", weights_only=False)["micro_steps"] >= 2
+    assert tune(None, str(cut), log=lambda *_: None) == 0
+    for name in ("losses.csv", "evals.csv", "decisions.csv", "leaderboard.csv"):
+        assert (whole / name).read_text() == (cut / name).read_text(), name
+    assert sorted(p.name for p in (cut / "adapters").iterdir()) == sorted(p.name for p in (whole / "adapters").iterdir())
+    for folder in (whole / "adapters").iterdir():
+        for f in folder.iterdir():  # (each names its own run's base/)
+            got = (cut / "adapters" / folder.name / f.name).read_bytes().replace(str(cut).encode(), str(whole).encode())
+            assert got == f.read_bytes(), (folder.name, f.name)
+
+
 def test_hugging_face_dataset_source(tmp_path):
     """data.source hf: a save_to_disk folder (a DatasetDict: the split is chosen) or data files
     through load_dataset; records need text or prompt + completion; bad names are clear errors."""
@@ -563,3 +686,22 @@ def test_copies_to_host_memory_through_the_staging_buffer_are_exact(monkeypatch,
             want = view.cpu()
             assert got.device.type == "cpu" and not got.is_pinned() and got.dtype == dtype, shape
             assert got.shape == want.shape and torch.equal(got, want), shape
+
+
+def test_losses_png_is_drawn_by_a_process_of_its_own(tmp_path):
+    """alto.loss_plot.LossPlot: a process started with the run draws losses.png from the losses it is
+    handed (a failure raised as one line naming the file); one never handed any is ended by close()."""
+    from alto.loss_plot import LossPlot
+    from alto.registry import AdapterConfig, Registry, Status
+
+    reg = Registry()
+    for aid, losses in [("a", [3.0, 2.5, float("nan")]), ("b", [3.1, 2.0])]:
+        reg.add(aid, AdapterConfig(rank=2, alpha=4, lr=1e-3)).losses.extend(losses)
+    reg["a"].status = Status.STOPPED_EARLY
+    LossPlot().draw(reg, tmp_path / "losses.png")
+    assert (tmp_path / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "losses.png").stat().st_size > 10_000
+    with pytest.raises(RuntimeError, match=r"drawing losses.png failed: FileNotFoundError: .*No such file"):
+        LossPlot().draw(reg, tmp_path / "gone" / "losses.png")
+    waiting = LossPlot()
+    waiting.close()
+    assert waiting._proc.returncode is not None

@@ -97,6 +97,16 @@ def held_out_means(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequenc
     return (torch.cat([sums[:1], sums[2:]]) / sums[1].clamp(min=1.0)).tolist()  # the one wait
 
 
+def last_evaluated(a: Adapter) -> float | None:
+    """The held-out loss of the adapter's last weights, if they were evaluated: as it finished
+    (SweepRun.report), or at the evaluation point where the monitor stopped it."""
+    if a.last_loss is not None:
+        return a.last_loss
+    if a.status != Status.FAILED and a.eval_steps and a.eval_steps[-1] == a.micro_step:
+        return a.eval_losses[-1]
+    return None
+
+
 class Evaluation:
     """One run's evaluations on one rank (see the module docstring). lockstep: SweepRun.lockstep."""
 
@@ -168,6 +178,19 @@ class Evaluation:
             if isinstance(weights, Future):
                 self.best_weights[aid] = (step, weights.result())
 
+    def settled_export(self, a: Adapter, status: Status, last: Weights) -> tuple[int, Weights | Future] | None:
+        """What an adapter that ended with `status` will export, (its step, the weights or their host copy under way),
+        where no later evaluation can change it (else None): its task exports its last weights
+        (last), or the adapter has no best yet (its last weights will be its best or its export
+        either way), or its last weights were evaluated (its best is its best)."""
+        if status not in (Status.FINISHED, Status.STOPPED_EARLY):
+            return None
+        if self.tasks[a.task].export == "last" or a.best is None:
+            return a.step, last
+        if last_evaluated(a) is not None and a.id in self.best_weights:  # (rank 0 has it: alto.checkpoint)
+            return self.best_weights[a.id]
+        return None
+
     def outcomes(self, registry: Registry, last: Mapping[str, Weights], retired: Mapping[str, AdapterState]
                  ) -> tuple[dict[str, Outcome], list[list]]:
         """At the end (every adapter retired; last: each one's last weights, retired: those out of
@@ -181,9 +204,7 @@ class Evaluation:
         adapters = list(registry)
         # none for a failed adapter, or a task without held-out data; an adapter whose last weights
         # were evaluated keeps that loss: it finished (SweepRun.report), the monitor stopped it at an evaluation point
-        last_loss = {a.id: a.eval_losses[-1] for a in adapters
-                     if a.status != Status.FAILED and a.eval_steps and a.eval_steps[-1] == a.micro_step}
-        last_loss.update({a.id: a.last_loss for a in adapters if a.last_loss is not None})
+        last_loss = {a.id: last_evaluated(a) for a in adapters if last_evaluated(a) is not None}
         todo = [a for a in adapters if a.status != Status.FAILED and self.eval_seqs[a.task] and a.id not in last_loss]
         for i in range(0, len(todo), group):
             part = todo[i : i + group]

@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import csv
 import math
-import tempfile
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from alto.base import Base
-from alto.export import save_base, save_peft_adapter
+from alto.export import AdapterExports, save_base
 from alto.model import LayerTensors
-from alto.registry import Adapter, Registry, Status
+from alto.registry import Adapter, Registry
 
-# Adapters written at once at the end: their copies and writes overlap (safetensors and file writes
-# leave the GIL); 32 adapters on 1B widths are ~4.5 GB of float32 weights.
-EXPORT_THREADS = 4
 LEADERBOARD = "leaderboard.csv"  # a run folder's mark of a completed run
 
 
@@ -67,25 +62,22 @@ def _write(path: Path, rows: list[list]) -> None:
         csv.writer(f).writerows([COLUMNS, *rows])
 
 
-def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_dir: Path,
+def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_dir: Path, exports: AdapterExports,
            log=print, next_token_loss: bool = True) -> list[tuple[str, float]]:
-    """Exports every adapter's chosen weights in PEFT format (adapters/<name>; their base in HF
-    format to base/ where it is not a model folder already: alto.export.save_base), several at
-    once, writes leaderboard.csv (every adapter, best first) and leaderboards/<task>.csv, and
+    """Exports every adapter's chosen weights in PEFT format (adapters/<name>, by `exports`, which
+    may have written their weights already; their base in HF format to base/ where it is not a
+    model folder already: alto.export.save_base), writes leaderboard.csv (every adapter, best first) and leaderboards/<task>.csv, and
     prints each task's leaderboard (a next-token loss with its perplexity); returns (adapter,
-    held-out loss) best first (ranking). (losses.png: plot_losses.)"""
+    held-out loss) best first (ranking). (losses.png: alto.loss_plot.)"""
     def order(a: Adapter) -> tuple:
         return ranking(outcomes[a.id], next_token_loss)
 
     tasks: dict[str, list[Adapter]] = {}
-    base_path = save_base(base, run_dir / "base")
-    with tempfile.TemporaryDirectory(prefix="alto-tokenizer.") as tokenizer_files, \
-            ThreadPoolExecutor(EXPORT_THREADS) as pool:
-        base.tokenizer.save_pretrained(tokenizer_files)  # once, copied beside each adapter
-        written = [pool.submit(save_peft_adapter, outcomes[a.id].weights, a, run_dir / "adapters" / a.id, base_path,
-                               Path(tokenizer_files), outcomes[a.id].record()) for a in registry]
-        for future in written:
-            future.result()  # the first failure raises
+    for a in registry:  # the weights written while the base is
+        o = outcomes[a.id]
+        exports.finish(a, o.weights, o.step, o.record())
+    save_base(base, run_dir / "base")
+    exports.wait()
     for a in registry:
         tasks.setdefault(a.task, []).append(a)
     task_rank = {a.id: i for members in tasks.values() for i, a in enumerate(sorted(members, key=order), 1)}
@@ -104,24 +96,3 @@ def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_
     log(f"\nrun folder: {run_dir} (adapters/ in PEFT format{their_base}, losses.csv, leaderboard.csv, leaderboards/, "
         "losses.png)")
     return [(a.id, outcomes[a.id].eval_loss) for a in overall]
-
-
-def plot_losses(registry: Registry, path: Path) -> None:
-    """losses.png: each adapter's training losses. Drawn on a Figure of its own (not pyplot's shared
-    state), so it may run in a thread beside the final evaluations (alto.sweep_run.SweepRun.finish)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for a in registry:
-        line, = ax.plot(range(1, len(a.losses) + 1), a.losses, label=f"{a.id} ({a.status.value})", linewidth=1.2)
-        if a.status == Status.STOPPED_EARLY and a.losses:  # where the monitor stopped it
-            ax.plot(len(a.losses), a.losses[-1], "x", color=line.get_color(), markersize=9, markeredgewidth=2)
-    ax.set_xlabel("micro-step of the adapter (x: stopped early)")
-    ax.set_ylabel("training loss (mean over the adapter's tokens)")
-    ax.set_title("ALTO: co-located LoRA training")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)

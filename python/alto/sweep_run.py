@@ -26,6 +26,7 @@ import contextlib
 import os
 import statistics
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,8 +38,10 @@ from alto.admission import Admission, fits_whole, probe_config
 from alto.base import device_type, load_base
 from alto.colocation import Colocation
 from alto.decisions import Decisions
-from alto.evaluation import Evaluation
+from alto.evaluation import Evaluation, Weights
+from alto.export import AdapterExports, base_name
 from alto.families import check_targets
+from alto.loss_plot import LossPlot
 from alto.model import MultiLoraModel
 from alto.monitor import Decision, Monitor
 from alto.objectives import OBJECTIVES
@@ -145,7 +148,10 @@ class SweepRun:
         self.checkpoints = RunCheckpoints(run_dir, self.group, self.registry, self.trainer, self.evaluation,
                                           self.monitors, self.colocation, self.search)
         self.micro_steps = self.checkpoints.restore(saved) if saved else 0
+        self.exports = AdapterExports(run_dir / "adapters", base_name(self.base, run_dir / "base"),
+                                      self.base.tokenizer) if self.group.is_leader else None
         self.logs: RunLog | None = None  # rank 0's, while it runs
+        self.loss_plot: LossPlot | None = None  # rank 0's, from run() to finish()
 
     def register(self, adapters: list[Adapter]) -> None:
         """Adapters the searchers proposed (or a checkpoint holds) join the run on this rank: queued
@@ -234,15 +240,30 @@ class SweepRun:
         meet = bool(due)
         if self.sharded:  # every rank's passes gather the layers together: all run them, or none
             meet = any(self.group.all_gather(meet))
+        copies = {}
+        if t.ending:  # copied out first: exports settled already are written while the held-out passes run
+            with self.timing.phase("train"):
+                copies = t.copy_out(t.ending)
+            self.start_exports((a, status, copies[a.id].weights) for a, status, _ in t.ending)
         losses = []
         if meet:
             with self.timing.phase("evaluate"):
                 losses = ev.losses(due)
         if t.ending:
             with self.timing.phase("train"):
-                t.retire(t.ending)
+                t.retire(t.ending, copies)
         ev.record(due, losses, finished, t.retired)
         return {aid: (since, self.registry[aid].progress(since)) for aid, since in marks.items()}, oom
+
+    def start_exports(self, ended: Iterable[tuple[Adapter, Status, Weights]]) -> None:
+        """Rank 0 writes, in the background, the weights of ended adapters (adapter, its status, its
+        last weights) whose export is settled (Evaluation.settled_export): most of the end's export
+        is done while the run goes on (alto.export.AdapterExports)."""
+        if self.exports is None:
+            return
+        for a, status, last in ended:
+            if not self.exports.started(a.id) and (settled := self.evaluation.settled_export(a, status, last)):
+                self.exports.start(a, *settled)
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self, until: int | None = None, log=print, should_halt=None, on_step=None, bar: bool = False,
@@ -254,7 +275,9 @@ class SweepRun:
         on_evaluation(row) each held-out loss as evals.csv gets it (the end's too). Rank 0
         prints its progress through log (bar: as a progress bar, the output being a terminal).
         A run that ends (True) may still be writing its last periodic checkpoint: finish() waits for it."""
-        leader = self.group.is_leader
+        leader, done = self.group.is_leader, False
+        if leader and self.loss_plot is None:  # its matplotlib imported while the run trains
+            self.loss_plot = LossPlot()
         trackers = [TRACKERS[name](self.run_dir, self.sweep.name) for name in self.sweep.report_to] if leader else []
         self.logs = RunLog(self.run_dir, self.registry, self.forecast(), log, bar, on_evaluation, trackers) \
             if leader else None
@@ -267,6 +290,12 @@ class SweepRun:
         finally:
             if self.logs is not None:
                 self.logs.close()
+            if not done:  # its end, when resumed, writes them again
+                if self.exports is not None:
+                    self.exports.close()
+                if self.loss_plot is not None:
+                    self.loss_plot.close()
+                    self.loss_plot = None
         if not done:  # a run that stops here has its checkpoint on disk when this returns
             self.wait_for_checkpoint()
         return done
@@ -323,6 +352,8 @@ class SweepRun:
                 decisions.halt = bool(should_halt())
             decisions = self.group.broadcast(decisions)
             self.apply(decisions)
+            self.start_exports((a, a.status, self.trainer.retired[a.id].weights)
+                               for a in self.registry if a.id in self.trainer.retired)
             if leader:  # after the decisions: how many adapters are left counts this step's stops
                 self.logs.evaluations(self.micro_steps)
                 self.logs.progress(self.micro_steps, losses)
@@ -377,10 +408,10 @@ class SweepRun:
             self.trainer.retired, ev.best_weights, ev.most_colocated, ev.largest_step = shared
         elif not self.group.is_leader:
             return []
+        plot = (self.loss_plot or LossPlot()) if self.group.is_leader else None
         try:
             with ThreadPoolExecutor(1) as plotter:  # losses.png drawn while the final evaluations run
-                plotted = plotter.submit(results.plot_losses, self.registry, self.run_dir / "losses.png") \
-                    if self.group.is_leader else None
+                plotted = plotter.submit(plot.draw, self.registry, self.run_dir / "losses.png") if plot else None
                 with self.timing.phase("evaluate"):
                     outcomes, rows = ev.outcomes(self.registry, {a.id: self.final_weights(a.id) for a in self.registry},
                                                  self.trainer.retired)
@@ -391,13 +422,19 @@ class SweepRun:
                 if self.logs is not None:  # the end's evaluations, as rank 0 logs them
                     self.logs.final_evaluations(self.micro_steps, rows)
                 with self.timing.phase("export"):
-                    board = results.finish(self.registry, outcomes, self.base, self.run_dir, log,
+                    board = results.finish(self.registry, outcomes, self.base, self.run_dir, self.exports, log,
                                            next_token_loss=self.objective.next_token_loss)
                     plotted.result()
         except BaseException:
             with contextlib.suppress(Exception):  # this error reported; the checkpoint to redo the end from (--resume)
                 self.wait_for_checkpoint()
             raise
+        finally:
+            if self.exports is not None:
+                self.exports.close()
+            if plot is not None:
+                plot.close()
+            self.loss_plot = None
         with self.timing.phase("checkpoint"):
             self.checkpoints.discard()
         if self.logs is not None:
