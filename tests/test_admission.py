@@ -55,6 +55,47 @@ def test_the_peak_model_fits_measured_points_and_only_ever_rises():
     assert raised.raised_to(10, 10, 0.0) is raised  # a lower measurement changes nothing
 
 
+def test_no_probe_step_where_everything_planned_fits_twice_over(tmp_path):
+    """ample: every planned adapter's step at once, its estimate above the held bytes doubled, fits
+    the capacity (no admission can then depend on a measured peak), or not. What a run plans at once
+    (SweepRun.planned_everything): each adapter at its task's largest micro-batch, every sequence
+    max_length long, the largest adapter's parameters."""
+    from alto.admission import ample
+    from alto.sched.memory import adapter_params
+
+    analytic = PeakModel(1e9, 1e5, 16.0)
+    assert analytic.predict(1000, 10**6) == pytest.approx(1.116e9)
+    assert ample(analytic, (1000, 10**6), capacity=1.232e9) and not ample(analytic, (1000, 10**6), capacity=1.231e9)
+    assert ample(analytic, (0, 0), capacity=1e9) and not ample(analytic, (1, 0), capacity=1e9)
+    run = run_of(make_sweep(tmp_path, "plan"), tmp_path, "plan")
+    shape, configs = run.shape, run.sweep.adapters.values()
+    largest = max(adapter_params(c, shape) for c in configs)
+    assert largest == adapter_params(run.sweep.adapters["c"], shape)  # rank 8
+    assert run.planned_everything() == (4 * 4 * 24, 4 * largest)  # 4 adapters x micro-batch 4 x max_length 24
+
+
+@pytest.mark.cuda
+def test_calibration_probes_only_where_everything_planned_may_not_fit(monkeypatch):
+    """On a GPU: a run whose planned steps fit twice over runs no probe step (its first steps raise
+    the estimate: Admission.observe); one that may not fit probes."""
+    from alto import admission as adm
+    from alto.model import MultiLoraModel
+    from conftest import tiny_model
+
+    model = MultiLoraModel(tiny_model("Llama").to("cuda"))
+    shape = ModelShape.from_hf_config(model.model.config)
+    probes = []
+    real = adm._probe
+    monkeypatch.setattr(adm, "_probe", lambda *a: probes.append(a) or real(*a))
+    cfg = AdapterConfig(rank=4, micro_batch_size=2, target_modules=("q_proj", "v_proj"))
+    small = Admission.calibrate(model, shape, {"default": [10, 20]}, True, cfg, 0, torch.device("cuda"),
+                                everything=(1000, 10**5))
+    assert probes == [] and small.peak.per_token == adm.activation_bytes_per_token(cfg, shape, 4)
+    Admission.calibrate(model, shape, {"default": [10, 20]}, True, cfg, 0, torch.device("cuda"),
+                        everything=(10**12, 10**5))
+    assert len(probes) == 1
+
+
 def test_a_memory_budget_admits_what_fits_and_the_rest_later(tmp_path):
     free = run_of(make_sweep(tmp_path, "free"), tmp_path, "free")
     adm = free.colocation.admission

@@ -142,7 +142,7 @@ class SweepRun:
                     self.model, self.shape, {t: [len(s) for s in seqs] for t, seqs in self.train_seqs.items()},
                     sweep.packing, probe_config(c for configs in self.bounds.values() for c in configs.values()),
                     self.base.pad_id, self.device,
-                    sweep.memory_budget_gb, sweep.max_tokens_per_step, self.objective)
+                    sweep.memory_budget_gb, sweep.max_tokens_per_step, self.objective, self.planned_everything())
         self.colocation = Colocation(self.group, self.registry, self.trainer, self.device, self.costs, admission,
                                      sweep.max_running)
         self.checkpoints = RunCheckpoints(run_dir, self.group, self.registry, self.trainer, self.evaluation,
@@ -167,6 +167,17 @@ class SweepRun:
         return max(activation_bytes_per_token(cfg, self.shape, act) * cfg.micro_batch_size
                    * statistics.fmean(len(s) for s in self.train_seqs[task])
                    for task, configs in self.bounds.items() for cfg in configs.values())
+
+    def planned_everything(self) -> tuple[int, int]:
+        """(token positions, LoRA parameters) of one step of every adapter the searchers plan, each
+        at the largest sizes its task's may propose and every sequence max_length long: more than
+        any step holds."""
+        positions = params = 0
+        for t in self.tasks.values():
+            n, configs = searcher_of(t).planned(t), self.bounds[t.name].values()
+            positions += n * max(c.micro_batch_size for c in configs) * self.objective.per_sample * t.data["max_length"]
+            params += n * max(adapter_params(c, self.shape) for c in configs)
+        return positions, params
 
     def lockstep(self, passes: int) -> int:
         """How many forward passes every rank runs, this one needing `passes`: with a sharded base,
