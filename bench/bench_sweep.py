@@ -380,7 +380,8 @@ def base_folder(args, spec: dict | str, data: Path, root: Path) -> dict:
 def headline(rows: list[Row], device: str, model: str) -> str:
     """The record's line: (c)'s and (d)'s speed-ups over (a) at K = 32 (or the largest K measured),
     the share of (c)'s wall outside its training steps, and what early exit saved of (d)'s adapter-steps
-    against what it saved of the wall."""
+    against what it saved of the wall; whether the processes kept bytecode (every fresh interpreter
+    compiles what it imports where none is kept: seconds of both sides' start-up, bench/device_run.sh)."""
     k = 32 if any(r.k == 32 for r in rows) else max(r.k for r in rows)
     by = {r.method: r for r in rows if r.k == k}
     def speed(m: str) -> str:
@@ -391,7 +392,12 @@ def headline(rows: list[Row], device: str, model: str) -> str:
     if "c" in by and "d" in by:
         saved = 1 - by["d"].adapter_steps / by["c"].adapter_steps
         line += f" | exit saved {saved:.0%} of adapter-steps, {1 - by['d'].wall / by['c'].wall:.0%} of the wall"
-    return line
+    import importlib.util
+
+    import transformers
+
+    kept = Path(importlib.util.cache_from_source(transformers.__file__)).exists()  # (where this process looks)
+    return line + (" | bytecode kept" if kept else " | no bytecode")
 
 
 def main() -> None:

@@ -13,6 +13,16 @@ mkdir -p "$OUT"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build test bench bench_step)
 export PYTHONUNBUFFERED=1 ALTO_SYNC_CHECKS=0
+# The image sets PYTHONDONTWRITEBYTECODE=1 and its site-packages hold no bytecode: every fresh
+# interpreter compiled what it imported (torch, transformers, modeling_llama: 15.1 s, 6.8 s with
+# bytecode; bench/RESULTS.md 2026-12-05), which neither a pip-installed environment nor its user
+# pays. The call's processes keep bytecode here (the first to import a module writes it; the
+# benches' untimed warm-ups do); BYTECODE=0 leaves the image as it is.
+if [ "${BYTECODE:-1}" = 1 ]; then
+  unset PYTHONDONTWRITEBYTECODE
+  export PYTHONPYCACHEPREFIX=/tmp/pycache
+fi
+echo "bytecode: ${PYTHONPYCACHEPREFIX:-none kept (PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-})}" | tee "$OUT/bytecode.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 # The image's versions of what pyproject.toml names (torch's, transformers' and peft's lower bounds ran here).
 python3 -c "
