@@ -214,3 +214,22 @@ def test_proposals_reach_every_rank(tmp_path, monkeypatch):
         status, losses, evals = ranks[0][a.id]
         assert status == "finished"
         assert losses == pytest.approx(a.losses, rel=1e-10, abs=0) and evals == pytest.approx(a.eval_losses, rel=1e-10, abs=0)
+
+
+def test_optuna_is_imported_only_by_a_sweep_that_searches():
+    """alto.search.SEARCHERS names Optuna's searcher by module: a grid sweep's process never imports
+    optuna (1.2 s without bytecode); a task with a search section gets it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom alto.search import searcher_of\nfrom alto.sweep import parse_sweep\n"
+            "import alto.sweep_run\nassert 'optuna' not in sys.modules, 'imported with the run'\n"
+            "grid = next(iter(parse_sweep(sys.argv[1]).tasks.values()))\n"
+            "assert searcher_of(grid).name == 'grid' and 'optuna' not in sys.modules\n"
+            "searched = next(iter(parse_sweep(sys.argv[2]).tasks.values()))\n"
+            "assert searcher_of(searched).name == 'optuna' and 'optuna' in sys.modules\n")
+    base = {"name": "s", "model": {"random_llama": {}}, "data": {"source": "chatterbot"}}
+    grid = json.dumps({**base, "grid": {"lr": [1e-3]}})
+    searched = json.dumps({**base, "search": {"sampler": "random", "trials": 2, "space": {"lr": [1e-3, 3e-3]}}})
+    proc = subprocess.run([sys.executable, "-c", code, grid, searched], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
