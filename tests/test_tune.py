@@ -483,7 +483,7 @@ import os, signal, sys, time
 import alto.export as ex
 def write(folder, *args):
     (folder / "adapter_model.safetensors").write_bytes(b"half an adapter")
-    losses = folder.parent.parent / "losses.csv"
+    losses = next(p for p in folder.parents if (p / "losses.csv").exists()) / "losses.csv"
     deadline = time.time() + 60
     while time.time() < deadline and max(int(r.split(",")[0]) for r in losses.read_text().splitlines()[1:]) < 5:
         time.sleep(0.01)
@@ -494,32 +494,36 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_kill_during_an_early_export_resumes_to_the_same_adapters(tmp_path, sweep_yaml):
-    """Killed while an adapter stopped early is being written in the background, the run leaves a
-    hidden temporary folder and its checkpoints; resumed, it removes that folder and ends as the
-    uninterrupted run, every adapter's files and the logs bit for bit."""
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_a_kill_during_an_early_export_resumes_to_the_same_adapters(tmp_path, sweep_yaml, tasks):
+    """Killed while adapters stopped early are being written in the background, the run leaves
+    hidden temporary folders (in adapters/<task>/ with two tasks) and its checkpoints; resumed, it
+    removes them and ends as the uninterrupted run, every adapter's files and the logs bit for bit."""
     import subprocess
     import sys
 
-    sweep = dict(grid={"lr": [3e-3, 1e-2, 1e-5, 2e-2, 5e-3, 1e-4]}, eval={"every": 3},
+    lrs = [3e-3, 1e-2, 1e-5, 2e-2, 5e-3, 1e-4]
+    sweep = dict(grid={"lr": lrs}, eval={"every": 3},
                  defaults={"micro_batch_size": 2, "max_steps": 7, "target_modules": ["q_proj", "v_proj"]},
                  monitor={"rule": "asha", "grace": 2, "eta": 2, "signal": "train"})
+    if tasks == 2:
+        sweep["tasks"] = [{"name": "one", "grid": {"lr": lrs[:3]}}, {"name": "two", "grid": {"lr": lrs[3:]}}]
     assert tune(str(sweep_yaml(out="whole", **sweep)), None, log=lambda *_: None) == 0
     killed = sweep_yaml(out="killed", **sweep)
     proc = subprocess.run([sys.executable, "-c", DYING_EXPORT, "tune", str(killed)], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     whole, cut = tmp_path / "whole", tmp_path / "killed"
-    left = [p.name for p in (cut / "adapters").iterdir()]
-    assert left and all(name.startswith(".") and name.endswith(".tmp") for name in left)  # the writes under way
+    assert list((cut / "adapters").rglob(".*.tmp"))  # the writes under way ...
+    assert not list((cut / "adapters").rglob("alto_adapter.json"))  # ... and no adapter put in place
     assert torch.load(cut / "checkpoint.pt", weights_only=False)["micro_steps"] >= 2
     assert tune(None, str(cut), log=lambda *_: None) == 0
     for name in ("losses.csv", "evals.csv", "decisions.csv", "leaderboard.csv"):
         assert (whole / name).read_text() == (cut / name).read_text(), name
-    assert sorted(p.name for p in (cut / "adapters").iterdir()) == sorted(p.name for p in (whole / "adapters").iterdir())
-    for folder in (whole / "adapters").iterdir():
-        for f in folder.iterdir():  # (each names its own run's base/)
-            got = (cut / "adapters" / folder.name / f.name).read_bytes().replace(str(cut).encode(), str(whole).encode())
-            assert got == f.read_bytes(), (folder.name, f.name)
+    files = sorted(p.relative_to(whole) for p in (whole / "adapters").rglob("*") if p.is_file())
+    assert sorted(p.relative_to(cut) for p in (cut / "adapters").rglob("*") if p.is_file()) == files
+    assert len({f.parent for f in files}) == 6
+    for f in files:  # (each names its own run's base/)
+        assert (cut / f).read_bytes().replace(str(cut).encode(), str(whole).encode()) == (whole / f).read_bytes(), f
 
 
 def test_hugging_face_dataset_source(tmp_path):

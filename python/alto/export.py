@@ -124,7 +124,8 @@ class AdapterExports:
 
     def __init__(self, folder: Path, base_model_name: str, tokenizer: Any):
         self.folder, self.base_model_name, self.tokenizer = folder, base_model_name, tokenizer
-        for leftover in folder.glob(".*.tmp"):  # _staging's names: a killed run's unfinished folders
+        # _staging's names (<task>/ holds a multi-task sweep's adapters): a killed run's unfinished folders
+        for leftover in [*folder.glob(".*.tmp"), *folder.glob("*/.*.tmp")]:
             shutil.rmtree(leftover, ignore_errors=True)
         self._pool: ThreadPoolExecutor | None = None  # started with the first write, ended by close()
         self._tokenizer_files: Future | None = None  # saved once, copied beside each adapter
