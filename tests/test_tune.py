@@ -709,3 +709,43 @@ def test_losses_png_is_drawn_by_a_process_of_its_own(tmp_path):
     waiting = LossPlot()
     waiting.close()
     assert waiting._proc.returncode is not None
+
+
+def test_evaluation_passes_hold_a_few_times_the_largest_steps_positions(tmp_path, sweep_yaml, monkeypatch):
+    """An evaluation's forward keeps no activations for a backward: its passes (held-out losses,
+    greedy decoding) hold up to forward_only_factor times the largest step's token positions (4 at
+    16 layers and more, none more below 8), in fewer passes, with the losses of one pass per sample."""
+    import csv
+
+    from alto import evaluation
+    from alto.evaluation import forward_only_factor
+    from conftest import TINY_LLAMA
+
+    assert [forward_only_factor(n) for n in (1, 2, 4, 7, 8, 12, 16, 30, 80)] == [1, 1, 1, 1, 2, 3, 4, 4, 4]
+    passes = []
+    held_out_means = evaluation.held_out_means
+
+    def counted(*args, **kwargs):
+        passes.append(args[4])  # max_positions
+        return held_out_means(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "held_out_means", counted)
+    model = {"random_llama": {**TINY_LLAMA, "num_hidden_layers": 8}}
+    runs = {}
+    for factor in (None, 1):
+        if factor:
+            monkeypatch.setattr(evaluation, "forward_only_factor", lambda layers: factor)
+        out = f"factor{factor}"
+        path = sweep_yaml(out=out, model=model, eval={"every": 2, "samples": 8})
+        sweep = parse_sweep(path.read_text())
+        from pathlib import Path
+        Path(sweep.output).mkdir()
+        run = SweepRun(sweep, Path(sweep.output))
+        assert run.run(log=lambda *_: None)
+        run.finish(log=lambda *_: None)
+        ev = run.evaluation
+        assert ev.positions() == max((factor or 2) * ev.largest_step, 24) and passes[-1] == ev.positions()
+        with open(Path(sweep.output) / "evals.csv", newline="") as f:
+            runs[factor] = [(r["adapter"], r["micro_step"], float(r["eval_loss"])) for r in csv.DictReader(f)]
+    assert [r[:2] for r in runs[None]] == [r[:2] for r in runs[1]]
+    assert all(a[2] == pytest.approx(b[2], rel=1e-5) for a, b in zip(runs[None], runs[1]))

@@ -4,9 +4,9 @@ whose last weights were not scored), every adapter's best weights kept in host m
 that export their best, and the end's outcomes: the weights each adapter exports, their held-out
 loss and the task's metric of greedy completions (alto.generate).
 
-A forward of an evaluation holds several adapters' sequences, never more token positions than the
-largest training step ran (Evaluation.observe_step): it keeps no activations for a backward, so
-it fits where the steps fit. How sequences fall into passes (the adapters' order, the step shapes)
+A forward of an evaluation holds several adapters' sequences, a few times the token positions the
+largest training step ran at most (Evaluation.observe_step, forward_only_factor): it keeps no
+activations for a backward, so it fits where the steps fit. How sequences fall into passes (the adapters' order, the step shapes)
 sets the float sums: a resumed run restores the shapes from its checkpoint.
 """
 from __future__ import annotations
@@ -97,6 +97,16 @@ def held_out_means(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequenc
     return (torch.cat([sums[:1], sums[2:]]) / sums[1].clamp(min=1.0)).tolist()  # the one wait
 
 
+def forward_only_factor(layers: int) -> int:
+    """How many times a training step's token positions an evaluation's forward may hold: it keeps
+    no activations for a backward (a layer's at a time; decoding adds a KV cache of a few KB per
+    position), where a step keeps every layer's, so a model of at least 4 x factor layers holds less
+    at once than the step did (<= 1/5 of its activations). Fewer, fuller passes: each one is host
+    time on a GPU (SmolLM2's held-out passes and decoding steps are host-bound there), and the
+    default sweep's greedy decoding ran 4 batches of 12 steps on a 2-core CPU where 1 does."""
+    return max(1, min(4, layers // 4))
+
+
 def last_evaluated(a: Adapter) -> float | None:
     """The held-out loss of the adapter's last weights, if they were evaluated: as it finished
     (SweepRun.report), or at the evaluation point where the monitor stopped it."""
@@ -137,9 +147,10 @@ class Evaluation:
         return self.eval_seqs[task][: self.tasks[task].eval.samples * self.objective.per_sample]
 
     def positions(self) -> int:
-        """Token positions an evaluation's forward may hold: as many as the largest training step
-        ran (no activations are kept for a backward), at least one sequence of each task."""
-        return max(self.largest_step, *(t.data["max_length"] for t in self.tasks.values()))
+        """Token positions an evaluation's forward may hold: forward_only_factor times as many as the
+        largest training step ran, at least one sequence of each task."""
+        factor = forward_only_factor(self.model.model.config.num_hidden_layers)
+        return max(factor * self.largest_step, *(t.data["max_length"] for t in self.tasks.values()))
 
     def means(self, adapters: list[Adapter]) -> list[list[float]]:
         """Held-out losses of adapters in the model, each on its task's sequences, co-located, then
