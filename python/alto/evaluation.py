@@ -4,10 +4,11 @@ whose last weights were not scored), every adapter's best weights kept in host m
 that export their best, and the end's outcomes: the weights each adapter exports, their held-out
 loss and the task's metric of greedy completions (alto.generate).
 
-A forward of an evaluation holds several adapters' sequences, a few times the token positions the
-largest training step ran at most (Evaluation.observe_step, forward_only_factor): it keeps no
-activations for a backward, so it fits where the steps fit. How sequences fall into passes (the adapters' order, the step shapes)
-sets the float sums: a resumed run restores the shapes from its checkpoint.
+A forward of an evaluation holds several adapters' sequences, at most a few times the token
+positions the largest training step ran (Evaluation.observe_step, forward_only_factor): it keeps no
+activations for a backward, so it fits where the steps fit. How sequences fall into passes (the
+adapters' order, the step shapes) sets the float sums: a resumed run restores the shapes from its
+checkpoint.
 """
 from __future__ import annotations
 
@@ -100,10 +101,11 @@ def held_out_means(model: MultiLoraModel, batches: Mapping[str, Sequence[Sequenc
 def forward_only_factor(layers: int) -> int:
     """How many times a training step's token positions an evaluation's forward may hold: it keeps
     no activations for a backward (a layer's at a time; decoding adds a KV cache of a few KB per
-    position), where a step keeps every layer's, so a model of at least 4 x factor layers holds less
-    at once than the step did (<= 1/5 of its activations). Fewer, fuller passes: each one is host
-    time on a GPU (SmolLM2's held-out passes and decoding steps are host-bound there), and the
-    default sweep's greedy decoding ran 4 batches of 12 steps on a 2-core CPU where 1 does."""
+    position and layer), where a step keeps every layer's until its backward, so a model of at
+    least 4 x factor layers holds a quarter of the step's activations at most. Fewer, fuller
+    passes: each one is host time on a GPU (SmolLM2's held-out passes and decoding steps are
+    host-bound there), and the default sweep's greedy decoding ran 4 batches of 12 steps on a
+    2-core CPU where 1 does."""
     return max(1, min(4, layers // 4))
 
 
@@ -190,10 +192,10 @@ class Evaluation:
                 self.best_weights[aid] = (step, weights.result())
 
     def settled_export(self, a: Adapter, status: Status, last: Weights) -> tuple[int, Weights | Future] | None:
-        """What an adapter that ended with `status` will export, (its step, the weights or their host copy under way),
-        where no later evaluation can change it (else None): its task exports its last weights
-        (last), or the adapter has no best yet (its last weights will be its best or its export
-        either way), or its last weights were evaluated (its best is its best)."""
+        """What an adapter that ended with `status` will export, (its step, the weights or their host
+        copy under way), where no later evaluation can change it (else None): its task exports its
+        last weights (last), or the adapter has no best yet (its last weights will be its best or
+        its export either way), or its last weights were evaluated (its best is its best)."""
         if status not in (Status.FINISHED, Status.STOPPED_EARLY):
             return None
         if self.tasks[a.task].export == "last" or a.best is None:

@@ -66,9 +66,10 @@ def finish(registry: Registry, outcomes: Mapping[str, Outcome], base: Base, run_
            log=print, next_token_loss: bool = True) -> list[tuple[str, float]]:
     """Exports every adapter's chosen weights in PEFT format (adapters/<name>, by `exports`, which
     may have written their weights already; their base in HF format to base/ where it is not a
-    model folder already: alto.export.save_base), writes leaderboard.csv (every adapter, best first) and leaderboards/<task>.csv, and
-    prints each task's leaderboard (a next-token loss with its perplexity); returns (adapter,
-    held-out loss) best first (ranking). (losses.png: alto.loss_plot.)"""
+    model folder already: alto.export.save_base), writes leaderboard.csv (every adapter, best
+    first) and leaderboards/<task>.csv, and prints each task's leaderboard (a next-token loss with
+    its perplexity); returns (adapter, held-out loss) best first (ranking). (losses.png:
+    alto.loss_plot.)"""
     def order(a: Adapter) -> tuple:
         return ranking(outcomes[a.id], next_token_loss)
 
