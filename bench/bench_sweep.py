@@ -394,9 +394,8 @@ def headline(rows: list[Row], device: str, model: str) -> str:
         line += f" | exit saved {saved:.0%} of adapter-steps, {1 - by['d'].wall / by['c'].wall:.0%} of the wall"
     import importlib.util
 
-    import transformers
-
-    kept = Path(importlib.util.cache_from_source(transformers.__file__)).exists()  # (where this process looks)
+    origin = importlib.util.find_spec("transformers").origin
+    kept = Path(importlib.util.cache_from_source(origin)).exists()  # (where this process looks)
     return line + (" | bytecode kept" if kept else " | no bytecode")
 
 

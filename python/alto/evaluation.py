@@ -150,8 +150,10 @@ class Evaluation:
 
     def positions(self) -> int:
         """Token positions an evaluation's forward may hold: forward_only_factor times as many as the
-        largest training step ran, at least one sequence of each task."""
-        factor = forward_only_factor(self.model.model.config.num_hidden_layers)
+        largest training step ran (as many where the model's logits are computed whole: a soft-capped
+        or scaled head's, whose bytes do not shrink with the layers), at least one sequence of each task."""
+        layers = self.model.model.config.num_hidden_layers
+        factor = forward_only_factor(layers) if self.model.plain_head is not None else 1
         return max(factor * self.largest_step, *(t.data["max_length"] for t in self.tasks.values()))
 
     def means(self, adapters: list[Adapter]) -> list[list[float]]:

@@ -46,9 +46,7 @@ def _written_whole(out: Path) -> Iterator[Path]:
     tmp = _staging(out)
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _put_in_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -163,10 +161,7 @@ class AdapterExports:
             adapter, staging, written, outcome = self._ending[0]
             written.result()
             _write_record(staging, adapter, self.base_model_name, outcome)
-            out = self.folder / adapter.id
-            if out.exists():  # a resumed run's end, redone
-                shutil.rmtree(out)
-            staging.rename(out)
+            _put_in_place(staging, self.folder / adapter.id)
             self._ending.pop(0)
 
     def close(self) -> None:
@@ -194,6 +189,13 @@ class AdapterExports:
     def _save_tokenizer(self, folder: Path) -> Path:
         self.tokenizer.save_pretrained(folder)
         return folder
+
+
+def _put_in_place(tmp: Path, out: Path) -> None:
+    """A folder written under _staging's name renamed to `out`, over an earlier one (a resumed run's end, redone)."""
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def _staging(out: Path) -> Path:

@@ -25,7 +25,8 @@ class LossPlot:
 
     def __init__(self) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}  # one figure: no thread pools
-        self._proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
+        # -P: this file's folder (alto/, whose sched/ would shadow the standard library's) stays off sys.path
+        self._proc = subprocess.Popen([sys.executable, "-P", str(Path(__file__).resolve())], stdin=subprocess.PIPE,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
     def draw(self, registry: Registry, path: Path) -> None:
@@ -37,10 +38,15 @@ class LossPlot:
             raise RuntimeError(f"drawing {path.name} failed: {lines[-1]}")
 
     def close(self) -> None:
-        """Ends the process if it still runs (a run that ends without drawing)."""
+        """Ends the process if it still runs (a run that ends without drawing): its stdin closed, it
+        leaves once its imports are done. Not killed then: matplotlib's first import in a fresh
+        environment builds its font cache under a lock file that a kill would leave behind."""
         if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.communicate()
+            try:
+                self._proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.communicate()
 
 
 def plot_losses(curves: list[dict], path: str) -> None:

@@ -142,7 +142,9 @@ class SweepRun:
                     self.model, self.shape, {t: [len(s) for s in seqs] for t, seqs in self.train_seqs.items()},
                     sweep.packing, probe_config(c for configs in self.bounds.values() for c in configs.values()),
                     self.base.pad_id, self.device,
-                    sweep.memory_budget_gb, sweep.max_tokens_per_step, self.objective, self.planned_everything())
+                    sweep.memory_budget_gb, sweep.max_tokens_per_step, self.objective,
+                    # a sharded base's probe steps gather its layers on every rank: all probe, or none would
+                    None if self.sharded else self.planned_everything())
         self.colocation = Colocation(self.group, self.registry, self.trainer, self.device, self.costs, admission,
                                      sweep.max_running)
         self.checkpoints = RunCheckpoints(run_dir, self.group, self.registry, self.trainer, self.evaluation,
@@ -171,7 +173,7 @@ class SweepRun:
     def planned_everything(self) -> tuple[int, int]:
         """(token positions, LoRA parameters) of one step of every adapter the searchers plan, each
         at the largest sizes its task's may propose and every sequence max_length long: more than
-        any step holds."""
+        any step holds (reclaim: grow gives survivors the samples of stopped adapters, no more)."""
         positions = params = 0
         for t in self.tasks.values():
             n, configs = searcher_of(t).planned(t), self.bounds[t.name].values()
@@ -288,7 +290,8 @@ class SweepRun:
         A run that ends (True) may still be writing its last periodic checkpoint: finish() waits for it."""
         leader, done = self.group.is_leader, False
         if leader and self.loss_plot is None:  # its matplotlib imported while the run trains
-            self.loss_plot = LossPlot()
+            with contextlib.suppress(OSError):  # (cannot start: finish() tries again and says why)
+                self.loss_plot = LossPlot()
         trackers = [TRACKERS[name](self.run_dir, self.sweep.name) for name in self.sweep.report_to] if leader else []
         self.logs = RunLog(self.run_dir, self.registry, self.forecast(), log, bar, on_evaluation, trackers) \
             if leader else None
