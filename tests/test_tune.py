@@ -753,3 +753,27 @@ def test_evaluation_passes_hold_a_few_times_the_largest_steps_positions(tmp_path
             runs[factor] = [(r["adapter"], r["micro_step"], float(r["eval_loss"])) for r in csv.DictReader(f)]
     assert [r[:2] for r in runs[None]] == [r[:2] for r in runs[1]]
     assert all(a[2] == pytest.approx(b[2], rel=1e-5) for a, b in zip(runs[None], runs[1]))
+
+
+def test_a_run_stopped_and_run_on_in_one_process_exports_what_one_run_does(tmp_path, sweep_yaml):
+    """run(until) stops at a checkpoint: the exports it had started are dropped (nothing half-written
+    left) and started again by the run that goes on, whose folder then holds what one uninterrupted
+    run's does."""
+    from pathlib import Path
+
+    sweep = dict(grid={"lr": [3e-3, 1e-2, 1e-5, 2e-2]}, eval={"every": 3},
+                 defaults={"micro_batch_size": 2, "max_steps": 5, "target_modules": ["q_proj", "v_proj"]},
+                 monitor={"rule": "asha", "grace": 2, "eta": 2, "signal": "train"})
+    assert tune(str(sweep_yaml(out="whole", **sweep)), None, log=lambda *_: None) == 0
+    parsed = parse_sweep(sweep_yaml(out="twice", **sweep).read_text())
+    Path(parsed.output).mkdir()
+    run = SweepRun(parsed, Path(parsed.output))
+    assert not run.run(until=3, log=lambda *_: None)  # past the stops at micro-step 2
+    assert not list((tmp_path / "twice" / "adapters").rglob("*"))
+    assert run.run(log=lambda *_: None)
+    run.finish(log=lambda *_: None)
+    whole, twice = tmp_path / "whole" / "adapters", tmp_path / "twice" / "adapters"
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file())
+    assert files and sorted(p.relative_to(twice) for p in twice.rglob("*") if p.is_file()) == files
+    for f in files:  # (each names its own run's base/)
+        assert (twice / f).read_bytes().replace(b"/twice/", b"/whole/") == (whole / f).read_bytes(), f
