@@ -26,7 +26,7 @@ set_target_properties(alto_cuda_kernels PROPERTIES CUDA_STANDARD 17 CUDA_SEPARAB
                                                    POSITION_INDEPENDENT_CODE ON)
 target_link_libraries(alto_cuda_kernels PUBLIC CUDA::cudart)
 
-list(APPEND ALTO_SOURCES csrc/cuda/lora_ops_torch.cpp csrc/cuda/device_errors.cpp)
+list(APPEND ALTO_SOURCES csrc/cuda/lora_ops_torch.cpp csrc/cuda/packed_adamw_torch.cpp csrc/cuda/device_errors.cpp)
 foreach(_lib c10_cuda torch_cuda)
   find_library(TORCH_LIB_${_lib} ${_lib} PATHS "${TORCH_LIB_DIR}" NO_DEFAULT_PATH REQUIRED)
   list(APPEND TORCH_CORE_LIBRARIES ${TORCH_LIB_${_lib}})

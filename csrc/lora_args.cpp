@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <string>
+
 namespace alto {
 
 void check_matrix(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
@@ -112,6 +114,52 @@ SegmentDims check_weight_grad_args(const at::Tensor& h, const at::Tensor& x,
                     x.size(0), " (one row per token)");
   TORCH_CHECK_VALUE(total_rank >= 0, op, ": total_rank must be >= 0, got ", total_rank);
   return check_segments(op, x, seg_indptr, rank_indptr, scaling, x.size(0), total_rank);
+}
+
+AdamwDims check_packed_adamw_args(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
+                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const at::Tensor& row_slot,
+                                  const at::Tensor& slot_call, const at::Tensor& hyper, const at::Tensor& norms,
+                                  const at::Tensor& counts) {
+  const char* op = "alto::packed_adamw_";
+  const size_t P = params.size();
+  TORCH_CHECK_VALUE(grads.size() == P && exp_avgs.size() == P && exp_avg_sqs.size() == P, op, ": params, grads, ",
+                    "exp_avgs and exp_avg_sqs must have one entry per pack, got ", P, ", ", grads.size(), ", ",
+                    exp_avgs.size(), ", ", exp_avg_sqs.size());
+  TORCH_CHECK_VALUE(hyper.dim() == 2 && hyper.size(1) == 3, op, ": hyper must be [n, 3] (lr, weight_decay, ",
+                    "max_norm), got ", hyper.sizes());
+  const at::Tensor& ref = hyper;
+  TORCH_CHECK_VALUE(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, op,
+                    ": hyper must be float32 or float64 (the weights' dtype), got ", ref.scalar_type());
+  const int64_t n = hyper.size(0);
+  int64_t rows = 0;
+  auto check_pack = [&](const at::Tensor& t, const char* name, size_t i, const at::Tensor& shape) {
+    TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type() && t.device() == ref.device(), op, ": ", name, "[", i,
+                      "] is ", t.scalar_type(), " on ", t.device(), ", hyper is ", ref.scalar_type(), " on ",
+                      ref.device());
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.sizes() == shape.sizes() && t.is_contiguous(), op, ": ", name, "[", i,
+                      "] must be contiguous and shaped as params[", i, "] ", shape.sizes(), ", got ", t.sizes());
+  };
+  for (size_t i = 0; i < P; ++i) {
+    check_pack(params[i], "params", i, params[i]);
+    check_pack(exp_avgs[i], "exp_avgs", i, params[i]);
+    check_pack(exp_avg_sqs[i], "exp_avg_sqs", i, params[i]);
+    const std::optional<at::Tensor> g = grads[i];
+    if (g.has_value() && g->defined()) check_pack(*g, "grads", i, params[i]);
+    rows += params[i].size(0);
+  }
+  auto check_vector = [&](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t size) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.scalar_type() == dtype && t.device() == ref.device() &&
+                          (size < 0 || t.numel() == size),
+                      op, ": ", name, " must be a 1-D ", dtype, " tensor on ", ref.device(),
+                      size < 0 ? "" : " of size ", size < 0 ? std::string() : std::to_string(size), ", got ",
+                      t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  };
+  check_vector(row_slot, "row_slot", at::kInt, rows);
+  check_vector(slot_call, "slot_call", at::kInt, -1);
+  check_vector(counts, "counts", at::kFloat, slot_call.numel());
+  TORCH_CHECK_VALUE(counts.is_contiguous(), op, ": counts must be contiguous (it is updated in place)");
+  check_vector(norms, "norms", ref.scalar_type(), n);
+  return {rows, slot_call.numel(), n};
 }
 
 }  // namespace alto

@@ -34,6 +34,19 @@ SegmentDims check_weight_grad_args(const at::Tensor& h, const at::Tensor& x,
                                    const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
                                    int64_t total_rank, const std::optional<at::Tensor>& scaling);
 
+// alto::packed_adamw_: equal-length lists of 2-D contiguous packs (float32 or float64, one dtype and
+// device), gradients None or shaped as their pack; row_slot int32 [every pack's rows], slot_call
+// int32 [S], counts float32 [S], hyper [n, 3] and norms [n] in the packs' dtype. Returns {rows, S, n}.
+struct AdamwDims {
+  int64_t rows;   // rows of all packs, end to end
+  int64_t slots;  // S
+  int64_t calls;  // n
+};
+AdamwDims check_packed_adamw_args(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
+                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs, const at::Tensor& row_slot,
+                                  const at::Tensor& slot_call, const at::Tensor& hyper, const at::Tensor& norms,
+                                  const at::Tensor& counts);
+
 // Validates index values on host copies: indptr[0] == 0, non-decreasing, indptr[G] == total, and
 // (when max_rank >= 0) every rank length <= max_rank. Raises ValueError naming the argument.
 void check_indptr_values(const char* op, const at::Tensor& seg_host, const at::Tensor& rank_host,

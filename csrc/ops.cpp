@@ -26,6 +26,16 @@ TORCH_LIBRARY(alto, m) {
   m.def("lora_weight_grad(Tensor h, Tensor x, Tensor seg_indptr, Tensor rank_indptr, int total_rank, "
         "Tensor? scaling=None, ScalarType? out_dtype=None) -> Tensor");
 
+  // AdamW of every adapter's rows of every pack at once (alto.optim.MultiAdamW; csrc/adamw_math.h):
+  // row i of the packs, end to end, belongs to optimizer slot row_slot[i] (-1: none); slot s is
+  // stepped this call as entry slot_call[s] (-1: not stepped), with hyper[k] = (lr, weight_decay,
+  // max_norm; inf: no limit), its gradient norm norms[k] (clip_grad_norm_'s clip; not finite: not
+  // stepped) and step count counts[s] + 1 (counts[s] updated). A pack whose gradient is None is not
+  // stepped; its rows still count in row_slot. Moments and counts as torch's fused AdamW keeps them.
+  m.def("packed_adamw_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor row_slot, Tensor slot_call, Tensor hyper, Tensor norms, Tensor(d!) counts, float beta1, "
+        "float beta2, float eps) -> ()");
+
   // Adapter migration between ranks (csrc/dist/transfer.cpp): tensors of one device <-> one flat
   // uint8 buffer; send/recv move that buffer through the torch process group named group_name.
   m.def("pack_tensors(Tensor[] tensors) -> Tensor");

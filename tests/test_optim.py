@@ -1,90 +1,156 @@
-"""MultiAdamW = torch.optim.AdamW + clip_grad_norm_ run separately for every adapter."""
+"""MultiAdamW = torch.optim.AdamW + clip_grad_norm_ run separately for every adapter, stepped over
+the packs by one op (alto::packed_adamw_)."""
 import math
 
 import pytest
 import torch
 
+from alto.model import MultiLoraModel
 from alto.optim import MultiAdamW
+from alto.registry import AdapterConfig
+from conftest import tiny_model
 
-HP = {"a": (1e-3, 0.0, 1.0), "b": (3e-2, 0.1, None), "c": (5e-4, 0.01, 1e-3)}  # lr, wd, max norm
+# lr, weight decay, max norm; ranks and targets differ (odd widths: intermediate 87 rows of q..v are
+# vectorized, gate/up/down's are not)
+HP = {"a": (1e-3, 0.0, 1.0), "b": (3e-2, 0.1, None), "c": (5e-4, 0.01, 1e-3)}
+TARGETS = {"a": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+           "b": ("q_proj", "v_proj"), "c": ("down_proj", "gate_proj", "k_proj")}
+RANKS = {"a": 3, "b": 8, "c": 5}
+# float32: equal to float32 rounding (torch's own fused and foreach AdamW differ as much); float64:
+# equal to float64 rounding.
+TOLERANCES = {torch.float32: (1e-6, 1e-7), torch.float64: (1e-12, 1e-14)}  # rtol, atol
 
 
-def norms_of(tensors):
-    """Each adapter's gradient norm as clip_grad_norm_ computes it (what MultiLoraModel.grad_norms gives)."""
-    return torch.stack([torch.nn.utils.get_total_norm([g for g in grads if g is not None])
-                        for _, grads in tensors.values()])
+def build(device, dtype, ids=tuple(HP)):
+    model = MultiLoraModel(tiny_model("Llama", dtype, intermediate_size=87).to(device))
+    model.add_adapters({a: AdapterConfig(rank=RANKS[a], alpha=2 * RANKS[a], target_modules=TARGETS[a], seed=i)
+                        for i, a in enumerate(ids)})
+    for layer in model.layers.values():  # B = 0 (PEFT's init) would leave B's first step special
+        layer.lora_B.data.normal_()
+    opt = MultiAdamW(model)
+    for a in ids:
+        opt.add(a, HP[a][1])
+    return model, opt
 
 
-def make_params(seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in [(3, 5), (7,), (2, 4)]]
+def fresh_grads(model, skip_layer: str | None = None):
+    for path, layer in model.layers.items():
+        for p in layer.packs():
+            p.grad = None if path == skip_layer or not layer.order else torch.randn_like(p) * 3
 
 
-# float32: the training path (clip as the fused kernel's grad scale), equal to float32 rounding;
-# float64: the exact-math path (clip by a float64 division), equal to float64 rounding.
-TOLERANCES = {torch.float32: (1e-6, 1e-7, 1e-5), torch.float64: (1e-12, 1e-14, 1e-12)}  # rtol, atol, norms
+def reference(model, ids):
+    """Each adapter's weights as separate leaf tensors, with torch.optim.AdamW over them."""
+    params, opts = {}, {}
+    for a in ids:
+        params[a] = [torch.nn.Parameter(v.clone()) for v in model.adapter_tensors(a)[0]]
+        opts[a] = torch.optim.AdamW(params[a], lr=HP[a][0], weight_decay=HP[a][1])
+    return params, opts
+
+
+def reference_step(model, params, opts, ids):
+    for a in ids:
+        for p, g in zip(params[a], model.adapter_tensors(a)[1]):
+            p.grad = None if g is None else g.clone()
+        live = [p for p in params[a] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(live, HP[a][2] or math.inf)
+        opts[a].step()
 
 
 @pytest.mark.parametrize("dtype", TOLERANCES)
-def test_matches_torch_adamw_and_clipping_per_adapter(dtype):
-    rtol, atol, norm_rtol = TOLERANCES[dtype]
-    ours = {k: make_params(i, dtype) for i, k in enumerate(HP)}
-    theirs = {k: make_params(i, dtype) for i, k in enumerate(HP)}
-    opt = MultiAdamW()
-    torch_opts = {}
-    for k, (lr, wd, _) in HP.items():
-        opt.add(k, ours[k], wd)
-        torch_opts[k] = torch.optim.AdamW(theirs[k], lr=lr, weight_decay=wd)
-    for step in range(5):
-        for k in HP:
-            g = torch.Generator().manual_seed(100 * step + len(k) + ord(k))
-            grads = [torch.randn(p.shape, generator=g, dtype=dtype) * (step + 1) for p in ours[k]]
-            for p, q, gr in zip(ours[k], theirs[k], grads):
-                p.grad, q.grad = gr.clone(), gr.clone()
-        ids = list(HP)
-        tensors = {k: ([p.data for p in ours[k]], [p.grad for p in ours[k]]) for k in ids}
-        norms = opt.step(tensors, [HP[k][0] for k in ids], [HP[k][2] for k in ids], norms_of(tensors)).tolist()
-        for k, norm in zip(ids, norms):
-            ref_norm = torch.nn.utils.clip_grad_norm_(theirs[k], HP[k][2] or math.inf)
-            assert math.isclose(norm, ref_norm.item(), rel_tol=norm_rtol)
-            torch_opts[k].step()
-            for p, q in zip(ours[k], theirs[k]):
-                assert torch.allclose(p, q, rtol=rtol, atol=atol), (k, step, (p - q).abs().max())
+def test_matches_torch_adamw_and_clipping_per_adapter(device, dtype):
+    rtol, atol = TOLERANCES[dtype]
+    model, opt = build(device, dtype)
+    params, opts = reference(model, HP)
+    # step 1 steps b alone (the others accumulating); the last leaves one layer without gradients
+    # (last: its tensors' step count stays behind in torch, which counts per tensor, not per adapter)
+    plans = [list(HP), ["b"], list(HP), ["a", "c"], list(HP)]
+    for step, ids in enumerate(plans):
+        fresh_grads(model, skip_layer="model.layers.1.mlp.gate_proj" if step == len(plans) - 1 else None)
+        before = {a: [v.clone() for v in model.adapter_tensors(a)[0]] for a in HP}
+        norms = opt.step(ids, [HP[a][0] for a in ids], [HP[a][2] for a in ids], model.grad_norms(ids))
+        reference_step(model, params, opts, ids)
+        for a in HP:
+            for i, (ours, ref, old) in enumerate(zip(model.adapter_tensors(a)[0], params[a], before[a])):
+                if a not in ids:
+                    assert torch.equal(ours, old), (a, step, i)  # not stepped: untouched
+                else:
+                    assert torch.allclose(ours, ref, rtol=rtol, atol=atol), (a, step, i, (ours - ref).abs().max())
+        assert torch.isfinite(norms).all()
+    counts = {a: s["step"] for a, s in opt.states(list(HP)).items()}
+    assert counts == {a: sum(a in ids for ids in plans) for a in HP}
+    for a in HP:  # moments too (torch keeps them per parameter; near-zero ones differ by a few ulps of 1)
+        state = opt.states([a])[a]
+        for m, v, p in zip(state["exp_avg"], state["exp_avg_sq"], params[a]):
+            assert torch.allclose(m, opts[a].state[p]["exp_avg"], rtol=rtol, atol=10 * atol)
+            assert torch.allclose(v, opts[a].state[p]["exp_avg_sq"], rtol=rtol, atol=10 * atol)
 
 
-def test_params_without_grad_are_skipped_and_state_is_returned():
-    params = make_params(0)
-    before = [p.detach().clone() for p in params]
-    opt = MultiAdamW()
-    opt.add("a", params, 0.1)
-    params[0].grad = torch.ones_like(params[0])
-    tensors = {"a": ([p.data for p in params], [p.grad for p in params])}
-    opt.step(tensors, [1e-2], [None], norms_of(tensors))
-    assert not torch.equal(params[0], before[0])
-    assert torch.equal(params[1], before[1]) and torch.equal(params[2], before[2])
-    state = opt.states(["a"])["a"]
-    opt.remove(["a"])
-    assert state["step"] == 1 and torch.count_nonzero(state["exp_avg"][0]) == params[0].numel()
-
-
-def test_non_finite_norm_is_reported_and_that_adapter_skipped():
-    params = make_params(1)
-    opt = MultiAdamW()
-    other = make_params(2)
-    opt.add("a", params, 0.0)
-    opt.add("b", other, 0.0)
-    params[0].grad = torch.full_like(params[0], float("inf"))
-    for p in other:
-        p.grad = torch.ones_like(p)
-    tensors = {k: ([p.data for p in ps], [p.grad for p in ps]) for k, ps in (("a", params), ("b", other))}
-    before = [p.detach().clone() for p in params + other]
-    norms = opt.step(tensors, [1e-2, 1e-2], [1.0, 1.0], norms_of(tensors)).tolist()
+def test_non_finite_norm_skips_that_adapter_on_the_device(device):
+    model, opt = build(device, torch.float32, ids=("a", "b"))
+    fresh_grads(model)
+    for g in model.adapter_tensors("a")[1][:2]:
+        g.fill_(float("inf"))
+    before = {a: [v.clone() for v in model.adapter_tensors(a)[0]] for a in ("a", "b")}
+    norms = opt.step(["a", "b"], [1e-2, 1e-2], [1.0, 1.0], model.grad_norms(["a", "b"])).tolist()
     assert not math.isfinite(norms[0]) and math.isfinite(norms[1])
-    # a is skipped on the device (no host sync needed): weights, moments and step count unchanged
-    assert all(torch.equal(p, q) for p, q in zip(params, before[:3]))
     states = opt.states(["a", "b"])
+    # a: weights, moments and step count as they were; b stepped
+    assert all(torch.equal(v, w) for v, w in zip(model.adapter_tensors("a")[0], before["a"]))
     assert states["a"]["step"] == 0 and all(torch.count_nonzero(m) == 0 for m in states["a"]["exp_avg"])
-    assert not any(torch.equal(p, q) for p, q in zip(other, before[3:])) and states["b"]["step"] == 1
+    assert not any(torch.equal(v, w) for v, w in zip(model.adapter_tensors("b")[0], before["b"]))
+    assert states["b"]["step"] == 1
+
+
+def test_state_survives_removal_and_return_and_slots_are_reused(device):
+    """An adapter taken out (its state copied) and put back continues bit for bit as one never taken
+    out; one added into a freed slot starts fresh while the others' moments move with their rows."""
+    model, opt = build(device, torch.float32)
+    twin, twin_opt = build(device, torch.float32)
+    with torch.no_grad():
+        for a in HP:
+            for dst, src in zip(twin.adapter_tensors(a)[0], model.adapter_tensors(a)[0]):
+                dst.copy_(src)
+
+    def step_both(ids):
+        fresh_grads(model)
+        for layer in twin.layers.values():
+            for p in layer.packs():
+                p.grad = torch.zeros_like(p)
+        for a in ids:
+            for dst, src in zip(twin.adapter_tensors(a)[1], model.adapter_tensors(a)[1]):
+                dst.copy_(src)
+        for m, o in ((model, opt), (twin, twin_opt)):
+            o.step(ids, [HP[a][0] for a in ids], [HP[a][2] for a in ids], m.grad_norms(ids))
+
+    step_both(list(HP))
+    saved = {k: [t.clone() for t in v] if isinstance(v, list) else v for k, v in opt.states(["a"])["a"].items()}
+    weights, config = model.adapter_weights("a"), model.configs["a"]
+    model.remove_adapters(["a"])
+    opt.remove(["a"])
+    model.add_adapters({"d": AdapterConfig(rank=4, target_modules=("q_proj", "up_proj"), seed=9)})
+    opt.add("d", 0.0)  # a's freed slot
+    assert opt.slots["d"] == 0 and opt.states(["d"])["d"]["step"] == 0
+    assert all(torch.count_nonzero(m) == 0 for m in opt.states(["d"])["d"]["exp_avg_sq"])
+    step_both(["b", "c"])  # twin's a is not stepped either
+    model.add_adapters({"a": config}, {"a": weights})
+    opt.add("a", HP["a"][1])
+    opt.load("a", saved)
+    step_both(list(HP))
+    for a in HP:
+        assert all(torch.equal(x, y) for x, y in zip(model.adapter_tensors(a)[0], twin.adapter_tensors(a)[0])), a
+    assert {a: s["step"] for a, s in opt.states(list(HP)).items()} == {"a": 2, "b": 3, "c": 3}
+
+
+def test_packed_adamw_names_a_bad_argument():
+    w = torch.zeros(2, 4)
+    args = ([w], [torch.ones(2, 4)], [torch.zeros(2, 4)], [torch.zeros(2, 4)], torch.tensor([0, 5], dtype=torch.int32),
+            torch.tensor([0], dtype=torch.int32), torch.tensor([[1e-3, 0.0, math.inf]]), torch.ones(1), torch.zeros(1))
+    with pytest.raises(ValueError, match=r"row_slot\[1\]=5"):
+        torch.ops.alto.packed_adamw_(*args, 0.9, 0.999, 1e-8)
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] must be contiguous and shaped as params\[0\]"):
+        torch.ops.alto.packed_adamw_(args[0], args[1], [torch.zeros(4, 2)], *args[3:], 0.9, 0.999, 1e-8)
+    assert torch.equal(w, torch.zeros(2, 4))  # nothing written
 
 
 def test_segment_sums_sums_consecutive_runs_including_empty_ones():
@@ -96,3 +162,15 @@ def test_segment_sums_sums_consecutive_runs_including_empty_ones():
                             values[:, 2:5].sum(1), values[:, 5:6].sum(1)], dim=1)
     assert torch.equal(out, expected)
     assert torch.equal(segment_sums(torch.zeros(0), [0, 0]), torch.zeros(2))
+
+
+def test_packed_adamw_opcheck(device):
+    dtype = torch.float32
+    params = [torch.randn(3, 8, device=device, dtype=dtype), torch.randn(5, 6, device=device, dtype=dtype)]
+    grads = [torch.randn_like(p) for p in params]
+    moments = [torch.rand_like(p) for p in params * 2]
+    args = (params, grads, moments[:2], moments[2:], torch.tensor([0, 0, 1, 1, -1, 1, 0, 0], dtype=torch.int32, device=device),
+            torch.tensor([1, 0], dtype=torch.int32, device=device),
+            torch.tensor([[1e-3, 0.1, 1.0], [1e-2, 0.0, math.inf]], dtype=dtype, device=device),
+            torch.tensor([0.5, 3.0], dtype=dtype, device=device), torch.zeros(2, device=device), 0.9, 0.999, 1e-8)
+    torch.library.opcheck(torch.ops.alto.packed_adamw_, args)

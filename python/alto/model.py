@@ -141,6 +141,9 @@ class MultiLoraLinear(nn.Module):
         self.rows: dict[str, tuple[int, int]] = {}  # adapter -> (first row, rank)
         self._value_views = None  # split_packs' of the packs' values, with what it split
         self._ranks: tuple[tuple[str, ...], tuple[int, ...]] | None = None  # ranks()' last (adapters, ranks)
+        # AdamW's moments in the packs' layout (exp_avg of each pack, then exp_avg_sq of each), re-packed
+        # with them, so that one kernel steps every adapter's rows (alto.optim); None until asked for
+        self.moments: list[torch.Tensor] | None = None
         widths = self._widths()
         for name in TENSOR_NAMES:
             setattr(self, name, nn.Parameter(torch.zeros(0, widths[name], dtype=dtype, device=base.weight.device)))
@@ -170,6 +173,9 @@ class MultiLoraLinear(nn.Module):
             packed = nn.Parameter(gather(pack.detach(), extra))
             packed.grad = gather(pack.grad, None if extra is None else torch.zeros_like(extra))
             setattr(self, name, packed)
+        if self.moments is not None:  # zero for the added rows
+            self.moments = [gather(m, None if added is None else torch.zeros_like(added[name]))
+                            for m, name in zip(self.moments, TENSOR_NAMES * 2)]
         ranks = [self.rows[a][1] for a in keep] + list(added_ranks)
         self._value_views = self._ranks = None  # the old packs' storage freed now; the rows moved
         self.rows, row = {}, 0
@@ -220,6 +226,15 @@ class MultiLoraLinear(nn.Module):
         """Views of the adapter's rows, in TENSOR_NAMES order: (values, gradients or None)."""
         packs = self.packs()
         return ([self._slice(p.detach(), adapter_id) for p in packs], [self._slice(p.grad, adapter_id) for p in packs])
+
+    def moment_views(self, adapter_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Views of the adapter's rows of the moments (exp_avg, exp_avg_sq; TENSOR_NAMES order each),
+        the moments made (zeros) on first use."""
+        if self.moments is None:
+            self.moments = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.packs() * 2]
+        views = [self._slice(m, adapter_id) for m in self.moments]
+        n = len(TENSOR_NAMES)
+        return views[:n], views[n:]
 
     def split_packs(self) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor] | None]]:
         """Each pack's values and gradients (None: no gradient buffer) split into its adapters' rows,
@@ -391,6 +406,16 @@ class MultiLoraModel(nn.Module):
                         mine_v.append(v[i])
                         mine_g.append(None if g is None else g[i])
         return out
+
+    def adapter_moments(self, adapter_id: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Views of the adapter's AdamW moments (exp_avg, exp_avg_sq) in adapter_tensors' order
+        (each layer's made, zeros, on first use)."""
+        exp_avg, exp_avg_sq = [], []
+        for p in self.target_layers(self.configs[adapter_id]):
+            m, v = self.layers[p].moment_views(adapter_id)
+            exp_avg += m
+            exp_avg_sq += v
+        return exp_avg, exp_avg_sq
 
     def grad_norms(self, adapter_ids: Sequence[str]) -> torch.Tensor:
         """Each adapter's gradient norm, clip_grad_norm_'s (the 2-norm of all its gradients), in

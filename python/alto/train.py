@@ -70,7 +70,7 @@ class Trainer:
                  pad_id: int, device: torch.device | str = "cpu", packed: bool = True, objective: Objective = SFT()):
         self.model, self.registry, self.data, self.pad_id = model, registry, data, pad_id
         self.device, self.packed, self.objective = torch.device(device), packed, objective
-        self.optimizer = MultiAdamW()
+        self.optimizer = MultiAdamW(model)
         # Adapters out of the model (on the CPU): ended, or queued again after an out-of-memory step (admit() takes those)
         self.retired: dict[str, AdapterState] = {}
         self.last_positions = self.last_tokens = 0  # of the last step: token positions (padding included), tokens
@@ -94,9 +94,8 @@ class Trainer:
             if a.id not in self.data:
                 raise ValueError(f"adapter {a.id!r} has no data stream")
         self.model.add_adapters({a.id: a.config for a in adapters}, {aid: s.weights for aid, s in states.items()})
-        tensors = self.model.adapters_tensors([a.id for a in adapters])
         for a in adapters:
-            self.optimizer.add(a.id, tensors[a.id][0], a.config.weight_decay)
+            self.optimizer.add(a.id, a.config.weight_decay)
             state = states.get(a.id)
             if state is not None:
                 self.model.load_adapter_grads(a.id, state.grads)
@@ -228,7 +227,7 @@ class Trainer:
             adapter.micro_step += 1
         stepping = [a for a in running if a.micro_step % a.config.grad_accum == 0]
         ids = [a.id for a in stepping]
-        norms = self.optimizer.step(self.model.adapters_tensors(ids), [a.config.lr_at(a.step) for a in stepping],
+        norms = self.optimizer.step(ids, [a.config.lr_at(a.step) for a in stepping],
                                     [a.config.max_grad_norm for a in stepping], self.model.grad_norms(ids))
         self.model.clear_grads([a.id for a in stepping])
         values = torch.cat([per_adapter.detach(), norms.to(per_adapter.device)]).tolist()  # the one sync

@@ -10,6 +10,9 @@ slot g; rows ``rank_indptr[g]:rank_indptr[g+1]`` of rank-major weights are adapt
 - ``lora_expand``: the same, returning a new tensor (differentiable).
 - ``lora_weight_grad(h[T,H], x[T,d]) -> [R,d]``: ``out[W_g rows] = s_g h_g[:, :r_g]ᵀ x_g``, in
   ``out_dtype`` (default x's; float32 for float32 master weights of bf16 compute).
+- ``packed_adamw_(params, grads, exp_avgs, exp_avg_sqs, row_slot, slot_call, hyper, norms, counts,
+  beta1, beta2, eps)``: AdamW of every adapter's rows of every pack at once (csrc/ops.cpp says how
+  rows map to adapters; alto.optim.MultiAdamW calls it). On CUDA a bad index is skipped, not read past.
 
 On CUDA the index tensors are validated on the device without a host sync: a bad index is never
 read past, the failing launch computes nothing for that adapter, and the error is raised at the next
@@ -120,6 +123,11 @@ def _(y, h, W, seg_indptr, rank_indptr, scaling=None):
 @torch.library.register_fake("alto::lora_weight_grad")
 def _(h, x, seg_indptr, rank_indptr, total_rank, scaling=None, out_dtype=None):
     return x.new_empty((total_rank, x.shape[1]), dtype=out_dtype or x.dtype)
+
+
+@torch.library.register_fake("alto::packed_adamw_")
+def _(params, grads, exp_avgs, exp_avg_sqs, row_slot, slot_call, hyper, norms, counts, beta1, beta2, eps):
+    return None
 
 
 # ---- autograd: every gradient is another segmented op ------------------------------------------

@@ -1,0 +1,89 @@
+// alto::packed_adamw_'s CUDA kernels (see packed_adamw.h; the math: csrc/adamw_math.h).
+#include "../adamw_math.h"
+#include "packed_adamw.h"
+
+namespace alto::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Each stepped adapter's factors for this step, and its step counted (a not-finite norm: neither).
+template <class T>
+__global__ void adamw_factors_kernel(AdamwArgs a) {
+  const T* hyper = static_cast<const T*>(a.hyper);
+  const T* norms = static_cast<const T*>(a.norms);
+  auto* factors = static_cast<AdamwFactors<T>*>(a.factors);
+  for (int64_t s = threadIdx.x; s < a.num_slots; s += blockDim.x) {
+    const int32_t k = a.slot_call[s];
+    if (k < 0 || k >= a.num_calls) continue;
+    const AdamwFactors<T> f = adamw_factors<T>(norms[k], hyper[3 * k], hyper[3 * k + 1], hyper[3 * k + 2],
+                                               static_cast<double>(a.counts[s]) + 1.0, a.beta1, a.beta2);
+    factors[k] = f;
+    if (f.grad_scale != T(0)) a.counts[s] += 1.0f;
+  }
+}
+
+template <class T, int kVec>
+struct alignas(sizeof(T) * kVec) Vec {
+  T x[kVec];
+};
+
+// The elements [begin, end) of one pack, kVec at a time (kVec divides the width: no access spans rows).
+template <class T, int kVec>
+__device__ void update_range(const AdamwArgs& a, const AdamwPack& p, int64_t begin, int64_t end) {
+  const auto* factors = static_cast<const AdamwFactors<T>*>(a.factors);
+  const AdamwConstants<T> constants(a.beta1, a.beta2, a.eps);
+  auto* w = static_cast<Vec<T, kVec>*>(p.w);
+  const auto* g = static_cast<const Vec<T, kVec>*>(p.g);
+  auto* m = static_cast<Vec<T, kVec>*>(p.m);
+  auto* v = static_cast<Vec<T, kVec>*>(p.v);
+  for (int64_t e = begin + threadIdx.x * kVec; e < end; e += kThreads * kVec) {
+    const int32_t s = a.row_slot[p.row_offset + e / p.width];
+    if (s < 0 || s >= a.num_slots) continue;
+    const int32_t k = a.slot_call[s];
+    if (k < 0 || k >= a.num_calls) continue;
+    const AdamwFactors<T> f = factors[k];
+    if (f.grad_scale == T(0)) continue;
+    const int64_t i = e / kVec;
+    Vec<T, kVec> wv = w[i], mv = m[i], vv = v[i];
+    const Vec<T, kVec> gv = g[i];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) adamw_update<T>(wv.x[j], gv.x[j], mv.x[j], vv.x[j], f, constants);
+    w[i] = wv;
+    m[i] = mv;
+    v[i] = vv;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) adamw_update_kernel(AdamwArgs a) {
+  const int64_t chunk = blockIdx.x;
+  int64_t lo = 0, hi = a.num_packs - 1;  // the last pack whose first chunk is <= this one
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (a.packs[mid].chunk_begin <= chunk) lo = mid; else hi = mid - 1;
+  }
+  const AdamwPack p = a.packs[lo];
+  const int64_t begin = (chunk - p.chunk_begin) * kAdamwChunk;
+  const int64_t end = begin + kAdamwChunk < p.numel ? begin + kAdamwChunk : p.numel;
+  constexpr int kVec = 16 / sizeof(T);
+  if (p.vectorized) {
+    update_range<T, kVec>(a, p, begin, end);
+  } else {
+    update_range<T, 1>(a, p, begin, end);
+  }
+}
+
+}  // namespace
+
+template <class T>
+cudaError_t packed_adamw(const AdamwArgs& args, cudaStream_t stream) {
+  if (args.num_slots > 0) adamw_factors_kernel<T><<<1, kThreads, 0, stream>>>(args);
+  if (args.num_chunks > 0) adamw_update_kernel<T><<<static_cast<unsigned>(args.num_chunks), kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template cudaError_t packed_adamw<float>(const AdamwArgs&, cudaStream_t);
+template cudaError_t packed_adamw<double>(const AdamwArgs&, cudaStream_t);
+
+}  // namespace alto::cuda
