@@ -142,6 +142,26 @@ def test_state_survives_removal_and_return_and_slots_are_reused(device):
     assert {a: s["step"] for a, s in opt.states(list(HP)).items()} == {"a": 2, "b": 3, "c": 3}
 
 
+def test_no_replaced_pack_is_kept_alive_and_an_emptied_layer_drops_its_moments():
+    """Adapters coming or going between steps (an evaluation's, a retirement's) free the old packs at
+    once: were they kept until the next step, an evaluation's re-packing would hold twice the memory."""
+    import gc
+    import weakref
+
+    model, opt = build("cpu", torch.float32, ids=("a", "b"))
+    fresh_grads(model)
+    opt.step(["a", "b"], [1e-3, 1e-3], [None, None], model.grad_norms(["a", "b"]))
+    layer = model.layers["model.layers.0.self_attn.q_proj"]
+    old = [weakref.ref(t) for t in layer.packs() + layer.moments]
+    model.remove_adapters(["b"])
+    opt.remove(["b"])
+    gc.collect()
+    assert all(ref() is None for ref in old)
+    model.remove_adapters(["a"])
+    opt.remove(["a"])
+    assert all(layer.moments is None for layer in model.layers.values())
+
+
 def test_packed_adamw_names_a_bad_argument():
     w = torch.zeros(2, 4)
     args = ([w], [torch.ones(2, 4)], [torch.zeros(2, 4)], [torch.zeros(2, 4)], torch.tensor([0, 5], dtype=torch.int32),

@@ -173,7 +173,9 @@ class MultiLoraLinear(nn.Module):
             packed = nn.Parameter(gather(pack.detach(), extra))
             packed.grad = gather(pack.grad, None if extra is None else torch.zeros_like(extra))
             setattr(self, name, packed)
-        if self.moments is not None:  # zero for the added rows
+        if self.moments is not None and not self.order:  # an emptied layer (the run's end): made anew if asked
+            self.moments = None
+        elif self.moments is not None:  # zero for the added rows
             self.moments = [gather(m, None if added is None else torch.zeros_like(added[name]))
                             for m, name in zip(self.moments, TENSOR_NAMES * 2)]
         ranks = [self.rows[a][1] for a in keep] + list(added_ranks)
@@ -328,6 +330,7 @@ class MultiLoraModel(nn.Module):
         self.configs: dict[str, AdapterConfig] = {}
         self.generators: dict[str, torch.Generator] = {}  # adapter -> its dropout RNG
         self._norm_index: tuple | None = None  # grad_norms': (what it was built for, [slot, place] index, width, packs)
+        self.layout_version = 0  # counts the times adapters came or went: the packs' rows moved
 
     def target_layers(self, config: AdapterConfig) -> list[str]:
         return [p for p in self.layers if p.rsplit(".", 1)[-1] in config.target_modules]
@@ -366,6 +369,7 @@ class MultiLoraModel(nn.Module):
             self.configs[aid] = config
             self.generators[aid] = torch.Generator(device).manual_seed(config.seed)
         self._norm_index = None  # the rows moved (and the old packs are freed now)
+        self.layout_version += 1
 
     def zero_weights(self, config: AdapterConfig) -> dict[str, LayerTensors]:
         """Weights of zeros for the adapter, on the model's device in add_adapters' layout: for
@@ -506,6 +510,7 @@ class MultiLoraModel(nn.Module):
             if gone.intersection(layer.order):
                 layer.remove_adapters([a for a in layer.order if a in gone])
         self._norm_index = None  # the rows moved (and the old packs are freed now)
+        self.layout_version += 1
         for aid in adapter_ids:
             del self.configs[aid], self.generators[aid]
 

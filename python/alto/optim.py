@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from alto.model import MultiLoraModel
+from alto.model import TENSOR_NAMES, MultiLoraModel
 from alto_ext.segments import to_device
 
 
@@ -27,7 +27,7 @@ class MultiAdamW:
         self.weight_decay: dict[str, float] = {}
         self.slots: dict[str, int] = {}  # adapter -> its entry of counts
         self.counts: torch.Tensor | None = None  # float32 [capacity]: steps taken, as torch's fused kernel keeps them
-        self._layout: tuple | None = None  # step()'s packs and row slots, with what they were built for
+        self._row_slot: tuple | None = None  # (what it was built for, each packed row's slot): _packs'
 
     def add(self, adapter_id: str, weight_decay: float) -> None:
         """Optimizer state for an adapter of the model: zero moments, no step taken."""
@@ -71,25 +71,26 @@ class MultiAdamW:
 
     def _packs(self) -> tuple[list[torch.nn.Parameter], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """The packs that hold moments, their exp_avg and exp_avg_sq, and each of their rows' slot
-        (-1: an adapter without optimizer state), kept until the packs or the adapters change."""
+        (-1: an adapter without optimizer state, e.g. one evaluated). The row slots are kept until
+        adapters come or go; the packs are looked up each step (kept, they would hold freed packs'
+        memory alive until the next step: an evaluation's re-packing in between would double it)."""
         layers = [layer for layer in self.model.layers.values() if layer.moments is not None and layer.order]
-        packs = [p for layer in layers for p in layer.packs()]
-        # kept with the packs they were built for (alive: their ids cannot recur)
-        key = (tuple(map(id, packs)), tuple(self.slots.items()), self.counts.device)
-        if self._layout is None or self._layout[0] != key:
-            n = len(layers[0].packs()) if layers else 0
-            slots, ranks = [], []
+        n = len(TENSOR_NAMES)
+        key = (self.model.layout_version, tuple(self.slots.items()), self.counts.device)
+        if self._row_slot is None or self._row_slot[0] != key:
+            slots, ranks, rows = [], [], []
             for layer in layers:
+                rows.append(sum(r for _, r in layer.rows.values()))
                 for a in layer.order:
                     slots.append(self.slots.get(a, -1))
                     ranks.append(layer.rows[a][1])
-            layer_rows = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), torch.tensor(ranks))
-            per_layer = torch.split(layer_rows, [sum(r for _, r in layer.rows.values()) for layer in layers])
-            row_slot = torch.cat([rows for rows in per_layer for _ in range(n)]) if layers else layer_rows
-            self._layout = (key, packs, [m for layer in layers for m in layer.moments[:n]],
-                            [v for layer in layers for v in layer.moments[n:]], to_device(row_slot, self.counts.device))
-        _, packs, exp_avgs, exp_avg_sqs, row_slot = self._layout
-        return packs, exp_avgs, exp_avg_sqs, row_slot
+            per_row = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), torch.tensor(ranks, dtype=torch.long))
+            row_slot = torch.cat([part for part in per_row.split(rows) for _ in range(n)]) if layers else per_row
+            self._row_slot = (key, to_device(row_slot, self.counts.device))
+        packs = [p for layer in layers for p in layer.packs()]
+        exp_avgs = [m for layer in layers for m in layer.moments[:n]]
+        exp_avg_sqs = [v for layer in layers for v in layer.moments[n:]]
+        return packs, exp_avgs, exp_avg_sqs, self._row_slot[1]
 
     @torch.no_grad()
     def step(self, adapter_ids: Sequence[str], lrs: list[float], max_norms: list[float | None],
