@@ -47,6 +47,9 @@ AdamwDims check_packed_adamw_args(at::TensorList params, const c10::List<std::op
                                   const at::Tensor& slot_call, const at::Tensor& hyper, const at::Tensor& norms,
                                   const at::Tensor& counts);
 
+// alto::row_sq_norms: at least one 2-D contiguous float tensor, one dtype and device. Returns the rows of all.
+int64_t check_row_sq_norms_args(at::TensorList tensors);
+
 // Validates index values on host copies: indptr[0] == 0, non-decreasing, indptr[G] == total, and
 // (when max_rank >= 0) every rank length <= max_rank. Raises ValueError naming the argument.
 void check_indptr_values(const char* op, const at::Tensor& seg_host, const at::Tensor& rank_host,

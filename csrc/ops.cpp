@@ -28,13 +28,19 @@ TORCH_LIBRARY(alto, m) {
 
   // AdamW of every adapter's rows of every pack at once (alto.optim.MultiAdamW; csrc/adamw_math.h):
   // row i of the packs, end to end, belongs to optimizer slot row_slot[i] (-1: none); slot s is
-  // stepped this call as entry slot_call[s] (-1: not stepped), with hyper[k] = (lr, weight_decay,
-  // max_norm; inf: no limit), its gradient norm norms[k] (clip_grad_norm_'s clip; not finite: not
-  // stepped) and step count counts[s] + 1 (counts[s] updated). A pack whose gradient is None is not
-  // stepped; its rows still count in row_slot. Moments and counts as torch's fused AdamW keeps them.
+  // stepped this call as entry k = slot_call[s] (-1: not stepped; an entry is one slot's), with
+  // hyper[k] = (lr, weight_decay, max_norm; inf: no limit), its gradient norm norms[k]
+  // (clip_grad_norm_'s clip; not finite: not stepped) and step count counts[s] + 1 (counts[s]
+  // updated). A pack whose gradient is None is not stepped; its rows still count in row_slot.
+  // Moments and counts as torch's fused AdamW keeps them. The CPU kernel raises ValueError for a
+  // bad index; the CUDA one skips it (never reads past).
   m.def("packed_adamw_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor row_slot, Tensor slot_call, Tensor hyper, Tensor norms, Tensor(d!) counts, float beta1, "
         "float beta2, float eps) -> ()");
+
+  // Each row's sum of squares of 2-D contiguous tensors of one float dtype and device, their rows
+  // end to end: [rows of all] in their dtype (MultiLoraModel.grad_norms: every pack's in one launch).
+  m.def("row_sq_norms(Tensor[] tensors) -> Tensor");
 
   // Adapter migration between ranks (csrc/dist/transfer.cpp): tensors of one device <-> one flat
   // uint8 buffer; send/recv move that buffer through the torch process group named group_name.

@@ -170,6 +170,9 @@ def test_packed_adamw_names_a_bad_argument():
         torch.ops.alto.packed_adamw_(*args, 0.9, 0.999, 1e-8)
     with pytest.raises(ValueError, match=r"exp_avgs\[0\] must be contiguous and shaped as params\[0\]"):
         torch.ops.alto.packed_adamw_(args[0], args[1], [torch.zeros(4, 2)], *args[3:], 0.9, 0.999, 1e-8)
+    with pytest.raises(ValueError, match=r"slot_call\[1\]=0 is another slot's entry too"):
+        torch.ops.alto.packed_adamw_(*args[:4], torch.tensor([0, 1], dtype=torch.int32),
+                                     torch.tensor([0, 0], dtype=torch.int32), *args[6:8], torch.zeros(2), 0.9, 0.999, 1e-8)
     assert torch.equal(w, torch.zeros(2, 4))  # nothing written
 
 
@@ -194,3 +197,19 @@ def test_packed_adamw_opcheck(device):
             torch.tensor([[1e-3, 0.1, 1.0], [1e-2, 0.0, math.inf]], dtype=dtype, device=device),
             torch.tensor([0.5, 3.0], dtype=dtype, device=device), torch.zeros(2, device=device), 0.9, 0.999, 1e-8)
     torch.library.opcheck(torch.ops.alto.packed_adamw_, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_sq_norms_against_float64(device, dtype):
+    """Each row's sum of squares, rows of all tensors end to end: odd widths (no 16-byte loads), an
+    empty tensor between others, and a view at an odd offset (contiguous, unaligned)."""
+    backing = torch.randn(7 * 33 + 1, device=device, dtype=dtype)
+    tensors = [torch.randn(5, 96, device=device, dtype=dtype), torch.randn(0, 8, device=device, dtype=dtype),
+               torch.randn(3, 87, device=device, dtype=dtype) * 100, backing[1:].view(7, 33),
+               torch.randn(300, 4, device=device, dtype=dtype)]
+    got = torch.ops.alto.row_sq_norms(tensors)
+    want = torch.cat([t.double().square().sum(1) for t in tensors])
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-13, atol=0)
+    with pytest.raises(ValueError, match=r"tensors\[1\] must be a 2-D contiguous float tensor"):
+        torch.ops.alto.row_sq_norms([tensors[0], tensors[0].t()])

@@ -1,6 +1,7 @@
 // alto::packed_adamw_ on the CPU: the same update as the CUDA kernel (csrc/adamw_math.h), row by
 // row, rows split between threads (each element's update is independent: the result does not
-// depend on the thread count). Index values are checked here and raise ValueError.
+// depend on the thread count). Index values are checked here and raise ValueError. Also
+// alto::row_sq_norms, the clip's input (each row summed in order by one thread).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -58,9 +59,12 @@ void packed_adamw_(at::TensorList params, const c10::List<std::optional<at::Tens
     TORCH_CHECK_VALUE(rs[r] >= -1 && rs[r] < dims.slots, op, ": row_slot[", r, "]=", rs[r], " is not -1 or a slot < ",
                       dims.slots);
   }
+  std::vector<bool> used(dims.calls, false);
   for (int64_t s = 0; s < dims.slots; ++s) {
     TORCH_CHECK_VALUE(sc[s] >= -1 && sc[s] < dims.calls, op, ": slot_call[", s, "]=", sc[s],
                       " is not -1 or an entry < ", dims.calls);
+    TORCH_CHECK_VALUE(sc[s] < 0 || !used[sc[s]], op, ": slot_call[", s, "]=", sc[s], " is another slot's entry too");
+    if (sc[s] >= 0) used[sc[s]] = true;
   }
   AT_DISPATCH_FLOATING_TYPES(hyper_in.scalar_type(), "packed_adamw_", [&] {
     const at::Tensor hyper = hyper_in.contiguous(), norms = norms_in.contiguous();
@@ -78,9 +82,32 @@ void packed_adamw_(at::TensorList params, const c10::List<std::optional<at::Tens
   });
 }
 
+at::Tensor row_sq_norms(at::TensorList tensors) {
+  const int64_t rows = check_row_sq_norms_args(tensors);
+  at::Tensor out = at::empty({rows}, tensors[0].options());
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "row_sq_norms", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (const at::Tensor& t : tensors) {
+      const int64_t width = t.size(1);
+      const scalar_t* x = t.data_ptr<scalar_t>();
+      at::parallel_for(0, t.size(0), std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t r = begin; r < end; ++r) {
+                           scalar_t acc = 0;
+                           for (int64_t c = 0; c < width; ++c) acc += x[r * width + c] * x[r * width + c];
+                           o[r] = acc;
+                         }
+                       });
+      o += t.size(0);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace alto::ref
 
 TORCH_LIBRARY_IMPL(alto, CPU, m) {
   m.impl("packed_adamw_", &alto::ref::packed_adamw_);
+  m.impl("row_sq_norms", &alto::ref::row_sq_norms);
 }

@@ -1,4 +1,4 @@
-// alto::packed_adamw_'s CUDA kernels (see packed_adamw.h; the math: csrc/adamw_math.h).
+// alto::packed_adamw_'s and alto::row_sq_norms' CUDA kernels (see packed_adamw.h; the math: csrc/adamw_math.h).
 #include "../adamw_math.h"
 #include "packed_adamw.h"
 
@@ -74,7 +74,53 @@ __global__ void __launch_bounds__(kThreads) adamw_update_kernel(AdamwArgs a) {
   }
 }
 
+constexpr int kWarpsPerBlock = kThreads / 32;
+
+template <class T, int kVec>
+__device__ T row_sum_of_squares(const T* row, int64_t width, int lane) {
+  T acc = T(0);
+  const auto* v = reinterpret_cast<const Vec<T, kVec>*>(row);
+  for (int64_t i = lane; i < width / kVec; i += 32) {
+    const Vec<T, kVec> x = v[i];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) acc += x.x[j] * x.x[j];
+  }
+  return acc;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) row_sq_norms_kernel(const RowTensor* tensors, int64_t num_tensors,
+                                                                 int64_t rows, T* out) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (row >= rows) return;  // a whole warp: the shuffles below see every lane of theirs
+  int64_t lo = 0, hi = num_tensors - 1;  // the last tensor whose first row is <= this one
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (tensors[mid].row_begin <= row) lo = mid; else hi = mid - 1;
+  }
+  const RowTensor t = tensors[lo];
+  const T* data = static_cast<const T*>(t.data) + (row - t.row_begin) * t.width;
+  constexpr int kVec = 16 / sizeof(T);
+  T acc = t.vectorized ? row_sum_of_squares<T, kVec>(data, t.width, lane) : row_sum_of_squares<T, 1>(data, t.width, lane);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+  if (lane == 0) out[row] = acc;
+}
+
 }  // namespace
+
+template <class T>
+cudaError_t row_sq_norms(const RowTensor* tensors, int64_t num_tensors, int64_t rows, T* out, cudaStream_t stream) {
+  if (rows > 0) {
+    const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    row_sq_norms_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(tensors, num_tensors, rows, out);
+  }
+  return cudaGetLastError();
+}
+
+template cudaError_t row_sq_norms<float>(const RowTensor*, int64_t, int64_t, float*, cudaStream_t);
+template cudaError_t row_sq_norms<double>(const RowTensor*, int64_t, int64_t, double*, cudaStream_t);
 
 template <class T>
 cudaError_t packed_adamw(const AdamwArgs& args, cudaStream_t stream) {

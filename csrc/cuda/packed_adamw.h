@@ -1,4 +1,5 @@
-// Torch-free entry point of alto::packed_adamw_'s CUDA kernels (the glue: packed_adamw_torch.cpp).
+// Torch-free entry points of alto::packed_adamw_'s and alto::row_sq_norms' CUDA kernels (the glue:
+// packed_adamw_torch.cpp).
 // Two launches whatever the number of adapters and packs: one small kernel computes each stepped
 // adapter's factors (and counts its step), one steps every stepped row of every pack, a block per
 // chunk of kAdamwChunk elements. Bad index values are skipped, never read past.
@@ -41,5 +42,16 @@ struct AdamwArgs {
 
 template <class T>
 cudaError_t packed_adamw(const AdamwArgs& args, cudaStream_t stream);
+
+// alto::row_sq_norms: a warp per row, its lanes' partial sums reduced in a fixed order (deterministic).
+struct RowTensor {
+  const void* data;
+  int64_t width;
+  int64_t row_begin;   // its first row in the output: the tensors' rows are numbered end to end
+  int64_t vectorized;  // 16-byte loads: the width a multiple of them and the pointer aligned
+};
+
+template <class T>
+cudaError_t row_sq_norms(const RowTensor* tensors, int64_t num_tensors, int64_t rows, T* out, cudaStream_t stream);
 
 }  // namespace alto::cuda

@@ -423,10 +423,11 @@ class MultiLoraModel(nn.Module):
 
     def grad_norms(self, adapter_ids: Sequence[str]) -> torch.Tensor:
         """Each adapter's gradient norm, clip_grad_norm_'s (the 2-norm of all its gradients), in
-        adapter_ids' order (0 without gradients): every pack's row norms (a kernel per pack) put in an
-        [adapter, row] grid and summed per adapter (deterministic: no atomic adds). The norm of each
-        adapter's tensor of each layer instead is 13,440 tensors a step for 32 adapters on SmolLM2's
-        210 projections: as many host calls (and a stack of their results)."""
+        adapter_ids' order (0 without gradients): every pack's rows' sums of squares (one op over
+        all packs: alto::row_sq_norms) put in an [adapter, row] grid and summed per adapter
+        (deterministic: no atomic adds). The norm of each adapter's tensor of each layer instead is
+        13,440 tensors a step for 32 adapters on SmolLM2's 210 projections: as many host calls (and a
+        stack of their results); a norm per pack, 420."""
         packs = [(layer, p) for layer in self.layers.values() if layer.order for p in layer.packs() if p.grad is not None]
         if not packs or not adapter_ids:  # (none asked: a micro-step that steps no adapter, grad_accum)
             return torch.zeros(len(adapter_ids), dtype=self.adapter_dtype)
@@ -437,9 +438,9 @@ class MultiLoraModel(nn.Module):
         if self._norm_index is None or self._norm_index[0] != built_for:
             self._norm_index = (built_for, *self._grid_index(packs, list(self.configs), grads[0].device), packs)
         _, index, width, _ = self._norm_index
-        rows = torch.cat([torch.linalg.vector_norm(g, dim=1) for g in grads])
+        rows = torch.ops.alto.row_sq_norms(grads)
         grid = rows.new_zeros(len(self.configs), width)
-        grid[index[0], index[1]] = rows.square()
+        grid[index[0], index[1]] = rows
         slot = {a: i for i, a in enumerate(self.configs)}
         return grid.sum(1).sqrt().index_select(0, to_device([slot[a] for a in adapter_ids], rows.device, torch.long))
 

@@ -13,6 +13,8 @@ slot g; rows ``rank_indptr[g]:rank_indptr[g+1]`` of rank-major weights are adapt
 - ``packed_adamw_(params, grads, exp_avgs, exp_avg_sqs, row_slot, slot_call, hyper, norms, counts,
   beta1, beta2, eps)``: AdamW of every adapter's rows of every pack at once (csrc/ops.cpp says how
   rows map to adapters; alto.optim.MultiAdamW calls it). On CUDA a bad index is skipped, not read past.
+- ``row_sq_norms(tensors)``: each row's sum of squares of 2-D tensors, their rows end to end (the
+  gradient clip's input: alto.model.MultiLoraModel.grad_norms).
 
 On CUDA the index tensors are validated on the device without a host sync: a bad index is never
 read past, the failing launch computes nothing for that adapter, and the error is raised at the next
@@ -128,6 +130,11 @@ def _(h, x, seg_indptr, rank_indptr, total_rank, scaling=None, out_dtype=None):
 @torch.library.register_fake("alto::packed_adamw_")
 def _(params, grads, exp_avgs, exp_avg_sqs, row_slot, slot_call, hyper, norms, counts, beta1, beta2, eps):
     return None
+
+
+@torch.library.register_fake("alto::row_sq_norms")
+def _(tensors):
+    return tensors[0].new_empty((sum(t.shape[0] for t in tensors),))
 
 
 # ---- autograd: every gradient is another segmented op ------------------------------------------
