@@ -152,7 +152,10 @@ class MultiLoraLinear(nn.Module):
         return {"lora_A": self.base.in_features, "lora_B": self.base.out_features}
 
     def packs(self) -> list[nn.Parameter]:
-        return [getattr(self, name) for name in TENSOR_NAMES]
+        # from the parameter dict itself: Module.__getattr__'s lookup cost ~3 ms of a SmolLM2 step's
+        # host time (840 calls)
+        params = self._parameters
+        return [params[name] for name in TENSOR_NAMES]
 
     def _repack(self, keep: list[str], added: LayerTensors | None = None, added_ranks: Sequence[int] = ()) -> None:
         """Rebuilds the packs from the kept adapters' rows followed by the added adapters' (self.order
