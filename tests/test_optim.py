@@ -172,7 +172,8 @@ def test_packed_adamw_names_a_bad_argument():
         torch.ops.alto.packed_adamw_(args[0], args[1], [torch.zeros(4, 2)], *args[3:], 0.9, 0.999, 1e-8)
     with pytest.raises(ValueError, match=r"slot_call\[1\]=0 is another slot's entry too"):
         torch.ops.alto.packed_adamw_(*args[:4], torch.tensor([0, 1], dtype=torch.int32),
-                                     torch.tensor([0, 0], dtype=torch.int32), *args[6:8], torch.zeros(2), 0.9, 0.999, 1e-8)
+                                     torch.tensor([0, 0], dtype=torch.int32), *args[6:8], torch.zeros(2),
+                                     0.9, 0.999, 1e-8)
     assert torch.equal(w, torch.zeros(2, 4))  # nothing written
 
 
@@ -192,7 +193,8 @@ def test_packed_adamw_opcheck(device):
     params = [torch.randn(3, 8, device=device, dtype=dtype), torch.randn(5, 6, device=device, dtype=dtype)]
     grads = [torch.randn_like(p) for p in params]
     moments = [torch.rand_like(p) for p in params * 2]
-    args = (params, grads, moments[:2], moments[2:], torch.tensor([0, 0, 1, 1, -1, 1, 0, 0], dtype=torch.int32, device=device),
+    row_slot = torch.tensor([0, 0, 1, 1, -1, 1, 0, 0], dtype=torch.int32, device=device)
+    args = (params, grads, moments[:2], moments[2:], row_slot,
             torch.tensor([1, 0], dtype=torch.int32, device=device),
             torch.tensor([[1e-3, 0.1, 1.0], [1e-2, 0.0, math.inf]], dtype=dtype, device=device),
             torch.tensor([0.5, 3.0], dtype=dtype, device=device), torch.zeros(2, device=device), 0.9, 0.999, 1e-8)

@@ -102,7 +102,8 @@ __global__ void __launch_bounds__(kThreads) row_sq_norms_kernel(const RowTensor*
   const RowTensor t = tensors[lo];
   const T* data = static_cast<const T*>(t.data) + (row - t.row_begin) * t.width;
   constexpr int kVec = 16 / sizeof(T);
-  T acc = t.vectorized ? row_sum_of_squares<T, kVec>(data, t.width, lane) : row_sum_of_squares<T, 1>(data, t.width, lane);
+  T acc = t.vectorized ? row_sum_of_squares<T, kVec>(data, t.width, lane)
+                       : row_sum_of_squares<T, 1>(data, t.width, lane);
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
   if (lane == 0) out[row] = acc;
@@ -125,7 +126,9 @@ template cudaError_t row_sq_norms<double>(const RowTensor*, int64_t, int64_t, do
 template <class T>
 cudaError_t packed_adamw(const AdamwArgs& args, cudaStream_t stream) {
   if (args.num_slots > 0) adamw_factors_kernel<T><<<1, kThreads, 0, stream>>>(args);
-  if (args.num_chunks > 0) adamw_update_kernel<T><<<static_cast<unsigned>(args.num_chunks), kThreads, 0, stream>>>(args);
+  if (args.num_chunks > 0) {
+    adamw_update_kernel<T><<<static_cast<unsigned>(args.num_chunks), kThreads, 0, stream>>>(args);
+  }
   return cudaGetLastError();
 }
 

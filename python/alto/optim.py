@@ -84,7 +84,8 @@ class MultiAdamW:
                 for a in layer.order:
                     slots.append(self.slots.get(a, -1))
                     ranks.append(layer.rows[a][1])
-            per_row = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), torch.tensor(ranks, dtype=torch.long))
+            per_row = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32),
+                                              torch.tensor(ranks, dtype=torch.long))
             row_slot = torch.cat([part for part in per_row.split(rows) for _ in range(n)]) if layers else per_row
             self._row_slot = (key, to_device(row_slot, self.counts.device))
         packs = [p for layer in layers for p in layer.packs()]
@@ -108,7 +109,8 @@ class MultiAdamW:
         slot_call = [-1] * len(self.counts)
         for k, a in enumerate(adapter_ids):
             slot_call[self.slots[a]] = k
-        hyper = [[lr, self.weight_decay[a], math.inf if m is None else m] for a, lr, m in zip(adapter_ids, lrs, max_norms, strict=True)]
+        hyper = [[lr, self.weight_decay[a], math.inf if m is None else m]
+                 for a, lr, m in zip(adapter_ids, lrs, max_norms, strict=True)]
         norms = norms.to(device)
         torch.ops.alto.packed_adamw_(packs, [p.grad for p in packs], exp_avgs, exp_avg_sqs, row_slot,
                                      to_device(slot_call, device, torch.int32), to_device(hyper, device, dtype),
