@@ -1,5 +1,7 @@
 import json
+import os
 import random
+import tempfile
 import types
 
 import pytest
@@ -9,6 +11,20 @@ import torch
 import alto_ext
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    # GGUF bases converted for this session only (alto.base_cache): a run of the suite neither reads nor
+    # fills the user's cache, and loads a file's copy from its second load on.
+    if "ALTO_CACHE" not in os.environ:
+        config._alto_cache = tempfile.TemporaryDirectory(prefix="alto-test-cache.")
+        os.environ["ALTO_CACHE"] = config._alto_cache.name
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "_alto_cache"):
+        del os.environ["ALTO_CACHE"]
+        config._alto_cache.cleanup()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,7 +52,7 @@ def _sync_checks():
     alto_ext.set_sync_checks(False)
 
 
-_SEED = int.from_bytes(__import__("os").urandom(4), "little")
+_SEED = int.from_bytes(os.urandom(4), "little")
 
 
 def pytest_report_header(config):
@@ -45,8 +61,6 @@ def pytest_report_header(config):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed():
-    import os
-
     torch.manual_seed(int(os.environ.get("ALTO_TEST_SEED", _SEED)))
 
 
@@ -112,6 +126,59 @@ def hf_folder(folder, family="Llama"):
     getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(folder)
     fast.save_pretrained(folder)
     return {"hf_dir": str(folder)}
+
+
+def gguf_folder(folder, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, seed=0):
+    """A tiny random Llama as llama.cpp writes one: a GGUF file of Q8_0 weights (the embeddings tied
+    to the head; drawn from `seed`) and a GPT-2 byte-level vocabulary with two merges and a chat
+    template. The folder may exist (the file is written anew)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    rng = np.random.default_rng(seed)
+    tokens = ["<|endoftext|>", *bytes_to_unicode().values(), "Ġa", "lp"]
+    folder.mkdir(exist_ok=True)
+    w = gguf.GGUFWriter(str(folder / "tiny.gguf"), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3] + [1] * (len(tokens) - 1))  # 3: a control token
+    w.add_token_merges(["Ġ a", "l p"])
+    w.add_bos_token_id(0)  # transformers 5.17 reads it when it converts the vocabulary
+    w.add_eos_token_id(0)
+    w.add_pad_token_id(0)
+    w.add_chat_template("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}")
+
+    def weight(name, shape):
+        values = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        w.add_tensor(name, gguf.quants.quantize(values, q8), raw_dtype=q8)
+
+    weight("token_embd.weight", (len(tokens), hidden))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    kv = hidden // heads * kv_heads
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        for name, shape in [("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)), ("attn_v", (kv, hidden)),
+                            ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)),
+                            ("ffn_down", (hidden, ffn))]:
+            weight(f"blk.{i}.{name}.weight", shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"hf_dir": str(folder), "gguf_file": "tiny.gguf"}
 
 
 @pytest.fixture

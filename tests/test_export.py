@@ -2,6 +2,7 @@
 AutoPeftModelForCausalLM.from_pretrained(dir) and AutoTokenizer.from_pretrained(dir), nothing else."""
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,61 +10,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from alto import base_cache  # noqa: E402
 from alto.base import load_base  # noqa: E402
 from alto.tune import tune  # noqa: E402
-from conftest import TINY_LLAMA, hf_folder  # noqa: E402
-
-
-def gguf_folder(folder, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128):
-    """A tiny random Llama as llama.cpp writes one: a GGUF file of Q8_0 weights (the embeddings tied
-    to the head) and a GPT-2 byte-level vocabulary with two merges and a chat template."""
-    gguf = pytest.importorskip("gguf")
-    import numpy as np
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    rng = np.random.default_rng(0)
-    tokens = ["<|endoftext|>", *bytes_to_unicode().values(), "Ġa", "lp"]
-    folder.mkdir()
-    w = gguf.GGUFWriter(str(folder / "tiny.gguf"), "llama")
-    w.add_block_count(layers)
-    w.add_context_length(64)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(hidden // heads)
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3] + [1] * (len(tokens) - 1))  # 3: a control token
-    w.add_token_merges(["Ġ a", "l p"])
-    w.add_bos_token_id(0)  # transformers 5.17 reads it when it converts the vocabulary
-    w.add_eos_token_id(0)
-    w.add_pad_token_id(0)
-    w.add_chat_template("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}")
-
-    def weight(name, shape):
-        values = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-        q8 = gguf.GGMLQuantizationType.Q8_0
-        w.add_tensor(name, gguf.quants.quantize(values, q8), raw_dtype=q8)
-
-    weight("token_embd.weight", (len(tokens), hidden))
-    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
-    kv = hidden // heads * kv_heads
-    for i in range(layers):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
-        for name, shape in [("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)), ("attn_v", (kv, hidden)),
-                            ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)),
-                            ("ffn_down", (hidden, ffn))]:
-            weight(f"blk.{i}.{name}.weight", shape)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return {"hf_dir": str(folder), "gguf_file": "tiny.gguf"}
+from conftest import TINY_LLAMA, gguf_folder, hf_folder  # noqa: E402
 
 
 def smollm2(_):
@@ -79,6 +29,7 @@ SOURCES = {
     "hf_dir": (hf_folder, {}),
     "hf_dir_phi3": (lambda folder: hf_folder(folder, "Phi3"), {}),  # fused projections (alto.families.Phi3)
     "hf_dir_gguf_file": (gguf_folder, {}),
+    "hf_dir_gguf_file_nf4": (gguf_folder, {"quantize": "nf4"}),  # base/: the NF4 weights, not the kept GGUF copy
     "smollm2": (smollm2, {}),
 }
 
@@ -118,3 +69,6 @@ def test_an_exported_adapter_loads_with_the_two_lines_of_a_peft_user(tmp_path, s
     plain_folder = source in ("hf_dir", "hf_dir_phi3")
     assert named == (model["hf_dir"] if plain_folder else str(run / "base"))
     assert (run / "base").exists() == (not plain_folder)
+    if source == "hf_dir_gguf_file":  # base/ linked from the file's kept converted copy (alto.base_cache)
+        entry = base_cache.entry_for(Path(model["hf_dir"]) / model["gguf_file"], torch.float32)
+        assert (run / "base" / "model.safetensors").samefile(entry / "model.safetensors")

@@ -1,13 +1,15 @@
 """The frozen base model of a sweep, loaded offline from the sweep's model setting (checked by
 alto.sweep): the one place that decides the base's dtype, its quantization (NF4; its sharding over
 the ranks, FSDP2, is alto.parallel.shard's), and where it came from (what the exported adapters
-name as their base: alto.export.save_base); and the random models' byte tokenizer."""
+name as their base: alto.export.save_base); and the random models' byte tokenizer. A GGUF file is
+read through its converted copy once one is kept (alto.base_cache)."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import importlib.util
 import math
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from alto import base_cache
 from alto.inputs import first_line
 from alto.families import family_of
 
@@ -34,6 +37,9 @@ class Base:
     # The folder the weights came from (None: a random model, nowhere else) and its GGUF file, if any.
     folder: str | None
     gguf_file: str | None = None
+    # Where these very weights lie in HF format already (a GGUF file's converted copy, alto.base_cache):
+    # what the run's base/ is linked from.
+    converted: Path | None = None
     # load_base again with the same arguments (the same weights): how a base sharded over the ranks
     # is had whole for its export.
     reload: Callable[[], Base] | None = None
@@ -147,6 +153,7 @@ def load_base(spec: str | dict, dtype: str, device: torch.device, quantize: str 
     base = _load(spec, dtype, device if place is None else place, straight=quantize == "none")
     if quantize == "nf4":
         quantize_nf4(base.model, device)
+        base.converted = None  # the adapters train against the NF4 weights, not the converted ones
     base.model.to(device if place is None else place)
     base.reload = lambda: load_base(spec, dtype, device, quantize, place)
     return base
@@ -170,15 +177,43 @@ def no_progress_bars() -> Iterator[None]:
 @contextlib.contextmanager
 def _gguf_read_once() -> Iterator[None]:
     """transformers parses a GGUF file's header anew for the config, tokenizer and weights, and builds
-    gguf's tensor-name map once per module (SmolLM2: 397): each made once per load here (only read)."""
+    gguf's tensor-name map once per module (SmolLM2: 397): each made once per load here (only read).
+    Its bar over the tensors, drawn whatever its logging says, is left out (no_progress_bars' reason)."""
     import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    reader, name_map, bar = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm
     gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(reader), functools.cache(name_map)
+    gguf_utils.tqdm = lambda items, **_: items
     try:
         yield
     finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+        gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm = reader, name_map, bar
+
+
+def _from_folder(transformers, folder: str | Path, dtype: torch.dtype, place: dict, **kw) -> tuple[Any, nn.Module]:
+    """The tokenizer and causal LM of a folder (kw: its gguf_file)."""
+    return (transformers.AutoTokenizer.from_pretrained(folder, **kw),
+            transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw, **place))
+
+
+def _from_gguf(transformers, where: str, gguf: str, dtype: torch.dtype, place: dict) -> tuple[Any, nn.Module, Path | None]:
+    """The tokenizer and causal LM of a GGUF file, from its converted copy if one is kept (made now
+    if not), and that copy's folder (None: none kept)."""
+    entry = base_cache.entry_for(Path(where) / gguf, dtype)
+    if entry is not None and entry.is_dir():
+        try:
+            return *_from_folder(transformers, entry, dtype, place), entry
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 (what a damaged copy raises is the reader's: safetensors' own errors too)
+            base_cache.warn(f"the converted copy of {gguf} in {entry} is unreadable ({type(e).__name__}: "
+                            f"{first_line(e)}); converting the GGUF file again")
+            shutil.rmtree(entry, ignore_errors=True)
+    with _gguf_read_once():
+        tok, model = _from_folder(transformers, where, dtype, place, gguf_file=gguf)
+    kept = entry is not None and base_cache.write_entry(entry, model, tok)
+    return tok, model, entry if kept else None
 
 
 def _load(spec: str | dict, dtype: str, device: torch.device, straight: bool) -> Base:
@@ -188,19 +223,21 @@ def _load(spec: str | dict, dtype: str, device: torch.device, straight: bool) ->
     dtype = getattr(torch, dtype)
     if spec == "smollm2" or "hf_dir" in spec:
         where, gguf = _hf_source(spec)
-        kw = {"gguf_file": gguf} if gguf else {}
         place = {"device_map": str(device)} if straight and device.type == "cuda" else {}
+        converted = None  # the GGUF file's converted copy this base is (alto.base_cache)
         try:
-            with _gguf_read_once() if gguf else contextlib.nullcontext(), no_progress_bars():
-                tok = transformers.AutoTokenizer.from_pretrained(where, **kw)
-                model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw, **place)
+            with no_progress_bars():
+                if gguf:
+                    tok, model, converted = _from_gguf(transformers, where, gguf, dtype, place)
+                else:
+                    tok, model = _from_folder(transformers, where, dtype, place)
         except torch.OutOfMemoryError:  # the device is too small or taken: not a fault of the folder
             raise
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # transformers' errors rarely name the folder
             raise ValueError(f"model.hf_dir: cannot load a tokenizer and causal LM from {where!r} "
                              f"({type(e).__name__}: {first_line(e)})") from None
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return Base(model.eval(), tok, pad, tok.eos_token_id, str(Path(where).resolve()), gguf)
+        return Base(model.eval(), tok, pad, tok.eos_token_id, str(Path(where).resolve()), gguf, converted)
     config, seed = _random_llama_config(spec)
     tok = byte_tokenizer()
     torch.manual_seed(seed)

@@ -12,7 +12,6 @@ temporary name and renamed, so a crash never leaves a half-written one.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from alto.base import Base, is_nf4, no_progress_bars
+from alto.base_cache import link_entry, save_hf_folder
 from alto.model import LayerTensors, MultiLoraLinear
 from alto.registry import Adapter
 
@@ -212,31 +212,36 @@ def save_base(base: Base, folder: Path) -> str:
     loads alone. A plain HF folder is named as it is (over an NF4 base too: a QLoRA adapter loads
     over the full-precision base). Any other base (a GGUF file, a random model) is written to
     `folder` once per run, in HF format with its tokenizer: the weights the adapters trained against,
-    in the dtype they were loaded in (NF4 ones dequantized). A base sharded over the ranks is loaded
-    again whole for it (this rank holds a shard of each layer)."""
+    in the dtype they were loaded in (NF4 ones dequantized), linked from a GGUF file's kept converted
+    copy where there is one (alto.base_cache). A base sharded over the ranks is loaded again whole
+    for it (this rank holds a shard of each layer)."""
     if base.loads_alone:
         return base_name(base, folder)
     if not folder.exists():  # a resumed run's is already whole: folders are renamed into place
-        model = base.reload().model if _sharded(base.model) else base.model
         with _written_whole(folder) as tmp, no_progress_bars():
-            _blank_copy(model).save_pretrained(tmp, state_dict=_frozen_weights(model))
-            base.tokenizer.save_pretrained(tmp)
+            if not _linked(base, tmp):
+                model = base.reload().model if _sharded(base.model) else base.model
+                save_hf_folder(model, _frozen_weights(model), base.tokenizer, tmp)
     return base_name(base, folder)
+
+
+def _linked(base: Base, tmp: Path) -> bool:
+    """The base's kept converted copy (the same weights, written already) linked into tmp; False if
+    it has none, or it is gone (the cache emptied since the load)."""
+    if base.converted is None:
+        return False
+    try:
+        link_entry(base.converted, tmp)
+        return True
+    except OSError:
+        for f in tmp.iterdir():
+            f.unlink()
+        return False
 
 
 def base_name(base: Base, folder: Path) -> str:
     """What exported adapters name as their base (save_base's folder, written or not)."""
     return str(base.folder) if base.loads_alone else str(folder.resolve())
-
-
-def _blank_copy(model: nn.Module) -> nn.Module:
-    """A weightless model of the same class, config and dtype, which saves given weights as a plain
-    HF model: transformers refuses to save a GGUF-loaded one (its GGUF quantizer does not serialize)."""
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the GGUF file's: these weights are dequantized
-    with torch.device("meta"):
-        return type(model)(config).to(model.dtype)
 
 
 def _frozen_weights(model: nn.Module) -> dict[str, torch.Tensor]:

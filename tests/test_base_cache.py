@@ -1,0 +1,138 @@
+"""A GGUF base loaded from its kept converted copy (alto.base_cache) is the base loaded from the file:
+the same weights bit for bit, tokenizer, special tokens and config, in each dtype; a changed file,
+an unreadable copy or an unwritable cache never gives other weights or fails the load."""
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+from alto import base_cache  # noqa: E402
+from alto.base import load_base  # noqa: E402
+from alto.export import save_base  # noqa: E402
+from conftest import gguf_folder  # noqa: E402
+
+TEXT = "alpha beta lora, é 中\nrank token<|endoftext|>"
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "alpha"},
+        {"role": "assistant", "content": "a lp"}]
+# What differs between the two configs by nature: where each was loaded from, the GGUF quantizer's note
+# (the copy's weights are the dequantized ones), and what save_pretrained records.
+NOT_COMPARED = {"_name_or_path", "quantization_config", "architectures", "transformers_version"}
+
+
+def load(spec, dtype="float32"):
+    return load_base(spec, dtype, torch.device("cpu"))
+
+
+def assert_same_base(a, b):
+    assert a.model.state_dict().keys() == b.model.state_dict().keys()
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert type(a.model) is type(b.model)
+    ca, cb = a.model.config.to_dict(), b.model.config.to_dict()
+    assert {k: v for k, v in ca.items() if k not in NOT_COMPARED} == {k: v for k, v in cb.items() if k not in NOT_COMPARED}
+    assert a.tokenizer(TEXT).input_ids == b.tokenizer(TEXT).input_ids
+    assert a.tokenizer.apply_chat_template(CHAT, tokenize=False) == b.tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert a.tokenizer.apply_chat_template(CHAT) == b.tokenizer.apply_chat_template(CHAT)
+    assert (a.pad_id, a.eos_id) == (b.pad_id, b.eos_id)
+    ids = a.tokenizer(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(a.model(ids).logits, b.model(ids).logits)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALTO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def unreadable_gguf(monkeypatch):
+    """From here on, reading any GGUF file fails (a load that still works read none)."""
+    def refuse(*_, **__):
+        raise AssertionError("the GGUF file was read")
+    monkeypatch.setattr(gguf, "GGUFReader", refuse)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_converted_copy_loads_the_same_base_as_the_file(tmp_path, cache, monkeypatch, dtype):
+    spec = gguf_folder(tmp_path / "model")
+    first = load(spec, dtype)
+    assert first.converted is not None and first.converted.is_relative_to(cache) and first.converted.is_dir()
+    monkeypatch.setenv("ALTO_CACHE", "off")
+    alone = load(spec, dtype)  # the file, read as before the cache
+    assert alone.converted is None
+    assert_same_base(first, alone)
+    monkeypatch.setenv("ALTO_CACHE", str(cache))
+    unreadable_gguf(monkeypatch)
+    again = load(spec, dtype)
+    assert again.converted == first.converted
+    assert_same_base(again, alone)
+    assert (again.folder, again.gguf_file) == (alone.folder, alone.gguf_file)  # where it came from, unchanged
+
+
+def test_each_dtype_has_its_own_copy_and_nothing_is_kept_when_off(tmp_path, cache, monkeypatch):
+    spec = gguf_folder(tmp_path / "model")
+    assert load(spec, "float32").converted != load(spec, "bfloat16").converted
+    assert len(list((cache / "gguf").iterdir())) == 2
+    monkeypatch.setenv("ALTO_CACHE", "off")
+    load(spec)
+    assert len(list((cache / "gguf").iterdir())) == 2
+
+
+def test_a_changed_file_is_converted_again(tmp_path, cache, monkeypatch):
+    spec = gguf_folder(tmp_path / "model", seed=0)
+    old = load(spec)
+    gguf_folder(tmp_path / "model", seed=1)  # new weights under the same name
+    new = load(spec)
+    assert new.converted != old.converted
+    monkeypatch.setenv("ALTO_CACHE", "off")
+    assert_same_base(new, load(spec))
+    assert not torch.equal(old.model.model.embed_tokens.weight, new.model.model.embed_tokens.weight)
+
+
+def test_an_unreadable_copy_is_converted_again_with_a_warning(tmp_path, cache, monkeypatch, capsys):
+    spec = gguf_folder(tmp_path / "model")
+    entry = load(spec).converted
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short: a full disk, an interrupted copy
+    capsys.readouterr()
+    again = load(spec)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is unreadable" in err and str(entry) in err
+    assert again.converted == entry
+    monkeypatch.setenv("ALTO_CACHE", "off")
+    assert_same_base(again, load(spec))
+    monkeypatch.setenv("ALTO_CACHE", str(cache))
+    unreadable_gguf(monkeypatch)
+    assert_same_base(load(spec), again)  # the copy was written whole again
+
+
+def test_a_cache_that_cannot_be_written_warns_and_loads(tmp_path, monkeypatch, capsys):
+    spec = gguf_folder(tmp_path / "model")
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("ALTO_CACHE", str(tmp_path / "a file"))  # no folder can be made under it
+    base = load(spec)
+    err = capsys.readouterr().err
+    assert base.converted is None
+    assert err.count("\n") == 1 and "cannot keep the converted GGUF base" in err
+    monkeypatch.setenv("ALTO_CACHE", "off")
+    assert_same_base(base, load(spec))
+
+
+def test_a_run_base_folder_is_linked_from_the_copy_or_written_if_it_is_gone(tmp_path, cache):
+    spec = gguf_folder(tmp_path / "model")
+    base = load(spec)
+    save_base(base, tmp_path / "linked")
+    assert (tmp_path / "linked" / "model.safetensors").samefile(base.converted / "model.safetensors")
+    for f in base.converted.iterdir():
+        f.unlink()
+    base.converted.rmdir()  # the cache emptied during the run
+    save_base(base, tmp_path / "written")
+    assert not (tmp_path / "written" / "model.safetensors").samefile(tmp_path / "linked" / "model.safetensors")
+    a, b = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("linked", "written"))
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert (Path(tmp_path / "written" / "tokenizer.json").read_text()
+            == Path(tmp_path / "linked" / "tokenizer.json").read_text())
