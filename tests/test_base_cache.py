@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
+from alto import base_cache  # noqa: E402
 from alto.base import Base, load_base, smollm2_dir, SMOLLM2_GGUF  # noqa: E402
 from alto.export import save_base  # noqa: E402
 from conftest import gguf_folder  # noqa: E402
@@ -161,3 +162,35 @@ def test_a_run_base_folder_is_linked_from_the_copy_or_written_if_it_is_gone(tmp_
         assert torch.equal(x, y), name
     assert (Path(tmp_path / "written" / "tokenizer.json").read_text()
             == Path(tmp_path / "linked" / "tokenizer.json").read_text())
+
+
+def _load_in_a_rank(spec, barrier, out):
+    """One of several processes loading the same file into a cold cache, each converting it and
+    writing its copy at the same moment (the barrier): what the ranks of a multi-rank run do."""
+    write = base_cache.write_entry
+
+    def write_together(*args):
+        barrier.wait(timeout=60)
+        return write(*args)
+
+    base_cache.write_entry = write_together
+    base = load(spec)
+    out.put((str(base.converted), [t.sum().item() for t in base.model.state_dict().values()]))
+
+
+def test_ranks_converting_the_same_file_at_once_share_one_copy(tmp_path, cache):
+    import multiprocessing
+
+    spec = gguf_folder(tmp_path / "model")
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    ranks = [ctx.Process(target=_load_in_a_rank, args=(spec, barrier, out)) for _ in range(2)]
+    for p in ranks:
+        p.start()
+    results = [out.get(timeout=120) for _ in ranks]
+    for p in ranks:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[0] == results[1] and results[0][0] != "None"
+    assert [p.name for p in (cache / "gguf").iterdir()] == [Path(results[0][0]).name]  # no temporary folder left
+    assert_same_base(load(spec), load(spec))
