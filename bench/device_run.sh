@@ -69,6 +69,10 @@ for stage in "${stages[@]}"; do
         tests/test_validation.py tests/test_ops.py -m cuda -k "bad or g256 or shrink" 2>&1 \
         | tee "$OUT/sanitize.log" | tail -15
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      # The optimizer's ops (alto::packed_adamw_, alto::row_sq_norms): odd widths, unaligned views, bad indices.
+      compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_optim.py -m cuda 2>&1 | tee -a "$OUT/sanitize.log" | tail -5
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
       ;;
     bench)
       python3 bench/bench_ops.py --tokens 2048 256 2>&1 | tee "$OUT/bench_ops.txt" || rc=1
