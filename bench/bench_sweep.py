@@ -29,7 +29,8 @@ With a real model, regret = the chosen adapter's held-out loss / (a)'s best - 1:
 full grid, so its best is the grid's best.
 
 Warm-up first, untimed: one small ALTO sweep and one job of each baseline (CUDA's first uses, the
-kernels' on-disk caches). The last line (HEADLINE) is the record: the speed-ups of (c) and (d) at
+kernels' on-disk caches; a GGUF base's converted copy, alto.base_cache, which every timed row then
+loads, both sides alike, as every run after a file's first does). The last line (HEADLINE) is the record: the speed-ups of (c) and (d) at
 K = 32 (or the largest K) and the share of (c)'s wall outside its training steps.
 Run on the GPU: python bench/bench_sweep.py --model 1b --k 8 16 32 64 [--steps 20] [--data python-docs]
   --model: 1b | 8b (random bf16 bases of those widths, byte tokens; --layers cuts the depth) | a
@@ -381,7 +382,8 @@ def headline(rows: list[Row], device: str, model: str) -> str:
     """The record's line: (c)'s and (d)'s speed-ups over (a) at K = 32 (or the largest K measured),
     the share of (c)'s wall outside its training steps, and what early exit saved of (d)'s adapter-steps
     against what it saved of the wall; whether the processes kept bytecode (every fresh interpreter
-    compiles what it imports where none is kept: seconds of both sides' start-up, bench/device_run.sh)."""
+    compiles what it imports where none is kept: seconds of both sides' start-up, bench/device_run.sh);
+    a GGUF base's rows loaded its kept converted copy (the warm-up made it)."""
     k = 32 if any(r.k == 32 for r in rows) else max(r.k for r in rows)
     by = {r.method: r for r in rows if r.k == k}
     def speed(m: str) -> str:
@@ -396,7 +398,8 @@ def headline(rows: list[Row], device: str, model: str) -> str:
 
     origin = importlib.util.find_spec("transformers").origin
     kept = Path(importlib.util.cache_from_source(origin)).exists()  # (where this process looks)
-    return line + (" | bytecode kept" if kept else " | no bytecode")
+    line += " | bytecode kept" if kept else " | no bytecode"
+    return line + (" | GGUF copy kept" if model.endswith(".gguf") or model == "smollm2" else "")
 
 
 def main() -> None:
