@@ -1,6 +1,9 @@
 """A GGUF base loaded from its kept converted copy (alto.base_cache) is the base loaded from the file:
 the same weights bit for bit, tokenizer, special tokens and config, in each dtype; a changed file,
 an unreadable copy or an unwritable cache never gives other weights or fails the load."""
+import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -118,15 +121,35 @@ def test_a_changed_file_is_converted_again(tmp_path, cache, monkeypatch):
     assert not torch.equal(old.model.model.embed_tokens.weight, new.model.model.embed_tokens.weight)
 
 
-def test_an_unreadable_copy_is_converted_again_with_a_warning(tmp_path, cache, monkeypatch, capsys):
+def damage_in_place(f: Path) -> None:
+    """Its first bytes (the safetensors header's length) overwritten, its size and modification time
+    kept: a copy that looks as written but cannot be read (a disk's bit rot)."""
+    stat = f.stat()
+    with open(f, "r+b") as out:
+        out.write(b"\xff" * 8)
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "cut short", "written over", "removed"])
+def test_a_damaged_or_changed_copy_is_converted_again_with_a_warning(tmp_path, cache, monkeypatch, capsys, damage):
     spec = gguf_folder(tmp_path / "model")
     entry = load(spec).converted
     weights = entry / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # cut short: a full disk, an interrupted copy
+    if damage == "unreadable":
+        damage_in_place(weights)
+    elif damage == "cut short":  # a full disk, an interrupted copy
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "written over":  # other weights of the same size, e.g. saved into a run's linked base/
+        data = bytearray(weights.read_bytes())
+        data[-4:] = b"\x00\x00\x80\x3f"
+        time.sleep(0.01)
+        weights.write_bytes(bytes(data))
+    else:
+        (entry / "tokenizer.json").unlink()
     capsys.readouterr()
     again = load(spec)
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is unreadable" in err and str(entry) in err
+    assert err.count("\n") == 1 and "is unusable" in err and str(entry) in err
     assert again.converted == entry
     monkeypatch.setenv("ALTO_CACHE", "off")
     assert_same_base(again, load(spec))
@@ -147,21 +170,25 @@ def test_a_cache_that_cannot_be_written_warns_and_loads(tmp_path, monkeypatch, c
     assert_same_base(base, load(spec))
 
 
-def test_a_run_base_folder_is_linked_from_the_copy_or_written_if_it_is_gone(tmp_path, cache):
+@pytest.mark.parametrize("since_the_load", ["gone", "changed"])
+def test_a_run_base_folder_is_linked_from_the_copy_or_written_if_it_is_not_as_loaded(tmp_path, cache, since_the_load):
     spec = gguf_folder(tmp_path / "model")
     base = load(spec)
     save_base(base, tmp_path / "linked")
     assert (tmp_path / "linked" / "model.safetensors").samefile(base.converted / "model.safetensors")
-    for f in base.converted.iterdir():
-        f.unlink()
-    base.converted.rmdir()  # the cache emptied during the run
+    assert sorted(f.name for f in (tmp_path / "linked").iterdir()) == sorted(
+        f.name for f in base.converted.iterdir() if f.name != base_cache.MANIFEST)
+    tokenizer = (tmp_path / "linked" / "tokenizer.json").read_text()
+    if since_the_load == "gone":  # the cache emptied during the run
+        shutil.rmtree(base.converted)
+    else:
+        damage_in_place(base.converted / "model.safetensors")
+        os.utime(base.converted / "model.safetensors")  # as a write does
     save_base(base, tmp_path / "written")
-    assert not (tmp_path / "written" / "model.safetensors").samefile(tmp_path / "linked" / "model.safetensors")
-    a, b = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("linked", "written"))
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "written")
+    for (name, x), y in zip(base.model.state_dict().items(), written.state_dict().values()):
         assert torch.equal(x, y), name
-    assert (Path(tmp_path / "written" / "tokenizer.json").read_text()
-            == Path(tmp_path / "linked" / "tokenizer.json").read_text())
+    assert (tmp_path / "written" / "tokenizer.json").read_text() == tokenizer
 
 
 def _load_in_a_rank(spec, barrier, out):

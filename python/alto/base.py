@@ -216,11 +216,13 @@ def _from_gguf(transformers, where: str, gguf: str, dtype: torch.dtype, place: d
     entry = base_cache.entry_for(Path(where) / gguf, dtype)
     if entry is not None and entry.is_dir():
         try:
+            if not base_cache.intact(entry):
+                raise ValueError("its files changed since it was written")
             return *_from_folder(transformers, entry, dtype, place), entry
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 (what a damaged copy raises is the reader's: safetensors' own errors too)
-            base_cache.warn(f"the converted copy of {gguf} in {entry} is unreadable ({type(e).__name__}: "
+            base_cache.warn(f"the converted copy of {gguf} in {entry} is unusable ({type(e).__name__}: "
                             f"{first_line(e)}); converting the GGUF file again")
             shutil.rmtree(entry, ignore_errors=True)
     with _gguf_read_once():

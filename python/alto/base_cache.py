@@ -3,14 +3,17 @@ metadata and dequantizes its weights in Python at every load: SmolLM2-135M's (a 
 took ~10 s on a 2-core CPU, where its converted folder (safetensors, tokenizer.json) loads in ~0.3 s.
 The first load of a file writes its copy, in the dtype it was loaded in, under $ALTO_CACHE (default
 $XDG_CACHE_HOME/alto or ~/.cache/alto; `ALTO_CACHE=off`: none kept); later loads of the same file
-(path, size and modification time), dtype and transformers/gguf versions read the copy. A run's base/
-(alto.export.save_base) is linked from it. Safe to delete at any time. Nothing here ever fails a run:
-an unwritable cache or an unreadable copy is one warning line, and the GGUF file is read as before."""
+(path, size and modification time), dtype and transformers/gguf versions read the copy, if its files
+are as written (MANIFEST: sizes and modification times; a write through a hard link changes them).
+A run's base/ (alto.export.save_base) is linked from it. Safe to delete at any time. Nothing here
+ever fails a run: an unwritable cache or an unreadable or changed copy is one warning line, and the
+GGUF file is read as before."""
 from __future__ import annotations
 
 import copy
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 import sys
@@ -22,13 +25,17 @@ import torch
 from torch import nn
 
 OFF = ("off", "0", "none", "")
+MANIFEST = "alto_cache.json"  # each file of a copy -> [size, mtime_ns] as written
 
 
 def cache_root() -> Path | None:
     setting = os.environ.get("ALTO_CACHE")
     if setting is not None:
         return None if setting.strip().lower() in OFF else Path(setting).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "alto"
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "alto"
+    except RuntimeError:  # no home directory to be found: nothing is kept
+        return None
 
 
 def entry_for(gguf_path: Path, dtype: torch.dtype) -> Path | None:
@@ -71,6 +78,7 @@ def write_entry(entry: Path, model: nn.Module, tokenizer: Any) -> bool:
     try:
         tmp.mkdir(parents=True)
         save_hf_folder(model, model.state_dict(), tokenizer, tmp)
+        (tmp / MANIFEST).write_text(json.dumps({f.name: _signature(f) for f in tmp.iterdir()}))
         try:
             tmp.rename(entry)
         except OSError:
@@ -85,11 +93,25 @@ def write_entry(entry: Path, model: nn.Module, tokenizer: Any) -> bool:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _signature(f: Path) -> list[int]:
+    stat = f.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def intact(entry: Path) -> bool:
+    """Whether a copy's files are all there as written (none changed, cut short or removed since)."""
+    try:
+        written = json.loads((entry / MANIFEST).read_text())
+        return bool(written) and all(_signature(entry / name) == sig for name, sig in written.items())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def link_entry(entry: Path, folder: Path) -> None:
-    """entry's files into `folder` (an empty folder): hard links where the file system allows (no
-    copy, and the run's files outlive the cache's), else copies."""
-    for src in entry.iterdir():
+    """entry's files (an intact copy's) into `folder` (an empty folder): hard links where the file
+    system allows (no copy, and the run's files outlive the cache's), else copies."""
+    for name in json.loads((entry / MANIFEST).read_text()):
         try:
-            os.link(src, folder / src.name)
+            os.link(entry / name, folder / name)
         except OSError:
-            shutil.copy2(src, folder / src.name)
+            shutil.copy2(entry / name, folder / name)

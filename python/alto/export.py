@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from alto.base import Base, is_nf4, no_progress_bars
-from alto.base_cache import link_entry, save_hf_folder
+from alto.base_cache import intact, link_entry, save_hf_folder
 from alto.model import LayerTensors, MultiLoraLinear
 from alto.registry import Adapter
 
@@ -227,8 +227,8 @@ def save_base(base: Base, folder: Path) -> str:
 
 def _linked(base: Base, tmp: Path) -> bool:
     """The base's kept converted copy (the same weights, written already) linked into tmp; False if
-    it has none, or it is gone (the cache emptied since the load)."""
-    if base.converted is None:
+    it has none, or it is gone or changed (the cache emptied since the load, a file written over)."""
+    if base.converted is None or not intact(base.converted):
         return False
     try:
         link_entry(base.converted, tmp)
