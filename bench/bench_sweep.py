@@ -29,7 +29,7 @@ With a real model, regret = the chosen adapter's held-out loss / (a)'s best - 1:
 full grid, so its best is the grid's best.
 
 Warm-up first, untimed: one small ALTO sweep and one job of each baseline (CUDA's first uses, the
-kernels' on-disk caches; a GGUF base's converted copy, alto.base_cache, which every timed row then
+kernels' on-disk caches; a GGUF base's converted copy, alto.gguf_bases, which every timed row then
 loads, both sides alike, as every run after a file's first does). The last line (HEADLINE) is the record: the speed-ups of (c) and (d) at
 K = 32 (or the largest K) and the share of (c)'s wall outside its training steps.
 Run on the GPU: python bench/bench_sweep.py --model 1b --k 8 16 32 64 [--steps 20] [--data python-docs]

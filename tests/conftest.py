@@ -14,7 +14,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def pytest_configure(config):
-    # GGUF bases converted for this session only (alto.base_cache): a run of the suite neither reads nor
+    # GGUF bases converted for this session only (alto.gguf_bases): a run of the suite neither reads nor
     # fills the user's cache, and loads a file's copy from its second load on.
     if "ALTO_CACHE" not in os.environ:
         config._alto_cache = tempfile.TemporaryDirectory(prefix="alto-test-cache.")

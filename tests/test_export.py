@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from alto import base_cache  # noqa: E402
+from alto import gguf_bases  # noqa: E402
 from alto.base import load_base  # noqa: E402
 from alto.tune import tune  # noqa: E402
 from conftest import TINY_LLAMA, gguf_folder, hf_folder  # noqa: E402
@@ -69,6 +69,6 @@ def test_an_exported_adapter_loads_with_the_two_lines_of_a_peft_user(tmp_path, s
     plain_folder = source in ("hf_dir", "hf_dir_phi3")
     assert named == (model["hf_dir"] if plain_folder else str(run / "base"))
     assert (run / "base").exists() == (not plain_folder)
-    if source == "hf_dir_gguf_file":  # base/ linked from the file's kept converted copy (alto.base_cache)
-        entry = base_cache.entry_for(Path(model["hf_dir"]) / model["gguf_file"], torch.float32)
+    if source == "hf_dir_gguf_file":  # base/ linked from the file's kept converted copy (alto.gguf_bases)
+        entry = gguf_bases.entry_for(Path(model["hf_dir"]) / model["gguf_file"], torch.float32)
         assert (run / "base" / "model.safetensors").samefile(entry / "model.safetensors")

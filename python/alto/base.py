@@ -2,14 +2,13 @@
 alto.sweep): the one place that decides the base's dtype, its quantization (NF4; its sharding over
 the ranks, FSDP2, is alto.parallel.shard's), and where it came from (what the exported adapters
 name as their base: alto.export.save_base); and the random models' byte tokenizer. A GGUF file is
-read through its converted copy once one is kept (alto.base_cache)."""
+read through its converted copy once one is kept (alto.gguf_bases)."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import importlib.util
 import math
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from alto import base_cache
+from alto import gguf_bases
 from alto.inputs import first_line
 from alto.families import family_of
 
@@ -37,7 +36,7 @@ class Base:
     # The folder the weights came from (None: a random model, nowhere else) and its GGUF file, if any.
     folder: str | None
     gguf_file: str | None = None
-    # Where these very weights lie in HF format already (a GGUF file's converted copy, alto.base_cache):
+    # Where these very weights lie in HF format already (a GGUF file's converted copy, alto.gguf_bases):
     # what the run's base/ is linked from.
     converted: Path | None = None
     # load_base again with the same arguments (the same weights): how a base sharded over the ranks
@@ -174,61 +173,10 @@ def no_progress_bars() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-@contextlib.contextmanager
-def _gguf_read_once() -> Iterator[None]:
-    """transformers parses a GGUF file's header anew for the config, tokenizer and weights, and builds
-    gguf's tensor-name map once per module (SmolLM2: 397): each made once per load here (only read),
-    the header by _ArrayReader. transformers' bar over the tensors, drawn whatever its logging says,
-    is left out (no_progress_bars' reason)."""
-    import gguf
-    import numpy as np
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-    reader, name_map, bar = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm
-
-    class _ArrayReader(reader):
-        """gguf's reader over a plain array of the file's mapping: it slices a view per value read
-        (~250k for SmolLM2's 49k-token vocabulary and merges), and np.memmap's slicing is Python code
-        (4.1 s of a 10 s load on a 2-core CPU; 1.5 s over the plain array, the same values)."""
-
-        def _get(self, *args, **kwargs):
-            if type(self.data) is np.memmap:
-                self.data = self.data.view(np.ndarray)  # the same mapping (kept alive as its base)
-            return super()._get(*args, **kwargs)
-
-    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(_ArrayReader), functools.cache(name_map)
-    gguf_utils.tqdm = lambda items, **_: items
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm = reader, name_map, bar
-
-
 def _from_folder(transformers, folder: str | Path, dtype: torch.dtype, place: dict, **kw) -> tuple[Any, nn.Module]:
     """The tokenizer and causal LM of a folder (kw: its gguf_file)."""
     return (transformers.AutoTokenizer.from_pretrained(folder, **kw),
             transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw, **place))
-
-
-def _from_gguf(transformers, where: str, gguf: str, dtype: torch.dtype, place: dict) -> tuple[Any, nn.Module, Path | None]:
-    """The tokenizer and causal LM of a GGUF file, from its converted copy if one is kept (made now
-    if not), and that copy's folder (None: none kept)."""
-    entry = base_cache.entry_for(Path(where) / gguf, dtype)
-    if entry is not None and entry.is_dir():
-        try:
-            if not base_cache.intact(entry):
-                raise ValueError("its files changed since it was written")
-            return *_from_folder(transformers, entry, dtype, place), entry
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 (what a damaged copy raises is the reader's: safetensors' own errors too)
-            base_cache.warn(f"the converted copy of {gguf} in {entry} is unusable ({type(e).__name__}: "
-                            f"{first_line(e)}); converting the GGUF file again")
-            shutil.rmtree(entry, ignore_errors=True)
-    with _gguf_read_once():
-        tok, model = _from_folder(transformers, where, dtype, place, gguf_file=gguf)
-    kept = entry is not None and base_cache.write_entry(entry, model, tok)
-    return tok, model, entry if kept else None
 
 
 def _load(spec: str | dict, dtype: str, device: torch.device, straight: bool) -> Base:
@@ -239,11 +187,12 @@ def _load(spec: str | dict, dtype: str, device: torch.device, straight: bool) ->
     if spec == "smollm2" or "hf_dir" in spec:
         where, gguf = _hf_source(spec)
         place = {"device_map": str(device)} if straight and device.type == "cuda" else {}
-        converted = None  # the GGUF file's converted copy this base is (alto.base_cache)
+        converted = None  # the GGUF file's converted copy this base is (alto.gguf_bases)
         try:
             with no_progress_bars():
                 if gguf:
-                    tok, model, converted = _from_gguf(transformers, where, gguf, dtype, place)
+                    read = functools.partial(_from_folder, transformers, dtype=dtype, place=place)
+                    tok, model, converted = gguf_bases.load(read, Path(where) / gguf, dtype)
                 else:
                     tok, model = _from_folder(transformers, where, dtype, place)
         except torch.OutOfMemoryError:  # the device is too small or taken: not a fault of the folder

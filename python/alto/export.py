@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from alto.base import Base, is_nf4, no_progress_bars
-from alto.base_cache import intact, link_entry, save_hf_folder
+from alto.gguf_bases import intact, link_entry, save_hf_folder
 from alto.model import LayerTensors, MultiLoraLinear
 from alto.registry import Adapter
 
@@ -213,7 +213,7 @@ def save_base(base: Base, folder: Path) -> str:
     over the full-precision base). Any other base (a GGUF file, a random model) is written to
     `folder` once per run, in HF format with its tokenizer: the weights the adapters trained against,
     in the dtype they were loaded in (NF4 ones dequantized), linked from a GGUF file's kept converted
-    copy where there is one (alto.base_cache). A base sharded over the ranks is loaded again whole
+    copy where there is one (alto.gguf_bases). A base sharded over the ranks is loaded again whole
     for it (this rank holds a shard of each layer)."""
     if base.loads_alone:
         return base_name(base, folder)

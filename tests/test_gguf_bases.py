@@ -1,6 +1,7 @@
-"""A GGUF base loaded from its kept converted copy (alto.base_cache) is the base loaded from the file:
-the same weights bit for bit, tokenizer, special tokens and config, in each dtype; a changed file,
-an unreadable copy or an unwritable cache never gives other weights or fails the load."""
+"""A GGUF file read by ALTO (alto.gguf_bases) gives the base transformers reads, and its kept
+converted copy the base read from the file: the same weights bit for bit, tokenizer, special tokens
+and config, in each dtype; a changed file, a damaged or changed copy or an unwritable cache never
+gives other weights or fails the load."""
 import os
 import shutil
 import time
@@ -12,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from alto import base_cache  # noqa: E402
+from alto import gguf_bases  # noqa: E402
 from alto.base import Base, load_base, smollm2_dir, SMOLLM2_GGUF  # noqa: E402
 from alto.export import save_base  # noqa: E402
 from conftest import gguf_folder  # noqa: E402
@@ -71,7 +72,7 @@ def smollm2_gguf(_):
 
 @pytest.mark.parametrize("write", [tiny_gguf, smollm2_gguf])
 def test_alto_reads_a_gguf_file_as_transformers_does(tmp_path, monkeypatch, write):
-    """ALTO's faster reading of the file (alto.base._gguf_read_once) against transformers' own."""
+    """ALTO's faster reading of the file (alto.gguf_bases.read_once) against transformers' own."""
     spec = write(tmp_path / "model")
     monkeypatch.setenv("ALTO_CACHE", "off")
     ours = load(spec)
@@ -177,7 +178,7 @@ def test_a_run_base_folder_is_linked_from_the_copy_or_written_if_it_is_not_as_lo
     save_base(base, tmp_path / "linked")
     assert (tmp_path / "linked" / "model.safetensors").samefile(base.converted / "model.safetensors")
     assert sorted(f.name for f in (tmp_path / "linked").iterdir()) == sorted(
-        f.name for f in base.converted.iterdir() if f.name != base_cache.MANIFEST)
+        f.name for f in base.converted.iterdir() if f.name != gguf_bases.MANIFEST)
     tokenizer = (tmp_path / "linked" / "tokenizer.json").read_text()
     if since_the_load == "gone":  # the cache emptied during the run
         shutil.rmtree(base.converted)
@@ -194,13 +195,13 @@ def test_a_run_base_folder_is_linked_from_the_copy_or_written_if_it_is_not_as_lo
 def _load_in_a_rank(spec, barrier, out):
     """One of several processes loading the same file into a cold cache, each converting it and
     writing its copy at the same moment (the barrier): what the ranks of a multi-rank run do."""
-    write = base_cache.write_entry
+    write = gguf_bases.write_entry
 
     def write_together(*args):
         barrier.wait(timeout=60)
         return write(*args)
 
-    base_cache.write_entry = write_together
+    gguf_bases.write_entry = write_together
     base = load(spec)
     out.put((str(base.converted), [t.sum().item() for t in base.model.state_dict().values()]))
 

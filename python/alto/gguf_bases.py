@@ -1,6 +1,7 @@
-"""GGUF bases kept converted to Hugging Face format between runs. transformers reads a GGUF file's
-metadata and dequantizes its weights in Python at every load: SmolLM2-135M's (a 49k-token vocabulary)
-took ~10 s on a 2-core CPU, where its converted folder (safetensors, tokenizer.json) loads in ~0.3 s.
+"""GGUF files as bases: read faster than transformers alone reads them, and kept converted to Hugging
+Face format between runs. transformers reads a GGUF file's metadata and dequantizes its weights in
+Python at every load: SmolLM2-135M's (a 49k-token vocabulary) took ~10 s on a 2-core CPU (5 s with
+read_once's fixes), where its converted folder (safetensors, tokenizer.json) loads in ~0.3 s.
 The first load of a file writes its copy, in the dtype it was loaded in, under $ALTO_CACHE (default
 $XDG_CACHE_HOME/alto or ~/.cache/alto; `ALTO_CACHE=off`: none kept); later loads of the same file
 (path, size and modification time), dtype and transformers/gguf versions read the copy, if its files
@@ -10,7 +11,9 @@ ever fails a run: an unwritable cache or an unreadable or changed copy is one wa
 GGUF file is read as before."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -18,14 +21,70 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from alto.inputs import first_line
+
 OFF = ("off", "0", "none", "")
 MANIFEST = "alto_cache.json"  # each file of a copy -> [size, mtime_ns] as written
+
+
+def load(from_folder: Callable[..., tuple[Any, nn.Module]], gguf_path: Path, dtype: torch.dtype
+         ) -> tuple[Any, nn.Module, Path | None]:
+    """The tokenizer and causal LM of a GGUF file (from_folder(folder, **kw): a folder's, kw its
+    gguf_file), from its converted copy if one is kept (made now if not), and that copy's folder
+    (None: none kept)."""
+    entry = entry_for(gguf_path, dtype)
+    if entry is not None and entry.is_dir():
+        try:
+            if not intact(entry):
+                raise ValueError("its files changed since it was written")
+            return *from_folder(entry), entry
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 (what a damaged copy raises is the reader's: safetensors' own errors too)
+            warn(f"the converted copy of {gguf_path.name} in {entry} is unusable ({type(e).__name__}: "
+                 f"{first_line(e)}); converting the GGUF file again")
+            shutil.rmtree(entry, ignore_errors=True)
+    with read_once():
+        tok, model = from_folder(gguf_path.parent, gguf_file=gguf_path.name)
+    kept = entry is not None and write_entry(entry, model, tok)
+    return tok, model, entry if kept else None
+
+
+@contextlib.contextmanager
+def read_once() -> Iterator[None]:
+    """transformers parses a GGUF file's header anew for the config, tokenizer and weights, and builds
+    gguf's tensor-name map once per module (SmolLM2: 397): each made once per load here (only read),
+    the header by _ArrayReader. transformers' bar over the tensors, drawn whatever its logging says,
+    is left out (alto.base.no_progress_bars' reason)."""
+    import gguf
+    import numpy as np
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    reader, name_map, bar = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm
+
+    class _ArrayReader(reader):
+        """gguf's reader over a plain array of the file's mapping: it slices a view per value read
+        (~250k for SmolLM2's 49k-token vocabulary and merges), and np.memmap's slicing is Python code
+        (4.1 s of a 10 s load on a 2-core CPU; 1.5 s over the plain array, the same values)."""
+
+        def _get(self, *args, **kwargs):
+            if type(self.data) is np.memmap:
+                self.data = self.data.view(np.ndarray)  # the same mapping (kept alive as its base)
+            return super()._get(*args, **kwargs)
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(_ArrayReader), functools.cache(name_map)
+    gguf_utils.tqdm = lambda items, **_: items
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm = reader, name_map, bar
 
 
 def cache_root() -> Path | None:
@@ -47,7 +106,8 @@ def entry_for(gguf_path: Path, dtype: torch.dtype) -> Path | None:
     stat = path.stat()
     versions = [importlib.metadata.version(p) for p in ("transformers", "gguf")]  # either may change a conversion
     key = "\0".join(map(str, (path, stat.st_size, stat.st_mtime_ns, dtype, *versions)))
-    return root / "gguf" / f"{path.stem}-{str(dtype).removeprefix('torch.')}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return root / "gguf" / f"{path.stem}-{str(dtype).removeprefix('torch.')}-{digest}"
 
 
 def warn(message: str) -> None:
