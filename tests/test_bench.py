@@ -87,6 +87,17 @@ def test_bench_launches_counts_one_pass_whether_prefixes_are_shared_or_not():
     assert number(off[ops]) <= number(on[ops]) <= 1.05 * number(off[ops])  # one pass: a second would double them
 
 
+def test_bench_load_times_transformers_alto_first_load_and_kept_copy(tmp_path):
+    pytest.importorskip("gguf")
+    from conftest import gguf_folder
+
+    spec = gguf_folder(tmp_path / "model")
+    out = bench("bench_load", "--gguf", Path(spec["hf_dir"]) / spec["gguf_file"], "--repeats", 1, "--device", "cpu")
+    rows = table(out, "how", "imports s", "load s", "load vs transformers")
+    assert [r["how"] for r in rows] == ["transformers", "alto, first load", "alto, kept copy"]
+    assert all(positive(r["imports s"]) and positive(r["load s"]) for r in rows)
+
+
 def test_bench_ops_compares_the_segmented_ops_with_a_torch_loop_and_grouped_mm():
     out = bench("bench_ops", "--device", "cpu", "--groups", 2, "--tokens", 16, "--shapes", "64x128")
     [row] = table(out, "G", "ours ms", "loop ms", "gmm_pad ms", "floor ms", "vs loop", "max rel diff")
