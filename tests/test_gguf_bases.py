@@ -41,7 +41,9 @@ def assert_same_base(a, b):
     assert a.tokenizer.apply_chat_template(CHAT, tokenize=False) == b.tokenizer.apply_chat_template(CHAT, tokenize=False)
     assert a.tokenizer.apply_chat_template(CHAT) == b.tokenizer.apply_chat_template(CHAT)
     assert (a.pad_id, a.eos_id) == (b.pad_id, b.eos_id)
+    assert a.tokenizer.special_tokens_map == b.tokenizer.special_tokens_map and len(a.tokenizer) == len(b.tokenizer)
     ids = a.tokenizer(TEXT, return_tensors="pt").input_ids
+    assert a.tokenizer.decode(ids[0]) == b.tokenizer.decode(ids[0])
     with torch.no_grad():
         assert torch.equal(a.model(ids).logits, b.model(ids).logits)
 
