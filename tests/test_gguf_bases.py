@@ -3,7 +3,6 @@ converted copy the base read from the file: the same weights bit for bit, tokeni
 and config, in each dtype; a changed file, a damaged or changed copy or an unwritable cache never
 gives other weights or fails the load."""
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -15,7 +14,6 @@ gguf = pytest.importorskip("gguf")
 
 from alto import gguf_bases  # noqa: E402
 from alto.base import Base, load_base, smollm2_dir, SMOLLM2_GGUF  # noqa: E402
-from alto.export import save_base  # noqa: E402
 from conftest import gguf_folder  # noqa: E402
 
 TEXT = "alpha beta lora, é 中\nrank token<|endoftext|>"
@@ -37,6 +35,7 @@ def assert_same_base(a, b):
     assert type(a.model) is type(b.model)
     ca, cb = a.model.config.to_dict(), b.model.config.to_dict()
     assert {k: v for k, v in ca.items() if k not in NOT_COMPARED} == {k: v for k, v in cb.items() if k not in NOT_COMPARED}
+    assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
     assert a.tokenizer(TEXT).input_ids == b.tokenizer(TEXT).input_ids
     assert a.tokenizer.apply_chat_template(CHAT, tokenize=False) == b.tokenizer.apply_chat_template(CHAT, tokenize=False)
     assert a.tokenizer.apply_chat_template(CHAT) == b.tokenizer.apply_chat_template(CHAT)
@@ -56,9 +55,25 @@ def cache(tmp_path, monkeypatch):
 
 def unreadable_gguf(monkeypatch):
     """From here on, reading any GGUF file fails (a load that still works read none)."""
-    def refuse(*_, **__):
-        raise AssertionError("the GGUF file was read")
-    monkeypatch.setattr(gguf, "GGUFReader", refuse)
+    class Refused(gguf.GGUFReader):
+        def __init__(self, *_, **__):
+            raise AssertionError("the GGUF file was read")
+    monkeypatch.setattr(gguf, "GGUFReader", Refused)
+
+
+def alto_lines(err: str) -> list[str]:
+    """ALTO's own lines of stderr (a first model load may also bring torchao's import warnings)."""
+    return [line for line in err.splitlines() if line.startswith("alto:")]
+
+
+def entry(spec, dtype="float32") -> Path:
+    return gguf_bases.entry_for(Path(spec["hf_dir"]) / spec["gguf_file"], getattr(torch, dtype))
+
+
+def kept(cache: Path) -> list[str]:
+    """The copies in the cache (its lock files and any temporary folder left out: those are hidden)."""
+    folder = cache / "gguf"
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
 
 
 def tiny_gguf(folder):
@@ -77,6 +92,8 @@ def test_alto_reads_a_gguf_file_as_transformers_does(tmp_path, monkeypatch, writ
     """ALTO's faster reading of the file (alto.gguf_bases.read_once) against transformers' own."""
     spec = write(tmp_path / "model")
     monkeypatch.setenv("ALTO_CACHE", "off")
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    reader, bar = gguf.GGUFReader, gguf_utils.tqdm
     ours = load(spec)
     where, name = spec["hf_dir"], spec["gguf_file"]
     tok = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name)
@@ -84,41 +101,44 @@ def test_alto_reads_a_gguf_file_as_transformers_does(tmp_path, monkeypatch, writ
     theirs = Base(model, tok, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, tok.eos_token_id,
                   where, name)
     assert_same_base(ours, theirs)
-    assert ours.tokenizer.get_vocab() == theirs.tokenizer.get_vocab()
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    assert (gguf.GGUFReader, gguf_utils.tqdm) == (reader, bar)  # read_once put transformers' and gguf's back
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_converted_copy_loads_the_same_base_as_the_file(tmp_path, cache, monkeypatch, dtype):
     spec = gguf_folder(tmp_path / "model")
     first = load(spec, dtype)
-    assert first.converted is not None and first.converted.is_relative_to(cache) and first.converted.is_dir()
+    assert kept(cache) == [entry(spec, dtype).name] and gguf_bases.intact(entry(spec, dtype))
     monkeypatch.setenv("ALTO_CACHE", "off")
     alone = load(spec, dtype)  # the file, read as before the cache
-    assert alone.converted is None
     assert_same_base(first, alone)
     monkeypatch.setenv("ALTO_CACHE", str(cache))
     unreadable_gguf(monkeypatch)
     again = load(spec, dtype)
-    assert again.converted == first.converted
     assert_same_base(again, alone)
     assert (again.folder, again.gguf_file) == (alone.folder, alone.gguf_file)  # where it came from, unchanged
 
 
 def test_each_dtype_has_its_own_copy_and_nothing_is_kept_when_off(tmp_path, cache, monkeypatch):
     spec = gguf_folder(tmp_path / "model")
-    assert load(spec, "float32").converted != load(spec, "bfloat16").converted
-    assert len(list((cache / "gguf").iterdir())) == 2
+    load(spec, "float32")
+    load(spec, "bfloat16")
+    assert kept(cache) == sorted([entry(spec, "float32").name, entry(spec, "bfloat16").name])
+    assert len(set(kept(cache))) == 2
     monkeypatch.setenv("ALTO_CACHE", "off")
     load(spec)
-    assert len(list((cache / "gguf").iterdir())) == 2
+    monkeypatch.setenv("ALTO_CACHE", str(cache))
+    assert len(kept(cache)) == 2
 
 
 def test_a_changed_file_is_converted_again(tmp_path, cache, monkeypatch):
     spec = gguf_folder(tmp_path / "model", seed=0)
     old = load(spec)
+    old_entry = entry(spec)
     gguf_folder(tmp_path / "model", seed=1)  # new weights under the same name
     new = load(spec)
-    assert new.converted != old.converted
+    assert entry(spec) != old_entry and len(kept(cache)) == 2
     monkeypatch.setenv("ALTO_CACHE", "off")
     assert_same_base(new, load(spec))
     assert not torch.equal(old.model.model.embed_tokens.weight, new.model.model.embed_tokens.weight)
@@ -136,79 +156,85 @@ def damage_in_place(f: Path) -> None:
 @pytest.mark.parametrize("damage", ["unreadable", "cut short", "written over", "removed"])
 def test_a_damaged_or_changed_copy_is_converted_again_with_a_warning(tmp_path, cache, monkeypatch, capsys, damage):
     spec = gguf_folder(tmp_path / "model")
-    entry = load(spec).converted
-    weights = entry / "model.safetensors"
+    load(spec)
+    copy = entry(spec)
+    weights = copy / "model.safetensors"
     if damage == "unreadable":
         damage_in_place(weights)
     elif damage == "cut short":  # a full disk, an interrupted copy
         weights.write_bytes(weights.read_bytes()[:100])
-    elif damage == "written over":  # other weights of the same size, e.g. saved into a run's linked base/
+    elif damage == "written over":  # other weights of the same size
         data = bytearray(weights.read_bytes())
         data[-4:] = b"\x00\x00\x80\x3f"
         time.sleep(0.01)
         weights.write_bytes(bytes(data))
     else:
-        (entry / "tokenizer.json").unlink()
+        (copy / "tokenizer.json").unlink()
     capsys.readouterr()
     again = load(spec)
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is unusable" in err and str(entry) in err
-    assert again.converted == entry
+    [line] = alto_lines(err)
+    assert "is unusable" in line and str(copy) in line
+    assert gguf_bases.intact(copy)  # written whole again
     monkeypatch.setenv("ALTO_CACHE", "off")
     assert_same_base(again, load(spec))
     monkeypatch.setenv("ALTO_CACHE", str(cache))
     unreadable_gguf(monkeypatch)
-    assert_same_base(load(spec), again)  # the copy was written whole again
+    assert_same_base(load(spec), again)
 
 
-def test_a_cache_that_cannot_be_written_warns_and_loads(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("failure", ["no folder can be made", "the write fails midway"])
+def test_a_cache_that_cannot_be_written_warns_and_loads(tmp_path, cache, monkeypatch, capsys, failure):
     spec = gguf_folder(tmp_path / "model")
-    (tmp_path / "a file").write_text("")
-    monkeypatch.setenv("ALTO_CACHE", str(tmp_path / "a file"))  # no folder can be made under it
+    if failure == "no folder can be made":
+        (tmp_path / "a file").write_text("")
+        monkeypatch.setenv("ALTO_CACHE", str(tmp_path / "a file"))
+    else:  # a full disk: safetensors raises its own error, no OSError
+        from safetensors import SafetensorError
+
+        def full_disk(model, weights, tokenizer, folder):
+            (folder / "model.safetensors").write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr(gguf_bases, "save_hf_folder", full_disk)
     base = load(spec)
     err = capsys.readouterr().err
-    assert base.converted is None
-    assert err.count("\n") == 1 and "cannot keep the converted GGUF base" in err
+    [line] = alto_lines(err)
+    assert "cannot keep the converted GGUF base" in line
+    if failure == "the write fails midway":
+        assert kept(cache) == [] and not [p for p in (cache / "gguf").iterdir() if p.name.endswith(".tmp")]
     monkeypatch.setenv("ALTO_CACHE", "off")
     assert_same_base(base, load(spec))
 
 
-@pytest.mark.parametrize("since_the_load", ["gone", "changed"])
-def test_a_run_base_folder_is_linked_from_the_copy_or_written_if_it_is_not_as_loaded(tmp_path, cache, since_the_load):
+def test_a_temporary_folder_left_by_a_killed_writer_is_removed(tmp_path, cache):
     spec = gguf_folder(tmp_path / "model")
-    base = load(spec)
-    save_base(base, tmp_path / "linked")
-    assert (tmp_path / "linked" / "model.safetensors").samefile(base.converted / "model.safetensors")
-    assert sorted(f.name for f in (tmp_path / "linked").iterdir()) == sorted(
-        f.name for f in base.converted.iterdir() if f.name != gguf_bases.MANIFEST)
-    tokenizer = (tmp_path / "linked" / "tokenizer.json").read_text()
-    if since_the_load == "gone":  # the cache emptied during the run
-        shutil.rmtree(base.converted)
-    else:
-        damage_in_place(base.converted / "model.safetensors")
-        os.utime(base.converted / "model.safetensors")  # as a write does
-    save_base(base, tmp_path / "written")
-    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "written")
-    for (name, x), y in zip(base.model.state_dict().items(), written.state_dict().values()):
-        assert torch.equal(x, y), name
-    assert (tmp_path / "written" / "tokenizer.json").read_text() == tokenizer
+    left = entry(spec).parent / f".{entry(spec).name}.0123456789ab.tmp"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"half")
+    load(spec)
+    assert not left.exists() and kept(cache) == [entry(spec).name]
 
 
 def _load_in_a_rank(spec, barrier, out):
     """One of several processes loading the same file into a cold cache, each converting it and
     writing its copy at the same moment (the barrier): what the ranks of a multi-rank run do."""
-    write = gguf_bases.write_entry
+    write, save = gguf_bases.write_entry, gguf_bases.save_hf_folder
+    wrote = []
 
     def write_together(*args):
         barrier.wait(timeout=60)
         return write(*args)
 
-    gguf_bases.write_entry = write_together
+    def save_and_tell(*args):
+        wrote.append(True)
+        return save(*args)
+
+    gguf_bases.write_entry, gguf_bases.save_hf_folder = write_together, save_and_tell
     base = load(spec)
-    out.put((str(base.converted), [t.sum().item() for t in base.model.state_dict().values()]))
+    out.put((bool(wrote), [t.sum().item() for t in base.model.state_dict().values()]))
 
 
-def test_ranks_converting_the_same_file_at_once_share_one_copy(tmp_path, cache):
+def test_ranks_converting_the_same_file_at_once_keep_one_copy(tmp_path, cache):
     import multiprocessing
 
     spec = gguf_folder(tmp_path / "model")
@@ -221,6 +247,8 @@ def test_ranks_converting_the_same_file_at_once_share_one_copy(tmp_path, cache):
     for p in ranks:
         p.join(timeout=60)
         assert p.exitcode == 0
-    assert results[0] == results[1] and results[0][0] != "None"
-    assert [p.name for p in (cache / "gguf").iterdir()] == [Path(results[0][0]).name]  # no temporary folder left
-    assert_same_base(load(spec), load(spec))
+    assert sorted(wrote for wrote, _ in results) == [False, True]  # one wrote it, the other went on
+    assert results[0][1] == results[1][1]
+    assert kept(cache) == [entry(spec).name] and gguf_bases.intact(entry(spec))
+    assert not [p for p in (cache / "gguf").iterdir() if p.name.endswith(".tmp")]
+    assert [t.sum().item() for t in load(spec).model.state_dict().values()] == results[0][1]

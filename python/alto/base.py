@@ -36,9 +36,6 @@ class Base:
     # The folder the weights came from (None: a random model, nowhere else) and its GGUF file, if any.
     folder: str | None
     gguf_file: str | None = None
-    # Where these very weights lie in HF format already (a GGUF file's converted copy, alto.gguf_bases):
-    # what the run's base/ is linked from.
-    converted: Path | None = None
     # load_base again with the same arguments (the same weights): how a base sharded over the ranks
     # is had whole for its export.
     reload: Callable[[], Base] | None = None
@@ -152,7 +149,6 @@ def load_base(spec: str | dict, dtype: str, device: torch.device, quantize: str 
     base = _load(spec, dtype, device if place is None else place, straight=quantize == "none")
     if quantize == "nf4":
         quantize_nf4(base.model, device)
-        base.converted = None  # the adapters train against the NF4 weights, not the converted ones
     base.model.to(device if place is None else place)
     base.reload = lambda: load_base(spec, dtype, device, quantize, place)
     return base
@@ -187,12 +183,11 @@ def _load(spec: str | dict, dtype: str, device: torch.device, straight: bool) ->
     if spec == "smollm2" or "hf_dir" in spec:
         where, gguf = _hf_source(spec)
         place = {"device_map": str(device)} if straight and device.type == "cuda" else {}
-        converted = None  # the GGUF file's converted copy this base is (alto.gguf_bases)
         try:
             with no_progress_bars():
                 if gguf:
                     read = functools.partial(_from_folder, transformers, dtype=dtype, place=place)
-                    tok, model, converted = gguf_bases.load(read, Path(where) / gguf, dtype)
+                    tok, model = gguf_bases.load(read, Path(where) / gguf, dtype)
                 else:
                     tok, model = _from_folder(transformers, where, dtype, place)
         except torch.OutOfMemoryError:  # the device is too small or taken: not a fault of the folder
@@ -201,7 +196,7 @@ def _load(spec: str | dict, dtype: str, device: torch.device, straight: bool) ->
             raise ValueError(f"model.hf_dir: cannot load a tokenizer and causal LM from {where!r} "
                              f"({type(e).__name__}: {first_line(e)})") from None
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return Base(model.eval(), tok, pad, tok.eos_token_id, str(Path(where).resolve()), gguf, converted)
+        return Base(model.eval(), tok, pad, tok.eos_token_id, str(Path(where).resolve()), gguf)
     config, seed = _random_llama_config(spec)
     tok = byte_tokenizer()
     torch.manual_seed(seed)

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from alto.base import Base, is_nf4, no_progress_bars
-from alto.gguf_bases import intact, link_entry, save_hf_folder
+from alto.gguf_bases import save_hf_folder
 from alto.model import LayerTensors, MultiLoraLinear
 from alto.registry import Adapter
 
@@ -212,31 +212,15 @@ def save_base(base: Base, folder: Path) -> str:
     loads alone. A plain HF folder is named as it is (over an NF4 base too: a QLoRA adapter loads
     over the full-precision base). Any other base (a GGUF file, a random model) is written to
     `folder` once per run, in HF format with its tokenizer: the weights the adapters trained against,
-    in the dtype they were loaded in (NF4 ones dequantized), linked from a GGUF file's kept converted
-    copy where there is one (alto.gguf_bases). A base sharded over the ranks is loaded again whole
-    for it (this rank holds a shard of each layer)."""
+    in the dtype they were loaded in (NF4 ones dequantized). A base sharded over the ranks is loaded
+    again whole for it (this rank holds a shard of each layer)."""
     if base.loads_alone:
         return base_name(base, folder)
     if not folder.exists():  # a resumed run's is already whole: folders are renamed into place
         with _written_whole(folder) as tmp, no_progress_bars():
-            if not _linked(base, tmp):
-                model = base.reload().model if _sharded(base.model) else base.model
-                save_hf_folder(model, _frozen_weights(model), base.tokenizer, tmp)
+            model = base.reload().model if _sharded(base.model) else base.model
+            save_hf_folder(model, _frozen_weights(model), base.tokenizer, tmp)
     return base_name(base, folder)
-
-
-def _linked(base: Base, tmp: Path) -> bool:
-    """The base's kept converted copy (the same weights, written already) linked into tmp; False if
-    it has none, or it is gone or changed (the cache emptied since the load, a file written over)."""
-    if base.converted is None or not intact(base.converted):
-        return False
-    try:
-        link_entry(base.converted, tmp)
-        return True
-    except OSError:
-        for f in tmp.iterdir():
-            f.unlink()
-        return False
 
 
 def base_name(base: Base, folder: Path) -> str:

@@ -1,18 +1,19 @@
 """GGUF files as bases: read faster than transformers alone reads them, and kept converted to Hugging
 Face format between runs. transformers reads a GGUF file's metadata and dequantizes its weights in
 Python at every load: SmolLM2-135M's (a 49k-token vocabulary) took ~10 s on a 2-core CPU (5 s with
-read_once's fixes), where its converted folder (safetensors, tokenizer.json) loads in ~0.3 s.
+read_once's fixes), where its converted folder (safetensors, tokenizer.json) loads in ~0.5 s.
 The first load of a file writes its copy, in the dtype it was loaded in, under $ALTO_CACHE (default
 $XDG_CACHE_HOME/alto or ~/.cache/alto; `ALTO_CACHE=off`: none kept); later loads of the same file
-(path, size and modification time), dtype and transformers/gguf versions read the copy, if its files
-are as written (MANIFEST: sizes and modification times; a write through a hard link changes them).
-A run's base/ (alto.export.save_base) is linked from it. Safe to delete at any time. Nothing here
-ever fails a run: an unwritable cache or an unreadable or changed copy is one warning line, and the
-GGUF file is read as before."""
+(path, inode, size and modification time), dtype and transformers/gguf versions read the copy, if its
+files are as written (MANIFEST: their sizes and modification times). One process writes a copy (a
+lock; the ranks of a run that find it taken go on without writing). Safe to delete at any time.
+Nothing here ever fails a run: an unwritable cache or an unreadable or changed copy is one warning
+line, and the GGUF file is read as before."""
 from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,19 +34,20 @@ from alto.inputs import first_line
 
 OFF = ("off", "0", "none", "")
 MANIFEST = "alto_cache.json"  # each file of a copy -> [size, mtime_ns] as written
+FORMAT = 1  # of a copy's files (blank_copy, save_hf_folder): a new one is never served an old copy
+_PATCHING = threading.Lock()  # read_once patches module globals: one load at a time in a process
 
 
 def load(from_folder: Callable[..., tuple[Any, nn.Module]], gguf_path: Path, dtype: torch.dtype
-         ) -> tuple[Any, nn.Module, Path | None]:
+         ) -> tuple[Any, nn.Module]:
     """The tokenizer and causal LM of a GGUF file (from_folder(folder, **kw): a folder's, kw its
-    gguf_file), from its converted copy if one is kept (made now if not), and that copy's folder
-    (None: none kept)."""
+    gguf_file), from its converted copy if one is kept (made now if not)."""
     entry = entry_for(gguf_path, dtype)
     if entry is not None and entry.is_dir():
         try:
             if not intact(entry):
                 raise ValueError("its files changed since it was written")
-            return *from_folder(entry), entry
+            return from_folder(entry)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 (what a damaged copy raises is the reader's: safetensors' own errors too)
@@ -53,8 +56,9 @@ def load(from_folder: Callable[..., tuple[Any, nn.Module]], gguf_path: Path, dty
             shutil.rmtree(entry, ignore_errors=True)
     with read_once():
         tok, model = from_folder(gguf_path.parent, gguf_file=gguf_path.name)
-    kept = entry is not None and write_entry(entry, model, tok)
-    return tok, model, entry if kept else None
+    if entry is not None:
+        write_entry(entry, model, tok)
+    return tok, model
 
 
 @contextlib.contextmanager
@@ -67,9 +71,7 @@ def read_once() -> Iterator[None]:
     import numpy as np
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    reader, name_map, bar = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm
-
-    class _ArrayReader(reader):
+    class _ArrayReader(gguf.GGUFReader):
         """gguf's reader over a plain array of the file's mapping: it slices a view per value read
         (~250k for SmolLM2's 49k-token vocabulary and merges), and np.memmap's slicing is Python code
         (4.1 s of a 10 s load on a 2-core CPU; 1.5 s over the plain array, the same values)."""
@@ -79,12 +81,14 @@ def read_once() -> Iterator[None]:
                 self.data = self.data.view(np.ndarray)  # the same mapping (kept alive as its base)
             return super()._get(*args, **kwargs)
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(_ArrayReader), functools.cache(name_map)
-    gguf_utils.tqdm = lambda items, **_: items
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm = reader, name_map, bar
+    with _PATCHING:
+        reader, name_map, bar = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm
+        gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(_ArrayReader), functools.cache(name_map)
+        gguf_utils.tqdm = lambda items, **_: items
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm = reader, name_map, bar
 
 
 def cache_root() -> Path | None:
@@ -105,9 +109,9 @@ def entry_for(gguf_path: Path, dtype: torch.dtype) -> Path | None:
     path = gguf_path.resolve()
     stat = path.stat()
     versions = [importlib.metadata.version(p) for p in ("transformers", "gguf")]  # either may change a conversion
-    key = "\0".join(map(str, (path, stat.st_size, stat.st_mtime_ns, dtype, *versions)))
+    key = "\0".join(map(str, (path, stat.st_ino, stat.st_size, stat.st_mtime_ns, dtype, FORMAT, *versions)))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return root / "gguf" / f"{path.stem}-{str(dtype).removeprefix('torch.')}-{digest}"
+    return root.absolute() / "gguf" / f"{path.stem[:100]}-{str(dtype).removeprefix('torch.')}-{digest}"
 
 
 def warn(message: str) -> None:
@@ -131,24 +135,31 @@ def save_hf_folder(model: nn.Module, weights: dict[str, torch.Tensor], tokenizer
     tokenizer.save_pretrained(folder)
 
 
-def write_entry(entry: Path, model: nn.Module, tokenizer: Any) -> bool:
-    """The just-converted base written to `entry` whole (under a temporary name, then renamed; a
-    concurrent run that wrote it first wins). False, with a warning, if it cannot be written."""
+def write_entry(entry: Path, model: nn.Module, tokenizer: Any) -> None:
+    """The just-converted base written to `entry` whole, by one process at a time (a lock beside it:
+    another process converting the same file goes on without writing), under a temporary name, then
+    renamed. A warning line if it cannot be written; never an error."""
     tmp = entry.parent / f".{entry.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        tmp.mkdir(parents=True)
-        save_hf_folder(model, model.state_dict(), tokenizer, tmp)
-        (tmp / MANIFEST).write_text(json.dumps({f.name: _signature(f) for f in tmp.iterdir()}))
-        try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with open(entry.parent / f".{entry.name}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another process is writing it
+            for left in entry.parent.glob(f".{entry.name}.*.tmp"):  # by a writer killed mid-write (lock released)
+                shutil.rmtree(left, ignore_errors=True)
+            if entry.is_dir():
+                return  # written while this process converted
+            tmp.mkdir()
+            save_hf_folder(model, model.state_dict(), tokenizer, tmp)
+            (tmp / MANIFEST).write_text(json.dumps({f.name: _signature(f) for f in tmp.iterdir()}))
             tmp.rename(entry)
-        except OSError:
-            if not entry.is_dir():
-                raise
-        return True
-    except OSError as e:
-        warn(f"cannot keep the converted GGUF base in {entry.parent} ({type(e).__name__}: {e}); "
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (a full disk raises safetensors' own error, not an OSError)
+        warn(f"cannot keep the converted GGUF base in {entry.parent} ({type(e).__name__}: {first_line(e)}); "
              "it will be converted again next time (ALTO_CACHE=DIR elsewhere, or off)")
-        return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -165,13 +176,3 @@ def intact(entry: Path) -> bool:
         return bool(written) and all(_signature(entry / name) == sig for name, sig in written.items())
     except (OSError, ValueError, TypeError):
         return False
-
-
-def link_entry(entry: Path, folder: Path) -> None:
-    """entry's files (an intact copy's) into `folder` (an empty folder): hard links where the file
-    system allows (no copy, and the run's files outlive the cache's), else copies."""
-    for name in json.loads((entry / MANIFEST).read_text()):
-        try:
-            os.link(entry / name, folder / name)
-        except OSError:
-            shutil.copy2(entry / name, folder / name)
