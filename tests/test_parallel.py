@@ -2,6 +2,7 @@
 sweeps on 2 gloo processes that must give every adapter the trajectory it has on one process,
 through a migration, a kill and a resume."""
 import json
+import os
 import random
 
 import pytest
@@ -91,6 +92,34 @@ def _send_recv(shapes):
 
 def test_send_and_recv_move_tensors_between_two_processes():
     assert launch(_send_recv, 2, ([(3, 4), (5,), (2, 2)],)) == [0, 1]
+
+
+def _gloo_threads_after_close():
+    """Joins a group, builds a model (transformers imports torch.distributed.nn's functions then, whose
+    defaults bind the world group), gathers, closes: the gloo and store threads still alive after."""
+    import gc
+    import os
+    from pathlib import Path
+
+    import transformers
+
+    from alto.parallel import Group
+
+    group = Group.from_env("cpu")
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA))
+    group.all_gather(group.rank)
+    group.barrier()
+    group.close()
+    gc.collect()
+    names = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    return sorted(n for n in names if "gloo" in n or "tcpstore" in n)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc/self/task")
+def test_closing_a_group_joins_its_gloo_threads_before_the_interpreter_exits():
+    # Left running into the interpreter's exit, a gloo thread waiting for the GIL aborted a rank in CI
+    # ("terminate called without an active exception").
+    assert launch(_gloo_threads_after_close, 2) == [[], []]
 
 
 def _rank_1_fails():

@@ -14,6 +14,7 @@ ranks run in lockstep, so the step time is the busiest rank's).
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import json
 import os
 import socket
@@ -52,6 +53,11 @@ class Group:
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+        # torch.distributed.nn.functional's functions default to `group=dist.group.WORLD`, bound as it is first
+        # imported: imported after the init below (transformers imports it as it builds a model), it would hold
+        # the default group past destroy_process_group, its gloo threads alive into the interpreter's exit (a rank
+        # aborted there: "terminate called without an active exception"). Imported first, it binds None.
+        importlib.import_module("torch.distributed.nn")
         if world <= 1:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
             return cls(initialized=True)
@@ -110,10 +116,13 @@ class Group:
         return template.with_tensors(outs)
 
     def close(self) -> None:
+        """Destroys the process groups; with no reference left to them, their threads are joined here,
+        not left running while the interpreter exits (where a gloo thread waiting for the GIL aborts it)."""
         if self.initialized:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+            self._objects, self.initialized = None, False
 
 
 def free_port() -> int:
@@ -200,8 +209,8 @@ def launch(fn: Callable[..., Any], nproc: int, args: Sequence[Any] = ()) -> list
 
 
 def _rank_main(fn, args, rank: int, world: int, port: int, threads: int, results) -> None:
-    # A rank that aborts in C++ (CI saw gloo ranks end with SIGABRT, "terminate called without an active
-    # exception", about one run in twenty, not reproduced here) prints every thread's Python stack.
+    # A rank that aborts in C++ prints every thread's Python stack (CI saw gloo ranks end with SIGABRT,
+    # "terminate called without an active exception", at their interpreter's exit: Group.close's cause).
     faulthandler.enable(all_threads=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
