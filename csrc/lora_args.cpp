@@ -168,8 +168,10 @@ int64_t check_row_sq_norms_args(at::TensorList tensors) {
   int64_t rows = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.is_contiguous() && at::isFloatingType(t.scalar_type()), op, ": tensors[", i,
-                      "] must be a 2-D contiguous float tensor, got ", t.scalar_type(), " ", t.sizes());
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.is_contiguous() &&
+                          (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+                      op, ": tensors[", i, "] must be a 2-D contiguous float32 or float64 tensor, got ",
+                      t.scalar_type(), " ", t.sizes());
     TORCH_CHECK_VALUE(t.scalar_type() == tensors[0].scalar_type() && t.device() == tensors[0].device(), op,
                       ": tensors[", i, "] is ", t.scalar_type(), " on ", t.device(), ", tensors[0] is ",
                       tensors[0].scalar_type(), " on ", tensors[0].device());

@@ -33,7 +33,8 @@ TORCH_LIBRARY(alto, m) {
   // (clip_grad_norm_'s clip; not finite: not stepped) and step count counts[s] + 1 (counts[s]
   // updated). A pack whose gradient is None is not stepped; its rows still count in row_slot.
   // Moments and counts as torch's fused AdamW keeps them. The CPU kernel raises ValueError for a
-  // bad index; the CUDA one skips it (never reads past).
+  // bad index before writing anything; the CUDA one skips it (never reads past), steps the rest and
+  // records it: ValueError at the next ALTO CUDA op (at once with sync checks).
   m.def("packed_adamw_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor row_slot, Tensor slot_call, Tensor hyper, Tensor norms, Tensor(d!) counts, float beta1, "
         "float beta2, float eps) -> ()");

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+import alto_ext
+
 from alto.model import MultiLoraModel
 from alto.optim import MultiAdamW
 from alto.registry import AdapterConfig
@@ -177,6 +179,97 @@ def test_packed_adamw_names_a_bad_argument():
     assert torch.equal(w, torch.zeros(2, 4))  # nothing written
 
 
+def _packed_adamw_float64(params, grads, exp_avgs, exp_avg_sqs, row_slot, slot_call, hyper, norms, counts,
+                          beta1, beta2, eps):
+    """The op's contract (csrc/ops.cpp) written out in float64 PyTorch, slot by slot and row by row:
+    torch.optim.AdamW's update after clip_grad_norm_'s clip, on float64 copies (returned)."""
+    w, m, v = ([t.double().cpu().clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs))
+    counts = counts.double().cpu().clone()
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.shape[0])
+    for s, k in enumerate(slot_call.tolist()):
+        norm = float(norms[k]) if k >= 0 else math.nan
+        if k < 0 or not math.isfinite(norm):
+            continue
+        lr, wd, max_norm = (float(x) for x in hyper[k])
+        counts[s] += 1
+        step = float(counts[s])
+        clip = min(1.0, max_norm / (norm + 1e-6))
+        for i, g in enumerate(grads):
+            rows = (row_slot[offsets[i]:offsets[i + 1]] == s).cpu()
+            if g is None or not rows.any():
+                continue
+            grad = g.double().cpu()[rows] * clip
+            wi, mi, vi = w[i][rows], m[i][rows], v[i][rows]
+            wi = wi - lr * wd * wi
+            mi = beta1 * mi + (1 - beta1) * grad
+            vi = beta2 * vi + (1 - beta2) * grad * grad
+            denom = vi.sqrt() / math.sqrt(1 - beta2 ** step) + eps
+            w[i][rows], m[i][rows], v[i][rows] = wi - lr / (1 - beta1 ** step) * mi / denom, mi, vi
+    return w, m, v, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_adamw_on_packs_of_several_chunks_and_offset_views_against_float64(device, dtype):
+    """The op alone against its contract in float64: packs of several 16,384-element chunks (odd and
+    vectorizable widths), a pack at a 16-byte offset (vectorized) and one at an odd offset (not),
+    rows of no slot, a slot not stepped, one with a not-finite norm, a pack without gradient."""
+    gen = torch.Generator().manual_seed(7)
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+    backing = randn(3 * 96 * 32 + 4)
+    shapes = [(301, 130), (513, 64), (96, 32), (96, 32), (5, 12)]
+    params = [randn(*shapes[0]), randn(*shapes[1]), backing[4:4 + 96 * 32].view(96, 32),
+              backing[96 * 32 + 5:2 * 96 * 32 + 5].view(96, 32), randn(*shapes[4])]
+    grads = [randn(*s) for s in shapes[:4]] + [None]
+    exp_avgs = [randn(*s).abs() for s in shapes]
+    exp_avg_sqs = [randn(*s).abs() for s in shapes]
+    rows = sum(s[0] for s in shapes)
+    row_slot = torch.randint(-1, 4, (rows,), generator=gen, dtype=torch.int32).to(device)  # 4 slots
+    slot_call = torch.tensor([2, -1, 0, 1], dtype=torch.int32, device=device)  # slot 1 not stepped
+    hyper = torch.tensor([[1e-2, 0.1, 0.5], [3e-3, 0.0, math.inf], [5e-2, 0.01, 100.0]], dtype=dtype, device=device)
+    norms = torch.tensor([2.0, math.inf, 7.0], dtype=dtype, device=device)  # slot 3's entry: not finite
+    counts = torch.tensor([0.0, 4.0, 9.0, 2.0], device=device)
+    args = (params, grads, exp_avgs, exp_avg_sqs, row_slot, slot_call, hyper, norms, counts, 0.9, 0.999, 1e-8)
+    want = _packed_adamw_float64(*args)
+    torch.ops.alto.packed_adamw_(*args)
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-12, 1e-13)
+    for got_list, want_list in zip((params, exp_avgs, exp_avg_sqs), want[:3]):
+        for i, (got, ref) in enumerate(zip(got_list, want_list)):
+            torch.testing.assert_close(got.double().cpu(), ref, rtol=rtol, atol=atol, msg=lambda m: f"pack {i}: {m}")
+    assert counts.tolist() == want[3].tolist() == [1.0, 4.0, 10.0, 2.0]
+
+
+@pytest.mark.cuda
+def test_packed_adamw_on_cuda_skips_and_raises_a_bad_index():
+    """On the GPU a bad index is skipped (never read past; the other rows stepped) and raised: at
+    once with sync checks (the suite's), else at the next op; an entry two slots name steps neither."""
+    w = torch.zeros(4, 8, device="cuda")
+    def call(row_slot, slot_call, sync=True):
+        alto_ext.set_sync_checks(sync)
+        hyper = torch.tensor([[1e-2, 0.0, math.inf], [1e-2, 0.0, math.inf]], device="cuda")
+        torch.ops.alto.packed_adamw_([w], [torch.ones_like(w)], [torch.zeros_like(w)], [torch.zeros_like(w)],
+                                     torch.tensor(row_slot, dtype=torch.int32, device="cuda"),
+                                     torch.tensor(slot_call, dtype=torch.int32, device="cuda"),
+                                     hyper, torch.ones(2, device="cuda"), counts, 0.9, 0.999, 1e-8)
+    counts = torch.zeros(2, device="cuda")
+    with pytest.raises(ValueError, match=r"row_slot\[2\]=5 is not -1 or a slot < 2"):
+        call([0, 1, 5, -1], [0, 1])
+    assert (w[:2] != 0).all() and (w[2:] == 0).all() and counts.tolist() == [1.0, 1.0]  # rows 0 and 1 stepped
+    with pytest.raises(ValueError, match=r"slot_call\[1\]=2 is not -1 or an entry < 2"):
+        call([0, 1, 1, 1], [0, 2])
+    w.zero_()
+    counts.zero_()
+    with pytest.raises(ValueError, match=r"slot_call\[1\]=0 is another slot's entry too|slot_call\[0\]=0 is another"):
+        call([0, 1, 1, 1], [0, 0])
+    assert (w == 0).all() and counts.tolist() == [0.0, 0.0]  # neither slot stepped
+    call([0, 0, -1, -2], [0, -1], sync=False)  # deferred: raised by the next check
+    with pytest.raises(ValueError, match=r"row_slot\[3\]=-2"):
+        alto_ext.check_errors()
+    alto_ext.check_errors()  # cleared
+
+
 def test_segment_sums_sums_consecutive_runs_including_empty_ones():
     from alto_ext.segments import segment_sums
 
@@ -204,14 +297,21 @@ def test_packed_adamw_opcheck(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_row_sq_norms_against_float64(device, dtype):
     """Each row's sum of squares, rows of all tensors end to end: odd widths (no 16-byte loads), an
-    empty tensor between others, and a view at an odd offset (contiguous, unaligned)."""
-    backing = torch.randn(7 * 33 + 1, device=device, dtype=dtype)
+    empty tensor between others, views at an odd offset (contiguous, unaligned: a width of 16-byte
+    loads read element by element) and at a 16-byte offset (vectorized)."""
+    backing = torch.randn(7 * 33 + 1 + 7 * 32 + 1 + 4 + 9 * 32, device=device, dtype=dtype)
+    odd = backing[1 : 1 + 7 * 33].view(7, 33)
+    unaligned = backing[7 * 33 + 2 : 7 * 33 + 2 + 7 * 32].view(7, 32)
+    start = -(-(7 * 33 + 2 + 7 * 32) // 4) * 4  # a 16-byte (and 32-byte) boundary after them
+    aligned = backing[start : start + 9 * 32].view(9, 32)
     tensors = [torch.randn(5, 96, device=device, dtype=dtype), torch.randn(0, 8, device=device, dtype=dtype),
-               torch.randn(3, 87, device=device, dtype=dtype) * 100, backing[1:].view(7, 33),
+               torch.randn(3, 87, device=device, dtype=dtype) * 100, odd, unaligned, aligned,
                torch.randn(300, 4, device=device, dtype=dtype)]
     got = torch.ops.alto.row_sq_norms(tensors)
     want = torch.cat([t.double().square().sum(1) for t in tensors])
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-13, atol=0)
-    with pytest.raises(ValueError, match=r"tensors\[1\] must be a 2-D contiguous float tensor"):
+    with pytest.raises(ValueError, match=r"tensors\[1\] must be a 2-D contiguous float32 or float64 tensor"):
         torch.ops.alto.row_sq_norms([tensors[0], tensors[0].t()])
+    with pytest.raises(ValueError, match=r"tensors\[0\] must be a 2-D contiguous float32 or float64 tensor, got BFloat16"):
+        torch.ops.alto.row_sq_norms([tensors[0].bfloat16()])

@@ -72,6 +72,15 @@ std::string describe_error(int32_t code, int32_t g, int32_t a, int32_t b) {
     case cuda::kErrRankWidth:
       m << "adapter " << g << " has rank " << a << " (from rank_indptr) but h_width is only " << b;
       break;
+    case cuda::kErrRowSlot:
+      m << "alto::packed_adamw_: row_slot[" << g << "]=" << a << " is not -1 or a slot < " << b;
+      break;
+    case cuda::kErrSlotCall:
+      m << "alto::packed_adamw_: slot_call[" << g << "]=" << a << " is not -1 or an entry < " << b;
+      break;
+    case cuda::kErrSlotCallTwice:
+      m << "alto::packed_adamw_: slot_call[" << g << "]=" << a << " is another slot's entry too";
+      break;
     default: m << "unknown index error code " << code;
   }
   m << ". Found on the GPU; adapters with bad indices were skipped by that launch.";

@@ -135,17 +135,6 @@ struct GroupedGemm {
   }
 };
 
-// Records the first error of a launch in a record the host reads without synchronizing.
-__device__ inline void report_error(int32_t* err, int32_t code, int32_t g, int32_t a, int32_t b) {
-  if (atomicCAS(err, 0, -1) == 0) {
-    err[1] = g;
-    err[2] = a;
-    err[3] = b;
-    __threadfence_system();
-    atomicExch(err, code);
-  }
-}
-
 // One adapter's validated ranges: token rows [t0, t0+n), weight rows [r0, r0+r).
 struct GroupRange {
   int64_t t0, n, r0, r;

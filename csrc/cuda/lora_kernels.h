@@ -16,7 +16,8 @@ namespace alto::cuda {
 
 enum class DType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };  // kF32: weight_grad's output only
 
-// Error record written by the setup kernels: {code, group, value_a, value_b}; code 0 = none.
+// Error record written by the setup kernels and the packed AdamW kernels (packed_adamw.h): {code,
+// index, value_a, value_b}; code 0 = none.
 enum ErrorCode : int32_t {
   kErrNone = 0,
   kErrSegStart = 1,       // seg_indptr[0] != 0
@@ -26,7 +27,23 @@ enum ErrorCode : int32_t {
   kErrRankOrder = 5,      // rank_indptr decreases at group
   kErrRankEnd = 6,        // rank_indptr[G] != R
   kErrRankWidth = 7,      // r_g > h width
+  kErrRowSlot = 8,        // packed_adamw_: row_slot[row] not -1 or a slot
+  kErrSlotCall = 9,       // packed_adamw_: slot_call[slot] not -1 or an entry
+  kErrSlotCallTwice = 10, // packed_adamw_: slot_call[slot] names another slot's entry too
 };
+
+#ifdef __CUDACC__
+// Records the first error of a launch in a record the host reads without synchronizing.
+__device__ inline void report_error(int32_t* err, int32_t code, int32_t g, int32_t a, int32_t b) {
+  if (atomicCAS(err, 0, -1) == 0) {
+    err[1] = g;
+    err[2] = a;
+    err[3] = b;
+    __threadfence_system();
+    atomicExch(err, code);
+  }
+}
+#endif
 
 struct Segments {
   const int32_t* seg_indptr;   // [G+1] device

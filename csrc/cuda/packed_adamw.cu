@@ -1,5 +1,6 @@
 // alto::packed_adamw_'s and alto::row_sq_norms' CUDA kernels (see packed_adamw.h; the math: csrc/adamw_math.h).
 #include "../adamw_math.h"
+#include "lora_kernels.h"
 #include "packed_adamw.h"
 
 namespace alto::cuda {
@@ -8,14 +9,32 @@ namespace {
 constexpr int kThreads = 256;
 
 // Each stepped adapter's factors for this step, and its step counted (a not-finite norm: neither).
+// One block: its threads first count the slots naming each entry (an entry named twice is stepped by
+// neither slot: grad_scale 0, as a not-finite norm), so no two threads write one entry's factors.
 template <class T>
 __global__ void adamw_factors_kernel(AdamwArgs a) {
   const T* hyper = static_cast<const T*>(a.hyper);
   const T* norms = static_cast<const T*>(a.norms);
   auto* factors = static_cast<AdamwFactors<T>*>(a.factors);
+  for (int64_t k = threadIdx.x; k < a.num_calls; k += blockDim.x) a.claims[k] = 0;
+  __syncthreads();
+  for (int64_t s = threadIdx.x; s < a.num_slots; s += blockDim.x) {
+    const int32_t k = a.slot_call[s];
+    if (k < -1 || k >= a.num_calls) {
+      report_error(a.error, kErrSlotCall, static_cast<int32_t>(s), k, static_cast<int32_t>(a.num_calls));
+    } else if (k >= 0) {
+      atomicAdd(&a.claims[k], 1);
+    }
+  }
+  __syncthreads();
   for (int64_t s = threadIdx.x; s < a.num_slots; s += blockDim.x) {
     const int32_t k = a.slot_call[s];
     if (k < 0 || k >= a.num_calls) continue;
+    if (a.claims[k] != 1) {  // every slot naming it writes the same skip
+      report_error(a.error, kErrSlotCallTwice, static_cast<int32_t>(s), k, 0);
+      factors[k] = AdamwFactors<T>{T(0), T(0), T(0), T(1)};
+      continue;
+    }
     const AdamwFactors<T> f = adamw_factors<T>(norms[k], hyper[3 * k], hyper[3 * k + 1], hyper[3 * k + 2],
                                                static_cast<double>(a.counts[s]) + 1.0, a.beta1, a.beta2);
     factors[k] = f;
@@ -38,8 +57,14 @@ __device__ void update_range(const AdamwArgs& a, const AdamwPack& p, int64_t beg
   auto* m = static_cast<Vec<T, kVec>*>(p.m);
   auto* v = static_cast<Vec<T, kVec>*>(p.v);
   for (int64_t e = begin + threadIdx.x * kVec; e < end; e += kThreads * kVec) {
-    const int32_t s = a.row_slot[p.row_offset + e / p.width];
-    if (s < 0 || s >= a.num_slots) continue;
+    const int64_t row = p.row_offset + e / p.width;
+    const int32_t s = a.row_slot[row];
+    if (s < -1 || s >= a.num_slots) {
+      // reported once per row, by its first element's thread (kVec divides the width)
+      if (e % p.width == 0) report_error(a.error, kErrRowSlot, static_cast<int32_t>(row), s, static_cast<int32_t>(a.num_slots));
+      continue;
+    }
+    if (s < 0) continue;
     const int32_t k = a.slot_call[s];
     if (k < 0 || k >= a.num_calls) continue;
     const AdamwFactors<T> f = factors[k];

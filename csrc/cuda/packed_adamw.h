@@ -2,7 +2,8 @@
 // packed_adamw_torch.cpp).
 // Two launches whatever the number of adapters and packs: one small kernel computes each stepped
 // adapter's factors (and counts its step), one steps every stepped row of every pack, a block per
-// chunk of kAdamwChunk elements. Bad index values are skipped, never read past.
+// chunk of kAdamwChunk elements. A bad index value is skipped (never read past) and recorded in the
+// device error record (device_errors.h; codes in lora_kernels.h): raised at the next ALTO CUDA op.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -37,6 +38,8 @@ struct AdamwArgs {
   const void* norms;  // [num_calls] T
   float* counts;      // [num_slots]
   void* factors;      // scratch: [num_calls] AdamwFactors<T>
+  int32_t* claims;    // scratch: [num_calls] slots naming each entry
+  int32_t* error;     // the device error record
   double beta1, beta2, eps;
 };
 

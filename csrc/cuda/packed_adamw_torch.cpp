@@ -68,6 +68,7 @@ void packed_adamw_cuda_(at::TensorList params, const c10::List<std::optional<at:
   const at::Tensor hyper = hyper_in.contiguous(), norms = norms_in.contiguous();
   // scratch for each entry's factors (AdamwFactors<T>: 4 values of the weights' dtype)
   const at::Tensor factors = at::empty({std::max<int64_t>(dims.calls, 1), 4}, hyper.options());
+  const at::Tensor claims = at::empty({std::max<int64_t>(dims.calls, 1)}, hyper.options().dtype(at::kInt));
   cuda::AdamwArgs args{table.defined() ? static_cast<const cuda::AdamwPack*>(table.data_ptr()) : nullptr,
                        static_cast<int64_t>(packs.size()),
                        chunks,
@@ -79,6 +80,8 @@ void packed_adamw_cuda_(at::TensorList params, const c10::List<std::optional<at:
                        norms.data_ptr(),
                        counts.data_ptr<float>(),
                        factors.data_ptr(),
+                       claims.data_ptr<int32_t>(),
+                       device_error_record(),
                        beta1,
                        beta2,
                        eps};

@@ -12,7 +12,8 @@ slot g; rows ``rank_indptr[g]:rank_indptr[g+1]`` of rank-major weights are adapt
   ``out_dtype`` (default x's; float32 for float32 master weights of bf16 compute).
 - ``packed_adamw_(params, grads, exp_avgs, exp_avg_sqs, row_slot, slot_call, hyper, norms, counts,
   beta1, beta2, eps)``: AdamW of every adapter's rows of every pack at once (csrc/ops.cpp says how
-  rows map to adapters; alto.optim.MultiAdamW calls it). On CUDA a bad index is skipped, not read past.
+  rows map to adapters; alto.optim.MultiAdamW calls it). On CUDA a bad index is skipped, not read past,
+  and raised as below.
 - ``row_sq_norms(tensors)``: each row's sum of squares of 2-D tensors, their rows end to end (the
   gradient clip's input: alto.model.MultiLoraModel.grad_norms).
 
