@@ -4,6 +4,7 @@
 // adapter's factors (and counts its step), one steps every stepped row of every pack, a block per
 // chunk of kAdamwChunk elements. A bad index value is skipped (never read past) and recorded in the
 // device error record (device_errors.h; codes in lora_kernels.h): raised at the next ALTO CUDA op.
+// (The rows of a pack without gradient are not read, so not checked: the CPU kernel checks them.)
 #pragma once
 #include <cuda_runtime.h>
 
