@@ -98,7 +98,6 @@ def _gloo_threads_after_close():
     """Joins a group, builds a model (transformers imports torch.distributed.nn's functions then, whose
     defaults bind the world group), gathers, closes: the gloo and store threads still alive after."""
     import gc
-    import os
     from pathlib import Path
 
     import transformers
