@@ -362,6 +362,44 @@ def test_alto_rule_end_to_end(tmp_path, sweep_yaml):
     assert all(r["eval_steps"][0] == 2 for r in records.values())
 
 
+def test_an_adapter_stopped_at_the_evaluation_that_copied_its_best_retires_with_that_copy(tmp_path, sweep_yaml,
+                                                                                        monkeypatch):
+    """Rule alto stops adapters right after the evaluation that copied their best weights to host
+    memory: their retirement takes that copy (the same tensors, nothing copied again), and it holds
+    exactly the weights the model held as they left it."""
+    from pathlib import Path
+
+    from alto.train import Trainer
+    from alto.sweep_run import quiet
+
+    path = sweep_yaml(out="reuse", grid={"lr": [1e-3, 3e-2, 1e-5, 3e-3]}, eval={"every": 2},
+                      defaults={"micro_batch_size": 2, "max_steps": 6, "target_modules": ["q_proj", "v_proj"]},
+                      monitor={"rule": "alto"})
+    sweep = parse_sweep(path.read_text())
+    Path(sweep.output).mkdir()
+    run = SweepRun(sweep, Path(sweep.output))
+    in_model = {}
+    retire = Trainer.retire
+
+    def spy(self, outcomes, copies=None, copied=None):
+        for a, _, _ in outcomes:
+            in_model[a.id] = self.model.adapter_weights(a.id)  # copies of the packs' rows, as they leave
+        retire(self, outcomes, copies, copied)
+
+    monkeypatch.setattr(Trainer, "retire", spy)
+    assert run.run(log=quiet)
+    stopped = [a for a in run.registry if a.status.value == "stopped-early"]
+    assert len(stopped) == 3
+    for a in stopped:
+        step, best = run.evaluation.best_weights[a.id]
+        retired = run.trainer.retired[a.id]
+        assert step == a.step and retired.weights is best and retired.optimizer["step"] == a.step
+        assert retired.weights.keys() == in_model[a.id].keys()
+        for path_, layer in in_model[a.id].items():
+            assert all(torch.equal(retired.weights[path_][name], t) for name, t in layer.items())
+    run.finish(log=quiet)
+
+
 def test_the_end_does_not_evaluate_again_weights_already_evaluated(tmp_path, sweep_yaml, monkeypatch):
     """An adapter the monitor stops at an evaluation point ends with the weights that evaluation
     scored, and one that finishes is evaluated in the step it finishes in, in the model: the end

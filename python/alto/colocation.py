@@ -9,7 +9,7 @@ ranks' reports (merge).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -42,9 +42,10 @@ class Colocation:
                       slots=self.slots, reclaim=reclaim, samples_budget=self.samples_budget, costs=self.costs,
                       proposals=proposals)
 
-    def apply(self, decisions: Decisions, say: Callable[[str], None]) -> None:
-        """The decisions on this rank: its stopped adapters retired together, admissions put in
-        at once (each layer re-packed once), migrations sent and received."""
+    def apply(self, decisions: Decisions, say: Callable[[str], None], copied: Mapping[str, dict] | None = None) -> None:
+        """The decisions on this rank: its stopped adapters retired together (copied: host copies of
+        their weights as they are, where made already: Trainer.copy_out), admissions put in at once
+        (each layer re-packed once), migrations sent and received."""
         rank, t = self.group.rank, self.trainer
         stopped = []
         for d in decisions.stops:
@@ -54,7 +55,7 @@ class Colocation:
             else:
                 a.status, a.failure = Status.STOPPED_EARLY, d.reason
         if stopped:
-            t.retire(stopped)
+            t.retire(stopped, copied=copied)
         for aid, n in decisions.growth.items():
             self.registry[aid].extra_batch += n
         admitted: list[Adapter] = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 
 import torch
@@ -186,6 +186,21 @@ class Evaluation:
             else:
                 a.record_eval(loss)
                 self.keep_if_best(a, loss, self.model.adapter_weights(a.id, views=True))
+
+    def copies_now(self, adapters: Iterable[Adapter]) -> dict[str, Weights]:
+        """Host copies of these adapters' weights as they are now: their best where it was taken at
+        their present step (an adapter the monitor stops at the evaluation that made its best). At
+        its first evaluation, rule alto stopped 24 of 32 SmolLM2 configurations whose best copies had
+        just been made: retiring them copied the same weights again (0.7 s of the H100's host time)."""
+        out = {}
+        for a in adapters:
+            step, weights = self.best_weights.get(a.id, (None, None))
+            if step is not None and step == a.step:
+                if isinstance(weights, Future):
+                    weights = weights.result()
+                    self.best_weights[a.id] = (step, weights)
+                out[a.id] = weights
+        return out
 
     def settle_best(self) -> None:
         """Waits for the best weights' host copies under way."""

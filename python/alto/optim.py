@@ -46,14 +46,18 @@ class MultiAdamW:
         self.counts[slot] = 0.0
         self.slots[adapter_id], self.weight_decay[adapter_id] = slot, weight_decay
 
+    def steps(self, adapter_ids: Sequence[str]) -> dict[str, int]:
+        """Each adapter's step count, read from the device in one transfer."""
+        counts = self.counts.tolist() if adapter_ids else []
+        return {a: int(counts[self.slots[a]]) for a in adapter_ids}
+
     def states(self, adapter_ids: Sequence[str]) -> dict[str, dict]:
         """Each adapter's step count and moments (views of the packs' moments: copy them before the
-        next step), the counts read from the device in one transfer."""
-        counts = self.counts.tolist() if adapter_ids else []
+        next step)."""
         out = {}
-        for a in adapter_ids:
+        for a, step in self.steps(adapter_ids).items():
             exp_avg, exp_avg_sq = self.model.adapter_moments(a)
-            out[a] = {"step": int(counts[self.slots[a]]), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+            out[a] = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
         return out
 
     def load(self, adapter_id: str, state: dict) -> None:

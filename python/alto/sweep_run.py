@@ -223,7 +223,8 @@ class SweepRun:
             if self.logs is not None:
                 self.logs.decision(self.micro_steps, d.adapter, d.micro_step, d.rule, d.reason)
             self.say(f"  stop {d.adapter}: {d.reason}")
-        self.colocation.apply(decisions, self.say)
+        stopped = [self.registry[d.adapter] for d in decisions.stops]
+        self.colocation.apply(decisions, self.say, self.evaluation.copies_now(stopped))
 
     def monitor_stops(self) -> list[Decision]:
         """Each task's monitor's stops after this step, among the task's running adapters (with
