@@ -174,15 +174,21 @@ def test_the_peft_comparison_catches_planted_bugs(base_model, sequences, monkeyp
     assert found, f"planted bug not caught: {bug}"
 
 
+@pytest.mark.parametrize("draw_bytes", [None, 1, 20_000])  # the default's rounds, a layer a round, a few layers a round
 @pytest.mark.parametrize("bug", [None, "each layer drawn from a freshly seeded generator"])
-def test_an_adapters_init_is_peft_s_from_its_own_seed_however_many_are_drawn_together(base_model, bug, monkeypatch):
-    """Adapters added together are drawn in threads, one per adapter: each one's lora_A is PEFT's
-    kaiming_uniform(a=sqrt(5)) layer after layer from a generator of its own seed (float32, as PEFT
-    draws on the CPU), lora_B zero: the same bits as it alone, whichever adapters come with it."""
+def test_an_adapters_init_is_peft_s_from_its_own_seed_however_many_are_drawn_together(base_model, bug, draw_bytes,
+                                                                                      monkeypatch):
+    """Adapters added together are drawn in threads, one task per adapter and run of layers: each
+    one's lora_A is PEFT's kaiming_uniform(a=sqrt(5)) layer after layer from a generator of its own
+    seed (float32, as PEFT draws on the CPU), lora_B zero: the same bits as it alone, whichever
+    adapters come with it and however the layers fall into rounds."""
     import math
 
+    from alto import model as model_mod
     from alto.model import MultiLoraLinear
 
+    if draw_bytes is not None:
+        monkeypatch.setattr(model_mod, "DRAW_BYTES", draw_bytes)
     if bug:
         draw = MultiLoraLinear.initial_A
         monkeypatch.setattr(MultiLoraLinear, "initial_A",
