@@ -363,16 +363,17 @@ def test_alto_rule_end_to_end(tmp_path, sweep_yaml):
 
 
 def test_an_adapter_stopped_at_the_evaluation_that_copied_its_best_retires_with_that_copy(tmp_path, sweep_yaml,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, device):
     """Rule alto stops adapters right after the evaluation that copied their best weights to host
-    memory: their retirement takes that copy (the same tensors, nothing copied again), and it holds
-    exactly the weights the model held as they left it."""
+    memory (on a GPU, in the background: alto.state.HostCopies): their retirement takes that copy
+    (the same tensors, nothing copied again), and it holds exactly the weights the model held as
+    they left it."""
     from pathlib import Path
 
     from alto.train import Trainer
     from alto.sweep_run import quiet
 
-    path = sweep_yaml(out="reuse", grid={"lr": [1e-3, 3e-2, 1e-5, 3e-3]}, eval={"every": 2},
+    path = sweep_yaml(out="reuse", device=device.type, grid={"lr": [1e-3, 3e-2, 1e-5, 3e-3]}, eval={"every": 2},
                       defaults={"micro_batch_size": 2, "max_steps": 6, "target_modules": ["q_proj", "v_proj"]},
                       monitor={"rule": "alto"})
     sweep = parse_sweep(path.read_text())
@@ -396,7 +397,7 @@ def test_an_adapter_stopped_at_the_evaluation_that_copied_its_best_retires_with_
         assert step == a.step and retired.weights is best and retired.optimizer["step"] == a.step
         assert retired.weights.keys() == in_model[a.id].keys()
         for path_, layer in in_model[a.id].items():
-            assert all(torch.equal(retired.weights[path_][name], t) for name, t in layer.items())
+            assert all(torch.equal(retired.weights[path_][name], t.cpu()) for name, t in layer.items())
     run.finish(log=quiet)
 
 
