@@ -110,7 +110,7 @@ class _Context:
 # name here, its width and init (_widths, add_adapters), its math in forward and its PEFT layout
 # (alto.export.TO_PEFT).
 TENSOR_NAMES = ("lora_A", "lora_B")
-DRAW_BYTES = 1 << 28  # host memory that one round of fresh adapters' initial draws may fill (MultiLoraModel.add_adapters)
+DRAW_BYTES = 1 << 26  # host memory that one round of fresh adapters' initial draws may fill (MultiLoraModel.add_adapters)
 LayerTensors = dict[str, torch.Tensor]  # name -> one adapter's tensor in one layer
 
 

@@ -115,23 +115,24 @@ class Trainer:
             raise ValueError(f"host copies of {sorted(copied)} given for states on {device}")
         todo = [aid for aid in adapter_ids if aid not in copied]
         tensors = self.model.adapters_tensors(todo)
-        steps = self.optimizer.steps(adapter_ids)
-        optimizer = {} if weights_only else self.optimizer.states(todo)
+        if weights_only:
+            optimizer = {aid: {"step": step, "exp_avg": [], "exp_avg_sq": []}
+                         for aid, step in self.optimizer.steps(adapter_ids).items()}
+        else:
+            optimizer = self.optimizer.states(adapter_ids)
         n = len(TENSOR_NAMES)
         live = {}
         for aid in todo:
             values, grads = tensors[aid]
             paths = self.model.target_layers(self.model.configs[aid])
             weights = {p: dict(zip(TENSOR_NAMES, values[n * i : n * (i + 1)])) for i, p in enumerate(paths)}
-            if weights_only:
-                grads, state = [], {"step": steps[aid], "exp_avg": [], "exp_avg_sq": []}
-            else:
-                grads, state = [torch.zeros_like(v) if g is None else g for v, g in zip(values, grads)], optimizer[aid]
-            live[aid] = AdapterState(weights, grads, state, self.data[aid].position, self.model.generators[aid].get_state())
+            grads = [] if weights_only else [torch.zeros_like(v) if g is None else g for v, g in zip(values, grads)]
+            live[aid] = AdapterState(weights, grads, optimizer[aid], self.data[aid].position,
+                                     self.model.generators[aid].get_state())
         moved = move_states(live, self.device if device is None else device)
         for aid, weights in copied.items():
-            moved[aid] = AdapterState(weights, [], {"step": steps[aid], "exp_avg": [], "exp_avg_sq": []},
-                                      self.data[aid].position, self.model.generators[aid].get_state())
+            moved[aid] = AdapterState(weights, [], optimizer[aid], self.data[aid].position,
+                                      self.model.generators[aid].get_state())
         return {aid: moved[aid] for aid in adapter_ids}
 
     def release(self, adapter_ids: Sequence[str], device: torch.device | str | None = None,
