@@ -42,8 +42,8 @@ class Colocation:
                       slots=self.slots, reclaim=reclaim, samples_budget=self.samples_budget, costs=self.costs,
                       proposals=proposals)
 
-    def apply(self, decisions: Decisions, say: Callable[[str], None], copied: Mapping[str, dict] | None = None) -> None:
-        """The decisions on this rank: its stopped adapters retired together (copied: host copies of
+    def apply(self, decisions: Decisions, say: Callable[[str], None], weight_copies: Mapping[str, dict] | None = None) -> None:
+        """The decisions on this rank: its stopped adapters retired together (weight_copies: host copies of
         their weights as they are, where made already: Trainer.copy_out), admissions put in at once
         (each layer re-packed once), migrations sent and received."""
         rank, t = self.group.rank, self.trainer
@@ -55,7 +55,7 @@ class Colocation:
             else:
                 a.status, a.failure = Status.STOPPED_EARLY, d.reason
         if stopped:
-            t.retire(stopped, copied=copied)
+            t.retire(stopped, weight_copies=weight_copies)
         for aid, n in decisions.growth.items():
             self.registry[aid].extra_batch += n
         admitted: list[Adapter] = []

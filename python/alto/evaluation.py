@@ -195,7 +195,8 @@ class Evaluation:
         out = {}
         for a in adapters:
             step, weights = self.best_weights.get(a.id, (None, None))
-            if step is not None and step == a.step:
+            # a running adapter's weights change only as its step count grows (a failed one's may not)
+            if step is not None and step == a.step and a.status == Status.RUNNING:
                 if isinstance(weights, Future):
                     weights = weights.result()
                     self.best_weights[a.id] = (step, weights)

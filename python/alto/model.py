@@ -375,6 +375,7 @@ class MultiLoraModel(nn.Module):
                     if targets[p]:
                         self.layers[p].add_adapters([(aid, weights[aid][p] if aid in weights else {"lora_A": drawn[aid][p]})
                                                      for aid in targets[p]])
+                del drawn  # before the next round draws: one round's draws held at a time
         for aid, config in configs.items():
             self.configs[aid] = config
             self.generators[aid] = torch.Generator(device).manual_seed(config.seed)

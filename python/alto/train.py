@@ -105,12 +105,13 @@ class Trainer:
             a.status, a.failure = Status.RUNNING, None
 
     def export_states(self, adapter_ids: Sequence[str], device: torch.device | str | None = None,
-                      weights_only: bool = False, copied: Mapping[str, dict] | None = None) -> dict[str, AdapterState]:
+                      weights_only: bool = False, weight_copies: Mapping[str, dict] | None = None) -> dict[str, AdapterState]:
         """Copies of these adapters' states, on `device` (default: the model's), moved together;
         weights_only: without pending gradients and optimizer moments (an adapter that has ended),
-        and copied: host copies of some of their weights as they are now, taken as they are
+        and weight_copies: host copies of some of their weights as they are now, taken as they are
         (weights_only, to the CPU: see copy_out)."""
-        copied = {aid: copied[aid] for aid in adapter_ids if aid in copied} if copied and weights_only else {}
+        copied = {aid: weight_copies[aid] for aid in adapter_ids if aid in weight_copies} \
+            if weight_copies and weights_only else {}  # (whole states are copied whole: an adapter queued again)
         if copied and torch.device(device or self.device).type != "cpu":
             raise ValueError(f"host copies of {sorted(copied)} given for states on {device}")
         todo = [aid for aid in adapter_ids if aid not in copied]
@@ -149,29 +150,29 @@ class Trainer:
             raise ValueError(f"cannot {verb} {list(adapter_ids)}: ids must be distinct adapters of the model")
 
     def copy_out(self, outcomes: Sequence[tuple[Adapter, Status, str | None]],
-                 copied: Mapping[str, dict] | None = None) -> dict[str, AdapterState]:
+                 weight_copies: Mapping[str, dict] | None = None) -> dict[str, AdapterState]:
         """Host copies of these adapters' states, (adapter, status, reason) each, taken while they are
         in the model: whole for those sent back to the queue (nothing is lost), the weights of those
         that ended (their optimizer moments would never be read again; on the H100, 16 early-exit
         configurations on 1B widths: the final checkpoint fell from 13.0 to 3.9 s, the retirement
-        copies and other time outside the steps from 13.6 to 8.9 s). copied: host copies of ended
+        copies and other time outside the steps from 13.6 to 8.9 s). weight_copies: host copies of ended
         adapters' weights as they are now, not copied again (an adapter stopped at the evaluation that
         copied its best: alto.evaluation.Evaluation.copies_now)."""
         states = {}
         for weights_only in (False, True):
             ids = [a.id for a, status, _ in outcomes if (status != Status.QUEUED) == weights_only]
             if ids:
-                states.update(self.export_states(ids, "cpu", weights_only, copied))
+                states.update(self.export_states(ids, "cpu", weights_only, weight_copies))
         return states
 
     def retire(self, outcomes: Sequence[tuple[Adapter, Status, str | None]],
-               copies: dict[str, AdapterState] | None = None, copied: Mapping[str, dict] | None = None) -> None:
+               copies: dict[str, AdapterState] | None = None, weight_copies: Mapping[str, dict] | None = None) -> None:
         """Takes adapters out of the model, (adapter, status, reason) each, keeping their host copies
-        (copy_out's: taken now, from copied where given, or given whole, taken since the step that
+        (copy_out's: taken now, from weight_copies where given, or given whole, taken since the step that
         ended them)."""
         ids = [a.id for a, _, _ in outcomes]
         self._check_in_model("retire", ids)
-        self.retired.update(self.copy_out(outcomes, copied) if copies is None else {aid: copies[aid] for aid in ids})
+        self.retired.update(self.copy_out(outcomes, weight_copies) if copies is None else {aid: copies[aid] for aid in ids})
         self.model.remove_adapters(ids)
         self.optimizer.remove(ids)
         for adapter, status, reason in outcomes:
