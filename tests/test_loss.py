@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import alto.loss
-from alto.loss import adapter_loss_sums, fused_head_available, head_token_losses, mean_losses, token_losses
+from alto.loss import (adapter_loss_sums, fused_head_available, head_chunk_mem_const, head_token_losses,
+                       liger_chunk_rows, mean_losses, token_losses)
 
 
 def reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,62 @@ def test_fused_head_losses_match_float64(rows, length, hidden, vocab, bias):
     (ref * weights).sum().backward()
     torch.testing.assert_close(h.grad.double(), ref_h.grad, rtol=5e-2, atol=2e-2)
     assert torch.all(h.grad[0, length // 2 :] == 0)  # no target: no gradient
+
+
+@pytest.mark.parametrize("rows,hidden,vocab", [(511, 4096, 128256), (4096, 4096, 128256), (16384, 4096, 128256),
+                                               (89000, 2048, 128256), (7000, 576, 49152), (1, 64, 257),
+                                               (300, 64, 8192), (5000, 896, 151936), (3, 3584, 262144)])
+def test_the_fused_heads_chunks_hold_at_least_head_chunk_bytes_of_logits_or_every_row(rows, hidden, vocab):
+    """A chunk of the fused head (each reads the whole head weight) holds at least HEAD_CHUNK_BYTES of
+    bf16 logits or all rows, and fewer than twice that where liger's default (1) would make more chunks."""
+    want = min(rows, alto.loss.HEAD_CHUNK_BYTES // (vocab * 2))
+    const = head_chunk_mem_const(rows, hidden, vocab, 2)
+    chunk = liger_chunk_rows(rows, hidden, vocab, const)
+    assert want <= chunk <= rows
+    if const > 1:
+        assert chunk < 2 * want and liger_chunk_rows(rows, hidden, vocab, const - 1) < want  # the least that does
+    else:
+        assert liger_chunk_rows(rows, hidden, vocab, 1) >= want
+
+
+class HeadGemms(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matrix products whose output is a chunk of [rows, vocab] logits."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.rows = vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm) and out.shape[-1] == self.vocab:
+            self.rows.append(out.shape[0])
+        return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("chunk_bytes", [alto.loss.HEAD_CHUNK_BYTES, 64 * 8192 * 2])
+def test_the_fused_head_reads_its_weight_once_per_planned_chunk_and_matches_float64(chunk_bytes, monkeypatch):
+    """A head 128x wider than deep over 300 target rows: liger's default makes 75 chunks of 4 rows (75
+    reads of the weight, 150 with gradients); ours one chunk (HEAD_CHUNK_BYTES) or chunks of at least
+    64 rows (a smaller budget), as liger_chunk_rows plans them, with the same float64-checked losses."""
+    monkeypatch.setattr(alto.loss, "HEAD_CHUNK_BYTES", chunk_bytes)
+    rows, length, hidden, vocab = 2, 151, 64, 8192
+    head = torch.nn.Linear(hidden, vocab, bias=False, device="cuda").bfloat16().requires_grad_(False)
+    h = torch.randn(rows, length, hidden, device="cuda").bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (rows, length), device="cuda")
+    targets = rows * (length - 1)
+    chunk = liger_chunk_rows(targets, hidden, vocab, head_chunk_mem_const(targets, hidden, vocab, 2))
+    assert chunk == (targets if chunk_bytes == alto.loss.HEAD_CHUNK_BYTES else 64)
+    ref_h = h.detach().double().requires_grad_()
+    ref = reference(F.linear(ref_h, head.weight.double()), labels)
+    with HeadGemms(vocab) as gemms:
+        ours = head_token_losses(h, head, labels).view(rows, length)
+    assert gemms.rows == [min(chunk, targets - i) for i in range(0, targets, chunk)]  # one product per chunk
+    torch.testing.assert_close(ours.double(), ref, rtol=2e-2, atol=2e-2)  # bf16 logits
+    weights = torch.randn(rows, length, device="cuda", dtype=torch.float64)
+    (ours.double() * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(h.grad.double(), ref_h.grad, rtol=5e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("rows,length,hidden,vocab", [(3, 9, 24, 50), (1, 2, 8, 7), (4, 5, 16, 33), (1, 3, 8, 7)])

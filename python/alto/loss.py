@@ -21,6 +21,12 @@ from alto_ext.segments import segment_sums
 
 
 LOSS_BLOCK_ELEMENTS = 2**28  # fp32 temporaries of one block of logit rows: 1 GiB
+# liger's fused head computes the logits a chunk of rows at a time and reads the whole head weight
+# once per chunk (twice with gradients). Its default chunk holds about rows x hidden logits: 16 rows at
+# 512 tokens of a Llama-3-8B head (V/H = 31), 32 chunks reading the 1 GB weight 64 times, 35 ms of a
+# 48 ms step on the H100 (bench/RESULTS.md 2026-12-06, eighth session). A chunk holds at least this
+# many bytes of logits instead (fewer than twice as many), or every row.
+HEAD_CHUNK_BYTES = 2**28
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
@@ -87,6 +93,24 @@ def _fused_linear_cross_entropy():
     return liger_fused_linear_cross_entropy
 
 
+def liger_chunk_rows(rows: int, hidden: int, vocab: int, chunk_mem_const: int) -> int:
+    """The rows of each chunk liger-kernel's fused_linear_cross_entropy_forward (0.8.5) makes of
+    `rows` for a [vocab, hidden] head: its own formula (tests/test_loss.py counts its head GEMMs)."""
+    chunks_factor = -(-vocab // (chunk_mem_const * hidden))
+    per_chunk = -(-rows // chunks_factor)
+    return min(rows, 1 << (per_chunk - 1).bit_length())  # triton.next_power_of_2
+
+
+def head_chunk_mem_const(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
+    """liger's chunk_mem_const for a fused head over `rows` rows: the least that gives chunks of at
+    least HEAD_CHUNK_BYTES of logits (or all rows): 1, liger's default, where its chunks are that large."""
+    want = min(rows, max(1, HEAD_CHUNK_BYTES // (vocab * itemsize)))
+    const = 1
+    while liger_chunk_rows(rows, hidden, vocab, const) < want:  # at most vocab / hidden tries: one chunk there
+        const += 1
+    return const
+
+
 def fused_head_available(device: torch.device) -> bool:
     """Whether head_token_losses runs here: a CUDA device and liger-kernel importable."""
     return device.type == "cuda" and _fused_linear_cross_entropy() is not None
@@ -113,7 +137,10 @@ def head_token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tenso
         loss = picked.sum(-1, dtype=_loss_dtype(picked))
     elif fused_head_available(hidden.device):
         with torch.autocast("cuda", enabled=False):
-            loss = _fused_linear_cross_entropy()(picked, head.weight, wanted, head.bias, reduction="none").float()
+            vocab, hidden = head.weight.shape
+            chunking = head_chunk_mem_const(picked.shape[0], hidden, vocab, picked.element_size())
+            loss = _fused_linear_cross_entropy()(picked, head.weight, wanted, head.bias, reduction="none",
+                                                  chunk_mem_const=chunking).float()
     else:
         logits = head(picked)
         with torch.autocast(hidden.device.type, enabled=False):
