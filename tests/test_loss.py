@@ -109,8 +109,8 @@ class HeadGemms(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("chunk_bytes", [alto.loss.HEAD_CHUNK_BYTES, 64 * 8192 * 2])
-def test_the_fused_head_reads_its_weight_once_per_planned_chunk_and_matches_float64(chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("chunk_bytes,chunk", [(alto.loss.HEAD_CHUNK_BYTES, 300), (64 * 8192 * 2, 64)])
+def test_the_fused_head_reads_its_weight_once_per_planned_chunk_and_matches_float64(chunk_bytes, chunk, monkeypatch):
     """A head 128x wider than deep over 300 target rows: liger's default makes 75 chunks of 4 rows (75
     reads of the weight, 150 with gradients); ours one chunk (HEAD_CHUNK_BYTES) or chunks of at least
     64 rows (a smaller budget), as liger_chunk_rows plans them, with the same float64-checked losses."""
@@ -120,8 +120,7 @@ def test_the_fused_head_reads_its_weight_once_per_planned_chunk_and_matches_floa
     h = torch.randn(rows, length, hidden, device="cuda").bfloat16().requires_grad_()
     labels = torch.randint(0, vocab, (rows, length), device="cuda")
     targets = rows * (length - 1)
-    chunk = liger_chunk_rows(targets, hidden, vocab, head_chunk_mem_const(targets, hidden, vocab, 2))
-    assert chunk == (targets if chunk_bytes == alto.loss.HEAD_CHUNK_BYTES else 64)
+    assert liger_chunk_rows(targets, hidden, vocab, head_chunk_mem_const(targets, hidden, vocab, 2)) == chunk
     ref_h = h.detach().double().requires_grad_()
     ref = reference(F.linear(ref_h, head.weight.double()), labels)
     with HeadGemms(vocab) as gemms:
