@@ -10,6 +10,7 @@ Two ways to per-token losses, measured on the H100 (bench/bench_loss.py --head, 
 """
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Sequence
 
@@ -25,7 +26,7 @@ LOSS_BLOCK_ELEMENTS = 2**28  # fp32 temporaries of one block of logit rows: 1 Gi
 # once per chunk (twice with gradients). Its default chunk holds about rows x hidden logits: 16 rows at
 # 512 tokens of a Llama-3-8B head (V/H = 31), 32 chunks reading the 1 GB weight 64 times, 35 ms of a
 # 48 ms step on the H100 (bench/RESULTS.md 2026-12-06, eighth session). A chunk holds at least this
-# many bytes of logits instead (fewer than twice as many), or every row.
+# many bytes of logits instead, or every row (liger's default where its chunks are larger already).
 HEAD_CHUNK_BYTES = 2**28
 
 
@@ -103,12 +104,11 @@ def liger_chunk_rows(rows: int, hidden: int, vocab: int, chunk_mem_const: int) -
 
 def head_chunk_mem_const(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
     """liger's chunk_mem_const for a fused head over `rows` rows: the least that gives chunks of at
-    least HEAD_CHUNK_BYTES of logits (or all rows): 1, liger's default, where its chunks are that large."""
+    least HEAD_CHUNK_BYTES of logits (or all rows): 1, liger's default, where its chunks are that large.
+    Chunks grow with the setting, and ceil(vocab / hidden) makes one chunk of all rows: bisected."""
     want = min(rows, max(1, HEAD_CHUNK_BYTES // (vocab * itemsize)))
-    const = 1
-    while liger_chunk_rows(rows, hidden, vocab, const) < want:  # at most vocab / hidden tries: one chunk there
-        const += 1
-    return const
+    settings = range(1, -(-vocab // hidden) + 1)
+    return settings[bisect.bisect_left(settings, True, key=lambda c: liger_chunk_rows(rows, hidden, vocab, c) >= want)]
 
 
 def fused_head_available(device: torch.device) -> bool:
@@ -137,8 +137,8 @@ def head_token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tenso
         loss = picked.sum(-1, dtype=_loss_dtype(picked))
     elif fused_head_available(hidden.device):
         with torch.autocast("cuda", enabled=False):
-            vocab, hidden = head.weight.shape
-            chunking = head_chunk_mem_const(picked.shape[0], hidden, vocab, picked.element_size())
+            vocab, width = head.weight.shape
+            chunking = head_chunk_mem_const(picked.shape[0], width, vocab, picked.element_size())
             loss = _fused_linear_cross_entropy()(picked, head.weight, wanted, head.bias, reduction="none",
                                                   chunk_mem_const=chunking).float()
     else:
