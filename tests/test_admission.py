@@ -3,12 +3,14 @@ the peak model says fits (and the rest later), and an out-of-memory step, inject
 step, is undone with every adapter's state unchanged, sends the most recently admitted half back
 to the queue and still ends with the same adapters as a run without it."""
 import csv
+import functools
 import json
 
 import pytest
 import torch
 
-from alto.admission import Admission, admission_order
+from alto.admission import Admission, admission_order, fit_probes
+from alto.loss import fused_head_chunk_bytes
 from alto.registry import Adapter, AdapterConfig, Status
 from alto.sched.catalog import ModelShape
 from alto.sched.memory import PeakModel
@@ -53,6 +55,30 @@ def test_the_peak_model_fits_measured_points_and_only_ever_rises():
     raised = fitted.raised_to(5000, 10**6, 5e9)
     assert raised.predict(5000, 10**6) == pytest.approx(5e9)
     assert raised.raised_to(10, 10, 0.0) is raised  # a lower measurement changes nothing
+
+
+def test_the_fused_heads_chunk_is_fitted_apart_from_the_linear_terms():
+    """Probe steps at 1k and 4k tokens of a 1B-widths model (128k vocab): the fused head's chunk of
+    logits grows from 1,008 rows to 2,048 between them and no further. fit_probes takes it off the
+    peaks, recovers the linear truth and adds the chunk back; fitted as a slope it would predict ~7 GB
+    more than a 89k-token step holds."""
+    head = functools.partial(fused_head_chunk_bytes, hidden=2048, vocab=128256, itemsize=2)
+    truth = PeakModel(2.5e9, 7e5, 12.0)
+    sequences = 16
+    points = [(t, t - sequences, p, truth.predict(t, p) + head(t - sequences))
+              for t in (1024, 4096) for p in (10**6, 4 * 10**6)]
+    fitted = fit_probes(points, head)
+    assert fitted.fixed == pytest.approx(2.5e9) and fitted.per_token == pytest.approx(7e5)
+    assert fitted.per_param == pytest.approx(12.0 + 8)  # the AdamW moments a probe does not allocate
+    assert fitted.head is head
+    step = (89000, 32 * 10**6)
+    assert fitted.predict(*step) == pytest.approx(truth.predict(*step) + 8 * step[1] + head(89000))
+    assert head(89000) == 2048 * 128256 * 2  # liger's own chunks at that size
+    as_slope = fit_probes(points, None)
+    assert as_slope.predict(*step) - fitted.predict(*step) > 5e9
+    raised = fitted.raised_to(*step, fitted.predict(*step) + 1e9)  # a higher measured peak
+    assert raised.head is head and raised.predict(*step) == pytest.approx(fitted.predict(*step) + 1e9)
+    assert fused_head_chunk_bytes(0, 2048, 128256, 2) == 0
 
 
 def test_no_probe_step_where_everything_planned_fits_twice_over(tmp_path):

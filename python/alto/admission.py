@@ -2,7 +2,7 @@
 
 Before training, a few probe steps of temporary adapters measure this device's peak memory at a
 few token counts and adapter sizes (CUDA: the allocator's peak), and a PeakModel (alto.sched.memory)
-is fitted to them. On the CPU, where no allocator reports a step's peak, its slopes come from
+is fitted to them (the fused LM head's chunk of logits, not linear in the tokens, modeled apart: fit_probes). On the CPU, where no allocator reports a step's peak, its slopes come from
 alto.sched.memory's estimate at the base's element size. Queued adapters are then admitted largest
 micro-batch first (like-sized together) while the predicted peak of the rank's set stays within
 its capacity (the device's free memory, or memory_budget_gb, less a margin) and the predicted
@@ -17,16 +17,18 @@ longest).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 import random
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from alto.base import model_bytes
-from alto.loss import mean_losses
+from alto.loss import fused_head_available, fused_head_chunk_bytes, mean_losses
 from alto.model import MultiLoraModel
 from alto.objectives import SFT, Objective
 from alto.registry import Adapter, AdapterConfig
@@ -109,8 +111,9 @@ class Admission:
             # Probes of at most a quarter of the capacity by the estimate (a small GPU probes small).
             largest = max(64, min(PROBE_TOKENS[-1], int(0.25 * (capacity - held) / estimate)))
             tokens = (max(32, largest // 4), largest)
-            peak = PeakModel.fit(_probe(model, shape, probe_config, pad_id, device, packed, tokens, objective),
-                                 OPTIMIZER_BYTES)
+            head = (functools.partial(fused_head_chunk_bytes, hidden=shape.hidden, vocab=shape.vocab, itemsize=act)
+                    if fused_head_available(device) else None)
+            peak = fit_probes(_probe(model, shape, probe_config, pad_id, device, packed, tokens, objective), head)
         else:
             peak = analytic
         return cls(peak, capacity, shape, planned, packed, max_tokens, objective.per_sample)
@@ -174,9 +177,21 @@ def ample(analytic: PeakModel, everything: tuple[int, int], capacity: float) -> 
     return analytic.fixed + AMPLE * (analytic.predict(*everything) - analytic.fixed) <= capacity
 
 
+def fit_probes(points: Sequence[tuple[int, int, int, float]], head: Callable[[int], float] | None) -> PeakModel:
+    """The peak model of probe steps (token positions, target rows, LoRA parameters, peak bytes). head
+    (the fused LM head's chunk of logits by rows, alto.loss.fused_head_chunk_bytes; None: no fused
+    head): taken off each peak before the linear fit and added back by positions (PeakModel.head). Its
+    chunk grows with the rows up to a cap: fitted as a slope between the probes' 1k and 4k tokens it
+    would predict gigabytes that a 90k-token step never holds."""
+    if head is None:
+        return PeakModel.fit([(t, p, peak) for t, _, p, peak in points], OPTIMIZER_BYTES)
+    fitted = PeakModel.fit([(t, p, peak - head(rows)) for t, rows, p, peak in points], OPTIMIZER_BYTES)
+    return dataclasses.replace(fitted, head=head)
+
+
 def _probe(model: MultiLoraModel, shape: ModelShape, config: AdapterConfig, pad_id: int, device: torch.device,
-           packed: bool, token_counts: Sequence[int], objective: Objective) -> list[tuple[int, int, float]]:
-    """(token positions, adapter parameters, peak bytes) of training steps of temporary adapters (of
+           packed: bool, token_counts: Sequence[int], objective: Objective) -> list[tuple[int, int, int, float]]:
+    """(token positions, target rows, adapter parameters, peak bytes) of training steps of temporary adapters (of
     zeros: the peak does not depend on their values) on random tokens, 4 samples of the objective per
     adapter (removed again, gradients dropped, whatever happens; the run's adapters are not in the
     model yet)."""
@@ -195,7 +210,8 @@ def _probe(model: MultiLoraModel, shape: ModelShape, config: AdapterConfig, pad_
                 mean_losses(colocated_losses(model, batches, pad_id, device, training=True, packed=packed,
                                              objective=objective)).sum().backward()
                 torch.cuda.synchronize(device)
-                points.append((rows * n * length, n * adapter_params(config, shape), float(torch.cuda.max_memory_allocated(device))))
+                points.append((rows * n * length, rows * n * (length - 1), n * adapter_params(config, shape),
+                               float(torch.cuda.max_memory_allocated(device))))
                 model.remove_adapters(ids)
     finally:
         model.remove_adapters([a for a in model.configs if a.startswith("__probe")])

@@ -26,7 +26,8 @@ LOSS_BLOCK_ELEMENTS = 2**28  # fp32 temporaries of one block of logit rows: 1 Gi
 # once per chunk (twice with gradients). Its default chunk holds about rows x hidden logits: 16 rows at
 # 512 tokens of a Llama-3-8B head (V/H = 31), 32 chunks reading the 1 GB weight 64 times, 35 ms of a
 # 48 ms step on the H100 (bench/RESULTS.md 2026-12-06, eighth session). A chunk holds at least this
-# many bytes of logits instead, or every row (liger's default where its chunks are larger already).
+# many bytes of logits instead, or every row (liger's default where its chunks are larger already);
+# the memory model counts the chunk as it is (fused_head_chunk_bytes, alto.admission.fit_probes).
 HEAD_CHUNK_BYTES = 2**28
 
 
@@ -109,6 +110,14 @@ def head_chunk_mem_const(rows: int, hidden: int, vocab: int, itemsize: int) -> i
     want = min(rows, max(1, HEAD_CHUNK_BYTES // (vocab * itemsize)))
     settings = range(1, -(-vocab // hidden) + 1)
     return settings[bisect.bisect_left(settings, True, key=lambda c: liger_chunk_rows(rows, hidden, vocab, c) >= want)]
+
+
+def fused_head_chunk_bytes(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
+    """Bytes of the logits the fused head holds at once over `rows` rows: one chunk (the memory
+    model's PeakModel.head)."""
+    if rows <= 0:
+        return 0
+    return liger_chunk_rows(rows, hidden, vocab, head_chunk_mem_const(rows, hidden, vocab, itemsize)) * vocab * itemsize
 
 
 def fused_head_available(device: torch.device) -> bool:

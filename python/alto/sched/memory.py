@@ -15,7 +15,7 @@ PeakModel is the measured counterpart `alto tune` admits adapters by (alto.admis
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from alto.registry import AdapterConfig
@@ -87,9 +87,14 @@ class PeakModel:
     fixed: float  # bytes held whatever the step: the frozen base, the CUDA context's allocations
     per_token: float  # activations, logits and loss temporaries per token position
     per_param: float  # adapter weights, gradients and AdamW moments per LoRA parameter
+    # bytes of a step over so many token positions that are not linear in them: the fused LM head's
+    # chunk of logits (alto.loss.fused_head_chunk_bytes), which a fit over two token counts would
+    # otherwise read as a slope; None: none
+    head: Callable[[int], float] | None = None
 
     def predict(self, positions: int, params: int) -> float:
-        return self.fixed + self.per_token * positions + self.per_param * params
+        head = 0.0 if self.head is None else self.head(positions)
+        return self.fixed + self.per_token * positions + self.per_param * params + head
 
     @classmethod
     def fit(cls, points: Sequence[tuple[int, int, float]], optimizer_bytes: float) -> "PeakModel":
