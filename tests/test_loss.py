@@ -78,20 +78,23 @@ def test_fused_head_losses_match_float64(rows, length, hidden, vocab, bias):
     assert torch.all(h.grad[0, length // 2 :] == 0)  # no target: no gradient
 
 
-@pytest.mark.parametrize("rows,hidden,vocab", [(511, 4096, 128256), (4096, 4096, 128256), (16384, 4096, 128256),
-                                               (89000, 2048, 128256), (7000, 576, 49152), (1, 64, 257),
-                                               (300, 64, 8192), (5000, 896, 151936), (3, 3584, 262144)])
-def test_the_fused_heads_chunks_hold_at_least_head_chunk_bytes_of_logits_or_every_row(rows, hidden, vocab):
-    """A chunk of the fused head (each reads the whole head weight) holds at least HEAD_CHUNK_BYTES of
-    bf16 logits or all rows, and fewer than twice that where liger's default (1) would make more chunks."""
-    want = min(rows, alto.loss.HEAD_CHUNK_BYTES // (vocab * 2))
-    const = head_chunk_mem_const(rows, hidden, vocab, 2)
+@pytest.mark.parametrize("rows,hidden,vocab,default", [(511, 4096, 128256, False), (4096, 4096, 128256, False),
+                                                       (16384, 4096, 128256, False), (45000, 2048, 128256, True),
+                                                       (89000, 2048, 128256, True), (7000, 576, 49152, False),
+                                                       (1, 64, 257, True), (300, 64, 8192, False),
+                                                       (5000, 896, 151936, False), (3, 3584, 262144, False)])
+def test_the_fused_heads_chunks_hold_at_least_head_chunk_rows_or_every_row(rows, hidden, vocab, default):
+    """A chunk of the fused head (each reads the whole head weight) holds at least HEAD_CHUNK_ROWS rows
+    or all of them, under twice that where liger's default (1) would make smaller chunks; the 1B
+    sweep's steps (40-90k rows at V/H = 63) keep liger's own chunks, and their memory."""
+    want = min(rows, alto.loss.HEAD_CHUNK_ROWS)
+    const = head_chunk_mem_const(rows, hidden, vocab)
     chunk = liger_chunk_rows(rows, hidden, vocab, const)
-    assert want <= chunk <= rows
+    assert want <= chunk <= rows and (const == 1) == default
     if const > 1:
         assert chunk < 2 * want and liger_chunk_rows(rows, hidden, vocab, const - 1) < want  # the least that does
-    else:
-        assert liger_chunk_rows(rows, hidden, vocab, 1) >= want
+    if rows <= alto.loss.HEAD_CHUNK_ROWS:
+        assert chunk == rows  # one chunk: one read of the weight
 
 
 class HeadGemms(torch.utils._python_dispatch.TorchDispatchMode):
@@ -109,18 +112,18 @@ class HeadGemms(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("chunk_bytes,chunk", [(alto.loss.HEAD_CHUNK_BYTES, 300), (64 * 8192 * 2, 64)])
-def test_the_fused_head_reads_its_weight_once_per_planned_chunk_and_matches_float64(chunk_bytes, chunk, monkeypatch):
+@pytest.mark.parametrize("chunk_rows,chunk", [(alto.loss.HEAD_CHUNK_ROWS, 300), (64, 64)])
+def test_the_fused_head_reads_its_weight_once_per_planned_chunk_and_matches_float64(chunk_rows, chunk, monkeypatch):
     """A head 128x wider than deep over 300 target rows: liger's default makes 75 chunks of 4 rows (75
-    reads of the weight, 150 with gradients); ours one chunk (HEAD_CHUNK_BYTES) or chunks of at least
-    64 rows (a smaller budget), as liger_chunk_rows plans them, with the same float64-checked losses."""
-    monkeypatch.setattr(alto.loss, "HEAD_CHUNK_BYTES", chunk_bytes)
+    reads of the weight, 150 with gradients); ours one chunk (HEAD_CHUNK_ROWS) or chunks of 64 rows (a
+    smaller floor), as liger_chunk_rows plans them, with the same float64-checked losses."""
+    monkeypatch.setattr(alto.loss, "HEAD_CHUNK_ROWS", chunk_rows)
     rows, length, hidden, vocab = 2, 151, 64, 8192
     head = torch.nn.Linear(hidden, vocab, bias=False, device="cuda").bfloat16().requires_grad_(False)
     h = torch.randn(rows, length, hidden, device="cuda").bfloat16().requires_grad_()
     labels = torch.randint(0, vocab, (rows, length), device="cuda")
     targets = rows * (length - 1)
-    assert liger_chunk_rows(targets, hidden, vocab, head_chunk_mem_const(targets, hidden, vocab, 2)) == chunk
+    assert liger_chunk_rows(targets, hidden, vocab, head_chunk_mem_const(targets, hidden, vocab)) == chunk
     ref_h = h.detach().double().requires_grad_()
     ref = reference(F.linear(ref_h, head.weight.double()), labels)
     with HeadGemms(vocab) as gemms:

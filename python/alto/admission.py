@@ -180,9 +180,10 @@ def ample(analytic: PeakModel, everything: tuple[int, int], capacity: float) -> 
 def fit_probes(points: Sequence[tuple[int, int, int, float]], head: Callable[[int], float] | None) -> PeakModel:
     """The peak model of probe steps (token positions, target rows, LoRA parameters, peak bytes). head
     (the fused LM head's chunk of logits by rows, alto.loss.fused_head_chunk_bytes; None: no fused
-    head): taken off each peak before the linear fit and added back by positions (PeakModel.head). Its
-    chunk grows with the rows up to a cap: fitted as a slope between the probes' 1k and 4k tokens it
-    would predict gigabytes that a 90k-token step never holds."""
+    head): taken off each peak before the linear fit and added back by positions (PeakModel.head). The
+    chunk holds every row up to alto.loss.HEAD_CHUNK_ROWS, then about that many: fitted as a slope
+    between a small GPU's probes (256 and 1,024 tokens) it would predict gigabytes a 20k-token step
+    never holds."""
     if head is None:
         return PeakModel.fit([(t, p, peak) for t, _, p, peak in points], OPTIMIZER_BYTES)
     fitted = PeakModel.fit([(t, p, peak - head(rows)) for t, rows, p, peak in points], OPTIMIZER_BYTES)

@@ -25,10 +25,12 @@ LOSS_BLOCK_ELEMENTS = 2**28  # fp32 temporaries of one block of logit rows: 1 Gi
 # liger's fused head computes the logits a chunk of rows at a time and reads the whole head weight
 # once per chunk (twice with gradients). Its default chunk holds about rows x hidden logits: 16 rows at
 # 512 tokens of a Llama-3-8B head (V/H = 31), 32 chunks reading the 1 GB weight 64 times, 35 ms of a
-# 48 ms step on the H100 (bench/RESULTS.md 2026-12-06, eighth session). A chunk holds at least this
-# many bytes of logits instead, or every row (liger's default where its chunks are larger already);
-# the memory model counts the chunk as it is (fused_head_chunk_bytes, alto.admission.fit_probes).
-HEAD_CHUNK_BYTES = 2**28
+# 48 ms step on the H100 (bench/RESULTS.md 2026-12-06, eighth session). A chunk holds at least this many
+# rows instead, or every row: its GEMM then does >= 1024 flops per byte of weight it reads, compute-bound
+# on Hopper (the bf16 ridge is ~300), so larger chunks would only hold more memory (liger's default where
+# its chunks are larger already). The memory model counts the chunk as it is (fused_head_chunk_bytes,
+# alto.admission.fit_probes).
+HEAD_CHUNK_ROWS = 1024
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
@@ -103,11 +105,11 @@ def liger_chunk_rows(rows: int, hidden: int, vocab: int, chunk_mem_const: int) -
     return min(rows, 1 << (per_chunk - 1).bit_length())  # triton.next_power_of_2
 
 
-def head_chunk_mem_const(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
+def head_chunk_mem_const(rows: int, hidden: int, vocab: int) -> int:
     """liger's chunk_mem_const for a fused head over `rows` rows: the least that gives chunks of at
-    least HEAD_CHUNK_BYTES of logits (or all rows): 1, liger's default, where its chunks are that large.
+    least HEAD_CHUNK_ROWS rows (or all rows): 1, liger's default, where its chunks are that large.
     Chunks grow with the setting, and ceil(vocab / hidden) makes one chunk of all rows: bisected."""
-    want = min(rows, max(1, HEAD_CHUNK_BYTES // (vocab * itemsize)))
+    want = min(rows, HEAD_CHUNK_ROWS)
     settings = range(1, -(-vocab // hidden) + 1)
     return settings[bisect.bisect_left(settings, True, key=lambda c: liger_chunk_rows(rows, hidden, vocab, c) >= want)]
 
@@ -117,7 +119,7 @@ def fused_head_chunk_bytes(rows: int, hidden: int, vocab: int, itemsize: int) ->
     model's PeakModel.head)."""
     if rows <= 0:
         return 0
-    return liger_chunk_rows(rows, hidden, vocab, head_chunk_mem_const(rows, hidden, vocab, itemsize)) * vocab * itemsize
+    return liger_chunk_rows(rows, hidden, vocab, head_chunk_mem_const(rows, hidden, vocab)) * vocab * itemsize
 
 
 def fused_head_available(device: torch.device) -> bool:
@@ -147,7 +149,7 @@ def head_token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tenso
     elif fused_head_available(hidden.device):
         with torch.autocast("cuda", enabled=False):
             vocab, width = head.weight.shape
-            chunking = head_chunk_mem_const(picked.shape[0], width, vocab, picked.element_size())
+            chunking = head_chunk_mem_const(picked.shape[0], width, vocab)
             loss = _fused_linear_cross_entropy()(picked, head.weight, wanted, head.bias, reduction="none",
                                                   chunk_mem_const=chunking).float()
     else:
