@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alto.admission import Admission, admission_order, fit_probes
-from alto.loss import fused_head_chunk_bytes
+from alto.loss import fused_head_step_bytes
 from alto.registry import Adapter, AdapterConfig, Status
 from alto.sched.catalog import ModelShape
 from alto.sched.memory import PeakModel
@@ -57,12 +57,12 @@ def test_the_peak_model_fits_measured_points_and_only_ever_rises():
     assert raised.raised_to(10, 10, 0.0) is raised  # a lower measurement changes nothing
 
 
-def test_the_fused_heads_chunk_is_fitted_apart_from_the_linear_terms():
+def test_the_fused_heads_chunks_are_fitted_apart_from_the_linear_terms():
     """A small GPU's probe steps (256 and 1,024 tokens) of a 1B-widths model (128k vocab): the fused
-    head's chunk of logits holds all 240 then all 1,008 target rows, and at most ~1-2k rows beyond.
-    fit_probes takes it off the peaks, recovers the linear truth and adds the chunk back; fitted as a
-    slope (256 KB a token) it would predict gigabytes more than a 20k-token step holds."""
-    head = functools.partial(fused_head_chunk_bytes, hidden=2048, vocab=128256, itemsize=2)
+    head's two chunks of logits (its backward's) hold all 240 then all 1,008 target rows, and about
+    1,024 rows beyond. fit_probes takes them off the peaks, recovers the linear truth and adds them back;
+    fitted as a slope (0.5 MB a token) they would predict gigabytes more than a 20k-token step holds."""
+    head = functools.partial(fused_head_step_bytes, hidden=2048, vocab=128256, itemsize=2)
     truth = PeakModel(2.5e9, 7e5, 12.0)
     sequences = 16
     points = [(t, t - sequences, p, truth.predict(t, p) + head(t - sequences))
@@ -73,12 +73,30 @@ def test_the_fused_heads_chunk_is_fitted_apart_from_the_linear_terms():
     assert fitted.head is head
     step = (20000, 8 * 10**6)
     assert fitted.predict(*step) == pytest.approx(truth.predict(*step) + 8 * step[1] + head(20000))
-    assert head(20000) == 1024 * 128256 * 2 and head(1008) == 1008 * 128256 * 2
+    assert head(20000) == 2 * 1024 * 128256 * 2 and head(1008) == 2 * 1008 * 128256 * 2
     as_slope = fit_probes(points, None)
     assert as_slope.predict(*step) - fitted.predict(*step) > 3e9
     raised = fitted.raised_to(*step, fitted.predict(*step) + 1e9)  # a higher measured peak
     assert raised.head is head and raised.predict(*step) == pytest.approx(fitted.predict(*step) + 1e9)
-    assert fused_head_chunk_bytes(0, 2048, 128256, 2) == 0
+    assert head(0) == 0
+
+
+def test_the_head_term_is_there_only_where_steps_run_the_fused_head(monkeypatch):
+    """fused_head_bytes: on CUDA with liger and a plain LM head (alto.step's condition for the fused
+    head); not on the CPU, nor for a head whose logits are soft-capped (the blocked loss runs there)."""
+    from alto import admission as adm
+    from alto.model import MultiLoraModel
+    from conftest import tiny_model
+
+    model = MultiLoraModel(tiny_model("Llama"))
+    shape = ModelShape.from_hf_config(model.model.config)
+    assert adm.fused_head_bytes(model, shape, torch.device("cpu")) is None
+    monkeypatch.setattr(adm, "fused_head_available", lambda device: True)
+    head = adm.fused_head_bytes(model, shape, torch.device("cuda"))
+    rows = 37
+    assert head(rows) == fused_head_step_bytes(rows, shape.hidden, shape.vocab, next(model.parameters()).element_size())
+    model.model.config.final_logit_softcapping = 30.0
+    assert model.plain_head is None and adm.fused_head_bytes(model, shape, torch.device("cuda")) is None
 
 
 def test_no_probe_step_where_everything_planned_fits_twice_over(tmp_path):

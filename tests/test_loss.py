@@ -95,6 +95,10 @@ def test_the_fused_heads_chunks_hold_at_least_head_chunk_rows_or_every_row(rows,
         assert chunk < 2 * want and liger_chunk_rows(rows, hidden, vocab, const - 1) < want  # the least that does
     if rows <= alto.loss.HEAD_CHUNK_ROWS:
         assert chunk == rows  # one chunk: one read of the weight
+    triton = pytest.importorskip("triton")  # liger's own arithmetic, with triton's helpers
+    for c in {1, const, -(-vocab // hidden)}:
+        assert liger_chunk_rows(rows, hidden, vocab, c) == min(
+            rows, triton.next_power_of_2(triton.cdiv(rows, triton.cdiv(vocab, c * hidden))))
 
 
 class HeadGemms(torch.utils._python_dispatch.TorchDispatchMode):
@@ -126,12 +130,13 @@ def test_the_fused_head_reads_its_weight_once_per_planned_chunk_and_matches_floa
     assert liger_chunk_rows(targets, hidden, vocab, head_chunk_mem_const(targets, hidden, vocab)) == chunk
     ref_h = h.detach().double().requires_grad_()
     ref = reference(F.linear(ref_h, head.weight.double()), labels)
+    weights = torch.randn(rows, length, device="cuda", dtype=torch.float64)
     with HeadGemms(vocab) as gemms:
         ours = head_token_losses(h, head, labels).view(rows, length)
-    assert gemms.rows == [min(chunk, targets - i) for i in range(0, targets, chunk)]  # one product per chunk
+        (ours.double() * weights).sum().backward()  # reduction "none": the chunks' logits recomputed
+    chunks = [min(chunk, targets - i) for i in range(0, targets, chunk)]
+    assert gemms.rows == chunks + chunks  # one product per chunk, forward and backward
     torch.testing.assert_close(ours.double(), ref, rtol=2e-2, atol=2e-2)  # bf16 logits
-    weights = torch.randn(rows, length, device="cuda", dtype=torch.float64)
-    (ours.double() * weights).sum().backward()
     (ref * weights).sum().backward()
     torch.testing.assert_close(h.grad.double(), ref_h.grad, rtol=5e-2, atol=2e-2)
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 
 from alto.base import model_bytes
-from alto.loss import fused_head_available, fused_head_chunk_bytes, mean_losses
+from alto.loss import fused_head_available, fused_head_step_bytes, mean_losses
 from alto.model import MultiLoraModel
 from alto.objectives import SFT, Objective
 from alto.registry import Adapter, AdapterConfig
@@ -111,9 +111,8 @@ class Admission:
             # Probes of at most a quarter of the capacity by the estimate (a small GPU probes small).
             largest = max(64, min(PROBE_TOKENS[-1], int(0.25 * (capacity - held) / estimate)))
             tokens = (max(32, largest // 4), largest)
-            head = (functools.partial(fused_head_chunk_bytes, hidden=shape.hidden, vocab=shape.vocab, itemsize=act)
-                    if fused_head_available(device) else None)
-            peak = fit_probes(_probe(model, shape, probe_config, pad_id, device, packed, tokens, objective), head)
+            peak = fit_probes(_probe(model, shape, probe_config, pad_id, device, packed, tokens, objective),
+                              fused_head_bytes(model, shape, device))
         else:
             peak = analytic
         return cls(peak, capacity, shape, planned, packed, max_tokens, objective.per_sample)
@@ -177,13 +176,22 @@ def ample(analytic: PeakModel, everything: tuple[int, int], capacity: float) -> 
     return analytic.fixed + AMPLE * (analytic.predict(*everything) - analytic.fixed) <= capacity
 
 
+def fused_head_bytes(model: MultiLoraModel, shape: ModelShape, device: torch.device) -> Callable[[int], int] | None:
+    """A training step's fused-head chunks by target rows (alto.loss.fused_head_step_bytes), where this
+    model's steps run the fused head (alto.step: a plain head, alto.loss: liger on CUDA); else None."""
+    if model.plain_head is None or not fused_head_available(device):
+        return None
+    act = next(model.parameters()).dtype.itemsize  # the hidden states' dtype, the head's logits'
+    return functools.partial(fused_head_step_bytes, hidden=shape.hidden, vocab=shape.vocab, itemsize=act)
+
+
 def fit_probes(points: Sequence[tuple[int, int, int, float]], head: Callable[[int], float] | None) -> PeakModel:
     """The peak model of probe steps (token positions, target rows, LoRA parameters, peak bytes). head
-    (the fused LM head's chunk of logits by rows, alto.loss.fused_head_chunk_bytes; None: no fused
-    head): taken off each peak before the linear fit and added back by positions (PeakModel.head). The
-    chunk holds every row up to alto.loss.HEAD_CHUNK_ROWS, then about that many: fitted as a slope
-    between a small GPU's probes (256 and 1,024 tokens) it would predict gigabytes a 20k-token step
-    never holds."""
+    (fused_head_bytes; None: no fused head): taken off each peak before the linear fit and added back by
+    positions (PeakModel.head; positions are at least the rows with a target, and the chunks never
+    shrink as rows grow: an over-estimate). The chunks hold every row up to alto.loss.HEAD_CHUNK_ROWS,
+    then about that many: fitted as a slope between a small GPU's probes (256 and 1,024 tokens) they
+    would predict gigabytes a 20k-token step never holds."""
     if head is None:
         return PeakModel.fit([(t, p, peak) for t, _, p, peak in points], OPTIMIZER_BYTES)
     fitted = PeakModel.fit([(t, p, peak - head(rows)) for t, rows, p, peak in points], OPTIMIZER_BYTES)

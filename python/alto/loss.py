@@ -23,12 +23,12 @@ from alto_ext.segments import segment_sums
 
 LOSS_BLOCK_ELEMENTS = 2**28  # fp32 temporaries of one block of logit rows: 1 GiB
 # liger's fused head computes the logits a chunk of rows at a time and reads the whole head weight
-# once per chunk (twice with gradients). Its default chunk holds about rows x hidden logits: 16 rows at
+# once per chunk (three times with gradients: the forward, its recomputation in backward, and dX). Its default chunk holds about rows x hidden logits: 16 rows at
 # 512 tokens of a Llama-3-8B head (V/H = 31), 32 chunks reading the 1 GB weight 64 times, 35 ms of a
 # 48 ms step on the H100 (bench/RESULTS.md 2026-12-06, eighth session). A chunk holds at least this many
 # rows instead, or every row: its GEMM then does >= 1024 flops per byte of weight it reads, compute-bound
 # on Hopper (the bf16 ridge is ~300), so larger chunks would only hold more memory (liger's default where
-# its chunks are larger already). The memory model counts the chunk as it is (fused_head_chunk_bytes,
+# its chunks are larger already). The memory model counts the chunks as they are (fused_head_step_bytes,
 # alto.admission.fit_probes).
 HEAD_CHUNK_ROWS = 1024
 
@@ -98,8 +98,8 @@ def _fused_linear_cross_entropy():
 
 
 def liger_chunk_rows(rows: int, hidden: int, vocab: int, chunk_mem_const: int) -> int:
-    """The rows of each chunk liger-kernel's fused_linear_cross_entropy_forward (0.8.5) makes of
-    `rows` for a [vocab, hidden] head: its own formula (tests/test_loss.py counts its head GEMMs)."""
+    """The rows of each chunk liger-kernel's fused_linear_cross_entropy_forward (0.8.x, pyproject.toml)
+    makes of `rows` for a [vocab, hidden] head: its own formula (tests/test_loss.py counts its head GEMMs)."""
     chunks_factor = -(-vocab // (chunk_mem_const * hidden))
     per_chunk = -(-rows // chunks_factor)
     return min(rows, 1 << (per_chunk - 1).bit_length())  # triton.next_power_of_2
@@ -114,12 +114,13 @@ def head_chunk_mem_const(rows: int, hidden: int, vocab: int) -> int:
     return settings[bisect.bisect_left(settings, True, key=lambda c: liger_chunk_rows(rows, hidden, vocab, c) >= want)]
 
 
-def fused_head_chunk_bytes(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
-    """Bytes of the logits the fused head holds at once over `rows` rows: one chunk (the memory
-    model's PeakModel.head)."""
+def fused_head_step_bytes(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
+    """Bytes of [chunk, vocab] tensors the fused head holds at once in a training step over `rows`
+    rows (the memory model's PeakModel.head): two chunks in its backward, where reduction "none"
+    recomputes a chunk's logits and scales their gradient by each row's into a second one."""
     if rows <= 0:
         return 0
-    return liger_chunk_rows(rows, hidden, vocab, head_chunk_mem_const(rows, hidden, vocab)) * vocab * itemsize
+    return 2 * liger_chunk_rows(rows, hidden, vocab, head_chunk_mem_const(rows, hidden, vocab)) * vocab * itemsize
 
 
 def fused_head_available(device: torch.device) -> bool:

@@ -88,7 +88,7 @@ class PeakModel:
     per_token: float  # activations, logits and loss temporaries per token position
     per_param: float  # adapter weights, gradients and AdamW moments per LoRA parameter
     # bytes of a step over so many token positions that are not linear in them: the fused LM head's
-    # chunk of logits (alto.loss.fused_head_chunk_bytes), which a fit over two token counts would
+    # chunks of logits (alto.admission.fused_head_bytes), which a fit over two token counts would
     # otherwise read as a slope; None: none
     head: Callable[[int], float] | None = None
 
