@@ -2,8 +2,9 @@
 
 Before training, a few probe steps of temporary adapters measure this device's peak memory at a
 few token counts and adapter sizes (CUDA: the allocator's peak), and a PeakModel (alto.sched.memory)
-is fitted to them (the fused LM head's chunk of logits, not linear in the tokens, modeled apart: fit_probes). On the CPU, where no allocator reports a step's peak, its slopes come from
-alto.sched.memory's estimate at the base's element size. Queued adapters are then admitted largest
+is fitted to them (the fused LM head's chunks of logits, not linear in the tokens, apart: fit_probes).
+On the CPU, where no allocator reports a step's peak, its slopes come from alto.sched.memory's
+estimate at the base's element size. Queued adapters are then admitted largest
 micro-batch first (like-sized together) while the predicted peak of the rank's set stays within
 its capacity (the device's free memory, or memory_budget_gb, less a margin) and the predicted
 token positions within max_tokens_per_step. A step that peaks above the prediction, or runs out of
@@ -200,10 +201,10 @@ def fit_probes(points: Sequence[tuple[int, int, int, float]], head: Callable[[in
 
 def _probe(model: MultiLoraModel, shape: ModelShape, config: AdapterConfig, pad_id: int, device: torch.device,
            packed: bool, token_counts: Sequence[int], objective: Objective) -> list[tuple[int, int, int, float]]:
-    """(token positions, target rows, adapter parameters, peak bytes) of training steps of temporary adapters (of
-    zeros: the peak does not depend on their values) on random tokens, 4 samples of the objective per
-    adapter (removed again, gradients dropped, whatever happens; the run's adapters are not in the
-    model yet)."""
+    """(token positions, target rows, adapter parameters, peak bytes) of training steps of temporary
+    adapters (of zeros: the peak does not depend on their values) on random tokens, 4 samples of the
+    objective per adapter (removed again, gradients dropped, whatever happens; the run's adapters are
+    not in the model yet)."""
     rng = random.Random(0)
     points = []
     rows = 4 * objective.per_sample  # sequences per adapter

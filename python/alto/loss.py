@@ -22,14 +22,14 @@ from alto_ext.segments import segment_sums
 
 
 LOSS_BLOCK_ELEMENTS = 2**28  # fp32 temporaries of one block of logit rows: 1 GiB
-# liger's fused head computes the logits a chunk of rows at a time and reads the whole head weight
-# once per chunk (three times with gradients: the forward, its recomputation in backward, and dX). Its default chunk holds about rows x hidden logits: 16 rows at
-# 512 tokens of a Llama-3-8B head (V/H = 31), 32 chunks reading the 1 GB weight 64 times, 35 ms of a
-# 48 ms step on the H100 (bench/RESULTS.md 2026-12-06, eighth session). A chunk holds at least this many
-# rows instead, or every row: its GEMM then does >= 1024 flops per byte of weight it reads, compute-bound
-# on Hopper (the bf16 ridge is ~300), so larger chunks would only hold more memory (liger's default where
-# its chunks are larger already). The memory model counts the chunks as they are (fused_head_step_bytes,
-# alto.admission.fit_probes).
+# liger's fused head computes the logits a chunk of rows at a time and reads the whole head weight once
+# per chunk (three times with gradients: the forward, its recomputation in backward, and dX). Its default
+# chunk holds about rows x hidden logits: 16 rows at 512 tokens of a Llama-3-8B head (V/H = 31), 32 chunks
+# reading the 1 GB weight 64 times, 35 ms of a 48 ms step on the H100 (bench/RESULTS.md 2026-12-06, eighth
+# session). A chunk holds at least this many rows instead, or every row: its GEMM then does >= 1024 flops
+# per byte of weight it reads, compute-bound on Hopper (the bf16 ridge is ~300), so larger chunks would
+# only hold more memory (liger's default where its chunks are larger already). The memory model counts
+# the chunks as they are (fused_head_step_bytes, alto.admission.fit_probes).
 HEAD_CHUNK_ROWS = 1024
 
 
