@@ -7,7 +7,8 @@ step also with every projection alone (alto.projection_stacks off: q, k, v and g
 Every method processes the same sequences (one per adapter, --seq tokens each). Ranks cycle
 8/16/32/64 over all seven projections. Wall-clock per step (host work included: it is what a
 user waits for), median of --iters after warm-up; the loop's step is the sum of each adapter's
-step trained alone. Run on the GPU: python bench/bench_step.py
+step trained alone. Host ms: the median time until the step returns, its host work and any wait
+inside it (a host-bound step's is near its wall: the GPU waits for the host). Run on the GPU: python bench/bench_step.py
 (a CPU smoke run: --device cpu --widths tiny --layers 1 --adapters 2 --seq 16 --iters 1)
 """
 from __future__ import annotations
@@ -38,16 +39,24 @@ def synchronize(device: torch.device) -> None:
 
 
 def wall_ms(fn, iters: int, device: torch.device) -> float:
+    return timed_ms(fn, iters, device)[0]
+
+
+def timed_ms(fn, iters: int, device: torch.device) -> tuple[float, float]:
+    """Medians of a step's wall (to the GPU's end) and of its host time (to the step's return: its
+    own work and launches, and any wait inside it, e.g. the fused head's .item()). Where the two are
+    close the step is host-bound: the GPU waits for the host."""
     for _ in range(2):
         fn()
     synchronize(device)
-    times = []
+    walls, hosts = [], []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
+        hosts.append((time.perf_counter() - t0) * 1e3)
         synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        walls.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(walls), statistics.median(hosts)
 
 
 def build_model(widths: str, layers: int, device: torch.device):
@@ -105,14 +114,14 @@ def main() -> None:
             token_loss, _, _ = forward_token_losses(model, {}, seqs[:n], 0, device, training=True, packed=True)
             token_loss.sum().backward()
 
-        t_base = wall_ms(base_step, args.iters, device)
+        t_base, h_base = timed_ms(base_step, args.iters, device)
         if args.profile and n == max(args.adapters):
             profile(base_step, f"{args.profile}/base.json", device)
 
         reg = Registry()
         trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device=device)
         trainer.admit([reg.add(f"a{i}", c) for i, c in enumerate(cfgs)])
-        t_ours = wall_ms(trainer.step, args.iters, device)
+        t_ours, h_ours = timed_ms(trainer.step, args.iters, device)
         stacked, projection_stacks.ENABLED = projection_stacks.ENABLED, False
         try:
             t_alone = wall_ms(trainer.step, args.iters, device)  # every projection alone (q, k, v; gate, up)
@@ -131,16 +140,17 @@ def main() -> None:
             trainer.admit([adapter])
             t_loop += wall_ms(trainer.step, args.iters, device)
             trainer.retire([(adapter, adapter.status, None)])
-        rows.append((n, t_base, t_ours, t_alone, t_loop))
+        rows.append((n, t_base, t_ours, t_alone, t_loop, h_base, h_ours))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     t_peft = peft_step_ms(base, seqs[0], args.iters, device)
     print("adapters | base fwd+bwd ms | ALTO step ms | overhead vs base | projections alone ms | overhead alone "
-          "| per-adapter loop ms | ALTO vs loop")
-    print("--- | --- | --- | --- | --- | --- | --- | ---")
-    for n, tb, to, ta, tl in rows:
-        print(f"{n} | {tb:.1f} | {to:.1f} | {to / tb - 1:+.1%} | {ta:.1f} | {ta / tb - 1:+.1%} | {tl:.1f} | {tl / to:.2f}x")
+          "| per-adapter loop ms | ALTO vs loop | base host ms | ALTO host ms")
+    print("--- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
+    for n, tb, to, ta, tl, hb, ho in rows:
+        print(f"{n} | {tb:.1f} | {to:.1f} | {to / tb - 1:+.1%} | {ta:.1f} | {ta / tb - 1:+.1%} | {tl:.1f} | {tl / to:.2f}x "
+              f"| {hb:.1f} | {ho:.1f}")
     print(f"\nPEFT, one adapter (rank {RANKS[0]}, all 7 projections), same sequence: {t_peft:.1f} ms/step")
 
 
