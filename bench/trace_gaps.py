@@ -1,7 +1,8 @@
 """Where does the GPU wait for the host, and what does it run? Reads a Chrome trace written by
 torch.profiler with with_stack=True (e.g. `bench_step.py --profile DIR`, gzipped or not) and prints
-the GPU's busy time, its idle gaps longer than --min-ms (the --top longest with the innermost Python
-frames running at each gap's middle), and the --kernels GPU kernels with the most total time. Python-heavy stretches
+the GPU's busy time, the host's most frequent CUDA calls (launches, copies), its idle gaps longer than
+--min-ms (the --top longest with the innermost Python frames running at each gap's middle), and the
+--kernels GPU kernels with the most total time. Python-heavy stretches
 run slower under with_stack, so gaps there are upper bounds.
 Run: python bench/trace_gaps.py DIR/alto.json DIR/base.json
 """
@@ -34,6 +35,15 @@ def report(path: str, min_ms: float, top: int, kernels: int) -> None:
     gaps.sort(reverse=True)
     print(f"{path}: {len(gpu)} GPU events, busy {busy / 1e3:.1f} ms of {span / 1e3:.1f} ms (first to last); "
           f"{len(gaps)} gaps > {min_ms} ms, {sum(g[0] for g in gaps) / 1e3:.1f} ms in all")
+    # What the host asked of CUDA (launches, copies, attribute sets): a host-bound step's cost by count.
+    calls: dict[str, int] = {}
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            name = "(unnamed)" if e["name"] == "INVALID" else e["name"]  # calls the profiler has no name for
+            calls[name] = calls.get(name, 0) + 1
+    if calls:
+        ranked_calls = sorted(calls.items(), key=lambda kv: (-kv[1], kv[0]))[:6]
+        print("  host calls: " + ", ".join(f"{n} {name}" for name, n in ranked_calls))
     for length, start, stop, next_kernel in gaps[:top]:
         mid = (start + stop) / 2
         frames = sorted((p for p in python if p["ts"] <= mid <= p["ts"] + p["dur"]), key=lambda p: p["dur"])

@@ -225,13 +225,16 @@ def test_trace_gaps_reports_the_gpu_idle_gaps_and_the_kernels_with_most_time(tmp
               {"cat": "kernel", "name": "softmax", "ts": 1100, "dur": 200},
               {"cat": "kernel", "name": "gemm", "ts": 1400, "dur": 100},
               {"cat": "python_function", "name": "train.py(258): step", "ts": 50, "dur": 1200},
-              {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 10}]
+              {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 10},
+              *({"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": t, "dur": 5} for t in (0, 1000, 1300)),
+              {"cat": "cuda_driver", "name": "cuLaunchKernelEx", "ts": 1090, "dur": 5}]
     trace = tmp_path / "step.json.gz"
     with gzip.open(trace, "wt") as f:
         json.dump({"traceEvents": events}, f)
     out = bench("trace_gaps", trace, "--kernels", 2)
     assert out.splitlines() == [
         f"{trace}: 3 GPU events, busy 0.4 ms of 1.5 ms (first to last); 1 gaps > 0.2 ms, 1.0 ms in all",
+        "  host calls: 3 cudaLaunchKernel, 1 cuLaunchKernelEx",
         "     1.00 ms before 'softmax'",
         "      in train.py(258): step",
         "      0.20 ms     2x  gemm",
