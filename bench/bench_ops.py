@@ -158,15 +158,72 @@ def breakdown(p: Problem) -> dict[str, float]:
     }
 
 
+def host_us(fn, calls: int = 200) -> float:
+    """Host microseconds per call of fn: its dispatch, checks and launches, not the GPU's work (tiny
+    shapes, so the GPU keeps up and the launch queue never blocks). Median of 5 rounds of calls."""
+    for _ in range(min(calls, 10)):
+        fn()
+    rounds = []
+    for _ in range(5):
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(rounds)
+
+
+def host_table(groups: list[int]) -> None:
+    """Host cost of each op as a co-located step calls it (below torch.library's autograd layer, as
+    alto_ext.linear's Functions do), beside one torch.mm / torch._grouped_mm launch of the same shape,
+    and of a whole projection's forward+backward (multi_lora_linear) beside a plain linear's."""
+    from alto_ext.linear import multi_lora_linear
+
+    print("\nhost us per call (16 tokens/adapter, 256x256: the GPU keeps up; what a host-bound step pays):")
+    print("G | shrink | expand_ | weight_grad | torch.mm | torch._grouped_mm | linear fwd+bwd | multi_lora_linear fwd+bwd")
+    print("--- | --- | --- | --- | --- | --- | --- | ---")
+    ops = torch.ops.alto
+    calls = 200 if DEVICE.type == "cuda" else 5  # the CPU smoke run: its figures include the CPU's own compute
+    for G in groups:
+        p = Problem(G, 16, 256, 256)
+        q = Padded(p)
+        s, idx = p.seg, (p.seg.seg_indptr, p.seg.rank_indptr)
+        h = ops.lora_shrink(p.x, p.A, *idx, s.h_width, None)
+        with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
+            ours_us = [host_us(lambda: ops.lora_shrink(p.x, p.A, *idx, s.h_width, None), calls),
+                       host_us(lambda: ops.lora_expand_(p.y, h, p.B, *idx, s.scaling, True), calls),
+                       host_us(lambda: ops.lora_weight_grad(h, p.dy, *idx, s.total_rank, s.scaling, None), calls)]
+            mm_us = host_us(lambda: torch.mm(p.x, p.A.T), calls)
+            gmm_us = host_us(lambda: torch._grouped_mm(p.x, q.A.transpose(1, 2), offs=q.offs), calls)
+        W = torch.randn(256, 256, device=DEVICE, dtype=torch.bfloat16)
+        x = p.x.detach().requires_grad_()
+        A, B = p.A.float().requires_grad_(), p.B.float().requires_grad_()
+
+        def linear():
+            torch.nn.functional.linear(x, W).sum().backward()
+
+        def lora():
+            multi_lora_linear(x, W, None, A, B, s).sum().backward()
+
+        row = [*ours_us, mm_us, gmm_us, host_us(linear, calls), host_us(lora, calls)]
+        print(" | ".join([str(G), *(f"{v:.1f}" for v in row)]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048], help="tokens per adapter")
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336"])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--host", type=int, nargs="*", metavar="G",
+                    help="only the host-cost table (host us per op call), at these adapter counts (default 1 32)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
+    if args.host is not None:
+        host_table(args.host or [1, 32])
+        return
 
     bw = copy_bandwidth()
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"

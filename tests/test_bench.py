@@ -111,6 +111,15 @@ def test_bench_ops_compares_the_segmented_ops_with_a_torch_loop_and_grouped_mm()
     assert all(positive(ops[c]) for c in ("shrink", "expand", "dh", "dx", "dA", "dB"))
 
 
+def test_bench_ops_host_table_prices_each_op_call_beside_one_torch_launch():
+    out = bench("bench_ops", "--device", "cpu", "--host", 1, 3)
+    cols = ("shrink", "expand_", "weight_grad", "torch.mm", "torch._grouped_mm", "linear fwd+bwd",
+            "multi_lora_linear fwd+bwd")
+    rows = table(out, "G", *cols)
+    assert [r["G"] for r in rows] == ["1", "3"]
+    assert all(positive(r[c]) for r in rows for c in cols)
+
+
 def test_bench_loss_compares_token_losses_with_the_usual_cross_entropy():
     out = bench("bench_loss", "--device", "cpu", "--tokens", 64, "--seq", 16, "--vocab", 300, "--iters", 1)
     [row] = table(out, "tokens", "vocab", "usual ms", "ours ms", "speed-up", "loss rel. diff")

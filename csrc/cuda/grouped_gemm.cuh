@@ -3,6 +3,9 @@
 // Included by the per-configuration .cu files; each instantiates one Form (shrink, expand or
 // weight_grad) for one dtype.
 #pragma once
+#include <atomic>
+#include <cstdint>
+
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
@@ -123,14 +126,34 @@ struct GroupedGemm {
     return arrays_bytes(G) + Gemm::get_workspace_size(arguments(none, G, nullptr, 0.f, 0, sm_count));
   }
 
+  // The kernel's shared memory is above the 48 KiB default: allowed once per device. (CUTLASS's
+  // Gemm::initialize sets it at every launch: a driver call per GEMM, ~130 a step at 4 layers,
+  // in a step whose time is its host's when it has few tokens.)
+  static bool allow_shared_memory(int device) {
+    static std::atomic<uint64_t> allowed{0};  // bit d: done on device d
+    const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+    if (bit != 0 && (allowed.load(std::memory_order_relaxed) & bit) != 0) return true;
+    constexpr int smem = Kernel::SharedStorageSize;
+    if (smem >= (48 << 10) &&
+        cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             smem) != cudaSuccess) {
+      (void)cudaGetLastError();  // clear it: the op reports its own error
+      return false;
+    }
+    allowed.fetch_or(bit, std::memory_order_relaxed);
+    return true;
+  }
+
+  // Gemm::initialize's steps but the attribute (allow_shared_memory), then the launch.
   static Status run(const Arrays& arr, int G, const float* alpha, float beta, const Launch& launch) {
     auto args = arguments(arr, G, alpha, beta, launch.device, launch.sm_count);
-    Gemm gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return "CUTLASS cannot run this problem";
+    if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return "CUTLASS cannot run this problem";
     char* cutlass_ws = static_cast<char*>(launch.workspace) + arrays_bytes(G);
-    if (gemm.initialize(args, cutlass_ws, launch.stream) != cutlass::Status::kSuccess)
-      return "CUTLASS grouped GEMM initialization failed";
-    if (gemm.run(launch.stream) != cutlass::Status::kSuccess) return "CUTLASS grouped GEMM launch failed";
+    if (Kernel::initialize_workspace(args, cutlass_ws, launch.stream) != cutlass::Status::kSuccess)
+      return "CUTLASS grouped GEMM workspace initialization failed";
+    if (!allow_shared_memory(launch.device)) return "CUTLASS grouped GEMM shared memory attribute failed";
+    auto params = Kernel::to_underlying_arguments(args, cutlass_ws);
+    if (Gemm::run(params, launch.stream) != cutlass::Status::kSuccess) return "CUTLASS grouped GEMM launch failed";
     return nullptr;
   }
 };
