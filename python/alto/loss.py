@@ -130,7 +130,7 @@ def fused_head_available(device: torch.device) -> bool:
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
     """The flat indices of the [B, L] labels' positions that have a next-token target (-100: none).
-    On CUDA it waits for the labels (call it before the step's forward: nothing else is queued)."""
+    On CUDA labels it waits for the GPU (.nonzero()): a step reads them on the host (alto.step)."""
     return (next_token_targets(labels) != -100).nonzero().squeeze(1)
 
 

@@ -35,14 +35,15 @@ def pad_batch(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int):
 def step_inputs(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, packed: bool,
                 device: torch.device, position_offsets: torch.Tensor | None = None
                 ) -> tuple[dict[str, torch.Tensor | int], torch.Tensor, int | None]:
-    """(model inputs, labels [rows, positions], row length or None) of a step's sequences.
-    Padded: right-padded rows with an attention mask. Packed (TRL's padding-free layout): one row
+    """(model inputs on `device`, labels [rows, positions] on the host, row length or None) of a
+    step's sequences: the caller reads the labels' target positions there and sends them (no wait
+    for the GPU). Padded: right-padded rows with an attention mask. Packed (TRL's padding-free layout): one row
     of all sequences end to end, position ids restarting at each (plus position_offsets, one per
     token: where the sequences continue shared prefixes), the boundaries as cu_seq_lens_q, and each
     sequence's first label -100, so no next-token target crosses a boundary."""
     if not packed:
-        ids, mask, labels = (to_device(t, device) for t in pad_batch(sequences, pad_id))
-        return {"input_ids": ids, "attention_mask": mask}, labels, ids.shape[1]
+        ids, mask, labels = pad_batch(sequences, pad_id)
+        return {"input_ids": to_device(ids, device), "attention_mask": to_device(mask, device)}, labels, ids.shape[1]
     lengths = torch.tensor([len(s) for s in sequences])
     ids, labels = ids_and_labels(torch.cat([torch.as_tensor(s, dtype=torch.long) for s in sequences]))
     bounds = F.pad(lengths.cumsum(0), (1, 0))
@@ -52,7 +53,7 @@ def step_inputs(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, 
     labels[bounds[:-1]] = -100
     inputs = {"input_ids": to_device(ids[None], device), "position_ids": to_device(positions[None], device),
               "cu_seq_lens_q": to_device(bounds.to(torch.int32), device), "max_length_q": int(lengths.max())}
-    return inputs, to_device(labels[None], device), None
+    return inputs, labels[None], None
 
 
 def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence[int] | torch.Tensor]],
@@ -106,7 +107,9 @@ def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], fl
         inputs["shared_prefixes"] = prefixes
     plan = plan_for(model, list(runs), [[len(s) for s in b] for b in runs.values()], row_len, device)
     head = model.plain_head  # where the logits are head(hidden): it runs on the positions with a target only
-    rows = None if head is None else target_positions(labels)  # (before any forward: it waits for the labels)
+    # (read on the host, where step_inputs built the labels: a GPU's .nonzero() would wait for it)
+    rows = None if head is None else to_device(target_positions(labels.cpu()), device)
+    labels = to_device(labels, device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=training and device.type == "cuda"):
         out = model(plan, last_hidden=head is not None, **inputs)
         if head is not None:  # its logits under the step's autocast, as the model's own head's would be

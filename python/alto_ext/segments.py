@@ -18,10 +18,11 @@ H_WIDTH_ALIGN = 8
 def to_device(values: Sequence | torch.Tensor, device: torch.device | str | None,
               dtype: torch.dtype | None = None) -> torch.Tensor:
     """Host data (a list or a CPU tensor) on `device` without waiting for the GPU: a plain copy to
-    CUDA synchronizes with all queued work, this one is staged in pinned memory and sent async."""
+    CUDA synchronizes with all queued work, this one is staged in pinned memory and sent async.
+    A tensor already on a GPU is moved as .to() moves it."""
     t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     device = torch.device(device if device is not None else "cpu")
-    if device.type != "cuda":
+    if device.type != "cuda" or t.is_cuda:
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
