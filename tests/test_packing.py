@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import alto.attention  # noqa: E402
 import alto.step  # noqa: E402
-from alto.model import MultiLoraModel  # noqa: E402
+from alto.model import MultiLoraModel, StepPlan  # noqa: E402
 from alto.registry import AdapterConfig  # noqa: E402
 from alto.step import colocated_losses  # noqa: E402
 
@@ -150,3 +150,13 @@ def test_held_out_losses_padded_equal_packed_and_chunks_hold_their_positions(max
         assert torch.allclose(torch.tensor(got), torch.tensor(expected), rtol=1e-12, atol=1e-12), packed
         assert all(positions <= max_positions or n == 1 for positions, n in chunks), chunks
         assert sum(n for _, n in chunks) == sum(map(len, batches.values()))
+
+
+def test_a_packed_dropout_mask_keeps_the_cells_of_real_tokens_found_once_per_step():
+    """An adapter's packed tokens sit row by row in its [sequences, longest] mask grid: the cells
+    are listed on the host (a boolean index of the mask on a GPU waits for it) and reused by every
+    layer of the step."""
+    plan = StepPlan(["a"], [[3, 1, 2]], None, [1.0], [0.5], [torch.Generator()], torch.device("cpu"))
+    cells = plan.token_cells([3, 1, 2], torch.device("cpu"))
+    assert cells.tolist() == [0, 1, 2, 3, 6, 7]  # rows of 3: [0 1 2], [3], [6 7]
+    assert plan.token_cells([3, 1, 2], torch.device("cpu")) is cells

@@ -44,6 +44,7 @@ class StepPlan:
     configs: list[AdapterConfig] = field(default_factory=list)  # each adapter's (what its objective reads)
     _segments: dict[tuple[int, ...], alto_ext.Segments] = field(default_factory=dict)
     _stacks: dict[tuple[tuple[int, ...], ...], alto_ext.StackedSegments] = field(default_factory=dict)
+    _token_cells: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # asked per projection per step: computed once (plain attributes, which torch.compile traces)
@@ -89,10 +90,22 @@ class StepPlan:
         own = max(lengths)
         keep = x.new_empty(len(lengths), own, x.shape[-1]).bernoulli_(1.0 - p, generator=generator)
         if self.row_len is None:  # packed: each sequence's own positions, end to end
-            keep = keep[torch.arange(own, device=x.device) < torch.tensor(lengths, device=x.device)[:, None]]
+            keep = keep.flatten(0, 1).index_select(0, self.token_cells(lengths, x.device))
         else:  # padded rows: padding positions are never seen by a real token
             keep = torch.nn.functional.pad(keep, (0, 0, 0, self.row_len - own), value=1.0).flatten(0, 1)
         return x * keep / (1.0 - p)
+
+    def token_cells(self, lengths: list[int], device: torch.device) -> torch.Tensor:
+        """The cells of a [sequences, longest] grid that hold a token, row by row: where a packed
+        adapter's tokens sit in its dropout mask. Found on the host, once per step for every layer
+        that reads them: a boolean index of the mask on the GPU waits for it (twice per layer and
+        adapter with dropout)."""
+        key = tuple(lengths)
+        cells = self._token_cells.get(key)
+        if cells is None:
+            grid = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
+            cells = self._token_cells[key] = to_device(grid.flatten().nonzero().squeeze(1), device)
+        return cells
 
 
 class _Context:
