@@ -30,6 +30,8 @@ from alto.train import DataStream, Trainer
 from bench_memory import WIDTHS
 
 RANKS = [8, 16, 32, 64]
+# CUDA runtime calls where the host waits for the GPU (.item(), .nonzero(), a pageable copy: --profile counts them)
+WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B", "qwen7b": "Qwen2.5-7B", "smollm2": "SmolLM2-135M"}
 
 
@@ -85,7 +87,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--profile", metavar="DIR", nargs="?", const="", default=None,
-                    help="--profile: print torch.profiler's top ops of one ALTO step at the largest N; "
+                    help="--profile: print torch.profiler's top ops of one base and one ALTO step at the largest N "
+                         "and the host's waits for the GPU in each; "
                          "--profile DIR: instead write Chrome traces of it and of the base step to "
                          "DIR/alto.json and DIR/base.json")
     args = ap.parse_args()
@@ -115,8 +118,8 @@ def main() -> None:
             token_loss.sum().backward()
 
         t_base, h_base = timed_ms(base_step, args.iters, device)
-        if args.profile and n == max(args.adapters):
-            profile(base_step, f"{args.profile}/base.json", device)
+        if args.profile is not None and n == max(args.adapters):
+            profile(base_step, args.profile and f"{args.profile}/base.json", device, "base")
 
         reg = Registry()
         trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device=device)
@@ -128,7 +131,7 @@ def main() -> None:
         finally:
             projection_stacks.ENABLED = stacked
         if args.profile is not None and n == max(args.adapters):
-            profile(trainer.step, args.profile and f"{args.profile}/alto.json", device)
+            profile(trainer.step, args.profile and f"{args.profile}/alto.json", device, "ALTO")
         trainer.retire([(a, a.status, None) for a in reg])
 
         # One job per adapter: the model holds only the adapter being trained.
@@ -154,8 +157,8 @@ def main() -> None:
     print(f"\nPEFT, one adapter (rank {RANKS[0]}, all 7 projections), same sequence: {t_peft:.1f} ms/step")
 
 
-def profile(step, trace: str, device: torch.device) -> None:
-    """Top ops of one step, or (a path given) its Chrome trace with Python frames."""
+def profile(step, trace: str, device: torch.device, label: str) -> None:
+    """Top ops of one step and its host waits, or (a path given) its Chrome trace with Python frames."""
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -165,9 +168,13 @@ def profile(step, trace: str, device: torch.device) -> None:
     if trace:
         prof.export_chrome_trace(trace)
         return
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     if device.type == "cuda":
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    # Where the host waits for the GPU (each wait empties the GPU's queue: it idles while the host launches again)
+    calls = {e.key: e.count for e in averages}
+    print(f"host waits in the {label} step: " + ", ".join(f"{name} {calls.get(name, 0)}" for name in WAITS))
 
 
 def peft_step_ms(base, seq, iters: int, device: torch.device) -> float:

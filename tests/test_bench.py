@@ -101,6 +101,16 @@ def test_bench_load_times_transformers_alto_first_load_and_kept_copy(tmp_path):
     assert all(positive(r["imports s"]) and positive(r["load s"]) for r in rows)
 
 
+def test_bench_step_profile_table_counts_each_steps_host_waits():
+    out = bench("bench_step", "--device", "cpu", "--widths", "tiny", "--layers", 1, "--adapters", 2,
+                "--seq", 16, "--iters", 1, "--profile")
+    for step in ("base", "ALTO"):
+        [line] = [line for line in out.splitlines() if line.startswith(f"host waits in the {step} step: ")]
+        counts = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", "))
+        assert set(counts) == {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+        assert all(v == "0" for v in counts.values())  # the CPU's host never waits for a GPU
+
+
 def test_bench_ops_compares_the_segmented_ops_with_a_torch_loop_and_grouped_mm():
     out = bench("bench_ops", "--device", "cpu", "--groups", 2, "--tokens", 16, "--shapes", "64x128")
     [row] = table(out, "G", "ours ms", "loop ms", "gmm_pad ms", "floor ms", "vs loop", "max rel diff")
