@@ -37,10 +37,11 @@ def step_inputs(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, 
                 ) -> tuple[dict[str, torch.Tensor | int], torch.Tensor, int | None]:
     """(model inputs on `device`, labels [rows, positions] on the host, row length or None) of a
     step's sequences: the caller reads the labels' target positions there and sends them (no wait
-    for the GPU). Padded: right-padded rows with an attention mask. Packed (TRL's padding-free layout): one row
-    of all sequences end to end, position ids restarting at each (plus position_offsets, one per
-    token: where the sequences continue shared prefixes), the boundaries as cu_seq_lens_q, and each
-    sequence's first label -100, so no next-token target crosses a boundary."""
+    for the GPU). Padded: right-padded rows with an attention mask. Packed (TRL's padding-free
+    layout): one row of all sequences end to end, position ids restarting at each (plus
+    position_offsets, one per token: where the sequences continue shared prefixes), the boundaries
+    as cu_seq_lens_q, and each sequence's first label -100, so no next-token target crosses a
+    boundary."""
     if not packed:
         ids, mask, labels = pad_batch(sequences, pad_id)
         return {"input_ids": to_device(ids, device), "attention_mask": to_device(mask, device)}, labels, ids.shape[1]
