@@ -7,10 +7,12 @@ Timed: forward + backward, median of --iters after warm-up (CUDA events). Memory
 allocated above the logits and labels during forward + backward (GiB), i.e. what the loss costs.
 
 --head compares the LM head + loss instead: from the last hidden states [T, d] (bf16) and the frozen
-head weight [V, d], ours (the bf16 logits matmul, then token_losses) vs liger-kernel's fused linear
-cross-entropy (reduction "none": per-token losses, never the whole logits; its backward recomputes
-them in chunks), both giving per-token losses whose per-adapter means a step needs; gradient of
-their sum w.r.t. the hidden states. Their losses are checked against each other.
+head weight [V, d], the unfused way (the bf16 logits matmul, then token_losses), liger-kernel's fused
+linear cross-entropy (reduction "none": per-token losses, never the whole logits; its backward
+recomputes them in chunks) and ALTO's fused head (alto.loss.fused_head_losses: a frozen head's
+gradient computed in the forward, one chunk of logits at a time), all giving per-token losses whose
+per-adapter means a step needs; gradient of their sum w.r.t. the hidden states. ALTO's losses and
+gradients are checked against liger's.
 Run on the GPU: python bench/bench_loss.py [--head]
 (a CPU smoke run, wall clock and no peak memory: --device cpu --tokens 64 --seq 16 --vocab 300 --iters 1)
 """
@@ -23,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from alto.loss import token_losses
+from alto.loss import fused_head_losses, token_losses
 
 
 def usual(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -88,8 +90,9 @@ def compare_heads(args) -> None:
     import importlib.metadata as md
 
     print(f"liger-kernel {md.version('liger-kernel')}, triton {md.version('triton')}; hidden {args.hidden}, bf16\n")
-    print("tokens | vocab | ours ms | liger ms | liger speed-up | ours peak GiB | liger peak GiB | max token-loss diff")
-    print("--- | --- | --- | --- | --- | --- | --- | ---")
+    print("tokens | vocab | unfused ms | liger ms | ALTO ms | ALTO vs liger | unfused peak GiB | liger peak GiB | "
+          "ALTO peak GiB | max loss diff | max grad diff")
+    print("--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
     for tokens in args.tokens:
         for vocab in args.vocab:
             torch.manual_seed(0)
@@ -98,19 +101,22 @@ def compare_heads(args) -> None:
             targets = torch.randint(0, vocab, (tokens,), device="cuda")
             targets[::7] = -100  # sequence ends: no target
             targets[-1] = -100
-
-            def ours(h, t):
-                return head_then_loss(h, weight, t).sum()
-
-            def liger(h, t):
-                return liger_head_loss(h, weight, t).sum()
-
-            o_ms, o_peak, _ = measure(ours, hidden, targets, args.iters)
-            l_ms, l_peak, _ = measure(liger, hidden, targets, args.iters)
-            with torch.no_grad():
-                diff = (head_then_loss(hidden, weight, targets) - liger_head_loss(hidden, weight, targets).float()).abs().max()
-            print(f"{tokens} | {vocab} | {o_ms:.1f} | {l_ms:.1f} | {o_ms / l_ms:.2f}x | {o_peak:.1f} | {l_peak:.1f} | {diff:.1e}")
-            del hidden, weight, targets
+            heads = {"unfused": lambda h, t, w=weight: head_then_loss(h, w, t),
+                     "liger": lambda h, t, w=weight: liger_head_loss(h, w, t),
+                     "ALTO": lambda h, t, w=weight: fused_head_losses(h, w, None, t)}
+            times, peaks, losses, grads = {}, {}, {}, {}
+            for name, fn in heads.items():
+                times[name], peaks[name], _ = measure(lambda h, t, f=fn: f(h, t).sum(), hidden, targets, args.iters)
+                hidden.grad = None
+                losses[name] = fn(hidden, targets).float()
+                losses[name].sum().backward()
+                grads[name], hidden.grad = hidden.grad, None
+            loss_diff = (losses["ALTO"] - losses["liger"]).abs().max()
+            grad_diff = (grads["ALTO"].float() - grads["liger"].float()).abs().max()
+            print(f"{tokens} | {vocab} | {times['unfused']:.1f} | {times['liger']:.1f} | {times['ALTO']:.1f} | "
+                  f"{times['liger'] / times['ALTO']:.2f}x | {peaks['unfused']:.1f} | {peaks['liger']:.1f} | "
+                  f"{peaks['ALTO']:.1f} | {loss_diff:.1e} | {grad_diff:.1e}")
+            del hidden, weight, targets, losses, grads, heads
             torch.cuda.empty_cache()
 
 
@@ -120,7 +126,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256], help="SmolLM2, Llama 3")
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--head", action="store_true", help="LM head + loss: ours vs liger-kernel's fused kernel")
+    ap.add_argument("--head", action="store_true", help="LM head + loss: unfused, liger-kernel's fused kernel and ALTO's")
     ap.add_argument("--hidden", type=int, default=2048, help="--head: hidden size (Llama-3.2-1B)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args()

@@ -59,9 +59,9 @@ def test_the_peak_model_fits_measured_points_and_only_ever_rises():
 
 def test_the_fused_heads_chunks_are_fitted_apart_from_the_linear_terms():
     """A small GPU's probe steps (256 and 1,024 tokens) of a 1B-widths model (128k vocab): the fused
-    head's two chunks of logits (its backward's) hold all 240 then all 1,008 target rows, and about
-    1,024 rows beyond. fit_probes takes them off the peaks, recovers the linear truth and adds them back;
-    fitted as a slope (0.5 MB a token) they would predict gigabytes more than a 20k-token step holds."""
+    head's chunk of logits holds all 240 then all 1,008 target rows, and 1,024 rows beyond. fit_probes
+    takes it off the peaks, recovers the linear truth and adds it back; fitted as a slope (0.25 MB a
+    token) it would predict gigabytes more than a 20k-token step holds."""
     head = functools.partial(fused_head_step_bytes, hidden=2048, vocab=128256, itemsize=2)
     truth = PeakModel(2.5e9, 7e5, 12.0)
     sequences = 16
@@ -73,7 +73,7 @@ def test_the_fused_heads_chunks_are_fitted_apart_from_the_linear_terms():
     assert fitted.head is head
     step = (20000, 8 * 10**6)
     assert fitted.predict(*step) == pytest.approx(truth.predict(*step) + 8 * step[1] + head(20000))
-    assert head(20000) == 2 * 1024 * 128256 * 2 and head(1008) == 2 * 1008 * 128256 * 2
+    assert head(20000) == 1024 * 128256 * 2 and head(1008) == 1008 * 128256 * 2
     as_slope = fit_probes(points, None)
     assert as_slope.predict(*step) - fitted.predict(*step) > 3e9
     raised = fitted.raised_to(*step, fitted.predict(*step) + 1e9)  # a higher measured peak

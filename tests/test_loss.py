@@ -1,13 +1,13 @@
-"""token_losses (the blocked fp32 cross-entropy of a co-located step) and head_token_losses (liger's
-fused LM head + cross-entropy, CUDA) against float64 F.cross_entropy, forward and backward, on
+"""token_losses (the blocked fp32 cross-entropy of a co-located step) and head_token_losses (the fused
+frozen LM head + cross-entropy on CUDA, alto.loss._FrozenHeadCrossEntropy) against float64 F.cross_entropy, forward and backward, on
 fresh random inputs and odd shapes."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import alto.loss
-from alto.loss import (adapter_loss_sums, fused_head_available, head_chunk_mem_const, head_token_losses,
-                       liger_chunk_rows, mean_losses, token_losses)
+from alto.loss import (adapter_loss_sums, fused_head_available, fused_head_step_bytes, head_token_losses,
+                       mean_losses, token_losses)
 
 
 def reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -78,27 +78,21 @@ def test_fused_head_losses_match_float64(rows, length, hidden, vocab, bias):
     assert torch.all(h.grad[0, length // 2 :] == 0)  # no target: no gradient
 
 
-@pytest.mark.parametrize("rows,hidden,vocab,default", [(511, 4096, 128256, False), (4096, 4096, 128256, False),
-                                                       (16384, 4096, 128256, False), (45000, 2048, 128256, True),
-                                                       (89000, 2048, 128256, True), (7000, 576, 49152, False),
-                                                       (1, 64, 257, True), (300, 64, 8192, False),
-                                                       (5000, 896, 151936, False), (3, 3584, 262144, False)])
-def test_the_fused_heads_chunks_hold_at_least_head_chunk_rows_or_every_row(rows, hidden, vocab, default):
-    """A chunk of the fused head (each reads the whole head weight) holds at least HEAD_CHUNK_ROWS rows
-    or all of them, under twice that where liger's default (1) would make smaller chunks; the 1B
-    sweep's steps (40-90k rows at V/H = 63) keep liger's own chunks, and their memory."""
-    want = min(rows, alto.loss.HEAD_CHUNK_ROWS)
-    const = head_chunk_mem_const(rows, hidden, vocab)
-    chunk = liger_chunk_rows(rows, hidden, vocab, const)
-    assert want <= chunk <= rows and (const == 1) == default
-    if const > 1:
-        assert chunk < 2 * want and liger_chunk_rows(rows, hidden, vocab, const - 1) < want  # the least that does
-    if rows <= alto.loss.HEAD_CHUNK_ROWS:
-        assert chunk == rows  # one chunk: one read of the weight
-    triton = pytest.importorskip("triton")  # liger's own arithmetic, with triton's helpers
-    for c in {1, const, -(-vocab // hidden)}:
-        assert liger_chunk_rows(rows, hidden, vocab, c) == min(
-            rows, triton.next_power_of_2(triton.cdiv(rows, triton.cdiv(vocab, c * hidden))))
+@pytest.mark.cuda
+def test_a_trainable_head_gets_its_weight_gradient_through_the_unfused_path():
+    """The fused head computes no weight gradient (a frozen head has none): a head that trains runs the
+    head's logits and the blocked loss instead, and gets float64's weight gradient."""
+    hidden, vocab = 32, 300
+    head = torch.nn.Linear(hidden, vocab, bias=False, device="cuda")
+    h = torch.randn(2, 17, hidden, device="cuda", requires_grad=True)
+    labels = torch.randint(0, vocab, (2, 17), device="cuda")
+    ref_w = head.weight.detach().double().requires_grad_()
+    ref = reference(F.linear(h.detach().double(), ref_w), labels)
+    ours = head_token_losses(h, head, labels).view(2, 17)
+    ours.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(head.weight.grad.double(), ref_w.grad, rtol=1e-4, atol=1e-4)
 
 
 class HeadGemms(torch.utils._python_dispatch.TorchDispatchMode):
@@ -116,29 +110,40 @@ class HeadGemms(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("chunk_rows,chunk", [(alto.loss.HEAD_CHUNK_ROWS, 300), (64, 64)])
-def test_the_fused_head_reads_its_weight_once_per_planned_chunk_and_matches_float64(chunk_rows, chunk, monkeypatch):
-    """A head 128x wider than deep over 300 target rows: liger's default makes 75 chunks of 4 rows (75
-    reads of the weight, 150 with gradients); ours one chunk (HEAD_CHUNK_ROWS) or chunks of 64 rows (a
-    smaller floor), as liger_chunk_rows plans them, with the same float64-checked losses."""
+@pytest.mark.parametrize("chunk_rows", [alto.loss.HEAD_CHUNK_ROWS, 64])
+def test_the_fused_head_reads_its_weight_once_per_chunk_in_forward_only_and_matches_float64(chunk_rows, monkeypatch):
+    """300 target rows through a head 128x wider than deep: one product of [rows, vocab] logits per
+    chunk of HEAD_CHUNK_ROWS rows (one chunk, or five of 64 rows and the rest), all in the forward;
+    the backward computes no logits again (liger's reduction "none" does, every chunk). Losses and
+    each row's gradient, under its own upstream gradient, as float64's."""
     monkeypatch.setattr(alto.loss, "HEAD_CHUNK_ROWS", chunk_rows)
     rows, length, hidden, vocab = 2, 151, 64, 8192
     head = torch.nn.Linear(hidden, vocab, bias=False, device="cuda").bfloat16().requires_grad_(False)
     h = torch.randn(rows, length, hidden, device="cuda").bfloat16().requires_grad_()
     labels = torch.randint(0, vocab, (rows, length), device="cuda")
     targets = rows * (length - 1)
-    assert liger_chunk_rows(targets, hidden, vocab, head_chunk_mem_const(targets, hidden, vocab)) == chunk
     ref_h = h.detach().double().requires_grad_()
     ref = reference(F.linear(ref_h, head.weight.double()), labels)
     weights = torch.randn(rows, length, device="cuda", dtype=torch.float64)
     with HeadGemms(vocab) as gemms:
         ours = head_token_losses(h, head, labels).view(rows, length)
-        (ours.double() * weights).sum().backward()  # reduction "none": the chunks' logits recomputed
-    chunks = [min(chunk, targets - i) for i in range(0, targets, chunk)]
-    assert gemms.rows == chunks + chunks  # one product per chunk, forward and backward
+        forward = list(gemms.rows)
+        (ours.double() * weights).sum().backward()
+    chunk = min(chunk_rows, targets)
+    assert forward == gemms.rows == [min(chunk, targets - i) for i in range(0, targets, chunk)]
     torch.testing.assert_close(ours.double(), ref, rtol=2e-2, atol=2e-2)  # bf16 logits
     (ref * weights).sum().backward()
     torch.testing.assert_close(h.grad.double(), ref_h.grad, rtol=5e-2, atol=2e-2)
+
+
+def test_the_fused_head_holds_one_chunk_of_logits():
+    """The memory model's head term: one [chunk, vocab] buffer of every row up to HEAD_CHUNK_ROWS, then
+    that many (its backward holds none)."""
+    chunk = alto.loss.HEAD_CHUNK_ROWS
+    assert fused_head_step_bytes(0, 2048, 128256, 2) == 0
+    assert fused_head_step_bytes(300, 2048, 128256, 2) == 300 * 128256 * 2
+    assert fused_head_step_bytes(chunk, 2048, 128256, 2) == fused_head_step_bytes(90000, 2048, 128256, 2) == \
+        chunk * 128256 * 2
 
 
 @pytest.mark.parametrize("rows,length,hidden,vocab", [(3, 9, 24, 50), (1, 2, 8, 7), (4, 5, 16, 33), (1, 3, 8, 7)])

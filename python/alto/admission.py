@@ -179,7 +179,7 @@ def ample(analytic: PeakModel, everything: tuple[int, int], capacity: float) -> 
 
 def fused_head_bytes(model: MultiLoraModel, shape: ModelShape, device: torch.device) -> Callable[[int], int] | None:
     """A training step's fused-head chunks by target rows (alto.loss.fused_head_step_bytes), where this
-    model's steps run the fused head (alto.step: a plain head, alto.loss: liger on CUDA); else None."""
+    model's steps run the fused head (alto.step: a plain head, alto.loss: on CUDA, frozen); else None."""
     if model.plain_head is None or not fused_head_available(device):
         return None
     act = next(model.parameters()).dtype.itemsize  # the hidden states' dtype, the head's logits'
@@ -190,8 +190,8 @@ def fit_probes(points: Sequence[tuple[int, int, int, float]], head: Callable[[in
     """The peak model of probe steps (token positions, target rows, LoRA parameters, peak bytes). head
     (fused_head_bytes; None: no fused head): taken off each peak before the linear fit and added back by
     positions (PeakModel.head; positions are at least the rows with a target, and the chunks never
-    shrink as rows grow: an over-estimate). The chunks hold every row up to alto.loss.HEAD_CHUNK_ROWS,
-    then about that many: fitted as a slope between a small GPU's probes (256 and 1,024 tokens) they
+    shrink as rows grow: an over-estimate). The chunk holds every row up to alto.loss.HEAD_CHUNK_ROWS,
+    then that many: fitted as a slope between a small GPU's probes (256 and 1,024 tokens) they
     would predict gigabytes a 20k-token step never holds."""
     if head is None:
         return PeakModel.fit([(t, p, peak) for t, _, p, peak in points], OPTIMIZER_BYTES)

@@ -1,16 +1,15 @@
 """The loss of a co-located step: every adapter's mean next-token loss over its own target tokens,
 from the last hidden states of all adapters' tokens at once.
 
-Two ways to per-token losses, measured on the H100 (bench/bench_loss.py --head, RESULTS.md):
-- on CUDA, liger-kernel's fused linear cross-entropy (reduction "none": per-token losses, the
-  per-token gradient folded in by its backward), which never materializes the logits: 1.3x faster
-  than the head matmul + our blocked loss and 0.6 GiB instead of 18.7 GiB at 32k tokens x 128k vocab;
+Two ways to per-token losses:
+- on CUDA, a fused head over the frozen LM head (_FrozenHeadCrossEntropy): the logits a chunk of
+  rows at a time through liger-kernel's Triton cross-entropy kernel, never all of them (0.6 GiB
+  instead of 18.7 GiB at 32k tokens x 128k vocab, bench/bench_loss.py --head);
 - elsewhere (the CPU, float64 checks), the LM head's logits and a blocked fp32 cross-entropy
   (_TokenCrossEntropy) that adds no whole fp32 copy of them.
 """
 from __future__ import annotations
 
-import bisect
 import functools
 from collections.abc import Sequence
 
@@ -22,14 +21,12 @@ from alto_ext.segments import segment_sums
 
 
 LOSS_BLOCK_ELEMENTS = 2**28  # fp32 temporaries of one block of logit rows: 1 GiB
-# liger's fused head computes the logits a chunk of rows at a time and reads the whole head weight once
-# per chunk (three times with gradients: the forward, its recomputation in backward, and dX). Its default
-# chunk holds about rows x hidden logits: 16 rows at 512 tokens of a Llama-3-8B head (V/H = 31), 32 chunks
-# reading the 1 GB weight 64 times, 35 ms of a 48 ms step on the H100 (bench/RESULTS.md 2026-12-06, eighth
-# session). A chunk holds at least this many rows instead, or every row: its GEMM then does >= 1024 flops
-# per byte of weight it reads, compute-bound on Hopper (the bf16 ridge is ~300), so larger chunks would
-# only hold more memory (liger's default where its chunks are larger already). The memory model counts
-# the chunks as they are (fused_head_step_bytes, alto.admission.fit_probes).
+# The fused head computes the logits a chunk of rows at a time, each chunk reading the whole head weight.
+# A chunk of 1,024 rows does >= 1,024 flops per byte of weight it reads, compute-bound on Hopper (the bf16
+# ridge is ~300): smaller chunks re-read the weight (liger's own default makes chunks of about rows x
+# hidden logits: 16 rows at 512 tokens of a Llama-3-8B head, 35 ms of a 48 ms step on the H100,
+# bench/RESULTS.md 2026-12-06), larger ones only hold more memory. The memory model counts one chunk
+# (fused_head_step_bytes).
 HEAD_CHUNK_ROWS = 1024
 
 
@@ -88,44 +85,84 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _fused_linear_cross_entropy():
-    """liger-kernel's fused linear cross-entropy, or None where it cannot be imported (no triton)."""
+def _cross_entropy_kernel():
+    """liger-kernel's Triton cross-entropy kernel (a row's loss, and its logits' gradient written over
+    them), or None where it cannot be imported (no triton)."""
     try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
     except ImportError:
         return None
-    return liger_fused_linear_cross_entropy
+    return liger_cross_entropy_kernel
 
 
-def liger_chunk_rows(rows: int, hidden: int, vocab: int, chunk_mem_const: int) -> int:
-    """The rows of each chunk liger-kernel's fused_linear_cross_entropy_forward (0.8.x, pyproject.toml)
-    makes of `rows` for a [vocab, hidden] head: its own formula (tests/test_loss.py counts its head GEMMs)."""
-    chunks_factor = -(-vocab // (chunk_mem_const * hidden))
-    per_chunk = -(-rows // chunks_factor)
-    return min(rows, 1 << (per_chunk - 1).bit_length())  # triton.next_power_of_2
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of hidden rows [N, d] through a frozen LM head [V, d] (bias [V] or None)
+    against targets [N] (-100: none, loss and gradient 0), as [N] fp32: each chunk of rows' logits in
+    one GEMM, their losses and gradient in liger's kernel, and (with gradients) the rows' input
+    gradient in a second GEMM, in the forward; backward scales each row by its upstream gradient.
+
+    Why not liger's fused_linear_cross_entropy: with per-token losses (reduction "none") it defers
+    the gradient to its backward and computes every chunk's logits again there (a third pass of the
+    head GEMM, a scaling pass over every [chunk, V] gradient, and a host wait on its target count in
+    forward and in backward), since a trainable head's weight gradient must take each token's
+    upstream gradient before it sums over tokens. A frozen head has no weight gradient, and a row's
+    input gradient is its own logits' gradient times the head: scaled afterwards, exactly."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> torch.Tensor:
+        import triton
+
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        gradients = ctx.needs_input_grad[0]
+        loss = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if gradients else None
+        chunk = min(rows, HEAD_CHUNK_ROWS)
+        logits = torch.empty(chunk, vocab, dtype=hidden.dtype, device=hidden.device)  # one buffer, every chunk
+        for start in range(0, rows, chunk):
+            end = min(start + chunk, rows)
+            part = logits[: end - start]
+            torch.mm(hidden[start:end], weight.t(), out=part)
+            if bias is not None:
+                part.add_(bias)
+            _cross_entropy_kernel()[(end - start,)](
+                X_ptr=part, X_stride=part.stride(0), Y_ptr=targets[start:end], Y_stride=1, weight_ptr=None,
+                loss_ptr=loss[start:end], z_loss_ptr=None, loss_stride=1, token_accuracy_ptr=None,
+                token_accuracy_stride=0, predicted_tokens_ptr=None, predicted_tokens_stride=0, n_cols=vocab,
+                n_non_ignore=1, sum_non_ignore_weight=1, weight_sum=0.0, ignore_index=-100, lse_square_scale=0.0,
+                label_smoothing=0.0, reduction="none", softcap=None, RETURN_Z_LOSS=False,
+                RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False,
+                BLOCK_SIZE=min(32768, triton.next_power_of_2(vocab)), HAS_WEIGHT=False, HAS_SOFTCAPPING=False,
+                HAS_GRADIENTS=gradients, num_warps=32)
+            if gradients:  # the kernel left d loss / d logits in `part`
+                torch.mm(part, weight, out=grad[start:end])
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        # computed in fp32, stored in the rows' dtype: one rounding, no fp32 copy of [N, d]
+        return torch.mul(grad, grad_loss[:, None], out=torch.empty_like(grad)), None, None, None
 
 
-def head_chunk_mem_const(rows: int, hidden: int, vocab: int) -> int:
-    """liger's chunk_mem_const for a fused head over `rows` rows: the least that gives chunks of at
-    least HEAD_CHUNK_ROWS rows (or all rows): 1, liger's default, where its chunks are that large.
-    Chunks grow with the setting, and ceil(vocab / hidden) makes one chunk of all rows: bisected."""
-    want = min(rows, HEAD_CHUNK_ROWS)
-    settings = range(1, -(-vocab // hidden) + 1)
-    return settings[bisect.bisect_left(settings, True, key=lambda c: liger_chunk_rows(rows, hidden, vocab, c) >= want)]
+def fused_head_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      targets: torch.Tensor) -> torch.Tensor:
+    """Per-row losses [N] (fp32) of hidden rows [N, d] through a frozen head weight [V, d] (and bias)
+    against targets [N] (-100: none), fused (_FrozenHeadCrossEntropy; fused_head_available)."""
+    return _FrozenHeadCrossEntropy.apply(hidden, weight, bias, targets)
 
 
 def fused_head_step_bytes(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
-    """Bytes of [chunk, vocab] tensors the fused head holds at once in a training step over `rows`
-    rows (the memory model's PeakModel.head): two chunks in its backward, where reduction "none"
-    recomputes a chunk's logits and scales their gradient by each row's into a second one."""
-    if rows <= 0:
-        return 0
-    return 2 * liger_chunk_rows(rows, hidden, vocab, head_chunk_mem_const(rows, hidden, vocab)) * vocab * itemsize
+    """Bytes of [chunk, vocab] logits the fused head holds at once in a step over `rows` rows (the
+    memory model's PeakModel.head): one chunk, in its forward."""
+    return min(rows, HEAD_CHUNK_ROWS) * vocab * itemsize if rows > 0 else 0
 
 
 def fused_head_available(device: torch.device) -> bool:
-    """Whether head_token_losses runs here: a CUDA device and liger-kernel importable."""
-    return device.type == "cuda" and _fused_linear_cross_entropy() is not None
+    """Whether head_token_losses runs the fused head here: a CUDA device and liger-kernel importable."""
+    return device.type == "cuda" and _cross_entropy_kernel() is not None
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -140,19 +177,17 @@ def head_token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tenso
     through the LM head, as [B*L] fp32 (float64 for a float64 head), 0 where there is no target.
     The head and the loss run on the positions with a target only (rows: target_positions(labels)):
     a chat record's context-only prompt tokens and each sequence's last position cost nothing.
-    On CUDA with liger-kernel, fused; else the head's logits of those rows (under the caller's
-    autocast, as the model's own head) and the blocked cross-entropy (_TokenCrossEntropy)."""
+    On CUDA with liger-kernel and a frozen head, fused (_FrozenHeadCrossEntropy); else the head's
+    logits of those rows (under the caller's autocast, as the model's own head) and the blocked
+    cross-entropy (_TokenCrossEntropy)."""
     targets = next_token_targets(labels)
     rows = target_positions(labels) if rows is None else rows
     picked, wanted = hidden.flatten(0, 1).index_select(0, rows), targets.index_select(0, rows)
-    if rows.numel() == 0:  # no target at all (liger's kernel divides by the row count): zeros, still in the graph
+    if rows.numel() == 0:  # no target at all (no chunk to run): zeros, still in the graph
         loss = picked.sum(-1, dtype=_loss_dtype(picked))
-    elif fused_head_available(hidden.device):
+    elif fused_head_available(hidden.device) and not head.weight.requires_grad:
         with torch.autocast("cuda", enabled=False):
-            vocab, width = head.weight.shape
-            chunking = head_chunk_mem_const(picked.shape[0], width, vocab)
-            loss = _fused_linear_cross_entropy()(picked, head.weight, wanted, head.bias, reduction="none",
-                                                  chunk_mem_const=chunking).float()
+            loss = fused_head_losses(picked.to(head.weight.dtype), head.weight, head.bias, wanted)
     else:
         logits = head(picked)
         with torch.autocast(hidden.device.type, enabled=False):

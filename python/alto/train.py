@@ -229,8 +229,7 @@ class Trainer:
     def step(self, retire: bool = True) -> dict[str, float]:
         """One micro-step of every running adapter; returns each one's loss. The adapters it ends
         are retired (retire=False: left in the model, in self.ending, for the caller to evaluate and
-        retire). The host waits for the GPU at the end, reading every loss at once (inside the step,
-        liger's fused head still waits to count its targets, in forward and backward): an adapter
+        retire). The host waits for the GPU at the end, reading every loss at once: an adapter
         whose loss is not finite is masked out of the backward (its NaN stays in its own rows), one
         whose gradient norm is not finite is skipped by the optimizer on the device, and both then
         fail (weights as before the step).
