@@ -79,6 +79,26 @@ def test_fused_head_losses_match_float64(rows, length, hidden, vocab, bias):
 
 
 @pytest.mark.cuda
+def test_fused_head_rows_without_a_target_have_zero_loss_and_gradient():
+    """fused_head_losses given rows whose target is -100 (bench_loss passes them; head_token_losses picks
+    the target rows first): their loss and gradient are 0, whatever memory the step reuses."""
+    rows, hidden, vocab = 70, 32, 500
+    h = torch.randn(rows, hidden, device="cuda").bfloat16().requires_grad_()
+    weight = torch.randn(vocab, hidden, device="cuda").bfloat16()
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    targets[::3] = -100
+    torch.full((rows,), float("nan"), device="cuda")  # a freed block of NaNs, the size of the losses
+    loss = alto.loss.fused_head_losses(h, weight, None, targets)
+    ref_h = h.detach().double().requires_grad_()
+    ref = F.cross_entropy(ref_h @ weight.double().t(), targets, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-2, atol=2e-2)
+    loss.sum().backward()
+    ref.sum().backward()
+    assert torch.all(loss[::3] == 0) and torch.all(h.grad[::3] == 0)
+    torch.testing.assert_close(h.grad.double(), ref_h.grad, rtol=5e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
 def test_a_trainable_head_gets_its_weight_gradient_through_the_unfused_path():
     """The fused head computes no weight gradient (a frozen head has none): a head that trains runs the
     head's logits and the blocked loss instead, and gets float64's weight gradient."""

@@ -115,7 +115,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
 
         rows, vocab = hidden.shape[0], weight.shape[0]
         gradients = ctx.needs_input_grad[0]
-        loss = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros(rows, dtype=torch.float32, device=hidden.device)  # the kernel skips a row without target
         grad = torch.empty_like(hidden) if gradients else None
         chunk = min(rows, HEAD_CHUNK_ROWS)
         logits = torch.empty(chunk, vocab, dtype=hidden.dtype, device=hidden.device)  # one buffer, every chunk
