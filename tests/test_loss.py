@@ -84,7 +84,7 @@ def test_fused_head_rows_without_a_target_have_zero_loss_and_gradient():
     the target rows first): their loss and gradient are 0, whatever memory the step reuses."""
     rows, hidden, vocab = 70, 32, 500
     h = torch.randn(rows, hidden, device="cuda").bfloat16().requires_grad_()
-    weight = torch.randn(vocab, hidden, device="cuda").bfloat16()
+    weight = (torch.randn(vocab, hidden, device="cuda") / hidden**0.5).bfloat16()  # logits of a trained head's size
     targets = torch.randint(0, vocab, (rows,), device="cuda")
     targets[::3] = -100
     torch.full((rows,), float("nan"), device="cuda")  # a freed block of NaNs, the size of the losses
