@@ -4,7 +4,9 @@ liger's casting modes); off CUDA or outside a co-located forward nothing changes
 kernels are what runs and a fused model (a co-located bf16 step included) matches the eager one."""
 import contextlib
 import copy
+import gc
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from alto import fused_layers  # noqa: E402
+from alto.families import Llama  # noqa: E402
 from alto.fused_layers import NORM_KINDS, NormKind  # noqa: E402
 from alto.model import MultiLoraModel  # noqa: E402
 from alto.registry import AdapterConfig  # noqa: E402
@@ -168,6 +171,57 @@ def test_a_pickle_or_copy_of_a_fused_model_holds_the_plain_classes():
         assert torch.equal(other(ids).logits, model(ids).logits)
 
 
+def recompute_step(model: MultiLoraModel, batches: dict, device: torch.device, products: list
+                   ) -> tuple[list[bool], list[torch.Tensor]]:
+    """A training step: which MLP products (weak references, appended as they are made) are still
+    alive after its forward, and copies of every adapter gradient after its backward."""
+    sums = colocated_losses(model, batches, 0, device, training=True)
+    gc.collect()
+    alive = [ref() is not None for ref in products]
+    (sums[0] / sums[1].clamp_min(1)).sum().backward()
+    return alive, [g.clone() for aid in model.configs for g in model.adapter_tensors(aid)[1] if g is not None]
+
+
+@pytest.mark.parametrize("dtype,dropout", [(torch.float64, 0.0), (torch.float32, 0.0), (torch.float64, 0.1)])
+def test_the_mlps_product_is_computed_again_in_backward_not_kept_and_bitwise_the_same(dtype, dropout, monkeypatch):
+    """A co-located step on the CPU, every projection targeted: after the forward nothing holds an
+    MLP's product (its memory is free until the backward), and every adapter gradient is bitwise
+    that of a twin that keeps the products (recomputed() doing nothing). Without LoRA dropout the
+    backward computes each layer's product once more (down_proj's LoRA reads it twice over, as its
+    input and as its LoRA input: one recomputation serves both) where the twin keeps it; with an
+    adapter's dropout, down_proj keeps the dropped input, and nothing needs the product again."""
+    original = fused_layers.recomputed
+    every = Llama.names  # down_proj's LoRA keeps its input (a plain frozen projection keeps none)
+    configs = {"a": AdapterConfig(rank=4, alpha=8, seed=0, target_modules=every),
+               "b": AdapterConfig(rank=8, alpha=8, seed=1, dropout=dropout, target_modules=every)}
+    batches = {aid: [torch.randint(3, 64, (n,)).tolist() for n in (11, 6)] for aid in configs}
+    results = []
+    for recompute in (True, False):
+        products, recomputations = [], []
+
+        def watched(tensor, compute):
+            products.append(weakref.ref(tensor))
+
+            def counted():
+                recomputations.append(torch.is_grad_enabled())
+                return compute()
+            return original(tensor, counted) if recompute else contextlib.nullcontext()
+
+        monkeypatch.setattr(fused_layers, "recomputed", watched)
+        model = MultiLoraModel(tiny("Llama", dtype))
+        model.add_adapters(configs)
+        for layer in model.layers.values():  # B = 0 at init: make the adapters matter
+            torch.nn.init.normal_(layer.lora_B.data, std=0.05, generator=torch.Generator().manual_seed(3))
+        alive, grads = recompute_step(model, batches, torch.device("cpu"), products)
+        results.append(grads)
+        layers = model.model.config.num_hidden_layers
+        kept = not recompute and not dropout
+        assert len(products) == layers and alive == [kept] * layers
+        assert recomputations == ([False] * layers if recompute and not dropout else [])
+    assert len(results[0]) == len(results[1]) > 0
+    assert all(torch.equal(g, h) for g, h in zip(*results))
+
+
 # ---- on the GPU: liger's kernels run, and match the eager model --------------------------------
 def count_liger_calls(monkeypatch) -> dict[str, int]:
     """Counts each liger function's apply (wrapped in place, so the fused modules' calls go through it)."""
@@ -229,3 +283,34 @@ def test_a_colocated_bf16_step_with_fused_layers_matches_the_eager_one(monkeypat
     (loss0, grad0), (loss1, grad1) = results
     assert torch.allclose(loss1, loss0, rtol=1e-2), (loss0, loss1)
     assert (grad1 - grad0).norm() <= 0.03 * grad0.norm()
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_recomputed_product_gives_the_same_bits_for_less_memory(monkeypatch):
+    """liger's product computed again in the backward (4 layers, every projection targeted): the
+    adapters' gradients bitwise those of a twin that keeps the products (liger's kernel is
+    deterministic), and the step's peak lower by at least one layer's product (the twin keeps three
+    more where the first MLP backward runs)."""
+    every = Llama.names
+    configs = {f"a{i}": AdapterConfig(rank=8, alpha=16, seed=i, target_modules=every) for i in range(2)}
+    tokens, intermediate = 2048, 2048
+    batches = {aid: [torch.randint(3, 64, (tokens // 2,)).tolist()] for aid in configs}
+    peaks, results = [], []
+    for recompute in (True, False):
+        if not recompute:
+            monkeypatch.setattr(fused_layers, "recomputed", lambda tensor, compute: contextlib.nullcontext())
+        model = MultiLoraModel(tiny_model("Llama", torch.bfloat16, intermediate_size=intermediate,
+                                          num_hidden_layers=4).cuda())
+        model.add_adapters(configs)
+        for layer in model.layers.values():  # B = 0 at init: make the adapters matter
+            torch.nn.init.normal_(layer.lora_B.data, std=0.05)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _, grads = recompute_step(model, batches, torch.device("cuda"), [])
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - before)
+        results.append(grads)
+        del model
+    assert all(torch.equal(g, h) for g, h in zip(*results))
+    assert peaks[1] - peaks[0] >= tokens * intermediate * 2, peaks

@@ -10,7 +10,8 @@ Why our own dispatch rather than liger's apply_liger_kernel_to_<model>(model=...
 forward for every input, and the rotary function for every model of the family in the process (a
 PEFT reference trained beside ALTO, a float64 exactness check, a CPU step). Here a fused module
 runs liger only inside MultiLoraModel.forward (active()), on CUDA tensors of one dtype below
-float64; anything else runs the model's own forward, unchanged. ALTO_FUSED_LAYERS=0 turns it off.
+float64; anything else computes what the model's own forward does, bitwise (inside active(), the
+MLP runs its own modules and ops, its product recomputed in backward). ALTO_FUSED_LAYERS=0 turns it off.
 
 What is fused, by transformers class name (tests/test_fused_layers.py checks, per family, that the
 kind chosen here computes what the class's own forward does, on the CPU bitwise through an emulation
@@ -18,7 +19,8 @@ of liger's casting modes, and on the GPU through liger against the eager model):
 - NORM_KINDS: RMSNorm classes and how they cast (Llama: the normalized input back to its dtype
   before the weight; Gemma: all in fp32 with the weight offset by 1, and not in place, since Gemma 2
   and 3 read a norm's output gradient twice);
-- SwiGLU MLPs (gate_proj, up_proj, down_proj and a SiLU act_fn): the product in one kernel;
+- SwiGLU MLPs (gate_proj, up_proj, down_proj and a SiLU act_fn): the product in one kernel, and
+  computed again in the backward rather than kept (on the CPU too: the same bits, less memory);
 - ROPE_MODULES: the modeling modules whose apply_rotary_pos_emb is the half-rotation of Llama over
   the whole head, replaced by a wrapper that dispatches (its .alto_original is the one it wraps).
 """
@@ -29,6 +31,7 @@ import contextvars
 import functools
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,15 +104,64 @@ class _FusedNorm:
 
 
 class _FusedMLP:
-    """Mixed in before a SwiGLU MLP class: down(silu(gate(x)) * up(x)), the product in one kernel."""
+    """Mixed in before a SwiGLU MLP class: down(silu(gate(x)) * up(x)), the product in one kernel (liger,
+    where fusable). With gradients the product is not kept for down_proj's backward: that backward
+    computes it again from gate and up (kept anyway for the product's own backward; recomputed()).
+    Its [tokens, intermediate] is the largest activation a step keeps per layer: at Llama-3.2-1B
+    widths 16 of ~58 KB a token, ~28% of the activations (bench/RESULTS.md, 2026-12-06), for one
+    more elementwise pass in the backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fusable(x):
+        if not (ENABLED and _active.get()):
             return super().forward(x)
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if not _fusable(gate, up):
-            return self.down_proj(self.act_fn(gate) * up)
-        return self.down_proj(_liger()[1].apply(gate, up))
+        gate, up = self.gate_proj(x), self.up_proj(x)  # in the class's own order (LoRA dropout draws)
+        if _fusable(gate, up):
+            product = functools.partial(_liger()[1].apply, gate, up)
+        else:
+            def product() -> torch.Tensor:
+                return self.act_fn(gate) * up
+        act = product()
+        if not torch.is_grad_enabled():
+            return self.down_proj(act)
+        with recomputed(act, product):
+            return self.down_proj(act)
+
+
+@contextlib.contextmanager
+def recomputed(tensor: torch.Tensor, compute: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Inside, autograd keeps neither `tensor` nor a view of it for a backward, but how to compute it
+    again: compute() (run without gradients; it must give the same bits, from tensors kept anyway),
+    run once by the first backward that reads it, for all its views. Where nothing else holds
+    `tensor`, its memory is free from the forward's end to that backward. Why not
+    torch.utils.checkpoint: it would run the whole region again (the down projection's GEMMs too)
+    and keep its input; here only the elementwise product is recomputed."""
+    if tensor.numel() == 0 or not tensor.is_contiguous() or tensor.storage_offset() != 0:
+        yield
+        return
+    # what pack compares, not the tensor: autograd keeps the hooks with what they saved
+    address, dtype, device, again = tensor.untyped_storage().data_ptr(), tensor.dtype, tensor.device, []
+
+    def value() -> torch.Tensor:
+        if not again:
+            with torch.no_grad():
+                again.append(compute())
+        return again[0]
+
+    def pack(t: torch.Tensor):
+        try:
+            same = t.dtype == dtype and t.device == device and t.untyped_storage().data_ptr() == address
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without plain storage (NF4)
+            same = False
+        return (value, t.shape, t.stride(), t.storage_offset()) if same else t
+
+    def unpack(packed):
+        if isinstance(packed, tuple):
+            value_of, shape, stride, offset = packed
+            return value_of().as_strided(shape, stride, offset)
+        return packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 @functools.cache

@@ -64,7 +64,10 @@ class _MultiLoraLinear(torch.autograd.Function):
         h = ops.lora_shrink(lx, A, seg_indptr, rank_indptr, h_width, None)
         base_t = None if weight is None else weight.t()
         y = _dense_plus_lora(x, base_t, bias, h, B, seg_indptr, rank_indptr, scaling, covers_all_tokens)
-        ctx.save_for_backward(x, weight, lx, A, B, h, seg_indptr, rank_indptr, scaling)
+        # x itself only for a base weight's gradient (the adapters read lx): with LoRA dropout and a
+        # frozen base, x is kept by nothing here (the MLP's product: alto.fused_layers)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, lx, A, B, h, seg_indptr, rank_indptr,
+                              scaling)
         return y
 
     @staticmethod
@@ -80,7 +83,7 @@ class _MultiLoraLinear(torch.autograd.Function):
             grad_x = _dense_plus_lora(grad_y, weight, None, grad_h, A, seg_indptr, rank_indptr, None,
                                       ctx.covers_all_tokens)
         elif need_x:
-            grad_x = torch.zeros_like(x) if weight is None else grad_y @ weight
+            grad_x = torch.zeros_like(lora_x) if weight is None else grad_y @ weight
         if need_lx:
             grad_lx = torch.zeros_like(lora_x)
             ops.lora_expand_(grad_lx, grad_h, A, seg_indptr, rank_indptr, None)
