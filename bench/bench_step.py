@@ -3,6 +3,8 @@ N adapters vs the frozen base forward+backward alone (the same packed layout, au
 loss: alto.step.forward_token_losses with no adapter), vs the same adapters trained one after
 another (a per-adapter loop, what one-job-per-adapter does), and vs PEFT with one adapter; ALTO's
 step also with every projection alone (alto.projection_stacks off: q, k, v and gate, up unstacked).
+Held-out passes too: the N adapters' held-out losses of the same sequences in one forward
+(alto.evaluation.held_out_means, what an evaluation runs) against the frozen base's forward alone.
 
 Every method processes the same sequences (one per adapter, --seq tokens each). Ranks cycle
 8/16/32/64 over all seven projections. Wall-clock per step (host work included: it is what a
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from alto import projection_stacks
+from alto.evaluation import evaluating, held_out_means
 from alto.families import Llama
 from alto.model import MultiLoraModel
 from alto.registry import AdapterConfig, Registry
@@ -132,6 +135,18 @@ def main() -> None:
             projection_stacks.ENABLED = stacked
         if args.profile is not None and n == max(args.adapters):
             profile(trainer.step, args.profile and f"{args.profile}/alto.json", device, "ALTO")
+
+        def base_forward():  # the frozen base's forward alone, as an evaluation runs it (no autocast, no grad)
+            with evaluating(model):
+                forward_token_losses(model, {}, seqs[:n], 0, device, training=False, packed=True)
+
+        def held_out():  # the adapters' held-out losses, one pass (ends in its one read of the losses)
+            held_out_means(model, {a.id: [seqs[i]] for i, a in enumerate(reg)}, 0, device, max_positions=n * args.seq)
+
+        t_base_fwd, t_eval = wall_ms(base_forward, args.iters, device), wall_ms(held_out, args.iters, device)
+        if args.profile is not None and n == max(args.adapters):
+            profile(base_forward, args.profile and f"{args.profile}/base_forward.json", device, "base forward")
+            profile(held_out, args.profile and f"{args.profile}/held_out.json", device, "held-out")
         trainer.retire([(a, a.status, None) for a in reg])
 
         # One job per adapter: the model holds only the adapter being trained.
@@ -143,17 +158,18 @@ def main() -> None:
             trainer.admit([adapter])
             t_loop += wall_ms(trainer.step, args.iters, device)
             trainer.retire([(adapter, adapter.status, None)])
-        rows.append((n, t_base, t_ours, t_alone, t_loop, h_base, h_ours))
+        rows.append((n, t_base, t_ours, t_alone, t_loop, h_base, h_ours, t_base_fwd, t_eval))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     t_peft = peft_step_ms(base, seqs[0], args.iters, device)
     print("adapters | base fwd+bwd ms | ALTO step ms | overhead vs base | projections alone ms | overhead alone "
-          "| per-adapter loop ms | ALTO vs loop | base host ms | ALTO host ms")
-    print("--- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
-    for n, tb, to, ta, tl, hb, ho in rows:
+          "| per-adapter loop ms | ALTO vs loop | base host ms | ALTO host ms | base forward ms | held-out pass ms "
+          "| held-out vs base forward | held-out tokens/s")
+    print("--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
+    for n, tb, to, ta, tl, hb, ho, tf, te in rows:
         print(f"{n} | {tb:.1f} | {to:.1f} | {to / tb - 1:+.1%} | {ta:.1f} | {ta / tb - 1:+.1%} | {tl:.1f} | {tl / to:.2f}x "
-              f"| {hb:.1f} | {ho:.1f}")
+              f"| {hb:.1f} | {ho:.1f} | {tf:.1f} | {te:.1f} | {te / tf - 1:+.1%} | {n * args.seq / te * 1e3:,.0f}")
     print(f"\nPEFT, one adapter (rank {RANKS[0]}, all 7 projections), same sequence: {t_peft:.1f} ms/step")
 
 
