@@ -113,6 +113,8 @@ def run_one(widths: str, count: int, packing: bool, data: Path, root: Path, max_
         run.run(log=lambda *_: None)
         wall = time.time() - start
         run.checkpoints.discard()  # the final checkpoint's background write stopped, as finish() does: out goes next
+        if run.exports is not None:  # and the exports started as adapters ended (no finish(): not written here)
+            run.exports.close()
     finally:
         group.close()
     summary = step_figures(out / "steps.csv")[1]
