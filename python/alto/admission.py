@@ -43,7 +43,6 @@ OPTIMIZER_BYTES = 8  # AdamW's two fp32 moments per parameter: a probe step does
 PROBE_TOKENS = (1024, 4096)  # token counts of the probe steps (fewer on a small GPU)
 PROBE_ADAPTERS = (1, 4)
 AMPLE = 2.0  # how far the estimate of a step of everything planned must fit for no probe to run (ample)
-EVEN_ROUNDS = os.environ.get("ALTO_EVEN_ROUNDS", "1") != "0"  # Admission.choose's rounds evened out (0: bench_sweep's A/B)
 
 
 def admission_order(queued: Iterable[Adapter]) -> list[Adapter]:
@@ -157,7 +156,7 @@ class Admission:
         (the 1B sweep's last 5 of 32 adapters: 20 steps of 3.7k tokens at 148 ms, a third of
         the other rounds' tokens per second; bench/RESULTS.md, 2026-12-06)."""
         order = admission_order(queued)
-        share = None if any(running.values()) or not EVEN_ROUNDS else self.even_share(order, len(running))
+        share = None if any(running.values()) else self.even_share(order, len(running))
         return self._fill({r: list(v) for r, v in running.items()}, order, holder, share)
 
     def _fill(self, sets: dict[int, list[Adapter]], order: Sequence[Adapter], holder: Mapping[str, int],
