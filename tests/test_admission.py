@@ -239,37 +239,6 @@ def test_admission_never_leaves_a_rank_empty():
     assert adm.choose({0: queued[:1]}, queued[1:], {}) == {}
 
 
-def admitted_rounds(adm, queued, world=1):
-    """How many adapters each round admits, every round starting on idle ranks (all of a round's adapters
-    ending together, as adapters of one max_steps do)."""
-    sizes, left = [], list(queued)
-    while left:
-        placed = adm.choose({r: [] for r in range(world)}, left, {})
-        sizes.append(len(placed))
-        left = [a for a in left if a.id not in placed]
-    return sizes
-
-
-def test_rounds_of_sets_are_evened_out_where_the_queue_takes_several():
-    """Ten like adapters where four fit at once: filled greedily the rounds would be 4, 4 and 2 (the last
-    two adapters' small steps alone); evened out, 4, 3 and 3 (each round filled to its even part of
-    what is left). One round where everything fits, and a rank with adapters running takes what fits."""
-    shape = ModelShape(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, vocab=100)
-    queued = [Adapter(f"a{i}", AdapterConfig(micro_batch_size=1)) for i in range(10)]  # 100 positions each
-
-    def admission(capacity):
-        return Admission(PeakModel(0.0, 1.0, 0.0), capacity=capacity, shape=shape, lengths={"default": (100.0, 0.0)})
-
-    tight = admission(450.0)
-    assert tight.rounds(queued, 1) == 3 and tight._fill({0: []}, queued, {}) == {f"a{i}": 0 for i in range(4)}
-    assert admitted_rounds(tight, queued) == [4, 3, 3]
-    assert admitted_rounds(tight, [Adapter(f"b{i}", AdapterConfig(micro_batch_size=1)) for i in range(20)],
-                           world=2) == [8, 6, 6]  # greedily 8, 8, 4
-    assert len(tight.choose({0: queued[:1]}, queued[1:], {})) == 3  # not idle: what fits
-    ample = admission(2000.0)
-    assert ample.even_share(queued, 1) is None and admitted_rounds(ample, queued) == [10]
-
-
 @pytest.mark.cuda
 def test_a_sweep_that_starts_too_large_on_the_gpu_finishes(tmp_path):
     """A real CUDA out-of-memory error: the allocator is capped at 1.5 GB and eight adapters of four

@@ -7,8 +7,7 @@ On the CPU, where no allocator reports a step's peak, its slopes come from alto.
 estimate at the base's element size. Queued adapters are then admitted largest
 micro-batch first (like-sized together) while the predicted peak of the rank's set stays within
 its capacity (the device's free memory, or memory_budget_gb, less a margin) and the predicted
-token positions within max_tokens_per_step; where the queue takes several rounds of such sets, the
-rounds are evened out (Admission.choose). A step that peaks above the prediction, or runs out of
+token positions within max_tokens_per_step. A step that peaks above the prediction, or runs out of
 memory, raises the model's per-token slope (PeakModel.raised_to).
 
 A set's planned token positions per step, for its n sequences per step: packed, the sum of each
@@ -148,50 +147,17 @@ class Admission:
         """Queued adapters to admit -> their rank: in admission order, each onto the rank with the
         lowest predicted peak where it fits (an adapter whose state a rank holds: that rank). A
         rank with nothing running takes its first candidate even if it does not fit: it then
-        runs alone (or fails alone, out of memory), never waits forever.
-        Where nothing runs on any rank (the run's start, or every set having ended together, as
-        adapters of one max_steps do) and the queue takes several rounds of sets by memory, the
-        rounds are evened out (even_share): else the last is what is left, and a few adapters
-        whose small steps cost the host more than their tokens cost the GPU run a round alone
-        (the 1B sweep's last 5 of 32 adapters: 20 steps of 3.7k tokens at 148 ms, a third of
-        the other rounds' tokens per second; bench/RESULTS.md, 2026-12-06)."""
-        order = admission_order(queued)
-        share = None if any(running.values()) else self.even_share(order, len(running))
-        return self._fill({r: list(v) for r, v in running.items()}, order, holder, share)
-
-    def _fill(self, sets: dict[int, list[Adapter]], order: Sequence[Adapter], holder: Mapping[str, int],
-              share: float | None = None) -> dict[str, int]:
-        """choose's placements into `sets` (grown in place); share: a set takes no more adapters once
-        its planned token positions reach it."""
+        runs alone (or fails alone, out of memory), never waits forever."""
+        sets = {r: list(v) for r, v in running.items()}
         out: dict[str, int] = {}
-        for a in order:
+        for a in admission_order(queued):
             ranks = [holder[a.id]] if a.id in holder else sorted(sets, key=lambda r: self.predict(sets[r]))
             for r in ranks:
-                if not sets[r] or (self.fits(sets[r] + [a]) and (share is None or self.load(sets[r])[0] < share)):
+                if self.fits(sets[r] + [a]) or not sets[r]:
                     sets[r].append(a)
                     out[a.id] = r
                     break
         return out
-
-    def rounds(self, order: Sequence[Adapter], world: int, share: float | None = None) -> int:
-        """How many rounds of sets on `world` idle ranks run every adapter of `order` (admitted as
-        choose does, each round after the last has ended)."""
-        left, count = list(order), 0
-        while left:
-            placed = self._fill({r: [] for r in range(world)}, left, {}, share)
-            left, count = [a for a in left if a.id not in placed], count + 1
-        return count
-
-    def even_share(self, order: Sequence[Adapter], world: int) -> float | None:
-        """The planned token positions a set on an idle rank is filled to, where the queue takes
-        several rounds: an even part of the queue's, if filling to it takes no more rounds (the
-        sets then hold about as many tokens each, the last no fewer); None where one round runs
-        everything or evening out would take another."""
-        needed = self.rounds(order, world)
-        if needed <= 1:
-            return None
-        share = self.load(order)[0] / (needed * world)
-        return share if self.rounds(order, world, share) == needed else None
 
     def observe(self, positions: int, params: int, peak: float) -> None:
         """A step's measured peak: the model never stays below it."""
