@@ -5,7 +5,8 @@
 #                            [sharded] [cluster] [search] [dpo] [fused] [load]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
-# under $OUT (or ./device_out when run elsewhere).
+# under $OUT (or ./device_out when run elsewhere): env.txt and one file per stage's log, since at most
+# 8 files of $OUT come back from the device machine (a call's own files count too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}
@@ -22,24 +23,26 @@ if [ "${BYTECODE:-1}" = 1 ]; then
   unset PYTHONDONTWRITEBYTECODE
   export PYTHONPYCACHEPREFIX=/tmp/pycache
 fi
-echo "bytecode: ${PYTHONPYCACHEPREFIX:-none kept (PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-})}" | tee "$OUT/bytecode.txt"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-# The image's versions of what pyproject.toml names (torch's, transformers' and peft's lower bounds ran here).
-python3 -c "
-import importlib.metadata as md
-for name in ('torch', 'transformers', 'peft', 'numpy', 'safetensors', 'gguf', 'pyyaml', 'matplotlib', 'datasets',
-             'chatterbot-corpus', 'pytest', 'expecttest', 'triton', 'liger-kernel'):
-    try:
-        print(f'{name}=={md.version(name)}')
-    except md.PackageNotFoundError:
-        print(f'{name}: not installed')
-" | tee "$OUT/versions.txt" | tr '\n' ' '; echo
+echo "bytecode: ${PYTHONPYCACHEPREFIX:-none kept (PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-})}" | tee "$OUT/env.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/env.txt"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+
+# The versions this call runs of what pyproject.toml names: the image's, and the wheels carried in .whl/
+# (torch's, transformers' and peft's lower bounds ran here).
+python3 -c "
+import importlib.metadata as md
+for name in ('torch', 'transformers', 'peft', 'numpy', 'safetensors', 'gguf', 'pyyaml', 'matplotlib', 'datasets',
+             'chatterbot-corpus', 'pytest', 'expecttest', 'triton', 'liger-kernel', 'torchao', 'optuna'):
+    try:
+        print(f'{name}=={md.version(name)}')
+    except md.PackageNotFoundError:
+        print(f'{name}: not installed')
+" | tee -a "$OUT/env.txt" | tr '\n' ' '; echo
 
 # The image points CC/CXX at /opt/gcc, whose C++ library differs from the libstdc++ the process
 # loads (a c10::str in our library segfaulted): build with the system compiler instead.
