@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine = build + test + bench (README "Test").
 #   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
-#                            [expand_configs] [sanitize] [parallel] [parallel_shares] [tasks] [sweep] [quality]
+#                            [tile_configs] [sanitize] [parallel] [parallel_shares] [tasks] [sweep] [quality]
 #                            [sharded] [cluster] [search] [dpo] [fused] [load]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
@@ -146,18 +146,19 @@ for stage in "${stages[@]}"; do
       python3 bench/trace_gaps.py /tmp/alto_prof/alto.json /tmp/alto_prof/base.json --kernels 25 2>&1 \
         | tee -a "$OUT/profile_step.txt" || rc=1
       ;;
-    expand_configs)
-      # Tile shapes / schedules of the write-only expand GEMM, one binary each (built in parallel).
+    tile_configs)
+      # Every tile shape / schedule of the table for each grouped-GEMM form (shrink, expand,
+      # weight_grad) on a step's shapes, one binary per candidate (built in parallel).
       cutlass=$(python3 -c "import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))")/source
       candidates=$(sed -n 's/^inline constexpr int kCandidates = \([0-9]*\);/\1/p' csrc/cuda/tile_configs.cuh)
       for i in $(seq 0 $((candidates - 1))); do
         nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr -DNDEBUG -DALTO_CONFIG=$i -I csrc \
-          -I "$cutlass/include" -I "$cutlass/tools/util/include" bench/expand_configs.cu \
-          -o /tmp/expand_cfg$i > "$OUT/expand_cfg$i.log" 2>&1 &
+          -I "$cutlass/include" -I "$cutlass/tools/util/include" bench/tile_configs.cu \
+          -o /tmp/tile_cfg$i > /tmp/tile_cfg$i.log 2>&1 &
       done
       wait
       for i in $(seq 0 $((candidates - 1))); do
-        /tmp/expand_cfg$i 2>&1 | tee -a "$OUT/expand_configs.txt" || { tail -5 "$OUT/expand_cfg$i.log"; rc=1; }
+        /tmp/tile_cfg$i 2>&1 | tee -a "$OUT/tile_configs.txt" || { tail -5 /tmp/tile_cfg$i.log | tee -a "$OUT/tile_configs.txt"; rc=1; }
       done
       ;;
     parallel)

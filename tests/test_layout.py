@@ -127,7 +127,7 @@ print("codes", codes, "imported", sorted({{m.split(".")[0] for m in sys.modules}
 
 
 def test_the_kernel_tile_candidates_are_written_in_one_header():
-    """Tile shapes appear in csrc/cuda/tile_configs.cuh alone: the kernels and bench/expand_configs.cu
+    """Tile shapes appear in csrc/cuda/tile_configs.cuh alone: the kernels and bench/tile_configs.cu
     choose from its candidates by index (a cluster shape of ones is not a tile)."""
     tile = re.compile(r"Shape<\s*_(\d+),\s*_(\d+),\s*_(\d+)\s*>")
     sources = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cu", ".cuh", ".h", ".cpp")]

@@ -247,10 +247,13 @@ Status launch_form(const Segments& seg, const Form& form, const Launch& launch) 
 
 // ---- the three forms ---------------------------------------------------------------------------
 
+// Each form's GEMM type takes its configuration in use (tile_configs.cuh) unless given another
+// (bench/tile_configs.cu times every candidate).
+
 // shrink: h_g[n, 0:r] = x_g[n, d] . W_g[r, d]^T   (M=n, N=r, K=d; h row-major with ld out_ld)
-template <class Element>
+template <class Element, class Config = tiles::Candidate<tiles::kShrink>>
 using ShrinkGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
-                               cutlass::layout::RowMajor, tiles::Candidate<tiles::kShrink>>;
+                               cutlass::layout::RowMajor, Config>;
 
 template <class E>
 struct ShrinkForm {
@@ -266,9 +269,9 @@ struct ShrinkForm {
 };
 
 // expand: y_g[n, d] (+)= h_g[n, 0:r] . W_g[r, d]   (M=n, N=d, K=r; C = D = y; beta 0 = y not read)
-template <class Element>
+template <class Element, class Config = tiles::Candidate<tiles::kExpand>>
 using ExpandGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::RowMajor,
-                               cutlass::layout::RowMajor, tiles::Candidate<tiles::kExpand>>;
+                               cutlass::layout::RowMajor, Config>;
 
 template <class E>
 struct ExpandForm {
@@ -286,9 +289,9 @@ struct ExpandForm {
 // weight_grad, computed transposed so the long feature dim is M:
 // out_g^T[d, r] = x_g^T[d, n] . h_g[n, 0:r]   (M=d, N=r, K=n; x_g^T and out_g^T column-major, ld d)
 // The output may be float32: the gradient of float32 master weights, with no cast pass after.
-template <class Element, class ElementOut>
+template <class Element, class ElementOut, class Config = tiles::Candidate<tiles::kWeightGrad>>
 using WeightGradGemm = GroupedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
-                                   cutlass::layout::ColumnMajor, tiles::Candidate<tiles::kWeightGrad>, ElementOut>;
+                                   cutlass::layout::ColumnMajor, Config, ElementOut>;
 
 template <class E, class EO>
 struct WeightGradForm {

@@ -1,5 +1,5 @@
 // The tile configurations of the grouped GEMMs, in one table: the kernels (grouped_gemm.cuh) take
-// each form's configuration in use from it, and bench/expand_configs.cu times every candidate
+// each form's configuration in use from it, and bench/tile_configs.cu times every candidate
 // (ALTO_CONFIG = its index; bench/device_run.sh builds 0..kCandidates-1). A new candidate is one
 // more Candidate<I> here; choosing another for a form is changing its index below.
 #pragma once
