@@ -106,7 +106,7 @@ int main() {
   int32_t* err = nullptr;
   CHECK_CUDA(cudaMalloc(&err, 4 * sizeof(int32_t)));
   CHECK_CUDA(cudaMemset(err, 0, 4 * sizeof(int32_t)));
-  std::printf("%s (* = the form's configuration in use)\n", Config::kName);
+  std::printf("candidate %d: %s (* = the form's configuration in use)\n", ALTO_CONFIG, Config::kName);
   for (const int stack : {1, 3}) {  // one projection's ranks, or a q/k/v stack's (each rank x3)
     const int cycle[5] = {8, 16, 32, 64, 128};
     std::vector<int32_t> seg{0}, rank{0};
