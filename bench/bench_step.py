@@ -2,7 +2,8 @@
 N adapters vs the frozen base forward+backward alone (the same packed layout, autocast, LM head and
 loss: alto.step.forward_token_losses with no adapter), vs the same adapters trained one after
 another (a per-adapter loop, what one-job-per-adapter does), and vs PEFT with one adapter; ALTO's
-step also with every projection alone (alto.projection_stacks off: q, k, v and gate, up unstacked).
+step also with every projection alone (alto.projection_stacks off: q, k, v and gate, up unstacked), and
+eager (alto.step_graphs off: where the host holds the GPU up, the step is otherwise replayed as a CUDA graph).
 Held-out passes too: the N adapters' held-out losses of the same sequences in one forward
 (alto.evaluation.held_out_means, what an evaluation runs) against the frozen base's forward alone.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from alto import projection_stacks
+from alto import projection_stacks, step_graphs
 from alto.evaluation import evaluating, held_out_means
 from alto.families import Llama
 from alto.model import MultiLoraModel
@@ -128,6 +129,12 @@ def main() -> None:
         trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device=device)
         trainer.admit([reg.add(f"a{i}", c) for i, c in enumerate(cfgs)])
         t_ours, h_ours = timed_ms(trainer.step, args.iters, device)
+        replayed = bool(trainer.graphs and trainer.graphs.graphs)  # its steps were replayed as a CUDA graph
+        graphs, step_graphs.ENABLED = step_graphs.ENABLED, False
+        try:
+            t_eager = wall_ms(trainer.step, args.iters, device)  # no step replayed as a CUDA graph
+        finally:
+            step_graphs.ENABLED = graphs
         stacked, projection_stacks.ENABLED = projection_stacks.ENABLED, False
         try:
             t_alone = wall_ms(trainer.step, args.iters, device)  # every projection alone (q, k, v; gate, up)
@@ -158,17 +165,18 @@ def main() -> None:
             trainer.admit([adapter])
             t_loop += wall_ms(trainer.step, args.iters, device)
             trainer.retire([(adapter, adapter.status, None)])
-        rows.append((n, t_base, t_ours, t_alone, t_loop, h_base, h_ours, t_base_fwd, t_eval))
+        rows.append((n, t_base, t_ours, replayed, t_eager, t_alone, t_loop, h_base, h_ours, t_base_fwd, t_eval))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     t_peft = peft_step_ms(base, seqs[0], args.iters, device)
-    print("adapters | base fwd+bwd ms | ALTO step ms | overhead vs base | projections alone ms | overhead alone "
-          "| per-adapter loop ms | ALTO vs loop | base host ms | ALTO host ms | base forward ms | held-out pass ms "
-          "| held-out vs base forward | held-out tokens/s")
-    print("--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
-    for n, tb, to, ta, tl, hb, ho, tf, te in rows:
-        print(f"{n} | {tb:.1f} | {to:.1f} | {to / tb - 1:+.1%} | {ta:.1f} | {ta / tb - 1:+.1%} | {tl:.1f} | {tl / to:.2f}x "
+    print("adapters | base fwd+bwd ms | ALTO step ms | overhead vs base | CUDA graph | ALTO eager ms | overhead eager "
+          "| projections alone ms | overhead alone | per-adapter loop ms | ALTO vs loop | base host ms | ALTO host ms "
+          "| base forward ms | held-out pass ms | held-out vs base forward | held-out tokens/s")
+    print(" | ".join(["---"] * 17))
+    for n, tb, to, replayed, tg, ta, tl, hb, ho, tf, te in rows:
+        print(f"{n} | {tb:.1f} | {to:.1f} | {to / tb - 1:+.1%} | {'replayed' if replayed else 'no'} | {tg:.1f} "
+              f"| {tg / tb - 1:+.1%} | {ta:.1f} | {ta / tb - 1:+.1%} | {tl:.1f} | {tl / to:.2f}x "
               f"| {hb:.1f} | {ho:.1f} | {tf:.1f} | {te:.1f} | {te / tf - 1:+.1%} | {n * args.seq / te * 1e3:,.0f}")
     print(f"\nPEFT, one adapter (rank {RANKS[0]}, all 7 projections), same sequence: {t_peft:.1f} ms/step")
 

@@ -42,11 +42,20 @@ PyObject* set_sync_checks(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* sync_checks(PyObject*, PyObject*) {
+#if ALTO_WITH_CUDA
+  return PyBool_FromLong(alto::sync_checks());
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
 PyMethodDef methods[] = {
     {"check_errors", check_errors, METH_NOARGS,
      "Synchronize and raise ValueError for an index error found by an earlier CUDA op."},
     {"set_sync_checks", set_sync_checks, METH_O,
      "Synchronize after every CUDA op so index errors are raised by the op that hit them."},
+    {"sync_checks", sync_checks, METH_NOARGS, "Whether every CUDA op synchronizes after its launch."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef alto_module = {PyModuleDef_HEAD_INIT, "_C",

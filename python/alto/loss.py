@@ -195,14 +195,15 @@ def head_token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tenso
     return loss.new_zeros(targets.shape).index_copy(0, rows, loss)
 
 
-def adapter_loss_sums(token_loss: torch.Tensor, labels: torch.Tensor, token_counts: Sequence[int]) -> torch.Tensor:
+def adapter_loss_sums(token_loss: torch.Tensor, labels: torch.Tensor, token_counts: Sequence[int],
+                      index: torch.Tensor | None = None) -> torch.Tensor:
     """[2, G]: each adapter's summed next-token loss over its own target tokens, and the number of
     those tokens, from every position's loss (token_losses or head_token_losses, flattened);
     token_counts = positions per adapter of the flattened [B, L] labels (summed per adapter in a
-    fixed number of kernels, see segment_sums)."""
+    fixed number of kernels, see segment_sums; index: its segment_index, where the caller keeps it)."""
     token_loss = token_loss.flatten()
     has_target = (next_token_targets(labels) != -100).to(token_loss.dtype)
-    return segment_sums(torch.stack([token_loss, has_target]), token_counts)
+    return segment_sums(torch.stack([token_loss, has_target]), token_counts, index)
 
 
 def mean_losses(loss_sums: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import alto_ext
-from alto_ext.segments import to_device
+from alto_ext.segments import segment_index, to_device
 from alto import attention, fused_layers
 from alto.base import is_nf4
 from alto.families import check_targets, family_of
@@ -45,6 +45,7 @@ class StepPlan:
     _segments: dict[tuple[int, ...], alto_ext.Segments] = field(default_factory=dict)
     _stacks: dict[tuple[tuple[int, ...], ...], alto_ext.StackedSegments] = field(default_factory=dict)
     _token_cells: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    _sum_index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # asked per projection per step: computed once (plain attributes, which torch.compile traces)
@@ -69,6 +70,13 @@ class StepPlan:
             stacked = alto_ext.StackedSegments.build([self.segments(r) for r in ranks], self.device)
             self._stacks[ranks] = stacked
         return stacked
+
+    def sum_index(self) -> torch.Tensor:
+        """segment_sums' index of the adapters' token ranges (their losses summed), once per plan: a
+        step's CUDA graph (alto.step_graphs) replays the plan's device tensors, sent before its capture."""
+        if self._sum_index is None:
+            self._sum_index = segment_index(self.token_counts, self.device)
+        return self._sum_index
 
     def has_dropout(self, ranks: tuple[int, ...]) -> bool:
         """Some adapter with a rank in a layer of these ranks draws LoRA dropout there."""

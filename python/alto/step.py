@@ -7,6 +7,7 @@ sequences first where the objective needs them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,40 +66,58 @@ def colocated_losses(model: MultiLoraModel, batches: dict[str, Sequence[Sequence
     into one token stream (or as right-padded rows), one forward of the shared model, the
     per-token losses (alto.loss: the LM head only at positions with a target, fused with the loss
     on CUDA); returns the objective's loss_sums ([2 + its metrics, G] in batches' order). An objective with
-    references first has the sequences the base has not scored yet scored by it (one forward with
-    no adapter, no gradient), then reads every sequence's from there.
+    references first has the sequences the base has not scored yet scored by it (reference_scores).
     Autocast is chosen here: training on CUDA runs in bf16 (adapter masters stay fp32); held-out
     losses run in the base's own dtype (as PEFT evaluates it), and nothing autocasts on the CPU
     (float32, or float64 for exact checks). Packed, the adapters' common context prefixes are
-    computed once (alto.shared_prefixes)."""
+    computed once (alto.shared_prefixes). A training step runs the same parts (alto.train: a
+    repeated one as a CUDA graph, alto.step_graphs)."""
     flat = [s for b in batches.values() for s in b]
-    reference = None
-    if (references := objective.references) is not None:
-        if new := references.missing(flat, training):
-            modes = [(m, m.training) for m in model.modules()]
-            model.eval()  # the base's own dropout off: a reference is kept for the run (TRL turns it off too)
-            try:
-                with torch.no_grad():
-                    token_loss, labels, plan = forward_token_losses(model, {}, new, pad_id, device, training, packed)
-                    sums = sequence_sums(token_loss.flatten(), [len(s) for s in new], plan.row_len)
-                references.add(new, training, (-sums).tolist())
-            finally:
-                for module, mode in modes:
-                    module.training = mode
-        reference = references.of(flat, training, model.adapter_dtype, device)
-    token_loss, labels, plan = forward_token_losses(model, batches, flat, pad_id, device, training, packed)
-    return objective.loss_sums(token_loss, labels, plan, reference)
+    reference = reference_scores(model, objective, flat, pad_id, device, training, packed)
+    step = prepare_pass(model, batches, flat, pad_id, device, training, packed)
+    return objective.loss_sums(run_pass(model, step), step.labels, step.plan, reference)
 
 
-def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], flat: Sequence, pad_id: int,
-                         device: torch.device, training: bool, packed: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
-    """(every position's next-token loss, the labels, the plan) of one forward of the sequences
-    flat (batches' in order; no batches: the base alone, as an objective's reference pass and
-    bench_step's frozen-base step run it, with the head and layout of a co-located step). Where
-    the adapters' sequences share context prefixes, each prefix runs once (alto.shared_prefixes:
-    the losses, labels and plan are of the rows the pass runs, each adapter's first sequence whole
-    and the others' own tokens)."""
+def reference_scores(model: MultiLoraModel, objective: Objective, flat: Sequence, pad_id: int, device: torch.device,
+                     training: bool, packed: bool) -> torch.Tensor | None:
+    """Each sequence's summed log-probability under the frozen base ([sequences]) where the
+    objective has references (None otherwise): the sequences it has not scored yet are scored now,
+    in one forward with no adapter and no gradient."""
+    if (references := objective.references) is None:
+        return None
+    if new := references.missing(flat, training):
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()  # the base's own dropout off: a reference is kept for the run (TRL turns it off too)
+        try:
+            with torch.no_grad():
+                token_loss, labels, plan = forward_token_losses(model, {}, new, pad_id, device, training, packed)
+                sums = sequence_sums(token_loss.flatten(), [len(s) for s in new], plan.row_len)
+            references.add(new, training, (-sums).tolist())
+        finally:
+            for module, mode in modes:
+                module.training = mode
+    return references.of(flat, training, model.adapter_dtype, device)
+
+
+@dataclass
+class Pass:
+    """One forward's inputs, on the device (prepare_pass): what run_pass computes from. Built on the
+    host from the sequences; nothing in it is read back to the host."""
+
+    plan: StepPlan
+    inputs: dict[str, torch.Tensor | int | SharedPrefixes]  # the model's keyword inputs (step_inputs')
+    labels: torch.Tensor  # [rows, positions], -100: no target
+    rows: torch.Tensor | None  # target_positions(labels), where the model has a plain head
+    training: bool
+
+
+def prepare_pass(model: MultiLoraModel, batches: dict[str, Sequence], flat: Sequence, pad_id: int,
+                 device: torch.device, training: bool, packed: bool) -> Pass:
+    """The pass of the sequences flat (batches' in order; no batches: the base alone, as an
+    objective's reference pass and bench_step's frozen-base step run it, with the head and layout of
+    a co-located step). Where the adapters' sequences share context prefixes, each prefix runs once
+    (alto.shared_prefixes: the labels and plan are of the rows the pass runs, each adapter's first
+    sequence whole and the others' own tokens)."""
     shared = shared_prefix_lengths(model, batches, training, packed)
     prefixes = None if shared is None else SharedPrefixes.of(batches, shared, device)
     runs = batches if prefixes is None else prefixes.runs(batches)
@@ -107,17 +126,33 @@ def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], fl
     if prefixes is not None:
         inputs["shared_prefixes"] = prefixes
     plan = plan_for(model, list(runs), [[len(s) for s in b] for b in runs.values()], row_len, device)
-    head = model.plain_head  # where the logits are head(hidden): it runs on the positions with a target only
-    # (read on the host, where step_inputs built the labels: a GPU's .nonzero() would wait for it)
-    rows = None if head is None else to_device(target_positions(labels.cpu()), device)
-    labels = to_device(labels, device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=training and device.type == "cuda"):
-        out = model(plan, last_hidden=head is not None, **inputs)
+    # the head runs on the positions with a target only: read on the host, where step_inputs built
+    # the labels (a GPU's .nonzero() would wait for it)
+    rows = None if model.plain_head is None else to_device(target_positions(labels.cpu()), device)
+    return Pass(plan, inputs, to_device(labels, device), rows, training)
+
+
+def run_pass(model: MultiLoraModel, step: Pass) -> torch.Tensor:
+    """Every position's next-token loss of the pass, flat (fp32; float64 for a float64 model), in
+    the graph of the adapters' weights where they train."""
+    head = model.plain_head  # where the logits are head(hidden)
+    # autocast's cast cache is off while a CUDA graph is captured (torch.cuda.graphs asks it)
+    cache = not (step.plan.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=step.training and step.plan.device.type == "cuda",
+                        cache_enabled=cache):
+        out = model(step.plan, last_hidden=head is not None, **step.inputs)
         if head is not None:  # its logits under the step's autocast, as the model's own head's would be
-            token_loss = head_token_losses(out, head, labels, rows)
-    if head is None:
-        token_loss = token_losses(out, labels)
-    return token_loss, labels, plan
+            return head_token_losses(out, head, step.labels, step.rows)
+    return token_losses(out, step.labels)
+
+
+def forward_token_losses(model: MultiLoraModel, batches: dict[str, Sequence], flat: Sequence, pad_id: int,
+                         device: torch.device, training: bool, packed: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
+    """(every position's next-token loss, the labels, the plan) of one pass of the sequences flat
+    (prepare_pass, then run_pass)."""
+    step = prepare_pass(model, batches, flat, pad_id, device, training, packed)
+    return run_pass(model, step), step.labels, step.plan
 
 
 def shared_prefix_lengths(model: MultiLoraModel, batches: dict[str, Sequence], training: bool,

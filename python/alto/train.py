@@ -20,7 +20,8 @@ from alto.objectives import SFT, Objective
 from alto.optim import MultiAdamW
 from alto.registry import Adapter, Registry, Status
 from alto.state import AdapterState, move_states
-from alto.step import colocated_losses, step_positions
+from alto.step import Pass, prepare_pass, reference_scores, run_pass, step_positions
+from alto.step_graphs import StepGraphs
 from alto_ext.segments import to_device
 
 
@@ -75,8 +76,9 @@ class Trainer:
         self.retired: dict[str, AdapterState] = {}
         self.last_positions = self.last_tokens = 0  # of the last step: token positions (padding included), tokens
         self.ending: list[tuple[Adapter, Status, str | None]] = []  # the last step's (adapter, status, reason)
-        # Fault injection for tests: called inside the step's guarded region, after the forward.
+        # Fault injection for tests: called inside the step's guarded region, before the forward.
         self.inject_fault: Callable[[list[Adapter]], None] | None = None
+        self.graphs = StepGraphs() if self.device.type == "cuda" else None
 
     def running(self) -> list[Adapter]:
         """The running adapters this trainer holds, in the model's order: the order of every
@@ -93,6 +95,7 @@ class Trainer:
         for a in adapters:
             if a.id not in self.data:
                 raise ValueError(f"adapter {a.id!r} has no data stream")
+        self._forget_graphs()
         self.model.add_adapters({a.id: a.config for a in adapters}, {aid: s.weights for aid, s in states.items()})
         for a in adapters:
             self.optimizer.add(a.id, a.config.weight_decay)
@@ -141,9 +144,19 @@ class Trainer:
         """Takes adapters out of the model and optimizer, returning their states (on `device`)."""
         self._check_in_model("release", adapter_ids)
         states = self.export_states(adapter_ids, device, weights_only)
+        self._remove(adapter_ids)
+        return states
+
+    def _remove(self, adapter_ids: Sequence[str]) -> None:
         self.model.remove_adapters(adapter_ids)
         self.optimizer.remove(adapter_ids)
-        return states
+        self._forget_graphs()
+
+    def _forget_graphs(self) -> None:
+        """Drops the step graphs: the packs change (the graphs read the old ones), or memory ran out
+        (their pools are freed now, before admission measures what is free)."""
+        if self.graphs is not None:
+            self.graphs.clear()
 
     def _check_in_model(self, verb: str, adapter_ids: Sequence[str]) -> None:
         if len(set(adapter_ids)) != len(adapter_ids) or not set(adapter_ids) <= self.model.configs.keys():
@@ -173,8 +186,7 @@ class Trainer:
         ids = [a.id for a, _, _ in outcomes]
         self._check_in_model("retire", ids)
         self.retired.update(self.copy_out(outcomes, weight_copies) if copies is None else {aid: copies[aid] for aid in ids})
-        self.model.remove_adapters(ids)
-        self.optimizer.remove(ids)
+        self._remove(ids)
         for adapter, status, reason in outcomes:
             adapter.status, adapter.failure = status, reason
 
@@ -197,13 +209,7 @@ class Trainer:
         lengths = [len(s) for b in batches.values() for s in b]
         self.last_positions, self.last_tokens = step_positions(lengths, self.packed), sum(lengths)
         try:
-            loss_sums = colocated_losses(self.model, batches, self.pad_id, self.device, training=True,
-                                         packed=self.packed, objective=self.objective)
-            if self.inject_fault is not None:
-                self.inject_fault(running)
-            per_adapter = mean_losses(loss_sums)
-            inv_accum = to_device([1.0 / a.config.grad_accum for a in running], self.device, per_adapter.dtype)
-            (torch.where(torch.isfinite(per_adapter), per_adapter, 0.0) * inv_accum).sum().backward()
+            per_adapter = self._losses_and_gradients(running, batches, packs)
         except torch.OutOfMemoryError:
             failed = True
         except BaseException:  # any other error ends the run: the pending gradients are not lost to it
@@ -212,8 +218,9 @@ class Trainer:
         else:
             failed = False
         if failed:  # outside the except block: the failed step's frames and tensors are gone
-            loss_sums = per_adapter = None
+            per_adapter = None
             restore_pending()
+            self._forget_graphs()
             for aid, position in positions.items():
                 self.data[aid].position = position
             for aid, state in rngs.items():
@@ -225,6 +232,29 @@ class Trainer:
             if g is not None:
                 p.grad = g if p.grad is None else p.grad.add_(g)
         return per_adapter
+
+    def _losses_and_gradients(self, running: list[Adapter], batches: dict[str, list[torch.Tensor]],
+                              packs: list[torch.Tensor]) -> torch.Tensor:
+        """The step's per-adapter losses ([G]); their gradients, each adapter's weighted by 1 /
+        its gradient accumulation, into the packs' .grad (none before). A step that repeats one the
+        host held up is replayed as a CUDA graph (alto.step_graphs)."""
+        flat = [s for b in batches.values() for s in b]
+        reference = reference_scores(self.model, self.objective, flat, self.pad_id, self.device, True, self.packed)
+        step = prepare_pass(self.model, batches, flat, self.pad_id, self.device, True, self.packed)
+        weights = to_device([1.0 / a.config.grad_accum for a in running], self.device, torch.float64)
+
+        def compute(step: Pass, weights: torch.Tensor) -> torch.Tensor:  # device work only: what a graph records
+            loss_sums = self.objective.loss_sums(run_pass(self.model, step), step.labels, step.plan, reference)
+            per_adapter = mean_losses(loss_sums)
+            weighted = torch.where(torch.isfinite(per_adapter), per_adapter, 0.0) * weights.to(per_adapter.dtype)
+            weighted.sum().backward()
+            return per_adapter
+
+        if self.inject_fault is not None:
+            self.inject_fault(running)
+        if self.graphs is None or not self.graphs.takes(self.model, step, reference):
+            return compute(step, weights)
+        return self.graphs.run(self.model, step, compute, weights, packs)
 
     def step(self, retire: bool = True) -> dict[str, float]:
         """One micro-step of every running adapter; returns each one's loss. The adapters it ends

@@ -14,6 +14,7 @@ from alto_ext._ops import (
     lora_shrink,
     lora_weight_grad,
     set_sync_checks,
+    sync_checks,
 )
 from alto_ext.linear import lora_delta, multi_lora_linear, multi_lora_linear_stack
 from alto_ext.segments import Segments, StackedSegments
@@ -38,4 +39,5 @@ __all__ = [
     "send_tensors",
     "unpack_tensors",
     "set_sync_checks",
+    "sync_checks",
 ]

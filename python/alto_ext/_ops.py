@@ -40,6 +40,11 @@ def set_sync_checks(enabled: bool) -> None:
     _C.set_sync_checks(bool(enabled))
 
 
+def sync_checks() -> bool:
+    """Whether every CUDA op synchronizes after its launch (set_sync_checks, or ALTO_SYNC_CHECKS=1)."""
+    return _C.sync_checks()
+
+
 def _check_types(op: str, tensors: dict, ints: dict | None = None) -> None:
     """ValueError naming the argument for a wrong Python type (the dispatcher's own is a RuntimeError)."""
     for name, t in tensors.items():

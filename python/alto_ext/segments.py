@@ -24,16 +24,25 @@ def to_device(values: Sequence | torch.Tensor, device: torch.device | str | None
     device = torch.device(device if device is not None else "cpu")
     if device.type != "cuda" or t.is_cuda:
         return t.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        # a CUDA graph would replay the copy from this pinned buffer, freed and reused by then
+        raise RuntimeError("alto_ext.to_device: host data sent while a CUDA graph is captured")
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def segment_sums(values: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """Sums of consecutive runs along values' last dim, counts[i] elements each (0 allowed):
-    [..., len(counts)]. Laid out in a [run, position] grid and summed: a fixed number of kernels
-    whatever the number of runs, and deterministic (no atomic scatter-add)."""
+def segment_index(counts: Sequence[int], device: torch.device | str | None) -> torch.Tensor:
+    """segment_sums' [2, sum(counts)] (run, position) index of runs of these lengths, on `device`."""
     run = [i for i, n in enumerate(counts) for _ in range(n)]
     position = [j for n in counts for j in range(n)]
-    index = to_device([run, position], values.device, torch.int64)
+    return to_device([run, position], device, torch.int64)
+
+
+def segment_sums(values: torch.Tensor, counts: Sequence[int], index: torch.Tensor | None = None) -> torch.Tensor:
+    """Sums of consecutive runs along values' last dim, counts[i] elements each (0 allowed):
+    [..., len(counts)]. Laid out in a [run, position] grid and summed: a fixed number of kernels
+    whatever the number of runs, and deterministic (no atomic scatter-add). index: segment_index(counts)
+    on values' device, where the caller keeps it."""
+    index = segment_index(counts, values.device) if index is None else index
     grid = values.new_zeros(*values.shape[:-1], len(counts), max(counts, default=0))
     grid[..., index[0], index[1]] = values
     return grid.sum(-1)

@@ -1,0 +1,138 @@
+"""Training steps replayed as CUDA graphs (alto.step_graphs) train exactly as eager steps do: the
+same losses and the same weights, bit for bit, with gradient accumulation, an adapter finishing and
+another admitted mid-run (the packs change: the graphs are dropped and made anew). The comparison
+catches a replay that reads stale inputs or hands out the graph's own gradient buffers
+(test_the_comparison_catches_planted_bugs)."""
+import copy
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import alto_ext  # noqa: E402
+from alto import step_graphs  # noqa: E402
+from alto.model import MultiLoraModel  # noqa: E402
+from alto.registry import AdapterConfig, Registry  # noqa: E402
+from alto.train import DataStream, Trainer  # noqa: E402
+from alto_ext.segments import to_device  # noqa: E402
+
+pytestmark = pytest.mark.cuda
+VOCAB, PAD, LENGTH, STEPS = 512, 0, 48, 10
+CONFIGS = {
+    "a": AdapterConfig(rank=8, alpha=16, lr=1e-3, micro_batch_size=2, seed=1, max_steps=100,
+                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    "b": AdapterConfig(rank=16, alpha=16, lr=2e-3, micro_batch_size=1, grad_accum=2, seed=2, max_steps=100,
+                       target_modules=("q_proj", "v_proj", "down_proj")),
+    "c": AdapterConfig(rank=4, alpha=8, lr=3e-3, micro_batch_size=1, seed=3, max_steps=4,
+                       target_modules=("up_proj", "o_proj")),  # finishes at micro-step 4
+    "d": AdapterConfig(rank=32, alpha=32, lr=1e-3, micro_batch_size=1, seed=4, max_steps=100,
+                       target_modules=("q_proj", "gate_proj")),  # admitted at micro-step 6
+}
+
+
+@pytest.fixture(autouse=True)
+def _sync_checks():  # (conftest's turns them on: every op would wait, and no step could be captured)
+    alto_ext.set_sync_checks(False)
+    yield
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   pad_token_id=PAD)
+    return transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+
+
+def train(base, monkeypatch, graphs: bool, host_bound: float = 0.0) -> tuple[Trainer, dict[str, list[float]]]:
+    """STEPS micro-steps of CONFIGS on sequences of one length (every step's layout repeats), fresh
+    tokens each time; graphs: captured and replayed where a step repeats (else eager); host_bound 0:
+    captured whether or not the host held the GPU up."""
+    monkeypatch.setattr(step_graphs, "ENABLED", graphs)
+    monkeypatch.setattr(step_graphs, "HOST_BOUND", host_bound)
+    rng = random.Random(5)
+    data = {aid: DataStream([[rng.randrange(1, VOCAB) for _ in range(LENGTH)] for _ in range(24)]) for aid in CONFIGS}
+    reg = Registry()
+    trainer = Trainer(MultiLoraModel(copy.deepcopy(base)), reg, data, PAD, device="cuda")
+    trainer.admit([reg.add(aid, CONFIGS[aid]) for aid in "abc"])
+    losses = {aid: [] for aid in CONFIGS}
+    for step in range(STEPS):
+        if step == 6:
+            trainer.admit([reg.add("d", CONFIGS["d"])])
+        for aid, loss in trainer.step().items():
+            losses[aid].append(loss)
+    return trainer, losses
+
+
+def weights(trainer: Trainer) -> dict[str, dict]:
+    out = {aid: state.weights for aid, state in trainer.retired.items()}
+    out.update({aid: trainer.model.adapter_weights(aid) for aid in trainer.model.configs})
+    return out
+
+
+def differences(eager, graphed) -> list[str]:
+    (t0, l0), (t1, l1) = eager, graphed
+    found = [f"{aid} losses {l0[aid]} vs {l1[aid]}" for aid in CONFIGS if l0[aid] != l1[aid]]
+    w0, w1 = weights(t0), weights(t1)
+    for aid in CONFIGS:
+        for layer, tensors in w0[aid].items():
+            for name, t in tensors.items():
+                if not torch.equal(t, w1[aid][layer][name]):
+                    found.append(f"{aid} {layer} {name}: max diff {(t - w1[aid][layer][name]).abs().max().item():.3g}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def eager(base):
+    with pytest.MonkeyPatch.context() as mp:
+        return train(base, mp, graphs=False)
+
+
+def test_graphed_steps_train_as_eager_steps(base, eager, monkeypatch):
+    replays = []
+    replay = step_graphs._Graph.replay
+    monkeypatch.setattr(step_graphs._Graph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
+    graphed = train(base, monkeypatch, graphs=True)
+    assert differences(eager, graphed) == []
+    # a,b,c: micro-steps 0 (first run), 1 (captured), 2-3 replayed; c finishes at 3 (the packs change); a,b
+    # again at 4 (first run), 5 (captured); a,b,d from 6: first run, captured, then 8-9 replayed
+    assert len(replays) == 4
+    assert graphed[0].registry["c"].status.name == "FINISHED"
+
+
+@pytest.mark.parametrize("bug", ["stale token ids", "the graph's own gradient buffers"])
+def test_the_comparison_catches_planted_bugs(base, eager, monkeypatch, bug):
+    replay = step_graphs._Graph.replay
+
+    def planted(self, step, weights, packs):
+        if bug == "stale token ids":  # the new step's ids never reach the graph
+            step.inputs["input_ids"] = self.step.inputs["input_ids"]
+        losses = replay(self, step, weights, packs)
+        if bug == "the graph's own gradient buffers":  # the next replay writes over a pending gradient (b's)
+            for pack, grad in zip(packs, self.grads):
+                pack.grad = grad
+        return losses
+
+    monkeypatch.setattr(step_graphs._Graph, "replay", planted)
+    assert differences(eager, train(base, monkeypatch, graphs=True))
+
+
+def test_a_step_the_host_does_not_hold_up_stays_eager(base, eager, monkeypatch):
+    """Timed on its first run: where its host time is below HOST_BOUND x its GPU time (here: always),
+    never captured, and trained as the eager run was."""
+    captures = []
+    capture = step_graphs.StepGraphs._capture
+    monkeypatch.setattr(step_graphs.StepGraphs, "_capture", lambda *a: captures.append(1) or capture(*a))
+    trainer, losses = train(base, monkeypatch, graphs=True, host_bound=float("inf"))
+    assert captures == [] and trainer.graphs.eager
+    assert differences(eager, (trainer, losses)) == []
+
+
+def test_no_host_data_is_sent_while_a_graph_is_captured():
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="while a CUDA graph is captured"):
+        with torch.cuda.graph(graph):
+            to_device([1, 2, 3], "cuda")
