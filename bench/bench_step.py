@@ -3,7 +3,8 @@ N adapters vs the frozen base forward+backward alone (the same packed layout, au
 loss: alto.step.forward_token_losses with no adapter), vs the same adapters trained one after
 another (a per-adapter loop, what one-job-per-adapter does), and vs PEFT with one adapter; ALTO's
 step also with every projection alone (alto.projection_stacks off: q, k, v and gate, up unstacked), and
-eager (alto.step_graphs off: where the host holds the GPU up, the step is otherwise replayed as a CUDA graph).
+eager (alto.step_graphs off: where the host holds the GPU up, the step is otherwise replayed as a CUDA graph),
+against the base step run the same way (a graph where it is host-bound) too.
 Held-out passes too: the N adapters' held-out losses of the same sequences in one forward
 (alto.evaluation.held_out_means, what an evaluation runs) against the frozen base's forward alone.
 
@@ -29,7 +30,7 @@ from alto.evaluation import evaluating, held_out_means
 from alto.families import Llama
 from alto.model import MultiLoraModel
 from alto.registry import AdapterConfig, Registry
-from alto.step import forward_token_losses, pad_batch
+from alto.step import forward_token_losses, pad_batch, prepare_pass, run_pass
 from alto.train import DataStream, Trainer
 from bench_memory import WIDTHS
 
@@ -122,6 +123,23 @@ def main() -> None:
             token_loss.sum().backward()
 
         t_base, h_base = timed_ms(base_step, args.iters, device)
+        base_graphs, one = step_graphs.StepGraphs(), torch.ones(1, device=device)
+
+        def base_step_graphed():  # the base step as alto.step_graphs runs a training step (replayed where host-bound)
+            step = prepare_pass(model, {}, seqs[:n], 0, device, training=True, packed=True)
+
+            def compute(step, weight):
+                loss = run_pass(model, step).sum() * weight[0]
+                loss.backward()
+                return loss.detach()[None]
+
+            if device.type == "cuda":
+                return base_graphs.run(model, step, compute, one, [])
+            return compute(step, one)
+
+        t_base_graphed = wall_ms(base_step_graphed, args.iters, device)
+        base_replayed = bool(base_graphs.graphs)
+        base_graphs.clear()
         if args.profile is not None and n == max(args.adapters):
             profile(base_step, args.profile and f"{args.profile}/base.json", device, "base")
 
@@ -165,18 +183,21 @@ def main() -> None:
             trainer.admit([adapter])
             t_loop += wall_ms(trainer.step, args.iters, device)
             trainer.retire([(adapter, adapter.status, None)])
-        rows.append((n, t_base, t_ours, replayed, t_eager, t_alone, t_loop, h_base, h_ours, t_base_fwd, t_eval))
+        rows.append((n, t_base, t_ours, replayed, t_eager, t_base_graphed, base_replayed, t_alone, t_loop, h_base, h_ours,
+                     t_base_fwd, t_eval))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     t_peft = peft_step_ms(base, seqs[0], args.iters, device)
     print("adapters | base fwd+bwd ms | ALTO step ms | overhead vs base | CUDA graph | ALTO eager ms | overhead eager "
-          "| projections alone ms | overhead alone | per-adapter loop ms | ALTO vs loop | base host ms | ALTO host ms "
+          "| base graphed ms (its graph) | ALTO vs base graphed | projections alone ms | overhead alone "
+          "| per-adapter loop ms | ALTO vs loop | base host ms | ALTO host ms "
           "| base forward ms | held-out pass ms | held-out vs base forward | held-out tokens/s")
-    print(" | ".join(["---"] * 17))
-    for n, tb, to, replayed, tg, ta, tl, hb, ho, tf, te in rows:
+    print(" | ".join(["---"] * 19))
+    for n, tb, to, replayed, tg, tbg, base_replayed, ta, tl, hb, ho, tf, te in rows:
         print(f"{n} | {tb:.1f} | {to:.1f} | {to / tb - 1:+.1%} | {'replayed' if replayed else 'no'} | {tg:.1f} "
-              f"| {tg / tb - 1:+.1%} | {ta:.1f} | {ta / tb - 1:+.1%} | {tl:.1f} | {tl / to:.2f}x "
+              f"| {tg / tb - 1:+.1%} | {tbg:.1f} ({'replayed' if base_replayed else 'no'}) | {to / tbg - 1:+.1%} "
+              f"| {ta:.1f} | {ta / tb - 1:+.1%} | {tl:.1f} | {tl / to:.2f}x "
               f"| {hb:.1f} | {ho:.1f} | {tf:.1f} | {te:.1f} | {te / tf - 1:+.1%} | {n * args.seq / te * 1e3:,.0f}")
     print(f"\nPEFT, one adapter (rank {RANKS[0]}, all 7 projections), same sequence: {t_peft:.1f} ms/step")
 
