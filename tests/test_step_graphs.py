@@ -1,8 +1,8 @@
-"""Training steps replayed as CUDA graphs (alto.step_graphs) train exactly as eager steps do: the
-same losses and the same weights, bit for bit, with gradient accumulation, an adapter finishing and
-another admitted mid-run (the packs change: the graphs are dropped and made anew). The comparison
-catches a replay that reads stale inputs or hands out the graph's own gradient buffers
-(test_the_comparison_catches_planted_bugs)."""
+"""Training steps replayed as CUDA graphs (alto.step_graphs) train as eager steps do: the same
+losses and weights, bit for bit where two eager runs are (else within their own gap: atomic
+additions), with gradient accumulation, an adapter finishing and another admitted mid-run (the
+packs change: the graphs are dropped and made anew). The comparison catches a replay that reads
+stale inputs or hands out the graph's own gradient buffers (test_the_comparison_catches_planted_bugs)."""
 import copy
 import random
 
@@ -73,30 +73,33 @@ def weights(trainer: Trainer) -> dict[str, dict]:
     return out
 
 
-def differences(eager, graphed) -> list[str]:
-    (t0, l0), (t1, l1) = eager, graphed
-    found = [f"{aid} losses {l0[aid]} vs {l1[aid]}" for aid in CONFIGS if l0[aid] != l1[aid]]
+def gap(run0, run1) -> float:
+    """The largest difference between two runs' losses and final weights, relative to the larger of
+    each (0.0: bit for bit the same)."""
+    (t0, l0), (t1, l1) = run0, run1
+    pairs = [(torch.tensor(l0[aid], dtype=torch.float64), torch.tensor(l1[aid], dtype=torch.float64)) for aid in CONFIGS]
     w0, w1 = weights(t0), weights(t1)
-    for aid in CONFIGS:
-        for layer, tensors in w0[aid].items():
-            for name, t in tensors.items():
-                if not torch.equal(t, w1[aid][layer][name]):
-                    found.append(f"{aid} {layer} {name}: max diff {(t - w1[aid][layer][name]).abs().max().item():.3g}")
-    return found
+    pairs += [(t.double().cpu(), w1[aid][layer][name].double().cpu())
+              for aid in CONFIGS for layer, tensors in w0[aid].items() for name, t in tensors.items()]
+    return max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)) for a, b in pairs)
 
 
 @pytest.fixture(scope="module")
 def eager(base):
+    """Two eager runs, and their gap: 0.0 where every kernel is deterministic; else what the
+    nondeterministic ones (atomic additions) leave, which a graph's replay of them leaves too."""
     with pytest.MonkeyPatch.context() as mp:
-        return train(base, mp, graphs=False)
+        first = train(base, mp, graphs=False)
+        return first, gap(first, train(base, mp, graphs=False))
 
 
 def test_graphed_steps_train_as_eager_steps(base, eager, monkeypatch):
+    (run, noise) = eager
     replays = []
     replay = step_graphs._Graph.replay
     monkeypatch.setattr(step_graphs._Graph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
     graphed = train(base, monkeypatch, graphs=True)
-    assert differences(eager, graphed) == []
+    assert gap(run, graphed) <= 4 * noise, f"eager runs differ by {noise:.3g}"
     # a,b,c: micro-steps 0 (first run), 1 (captured), 2-3 replayed; c finishes at 3 (the packs change); a,b
     # again at 4 (first run), 5 (captured); a,b,d from 6: first run, captured, then 8-9 replayed
     assert len(replays) == 4
@@ -105,6 +108,7 @@ def test_graphed_steps_train_as_eager_steps(base, eager, monkeypatch):
 
 @pytest.mark.parametrize("bug", ["stale token ids", "the graph's own gradient buffers"])
 def test_the_comparison_catches_planted_bugs(base, eager, monkeypatch, bug):
+    (run, noise) = eager
     replay = step_graphs._Graph.replay
 
     def planted(self, step, weights, packs):
@@ -117,7 +121,7 @@ def test_the_comparison_catches_planted_bugs(base, eager, monkeypatch, bug):
         return losses
 
     monkeypatch.setattr(step_graphs._Graph, "replay", planted)
-    assert differences(eager, train(base, monkeypatch, graphs=True))
+    assert gap(run, train(base, monkeypatch, graphs=True)) > max(100 * noise, 1e-3)
 
 
 def test_a_step_the_host_does_not_hold_up_stays_eager(base, eager, monkeypatch):
@@ -128,7 +132,7 @@ def test_a_step_the_host_does_not_hold_up_stays_eager(base, eager, monkeypatch):
     monkeypatch.setattr(step_graphs.StepGraphs, "_capture", lambda *a: captures.append(1) or capture(*a))
     trainer, losses = train(base, monkeypatch, graphs=True, host_bound=float("inf"))
     assert captures == [] and trainer.graphs.eager
-    assert differences(eager, (trainer, losses)) == []
+    assert gap(eager[0], (trainer, losses)) <= 4 * eager[1]
 
 
 def test_no_host_data_is_sent_while_a_graph_is_captured():
