@@ -133,9 +133,8 @@ def main() -> None:
                 loss.backward()
                 return loss.detach()[None]
 
-            if device.type == "cuda":
-                return base_graphs.run(model, step, compute, one, [])
-            return compute(step, one)
+            loss = base_graphs.run(model, step, compute, one, []) if device.type == "cuda" else compute(step, one)
+            return loss.item()  # as a training step ends, in a read of its losses (StepGraphs times steps that end)
 
         graphs, step_graphs.ENABLED = step_graphs.ENABLED, True
         try:

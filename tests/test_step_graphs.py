@@ -135,6 +135,26 @@ def test_a_step_the_host_does_not_hold_up_stays_eager(base, eager, monkeypatch):
     assert gap(eager[0], (trainer, losses)) <= 4 * eager[1]
 
 
+def test_a_step_that_cannot_be_captured_runs_eagerly(base, eager, monkeypatch):
+    """An op that waits for the GPU inside the step: its capture fails with a warning, the step and
+    the later ones run eagerly, and the trainer's stream is the one it had."""
+    import alto.train
+
+    run_pass = alto.train.run_pass
+
+    def waiting(model, step):
+        token_loss = run_pass(model, step)
+        token_loss.sum().item()  # a read on the host: not capturable
+        return token_loss
+
+    monkeypatch.setattr(alto.train, "run_pass", waiting)
+    with pytest.warns(UserWarning, match="could not be captured"):
+        trainer, losses = train(base, monkeypatch, graphs=True)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert not trainer.graphs.graphs
+    assert gap(eager[0], (trainer, losses)) <= 4 * eager[1]
+
+
 def test_no_host_data_is_sent_while_a_graph_is_captured():
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="while a CUDA graph is captured"):

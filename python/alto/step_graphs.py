@@ -17,10 +17,11 @@ gradient-accumulation weights) into the graph's and returns fresh copies of its 
 Everything else a replay reads was sent to the device before the capture (the plan's segments:
 alto_ext.to_device refuses to send host data during one) and is a function of the key. Each graph
 keeps the step's activations in its own memory pool: at most CAPACITY graphs, dropped when the packs
-change (an adapter admitted or retired) and on out of memory. Not graphed: LoRA or base dropout (the
-adapters' own generators), objectives with references, shared prefixes, several ranks, the CPU, and
-sync checks (alto_ext.set_sync_checks: a wait after every op). A capture that fails (an op waits for
-the GPU) leaves that step eager, with a warning.
+change (an adapter admitted or retired) and on out of memory; admission's memory model does not count
+them. Not graphed: dropout (LoRA's draws from each adapter's own generator; the base's and its
+attention's), objectives with references, shared prefixes, several ranks, the CPU, and sync checks
+(alto_ext.set_sync_checks: a wait after every op). A capture that fails (an op waits for the GPU)
+leaves that step eager, with a warning.
 """
 from __future__ import annotations
 
@@ -77,9 +78,13 @@ class _FirstRun:
     end: torch.cuda.Event
     host_s: float  # the host's time to launch it
 
+    def done(self) -> bool:
+        """Whether the GPU has reached its end (asked without waiting: a step ends in a read of its losses)."""
+        return self.end.query()
+
     def host_bound(self) -> bool:
-        """Whether the GPU waited for the host (False while its end is not reached: no wait here)."""
-        return self.end.query() and self.host_s * 1e3 >= HOST_BOUND * self.start.elapsed_time(self.end)
+        """Whether the GPU waited for the host (done() first)."""
+        return self.host_s * 1e3 >= HOST_BOUND * self.start.elapsed_time(self.end)
 
 
 class StepGraphs:
@@ -97,7 +102,8 @@ class StepGraphs:
         """Whether this step may be captured at all."""
         return (ENABLED and step.plan.device.type == "cuda" and not alto_ext.sync_checks()  # (a wait per op)
                 and reference is None and not step.plan.any_dropout
-                and not model.base_dropout and "shared_prefixes" not in step.inputs
+                and not model.base_dropout and not getattr(model.model.config, "attention_dropout", 0.0)
+                and "shared_prefixes" not in step.inputs
                 and not (dist.is_available() and dist.is_initialized()))
 
     def clear(self) -> None:
@@ -119,12 +125,14 @@ class StepGraphs:
         if graph is not None:
             self.graphs.move_to_end(key)
             return graph.replay(step, weights, packs)
+        if key in self.eager:
+            return compute(step, weights)
         first = self.first_runs.get(key)
-        if key in self.eager or (first is not None and not first.host_bound()):
+        if first is None or not first.done():  # timed (again, where the last timing has not come in)
+            return self._first_run(key, step, compute, weights)
+        if not first.host_bound():
             self.eager.add(key)
             return compute(step, weights)
-        if first is None:
-            return self._first_run(key, step, compute, weights)
         return self._capture(key, step, compute, weights, packs)
 
     @staticmethod
@@ -136,7 +144,7 @@ class StepGraphs:
         shapes = tuple((name, tuple(v.shape) if isinstance(v, torch.Tensor) else v) for name, v in step.inputs.items())
         rows = None if step.rows is None else step.rows.shape[0]
         return (plan.ids, tuple(map(tuple, plan.lengths)), plan.row_len, shapes, tuple(step.labels.shape), rows,
-                step.training, model.training, projection_stacks.ENABLED, fused_layers.ENABLED)
+                step.training, model.training, model.model.training, projection_stacks.ENABLED, fused_layers.ENABLED)
 
     def _first_run(self, key: tuple, step: Pass, compute: Compute, weights: torch.Tensor) -> torch.Tensor:
         if len(self.first_runs) >= MAX_SEEN:
@@ -165,9 +173,14 @@ class StepGraphs:
             p.grad = None  # the capture's backward makes its own, in the graph's pool
         graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local: other threads' CUDA calls (exports, checkpoints) are not the capture's
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                static_losses = compute(step, weights)
+            # the outer context restores the current stream where a failed capture's exit raises before it does
+            with torch.cuda.stream(self.stream):
+                # thread_local: other threads' CUDA calls (exports, checkpoints) are not the capture's
+                with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                    static_losses = compute(step, weights)
+        except torch.OutOfMemoryError:  # this step is done (above): memory for its graph is what is short
+            self.clear()
+            self.eager.add(key)
         except RuntimeError as e:  # an op that cannot be captured (a wait for the GPU, host data sent)
             warnings.warn(f"alto: a training step could not be captured as a CUDA graph; it runs eagerly "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=3)
