@@ -40,9 +40,9 @@ from alto import fused_layers, projection_stacks
 from alto.model import MultiLoraModel
 from alto.step import Pass
 
-# Opt-in (ALTO_STEP_GRAPHS=1) until tests/test_step_graphs.py and bench_step have run on a GPU: written
-# on 2026-12-06 while no device machine could be started.
-ENABLED = os.environ.get("ALTO_STEP_GRAPHS", "0") != "0"
+# On by default (ALTO_STEP_GRAPHS=0: every step eager) since tests/test_step_graphs.py, the whole suite
+# and bench_step ran with it on the H200 (bench/RESULTS.md, 2026-12-06, fourteenth session).
+ENABLED = os.environ.get("ALTO_STEP_GRAPHS", "1") != "0"
 CAPACITY = 2  # graphs kept: e.g. the two layouts of a gradient-accumulation cycle
 HOST_BOUND = 0.8  # captured where the first run's host time was at least this share of its GPU time
 MAX_SEEN = 4096  # first runs remembered (variable-length data rarely repeats: forgotten past this)
