@@ -52,6 +52,14 @@ def _sync_checks():
     alto_ext.set_sync_checks(False)
 
 
+@pytest.fixture
+def split_k():
+    """CUDA shrinks of few tokens split their K (alto_ext's switch; ALTO_SPLIT_K=1 turns it on for a process)."""
+    was = alto_ext._C.set_split_k(True)
+    yield
+    alto_ext._C.set_split_k(was)
+
+
 _SEED = int.from_bytes(os.urandom(4), "little")
 
 

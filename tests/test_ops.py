@@ -182,3 +182,33 @@ def test_many_adapters_g256(device):
     assert ref.rel_err(h, ref.shrink(x.cpu(), A.cpu(), seg, seg.h_width)) < TOL[dtype]
     gw = alto_ext.lora_weight_grad(h, x, seg.seg_indptr, seg.rank_indptr, seg.total_rank)
     assert ref.rel_err(gw, ref.weight_grad(h.cpu(), x.cpu(), Segments.build(tokens, ranks), seg.total_rank)) < TOL[dtype]
+
+
+# (tokens per adapter, ranks, d): few tokens over a wide x (its K split over the SMs: an empty adapter,
+# a rank-0 one, an odd d whose last chunk is short) and many tokens (one chunk).
+SPLIT_CASES = [([5, 300, 0, 129, 40], [8, 64, 16, 1, 0], 4096), ([7, 2], [3, 24], 2056), ([12000, 9000], [16, 8], 1024)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_shrink_with_its_k_split_matches_reference(case, split_k):
+    """A CUDA shrink of few tokens runs its K in chunks (float32 partial sums added by a second
+    kernel that also writes the zeros beyond each adapter's rank); of many tokens, in one. Both
+    against the float64 oracle; the comparison catches a chunk left out."""
+    tokens, ranks, d = case
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    seg = Segments.build(tokens, ranks, device="cuda")
+    splits = alto_ext._C.shrink_splits(seg.num_tokens, len(tokens), seg.h_width, d, sms)
+    assert (splits > 1) == (seg.num_tokens < 1000), splits
+    for dtype in (torch.bfloat16, torch.float16):
+        for scaled in (True, False):
+            seg, x, A, _ = make_case(tokens, ranks, d, 8, "cuda", dtype, scaled)
+            h = alto_ext.lora_shrink(x, A, seg.seg_indptr, seg.rank_indptr, seg.h_width, seg.scaling)
+            assert ref.rel_err(h, ref.shrink(x.cpu(), A.cpu(), seg, seg.h_width)) < TOL[dtype]
+            t0 = 0
+            for n, r in zip(tokens, ranks):  # exactly zero beyond each adapter's rank
+                assert not h[t0 : t0 + n, r:].any()
+                t0 += n
+            short = x.cpu().clone()
+            short[:, -512:] = 0  # the oracle of a kernel that left x's last chunk out
+            assert ref.rel_err(h, ref.shrink(short, A.cpu(), seg, seg.h_width)) > 10 * TOL[dtype]

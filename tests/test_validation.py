@@ -10,9 +10,9 @@ def idx(values, device):
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 
-def shrink_args(device, dtype):
-    x = torch.randn(7, 16, device=device, dtype=dtype)
-    A = torch.randn(5, 16, device=device, dtype=dtype)
+def shrink_args(device, dtype, d=16):
+    x = torch.randn(7, d, device=device, dtype=dtype)
+    A = torch.randn(5, d, device=device, dtype=dtype)
     return x, A
 
 
@@ -34,8 +34,9 @@ BAD_INDICES = [
 
 
 @pytest.mark.parametrize("seg,rank,width,words", BAD_INDICES)
-def test_bad_index_values(device, seg, rank, width, words):
-    x, A = shrink_args(device, dtype_for(device))
+@pytest.mark.parametrize("d", [16, 2048])  # 2048: a CUDA shrink of 7 tokens splits its K (test_ops)
+def test_bad_index_values(device, seg, rank, width, words, d, split_k):
+    x, A = shrink_args(device, dtype_for(device), d)
     with pytest.raises(ValueError) as err:
         alto_ext.lora_shrink(x, A, idx(seg, device), idx(rank, device), width)
         alto_ext.check_errors()

@@ -1,7 +1,7 @@
 // One CUTLASS sm_90a grouped GEMM over all adapters of a step (TMA + wgmma, warp-specialized
 // cooperative, persistent), with its problems built on the device from the segment indices.
-// Included by the per-configuration .cu files; each instantiates one Form (shrink, expand or
-// weight_grad) for one dtype.
+// Included by the per-configuration .cu files; each instantiates one op (shrink: its whole and its
+// split-K form; expand; weight_grad) for one dtype.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -208,10 +208,11 @@ __device__ inline Stride leading_stride(int64_t ld) {
   return s;
 }
 
-// Builds every adapter's problem from Form::problem(range). C aliases D (in-place accumulation
-// when beta = 1). An empty problem gets no tiles from the group scheduler; a Form whose output
-// rows must still read as zero then (kClearsEmptyGroups) has the block clear them, so the glue
-// need not zero-fill the whole output first.
+// Builds every adapter's problem from Form::problem(range, split): form.splits problems per
+// adapter (a Form that splits its K), adapter g's split s at index g * splits + s. C aliases D
+// (in-place accumulation when beta = 1). An empty problem gets no tiles from the group scheduler;
+// a Form whose output rows must still read as zero then (kClearsEmptyGroups) has the block clear
+// them, so the glue need not zero-fill the whole output first.
 template <class GG, class Form>
 __global__ void setup_problems(Segments seg, Form form, typename GG::Arrays arr) {
   if constexpr (Form::kClearsEmptyGroups) {
@@ -220,8 +221,8 @@ __global__ void setup_problems(Segments seg, Form form, typename GG::Arrays arr)
       if (rg.n == 0 && rg.r > 0) form.clear(rg, threadIdx.x, blockDim.x);
     }
   }
-  for (int g = threadIdx.x; g < seg.num_groups; g += blockDim.x) {
-    const auto p = form.problem(group_range(seg, g, form.max_rank));
+  for (int g = threadIdx.x; g < seg.num_groups * form.splits; g += blockDim.x) {
+    const auto p = form.problem(group_range(seg, g / form.splits, form.max_rank), g % form.splits);
     const bool empty = p.m == 0 || p.n == 0 || p.k == 0;
     arr.shapes[g] = empty ? typename GG::Shape3{0, 0, 0}
                           : typename GG::Shape3{int(p.m), int(p.n), int(p.k)};
@@ -236,16 +237,19 @@ __global__ void setup_problems(Segments seg, Form form, typename GG::Arrays arr)
   }
 }
 
+// The setup kernel, then the grouped GEMM of its problems (alpha: each adapter's scaling, or 1 where
+// the Form's products are scaled later: a split K's partial sums, where they are added up).
 template <class GG, class Form>
 Status launch_form(const Segments& seg, const Form& form, const Launch& launch) {
   if (seg.num_groups == 0) return nullptr;
-  auto arr = GG::carve(launch.workspace, seg.num_groups);
+  const int problems = seg.num_groups * form.splits;
+  auto arr = GG::carve(launch.workspace, problems);
   setup_problems<GG, Form><<<1, 256, 0, launch.stream>>>(seg, form, arr);
   if (cudaGetLastError() != cudaSuccess) return "ALTO setup kernel launch failed";
-  return GG::run(arr, seg.num_groups, seg.scaling, form.beta, launch);
+  return GG::run(arr, problems, Form::kScaled ? seg.scaling : nullptr, form.beta, launch);
 }
 
-// ---- the three forms ---------------------------------------------------------------------------
+// ---- the forms: shrink (whole, or its K split), expand, weight_grad ----------------------------
 
 // Each form's GEMM type takes its configuration in use (tile_configs.cuh) unless given another
 // (bench/tile_configs.cu times every candidate).
@@ -254,19 +258,99 @@ Status launch_form(const Segments& seg, const Form& form, const Launch& launch) 
 template <class Element, class Config = tiles::Candidate<tiles::kShrink>>
 using ShrinkGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
                                cutlass::layout::RowMajor, Config>;
+// The same GEMM with its K split (ShrinkSplitForm): float32 partial products.
+template <class Element, class Config = tiles::Candidate<tiles::kShrink>>
+using ShrinkPartialGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
+                                      cutlass::layout::RowMajor, Config, float>;
+
+constexpr int64_t kMinSplitK = 512;  // columns of x per split at least: 8 K tiles, beside a tile's fixed cost
+constexpr int64_t kMaxSplits = 16;
+
+// How many K chunks a shrink of `tokens` rows in `groups` adapters, out_ld wide, over d columns
+// runs in: as many as its tiles (at most one partial M tile per adapter beside the whole ones, times
+// the output's N tiles) fit into the SMs' one wave, so no wave is left part full; 1 where they fill
+// half of it already (the partial sums would cost more than the split saves).
+template <class Config = tiles::Candidate<tiles::kShrink>>
+inline int shrink_splits(int64_t tokens, int groups, int64_t out_ld, int64_t d, int sm_count) {
+  using Tile = typename Config::TileShape;
+  const int64_t m_tiles = (tokens + size<0>(Tile{}) - 1) / size<0>(Tile{}) + groups;
+  const int64_t n_tiles = (out_ld + size<1>(Tile{}) - 1) / size<1>(Tile{});
+  const int64_t tiles = m_tiles * n_tiles;
+  if (2 * tiles > sm_count) return 1;
+  int64_t splits = sm_count / tiles;
+  splits = splits < kMaxSplits ? splits : kMaxSplits;
+  splits = splits < d / kMinSplitK ? splits : d / kMinSplitK;
+  return splits < 2 ? 1 : static_cast<int>(splits);
+}
+
+// The columns of x in each chunk of a split shrink: a whole number of K tiles.
+template <class Config = tiles::Candidate<tiles::kShrink>>
+inline int64_t shrink_k_chunk(int64_t d, int splits) {
+  constexpr int64_t kTile = size<2>(typename Config::TileShape{});
+  return ((d + splits - 1) / splits + kTile - 1) / kTile * kTile;
+}
 
 template <class E>
 struct ShrinkForm {
   static constexpr bool kClearsEmptyGroups = false;
+  static constexpr bool kScaled = true;
   const E* x;
   const E* w;
   E* out;
   int64_t d, out_ld, max_rank;
   float beta = 0.f;
-  __device__ GroupProblem<E> problem(GroupRange rg) const {
+  int splits = 1;
+  __device__ GroupProblem<E> problem(GroupRange rg, int) const {
     return {rg.n, rg.r, d, x + rg.t0 * d, d, w + rg.r0 * d, d, out + rg.t0 * out_ld, out_ld};
   }
 };
+
+// The shrink with its K (d) split in `splits` chunks of k_chunk columns (the last shorter, none
+// empty): split s of adapter g writes its float32 partial product into block s of `partial`
+// ([splits, T, out_ld]); reduce_splits adds the blocks up. Why: the shrink's output is only r_g
+// wide (one N tile), so a step of few tokens has a few M tiles to spread over the SMs (one
+// adapter of 512 tokens: 4 CTAs of 132, each reading a whole row block of x); its K split,
+// the SMs each read a part of x.
+template <class E>
+struct ShrinkSplitForm {
+  static constexpr bool kClearsEmptyGroups = false;
+  static constexpr bool kScaled = false;  // reduce_splits scales the sums
+  const E* x;
+  const E* w;
+  float* partial;
+  int64_t d, out_ld, max_rank, tokens, k_chunk;
+  float beta = 0.f;
+  int splits;
+  __device__ GroupProblem<E, float> problem(GroupRange rg, int s) const {
+    const int64_t k0 = s * k_chunk, k = d - k0 < k_chunk ? d - k0 : k_chunk;
+    return {rg.n, rg.r, k, x + rg.t0 * d + k0, d, w + rg.r0 * d + k0, d,
+            partial + (s * tokens + rg.t0) * out_ld, out_ld};
+  }
+};
+
+// out[t, c] = s_g * sum over the splits of partial[s, t, c] for c < r_g of t's adapter g, and 0 in
+// the other columns (the whole row is written: the glue need not zero it). Rows of an adapter
+// that group_range finds invalid (an error recorded) are zero. One block per row.
+template <class E>
+__global__ void reduce_splits(Segments seg, const float* partial, E* out, int64_t out_ld, int splits) {
+  const int64_t t = blockIdx.x;
+  int lo = 0, hi = seg.num_groups - 1;  // the last adapter whose first token is <= t
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (seg.seg_indptr[mid] <= t) lo = mid; else hi = mid - 1;
+  }
+  const GroupRange rg = group_range(seg, lo, out_ld);
+  const bool mine = t >= rg.t0 && t < rg.t0 + rg.n;
+  const float scale = seg.scaling != nullptr ? seg.scaling[lo] : 1.f;
+  for (int64_t c = threadIdx.x; c < out_ld; c += blockDim.x) {
+    float sum = 0.f;
+    if (mine && c < rg.r) {
+      for (int s = 0; s < splits; ++s) sum += partial[(s * seg.num_tokens + t) * out_ld + c];
+      sum *= scale;
+    }
+    out[t * out_ld + c] = E(sum);
+  }
+}
 
 // expand: y_g[n, d] (+)= h_g[n, 0:r] . W_g[r, d]   (M=n, N=d, K=r; C = D = y; beta 0 = y not read)
 template <class Element, class Config = tiles::Candidate<tiles::kExpand>>
@@ -276,12 +360,14 @@ using ExpandGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layo
 template <class E>
 struct ExpandForm {
   static constexpr bool kClearsEmptyGroups = false;
+  static constexpr bool kScaled = true;
   const E* h;
   const E* w;
   E* y;
   int64_t h_ld, d, max_rank;
   float beta = 1.f;
-  __device__ GroupProblem<E> problem(GroupRange rg) const {
+  int splits = 1;
+  __device__ GroupProblem<E> problem(GroupRange rg, int) const {
     return {rg.n, d, rg.r, h + rg.t0 * h_ld, h_ld, w + rg.r0 * d, d, y + rg.t0 * d, d};
   }
 };
@@ -296,12 +382,14 @@ using WeightGradGemm = GroupedGemm<Element, cutlass::layout::ColumnMajor, cutlas
 template <class E, class EO>
 struct WeightGradForm {
   static constexpr bool kClearsEmptyGroups = true;  // no tokens: a zero gradient
+  static constexpr bool kScaled = true;
   const E* h;
   const E* x;
   EO* out;
   int64_t h_ld, d, max_rank;
   float beta = 0.f;
-  __device__ GroupProblem<E, EO> problem(GroupRange rg) const {
+  int splits = 1;
+  __device__ GroupProblem<E, EO> problem(GroupRange rg, int) const {
     return {d, rg.r, rg.n, x + rg.t0 * d, d, h + rg.t0 * h_ld, h_ld, out + rg.r0 * d, d};
   }
   __device__ void clear(GroupRange rg, int lane, int lanes) const {
@@ -315,17 +403,34 @@ struct WeightGradForm {
 
 namespace alto::cuda {
 
-template <DType D> size_t shrink_workspace_bytes(int num_groups, int sm_count) {
-  return detail::ShrinkGemm<typename detail::CutlassElement<D>::type>::workspace_bytes(num_groups, sm_count);
+template <DType D>
+size_t shrink_workspace_bytes(int num_groups, int sm_count, int splits, int64_t tokens, int64_t out_ld) {
+  using E = typename detail::CutlassElement<D>::type;
+  if (splits == 1) return detail::ShrinkGemm<E>::workspace_bytes(num_groups, sm_count);
+  return detail::align_up(detail::ShrinkPartialGemm<E>::workspace_bytes(num_groups * splits, sm_count)) +
+         static_cast<size_t>(splits) * tokens * out_ld * sizeof(float);
 }
 template <DType D>
 Status shrink(const Segments& seg, const void* x, const void* W, void* out, int64_t d,
-              int64_t out_ld, const Launch& launch) {
-  using GG = detail::ShrinkGemm<typename detail::CutlassElement<D>::type>;
-  using E = typename GG::Gemm::ElementA;
-  detail::ShrinkForm<E> form{static_cast<const E*>(x), static_cast<const E*>(W),
-                              static_cast<E*>(out), d, out_ld, /*max_rank=*/out_ld};
-  return detail::launch_form<GG>(seg, form, launch);
+              int64_t out_ld, int splits, const Launch& launch) {
+  using E = typename detail::CutlassElement<D>::type;
+  if (splits == 1) {
+    detail::ShrinkForm<E> form{static_cast<const E*>(x), static_cast<const E*>(W),
+                                static_cast<E*>(out), d, out_ld, /*max_rank=*/out_ld};
+    return detail::launch_form<detail::ShrinkGemm<E>>(seg, form, launch);
+  }
+  using GG = detail::ShrinkPartialGemm<E>;
+  const int64_t k_chunk = detail::shrink_k_chunk(d, splits);
+  const int chunks = static_cast<int>((d + k_chunk - 1) / k_chunk);  // <= splits, none empty
+  float* partial = reinterpret_cast<float*>(
+      static_cast<char*>(launch.workspace) +
+      detail::align_up(GG::workspace_bytes(seg.num_groups * chunks, launch.sm_count)));
+  detail::ShrinkSplitForm<E> form{static_cast<const E*>(x), static_cast<const E*>(W), partial, d, out_ld,
+                                   /*max_rank=*/out_ld, seg.num_tokens, k_chunk, 0.f, chunks};
+  if (const Status status = detail::launch_form<GG>(seg, form, launch)) return status;
+  detail::reduce_splits<E><<<static_cast<unsigned>(seg.num_tokens), 128, 0, launch.stream>>>(
+      seg, partial, static_cast<E*>(out), out_ld, chunks);
+  return cudaGetLastError() == cudaSuccess ? nullptr : "ALTO split-K reduction launch failed";
 }
 
 template <DType D> size_t expand_workspace_bytes(int num_groups, int sm_count) {

@@ -69,11 +69,17 @@ using Status = const char*;
 // Each entry point is a template over the dtype, explicitly instantiated once per .cu file
 // (shrink_bf16.cu, ...): one kernel configuration per file keeps builds parallel.
 
-// out[t, 0:r_g] = s_g * x[t, :] . W_g^T  (x [T, d], W [R, d], out [T, out_ld]); other columns untouched.
-template <DType D> size_t shrink_workspace_bytes(int num_groups, int sm_count);
+// out[t, 0:r_g] = s_g * x[t, :] . W_g^T  (x [T, d], W [R, d], out [T, out_ld]); with splits = 1
+// the other columns are untouched, with splits > 1 (d cut in at most that many chunks, for steps
+// of few tokens: shrink_splits) they are set to zero.
+int shrink_splits(int64_t tokens, int num_groups, int64_t out_ld, int64_t d, int sm_count);
+void set_split_k(bool enabled);  // whether shrink_splits may split (ALTO_SPLIT_K=1 at start)
+bool split_k();
+template <DType D>
+size_t shrink_workspace_bytes(int num_groups, int sm_count, int splits, int64_t tokens, int64_t out_ld);
 template <DType D>
 Status shrink(const Segments& seg, const void* x, const void* W, void* out, int64_t d,
-              int64_t out_ld, const Launch& launch);
+              int64_t out_ld, int splits, const Launch& launch);
 
 // y[t, :] += s_g * h[t, 0:r_g] . W_g  (h [T, h_ld], W [R, d], y [T, d]); accumulate=false:
 // y[t, :] = ... without reading y (rows of adapters with no rank untouched).

@@ -83,15 +83,23 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& W_in,
   const at::Tensor x = x_in.contiguous(), W = W_in.contiguous();
   if (!cutlass_ok({&x, &W}) || h_width % 8 != 0)
     return ref::lora_shrink(x, W, seg_indptr, rank_indptr, h_width, scaling);
-  // Columns >= r_g are not written by the kernel: they must read as zero.
-  at::Tensor h = at::zeros({dims.num_tokens, h_width}, x.options());
-  if (dims.num_groups == 0 || h.numel() == 0) return h;
+  const int sms = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
+  const int splits = cuda::shrink_splits(dims.num_tokens, static_cast<int>(dims.num_groups), h_width,
+                                         x.size(1), sms);
+  // Columns >= r_g are not written by the GEMM: they must read as zero (a split K's sums write
+  // every column).
+  at::Tensor h = splits > 1 ? at::empty({dims.num_tokens, h_width}, x.options())
+                            : at::zeros({dims.num_tokens, h_width}, x.options());
+  if (dims.num_groups == 0 || h.numel() == 0) return h.zero_();
   with_dtype(x, [&](auto D) {
     constexpr cuda::DType dt = decltype(D)::value;
-    run_kernel(x, dims, seg_indptr, rank_indptr, scaling, cuda::shrink_workspace_bytes<dt>,
+    run_kernel(x, dims, seg_indptr, rank_indptr, scaling,
+               [&](int G, int sm_count) {
+                 return cuda::shrink_workspace_bytes<dt>(G, sm_count, splits, dims.num_tokens, h_width);
+               },
                [&](const cuda::Segments& s, const cuda::Launch& l) {
                  return cuda::shrink<dt>(s, x.data_ptr(), W.data_ptr(), h.data_ptr(), x.size(1),
-                                         h_width, l);
+                                         h_width, splits, l);
                });
   });
   return h;

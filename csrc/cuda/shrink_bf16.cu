@@ -1,4 +1,7 @@
-// lora_shrink for bf16 (see grouped_gemm.cuh): one kernel configuration per file.
+// lora_shrink for bf16 (see grouped_gemm.cuh): its grouped GEMM, and the same with a split K
+// (float32 partial products: ShrinkPartialGemm) for steps of few tokens.
 #include "grouped_gemm.cuh"
-ALTO_INSTANTIATE(shrink, (alto::cuda::DType::kBF16), const alto::cuda::Segments&, const void*, const void*,
-                 void*, int64_t, int64_t, const alto::cuda::Launch&)
+template size_t alto::cuda::shrink_workspace_bytes<alto::cuda::DType::kBF16>(int, int, int, int64_t, int64_t);
+template alto::cuda::Status alto::cuda::shrink<alto::cuda::DType::kBF16>(const alto::cuda::Segments&, const void*,
+                                                                       const void*, void*, int64_t, int64_t, int,
+                                                                       const alto::cuda::Launch&);

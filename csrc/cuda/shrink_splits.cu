@@ -1,0 +1,23 @@
+// alto::cuda::shrink_splits and its switch (lora_kernels.h), defined once: the glue's choice of a
+// shrink's K split (grouped_gemm.cuh's, from the shrink's tile shape).
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "grouped_gemm.cuh"
+
+namespace {
+// Off unless ALTO_SPLIT_K=1 (or set_split_k) until the split has run on a GPU (written 2026-12-06
+// while none could be had for a second call); the benches' A/B sets it per process.
+std::atomic<bool> split_k_enabled{[] {
+  const char* env = std::getenv("ALTO_SPLIT_K");
+  return env != nullptr && std::strcmp(env, "0") != 0;
+}()};
+}  // namespace
+
+void alto::cuda::set_split_k(bool enabled) { split_k_enabled.store(enabled, std::memory_order_relaxed); }
+bool alto::cuda::split_k() { return split_k_enabled.load(std::memory_order_relaxed); }
+
+int alto::cuda::shrink_splits(int64_t tokens, int num_groups, int64_t out_ld, int64_t d, int sm_count) {
+  return split_k() ? detail::shrink_splits(tokens, num_groups, out_ld, d, sm_count) : 1;
+}
