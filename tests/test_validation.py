@@ -44,6 +44,23 @@ def test_bad_index_values(device, seg, rank, width, words, d, split_k):
         assert w in str(err.value), str(err.value)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [16, 2048])
+def test_bad_indices_leave_their_rows_zero(d, split_k):
+    """Without sync checks the op returns; the rows of the adapter whose indices are invalid read
+    as zero (nothing read from where they point), the rest as computed, and the error is raised by
+    the next check. (Under compute-sanitizer: nothing read or written out of bounds.)"""
+    alto_ext.set_sync_checks(False)
+    x, A = shrink_args(torch.device("cuda"), torch.bfloat16, d)
+    h = alto_ext.lora_shrink(x, A, idx([0, 5, 3], "cuda"), idx([0, 2, 5], "cuda"), 8)
+    torch.cuda.synchronize()
+    assert not h[5:].any()
+    expected = (x[:5].double() @ A[:2].double().T).float()
+    assert torch.allclose(h[:5, :2].float(), expected, rtol=2e-2, atol=2e-2) and not h[:5, 2:].any()
+    with pytest.raises(ValueError, match="seg_indptr"):
+        alto_ext.check_errors()
+
+
 def test_bad_index_values_other_ops(device):
     dtype = dtype_for(device)
     x, A = shrink_args(device, dtype)

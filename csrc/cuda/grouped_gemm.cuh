@@ -276,7 +276,7 @@ inline int shrink_splits(int64_t tokens, int groups, int64_t out_ld, int64_t d, 
   const int64_t m_tiles = (tokens + size<0>(Tile{}) - 1) / size<0>(Tile{}) + groups;
   const int64_t n_tiles = (out_ld + size<1>(Tile{}) - 1) / size<1>(Tile{});
   const int64_t tiles = m_tiles * n_tiles;
-  if (2 * tiles > sm_count) return 1;
+  if (tiles == 0 || 2 * tiles > sm_count) return 1;  // (0: no output columns, or no tokens and no adapters)
   int64_t splits = sm_count / tiles;
   splits = splits < kMaxSplits ? splits : kMaxSplits;
   splits = splits < d / kMinSplitK ? splits : d / kMinSplitK;
@@ -419,6 +419,7 @@ Status shrink(const Segments& seg, const void* x, const void* W, void* out, int6
                                 static_cast<E*>(out), d, out_ld, /*max_rank=*/out_ld};
     return detail::launch_form<detail::ShrinkGemm<E>>(seg, form, launch);
   }
+  if (seg.num_groups == 0 || seg.num_tokens == 0) return nullptr;  // (the reduction reads adapter 0)
   using GG = detail::ShrinkPartialGemm<E>;
   const int64_t k_chunk = detail::shrink_k_chunk(d, splits);
   const int chunks = static_cast<int>((d + k_chunk - 1) / k_chunk);  // <= splits, none empty

@@ -83,6 +83,8 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& W_in,
   const at::Tensor x = x_in.contiguous(), W = W_in.contiguous();
   if (!cutlass_ok({&x, &W}) || h_width % 8 != 0)
     return ref::lora_shrink(x, W, seg_indptr, rank_indptr, h_width, scaling);
+  if (dims.num_groups == 0 || dims.num_tokens == 0 || h_width == 0)
+    return at::zeros({dims.num_tokens, h_width}, x.options());
   const int sms = at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
   const int splits = cuda::shrink_splits(dims.num_tokens, static_cast<int>(dims.num_groups), h_width,
                                          x.size(1), sms);
@@ -90,7 +92,6 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& W_in,
   // every column).
   at::Tensor h = splits > 1 ? at::empty({dims.num_tokens, h_width}, x.options())
                             : at::zeros({dims.num_tokens, h_width}, x.options());
-  if (dims.num_groups == 0 || h.numel() == 0) return h.zero_();
   with_dtype(x, [&](auto D) {
     constexpr cuda::DType dt = decltype(D)::value;
     run_kernel(x, dims, seg_indptr, rank_indptr, scaling,

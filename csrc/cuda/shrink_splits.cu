@@ -11,7 +11,7 @@ namespace {
 // while none could be had for a second call); the benches' A/B sets it per process.
 std::atomic<bool> split_k_enabled{[] {
   const char* env = std::getenv("ALTO_SPLIT_K");
-  return env != nullptr && std::strcmp(env, "0") != 0;
+  return env != nullptr && std::strcmp(env, "1") == 0;
 }()};
 }  // namespace
 
