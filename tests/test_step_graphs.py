@@ -160,3 +160,38 @@ def test_no_host_data_is_sent_while_a_graph_is_captured():
     with pytest.raises(RuntimeError, match="while a CUDA graph is captured"):
         with torch.cuda.graph(graph):
             to_device([1, 2, 3], "cuda")
+
+
+def test_a_killed_graphed_run_resumes_to_the_same_weights(tmp_path, sweep_yaml, monkeypatch):
+    """`alto tune` on the GPU with fixed-length data (every step's layout repeats, so its steps are
+    replayed as graphs), killed after micro-step 5 and resumed from its checkpoint at 4, ends with
+    the losses and adapters of the run that was not killed, bit for bit."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from alto.tune import tune
+    from conftest import interrupt
+
+    monkeypatch.setattr(step_graphs, "HOST_BOUND", 0.0)  # captured whether or not the host holds the GPU up
+    replays = []
+    replay = step_graphs._Graph.replay
+    monkeypatch.setattr(step_graphs._Graph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
+    rng = random.Random(7)
+    records = tmp_path / "fixed.jsonl"  # byte tokens: 16 characters, 16 tokens each
+    records.write_text("\n".join(json.dumps({"text": "".join(rng.choice("abcdefgh") for _ in range(16))})
+                                 for _ in range(40)))
+    keys = {"device": "cuda", "checkpoint_every": 4,
+            "data": {"source": "jsonl", "path": str(records), "max_length": 24, "eval_fraction": 0.2},
+            "defaults": {"micro_batch_size": 2, "max_steps": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}}
+    assert tune(str(sweep_yaml(out="whole", **keys)), None, log=lambda *_: None) == 0
+    assert replays, "no step was replayed: the test would not test graphs"
+    interrupt(sweep_yaml(out="cut", **keys), 5)
+    replays.clear()
+    assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
+    assert replays
+    assert (tmp_path / "whole" / "losses.csv").read_text() == (tmp_path / "cut" / "losses.csv").read_text()
+    for aid in ["rank2-lr0p001", "rank4-lr0p003", "rank2-lr0p003", "rank4-lr0p001"]:
+        whole, cut = (load_file(str(tmp_path / run / "adapters" / aid / "adapter_model.safetensors"))
+                      for run in ("whole", "cut"))
+        assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole), aid
