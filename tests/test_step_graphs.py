@@ -165,7 +165,8 @@ def test_no_host_data_is_sent_while_a_graph_is_captured():
 def test_a_killed_graphed_run_resumes_to_the_same_weights(tmp_path, sweep_yaml, monkeypatch):
     """`alto tune` on the GPU with fixed-length data (every step's layout repeats, so its steps are
     replayed as graphs), killed after micro-step 5 and resumed from its checkpoint at 4, ends with
-    the losses and adapters of the run that was not killed, bit for bit."""
+    the losses and adapters of a run that was not killed: bit for bit where two such runs are (else
+    within their own gap: atomic additions in a backward)."""
     import json
 
     from safetensors.torch import load_file
@@ -184,14 +185,25 @@ def test_a_killed_graphed_run_resumes_to_the_same_weights(tmp_path, sweep_yaml, 
     keys = {"device": "cuda", "checkpoint_every": 4,
             "data": {"source": "jsonl", "path": str(records), "max_length": 24, "eval_fraction": 0.2},
             "defaults": {"micro_batch_size": 2, "max_steps": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}}
-    assert tune(str(sweep_yaml(out="whole", **keys)), None, log=lambda *_: None) == 0
-    assert replays, "no step was replayed: the test would not test graphs"
+    for out in ("whole", "again"):
+        replays.clear()
+        assert tune(str(sweep_yaml(out=out, **keys)), None, log=lambda *_: None) == 0
+        assert replays, "no step was replayed: the test would not test graphs"
     interrupt(sweep_yaml(out="cut", **keys), 5)
     replays.clear()
     assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
     assert replays
-    assert (tmp_path / "whole" / "losses.csv").read_text() == (tmp_path / "cut" / "losses.csv").read_text()
-    for aid in ["rank2-lr0p001", "rank4-lr0p003", "rank2-lr0p003", "rank4-lr0p001"]:
-        whole, cut = (load_file(str(tmp_path / run / "adapters" / aid / "adapter_model.safetensors"))
-                      for run in ("whole", "cut"))
-        assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole), aid
+
+    def outcome(run: str) -> list[torch.Tensor]:
+        rows = (tmp_path / run / "losses.csv").read_text().splitlines()[1:]
+        losses = torch.tensor([float(row.split(",")[3]) for row in rows], dtype=torch.float64)  # its loss column
+        files = sorted((tmp_path / run / "adapters").glob("*/adapter_model.safetensors"))
+        adapters = [load_file(str(path)) for path in files]
+        return [losses] + [t.double() for weights in adapters for _, t in sorted(weights.items())]
+
+    def gap(a: str, b: str) -> float:
+        return max(float((x - y).abs().max() / x.abs().max().clamp_min(1e-30)) for x, y in zip(outcome(a), outcome(b)))
+
+    noise = gap("whole", "again")
+    assert len(outcome("cut")) == len(outcome("whole")) == 1 + 4 * 3 * 2 * 2  # losses; 4 x 3 modules x 2 layers x (A, B)
+    assert gap("whole", "cut") <= 4 * noise, f"two uninterrupted runs differ by {noise:.3g}"
