@@ -205,5 +205,5 @@ def test_a_killed_graphed_run_resumes_to_the_same_weights(tmp_path, sweep_yaml, 
         return max(float((x - y).abs().max() / x.abs().max().clamp_min(1e-30)) for x, y in zip(outcome(a), outcome(b)))
 
     noise = gap("whole", "again")
-    assert len(outcome("cut")) == len(outcome("whole")) == 1 + 4 * 3 * 2 * 2  # losses; 4 x 3 modules x 2 layers x (A, B)
+    assert len(outcome("cut")) == len(outcome("whole")) == 1 + 4 * 3 * 2 * 2  # losses; 4 x 3 modules x 2 layers x A, B
     assert gap("whole", "cut") <= 4 * noise, f"two uninterrupted runs differ by {noise:.3g}"
