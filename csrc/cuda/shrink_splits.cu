@@ -8,7 +8,7 @@
 
 namespace {
 // Off unless ALTO_SPLIT_K=1 (or set_split_k) until the split has run on a GPU (written 2026-12-06
-// while none could be had for a second call); the benches' A/B sets it per process.
+// after that session's device time was spent); the benches' A/B sets it per process.
 std::atomic<bool> split_k_enabled{[] {
   const char* env = std::getenv("ALTO_SPLIT_K");
   return env != nullptr && std::strcmp(env, "1") == 0;
