@@ -47,10 +47,11 @@ def base():
     return transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
 
-def train(base, monkeypatch, graphs: bool, host_bound: float = 0.0) -> tuple[Trainer, dict[str, list[float]]]:
+def train(base, monkeypatch, graphs: bool, host_bound: float = 0.0,
+          before_step=None) -> tuple[Trainer, dict[str, list[float]]]:
     """STEPS micro-steps of CONFIGS on sequences of one length (every step's layout repeats), fresh
     tokens each time; graphs: captured and replayed where a step repeats (else eager); host_bound 0:
-    captured whether or not the host held the GPU up."""
+    captured whether or not the host held the GPU up; before_step(trainer, step) before each."""
     monkeypatch.setattr(step_graphs, "ENABLED", graphs)
     monkeypatch.setattr(step_graphs, "HOST_BOUND", host_bound)
     rng = random.Random(5)
@@ -62,6 +63,8 @@ def train(base, monkeypatch, graphs: bool, host_bound: float = 0.0) -> tuple[Tra
     for step in range(STEPS):
         if step == 6:
             trainer.admit([reg.add("d", CONFIGS["d"])])
+        if before_step is not None:
+            before_step(trainer, step)
         for aid, loss in trainer.step().items():
             losses[aid].append(loss)
     return trainer, losses
@@ -153,6 +156,32 @@ def test_a_step_that_cannot_be_captured_runs_eagerly(base, eager, monkeypatch):
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     assert not trainer.graphs.graphs
     assert gap(eager[0], (trainer, losses)) <= 4 * eager[1]
+
+
+def test_out_of_memory_while_graphs_are_held_runs_the_step_again_without_them(base, eager, monkeypatch):
+    """The graphs' memory pools are outside admission's memory model: a step that runs out of memory
+    while one is held (micro-step 3: a,b,c's graph, captured at 1) drops them and runs once more,
+    eagerly, before it is counted as too large; training goes on as the eager run's. Without graphs
+    held, the out-of-memory step is undone and reported (StepOutOfMemory), once."""
+    from alto.train import StepOutOfMemory
+
+    faults = []
+
+    def out_of_memory(trainer, step, times):
+        def fault(running):
+            if len(faults) < times:
+                faults.append(bool(trainer.graphs.graphs))
+                raise torch.OutOfMemoryError("planted")
+        trainer.inject_fault = fault if step == 3 else None
+
+    trainer, losses = train(base, monkeypatch, graphs=True, before_step=lambda t, s: out_of_memory(t, s, 1))
+    assert faults == [True]  # the graph was held when memory ran out; the step was not reported
+    assert gap(eager[0], (trainer, losses)) <= 4 * eager[1]
+
+    faults.clear()
+    with pytest.raises(StepOutOfMemory):
+        train(base, monkeypatch, graphs=True, before_step=lambda t, s: out_of_memory(t, s, 2))
+    assert faults == [True, False]  # run once more without graphs, then reported
 
 
 def test_no_host_data_is_sent_while_a_graph_is_captured():

@@ -193,7 +193,8 @@ class Trainer:
     def _forward_backward(self, running: list[Adapter]) -> torch.Tensor:
         """The step's losses ([G]) and gradients, added to the pending ones. Out of memory, the step
         is undone (data positions, dropout RNGs and pending gradients as before) and
-        StepOutOfMemory raised, after every tensor of the failed step is freed."""
+        StepOutOfMemory raised, after every tensor of the failed step is freed; where step graphs held
+        memory, they are dropped and the step is run once more first."""
         positions = {a.id: self.data[a.id].position for a in running}
         rngs = {a.id: self.model.generators[a.id].get_state() for a in running if a.config.dropout > 0}
         packs = [p for layer in self.model.layers.values() if layer.order for p in layer.packs()]
@@ -220,6 +221,7 @@ class Trainer:
         if failed:  # outside the except block: the failed step's frames and tensors are gone
             per_adapter = None
             restore_pending()
+            graphs_held = self.graphs is not None and bool(self.graphs.graphs)
             self._forget_graphs()
             for aid, position in positions.items():
                 self.data[aid].position = position
@@ -227,6 +229,8 @@ class Trainer:
                 self.model.generators[aid].set_state(state)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            if graphs_held:  # their pools (outside admission's memory model) may be what was short: once more without
+                return self._forward_backward(running)
             raise StepOutOfMemory(self.last_positions)
         for p, g in zip(packs, pending):
             if g is not None:
