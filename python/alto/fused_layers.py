@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 ENABLED = os.environ.get("ALTO_FUSED_LAYERS", "1") != "0"
-RECOMPUTE_PRODUCT = os.environ.get("ALTO_RECOMPUTE_PRODUCT", "1") != "0"  # 0: the SwiGLU product kept for the backward
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ class _FusedMLP:
             def product() -> torch.Tensor:
                 return self.act_fn(gate) * up
         act = product()
-        if not (torch.is_grad_enabled() and RECOMPUTE_PRODUCT):
+        if not torch.is_grad_enabled():
             return self.down_proj(act)
         with recomputed(act, product):
             return self.down_proj(act)
