@@ -82,7 +82,7 @@ PyMethodDef methods[] = {
      "Synchronize after every CUDA op so index errors are raised by the op that hit them."},
     {"sync_checks", sync_checks, METH_NOARGS, "Whether every CUDA op synchronizes after its launch."},
     {"set_split_k", set_split_k, METH_O,
-     "Whether a CUDA shrink of few tokens may split its K (ALTO_SPLIT_K=1 at start); returns the old setting."},
+     "Whether a CUDA shrink of few tokens may split its K (ALTO_SPLIT_K=0 at start: no); returns the old setting."},
     {"shrink_splits", shrink_splits, METH_VARARGS,
      "shrink_splits(tokens, groups, out_ld, d, sm_count): the K chunks a CUDA shrink of that shape runs in."},
     {nullptr, nullptr, 0, nullptr}};

@@ -59,7 +59,7 @@ def _sync_checks():
 
 @pytest.fixture
 def split_k():
-    """CUDA shrinks of few tokens split their K (alto_ext's switch; ALTO_SPLIT_K=1 turns it on for a process)."""
+    """CUDA shrinks of few tokens split their K (alto_ext's switch; on unless ALTO_SPLIT_K=0)."""
     was = alto_ext._C.set_split_k(True)
     yield
     alto_ext._C.set_split_k(was)

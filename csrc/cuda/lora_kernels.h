@@ -73,7 +73,7 @@ using Status = const char*;
 // the other columns are untouched, with splits > 1 (d cut in at most that many chunks, for steps
 // of few tokens: shrink_splits) they are set to zero.
 int shrink_splits(int64_t tokens, int num_groups, int64_t out_ld, int64_t d, int sm_count);
-void set_split_k(bool enabled);  // whether shrink_splits may split (ALTO_SPLIT_K=1 at start)
+void set_split_k(bool enabled);  // whether shrink_splits may split (ALTO_SPLIT_K=0 at start: never)
 bool split_k();
 template <DType D>
 size_t shrink_workspace_bytes(int num_groups, int sm_count, int splits, int64_t tokens, int64_t out_ld);

@@ -7,11 +7,12 @@
 #include "grouped_gemm.cuh"
 
 namespace {
-// Off unless ALTO_SPLIT_K=1 (or set_split_k) until the split has run on a GPU (written 2026-12-06
-// after that session's device time was spent); the benches' A/B sets it per process.
+// On unless ALTO_SPLIT_K=0 (or set_split_k(false)): on the H200 it took a 512-token shrink at d = 4,096
+// from 24.6 to 19.9 us and its dh at 14,336 from 50.2 to 23.3 us, no other shape slower (bench/RESULTS.md,
+// 2026-12-06, fifteenth session); the benches' A/B sets it per process.
 std::atomic<bool> split_k_enabled{[] {
   const char* env = std::getenv("ALTO_SPLIT_K");
-  return env != nullptr && std::strcmp(env, "1") == 0;
+  return env == nullptr || std::strcmp(env, "0") != 0;
 }()};
 }  // namespace
 
