@@ -57,11 +57,12 @@ def _sync_checks():
     alto_ext.set_sync_checks(False)
 
 
-@pytest.fixture
-def split_k():
-    """CUDA shrinks of few tokens split their K (alto_ext's switch; on unless ALTO_SPLIT_K=0)."""
-    was = alto_ext._C.set_split_k(True)
-    yield
+@pytest.fixture(params=[True, False], ids=["split-k", "whole-k"])
+def split_k(request):
+    """CUDA shrinks of few tokens split their K (alto_ext's switch, on unless ALTO_SPLIT_K=0) or run
+    it whole: the test runs both ways; the value is the setting."""
+    was = alto_ext._C.set_split_k(request.param)
+    yield request.param
     alto_ext._C.set_split_k(was)
 
 

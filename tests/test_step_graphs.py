@@ -161,11 +161,12 @@ def test_a_step_that_cannot_be_captured_runs_eagerly(base, eager, monkeypatch):
 def test_out_of_memory_while_graphs_are_held_runs_the_step_again_without_them(base, eager, monkeypatch):
     """The graphs' memory pools are outside admission's memory model: a step that runs out of memory
     while one is held (micro-step 3: a,b,c's graph, captured at 1) drops them and runs once more,
-    eagerly, before it is counted as too large; training goes on as the eager run's. Without graphs
-    held, the out-of-memory step is undone and reported (StepOutOfMemory), once."""
+    eagerly, before it is counted as too large, and no graph is taken until the adapters change (c
+    finishes at 3); training goes on as the eager run's. Without graphs held, the out-of-memory step
+    is undone and reported (StepOutOfMemory), once."""
     from alto.train import StepOutOfMemory
 
-    faults = []
+    faults, held_off = [], []
 
     def out_of_memory(trainer, step, times):
         def fault(running):
@@ -173,13 +174,16 @@ def test_out_of_memory_while_graphs_are_held_runs_the_step_again_without_them(ba
                 faults.append(bool(trainer.graphs.graphs))
                 raise torch.OutOfMemoryError("planted")
         trainer.inject_fault = fault if step == 3 else None
+        held_off.append(trainer.graphs.held_off)
 
     trainer, losses = train(base, monkeypatch, graphs=True, before_step=lambda t, s: out_of_memory(t, s, 1))
     assert faults == [True]  # the graph was held when memory ran out; the step was not reported
+    assert held_off[3:5] == [False, True] and not any(held_off[5:])  # until the packs changed at 4
+    assert trainer.graphs.graphs  # taken again after
     assert gap(eager[0], (trainer, losses)) <= 4 * eager[1]
 
     faults.clear()
-    with pytest.raises(StepOutOfMemory):
+    with pytest.raises(StepOutOfMemory):  # (the retry is the one that fails)
         train(base, monkeypatch, graphs=True, before_step=lambda t, s: out_of_memory(t, s, 2))
     assert faults == [True, False]  # run once more without graphs, then reported
 

@@ -8,7 +8,7 @@
 
 namespace {
 // On unless ALTO_SPLIT_K=0 (or set_split_k(false)): on the H200 it took a 512-token shrink at d = 4,096
-// from 24.6 to 19.9 us and its dh at 14,336 from 50.2 to 23.3 us, no other shape slower (bench/RESULTS.md,
+// from 24.6 to 19.9 us and its dh at 14,336 from 50.2 to 23.3 us, no other shape slower beyond 1.5% (RESULTS.md,
 // 2026-12-06, fifteenth session); the benches' A/B sets it per process.
 std::atomic<bool> split_k_enabled{[] {
   const char* env = std::getenv("ALTO_SPLIT_K");

@@ -19,7 +19,7 @@ alto_ext.to_device refuses to send host data during one) and is a function of th
 keeps the step's activations in its own memory pool: at most CAPACITY graphs, dropped when the packs
 change (an adapter admitted or retired) and on out of memory. Admission's memory model does not count
 them: a step that runs out of memory while they are held runs again without them (alto.train) before
-its size is counted as too large. Not graphed: dropout (LoRA's draws from each adapter's own generator; the base's and its
+its size is counted as too large, and none is captured again until the adapters change. Not graphed: dropout (LoRA's draws from each adapter's own generator; the base's and its
 attention's), objectives with references, shared prefixes, several ranks, the CPU, and sync checks
 (alto_ext.set_sync_checks: a wait after every op). A capture that fails (an op waits for the GPU)
 leaves that step eager, with a warning.
@@ -96,6 +96,7 @@ class StepGraphs:
         self.first_runs: dict[tuple, _FirstRun] = {}
         self.eager: set[tuple] = set()  # keys whose capture failed or that the GPU did not wait for
         self.packs_key: list | None = None
+        self.held_off = False  # no capture until the packs change (memory ran out while graphs were held)
         self.stream: torch.cuda.Stream | None = None
 
     @staticmethod
@@ -113,6 +114,12 @@ class StepGraphs:
         self.first_runs.clear()
         self.eager.clear()
 
+    def hold_off(self) -> None:
+        """Drops every graph and captures none until the packs change: memory ran out while graphs
+        were held, and a graph taken again would hold as much."""
+        self.clear()
+        self.held_off = True
+
     def run(self, model: MultiLoraModel, step: Pass, compute: Compute, weights: torch.Tensor,
             packs: Sequence[torch.Tensor]) -> torch.Tensor:
         """compute(step, weights)'s per-adapter losses, the step's gradients in the packs' .grad (none
@@ -120,7 +127,9 @@ class StepGraphs:
         packs_key = [(id(p), p.data_ptr(), tuple(p.shape)) for p in packs]
         if packs_key != self.packs_key:  # other packs: the graphs read the old ones
             self.clear()
-            self.packs_key = packs_key
+            self.packs_key, self.held_off = packs_key, False
+        if self.held_off:
+            return compute(step, weights)
         key = self._key(model, step)
         graph = self.graphs.get(key)
         if graph is not None:

@@ -190,11 +190,12 @@ class Trainer:
         for adapter, status, reason in outcomes:
             adapter.status, adapter.failure = status, reason
 
-    def _forward_backward(self, running: list[Adapter]) -> torch.Tensor:
+    def _forward_backward(self, running: list[Adapter], retry: bool = True) -> torch.Tensor:
         """The step's losses ([G]) and gradients, added to the pending ones. Out of memory, the step
         is undone (data positions, dropout RNGs and pending gradients as before) and
         StepOutOfMemory raised, after every tensor of the failed step is freed; where step graphs held
-        memory, they are dropped and the step is run once more first."""
+        memory (retry), they are dropped, none is captured again until the adapters change, and the
+        step is run once more first."""
         positions = {a.id: self.data[a.id].position for a in running}
         rngs = {a.id: self.model.generators[a.id].get_state() for a in running if a.config.dropout > 0}
         packs = [p for layer in self.model.layers.values() if layer.order for p in layer.packs()]
@@ -229,8 +230,11 @@ class Trainer:
                 self.model.generators[aid].set_state(state)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            if graphs_held:  # their pools (outside admission's memory model) may be what was short: once more without
-                return self._forward_backward(running)
+            if retry and graphs_held:  # their pools (outside admission's memory model) may be what was short
+                self.graphs.hold_off()
+                if self.device.type == "cuda":  # the step's peak, as admission reads it after, is the retry's
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                return self._forward_backward(running, retry=False)
             raise StepOutOfMemory(self.last_positions)
         for p, g in zip(packs, pending):
             if g is not None:
