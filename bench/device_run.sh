@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine = build + test + bench (README "Test").
-#   bash bench/device_run.sh [build] [test] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
+#   bash bench/device_run.sh [build] [test] [cuda] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
 #                            [tile_configs] [sanitize] [parallel] [parallel_shares] [tasks] [sweep] [quality]
 #                            [sharded] [cluster] [search] [dpo] [fused] [load]
 #   (default: build test bench bench_step)
@@ -65,6 +65,17 @@ for stage in "${stages[@]}"; do
       timeout -s INT "${TEST_S:-480}" python3 -m pytest tests -q -p no:cacheprovider --ignore=tests/test_bench.py \
         --durations=10 2>&1 | tee "$OUT/pytest.log" | tail -30
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      ;;
+    cuda)
+      # The CUDA tests twice: with conftest's sync checks (a wait after every op: errors raised by the op
+      # that hit them; no step graphed) and without (ALTO_TEST_SYNC_CHECKS=0: repeated steps graphed, as a
+      # user's are). CUDA_S: each run's limit.
+      for sync in 1 0; do
+        echo "ALTO_TEST_SYNC_CHECKS=$sync" | tee -a "$OUT/pytest_cuda.log"
+        ALTO_TEST_SYNC_CHECKS=$sync timeout -s INT "${CUDA_S:-200}" python3 -m pytest tests -m cuda -q -p no:cacheprovider \
+          -rfEs 2>&1 | tee -a "$OUT/pytest_cuda.log" | tail -12
+        [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      done
       ;;
     sanitize)
       # Out-of-bounds reads/writes in the kernels, bad-index inputs included.
