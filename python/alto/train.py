@@ -191,11 +191,9 @@ class Trainer:
             adapter.status, adapter.failure = status, reason
 
     def _forward_backward(self, running: list[Adapter], retry: bool = True) -> torch.Tensor:
-        """The step's losses ([G]) and gradients, added to the pending ones. Out of memory, the step
-        is undone (data positions, dropout RNGs and pending gradients as before) and
-        StepOutOfMemory raised, after every tensor of the failed step is freed; where step graphs held
-        memory (retry), they are dropped, none is captured again until the adapters change, and the
-        step is run once more first."""
+        """The step's losses ([G]) and gradients, added to the pending ones. Out of memory, the step is undone (data
+        positions, dropout RNGs, pending gradients) and StepOutOfMemory raised once its tensors are freed; where step
+        graphs held memory (retry), they are dropped (none captured until the adapters change) and it runs once more."""
         positions = {a.id: self.data[a.id].position for a in running}
         rngs = {a.id: self.model.generators[a.id].get_state() for a in running if a.config.dropout > 0}
         packs = [p for layer in self.model.layers.values() if layer.order for p in layer.packs()]
@@ -210,6 +208,7 @@ class Trainer:
         batches = {a.id: self.data[a.id].next_batch(a.micro_batch_size) for a in running}
         lengths = [len(s) for b in batches.values() for s in b]
         self.last_positions, self.last_tokens = step_positions(lengths, self.packed), sum(lengths)
+        failed = False
         try:
             per_adapter = self._losses_and_gradients(running, batches, packs)
         except torch.OutOfMemoryError:
@@ -217,12 +216,9 @@ class Trainer:
         except BaseException:  # any other error ends the run: the pending gradients are not lost to it
             restore_pending()
             raise
-        else:
-            failed = False
         if failed:  # outside the except block: the failed step's frames and tensors are gone
-            per_adapter = None
             restore_pending()
-            graphs_held = self.graphs is not None and bool(self.graphs.graphs)
+            graphs_held = retry and self.graphs is not None and bool(self.graphs.graphs)  # (CUDA only)
             self._forget_graphs()
             for aid, position in positions.items():
                 self.data[aid].position = position
@@ -230,10 +226,9 @@ class Trainer:
                 self.model.generators[aid].set_state(state)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            if retry and graphs_held:  # their pools (outside admission's memory model) may be what was short
+            if graphs_held:  # their pools (outside admission's memory model) may be what was short
                 self.graphs.hold_off()
-                if self.device.type == "cuda":  # the step's peak, as admission reads it after, is the retry's
-                    torch.cuda.reset_peak_memory_stats(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)  # the peak admission reads is the retry's
                 return self._forward_backward(running, retry=False)
             raise StepOutOfMemory(self.last_positions)
         for p, g in zip(packs, pending):
