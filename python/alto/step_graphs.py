@@ -19,9 +19,10 @@ alto_ext.to_device refuses to send host data during one) and is a function of th
 keeps the step's activations in its own memory pool: at most CAPACITY graphs, dropped when the packs
 change (an adapter admitted or retired) and on out of memory. Admission's memory model does not count
 them: a step that runs out of memory while they are held runs again without them (alto.train) before
-its size is counted as too large, and none is captured again until the adapters change. Not graphed: dropout (LoRA's draws from each adapter's own generator; the base's and its
-attention's), objectives with references, shared prefixes, several ranks, the CPU, and sync checks
-(alto_ext.set_sync_checks: a wait after every op). A capture that fails (an op waits for the GPU)
+its size is counted as too large, and none is captured again until the adapters change. Not graphed:
+dropout (LoRA's draws from each adapter's own generator; the base's and its attention's), objectives
+with references, shared prefixes, several ranks, the CPU, and sync checks (alto_ext.set_sync_checks:
+a wait after every op). A capture that fails (an op waits for the GPU)
 leaves that step eager, with a warning.
 """
 from __future__ import annotations
