@@ -94,8 +94,8 @@ def _one_attention_over_everything(q, k, v, cu_q, cu_k, scale, window):
         enable_gqa=True).transpose(0, 1)
 
 
-def _targets_crossing_boundaries(sequences, pad_id, packed, device, offsets=None):
-    inputs, labels, row_len = STEP_INPUTS(sequences, pad_id, packed, device, offsets)
+def _targets_crossing_boundaries(sequences, pad_id, packed, device, offsets=None, padding=None):
+    inputs, labels, row_len = STEP_INPUTS(sequences, pad_id, packed, device, offsets, padding)
     return inputs, (inputs["input_ids"] if packed else labels), row_len  # each last token predicts the next sequence
 
 

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import alto_ext  # noqa: E402
 from alto import step_graphs  # noqa: E402
-from alto.model import MultiLoraModel  # noqa: E402
+from alto.model import MultiLoraModel, StepPlan  # noqa: E402
 from alto.registry import AdapterConfig, Registry  # noqa: E402
 from alto.train import DataStream, Trainer  # noqa: E402
 from alto_ext.segments import to_device  # noqa: E402
@@ -47,15 +47,17 @@ def base():
     return transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
 
-def train(base, monkeypatch, graphs: bool, host_bound: float = 0.0,
-          before_step=None) -> tuple[Trainer, dict[str, list[float]]]:
-    """STEPS micro-steps of CONFIGS on sequences of one length (every step's layout repeats), fresh
-    tokens each time; graphs: captured and replayed where a step repeats (else eager); host_bound 0:
-    captured whether or not the host held the GPU up; before_step(trainer, step) before each."""
+def train(base, monkeypatch, graphs: bool, host_bound: float = 0.0, before_step=None,
+          lengths: tuple[int, int] = (LENGTH, LENGTH)) -> tuple[Trainer, dict[str, list[float]]]:
+    """STEPS micro-steps of CONFIGS on sequences of one length (every step's layout repeats; lengths: drawn
+    from that range instead), fresh tokens each time; graphs: captured and replayed where a step repeats
+    (else eager); host_bound 0: captured whether or not the host held the GPU up; before_step(trainer,
+    step) before each."""
     monkeypatch.setattr(step_graphs, "ENABLED", graphs)
     monkeypatch.setattr(step_graphs, "HOST_BOUND", host_bound)
     rng = random.Random(5)
-    data = {aid: DataStream([[rng.randrange(1, VOCAB) for _ in range(LENGTH)] for _ in range(24)]) for aid in CONFIGS}
+    data = {aid: DataStream([[rng.randrange(1, VOCAB) for _ in range(rng.randint(*lengths))] for _ in range(24)])
+            for aid in CONFIGS}
     reg = Registry()
     trainer = Trainer(MultiLoraModel(copy.deepcopy(base)), reg, data, PAD, device="cuda")
     trainer.admit([reg.add(aid, CONFIGS[aid]) for aid in "abc"])
@@ -125,6 +127,46 @@ def test_the_comparison_catches_planted_bugs(base, eager, monkeypatch, bug):
 
     monkeypatch.setattr(step_graphs._Graph, "replay", planted)
     assert gap(run, train(base, monkeypatch, graphs=True)) > max(100 * noise, 1e-3)
+
+
+VARIABLE = (40, 48)  # 4-5 sequences a step: 160-240 positions, padded to one or two buckets (alto.step_buckets)
+
+
+@pytest.fixture(scope="module")
+def eager_bucketed(base):
+    """Two eager runs on sequences of variable lengths, every step from the second on padded to its
+    bucket (as a graphed run pads them once the host held up its first step), and their gap."""
+    def padded_after_the_first(self, model, reference, batches):
+        self.calls = getattr(self, "calls", 0) + 1
+        return self.calls > 1
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(step_graphs.StepGraphs, "buckets", padded_after_the_first)
+        first = train(base, mp, graphs=False, lengths=VARIABLE)
+        return first, gap(first, train(base, mp, graphs=False, lengths=VARIABLE))
+
+
+@pytest.mark.parametrize("bug", [None, "no refresh of the token ranges"])
+def test_steps_of_variable_lengths_are_padded_to_buckets_and_replayed(base, eager_bucketed, monkeypatch, bug):
+    """No layout of variable-length data repeats: once the host held up the first step, the steps are
+    padded to their buckets, whose layouts repeat, and replayed; they train as the eager padded run
+    (and that one as the unpadded math: tests/test_step_buckets.py). A replay that kept the captured
+    step's token ranges (StepPlan.refresh skipped) is caught."""
+    (run, noise) = eager_bucketed
+    replays, padded = [], []
+    replay = step_graphs._Graph.replay
+    monkeypatch.setattr(step_graphs._Graph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
+    buckets = step_graphs.StepGraphs.buckets
+    monkeypatch.setattr(step_graphs.StepGraphs, "buckets", lambda self, *a: padded.append(buckets(self, *a)) or padded[-1])
+    if bug:
+        monkeypatch.setattr(StepPlan, "refresh", lambda self, other: None)
+    graphed = train(base, monkeypatch, graphs=True, lengths=VARIABLE)
+    assert padded == [False] + [True] * (STEPS - 1)
+    assert len(replays) >= 2, "too few replays: the test would not test them"
+    if bug:
+        assert gap(run, graphed) > max(100 * noise, 1e-3)
+    else:
+        assert gap(run, graphed) <= 4 * noise, f"eager runs differ by {noise:.3g}"
 
 
 def test_a_step_the_host_does_not_hold_up_stays_eager(base, eager, monkeypatch):

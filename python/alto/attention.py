@@ -69,6 +69,8 @@ def _per_sequence(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, scale: float 
     out = []
     bq, bk = cu_q.tolist(), cu_k.tolist()
     for q0, q1, k0, k1 in zip(bq[:-1], bq[1:], bk[:-1], bk[1:]):
+        if q1 == q0:  # a bucketed step's zero-length sequences (alto.step_buckets)
+            continue
         qs, ks, vs = q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)  # [H, L, D]
         nq, nk = q1 - q0, k1 - k0
         if nq == nk and (window is None or nk <= window):

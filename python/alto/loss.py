@@ -196,14 +196,14 @@ def head_token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tenso
 
 
 def adapter_loss_sums(token_loss: torch.Tensor, labels: torch.Tensor, token_counts: Sequence[int],
-                      index: torch.Tensor | None = None) -> torch.Tensor:
+                      index: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
     """[2, G]: each adapter's summed next-token loss over its own target tokens, and the number of
     those tokens, from every position's loss (token_losses or head_token_losses, flattened);
     token_counts = positions per adapter of the flattened [B, L] labels (summed per adapter in a
-    fixed number of kernels, see segment_sums; index: its segment_index, where the caller keeps it)."""
+    fixed number of kernels, see segment_sums; index and width: its own, where the caller keeps them)."""
     token_loss = token_loss.flatten()
     has_target = (next_token_targets(labels) != -100).to(token_loss.dtype)
-    return segment_sums(torch.stack([token_loss, has_target]), token_counts, index)
+    return segment_sums(torch.stack([token_loss, has_target]), token_counts, index, width)
 
 
 def mean_losses(loss_sums: torch.Tensor) -> torch.Tensor:

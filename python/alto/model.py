@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import alto_ext
-from alto_ext.segments import segment_index, to_device
+from alto_ext.segments import indptr, segment_index, to_device
 from alto import attention, fused_layers
 from alto.base import is_nf4
 from alto.families import check_targets, family_of
@@ -42,10 +42,14 @@ class StepPlan:
     device: torch.device
     scaling_dtype: torch.dtype = torch.float32  # float64 for a float64 model (exact math)
     configs: list[AdapterConfig] = field(default_factory=list)  # each adapter's (what its objective reads)
+    # packed to a bucket (alto.step_buckets): the last adapter's lengths end with the pad sequences, and
+    # every host-side shape of the step is the bucket's, whatever the adapters' own token counts
+    bucketed: bool = False
     _segments: dict[tuple[int, ...], alto_ext.Segments] = field(default_factory=dict)
     _stacks: dict[tuple[tuple[int, ...], ...], alto_ext.StackedSegments] = field(default_factory=dict)
     _token_cells: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     _sum_index: torch.Tensor | None = None
+    _token_indptr: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # asked per projection per step: computed once (plain attributes, which torch.compile traces)
@@ -54,12 +58,30 @@ class StepPlan:
         self.token_counts = ([sum(lens) for lens in self.lengths] if self.row_len is None
                              else [len(lens) * self.row_len for lens in self.lengths])
         self.any_dropout = any(p > 0 for p in self.dropout)
+        # the width of segment_sums' grid: the step's positions where its shape must not follow the counts
+        self.sum_width = sum(self.token_counts) if self.bucketed else max(self.token_counts, default=0)
+
+    def token_indptr(self) -> torch.Tensor:
+        """The adapters' token ranges (int32 [G+1] on the device), one tensor shared by every layer's
+        Segments: what a replayed step's graph (alto.step_graphs) reads anew (refresh)."""
+        if self._token_indptr is None:
+            self._token_indptr = indptr(self.token_counts, self.device)
+        return self._token_indptr
+
+    def refresh(self, other: StepPlan) -> None:
+        """Writes the device tensors of `other` (a bucketed plan of the same adapters and bucket) over
+        those this plan has built, in place: a CUDA graph captured with this plan then runs other's step."""
+        if self._token_indptr is not None:
+            self._token_indptr.copy_(other.token_indptr())
+        if self._sum_index is not None:
+            self._sum_index.copy_(other.sum_index())
 
     def segments(self, ranks: tuple[int, ...]) -> alto_ext.Segments:
         """Segments for one layer's rank tuple (built once per step per distinct tuple)."""
         seg = self._segments.get(ranks)
         if seg is None:
-            seg = alto_ext.Segments.build(self.token_counts, ranks, self.scaling, self.device, self.scaling_dtype)
+            seg = alto_ext.Segments.build(self.token_counts, ranks, self.scaling, self.device, self.scaling_dtype,
+                                          seg_indptr=self.token_indptr())
             self._segments[ranks] = seg
         return seg
 
@@ -600,10 +622,10 @@ class MultiLoraModel(nn.Module):
 
 
 def plan_for(model: MultiLoraModel, adapter_ids: Sequence[str], lengths: Sequence[Sequence[int]],
-             row_len: int | None, device: torch.device) -> StepPlan:
+             row_len: int | None, device: torch.device, bucketed: bool = False) -> StepPlan:
     """The plan of a step holding sequences of these lengths per adapter, packed (row_len None) or
-    each padded to row_len."""
+    each padded to row_len (bucketed: see StepPlan)."""
     configs = [model.configs[a] for a in adapter_ids]
     return StepPlan(list(adapter_ids), [list(lens) for lens in lengths], row_len, [c.scaling for c in configs],
                     [c.dropout for c in configs], [model.generators[a] for a in adapter_ids], device,
-                    model.adapter_dtype, configs=configs)
+                    model.adapter_dtype, configs=configs, bucketed=bucketed)

@@ -56,7 +56,7 @@ class SFT(Objective):
 
     def loss_sums(self, token_loss: torch.Tensor, labels: torch.Tensor, plan: StepPlan,
                   reference: torch.Tensor | None = None) -> torch.Tensor:
-        return adapter_loss_sums(token_loss, labels, plan.token_counts, plan.sum_index())
+        return adapter_loss_sums(token_loss, labels, plan.token_counts, plan.sum_index(), plan.sum_width)
 
 
 class ReferenceLogProbs:

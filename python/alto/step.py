@@ -17,6 +17,7 @@ from alto.loss import head_token_losses, target_positions, token_losses
 from alto.model import MultiLoraModel, StepPlan, plan_for
 from alto.objectives import SFT, Objective, sequence_sums
 from alto.shared_prefixes import SharedPrefixes, shared_lengths
+from alto.step_buckets import Padding, padded_rows
 from alto_ext.segments import to_device
 
 
@@ -34,7 +35,7 @@ def pad_batch(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int):
 
 
 def step_inputs(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, packed: bool,
-                device: torch.device, position_offsets: torch.Tensor | None = None
+                device: torch.device, position_offsets: torch.Tensor | None = None, padding: Padding | None = None
                 ) -> tuple[dict[str, torch.Tensor | int], torch.Tensor, int | None]:
     """(model inputs on `device`, labels [rows, positions] on the host, row length or None) of a
     step's sequences: the caller reads the labels' target positions there and sends them (no wait
@@ -42,19 +43,25 @@ def step_inputs(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, 
     layout): one row of all sequences end to end, position ids restarting at each (plus
     position_offsets, one per token: where the sequences continue shared prefixes), the boundaries
     as cu_seq_lens_q, and each sequence's first label -100, so no next-token target crosses a
-    boundary."""
+    boundary. padding (packed only): the stream padded to its bucket (alto.step_buckets)."""
     if not packed:
         ids, mask, labels = pad_batch(sequences, pad_id)
         return {"input_ids": to_device(ids, device), "attention_mask": to_device(mask, device)}, labels, ids.shape[1]
-    lengths = torch.tensor([len(s) for s in sequences])
-    ids, labels = ids_and_labels(torch.cat([torch.as_tensor(s, dtype=torch.long) for s in sequences]))
+    pads = [] if padding is None else [torch.full((n,), pad_id) for n in padding.sequences]
+    lengths = torch.tensor([len(s) for s in [*sequences, *pads]])
+    ids, labels = ids_and_labels(torch.cat([torch.as_tensor(s, dtype=torch.long) for s in [*sequences, *pads]]))
     bounds = F.pad(lengths.cumsum(0), (1, 0))
     positions = torch.arange(len(ids)) - bounds[:-1].repeat_interleave(lengths)
     if position_offsets is not None:
         positions += position_offsets
     labels[bounds[:-1]] = -100
+    max_length = int(lengths.max())
+    if padding is not None:
+        labels[len(ids) - sum(padding.sequences):] = -100
+        bounds = F.pad(bounds, (0, padding.empty), value=len(ids))
+        max_length = padding.max_length
     inputs = {"input_ids": to_device(ids[None], device), "position_ids": to_device(positions[None], device),
-              "cu_seq_lens_q": to_device(bounds.to(torch.int32), device), "max_length_q": int(lengths.max())}
+              "cu_seq_lens_q": to_device(bounds.to(torch.int32), device), "max_length_q": max_length}
     return inputs, labels[None], None
 
 
@@ -112,23 +119,32 @@ class Pass:
 
 
 def prepare_pass(model: MultiLoraModel, batches: dict[str, Sequence], flat: Sequence, pad_id: int,
-                 device: torch.device, training: bool, packed: bool) -> Pass:
+                 device: torch.device, training: bool, packed: bool, bucketed: bool = False) -> Pass:
     """The pass of the sequences flat (batches' in order; no batches: the base alone, as an
     objective's reference pass and bench_step's frozen-base step run it, with the head and layout of
     a co-located step). Where the adapters' sequences share context prefixes, each prefix runs once
     (alto.shared_prefixes: the labels and plan are of the rows the pass runs, each adapter's first
-    sequence whole and the others' own tokens)."""
+    sequence whole and the others' own tokens); else, bucketed, a packed pass of adapters is padded
+    to its bucket (alto.step_buckets: the pad sequences the last adapter's)."""
     shared = shared_prefix_lengths(model, batches, training, packed)
     prefixes = None if shared is None else SharedPrefixes.of(batches, shared, device)
     runs = batches if prefixes is None else prefixes.runs(batches)
-    inputs, labels, row_len = step_inputs(flat if prefixes is None else [s for b in runs.values() for s in b], pad_id,
-                                          packed, device, None if prefixes is None else prefixes.position_offsets)
+    seqs = flat if prefixes is None else [s for b in runs.values() for s in b]
+    padding = Padding.of([len(s) for s in seqs]) if bucketed and packed and batches and prefixes is None else None
+    inputs, labels, row_len = step_inputs(seqs, pad_id, packed, device,
+                                          None if prefixes is None else prefixes.position_offsets, padding)
     if prefixes is not None:
         inputs["shared_prefixes"] = prefixes
-    plan = plan_for(model, list(runs), [[len(s) for s in b] for b in runs.values()], row_len, device)
+    lengths = [[len(s) for s in b] for b in runs.values()]
+    if padding is not None:
+        lengths[-1] += padding.sequences
+    plan = plan_for(model, list(runs), lengths, row_len, device, bucketed=padding is not None)
     # the head runs on the positions with a target only: read on the host, where step_inputs built
     # the labels (a GPU's .nonzero() would wait for it)
-    rows = None if model.plain_head is None else to_device(target_positions(labels.cpu()), device)
+    rows = None
+    if model.plain_head is not None:
+        rows = target_positions(labels.cpu())
+        rows = to_device(rows if padding is None else padded_rows(rows, padding.positions), device)
     return Pass(plan, inputs, to_device(labels, device), rows, training)
 
 

@@ -1,5 +1,6 @@
 """A training step's forward and backward as a CUDA graph, replayed where the step repeats one seen
-before: the same adapters, sequence lengths, number of targets and packs (alto.train).
+before: the same adapters, sequence lengths (or bucket: alto.step_buckets), number of targets and
+packs (alto.train).
 
 Why: a step of few tokens waits for the host, which launches its kernels one by one from Python
 (bench_step, one adapter at Llama-3-8B widths, 4 layers, on the H100: the frozen base's eager step
@@ -15,15 +16,18 @@ A capture is this step's work run once on a side stream (its results, and the wa
 asks for), then recorded. A replay copies the new step's inputs (token ids, labels, target positions,
 gradient-accumulation weights) into the graph's and returns fresh copies of its losses and gradients.
 Everything else a replay reads was sent to the device before the capture (the plan's segments:
-alto_ext.to_device refuses to send host data during one) and is a function of the key. Each graph
-keeps the step's activations in its own memory pool: at most CAPACITY graphs, dropped when the packs
-change (an adapter admitted or retired) and on out of memory. Admission's memory model does not count
-them: a step that runs out of memory while they are held runs again without them (alto.train) before
-its size is counted as too large, and none is captured again until the adapters change. Not graphed:
-dropout (LoRA's draws from each adapter's own generator; the base's and its attention's), objectives
-with references, shared prefixes, several ranks, the CPU, and sync checks (alto_ext.set_sync_checks:
-a wait after every op). A capture that fails (an op waits for the GPU)
-leaves that step eager, with a warning.
+alto_ext.to_device refuses to send host data during one) and is a function of the key, but for a
+bucketed step's token ranges, which the replay writes over the captured plan's (StepPlan.refresh).
+While the host holds the steps up, steps of variable-length data are padded to buckets
+(StepGraphs.buckets), so that their layouts repeat. The graphs share one memory pool for the
+steps' activations (a replay's results are copied out before the next one runs): at most CAPACITY
+graphs, dropped when the packs change (an adapter admitted or retired) and on out of memory.
+Admission's memory model does not count them: a step that runs out of memory while they are held
+runs again without them (alto.train) before its size is counted as too large, and none is captured
+again until the adapters change. Not graphed: dropout (LoRA's draws from each adapter's own
+generator; the base's and its attention's), objectives with references, shared prefixes, several
+ranks, the CPU, and sync checks (alto_ext.set_sync_checks: a wait after every op). A capture that
+fails (an op waits for the GPU) leaves that step eager, with a warning.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import os
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +49,8 @@ from alto.step import Pass
 # On by default (ALTO_STEP_GRAPHS=0: every step eager) since tests/test_step_graphs.py, the whole suite
 # and bench_step ran with it on the H200 (bench/RESULTS.md, 2026-12-06, fourteenth session).
 ENABLED = os.environ.get("ALTO_STEP_GRAPHS", "1") != "0"
-CAPACITY = 2  # graphs kept: e.g. the two layouts of a gradient-accumulation cycle
+BUCKETS = os.environ.get("ALTO_STEP_BUCKETS", "1") != "0"  # 0: steps of variable-length data never padded
+CAPACITY = 4  # graphs kept: e.g. the layouts of a gradient-accumulation cycle, or a few buckets
 HOST_BOUND = 0.8  # captured where the first run's host time was at least this share of its GPU time
 MAX_SEEN = 4096  # first runs remembered (variable-length data rarely repeats: forgotten past this)
 
@@ -68,6 +73,8 @@ class _Graph:
         if step.rows is not None:
             self.step.rows.copy_(step.rows)
         self.weights.copy_(weights)
+        if step.plan.bucketed:  # the adapters' token ranges differ from the captured step's
+            self.step.plan.refresh(step.plan)
         self.graph.replay()
         for pack, grad in zip(packs, self.grads):
             pack.grad = None if grad is None else grad.clone()  # the next replay writes over the graph's
@@ -99,21 +106,48 @@ class StepGraphs:
         self.packs_key: list | None = None
         self.held_off = False  # no capture until the packs change (memory ran out while graphs were held)
         self.stream: torch.cuda.Stream | None = None
+        self.pool: tuple | None = None  # the graphs' one memory pool (torch.cuda.graph_pool_handle)
+        self.timed: list[_FirstRun] = []  # first runs not yet judged by buckets()
+        self.layouts: set[tuple] = set()  # the adapters' sequence lengths of the steps run unpadded
+        self.host_held = False  # whether the host held up the last step judged
 
     @staticmethod
-    def takes(model: MultiLoraModel, step: Pass, reference: torch.Tensor | None) -> bool:
-        """Whether this step may be captured at all."""
-        return (ENABLED and step.plan.device.type == "cuda" and not alto_ext.sync_checks()  # (a wait per op)
-                and reference is None and not step.plan.any_dropout
-                and not model.base_dropout and not getattr(model.model.config, "attention_dropout", 0.0)
-                and "shared_prefixes" not in step.inputs
+    def _model_takes(model: MultiLoraModel, reference: torch.Tensor | None) -> bool:
+        return (ENABLED and not alto_ext.sync_checks()  # (a wait per op)
+                and reference is None and not model.base_dropout
+                and not getattr(model.model.config, "attention_dropout", 0.0)
                 and not (dist.is_available() and dist.is_initialized()))
 
+    @classmethod
+    def takes(cls, model: MultiLoraModel, step: Pass, reference: torch.Tensor | None) -> bool:
+        """Whether this step may be captured at all."""
+        return (step.plan.device.type == "cuda" and cls._model_takes(model, reference) and not step.plan.any_dropout
+                and "shared_prefixes" not in step.inputs)
+
+    def buckets(self, model: MultiLoraModel, reference: torch.Tensor | None, batches: Mapping[str, Sequence]) -> bool:
+        """Whether the next step, of these adapters' sequences, is padded to its bucket (alto.step_buckets):
+        one a graph may take (no LoRA dropout: its masks are drawn per sequence) whose own layout was not
+        seen before (a layout that repeats is replayed as it is), while the host held up the last step
+        whose first run was timed."""
+        done = [run.done() for run in self.timed]
+        for run in (run for run, d in zip(self.timed, done) if d):
+            self.host_held = run.host_bound()
+        self.timed = [run for run, d in zip(self.timed, done) if not d]
+        layout = tuple((aid, tuple(map(len, sequences))) for aid, sequences in batches.items())
+        if (BUCKETS and self.host_held and not self.held_off and layout not in self.layouts
+                and not any(model.configs[aid].dropout > 0 for aid in batches) and self._model_takes(model, reference)):
+            return True
+        if len(self.layouts) >= MAX_SEEN:
+            self.layouts.clear()
+        self.layouts.add(layout)
+        return False
+
     def clear(self) -> None:
-        """Drops every graph (their memory pools with them)."""
+        """Drops every graph (their memory pool with them)."""
         self.graphs.clear()
         self.first_runs.clear()
         self.eager.clear()
+        self.pool = None
 
     def hold_off(self) -> None:
         """Drops every graph and captures none until the packs change: memory ran out while graphs
@@ -141,7 +175,8 @@ class StepGraphs:
         first = self.first_runs.get(key)
         if first is None or not first.done():  # timed (again, where the last timing has not come in)
             return self._first_run(key, step, compute, weights)
-        if not first.host_bound():
+        self.host_held = first.host_bound()
+        if not self.host_held:
             self.eager.add(key)
             return compute(step, weights)
         return self._capture(key, step, compute, weights, packs)
@@ -154,7 +189,9 @@ class StepGraphs:
         plan = step.plan
         shapes = tuple((name, tuple(v.shape) if isinstance(v, torch.Tensor) else v) for name, v in step.inputs.items())
         rows = None if step.rows is None else step.rows.shape[0]
-        return (plan.ids, tuple(map(tuple, plan.lengths)), plan.row_len, shapes, tuple(step.labels.shape), rows,
+        # bucketed: the shapes are the bucket's, and the token ranges are read anew at every replay
+        layout = "bucketed" if plan.bucketed else tuple(map(tuple, plan.lengths))
+        return (plan.ids, layout, plan.row_len, shapes, tuple(step.labels.shape), rows,
                 step.training, model.training, model.model.training, projection_stacks.ENABLED, fused_layers.ENABLED)
 
     def _first_run(self, key: tuple, step: Pass, compute: Compute, weights: torch.Tensor) -> torch.Tensor:
@@ -165,7 +202,8 @@ class StepGraphs:
         start.record()
         losses = compute(step, weights)
         end.record()
-        self.first_runs[key] = _FirstRun(start, end, time.perf_counter() - t0)
+        self.first_runs[key] = run = _FirstRun(start, end, time.perf_counter() - t0)
+        self.timed = [*self.timed[-7:], run]
         return losses
 
     def _capture(self, key: tuple, step: Pass, compute: Compute, weights: torch.Tensor,
@@ -187,7 +225,9 @@ class StepGraphs:
             # the outer context restores the current stream where a failed capture's exit raises before it does
             with torch.cuda.stream(self.stream):
                 # thread_local: other threads' CUDA calls (exports, checkpoints) are not the capture's
-                with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                # one pool for all: replays never overlap, and their results are copied at once (replay)
+                self.pool = self.pool or torch.cuda.graph_pool_handle()
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                     static_losses = compute(step, weights)
         except torch.OutOfMemoryError:  # this step is done (above): memory for its graph is what is short
             self.clear()

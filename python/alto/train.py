@@ -238,12 +238,12 @@ class Trainer:
 
     def _losses_and_gradients(self, running: list[Adapter], batches: dict[str, list[torch.Tensor]],
                               packs: list[torch.Tensor]) -> torch.Tensor:
-        """The step's per-adapter losses ([G]); their gradients, each adapter's weighted by 1 /
-        its gradient accumulation, into the packs' .grad (none before). A step that repeats one the
-        host held up is replayed as a CUDA graph (alto.step_graphs)."""
+        """The step's per-adapter losses ([G]); their gradients, each weighted by 1 / its gradient accumulation,
+        into the packs' .grad (none before). A step the host holds up may run as a CUDA graph (alto.step_graphs)."""
         flat = [s for b in batches.values() for s in b]
         reference = reference_scores(self.model, self.objective, flat, self.pad_id, self.device, True, self.packed)
-        step = prepare_pass(self.model, batches, flat, self.pad_id, self.device, True, self.packed)
+        bucketed = self.graphs is not None and self.graphs.buckets(self.model, reference, batches)
+        step = prepare_pass(self.model, batches, flat, self.pad_id, self.device, True, self.packed, bucketed)
         weights = to_device([1.0 / a.config.grad_accum for a in running], self.device, torch.float64)
 
         def compute(step: Pass, weights: torch.Tensor) -> torch.Tensor:  # device work only: what a graph records

@@ -37,15 +37,26 @@ def segment_index(counts: Sequence[int], device: torch.device | str | None) -> t
     return to_device([run, position], device, torch.int64)
 
 
-def segment_sums(values: torch.Tensor, counts: Sequence[int], index: torch.Tensor | None = None) -> torch.Tensor:
+def segment_sums(values: torch.Tensor, counts: Sequence[int], index: torch.Tensor | None = None,
+                 width: int | None = None) -> torch.Tensor:
     """Sums of consecutive runs along values' last dim, counts[i] elements each (0 allowed):
     [..., len(counts)]. Laid out in a [run, position] grid and summed: a fixed number of kernels
     whatever the number of runs, and deterministic (no atomic scatter-add). index: segment_index(counts)
-    on values' device, where the caller keeps it."""
+    on values' device, where the caller keeps it; width: the grid's (>= the longest run; default that)."""
     index = segment_index(counts, values.device) if index is None else index
-    grid = values.new_zeros(*values.shape[:-1], len(counts), max(counts, default=0))
+    grid = values.new_zeros(*values.shape[:-1], len(counts), max(counts, default=0) if width is None else width)
     grid[..., index[0], index[1]] = values
     return grid.sum(-1)
+
+
+def indptr(counts: Sequence[int], device: torch.device | str | None) -> torch.Tensor:
+    """The int32 [len(counts) + 1] offsets of runs of these lengths, on `device`."""
+    ptr = [0]
+    for c in counts:
+        ptr.append(ptr[-1] + c)
+    if ptr[-1] >= 2**31:
+        raise ValueError(f"total {ptr[-1]} does not fit the int32 index tensors")
+    return to_device(ptr, device, torch.int32)
 
 
 def _check_counts(name: str, values: Sequence[int]) -> list[int]:
@@ -79,9 +90,11 @@ class Segments:
         scaling: Sequence[float] | None = None,
         device: torch.device | str | None = None,
         scaling_dtype: torch.dtype = torch.float32,
+        seg_indptr: torch.Tensor | None = None,
     ) -> Segments:
         """scaling_dtype: float32 (what every kernel takes), or float64 for float64 operands
-        (the exact-math checks: alpha/r is then not rounded to float32)."""
+        (the exact-math checks: alpha/r is then not rounded to float32). seg_indptr: indptr(token_counts)
+        already on the device, shared with other segments of the same tokens (not sent again)."""
         tokens = _check_counts("token_counts", token_counts)
         rank_list = _check_counts("ranks", ranks)
         if len(tokens) != len(rank_list):
@@ -101,15 +114,12 @@ class Segments:
                     raise ValueError(f"scaling[{g}] must be finite, got {s}")
             scale_t = to_device(scale_list, device, scaling_dtype)
 
-        def indptr(counts: list[int]) -> torch.Tensor:
-            ptr = [0]
-            for c in counts:
-                ptr.append(ptr[-1] + c)
-            if ptr[-1] >= 2**31:
-                raise ValueError(f"total {ptr[-1]} does not fit the int32 index tensors")
-            return to_device(ptr, device, torch.int32)
-
-        return cls(indptr(tokens), indptr(rank_list), scale_t, tuple(tokens), tuple(rank_list))
+        if seg_indptr is None:
+            seg_indptr = indptr(tokens, device)
+        elif tuple(seg_indptr.shape) != (len(tokens) + 1,) or seg_indptr.dtype != torch.int32:
+            raise ValueError(f"seg_indptr must be int32 [{len(tokens) + 1}], got {seg_indptr.dtype} "
+                             f"{tuple(seg_indptr.shape)}")
+        return cls(seg_indptr, indptr(rank_list, device), scale_t, tuple(tokens), tuple(rank_list))
 
     def __post_init__(self) -> None:
         # What the ops ask per projection per step, computed once (fields, not properties: torch.compile
@@ -164,6 +174,6 @@ class StackedSegments:
                 gather.extend(range(starts[i] + cursor[i], starts[i] + cursor[i] + r))
                 gather.extend([total] * (width - r))
                 cursor[i] += r
-        segments = Segments.build(parts[0].token_counts, ranks, None, device)
+        segments = Segments.build(parts[0].token_counts, ranks, None, device, seg_indptr=parts[0].seg_indptr)
         return cls(segments, width, to_device(gather, device, torch.int64),
                    tuple(to_device(r, device, torch.int64) for r in rows), tuple(p.ranks for p in parts))

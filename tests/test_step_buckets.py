@@ -1,0 +1,138 @@
+"""Bucketed packed steps (alto.step_buckets): a step padded to its bucket gives every adapter the loss
+and gradients of the unpadded step (float64 on the CPU: the same sums, up to their order); steps of
+different lengths in one bucket have the same host-side shapes (one graph key, alto.step_graphs); and
+a step run with another step's plan refreshed by its own (StepPlan.refresh: what a replayed graph
+reads) is that step. The comparisons fail on planted bugs: padded target rows at a position that
+has a target, and a replay without the refresh."""
+import itertools
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from alto import step as step_mod  # noqa: E402
+from alto.loss import mean_losses  # noqa: E402
+from alto.model import MultiLoraModel  # noqa: E402
+from alto.objectives import SFT  # noqa: E402
+from alto.registry import AdapterConfig  # noqa: E402
+from alto.step import prepare_pass, run_pass  # noqa: E402
+from alto.step_buckets import LADDER, Padding, bucket  # noqa: E402
+from alto.step_graphs import StepGraphs  # noqa: E402
+from conftest import float64_norms, tiny_model  # noqa: E402
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIGS = {  # ranks and targets differ (a rank-0 layer for some adapters)
+    "a": AdapterConfig(rank=4, alpha=8, seed=0, micro_batch_size=2, target_modules=ALL),
+    "b": AdapterConfig(rank=12, alpha=6, seed=1, target_modules=("q_proj", "v_proj", "down_proj")),
+    "c": AdapterConfig(rank=3, alpha=3, seed=2, micro_batch_size=3, target_modules=("o_proj", "up_proj")),
+}
+CPU = torch.device("cpu")
+
+
+def test_buckets_are_the_smallest_ladder_value_at_least_n():
+    values = sorted({m << k for m in LADDER for k in range(16)})
+    for n in range(1, 5000):
+        b = bucket(n)
+        assert b >= max(n, 4) and b in values and b == min(v for v in values if v >= max(n, 4))
+    assert all(b / a <= 1.25 for a, b in itertools.pairwise(values))
+
+
+@pytest.mark.parametrize("lengths", [[5], [3, 17, 9], [64] * 7, [2, 2, 2, 2, 40], list(range(2, 30))])
+def test_a_padding_fills_its_bucket_with_sequences_no_longer_than_its_longest(lengths):
+    p = Padding.of(lengths)
+    assert p.positions == bucket(sum(lengths)) == sum(lengths) + sum(p.sequences)
+    assert p.max_length == bucket(max(lengths)) and all(1 <= n <= p.max_length for n in p.sequences)
+    assert len(lengths) + len(p.sequences) + p.empty == bucket(len(lengths) + len(p.sequences))
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = MultiLoraModel(float64_norms(tiny_model("Llama", torch.float64)))
+    model.add_adapters(CONFIGS)
+    for layer in model.layers.values():  # B = 0 at init: make the adapters matter
+        torch.nn.init.normal_(layer.lora_B.data, std=0.3)
+    return model
+
+
+def batches_of(seed: int) -> dict[str, list[list[int]]]:
+    """Each adapter's micro-batch of sequences of random lengths (a chat-like target mask: some
+    context tokens, written as ~id, carry no target)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for aid, cfg in CONFIGS.items():
+        seqs = []
+        for _ in range(cfg.micro_batch_size):
+            ids = torch.randint(3, 64, (int(torch.randint(2, 30, (), generator=gen)),), generator=gen)
+            context = int(torch.randint(0, len(ids) - 1, (), generator=gen))
+            seqs.append([~t if i < context else t for i, t in enumerate(ids.tolist())])
+        out[aid] = seqs
+    return out
+
+
+def losses_and_grads(model, step) -> tuple[torch.Tensor, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    losses = mean_losses(SFT().loss_sums(run_pass(model, step), step.labels, step.plan))
+    losses.sum().backward()
+    grads = torch.cat([g.flatten() for aid in CONFIGS for g in model.adapter_tensors(aid)[1]])
+    return losses.detach(), grads
+
+
+def prepared(model, batches, bucketed: bool):
+    flat = [s for b in batches.values() for s in b]
+    return prepare_pass(model, batches, flat, 0, CPU, True, True, bucketed)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_bucketed_step_trains_every_adapter_as_the_unpadded_step(model, seed):
+    batches = batches_of(seed)
+    padded = prepared(model, batches, bucketed=True)
+    tokens = sum(len(s) for seqs in batches.values() for s in seqs)
+    assert padded.plan.bucketed and padded.inputs["input_ids"].shape[1] == bucket(tokens) > tokens
+    loss0, grad0 = losses_and_grads(model, prepared(model, batches, bucketed=False))
+    loss1, grad1 = losses_and_grads(model, padded)
+    assert torch.allclose(loss0, loss1, rtol=1e-12, atol=0) and torch.allclose(grad0, grad1, rtol=1e-10, atol=1e-14)
+
+
+def test_padded_rows_at_a_position_with_a_target_are_caught(model, monkeypatch):
+    batches = batches_of(0)
+    loss0, grad0 = losses_and_grads(model, prepared(model, batches, bucketed=False))
+    first_target = lambda rows, positions: torch.nn.functional.pad(rows, (0, bucket(len(rows)) - len(rows)),  # noqa: E731
+                                                                   value=int(rows[0]))
+    monkeypatch.setattr(step_mod, "padded_rows", first_target)
+    loss1, grad1 = losses_and_grads(model, prepared(model, batches, bucketed=True))
+    assert not torch.allclose(grad0, grad1, rtol=1e-6)
+
+
+def same_bucket_pair(model):
+    """Two steps of different lengths that fall in one bucket (a search over seeds)."""
+    first = batches_of(10)
+    key = StepGraphs._key(model, prepared(model, first, bucketed=True))
+    for seed in range(11, 200):
+        other = batches_of(seed)
+        if StepGraphs._key(model, prepared(model, other, bucketed=True)) == key:
+            return first, other
+    raise AssertionError("no two steps of one bucket in 190 draws")
+
+
+@pytest.mark.parametrize("refresh", [True, False])
+def test_a_step_replayed_with_the_plan_of_another_in_its_bucket_is_that_step(model, refresh):
+    first, second = same_bucket_pair(model)
+    lengths = [[len(s) for seqs in b.values() for s in seqs] for b in (first, second)]
+    assert lengths[0] != lengths[1]
+    unpadded = [StepGraphs._key(model, prepared(model, b, bucketed=False)) for b in (first, second)]
+    assert unpadded[0] != unpadded[1]
+    captured, step = prepared(model, first, bucketed=True), prepared(model, second, bucketed=True)
+    losses_and_grads(model, captured)  # builds the captured plan's device tensors, as a capture does
+    want = losses_and_grads(model, step)
+    # a replay: the captured step's tensors hold the new step's values, its plan object is the captured one
+    for name, value in step.inputs.items():
+        if isinstance(value, torch.Tensor):
+            captured.inputs[name].copy_(value)
+    captured.labels.copy_(step.labels)
+    captured.rows.copy_(step.rows)
+    if refresh:
+        captured.plan.refresh(step.plan)
+    got = losses_and_grads(model, captured)
+    same = all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(want, got))
+    assert same == refresh
