@@ -15,6 +15,7 @@ import alto_ext  # noqa: E402
 from alto import step_graphs  # noqa: E402
 from alto.model import MultiLoraModel, StepPlan  # noqa: E402
 from alto.registry import AdapterConfig, Registry  # noqa: E402
+from alto.step_buckets import bucket  # noqa: E402
 from alto.train import DataStream, Trainer  # noqa: E402
 from alto_ext.segments import to_device  # noqa: E402
 
@@ -162,6 +163,7 @@ def test_steps_of_variable_lengths_are_padded_to_buckets_and_replayed(base, eage
         monkeypatch.setattr(StepPlan, "refresh", lambda self, other: None)
     graphed = train(base, monkeypatch, graphs=True, lengths=VARIABLE)
     assert padded == [False] + [True] * (STEPS - 1)
+    assert graphed[0].last_positions == bucket(graphed[0].last_positions)  # the bucket's, as admission reads them
     assert len(replays) >= 2, "too few replays: the test would not test them"
     if bug:
         assert gap(run, graphed) > max(100 * noise, 1e-3)

@@ -124,8 +124,7 @@ class Trainer:
                          for aid, step in self.optimizer.steps(adapter_ids).items()}
         else:
             optimizer = self.optimizer.states(adapter_ids)
-        n = len(TENSOR_NAMES)
-        live = {}
+        n, live = len(TENSOR_NAMES), {}
         for aid in todo:
             values, grads = tensors[aid]
             paths = self.model.target_layers(self.model.configs[aid])
@@ -253,11 +252,12 @@ class Trainer:
             weighted.sum().backward()
             return per_adapter
 
+        if bucketed:  # the positions it runs are its bucket's (what admission's memory model reads)
+            self.last_positions = step.labels.numel()
         if self.inject_fault is not None:
             self.inject_fault(running)
-        if self.graphs is None or not self.graphs.takes(self.model, step, reference):
-            return compute(step, weights)
-        return self.graphs.run(self.model, step, compute, weights, packs)
+        graphed = self.graphs is not None and self.graphs.takes(self.model, step, reference)
+        return self.graphs.run(self.model, step, compute, weights, packs) if graphed else compute(step, weights)
 
     def step(self, retire: bool = True) -> dict[str, float]:
         """One micro-step of every running adapter; returns each one's loss. The adapters it ends
