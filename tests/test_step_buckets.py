@@ -1,8 +1,8 @@
 """Bucketed packed steps (alto.step_buckets): a step padded to its bucket gives every adapter the loss
 and gradients of the unpadded step (float64 on the CPU: the same sums, up to their order); steps of
 different lengths in one bucket have the same host-side shapes (one graph key, alto.step_graphs); and
-a step run with another step's plan refreshed by its own (StepPlan.refresh: what a replayed graph
-reads) is that step. The comparisons fail on planted bugs: padded target rows at a position that
+a step run with another step's plan refreshed by its own token ranges (StepPlan.refresh: what a
+replayed graph reads) is that step. The comparisons fail on planted bugs: padded target rows at a position that
 has a target, and a replay without the refresh."""
 import itertools
 
@@ -19,6 +19,7 @@ from alto.registry import AdapterConfig  # noqa: E402
 from alto.step import prepare_pass, run_pass  # noqa: E402
 from alto.step_buckets import LADDER, Padding, bucket  # noqa: E402
 from alto.step_graphs import StepGraphs  # noqa: E402
+from alto_ext.segments import indptr, indptr_index, segment_index  # noqa: E402
 from conftest import float64_norms, tiny_model  # noqa: E402
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -94,6 +95,15 @@ def test_a_bucketed_step_trains_every_adapter_as_the_unpadded_step(model, seed):
     assert torch.allclose(loss0, loss1, rtol=1e-12, atol=0) and torch.allclose(grad0, grad1, rtol=1e-10, atol=1e-14)
 
 
+def test_a_bucketed_plan_sums_each_adapter_over_its_own_positions(model):
+    """Its segment_sums index, computed on the device from the token ranges (a replay recomputes it),
+    is the one built on the host from the token counts, zero-length runs included."""
+    plan = prepared(model, batches_of(3), bucketed=True).plan
+    assert torch.equal(plan.sum_index(), segment_index(plan.token_counts, CPU))
+    counts = [3, 0, 5, 0, 0, 2]
+    assert torch.equal(indptr_index(indptr(counts, CPU), 10), segment_index(counts, CPU))
+
+
 def test_padded_rows_at_a_position_with_a_target_are_caught(model, monkeypatch):
     batches = batches_of(0)
     loss0, grad0 = losses_and_grads(model, prepared(model, batches, bucketed=False))
@@ -136,3 +146,45 @@ def test_a_step_replayed_with_the_plan_of_another_in_its_bucket_is_that_step(mod
     got = losses_and_grads(model, captured)
     same = all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(want, got))
     assert same == refresh
+
+
+class _Judged:
+    """A first run whose GPU time has come in: the host held it up or not."""
+
+    def __init__(self, held: bool):
+        self.held = held
+
+    def done(self) -> bool:
+        return True
+
+    def host_bound(self) -> bool:
+        return self.held
+
+
+def test_steps_are_padded_while_the_host_holds_them_up_and_their_lengths_vary(model, monkeypatch):
+    import alto_ext
+
+    monkeypatch.setattr(alto_ext, "sync_checks", lambda: False)  # (conftest's: no step graphed, none padded)
+    graphs = StepGraphs()
+
+    def padded(batches, held=None):
+        if held is not None:
+            graphs.timed.append(_Judged(held))
+        return graphs.buckets(model, None, batches)
+
+    fixed = {"a": [[5] * 9, [5] * 9], "b": [[7] * 4]}
+    assert [padded(fixed, held=True), padded(fixed), padded(fixed)] == [False] * 3  # its layout repeats
+    varying = {"a": [[5] * 9, [5] * 8], "b": [[7] * 4]}
+    assert padded(varying) and padded(fixed)  # a's lengths have varied: every step of a is padded
+    assert not padded({"b": [[7] * 4]})  # (b's never did)
+    assert not padded(varying, held=False) and padded(varying, held=True)
+    graphs._eager(("a padded step's key",), prepared(model, varying, bucketed=True))  # it ran eagerly:
+    assert not padded(varying, held=True)  # no padding until the packs change
+    graphs.clear()
+    assert padded(varying)
+    graphs._eager(("an unpadded step's key",), prepared(model, varying, bucketed=False))
+    assert padded(varying)
+    assert not graphs.buckets(model, torch.zeros(1), varying)  # an objective with references
+    monkeypatch.setitem(model.configs, "a", AdapterConfig(rank=4, alpha=8, seed=0, micro_batch_size=2, dropout=0.1,
+                                                          target_modules=ALL))
+    assert not padded(varying)  # LoRA dropout draws its masks per sequence

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import alto_ext
-from alto_ext.segments import indptr, segment_index, to_device
+from alto_ext.segments import indptr, indptr_index, segment_index, to_device
 from alto import attention, fused_layers
 from alto.base import is_nf4
 from alto.families import check_targets, family_of
@@ -69,12 +69,10 @@ class StepPlan:
         return self._token_indptr
 
     def refresh(self, other: StepPlan) -> None:
-        """Writes the device tensors of `other` (a bucketed plan of the same adapters and bucket) over
-        those this plan has built, in place: a CUDA graph captured with this plan then runs other's step."""
+        """Writes the token ranges of `other` (a bucketed plan of the same adapters and bucket) over this
+        plan's, in place: a CUDA graph captured with this plan then runs other's step."""
         if self._token_indptr is not None:
             self._token_indptr.copy_(other.token_indptr())
-        if self._sum_index is not None:
-            self._sum_index.copy_(other.sum_index())
 
     def segments(self, ranks: tuple[int, ...]) -> alto_ext.Segments:
         """Segments for one layer's rank tuple (built once per step per distinct tuple)."""
@@ -96,6 +94,8 @@ class StepPlan:
     def sum_index(self) -> torch.Tensor:
         """segment_sums' index of the adapters' token ranges (their losses summed), once per plan: a
         step's CUDA graph (alto.step_graphs) replays the plan's device tensors, sent before its capture."""
+        if self.bucketed:  # from the token ranges on the device, where a replay finds the refreshed ones
+            return indptr_index(self.token_indptr(), self.sum_width)
         if self._sum_index is None:
             self._sum_index = segment_index(self.token_counts, self.device)
         return self._sum_index

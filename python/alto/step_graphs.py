@@ -108,8 +108,10 @@ class StepGraphs:
         self.stream: torch.cuda.Stream | None = None
         self.pool: tuple | None = None  # the graphs' one memory pool (torch.cuda.graph_pool_handle)
         self.timed: list[_FirstRun] = []  # first runs not yet judged by buckets()
-        self.layouts: set[tuple] = set()  # the adapters' sequence lengths of the steps run unpadded
         self.host_held = False  # whether the host held up the last step judged
+        self.lengths: dict[str, tuple[int, ...]] = {}  # each adapter's last micro-batch's sequence lengths
+        self.varied: set[str] = set()  # adapters whose micro-batches' lengths changed
+        self.padded = self.pads_off = False  # the last step asked was padded; none is until the packs change
 
     @staticmethod
     def _model_takes(model: MultiLoraModel, reference: torch.Tensor | None) -> bool:
@@ -125,22 +127,22 @@ class StepGraphs:
                 and "shared_prefixes" not in step.inputs)
 
     def buckets(self, model: MultiLoraModel, reference: torch.Tensor | None, batches: Mapping[str, Sequence]) -> bool:
-        """Whether the next step, of these adapters' sequences, is padded to its bucket (alto.step_buckets):
-        one a graph may take (no LoRA dropout: its masks are drawn per sequence) whose own layout was not
-        seen before (a layout that repeats is replayed as it is), while the host held up the last step
-        whose first run was timed."""
+        """Whether the next step, of these adapters' sequences, is padded to its bucket (alto.step_buckets;
+        kept in self.padded): one a graph may take (no LoRA dropout: its masks are drawn per sequence), of
+        adapters some of whose sequence lengths vary (fixed-length data repeats its layouts unpadded), while
+        the host held up the last step whose first run was timed, and until a padded step ran eagerly (its
+        GPU not waiting, or its capture failed: padding would only add work) or the packs change."""
         done = [run.done() for run in self.timed]
         for run in (run for run, d in zip(self.timed, done) if d):
             self.host_held = run.host_bound()
         self.timed = [run for run, d in zip(self.timed, done) if not d]
-        layout = tuple((aid, tuple(map(len, sequences))) for aid, sequences in batches.items())
-        if (BUCKETS and self.host_held and not self.held_off and layout not in self.layouts
-                and not any(model.configs[aid].dropout > 0 for aid in batches) and self._model_takes(model, reference)):
-            return True
-        if len(self.layouts) >= MAX_SEEN:
-            self.layouts.clear()
-        self.layouts.add(layout)
-        return False
+        lengths = {aid: tuple(map(len, sequences)) for aid, sequences in batches.items()}
+        self.varied.update(aid for aid, lens in lengths.items() if self.lengths.setdefault(aid, lens) != lens)
+        self.lengths.update(lengths)
+        self.padded = (BUCKETS and self.host_held and not self.held_off and not self.pads_off
+                       and not self.varied.isdisjoint(batches) and self._model_takes(model, reference)
+                       and not any(model.configs[aid].dropout > 0 for aid in batches))
+        return self.padded
 
     def clear(self) -> None:
         """Drops every graph (their memory pool with them)."""
@@ -148,6 +150,12 @@ class StepGraphs:
         self.first_runs.clear()
         self.eager.clear()
         self.pool = None
+        self.pads_off = False
+
+    def _eager(self, key: tuple, step: Pass) -> None:
+        """This key's steps run eagerly from now on, and no step is padded until the packs change."""
+        self.eager.add(key)
+        self.pads_off = self.pads_off or step.plan.bucketed
 
     def hold_off(self) -> None:
         """Drops every graph and captures none until the packs change: memory ran out while graphs
@@ -171,13 +179,14 @@ class StepGraphs:
             self.graphs.move_to_end(key)
             return graph.replay(step, weights, packs)
         if key in self.eager:
+            self._eager(key, step)
             return compute(step, weights)
         first = self.first_runs.get(key)
         if first is None or not first.done():  # timed (again, where the last timing has not come in)
             return self._first_run(key, step, compute, weights)
         self.host_held = first.host_bound()
         if not self.host_held:
-            self.eager.add(key)
+            self._eager(key, step)
             return compute(step, weights)
         return self._capture(key, step, compute, weights, packs)
 
@@ -189,8 +198,9 @@ class StepGraphs:
         plan = step.plan
         shapes = tuple((name, tuple(v.shape) if isinstance(v, torch.Tensor) else v) for name, v in step.inputs.items())
         rows = None if step.rows is None else step.rows.shape[0]
-        # bucketed: the shapes are the bucket's, and the token ranges are read anew at every replay
-        layout = "bucketed" if plan.bucketed else tuple(map(tuple, plan.lengths))
+        # bucketed: the shapes are the bucket's, and the token ranges are read anew at every replay (which
+        # adapters have tokens sets how a layer's LoRA adds into its output: Segments.covers_all_tokens)
+        layout = tuple(n > 0 for n in plan.token_counts) if plan.bucketed else tuple(map(tuple, plan.lengths))
         return (plan.ids, layout, plan.row_len, shapes, tuple(step.labels.shape), rows,
                 step.training, model.training, model.model.training, projection_stacks.ENABLED, fused_layers.ENABLED)
 
@@ -231,11 +241,11 @@ class StepGraphs:
                     static_losses = compute(step, weights)
         except torch.OutOfMemoryError:  # this step is done (above): memory for its graph is what is short
             self.clear()
-            self.eager.add(key)
+            self._eager(key, step)
         except RuntimeError as e:  # an op that cannot be captured (a wait for the GPU, host data sent)
             warnings.warn(f"alto: a training step could not be captured as a CUDA graph; it runs eagerly "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=3)
-            self.eager.add(key)
+            self._eager(key, step)
         else:
             self.graphs[key] = _Graph(graph, step, weights, static_losses, [p.grad for p in packs])
             while len(self.graphs) > CAPACITY:

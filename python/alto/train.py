@@ -191,8 +191,8 @@ class Trainer:
 
     def _forward_backward(self, running: list[Adapter], retry: bool = True) -> torch.Tensor:
         """The step's losses ([G]) and gradients, added to the pending ones. Out of memory, the step is undone (data
-        positions, dropout RNGs, pending gradients) and StepOutOfMemory raised once its tensors are freed; where step
-        graphs held memory (retry), they are dropped (none captured until the adapters change) and it runs once more."""
+        positions, dropout RNGs, pending gradients) and StepOutOfMemory raised once its tensors are freed; where graphs
+        held memory or it was padded (retry), none is captured or padded until the adapters change; it runs again."""
         positions = {a.id: self.data[a.id].position for a in running}
         rngs = {a.id: self.model.generators[a.id].get_state() for a in running if a.config.dropout > 0}
         packs = [p for layer in self.model.layers.values() if layer.order for p in layer.packs()]
@@ -217,7 +217,7 @@ class Trainer:
             raise
         if failed:  # outside the except block: the failed step's frames and tensors are gone
             restore_pending()
-            graphs_held = retry and self.graphs is not None and bool(self.graphs.graphs)  # (CUDA only)
+            graphs_held = retry and self.graphs is not None and (bool(self.graphs.graphs) or self.graphs.padded)
             self._forget_graphs()
             for aid, position in positions.items():
                 self.data[aid].position = position
@@ -225,7 +225,7 @@ class Trainer:
                 self.model.generators[aid].set_state(state)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            if graphs_held:  # their pools (outside admission's memory model) may be what was short
+            if graphs_held:  # their pool or the padding (outside admission's memory model) may be what was short
                 self.graphs.hold_off()
                 torch.cuda.reset_peak_memory_stats(self.device)  # the peak admission reads is the retry's
                 return self._forward_backward(running, retry=False)
@@ -252,7 +252,7 @@ class Trainer:
             weighted.sum().backward()
             return per_adapter
 
-        if bucketed:  # the positions it runs are its bucket's (what admission's memory model reads)
+        if step.plan.bucketed:  # the positions it runs are its bucket's (what admission's memory model reads)
             self.last_positions = step.labels.numel()
         if self.inject_fault is not None:
             self.inject_fault(running)

@@ -37,6 +37,14 @@ def segment_index(counts: Sequence[int], device: torch.device | str | None) -> t
     return to_device([run, position], device, torch.int64)
 
 
+def indptr_index(offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """segment_index of the runs that start at offsets (int32 [runs + 1], ending at total), computed on
+    their device: a CUDA graph that computes it reads the offsets anew at every replay."""
+    positions = torch.arange(total, device=offsets.device, dtype=offsets.dtype)
+    run = torch.searchsorted(offsets[1:], positions, right=True)
+    return torch.stack([run, positions.long() - offsets[run].long()])
+
+
 def segment_sums(values: torch.Tensor, counts: Sequence[int], index: torch.Tensor | None = None,
                  width: int | None = None) -> torch.Tensor:
     """Sums of consecutive runs along values' last dim, counts[i] elements each (0 allowed):
