@@ -2,7 +2,7 @@
 # One call on the GPU machine = build + test + bench (README "Test").
 #   bash bench/device_run.sh [build] [test] [cuda] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
 #                            [tile_configs] [sanitize] [parallel] [parallel_shares] [tasks] [sweep] [quality]
-#                            [sharded] [cluster] [search] [dpo] [fused] [load]
+#                            [sharded] [cluster] [search] [dpo] [fused] [load] [buckets]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere): env.txt and one file per stage's log, since at most
@@ -147,6 +147,18 @@ for stage in "${stages[@]}"; do
         echo "ALTO_FUSED_LAYERS=$on" | tee -a "$OUT/bench_step_fused.txt"
         ALTO_FUSED_LAYERS=$on python3 bench/bench_step.py ${FUSED_ARGS:---widths 1b --layers 16 --seq 1024 --adapters 1 16} \
           2>&1 | tee -a "$OUT/bench_step_fused.txt" || rc=1
+      done
+      ;;
+    buckets)
+      # Steps of variable-length data padded to buckets so that their graphs repeat (alto.step_buckets, opt-in until
+      # this ran): its tests, then sweeps of SmolLM2's widths (host-bound steps) with it off and on (BUCKETS_ARGS).
+      python3 -m pytest tests/test_step_buckets.py tests/test_step_graphs.py -q -rfEs -p no:cacheprovider 2>&1 \
+        | tee "$OUT/pytest_buckets.log" | tail -8
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      for on in 0 1; do
+        echo "ALTO_STEP_BUCKETS=$on" | tee -a "$OUT/bench_buckets.txt"
+        ALTO_STEP_BUCKETS=$on python3 bench/bench_sweep.py ${BUCKETS_ARGS:---model smollm2 --k 32 --steps 30 --max-length 128 \
+          --methods cd} --out /tmp/buckets$on 2>&1 | tee -a "$OUT/bench_buckets.txt" | tail -5 || rc=1
       done
       ;;
     profile_step)

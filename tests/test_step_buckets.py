@@ -18,6 +18,7 @@ from alto.objectives import SFT  # noqa: E402
 from alto.registry import AdapterConfig  # noqa: E402
 from alto.step import prepare_pass, run_pass  # noqa: E402
 from alto.step_buckets import LADDER, Padding, bucket  # noqa: E402
+from alto import step_graphs  # noqa: E402
 from alto.step_graphs import StepGraphs  # noqa: E402
 from alto_ext.segments import indptr, indptr_index, segment_index  # noqa: E402
 from conftest import float64_norms, tiny_model  # noqa: E402
@@ -165,6 +166,7 @@ def test_steps_are_padded_while_the_host_holds_them_up_and_their_lengths_vary(mo
     import alto_ext
 
     monkeypatch.setattr(alto_ext, "sync_checks", lambda: False)  # (conftest's: no step graphed, none padded)
+    monkeypatch.setattr(step_graphs, "BUCKETS", True)
     graphs = StepGraphs()
 
     def padded(batches, held=None):

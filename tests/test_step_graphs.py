@@ -154,6 +154,7 @@ def test_steps_of_variable_lengths_are_padded_to_buckets_and_replayed(base, eage
     (and that one as the unpadded math: tests/test_step_buckets.py). A replay that kept the captured
     step's token ranges (StepPlan.refresh skipped) is caught."""
     (run, noise) = eager_bucketed
+    monkeypatch.setattr(step_graphs, "BUCKETS", True)
     replays, padded = [], []
     replay = step_graphs._Graph.replay
     monkeypatch.setattr(step_graphs._Graph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))

@@ -19,7 +19,7 @@ Everything else a replay reads was sent to the device before the capture (the pl
 alto_ext.to_device refuses to send host data during one) and is a function of the key, but for a
 bucketed step's token ranges, which the replay writes over the captured plan's (StepPlan.refresh).
 While the host holds the steps up, steps of variable-length data are padded to buckets
-(StepGraphs.buckets), so that their layouts repeat. The graphs share one memory pool for the
+(StepGraphs.buckets; opt-in: BUCKETS), so that their layouts repeat. The graphs share one memory pool for the
 steps' activations (a replay's results are copied out before the next one runs): at most CAPACITY
 graphs, dropped when the packs change (an adapter admitted or retired) and on out of memory.
 Admission's memory model does not count them: a step that runs out of memory while they are held
@@ -49,7 +49,9 @@ from alto.step import Pass
 # On by default (ALTO_STEP_GRAPHS=0: every step eager) since tests/test_step_graphs.py, the whole suite
 # and bench_step ran with it on the H200 (bench/RESULTS.md, 2026-12-06, fourteenth session).
 ENABLED = os.environ.get("ALTO_STEP_GRAPHS", "1") != "0"
-BUCKETS = os.environ.get("ALTO_STEP_BUCKETS", "1") != "0"  # 0: steps of variable-length data never padded
+# Steps of variable-length data padded to buckets: opt-in (ALTO_STEP_BUCKETS=1) until it has run on a GPU
+# (tests/test_step_graphs.py's variable-length test, bench_sweep on SmolLM2's widths with it off and on).
+BUCKETS = os.environ.get("ALTO_STEP_BUCKETS", "0") == "1"
 CAPACITY = 4  # graphs kept: e.g. the layouts of a gradient-accumulation cycle, or a few buckets
 HOST_BOUND = 0.8  # captured where the first run's host time was at least this share of its GPU time
 MAX_SEEN = 4096  # first runs remembered (variable-length data rarely repeats: forgotten past this)
