@@ -19,9 +19,10 @@ Everything else a replay reads was sent to the device before the capture (the pl
 alto_ext.to_device refuses to send host data during one) and is a function of the key, but for a
 bucketed step's token ranges, which the replay writes over the captured plan's (StepPlan.refresh).
 While the host holds the steps up, steps of variable-length data are padded to buckets
-(StepGraphs.buckets; opt-in: BUCKETS), so that their layouts repeat. The graphs share one memory pool for the
-steps' activations (a replay's results are copied out before the next one runs): at most CAPACITY
-graphs, dropped when the packs change (an adapter admitted or retired) and on out of memory.
+(StepGraphs.buckets; opt-in: BUCKETS), so that their layouts repeat; the graphs then share one
+memory pool for the steps' activations (a replay's results are copied out before the next one
+runs), else each keeps its own. At most CAPACITY graphs, dropped when the packs change (an adapter
+admitted or retired) and on out of memory.
 Admission's memory model does not count them: a step that runs out of memory while they are held
 runs again without them (alto.train) before its size is counted as too large, and none is captured
 again until the adapters change. Not graphed: dropout (LoRA's draws from each adapter's own
@@ -52,7 +53,9 @@ ENABLED = os.environ.get("ALTO_STEP_GRAPHS", "1") != "0"
 # Steps of variable-length data padded to buckets: opt-in (ALTO_STEP_BUCKETS=1) until it has run on a GPU
 # (tests/test_step_graphs.py's variable-length test, bench_sweep on SmolLM2's widths with it off and on).
 BUCKETS = os.environ.get("ALTO_STEP_BUCKETS", "0") == "1"
-CAPACITY = 4  # graphs kept: e.g. the layouts of a gradient-accumulation cycle, or a few buckets
+# graphs kept: e.g. the layouts of a gradient-accumulation cycle, or a few buckets (sharing one memory pool where
+# steps are padded; else each its own, as every graph ran on the GPU so far)
+CAPACITY = 4 if BUCKETS else 2
 HOST_BOUND = 0.8  # captured where the first run's host time was at least this share of its GPU time
 MAX_SEEN = 4096  # first runs remembered (variable-length data rarely repeats: forgotten past this)
 
@@ -238,7 +241,7 @@ class StepGraphs:
             with torch.cuda.stream(self.stream):
                 # thread_local: other threads' CUDA calls (exports, checkpoints) are not the capture's
                 # one pool for all: replays never overlap, and their results are copied at once (replay)
-                self.pool = self.pool or torch.cuda.graph_pool_handle()
+                self.pool = (self.pool or torch.cuda.graph_pool_handle()) if BUCKETS else None
                 with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                     static_losses = compute(step, weights)
         except torch.OutOfMemoryError:  # this step is done (above): memory for its graph is what is short
