@@ -44,7 +44,7 @@ def test_buckets_are_the_smallest_ladder_value_at_least_n():
 def test_a_padding_fills_its_bucket_with_sequences_no_longer_than_its_longest(lengths):
     p = Padding.of(lengths)
     assert p.positions == bucket(sum(lengths)) == sum(lengths) + sum(p.sequences)
-    assert p.max_length == bucket(max(lengths)) and all(1 <= n <= p.max_length for n in p.sequences)
+    assert p.max_length == bucket(max(lengths)) and all(1 <= n <= max(lengths) for n in p.sequences)
     assert len(lengths) + len(p.sequences) + p.empty == bucket(len(lengths) + len(p.sequences))
 
 
@@ -57,14 +57,14 @@ def model():
     return model
 
 
-def batches_of(seed: int) -> dict[str, list[list[int]]]:
-    """Each adapter's micro-batch of sequences of random lengths (a chat-like target mask: some
-    context tokens, written as ~id, carry no target)."""
+def batches_of(seed: int, sizes: dict[str, int] | None = None) -> dict[str, list[list[int]]]:
+    """Each adapter's micro-batch (sizes: other numbers of sequences) of sequences of random lengths (a
+    chat-like target mask: some context tokens, written as ~id, carry no target)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for aid, cfg in CONFIGS.items():
         seqs = []
-        for _ in range(cfg.micro_batch_size):
+        for _ in range((sizes or {}).get(aid, cfg.micro_batch_size)):
             ids = torch.randint(3, 64, (int(torch.randint(2, 30, (), generator=gen)),), generator=gen)
             context = int(torch.randint(0, len(ids) - 1, (), generator=gen))
             seqs.append([~t if i < context else t for i, t in enumerate(ids.tolist())])
@@ -85,9 +85,11 @@ def prepared(model, batches, bucketed: bool):
     return prepare_pass(model, batches, flat, 0, CPU, True, True, bucketed)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_bucketed_step_trains_every_adapter_as_the_unpadded_step(model, seed):
-    batches = batches_of(seed)
+@pytest.mark.parametrize("seed, sizes", [(0, None), (1, None), (2, None), (3, {"a": 5, "b": 2, "c": 2})])
+def test_a_bucketed_step_trains_every_adapter_as_the_unpadded_step(model, seed, sizes):
+    """(The last draw's 9 sequences and their pads take zero-length sequences to fill their bucket.)"""
+    batches = batches_of(seed, sizes)
+    assert sizes is None or Padding.of([len(s) for b in batches.values() for s in b]).empty > 0
     padded = prepared(model, batches, bucketed=True)
     tokens = sum(len(s) for seqs in batches.values() for s in seqs)
     assert padded.plan.bucketed and padded.inputs["input_ids"].shape[1] == bucket(tokens) > tokens
@@ -108,9 +110,10 @@ def test_a_bucketed_plan_sums_each_adapter_over_its_own_positions(model):
 def test_padded_rows_at_a_position_with_a_target_are_caught(model, monkeypatch):
     batches = batches_of(0)
     loss0, grad0 = losses_and_grads(model, prepared(model, batches, bucketed=False))
-    first_target = lambda rows, positions: torch.nn.functional.pad(rows, (0, bucket(len(rows)) - len(rows)),  # noqa: E731
-                                                                   value=int(rows[0]))
-    monkeypatch.setattr(step_mod, "padded_rows", first_target)
+    def at_the_first_target(rows, positions):
+        return torch.nn.functional.pad(rows, (0, bucket(len(rows)) - len(rows)), value=int(rows[0]))
+
+    monkeypatch.setattr(step_mod, "padded_rows", at_the_first_target)
     loss1, grad1 = losses_and_grads(model, prepared(model, batches, bucketed=True))
     assert not torch.allclose(grad0, grad1, rtol=1e-6)
 
@@ -182,7 +185,13 @@ def test_steps_are_padded_while_the_host_holds_them_up_and_their_lengths_vary(mo
     assert not padded(varying, held=False) and padded(varying, held=True)
     graphs._eager(("a padded step's key",), prepared(model, varying, bucketed=True))  # it ran eagerly:
     assert not padded(varying, held=True)  # no padding until the packs change
-    graphs.clear()
+    graphs.clear()  # (as out of memory does)
+    assert not padded(varying)
+    graphs._new_packs(["other packs"])
+    assert padded(varying)
+    graphs.held_off = True  # memory ran out while graphs were held, or in a padded step
+    assert not padded(varying)
+    graphs._new_packs(["other packs again"])
     assert padded(varying)
     graphs._eager(("an unpadded step's key",), prepared(model, varying, bucketed=False))
     assert padded(varying)

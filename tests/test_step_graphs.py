@@ -130,7 +130,7 @@ def test_the_comparison_catches_planted_bugs(base, eager, monkeypatch, bug):
     assert gap(run, train(base, monkeypatch, graphs=True)) > max(100 * noise, 1e-3)
 
 
-VARIABLE = (40, 48)  # 4-5 sequences a step: 160-240 positions, padded to one or two buckets (alto.step_buckets)
+VARIABLE = (40, 48)  # 4 sequences a step (3 between c's end and d's start), padded to a few buckets (alto.step_buckets)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,8 @@ def test_steps_of_variable_lengths_are_padded_to_buckets_and_replayed(base, eage
     replay = step_graphs._Graph.replay
     monkeypatch.setattr(step_graphs._Graph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
     buckets = step_graphs.StepGraphs.buckets
-    monkeypatch.setattr(step_graphs.StepGraphs, "buckets", lambda self, *a: padded.append(buckets(self, *a)) or padded[-1])
+    monkeypatch.setattr(step_graphs.StepGraphs, "buckets",
+                        lambda self, *a: padded.append(buckets(self, *a)) or padded[-1])
     if bug:
         monkeypatch.setattr(StepPlan, "refresh", lambda self, other: None)
     graphed = train(base, monkeypatch, graphs=True, lengths=VARIABLE)

@@ -44,12 +44,14 @@ class Padding:
     @classmethod
     def of(cls, lengths: Sequence[int]) -> Padding:
         """The padding of sequences of these lengths (at least one)."""
-        tokens, max_length = sum(lengths), bucket(max(lengths))
+        tokens, longest = sum(lengths), max(lengths)
         positions = bucket(tokens)
-        full, rest = divmod(positions - tokens, max_length)
-        pads = (max_length,) * full + ((rest,) if rest else ())
+        # pads no longer than the longest sequence: no position id beyond the step's own (rotary scalings that
+        # follow the largest position, as Phi-3's longrope does, see the unpadded step's)
+        full, rest = divmod(positions - tokens, longest)
+        pads = (longest,) * full + ((rest,) if rest else ())
         count = len(lengths) + len(pads)
-        return cls(pads, bucket(count) - count, positions, max_length)
+        return cls(pads, bucket(count) - count, positions, bucket(longest))
 
 
 

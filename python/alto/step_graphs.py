@@ -116,7 +116,7 @@ class StepGraphs:
         self.host_held = False  # whether the host held up the last step judged
         self.lengths: dict[str, tuple[int, ...]] = {}  # each adapter's last micro-batch's sequence lengths
         self.varied: set[str] = set()  # adapters whose micro-batches' lengths changed
-        self.padded = self.pads_off = False  # the last step asked was padded; none is until the packs change
+        self.padded = self.pads_off = False  # the step run was padded; none is until the packs change
 
     @staticmethod
     def _model_takes(model: MultiLoraModel, reference: torch.Tensor | None) -> bool:
@@ -133,7 +133,7 @@ class StepGraphs:
 
     def buckets(self, model: MultiLoraModel, reference: torch.Tensor | None, batches: Mapping[str, Sequence]) -> bool:
         """Whether the next step, of these adapters' sequences, is padded to its bucket (alto.step_buckets;
-        kept in self.padded): one a graph may take (no LoRA dropout: its masks are drawn per sequence), of
+        self.padded once run): one a graph may take (no LoRA dropout: its masks are drawn per sequence), of
         adapters some of whose sequence lengths vary (fixed-length data repeats its layouts unpadded), while
         the host held up the last step whose first run was timed, and until a padded step ran eagerly (its
         GPU not waiting, or its capture failed: padding would only add work) or the packs change."""
@@ -144,10 +144,10 @@ class StepGraphs:
         lengths = {aid: tuple(map(len, sequences)) for aid, sequences in batches.items()}
         self.varied.update(aid for aid, lens in lengths.items() if self.lengths.setdefault(aid, lens) != lens)
         self.lengths.update(lengths)
-        self.padded = (BUCKETS and self.host_held and not self.held_off and not self.pads_off
-                       and not self.varied.isdisjoint(batches) and self._model_takes(model, reference)
-                       and not any(model.configs[aid].dropout > 0 for aid in batches))
-        return self.padded
+        self.padded = False  # (until run() is given the step: prepare_pass pads packed steps only)
+        return (BUCKETS and self.host_held and not self.held_off and not self.pads_off
+                and not self.varied.isdisjoint(batches) and self._model_takes(model, reference)
+                and not any(model.configs[aid].dropout > 0 for aid in batches))
 
     def clear(self) -> None:
         """Drops every graph (their memory pool with them)."""
@@ -155,7 +155,11 @@ class StepGraphs:
         self.first_runs.clear()
         self.eager.clear()
         self.pool = None
-        self.pads_off = False
+
+    def _new_packs(self, packs_key: list) -> None:
+        """Other packs (adapters admitted or retired): the graphs read the old ones."""
+        self.clear()
+        self.packs_key, self.held_off, self.pads_off = packs_key, False, False
 
     def _eager(self, key: tuple, step: Pass) -> None:
         """This key's steps run eagerly from now on, and no step is padded until the packs change."""
@@ -172,10 +176,10 @@ class StepGraphs:
             packs: Sequence[torch.Tensor]) -> torch.Tensor:
         """compute(step, weights)'s per-adapter losses, the step's gradients in the packs' .grad (none
         before): replayed where the step was captured, else computed (and timed or captured)."""
+        self.padded = step.plan.bucketed
         packs_key = [(id(p), p.data_ptr(), tuple(p.shape)) for p in packs]
-        if packs_key != self.packs_key:  # other packs: the graphs read the old ones
-            self.clear()
-            self.packs_key, self.held_off = packs_key, False
+        if packs_key != self.packs_key:
+            self._new_packs(packs_key)
         if self.held_off:
             return compute(step, weights)
         key = self._key(model, step)
@@ -251,6 +255,8 @@ class StepGraphs:
             warnings.warn(f"alto: a training step could not be captured as a CUDA graph; it runs eagerly "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=3)
             self._eager(key, step)
+            if not self.graphs:  # a failed capture may keep its hold on the pool: the next one takes a new one
+                self.pool = None
         else:
             self.graphs[key] = _Graph(graph, step, weights, static_losses, [p.grad for p in packs])
             while len(self.graphs) > CAPACITY:
