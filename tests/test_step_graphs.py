@@ -4,6 +4,7 @@ additions), with gradient accumulation, an adapter finishing and another admitte
 packs change: the graphs are dropped and made anew). The comparison catches a replay that reads
 stale inputs or hands out the graph's own gradient buffers (test_the_comparison_catches_planted_bugs)."""
 import copy
+import math
 import random
 
 import pytest
@@ -171,6 +172,32 @@ def test_steps_of_variable_lengths_are_padded_to_buckets_and_replayed(base, eage
         assert gap(run, graphed) > max(100 * noise, 1e-3)
     else:
         assert gap(run, graphed) <= 4 * noise, f"eager runs differ by {noise:.3g}"
+
+
+def test_a_padded_step_out_of_memory_runs_again_unpadded(base, monkeypatch):
+    """The padding is outside admission's memory model: a padded step that runs out of memory in its
+    forward (micro-step 1, no graph held yet) runs again unpadded before its size is counted as too
+    large (no StepOutOfMemory), and no step is padded until the adapters change (c ends at 3; the
+    first step after is asked before the change is seen, at 4)."""
+    import alto.train
+
+    monkeypatch.setattr(step_graphs, "BUCKETS", True)
+    run_pass, passes, padded = alto.train.run_pass, [], []
+
+    def out_of_memory_once(model, step):
+        passes.append(step.plan.bucketed)
+        if len(passes) == 2:
+            raise torch.OutOfMemoryError("planted")
+        return run_pass(model, step)
+
+    monkeypatch.setattr(alto.train, "run_pass", out_of_memory_once)
+    buckets = step_graphs.StepGraphs.buckets
+    monkeypatch.setattr(step_graphs.StepGraphs, "buckets",
+                        lambda self, *a: padded.append(buckets(self, *a)) or padded[-1])
+    trainer, losses = train(base, monkeypatch, graphs=True, lengths=VARIABLE)
+    assert passes[:3] == [False, True, False]  # step 0; step 1 padded, out of memory; step 1 again, unpadded
+    assert padded[:7] == [False, True, False, False, False, False, True]  # (step 1 asked twice)
+    assert all(math.isfinite(v) for values in losses.values() for v in values)
 
 
 def test_a_step_the_host_does_not_hold_up_stays_eager(base, eager, monkeypatch):
