@@ -152,50 +152,33 @@ def test_a_step_replayed_with_the_plan_of_another_in_its_bucket_is_that_step(mod
     assert same == refresh
 
 
-class _Judged:
-    """A first run whose GPU time has come in: the host held it up or not."""
-
-    def __init__(self, held: bool):
-        self.held = held
-
-    def done(self) -> bool:
-        return True
-
-    def host_bound(self) -> bool:
-        return self.held
-
-
-def test_steps_are_padded_while_the_host_holds_them_up_and_their_lengths_vary(model, monkeypatch):
+def test_a_step_is_padded_by_what_it_is_alone(model, monkeypatch):
+    """Padded: a step a graph may take, whose sequences' lengths differ and that is small (SMALL_STEP);
+    the same step is padded alike whatever ran before it (its float sums, and so a run's results and a
+    resumed run's, never depend on timings), but after memory ran out, until the adapters change."""
     import alto_ext
 
     monkeypatch.setattr(alto_ext, "sync_checks", lambda: False)  # (conftest's: no step graphed, none padded)
     monkeypatch.setattr(step_graphs, "BUCKETS", True)
     graphs = StepGraphs()
 
-    def padded(batches, held=None):
-        if held is not None:
-            graphs.timed.append(_Judged(held))
+    def padded(batches):
         return graphs.buckets(model, None, batches)
 
-    fixed = {"a": [[5] * 9, [5] * 9], "b": [[7] * 4]}
-    assert [padded(fixed, held=True), padded(fixed), padded(fixed)] == [False] * 3  # its layout repeats
+    fixed = {"a": [[5] * 9, [5] * 9], "b": [[7] * 9]}
     varying = {"a": [[5] * 9, [5] * 8], "b": [[7] * 4]}
-    assert padded(varying) and padded(fixed)  # a's lengths have varied: every step of a is padded
-    assert not padded({"b": [[7] * 4]})  # (b's never did)
-    assert not padded(varying, held=False) and padded(varying, held=True)
-    graphs._eager(("a padded step's key",), prepared(model, varying, bucketed=True))  # it ran eagerly:
-    assert not padded(varying, held=True)  # no padding until the packs change
-    graphs.clear()  # (as out of memory does)
+    assert [padded(fixed), padded(varying), padded(fixed), padded(varying)] == [False, True, False, True]
+    assert padded({"b": [[7] * 4], "c": [[6] * 3]}) and not padded({"b": [[7] * 4]})
+    small = step_graphs.SMALL_STEP / step_graphs.layer_weights(model)  # the most token positions a small step has
+    assert padded({"a": [[5] * int(small - 1), [5]]}) and not padded({"a": [[5] * int(small), [5]]})
+    graphs.held_off = True  # memory ran out while graphs were held, or in a padded step
     assert not padded(varying)
     graphs._new_packs(["other packs"])
     assert padded(varying)
-    graphs.held_off = True  # memory ran out while graphs were held, or in a padded step
-    assert not padded(varying)
-    graphs._new_packs(["other packs again"])
-    assert padded(varying)
-    graphs._eager(("an unpadded step's key",), prepared(model, varying, bucketed=False))
-    assert padded(varying)
     assert not graphs.buckets(model, torch.zeros(1), varying)  # an objective with references
+    monkeypatch.setattr(step_graphs, "BUCKETS", False)
+    assert not padded(varying)
+    monkeypatch.setattr(step_graphs, "BUCKETS", True)
     monkeypatch.setitem(model.configs, "a", AdapterConfig(rank=4, alpha=8, seed=0, micro_batch_size=2, dropout=0.1,
                                                           target_modules=ALL))
     assert not padded(varying)  # LoRA dropout draws its masks per sequence

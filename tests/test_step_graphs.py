@@ -134,24 +134,25 @@ def test_the_comparison_catches_planted_bugs(base, eager, monkeypatch, bug):
 VARIABLE = (40, 48)  # 4 sequences a step (3 between c's end and d's start), padded to a few buckets (alto.step_buckets)
 
 
+def varied(batches) -> bool:
+    """Whether a step's sequences' lengths differ (what StepGraphs.buckets pads, the steps here being small)."""
+    return len({len(s) for sequences in batches.values() for s in sequences}) > 1
+
+
 @pytest.fixture(scope="module")
 def eager_bucketed(base):
-    """Two eager runs on sequences of variable lengths, every step from the second on padded to its
-    bucket (as a graphed run pads them once the host held up its first step), and their gap."""
-    def padded_after_the_first(self, model, reference, batches):
-        self.calls = getattr(self, "calls", 0) + 1
-        return self.calls > 1
-
+    """Two eager runs on sequences of variable lengths, every step whose lengths differ padded to its bucket
+    (as a graphed run pads them: StepGraphs.buckets asks ENABLED), and their gap."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(step_graphs.StepGraphs, "buckets", padded_after_the_first)
+        mp.setattr(step_graphs.StepGraphs, "buckets", lambda self, model, reference, batches: varied(batches))
         first = train(base, mp, graphs=False, lengths=VARIABLE)
         return first, gap(first, train(base, mp, graphs=False, lengths=VARIABLE))
 
 
 @pytest.mark.parametrize("bug", [None, "no refresh of the token ranges"])
 def test_steps_of_variable_lengths_are_padded_to_buckets_and_replayed(base, eager_bucketed, monkeypatch, bug):
-    """No layout of variable-length data repeats: once the host held up the first step, the steps are
-    padded to their buckets, whose layouts repeat, and replayed; they train as the eager padded run
+    """No layout of variable-length data repeats: these small steps are padded to their buckets, whose
+    layouts repeat, and replayed; they train as the eager padded run
     (and that one as the unpadded math: tests/test_step_buckets.py). A replay that kept the captured
     step's token ranges (StepPlan.refresh skipped) is caught."""
     (run, noise) = eager_bucketed
@@ -161,11 +162,11 @@ def test_steps_of_variable_lengths_are_padded_to_buckets_and_replayed(base, eage
     monkeypatch.setattr(step_graphs._Graph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
     buckets = step_graphs.StepGraphs.buckets
     monkeypatch.setattr(step_graphs.StepGraphs, "buckets",
-                        lambda self, *a: padded.append(buckets(self, *a)) or padded[-1])
+                        lambda self, *a: padded.append((buckets(self, *a), varied(a[-1]))) or padded[-1][0])
     if bug:
         monkeypatch.setattr(StepPlan, "refresh", lambda self, other: None)
     graphed = train(base, monkeypatch, graphs=True, lengths=VARIABLE)
-    assert padded == [False] + [True] * (STEPS - 1)
+    assert len(padded) == STEPS and all(p == v for p, v in padded) and sum(p for p, _ in padded) >= STEPS - 1
     assert graphed[0].last_positions == bucket(graphed[0].last_positions)  # the bucket's, as admission reads them
     assert len(replays) >= 2, "too few replays: the test would not test them"
     if bug:
@@ -176,9 +177,9 @@ def test_steps_of_variable_lengths_are_padded_to_buckets_and_replayed(base, eage
 
 def test_a_padded_step_out_of_memory_runs_again_unpadded(base, monkeypatch):
     """The padding is outside admission's memory model: a padded step that runs out of memory in its
-    forward (micro-step 1, no graph held yet) runs again unpadded before its size is counted as too
-    large (no StepOutOfMemory), and no step is padded until the adapters change (c ends at 3; the
-    first step after is asked before the change is seen, at 4)."""
+    forward (micro-step 1, as its capture begins: no graph held yet) runs again unpadded before its size
+    is counted as too large (no StepOutOfMemory), and no step is padded until the adapters change (c
+    ends at 3; the first step after is asked before the change is seen, at 4)."""
     import alto.train
 
     monkeypatch.setattr(step_graphs, "BUCKETS", True)
@@ -195,8 +196,8 @@ def test_a_padded_step_out_of_memory_runs_again_unpadded(base, monkeypatch):
     monkeypatch.setattr(step_graphs.StepGraphs, "buckets",
                         lambda self, *a: padded.append(buckets(self, *a)) or padded[-1])
     trainer, losses = train(base, monkeypatch, graphs=True, lengths=VARIABLE)
-    assert passes[:3] == [False, True, False]  # step 0; step 1 padded, out of memory; step 1 again, unpadded
-    assert padded[:7] == [False, True, False, False, False, False, True]  # (step 1 asked twice)
+    assert passes[:3] == [True, True, False]  # step 0; step 1 padded, out of memory; step 1 again, unpadded
+    assert padded[:7] == [True, True, False, False, False, False, True]  # (step 1 asked twice)
     assert all(math.isfinite(v) for values in losses.values() for v in values)
 
 

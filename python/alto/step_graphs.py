@@ -18,11 +18,10 @@ gradient-accumulation weights) into the graph's and returns fresh copies of its 
 Everything else a replay reads was sent to the device before the capture (the plan's segments:
 alto_ext.to_device refuses to send host data during one) and is a function of the key, but for a
 bucketed step's token ranges, which the replay writes over the captured plan's (StepPlan.refresh).
-While the host holds the steps up, steps of variable-length data are padded to buckets
-(StepGraphs.buckets; opt-in: BUCKETS), so that their layouts repeat; the graphs then share one
-memory pool for the steps' activations (a replay's results are copied out before the next one
-runs), else each keeps its own. At most CAPACITY graphs, dropped when the packs change (an adapter
-admitted or retired) and on out of memory.
+Small steps of variable-length data are padded to buckets (StepGraphs.buckets; opt-in: BUCKETS),
+so that their layouts repeat; the graphs then share one memory pool for the steps' activations (a
+replay's results are copied out before the next one runs), else each keeps its own. At most
+CAPACITY graphs, dropped when the packs change (an adapter admitted or retired) and on out of memory.
 Admission's memory model does not count them: a step that runs out of memory while they are held
 runs again without them (alto.train) before its size is counted as too large, and none is captured
 again until the adapters change. Not graphed: dropout (LoRA's draws from each adapter's own
@@ -45,6 +44,7 @@ import torch.distributed as dist
 import alto_ext
 from alto import fused_layers, projection_stacks
 from alto.model import MultiLoraModel
+from alto.sched.catalog import ModelShape
 from alto.step import Pass
 
 # On by default (ALTO_STEP_GRAPHS=0: every step eager) since tests/test_step_graphs.py, the whole suite
@@ -53,6 +53,12 @@ ENABLED = os.environ.get("ALTO_STEP_GRAPHS", "1") != "0"
 # Steps of variable-length data padded to buckets: opt-in (ALTO_STEP_BUCKETS=1) until it has run on a GPU
 # (tests/test_step_graphs.py's variable-length test, bench_sweep on SmolLM2's widths with it off and on).
 BUCKETS = os.environ.get("ALTO_STEP_BUCKETS", "0") == "1"
+# A step is small (padded where its lengths vary) up to this many token positions x weights a token multiplies
+# through per decoder layer: there the GPU's work per layer (~2 ms at 700 TFLOP/s) is below the host's launches
+# (~5-6 ms a layer eager). Measured (bench/RESULTS.md, 2026-12-06): SmolLM2's widths (4.5M a layer) waited for the
+# host at 16k tokens (7e10), Llama-3-8B's (350M) at 512 (1.8e11) and 4k tokens (1.4e12, by 4%); a 32-adapter step
+# of Llama-3.2-1B's (77M x ~90k tokens: 7e12) is the GPU's. By size, not by timing: see StepGraphs.buckets.
+SMALL_STEP = 4e11
 # graphs kept: e.g. the layouts of a gradient-accumulation cycle, or a few buckets (sharing one memory pool where
 # steps are padded; else each its own, as every graph ran on the GPU so far)
 CAPACITY = 4 if BUCKETS else 2
@@ -60,6 +66,12 @@ HOST_BOUND = 0.8  # captured where the first run's host time was at least this s
 MAX_SEEN = 4096  # first runs remembered (variable-length data rarely repeats: forgotten past this)
 
 Compute = Callable[[Pass, torch.Tensor], torch.Tensor]
+
+
+def layer_weights(model: MultiLoraModel) -> float:
+    """Weights a token multiplies through per decoder layer (the lm_head's share included)."""
+    shape = ModelShape.from_hf_config(model.model.config)
+    return shape.matmul_params() / shape.layers
 
 
 @dataclass
@@ -112,11 +124,7 @@ class StepGraphs:
         self.held_off = False  # no capture until the packs change (memory ran out while graphs were held)
         self.stream: torch.cuda.Stream | None = None
         self.pool: tuple | None = None  # the graphs' one memory pool (torch.cuda.graph_pool_handle)
-        self.timed: list[_FirstRun] = []  # first runs not yet judged by buckets()
-        self.host_held = False  # whether the host held up the last step judged
-        self.lengths: dict[str, tuple[int, ...]] = {}  # each adapter's last micro-batch's sequence lengths
-        self.varied: set[str] = set()  # adapters whose micro-batches' lengths changed
-        self.padded = self.pads_off = False  # the step run was padded; none is until the packs change
+        self.padded = False  # the step run was padded (alto.step_buckets)
 
     @staticmethod
     def _model_takes(model: MultiLoraModel, reference: torch.Tensor | None) -> bool:
@@ -133,21 +141,16 @@ class StepGraphs:
 
     def buckets(self, model: MultiLoraModel, reference: torch.Tensor | None, batches: Mapping[str, Sequence]) -> bool:
         """Whether the next step, of these adapters' sequences, is padded to its bucket (alto.step_buckets;
-        self.padded once run): one a graph may take (no LoRA dropout: its masks are drawn per sequence), of
-        adapters some of whose sequence lengths vary (fixed-length data repeats its layouts unpadded), while
-        the host held up the last step whose first run was timed, and until a padded step ran eagerly (its
-        GPU not waiting, or its capture failed: padding would only add work) or the packs change."""
-        done = [run.done() for run in self.timed]
-        for run in (run for run, d in zip(self.timed, done) if d):
-            self.host_held = run.host_bound()
-        self.timed = [run for run, d in zip(self.timed, done) if not d]
-        lengths = {aid: tuple(map(len, sequences)) for aid, sequences in batches.items()}
-        self.varied.update(aid for aid, lens in lengths.items() if self.lengths.setdefault(aid, lens) != lens)
-        self.lengths.update(lengths)
+        self.padded once run): one a graph may take (no LoRA dropout: its masks are drawn per sequence), whose
+        sequences' lengths differ (fixed-length data repeats its layouts unpadded) and that is small
+        (SMALL_STEP); not until the adapters change after memory ran out (held_off). A function of the step,
+        not of timings: the padding moves the float sums' last bits, so a run's results (and a resumed
+        run's) must not depend on the speed of the host that runs it."""
         self.padded = False  # (until run() is given the step: prepare_pass pads packed steps only)
-        return (BUCKETS and self.host_held and not self.held_off and not self.pads_off
-                and not self.varied.isdisjoint(batches) and self._model_takes(model, reference)
-                and not any(model.configs[aid].dropout > 0 for aid in batches))
+        lengths = [len(s) for sequences in batches.values() for s in sequences]
+        return (BUCKETS and not self.held_off and len(set(lengths)) > 1 and self._model_takes(model, reference)
+                and not any(model.configs[aid].dropout > 0 for aid in batches)
+                and sum(lengths) * layer_weights(model) <= SMALL_STEP)
 
     def clear(self) -> None:
         """Drops every graph (their memory pool with them)."""
@@ -159,12 +162,7 @@ class StepGraphs:
     def _new_packs(self, packs_key: list) -> None:
         """Other packs (adapters admitted or retired): the graphs read the old ones."""
         self.clear()
-        self.packs_key, self.held_off, self.pads_off = packs_key, False, False
-
-    def _eager(self, key: tuple, step: Pass) -> None:
-        """This key's steps run eagerly from now on, and no step is padded until the packs change."""
-        self.eager.add(key)
-        self.pads_off = self.pads_off or step.plan.bucketed
+        self.packs_key, self.held_off = packs_key, False
 
     def hold_off(self) -> None:
         """Drops every graph and captures none until the packs change: memory ran out while graphs
@@ -188,14 +186,12 @@ class StepGraphs:
             self.graphs.move_to_end(key)
             return graph.replay(step, weights, packs)
         if key in self.eager:
-            self._eager(key, step)
             return compute(step, weights)
         first = self.first_runs.get(key)
         if first is None or not first.done():  # timed (again, where the last timing has not come in)
             return self._first_run(key, step, compute, weights)
-        self.host_held = first.host_bound()
-        if not self.host_held:
-            self._eager(key, step)
+        if not first.host_bound():
+            self.eager.add(key)
             return compute(step, weights)
         return self._capture(key, step, compute, weights, packs)
 
@@ -221,8 +217,7 @@ class StepGraphs:
         start.record()
         losses = compute(step, weights)
         end.record()
-        self.first_runs[key] = run = _FirstRun(start, end, time.perf_counter() - t0)
-        self.timed = [*self.timed[-7:], run]
+        self.first_runs[key] = _FirstRun(start, end, time.perf_counter() - t0)
         return losses
 
     def _capture(self, key: tuple, step: Pass, compute: Compute, weights: torch.Tensor,
@@ -250,11 +245,11 @@ class StepGraphs:
                     static_losses = compute(step, weights)
         except torch.OutOfMemoryError:  # this step is done (above): memory for its graph is what is short
             self.clear()
-            self._eager(key, step)
+            self.eager.add(key)
         except RuntimeError as e:  # an op that cannot be captured (a wait for the GPU, host data sent)
             warnings.warn(f"alto: a training step could not be captured as a CUDA graph; it runs eagerly "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=3)
-            self._eager(key, step)
+            self.eager.add(key)
             if not self.graphs:  # a failed capture may keep its hold on the pool: the next one takes a new one
                 self.pool = None
         else:
