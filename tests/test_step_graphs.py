@@ -269,11 +269,13 @@ def test_no_host_data_is_sent_while_a_graph_is_captured():
             to_device([1, 2, 3], "cuda")
 
 
-def test_a_killed_graphed_run_resumes_to_the_same_weights(tmp_path, sweep_yaml, monkeypatch):
+@pytest.mark.parametrize("lengths", [(16, 16), (8, 16)])
+def test_a_killed_graphed_run_resumes_to_the_same_weights(tmp_path, sweep_yaml, monkeypatch, lengths):
     """`alto tune` on the GPU with fixed-length data (every step's layout repeats, so its steps are
-    replayed as graphs), killed after micro-step 5 and resumed from its checkpoint at 4, ends with
-    the losses and adapters of a run that was not killed: bit for bit where two such runs are (else
-    within their own gap: atomic additions in a backward)."""
+    replayed as graphs) or variable-length data (its steps padded to buckets, whose layouts repeat),
+    killed after micro-step 5 and resumed from its checkpoint at 4, ends with the losses and adapters
+    of a run that was not killed: bit for bit where two such runs are (else within their own gap:
+    atomic additions in a backward). The resumed run pads its steps as the whole run did."""
     import json
 
     from safetensors.torch import load_file
@@ -282,20 +284,25 @@ def test_a_killed_graphed_run_resumes_to_the_same_weights(tmp_path, sweep_yaml, 
     from conftest import interrupt
 
     monkeypatch.setattr(step_graphs, "HOST_BOUND", 0.0)  # captured whether or not the host holds the GPU up
-    replays = []
+    monkeypatch.setattr(step_graphs, "BUCKETS", True)
+    replays, padded = [], []
     replay = step_graphs._Graph.replay
     monkeypatch.setattr(step_graphs._Graph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
+    buckets = step_graphs.StepGraphs.buckets
+    monkeypatch.setattr(step_graphs.StepGraphs, "buckets",
+                        lambda self, *a: padded.append(buckets(self, *a)) or padded[-1])
     rng = random.Random(7)
-    records = tmp_path / "fixed.jsonl"  # byte tokens: 16 characters, 16 tokens each
-    records.write_text("\n".join(json.dumps({"text": "".join(rng.choice("abcdefgh") for _ in range(16))})
-                                 for _ in range(40)))
+    records = tmp_path / "records.jsonl"  # byte tokens: a token a character
+    texts = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(*lengths))) for _ in range(40)]
+    records.write_text("\n".join(json.dumps({"text": text}) for text in texts))
     keys = {"device": "cuda", "checkpoint_every": 4,
             "data": {"source": "jsonl", "path": str(records), "max_length": 24, "eval_fraction": 0.2},
             "defaults": {"micro_batch_size": 2, "max_steps": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}}
     for out in ("whole", "again"):
-        replays.clear()
+        replays.clear(), padded.clear()
         assert tune(str(sweep_yaml(out=out, **keys)), None, log=lambda *_: None) == 0
         assert replays, "no step was replayed: the test would not test graphs"
+        assert any(padded) == (lengths[0] < lengths[1])
     interrupt(sweep_yaml(out="cut", **keys), 5)
     replays.clear()
     assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
