@@ -98,6 +98,20 @@ def test_a_bucketed_step_trains_every_adapter_as_the_unpadded_step(model, seed, 
     assert torch.allclose(loss0, loss1, rtol=1e-12, atol=0) and torch.allclose(grad0, grad1, rtol=1e-10, atol=1e-14)
 
 
+def test_a_bucketed_step_runs_shared_prefixes_whole(model):
+    """A padded step is one a graph replays: every sequence runs whole, where the unpadded step computes
+    each adapter's shared context prefix once (alto.shared_prefixes), to the same losses and gradients."""
+    batches = batches_of(4)
+    for aid, seqs in batches.items():
+        batches[aid] = [[~t for t in range(5, 15)] + s for s in seqs]  # 10 context tokens in common
+    unpadded, padded = prepared(model, batches, bucketed=False), prepared(model, batches, bucketed=True)
+    assert "shared_prefixes" in unpadded.inputs and "shared_prefixes" not in padded.inputs
+    assert padded.inputs["input_ids"].shape[1] == bucket(sum(len(s) for seqs in batches.values() for s in seqs))
+    loss0, grad0 = losses_and_grads(model, unpadded)
+    loss1, grad1 = losses_and_grads(model, padded)
+    assert torch.allclose(loss0, loss1, rtol=1e-12, atol=0) and torch.allclose(grad0, grad1, rtol=1e-10, atol=1e-14)
+
+
 def test_a_bucketed_plan_sums_each_adapter_over_its_own_positions(model):
     """Its segment_sums index, computed on the device from the token ranges (a replay recomputes it),
     is the one built on the host from the token counts, zero-length runs included."""

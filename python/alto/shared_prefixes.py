@@ -23,8 +23,9 @@ differ at float32's 1e-8; with the norms in float64 math they agree to 1e-16 (te
 float64_norms).
 
 Not shared (alto.step.shared_prefix_lengths): an adapter with LoRA dropout in training (PEFT draws a
-mask for every sequence's prefix on its own), a base with its own dropout in training, and
-ALTO_SHARED_PREFIXES=0 (every sequence whole, as bench A/Bs run). Rotary scaling that depends on
+mask for every sequence's prefix on its own), a base with its own dropout in training, a step padded
+to its bucket (alto.step_buckets: a small step, replayed as a CUDA graph) and ALTO_SHARED_PREFIXES=0
+(every sequence whole, as bench A/Bs run). Rotary scaling that depends on
 the pass's longest position (dynamic, LongRoPE) shares: that position is the whole sequences'.
 """
 from __future__ import annotations

@@ -122,15 +122,18 @@ def prepare_pass(model: MultiLoraModel, batches: dict[str, Sequence], flat: Sequ
                  device: torch.device, training: bool, packed: bool, bucketed: bool = False) -> Pass:
     """The pass of the sequences flat (batches' in order; no batches: the base alone, as an
     objective's reference pass and bench_step's frozen-base step run it, with the head and layout of
-    a co-located step). Where the adapters' sequences share context prefixes, each prefix runs once
-    (alto.shared_prefixes: the labels and plan are of the rows the pass runs, each adapter's first
-    sequence whole and the others' own tokens); else, bucketed, a packed pass of adapters is padded
-    to its bucket (alto.step_buckets: the pad sequences the last adapter's)."""
-    shared = shared_prefix_lengths(model, batches, training, packed)
+    a co-located step). Bucketed, a packed pass of adapters runs every sequence whole, padded to its
+    bucket (alto.step_buckets: the pad sequences the last adapter's). Else, where the adapters'
+    sequences share context prefixes, each prefix runs once (alto.shared_prefixes: the labels and plan
+    are of the rows the pass runs, each adapter's first sequence whole and the others' own tokens)."""
+    padded = bucketed and packed and bool(batches)
+    # a padded step is small, the host's: sharing saves GPU work it does not wait for, and the step's own
+    # gather index would keep it from a graph
+    shared = None if padded else shared_prefix_lengths(model, batches, training, packed)
     prefixes = None if shared is None else SharedPrefixes.of(batches, shared, device)
     runs = batches if prefixes is None else prefixes.runs(batches)
     seqs = flat if prefixes is None else [s for b in runs.values() for s in b]
-    padding = Padding.of([len(s) for s in seqs]) if bucketed and packed and batches and prefixes is None else None
+    padding = Padding.of([len(s) for s in seqs]) if padded else None
     inputs, labels, row_len = step_inputs(seqs, pad_id, packed, device,
                                           None if prefixes is None else prefixes.position_offsets, padding)
     if prefixes is not None:
