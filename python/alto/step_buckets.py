@@ -11,9 +11,9 @@ The padding is whole sequences of pad tokens without targets after the last adap
 attention's zero-length sequences after those), and target rows that point at the stream's last
 position (which has no target). No real token attends to a pad token and no loss reads one, so the
 pads' gradients are exactly zero and every adapter's loss and gradients are the unpadded step's, up
-to the order of float sums. Only small steps a graph may take are padded (alto.train asks
-StepGraphs.buckets: by the step's size, not by timings, since the float sums' order differs): on a
-step the GPU is busy with, the padding would cost up to a quarter more work. Opt-in (ALTO_STEP_BUCKETS=1) until it has run on a GPU.
+to the order of float sums. Only small steps a graph may take are padded, their sequences whole
+(alto.train asks StepGraphs.buckets: by the step's size, not by timings, since the float sums' order
+differs): on a step the GPU is busy with, the padding would cost up to a quarter more work. Opt-in (ALTO_STEP_BUCKETS=1) until it has run on a GPU.
 """
 from __future__ import annotations
 

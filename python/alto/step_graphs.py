@@ -18,8 +18,8 @@ gradient-accumulation weights) into the graph's and returns fresh copies of its 
 Everything else a replay reads was sent to the device before the capture (the plan's segments:
 alto_ext.to_device refuses to send host data during one) and is a function of the key, but for a
 bucketed step's token ranges, which the replay writes over the captured plan's (StepPlan.refresh).
-Small steps of variable-length data are padded to buckets (StepGraphs.buckets; opt-in: BUCKETS),
-so that their layouts repeat; the graphs then share one memory pool for the steps' activations (a
+Small steps are padded to buckets, their sequences whole (StepGraphs.buckets; opt-in: BUCKETS), so
+that the layouts of variable-length data repeat; the graphs then share one memory pool for the steps' activations (a
 replay's results are copied out before the next one runs), else each keeps its own. At most
 CAPACITY graphs, dropped when the packs change (an adapter admitted or retired) and on out of memory.
 Admission's memory model does not count them: a step that runs out of memory while they are held
@@ -53,7 +53,7 @@ ENABLED = os.environ.get("ALTO_STEP_GRAPHS", "1") != "0"
 # Steps of variable-length data padded to buckets: opt-in (ALTO_STEP_BUCKETS=1) until it has run on a GPU
 # (tests/test_step_graphs.py's variable-length test, bench_sweep on SmolLM2's widths with it off and on).
 BUCKETS = os.environ.get("ALTO_STEP_BUCKETS", "0") == "1"
-# A step is small (padded where its lengths vary) up to this many token positions x weights a token multiplies
+# A step is small (padded to its bucket) up to this many token positions x weights a token multiplies
 # through per decoder layer: there the GPU's work per layer (~2 ms at 700 TFLOP/s) is below the host's launches
 # (~5-6 ms a layer eager). Measured (bench/RESULTS.md, 2026-12-06): SmolLM2's widths (4.5M a layer) waited for the
 # host at 16k tokens (7e10), Llama-3-8B's (350M) at 512 (1.8e11) and 4k tokens (1.4e12, by 4%); a 32-adapter step
@@ -140,15 +140,16 @@ class StepGraphs:
                 and "shared_prefixes" not in step.inputs)
 
     def buckets(self, model: MultiLoraModel, reference: torch.Tensor | None, batches: Mapping[str, Sequence]) -> bool:
-        """Whether the next step, of these adapters' sequences, is padded to its bucket (alto.step_buckets;
-        self.padded once run): one a graph may take (no LoRA dropout: its masks are drawn per sequence), whose
-        sequences' lengths differ (fixed-length data repeats its layouts unpadded) and that is small
-        (SMALL_STEP); not until the adapters change after memory ran out (held_off). A function of the step,
-        not of timings: the padding moves the float sums' last bits, so a run's results (and a resumed
-        run's) must not depend on the speed of the host that runs it."""
+        """Whether the next step, of these adapters' sequences, is padded to its bucket, its sequences whole
+        (alto.step.prepare_pass; self.padded once run): one a graph may take (no LoRA dropout: its masks are
+        drawn per sequence) that is small (SMALL_STEP: its host holds it up, so the pads' GPU work is not
+        what it waits for); not until the adapters change after memory ran out (held_off). Fixed-length
+        data is padded too: its target rows may vary (completion-only losses). A function of the step, not
+        of timings: the padding moves the float sums' last bits, so a run's results (and a resumed run's)
+        must not depend on the speed of the host that runs it."""
         self.padded = False  # (until run() is given the step: prepare_pass pads packed steps only)
         lengths = [len(s) for sequences in batches.values() for s in sequences]
-        return (BUCKETS and not self.held_off and len(set(lengths)) > 1 and self._model_takes(model, reference)
+        return (BUCKETS and not self.held_off and self._model_takes(model, reference)
                 and not any(model.configs[aid].dropout > 0 for aid in batches)
                 and sum(lengths) * layer_weights(model) <= SMALL_STEP)
 
