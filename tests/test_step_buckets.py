@@ -176,19 +176,23 @@ def test_a_step_is_padded_by_what_it_is_alone(model, monkeypatch):
     monkeypatch.setattr(step_graphs, "BUCKETS", True)
     graphs = StepGraphs()
 
+    packs = [torch.zeros(2)]
+
     def padded(batches):
-        return graphs.buckets(model, None, batches)
+        return graphs.buckets(model, None, batches, packs)
 
     fixed = {"a": [[5] * 9, [5] * 9], "b": [[7] * 9]}
     varying = {"a": [[5] * 9, [5] * 8], "b": [[7] * 4]}
     assert [padded(fixed), padded(varying), padded(fixed), padded(varying)] == [True] * 4
+    graphs.eager.add(("a key",)), graphs.first_runs.setdefault(("another",), None)  # what ran before: no matter
+    assert padded(fixed) and padded(varying)
     small = step_graphs.SMALL_STEP / step_graphs.layer_weights(model)  # the most token positions a small step has
     assert padded({"a": [[5] * int(small - 1), [5]]}) and not padded({"a": [[5] * int(small), [5]]})
     graphs.held_off = True  # memory ran out while graphs were held, or in a padded step
     assert not padded(varying)
-    graphs._new_packs(["other packs"])
+    packs = [torch.zeros(3)]  # other adapters
     assert padded(varying)
-    assert not graphs.buckets(model, torch.zeros(1), varying)  # an objective with references
+    assert not graphs.buckets(model, torch.zeros(1), varying, packs)  # an objective with references
     monkeypatch.setattr(step_graphs, "BUCKETS", False)
     assert not padded(varying)
     monkeypatch.setattr(step_graphs, "BUCKETS", True)

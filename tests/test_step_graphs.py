@@ -174,7 +174,7 @@ def test_a_padded_step_out_of_memory_runs_again_unpadded(base, monkeypatch):
     """The padding is outside admission's memory model: a padded step that runs out of memory in its
     forward (micro-step 1, as its capture begins: no graph held yet) runs again unpadded before its size
     is counted as too large (no StepOutOfMemory), and no step is padded until the adapters change (c
-    ends at 3; the first step after is asked before the change is seen, at 4)."""
+    ends at 3)."""
     import alto.train
 
     monkeypatch.setattr(step_graphs, "BUCKETS", True)
@@ -192,7 +192,7 @@ def test_a_padded_step_out_of_memory_runs_again_unpadded(base, monkeypatch):
                         lambda self, *a: padded.append(buckets(self, *a)) or padded[-1])
     trainer, losses = train(base, monkeypatch, graphs=True, lengths=VARIABLE)
     assert passes[:3] == [True, True, False]  # step 0; step 1 padded, out of memory; step 1 again, unpadded
-    assert padded[:7] == [True, True, False, False, False, False, True]  # (step 1 asked twice)
+    assert padded[:7] == [True, True, False, False, False, True, True]  # (step 1 asked twice)
     assert all(math.isfinite(v) for values in losses.values() for v in values)
 
 
@@ -293,15 +293,18 @@ def test_a_killed_graphed_run_resumes_to_the_same_weights(tmp_path, sweep_yaml, 
     keys = {"device": "cuda", "checkpoint_every": 4,
             "data": {"source": "jsonl", "path": str(records), "max_length": 24, "eval_fraction": 0.2},
             "defaults": {"micro_batch_size": 2, "max_steps": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}}
+    decided = {}
     for out in ("whole", "again"):
         replays.clear(), padded.clear()
         assert tune(str(sweep_yaml(out=out, **keys)), None, log=lambda *_: None) == 0
         assert replays, "no step was replayed: the test would not test graphs"
-        assert padded and all(padded)
+        decided[out] = list(padded)
+    assert decided["whole"] == decided["again"] and all(decided["whole"])
     interrupt(sweep_yaml(out="cut", **keys), 5)
-    replays.clear()
+    replays.clear(), padded.clear()
     assert tune(None, str(tmp_path / "cut"), log=lambda *_: None) == 0
     assert replays
+    assert 0 < len(padded) < len(decided["whole"]) and padded == decided["whole"][-len(padded):]  # as the whole run
 
     def outcome(run: str) -> list[torch.Tensor]:
         rows = (tmp_path / run / "losses.csv").read_text().splitlines()[1:]

@@ -50,14 +50,15 @@ from alto.step import Pass
 # On by default (ALTO_STEP_GRAPHS=0: every step eager) since tests/test_step_graphs.py, the whole suite
 # and bench_step ran with it on the H200 (bench/RESULTS.md, 2026-12-06, fourteenth session).
 ENABLED = os.environ.get("ALTO_STEP_GRAPHS", "1") != "0"
-# Steps of variable-length data padded to buckets: opt-in (ALTO_STEP_BUCKETS=1) until it has run on a GPU
+# Small steps padded to buckets: opt-in (ALTO_STEP_BUCKETS=1) until it has run on a GPU
 # (tests/test_step_graphs.py's variable-length test, bench_sweep on SmolLM2's widths with it off and on).
 BUCKETS = os.environ.get("ALTO_STEP_BUCKETS", "0") == "1"
 # A step is small (padded to its bucket) up to this many token positions x weights a token multiplies
 # through per decoder layer: there the GPU's work per layer (~2 ms at 700 TFLOP/s) is below the host's launches
 # (~5-6 ms a layer eager). Measured (bench/RESULTS.md, 2026-12-06): SmolLM2's widths (4.5M a layer) waited for the
-# host at 16k tokens (7e10), Llama-3-8B's (350M) at 512 (1.8e11) and 4k tokens (1.4e12, by 4%); a 32-adapter step
-# of Llama-3.2-1B's (77M x ~90k tokens: 7e12) is the GPU's. By size, not by timing: see StepGraphs.buckets.
+# host at 16k tokens (7e10), bench_step's 4 layers of Llama-3-8B's widths (350M a layer with the lm_head's share)
+# at 512 (1.8e11) and 4k tokens (1.4e12, by 4%); a 32-adapter step of Llama-3.2-1B's (77M x ~90k tokens: 7e12) is
+# the GPU's. By size, not by timing: see StepGraphs.buckets.
 SMALL_STEP = 4e11
 # graphs kept: e.g. the layouts of a gradient-accumulation cycle, or a few buckets (sharing one memory pool where
 # steps are padded; else each its own, as every graph ran on the GPU so far)
@@ -139,15 +140,17 @@ class StepGraphs:
         return (step.plan.device.type == "cuda" and cls._model_takes(model, reference) and not step.plan.any_dropout
                 and "shared_prefixes" not in step.inputs)
 
-    def buckets(self, model: MultiLoraModel, reference: torch.Tensor | None, batches: Mapping[str, Sequence]) -> bool:
-        """Whether the next step, of these adapters' sequences, is padded to its bucket, its sequences whole
-        (alto.step.prepare_pass; self.padded once run): one a graph may take (no LoRA dropout: its masks are
-        drawn per sequence) that is small (SMALL_STEP: its host holds it up, so the pads' GPU work is not
+    def buckets(self, model: MultiLoraModel, reference: torch.Tensor | None, batches: Mapping[str, Sequence],
+                packs: Sequence[torch.Tensor]) -> bool:
+        """Whether the next step, of these adapters' sequences, training these packs (track), is padded to
+        its bucket, its sequences whole (alto.step.prepare_pass; self.padded once run): one a graph may take
+        (no LoRA dropout: its masks are drawn per sequence) that is small (SMALL_STEP: its host holds it up, so the pads' GPU work is not
         what it waits for); not until the adapters change after memory ran out (held_off). Fixed-length
         data is padded too: its target rows may vary (completion-only losses). A function of the step, not
         of timings: the padding moves the float sums' last bits, so a run's results (and a resumed run's)
-        must not depend on the speed of the host that runs it."""
+        must not depend on the speed of the host that runs it (out of memory, the machine's own, aside)."""
         self.padded = False  # (until run() is given the step: prepare_pass pads packed steps only)
+        self.track(packs)
         lengths = [len(s) for sequences in batches.values() for s in sequences]
         return (BUCKETS and not self.held_off and self._model_takes(model, reference)
                 and not any(model.configs[aid].dropout > 0 for aid in batches)
@@ -160,10 +163,13 @@ class StepGraphs:
         self.eager.clear()
         self.pool = None
 
-    def _new_packs(self, packs_key: list) -> None:
-        """Other packs (adapters admitted or retired): the graphs read the old ones."""
-        self.clear()
-        self.packs_key, self.held_off = packs_key, False
+    def track(self, packs: Sequence[torch.Tensor]) -> None:
+        """The packs the next step trains (seen by buckets(), whether or not the step is graphed): other
+        ones (adapters admitted or retired) drop the graphs, which read the old ones, and end a hold-off."""
+        packs_key = [(id(p), p.data_ptr(), tuple(p.shape)) for p in packs]
+        if packs_key != self.packs_key:
+            self.clear()
+            self.packs_key, self.held_off = packs_key, False
 
     def hold_off(self) -> None:
         """Drops every graph and captures none until the packs change: memory ran out while graphs
@@ -176,9 +182,7 @@ class StepGraphs:
         """compute(step, weights)'s per-adapter losses, the step's gradients in the packs' .grad (none
         before): replayed where the step was captured, else computed (and timed or captured)."""
         self.padded = step.plan.bucketed
-        packs_key = [(id(p), p.data_ptr(), tuple(p.shape)) for p in packs]
-        if packs_key != self.packs_key:
-            self._new_packs(packs_key)
+        self.track(packs)
         if self.held_off:
             return compute(step, weights)
         key = self._key(model, step)

@@ -241,7 +241,7 @@ class Trainer:
         into the packs' .grad (none before). A step the host holds up may run as a CUDA graph (alto.step_graphs)."""
         flat = [s for b in batches.values() for s in b]
         reference = reference_scores(self.model, self.objective, flat, self.pad_id, self.device, True, self.packed)
-        bucketed = self.graphs is not None and self.graphs.buckets(self.model, reference, batches)
+        bucketed = self.graphs is not None and self.graphs.buckets(self.model, reference, batches, packs)
         step = prepare_pass(self.model, batches, flat, self.pad_id, self.device, True, self.packed, bucketed)
         weights = to_device([1.0 / a.config.grad_accum for a in running], self.device, torch.float64)
 
