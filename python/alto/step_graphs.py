@@ -19,9 +19,10 @@ Everything else a replay reads was sent to the device before the capture (the pl
 alto_ext.to_device refuses to send host data during one) and is a function of the key, but for a
 bucketed step's token ranges, which the replay writes over the captured plan's (StepPlan.refresh).
 Small steps are padded to buckets, their sequences whole (StepGraphs.buckets; opt-in: BUCKETS), so
-that the layouts of variable-length data repeat; the graphs then share one memory pool for the steps' activations (a
-replay's results are copied out before the next one runs), else each keeps its own. At most
-CAPACITY graphs, dropped when the packs change (an adapter admitted or retired) and on out of memory.
+that the layouts of variable-length data repeat; the graphs then share one memory pool for the
+steps' activations (a replay's results are copied out before the next one runs), else each keeps
+its own. At most CAPACITY graphs, dropped when the packs change (an adapter admitted or retired) and
+on out of memory.
 Admission's memory model does not count them: a step that runs out of memory while they are held
 runs again without them (alto.train) before its size is counted as too large, and none is captured
 again until the adapters change. Not graphed: dropout (LoRA's draws from each adapter's own
@@ -144,11 +145,12 @@ class StepGraphs:
                 packs: Sequence[torch.Tensor]) -> bool:
         """Whether the next step, of these adapters' sequences, training these packs (track), is padded to
         its bucket, its sequences whole (alto.step.prepare_pass; self.padded once run): one a graph may take
-        (no LoRA dropout: its masks are drawn per sequence) that is small (SMALL_STEP: its host holds it up, so the pads' GPU work is not
-        what it waits for); not until the adapters change after memory ran out (held_off). Fixed-length
-        data is padded too: its target rows may vary (completion-only losses). A function of the step, not
-        of timings: the padding moves the float sums' last bits, so a run's results (and a resumed run's)
-        must not depend on the speed of the host that runs it (out of memory, the machine's own, aside)."""
+        (no LoRA dropout: its masks are drawn per sequence) that is small (SMALL_STEP: its host holds it up,
+        so the pads' GPU work is not what it waits for); not until the adapters change after memory ran out
+        (held_off). Fixed-length data is padded too: its target rows may vary (completion-only losses). A
+        function of the step, not of timings: the padding moves the float sums' last bits, so a run's
+        results (and a resumed run's) must not depend on the speed of the host that runs it (out of memory,
+        the machine's own, aside)."""
         self.padded = False  # (until run() is given the step: prepare_pass pads packed steps only)
         self.track(packs)
         lengths = [len(s) for sequences in batches.values() for s in sequences]
