@@ -74,6 +74,21 @@ def train(base, monkeypatch, graphs: bool, host_bound: float = 0.0, before_step=
     return trainer, losses
 
 
+def record_replays(monkeypatch) -> list[int]:
+    """A list that grows by one at every graph replay."""
+    replays, replay = [], step_graphs._Graph.replay
+    monkeypatch.setattr(step_graphs._Graph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
+    return replays
+
+
+def record_padding(monkeypatch) -> list[bool]:
+    """Each StepGraphs.buckets answer (whether a step is padded), in order."""
+    padded, buckets = [], step_graphs.StepGraphs.buckets
+    monkeypatch.setattr(step_graphs.StepGraphs, "buckets",
+                        lambda self, *a: padded.append(buckets(self, *a)) or padded[-1])
+    return padded
+
+
 def weights(trainer: Trainer) -> dict[str, dict]:
     out = {aid: state.weights for aid, state in trainer.retired.items()}
     out.update({aid: trainer.model.adapter_weights(aid) for aid in trainer.model.configs})
@@ -102,9 +117,7 @@ def eager(base):
 
 def test_graphed_steps_train_as_eager_steps(base, eager, monkeypatch):
     (run, noise) = eager
-    replays = []
-    replay = step_graphs._Graph.replay
-    monkeypatch.setattr(step_graphs._Graph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
+    replays = record_replays(monkeypatch)
     graphed = train(base, monkeypatch, graphs=True)
     assert gap(run, graphed) <= 4 * noise, f"eager runs differ by {noise:.3g}"
     # a,b,c: micro-steps 0 (first run), 1 (captured), 2-3 replayed; c finishes at 3 (the packs change); a,b
@@ -152,12 +165,7 @@ def test_steps_of_variable_lengths_are_padded_to_buckets_and_replayed(base, eage
     step's token ranges (StepPlan.refresh skipped) is caught."""
     (run, noise) = eager_bucketed
     monkeypatch.setattr(step_graphs, "BUCKETS", True)
-    replays, padded = [], []
-    replay = step_graphs._Graph.replay
-    monkeypatch.setattr(step_graphs._Graph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
-    buckets = step_graphs.StepGraphs.buckets
-    monkeypatch.setattr(step_graphs.StepGraphs, "buckets",
-                        lambda self, *a: padded.append(buckets(self, *a)) or padded[-1])
+    replays, padded = record_replays(monkeypatch), record_padding(monkeypatch)
     if bug:
         monkeypatch.setattr(StepPlan, "refresh", lambda self, other: None)
     graphed = train(base, monkeypatch, graphs=True, lengths=VARIABLE)
@@ -178,7 +186,7 @@ def test_a_padded_step_out_of_memory_runs_again_unpadded(base, monkeypatch):
     import alto.train
 
     monkeypatch.setattr(step_graphs, "BUCKETS", True)
-    run_pass, passes, padded = alto.train.run_pass, [], []
+    run_pass, passes, padded = alto.train.run_pass, [], record_padding(monkeypatch)
 
     def out_of_memory_once(model, step):
         passes.append(step.plan.bucketed)
@@ -187,9 +195,6 @@ def test_a_padded_step_out_of_memory_runs_again_unpadded(base, monkeypatch):
         return run_pass(model, step)
 
     monkeypatch.setattr(alto.train, "run_pass", out_of_memory_once)
-    buckets = step_graphs.StepGraphs.buckets
-    monkeypatch.setattr(step_graphs.StepGraphs, "buckets",
-                        lambda self, *a: padded.append(buckets(self, *a)) or padded[-1])
     trainer, losses = train(base, monkeypatch, graphs=True, lengths=VARIABLE)
     assert passes[:3] == [True, True, False]  # step 0; step 1 padded, out of memory; step 1 again, unpadded
     assert padded[:7] == [True, True, False, False, False, True, True]  # (step 1 asked twice)
@@ -280,12 +285,7 @@ def test_a_killed_graphed_run_resumes_to_the_same_weights(tmp_path, sweep_yaml, 
 
     monkeypatch.setattr(step_graphs, "HOST_BOUND", 0.0)  # captured whether or not the host holds the GPU up
     monkeypatch.setattr(step_graphs, "BUCKETS", True)
-    replays, padded = [], []
-    replay = step_graphs._Graph.replay
-    monkeypatch.setattr(step_graphs._Graph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
-    buckets = step_graphs.StepGraphs.buckets
-    monkeypatch.setattr(step_graphs.StepGraphs, "buckets",
-                        lambda self, *a: padded.append(buckets(self, *a)) or padded[-1])
+    replays, padded = record_replays(monkeypatch), record_padding(monkeypatch)
     rng = random.Random(7)
     records = tmp_path / "records.jsonl"  # byte tokens: a token a character
     texts = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(*lengths))) for _ in range(40)]
