@@ -150,13 +150,13 @@ for stage in "${stages[@]}"; do
       done
       ;;
     buckets)
-      # Small steps padded to buckets so that their graphs repeat (alto.step_buckets, opt-in until this ran): its
-      # tests, every CUDA test with it on and steps graphed, then sweeps of SmolLM2's widths (host-bound steps) with it
-      # off and on (BUCKETS_ARGS).
+      # Small steps padded to buckets so that their graphs repeat (alto.step_buckets, on by default): its tests,
+      # every CUDA test with steps graphed (conftest's sync checks off), then sweeps of SmolLM2's widths (host-bound
+      # steps) with it off and on (BUCKETS_ARGS).
       ALTO_TEST_SYNC_CHECKS=0 python3 -m pytest tests/test_step_buckets.py tests/test_step_graphs.py -q -rfEs \
         -p no:cacheprovider 2>&1 | tee "$OUT/pytest_buckets.log" | tail -8
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-      ALTO_STEP_BUCKETS=1 ALTO_TEST_SYNC_CHECKS=0 timeout -s INT "${CUDA_S:-200}" python3 -m pytest tests -m cuda -q \
+      ALTO_TEST_SYNC_CHECKS=0 timeout -s INT "${CUDA_S:-200}" python3 -m pytest tests -m cuda -q \
         -rfEs -p no:cacheprovider 2>&1 | tee -a "$OUT/pytest_buckets.log" | tail -8
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
       for on in 0 1; do

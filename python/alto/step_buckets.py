@@ -13,8 +13,8 @@ position (which has no target). No real token attends to a pad token and no loss
 pads' gradients are exactly zero and every adapter's loss and gradients are the unpadded step's, up
 to the order of float sums. Only small steps a graph may take are padded, their sequences whole
 (alto.train asks StepGraphs.buckets: by the step's size, not by timings, since the float sums' order
-differs): on a step the GPU is busy with, the padding would cost up to a quarter more work. Opt-in
-(ALTO_STEP_BUCKETS=1) until it has run on a GPU.
+differs): on a step the GPU is busy with, the padding would cost up to a quarter more work. On by
+default; ALTO_STEP_BUCKETS=0 turns it off.
 """
 from __future__ import annotations
 

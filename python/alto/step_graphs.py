@@ -18,7 +18,7 @@ gradient-accumulation weights) into the graph's and returns fresh copies of its 
 Everything else a replay reads was sent to the device before the capture (the plan's segments:
 alto_ext.to_device refuses to send host data during one) and is a function of the key, but for a
 bucketed step's token ranges, which the replay writes over the captured plan's (StepPlan.refresh).
-Small steps are padded to buckets, their sequences whole (StepGraphs.buckets; opt-in: BUCKETS), so
+Small steps are padded to buckets, their sequences whole (StepGraphs.buckets; BUCKETS, on by default), so
 that the layouts of variable-length data repeat; the graphs then share one memory pool for the
 steps' activations (a replay's results are copied out before the next one runs), else each keeps
 its own. At most CAPACITY graphs, dropped when the packs change (an adapter admitted or retired) and
@@ -51,9 +51,9 @@ from alto.step import Pass
 # On by default (ALTO_STEP_GRAPHS=0: every step eager) since tests/test_step_graphs.py, the whole suite
 # and bench_step ran with it on the H200 (bench/RESULTS.md, 2026-12-06, fourteenth session).
 ENABLED = os.environ.get("ALTO_STEP_GRAPHS", "1") != "0"
-# Small steps padded to buckets: opt-in (ALTO_STEP_BUCKETS=1) until it has run on a GPU
-# (tests/test_step_graphs.py's variable-length test, bench_sweep on SmolLM2's widths with it off and on).
-BUCKETS = os.environ.get("ALTO_STEP_BUCKETS", "0") == "1"
+# Small steps padded to buckets: on by default (ALTO_STEP_BUCKETS=0: never padded) since its tests passed on an H100
+# and it took a SmolLM2-widths sweep's train phase from 9.2 to 5.3 s (bench/RESULTS.md, 2026-12-07).
+BUCKETS = os.environ.get("ALTO_STEP_BUCKETS", "1") != "0"
 # A step is small (padded to its bucket) up to this many token positions x weights a token multiplies
 # through per decoder layer: there the GPU's work per layer (~2 ms at 700 TFLOP/s) is below the host's launches
 # (~5-6 ms a layer eager). Measured (bench/RESULTS.md, 2026-12-06): SmolLM2's widths (4.5M a layer) waited for the
