@@ -150,6 +150,9 @@ def alto_tune(args, doc: dict, out: Path) -> tuple[float, dict[str, float]]:
         raise SystemExit(f"alto tune {path} exited with {code}: {log.read_text()[-2000:]}")
     phases = json.loads((out / "timing.json").read_text())
     phases["exit"] = wall - sum(phases.values())
+    for line in log.read_text().splitlines():  # how many of its steps ran as graphs (CUDA)
+        if "micro-steps as CUDA graphs" in line:
+            print(f"{out.name}: {line.strip()}", flush=True)
     return wall, phases
 
 

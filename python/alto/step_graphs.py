@@ -4,38 +4,37 @@ packs (alto.train).
 
 Why: a step of few tokens waits for the host, which launches its kernels one by one from Python
 (bench_step, one adapter at Llama-3-8B widths, 4 layers, on the H100: the frozen base's eager step
-took 11.4 ms, 11.3 of them the host's; ALTO's 22.2 ms); a replay launches them all in one call. Only steps
-the host holds up are captured: a step is timed the first time it is seen (its host time against its
-GPU time, by CUDA events read later, without waiting) and captured the second time if the GPU waited.
-
+took 11.4 ms, 11.3 of them the host's; ALTO's 22.2 ms); a replay launches them all in one call.
 Why not torch.compile's "reduce-overhead": it compiles each new shape (minutes of a sweep's wall),
 and the alto ops build their outputs in place (alto_ext.linear: dynamo traces their gradients as
 zeros). Here the step's own eager code is recorded as it runs.
 
-A capture is this step's work run once on a side stream (its results, and the warm-up torch.cuda
-asks for), then recorded. A replay copies the new step's inputs (token ids, labels, target positions,
-gradient-accumulation weights) into the graph's and returns fresh copies of its losses and gradients.
-Everything else a replay reads was sent to the device before the capture (the plan's segments:
-alto_ext.to_device refuses to send host data during one) and is a function of the key, but for a
-bucketed step's token ranges, which the replay writes over the captured plan's (StepPlan.refresh).
-Small steps are padded to buckets, their sequences whole (StepGraphs.buckets; BUCKETS, on by default), so
-that the layouts of variable-length data repeat; the graphs then share one memory pool for the
-steps' activations (a replay's results are copied out before the next one runs), else each keeps
-its own. At most CAPACITY graphs, dropped when the packs change (an adapter admitted or retired) and
-on out of memory.
-Admission's memory model does not count them: a step that runs out of memory while they are held
-runs again without them (alto.train) before its size is counted as too large, and none is captured
-again until the adapters change. Not graphed: dropout (LoRA's draws from each adapter's own
-generator; the base's and its attention's), objectives with references, shared prefixes, several
-ranks, the CPU, and sync checks (alto_ext.set_sync_checks: a wait after every op). A capture that
-fails (an op waits for the GPU) leaves that step eager, with a warning.
+Only steps the host holds up are captured. An unpadded step is timed the first time it is seen (host
+time against GPU time, by CUDA events read later, without waiting); if the GPU waited, the second
+time it runs on a side stream (its results, and the warm-up torch.cuda asks for), then is recorded.
+Small steps are padded to buckets, their sequences whole (StepGraphs.buckets; BUCKETS, on by
+default), so that the layouts of variable-length data repeat; such a step is the host's by its size:
+captured the first time it is seen, without an eager run once the side stream is warm (recorded, then
+replayed), since early exit retires adapters every few steps and each retirement drops the graphs
+(SmolLM2's widths, H100, timed first: early exit's train phase 5.8 s on 35% of the steps, 5.3 without).
+A replay copies the new step's inputs (token ids, labels, target positions, gradient-accumulation weights)
+into the graph's and returns fresh copies of its losses and gradients. All else it reads was sent to the
+device before the capture (alto_ext.to_device refuses host data during one) and is a function of the key,
+but a bucketed step's token ranges, written over the captured plan's (StepPlan.refresh). Padded steps'
+graphs share one memory pool (a replay's results are copied out before the next runs), else each has its
+own. At most CAPACITY graphs, dropped when the packs change (an adapter admitted or retired) and on out of
+memory. Admission's memory model does not count them: a step out of memory while they are held, or padded,
+runs again without them (alto.train) before its size is counted as too large, and none is captured until
+the adapters change. Not graphed: dropout (LoRA's draws from each adapter's own generator; the base's and
+its attention's), objectives with references, shared prefixes, several ranks, the CPU, and sync checks
+(alto_ext.set_sync_checks). A capture that fails (an op waits for the GPU) leaves that step eager, warned.
 """
 from __future__ import annotations
 
 import os
 import time
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -51,8 +50,8 @@ from alto.step import Pass
 # On by default (ALTO_STEP_GRAPHS=0: every step eager) since tests/test_step_graphs.py, the whole suite
 # and bench_step ran with it on the H200 (bench/RESULTS.md, 2026-12-06, fourteenth session).
 ENABLED = os.environ.get("ALTO_STEP_GRAPHS", "1") != "0"
-# Small steps padded to buckets: on by default (ALTO_STEP_BUCKETS=0: never padded) since its tests passed on an H100
-# and it took a SmolLM2-widths sweep's train phase from 9.2 to 5.3 s (bench/RESULTS.md, 2026-12-07).
+# Small steps padded to buckets (ALTO_STEP_BUCKETS=0: never): on since a SmolLM2-widths sweep's train phase fell from
+# 9.2 to 5.3 s on an H100 (bench/RESULTS.md, 2026-12-07).
 BUCKETS = os.environ.get("ALTO_STEP_BUCKETS", "1") != "0"
 # A step is small (padded to its bucket) up to this many token positions x weights a token multiplies
 # through per decoder layer: there the GPU's work per layer (~2 ms at 700 TFLOP/s) is below the host's launches
@@ -61,8 +60,7 @@ BUCKETS = os.environ.get("ALTO_STEP_BUCKETS", "1") != "0"
 # at 512 (1.8e11) and 4k tokens (1.4e12, by 4%); a 32-adapter step of Llama-3.2-1B's (77M x ~90k tokens: 7e12) is
 # the GPU's. By size, not by timing: see StepGraphs.buckets.
 SMALL_STEP = 4e11
-# graphs kept: e.g. the layouts of a gradient-accumulation cycle, or a few buckets (sharing one memory pool where
-# steps are padded; else each its own, as every graph ran on the GPU so far)
+# graphs kept: the layouts of a gradient-accumulation cycle, or a few buckets (sharing one pool where padded)
 CAPACITY = 4 if BUCKETS else 2
 HOST_BOUND = 0.8  # captured where the first run's host time was at least this share of its GPU time
 MAX_SEEN = 4096  # first runs remembered (variable-length data rarely repeats: forgotten past this)
@@ -85,6 +83,7 @@ class _Graph:
     grads: list[torch.Tensor | None]  # the static gradients it writes, one per pack
 
     def replay(self, step: Pass, weights: torch.Tensor, packs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """This step's losses, its gradients in the packs' .grad: the graph run on its inputs."""
         for name, value in step.inputs.items():
             if isinstance(value, torch.Tensor):
                 self.step.inputs[name].copy_(value)
@@ -94,6 +93,10 @@ class _Graph:
         self.weights.copy_(weights)
         if step.plan.bucketed:  # the adapters' token ranges differ from the captured step's
             self.step.plan.refresh(step.plan)
+        return self.launch(packs)
+
+    def launch(self, packs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The graph run on the inputs it holds: the losses, the gradients in the packs' .grad."""
         self.graph.replay()
         for pack, grad in zip(packs, self.grads):
             pack.grad = None if grad is None else grad.clone()  # the next replay writes over the graph's
@@ -127,6 +130,7 @@ class StepGraphs:
         self.stream: torch.cuda.Stream | None = None
         self.pool: tuple | None = None  # the graphs' one memory pool (torch.cuda.graph_pool_handle)
         self.padded = False  # the step run was padded (alto.step_buckets)
+        self.counts = Counter()  # steps run: replayed, captured (computed eagerly or replayed after), eager
 
     @staticmethod
     def _model_takes(model: MultiLoraModel, reference: torch.Tensor | None) -> bool:
@@ -143,14 +147,12 @@ class StepGraphs:
 
     def buckets(self, model: MultiLoraModel, reference: torch.Tensor | None, batches: Mapping[str, Sequence],
                 packs: Sequence[torch.Tensor]) -> bool:
-        """Whether the next step, of these adapters' sequences, training these packs (track), is padded to
-        its bucket, its sequences whole (alto.step.prepare_pass; self.padded once run): one a graph may take
-        (no LoRA dropout: its masks are drawn per sequence) that is small (SMALL_STEP: its host holds it up,
-        so the pads' GPU work is not what it waits for); not until the adapters change after memory ran out
-        (held_off). Fixed-length data is padded too: its target rows may vary (completion-only losses). A
-        function of the step, not of timings: the padding moves the float sums' last bits, so a run's
-        results (and a resumed run's) must not depend on the speed of the host that runs it (out of memory,
-        the machine's own, aside)."""
+        """Whether the next step, of these adapters' sequences, training these packs (track), is padded to its
+        bucket, its sequences whole (alto.step.prepare_pass; self.padded once run): one a graph may take (no LoRA
+        dropout: its masks are drawn per sequence) that is small (SMALL_STEP: the host's, so the pads' GPU work is
+        not what it waits for); none after memory ran out until the adapters change (held_off). Fixed-length data
+        too (its target rows may vary). By the step, not by timings: the padding moves the float sums' last bits,
+        and a run's results (a resumed run's) must not depend on its host's speed (out of memory aside)."""
         self.padded = False  # (until run() is given the step: prepare_pass pads packed steps only)
         self.track(packs)
         lengths = [len(s) for sequences in batches.values() for s in sequences]
@@ -185,28 +187,31 @@ class StepGraphs:
         before): replayed where the step was captured, else computed (and timed or captured)."""
         self.padded = step.plan.bucketed
         self.track(packs)
-        if self.held_off:
-            return compute(step, weights)
-        key = self._key(model, step)
+        key = None if self.held_off else self._key(model, step)
         graph = self.graphs.get(key)
         if graph is not None:
             self.graphs.move_to_end(key)
+            self.counts["replayed"] += 1
             return graph.replay(step, weights, packs)
-        if key in self.eager:
+        if key is None or key in self.eager:
+            self.counts["eager"] += 1
             return compute(step, weights)
+        if step.plan.bucketed:  # small by size: the host's (no timing); on a warm stream, no eager run
+            capture = self._capture if self.stream is None else self._capture_and_replay
+            return capture(key, step, compute, weights, packs)
         first = self.first_runs.get(key)
+        if first is not None and first.done() and first.host_bound():
+            return self._capture(key, step, compute, weights, packs)
+        self.counts["eager"] += 1
         if first is None or not first.done():  # timed (again, where the last timing has not come in)
             return self._first_run(key, step, compute, weights)
-        if not first.host_bound():
-            self.eager.add(key)
-            return compute(step, weights)
-        return self._capture(key, step, compute, weights, packs)
+        self.eager.add(key)
+        return compute(step, weights)
 
     @staticmethod
     def _key(model: MultiLoraModel, step: Pass) -> tuple:
-        """What a graph's host-side choices depend on: the adapters and their sequences' lengths (the
-        plan's segments, positions and boundaries), every input's shape and integer, and the switches
-        the forward reads."""
+        """What a graph's host-side choices depend on: the adapters and their sequences' lengths (the plan's
+        segments, positions and boundaries), every input's shape and integer, and the switches the forward reads."""
         plan = step.plan
         shapes = tuple((name, tuple(v.shape) if isinstance(v, torch.Tensor) else v) for name, v in step.inputs.items())
         rows = None if step.rows is None else step.rows.shape[0]
@@ -229,41 +234,67 @@ class StepGraphs:
 
     def _capture(self, key: tuple, step: Pass, compute: Compute, weights: torch.Tensor,
                  packs: Sequence[torch.Tensor]) -> torch.Tensor:
-        del self.first_runs[key]
+        """The step run eagerly on the capture stream (its results; the stream's warm-up), then captured."""
+        self.first_runs.pop(key, None)
         main = torch.cuda.current_stream()
         self.stream = self.stream or torch.cuda.Stream(main.device)
         self.stream.wait_stream(main)
         try:
-            with torch.cuda.stream(self.stream):  # this step's work, and the capture stream's warm-up
+            with torch.cuda.stream(self.stream):
                 losses = compute(step, weights)
         finally:
             main.wait_stream(self.stream)  # the step's results are read there
         results = [p.grad for p in packs]
         for p in packs:
             p.grad = None  # the capture's backward makes its own, in the graph's pool
-        graph = torch.cuda.CUDAGraph()
         try:
-            # the outer context restores the current stream where a failed capture's exit raises before it does
+            self._record(key, step, compute, weights, packs)
+        except torch.OutOfMemoryError:  # this step is done (above): memory for its graph is what is short
+            self.clear()
+            self.eager.add(key)
+            self.counts["eager"] += 1
+        except RuntimeError as e:  # an op that cannot be captured (a wait for the GPU, host data sent)
+            warnings.warn(f"alto: a training step could not be captured as a CUDA graph; it runs eagerly "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=3)
+            self.eager.add(key)
+            self.counts["eager"] += 1
+        finally:
+            for p, grad in zip(packs, results):
+                p.grad = grad
+        return losses
+
+    def _capture_and_replay(self, key: tuple, step: Pass, compute: Compute, weights: torch.Tensor,
+                            packs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The step captured (on a warm stream), then replayed for its results. Out of memory, it is the trainer's
+        (run again unpadded: alto.train); another failure, it is captured as _capture does (its ops' warm-up)."""
+        try:
+            graph = self._record(key, step, compute, weights, packs)
+        except torch.OutOfMemoryError:
+            self.clear()
+            raise
+        except RuntimeError:
+            for p in packs:
+                p.grad = None  # (what the failed capture's backward left)
+            return self._capture(key, step, compute, weights, packs)
+        return graph.launch(packs)
+
+    def _record(self, key: tuple, step: Pass, compute: Compute, weights: torch.Tensor,
+                packs: Sequence[torch.Tensor]) -> _Graph:
+        """compute(step, weights) captured (the packs' .grad none before), kept among the last CAPACITY."""
+        graph = torch.cuda.CUDAGraph()
+        try:  # (the outer context restores the current stream where a failed capture's exit raises before it does)
             with torch.cuda.stream(self.stream):
                 # thread_local: other threads' CUDA calls (exports, checkpoints) are not the capture's
                 # one pool for all: replays never overlap, and their results are copied at once (replay)
                 self.pool = (self.pool or torch.cuda.graph_pool_handle()) if BUCKETS else None
                 with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                     static_losses = compute(step, weights)
-        except torch.OutOfMemoryError:  # this step is done (above): memory for its graph is what is short
-            self.clear()
-            self.eager.add(key)
-        except RuntimeError as e:  # an op that cannot be captured (a wait for the GPU, host data sent)
-            warnings.warn(f"alto: a training step could not be captured as a CUDA graph; it runs eagerly "
-                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=3)
-            self.eager.add(key)
+        except RuntimeError:
             if not self.graphs:  # a failed capture may keep its hold on the pool: the next one takes a new one
                 self.pool = None
-        else:
-            self.graphs[key] = _Graph(graph, step, weights, static_losses, [p.grad for p in packs])
-            while len(self.graphs) > CAPACITY:
-                self.graphs.popitem(last=False)
-        finally:
-            for p, grad in zip(packs, results):
-                p.grad = grad
-        return losses
+            raise
+        captured = self.graphs[key] = _Graph(graph, step, weights, static_losses, [p.grad for p in packs])
+        self.counts["captured"] += 1
+        while len(self.graphs) > CAPACITY:
+            self.graphs.popitem(last=False)
+        return captured

@@ -455,5 +455,9 @@ class SweepRun:
         if self.logs is not None:
             self.logs.close()  # the trackers' files, with the end's evaluations
         ev.host_copies.close()
+        if self.trainer.graphs is not None and self.trainer.graphs.counts:
+            counts = self.trainer.graphs.counts
+            log(f"micro-steps as CUDA graphs: {counts['replayed']} replayed, {counts['captured']} captured, "
+                f"{counts['eager']} eager (alto.step_graphs)")
         self.timing.write(self.run_dir, log)
         return board
