@@ -176,3 +176,22 @@ def test_outputs_kept_for_a_member_never_called_end_with_the_forward(monkeypatch
         monkeypatch.setattr(projection_stacks, "ENABLED", False)
         alone = model(plan, **inputs)
     assert torch.allclose(stacked, alone, rtol=1e-12)
+
+
+@pytest.mark.parametrize("stacked, bug", [(True, None), (False, None), (True, "the stacks' segments not sent")])
+def test_send_plan_builds_all_a_step_reads(monkeypatch, stacked, bug):
+    """MultiLoraModel.send_plan builds the plan's device data that a step's forward and backward read (a padded
+    step is captured as a CUDA graph after it, where no host data may be sent: alto.step_graphs): the step
+    builds no segments of its own. A send_plan without the stacks' is caught."""
+    monkeypatch.setattr(projection_stacks, "ENABLED", stacked)
+    if bug:
+        monkeypatch.setattr(projection_stacks.ProjectionStack, "send", lambda self, plan: None)
+    calls = counted_stacks(monkeypatch)
+    model = MultiLoraModel(tiny_model("Llama", torch.float64))
+    plan, inputs = packed_step(model)
+    model.send_plan(plan)
+    sent = (set(plan._segments), set(plan._stacks), plan._token_indptr)
+    model(plan, **inputs).sum().backward()
+    assert len(calls) == (4 if stacked else 0)  # q, k, v and gate, up in each of the 2 layers
+    built = (set(plan._segments), set(plan._stacks), plan._token_indptr)
+    assert (built != sent) if bug else (built == sent)

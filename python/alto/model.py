@@ -586,6 +586,18 @@ class MultiLoraModel(nn.Module):
         for aid in adapter_ids:
             del self.configs[aid], self.generators[aid]
 
+    def send_plan(self, plan: StepPlan) -> None:
+        """Builds the plan's device data that the wrapped layers read (the token ranges, the segments of each
+        rank tuple, the projection stacks'), sending it now: a CUDA graph's capture cannot send host data
+        (alto.step_graphs captures a padded step without running it first; what this misses fails the capture)."""
+        plan.token_indptr()
+        for layer in self.layers.values():
+            ranks = layer.ranks(plan)
+            if layer.order and any(ranks):
+                plan.segments(ranks)
+            if layer.stack is not None:
+                layer.stack.send(plan)
+
     @property
     def plain_head(self) -> nn.Linear | None:
         """The LM head if the logits are exactly head(last hidden state) (no soft-capping or scaling

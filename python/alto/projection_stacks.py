@@ -40,6 +40,13 @@ class ProjectionStack:
         self.members = members
         self.kept = kept
 
+    def send(self, plan: Any) -> None:
+        """Builds (and sends to the device) the plan's stacked segments of the members it targets, ahead of
+        a step that cannot send host data (a CUDA graph's capture); unused if the step runs them alone."""
+        ranks = tuple(r for r in (m.ranks(plan) for m in self.members) if any(r))
+        if len(ranks) > 1:
+            plan.stacked_segments(ranks)
+
     def output(self, layer: nn.Module, x: torch.Tensor, plan: Any) -> torch.Tensor | None:
         """The layer's output for x in the step of `plan` (an alto.model.StepPlan), from the stack
         (computed now or kept from the first member's call), or None: the layer runs alone."""

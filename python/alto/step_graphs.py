@@ -168,16 +168,14 @@ class StepGraphs:
         self.pool = None
 
     def track(self, packs: Sequence[torch.Tensor]) -> None:
-        """The packs the next step trains (seen by buckets(), whether or not the step is graphed): other
-        ones (adapters admitted or retired) drop the graphs, which read the old ones, and end a hold-off."""
+        """The packs the next step trains: others (adapters came or went) drop the graphs and end a hold-off."""
         packs_key = [(id(p), p.data_ptr(), tuple(p.shape)) for p in packs]
         if packs_key != self.packs_key:
             self.clear()
             self.packs_key, self.held_off = packs_key, False
 
     def hold_off(self) -> None:
-        """Drops every graph and captures none until the packs change: memory ran out while graphs
-        were held, and a graph taken again would hold as much."""
+        """Drops every graph, capturing none until the packs change (memory ran out while they were held)."""
         self.clear()
         self.held_off = True
 
@@ -197,8 +195,10 @@ class StepGraphs:
             self.counts["eager"] += 1
             return compute(step, weights)
         if step.plan.bucketed:  # small by size: the host's (no timing); on a warm stream, no eager run
-            capture = self._capture if self.stream is None else self._capture_and_replay
-            return capture(key, step, compute, weights, packs)
+            if self.stream is None:
+                return self._capture(key, step, compute, weights, packs)
+            model.send_plan(step.plan)  # (which the capture cannot send)
+            return self._capture_and_replay(key, step, compute, weights, packs)
         first = self.first_runs.get(key)
         if first is not None and first.done() and first.host_bound():
             return self._capture(key, step, compute, weights, packs)
