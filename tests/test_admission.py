@@ -102,8 +102,8 @@ def test_the_head_term_is_there_only_where_steps_run_the_fused_head(monkeypatch)
 def test_no_probe_step_where_everything_planned_fits_twice_over(tmp_path):
     """ample: every planned adapter's step at once, its estimate above the held bytes doubled, fits
     the capacity (no admission can then depend on a measured peak), or not. What a run plans at once
-    (SweepRun.planned_everything): each adapter at its task's largest micro-batch, every sequence
-    max_length long, the largest adapter's parameters."""
+    (SweepRun.planned_everything), every sequence max_length long: a grid's adapters at their own
+    micro-batches and parameters; a search's trials each at the largest its space allows."""
     from alto.admission import ample
     from alto.sched.memory import adapter_params
 
@@ -112,10 +112,13 @@ def test_no_probe_step_where_everything_planned_fits_twice_over(tmp_path):
     assert ample(analytic, (1000, 10**6), capacity=1.232e9) and not ample(analytic, (1000, 10**6), capacity=1.231e9)
     assert ample(analytic, (0, 0), capacity=1e9) and not ample(analytic, (1, 0), capacity=1e9)
     run = run_of(make_sweep(tmp_path, "plan"), tmp_path, "plan")
-    shape, configs = run.shape, run.sweep.adapters.values()
-    largest = max(adapter_params(c, shape) for c in configs)
-    assert largest == adapter_params(run.sweep.adapters["c"], shape)  # rank 8
-    assert run.planned_everything() == (4 * 4 * 24, 4 * largest)  # 4 adapters x micro-batch 4 x max_length 24
+    params = {aid: adapter_params(c, run.shape) for aid, c in run.sweep.adapters.items()}
+    assert params["c"] == max(params.values()) > params["b"]  # rank 8, rank 2
+    assert run.planned_everything() == ((4 + 2 + 2 + 1) * 24, sum(params.values()))  # micro-batches x max_length 24
+    space = {"rank": {"low": 2, "high": 8}, "lr": {"low": 1e-3, "high": 1e-2}, "micro_batch_size": [1, 3]}
+    search = make_sweep(tmp_path, "search", grid=None, adapters=None, search={"trials": 5, "space": space})
+    run = run_of(search, tmp_path, "search")
+    assert run.planned_everything() == (5 * 3 * 24, 5 * params["c"])  # 5 trials at micro-batch 3 and rank 8
 
 
 @pytest.mark.cuda

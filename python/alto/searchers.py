@@ -38,6 +38,9 @@ class Searcher:
     (where it may keep files of its own, e.g. Optuna's study)."""
 
     name: ClassVar[str]
+    # bounds() are the very configurations it proposes, one each (the grid's): a run then plans the memory of
+    # their own sizes (alto.sweep_run.SweepRun.planned_everything), not planned() copies of the largest
+    proposes_bounds: ClassVar[bool] = False
 
     def __init__(self, task: Task, run_dir: Path):
         raise NotImplementedError
@@ -89,6 +92,7 @@ class Grid(Searcher):
     order (largest micro-batch first) and co-locate as many as fit."""
 
     name = "grid"
+    proposes_bounds = True
 
     def __init__(self, task: Task, run_dir: Path):
         self.configs = task.adapters
