@@ -119,6 +119,12 @@ def test_no_probe_step_where_everything_planned_fits_twice_over(tmp_path):
     search = make_sweep(tmp_path, "search", grid=None, adapters=None, search={"trials": 5, "space": space})
     run = run_of(search, tmp_path, "search")
     assert run.planned_everything() == (5 * 3 * 24, 5 * params["c"])  # 5 trials at micro-batch 3 and rank 8
+    data = str(tmp_path / "data.jsonl")  # two tasks: reclaim may give the short task's samples to the long one
+    tasks = [{"name": "short", "data": {"path": data, "max_length": 12},
+              "adapters": [{"id": "s", "rank": 2, "micro_batch_size": 3}]},
+             {"name": "long", "data": {"path": data, "max_length": 24}, "adapters": [{"id": "l", "rank": 8}]}]
+    run = run_of(make_sweep(tmp_path, "tasks", adapters=None, tasks=tasks), tmp_path, "tasks")
+    assert run.planned_everything() == ((3 + 2) * 24, params["b"] + params["c"])  # (s: rank 2 as b; l: rank 8 as c)
 
 
 @pytest.mark.cuda

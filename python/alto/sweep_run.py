@@ -173,18 +173,20 @@ class SweepRun:
     def planned_everything(self) -> tuple[int, int]:
         """(token positions, LoRA parameters) of one step of every adapter the searchers plan, each at its
         own sizes where they are known (a grid's) or at the largest its task's may propose, every sequence
-        max_length long: more than any step holds (reclaim: grow gives survivors the samples of stopped
-        adapters, no more). (bench_sweep's grid of 32 at SmolLM2's widths: 15k positions and 0.5G parameters,
-        not 33k and 1.3G: ample on an 80 GB GPU by the estimate, so no probe step, 1.8 s of its 14 s on an H100.)"""
-        positions = params = 0
+        as long as the longest max_length of any task: more than any step holds (reclaim: grow gives
+        survivors the samples of stopped adapters, no more, and may give a short task's to a long one).
+        (bench_sweep's grid of 32 at SmolLM2's widths: 15k positions and 0.5G parameters, not 33k and 1.3G:
+        ample on an 80 GB GPU by the estimate, so no probe step, 1.8 s of its 14 s on an H100.)"""
+        samples = params = longest = 0
         for t in self.tasks.values():
             searcher = searcher_of(t)
             sizes = [(c.micro_batch_size, adapter_params(c, self.shape)) for c in self.bounds[t.name].values()]
             if not searcher.proposes_bounds:  # planned() configurations, each at most the largest bound
                 sizes = [tuple(map(max, zip(*sizes)))] * searcher.planned(t)
-            positions += sum(m for m, _ in sizes) * self.objective.per_sample * t.data["max_length"]
+            samples += sum(m for m, _ in sizes)
             params += sum(n for _, n in sizes)
-        return positions, params
+            longest = max(longest, t.data["max_length"])
+        return samples * self.objective.per_sample * longest, params
 
     def lockstep(self, passes: int) -> int:
         """How many forward passes every rank runs, this one needing `passes`: with a sharded base,
