@@ -209,25 +209,32 @@ def test_steps_of_variable_lengths_are_padded_to_buckets_and_replayed(base, eage
     assert gap(run, graphed) <= 4 * noise, f"eager runs differ by {noise:.3g}"
 
 
+def train_out_of_memory_at(base, monkeypatch, n: int) -> tuple[list[tuple[int, bool, bool]], tuple]:
+    """A padded run (train, VARIABLE lengths) whose n-th pass (from 1) runs out of memory: each pass's (step,
+    padded, captured), and the run."""
+    import alto.train
+
+    monkeypatch.setattr(step_graphs, "BUCKETS", True)
+    run_pass, passes, current = alto.train.run_pass, [], [0]
+
+    def out_of_memory(model, step):
+        passes.append((current[0], step.plan.bucketed, torch.cuda.is_current_stream_capturing()))
+        if len(passes) == n:
+            raise torch.OutOfMemoryError("planted")
+        return run_pass(model, step)
+
+    monkeypatch.setattr(alto.train, "run_pass", out_of_memory)
+    return passes, train(base, monkeypatch, graphs=True, lengths=VARIABLE,
+                         before_step=lambda t, s: current.__setitem__(0, s))
+
+
 def test_a_padded_step_out_of_memory_runs_again_unpadded(base, monkeypatch):
     """The padding is outside admission's memory model: a padded step that runs out of memory as it is
     captured (the first new layout after step 0's, captured at first sight without an eager run) runs
     again unpadded before its size is counted as too large (no StepOutOfMemory), and no step is padded
     until the adapters change (c ends at 3, d is admitted at 6)."""
-    import alto.train
-
-    monkeypatch.setattr(step_graphs, "BUCKETS", True)
-    run_pass, passes, padded, current = alto.train.run_pass, [], record_padding(monkeypatch), [0]
-
-    def out_of_memory_once(model, step):
-        passes.append((current[0], step.plan.bucketed, torch.cuda.is_current_stream_capturing()))
-        if len(passes) == 3:
-            raise torch.OutOfMemoryError("planted")
-        return run_pass(model, step)
-
-    monkeypatch.setattr(alto.train, "run_pass", out_of_memory_once)
-    trainer, losses = train(base, monkeypatch, graphs=True, lengths=VARIABLE,
-                            before_step=lambda t, s: current.__setitem__(0, s))
+    padded = record_padding(monkeypatch)
+    passes, (trainer, losses) = train_out_of_memory_at(base, monkeypatch, 3)
     assert passes[:2] == [(0, True, False), (0, True, True)]  # step 0 run eagerly (the stream's warm-up), captured
     k = passes[2][0]
     assert passes[2] == (k, True, True) and passes[3] == (k, False, False) and k < 6  # out of memory; again unpadded
@@ -247,11 +254,14 @@ def test_a_step_the_host_does_not_hold_up_stays_eager(base, eager, monkeypatch):
     assert gap(eager[0], (trainer, losses)) <= 4 * eager[1]
 
 
-def test_a_step_that_cannot_be_captured_runs_eagerly(base, eager, monkeypatch):
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_step_that_cannot_be_captured_runs_eagerly(base, eager, eager_bucketed, monkeypatch, padded):
     """An op that waits for the GPU inside the step: its capture fails with a warning, the step and
-    the later ones run eagerly, and the trainer's stream is the one it had."""
+    the later ones run eagerly, and the trainer's stream is the one it had. Padded: each new layout, recorded
+    at first sight on the warm capture stream, fails there too and runs eagerly as the first did."""
     import alto.train
 
+    monkeypatch.setattr(step_graphs, "BUCKETS", padded)
     run_pass = alto.train.run_pass
 
     def waiting(model, step):
@@ -261,10 +271,21 @@ def test_a_step_that_cannot_be_captured_runs_eagerly(base, eager, monkeypatch):
 
     monkeypatch.setattr(alto.train, "run_pass", waiting)
     with pytest.warns(UserWarning, match="could not be captured"):
-        trainer, losses = train(base, monkeypatch, graphs=True)
+        trainer, losses = train(base, monkeypatch, graphs=True, lengths=VARIABLE if padded else (LENGTH, LENGTH))
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     assert not trainer.graphs.graphs
-    assert gap(eager[0], (trainer, losses)) <= 4 * eager[1]
+    (run, noise) = eager_bucketed if padded else eager
+    assert gap(run, (trainer, losses)) <= 4 * noise
+
+
+def test_the_capture_stream_is_warm_once_a_step_ran_on_it(base, monkeypatch):
+    """The first padded step runs eagerly on the capture stream (the warm-up torch.cuda asks for) before it is
+    recorded. Where that run is out of memory (run again unpadded, padding held off until the adapters change
+    at 4), the stream is not yet warm: the next padded step runs eagerly on it before its recording too."""
+    passes, _ = train_out_of_memory_at(base, monkeypatch, 1)
+    assert passes[:2] == [(0, True, False), (0, False, False)]  # out of memory on the capture stream; again unpadded
+    k = next(i for i, (_, bucketed, _) in enumerate(passes) if i > 0 and bucketed)
+    assert passes[k][0] == 4 and passes[k:k + 2] == [(4, True, False), (4, True, True)]  # warm-up, then recorded
 
 
 def test_out_of_memory_while_graphs_are_held_runs_the_step_again_without_them(base, eager, monkeypatch):

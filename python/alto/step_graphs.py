@@ -14,9 +14,8 @@ time against GPU time, by CUDA events read later, without waiting); if the GPU w
 time it runs on a side stream (its results, and the warm-up torch.cuda asks for), then is recorded.
 Small steps are padded to buckets, their sequences whole (StepGraphs.buckets; BUCKETS, on by
 default), so that the layouts of variable-length data repeat; such a step is the host's by its size:
-captured the first time it is seen, without an eager run once the side stream is warm (recorded, then
-replayed), since early exit retires adapters every few steps and each retirement drops the graphs
-(SmolLM2's widths, H100, timed first: early exit's train phase 5.8 s on 35% of the steps, 5.3 without).
+captured the first time it is seen, without an eager run once the side stream is warm (recorded, then replayed):
+early exit's retirements drop the graphs every few steps (SmolLM2's widths, H100: its train phase 4.2 -> 2.9-3.2 s).
 A replay copies the new step's inputs (token ids, labels, target positions, gradient-accumulation weights)
 into the graph's and returns fresh copies of its losses and gradients. All else it reads was sent to the
 device before the capture (alto_ext.to_device refuses host data during one) and is a function of the key,
@@ -237,13 +236,14 @@ class StepGraphs:
         """The step run eagerly on the capture stream (its results; the stream's warm-up), then captured."""
         self.first_runs.pop(key, None)
         main = torch.cuda.current_stream()
-        self.stream = self.stream or torch.cuda.Stream(main.device)
-        self.stream.wait_stream(main)
+        stream = self.stream or torch.cuda.Stream(main.device)
+        stream.wait_stream(main)
         try:
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(stream):
                 losses = compute(step, weights)
         finally:
-            main.wait_stream(self.stream)  # the step's results are read there
+            main.wait_stream(stream)  # the step's results are read there
+        self.stream = stream  # warm (a step ran on it): a later capture on it needs no eager run first
         results = [p.grad for p in packs]
         for p in packs:
             p.grad = None  # the capture's backward makes its own, in the graph's pool
@@ -272,11 +272,9 @@ class StepGraphs:
         except torch.OutOfMemoryError:
             self.clear()
             raise
-        except RuntimeError:
-            for p in packs:
-                p.grad = None  # (what the failed capture's backward left)
-            return self._capture(key, step, compute, weights, packs)
-        return graph.launch(packs)
+        except RuntimeError:  # captured below, once this exception (holding the failed capture's memory) is gone
+            graph = None
+        return graph.launch(packs) if graph is not None else self._capture(key, step, compute, weights, packs)
 
     def _record(self, key: tuple, step: Pass, compute: Compute, weights: torch.Tensor,
                 packs: Sequence[torch.Tensor]) -> _Graph:
@@ -290,6 +288,8 @@ class StepGraphs:
                 with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                     static_losses = compute(step, weights)
         except RuntimeError:
+            for p in packs:
+                p.grad = None  # what the failed capture's backward left
             if not self.graphs:  # a failed capture may keep its hold on the pool: the next one takes a new one
                 self.pool = None
             raise
