@@ -178,12 +178,17 @@ def test_outputs_kept_for_a_member_never_called_end_with_the_forward(monkeypatch
     assert torch.allclose(stacked, alone, rtol=1e-12)
 
 
-@pytest.mark.parametrize("stacked, bug", [(True, None), (False, None), (True, "the stacks' segments not sent")])
-def test_send_plan_builds_all_a_step_reads(monkeypatch, stacked, bug):
+@pytest.mark.parametrize("stacks, bug", [("on", None), ("off", None), ("too wide", None),
+                                         ("on", "the stacks' segments not sent")])
+def test_send_plan_builds_all_a_step_reads(monkeypatch, stacks, bug):
     """MultiLoraModel.send_plan builds the plan's device data that a step's forward and backward read (a padded
     step is captured as a CUDA graph after it, where no host data may be sent: alto.step_graphs): the step
-    builds no segments of its own. A send_plan without the stacks' is caught."""
-    monkeypatch.setattr(projection_stacks, "ENABLED", stacked)
+    builds no segments of its own, and send_plan none the step does not read (no stacked segments where each
+    projection runs alone: stacks off, or wider than MAX_WIDTH). A send_plan without the stacks' is caught."""
+    stacked = stacks == "on"
+    monkeypatch.setattr(projection_stacks, "ENABLED", stacks != "off")
+    if stacks == "too wide":
+        monkeypatch.setattr(projection_stacks, "MAX_WIDTH", 8)
     if bug:
         monkeypatch.setattr(projection_stacks.ProjectionStack, "send", lambda self, plan: None)
     calls = counted_stacks(monkeypatch)
@@ -194,4 +199,4 @@ def test_send_plan_builds_all_a_step_reads(monkeypatch, stacked, bug):
     model(plan, **inputs).sum().backward()
     assert len(calls) == (4 if stacked else 0)  # q, k, v and gate, up in each of the 2 layers
     built = (set(plan._segments), set(plan._stacks), plan._token_indptr)
-    assert (built != sent) if bug else (built == sent)
+    assert (built != sent) if bug else (built == sent and bool(sent[1]) == stacked)

@@ -41,11 +41,24 @@ class ProjectionStack:
         self.kept = kept
 
     def send(self, plan: Any) -> None:
-        """Builds (and sends to the device) the plan's stacked segments of the members it targets, ahead of
-        a step that cannot send host data (a CUDA graph's capture); unused if the step runs them alone."""
-        ranks = tuple(r for r in (m.ranks(plan) for m in self.members) if any(r))
-        if len(ranks) > 1:
-            plan.stacked_segments(ranks)
+        """Builds (and sends to the device) the plan's stacked segments where its step runs the stack, ahead of
+        a step that cannot send host data (a CUDA graph's capture)."""
+        running = self.running(plan)
+        if running is not None:
+            plan.stacked_segments(tuple(ranks for _, ranks in running))
+
+    def running(self, plan: Any) -> list[tuple[nn.Module, tuple]] | None:
+        """The members the step of `plan` trains adapters in, with their ranks, where they run as a stack;
+        None where each runs alone."""
+        if not ENABLED:
+            return None
+        running = [(m, m.ranks(plan)) for m in self.members]
+        running = [(m, ranks) for m, ranks in running if any(ranks)]
+        if len(running) < 2 or any(not m.fused or (m.training and plan.has_dropout(ranks)) for m, ranks in running):
+            return None
+        if len(running) * max(plan.segments(ranks).h_width for _, ranks in running) > MAX_WIDTH:
+            return None
+        return running
 
     def output(self, layer: nn.Module, x: torch.Tensor, plan: Any) -> torch.Tensor | None:
         """The layer's output for x in the step of `plan` (an alto.model.StepPlan), from the stack
@@ -54,16 +67,10 @@ class ProjectionStack:
         if kept is not None:
             x_kept, version, y = kept
             return y if x_kept is x and x._version == version else None
-        if not ENABLED or x.is_inference():
-            return None
-        running = [(m, m.ranks(plan)) for m in self.members]
-        running = [(m, ranks) for m, ranks in running if any(ranks)]
-        if (len(running) < 2 or layer not in (m for m, _ in running)
-                or any(not m.fused or (m.training and plan.has_dropout(ranks)) for m, ranks in running)):
+        running = None if x.is_inference() else self.running(plan)
+        if running is None or layer not in (m for m, _ in running):
             return None
         parts = [plan.segments(ranks) for _, ranks in running]
-        if len(parts) * max(p.h_width for p in parts) > MAX_WIDTH:
-            return None
         packs = [m.packs_for(plan) for m, _ in running]
         ys = alto_ext.multi_lora_linear_stack(
             x.reshape(-1, x.shape[-1]), [m.base.weight for m, _ in running], [m.base.bias for m, _ in running],
