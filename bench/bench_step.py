@@ -37,6 +37,18 @@ from bench_memory import WIDTHS
 RANKS = [8, 16, 32, 64]
 # CUDA runtime calls where the host waits for the GPU (.item(), .nonzero(), a pageable copy: --profile counts them)
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+# GPU kernels by what they do, for --profile's table of kernel time (the first kind whose pattern a kernel's name
+# holds): where a co-located step's time beyond the frozen base's goes
+KERNEL_KINDS = (
+    ("LoRA grouped GEMMs (CUTLASS)", ("cutlass13device_kernel",)),  # (mangled: launched through cutlass::device_kernel)
+    ("AdamW (alto)", ("adamw",)),
+    ("other alto kernels", ("alto::",)),
+    ("cuBLAS GEMMs", ("nvjet", "gemm", "xmma")),
+    ("attention (flash)", ("flash",)),
+    ("copies and fills", ("Memcpy", "Memset")),
+    ("PyTorch elementwise and reductions", ("at::native",)),
+)
+OTHER_KERNELS = "other (Triton: liger's SwiGLU, RMSNorm, RoPE, cross-entropy)"
 NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B", "qwen7b": "Qwen2.5-7B", "smollm2": "SmolLM2-135M"}
 
 
@@ -92,14 +104,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--profile", metavar="DIR", nargs="?", const="", default=None,
-                    help="--profile: print torch.profiler's top ops of one base and one ALTO step at the largest N "
-                         "and the host's waits for the GPU in each; "
+                    help="--profile: print torch.profiler's top ops of one base and one ALTO step at the largest N, "
+                         "the host's waits for the GPU in each and their kernel time by kind; "
                          "--profile DIR: instead write Chrome traces of it and of the base step to "
                          "DIR/alto.json and DIR/base.json")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
+    kernels: dict[str, dict[str, float]] = {}  # --profile: each profiled step's kernel time by kind
 
     base = build_model(args.widths, args.layers, device)
     model = MultiLoraModel(base)
@@ -144,7 +157,7 @@ def main() -> None:
         base_replayed = bool(base_graphs.graphs)
         base_graphs.clear()
         if args.profile is not None and n == max(args.adapters):
-            profile(base_step, args.profile and f"{args.profile}/base.json", device, "base")
+            kernels["base"] = profile(base_step, args.profile and f"{args.profile}/base.json", device, "base")
 
         reg = Registry()
         trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device=device)
@@ -163,7 +176,7 @@ def main() -> None:
         finally:
             projection_stacks.ENABLED = stacked
         if args.profile is not None and n == max(args.adapters):
-            profile(trainer.step, args.profile and f"{args.profile}/alto.json", device, "ALTO")
+            kernels["ALTO"] = profile(trainer.step, args.profile and f"{args.profile}/alto.json", device, "ALTO")
 
         def base_forward():  # the frozen base's forward alone, as an evaluation runs it (no autocast, no grad)
             with evaluating(model):
@@ -204,26 +217,46 @@ def main() -> None:
               f"| {ta:.1f} | {ta / tb - 1:+.1%} | {tl:.1f} | {tl / to:.2f}x "
               f"| {hb:.1f} | {ho:.1f} | {tf:.1f} | {te:.1f} | {te / tf - 1:+.1%} | {n * args.seq / te * 1e3:,.0f}")
     print(f"\nPEFT, one adapter (rank {RANKS[0]}, all 7 projections), same sequence: {t_peft:.1f} ms/step")
+    if "ALTO" in kernels:
+        print(f"\nkernel time of one step at {max(args.adapters)} adapters (torch.profiler, GPU events only):")
+        print("kernels | base ms | ALTO ms | ALTO - base ms")
+        print(" | ".join(["---"] * 4))
+        for kind in kernels["ALTO"]:
+            b, a = kernels["base"][kind], kernels["ALTO"][kind]
+            print(f"{kind} | {b:.2f} | {a:.2f} | {a - b:+.2f}")
+        b, a = sum(kernels["base"].values()), sum(kernels["ALTO"].values())
+        print(f"all | {b:.2f} | {a:.2f} | {a - b:+.2f}")
 
 
-def profile(step, trace: str, device: torch.device, label: str) -> None:
-    """Top ops of one step and its host waits, or (a path given) its Chrome trace with Python frames."""
+def kernel_kind(name: str) -> str:
+    """What a GPU kernel (a profile's device event, by name) does: its KERNEL_KINDS entry, else OTHER_KERNELS."""
+    return next((kind for kind, patterns in KERNEL_KINDS if any(p in name for p in patterns)), OTHER_KERNELS)
+
+
+def profile(step, trace: str, device: torch.device, label: str) -> dict[str, float]:
+    """Top ops of one step and its host waits, or (a path given) its Chrome trace with Python frames; returns its
+    kernel time in ms by kind (kernel_kind; none on the CPU)."""
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts, with_stack=bool(trace)) as prof:
         step()
         synchronize(device)
+    averages = prof.key_averages()
+    kinds = dict.fromkeys([kind for kind, _ in KERNEL_KINDS] + [OTHER_KERNELS], 0.0)
+    for event in averages:  # the device's events only: an op's own entry counts its kernels' time again
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kinds[kernel_kind(event.key)] += event.self_device_time_total / 1e3
     if trace:
         prof.export_chrome_trace(trace)
-        return
-    averages = prof.key_averages()
+        return kinds
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     if device.type == "cuda":
         print(averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
     # Where the host waits for the GPU (each wait empties the GPU's queue: it idles while the host launches again)
     calls = {e.key: e.count for e in averages}
     print(f"host waits in the {label} step: " + ", ".join(f"{name} {calls.get(name, 0)}" for name in WAITS))
+    return kinds
 
 
 def peft_step_ms(base, seq, iters: int, device: torch.device) -> float:

@@ -109,6 +109,32 @@ def test_bench_step_profile_table_counts_each_steps_host_waits():
         counts = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", "))
         assert set(counts) == {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
         assert all(v == "0" for v in counts.values())  # the CPU's host never waits for a GPU
+    rows = table(out, "kernels", "base ms", "ALTO ms", "ALTO - base ms")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_step import KERNEL_KINDS, OTHER_KERNELS
+
+    assert [r["kernels"] for r in rows] == [kind for kind, _ in KERNEL_KINDS] + [OTHER_KERNELS, "all"]
+    assert all(number(r[c]) == 0 for r in rows for c in ("base ms", "ALTO ms"))  # no GPU events on the CPU
+
+
+def test_bench_step_sorts_kernels_by_what_they_do():
+    """Kernel names as an H100's profile of a co-located step reads them (bench/RESULTS.md, 2026-12-07)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_step import OTHER_KERNELS, kernel_kind
+
+    names = {
+        "_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalIN4cute5tupleIJiiiEEE": "LoRA grouped GEMMs (CUTLASS)",
+        "void alto::cuda::(anonymous namespace)::adamw_update_kernel<float>(...)": "AdamW (alto)",
+        "void alto::cuda::detail::reduce_splits<cutlass::bfloat16_t>(...)": "other alto kernels",
+        "nvjet_sm90_tst_320x128_64x3_1x2_h_badd_coopB_NNT": "cuBLAS GEMMs",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>(...)": "attention (flash)",
+        "Memcpy DtoD (Device -> Device)": "copies and fills",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<float>>(...)":
+            "PyTorch elementwise and reductions",
+        "_swiglu_forward_kernel": OTHER_KERNELS,
+        "liger_cross_entropy_kernel": OTHER_KERNELS,
+    }
+    assert {name: kernel_kind(name) for name in names} == names
 
 
 def test_bench_ops_compares_the_segmented_ops_with_a_torch_loop_and_grouped_mm():
