@@ -129,7 +129,7 @@ class StepGraphs:
         self.stream: torch.cuda.Stream | None = None
         self.pool: tuple | None = None  # the graphs' one memory pool (torch.cuda.graph_pool_handle)
         self.padded = False  # the step run was padded (alto.step_buckets)
-        self.counts = Counter()  # steps run: replayed, captured (computed eagerly or replayed after), eager
+        self.counts = Counter()  # runs of steps a graph may take (takes()): replayed, captured, eager
 
     @staticmethod
     def _model_takes(model: MultiLoraModel, reference: torch.Tensor | None) -> bool:

@@ -465,6 +465,6 @@ class SweepRun:
         if self.trainer.graphs is not None and self.trainer.graphs.counts:
             counts = self.trainer.graphs.counts
             log(f"micro-steps as CUDA graphs: {counts['replayed']} replayed, {counts['captured']} captured, "
-                f"{counts['eager']} eager (alto.step_graphs)")
+                f"{counts['eager']} eager (alto.step_graphs; of the steps a graph may take, a retry counted again)")
         self.timing.write(self.run_dir, log)
         return board
