@@ -2,7 +2,7 @@
 # One call on the GPU machine = build + test + bench (README "Test").
 #   bash bench/device_run.sh [build] [test] [cuda] [bench] [bench_loss] [loss_head] [memory] [bench_step] [profile_step]
 #                            [tile_configs] [sanitize] [parallel] [parallel_shares] [tasks] [sweep] [quality]
-#                            [sharded] [cluster] [search] [dpo] [fused] [load] [buckets]
+#                            [sharded] [cluster] [search] [dpo] [fused] [load] [buckets] [base_gemm]
 #   (default: build test bench bench_step)
 # Expects the nvidia-cutlass wheel carried in .whl/ (no network there) and writes logs and tables
 # under $OUT (or ./device_out when run elsewhere): env.txt and one file per stage's log, since at most
@@ -186,6 +186,27 @@ for stage in "${stages[@]}"; do
       wait
       for i in $(seq 0 $((candidates - 1))); do
         /tmp/tile_cfg$i 2>&1 | tee -a "$OUT/tile_configs.txt" || { tail -5 /tmp/tile_cfg$i.log | tee -a "$OUT/tile_configs.txt"; rc=1; }
+      done
+      ;;
+    base_gemm)
+      # The base's GEMMs by our grouped GEMM against cuBLAS (issue 33's fusion question), one binary per
+      # candidate of csrc/cuda/tile_configs.cuh (BASE_GEMM_CONFIGS: which; default all), cuBLAS from torch's wheels.
+      cutlass=$(python3 -c "import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))")/source
+      cublas=$(python3 -c "
+import glob, os, torch
+found = glob.glob(os.path.join(os.path.dirname(torch.__file__), '..', 'nvidia', '*', 'lib', 'libcublas.so.*'))
+print(os.path.realpath(found[0]) if found else '/usr/local/cuda/lib64/libcublas.so')")
+      candidates=$(sed -n 's/^inline constexpr int kCandidates = \([0-9]*\);/\1/p' csrc/cuda/tile_configs.cuh)
+      configs=${BASE_GEMM_CONFIGS:-$(seq 0 $((candidates - 1)))}
+      for i in $configs; do
+        nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr -DNDEBUG -DALTO_CONFIG=$i -I csrc \
+          -I "$cutlass/include" -I "$cutlass/tools/util/include" -I "$(dirname "$cublas")/../include" bench/base_gemm.cu \
+          -L "$(dirname "$cublas")" -l:"$(basename "$cublas")" -Xlinker -rpath="$(dirname "$cublas")" \
+          -o /tmp/base_gemm$i > /tmp/base_gemm$i.log 2>&1 &
+      done
+      wait
+      for i in $configs; do
+        /tmp/base_gemm$i 2>&1 | tee -a "$OUT/base_gemm.txt" || { tail -5 /tmp/base_gemm$i.log | tee -a "$OUT/base_gemm.txt"; rc=1; }
       done
       ;;
     parallel)

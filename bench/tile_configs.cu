@@ -6,92 +6,20 @@
 // configuration per binary (ALTO_CONFIG: an index into csrc/cuda/tile_configs.cuh's candidates,
 // the table the kernels choose from), built in parallel by `bash bench/device_run.sh tile_configs`;
 // each result is checked at sampled entries against the host.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <vector>
 
-#include "cuda/grouped_gemm.cuh"
+#include "cuda_bench.cuh"
 
 using namespace alto::cuda;
 using namespace alto::cuda::detail;
-using Bf16 = cutlass::bfloat16_t;
-#ifndef ALTO_CONFIG
-#error "ALTO_CONFIG: an index into csrc/cuda/tile_configs.cuh's candidates"
-#endif
-static_assert(0 <= ALTO_CONFIG && ALTO_CONFIG < tiles::kCandidates, "ALTO_CONFIG: an index into the candidates");
-using Config = tiles::Candidate<ALTO_CONFIG>;  // the one table of candidates
+using namespace bench;
 using Shrink = ShrinkGemm<Bf16, Config>;
 using Expand = ExpandGemm<Bf16, Config>;
 using WeightGrad = WeightGradGemm<Bf16, float, Config>;  // float32: the master weights' gradients
 
-#define CHECK_CUDA(x)                                                              \
-  do {                                                                             \
-    cudaError_t e = (x);                                                           \
-    if (e != cudaSuccess) {                                                        \
-      std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e));                 \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
-
-template <class T>
-T* upload(const std::vector<T>& v) {
-  T* p = nullptr;
-  CHECK_CUDA(cudaMalloc(&p, v.size() * sizeof(T)));
-  CHECK_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return p;
-}
-
-template <class T>
-std::vector<T> download(const T* p, size_t n) {
-  std::vector<T> v(n);
-  CHECK_CUDA(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-  return v;
-}
-
-// Uniform in [-0.5, 0.5) (xorshift: std::rand over 10^9 elements would take a minute).
-std::vector<Bf16> random_bf16(size_t n) {
-  static uint64_t state = 88172645463325252ull;
-  std::vector<Bf16> v(n);
-  for (auto& x : v) {
-    state ^= state << 13, state ^= state >> 7, state ^= state << 17;
-    x = Bf16(static_cast<float>(state >> 40) / static_cast<float>(1 << 24) - 0.5f);
-  }
-  return v;
-}
-
-constexpr int kAdapters = 32, kTokens = 1024, kIters = 20;
+constexpr int kAdapters = 32, kTokens = 1024;
 int sms = 0;
-
-// Milliseconds of one launch of the form (median-free mean of kIters after 3 warm-ups), or -1.
-template <class GG, class Form>
-float time_form(const Segments& seg, const Form& form) {
-  const size_t ws_bytes = GG::workspace_bytes(kAdapters, sms);
-  void* ws = nullptr;
-  CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
-  const Launch launch{ws, ws_bytes, 0, sms, nullptr};
-  for (int i = 0; i < 3; ++i) {
-    if (const Status s = launch_form<GG>(seg, form, launch)) {
-      std::printf("    %s\n", s);
-      return -1.f;
-    }
-  }
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  CHECK_CUDA(cudaEventRecord(start));
-  for (int i = 0; i < kIters; ++i) launch_form<GG>(seg, form, launch);
-  CHECK_CUDA(cudaEventRecord(stop));
-  CHECK_CUDA(cudaEventSynchronize(stop));
-  float ms = 0;
-  CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-  CHECK_CUDA(cudaFree(ws));
-  return ms / kIters;
-}
 
 void report(const char* form, bool in_use, int d, int width, float ms, double bytes, double max_rel) {
   if (ms < 0) return;
@@ -132,7 +60,7 @@ int main() {
                    hb = static_cast<double>(T) * width * 2;
 
       // shrink: h[t, k] = s_g sum_j x[t, j] w[r0 + k, j], at each adapter's first and last token
-      const float shrink_ms = time_form<Shrink>(segments, ShrinkForm<Bf16>{x, w, out, d, width, width});
+      const float shrink_ms = time_form<Shrink>(segments, ShrinkForm<Bf16>{x, w, out, d, width, width}, sms);
       std::vector<Bf16> got = download(out, static_cast<size_t>(T) * width);
       double worst = 0;
       for (int g = 0; g < kAdapters; ++g)
@@ -145,7 +73,7 @@ int main() {
       report("shrink", ALTO_CONFIG == tiles::kShrink, d, width, shrink_ms, big + small + hb, worst);
 
       // expand (y written, not read): y[t, j] = s_g sum_k h[t, k] w[r0 + k, j]
-      const float expand_ms = time_form<Expand>(segments, ExpandForm<Bf16>{h, w, out, width, d, width, 0.f});
+      const float expand_ms = time_form<Expand>(segments, ExpandForm<Bf16>{h, w, out, width, d, width, 0.f}, sms);
       got = download(out, static_cast<size_t>(T) * d);
       worst = 0;
       for (int g = 0; g < kAdapters; ++g)
@@ -160,7 +88,7 @@ int main() {
 
       // weight_grad (float32 out): grad[r0 + k, j] = s_g sum_{t of g} h[t, k] x[t, j]
       const float grad_ms =
-          time_form<WeightGrad>(segments, WeightGradForm<Bf16, float>{h, x, grad, width, d, width});
+          time_form<WeightGrad>(segments, WeightGradForm<Bf16, float>{h, x, grad, width, d, width}, sms);
       const std::vector<float> grad_host = download(grad, static_cast<size_t>(R) * d);
       worst = 0;
       for (int g = 0; g < kAdapters; g += 3)
@@ -180,11 +108,5 @@ int main() {
     }
     CHECK_CUDA(cudaFree(const_cast<Bf16*>(h)));
   }
-  int32_t flags[4];
-  CHECK_CUDA(cudaMemcpy(flags, err, sizeof(flags), cudaMemcpyDeviceToHost));
-  if (flags[0] != 0) {
-    std::printf("index error recorded: %d\n", flags[0]);
-    return 1;
-  }
-  return 0;
+  return index_errors(err);
 }

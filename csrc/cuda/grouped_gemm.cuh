@@ -41,7 +41,7 @@ struct GroupedGemm {
   using Shape3 = typename ProblemShape::UnderlyingProblemShape;
   static constexpr int kAlign = 8;  // operand elements: 16 bytes, what TMA needs
   static constexpr int kAlignD = 16 / static_cast<int>(sizeof(ElementD));
-  using ClusterShape = Shape<_1, _1, _1>;
+  using ClusterShape = typename Config::ClusterShape;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,

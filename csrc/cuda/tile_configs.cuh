@@ -15,12 +15,15 @@ using CooperativeEpilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCoopera
 using Pingpong = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
 using PingpongEpilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
 
-// A CTA tile (M, N, K) and the kernel and epilogue schedules that go with it.
-template <class Tile, class Kernel = Cooperative, class Epilogue = CooperativeEpilogue>
+// A CTA tile (M, N, K), the kernel and epilogue schedules that go with it, and the cluster of CTAs
+// (2 along M: the W tile read once by TMA multicast for both CTAs' rows).
+template <class Tile, class Kernel = Cooperative, class Epilogue = CooperativeEpilogue,
+          class Cluster = Shape<_1, _1, _1>>
 struct TileConfig {
   using TileShape = Tile;
   using KernelSchedule = Kernel;
   using EpilogueSchedule = Epilogue;
+  using ClusterShape = Cluster;
 };
 
 template <int I> struct Candidate;
@@ -42,7 +45,15 @@ template <> struct Candidate<4> : TileConfig<Shape<_64, _128, _64>, Pingpong, Pi
 template <> struct Candidate<5> : TileConfig<Shape<_64, _256, _64>, Pingpong, PingpongEpilogue> {
   static constexpr const char* kName = "pingpong 64x256x64";
 };
-inline constexpr int kCandidates = 6;
+template <> struct Candidate<6>
+    : TileConfig<Shape<_128, _256, _64>, Cooperative, CooperativeEpilogue, Shape<_2, _1, _1>> {
+  static constexpr const char* kName = "cooperative 128x256x64, cluster 2x1";
+};
+template <> struct Candidate<7>
+    : TileConfig<Shape<_256, _128, _64>, Cooperative, CooperativeEpilogue, Shape<_2, _1, _1>> {
+  static constexpr const char* kName = "cooperative 256x128x64, cluster 2x1";
+};
+inline constexpr int kCandidates = 8;
 
 // In use, per form (an index into the candidates):
 // Measured with bench/tile_configs.cu (RESULTS.md): the expand writes y 1.1-1.25x faster with

@@ -1,0 +1,173 @@
+// Can our CUTLASS grouped GEMM run the frozen base's own GEMMs as fast as cuBLAS? The question under
+// issue 33's fusion (bench/RESULTS.md, 2026-12-07): y = [x | h] [W | B]^T in one kernel per
+// projection would drop the LoRA expand's write of y and cuBLAS's read of it as C (beta = 1), but
+// only if the kernel that replaces cuBLAS's is as fast on the base's shapes. For each shape of
+// bench_step's step (Llama-3-8B widths; adapters x 512 tokens; forward y = x W^T and dX = dY W),
+// in the same binary:
+//   cublas      cuBLAS alone (beta 0), as the frozen base runs it
+//   cublas+C    cuBLAS adding the LoRA output (beta 1, C = D), as ALTO's step runs it
+//   expand      ALTO's LoRA expand writing that output (ranks 8/16/32/64 cycled)
+//   today       cublas+C + expand
+//   ours        the grouped GEMM, one problem per adapter (the fused kernel's base part)
+//   ours K+64   the same with 64 more K columns: what one extra K tile of h and B costs (a proxy of
+//               the fused kernel at ranks <= 64, without its second operand pair)
+// One tile configuration per binary (ALTO_CONFIG: csrc/cuda/tile_configs.cuh), built by
+// `bash bench/device_run.sh base_gemm`; ours is checked against cuBLAS at each adapter's first and
+// last rows (max relative difference).
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cuda_bench.cuh"
+
+using namespace alto::cuda;
+using namespace alto::cuda::detail;
+using namespace bench;
+using Forward = ShrinkGemm<Bf16, Config>;  // A row-major, W [N, K] row-major (K-major B), D row-major
+using Backward = ExpandGemm<Bf16, Config>;  // A row-major, W [K, N] row-major (N-major B), D row-major
+using LoraExpand = ExpandGemm<Bf16>;  // the expand as the library runs it (its configuration in use)
+
+#define CHECK_CUBLAS(x)                                                            \
+  do {                                                                             \
+    cublasStatus_t s = (x);                                                        \
+    if (s != CUBLAS_STATUS_SUCCESS) {                                              \
+      std::fprintf(stderr, "%s: cuBLAS status %d\n", #x, static_cast<int>(s));     \
+      std::exit(1);                                                                \
+    }                                                                              \
+  } while (0)
+
+// The base's GEMM over adapter g's rows: out[t0:t0+n, 0:N] = A[t0:t0+n, 0:K] . W (all adapters one W).
+template <class E>
+struct BaseForm {
+  static constexpr bool kClearsEmptyGroups = false;
+  static constexpr bool kScaled = false;
+  const E* a;
+  const E* w;
+  E* out;
+  int64_t lda, ldw, k, n, max_rank;
+  float beta = 0.f;
+  int splits = 1;
+  __device__ GroupProblem<E> problem(GroupRange rg, int) const {
+    return {rg.n, n, k, a + rg.t0 * lda, lda, w, ldw, out + rg.t0 * n, n};
+  }
+};
+
+__global__ void fill_random(Bf16* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint64_t z = (i + seed) * 0x9E3779B97F4A7C15ull;  // splitmix64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    p[i] = Bf16(static_cast<float>((z ^ (z >> 31)) >> 40) / static_cast<float>(1 << 24) - 0.5f);
+  }
+}
+
+Bf16* random_device(size_t n, uint64_t seed) {
+  Bf16* p = nullptr;
+  CHECK_CUDA(cudaMalloc(&p, n * sizeof(Bf16)));
+  fill_random<<<1024, 256>>>(p, n, seed);
+  CHECK_CUDA(cudaGetLastError());
+  return p;
+}
+
+struct GemmShape {
+  const char* name;
+  bool backward;  // dX = dY W (W [K, N]) rather than y = x W^T (W [N, K])
+  int n, k;
+  int per_layer;  // how many of a layer's projections have this shape
+};
+
+int main() {
+  int sms = 0;
+  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cublasHandle_t cublas;
+  CHECK_CUBLAS(cublasCreate(&cublas));
+  void* cublas_ws = nullptr;  // as PyTorch gives cuBLAS on Hopper (CUBLAS_WORKSPACE_CONFIG's default)
+  const size_t cublas_ws_bytes = size_t(32) << 20;
+  CHECK_CUDA(cudaMalloc(&cublas_ws, cublas_ws_bytes));
+  CHECK_CUBLAS(cublasSetWorkspace(cublas, cublas_ws, cublas_ws_bytes));
+  int32_t* err = nullptr;
+  CHECK_CUDA(cudaMalloc(&err, 4 * sizeof(int32_t)));
+  CHECK_CUDA(cudaMemset(err, 0, 4 * sizeof(int32_t)));
+  std::printf("candidate %d: %s (ms per GEMM; ratios against cuBLAS alone and against today)\n", ALTO_CONFIG,
+              Config::kName);
+  const GemmShape shapes[] = {{"q,o   fwd", false, 4096, 4096, 2},  {"k,v   fwd", false, 1024, 4096, 2},
+                          {"gate,up fwd", false, 14336, 4096, 2}, {"down  fwd", false, 4096, 14336, 1},
+                          {"q,o   dX", true, 4096, 4096, 2},   {"k,v   dX", true, 4096, 1024, 2},
+                          {"gate,up dX", true, 4096, 14336, 2},  {"down  dX", true, 14336, 4096, 1}};
+  constexpr int kTokens = 512, kExtraK = 64, kMaxRank = 64;
+  const float one = 1.f, zero = 0.f;
+  for (const int adapters : {8, 32}) {
+    const int cycle[4] = {8, 16, 32, 64};
+    std::vector<int32_t> seg{0}, rank{0};
+    for (int g = 0; g < adapters; ++g) {
+      seg.push_back(seg.back() + kTokens);
+      rank.push_back(rank.back() + cycle[g % 4]);
+    }
+    const int T = seg.back(), R = rank.back();
+    const std::vector<float> scale(adapters, 2.0f);
+    const Segments segments{upload(seg), upload(rank), upload(scale), adapters, T, R, err};
+    const Bf16* h = random_device(size_t(T) * kMaxRank, 1);
+    std::printf("%d adapters x %d tokens (ranks 8-64)\n", adapters, kTokens);
+    std::printf("  %-11s %6s %6s | %8s %8s %7s %8s | %8s %9s | %6s %9s %9s\n", "GEMM", "N", "K", "cublas",
+                "cublas+C", "expand", "today", "ours", "ours K+64", "ours/c", "K+64/c", "K+64/today");
+    double sum_cublas = 0, sum_today = 0, sum_ours = 0, sum_proxy = 0;
+    for (const GemmShape& s : shapes) {
+      const int N = s.n, K = s.k, KP = K + kExtraK;
+      Bf16* a = random_device(size_t(T) * KP, 2);  // x or dY, room for the proxy's K + 64
+      Bf16* w = random_device(size_t(N) * KP, 3);
+      Bf16* lora_b = random_device(size_t(R) * N, 4);
+      Bf16 *y_cublas = nullptr, *y_ours = nullptr;
+      CHECK_CUDA(cudaMalloc(&y_cublas, size_t(T) * N * sizeof(Bf16)));
+      CHECK_CUDA(cudaMalloc(&y_ours, size_t(T) * N * sizeof(Bf16)));
+      // cuBLAS sees the row-major matrices as their column-major transposes: y^T = W . x^T (TN), dX^T = W^T . dY^T (NN).
+      auto run_cublas = [&](const float* beta) {
+        if (s.backward)
+          CHECK_CUBLAS(cublasGemmEx(cublas, CUBLAS_OP_N, CUBLAS_OP_N, N, T, K, &one, w, CUDA_R_16BF, N, a, CUDA_R_16BF,
+                                    K, beta, y_cublas, CUDA_R_16BF, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        else
+          CHECK_CUBLAS(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &one, w, CUDA_R_16BF, K, a, CUDA_R_16BF,
+                                    K, beta, y_cublas, CUDA_R_16BF, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      };
+      const float cublas_ms = time_ms([&] { run_cublas(&zero); });
+      const float cublas_c_ms = time_ms([&] { run_cublas(&one); });
+      run_cublas(&zero);  // the reference for ours
+      const float expand_ms = time_form<LoraExpand>(
+          segments, ExpandForm<Bf16>{h, lora_b, y_ours, kMaxRank, N, kMaxRank, 0.f}, sms);
+      // W's leading dimension: K (forward, W [N, K]) or N (backward, W [K, N]).
+      const BaseForm<Bf16> base{a, w, y_ours, K, s.backward ? N : K, K, N, 1 << 30};
+      const BaseForm<Bf16> proxy{a, w, y_ours, KP, s.backward ? N : KP, KP, N, 1 << 30};
+      float ours_ms = -1, proxy_ms = -1;
+      if (s.backward) {
+        proxy_ms = time_form<Backward>(segments, proxy, sms);
+        ours_ms = time_form<Backward>(segments, base, sms);
+      } else {
+        proxy_ms = time_form<Forward>(segments, proxy, sms);
+        ours_ms = time_form<Forward>(segments, base, sms);
+      }
+      CHECK_CUDA(cudaDeviceSynchronize());
+      double worst = 0;  // ours (its last run: K) against cuBLAS at each adapter's first and last rows
+      for (int g = 0; g < adapters; ++g)
+        for (const int t : {seg[g], seg[g + 1] - 1}) {
+          const auto got = download(y_ours + size_t(t) * N, N), ref = download(y_cublas + size_t(t) * N, N);
+          for (int j = 0; j < N; ++j)
+            worst = std::max(worst, std::fabs(double(float(got[j])) - float(ref[j])) / (std::fabs(float(ref[j])) + 1.0));
+        }
+      const float today = cublas_c_ms + expand_ms;
+      std::printf("  %-11s %6d %6d | %8.3f %8.3f %7.3f %8.3f | %8.3f %9.3f | %6.3f %9.3f %9.3f  max diff %.1e\n",
+                  s.name, N, K, cublas_ms, cublas_c_ms, expand_ms, today, ours_ms, proxy_ms, ours_ms / cublas_ms,
+                  proxy_ms / cublas_ms, proxy_ms / today, worst);
+      sum_cublas += s.per_layer * cublas_ms, sum_today += s.per_layer * today;
+      sum_ours += s.per_layer * ours_ms, sum_proxy += s.per_layer * proxy_ms;
+      for (void* p : {static_cast<void*>(a), static_cast<void*>(w), static_cast<void*>(lora_b),
+                      static_cast<void*>(y_cublas), static_cast<void*>(y_ours)})
+        CHECK_CUDA(cudaFree(p));
+    }
+    std::printf("  one layer's 14 GEMMs: cublas %.3f | today %.3f | ours %.3f (%.3fx cublas) | ours K+64 %.3f "
+                "(%.3fx today, %.3fx cublas)\n",
+                sum_cublas, sum_today, sum_ours, sum_ours / sum_cublas, sum_proxy, sum_proxy / sum_today,
+                sum_proxy / sum_cublas);
+    CHECK_CUDA(cudaFree(const_cast<Bf16*>(h)));
+  }
+  return index_errors(err);
+}
