@@ -9,11 +9,11 @@
 //   expand      ALTO's LoRA expand writing that output (ranks 8/16/32/64 cycled)
 //   today       cublas+C + expand
 //   ours        the grouped GEMM, one problem per adapter (the fused kernel's base part)
-//   ours K+64   the same with 64 more K columns: what one extra K tile of h and B costs (a proxy of
-//               the fused kernel at ranks <= 64, without its second operand pair)
+//   fused       the fused kernel (grouped_gemm.cuh's FusedForwardGemm / FusedBackwardGemm): the base's
+//               product and the adapter's in one accumulator, written once
 // One tile configuration per binary (ALTO_CONFIG: csrc/cuda/tile_configs.cuh), built by
-// `bash bench/device_run.sh base_gemm`; ours is checked against cuBLAS at each adapter's first and
-// last rows (max relative difference).
+// `bash bench/device_run.sh base_gemm`; ours is checked against cuBLAS alone and the fused kernel
+// against today's output, at each adapter's first and last rows (max |diff| / (|ref| + 1)).
 #include <cublas_v2.h>
 
 #include <algorithm>
@@ -27,6 +27,8 @@ using namespace bench;
 using Forward = ShrinkGemm<Bf16, Config>;  // A row-major, W [N, K] row-major (K-major B), D row-major
 using Backward = ExpandGemm<Bf16, Config>;  // A row-major, W [K, N] row-major (N-major B), D row-major
 using LoraExpand = ExpandGemm<Bf16>;  // the expand as the library runs it (its configuration in use)
+using FusedForward = FusedForwardGemm<Bf16, Config>;
+using FusedBackward = FusedBackwardGemm<Bf16, Config>;
 
 #define CHECK_CUBLAS(x)                                                            \
   do {                                                                             \
@@ -62,6 +64,24 @@ __global__ void fill_random(Bf16* p, size_t n, uint64_t seed) {
   }
 }
 
+__global__ void transpose(const Bf16* in, Bf16* out, int rows, int cols) {  // out [cols, rows] = inᵀ
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < size_t(rows) * cols; i += size_t(gridDim.x) * blockDim.x)
+    out[(i % cols) * rows + i / cols] = in[i];
+}
+
+// The largest |got - ref| / (|ref| + 1) over each adapter's first and last rows of two [T, N] outputs.
+double max_row_diff(const Bf16* got_dev, const Bf16* ref_dev, int N, const std::vector<int32_t>& seg) {
+  CHECK_CUDA(cudaDeviceSynchronize());
+  double worst = 0;
+  for (size_t g = 0; g + 1 < seg.size(); ++g)
+    for (const int t : {seg[g], seg[g + 1] - 1}) {
+      const auto got = download(got_dev + size_t(t) * N, N), ref = download(ref_dev + size_t(t) * N, N);
+      for (int j = 0; j < N; ++j)
+        worst = std::max(worst, std::fabs(double(float(got[j])) - float(ref[j])) / (std::fabs(float(ref[j])) + 1.0));
+    }
+  return worst;
+}
+
 Bf16* random_device(size_t n, uint64_t seed) {
   Bf16* p = nullptr;
   CHECK_CUDA(cudaMalloc(&p, n * sizeof(Bf16)));
@@ -95,7 +115,7 @@ int main() {
                           {"gate,up fwd", false, 14336, 4096, 2}, {"down  fwd", false, 4096, 14336, 1},
                           {"q,o   dX", true, 4096, 4096, 2},   {"k,v   dX", true, 4096, 1024, 2},
                           {"gate,up dX", true, 4096, 14336, 2},  {"down  dX", true, 14336, 4096, 1}};
-  constexpr int kTokens = 512, kExtraK = 64, kMaxRank = 64;
+  constexpr int kTokens = 512, kMaxRank = 64;
   const float one = 1.f, zero = 0.f;
   for (const int adapters : {8, 32}) {
     const int cycle[4] = {8, 16, 32, 64};
@@ -105,21 +125,25 @@ int main() {
       rank.push_back(rank.back() + cycle[g % 4]);
     }
     const int T = seg.back(), R = rank.back();
-    const std::vector<float> scale(adapters, 2.0f);
-    const Segments segments{upload(seg), upload(rank), upload(scale), adapters, T, R, err};
+    // scaling 1 (nullptr): the fused kernel's B side carries the scaling (the library's (s B)ᵀ, dh = s dY Bᵀ)
+    const Segments segments{upload(seg), upload(rank), nullptr, adapters, T, R, err};
     const Bf16* h = random_device(size_t(T) * kMaxRank, 1);
     std::printf("%d adapters x %d tokens (ranks 8-64)\n", adapters, kTokens);
-    std::printf("  %-11s %6s %6s | %8s %8s %7s %8s | %8s %9s | %6s %9s %9s\n", "GEMM", "N", "K", "cublas",
-                "cublas+C", "expand", "today", "ours", "ours K+64", "ours/c", "K+64/c", "K+64/today");
-    double sum_cublas = 0, sum_today = 0, sum_ours = 0, sum_proxy = 0;
+    std::printf("  %-11s %6s %6s | %8s %8s %7s %8s | %8s %6s | %8s %7s %7s\n", "GEMM", "N", "K", "cublas",
+                "cublas+C", "expand", "today", "ours", "ours/c", "fused", "/today", "/cublas");
+    double sum_cublas = 0, sum_today = 0, sum_ours = 0, sum_fused = 0;
     for (const GemmShape& s : shapes) {
-      const int N = s.n, K = s.k, KP = K + kExtraK;
-      Bf16* a = random_device(size_t(T) * KP, 2);  // x or dY, room for the proxy's K + 64
-      Bf16* w = random_device(size_t(N) * KP, 3);
-      Bf16* lora_b = random_device(size_t(R) * N, 4);
+      const int N = s.n, K = s.k;
+      Bf16* a = random_device(size_t(T) * K, 2);  // x or dY
+      Bf16* w = random_device(size_t(N) * K, 3);
+      Bf16* lora_b = random_device(size_t(R) * N, 4);  // B [R, N] (forward) or A [R, N = d_in] (dX)
+      Bf16* lora_bt = nullptr;  // Bᵀ [N, R]: the fused forward's B side
       Bf16 *y_cublas = nullptr, *y_ours = nullptr;
+      CHECK_CUDA(cudaMalloc(&lora_bt, size_t(R) * N * sizeof(Bf16)));
       CHECK_CUDA(cudaMalloc(&y_cublas, size_t(T) * N * sizeof(Bf16)));
       CHECK_CUDA(cudaMalloc(&y_ours, size_t(T) * N * sizeof(Bf16)));
+      transpose<<<1024, 256>>>(lora_b, lora_bt, R, N);
+      CHECK_CUDA(cudaGetLastError());
       // cuBLAS sees the row-major matrices as their column-major transposes: y^T = W . x^T (TN), dX^T = W^T . dY^T (NN).
       auto run_cublas = [&](const float* beta) {
         if (s.backward)
@@ -129,44 +153,41 @@ int main() {
           CHECK_CUBLAS(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &one, w, CUDA_R_16BF, K, a, CUDA_R_16BF,
                                     K, beta, y_cublas, CUDA_R_16BF, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       };
+      const ExpandForm<Bf16> expand{h, lora_b, y_cublas, kMaxRank, N, kMaxRank, 0.f};
       const float cublas_ms = time_ms([&] { run_cublas(&zero); });
       const float cublas_c_ms = time_ms([&] { run_cublas(&one); });
-      run_cublas(&zero);  // the reference for ours
-      const float expand_ms = time_form<LoraExpand>(
-          segments, ExpandForm<Bf16>{h, lora_b, y_ours, kMaxRank, N, kMaxRank, 0.f}, sms);
+      const float expand_ms = time_form<LoraExpand>(segments, expand, sms);
       // W's leading dimension: K (forward, W [N, K]) or N (backward, W [K, N]).
       const BaseForm<Bf16> base{a, w, y_ours, K, s.backward ? N : K, K, N, 1 << 30};
-      const BaseForm<Bf16> proxy{a, w, y_ours, KP, s.backward ? N : KP, KP, N, 1 << 30};
-      float ours_ms = -1, proxy_ms = -1;
-      if (s.backward) {
-        proxy_ms = time_form<Backward>(segments, proxy, sms);
-        ours_ms = time_form<Backward>(segments, base, sms);
-      } else {
-        proxy_ms = time_form<Forward>(segments, proxy, sms);
-        ours_ms = time_form<Forward>(segments, base, sms);
-      }
-      CHECK_CUDA(cudaDeviceSynchronize());
-      double worst = 0;  // ours (its last run: K) against cuBLAS at each adapter's first and last rows
-      for (int g = 0; g < adapters; ++g)
-        for (const int t : {seg[g], seg[g + 1] - 1}) {
-          const auto got = download(y_ours + size_t(t) * N, N), ref = download(y_cublas + size_t(t) * N, N);
-          for (int j = 0; j < N; ++j)
-            worst = std::max(worst, std::fabs(double(float(got[j])) - float(ref[j])) / (std::fabs(float(ref[j])) + 1.0));
-        }
+      const float ours_ms = s.backward ? time_form<Backward>(segments, base, sms) : time_form<Forward>(segments, base, sms);
+      run_cublas(&zero);
+      const double ours_diff = max_row_diff(y_ours, y_cublas, N, seg);
       const float today = cublas_c_ms + expand_ms;
-      std::printf("  %-11s %6d %6d | %8.3f %8.3f %7.3f %8.3f | %8.3f %9.3f | %6.3f %9.3f %9.3f  max diff %.1e\n",
-                  s.name, N, K, cublas_ms, cublas_c_ms, expand_ms, today, ours_ms, proxy_ms, ours_ms / cublas_ms,
-                  proxy_ms / cublas_ms, proxy_ms / today, worst);
+      std::printf("  %-11s %6d %6d | %8.3f %8.3f %7.3f %8.3f | %8.3f %6.3f |", s.name, N, K, cublas_ms, cublas_c_ms,
+                  expand_ms, today, ours_ms, ours_ms / cublas_ms);
+      std::fflush(stdout);  // (the fused kernel's first run on a GPU follows)
+      float fused_ms = -1;
+      if (s.backward)
+        fused_ms = time_form<FusedBackward>(
+            segments, FusedBackwardForm<Bf16>{a, w, h, lora_b, y_ours, N, K, kMaxRank, kMaxRank}, sms);
+      else
+        fused_ms = time_form<FusedForward>(
+            segments, FusedForwardForm<Bf16>{a, w, h, lora_bt, y_ours, K, N, kMaxRank, R, kMaxRank}, sms);
+      run_form<LoraExpand>(segments, expand, sms);
+      run_cublas(&one);  // today's y: the expand's output, the base's product added in cuBLAS's epilogue
+      const double fused_diff = max_row_diff(y_ours, y_cublas, N, seg);
+      std::printf(" %8.3f %7.3f %7.3f  max diff: ours %.1e, fused %.1e\n", fused_ms, fused_ms / today,
+                  fused_ms / cublas_ms, ours_diff, fused_diff);
       sum_cublas += s.per_layer * cublas_ms, sum_today += s.per_layer * today;
-      sum_ours += s.per_layer * ours_ms, sum_proxy += s.per_layer * proxy_ms;
+      sum_ours += s.per_layer * ours_ms, sum_fused += s.per_layer * fused_ms;
       for (void* p : {static_cast<void*>(a), static_cast<void*>(w), static_cast<void*>(lora_b),
-                      static_cast<void*>(y_cublas), static_cast<void*>(y_ours)})
+                      static_cast<void*>(lora_bt), static_cast<void*>(y_cublas), static_cast<void*>(y_ours)})
         CHECK_CUDA(cudaFree(p));
     }
-    std::printf("  one layer's 14 GEMMs: cublas %.3f | today %.3f | ours %.3f (%.3fx cublas) | ours K+64 %.3f "
+    std::printf("  one layer's 14 GEMMs: cublas %.3f | today %.3f | ours %.3f (%.3fx cublas) | fused %.3f "
                 "(%.3fx today, %.3fx cublas)\n",
-                sum_cublas, sum_today, sum_ours, sum_ours / sum_cublas, sum_proxy, sum_proxy / sum_today,
-                sum_proxy / sum_cublas);
+                sum_cublas, sum_today, sum_ours, sum_ours / sum_cublas, sum_fused, sum_fused / sum_today,
+                sum_fused / sum_cublas);
     CHECK_CUDA(cudaFree(const_cast<Bf16*>(h)));
   }
   return index_errors(err);

@@ -77,6 +77,20 @@ float time_ms(Fn&& fn) {
   return ms / kIters;
 }
 
+// One launch of a grouped-GEMM form over seg's adapters, its workspace its own; false (the reason
+// printed) where it did not launch.
+template <class GG, class Form>
+bool run_form(const alto::cuda::Segments& seg, const Form& form, int sms) {
+  using namespace alto::cuda;
+  const size_t ws_bytes = GG::workspace_bytes(seg.num_groups * form.splits, sms);
+  void* ws = nullptr;
+  CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
+  const Status s = detail::launch_form<GG>(seg, form, Launch{ws, ws_bytes, 0, sms, nullptr});
+  if (s) std::printf("    %s\n", s);
+  CHECK_CUDA(cudaFree(ws));  // (waits for the launch)
+  return s == nullptr;
+}
+
 // Milliseconds of one launch of a grouped-GEMM form over seg's adapters, or -1 (the reason printed).
 template <class GG, class Form>
 float time_form(const alto::cuda::Segments& seg, const Form& form, int sms) {

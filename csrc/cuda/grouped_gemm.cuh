@@ -17,6 +17,7 @@
 
 #include "lora_kernels.h"
 #include "tile_configs.cuh"
+#include "two_phase_mainloop.cuh"
 
 namespace alto::cuda::detail {
 
@@ -32,8 +33,12 @@ inline size_t align_up(size_t n) { return (n + kArrayAlign - 1) / kArrayAlign * 
 
 // D = alpha_g * A_g . B_g (+ beta * C_g), fp32 accumulation, C aliasing D when accumulating.
 // Operands in Element, output in ElementD; tile shape and schedules from Config (tile_configs.cuh).
-template <class Element, class LayoutA, class LayoutB, class LayoutD, class Config, class ElementD = Element>
+// TwoPhase: D = alpha_g * (A_g . B_g + A2_g . B2_g) (+ beta * C_g), the second pair's K after the
+// first's (TwoPhaseMainloop; the first pair's K is the same in every group).
+template <class Element, class LayoutA, class LayoutB, class LayoutD, class Config, class ElementD = Element,
+          bool TwoPhase = false>
 struct GroupedGemm {
+  static constexpr bool kTwoPhase = TwoPhase;
   using TileShape = typename Config::TileShape;
   using KernelSchedule = typename Config::KernelSchedule;
   using EpilogueSchedule = typename Config::EpilogueSchedule;
@@ -49,12 +54,14 @@ struct GroupedGemm {
       ElementD, LayoutD*, kAlignD, EpilogueSchedule,
       cutlass::epilogue::fusion::LinearCombination<ElementD, float>>::CollectiveOp;
 
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using BuiltMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element,
       LayoutB*, kAlign, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+          sizeof(typename CollectiveEpilogue::SharedStorage) +
+          (TwoPhase ? 2 * sizeof(cute::TmaDescriptor) : 0))>,  // the second pair's descriptors
       KernelSchedule>::CollectiveOp;
+  using CollectiveMainloop = cute::conditional_t<TwoPhase, TwoPhaseMainloop<BuiltMainloop>, BuiltMainloop>;
 
   using Kernel =
       cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
@@ -64,7 +71,7 @@ struct GroupedGemm {
   using StrideC = typename Kernel::InternalStrideC;
   using StrideD = typename Kernel::InternalStrideD;
 
-  // Per-adapter argument arrays, carved from the front of the workspace.
+  // Per-adapter argument arrays, carved from the front of the workspace (a2, b2: TwoPhase only).
   struct Arrays {
     Shape3* shapes;
     const Element** a;
@@ -75,12 +82,19 @@ struct GroupedGemm {
     StrideB* sb;
     StrideC* sc;
     StrideD* sd;
+    const Element** a2;
+    const Element** b2;
+    StrideA* sa2;
+    StrideB* sb2;
   };
 
   static size_t arrays_bytes(int G) {
+    const size_t second = TwoPhase ? 2 * align_up(G * sizeof(void*)) + align_up(G * sizeof(StrideA)) +
+                                         align_up(G * sizeof(StrideB))
+                                   : 0;
     return align_up(G * sizeof(Shape3)) + 4 * align_up(G * sizeof(void*)) +
            align_up(G * sizeof(StrideA)) + align_up(G * sizeof(StrideB)) +
-           align_up(G * sizeof(StrideC)) + align_up(G * sizeof(StrideD));
+           align_up(G * sizeof(StrideC)) + align_up(G * sizeof(StrideD)) + second;
   }
 
   static Arrays carve(void* workspace, int G) {
@@ -96,11 +110,25 @@ struct GroupedGemm {
     arr.sb = static_cast<StrideB*>(take(G * sizeof(StrideB)));
     arr.sc = static_cast<StrideC*>(take(G * sizeof(StrideC)));
     arr.sd = static_cast<StrideD*>(take(G * sizeof(StrideD)));
+    if constexpr (TwoPhase) {
+      arr.a2 = static_cast<const Element**>(take(G * sizeof(void*)));
+      arr.b2 = static_cast<const Element**>(take(G * sizeof(void*)));
+      arr.sa2 = static_cast<StrideA*>(take(G * sizeof(StrideA)));
+      arr.sb2 = static_cast<StrideB*>(take(G * sizeof(StrideB)));
+    }
     return arr;
   }
 
+  static typename CollectiveMainloop::Arguments mainloop_arguments(const Arrays& arr, int k_first) {
+    if constexpr (TwoPhase)
+      return {arr.a, arr.sa, arr.b, arr.sb, arr.a2, arr.sa2, arr.b2, arr.sb2, k_first};
+    else
+      return {arr.a, arr.sa, arr.b, arr.sb};
+  }
+
+  // k_first: the first pair's K (TwoPhase), else unused.
   static typename Gemm::Arguments arguments(const Arrays& arr, int G, const float* alpha, float beta,
-                                            int device, int sm_count) {
+                                            int device, int sm_count, int k_first = 0) {
     cutlass::KernelHardwareInfo hw;
     hw.device_id = device;
     hw.sm_count = sm_count;
@@ -108,7 +136,7 @@ struct GroupedGemm {
         cutlass::gemm::GemmUniversalMode::kGrouped,
         // No host copy of the shapes: the persistent grid reads them on the device.
         {G, arr.shapes, nullptr},
-        {arr.a, arr.sa, arr.b, arr.sb},
+        mainloop_arguments(arr, k_first),
         {{}, arr.c, arr.sc, arr.d, arr.sd},
         hw};
     auto& fusion = args.epilogue.thread;
@@ -123,7 +151,7 @@ struct GroupedGemm {
 
   static size_t workspace_bytes(int G, int sm_count) {
     Arrays none{};
-    return arrays_bytes(G) + Gemm::get_workspace_size(arguments(none, G, nullptr, 0.f, 0, sm_count));
+    return arrays_bytes(G) + Gemm::get_workspace_size(arguments(none, G, nullptr, 0.f, 0, sm_count, 0));
   }
 
   // The kernel's shared memory is above the 48 KiB default: allowed once per device. (CUTLASS's
@@ -145,8 +173,9 @@ struct GroupedGemm {
   }
 
   // Gemm::initialize's steps but the attribute (allow_shared_memory), then the launch.
-  static Status run(const Arrays& arr, int G, const float* alpha, float beta, const Launch& launch) {
-    auto args = arguments(arr, G, alpha, beta, launch.device, launch.sm_count);
+  static Status run(const Arrays& arr, int G, const float* alpha, float beta, const Launch& launch,
+                    int k_first = 0) {
+    auto args = arguments(arr, G, alpha, beta, launch.device, launch.sm_count, k_first);
     if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return "CUTLASS cannot run this problem";
     char* cutlass_ws = static_cast<char*>(launch.workspace) + arrays_bytes(G);
     if (Kernel::initialize_workspace(args, cutlass_ws, launch.stream) != cutlass::Status::kSuccess)
@@ -182,8 +211,8 @@ __device__ inline GroupRange group_range(const Segments& seg, int g, int64_t max
   return {s0, s1 - s0, r0, r1 - r0};
 }
 
-// One adapter's GEMM D[m, n] = A[m, k] . B[k, n]: base pointers and leading dimensions (the
-// layouts, row- or column-major, are fixed by the GroupedGemm type).
+// One adapter's GEMM D[m, n] = A[m, k] . B[k, n] (+ A2[m, k2] . B2[k2, n], a TwoPhase GEMM's): base
+// pointers and leading dimensions (the layouts, row- or column-major, are fixed by the GroupedGemm type).
 template <class E, class ED = E>
 struct GroupProblem {
   int64_t m, n, k;
@@ -193,6 +222,11 @@ struct GroupProblem {
   int64_t ldb;
   ED* d;
   int64_t ldd;
+  const E* a2 = nullptr;
+  int64_t lda2 = 0;
+  const E* b2 = nullptr;
+  int64_t ldb2 = 0;
+  int64_t k2 = 0;
 };
 
 // The stride of a ptr-array operand has one dynamic mode (the leading dimension) beside a unit
@@ -223,9 +257,9 @@ __global__ void setup_problems(Segments seg, Form form, typename GG::Arrays arr)
   }
   for (int g = threadIdx.x; g < seg.num_groups * form.splits; g += blockDim.x) {
     const auto p = form.problem(group_range(seg, g / form.splits, form.max_rank), g % form.splits);
-    const bool empty = p.m == 0 || p.n == 0 || p.k == 0;
+    const bool empty = p.m == 0 || p.n == 0 || p.k + p.k2 == 0;
     arr.shapes[g] = empty ? typename GG::Shape3{0, 0, 0}
-                          : typename GG::Shape3{int(p.m), int(p.n), int(p.k)};
+                          : typename GG::Shape3{int(p.m), int(p.n), int(p.k + p.k2)};
     arr.a[g] = p.a;
     arr.b[g] = p.b;
     arr.c[g] = p.d;
@@ -234,6 +268,12 @@ __global__ void setup_problems(Segments seg, Form form, typename GG::Arrays arr)
     arr.sb[g] = leading_stride<typename GG::StrideB>(p.ldb);
     arr.sc[g] = leading_stride<typename GG::StrideC>(p.ldd);
     arr.sd[g] = leading_stride<typename GG::StrideD>(p.ldd);
+    if constexpr (GG::kTwoPhase) {
+      arr.a2[g] = p.a2;
+      arr.b2[g] = p.b2;
+      arr.sa2[g] = leading_stride<typename GG::StrideA>(p.lda2);
+      arr.sb2[g] = leading_stride<typename GG::StrideB>(p.ldb2);
+    }
   }
 }
 
@@ -246,7 +286,9 @@ Status launch_form(const Segments& seg, const Form& form, const Launch& launch) 
   auto arr = GG::carve(launch.workspace, problems);
   setup_problems<GG, Form><<<1, 256, 0, launch.stream>>>(seg, form, arr);
   if (cudaGetLastError() != cudaSuccess) return "ALTO setup kernel launch failed";
-  return GG::run(arr, problems, Form::kScaled ? seg.scaling : nullptr, form.beta, launch);
+  int k_first = 0;
+  if constexpr (GG::kTwoPhase) k_first = static_cast<int>(form.k_first);
+  return GG::run(arr, problems, Form::kScaled ? seg.scaling : nullptr, form.beta, launch, k_first);
 }
 
 // ---- the forms: shrink (whole, or its K split), expand, weight_grad ----------------------------
@@ -394,6 +436,59 @@ struct WeightGradForm {
   }
   __device__ void clear(GroupRange rg, int lane, int lanes) const {
     for (int64_t i = lane; i < rg.r * d; i += lanes) out[rg.r0 * d + i] = EO(0);
+  }
+};
+
+// fused: the base's GEMM with each adapter's LoRA term appended to its K (TwoPhase), over the rows of
+// the adapters' segments (which must cover every token: the kernel computes no other row):
+//   forward  y_g[n, d_out] = x_g[n, d_in] . W[d_out, d_in]ᵀ + h_g[n, 0:r] . Bt[d_out, r0:r0+r]ᵀ
+//            (Bt = (s B)ᵀ, [d_out, R]: the adapters' scaled B, transposed so that its K runs along
+//            memory as W's does: both operands of the B side share one shared-memory layout)
+//   backward dX_g[n, d_in] = dY_g[n, d_out] . W[d_out, d_in] + dh_g[n, 0:r] . A[r0:r0+r, d_in]
+// The first phase's K (d_in, d_out) must be a whole number of K tiles; ranks, h's width and R
+// multiples of 8 (TMA reads 16-byte aligned rows).
+template <class Element, class Config = tiles::Candidate<tiles::kFusedForward>>
+using FusedForwardGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
+                                     cutlass::layout::RowMajor, Config, Element, true>;
+template <class Element, class Config = tiles::Candidate<tiles::kFusedBackward>>
+using FusedBackwardGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::RowMajor,
+                                      cutlass::layout::RowMajor, Config, Element, true>;
+
+template <class E>
+struct FusedForwardForm {
+  static constexpr bool kClearsEmptyGroups = false;
+  static constexpr bool kScaled = false;  // s is in Bt
+  const E* x;
+  const E* w;
+  const E* h;
+  const E* bt;
+  E* y;
+  int64_t d_in, d_out, h_ld, total_rank, max_rank;
+  float beta = 0.f;
+  int splits = 1;
+  int64_t k_first = d_in;
+  __device__ GroupProblem<E> problem(GroupRange rg, int) const {
+    return {rg.n, d_out, d_in, x + rg.t0 * d_in, d_in, w, d_in, y + rg.t0 * d_out, d_out,
+            h + rg.t0 * h_ld, h_ld, bt + rg.r0, total_rank, rg.r};
+  }
+};
+
+template <class E>
+struct FusedBackwardForm {
+  static constexpr bool kClearsEmptyGroups = false;
+  static constexpr bool kScaled = false;  // s is in dh
+  const E* dy;
+  const E* w;
+  const E* dh;
+  const E* a;
+  E* dx;
+  int64_t d_in, d_out, h_ld, max_rank;
+  float beta = 0.f;
+  int splits = 1;
+  int64_t k_first = d_out;
+  __device__ GroupProblem<E> problem(GroupRange rg, int) const {
+    return {rg.n, d_in, d_out, dy + rg.t0 * d_out, d_out, w, d_in, dx + rg.t0 * d_in, d_in,
+            dh + rg.t0 * h_ld, h_ld, a + rg.r0 * d_in, d_in, rg.r};
   }
 };
 

@@ -63,5 +63,9 @@ inline constexpr int kCandidates = 8;
 inline constexpr int kShrink = 0;
 inline constexpr int kExpand = 2;
 inline constexpr int kWeightGrad = 0;
+// The base's GEMM with the LoRA term in its K (grouped_gemm.cuh's fused forms): chosen by
+// bench/base_gemm.cu against cuBLAS.
+inline constexpr int kFusedForward = 2;
+inline constexpr int kFusedBackward = 2;
 
 }  // namespace alto::cuda::tiles
