@@ -64,9 +64,15 @@ __global__ void fill_random(Bf16* p, size_t n, uint64_t seed) {
   }
 }
 
-__global__ void transpose(const Bf16* in, Bf16* out, int rows, int cols) {  // out [cols, rows] = inᵀ
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < size_t(rows) * cols; i += size_t(gridDim.x) * blockDim.x)
-    out[(i % cols) * rows + i / cols] = in[i];
+// The fused forward as the library runs it: Bᵀ filled (transpose_scaled), then the GEMM.
+float time_fused_forward(const Segments& seg, const FusedForwardForm<Bf16>& form, const Bf16* b, int sms) {
+  const dim3 grid(static_cast<unsigned>((form.d_out + 31) / 32), static_cast<unsigned>((seg.total_rank + 31) / 32));
+  const float transpose_ms = time_ms([&] {
+    transpose_scaled<Bf16><<<grid, dim3(32, 8)>>>(seg, b, const_cast<Bf16*>(form.bt), form.d_out, form.bt_ld);
+  });
+  CHECK_CUDA(cudaGetLastError());
+  const float gemm_ms = time_form<FusedForward>(seg, form, sms);
+  return gemm_ms < 0 ? gemm_ms : transpose_ms + gemm_ms;
 }
 
 // The largest |got - ref| / (|ref| + 1) over each adapter's first and last rows of two [T, N] outputs.
@@ -137,13 +143,11 @@ int main() {
       Bf16* a = random_device(size_t(T) * K, 2);  // x or dY
       Bf16* w = random_device(size_t(N) * K, 3);
       Bf16* lora_b = random_device(size_t(R) * N, 4);  // B [R, N] (forward) or A [R, N = d_in] (dX)
-      Bf16* lora_bt = nullptr;  // Bᵀ [N, R]: the fused forward's B side
+      Bf16* lora_bt = nullptr;  // Bᵀ [N, bt_width]: the fused forward's B side, which it fills
       Bf16 *y_cublas = nullptr, *y_ours = nullptr;
-      CHECK_CUDA(cudaMalloc(&lora_bt, size_t(R) * N * sizeof(Bf16)));
+      CHECK_CUDA(cudaMalloc(&lora_bt, size_t(N) * bt_width(adapters, R) * sizeof(Bf16)));
       CHECK_CUDA(cudaMalloc(&y_cublas, size_t(T) * N * sizeof(Bf16)));
       CHECK_CUDA(cudaMalloc(&y_ours, size_t(T) * N * sizeof(Bf16)));
-      transpose<<<1024, 256>>>(lora_b, lora_bt, R, N);
-      CHECK_CUDA(cudaGetLastError());
       // cuBLAS sees the row-major matrices as their column-major transposes: y^T = W . x^T (TN), dX^T = W^T . dY^T (NN).
       auto run_cublas = [&](const float* beta) {
         if (s.backward)
@@ -171,8 +175,8 @@ int main() {
         fused_ms = time_form<FusedBackward>(
             segments, FusedBackwardForm<Bf16>{a, w, h, lora_b, y_ours, N, K, kMaxRank, kMaxRank}, sms);
       else
-        fused_ms = time_form<FusedForward>(
-            segments, FusedForwardForm<Bf16>{a, w, h, lora_bt, y_ours, K, N, kMaxRank, R, kMaxRank}, sms);
+        fused_ms = time_fused_forward(segments, FusedForwardForm<Bf16>{a, w, h, lora_bt, y_ours, K, N, kMaxRank,
+                                                                        bt_width(adapters, R), kMaxRank}, lora_b, sms);
       run_form<LoraExpand>(segments, expand, sms);
       run_cublas(&one);  // today's y: the expand's output, the base's product added in cuBLAS's epilogue
       const double fused_diff = max_row_diff(y_ours, y_cublas, N, seg);

@@ -77,36 +77,34 @@ float time_ms(Fn&& fn) {
   return ms / kIters;
 }
 
-// One launch of a grouped-GEMM form over seg's adapters, its workspace its own; false (the reason
-// printed) where it did not launch.
+// Launches of a grouped-GEMM form over seg's adapters, with a workspace of their own.
+template <class GG, class Form>
+struct FormLaunch {
+  const alto::cuda::Segments& seg;
+  const Form& form;
+  int sms;
+  size_t bytes = GG::workspace_bytes(seg.num_groups * form.splits, sms);
+  void* ws = [this] { void* p = nullptr; CHECK_CUDA(cudaMalloc(&p, bytes)); return p; }();
+  ~FormLaunch() { CHECK_CUDA(cudaFree(ws)); }  // (waits for the launches)
+  // false (the reason printed) where it did not launch
+  bool operator()() const {
+    const alto::cuda::Status s = alto::cuda::detail::launch_form<GG>(seg, form, {ws, bytes, 0, sms, nullptr});
+    if (s) std::printf("    %s\n", s);
+    return s == nullptr;
+  }
+};
+
+// One launch (false where it did not launch).
 template <class GG, class Form>
 bool run_form(const alto::cuda::Segments& seg, const Form& form, int sms) {
-  using namespace alto::cuda;
-  const size_t ws_bytes = GG::workspace_bytes(seg.num_groups * form.splits, sms);
-  void* ws = nullptr;
-  CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
-  const Status s = detail::launch_form<GG>(seg, form, Launch{ws, ws_bytes, 0, sms, nullptr});
-  if (s) std::printf("    %s\n", s);
-  CHECK_CUDA(cudaFree(ws));  // (waits for the launch)
-  return s == nullptr;
+  return FormLaunch<GG, Form>{seg, form, sms}();
 }
 
-// Milliseconds of one launch of a grouped-GEMM form over seg's adapters, or -1 (the reason printed).
+// Milliseconds of one launch, or -1 where it did not launch.
 template <class GG, class Form>
 float time_form(const alto::cuda::Segments& seg, const Form& form, int sms) {
-  using namespace alto::cuda;
-  const size_t ws_bytes = GG::workspace_bytes(seg.num_groups * form.splits, sms);
-  void* ws = nullptr;
-  CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
-  const Launch launch{ws, ws_bytes, 0, sms, nullptr};
-  if (const Status s = detail::launch_form<GG>(seg, form, launch)) {
-    std::printf("    %s\n", s);
-    CHECK_CUDA(cudaFree(ws));
-    return -1.f;
-  }
-  const float ms = time_ms([&] { detail::launch_form<GG>(seg, form, launch); });
-  CHECK_CUDA(cudaFree(ws));
-  return ms;
+  const FormLaunch<GG, Form> launch{seg, form, sms};
+  return launch() ? time_ms([&] { launch(); }) : -1.f;
 }
 
 // The exit code after the kernels ran: 1 (and the error printed) where one recorded an index error.

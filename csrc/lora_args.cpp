@@ -104,6 +104,23 @@ SegmentDims check_expand_args(const at::Tensor& y, const at::Tensor& h, const at
   return check_segments(op, y, seg_indptr, rank_indptr, scaling, y.size(0), W.size(0));
 }
 
+SegmentDims check_matmul_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& h, const at::Tensor& W,
+                              const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
+                              const std::optional<at::Tensor>& scaling) {
+  const char* op = "alto::lora_matmul";
+  check_matrix(op, "a", a, a);
+  check_matrix(op, "b", b, a);
+  check_matrix(op, "h", h, a);
+  check_matrix(op, "W", W, a);
+  TORCH_CHECK_VALUE(b.size(0) == a.size(1), op, ": b has ", b.size(0), " rows but a has ", a.size(1),
+                    " columns (b must be [K, N])");
+  TORCH_CHECK_VALUE(h.size(0) == a.size(0), op, ": h has ", h.size(0), " rows but a has ", a.size(0),
+                    " (one row per token)");
+  TORCH_CHECK_VALUE(W.size(1) == b.size(1), op, ": W has ", W.size(1), " columns but b has ", b.size(1),
+                    " (W must be [R, N])");
+  return check_segments(op, a, seg_indptr, rank_indptr, scaling, a.size(0), W.size(0));
+}
+
 SegmentDims check_weight_grad_args(const at::Tensor& h, const at::Tensor& x,
                                    const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
                                    int64_t total_rank, const std::optional<at::Tensor>& scaling) {

@@ -30,6 +30,9 @@ SegmentDims check_shrink_args(const at::Tensor& x, const at::Tensor& W, const at
 SegmentDims check_expand_args(const at::Tensor& y, const at::Tensor& h, const at::Tensor& W,
                               const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
                               const std::optional<at::Tensor>& scaling);
+SegmentDims check_matmul_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& h, const at::Tensor& W,
+                              const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
+                              const std::optional<at::Tensor>& scaling);
 SegmentDims check_weight_grad_args(const at::Tensor& h, const at::Tensor& x,
                                    const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
                                    int64_t total_rank, const std::optional<at::Tensor>& scaling);

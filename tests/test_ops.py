@@ -130,6 +130,68 @@ def test_op_autograd_matches_reference(device, case):
         assert ref.rel_err(got.grad, want_grad) < TOL[dtype] * 2
 
 
+def _matmul_case(tokens, ranks, K, N, device, dtype, orientation, scaled):
+    """a [T, K], b (``forward``: a weight [N, K] transposed, as a linear's forward passes it;
+    ``dx``: a weight [K, N] as its dX passes it), h [T, H] (H: the widest rank rounded up to 8), W [R, N]."""
+    seg, a, _, W = make_case(tokens, ranks, K, N, device, dtype, scaled)
+    b = torch.randn(N, K, device=device, dtype=dtype).t() if orientation == "forward" else torch.randn(
+        K, N, device=device, dtype=dtype)
+    b = b / K**0.5
+    h = torch.randn(seg.num_tokens, -(-max(ranks, default=0) // 8) * 8, device=device, dtype=dtype)
+    return seg, a, b, h, W
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("orientation", ["forward", "dx"])
+@pytest.mark.parametrize("scaled", [True, False])
+def test_matmul_matches_reference(device, case, orientation, scaled):
+    for dtype in dtypes_for(device):
+        seg, a, b, h, W = _matmul_case(*case, device, dtype, orientation, scaled)
+        out = alto_ext.lora_matmul(a, b, h, W, seg.seg_indptr, seg.rank_indptr, seg.scaling)
+        expected = ref.expand(a.cpu().double() @ b.cpu().double(), h.cpu(), W.cpu(), seg)
+        assert out.shape == expected.shape and out.dtype == dtype
+        assert ref.rel_err(out, expected) < TOL[dtype]
+
+
+# Shapes the fused Hopper kernel takes (K a multiple of its K tile): ranks that are not multiples of 8
+# (their columns of the transposed B padded), an empty segment, a rank-0 adapter (base rows only), a
+# rank of 128 (two K tiles of h), segments that end inside an M tile, SmolLM2's widths.
+FUSED_CASES = [
+    ([130, 0, 7, 300], [8, 4, 12, 64], 128, 200),
+    ([64, 1, 190], [0, 128, 3], 192, 64),
+    ([1], [1], 64, 8),
+    ([700, 333, 45], [16, 32, 8], 576, 1536),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", FUSED_CASES)
+@pytest.mark.parametrize("orientation", ["forward", "dx"])
+def test_fused_matmul_matches_reference(case, orientation):
+    """On Hopper the fused GEMM runs (its kernel seen in a profile), against the float64 oracle; the
+    adapters' term is far above the tolerance, so a kernel that dropped it (or one adapter's) fails."""
+    device = torch.device("cuda")
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    for dtype in (torch.bfloat16, torch.float16):
+        # the dX orientation fuses with its scaling in dh: no scaling of its own
+        seg, a, b, h, W = _matmul_case(*case, device, dtype, orientation, scaled=orientation == "forward")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = alto_ext.lora_matmul(a, b, h, W, seg.seg_indptr, seg.rank_indptr, seg.scaling)
+            torch.cuda.synchronize()
+        fused = any("TwoPhaseMainloop" in e.name for e in prof.events())
+        assert fused == hopper, f"fused kernel ran: {fused}, on Hopper: {hopper}"
+        base = a.cpu().double() @ b.cpu().double()
+        expected = ref.expand(base, h.cpu(), W.cpu(), seg)
+        t0 = 0
+        for n, r in zip(seg.token_counts, seg.ranks):  # each adapter's rows on their own
+            if n and r:
+                rows = slice(t0, t0 + n)
+                assert ref.rel_err(expected[rows], base[rows]) > 20 * TOL[dtype]  # (what a dropped term would miss by)
+                assert ref.rel_err(out[rows], expected[rows]) < TOL[dtype]
+            t0 += n
+        assert ref.rel_err(out, expected) < TOL[dtype]
+
+
 def test_gradcheck_float64():
     seg = Segments.build([3, 0, 4], [2, 3, 1], [0.5, 1.5, 2.0])
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
@@ -145,6 +207,8 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(chain, (x, A, B, y))
     h = torch.randn(7, seg.h_width, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda h, B, y: alto_ext.lora_expand(y, h, B, *s, seg.scaling), (h, B, y))
+    b = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b, h, B: alto_ext.lora_matmul(x, b, h, B, *s, seg.scaling), (x, b, h, B))
     # lora_weight_grad's own gradients (second-order gradients reach them), h wider than every rank
     assert torch.autograd.gradcheck(lambda h, x: alto_ext.lora_weight_grad(h, x, *s, seg.total_rank, seg.scaling), (h, x))
 
@@ -160,6 +224,8 @@ def _opcheck_samples(device):
         (torch.ops.alto.lora_expand, (y.requires_grad_(), h.requires_grad_(), B.requires_grad_(), *s, seg.scaling)),
         (torch.ops.alto.lora_expand_, (y.detach().clone(), h.detach(), B.detach(), *s, seg.scaling)),
         (torch.ops.alto.lora_expand_, (y.detach().clone(), h.detach(), B.detach(), *s, seg.scaling, False)),
+        (torch.ops.alto.lora_matmul, (x.detach().requires_grad_(), torch.randn(24, 16, device=device, dtype=dtype).t(),
+                                      h.detach().requires_grad_(), B.detach().requires_grad_(), *s, seg.scaling)),
         (torch.ops.alto.lora_weight_grad, (h.detach().requires_grad_(), x.detach().requires_grad_(), *s, seg.total_rank,
                                            seg.scaling)),
         (torch.ops.alto.lora_weight_grad, (h.detach(), x.detach(), *s, seg.total_rank, seg.scaling, torch.float32)),

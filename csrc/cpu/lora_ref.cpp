@@ -76,6 +76,15 @@ void lora_expand_(at::Tensor& y, const at::Tensor& h, const at::Tensor& W,
   }
 }
 
+at::Tensor lora_matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& h, const at::Tensor& W,
+                       const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
+                       const std::optional<at::Tensor>& scaling) {
+  check_matmul_args(a, b, h, W, seg_indptr, rank_indptr, scaling);
+  at::Tensor out = at::mm(a, b);
+  lora_expand_(out, h, W, seg_indptr, rank_indptr, scaling, /*accumulate=*/true);
+  return out;
+}
+
 at::Tensor lora_weight_grad(const at::Tensor& h, const at::Tensor& x, const at::Tensor& seg_indptr,
                             const at::Tensor& rank_indptr, int64_t total_rank,
                             const std::optional<at::Tensor>& scaling,
@@ -100,5 +109,6 @@ at::Tensor lora_weight_grad(const at::Tensor& h, const at::Tensor& x, const at::
 TORCH_LIBRARY_IMPL(alto, CPU, m) {
   m.impl("lora_shrink", &alto::ref::lora_shrink);
   m.impl("lora_expand_", &alto::ref::lora_expand_);
+  m.impl("lora_matmul", &alto::ref::lora_matmul);
   m.impl("lora_weight_grad", &alto::ref::lora_weight_grad);
 }

@@ -14,6 +14,9 @@ at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& W, const at::Tenso
 void lora_expand_(at::Tensor& y, const at::Tensor& h, const at::Tensor& W,
                   const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
                   const std::optional<at::Tensor>& scaling, bool accumulate);
+at::Tensor lora_matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& h, const at::Tensor& W,
+                       const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
+                       const std::optional<at::Tensor>& scaling);
 at::Tensor lora_weight_grad(const at::Tensor& h, const at::Tensor& x, const at::Tensor& seg_indptr,
                             const at::Tensor& rank_indptr, int64_t total_rank,
                             const std::optional<at::Tensor>& scaling,

@@ -187,9 +187,10 @@ struct GroupedGemm {
   }
 };
 
-// One adapter's validated ranges: token rows [t0, t0+n), weight rows [r0, r0+r).
+// One adapter's validated ranges: token rows [t0, t0+n), weight rows [r0, r0+r); g: its index.
 struct GroupRange {
   int64_t t0, n, r0, r;
+  int g;
 };
 
 // Validates adapter g's indices; an invalid adapter gets an empty range (nothing read or written).
@@ -207,8 +208,8 @@ __device__ inline GroupRange group_range(const Segments& seg, int g, int64_t max
   if (s0 < 0 || s1 > seg.num_tokens) { report_error(seg.error, kErrSegEnd, g, s0 < 0 ? s0 : s1, 0); ok = false; }
   if (r0 < 0 || r1 > seg.total_rank) { report_error(seg.error, kErrRankEnd, g, r0 < 0 ? r0 : r1, 0); ok = false; }
   if (ok && r1 - r0 > max_rank) { report_error(seg.error, kErrRankWidth, g, r1 - r0, static_cast<int32_t>(max_rank)); ok = false; }
-  if (!ok) return {0, 0, 0, 0};
-  return {s0, s1 - s0, r0, r1 - r0};
+  if (!ok) return {0, 0, 0, 0, g};
+  return {s0, s1 - s0, r0, r1 - r0, g};
 }
 
 // One adapter's GEMM D[m, n] = A[m, k] . B[k, n] (+ A2[m, k2] . B2[k2, n], a TwoPhase GEMM's): base
@@ -440,13 +441,45 @@ struct WeightGradForm {
 };
 
 // fused: the base's GEMM with each adapter's LoRA term appended to its K (TwoPhase), over the rows of
-// the adapters' segments (which must cover every token: the kernel computes no other row):
-//   forward  y_g[n, d_out] = x_g[n, d_in] . W[d_out, d_in]ᵀ + h_g[n, 0:r] . Bt[d_out, r0:r0+r]ᵀ
-//            (Bt = (s B)ᵀ, [d_out, R]: the adapters' scaled B, transposed so that its K runs along
-//            memory as W's does: both operands of the B side share one shared-memory layout)
+// the adapters' segments (every row of a valid input: the last segment ends at T):
+//   forward  y_g[n, d_out] = x_g[n, d_in] . W[d_out, d_in]ᵀ + h_g[n, 0:r] . Bt_g[d_out, 0:r]ᵀ
+//            (Bt_g = (s_g B_g)ᵀ: the adapter's scaled B transposed, so that its K runs along memory
+//            as W's does and both operands of the B side share one shared-memory layout; all
+//            adapters' in one [d_out, bt_width(G, R)] buffer, adapter g's columns from bt_column(g, r0))
 //   backward dX_g[n, d_in] = dY_g[n, d_out] . W[d_out, d_in] + dh_g[n, 0:r] . A[r0:r0+r, d_in]
-// The first phase's K (d_in, d_out) must be a whole number of K tiles; ranks, h's width and R
-// multiples of 8 (TMA reads 16-byte aligned rows).
+// The first phase's K (d_in; d_out) must be a whole number of K tiles and h's width a multiple of 8
+// (TMA reads 16-byte aligned rows); ranks may be any.
+
+// Adapter g's first column in the transposed B buffer: 16-byte aligned whatever the ranks before it.
+__host__ __device__ inline int64_t bt_column(int g, int64_t r0) { return (r0 + 7) / 8 * 8 + 8 * g; }
+inline int64_t bt_width(int groups, int64_t total_rank) { return bt_column(groups, total_rank); }
+
+// bt[n, bt_column(g, r0) + k] = s_g * b[r0 + k, n] for every adapter g's rows (b [R, n_cols], any
+// dtype E; a 32 x 32 tile per block through shared memory, so both sides are read and written along
+// memory). Rows of an invalid adapter (group_range) are not written.
+template <class E>
+__global__ void transpose_scaled(Segments seg, const E* b, E* bt, int64_t n_cols, int64_t bt_ld) {
+  __shared__ float tile[32][33];
+  const int64_t r_base = int64_t(blockIdx.y) * 32, n_base = int64_t(blockIdx.x) * 32;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {  // read rows r_base + i, columns along threadIdx.x
+    const int64_t r = r_base + i, n = n_base + threadIdx.x;
+    tile[i][threadIdx.x] = r < seg.total_rank && n < n_cols ? float(b[r * n_cols + n]) : 0.f;
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {  // write column n_base + i, ranks along threadIdx.x
+    const int64_t r = r_base + threadIdx.x, n = n_base + i;
+    if (r >= seg.total_rank || n >= n_cols) continue;
+    int lo = 0, hi = seg.num_groups - 1;  // the last adapter whose first rank row is <= r
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (seg.rank_indptr[mid] <= r) lo = mid; else hi = mid - 1;
+    }
+    const int32_t r0 = seg.rank_indptr[lo];
+    if (r0 > r || r >= seg.rank_indptr[lo + 1] || r0 < 0) continue;  // (group_range reports the bad index)
+    const float scale = seg.scaling != nullptr ? seg.scaling[lo] : 1.f;
+    bt[n * bt_ld + bt_column(lo, r0) + (r - r0)] = E(scale * tile[threadIdx.x][i]);
+  }
+}
 template <class Element, class Config = tiles::Candidate<tiles::kFusedForward>>
 using FusedForwardGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
                                      cutlass::layout::RowMajor, Config, Element, true>;
@@ -463,13 +496,13 @@ struct FusedForwardForm {
   const E* h;
   const E* bt;
   E* y;
-  int64_t d_in, d_out, h_ld, total_rank, max_rank;
+  int64_t d_in, d_out, h_ld, bt_ld, max_rank;
   float beta = 0.f;
   int splits = 1;
   int64_t k_first = d_in;
   __device__ GroupProblem<E> problem(GroupRange rg, int) const {
     return {rg.n, d_out, d_in, x + rg.t0 * d_in, d_in, w, d_in, y + rg.t0 * d_out, d_out,
-            h + rg.t0 * h_ld, h_ld, bt + rg.r0, total_rank, rg.r};
+            h + rg.t0 * h_ld, h_ld, bt + bt_column(rg.g, rg.r0), bt_ld, rg.r};
   }
 };
 
@@ -556,6 +589,40 @@ Status weight_grad(const Segments& seg, const void* h, int64_t h_ld, const void*
   detail::WeightGradForm<E, EO> form{static_cast<const E*>(h), static_cast<const E*>(x),
                                       static_cast<EO*>(out), h_ld, d, /*max_rank=*/h_ld};
   return detail::launch_form<GG>(seg, form, launch);
+}
+
+template <DType D> size_t fused_forward_workspace_bytes(int num_groups, int sm_count) {
+  return detail::FusedForwardGemm<typename detail::CutlassElement<D>::type>::workspace_bytes(num_groups, sm_count);
+}
+template <DType D>
+Status fused_forward(const Segments& seg, const void* x, const void* W, const void* h, int64_t h_ld,
+                     const void* b, void* bt, void* y, int64_t d_in, int64_t d_out, const Launch& launch) {
+  using E = typename detail::CutlassElement<D>::type;
+  if (seg.num_groups == 0) return nullptr;
+  const int64_t bt_ld = detail::bt_width(seg.num_groups, seg.total_rank);
+  if (seg.total_rank > 0) {
+    const dim3 grid(static_cast<unsigned>((d_out + 31) / 32), static_cast<unsigned>((seg.total_rank + 31) / 32));
+    detail::transpose_scaled<E><<<grid, dim3(32, 8), 0, launch.stream>>>(
+        seg, static_cast<const E*>(b), static_cast<E*>(bt), d_out, bt_ld);
+    if (cudaGetLastError() != cudaSuccess) return "ALTO transpose kernel launch failed";
+  }
+  detail::FusedForwardForm<E> form{static_cast<const E*>(x), static_cast<const E*>(W), static_cast<const E*>(h),
+                                    static_cast<const E*>(bt), static_cast<E*>(y), d_in, d_out, h_ld, bt_ld,
+                                    /*max_rank=*/h_ld};
+  return detail::launch_form<detail::FusedForwardGemm<E>>(seg, form, launch);
+}
+
+template <DType D> size_t fused_backward_workspace_bytes(int num_groups, int sm_count) {
+  return detail::FusedBackwardGemm<typename detail::CutlassElement<D>::type>::workspace_bytes(num_groups, sm_count);
+}
+template <DType D>
+Status fused_backward(const Segments& seg, const void* dy, const void* W, const void* dh, int64_t h_ld,
+                      const void* a, void* dx, int64_t d_in, int64_t d_out, const Launch& launch) {
+  using E = typename detail::CutlassElement<D>::type;
+  detail::FusedBackwardForm<E> form{static_cast<const E*>(dy), static_cast<const E*>(W), static_cast<const E*>(dh),
+                                     static_cast<const E*>(a), static_cast<E*>(dx), d_in, d_out, h_ld,
+                                     /*max_rank=*/h_ld};
+  return detail::launch_form<detail::FusedBackwardGemm<E>>(seg, form, launch);
 }
 
 }  // namespace alto::cuda

@@ -126,6 +126,49 @@ void lora_expand_cuda_(at::Tensor& y, const at::Tensor& h_in, const at::Tensor& 
   });
 }
 
+// b is the base weight W [N, K] transposed (a linear's forward: W's K-major rows) or the weight
+// itself [K, N] (its dX): the fused kernels read W as it is stored. Elsewhere (another GPU, other
+// dtypes or strides, a K not in whole K tiles, a scaled dX) a . b, then lora_expand_ adding into it.
+at::Tensor lora_matmul_cuda(const at::Tensor& a_in, const at::Tensor& b, const at::Tensor& h_in, const at::Tensor& W_in,
+                            const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
+                            const std::optional<at::Tensor>& scaling) {
+  const SegmentDims dims = check_matmul_args(a_in, b, h_in, W_in, seg_indptr, rank_indptr, scaling);
+  raise_recorded_device_error();
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const at::Tensor a = a_in.contiguous(), h = h_in.contiguous(), W = W_in.contiguous();
+  const int64_t K = a.size(1), N = b.size(1);
+  const bool transposed = b.dim() == 2 && b.stride(0) == 1 && b.stride(1) == K;  // b = weight.t()
+  const at::Tensor weight = transposed ? b.t() : b;  // as stored: [N, K] or [K, N]
+  const bool fused = dims.num_groups > 0 && dims.num_tokens > 0 && (transposed || b.is_contiguous()) &&
+                     (transposed || !scaling.has_value()) && K % cuda::fused_k_tile() == 0 &&
+                     cutlass_ok({&a, &h, &W, &weight});
+  if (!fused) {
+    at::Tensor out = at::mm(a, b);
+    lora_expand_cuda_(out, h, W, seg_indptr, rank_indptr, scaling, /*accumulate=*/true);
+    return out;
+  }
+  at::Tensor out = at::empty({dims.num_tokens, N}, a.options());
+  with_dtype(a, [&](auto D) {
+    constexpr cuda::DType dt = decltype(D)::value;
+    if (transposed) {
+      const at::Tensor bt = at::empty({N, cuda::fused_bt_width(static_cast<int>(dims.num_groups), dims.total_rank)},
+                                      a.options());
+      run_kernel(a, dims, seg_indptr, rank_indptr, scaling, cuda::fused_forward_workspace_bytes<dt>,
+                 [&](const cuda::Segments& s, const cuda::Launch& l) {
+                   return cuda::fused_forward<dt>(s, a.data_ptr(), weight.data_ptr(), h.data_ptr(), h.size(1),
+                                                  W.data_ptr(), bt.data_ptr(), out.data_ptr(), K, N, l);
+                 });
+    } else {
+      run_kernel(a, dims, seg_indptr, rank_indptr, scaling, cuda::fused_backward_workspace_bytes<dt>,
+                 [&](const cuda::Segments& s, const cuda::Launch& l) {
+                   return cuda::fused_backward<dt>(s, a.data_ptr(), weight.data_ptr(), h.data_ptr(), h.size(1),
+                                                   W.data_ptr(), out.data_ptr(), N, K, l);
+                 });
+    }
+  });
+  return out;
+}
+
 at::Tensor lora_weight_grad_cuda(const at::Tensor& h_in, const at::Tensor& x_in,
                                  const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
                                  int64_t total_rank, const std::optional<at::Tensor>& scaling,
@@ -166,5 +209,6 @@ at::Tensor lora_weight_grad_cuda(const at::Tensor& h_in, const at::Tensor& x_in,
 TORCH_LIBRARY_IMPL(alto, CUDA, m) {
   m.impl("lora_shrink", &alto::lora_shrink_cuda);
   m.impl("lora_expand_", &alto::lora_expand_cuda_);
+  m.impl("lora_matmul", &alto::lora_matmul_cuda);
   m.impl("lora_weight_grad", &alto::lora_weight_grad_cuda);
 }

@@ -8,6 +8,9 @@ slot g; rows ``rank_indptr[g]:rank_indptr[g+1]`` of rank-major weights are adapt
 - ``lora_expand_(y[T,d], h[T,H], W[R,d])``: ``y[t] += s_g h[t, :r_g] W_g`` in place;
   ``accumulate=False``: ``y[t] = ...`` without reading y, rows of rank-0 adapters untouched.
 - ``lora_expand``: the same, returning a new tensor (differentiable).
+- ``lora_matmul(a[T,K], b[K,N], h[T,H], W[R,N]) -> [T,N]``: ``a @ b`` plus ``s_g h[t, :r_g] W_g`` on
+  adapter g's rows (differentiable): a base linear (b = its weight transposed) or its dX (b = the
+  weight) and the adapters' term, on Hopper in one GEMM that writes the output once.
 - ``lora_weight_grad(h[T,H], x[T,d]) -> [R,d]``: ``out[W_g rows] = s_g h_g[:, :r_g]ᵀ x_g``, in
   ``out_dtype`` (default x's; float32 for float32 master weights of bf16 compute).
 - ``packed_adamw_(params, grads, exp_avgs, exp_avg_sqs, row_slot, slot_call, hyper, norms, counts,
@@ -96,6 +99,20 @@ def lora_expand(
     return ops.lora_expand(y, h, W, seg_indptr, rank_indptr, scaling)
 
 
+def lora_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    h: torch.Tensor,
+    W: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    rank_indptr: torch.Tensor,
+    scaling: torch.Tensor | None = None,
+) -> torch.Tensor:
+    _check_types("lora_matmul", dict(a=a, b=b, h=h, W=W, seg_indptr=seg_indptr, rank_indptr=rank_indptr,
+                                      scaling=scaling))
+    return ops.lora_matmul(a, b, h, W, seg_indptr, rank_indptr, scaling)
+
+
 def lora_weight_grad(
     h: torch.Tensor,
     x: torch.Tensor,
@@ -126,6 +143,11 @@ def _(y, h, W, seg_indptr, rank_indptr, scaling=None, accumulate=True):
 @torch.library.register_fake("alto::lora_expand")
 def _(y, h, W, seg_indptr, rank_indptr, scaling=None):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("alto::lora_matmul")
+def _(a, b, h, W, seg_indptr, rank_indptr, scaling=None):
+    return a.new_empty((a.shape[0], b.shape[1]))
 
 
 @torch.library.register_fake("alto::lora_weight_grad")
@@ -176,6 +198,26 @@ def _expand_backward(ctx, grad_out):
     return grad_out, grad_h, grad_W, None, None, None
 
 
+def _matmul_setup(ctx, inputs, output):
+    a, b, h, W, seg_indptr, rank_indptr, scaling = inputs
+    ctx.save_for_backward(a, b, h, W, seg_indptr, rank_indptr, scaling)
+
+
+def _matmul_backward(ctx, grad_out):
+    """out = a b + s_g h_g W_g: da = dout bᵀ, db = aᵀ dout, and the expand's dh, dW."""
+    a, b, h, W, seg_indptr, rank_indptr, scaling = ctx.saved_tensors
+    grad_a = grad_b = grad_h = grad_W = None
+    if ctx.needs_input_grad[0]:
+        grad_a = grad_out @ b.t()
+    if ctx.needs_input_grad[1]:
+        grad_b = a.t() @ grad_out
+    if ctx.needs_input_grad[2]:
+        grad_h = ops.lora_shrink(grad_out, W, seg_indptr, rank_indptr, h.shape[1], scaling)
+    if ctx.needs_input_grad[3]:
+        grad_W = ops.lora_weight_grad(h, grad_out, seg_indptr, rank_indptr, W.shape[0], scaling)
+    return grad_a, grad_b, grad_h, grad_W, None, None, None
+
+
 def _weight_grad_setup(ctx, inputs, output):
     h, x, seg_indptr, rank_indptr, _total_rank, scaling, _out_dtype = inputs
     ctx.save_for_backward(h, x, seg_indptr, rank_indptr, scaling)
@@ -196,4 +238,5 @@ def _weight_grad_backward(ctx, grad_out):
 
 torch.library.register_autograd("alto::lora_shrink", _shrink_backward, setup_context=_shrink_setup)
 torch.library.register_autograd("alto::lora_expand", _expand_backward, setup_context=_expand_setup)
+torch.library.register_autograd("alto::lora_matmul", _matmul_backward, setup_context=_matmul_setup)
 torch.library.register_autograd("alto::lora_weight_grad", _weight_grad_backward, setup_context=_weight_grad_setup)

@@ -9,6 +9,7 @@ read the same x run stacked (multi_lora_linear_stack): x read once for all of th
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import torch
@@ -17,16 +18,26 @@ from alto_ext._ops import ops
 from alto_ext.segments import Segments, StackedSegments
 
 
+# ALTO_FUSED_MATMUL=0: the base GEMM and the adapters' expand as two kernels (an A/B switch for the benches).
+FUSED_MATMUL = os.environ.get("ALTO_FUSED_MATMUL", "1") != "0"
+
+
 def _dense_plus_lora(a, b, bias, h, lora_w, seg_indptr, rank_indptr, scaling, covers_all_tokens):
-    """``a @ b (+ bias)`` (b None: 0) plus every adapter's ``s_g h_g W_g`` on its rows. When every row
-    belongs to an adapter with a rank, the adapters write the output first and the base GEMM adds
-    its product in its epilogue (beta = 1): the output is not read and written again by a separate
-    LoRA pass. Eager only: torch 2.11's dynamo traces the in-place-built output's gradient as zeros."""
+    """``a @ b (+ bias)`` (b None: 0) plus every adapter's ``s_g h_g W_g`` on its rows. On a GPU,
+    alto::lora_matmul: on Hopper one GEMM whose K runs over the base's columns, then the adapter's
+    (the output written once, the adapters' product never leaving the registers). Otherwise, when
+    every row belongs to an adapter with a rank, the adapters write the output first and the base
+    GEMM adds its product in its epilogue (beta = 1): the output is not read and written again by a
+    separate LoRA pass. Eager only: torch 2.11's dynamo traces the in-place-built output's gradient
+    as zeros."""
     if b is None:
         out = a.new_zeros(a.shape[0], lora_w.shape[1])
         ops.lora_expand_(out, h, lora_w, seg_indptr, rank_indptr, scaling)
         return out
-    if covers_all_tokens and bias is None and not torch.compiler.is_compiling():
+    eager = not torch.compiler.is_compiling()
+    if FUSED_MATMUL and a.is_cuda and bias is None and eager:
+        return ops.lora_matmul(a, b, h, lora_w, seg_indptr, rank_indptr, scaling)
+    if covers_all_tokens and bias is None and eager:
         out = a.new_empty(a.shape[0], b.shape[1])
         ops.lora_expand_(out, h, lora_w, seg_indptr, rank_indptr, scaling, False)
         return out.addmm_(a, b)
