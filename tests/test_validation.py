@@ -74,6 +74,20 @@ def test_bad_index_values_other_ops(device):
         alto_ext.check_errors()
 
 
+@pytest.mark.parametrize("seg,rank,words", [([0, 5, 3], [0, 2, 5], "seg_indptr"), ([0, 3, 7], [0, 2, 99], "rank_indptr"),
+                                            ([0, 3, 7], [0, 1, 5], "h_width")])
+@pytest.mark.parametrize("orientation", ["forward", "dx"])
+def test_bad_index_values_matmul(device, seg, rank, words, orientation):
+    """lora_matmul at a K its fused CUDA kernel takes (64): the error named, nothing read past (sanitizer)."""
+    dtype = dtype_for(device)
+    a, h, W = (torch.randn(*shape, device=device, dtype=dtype) for shape in ((7, 64), (7, 8), (5, 24)))
+    b = torch.randn(24, 64, device=device, dtype=dtype).t() if orientation == "forward" else torch.randn(
+        64, 24, device=device, dtype=dtype)
+    with pytest.raises(ValueError, match=words):
+        alto_ext.lora_matmul(a, b, h[:, :2] if words == "h_width" else h, W, idx(seg, device), idx(rank, device))
+        alto_ext.check_errors()
+
+
 def test_bad_shapes_and_types(device):
     dtype = dtype_for(device)
     x, A = shrink_args(device, dtype)
