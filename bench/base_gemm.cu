@@ -27,7 +27,7 @@ using namespace bench;
 using Forward = ShrinkGemm<Bf16, Config>;  // A row-major, W [N, K] row-major (K-major B), D row-major
 using Backward = ExpandGemm<Bf16, Config>;  // A row-major, W [K, N] row-major (N-major B), D row-major
 using LoraExpand = ExpandGemm<Bf16>;  // the expand as the library runs it (its configuration in use)
-using FusedForward = FusedForwardGemm<Bf16, Config>;
+using FusedForward = FusedForwardGemm<Bf16, Config>;  // (the library picks one of two: tile_configs.cuh)
 using FusedBackward = FusedBackwardGemm<Bf16, Config>;
 
 #define CHECK_CUBLAS(x)                                                            \

@@ -155,12 +155,14 @@ def test_matmul_matches_reference(device, case, orientation, scaled):
 
 # Shapes the fused Hopper kernel takes (K a multiple of its K tile): ranks that are not multiples of 8
 # (their columns of the transposed B padded), an empty segment, a rank-0 adapter (base rows only), a
-# rank of 128 (two K tiles of h), segments that end inside an M tile, SmolLM2's widths.
+# rank of 128 (two K tiles of h), segments that end inside an M tile, SmolLM2's widths; all but the
+# last take the narrow tiles (fewer than one wave of the wide ones), the last the wide ones in clusters.
 FUSED_CASES = [
     ([130, 0, 7, 300], [8, 4, 12, 64], 128, 200),
     ([64, 1, 190], [0, 128, 3], 192, 64),
     ([1], [1], 64, 8),
     ([700, 333, 45], [16, 32, 8], 576, 1536),
+    ([1400, 2000, 700], [16, 64, 12], 256, 4096),  # enough tiles for the wide ones, an odd count in a segment
 ]
 
 

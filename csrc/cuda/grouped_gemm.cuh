@@ -480,10 +480,10 @@ __global__ void transpose_scaled(Segments seg, const E* b, E* bt, int64_t n_cols
     bt[n * bt_ld + bt_column(lo, r0) + (r - r0)] = E(scale * tile[threadIdx.x][i]);
   }
 }
-template <class Element, class Config = tiles::Candidate<tiles::kFusedForward>>
+template <class Element, class Config>
 using FusedForwardGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
                                      cutlass::layout::RowMajor, Config, Element, true>;
-template <class Element, class Config = tiles::Candidate<tiles::kFusedBackward>>
+template <class Element, class Config>
 using FusedBackwardGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::RowMajor,
                                       cutlass::layout::RowMajor, Config, Element, true>;
 
@@ -591,10 +591,15 @@ Status weight_grad(const Segments& seg, const void* h, int64_t h_ld, const void*
   return detail::launch_form<GG>(seg, form, launch);
 }
 
-template <DType D> size_t fused_forward_workspace_bytes(int num_groups, int sm_count) {
-  return detail::FusedForwardGemm<typename detail::CutlassElement<D>::type>::workspace_bytes(num_groups, sm_count);
+namespace detail {
+template <bool Wide> using FusedConfig = tiles::Candidate<Wide ? tiles::kFusedWide : tiles::kFusedNarrow>;
 }
-template <DType D>
+
+template <DType D, bool Wide> size_t fused_forward_workspace_bytes(int num_groups, int sm_count) {
+  using E = typename detail::CutlassElement<D>::type;
+  return detail::FusedForwardGemm<E, detail::FusedConfig<Wide>>::workspace_bytes(num_groups, sm_count);
+}
+template <DType D, bool Wide>
 Status fused_forward(const Segments& seg, const void* x, const void* W, const void* h, int64_t h_ld,
                      const void* b, void* bt, void* y, int64_t d_in, int64_t d_out, const Launch& launch) {
   using E = typename detail::CutlassElement<D>::type;
@@ -609,20 +614,21 @@ Status fused_forward(const Segments& seg, const void* x, const void* W, const vo
   detail::FusedForwardForm<E> form{static_cast<const E*>(x), static_cast<const E*>(W), static_cast<const E*>(h),
                                     static_cast<const E*>(bt), static_cast<E*>(y), d_in, d_out, h_ld, bt_ld,
                                     /*max_rank=*/h_ld};
-  return detail::launch_form<detail::FusedForwardGemm<E>>(seg, form, launch);
+  return detail::launch_form<detail::FusedForwardGemm<E, detail::FusedConfig<Wide>>>(seg, form, launch);
 }
 
-template <DType D> size_t fused_backward_workspace_bytes(int num_groups, int sm_count) {
-  return detail::FusedBackwardGemm<typename detail::CutlassElement<D>::type>::workspace_bytes(num_groups, sm_count);
+template <DType D, bool Wide> size_t fused_backward_workspace_bytes(int num_groups, int sm_count) {
+  using E = typename detail::CutlassElement<D>::type;
+  return detail::FusedBackwardGemm<E, detail::FusedConfig<Wide>>::workspace_bytes(num_groups, sm_count);
 }
-template <DType D>
+template <DType D, bool Wide>
 Status fused_backward(const Segments& seg, const void* dy, const void* W, const void* dh, int64_t h_ld,
                       const void* a, void* dx, int64_t d_in, int64_t d_out, const Launch& launch) {
   using E = typename detail::CutlassElement<D>::type;
   detail::FusedBackwardForm<E> form{static_cast<const E*>(dy), static_cast<const E*>(W), static_cast<const E*>(dh),
                                      static_cast<const E*>(a), static_cast<E*>(dx), d_in, d_out, h_ld,
                                      /*max_rank=*/h_ld};
-  return detail::launch_form<detail::FusedBackwardGemm<E>>(seg, form, launch);
+  return detail::launch_form<detail::FusedBackwardGemm<E, detail::FusedConfig<Wide>>>(seg, form, launch);
 }
 
 }  // namespace alto::cuda

@@ -148,22 +148,31 @@ at::Tensor lora_matmul_cuda(const at::Tensor& a_in, const at::Tensor& b, const a
     return out;
   }
   at::Tensor out = at::empty({dims.num_tokens, N}, a.options());
-  with_dtype(a, [&](auto D) {
+  const int sms = at::cuda::getDeviceProperties(a.get_device())->multiProcessorCount;
+  const auto launch = [&](auto D, auto wide) {
     constexpr cuda::DType dt = decltype(D)::value;
+    constexpr bool w = decltype(wide)::value;
     if (transposed) {
       const at::Tensor bt = at::empty({N, cuda::fused_bt_width(static_cast<int>(dims.num_groups), dims.total_rank)},
                                       a.options());
-      run_kernel(a, dims, seg_indptr, rank_indptr, scaling, cuda::fused_forward_workspace_bytes<dt>,
+      run_kernel(a, dims, seg_indptr, rank_indptr, scaling, cuda::fused_forward_workspace_bytes<dt, w>,
                  [&](const cuda::Segments& s, const cuda::Launch& l) {
-                   return cuda::fused_forward<dt>(s, a.data_ptr(), weight.data_ptr(), h.data_ptr(), h.size(1),
-                                                  W.data_ptr(), bt.data_ptr(), out.data_ptr(), K, N, l);
+                   return cuda::fused_forward<dt, w>(s, a.data_ptr(), weight.data_ptr(), h.data_ptr(), h.size(1),
+                                                     W.data_ptr(), bt.data_ptr(), out.data_ptr(), K, N, l);
                  });
     } else {
-      run_kernel(a, dims, seg_indptr, rank_indptr, scaling, cuda::fused_backward_workspace_bytes<dt>,
+      run_kernel(a, dims, seg_indptr, rank_indptr, scaling, cuda::fused_backward_workspace_bytes<dt, w>,
                  [&](const cuda::Segments& s, const cuda::Launch& l) {
-                   return cuda::fused_backward<dt>(s, a.data_ptr(), weight.data_ptr(), h.data_ptr(), h.size(1),
-                                                   W.data_ptr(), out.data_ptr(), N, K, l);
+                   return cuda::fused_backward<dt, w>(s, a.data_ptr(), weight.data_ptr(), h.data_ptr(), h.size(1),
+                                                      W.data_ptr(), out.data_ptr(), N, K, l);
                  });
+    }
+  };
+  with_dtype(a, [&](auto D) {
+    if (cuda::fused_wide(dims.num_tokens, N, sms)) {
+      launch(D, std::true_type{});
+    } else {
+      launch(D, std::false_type{});
     }
   });
   return out;

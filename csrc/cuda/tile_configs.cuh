@@ -63,9 +63,11 @@ inline constexpr int kCandidates = 8;
 inline constexpr int kShrink = 0;
 inline constexpr int kExpand = 2;
 inline constexpr int kWeightGrad = 0;
-// The base's GEMM with the LoRA term in its K (grouped_gemm.cuh's fused forms): chosen by
-// bench/base_gemm.cu against cuBLAS.
-inline constexpr int kFusedForward = 2;
-inline constexpr int kFusedBackward = 2;
+// The base's GEMM with the LoRA term in its K (grouped_gemm.cuh's fused forms), chosen by
+// bench/base_gemm.cu against cuBLAS + the expand (H100, RESULTS.md 2026-12-07): wide tiles in a 2x1
+// cluster where they fill the SMs (32 adapters x 512 tokens: 0.918x today's GEMMs), 128x128 where
+// they would not (one adapter of 512 tokens: 0.987x, where the wide tiles took 1.31x).
+inline constexpr int kFusedWide = 6;
+inline constexpr int kFusedNarrow = 1;
 
 }  // namespace alto::cuda::tiles
