@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from alto import projection_stacks, step_graphs
+from alto_ext import linear
 from alto.evaluation import evaluating, held_out_means
 from alto.families import Llama
 from alto.model import MultiLoraModel
@@ -40,7 +41,7 @@ WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
 # GPU kernels by what they do, for --profile's table of kernel time (the first kind whose pattern a kernel's name
 # holds): where a co-located step's time beyond the frozen base's goes
 KERNEL_KINDS = (
-    ("LoRA grouped GEMMs (CUTLASS)", ("cutlass13device_kernel",)),  # (mangled: launched through cutlass::device_kernel)
+    ("CUTLASS grouped GEMMs (the LoRA ops; the fused base + LoRA GEMMs)", ("cutlass13device_kernel",)),  # (mangled: launched through cutlass::device_kernel)
     ("AdamW (alto)", ("adamw",)),
     ("other alto kernels", ("alto::",)),
     ("cuBLAS GEMMs", ("nvjet", "gemm", "xmma")),
@@ -168,8 +169,12 @@ def main() -> None:
             replayed = bool(trainer.graphs and trainer.graphs.graphs)
             step_graphs.ENABLED = False
             t_eager = wall_ms(trainer.step, args.iters, device)  # no step replayed as a CUDA graph
+            # the same with each base GEMM and its adapters' expand as two kernels (alto::lora_matmul's fused
+            # GEMM off): an A/B within one process, where the base's own step varies by a few ms between processes
+            fused, linear.FUSED_MATMUL = linear.FUSED_MATMUL, False
+            t_apart = wall_ms(trainer.step, args.iters, device)
         finally:
-            step_graphs.ENABLED = graphs
+            step_graphs.ENABLED, linear.FUSED_MATMUL = graphs, fused
         stacked, projection_stacks.ENABLED = projection_stacks.ENABLED, False
         try:
             t_alone = wall_ms(trainer.step, args.iters, device)  # every projection alone (q, k, v; gate, up)
@@ -200,20 +205,21 @@ def main() -> None:
             trainer.admit([adapter])
             t_loop += wall_ms(trainer.step, args.iters, device)
             trainer.retire([(adapter, adapter.status, None)])
-        rows.append((n, t_base, t_ours, replayed, t_eager, t_base_graphed, base_replayed, t_alone, t_loop, h_base, h_ours,
-                     t_base_fwd, t_eval))
+        rows.append((n, t_base, t_ours, replayed, t_eager, t_apart, t_base_graphed, base_replayed, t_alone, t_loop, h_base,
+                     h_ours, t_base_fwd, t_eval))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     t_peft = peft_step_ms(base, seqs[0], args.iters, device)
     print("adapters | base fwd+bwd ms | ALTO step ms | overhead vs base | CUDA graph | ALTO eager ms | overhead eager "
+          "| eager, GEMM and expand apart ms | fused vs apart "
           "| base graphed ms (its graph) | ALTO vs base graphed | projections alone ms | overhead alone "
           "| per-adapter loop ms | ALTO vs loop | base host ms | ALTO host ms "
           "| base forward ms | held-out pass ms | held-out vs base forward | held-out tokens/s")
-    print(" | ".join(["---"] * 19))
-    for n, tb, to, replayed, tg, tbg, base_replayed, ta, tl, hb, ho, tf, te in rows:
+    print(" | ".join(["---"] * 21))
+    for n, tb, to, replayed, tg, tp, tbg, base_replayed, ta, tl, hb, ho, tf, te in rows:
         print(f"{n} | {tb:.1f} | {to:.1f} | {to / tb - 1:+.1%} | {'replayed' if replayed else 'no'} | {tg:.1f} "
-              f"| {tg / tb - 1:+.1%} | {tbg:.1f} ({'replayed' if base_replayed else 'no'}) | {to / tbg - 1:+.1%} "
+              f"| {tg / tb - 1:+.1%} | {tp:.1f} | {tg / tp - 1:+.1%} | {tbg:.1f} ({'replayed' if base_replayed else 'no'}) | {to / tbg - 1:+.1%} "
               f"| {ta:.1f} | {ta / tb - 1:+.1%} | {tl:.1f} | {tl / to:.2f}x "
               f"| {hb:.1f} | {ho:.1f} | {tf:.1f} | {te:.1f} | {te / tf - 1:+.1%} | {n * args.seq / te * 1e3:,.0f}")
     print(f"\nPEFT, one adapter (rank {RANKS[0]}, all 7 projections), same sequence: {t_peft:.1f} ms/step")
