@@ -164,6 +164,7 @@ def main() -> None:
         trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device=device)
         trainer.admit([reg.add(f"a{i}", c) for i, c in enumerate(cfgs)])
         graphs, step_graphs.ENABLED = step_graphs.ENABLED, True
+        fused = linear.FUSED_MATMUL
         try:  # replayed as a CUDA graph where the host holds the GPU up
             t_ours, h_ours = timed_ms(trainer.step, args.iters, device)
             replayed = bool(trainer.graphs and trainer.graphs.graphs)
@@ -171,7 +172,7 @@ def main() -> None:
             t_eager = wall_ms(trainer.step, args.iters, device)  # no step replayed as a CUDA graph
             # the same with each base GEMM and its adapters' expand as two kernels (alto::lora_matmul's fused
             # GEMM off): an A/B within one process, where the base's own step varies by a few ms between processes
-            fused, linear.FUSED_MATMUL = linear.FUSED_MATMUL, False
+            linear.FUSED_MATMUL = False
             t_apart = wall_ms(trainer.step, args.iters, device)
         finally:
             step_graphs.ENABLED, linear.FUSED_MATMUL = graphs, fused

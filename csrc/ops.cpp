@@ -21,7 +21,8 @@ TORCH_LIBRARY(alto, m) {
   // out = a . b plus every adapter's scaling[g] * h[t, 0:r_g] . W_g on its rows t (a [T, K], b [K, N],
   // h [T, H], W [R, N]): a base linear (b = its weight transposed) or its dX (b = the weight) with its
   // adapters' term, the output written once. On Hopper one GEMM per call, the adapters' K after the
-  // base's (csrc/cuda/grouped_gemm.cuh's fused forms); elsewhere a . b then lora_expand_.
+  // base's (csrc/cuda/grouped_gemm.cuh's fused forms); elsewhere a . b then lora_expand_. On CUDA the
+  // rows of an adapter whose indices are invalid are not written (the error is raised as for every op).
   m.def("lora_matmul(Tensor a, Tensor b, Tensor h, Tensor W, Tensor seg_indptr, Tensor rank_indptr, "
         "Tensor? scaling=None) -> Tensor");
   // Functional form of lora_expand_ (returns a new tensor; differentiable).

@@ -168,20 +168,20 @@ FUSED_CASES = [
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", FUSED_CASES)
-@pytest.mark.parametrize("orientation", ["forward", "dx"])
-def test_fused_matmul_matches_reference(case, orientation):
+@pytest.mark.parametrize("orientation,scaled", [("forward", True), ("forward", False), ("dx", False), ("dx", True)])
+def test_fused_matmul_matches_reference(case, orientation, scaled):
     """On Hopper the fused GEMM runs (its kernel seen in a profile), against the float64 oracle; the
-    adapters' term is far above the tolerance, so a kernel that dropped it (or one adapter's) fails."""
+    adapters' term is far above the tolerance, so a kernel that dropped it (or one adapter's) fails.
+    A scaled dX is not fused (its kernel has no scaling: multi_lora_linear's dh carries it)."""
     device = torch.device("cuda")
     hopper = torch.cuda.get_device_capability()[0] == 9
     for dtype in (torch.bfloat16, torch.float16):
-        # the dX orientation fuses with its scaling in dh: no scaling of its own
-        seg, a, b, h, W = _matmul_case(*case, device, dtype, orientation, scaled=orientation == "forward")
+        seg, a, b, h, W = _matmul_case(*case, device, dtype, orientation, scaled)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out = alto_ext.lora_matmul(a, b, h, W, seg.seg_indptr, seg.rank_indptr, seg.scaling)
             torch.cuda.synchronize()
         fused = any("TwoPhaseMainloop" in e.name for e in prof.events())
-        assert fused == hopper, f"fused kernel ran: {fused}, on Hopper: {hopper}"
+        assert fused == (hopper and not (orientation == "dx" and scaled)), f"fused kernel ran: {fused}, Hopper: {hopper}"
         base = a.cpu().double() @ b.cpu().double()
         expected = ref.expand(base, h.cpu(), W.cpu(), seg)
         t0 = 0
@@ -192,6 +192,37 @@ def test_fused_matmul_matches_reference(case, orientation):
                 assert ref.rel_err(out[rows], expected[rows]) < TOL[dtype]
             t0 += n
         assert ref.rel_err(out, expected) < TOL[dtype]
+
+
+@pytest.mark.cuda
+def test_fused_linear_and_stack_match_reference():
+    """multi_lora_linear and a q/k/v stack at widths the fused GEMMs take (forward, and dX with the stack's
+    h and gathered A), bf16 against the float64 oracle, forward and backward."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    tokens, d_in, d_outs = [200, 0, 77], 128, [128, 64, 64]
+    parts = [Segments.build(tokens, ranks, [2.0, 1.0, 0.5], device=device) for ranks in ([8, 4, 12], [16, 0, 8], [8, 8, 8])]
+    stacked = alto_ext.StackedSegments.build(parts, device=device)
+    x = torch.randn(sum(tokens), d_in, device=device, dtype=dtype)
+    weights = [torch.randn(d, d_in, device=device, dtype=dtype) / d_in**0.5 for d in d_outs]
+    As = [torch.randn(s.total_rank, d_in, device=device, dtype=torch.float32) / d_in**0.5 for s in parts]
+    Bs = [torch.randn(s.total_rank, d, device=device, dtype=torch.float32) for s, d in zip(parts, d_outs)]
+    leaves = [t.clone().requires_grad_() for t in (x, *As, *Bs)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ys = alto_ext.multi_lora_linear_stack(leaves[0], weights, [None] * 3, leaves[1:4], leaves[4:], parts, stacked)
+        y0 = alto_ext.multi_lora_linear(leaves[0], weights[0], None, leaves[1], leaves[4], parts[0])
+        grads = [torch.randn_like(y) for y in ys]
+        torch.autograd.backward([*ys, y0], [*grads, grads[0]])
+        torch.cuda.synchronize()
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert sum("TwoPhaseMainloop" in e.name for e in prof.events()) >= 6  # 4 forward products, 2 dX
+    refs = [t.detach().cpu().double().requires_grad_() for t in (x, *As, *Bs)]
+    ref_ys = [ref.lora_linear(refs[0], w.cpu().double(), None, A, B, s) for w, A, B, s in zip(weights, refs[1:4], refs[4:], parts)]
+    ref_y0 = ref.lora_linear(refs[0], weights[0].cpu().double(), None, refs[1], refs[4], parts[0])
+    torch.autograd.backward([*ref_ys, ref_y0], [g.cpu().double() for g in (*grads, grads[0])])
+    for got, want in zip([*ys, y0], [*ref_ys, ref_y0]):
+        assert ref.rel_err(got, want) < TOL[dtype]
+    for got, want in zip(leaves, refs):
+        assert ref.rel_err(got.grad, want.grad) < 2 * TOL[dtype]
 
 
 def test_gradcheck_float64():

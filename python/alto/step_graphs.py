@@ -211,14 +211,14 @@ class StepGraphs:
     def _key(model: MultiLoraModel, step: Pass) -> tuple:
         """What a graph's host-side choices depend on: the adapters and their sequences' lengths (the plan's
         segments, positions and boundaries), every input's shape and integer, and the switches the forward reads."""
-        plan = step.plan
+        plan, rows = step.plan, None if step.rows is None else step.rows.shape[0]
         shapes = tuple((name, tuple(v.shape) if isinstance(v, torch.Tensor) else v) for name, v in step.inputs.items())
-        rows = None if step.rows is None else step.rows.shape[0]
         # bucketed: the shapes are the bucket's, and the token ranges are read anew at every replay (which
         # adapters have tokens sets how a layer's LoRA adds into its output: Segments.covers_all_tokens)
         layout = tuple(n > 0 for n in plan.token_counts) if plan.bucketed else tuple(map(tuple, plan.lengths))
-        return (plan.ids, layout, plan.row_len, shapes, tuple(step.labels.shape), rows,
-                step.training, model.training, model.model.training, projection_stacks.ENABLED, fused_layers.ENABLED)
+        switches = (projection_stacks.ENABLED, fused_layers.ENABLED, alto_ext.linear.FUSED_MATMUL)
+        return (plan.ids, layout, plan.row_len, shapes, tuple(step.labels.shape), rows, step.training, model.training,
+                model.model.training, switches)
 
     def _first_run(self, key: tuple, step: Pass, compute: Compute, weights: torch.Tensor) -> torch.Tensor:
         if len(self.first_runs) >= MAX_SEEN:
