@@ -9,6 +9,8 @@
 //   expand      ALTO's LoRA expand writing that output (ranks 8/16/32/64 cycled)
 //   today       cublas+C + expand
 //   ours        the grouped GEMM, one problem per adapter (the fused kernel's base part)
+//   ours 1      the same kernel with one problem of all T rows: what our kernel costs without moving
+//               between groups (each move edits a CTA's TMA descriptors), against cuBLAS on equal work
 //   fused       the fused kernel (grouped_gemm.cuh's FusedForwardGemm / FusedBackwardGemm): the base's
 //               product and the adapter's in one accumulator, written once
 // One tile configuration per binary (ALTO_CONFIG: csrc/cuda/tile_configs.cuh), built by
@@ -133,11 +135,13 @@ int main() {
     const int T = seg.back(), R = rank.back();
     // scaling 1 (nullptr): the fused kernel's B side carries the scaling (the library's (s B)ᵀ, dh = s dY Bᵀ)
     const Segments segments{upload(seg), upload(rank), nullptr, adapters, T, R, err};
+    const Segments one_group{upload(std::vector<int32_t>{0, T}), upload(std::vector<int32_t>{0, kMaxRank}), nullptr,
+                             1, T, kMaxRank, err};
     const Bf16* h = random_device(size_t(T) * kMaxRank, 1);
     std::printf("%d adapters x %d tokens (ranks 8-64)\n", adapters, kTokens);
-    std::printf("  %-11s %6s %6s | %8s %8s %7s %8s | %8s %6s | %8s %7s %7s\n", "GEMM", "N", "K", "cublas",
-                "cublas+C", "expand", "today", "ours", "ours/c", "fused", "/today", "/cublas");
-    double sum_cublas = 0, sum_today = 0, sum_ours = 0, sum_fused = 0;
+    std::printf("  %-11s %6s %6s | %8s %8s %7s %8s | %8s %6s %8s %6s | %8s %7s %7s\n", "GEMM", "N", "K", "cublas",
+                "cublas+C", "expand", "today", "ours", "ours/c", "ours 1", "/c", "fused", "/today", "/cublas");
+    double sum_cublas = 0, sum_today = 0, sum_ours = 0, sum_ours1 = 0, sum_fused = 0;
     for (const GemmShape& s : shapes) {
       const int N = s.n, K = s.k;
       Bf16* a = random_device(size_t(T) * K, 2);  // x or dY
@@ -163,12 +167,15 @@ int main() {
       const float expand_ms = time_form<LoraExpand>(segments, expand, sms);
       // W's leading dimension: K (forward, W [N, K]) or N (backward, W [K, N]).
       const BaseForm<Bf16> base{a, w, y_ours, K, s.backward ? N : K, K, N, 1 << 30};
-      const float ours_ms = s.backward ? time_form<Backward>(segments, base, sms) : time_form<Forward>(segments, base, sms);
+      const auto time_base = [&](const Segments& on) {
+        return s.backward ? time_form<Backward>(on, base, sms) : time_form<Forward>(on, base, sms);
+      };
+      const float ours1_ms = time_base(one_group), ours_ms = time_base(segments);
       run_cublas(&zero);
       const double ours_diff = max_row_diff(y_ours, y_cublas, N, seg);
       const float today = cublas_c_ms + expand_ms;
-      std::printf("  %-11s %6d %6d | %8.3f %8.3f %7.3f %8.3f | %8.3f %6.3f |", s.name, N, K, cublas_ms, cublas_c_ms,
-                  expand_ms, today, ours_ms, ours_ms / cublas_ms);
+      std::printf("  %-11s %6d %6d | %8.3f %8.3f %7.3f %8.3f | %8.3f %6.3f %8.3f %6.3f |", s.name, N, K, cublas_ms,
+                  cublas_c_ms, expand_ms, today, ours_ms, ours_ms / cublas_ms, ours1_ms, ours1_ms / cublas_ms);
       std::fflush(stdout);  // (the fused kernel's first run on a GPU follows)
       float fused_ms = -1;
       if (s.backward)
@@ -183,15 +190,15 @@ int main() {
       std::printf(" %8.3f %7.3f %7.3f  max diff: ours %.1e, fused %.1e\n", fused_ms, fused_ms / today,
                   fused_ms / cublas_ms, ours_diff, fused_diff);
       sum_cublas += s.per_layer * cublas_ms, sum_today += s.per_layer * today;
-      sum_ours += s.per_layer * ours_ms, sum_fused += s.per_layer * fused_ms;
+      sum_ours += s.per_layer * ours_ms, sum_ours1 += s.per_layer * ours1_ms, sum_fused += s.per_layer * fused_ms;
       for (void* p : {static_cast<void*>(a), static_cast<void*>(w), static_cast<void*>(lora_b),
                       static_cast<void*>(lora_bt), static_cast<void*>(y_cublas), static_cast<void*>(y_ours)})
         CHECK_CUDA(cudaFree(p));
     }
-    std::printf("  one layer's 14 GEMMs: cublas %.3f | today %.3f | ours %.3f (%.3fx cublas) | fused %.3f "
-                "(%.3fx today, %.3fx cublas)\n",
-                sum_cublas, sum_today, sum_ours, sum_ours / sum_cublas, sum_fused, sum_fused / sum_today,
-                sum_fused / sum_cublas);
+    std::printf("  one layer's 14 GEMMs: cublas %.3f | today %.3f | ours %.3f (%.3fx cublas) | ours 1 %.3f (%.3fx) | "
+                "fused %.3f (%.3fx today, %.3fx cublas)\n",
+                sum_cublas, sum_today, sum_ours, sum_ours / sum_cublas, sum_ours1, sum_ours1 / sum_cublas, sum_fused,
+                sum_fused / sum_today, sum_fused / sum_cublas);
     CHECK_CUDA(cudaFree(const_cast<Bf16*>(h)));
   }
   return index_errors(err);

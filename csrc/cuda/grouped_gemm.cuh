@@ -456,28 +456,37 @@ inline int64_t bt_width(int groups, int64_t total_rank) { return bt_column(group
 
 // bt[n, bt_column(g, r0) + k] = s_g * b[r0 + k, n] for every adapter g's rows (b [R, n_cols], any
 // dtype E; a 32 x 32 tile per block through shared memory, so both sides are read and written along
-// memory). Rows of an invalid adapter (group_range) are not written.
+// memory). A thread writes one rank row r of its tile's columns: its adapter (a binary search of the
+// rank offsets), column and scale are found once, before the tile is read. Rows of an invalid adapter
+// (group_range) are not written.
 template <class E>
 __global__ void transpose_scaled(Segments seg, const E* b, E* bt, int64_t n_cols, int64_t bt_ld) {
   __shared__ float tile[32][33];
   const int64_t r_base = int64_t(blockIdx.y) * 32, n_base = int64_t(blockIdx.x) * 32;
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {  // read rows r_base + i, columns along threadIdx.x
-    const int64_t r = r_base + i, n = n_base + threadIdx.x;
-    tile[i][threadIdx.x] = r < seg.total_rank && n < n_cols ? float(b[r * n_cols + n]) : 0.f;
-  }
-  __syncthreads();
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {  // write column n_base + i, ranks along threadIdx.x
-    const int64_t r = r_base + threadIdx.x, n = n_base + i;
-    if (r >= seg.total_rank || n >= n_cols) continue;
+  const int64_t r = r_base + threadIdx.x;  // the rank row this thread writes
+  int64_t column = -1;  // its column in bt (-1: not written)
+  float scale = 1.f;
+  if (r < seg.total_rank) {
     int lo = 0, hi = seg.num_groups - 1;  // the last adapter whose first rank row is <= r
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
       if (seg.rank_indptr[mid] <= r) lo = mid; else hi = mid - 1;
     }
     const int32_t r0 = seg.rank_indptr[lo];
-    if (r0 > r || r >= seg.rank_indptr[lo + 1] || r0 < 0) continue;  // (group_range reports the bad index)
-    const float scale = seg.scaling != nullptr ? seg.scaling[lo] : 1.f;
-    bt[n * bt_ld + bt_column(lo, r0) + (r - r0)] = E(scale * tile[threadIdx.x][i]);
+    if (r0 <= r && r < seg.rank_indptr[lo + 1] && r0 >= 0) {  // (else group_range reports the bad index)
+      column = bt_column(lo, r0) + (r - r0);
+      if (seg.scaling != nullptr) scale = seg.scaling[lo];
+    }
+  }
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {  // read rows r_base + i, columns along threadIdx.x
+    const int64_t row = r_base + i, n = n_base + threadIdx.x;
+    tile[i][threadIdx.x] = row < seg.total_rank && n < n_cols ? float(b[row * n_cols + n]) : 0.f;
+  }
+  __syncthreads();
+  if (column < 0) return;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {  // write column n_base + i, ranks along threadIdx.x
+    const int64_t n = n_base + i;
+    if (n < n_cols) bt[n * bt_ld + column] = E(scale * tile[threadIdx.x][i]);
   }
 }
 template <class Element, class Config>
