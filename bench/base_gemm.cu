@@ -9,8 +9,8 @@
 //   expand      ALTO's LoRA expand writing that output (ranks 8/16/32/64 cycled)
 //   today       cublas+C + expand
 //   ours        the grouped GEMM, one problem per adapter (the fused kernel's base part)
-//   ours 1      the same kernel with one problem of all T rows: what our kernel costs without moving
-//               between groups (each move edits a CTA's TMA descriptors), against cuBLAS on equal work
+//   striped     the same over stripes of the output's columns, stripe by stripe across adapters (the
+//               fused kernel's order: grouped_gemm.cuh's kStripeColumns)
 //   fused       the fused kernel (grouped_gemm.cuh's FusedForwardGemm / FusedBackwardGemm): the base's
 //               product and the adapter's in one accumulator, written once
 // One tile configuration per binary (ALTO_CONFIG: csrc/cuda/tile_configs.cuh), built by
@@ -41,19 +41,24 @@ using FusedBackward = FusedBackwardGemm<Bf16, Config>;
     }                                                                              \
   } while (0)
 
-// The base's GEMM over adapter g's rows: out[t0:t0+n, 0:N] = A[t0:t0+n, 0:K] . W (all adapters one W).
+// The base's GEMM over adapter g's rows: out[t0:t0+n, 0:N] = A[t0:t0+n, 0:K] . W (all adapters one W),
+// in stripes of `stripe` output columns (the whole width: one stripe), stripe by stripe across adapters.
 template <class E>
 struct BaseForm {
   static constexpr bool kClearsEmptyGroups = false;
   static constexpr bool kScaled = false;
+  static constexpr bool kStripeMajor = true;
   const E* a;
   const E* w;
   E* out;
   int64_t lda, ldw, k, n, max_rank;
+  bool backward;  // W [K, N] (a stripe's columns along memory) rather than [N, K]
+  int64_t stripe;
   float beta = 0.f;
-  int splits = 1;
-  __device__ GroupProblem<E> problem(GroupRange rg, int) const {
-    return {rg.n, n, k, a + rg.t0 * lda, lda, w, ldw, out + rg.t0 * n, n};
+  int splits = static_cast<int>((n + stripe - 1) / stripe);
+  __device__ GroupProblem<E> problem(GroupRange rg, int s) const {
+    const int64_t n0 = s * stripe, cols = n - n0 < stripe ? n - n0 : stripe;
+    return {rg.n, cols, k, a + rg.t0 * lda, lda, w + (backward ? n0 : n0 * ldw), ldw, out + rg.t0 * n + n0, n};
   }
 };
 
@@ -135,13 +140,11 @@ int main() {
     const int T = seg.back(), R = rank.back();
     // scaling 1 (nullptr): the fused kernel's B side carries the scaling (the library's (s B)ᵀ, dh = s dY Bᵀ)
     const Segments segments{upload(seg), upload(rank), nullptr, adapters, T, R, err};
-    const Segments one_group{upload(std::vector<int32_t>{0, T}), upload(std::vector<int32_t>{0, kMaxRank}), nullptr,
-                             1, T, kMaxRank, err};
     const Bf16* h = random_device(size_t(T) * kMaxRank, 1);
     std::printf("%d adapters x %d tokens (ranks 8-64)\n", adapters, kTokens);
     std::printf("  %-11s %6s %6s | %8s %8s %7s %8s | %8s %6s %8s %6s | %8s %7s %7s\n", "GEMM", "N", "K", "cublas",
-                "cublas+C", "expand", "today", "ours", "ours/c", "ours 1", "/c", "fused", "/today", "/cublas");
-    double sum_cublas = 0, sum_today = 0, sum_ours = 0, sum_ours1 = 0, sum_fused = 0;
+                "cublas+C", "expand", "today", "ours", "ours/c", "striped", "/c", "fused", "/today", "/cublas");
+    double sum_cublas = 0, sum_today = 0, sum_ours = 0, sum_striped = 0, sum_fused = 0;
     for (const GemmShape& s : shapes) {
       const int N = s.n, K = s.k;
       Bf16* a = random_device(size_t(T) * K, 2);  // x or dY
@@ -166,16 +169,19 @@ int main() {
       const float cublas_c_ms = time_ms([&] { run_cublas(&one); });
       const float expand_ms = time_form<LoraExpand>(segments, expand, sms);
       // W's leading dimension: K (forward, W [N, K]) or N (backward, W [K, N]).
-      const BaseForm<Bf16> base{a, w, y_ours, K, s.backward ? N : K, K, N, 1 << 30};
-      const auto time_base = [&](const Segments& on) {
-        return s.backward ? time_form<Backward>(on, base, sms) : time_form<Forward>(on, base, sms);
+      const auto time_base = [&](int64_t columns) {
+        const BaseForm<Bf16> base{a, w, y_ours, K, s.backward ? N : K, K, N, 1 << 30, s.backward, columns};
+        return s.backward ? time_form<Backward>(segments, base, sms) : time_form<Forward>(segments, base, sms);
       };
-      const float ours1_ms = time_base(one_group), ours_ms = time_base(segments);
+      const float striped_ms = time_base(kStripeColumns);
+      run_cublas(&zero);
+      const double striped_diff = max_row_diff(y_ours, y_cublas, N, seg);
+      const float ours_ms = time_base(N);
       run_cublas(&zero);
       const double ours_diff = max_row_diff(y_ours, y_cublas, N, seg);
       const float today = cublas_c_ms + expand_ms;
       std::printf("  %-11s %6d %6d | %8.3f %8.3f %7.3f %8.3f | %8.3f %6.3f %8.3f %6.3f |", s.name, N, K, cublas_ms,
-                  cublas_c_ms, expand_ms, today, ours_ms, ours_ms / cublas_ms, ours1_ms, ours1_ms / cublas_ms);
+                  cublas_c_ms, expand_ms, today, ours_ms, ours_ms / cublas_ms, striped_ms, striped_ms / cublas_ms);
       std::fflush(stdout);  // (the fused kernel's first run on a GPU follows)
       float fused_ms = -1;
       if (s.backward)
@@ -183,22 +189,23 @@ int main() {
             segments, FusedBackwardForm<Bf16>{a, w, h, lora_b, y_ours, N, K, kMaxRank, kMaxRank}, sms);
       else
         fused_ms = time_fused_forward(segments, FusedForwardForm<Bf16>{a, w, h, lora_bt, y_ours, K, N, kMaxRank,
-                                                                        bt_width(adapters, R), kMaxRank}, lora_b, sms);
+                                                                        bt_width(adapters, R), kMaxRank},
+                                      lora_b, sms);
       run_form<LoraExpand>(segments, expand, sms);
       run_cublas(&one);  // today's y: the expand's output, the base's product added in cuBLAS's epilogue
       const double fused_diff = max_row_diff(y_ours, y_cublas, N, seg);
-      std::printf(" %8.3f %7.3f %7.3f  max diff: ours %.1e, fused %.1e\n", fused_ms, fused_ms / today,
-                  fused_ms / cublas_ms, ours_diff, fused_diff);
+      std::printf(" %8.3f %7.3f %7.3f  max diff: ours %.1e, striped %.1e, fused %.1e (%d stripes)\n", fused_ms,
+                  fused_ms / today, fused_ms / cublas_ms, ours_diff, striped_diff, fused_diff, stripe_count(N));
       sum_cublas += s.per_layer * cublas_ms, sum_today += s.per_layer * today;
-      sum_ours += s.per_layer * ours_ms, sum_ours1 += s.per_layer * ours1_ms, sum_fused += s.per_layer * fused_ms;
+      sum_ours += s.per_layer * ours_ms, sum_striped += s.per_layer * striped_ms, sum_fused += s.per_layer * fused_ms;
       for (void* p : {static_cast<void*>(a), static_cast<void*>(w), static_cast<void*>(lora_b),
                       static_cast<void*>(lora_bt), static_cast<void*>(y_cublas), static_cast<void*>(y_ours)})
         CHECK_CUDA(cudaFree(p));
     }
-    std::printf("  one layer's 14 GEMMs: cublas %.3f | today %.3f | ours %.3f (%.3fx cublas) | ours 1 %.3f (%.3fx) | "
-                "fused %.3f (%.3fx today, %.3fx cublas)\n",
-                sum_cublas, sum_today, sum_ours, sum_ours / sum_cublas, sum_ours1, sum_ours1 / sum_cublas, sum_fused,
-                sum_fused / sum_today, sum_fused / sum_cublas);
+    std::printf("  one layer's 14 GEMMs: cublas %.3f | today %.3f | ours %.3f (%.3fx cublas) | striped %.3f "
+                "(%.3fx) | fused %.3f (%.3fx today, %.3fx cublas)\n",
+                sum_cublas, sum_today, sum_ours, sum_ours / sum_cublas, sum_striped, sum_striped / sum_cublas,
+                sum_fused, sum_fused / sum_today, sum_fused / sum_cublas);
     CHECK_CUDA(cudaFree(const_cast<Bf16*>(h)));
   }
   return index_errors(err);

@@ -156,13 +156,16 @@ def test_matmul_matches_reference(device, case, orientation, scaled):
 # Shapes the fused Hopper kernel takes (K a multiple of its K tile): ranks that are not multiples of 8
 # (their columns of the transposed B padded), an empty segment, a rank-0 adapter (base rows only), a
 # rank of 128 (two K tiles of h), segments that end inside an M tile, SmolLM2's widths; all but the
-# last take the narrow tiles (fewer than one wave of the wide ones), the last the wide ones in clusters.
+# wide ones take the narrow tiles (fewer than one wave of the wide ones). Outputs wider than 2048 columns
+# are split in stripes (grouped_gemm.cuh's kStripeColumns), the last one partial.
 FUSED_CASES = [
     ([130, 0, 7, 300], [8, 4, 12, 64], 128, 200),
     ([64, 1, 190], [0, 128, 3], 192, 64),
     ([1], [1], 64, 8),
     ([700, 333, 45], [16, 32, 8], 576, 1536),
     ([1400, 2000, 700], [16, 64, 12], 256, 4096),  # enough tiles for the wide ones, an odd count in a segment
+    ([130, 0, 77], [8, 16, 5], 64, 4608),  # three stripes of the narrow tiles
+    ([1400, 2000, 700], [16, 64, 12], 128, 2304),  # two stripes of the wide ones
 ]
 
 
@@ -172,7 +175,8 @@ FUSED_CASES = [
 def test_fused_matmul_matches_reference(case, orientation, scaled):
     """On Hopper the fused GEMM runs (its kernel seen in a profile), against the float64 oracle; the
     adapters' term is far above the tolerance, so a kernel that dropped it (or one adapter's) fails.
-    A scaled dX is not fused (its kernel has no scaling: multi_lora_linear's dh carries it)."""
+    A scaled dX is not fused (its kernel has no scaling: multi_lora_linear's dh carries it), nor fp16 (the
+    fused kernels are built for bf16 only): both take a @ b then the expand, against the same oracle."""
     device = torch.device("cuda")
     hopper = torch.cuda.get_device_capability()[0] == 9
     for dtype in (torch.bfloat16, torch.float16):
@@ -181,8 +185,9 @@ def test_fused_matmul_matches_reference(case, orientation, scaled):
             out = alto_ext.lora_matmul(a, b, h, W, seg.seg_indptr, seg.rank_indptr, seg.scaling)
             torch.cuda.synchronize()
         fused = any("TwoPhaseMainloop" in e.name for e in prof.events())
-        assert fused == (hopper and not (orientation == "dx" and scaled)), f"fused kernel ran: {fused}, Hopper: {hopper}"
-        base = a.cpu().double() @ b.cpu().double()
+        takes = hopper and dtype == torch.bfloat16 and not (orientation == "dx" and scaled)
+        assert fused == takes, f"fused kernel ran: {fused}, Hopper: {hopper}, {dtype}"
+        base = (a.double() @ b.double()).cpu()  # float64 on the GPU (the widest cases' products on a CPU take long)
         expected = ref.expand(base, h.cpu(), W.cpu(), seg)
         t0 = 0
         for n, r in zip(seg.token_counts, seg.ranks):  # each adapter's rows on their own

@@ -139,6 +139,9 @@ struct GroupedGemm {
         mainloop_arguments(arr, k_first),
         {{}, arr.c, arr.sc, arr.d, arr.sd},
         hw};
+    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+    args.scheduler.max_swizzle_size = Config::kSwizzle;
+    args.scheduler.raster_order = Config::kAlongN ? Raster::AlongN : Raster::AlongM;
     auto& fusion = args.epilogue.thread;
     fusion.alpha = 1.0f;
     fusion.beta = beta;
@@ -243,8 +246,16 @@ __device__ inline Stride leading_stride(int64_t ld) {
   return s;
 }
 
+// A Form whose problems are stripes of the output's columns (kStripeMajor: the fused forms) orders
+// them stripe by stripe across adapters; the others adapter by adapter.
+template <class Form, class = void> struct StripeMajor : std::false_type {};
+template <class Form>
+struct StripeMajor<Form, std::void_t<decltype(Form::kStripeMajor)>> : std::bool_constant<Form::kStripeMajor> {};
+
 // Builds every adapter's problem from Form::problem(range, split): form.splits problems per
-// adapter (a Form that splits its K), adapter g's split s at index g * splits + s. C aliases D
+// adapter (a Form that splits its K or its output's columns), adapter g's split s at index
+// g * splits + s, or s * G + g where StripeMajor (the group scheduler hands out the problems' tiles
+// in index order: there, one stripe of every adapter before the next stripe). C aliases D
 // (in-place accumulation when beta = 1). An empty problem gets no tiles from the group scheduler;
 // a Form whose output rows must still read as zero then (kClearsEmptyGroups) has the block clear
 // them, so the glue need not zero-fill the whole output first.
@@ -256,8 +267,12 @@ __global__ void setup_problems(Segments seg, Form form, typename GG::Arrays arr)
       if (rg.n == 0 && rg.r > 0) form.clear(rg, threadIdx.x, blockDim.x);
     }
   }
+  constexpr bool stripe_major = StripeMajor<Form>::value;
+  static_assert(!(stripe_major && Form::kScaled), "a scaled form's alpha is indexed by adapter");
   for (int g = threadIdx.x; g < seg.num_groups * form.splits; g += blockDim.x) {
-    const auto p = form.problem(group_range(seg, g / form.splits, form.max_rank), g % form.splits);
+    const int adapter = stripe_major ? g % seg.num_groups : g / form.splits;
+    const int split = stripe_major ? g / seg.num_groups : g % form.splits;
+    const auto p = form.problem(group_range(seg, adapter, form.max_rank), split);
     const bool empty = p.m == 0 || p.n == 0 || p.k + p.k2 == 0;
     arr.shapes[g] = empty ? typename GG::Shape3{0, 0, 0}
                           : typename GG::Shape3{int(p.m), int(p.n), int(p.k + p.k2)};
@@ -496,10 +511,24 @@ template <class Element, class Config>
 using FusedBackwardGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::RowMajor,
                                       cutlass::layout::RowMajor, Config, Element, true>;
 
+// The fused GEMMs' problems are each adapter's rows times one stripe of the output's columns, ordered
+// stripe by stripe across adapters (StripeMajor). Why: the group scheduler hands out one problem's
+// tiles after another's, so with whole-width problems a wave of tiles (132 on an H100) held one or two
+// adapters' rows against thousands of W's columns, and every adapter streamed all of W again (117 MiB
+// at Llama-3-8B's MLP widths, past an H100's 50 MiB of L2): our GEMMs of the base ran up to 1.25x
+// cuBLAS's (bench/RESULTS.md, 2026-12-07). A stripe of 8 wide tiles makes a wave ~16 M tiles by 8 N
+// tiles, the fewest rows and columns (bytes per K column) 132 tiles of 128 x 256 can read, and the
+// next wave finds the stripe's W in L2.
+constexpr int64_t kStripeColumns = 2048;
+inline int stripe_count(int64_t n) {
+  return n > 0 ? static_cast<int>((n + kStripeColumns - 1) / kStripeColumns) : 1;
+}
+
 template <class E>
 struct FusedForwardForm {
   static constexpr bool kClearsEmptyGroups = false;
   static constexpr bool kScaled = false;  // s is in Bt
+  static constexpr bool kStripeMajor = true;
   const E* x;
   const E* w;
   const E* h;
@@ -507,11 +536,12 @@ struct FusedForwardForm {
   E* y;
   int64_t d_in, d_out, h_ld, bt_ld, max_rank;
   float beta = 0.f;
-  int splits = 1;
+  int splits = stripe_count(d_out);
   int64_t k_first = d_in;
-  __device__ GroupProblem<E> problem(GroupRange rg, int) const {
-    return {rg.n, d_out, d_in, x + rg.t0 * d_in, d_in, w, d_in, y + rg.t0 * d_out, d_out,
-            h + rg.t0 * h_ld, h_ld, bt + bt_column(rg.g, rg.r0), bt_ld, rg.r};
+  __device__ GroupProblem<E> problem(GroupRange rg, int s) const {
+    const int64_t n0 = s * kStripeColumns, n = d_out - n0 < kStripeColumns ? d_out - n0 : kStripeColumns;
+    return {rg.n, n, d_in, x + rg.t0 * d_in, d_in, w + n0 * d_in, d_in, y + rg.t0 * d_out + n0, d_out,
+            h + rg.t0 * h_ld, h_ld, bt + n0 * bt_ld + bt_column(rg.g, rg.r0), bt_ld, rg.r};
   }
 };
 
@@ -519,6 +549,7 @@ template <class E>
 struct FusedBackwardForm {
   static constexpr bool kClearsEmptyGroups = false;
   static constexpr bool kScaled = false;  // s is in dh
+  static constexpr bool kStripeMajor = true;
   const E* dy;
   const E* w;
   const E* dh;
@@ -526,11 +557,12 @@ struct FusedBackwardForm {
   E* dx;
   int64_t d_in, d_out, h_ld, max_rank;
   float beta = 0.f;
-  int splits = 1;
+  int splits = stripe_count(d_in);
   int64_t k_first = d_out;
-  __device__ GroupProblem<E> problem(GroupRange rg, int) const {
-    return {rg.n, d_in, d_out, dy + rg.t0 * d_out, d_out, w, d_in, dx + rg.t0 * d_in, d_in,
-            dh + rg.t0 * h_ld, h_ld, a + rg.r0 * d_in, d_in, rg.r};
+  __device__ GroupProblem<E> problem(GroupRange rg, int s) const {
+    const int64_t n0 = s * kStripeColumns, n = d_in - n0 < kStripeColumns ? d_in - n0 : kStripeColumns;
+    return {rg.n, n, d_out, dy + rg.t0 * d_out, d_out, w + n0, d_in, dx + rg.t0 * d_in + n0, d_in,
+            dh + rg.t0 * h_ld, h_ld, a + rg.r0 * d_in + n0, d_in, rg.r};
   }
 };
 
@@ -602,11 +634,15 @@ Status weight_grad(const Segments& seg, const void* h, int64_t h_ld, const void*
 
 namespace detail {
 template <bool Wide> using FusedConfig = tiles::Candidate<Wide ? tiles::kFusedWide : tiles::kFusedNarrow>;
+static_assert(kStripeColumns % cute::size<1>(FusedConfig<true>::TileShape{}) == 0 &&
+                  kStripeColumns % cute::size<1>(FusedConfig<false>::TileShape{}) == 0,
+              "a stripe is whole N tiles");
 }
 
-template <DType D, bool Wide> size_t fused_forward_workspace_bytes(int num_groups, int sm_count) {
+template <DType D, bool Wide> size_t fused_forward_workspace_bytes(int num_groups, int sm_count, int64_t d_out) {
   using E = typename detail::CutlassElement<D>::type;
-  return detail::FusedForwardGemm<E, detail::FusedConfig<Wide>>::workspace_bytes(num_groups, sm_count);
+  const int problems = num_groups * detail::stripe_count(d_out);
+  return detail::FusedForwardGemm<E, detail::FusedConfig<Wide>>::workspace_bytes(problems, sm_count);
 }
 template <DType D, bool Wide>
 Status fused_forward(const Segments& seg, const void* x, const void* W, const void* h, int64_t h_ld,
@@ -626,9 +662,10 @@ Status fused_forward(const Segments& seg, const void* x, const void* W, const vo
   return detail::launch_form<detail::FusedForwardGemm<E, detail::FusedConfig<Wide>>>(seg, form, launch);
 }
 
-template <DType D, bool Wide> size_t fused_backward_workspace_bytes(int num_groups, int sm_count) {
+template <DType D, bool Wide> size_t fused_backward_workspace_bytes(int num_groups, int sm_count, int64_t d_in) {
   using E = typename detail::CutlassElement<D>::type;
-  return detail::FusedBackwardGemm<E, detail::FusedConfig<Wide>>::workspace_bytes(num_groups, sm_count);
+  const int problems = num_groups * detail::stripe_count(d_in);
+  return detail::FusedBackwardGemm<E, detail::FusedConfig<Wide>>::workspace_bytes(problems, sm_count);
 }
 template <DType D, bool Wide>
 Status fused_backward(const Segments& seg, const void* dy, const void* W, const void* dh, int64_t h_ld,

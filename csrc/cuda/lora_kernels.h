@@ -103,14 +103,18 @@ Status weight_grad(const Segments& seg, const void* h, int64_t h_ld, const void*
 //   a [R, d_in], dx [T, d_in]; s_g is dh's).
 // Every row of every segment is written; d_in (forward) or d_out (backward) a multiple of
 // fused_k_tile(), h_ld of 8. Wide: the tile configuration for outputs of many tiles (fused_wide).
+// Instantiated for bf16 only (the dtype LoRA trains in on Hopper; each instantiation is a CUTLASS
+// kernel of its own, ~45 s of a 2-core build): fp16 takes a @ b then the expand.
 int64_t fused_bt_width(int num_groups, int64_t total_rank);
 int64_t fused_k_tile();
 bool fused_wide(int64_t tokens, int64_t n, int sm_count);
-template <DType D, bool Wide> size_t fused_forward_workspace_bytes(int num_groups, int sm_count);
+template <DType D, bool Wide>
+size_t fused_forward_workspace_bytes(int num_groups, int sm_count, int64_t d_out);
 template <DType D, bool Wide>
 Status fused_forward(const Segments& seg, const void* x, const void* W, const void* h, int64_t h_ld,
                      const void* b, void* bt, void* y, int64_t d_in, int64_t d_out, const Launch& launch);
-template <DType D, bool Wide> size_t fused_backward_workspace_bytes(int num_groups, int sm_count);
+template <DType D, bool Wide>
+size_t fused_backward_workspace_bytes(int num_groups, int sm_count, int64_t d_in);
 template <DType D, bool Wide>
 Status fused_backward(const Segments& seg, const void* dy, const void* W, const void* dh, int64_t h_ld,
                       const void* a, void* dx, int64_t d_in, int64_t d_out, const Launch& launch);

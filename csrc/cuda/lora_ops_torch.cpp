@@ -127,10 +127,11 @@ void lora_expand_cuda_(at::Tensor& y, const at::Tensor& h_in, const at::Tensor& 
 }
 
 // b is the base weight W [N, K] transposed (a linear's forward: W's K-major rows) or the weight
-// itself [K, N] (its dX): the fused kernels read W as it is stored. Elsewhere (another GPU, other
-// dtypes or strides, a K not in whole K tiles, a scaled dX, no adapter rank) a . b, then lora_expand_
-// adding into it: the output read and written as often as by the expand writing first and the base
-// GEMM adding into it (beta = 1), which needs every row in a segment of rank > 0.
+// itself [K, N] (its dX): the fused kernels read W as it is stored. Elsewhere (another GPU, fp16:
+// lora_kernels.h builds them for bf16 only; other strides, a K not in whole K tiles, a scaled dX, no
+// adapter rank) a . b, then lora_expand_ adding into it: the output read and written as often as by
+// the expand writing first and the base GEMM adding into it (beta = 1), which needs every row in a
+// segment of rank > 0.
 at::Tensor lora_matmul_cuda(const at::Tensor& a_in, const at::Tensor& b, const at::Tensor& h_in, const at::Tensor& W_in,
                             const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
                             const std::optional<at::Tensor>& scaling) {
@@ -141,8 +142,8 @@ at::Tensor lora_matmul_cuda(const at::Tensor& a_in, const at::Tensor& b, const a
   const int64_t K = a.size(1), N = b.size(1);
   const bool transposed = b.dim() == 2 && b.stride(0) == 1 && b.stride(1) == K;  // b = weight.t()
   const at::Tensor weight = transposed ? b.t() : b;  // as stored: [N, K] or [K, N]
-  const bool fused = dims.num_groups > 0 && dims.num_tokens > 0 && K > 0 && dims.total_rank > 0 && h.size(1) > 0 &&
-                     (transposed || b.is_contiguous()) &&
+  const bool fused = a.scalar_type() == at::kBFloat16 && dims.num_groups > 0 && dims.num_tokens > 0 && K > 0 &&
+                     dims.total_rank > 0 && h.size(1) > 0 && (transposed || b.is_contiguous()) &&
                      (transposed || !scaling.has_value()) && K % cuda::fused_k_tile() == 0 &&
                      cutlass_ok({&a, &h, &W, &weight});
   if (!fused) {
@@ -152,32 +153,32 @@ at::Tensor lora_matmul_cuda(const at::Tensor& a_in, const at::Tensor& b, const a
   }
   at::Tensor out = at::empty({dims.num_tokens, N}, a.options());
   const int sms = at::cuda::getDeviceProperties(a.get_device())->multiProcessorCount;
-  const auto launch = [&](auto D, auto wide) {
-    constexpr cuda::DType dt = decltype(D)::value;
+  const auto launch = [&](auto wide) {
+    constexpr cuda::DType dt = cuda::DType::kBF16;
     constexpr bool w = decltype(wide)::value;
     if (transposed) {
       const at::Tensor bt = at::empty({N, cuda::fused_bt_width(static_cast<int>(dims.num_groups), dims.total_rank)},
                                       a.options());
-      run_kernel(a, dims, seg_indptr, rank_indptr, scaling, cuda::fused_forward_workspace_bytes<dt, w>,
+      run_kernel(a, dims, seg_indptr, rank_indptr, scaling,
+                 [&](int G, int sm_count) { return cuda::fused_forward_workspace_bytes<dt, w>(G, sm_count, N); },
                  [&](const cuda::Segments& s, const cuda::Launch& l) {
                    return cuda::fused_forward<dt, w>(s, a.data_ptr(), weight.data_ptr(), h.data_ptr(), h.size(1),
                                                      W.data_ptr(), bt.data_ptr(), out.data_ptr(), K, N, l);
                  });
     } else {
-      run_kernel(a, dims, seg_indptr, rank_indptr, scaling, cuda::fused_backward_workspace_bytes<dt, w>,
+      run_kernel(a, dims, seg_indptr, rank_indptr, scaling,
+                 [&](int G, int sm_count) { return cuda::fused_backward_workspace_bytes<dt, w>(G, sm_count, N); },
                  [&](const cuda::Segments& s, const cuda::Launch& l) {
                    return cuda::fused_backward<dt, w>(s, a.data_ptr(), weight.data_ptr(), h.data_ptr(), h.size(1),
                                                       W.data_ptr(), out.data_ptr(), N, K, l);
                  });
     }
   };
-  with_dtype(a, [&](auto D) {
-    if (cuda::fused_wide(dims.num_tokens, N, sms)) {
-      launch(D, std::true_type{});
-    } else {
-      launch(D, std::false_type{});
-    }
-  });
+  if (cuda::fused_wide(dims.num_tokens, N, sms)) {
+    launch(std::true_type{});
+  } else {
+    launch(std::false_type{});
+  }
   return out;
 }
 

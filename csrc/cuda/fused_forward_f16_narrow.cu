@@ -1,4 +1,0 @@
-// The fused base + LoRA forward GEMM for f16, narrow tiles (see grouped_gemm.cuh): one kernel configuration per file.
-#include "grouped_gemm.cuh"
-ALTO_INSTANTIATE(fused_forward, (alto::cuda::DType::kF16, false), const alto::cuda::Segments&, const void*, const void*,
-                 const void*, int64_t, const void*, void*, void*, int64_t, int64_t, const alto::cuda::Launch&)
