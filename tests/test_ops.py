@@ -164,8 +164,8 @@ FUSED_CASES = [
     ([1], [1], 64, 8),
     ([700, 333, 45], [16, 32, 8], 576, 1536),
     ([1400, 2000, 700], [16, 64, 12], 256, 4096),  # enough tiles for the wide ones, an odd count in a segment
-    ([130, 0, 77], [8, 16, 5], 64, 4608),  # three stripes of the narrow tiles
-    ([1400, 2000, 700], [16, 64, 12], 128, 2304),  # two stripes of the wide ones
+    ([130, 0, 77, 9], [8, 16, 5, 0], 64, 4608),  # three stripes of the narrow tiles over four adapters
+    ([1400, 2000, 700], [16, 128, 12], 128, 2304),  # two stripes of the wide ones, a rank of two K tiles
 ]
 
 

@@ -140,7 +140,6 @@ struct GroupedGemm {
         {{}, arr.c, arr.sc, arr.d, arr.sd},
         hw};
     using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
-    args.scheduler.max_swizzle_size = Config::kSwizzle;
     args.scheduler.raster_order = Config::kAlongN ? Raster::AlongN : Raster::AlongM;
     auto& fusion = args.epilogue.thread;
     fusion.alpha = 1.0f;
@@ -518,7 +517,9 @@ using FusedBackwardGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlas
 // at Llama-3-8B's MLP widths, past an H100's 50 MiB of L2): our GEMMs of the base ran up to 1.25x
 // cuBLAS's (bench/RESULTS.md, 2026-12-07). A stripe of 8 wide tiles makes a wave ~16 M tiles by 8 N
 // tiles, the fewest rows and columns (bytes per K column) 132 tiles of 128 x 256 can read, and the
-// next wave finds the stripe's W in L2.
+// next wave finds the stripe's W in L2. (The narrow tiles, 128 x 128, run where there is less than a
+// wave of wide ones: 16 to a stripe.) CUTLASS's own swizzle does not serve: its group scheduler
+// sizes it from a grid of (SMs, 1) and so leaves it at 1.
 constexpr int64_t kStripeColumns = 2048;
 inline int stripe_count(int64_t n) {
   return n > 0 ? static_cast<int>((n + kStripeColumns - 1) / kStripeColumns) : 1;
@@ -679,8 +680,9 @@ Status fused_backward(const Segments& seg, const void* dy, const void* W, const 
 
 }  // namespace alto::cuda
 
-// Instantiates one op's two entry points for one dtype (one line per .cu file); TYPES is the
-// template argument list in parentheses, e.g. (kBF16) or (kBF16, kF32).
+// Instantiates one op's two entry points for one dtype (one line per .cu file) where its workspace
+// function takes (num_groups, sm_count); TYPES is the template argument list in parentheses, e.g.
+// (kBF16) or (kBF16, kF32). (The shrink's and the fused GEMMs' take more: their files spell theirs out.)
 #define ALTO_UNPAREN(...) __VA_ARGS__
 #define ALTO_INSTANTIATE(OP, TYPES, ...)                                                         \
   template size_t alto::cuda::OP##_workspace_bytes<ALTO_UNPAREN TYPES>(int, int);                \

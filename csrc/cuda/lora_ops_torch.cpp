@@ -129,9 +129,9 @@ void lora_expand_cuda_(at::Tensor& y, const at::Tensor& h_in, const at::Tensor& 
 // b is the base weight W [N, K] transposed (a linear's forward: W's K-major rows) or the weight
 // itself [K, N] (its dX): the fused kernels read W as it is stored. Elsewhere (another GPU, fp16:
 // lora_kernels.h builds them for bf16 only; other strides, a K not in whole K tiles, a scaled dX, no
-// adapter rank) a . b, then lora_expand_ adding into it: the output read and written as often as by
-// the expand writing first and the base GEMM adding into it (beta = 1), which needs every row in a
-// segment of rank > 0.
+// adapter rank, no output column) a . b, then lora_expand_ adding into it: the output read and
+// written as often as by the expand writing first and the base GEMM adding into it (beta = 1), which
+// needs every row in a segment of rank > 0.
 at::Tensor lora_matmul_cuda(const at::Tensor& a_in, const at::Tensor& b, const at::Tensor& h_in, const at::Tensor& W_in,
                             const at::Tensor& seg_indptr, const at::Tensor& rank_indptr,
                             const std::optional<at::Tensor>& scaling) {
@@ -143,7 +143,7 @@ at::Tensor lora_matmul_cuda(const at::Tensor& a_in, const at::Tensor& b, const a
   const bool transposed = b.dim() == 2 && b.stride(0) == 1 && b.stride(1) == K;  // b = weight.t()
   const at::Tensor weight = transposed ? b.t() : b;  // as stored: [N, K] or [K, N]
   const bool fused = a.scalar_type() == at::kBFloat16 && dims.num_groups > 0 && dims.num_tokens > 0 && K > 0 &&
-                     dims.total_rank > 0 && h.size(1) > 0 && (transposed || b.is_contiguous()) &&
+                     N > 0 && dims.total_rank > 0 && h.size(1) > 0 && (transposed || b.is_contiguous()) &&
                      (transposed || !scaling.has_value()) && K % cuda::fused_k_tile() == 0 &&
                      cutlass_ok({&a, &h, &W, &weight});
   if (!fused) {

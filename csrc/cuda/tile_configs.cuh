@@ -17,16 +17,14 @@ using PingpongEpilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
 
 // A CTA tile (M, N, K), the kernel and epilogue schedules that go with it, the cluster of CTAs
 // (2 along M: the W tile read once by TMA multicast for both CTAs' rows), and the order the persistent
-// scheduler hands out a group's tiles in: along M (M the fast index) or N, in stripes of Swizzle tiles
-// of the other dimension (CUTLASS's max_swizzle_size: a wave's tiles share rows and columns in L2).
+// scheduler hands out a group's tiles in: along M (M the fast index) or along N.
 template <class Tile, class Kernel = Cooperative, class Epilogue = CooperativeEpilogue,
-          class Cluster = Shape<_1, _1, _1>, int Swizzle = 1, bool AlongN = false>
+          class Cluster = Shape<_1, _1, _1>, bool AlongN = false>
 struct TileConfig {
   using TileShape = Tile;
   using KernelSchedule = Kernel;
   using EpilogueSchedule = Epilogue;
   using ClusterShape = Cluster;
-  static constexpr int kSwizzle = Swizzle;
   static constexpr bool kAlongN = AlongN;
 };
 
@@ -58,18 +56,10 @@ template <> struct Candidate<7>
   static constexpr const char* kName = "cooperative 256x128x64, cluster 2x1";
 };
 template <> struct Candidate<8>
-    : TileConfig<Shape<_128, _256, _64>, Cooperative, CooperativeEpilogue, Shape<_2, _1, _1>, 8> {
-  static constexpr const char* kName = "cooperative 128x256x64, cluster 2x1, along M in stripes of 8";
+    : TileConfig<Shape<_128, _256, _64>, Cooperative, CooperativeEpilogue, Shape<_2, _1, _1>, true> {
+  static constexpr const char* kName = "cooperative 128x256x64, cluster 2x1, along N";
 };
-template <> struct Candidate<9>
-    : TileConfig<Shape<_128, _256, _64>, Cooperative, CooperativeEpilogue, Shape<_2, _1, _1>, 8, true> {
-  static constexpr const char* kName = "cooperative 128x256x64, cluster 2x1, along N in stripes of 8";
-};
-template <> struct Candidate<10>
-    : TileConfig<Shape<_128, _256, _64>, Cooperative, CooperativeEpilogue, Shape<_2, _1, _1>, 2, true> {
-  static constexpr const char* kName = "cooperative 128x256x64, cluster 2x1, along N in stripes of 2";
-};
-inline constexpr int kCandidates = 11;
+inline constexpr int kCandidates = 9;
 
 // In use, per form (an index into the candidates):
 // Measured with bench/tile_configs.cu (RESULTS.md): the expand writes y 1.1-1.25x faster with
