@@ -138,7 +138,15 @@ def _matmul_case(tokens, ranks, K, N, device, dtype, orientation, scaled):
         K, N, device=device, dtype=dtype)
     b = b / K**0.5
     h = torch.randn(seg.num_tokens, -(-max(ranks, default=0) // 8) * 8, device=device, dtype=dtype)
+    h = h + 3 * h.sign()  # |h| >= 3: even one token's rank-1 term stands well above the base's, whatever the draw
     return seg, a, b, h, W
+
+
+def _fused_launches(prof) -> int | None:
+    """How many fused-GEMM kernels a profile saw; None where it saw no kernel at all: under compute-sanitizer
+    CUPTI records none (the sanitizer's run checks memory, the run without it checks which kernel ran)."""
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum("TwoPhaseMainloop" in name for name in kernels) if kernels else None
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -184,9 +192,9 @@ def test_fused_matmul_matches_reference(case, orientation, scaled):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out = alto_ext.lora_matmul(a, b, h, W, seg.seg_indptr, seg.rank_indptr, seg.scaling)
             torch.cuda.synchronize()
-        fused = any("TwoPhaseMainloop" in e.name for e in prof.events())
+        launches = _fused_launches(prof)
         takes = hopper and dtype == torch.bfloat16 and not (orientation == "dx" and scaled)
-        assert fused == takes, f"fused kernel ran: {fused}, Hopper: {hopper}, {dtype}"
+        assert launches is None or (launches > 0) == takes, f"fused kernels: {launches}, Hopper: {hopper}, {dtype}"
         base = (a.double() @ b.double()).cpu()  # float64 on the GPU (the widest cases' products on a CPU take long)
         expected = ref.expand(base, h.cpu(), W.cpu(), seg)
         t0 = 0
@@ -219,7 +227,8 @@ def test_fused_linear_and_stack_match_reference():
         torch.autograd.backward([*ys, y0], [*grads, grads[0]])
         torch.cuda.synchronize()
     if torch.cuda.get_device_capability()[0] == 9:
-        assert sum("TwoPhaseMainloop" in e.name for e in prof.events()) >= 6  # 4 forward products, 2 dX
+        launches = _fused_launches(prof)
+        assert launches is None or launches >= 6  # 4 forward products, 2 dX
     refs = [t.detach().cpu().double().requires_grad_() for t in (x, *As, *Bs)]
     ref_ys = [ref.lora_linear(refs[0], w.cpu().double(), None, A, B, s) for w, A, B, s in zip(weights, refs[1:4], refs[4:], parts)]
     ref_y0 = ref.lora_linear(refs[0], weights[0].cpu().double(), None, refs[1], refs[4], parts[0])
