@@ -71,11 +71,11 @@ __global__ void fill_random(Bf16* p, size_t n, uint64_t seed) {
   }
 }
 
-// The fused forward as the library runs it: Bᵀ filled (transpose_scaled), then the GEMM.
-float time_fused_forward(const Segments& seg, const FusedForwardForm<Bf16>& form, const Bf16* b, int sms) {
-  const dim3 grid(static_cast<unsigned>((form.d_out + 31) / 32), static_cast<unsigned>((seg.total_rank + 31) / 32));
-  const float transpose_ms = time_ms([&] {
-    transpose_scaled<Bf16><<<grid, dim3(32, 8)>>>(seg, b, const_cast<Bf16*>(form.bt), form.d_out, form.bt_ld);
+// The fused forward as the library runs it: Bᵀ filled (transpose_scaled: its time also in transpose_ms), then the GEMM.
+float time_fused_forward(const Segments& seg, const FusedForwardForm<Bf16>& form, const Bf16* b, int sms,
+                         float& transpose_ms) {
+  transpose_ms = time_ms([&] {
+    launch_transpose_scaled(seg, b, const_cast<Bf16*>(form.bt), form.d_out, form.bt_ld, nullptr);
   });
   CHECK_CUDA(cudaGetLastError());
   const float gemm_ms = time_form<FusedForward>(seg, form, sms);
@@ -183,19 +183,20 @@ int main() {
       std::printf("  %-11s %6d %6d | %8.3f %8.3f %7.3f %8.3f | %8.3f %6.3f %8.3f %6.3f |", s.name, N, K, cublas_ms,
                   cublas_c_ms, expand_ms, today, ours_ms, ours_ms / cublas_ms, striped_ms, striped_ms / cublas_ms);
       std::fflush(stdout);  // (the fused kernel's first run on a GPU follows)
-      float fused_ms = -1;
+      float fused_ms = -1, transpose_ms = 0;
       if (s.backward)
         fused_ms = time_form<FusedBackward>(
             segments, FusedBackwardForm<Bf16>{a, w, h, lora_b, y_ours, N, K, kMaxRank, kMaxRank}, sms);
       else
         fused_ms = time_fused_forward(segments, FusedForwardForm<Bf16>{a, w, h, lora_bt, y_ours, K, N, kMaxRank,
                                                                         bt_width(adapters, R), kMaxRank},
-                                      lora_b, sms);
+                                      lora_b, sms, transpose_ms);
       run_form<LoraExpand>(segments, expand, sms);
       run_cublas(&one);  // today's y: the expand's output, the base's product added in cuBLAS's epilogue
       const double fused_diff = max_row_diff(y_ours, y_cublas, N, seg);
-      std::printf(" %8.3f %7.3f %7.3f  max diff: ours %.1e, striped %.1e, fused %.1e (%d stripes)\n", fused_ms,
-                  fused_ms / today, fused_ms / cublas_ms, ours_diff, striped_diff, fused_diff, stripe_count(N));
+      std::printf(" %8.3f %7.3f %7.3f  max diff: ours %.1e, striped %.1e, fused %.1e (%d stripes; of fused: transpose "
+                  "%.3f)\n", fused_ms, fused_ms / today, fused_ms / cublas_ms, ours_diff, striped_diff, fused_diff,
+                  stripe_count(N), transpose_ms);
       sum_cublas += s.per_layer * cublas_ms, sum_today += s.per_layer * today;
       sum_ours += s.per_layer * ours_ms, sum_striped += s.per_layer * striped_ms, sum_fused += s.per_layer * fused_ms;
       for (void* p : {static_cast<void*>(a), static_cast<void*>(w), static_cast<void*>(lora_b),

@@ -469,14 +469,18 @@ __host__ __device__ inline int64_t bt_column(int g, int64_t r0) { return (r0 + 7
 inline int64_t bt_width(int groups, int64_t total_rank) { return bt_column(groups, total_rank); }
 
 // bt[n, bt_column(g, r0) + k] = s_g * b[r0 + k, n] for every adapter g's rows (b [R, n_cols], any
-// dtype E; a 32 x 32 tile per block through shared memory, so both sides are read and written along
-// memory). A thread writes one rank row r of its tile's columns: its adapter (a binary search of the
-// rank offsets), column and scale are found once, before the tile is read. Rows of an invalid adapter
-// (group_range) are not written.
+// dtype E; 32 x 32 tiles through shared memory, so both sides are read and written along memory). A
+// block takes 32 rank rows by kTransposeColumns columns, tile after tile: a thread writes one rank row r,
+// whose adapter (a binary search of the rank offsets: dependent loads), column and scale it finds once
+// for all its tiles. (One tile a block paid that search per 2 KiB moved: 45 us a launch at 32 adapters,
+// ~17% of the copy rate; bench/RESULTS.md, 2026-12-07.) Rows of an invalid adapter (group_range) are
+// not written.
+inline constexpr int64_t kTransposeColumns = 128;
 template <class E>
 __global__ void transpose_scaled(Segments seg, const E* b, E* bt, int64_t n_cols, int64_t bt_ld) {
   __shared__ float tile[32][33];
-  const int64_t r_base = int64_t(blockIdx.y) * 32, n_base = int64_t(blockIdx.x) * 32;
+  const int64_t r_base = int64_t(blockIdx.y) * 32, n_begin = int64_t(blockIdx.x) * kTransposeColumns;
+  const int64_t n_end = n_begin + kTransposeColumns < n_cols ? n_begin + kTransposeColumns : n_cols;
   const int64_t r = r_base + threadIdx.x;  // the rank row this thread writes
   int64_t column = -1;  // its column in bt (-1: not written)
   float scale = 1.f;
@@ -492,16 +496,25 @@ __global__ void transpose_scaled(Segments seg, const E* b, E* bt, int64_t n_cols
       if (seg.scaling != nullptr) scale = seg.scaling[lo];
     }
   }
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {  // read rows r_base + i, columns along threadIdx.x
-    const int64_t row = r_base + i, n = n_base + threadIdx.x;
-    tile[i][threadIdx.x] = row < seg.total_rank && n < n_cols ? float(b[row * n_cols + n]) : 0.f;
+  for (int64_t n_base = n_begin; n_base < n_end; n_base += 32) {
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {  // read rows r_base + i, columns along threadIdx.x
+      const int64_t row = r_base + i, n = n_base + threadIdx.x;
+      tile[i][threadIdx.x] = row < seg.total_rank && n < n_end ? float(b[row * n_cols + n]) : 0.f;
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32 && column >= 0; i += blockDim.y) {  // write column n_base + i, ranks along x
+      const int64_t n = n_base + i;
+      if (n < n_end) bt[n * bt_ld + column] = E(scale * tile[threadIdx.x][i]);
+    }
+    __syncthreads();  // (the tile is read before the next one overwrites it)
   }
-  __syncthreads();
-  if (column < 0) return;
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {  // write column n_base + i, ranks along threadIdx.x
-    const int64_t n = n_base + i;
-    if (n < n_cols) bt[n * bt_ld + column] = E(scale * tile[threadIdx.x][i]);
-  }
+}
+
+template <class E>
+void launch_transpose_scaled(const Segments& seg, const E* b, E* bt, int64_t n_cols, int64_t bt_ld, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((n_cols + kTransposeColumns - 1) / kTransposeColumns),
+                  static_cast<unsigned>((seg.total_rank + 31) / 32));
+  transpose_scaled<E><<<grid, dim3(32, 8), 0, stream>>>(seg, b, bt, n_cols, bt_ld);
 }
 template <class Element, class Config>
 using FusedForwardGemm = GroupedGemm<Element, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
@@ -652,9 +665,7 @@ Status fused_forward(const Segments& seg, const void* x, const void* W, const vo
   if (seg.num_groups == 0) return nullptr;
   const int64_t bt_ld = detail::bt_width(seg.num_groups, seg.total_rank);
   if (seg.total_rank > 0) {
-    const dim3 grid(static_cast<unsigned>((d_out + 31) / 32), static_cast<unsigned>((seg.total_rank + 31) / 32));
-    detail::transpose_scaled<E><<<grid, dim3(32, 8), 0, launch.stream>>>(
-        seg, static_cast<const E*>(b), static_cast<E*>(bt), d_out, bt_ld);
+    detail::launch_transpose_scaled(seg, static_cast<const E*>(b), static_cast<E*>(bt), d_out, bt_ld, launch.stream);
     if (cudaGetLastError() != cudaSuccess) return "ALTO transpose kernel launch failed";
   }
   detail::FusedForwardForm<E> form{static_cast<const E*>(x), static_cast<const E*>(W), static_cast<const E*>(h),
