@@ -71,7 +71,8 @@ __global__ void fill_random(Bf16* p, size_t n, uint64_t seed) {
   }
 }
 
-// The fused forward as the library runs it: Bᵀ filled (transpose_scaled: its time also in transpose_ms), then the GEMM.
+// The fused forward as the library runs it: Bᵀ filled (transpose_scaled; its time also in transpose_ms), then
+// the GEMM.
 float time_fused_forward(const Segments& seg, const FusedForwardForm<Bf16>& form, const Bf16* b, int sms,
                          float& transpose_ms) {
   transpose_ms = time_ms([&] {
@@ -194,9 +195,10 @@ int main() {
       run_form<LoraExpand>(segments, expand, sms);
       run_cublas(&one);  // today's y: the expand's output, the base's product added in cuBLAS's epilogue
       const double fused_diff = max_row_diff(y_ours, y_cublas, N, seg);
-      std::printf(" %8.3f %7.3f %7.3f  max diff: ours %.1e, striped %.1e, fused %.1e (%d stripes; of fused: transpose "
-                  "%.3f)\n", fused_ms, fused_ms / today, fused_ms / cublas_ms, ours_diff, striped_diff, fused_diff,
-                  stripe_count(N), transpose_ms);
+      std::printf(" %8.3f %7.3f %7.3f  max diff: ours %.1e, striped %.1e, fused %.1e (%d stripes)", fused_ms,
+                  fused_ms / today, fused_ms / cublas_ms, ours_diff, striped_diff, fused_diff, stripe_count(N));
+      if (!s.backward) std::printf(" (of fused: transpose %.3f)", transpose_ms);
+      std::printf("\n");
       sum_cublas += s.per_layer * cublas_ms, sum_today += s.per_layer * today;
       sum_ours += s.per_layer * ours_ms, sum_striped += s.per_layer * striped_ms, sum_fused += s.per_layer * fused_ms;
       for (void* p : {static_cast<void*>(a), static_cast<void*>(w), static_cast<void*>(lora_b),

@@ -176,11 +176,12 @@ def main() -> None:
             t_apart = wall_ms(trainer.step, args.iters, device)
         finally:
             step_graphs.ENABLED, linear.FUSED_MATMUL = graphs, fused
-        stacked, projection_stacks.ENABLED = projection_stacks.ENABLED, False
+        (stacked, graphs), projection_stacks.ENABLED, step_graphs.ENABLED = (projection_stacks.ENABLED,
+                                                                            step_graphs.ENABLED), False, True
         try:
             t_alone = wall_ms(trainer.step, args.iters, device)  # every projection alone (q, k, v; gate, up)
         finally:
-            projection_stacks.ENABLED = stacked
+            projection_stacks.ENABLED, step_graphs.ENABLED = stacked, graphs
         if args.profile is not None and n == max(args.adapters):
             kernels["ALTO"] = profile(trainer.step, args.profile and f"{args.profile}/alto.json", device, "ALTO")
 
@@ -215,7 +216,7 @@ def main() -> None:
     # The overhead is against the base's faster run, eager or as alto.step_graphs runs it: at one adapter ALTO's
     # step is replayed as a CUDA graph and the eager base is host-bound, so against the eager base alone the
     # graph's gain would pass for the adapters' cost being negative.
-    print("adapters | base fwd+bwd ms | ALTO step ms | overhead vs base | CUDA graph | ALTO eager ms | overhead eager "
+    print("adapters | base fwd+bwd ms | ALTO step ms | overhead vs base (its faster run) | CUDA graph | ALTO eager ms | overhead eager "
           "| eager, GEMM and expand apart ms | fused vs apart "
           "| base graphed ms (its graph) | ALTO vs base graphed | projections alone ms | overhead alone "
           "| per-adapter loop ms | ALTO vs loop | base host ms | ALTO host ms "

@@ -511,7 +511,8 @@ __global__ void transpose_scaled(Segments seg, const E* b, E* bt, int64_t n_cols
 }
 
 template <class E>
-void launch_transpose_scaled(const Segments& seg, const E* b, E* bt, int64_t n_cols, int64_t bt_ld, cudaStream_t stream) {
+void launch_transpose_scaled(const Segments& seg, const E* b, E* bt, int64_t n_cols, int64_t bt_ld,
+                             cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((n_cols + kTransposeColumns - 1) / kTransposeColumns),
                   static_cast<unsigned>((seg.total_rank + 31) / 32));
   transpose_scaled<E><<<grid, dim3(32, 8), 0, stream>>>(seg, b, bt, n_cols, bt_ld);
