@@ -59,7 +59,13 @@ template <> struct Candidate<8>
     : TileConfig<Shape<_128, _256, _64>, Cooperative, CooperativeEpilogue, Shape<_2, _1, _1>, true> {
   static constexpr const char* kName = "cooperative 128x256x64, cluster 2x1, along N";
 };
-inline constexpr int kCandidates = 9;
+// W's tile read once for 4 CTAs' rows (512 rows: one adapter of 512 tokens): does W's traffic set our
+// GEMM of the base's pace at the MLP's widths (base_gemm, issue 33)?
+template <> struct Candidate<9>
+    : TileConfig<Shape<_128, _256, _64>, Cooperative, CooperativeEpilogue, Shape<_4, _1, _1>> {
+  static constexpr const char* kName = "cooperative 128x256x64, cluster 4x1";
+};
+inline constexpr int kCandidates = 10;
 
 // In use, per form (an index into the candidates):
 // Measured with bench/tile_configs.cu (RESULTS.md): the expand writes y 1.1-1.25x faster with
