@@ -469,18 +469,17 @@ __host__ __device__ inline int64_t bt_column(int g, int64_t r0) { return (r0 + 7
 inline int64_t bt_width(int groups, int64_t total_rank) { return bt_column(groups, total_rank); }
 
 // bt[n, bt_column(g, r0) + k] = s_g * b[r0 + k, n] for every adapter g's rows (b [R, n_cols], any
-// dtype E; 32 x 32 tiles through shared memory, so both sides are read and written along memory). A
-// block takes 32 rank rows by kTransposeColumns columns, tile after tile: a thread writes one rank row r,
-// whose adapter (a binary search of the rank offsets: dependent loads), column and scale it finds once
-// for all its tiles. (One tile a block paid that search per 2 KiB moved: 45 us a launch at 32 adapters,
-// ~17% of the copy rate; bench/RESULTS.md, 2026-12-07.) Rows of an invalid adapter (group_range) are
-// not written.
+// dtype E), through shared memory so that both sides are read and written along memory. A block moves
+// 32 rank rows by kTransposeColumns columns in one go: a thread has 16 independent loads in flight, then
+// 16 stores, and finds its rank row's adapter (a binary search of the rank offsets: dependent loads),
+// column and scale once. (A 32 x 32 tile a block ran at ~17% of the copy rate, a loop over four of them
+// at ~22%: each thread's few loads in flight could not cover the memory's latency; bench/RESULTS.md,
+// 2026-12-07.) Rows of an invalid adapter (group_range) are not written.
 inline constexpr int64_t kTransposeColumns = 128;
 template <class E>
 __global__ void transpose_scaled(Segments seg, const E* b, E* bt, int64_t n_cols, int64_t bt_ld) {
-  __shared__ float tile[32][33];
-  const int64_t r_base = int64_t(blockIdx.y) * 32, n_begin = int64_t(blockIdx.x) * kTransposeColumns;
-  const int64_t n_end = n_begin + kTransposeColumns < n_cols ? n_begin + kTransposeColumns : n_cols;
+  __shared__ float tile[32][kTransposeColumns + 1];  // (+1: a column's 32 ranks read from 32 banks)
+  const int64_t r_base = int64_t(blockIdx.y) * 32, n_base = int64_t(blockIdx.x) * kTransposeColumns;
   const int64_t r = r_base + threadIdx.x;  // the rank row this thread writes
   int64_t column = -1;  // its column in bt (-1: not written)
   float scale = 1.f;
@@ -496,17 +495,25 @@ __global__ void transpose_scaled(Segments seg, const E* b, E* bt, int64_t n_cols
       if (seg.scaling != nullptr) scale = seg.scaling[lo];
     }
   }
-  for (int64_t n_base = n_begin; n_base < n_end; n_base += 32) {
-    for (int i = threadIdx.y; i < 32; i += blockDim.y) {  // read rows r_base + i, columns along threadIdx.x
-      const int64_t row = r_base + i, n = n_base + threadIdx.x;
-      tile[i][threadIdx.x] = row < seg.total_rank && n < n_end ? float(b[row * n_cols + n]) : 0.f;
+  // (constant trip counts, unrolled: the loads are issued before any of them is waited for; blockDim (32, 8))
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {  // read rows r_base + i, columns along threadIdx.x
+    const int i = threadIdx.y + 8 * k;
+    const int64_t row = r_base + i;
+#pragma unroll
+    for (int m = 0; m < kTransposeColumns / 32; ++m) {
+      const int j = threadIdx.x + 32 * m;
+      const int64_t n = n_base + j;
+      tile[i][j] = row < seg.total_rank && n < n_cols ? float(b[row * n_cols + n]) : 0.f;
     }
-    __syncthreads();
-    for (int i = threadIdx.y; i < 32 && column >= 0; i += blockDim.y) {  // write column n_base + i, ranks along x
-      const int64_t n = n_base + i;
-      if (n < n_end) bt[n * bt_ld + column] = E(scale * tile[threadIdx.x][i]);
-    }
-    __syncthreads();  // (the tile is read before the next one overwrites it)
+  }
+  __syncthreads();
+  if (column < 0) return;
+#pragma unroll
+  for (int k = 0; k < kTransposeColumns / 8; ++k) {  // write column n_base + j, ranks along threadIdx.x
+    const int j = threadIdx.y + 8 * k;
+    const int64_t n = n_base + j;
+    if (n < n_cols) bt[n * bt_ld + column] = E(scale * tile[threadIdx.x][j]);
   }
 }
 

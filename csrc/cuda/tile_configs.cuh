@@ -59,13 +59,7 @@ template <> struct Candidate<8>
     : TileConfig<Shape<_128, _256, _64>, Cooperative, CooperativeEpilogue, Shape<_2, _1, _1>, true> {
   static constexpr const char* kName = "cooperative 128x256x64, cluster 2x1, along N";
 };
-// W's tile read once for 4 CTAs' rows (512 rows: one adapter of 512 tokens): does W's traffic set our
-// GEMM of the base's pace at the MLP's widths (base_gemm, issue 33)?
-template <> struct Candidate<9>
-    : TileConfig<Shape<_128, _256, _64>, Cooperative, CooperativeEpilogue, Shape<_4, _1, _1>> {
-  static constexpr const char* kName = "cooperative 128x256x64, cluster 4x1";
-};
-inline constexpr int kCandidates = 10;
+inline constexpr int kCandidates = 9;
 
 // In use, per form (an index into the candidates):
 // Measured with bench/tile_configs.cu (RESULTS.md): the expand writes y 1.1-1.25x faster with
@@ -78,8 +72,10 @@ inline constexpr int kWeightGrad = 0;
 // The base's GEMM with the LoRA term in its K (grouped_gemm.cuh's fused forms), chosen by
 // bench/base_gemm.cu against cuBLAS + the expand (H100, RESULTS.md 2026-12-07): wide tiles in a 2x1
 // cluster where they fill the SMs (32 adapters x 512 tokens: 0.918x today's GEMMs), 128x128 where
-// they would not (one adapter of 512 tokens: 0.987x, where the wide tiles took 1.31x).
-inline constexpr int kFusedWide = 6;
+// they would not (one adapter of 512 tokens: 0.987x, where the wide tiles took 1.31x). The wide ones
+// handed out along N within each stripe: 0.963x today's GEMMs at 32 adapters where along M took 0.986x
+// (the twenty-third session; a 4x1 cluster took 1.012x).
+inline constexpr int kFusedWide = 8;
 inline constexpr int kFusedNarrow = 1;
 
 }  // namespace alto::cuda::tiles
