@@ -9,6 +9,7 @@ read the same x run stacked (multi_lora_linear_stack): x read once for all of th
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Sequence
 
@@ -20,6 +21,8 @@ from alto_ext.segments import Segments, StackedSegments
 
 # ALTO_FUSED_MATMUL=0: the base GEMM and the adapters' expand as two kernels (an A/B switch for the benches).
 FUSED_MATMUL = os.environ.get("ALTO_FUSED_MATMUL", "1") != "0"
+# ALTO_ONE_ADAPTER_GEMMS=0: one adapter's terms by the grouped ops too (an A/B switch for the benches; see _OneAdapter).
+ONE_ADAPTER_GEMMS = os.environ.get("ALTO_ONE_ADAPTER_GEMMS", "1") != "0"
 
 
 def _dense_plus_lora(a, b, bias, h, lora_w, seg_indptr, rank_indptr, scaling, covers_all_tokens):
@@ -46,6 +49,46 @@ def _dense_plus_lora(a, b, bias, h, lora_w, seg_indptr, rank_indptr, scaling, co
     return out
 
 
+class _OneAdapter:
+    """The terms of a single adapter (G = 1: its segment is every row, by the op contract) as plain GEMMs,
+    where the grouped ops would launch a setup kernel, a K split and its sum for problems of one adapter's few
+    tokens: a one-adapter step is latency-bound (bench/RESULTS.md, 2026-12-08). Its h is [T, r], its own."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    @staticmethod
+    def of(segments: Segments) -> float | None:
+        """The scale to build one from (what a Function can carry), or None: the grouped ops serve these segments."""
+        if not ONE_ADAPTER_GEMMS or len(segments.ranks) != 1 or segments.ranks[0] == 0:
+            return None
+        return segments.scale_values[0] if segments.scale_values else 1.0
+
+    def shrink(self, x: torch.Tensor, W: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+        h = x @ W.t()
+        return h * self.scale if scaled and self.scale != 1.0 else h
+
+    def plus(self, a: torch.Tensor, b: torch.Tensor | None, bias: torch.Tensor | None, h: torch.Tensor,
+             lora_w: torch.Tensor, scaled: bool) -> torch.Tensor:
+        """``a @ b (+ bias) + s h lora_w``; the base's GEMM adds into the adapter's product (its epilogue's beta)."""
+        s = self.scale if scaled else 1.0
+        if b is None:
+            delta = h @ lora_w
+            return delta * s if s != 1.0 else delta
+        delta = h @ lora_w if bias is None else torch.addmm(bias, h, lora_w, alpha=s)
+        return torch.addmm(delta, a, b, beta=s if bias is None else 1.0)
+
+    def weight_grad(self, h: torch.Tensor, x: torch.Tensor, scaled: bool, dtype: torch.dtype) -> torch.Tensor:
+        """``(s) hᵀ x`` in dtype (float32 masters: accumulated in float32, never rounded to x's dtype first)."""
+        if dtype == x.dtype:
+            out = h.t() @ x
+        elif x.is_cuda:
+            out = torch.mm(h.t(), x, out_dtype=dtype)
+        else:
+            out = h.t().to(dtype) @ x.to(dtype)
+        return out * self.scale if scaled and self.scale != 1.0 else out
+
+
 def _below_autograd(fn):
     """A Function's forward or backward with the alto ops' own autograd layer skipped: these Functions
     are their autograd, and torch.library's layer (Python) costs ~70 us of host time per op call,
@@ -64,17 +107,23 @@ def _below_autograd(fn):
 class _MultiLoraLinear(torch.autograd.Function):
     @staticmethod
     @_below_autograd
-    def forward(ctx, x, weight, bias, lora_x, A, B, seg_indptr, rank_indptr, scaling, h_width, covers_all_tokens):
+    def forward(ctx, x, weight, bias, lora_x, A, B, seg_indptr, rank_indptr, scaling, h_width, covers_all_tokens,
+                one_scale):
         # lora_x=None: the adapters read x itself (no dropout); never pass x twice (torch.compile).
         ctx.lora_x_is_x = lora_x is None
         ctx.covers_all_tokens = covers_all_tokens
+        ctx.one = None if one_scale is None else _OneAdapter(one_scale)
         # A, B arrive in their master dtype: their gradients leave in it, straight from the kernel.
         ctx.a_dtype, ctx.b_dtype = A.dtype, B.dtype
         A, B = A.to(x.dtype), B.to(x.dtype)
         lx = x if lora_x is None else lora_x
-        h = ops.lora_shrink(lx, A, seg_indptr, rank_indptr, h_width, None)
         base_t = None if weight is None else weight.t()
-        y = _dense_plus_lora(x, base_t, bias, h, B, seg_indptr, rank_indptr, scaling, covers_all_tokens)
+        if ctx.one is not None:
+            h = ctx.one.shrink(lx, A)
+            y = ctx.one.plus(x, base_t, bias, h, B, scaled=True)
+        else:
+            h = ops.lora_shrink(lx, A, seg_indptr, rank_indptr, h_width, None)
+            y = _dense_plus_lora(x, base_t, bias, h, B, seg_indptr, rank_indptr, scaling, covers_all_tokens)
         # x itself only for a base weight's gradient (the adapters read lx): with LoRA dropout and a
         # frozen base, x is kept by nothing here (the MLP's product: alto.fused_layers)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, lx, A, B, h, seg_indptr, rank_indptr,
@@ -86,16 +135,20 @@ class _MultiLoraLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, lora_x, A, B, h, seg_indptr, rank_indptr, scaling = ctx.saved_tensors
         need_x, need_w, need_b, need_lx, need_a, need_b_lora = ctx.needs_input_grad[:6]
-        grad_y = grad_y.contiguous()
+        grad_y, one = grad_y.contiguous(), ctx.one
         # dh_g = s_g dY_g B_gᵀ, shared by dA and by the LoRA part of dX.
-        grad_h = ops.lora_shrink(grad_y, B, seg_indptr, rank_indptr, h.shape[1], scaling)
+        grad_h = (one.shrink(grad_y, B, scaled=True) if one is not None
+                  else ops.lora_shrink(grad_y, B, seg_indptr, rank_indptr, h.shape[1], scaling))
         grad_x = grad_w = grad_bias = grad_lx = grad_a = grad_b = None
         if need_x and ctx.lora_x_is_x:  # dX = dY W + Σ dh_g A_g in one output pass
-            grad_x = _dense_plus_lora(grad_y, weight, None, grad_h, A, seg_indptr, rank_indptr, None,
-                                      ctx.covers_all_tokens)
+            grad_x = (one.plus(grad_y, weight, None, grad_h, A, scaled=False) if one is not None else
+                      _dense_plus_lora(grad_y, weight, None, grad_h, A, seg_indptr, rank_indptr, None,
+                                       ctx.covers_all_tokens))
         elif need_x:
             grad_x = torch.zeros_like(lora_x) if weight is None else grad_y @ weight
-        if need_lx:
+        if need_lx and one is not None:
+            grad_lx = grad_h @ A
+        elif need_lx:
             grad_lx = torch.zeros_like(lora_x)
             ops.lora_expand_(grad_lx, grad_h, A, seg_indptr, rank_indptr, None)
         if need_w:
@@ -103,10 +156,12 @@ class _MultiLoraLinear(torch.autograd.Function):
         if need_b:
             grad_bias = grad_y.flatten(0, -2).sum(0)
         if need_a:
-            grad_a = ops.lora_weight_grad(grad_h, lora_x, seg_indptr, rank_indptr, A.shape[0], None, ctx.a_dtype)
+            grad_a = (one.weight_grad(grad_h, lora_x, False, ctx.a_dtype) if one is not None else
+                      ops.lora_weight_grad(grad_h, lora_x, seg_indptr, rank_indptr, A.shape[0], None, ctx.a_dtype))
         if need_b_lora:
-            grad_b = ops.lora_weight_grad(h, grad_y, seg_indptr, rank_indptr, B.shape[0], scaling, ctx.b_dtype)
-        return grad_x, grad_w, grad_bias, grad_lx, grad_a, grad_b, None, None, None, None, None
+            grad_b = (one.weight_grad(h, grad_y, True, ctx.b_dtype) if one is not None else
+                      ops.lora_weight_grad(h, grad_y, seg_indptr, rank_indptr, B.shape[0], scaling, ctx.b_dtype))
+        return grad_x, grad_w, grad_bias, grad_lx, grad_a, grad_b, None, None, None, None, None, None
 
 
 class _MultiLoraStack(torch.autograd.Function):
@@ -122,13 +177,22 @@ class _MultiLoraStack(torch.autograd.Function):
         weights, biases, As, Bs = (tensors[i * n : (i + 1) * n] for i in range(4))
         ctx.parts, ctx.stacked = parts, stacked
         ctx.a_dtype, ctx.b_dtype = As[0].dtype, Bs[0].dtype
-        A = torch.cat([*As, As[0].new_zeros(1, x.shape[1])]).to(x.dtype).index_select(0, stacked.gather)
-        seg, width = stacked.segments, stacked.width
-        h = ops.lora_shrink(x, A, seg.seg_indptr, seg.rank_indptr, n * width, None)
-        hs = [h[:, p * width : (p + 1) * width].contiguous() for p in range(n)]
+        scales = [_OneAdapter.of(s) for s in parts]
+        ctx.ones = None if None in scales else [_OneAdapter(scale) for scale in scales]
         Bs = [B.to(x.dtype) for B in Bs]
-        ys = [_dense_plus_lora(x, w.t(), b, hp, B, s.seg_indptr, s.rank_indptr, s.scaling, s.covers_all_tokens)
-              for w, b, hp, B, s in zip(weights, biases, hs, Bs, parts)]
+        if ctx.ones is not None:  # one adapter: its rows of every projection, unpadded; h's blocks are views
+            A = torch.cat(As).to(x.dtype)
+            h = ctx.ones[0].shrink(x, A)
+            ends = list(itertools.accumulate(s.ranks[0] for s in parts))
+            hs = [h[:, end - s.ranks[0] : end] for end, s in zip(ends, parts)]
+            ys = [one.plus(x, w.t(), b, hp, B, scaled=True) for one, w, b, hp, B in zip(ctx.ones, weights, biases, hs, Bs)]
+        else:
+            A = torch.cat([*As, As[0].new_zeros(1, x.shape[1])]).to(x.dtype).index_select(0, stacked.gather)
+            seg, width = stacked.segments, stacked.width
+            h = ops.lora_shrink(x, A, seg.seg_indptr, seg.rank_indptr, n * width, None)
+            hs = [h[:, p * width : (p + 1) * width].contiguous() for p in range(n)]
+            ys = [_dense_plus_lora(x, w.t(), b, hp, B, s.seg_indptr, s.rank_indptr, s.scaling, s.covers_all_tokens)
+                  for w, b, hp, B, s in zip(weights, biases, hs, Bs, parts)]
         ctx.save_for_backward(x, A, *weights, *Bs, *hs)
         return tuple(ys)
 
@@ -141,24 +205,30 @@ class _MultiLoraStack(torch.autograd.Function):
         weights, Bs, hs = rest[:n], rest[n : 2 * n], rest[2 * n :]
         need = ctx.needs_input_grad
         need_x, (need_w, need_bias, need_a, need_b) = need[0], (need[3 + i * n : 3 + (i + 1) * n] for i in range(4))
-        dys = [g.contiguous() for g in grad_ys]
+        dys, ones = [g.contiguous() for g in grad_ys], ctx.ones
         # dh_p = s_g dY_p B_pᵀ into column block p, zeros beyond each adapter's rank (as the stack's h).
-        grad_h = torch.cat([ops.lora_shrink(dy, B, s.seg_indptr, s.rank_indptr, stacked.width, s.scaling)
+        grad_h = torch.cat([one.shrink(dy, B, scaled=True) for one, dy, B in zip(ones, dys, Bs)] if ones else
+                           [ops.lora_shrink(dy, B, s.seg_indptr, s.rank_indptr, stacked.width, s.scaling)
                             for dy, B, s in zip(dys, Bs, parts)], dim=1)
         grad_x = None
         if need_x:
-            grad_x = _dense_plus_lora(dys[0], weights[0], None, grad_h, A, seg.seg_indptr, seg.rank_indptr, None,
-                                      seg.covers_all_tokens)
+            grad_x = (ones[0].plus(dys[0], weights[0], None, grad_h, A, scaled=False) if ones else
+                      _dense_plus_lora(dys[0], weights[0], None, grad_h, A, seg.seg_indptr, seg.rank_indptr, None,
+                                       seg.covers_all_tokens))
             for dy, w in zip(dys[1:], weights[1:]):
                 grad_x.addmm_(dy, w)
         grad_ws = [dy.t() @ x if wanted else None for dy, wanted in zip(dys, need_w)]
         grad_biases = [dy.sum(0) if wanted else None for dy, wanted in zip(dys, need_bias)]
         grad_as = [None] * n
-        if any(need_a):
+        if any(need_a) and ones:
+            grad_a = ones[0].weight_grad(grad_h, x, False, ctx.a_dtype).split([s.ranks[0] for s in parts])
+            grad_as = [g if wanted else None for g, wanted in zip(grad_a, need_a)]
+        elif any(need_a):
             grad_a = ops.lora_weight_grad(grad_h, x, seg.seg_indptr, seg.rank_indptr, A.shape[0], None, ctx.a_dtype)
             grad_as = [grad_a.index_select(0, rows) if wanted else None for rows, wanted in zip(stacked.rows, need_a)]
-        grad_bs = [ops.lora_weight_grad(hp, dy, s.seg_indptr, s.rank_indptr, B.shape[0], s.scaling, ctx.b_dtype)
-                   if wanted else None for hp, dy, s, B, wanted in zip(hs, dys, parts, Bs, need_b)]
+        grad_bs = [(one.weight_grad(hp, dy, True, ctx.b_dtype) if one else
+                    ops.lora_weight_grad(hp, dy, s.seg_indptr, s.rank_indptr, B.shape[0], s.scaling, ctx.b_dtype))
+                   if wanted else None for one, hp, dy, s, B, wanted in zip(ones or [None] * n, hs, dys, parts, Bs, need_b)]
         return grad_x, None, None, *grad_ws, *grad_biases, *grad_as, *grad_bs
 
 
@@ -224,6 +294,7 @@ def multi_lora_linear(
             segments.scaling,
             segments.h_width,
             segments.covers_all_tokens,
+            _OneAdapter.of(segments),
         )
 
 

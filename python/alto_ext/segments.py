@@ -85,6 +85,7 @@ class Segments:
     scaling: torch.Tensor | None  # float32 [G] (float64 for float64 operands), or None for 1
     token_counts: tuple[int, ...]
     ranks: tuple[int, ...]
+    scale_values: tuple[float, ...] = ()  # scaling's values on the host (empty: scaling None)
     num_tokens: int = field(init=False)
     total_rank: int = field(init=False)
     covers_all_tokens: bool = field(init=False)
@@ -127,7 +128,8 @@ class Segments:
         elif tuple(seg_indptr.shape) != (len(tokens) + 1,) or seg_indptr.dtype != torch.int32:
             raise ValueError(f"seg_indptr must be int32 [{len(tokens) + 1}], got {seg_indptr.dtype} "
                              f"{tuple(seg_indptr.shape)}")
-        return cls(seg_indptr, indptr(rank_list, device), scale_t, tuple(tokens), tuple(rank_list))
+        return cls(seg_indptr, indptr(rank_list, device), scale_t, tuple(tokens), tuple(rank_list),
+                   tuple(scale_list) if scaling is not None else ())
 
     def __post_init__(self) -> None:
         # What the ops ask per projection per step, computed once (fields, not properties: torch.compile
