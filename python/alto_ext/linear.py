@@ -16,13 +16,12 @@ from collections.abc import Sequence
 import torch
 
 from alto_ext._ops import ops
+from alto_ext.one_adapter import OneAdapter
 from alto_ext.segments import Segments, StackedSegments
 
 
 # ALTO_FUSED_MATMUL=0: the base GEMM and the adapters' expand as two kernels (an A/B switch for the benches).
 FUSED_MATMUL = os.environ.get("ALTO_FUSED_MATMUL", "1") != "0"
-# ALTO_ONE_ADAPTER_GEMMS=0: one adapter's terms by the grouped ops too (an A/B switch for the benches; see _OneAdapter).
-ONE_ADAPTER_GEMMS = os.environ.get("ALTO_ONE_ADAPTER_GEMMS", "1") != "0"
 
 
 def _dense_plus_lora(a, b, bias, h, lora_w, seg_indptr, rank_indptr, scaling, covers_all_tokens):
@@ -49,46 +48,6 @@ def _dense_plus_lora(a, b, bias, h, lora_w, seg_indptr, rank_indptr, scaling, co
     return out
 
 
-class _OneAdapter:
-    """The terms of a single adapter (G = 1: its segment is every row, by the op contract) as plain GEMMs,
-    where the grouped ops would launch a setup kernel, a K split and its sum for problems of one adapter's few
-    tokens: a one-adapter step is latency-bound (bench/RESULTS.md, 2026-12-08). Its h is [T, r], its own."""
-
-    def __init__(self, scale: float):
-        self.scale = scale
-
-    @staticmethod
-    def of(segments: Segments) -> float | None:
-        """The scale to build one from (what a Function can carry), or None: the grouped ops serve these segments."""
-        if not ONE_ADAPTER_GEMMS or len(segments.ranks) != 1 or segments.ranks[0] == 0:
-            return None
-        return segments.scale_values[0] if segments.scale_values else 1.0
-
-    def shrink(self, x: torch.Tensor, W: torch.Tensor, scaled: bool = False) -> torch.Tensor:
-        h = x @ W.t()
-        return h * self.scale if scaled and self.scale != 1.0 else h
-
-    def plus(self, a: torch.Tensor, b: torch.Tensor | None, bias: torch.Tensor | None, h: torch.Tensor,
-             lora_w: torch.Tensor, scaled: bool) -> torch.Tensor:
-        """``a @ b (+ bias) + s h lora_w``; the base's GEMM adds into the adapter's product (its epilogue's beta)."""
-        s = self.scale if scaled else 1.0
-        if b is None:
-            delta = h @ lora_w
-            return delta * s if s != 1.0 else delta
-        delta = h @ lora_w if bias is None else torch.addmm(bias, h, lora_w, alpha=s)
-        return torch.addmm(delta, a, b, beta=s if bias is None else 1.0)
-
-    def weight_grad(self, h: torch.Tensor, x: torch.Tensor, scaled: bool, dtype: torch.dtype) -> torch.Tensor:
-        """``(s) hᵀ x`` in dtype (float32 masters: accumulated in float32, never rounded to x's dtype first)."""
-        if dtype == x.dtype:
-            out = h.t() @ x
-        elif x.is_cuda:
-            out = torch.mm(h.t(), x, out_dtype=dtype)
-        else:
-            out = h.t().to(dtype) @ x.to(dtype)
-        return out * self.scale if scaled and self.scale != 1.0 else out
-
-
 def _below_autograd(fn):
     """A Function's forward or backward with the alto ops' own autograd layer skipped: these Functions
     are their autograd, and torch.library's layer (Python) costs ~70 us of host time per op call,
@@ -112,7 +71,7 @@ class _MultiLoraLinear(torch.autograd.Function):
         # lora_x=None: the adapters read x itself (no dropout); never pass x twice (torch.compile).
         ctx.lora_x_is_x = lora_x is None
         ctx.covers_all_tokens = covers_all_tokens
-        ctx.one = None if one_scale is None else _OneAdapter(one_scale)
+        ctx.one = None if one_scale is None else OneAdapter(one_scale)
         # A, B arrive in their master dtype: their gradients leave in it, straight from the kernel.
         ctx.a_dtype, ctx.b_dtype = A.dtype, B.dtype
         A, B = A.to(x.dtype), B.to(x.dtype)
@@ -177,8 +136,8 @@ class _MultiLoraStack(torch.autograd.Function):
         weights, biases, As, Bs = (tensors[i * n : (i + 1) * n] for i in range(4))
         ctx.parts, ctx.stacked = parts, stacked
         ctx.a_dtype, ctx.b_dtype = As[0].dtype, Bs[0].dtype
-        scales = [_OneAdapter.of(s) for s in parts]
-        ctx.ones = None if None in scales else [_OneAdapter(scale) for scale in scales]
+        scales = [OneAdapter.of(s) for s in parts]
+        ctx.ones = None if None in scales else [OneAdapter(scale) for scale in scales]
         Bs = [B.to(x.dtype) for B in Bs]
         if ctx.ones is not None:  # one adapter: its rows of every projection, unpadded; h's blocks are views
             A = torch.cat(As).to(x.dtype)
@@ -294,7 +253,7 @@ def multi_lora_linear(
             segments.scaling,
             segments.h_width,
             segments.covers_all_tokens,
-            _OneAdapter.of(segments),
+            OneAdapter.of(segments),
         )
 
 

@@ -1,0 +1,55 @@
+"""One adapter's LoRA terms as plain GEMMs, for multi_lora_linear and multi_lora_linear_stack.
+
+A single adapter's segment is every row (the op contract: seg_indptr runs from 0 to the step's tokens), so its
+shrink, expand, dh, dX and weight gradients are dense matrix products. The grouped ops would launch a setup
+kernel, a K split and its sum for each, for problems of one adapter's few tokens: a one-adapter step is
+latency-bound, its time the count of its kernels (bench/RESULTS.md, 2026-12-07, twenty-fourth session).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from alto_ext.segments import Segments
+
+# ALTO_ONE_ADAPTER_GEMMS=0: one adapter's terms by the grouped ops too (an A/B switch for the benches).
+ENABLED = os.environ.get("ALTO_ONE_ADAPTER_GEMMS", "1") != "0"
+
+
+class OneAdapter:
+    """A single adapter's terms (its scale s); its h is [T, r], not the grouped ops' [T, h_width]."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    @staticmethod
+    def of(segments: Segments) -> float | None:
+        """The scale to build one from (what a Function can carry), or None: the grouped ops serve these segments."""
+        if not ENABLED or len(segments.ranks) != 1 or segments.ranks[0] == 0:
+            return None
+        return segments.scale_values[0] if segments.scale_values else 1.0
+
+    def shrink(self, x: torch.Tensor, W: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+        h = x @ W.t()
+        return h * self.scale if scaled and self.scale != 1.0 else h
+
+    def plus(self, a: torch.Tensor, b: torch.Tensor | None, bias: torch.Tensor | None, h: torch.Tensor,
+             lora_w: torch.Tensor, scaled: bool) -> torch.Tensor:
+        """``a @ b (+ bias) + s h lora_w``; the base's GEMM adds into the adapter's product (its epilogue's beta)."""
+        s = self.scale if scaled else 1.0
+        if b is None:
+            delta = h @ lora_w
+            return delta * s if s != 1.0 else delta
+        delta = h @ lora_w if bias is None else torch.addmm(bias, h, lora_w, alpha=s)
+        return torch.addmm(delta, a, b, beta=s if bias is None else 1.0)
+
+    def weight_grad(self, h: torch.Tensor, x: torch.Tensor, scaled: bool, dtype: torch.dtype) -> torch.Tensor:
+        """``(s) hᵀ x`` in dtype (float32 masters: accumulated in float32, never rounded to x's dtype first)."""
+        if dtype == x.dtype:
+            out = h.t() @ x
+        elif x.is_cuda:
+            out = torch.mm(h.t(), x, out_dtype=dtype)
+        else:
+            out = h.t().to(dtype) @ x.to(dtype)
+        return out * self.scale if scaled and self.scale != 1.0 else out
