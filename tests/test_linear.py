@@ -112,13 +112,15 @@ def test_token_count_mismatch_is_clear():
         alto_ext.multi_lora_linear(x, torch.randn(8, 16), None, torch.randn(6, 16), torch.randn(6, 8), seg)
 
 
-def test_torch_compile_traces_the_ops():
+@pytest.mark.parametrize("tokens, ranks, scaling", [([3, 0, 5], [2, 4, 8], [1.0, 0.5, 2.0]),
+                                                    ([8], [6], [0.5])])  # one adapter: alto_ext.one_adapter
+def test_torch_compile_traces_the_ops(tokens, ranks, scaling):
     """Fake kernels + autograd registrations let torch.compile trace forward and backward."""
-    seg = Segments.build([3, 0, 5], [2, 4, 8], [1.0, 0.5, 2.0])
+    seg = Segments.build(tokens, ranks, scaling)
     x = torch.randn(8, 16, requires_grad=True)
     weight = torch.randn(24, 16)
-    A = torch.randn(14, 16, requires_grad=True)
-    B = torch.randn(14, 24, requires_grad=True)
+    A = torch.randn(sum(ranks), 16, requires_grad=True)
+    B = torch.randn(sum(ranks), 24, requires_grad=True)
 
     def step(x, A, B):
         return alto_ext.multi_lora_linear(x, weight, None, A, B, seg).square().sum()
