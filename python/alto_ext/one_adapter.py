@@ -31,24 +31,25 @@ class OneAdapter:
         return segments.scale_values[0] if segments.scale_values else 1.0
 
     def shrink(self, x: torch.Tensor, W: torch.Tensor, scaled: bool = False) -> torch.Tensor:
-        h = x @ W.t()
-        return h * self.scale if scaled and self.scale != 1.0 else h
+        """``(s) x Wᵀ``, the scale in the GEMM (alpha; beta = 0: the 0-d input is never read)."""
+        if scaled and self.scale != 1.0:
+            return torch.addmm(x.new_empty(()), x, W.t(), beta=0, alpha=self.scale)
+        return x @ W.t()
 
     def plus(self, a: torch.Tensor, b: torch.Tensor | None, bias: torch.Tensor | None, h: torch.Tensor,
              lora_w: torch.Tensor, scaled: bool) -> torch.Tensor:
         """``a @ b (+ bias) + s h lora_w``; the base's GEMM adds into the adapter's product (its epilogue's beta)."""
-        s = self.scale if scaled else 1.0
         if b is None:
-            delta = h @ lora_w
-            return delta * s if s != 1.0 else delta
+            return self.shrink(h, lora_w.t(), scaled)
+        s = self.scale if scaled else 1.0
         delta = h @ lora_w if bias is None else torch.addmm(bias, h, lora_w, alpha=s)
         return torch.addmm(delta, a, b, beta=s if bias is None else 1.0)
 
     def weight_grad(self, h: torch.Tensor, x: torch.Tensor, scaled: bool, dtype: torch.dtype) -> torch.Tensor:
         """``(s) hᵀ x`` in dtype (float32 masters: accumulated in float32, never rounded to x's dtype first)."""
         if dtype == x.dtype:
-            out = h.t() @ x
-        elif x.is_cuda:
+            return self.shrink(h.t(), x.t(), scaled)
+        if x.is_cuda:
             out = torch.mm(h.t(), x, out_dtype=dtype)
         else:
             out = h.t().to(dtype) @ x.to(dtype)
