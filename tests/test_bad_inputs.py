@@ -554,6 +554,12 @@ OPS = {  # id: (call, words of the ValueError)
     "linear tokens": (lambda x, W, s, r: alto_ext.multi_lora_linear(
         x, torch.randn(4, 16), None, W, torch.randn(5, 4), Segments.build([3, 5], [2, 3])),
         ["x has 7 tokens but the segments cover 8"]),
+    "linear A rows, one adapter": (lambda x, W, s, r: alto_ext.multi_lora_linear(
+        x, torch.randn(4, 16), None, torch.randn(8, 16), torch.randn(8, 4), Segments.build([7], [5])),
+        ["A (8, 16) and B (8, 4)", "need A (5, 16) and B (5, 4)"]),
+    "linear B columns, one adapter": (lambda x, W, s, r: alto_ext.multi_lora_linear(
+        x, torch.randn(4, 16), None, torch.randn(5, 16), torch.randn(5, 6), Segments.build([7], [5])),
+        ["B (5, 6)", "B (5, 4)"]),
     "segments of strings": (lambda x, W, s, r: Segments.build("ab", [1, 2]), ["token_counts[0]"]),
     "unpack into too much": (lambda x, W, s, r: alto_ext.unpack_tensors(torch.zeros(3, dtype=torch.uint8),
                                                                           [torch.empty(4)]), ["holds 3 bytes"]),

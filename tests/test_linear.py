@@ -1,5 +1,6 @@
 """multi_lora_linear (base + all adapters in one autograd node) against the float64 per-adapter
 reference, forward and backward; torch.compile tracing; on CUDA, proof the CUTLASS path ran."""
+import dataclasses
 import warnings
 
 import pytest
@@ -15,7 +16,7 @@ CASES = [
     ([1], [16], 16, 16),
     ([17, 5, 30, 2], [64, 4, 16, 8], 64, 136),
     ([6, 3], [0, 4], 32, 24),  # an adapter without rank here: its rows are the base's alone
-    ([37], [5], 24, 40),  # one adapter (alto_ext.linear._OneAdapter: plain GEMMs) of a rank not a multiple of 8
+    ([37], [5], 24, 40),  # one adapter (alto_ext.one_adapter: plain GEMMs), a rank not a multiple of 8
 ]
 
 
@@ -177,8 +178,9 @@ def test_cuda_outputs_do_not_depend_on_stale_memory():
             assert torch.count_nonzero(gw[8:24]) == 0
 
 
-def test_autocast_runs_in_the_autocast_dtype_with_float32_adapter_grads():
-    seg = Segments.build([5, 3], [4, 8], [1.0, 2.0])
+@pytest.mark.parametrize("tokens, ranks, scaling", [([5, 3], [4, 8], [1.0, 2.0]), ([8], [12], [0.5])])
+def test_autocast_runs_in_the_autocast_dtype_with_float32_adapter_grads(tokens, ranks, scaling):
+    seg = Segments.build(tokens, ranks, scaling)
     x = torch.randn(8, 32, requires_grad=True)
     weight, bias = torch.randn(24, 32), torch.randn(24)
     A = torch.randn(12, 32, requires_grad=True)
@@ -186,11 +188,30 @@ def test_autocast_runs_in_the_autocast_dtype_with_float32_adapter_grads():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = alto_ext.multi_lora_linear(x, weight, bias, A, B, seg)
     assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
+    grad_y = torch.randn(8, 24)
+    y.float().backward(grad_y)
     assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
-    seg_ref = Segments.build([5, 3], [4, 8], [1.0, 2.0])
-    y_ref = ref.lora_linear(x.double(), weight.double(), bias.double(), A.double(), B.double(), seg_ref)
+    leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    y_ref = ref.lora_linear(leaves[0], weight.double(), bias.double(), leaves[1], leaves[2], seg)
+    y_ref.backward(grad_y.double())
     assert ref.rel_err(y, y_ref) < 2e-2
+    for got, want in zip((x.grad, A.grad, B.grad), leaves):  # bf16 operands, float32 gradients
+        assert ref.rel_err(got, want.grad) < 4e-2
+
+
+def test_one_adapter_takes_its_scale_from_the_device_where_the_host_has_none():
+    """A Segments made by its constructor or dataclasses.replace has no host scale (scale_values None): its one
+    adapter runs through the grouped ops, at the scaling tensor's scale; built, it has one (plain GEMMs), or none
+    at all for scaling None (a scale of 1)."""
+    built = Segments.build([6], [4], [2.0], None, torch.float64)
+    x, W = torch.randn(6, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
+    A, B = torch.randn(4, 16, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    half = dataclasses.replace(built, scaling=torch.tensor([0.5], dtype=torch.float64))
+    unscaled = Segments.build([6], [4])
+    assert built.scale_values == (2.0,) and half.scale_values is None and unscaled.scale_values == ()
+    for seg, scale in ((built, 2.0), (half, 0.5), (unscaled, 1.0)):
+        y = alto_ext.multi_lora_linear(x, W, None, A, B, seg)
+        assert torch.allclose(y, x @ W.T + scale * (x @ A.T) @ B, rtol=1e-12, atol=1e-12), scale
 
 
 # Stacked projections of one x: per adapter (tokens, rank of each projection); 0 = not targeted there.

@@ -42,12 +42,12 @@ import torch.distributed as dist
 
 import alto_ext
 from alto import fused_layers, projection_stacks
+from alto_ext import linear, one_adapter
 from alto.model import MultiLoraModel
 from alto.sched.catalog import ModelShape
 from alto.step import Pass
 
-# On by default (ALTO_STEP_GRAPHS=0: every step eager) since tests/test_step_graphs.py, the whole suite
-# and bench_step ran with it on the H200 (bench/RESULTS.md, 2026-12-06, fourteenth session).
+# On (ALTO_STEP_GRAPHS=0: every step eager) since its tests, the suite and bench_step ran so (RESULTS.md, 2026-12-06).
 ENABLED = os.environ.get("ALTO_STEP_GRAPHS", "1") != "0"
 # Small steps padded to buckets (ALTO_STEP_BUCKETS=0: never): on since a SmolLM2-widths sweep's train phase fell from
 # 9.2 to 5.3 s on an H100 (bench/RESULTS.md, 2026-12-07).
@@ -216,7 +216,7 @@ class StepGraphs:
         # bucketed: the shapes are the bucket's, and the token ranges are read anew at every replay (which
         # adapters have tokens sets how a layer's LoRA adds into its output: Segments.covers_all_tokens)
         layout = tuple(n > 0 for n in plan.token_counts) if plan.bucketed else tuple(map(tuple, plan.lengths))
-        switches = (projection_stacks.ENABLED, fused_layers.ENABLED, alto_ext.linear.FUSED_MATMUL)
+        switches = (projection_stacks.ENABLED, fused_layers.ENABLED, linear.FUSED_MATMUL, one_adapter.ENABLED)
         return (plan.ids, layout, plan.row_len, shapes, tuple(step.labels.shape), rows, step.training, model.training,
                 model.model.training, switches)
 

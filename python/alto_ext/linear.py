@@ -9,7 +9,6 @@ read the same x run stacked (multi_lora_linear_stack): x read once for all of th
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 from collections.abc import Sequence
 
@@ -136,15 +135,15 @@ class _MultiLoraStack(torch.autograd.Function):
         weights, biases, As, Bs = (tensors[i * n : (i + 1) * n] for i in range(4))
         ctx.parts, ctx.stacked = parts, stacked
         ctx.a_dtype, ctx.b_dtype = As[0].dtype, Bs[0].dtype
-        scales = [OneAdapter.of(s) for s in parts]
+        scales = [OneAdapter.scale_of(s) for s in parts]
         ctx.ones = None if None in scales else [OneAdapter(scale) for scale in scales]
         Bs = [B.to(x.dtype) for B in Bs]
         if ctx.ones is not None:  # one adapter: its rows of every projection, unpadded; h's blocks are views
             A = torch.cat(As).to(x.dtype)
             h = ctx.ones[0].shrink(x, A)
-            ends = list(itertools.accumulate(s.ranks[0] for s in parts))
-            hs = [h[:, end - s.ranks[0] : end] for end, s in zip(ends, parts)]
-            ys = [one.plus(x, w.t(), b, hp, B, scaled=True) for one, w, b, hp, B in zip(ctx.ones, weights, biases, hs, Bs)]
+            hs = h.split([s.ranks[0] for s in parts], dim=1)
+            ys = [one.plus(x, w.t(), b, hp, B, scaled=True)
+                  for one, w, b, hp, B in zip(ctx.ones, weights, biases, hs, Bs)]
         else:
             A = torch.cat([*As, As[0].new_zeros(1, x.shape[1])]).to(x.dtype).index_select(0, stacked.gather)
             seg, width = stacked.segments, stacked.width
@@ -165,7 +164,7 @@ class _MultiLoraStack(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_x, (need_w, need_bias, need_a, need_b) = need[0], (need[3 + i * n : 3 + (i + 1) * n] for i in range(4))
         dys, ones = [g.contiguous() for g in grad_ys], ctx.ones
-        # dh_p = s_g dY_p B_pᵀ into column block p, zeros beyond each adapter's rank (as the stack's h).
+        # dh_p = s_g dY_p B_pᵀ into column block p (grouped: zeros beyond each adapter's rank, as the stack's h).
         grad_h = torch.cat([one.shrink(dy, B, scaled=True) for one, dy, B in zip(ones, dys, Bs)] if ones else
                            [ops.lora_shrink(dy, B, s.seg_indptr, s.rank_indptr, stacked.width, s.scaling)
                             for dy, B, s in zip(dys, Bs, parts)], dim=1)
@@ -185,14 +184,15 @@ class _MultiLoraStack(torch.autograd.Function):
         elif any(need_a):
             grad_a = ops.lora_weight_grad(grad_h, x, seg.seg_indptr, seg.rank_indptr, A.shape[0], None, ctx.a_dtype)
             grad_as = [grad_a.index_select(0, rows) if wanted else None for rows, wanted in zip(stacked.rows, need_a)]
-        grad_bs = [(one.weight_grad(hp, dy, True, ctx.b_dtype) if one else
+        grad_bs = [(one.weight_grad(hp, dy, True, ctx.b_dtype) if one is not None else
                     ops.lora_weight_grad(hp, dy, s.seg_indptr, s.rank_indptr, B.shape[0], s.scaling, ctx.b_dtype))
-                   if wanted else None for one, hp, dy, s, B, wanted in zip(ones or [None] * n, hs, dys, parts, Bs, need_b)]
+                   if wanted else None
+                   for one, hp, dy, s, B, wanted in zip(ones or [None] * n, hs, dys, parts, Bs, need_b)]
         return grad_x, None, None, *grad_ws, *grad_biases, *grad_as, *grad_bs
 
 
 def _check_linear(op: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                  segments: Segments) -> None:
+                  A: torch.Tensor, B: torch.Tensor, segments: Segments) -> None:
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be [T, d_in], got shape {tuple(x.shape)}")
     if weight is not None and (weight.dim() != 2 or weight.shape[1] != x.shape[1]):
@@ -202,6 +202,12 @@ def _check_linear(op: str, x: torch.Tensor, weight: torch.Tensor | None, bias: t
         raise ValueError(f"{op}: bias must be {d_out}, got {tuple(bias.shape)}")
     if x.shape[0] != segments.num_tokens:
         raise ValueError(f"{op}: x has {x.shape[0]} tokens but the segments cover {segments.num_tokens}")
+    # here, not only in the ops: one adapter's plain GEMMs (alto_ext.one_adapter) read no rank_indptr
+    d_out = weight.shape[0] if weight is not None else B.shape[-1]
+    want_a, want_b = (segments.total_rank, x.shape[1]), (segments.total_rank, d_out)
+    if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
+        raise ValueError(f"{op}: A {tuple(A.shape)} and B {tuple(B.shape)}, its segments need A {want_a} "
+                         f"and B {want_b}")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -234,7 +240,7 @@ def multi_lora_linear(
     x's dtype, or in the autocast dtype when autocast is on (as nn.Linear would); A and B are cast
     to it inside, and their gradients come back in their own dtype (float32 masters: float32).
     """
-    _check_linear("multi_lora_linear", x, weight, bias, segments)
+    _check_linear("multi_lora_linear", x, weight, bias, A, B, segments)
     dtype = _compute_dtype(x)
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -253,7 +259,7 @@ def multi_lora_linear(
             segments.scaling,
             segments.h_width,
             segments.covers_all_tokens,
-            OneAdapter.of(segments),
+            OneAdapter.scale_of(segments),
         )
 
 
@@ -278,11 +284,7 @@ def multi_lora_linear_stack(
         op = f"multi_lora_linear_stack (projection {p})"
         if w is None:
             raise ValueError(f"{op}: no base weight (lora_delta serves that)")
-        _check_linear(op, x, w, b, s)
-        want_a, want_b = (s.total_rank, x.shape[1]), (s.total_rank, w.shape[0])
-        if tuple(As[p].shape) != want_a or tuple(Bs[p].shape) != want_b:
-            raise ValueError(f"{op}: A {tuple(As[p].shape)} and B {tuple(Bs[p].shape)}, its segments need "
-                             f"A {want_a} and B {want_b}")
+        _check_linear(op, x, w, b, As[p], Bs[p], s)
     if stacked.ranks != tuple(s.ranks for s in parts) or stacked.segments.token_counts != parts[0].token_counts:
         raise ValueError("multi_lora_linear_stack: stacked was not built from these segments "
                          "(StackedSegments.build(parts))")

@@ -24,9 +24,10 @@ class OneAdapter:
         self.scale = scale
 
     @staticmethod
-    def of(segments: Segments) -> float | None:
-        """The scale to build one from (what a Function can carry), or None: the grouped ops serve these segments."""
-        if not ENABLED or len(segments.ranks) != 1 or segments.ranks[0] == 0:
+    def scale_of(segments: Segments) -> float | None:
+        """The scale to build one from (what a Function can carry), or None: the grouped ops serve these segments
+        (more than one slot, no rank, or a scale only the device holds)."""
+        if not ENABLED or len(segments.ranks) != 1 or segments.ranks[0] == 0 or segments.scale_values is None:
             return None
         return segments.scale_values[0] if segments.scale_values else 1.0
 
@@ -43,7 +44,10 @@ class OneAdapter:
             return self.shrink(h, lora_w.t(), scaled)
         s = self.scale if scaled else 1.0
         delta = h @ lora_w if bias is None else torch.addmm(bias, h, lora_w, alpha=s)
-        return torch.addmm(delta, a, b, beta=s if bias is None else 1.0)
+        beta = s if bias is None else 1.0
+        if torch.compiler.is_compiling():  # dynamo traces an output built in place as a zero gradient (linear.py)
+            return torch.addmm(delta, a, b, beta=beta)
+        return delta.addmm_(a, b, beta=beta)  # in place: an out-of-place addmm would copy delta first
 
     def weight_grad(self, h: torch.Tensor, x: torch.Tensor, scaled: bool, dtype: torch.dtype) -> torch.Tensor:
         """``(s) hᵀ x`` in dtype (float32 masters: accumulated in float32, never rounded to x's dtype first)."""
@@ -53,4 +57,4 @@ class OneAdapter:
             out = torch.mm(h.t(), x, out_dtype=dtype)
         else:
             out = h.t().to(dtype) @ x.to(dtype)
-        return out * self.scale if scaled and self.scale != 1.0 else out
+        return out.mul_(self.scale) if scaled and self.scale != 1.0 else out

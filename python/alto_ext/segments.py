@@ -85,11 +85,13 @@ class Segments:
     scaling: torch.Tensor | None  # float32 [G] (float64 for float64 operands), or None for 1
     token_counts: tuple[int, ...]
     ranks: tuple[int, ...]
-    scale_values: tuple[float, ...] = ()  # scaling's values on the host (empty: scaling None)
     num_tokens: int = field(init=False)
     total_rank: int = field(init=False)
     covers_all_tokens: bool = field(init=False)
     h_width: int = field(init=False)
+    # scaling's values on the host: () where scaling is None, None where only the device holds them (set by
+    # build, which knows them; a Segments made or replaced otherwise cannot have them out of step with scaling)
+    scale_values: tuple[float, ...] | None = field(init=False)
 
     @classmethod
     def build(
@@ -128,8 +130,10 @@ class Segments:
         elif tuple(seg_indptr.shape) != (len(tokens) + 1,) or seg_indptr.dtype != torch.int32:
             raise ValueError(f"seg_indptr must be int32 [{len(tokens) + 1}], got {seg_indptr.dtype} "
                              f"{tuple(seg_indptr.shape)}")
-        return cls(seg_indptr, indptr(rank_list, device), scale_t, tuple(tokens), tuple(rank_list),
-                   tuple(scale_list) if scaling is not None else ())
+        segments = cls(seg_indptr, indptr(rank_list, device), scale_t, tuple(tokens), tuple(rank_list))
+        if scaling is not None:
+            object.__setattr__(segments, "scale_values", tuple(scale_list))
+        return segments
 
     def __post_init__(self) -> None:
         # What the ops ask per projection per step, computed once (fields, not properties: torch.compile
@@ -140,6 +144,7 @@ class Segments:
         object.__setattr__(self, "covers_all_tokens", all(r > 0 for n, r in zip(self.token_counts, self.ranks) if n > 0))
         # the width of the shrink output h: the largest rank rounded up to 8 columns
         object.__setattr__(self, "h_width", -(-max(self.ranks, default=0) // H_WIDTH_ALIGN) * H_WIDTH_ALIGN)
+        object.__setattr__(self, "scale_values", () if self.scaling is None else None)
 
 
 @dataclass(frozen=True)
