@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from alto import projection_stacks, step_graphs
-from alto_ext import linear
+from alto_ext import grouped_terms
 from alto.evaluation import evaluating, held_out_means
 from alto.families import Llama
 from alto.model import MultiLoraModel
@@ -164,7 +164,7 @@ def main() -> None:
         trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device=device)
         trainer.admit([reg.add(f"a{i}", c) for i, c in enumerate(cfgs)])
         graphs, step_graphs.ENABLED = step_graphs.ENABLED, True
-        fused = linear.FUSED_MATMUL
+        fused = grouped_terms.FUSED_MATMUL
         try:  # replayed as a CUDA graph where the host holds the GPU up
             t_ours, h_ours = timed_ms(trainer.step, args.iters, device)
             replayed = bool(trainer.graphs and trainer.graphs.graphs)
@@ -173,10 +173,10 @@ def main() -> None:
             # the same with each base GEMM and its adapters' expand as two kernels (alto::lora_matmul's fused
             # GEMM off), replayed where the step is (the switch is part of a graph's key): an A/B within one
             # process, where the base's own step varies by a few ms between processes
-            step_graphs.ENABLED, linear.FUSED_MATMUL = True, False
+            step_graphs.ENABLED, grouped_terms.FUSED_MATMUL = True, False
             t_apart = wall_ms(trainer.step, args.iters, device)
         finally:
-            step_graphs.ENABLED, linear.FUSED_MATMUL = graphs, fused
+            step_graphs.ENABLED, grouped_terms.FUSED_MATMUL = graphs, fused
         (stacked, graphs), projection_stacks.ENABLED, step_graphs.ENABLED = (projection_stacks.ENABLED,
                                                                             step_graphs.ENABLED), False, True
         try:

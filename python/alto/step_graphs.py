@@ -6,7 +6,7 @@ Why: a step of few tokens waits for the host, which launches its kernels one by 
 (bench_step, one adapter at Llama-3-8B widths, 4 layers, on the H100: the frozen base's eager step
 took 11.4 ms, 11.3 of them the host's; ALTO's 22.2 ms); a replay launches them all in one call.
 Why not torch.compile's "reduce-overhead": it compiles each new shape (minutes of a sweep's wall),
-and the alto ops build their outputs in place (alto_ext.linear: dynamo traces their gradients as
+and the alto ops build their outputs in place (alto_ext.grouped_terms: dynamo traces their gradients as
 zeros). Here the step's own eager code is recorded as it runs.
 
 Only steps the host holds up are captured. An unpadded step is timed the first time it is seen (host
@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 import alto_ext
 from alto import fused_layers, projection_stacks
-from alto_ext import linear, one_adapter
+from alto_ext import grouped_terms, one_adapter
 from alto.model import MultiLoraModel
 from alto.sched.catalog import ModelShape
 from alto.step import Pass
@@ -216,7 +216,7 @@ class StepGraphs:
         # bucketed: the shapes are the bucket's, and the token ranges are read anew at every replay (which
         # adapters have tokens sets how a layer's LoRA adds into its output: Segments.covers_all_tokens)
         layout = tuple(n > 0 for n in plan.token_counts) if plan.bucketed else tuple(map(tuple, plan.lengths))
-        switches = (projection_stacks.ENABLED, fused_layers.ENABLED, linear.FUSED_MATMUL, one_adapter.ENABLED)
+        switches = (projection_stacks.ENABLED, fused_layers.ENABLED, grouped_terms.FUSED_MATMUL, one_adapter.ENABLED)
         return (plan.ids, layout, plan.row_len, shapes, tuple(step.labels.shape), rows, step.training, model.training,
                 model.model.training, switches)
 

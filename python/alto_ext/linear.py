@@ -9,42 +9,13 @@ read the same x run stacked (multi_lora_linear_stack): x read once for all of th
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import torch
 
-from alto_ext._ops import ops
+from alto_ext.grouped_terms import GroupedTerms
 from alto_ext.one_adapter import OneAdapter
 from alto_ext.segments import Segments, StackedSegments
-
-
-# ALTO_FUSED_MATMUL=0: the base GEMM and the adapters' expand as two kernels (an A/B switch for the benches).
-FUSED_MATMUL = os.environ.get("ALTO_FUSED_MATMUL", "1") != "0"
-
-
-def _dense_plus_lora(a, b, bias, h, lora_w, seg_indptr, rank_indptr, scaling, covers_all_tokens):
-    """``a @ b (+ bias)`` (b None: 0) plus every adapter's ``s_g h_g W_g`` on its rows. On a GPU,
-    alto::lora_matmul: on Hopper one GEMM whose K runs over the base's columns, then the adapter's
-    (the output written once, the adapters' product never leaving the registers). Otherwise, when
-    every row belongs to an adapter with a rank, the adapters write the output first and the base
-    GEMM adds its product in its epilogue (beta = 1): the output is not read and written again by a
-    separate LoRA pass. Eager only: torch 2.11's dynamo traces the in-place-built output's gradient
-    as zeros."""
-    if b is None:
-        out = a.new_zeros(a.shape[0], lora_w.shape[1])
-        ops.lora_expand_(out, h, lora_w, seg_indptr, rank_indptr, scaling)
-        return out
-    eager = not torch.compiler.is_compiling()
-    if FUSED_MATMUL and a.is_cuda and bias is None and eager:
-        return ops.lora_matmul(a, b, h, lora_w, seg_indptr, rank_indptr, scaling)
-    if covers_all_tokens and bias is None and eager:
-        out = a.new_empty(a.shape[0], b.shape[1])
-        ops.lora_expand_(out, h, lora_w, seg_indptr, rank_indptr, scaling, False)
-        return out.addmm_(a, b)
-    out = a @ b if bias is None else torch.addmm(bias, a, b)
-    ops.lora_expand_(out, h, lora_w, seg_indptr, rank_indptr, scaling)
-    return out
 
 
 def _below_autograd(fn):
@@ -71,17 +42,13 @@ class _MultiLoraLinear(torch.autograd.Function):
         ctx.lora_x_is_x = lora_x is None
         ctx.covers_all_tokens = covers_all_tokens
         ctx.one = None if one_scale is None else OneAdapter(one_scale)
+        terms = ctx.one or GroupedTerms(seg_indptr, rank_indptr, scaling, h_width, covers_all_tokens)
         # A, B arrive in their master dtype: their gradients leave in it, straight from the kernel.
         ctx.a_dtype, ctx.b_dtype = A.dtype, B.dtype
         A, B = A.to(x.dtype), B.to(x.dtype)
         lx = x if lora_x is None else lora_x
-        base_t = None if weight is None else weight.t()
-        if ctx.one is not None:
-            h = ctx.one.shrink(lx, A)
-            y = ctx.one.plus(x, base_t, bias, h, B, scaled=True)
-        else:
-            h = ops.lora_shrink(lx, A, seg_indptr, rank_indptr, h_width, None)
-            y = _dense_plus_lora(x, base_t, bias, h, B, seg_indptr, rank_indptr, scaling, covers_all_tokens)
+        h = terms.shrink(lx, A)
+        y = terms.plus(x, None if weight is None else weight.t(), bias, h, B, scaled=True)
         # x itself only for a base weight's gradient (the adapters read lx): with LoRA dropout and a
         # frozen base, x is kept by nothing here (the MLP's product: alto.fused_layers)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, lx, A, B, h, seg_indptr, rank_indptr,
@@ -93,32 +60,24 @@ class _MultiLoraLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, lora_x, A, B, h, seg_indptr, rank_indptr, scaling = ctx.saved_tensors
         need_x, need_w, need_b, need_lx, need_a, need_b_lora = ctx.needs_input_grad[:6]
-        grad_y, one = grad_y.contiguous(), ctx.one
-        # dh_g = s_g dY_g B_gᵀ, shared by dA and by the LoRA part of dX.
-        grad_h = (one.shrink(grad_y, B, scaled=True) if one is not None
-                  else ops.lora_shrink(grad_y, B, seg_indptr, rank_indptr, h.shape[1], scaling))
+        grad_y = grad_y.contiguous()
+        terms = ctx.one or GroupedTerms(seg_indptr, rank_indptr, scaling, h.shape[1], ctx.covers_all_tokens)
+        grad_h = terms.shrink(grad_y, B, scaled=True)  # dh_g = s_g dY_g B_gᵀ, shared by dA and by dX's LoRA part
         grad_x = grad_w = grad_bias = grad_lx = grad_a = grad_b = None
         if need_x and ctx.lora_x_is_x:  # dX = dY W + Σ dh_g A_g in one output pass
-            grad_x = (one.plus(grad_y, weight, None, grad_h, A, scaled=False) if one is not None else
-                      _dense_plus_lora(grad_y, weight, None, grad_h, A, seg_indptr, rank_indptr, None,
-                                       ctx.covers_all_tokens))
+            grad_x = terms.plus(grad_y, weight, None, grad_h, A, scaled=False)
         elif need_x:
             grad_x = torch.zeros_like(lora_x) if weight is None else grad_y @ weight
-        if need_lx and one is not None:
-            grad_lx = grad_h @ A
-        elif need_lx:
-            grad_lx = torch.zeros_like(lora_x)
-            ops.lora_expand_(grad_lx, grad_h, A, seg_indptr, rank_indptr, None)
+        if need_lx:
+            grad_lx = terms.plus(grad_h, None, None, grad_h, A, scaled=False)
         if need_w:
             grad_w = grad_y.flatten(0, -2).t() @ x.flatten(0, -2)
         if need_b:
             grad_bias = grad_y.flatten(0, -2).sum(0)
         if need_a:
-            grad_a = (one.weight_grad(grad_h, lora_x, False, ctx.a_dtype) if one is not None else
-                      ops.lora_weight_grad(grad_h, lora_x, seg_indptr, rank_indptr, A.shape[0], None, ctx.a_dtype))
+            grad_a = terms.weight_grad(grad_h, lora_x, A.shape[0], False, ctx.a_dtype)
         if need_b_lora:
-            grad_b = (one.weight_grad(h, grad_y, True, ctx.b_dtype) if one is not None else
-                      ops.lora_weight_grad(h, grad_y, seg_indptr, rank_indptr, B.shape[0], scaling, ctx.b_dtype))
+            grad_b = terms.weight_grad(h, grad_y, B.shape[0], True, ctx.b_dtype)
         return grad_x, grad_w, grad_bias, grad_lx, grad_a, grad_b, None, None, None, None, None, None
 
 
@@ -133,61 +92,57 @@ class _MultiLoraStack(torch.autograd.Function):
     def forward(ctx, x, parts, stacked, *tensors):
         n = len(parts)
         weights, biases, As, Bs = (tensors[i * n : (i + 1) * n] for i in range(4))
-        ctx.parts, ctx.stacked = parts, stacked
         ctx.a_dtype, ctx.b_dtype = As[0].dtype, Bs[0].dtype
         scales = [OneAdapter.scale_of(s) for s in parts]
-        ctx.ones = None if None in scales else [OneAdapter(scale) for scale in scales]
-        Bs = [B.to(x.dtype) for B in Bs]
-        if ctx.ones is not None:  # one adapter: its rows of every projection, unpadded; h's blocks are views
+        # whole: the stack's terms (its shrink, dX and dA); each: projection p's (its expand, dh and dB)
+        ctx.one = None not in scales
+        if ctx.one:  # one adapter: its rows of every projection, unpadded; h's blocks are views
+            ctx.whole, ctx.each = OneAdapter(1.0), [OneAdapter(scale) for scale in scales]
+            ctx.rows = [s.ranks[0] for s in parts]
             A = torch.cat(As).to(x.dtype)
-            h = ctx.ones[0].shrink(x, A)
-            hs = h.split([s.ranks[0] for s in parts], dim=1)
-            ys = [one.plus(x, w.t(), b, hp, B, scaled=True)
-                  for one, w, b, hp, B in zip(ctx.ones, weights, biases, hs, Bs)]
         else:
-            A = torch.cat([*As, As[0].new_zeros(1, x.shape[1])]).to(x.dtype).index_select(0, stacked.gather)
             seg, width = stacked.segments, stacked.width
-            h = ops.lora_shrink(x, A, seg.seg_indptr, seg.rank_indptr, n * width, None)
-            hs = [h[:, p * width : (p + 1) * width].contiguous() for p in range(n)]
-            ys = [_dense_plus_lora(x, w.t(), b, hp, B, s.seg_indptr, s.rank_indptr, s.scaling, s.covers_all_tokens)
-                  for w, b, hp, B, s in zip(weights, biases, hs, Bs, parts)]
+            ctx.whole = GroupedTerms(seg.seg_indptr, seg.rank_indptr, None, n * width, seg.covers_all_tokens)
+            ctx.each = [GroupedTerms(s.seg_indptr, s.rank_indptr, s.scaling, width, s.covers_all_tokens)
+                        for s in parts]
+            ctx.rows = stacked.rows
+            A = torch.cat([*As, As[0].new_zeros(1, x.shape[1])]).to(x.dtype).index_select(0, stacked.gather)
+        Bs = [B.to(x.dtype) for B in Bs]
+        h = ctx.whole.shrink(x, A)
+        hs = (h.split(ctx.rows, dim=1) if ctx.one else
+              [h[:, p * stacked.width : (p + 1) * stacked.width].contiguous() for p in range(n)])
+        ys = [terms.plus(x, w.t(), b, hp, B, scaled=True)
+              for terms, w, b, hp, B in zip(ctx.each, weights, biases, hs, Bs)]
         ctx.save_for_backward(x, A, *weights, *Bs, *hs)
         return tuple(ys)
 
     @staticmethod
     @_below_autograd
     def backward(ctx, *grad_ys):
-        parts, stacked = ctx.parts, ctx.stacked
-        n, seg = len(parts), stacked.segments
+        n = len(ctx.each)
         x, A, *rest = ctx.saved_tensors
         weights, Bs, hs = rest[:n], rest[n : 2 * n], rest[2 * n :]
         need = ctx.needs_input_grad
         need_x, (need_w, need_bias, need_a, need_b) = need[0], (need[3 + i * n : 3 + (i + 1) * n] for i in range(4))
-        dys, ones = [g.contiguous() for g in grad_ys], ctx.ones
+        dys = [g.contiguous() for g in grad_ys]
         # dh_p = s_g dY_p B_pᵀ into column block p (grouped: zeros beyond each adapter's rank, as the stack's h).
-        grad_h = torch.cat([one.shrink(dy, B, scaled=True) for one, dy, B in zip(ones, dys, Bs)] if ones else
-                           [ops.lora_shrink(dy, B, s.seg_indptr, s.rank_indptr, stacked.width, s.scaling)
-                            for dy, B, s in zip(dys, Bs, parts)], dim=1)
+        grad_h = torch.cat([terms.shrink(dy, B, scaled=True) for terms, dy, B in zip(ctx.each, dys, Bs)], dim=1)
         grad_x = None
         if need_x:
-            grad_x = (ones[0].plus(dys[0], weights[0], None, grad_h, A, scaled=False) if ones else
-                      _dense_plus_lora(dys[0], weights[0], None, grad_h, A, seg.seg_indptr, seg.rank_indptr, None,
-                                       seg.covers_all_tokens))
+            grad_x = ctx.whole.plus(dys[0], weights[0], None, grad_h, A, scaled=False)
             for dy, w in zip(dys[1:], weights[1:]):
                 grad_x.addmm_(dy, w)
         grad_ws = [dy.t() @ x if wanted else None for dy, wanted in zip(dys, need_w)]
         grad_biases = [dy.sum(0) if wanted else None for dy, wanted in zip(dys, need_bias)]
         grad_as = [None] * n
-        if any(need_a) and ones:
-            grad_a = ones[0].weight_grad(grad_h, x, False, ctx.a_dtype).split([s.ranks[0] for s in parts])
-            grad_as = [g if wanted else None for g, wanted in zip(grad_a, need_a)]
-        elif any(need_a):
-            grad_a = ops.lora_weight_grad(grad_h, x, seg.seg_indptr, seg.rank_indptr, A.shape[0], None, ctx.a_dtype)
-            grad_as = [grad_a.index_select(0, rows) if wanted else None for rows, wanted in zip(stacked.rows, need_a)]
-        grad_bs = [(one.weight_grad(hp, dy, True, ctx.b_dtype) if one is not None else
-                    ops.lora_weight_grad(hp, dy, s.seg_indptr, s.rank_indptr, B.shape[0], s.scaling, ctx.b_dtype))
-                   if wanted else None
-                   for one, hp, dy, s, B, wanted in zip(ones or [None] * n, hs, dys, parts, Bs, need_b)]
+        if any(need_a):
+            grad_a = ctx.whole.weight_grad(grad_h, x, A.shape[0], False, ctx.a_dtype)
+            if ctx.one:
+                grad_as = [g if wanted else None for g, wanted in zip(grad_a.split(ctx.rows), need_a)]
+            else:
+                grad_as = [grad_a.index_select(0, rows) if wanted else None for rows, wanted in zip(ctx.rows, need_a)]
+        grad_bs = [terms.weight_grad(hp, dy, B.shape[0], True, ctx.b_dtype) if wanted else None
+                   for terms, hp, dy, B, wanted in zip(ctx.each, hs, dys, Bs, need_b)]
         return grad_x, None, None, *grad_ws, *grad_biases, *grad_as, *grad_bs
 
 

@@ -1,4 +1,5 @@
-"""One adapter's LoRA terms as plain GEMMs, for multi_lora_linear and multi_lora_linear_stack.
+"""One adapter's LoRA terms as plain GEMMs, for multi_lora_linear and multi_lora_linear_stack (the methods of
+alto_ext.grouped_terms.GroupedTerms, which serves any adapters by the grouped ops).
 
 A single adapter's segment is every row (the op contract: seg_indptr runs from 0 to the step's tokens), so its
 shrink, expand, dh, dX and weight gradients are dense matrix products. The grouped ops would launch a setup
@@ -45,12 +46,14 @@ class OneAdapter:
         s = self.scale if scaled else 1.0
         delta = h @ lora_w if bias is None else torch.addmm(bias, h, lora_w, alpha=s)
         beta = s if bias is None else 1.0
-        if torch.compiler.is_compiling():  # dynamo traces an output built in place as a zero gradient (linear.py)
+        if torch.compiler.is_compiling():  # dynamo traces an output built in place as a zero gradient (grouped_terms.py)
             return torch.addmm(delta, a, b, beta=beta)
         return delta.addmm_(a, b, beta=beta)  # in place: an out-of-place addmm would copy delta first
 
-    def weight_grad(self, h: torch.Tensor, x: torch.Tensor, scaled: bool, dtype: torch.dtype) -> torch.Tensor:
-        """``(s) hᵀ x`` in dtype (float32 masters: accumulated in float32, never rounded to x's dtype first)."""
+    def weight_grad(self, h: torch.Tensor, x: torch.Tensor, rows: int, scaled: bool,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """``(s) hᵀ x`` in dtype (float32 masters: accumulated in float32, never rounded to x's dtype first); its
+        rows are h's columns."""
         if dtype == x.dtype:
             return self.shrink(h.t(), x.t(), scaled)
         if x.is_cuda:
