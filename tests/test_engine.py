@@ -150,14 +150,14 @@ class _LeakingOps:
 
 
 def _plant(bug, monkeypatch):
-    import alto_ext.linear
+    import alto_ext.grouped_terms
     from alto.optim import MultiAdamW
 
     if bug == "scaling off by 1%":
         scaling = AdapterConfig.scaling.fget
         monkeypatch.setattr(AdapterConfig, "scaling", property(lambda self: 1.01 * scaling(self)))
     elif bug == "gradient leaks into the neighbour's rows":
-        monkeypatch.setattr(alto_ext.linear, "ops", _LeakingOps())
+        monkeypatch.setattr(alto_ext.grouped_terms, "ops", _LeakingOps())
     elif bug == "clip skipped":
         step = MultiAdamW.step
         monkeypatch.setattr(MultiAdamW, "step", lambda self, t, lrs, limits, norms: step(self, t, lrs, [None] * len(limits), norms))
