@@ -73,6 +73,23 @@ def test_on_cuda_a_bf16_step_through_the_stacks_matches_the_projections_alone(mo
     assert (grad1 - grad0).norm() <= 0.03 * grad0.norm()
 
 
+@pytest.mark.parametrize("one_adapter_gemms", [True, False])
+def test_one_adapter_stacks_past_max_width(monkeypatch, one_adapter_gemms):
+    """MAX_WIDTH bounds the grouped stack's padded blocks; a single adapter's stack (alto_ext.one_adapter: its rows
+    unpadded) has none, so it stacks at any width, and computes what its projections alone do. Its grouped stack
+    (ALTO_ONE_ADAPTER_GEMMS=0) keeps the limit."""
+    from alto_ext import one_adapter
+
+    one = {"a1": CONFIGS["a1"]}  # rank 12 in every projection: 3 x 16 columns over q, k, v
+    loss0, grad0, _ = step("Llama", one, monkeypatch, stacked=False)
+    monkeypatch.setattr(projection_stacks, "MAX_WIDTH", 16)
+    monkeypatch.setattr(one_adapter, "ENABLED", one_adapter_gemms)
+    loss1, grad1, calls = step("Llama", one, monkeypatch, stacked=True)
+    assert calls == ([3, 2] * 2 if one_adapter_gemms else [])
+    assert torch.allclose(loss1, loss0, rtol=1e-12, atol=0)
+    assert (grad1 - grad0).norm() <= 1e-12 * grad0.norm()
+
+
 def test_lora_dropout_keeps_the_projections_alone_in_training_only(monkeypatch):
     """PEFT draws a dropout mask per projection: a stack cannot share one x; held-out passes can."""
     configs = {**CONFIGS, "a2": AdapterConfig(rank=3, alpha=3, seed=2, dropout=0.1, target_modules=("q_proj", "v_proj"))}

@@ -7,8 +7,8 @@ v_proj(h)); the first call computes every member's output and keeps the others' 
 calls, and a member takes its kept output only if it is called with that very tensor, unchanged
 (else it runs alone: the kept output is dropped, and its gradient is zero). A stack runs only
 when its members are plain dense Linears and no adapter draws LoRA dropout in them (PEFT draws a
-mask per projection), its stacked h is at most MAX_WIDTH columns and x is not an inference tensor
-(it has no version to check); otherwise each member runs alone, as it always may.
+mask per projection), its stacked h is at most MAX_WIDTH columns (or it holds one adapter) and x is
+not an inference tensor (it has no version to check); otherwise each member runs alone, as it always may.
 Which projections share an input is the family's word (alto.families ModelFamily.input_groups).
 ALTO_STACKED_PROJECTIONS=0 turns it off (bench_step's A/B).
 """
@@ -21,13 +21,15 @@ import torch
 from torch import nn
 
 import alto_ext
+from alto_ext.one_adapter import OneAdapter
 
 ENABLED = os.environ.get("ALTO_STACKED_PROJECTIONS", "1") != "0"
 # Every adapter's block in the stacked h is as wide as the largest rank (alto_ext.StackedSegments):
 # the shrink and dA do that many multiply-adds per element of x they read. Up to ~256 they stay
 # bandwidth-bound on an H100/H200 (~200 bf16 multiply-adds per byte at the ridge, less in practice);
 # beyond, a skewed rank mix (one rank-256 adapter among rank-8 ones) would multiply their work and
-# the stacked A's rows. Measured: 192 columns (q, k, v at ranks up to 64) gain (bench/RESULTS.md).
+# the stacked A's rows. Measured: 192 columns (q, k, v at ranks up to 64) gain (bench/RESULTS.md). A single
+# adapter's stack (alto_ext.one_adapter: its rows unpadded, plain GEMMs) has no such cost: no limit.
 MAX_WIDTH = 256
 
 
@@ -56,7 +58,10 @@ class ProjectionStack:
         running = [(m, ranks) for m, ranks in running if any(ranks)]
         if len(running) < 2 or any(not m.fused or (m.training and plan.has_dropout(ranks)) for m, ranks in running):
             return None
-        if len(running) * max(plan.segments(ranks).h_width for _, ranks in running) > MAX_WIDTH:
+        parts = [plan.segments(ranks) for _, ranks in running]
+        if all(OneAdapter.scale_of(p) is not None for p in parts):  # one adapter: plain GEMMs, no padded blocks
+            return running
+        if len(running) * max(p.h_width for p in parts) > MAX_WIDTH:
             return None
         return running
 
