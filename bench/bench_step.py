@@ -10,8 +10,9 @@ Held-out passes too: the N adapters' held-out losses of the same sequences in on
 
 Every method processes the same sequences (one per adapter, --seq tokens each). Ranks cycle
 8/16/32/64 over all seven projections. Wall-clock per step (host work included: it is what a
-user waits for), median of --iters after warm-up; the loop's step is the sum of each adapter's
-step trained alone. Host ms: the median time until the step returns, its host work and any wait
+user waits for), median of --iters after warm-up; the base's steps (eager and graphed) and ALTO's are timed in
+rounds, each once a round in turn (the held-out pass and the base's forward too), so that the ratios compare the
+same stretch of the GPU's clocks; the loop's step is the sum of each adapter's step trained alone. Host ms: the median time until the step returns, its host work and any wait
 inside it (a host-bound step's is near its wall: the GPU waits for the host). Run on the GPU: python bench/bench_step.py
 (a CPU smoke run: --device cpu --widths tiny --layers 1 --adapters 2 --seq 16 --iters 1)
 """
@@ -63,20 +64,27 @@ def wall_ms(fn, iters: int, device: torch.device) -> float:
 
 
 def timed_ms(fn, iters: int, device: torch.device) -> tuple[float, float]:
-    """Medians of a step's wall (to the GPU's end) and of its host time (to the step's return: its
-    own work and launches, and any wait inside it, e.g. the fused head's .item()). Where the two are
-    close the step is host-bound: the GPU waits for the host."""
-    for _ in range(2):
-        fn()
+    return paired_ms([fn], iters, device)[0]
+
+
+def paired_ms(fns, iters: int, device: torch.device) -> list[tuple[float, float]]:
+    """Each step's medians of its wall (to the GPU's end) and of its host time (to the step's return: its own work
+    and launches, and any wait inside it, e.g. the fused head's .item()); where the two are close the step is
+    host-bound: the GPU waits for the host. Several steps are timed in rounds, each once a round in turn, so that
+    their medians come from the same stretch of the GPU's clocks and temperature (their ratios are the table's)."""
+    for fn in fns:
+        for _ in range(2):  # warm-up (a step graph's timed first run, then its capture)
+            fn()
     synchronize(device)
-    walls, hosts = [], []
+    walls, hosts = [[] for _ in fns], [[] for _ in fns]
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        hosts.append((time.perf_counter() - t0) * 1e3)
-        synchronize(device)
-        walls.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(walls), statistics.median(hosts)
+        for fn, fn_walls, fn_hosts in zip(fns, walls, hosts):
+            t0 = time.perf_counter()
+            fn()
+            fn_hosts.append((time.perf_counter() - t0) * 1e3)
+            synchronize(device)
+            fn_walls.append((time.perf_counter() - t0) * 1e3)
+    return [(statistics.median(w), statistics.median(h)) for w, h in zip(walls, hosts)]
 
 
 def build_model(widths: str, layers: int, device: torch.device):
@@ -136,7 +144,6 @@ def main() -> None:
             token_loss, _, _ = forward_token_losses(model, {}, seqs[:n], 0, device, training=True, packed=True)
             token_loss.sum().backward()
 
-        t_base, h_base = timed_ms(base_step, args.iters, device)
         base_graphs, one = step_graphs.StepGraphs(), torch.ones(1, device=device)
 
         def base_step_graphed():  # the base step as alto.step_graphs runs a training step (replayed where host-bound)
@@ -150,23 +157,16 @@ def main() -> None:
             loss = base_graphs.run(model, step, compute, one, []) if device.type == "cuda" else compute(step, one)
             return loss.item()  # as a training step ends, in a read of its losses (StepGraphs times steps that end)
 
-        graphs, step_graphs.ENABLED = step_graphs.ENABLED, True
-        try:
-            t_base_graphed = wall_ms(base_step_graphed, args.iters, device)
-        finally:
-            step_graphs.ENABLED = graphs
-        base_replayed = bool(base_graphs.graphs)
-        base_graphs.clear()
-        if args.profile is not None and n == max(args.adapters):
-            kernels["base"] = profile(base_step, args.profile and f"{args.profile}/base.json", device, "base")
-
         reg = Registry()
         trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device=device)
-        trainer.admit([reg.add(f"a{i}", c) for i, c in enumerate(cfgs)])
+        trainer.admit([reg.add(f"a{i}", c) for i, c in enumerate(cfgs)])  # (the base steps' plans hold none)
         graphs, step_graphs.ENABLED = step_graphs.ENABLED, True
         fused = grouped_terms.FUSED_MATMUL
-        try:  # replayed as a CUDA graph where the host holds the GPU up
-            t_ours, h_ours = timed_ms(trainer.step, args.iters, device)
+        try:  # ALTO's step replayed as a CUDA graph where the host holds the GPU up; timed in rounds with the base's
+            (t_base, h_base), (t_base_graphed, _), (t_ours, h_ours) = paired_ms(
+                [base_step, base_step_graphed, trainer.step], args.iters, device)
+            base_replayed = bool(base_graphs.graphs)
+            base_graphs.clear()
             replayed = bool(trainer.graphs and trainer.graphs.graphs)
             step_graphs.ENABLED = False
             t_eager = wall_ms(trainer.step, args.iters, device)  # no step replayed as a CUDA graph
@@ -184,6 +184,7 @@ def main() -> None:
         finally:
             projection_stacks.ENABLED, step_graphs.ENABLED = stacked, graphs
         if args.profile is not None and n == max(args.adapters):
+            kernels["base"] = profile(base_step, args.profile and f"{args.profile}/base.json", device, "base")
             kernels["ALTO"] = profile(trainer.step, args.profile and f"{args.profile}/alto.json", device, "ALTO")
 
         def base_forward():  # the frozen base's forward alone, as an evaluation runs it (no autocast, no grad)
@@ -193,7 +194,7 @@ def main() -> None:
         def held_out():  # the adapters' held-out losses, one pass (ends in its one read of the losses)
             held_out_means(model, {a.id: [seqs[i]] for i, a in enumerate(reg)}, 0, device, max_positions=n * args.seq)
 
-        t_base_fwd, t_eval = wall_ms(base_forward, args.iters, device), wall_ms(held_out, args.iters, device)
+        (t_base_fwd, _), (t_eval, _) = paired_ms([base_forward, held_out], args.iters, device)
         if args.profile is not None and n == max(args.adapters):
             profile(base_forward, args.profile and f"{args.profile}/base_forward.json", device, "base forward")
             profile(held_out, args.profile and f"{args.profile}/held_out.json", device, "held-out")
