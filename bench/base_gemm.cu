@@ -13,6 +13,10 @@
 //               fused kernel's order: grouped_gemm.cuh's kStripeColumns)
 //   fused       the fused kernel (grouped_gemm.cuh's FusedForwardGemm / FusedBackwardGemm): the base's
 //               product and the adapter's in one accumulator, written once
+//   plain       a plain (not grouped) CUTLASS GEMM of the same tile, schedule and cluster over all T rows
+//               (CUTLASS's persistent scheduler, its raster heuristic), and "sw8" the same with its tiles
+//               swizzled in groups of 8 for L2: whether the grouped kernels' gap to cuBLAS is the tile
+//               configuration (plain trails cuBLAS too) or the grouped machinery (plain does not)
 // One tile configuration per binary (ALTO_CONFIG: csrc/cuda/tile_configs.cuh), built by
 // `bash bench/device_run.sh base_gemm`; ours is checked against cuBLAS alone and the fused kernel
 // against today's output, at each adapter's first and last rows (max |diff| / (|ref| + 1)).
@@ -20,6 +24,8 @@
 
 #include <algorithm>
 #include <cmath>
+
+#include <cutlass/util/packed_stride.hpp>
 
 #include "cuda_bench.cuh"
 
@@ -59,6 +65,66 @@ struct BaseForm {
   __device__ GroupProblem<E> problem(GroupRange rg, int s) const {
     const int64_t n0 = s * stripe, cols = n - n0 < stripe ? n - n0 : stripe;
     return {rg.n, cols, k, a + rg.t0 * lda, lda, w + (backward ? n0 : n0 * ldw), ldw, out + rg.t0 * n + n0, n};
+  }
+};
+
+// The non-grouped kernel and epilogue schedules of a grouped one.
+template <class GroupedSchedule>
+struct PlainSchedules {
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+template <>
+struct PlainSchedules<alto::cuda::tiles::Pingpong> {
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
+};
+
+// The plain GEMM: D [M, N] row-major = A [M, K] row-major . B, B K-major (W [N, K], the forward) or N-major
+// (W [K, N], dX); Cfg's tile, cluster and schedule kind without the pointer arrays.
+template <class Cfg, class LayoutB>
+struct PlainGemm {
+  using Schedules = PlainSchedules<typename Cfg::KernelSchedule>;
+  using TileShape = typename Cfg::TileShape;
+  using ClusterShape = typename Cfg::ClusterShape;
+  using Row = cutlass::layout::RowMajor;
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Bf16, Row, 8, Bf16, Row, 8,
+      typename Schedules::Epilogue, cutlass::epilogue::fusion::LinearCombination<Bf16, float>>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Bf16, Row, 8, Bf16, LayoutB, 8, float, TileShape,
+      ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      typename Schedules::Kernel>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  // Milliseconds of one launch (its output in d), tiles swizzled in groups of `swizzle`; -1 where CUTLASS refuses it.
+  static float time(const Bf16* a, const Bf16* w, Bf16* d, int M, int N, int K, int swizzle, int sms) {
+    using namespace cute;
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = 0;
+    hw.sm_count = sms;
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {M, N, K, 1},
+        {a, cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, make_shape(M, K, 1)), w,
+         cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, make_shape(N, K, 1))},
+        {{1.f, 0.f}, d, cutlass::make_cute_packed_stride(typename Kernel::StrideC{}, make_shape(M, N, 1)), d,
+         cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, make_shape(M, N, 1))},
+        hw};
+    args.scheduler.max_swizzle_size = swizzle;
+    Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return -1.f;
+    void* ws = nullptr;
+    CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(Gemm::get_workspace_size(args), 1)));
+    float ms = -1.f;
+    if (gemm.initialize(args, ws) == cutlass::Status::kSuccess) ms = time_ms([&] { gemm.run(); });
+    CHECK_CUDA(cudaFree(ws));
+    return ms;
   }
 };
 
@@ -143,9 +209,10 @@ int main() {
     const Segments segments{upload(seg), upload(rank), nullptr, adapters, T, R, err};
     const Bf16* h = random_device(size_t(T) * kMaxRank, 1);
     std::printf("%d adapters x %d tokens (ranks 8-64)\n", adapters, kTokens);
-    std::printf("  %-11s %6s %6s | %8s %8s %7s %8s | %8s %6s %8s %6s | %8s %7s %7s\n", "GEMM", "N", "K", "cublas",
-                "cublas+C", "expand", "today", "ours", "ours/c", "striped", "/c", "fused", "/today", "/cublas");
-    double sum_cublas = 0, sum_today = 0, sum_ours = 0, sum_striped = 0, sum_fused = 0;
+    std::printf("  %-11s %6s %6s | %8s %8s %7s %8s | %8s %6s %8s %6s | %8s %7s %7s | %8s %6s %8s %6s\n", "GEMM", "N",
+                "K", "cublas", "cublas+C", "expand", "today", "ours", "ours/c", "striped", "/c", "fused", "/today",
+                "/cublas", "plain", "/c", "sw8", "/c");
+    double sum_cublas = 0, sum_today = 0, sum_ours = 0, sum_striped = 0, sum_fused = 0, sum_plain = 0, sum_sw8 = 0;
     for (const GemmShape& s : shapes) {
       const int N = s.n, K = s.k;
       Bf16* a = random_device(size_t(T) * K, 2);  // x or dY
@@ -195,20 +262,32 @@ int main() {
       run_form<LoraExpand>(segments, expand, sms);
       run_cublas(&one);  // today's y: the expand's output, the base's product added in cuBLAS's epilogue
       const double fused_diff = max_row_diff(y_ours, y_cublas, N, seg);
-      std::printf(" %8.3f %7.3f %7.3f  max diff: ours %.1e, striped %.1e, fused %.1e (%d stripes)", fused_ms,
-                  fused_ms / today, fused_ms / cublas_ms, ours_diff, striped_diff, fused_diff, stripe_count(N));
+      std::printf(" %8.3f %7.3f %7.3f |", fused_ms, fused_ms / today, fused_ms / cublas_ms);
+      std::fflush(stdout);
+      const auto time_plain = [&](int swizzle) {
+        return s.backward ? PlainGemm<Config, cutlass::layout::RowMajor>::time(a, w, y_ours, T, N, K, swizzle, sms)
+                          : PlainGemm<Config, cutlass::layout::ColumnMajor>::time(a, w, y_ours, T, N, K, swizzle, sms);
+      };
+      const float plain_ms = time_plain(1), sw8_ms = time_plain(8);
+      run_cublas(&zero);
+      const double plain_diff = max_row_diff(y_ours, y_cublas, N, seg);
+      std::printf(" %8.3f %6.3f %8.3f %6.3f  max diff: ours %.1e, striped %.1e, fused %.1e (%d stripes), plain %.1e",
+                  plain_ms, plain_ms / cublas_ms, sw8_ms, sw8_ms / cublas_ms, ours_diff, striped_diff, fused_diff,
+                  stripe_count(N), plain_diff);
       if (!s.backward) std::printf(" (of fused: transpose %.3f)", transpose_ms);
       std::printf("\n");
       sum_cublas += s.per_layer * cublas_ms, sum_today += s.per_layer * today;
       sum_ours += s.per_layer * ours_ms, sum_striped += s.per_layer * striped_ms, sum_fused += s.per_layer * fused_ms;
+      sum_plain += s.per_layer * plain_ms, sum_sw8 += s.per_layer * sw8_ms;
       for (void* p : {static_cast<void*>(a), static_cast<void*>(w), static_cast<void*>(lora_b),
                       static_cast<void*>(lora_bt), static_cast<void*>(y_cublas), static_cast<void*>(y_ours)})
         CHECK_CUDA(cudaFree(p));
     }
     std::printf("  one layer's 14 GEMMs: cublas %.3f | today %.3f | ours %.3f (%.3fx cublas) | striped %.3f "
-                "(%.3fx) | fused %.3f (%.3fx today, %.3fx cublas)\n",
+                "(%.3fx) | fused %.3f (%.3fx today, %.3fx cublas) | plain %.3f (%.3fx) | sw8 %.3f (%.3fx)\n",
                 sum_cublas, sum_today, sum_ours, sum_ours / sum_cublas, sum_striped, sum_striped / sum_cublas,
-                sum_fused, sum_fused / sum_today, sum_fused / sum_cublas);
+                sum_fused, sum_fused / sum_today, sum_fused / sum_cublas, sum_plain, sum_plain / sum_cublas, sum_sw8,
+                sum_sw8 / sum_cublas);
     CHECK_CUDA(cudaFree(const_cast<Bf16*>(h)));
   }
   return index_errors(err);
