@@ -14,9 +14,10 @@
 //   fused       the fused kernel (grouped_gemm.cuh's FusedForwardGemm / FusedBackwardGemm): the base's
 //               product and the adapter's in one accumulator, written once
 //   plain       a plain (not grouped) CUTLASS GEMM of the same tile, schedule and cluster over all T rows
-//               (CUTLASS's persistent scheduler, its raster heuristic), and "sw8" the same with its tiles
-//               swizzled in groups of 8 for L2: whether the grouped kernels' gap to cuBLAS is the tile
-//               configuration (plain trails cuBLAS too) or the grouped machinery (plain does not)
+//               (CUTLASS's persistent scheduler, its raster heuristic: the tile order may differ from the
+//               grouped kernel's), and "sw8" the same with its tiles swizzled in groups of 8 for L2: whether
+//               the grouped kernels' gap to cuBLAS is the tile configuration (plain trails cuBLAS too) or the
+//               grouped kernel (its group moves and tile order: plain does not)
 // One tile configuration per binary (ALTO_CONFIG: csrc/cuda/tile_configs.cuh), built by
 // `bash bench/device_run.sh base_gemm`; ours is checked against cuBLAS alone and the fused kernel
 // against today's output, at each adapter's first and last rows (max |diff| / (|ref| + 1)).
@@ -121,8 +122,10 @@ struct PlainGemm {
     if (gemm.can_implement(args) != cutlass::Status::kSuccess) return -1.f;
     void* ws = nullptr;
     CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(Gemm::get_workspace_size(args), 1)));
-    float ms = -1.f;
-    if (gemm.initialize(args, ws) == cutlass::Status::kSuccess) ms = time_ms([&] { gemm.run(); });
+    float ms = -1.f;  // (a launch that fails is not timed)
+    if (gemm.initialize(args, ws) == cutlass::Status::kSuccess && gemm.run() == cutlass::Status::kSuccess &&
+        cudaGetLastError() == cudaSuccess)
+      ms = time_ms([&] { gemm.run(); });
     CHECK_CUDA(cudaFree(ws));
     return ms;
   }
@@ -268,12 +271,14 @@ int main() {
         return s.backward ? PlainGemm<Config, cutlass::layout::RowMajor>::time(a, w, y_ours, T, N, K, swizzle, sms)
                           : PlainGemm<Config, cutlass::layout::ColumnMajor>::time(a, w, y_ours, T, N, K, swizzle, sms);
       };
-      const float plain_ms = time_plain(1), sw8_ms = time_plain(8);
       run_cublas(&zero);
+      const float plain_ms = time_plain(1);
       const double plain_diff = max_row_diff(y_ours, y_cublas, N, seg);
-      std::printf(" %8.3f %6.3f %8.3f %6.3f  max diff: ours %.1e, striped %.1e, fused %.1e (%d stripes), plain %.1e",
-                  plain_ms, plain_ms / cublas_ms, sw8_ms, sw8_ms / cublas_ms, ours_diff, striped_diff, fused_diff,
-                  stripe_count(N), plain_diff);
+      const float sw8_ms = time_plain(8);
+      const double sw8_diff = max_row_diff(y_ours, y_cublas, N, seg);
+      std::printf(" %8.3f %6.3f %8.3f %6.3f  max diff: ours %.1e, striped %.1e, fused %.1e (%d stripes), plain %.1e, "
+                  "sw8 %.1e", plain_ms, plain_ms / cublas_ms, sw8_ms, sw8_ms / cublas_ms, ours_diff, striped_diff,
+                  fused_diff, stripe_count(N), plain_diff, sw8_diff);
       if (!s.backward) std::printf(" (of fused: transpose %.3f)", transpose_ms);
       std::printf("\n");
       sum_cublas += s.per_layer * cublas_ms, sum_today += s.per_layer * today;

@@ -11,8 +11,9 @@ Held-out passes too: the N adapters' held-out losses of the same sequences in on
 Every method processes the same sequences (one per adapter, --seq tokens each). Ranks cycle
 8/16/32/64 over all seven projections. Wall-clock per step (host work included: it is what a
 user waits for), median of --iters after warm-up; the base's steps (eager and graphed) and ALTO's are timed in
-rounds, each once a round in turn (the held-out pass and the base's forward too), so that the ratios compare the
-same stretch of the GPU's clocks; the loop's step is the sum of each adapter's step trained alone. Host ms: the median time until the step returns, its host work and any wait
+rounds, each once a round in turn (the held-out pass and the base's forward too), so that the overhead columns against
+the base and the held-out one compare the same stretch of the GPU's clocks (the eager, apart and alone columns are
+timed after them); the loop's step is the sum of each adapter's step trained alone. Host ms: the median time until the step returns, its host work and any wait
 inside it (a host-bound step's is near its wall: the GPU waits for the host). Run on the GPU: python bench/bench_step.py
 (a CPU smoke run: --device cpu --widths tiny --layers 1 --adapters 2 --seq 16 --iters 1)
 """
@@ -73,9 +74,9 @@ def paired_ms(fns, iters: int, device: torch.device) -> list[tuple[float, float]
     host-bound: the GPU waits for the host. Several steps are timed in rounds, each once a round in turn, so that
     their medians come from the same stretch of the GPU's clocks and temperature (their ratios are the table's)."""
     for fn in fns:
-        for _ in range(2):  # warm-up (a step graph's timed first run, then its capture)
+        for _ in range(2):  # warm-up (a step graph's timed first run, then its capture), each from an idle GPU
             fn()
-    synchronize(device)
+        synchronize(device)
     walls, hosts = [[] for _ in fns], [[] for _ in fns]
     for _ in range(iters):
         for fn, fn_walls, fn_hosts in zip(fns, walls, hosts):
@@ -159,7 +160,9 @@ def main() -> None:
 
         reg = Registry()
         trainer = Trainer(model, reg, {f"a{i}": DataStream([seqs[i]]) for i in range(n)}, 0, device=device)
-        trainer.admit([reg.add(f"a{i}", c) for i, c in enumerate(cfgs)])  # (the base steps' plans hold none)
+        # (resident in the model, the adapters are not in the base steps' plans: each projection runs its base alone,
+        # as before they came: MultiLoraLinear.forward's first test)
+        trainer.admit([reg.add(f"a{i}", c) for i, c in enumerate(cfgs)])
         graphs, step_graphs.ENABLED = step_graphs.ENABLED, True
         fused = grouped_terms.FUSED_MATMUL
         try:  # ALTO's step replayed as a CUDA graph where the host holds the GPU up; timed in rounds with the base's

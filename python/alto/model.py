@@ -318,7 +318,7 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.context.plan
-        if plan is None or not self.order:
+        if plan is None or not self.order or not plan.ids:  # (no adapter in the pass: an objective's reference)
             return self.base(x)
         if self.stack is not None:
             y = self.stack.output(self, x, plan)

@@ -156,7 +156,8 @@ class StackedSegments:
     projection's h is then the slice ``h[:, p*width:(p+1)*width]`` whatever the adapter: the kernels
     take a row range per adapter, not a column offset. The padding costs multiply-adds of zeros in
     the shrink and dA, hidden behind their reading of x while the stack is narrow (a caller's
-    choice: alto.projection_stacks stacks at most 256 columns)."""
+    choice: alto.projection_stacks stacks at most 256 columns of several adapters; one adapter's stack runs
+    unpadded, alto_ext.one_adapter)."""
 
     segments: Segments  # the stack's: rank P*width for an adapter with a rank in any projection, else 0
     width: int
